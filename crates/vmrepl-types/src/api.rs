@@ -1,0 +1,217 @@
+//! The local management API: one typed request enum, one response enum. The CLI (and any other
+//! front-end) sends a [`Request`] as one JSON line over the daemon's Unix socket and reads one
+//! [`Response`] line back. No front-end has logic of its own.
+
+use crate::caps::HostInfo;
+use crate::name::VmName;
+use crate::replication::{ReplicationSettings, ReplicationStatus};
+use crate::vm::{Accel, FirmwareVariantId, Generation, NicMode, VmDefinition, VmRunState};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// How a new VM's disk comes to be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum DiskSpec {
+    /// A new empty qcow2 v3 image of this size, created in the host's first storage folder
+    /// (or `folder`, which must be one of the storage folders).
+    New {
+        size_bytes: u64,
+        folder: Option<PathBuf>,
+    },
+    /// Import an existing image (any format qemu-img reads); it is converted to qcow2 v3 into
+    /// the storage folder, the source is left untouched.
+    Import {
+        source: PathBuf,
+        folder: Option<PathBuf>,
+    },
+}
+
+/// A request to define a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateVm {
+    pub name: String,
+    pub generation: Generation,
+    #[serde(default)]
+    pub secure_boot: bool,
+    /// Machine type; a family alias (`pc`, `q35`) or a versioned name. Aliases are pinned to
+    /// the versioned name they resolve to on this host.
+    pub machine_type: Option<String>,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disks: Vec<DiskSpec>,
+    pub nics: Vec<NicMode>,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+}
+
+/// One VM as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSummary {
+    pub definition: VmDefinition,
+    pub state: VmRunState,
+    pub pid: Option<u32>,
+    /// Why the VM is in its state when that is noteworthy (crash cause, lock reason).
+    pub note: Option<String>,
+    /// Replication role of this VM on this host, if any.
+    pub replication: Option<String>,
+}
+
+/// Everything the management API can be asked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    HostInfo,
+    Ping,
+    VmCreate(CreateVm),
+    VmList,
+    VmShow {
+        name: VmName,
+    },
+    VmStart {
+        name: VmName,
+    },
+    /// ACPI shutdown; hard stop after `timeout_secs` only if `force_after` is set.
+    VmShutdown {
+        name: VmName,
+        timeout_secs: u64,
+        force_after: bool,
+    },
+    VmStop {
+        name: VmName,
+    },
+    VmDelete {
+        name: VmName,
+        keep_disks: bool,
+    },
+    VmConsole {
+        name: VmName,
+        tail_bytes: Option<u64>,
+    },
+    /// Replica server settings (issue: replication engine).
+    ReplicaServerShow,
+    ReplicaServerSet(ReplicaServerChange),
+    ReplicationEnable {
+        name: VmName,
+        settings: ReplicationSettings,
+    },
+    ReplicationStatus {
+        name: Option<VmName>,
+    },
+    ReplicationPause {
+        name: VmName,
+    },
+    ReplicationResume {
+        name: VmName,
+    },
+    ReplicationRemove {
+        name: VmName,
+        delete_replica: bool,
+    },
+    Shutdown,
+}
+
+/// A change to the replica server settings; unset fields stay as they are.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ReplicaServerChange {
+    pub enabled: Option<bool>,
+    pub allow_any: Option<bool>,
+    pub default_storage: Option<PathBuf>,
+    pub add_entry: Option<crate::replication::AuthorizationEntry>,
+    pub remove_entry: Option<String>,
+}
+
+/// Every answer the management API gives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Response {
+    Ok {
+        message: String,
+    },
+    HostInfo(Box<HostInfo>),
+    Vm(Box<VmSummary>),
+    VmList {
+        vms: Vec<VmSummary>,
+    },
+    Console {
+        text: String,
+    },
+    ReplicaServer(crate::replication::ReplicaServerSettings),
+    Replication {
+        relationships: Vec<ReplicationStatus>,
+    },
+    Error(ApiError),
+}
+
+/// A refusal, with a stable code for scripts and a sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Stable classes of refusal; the CLI maps them to exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    InvalidInput,
+    NotFound,
+    AlreadyExists,
+    WrongState,
+    Unsupported,
+    Io,
+    Qemu,
+    Peer,
+    Internal,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Host-level settings the CLI can show (subset of the TOML config).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostSettingsView {
+    pub host_name: String,
+    pub listen: String,
+    pub accel: Accel,
+    pub storage: Vec<PathBuf>,
+}
+
+/// Firmware variant for a new VM, derived from generation and secure boot.
+pub fn firmware_for(generation: Generation, secure_boot: bool) -> FirmwareVariantId {
+    match (generation, secure_boot) {
+        (Generation::Bios, _) => FirmwareVariantId::Seabios,
+        (Generation::Uefi, false) => FirmwareVariantId::Ovmf4m,
+        (Generation::Uefi, true) => FirmwareVariantId::Ovmf4mSecureBoot,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_one_json_object_tagged_by_op() {
+        let r = Request::VmStart {
+            name: VmName::new("vm1").unwrap(),
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(s, r#"{"op":"vm-start","name":"vm1"}"#);
+        let back: Request = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn a_request_with_a_path_like_name_does_not_deserialize() {
+        let e = serde_json::from_str::<Request>(r#"{"op":"vm-start","name":"../../etc"}"#);
+        assert!(e.is_err());
+    }
+}

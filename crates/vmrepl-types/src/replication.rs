@@ -1,0 +1,262 @@
+//! Replication vocabulary: settings, Hyper-V's states and health, the status tree.
+
+use crate::name::VmName;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::PathBuf;
+use uuid::Uuid;
+
+/// How the first full copy reaches the replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "method", rename_all = "kebab-case")]
+pub enum InitialReplication {
+    /// Over the network, now.
+    #[default]
+    NetworkNow,
+    /// Over the network at a set time (Unix seconds, at most 7 days ahead).
+    NetworkAt { unix_secs: u64 },
+    /// Export to a folder (external media) to be imported on the replica.
+    Export { folder: PathBuf },
+    /// Use a copy that already exists on the replica; reconciled by checksum compare.
+    ExistingCopy,
+}
+
+/// Per-VM replication settings (Hyper-V's Enable-VMReplication parameters).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationSettings {
+    /// Replica server address, host:port.
+    pub replica_server: String,
+    /// The replica server's host name as its certificate names it (defaults to the host part).
+    pub replica_host_name: Option<String>,
+    /// Seconds between cycles: 30, 300 (default), 900, or any value down to 5.
+    pub frequency_secs: u32,
+    /// Additional recovery points kept, 0..=24.
+    pub recovery_points: u32,
+    /// Seconds between recovery points (Hyper-V: hourly).
+    pub recovery_point_interval_secs: u32,
+    /// App-consistent point every N hours (1..=12); None = off.
+    pub app_consistent_hours: Option<u32>,
+    pub compression: bool,
+    /// Disk ids not replicated.
+    pub exclude_disks: Vec<String>,
+    pub initial: InitialReplication,
+}
+
+impl ReplicationSettings {
+    pub const DEFAULT_FREQUENCY: u32 = 300;
+    pub const MIN_FREQUENCY: u32 = 5;
+    pub const MAX_RECOVERY_POINTS: u32 = 24;
+
+    /// Checks ranges; the error names the field, the value and the allowed range.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.frequency_secs < Self::MIN_FREQUENCY || self.frequency_secs > 3600 {
+            return Err(format!(
+                "replication frequency {} s is out of range; use 30, 300 or 900 (or any value from 5 to 3600)",
+                self.frequency_secs
+            ));
+        }
+        if self.recovery_points > Self::MAX_RECOVERY_POINTS {
+            return Err(format!(
+                "{} additional recovery points asked; Hyper-V keeps 0 to 24",
+                self.recovery_points
+            ));
+        }
+        if self.recovery_point_interval_secs < self.frequency_secs {
+            return Err(format!(
+                "recovery point interval {} s is shorter than the replication frequency {} s",
+                self.recovery_point_interval_secs, self.frequency_secs
+            ));
+        }
+        if let Some(h) = self.app_consistent_hours {
+            if !(1..=12).contains(&h) {
+                return Err(format!(
+                    "app-consistent points every {h} h; use 1 to 12 hours"
+                ));
+            }
+            if self.recovery_points == 0 {
+                return Err("app-consistent points need at least one additional recovery point (as in Hyper-V)".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Hyper-V's replication states (Msvm_ComputerSystem ReplicationState), as vmrepl uses them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReplicationState {
+    NotEnabled,
+    ReadyForInitialReplication,
+    WaitingForInitialReplication,
+    InitialReplicationInProgress,
+    Replicating,
+    /// Primary after a planned-failover prepare: last changes sent, VM locked.
+    SyncedReplicationComplete,
+    /// Replica failed over to a point, waiting for complete or cancel.
+    FailedOverWaitingCompletion,
+    FailedOver,
+    Suspended,
+    Error,
+    ResynchronizationRequired,
+    Resynchronizing,
+}
+
+impl fmt::Display for ReplicationState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            ReplicationState::NotEnabled => "Not enabled",
+            ReplicationState::ReadyForInitialReplication => "Ready for initial replication",
+            ReplicationState::WaitingForInitialReplication => "Waiting for initial replication",
+            ReplicationState::InitialReplicationInProgress => "Initial replication in progress",
+            ReplicationState::Replicating => "Replicating",
+            ReplicationState::SyncedReplicationComplete => "Prepared for planned failover",
+            ReplicationState::FailedOverWaitingCompletion => "Failed over, waiting completion",
+            ReplicationState::FailedOver => "Failed over",
+            ReplicationState::Suspended => "Suspended",
+            ReplicationState::Error => "Error",
+            ReplicationState::ResynchronizationRequired => "Resynchronization required",
+            ReplicationState::Resynchronizing => "Resynchronizing",
+        };
+        f.write_str(s)
+    }
+}
+
+/// Hyper-V's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Health {
+    NotApplicable,
+    Normal,
+    Warning,
+    Critical,
+}
+
+/// Which side of a relationship this host is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Primary,
+    Replica,
+    TestReplica,
+}
+
+/// Kind of point in time a log or recovery point represents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Consistency {
+    Crash,
+    AppConsistent,
+    Planned,
+}
+
+/// One authorization entry on a replica server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorizationEntry {
+    /// Primary host-name pattern; `*` only as the whole first label (`*.example.org`).
+    pub primary: String,
+    pub storage: PathBuf,
+    pub trust_group: String,
+}
+
+/// Replica server settings (Set-VMReplicationServer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ReplicaServerSettings {
+    pub enabled: bool,
+    /// Authentication is always certificate-based (mutual TLS).
+    pub listen: String,
+    pub allow_any: bool,
+    pub default_storage: Option<PathBuf>,
+    pub entries: Vec<AuthorizationEntry>,
+}
+
+/// Per-cycle statistics and health, as Hyper-V's Measure-VMReplication reports them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ReplicationStats {
+    pub success_count: u64,
+    pub miss_count: u64,
+    pub failure_count: u64,
+    pub network_failure_count: u64,
+    pub app_consistent_failure_count: u64,
+    pub total_bytes: u64,
+    pub max_bytes: u64,
+    pub avg_latency_secs: f64,
+    pub max_latency_secs: f64,
+    pub last_replication_unix: Option<u64>,
+    pub pending_bytes: u64,
+}
+
+/// Progress of a transfer in flight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub what: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub rate_bytes_per_sec: f64,
+}
+
+/// One relationship's status, the unit `vmrepl replication status` renders.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicationStatus {
+    pub vm: VmName,
+    pub vm_uuid: Uuid,
+    pub role: Role,
+    pub state: ReplicationState,
+    pub health: Health,
+    pub health_details: Vec<String>,
+    pub primary_host: String,
+    pub replica_host: String,
+    pub frequency_secs: u32,
+    pub last_sequence: u64,
+    pub waiting_on: Option<String>,
+    pub last_error: Option<String>,
+    pub progress: Option<Progress>,
+    pub stats: ReplicationStats,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> ReplicationSettings {
+        ReplicationSettings {
+            replica_server: "127.0.0.2:7443".into(),
+            replica_host_name: None,
+            frequency_secs: 300,
+            recovery_points: 4,
+            recovery_point_interval_secs: 3600,
+            app_consistent_hours: None,
+            compression: true,
+            exclude_disks: vec![],
+            initial: InitialReplication::NetworkNow,
+        }
+    }
+
+    #[test]
+    fn default_like_settings_are_valid() {
+        settings().validate().unwrap();
+    }
+
+    #[test]
+    fn frequency_below_five_seconds_is_refused_with_the_allowed_values() {
+        let mut s = settings();
+        s.frequency_secs = 4;
+        assert!(s.validate().unwrap_err().contains("30, 300 or 900"));
+    }
+
+    #[test]
+    fn more_than_24_recovery_points_are_refused() {
+        let mut s = settings();
+        s.recovery_points = 25;
+        assert!(s.validate().unwrap_err().contains("0 to 24"));
+    }
+
+    #[test]
+    fn app_consistent_points_need_history_and_a_sane_interval() {
+        let mut s = settings();
+        s.app_consistent_hours = Some(13);
+        assert!(s.validate().is_err());
+        s.app_consistent_hours = Some(1);
+        s.recovery_points = 0;
+        assert!(s.validate().is_err());
+    }
+}
