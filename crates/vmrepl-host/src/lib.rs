@@ -1,1 +1,12 @@
-//! placeholder
+//! The vmrepl host: the daemon behind the CLI.
+//!
+//! * [`datadir`]: the host's data folder and the one-daemon-per-folder lock.
+//! * [`config`]: the TOML configuration (parse → validate → save atomically).
+//! * [`db`]: durable state in SQLite.
+//! * [`mgmt`]: the local management API (JSON lines over a Unix socket).
+
+pub mod config;
+pub mod datadir;
+pub mod db;
+pub mod fsutil;
+pub mod mgmt;

@@ -160,6 +160,7 @@ pub struct AuthorizationEntry {
 
 /// Replica server settings (Set-VMReplicationServer).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct ReplicaServerSettings {
     pub enabled: bool,
     /// Authentication is always certificate-based (mutual TLS).

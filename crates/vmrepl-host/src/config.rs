@@ -1,0 +1,208 @@
+//! The host's TOML configuration: parse, validate, save atomically.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use vmrepl_types::name::validate_host_name;
+use vmrepl_types::replication::ReplicaServerSettings;
+use vmrepl_types::Accel;
+
+/// Default port of the peer API (Hyper-V uses 443 for certificate authentication; we pick an
+/// unprivileged port of our own).
+pub const DEFAULT_PEER_PORT: u16 = 7443;
+
+/// Errors reading or checking the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("Cannot read the host configuration {path}: {source}. Run `vmrepl host init` to create a host here.")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("The host configuration {path} is not valid TOML for vmrepl: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("The host configuration is invalid: {0}")]
+    Invalid(String),
+    #[error("Cannot write the host configuration {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A host's configuration (`config.toml` in its data folder).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// The host's DNS name; its certificate names it and peers authorize it by it.
+    pub host_name: String,
+    /// Address the peer API (mutual TLS) listens on, e.g. `127.0.0.2:7443`.
+    pub listen: String,
+    /// QEMU accelerator preference.
+    #[serde(default)]
+    pub accel: Accel,
+    /// Folders VM disks may live in; the first is the default for new disks.
+    pub storage: Vec<PathBuf>,
+    /// QEMU system emulator binary.
+    #[serde(default = "default_qemu")]
+    pub qemu_binary: PathBuf,
+    /// Folder searched for firmware (SeaBIOS, OVMF).
+    #[serde(default = "default_firmware_dirs")]
+    pub firmware_dirs: Vec<PathBuf>,
+    /// Replica server settings.
+    #[serde(default)]
+    pub replica_server: ReplicaServerSettings,
+}
+
+fn default_qemu() -> PathBuf {
+    PathBuf::from("qemu-system-x86_64")
+}
+
+fn default_firmware_dirs() -> Vec<PathBuf> {
+    vec![
+        PathBuf::from("/usr/share/OVMF"),
+        PathBuf::from("/usr/share/seabios"),
+        PathBuf::from("/usr/share/qemu"),
+    ]
+}
+
+impl HostConfig {
+    /// A new configuration with defaults.
+    pub fn new(host_name: &str, listen: &str, storage: Vec<PathBuf>) -> Self {
+        HostConfig {
+            host_name: host_name.to_string(),
+            listen: listen.to_string(),
+            accel: Accel::Auto,
+            storage,
+            qemu_binary: default_qemu(),
+            firmware_dirs: default_firmware_dirs(),
+            replica_server: ReplicaServerSettings {
+                listen: listen.to_string(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: HostConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Loads `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Cross-field checks.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_host_name(&self.host_name).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.listen.parse::<std::net::SocketAddr>().map_err(|_| {
+            ConfigError::Invalid(format!(
+                "listen address {:?} is not IP:PORT (for example 127.0.0.2:{DEFAULT_PEER_PORT})",
+                self.listen
+            ))
+        })?;
+        if self.storage.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no storage folder is configured; add at least one to `storage`".into(),
+            ));
+        }
+        for s in &self.storage {
+            if !s.is_absolute() {
+                return Err(ConfigError::Invalid(format!(
+                    "storage folder {} is not an absolute path",
+                    s.display()
+                )));
+            }
+        }
+        if self.replica_server.allow_any && self.replica_server.default_storage.is_none() {
+            return Err(ConfigError::Invalid(
+                "replica server allows any authenticated host but has no default storage folder; set one".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes the configuration atomically (temp file, fsync, rename).
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+        let text = toml::to_string_pretty(self).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        crate::fsutil::write_atomic(path, text.as_bytes()).map_err(|source| ConfigError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Whether `p` lies inside one of the storage folders (after normalising `..`).
+    pub fn in_storage(&self, p: &Path) -> bool {
+        let Some(p) = crate::fsutil::normalize(p) else {
+            return false;
+        };
+        self.storage.iter().any(|s| {
+            crate::fsutil::normalize(s)
+                .map(|s| p.starts_with(&s) && p != s)
+                .unwrap_or(false)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> HostConfig {
+        HostConfig::new("hosta.example", "127.0.0.1:7443", vec!["/srv/vms".into()])
+    }
+
+    #[test]
+    fn a_saved_config_loads_back_identically() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("config.toml");
+        sample().save(&p).unwrap();
+        assert_eq!(HostConfig::load(&p).unwrap(), sample());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let text = "bogus = 1\n".to_string() + &toml::to_string(&sample()).unwrap();
+        let e = HostConfig::parse(&text, Path::new("c.toml")).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_listen_address_is_refused_with_an_example() {
+        let mut c = sample();
+        c.listen = "nowhere".into();
+        assert!(c.validate().unwrap_err().to_string().contains("IP:PORT"));
+    }
+
+    #[test]
+    fn relative_storage_folders_are_refused() {
+        let mut c = sample();
+        c.storage = vec!["rel".into()];
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn paths_are_inside_storage_only_after_normalising() {
+        let c = sample();
+        assert!(c.in_storage(Path::new("/srv/vms/a.qcow2")));
+        assert!(!c.in_storage(Path::new("/srv/vms/../etc/passwd")));
+        assert!(!c.in_storage(Path::new("/srv/vmsx/a")));
+        assert!(!c.in_storage(Path::new("/srv/vms")));
+    }
+
+    #[test]
+    fn allow_any_without_default_storage_is_refused() {
+        let mut c = sample();
+        c.replica_server.allow_any = true;
+        assert!(c.validate().unwrap_err().to_string().contains("default storage"));
+    }
+}

@@ -1,0 +1,268 @@
+//! Durable host state in SQLite. Schema versions are tracked with `PRAGMA user_version` and
+//! migrated forward at open; a database newer than this build is refused.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::{Path, PathBuf};
+use uuid::Uuid;
+use vmrepl_types::{VmDefinition, VmRunState};
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: VMs and the event journal.
+    "CREATE TABLE vms (
+        uuid TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        definition TEXT NOT NULL,
+        state TEXT NOT NULL,
+        pid INTEGER,
+        note TEXT
+     );
+     CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        unix_ms INTEGER NOT NULL,
+        vm TEXT,
+        message TEXT NOT NULL
+     );",
+];
+
+/// Database errors.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("Cannot open the state database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("The state database {path} has schema version {found}, newer than this vmrepl ({supported}); run a newer vmrepl release on this host.")]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error("State database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("A stored VM definition could not be read ({0}); the database may be damaged.")]
+    Corrupt(String),
+}
+
+/// A VM row.
+#[derive(Debug, Clone)]
+pub struct VmRow {
+    pub definition: VmDefinition,
+    pub state: VmRunState,
+    pub pid: Option<u32>,
+    pub note: Option<String>,
+}
+
+/// The host's database.
+pub struct Db {
+    conn: Connection,
+}
+
+impl Db {
+    /// Opens (creating if needed) and migrates.
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        let conn = Connection::open(path).map_err(|source| DbError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if v > SCHEMA_VERSION {
+            return Err(DbError::TooNew {
+                path: path.to_path_buf(),
+                found: v,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(v as usize) {
+            conn.execute_batch(&format!(
+                "BEGIN; {m}; PRAGMA user_version = {}; COMMIT;",
+                i + 1
+            ))?;
+        }
+        Ok(Db { conn })
+    }
+
+    /// The raw connection, for modules that own their own tables.
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub fn insert_vm(&self, def: &VmDefinition) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT INTO vms (uuid, name, definition, state) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                def.uuid.to_string(),
+                def.name.as_str(),
+                serde_json::to_string(def).map_err(|e| DbError::Corrupt(e.to_string()))?,
+                state_str(VmRunState::Off)
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn update_definition(&self, def: &VmDefinition) -> Result<(), DbError> {
+        self.conn.execute(
+            "UPDATE vms SET definition = ?2, name = ?3 WHERE uuid = ?1",
+            params![
+                def.uuid.to_string(),
+                serde_json::to_string(def).map_err(|e| DbError::Corrupt(e.to_string()))?,
+                def.name.as_str()
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_state(
+        &self,
+        uuid: Uuid,
+        state: VmRunState,
+        pid: Option<u32>,
+        note: Option<&str>,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "UPDATE vms SET state = ?2, pid = ?3, note = ?4 WHERE uuid = ?1",
+            params![uuid.to_string(), state_str(state), pid, note],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_vm(&self, uuid: Uuid) -> Result<(), DbError> {
+        self.conn
+            .execute("DELETE FROM vms WHERE uuid = ?1", params![uuid.to_string()])?;
+        Ok(())
+    }
+
+    pub fn vm_by_name(&self, name: &str) -> Result<Option<VmRow>, DbError> {
+        self.conn
+            .query_row(
+                "SELECT definition, state, pid, note FROM vms WHERE name = ?1",
+                params![name],
+                row_to_vm,
+            )
+            .optional()?
+            .transpose()
+    }
+
+    pub fn vm_by_uuid(&self, uuid: Uuid) -> Result<Option<VmRow>, DbError> {
+        self.conn
+            .query_row(
+                "SELECT definition, state, pid, note FROM vms WHERE uuid = ?1",
+                params![uuid.to_string()],
+                row_to_vm,
+            )
+            .optional()?
+            .transpose()
+    }
+
+    pub fn list_vms(&self) -> Result<Vec<VmRow>, DbError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT definition, state, pid, note FROM vms ORDER BY name")?;
+        let rows = st.query_map([], row_to_vm)?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(r??);
+        }
+        Ok(out)
+    }
+
+    /// Appends to the event journal.
+    pub fn event(&self, vm: Option<Uuid>, message: &str) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT INTO events (unix_ms, vm, message) VALUES (?1, ?2, ?3)",
+            params![now_ms() as i64, vm.map(|u| u.to_string()), message],
+        )?;
+        Ok(())
+    }
+}
+
+fn row_to_vm(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRow, DbError>> {
+    let def: String = r.get(0)?;
+    let state: String = r.get(1)?;
+    let pid: Option<u32> = r.get(2)?;
+    let note: Option<String> = r.get(3)?;
+    Ok((|| {
+        let definition: VmDefinition =
+            serde_json::from_str(&def).map_err(|e| DbError::Corrupt(e.to_string()))?;
+        let state: VmRunState = serde_json::from_value(serde_json::Value::String(state))
+            .map_err(|e| DbError::Corrupt(e.to_string()))?;
+        Ok(VmRow {
+            definition,
+            state,
+            pid,
+            note,
+        })
+    })())
+}
+
+fn state_str(s: VmRunState) -> String {
+    s.to_string()
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmrepl_types::*;
+
+    fn def(name: &str) -> VmDefinition {
+        VmDefinition {
+            name: VmName::new(name).unwrap(),
+            uuid: Uuid::new_v4(),
+            generation: Generation::Bios,
+            firmware: vm::FirmwareVariantId::Seabios,
+            machine_type: "pc-i440fx-7.2".into(),
+            config_version: ConfigVersion::CURRENT,
+            vcpus: 1,
+            memory_mib: 128,
+            disks: vec![],
+            nics: vec![],
+            kernel: None,
+            nvram: None,
+        }
+    }
+
+    #[test]
+    fn vms_round_trip_and_names_are_unique() {
+        let d = tempfile::tempdir().unwrap();
+        let db = Db::open(&d.path().join("s.db")).unwrap();
+        let a = def("a");
+        db.insert_vm(&a).unwrap();
+        assert!(db.insert_vm(&def("a")).is_err());
+        db.set_state(a.uuid, VmRunState::Running, Some(42), None)
+            .unwrap();
+        let row = db.vm_by_name("a").unwrap().unwrap();
+        assert_eq!(row.definition, a);
+        assert_eq!(row.state, VmRunState::Running);
+        assert_eq!(row.pid, Some(42));
+        assert_eq!(db.list_vms().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn reopening_keeps_data_and_a_newer_schema_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s.db");
+        {
+            let db = Db::open(&p).unwrap();
+            db.insert_vm(&def("keep")).unwrap();
+        }
+        let db = Db::open(&p).unwrap();
+        assert!(db.vm_by_name("keep").unwrap().is_some());
+        db.conn().pragma_update(None, "user_version", 99).unwrap();
+        drop(db);
+        assert!(matches!(Db::open(&p), Err(DbError::TooNew { found: 99, .. })));
+    }
+}
