@@ -1,0 +1,141 @@
+#!/bin/bash
+# Build the vmrepl test guest (kernel + initramfs + blockio) into $VMREPL_CACHE
+# (default <repo>/.cache/guest). Cached: does nothing when the outputs exist and the
+# hash of the inputs (this script, guest/init, guest/blockio.c) matches the stamp.
+# Set VMREPL_GUEST_REBUILD=1 to force a rebuild. See docs/test-guest.md.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+CACHE=${VMREPL_CACHE:-$REPO/.cache/guest}
+KPKG_META=${VMREPL_KERNEL_META:-linux-image-cloud-amd64}
+
+# Modules wanted in the guest (dependencies are added automatically, in load order).
+# Missing ones are skipped with a note (e.g. if a future kernel builds them in).
+WANT_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk
+button evdev virtio_console virtio_net vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport"
+
+log() { echo "guest: $*"; }
+
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.lock"
+flock 9
+
+HASH=$(cat "$HERE/build.sh" "$HERE/init" "$HERE/blockio.c" | sha256sum | cut -d' ' -f1)
+OUTPUTS="vmlinuz initrd.img blockio"
+if [ "${VMREPL_GUEST_REBUILD:-0}" != 1 ] && [ -f "$CACHE/stamp" ] && [ "$(cat "$CACHE/stamp")" = "$HASH" ]; then
+    ok=1
+    for f in $OUTPUTS; do [ -s "$CACHE/$f" ] || ok=0; done
+    if [ $ok = 1 ]; then
+        log "up to date in $CACHE (kernel $(cat "$CACHE/kernel-version" 2>/dev/null || echo '?'))"
+        exit 0
+    fi
+fi
+
+for tool in apt-get apt-cache dpkg gcc cpio gzip; do
+    command -v "$tool" >/dev/null || { echo "guest: missing $tool (run scripts/setup.sh)" >&2; exit 1; }
+done
+BUSYBOX=/bin/busybox # from busybox-static: must be a static binary
+if [ ! -x "$BUSYBOX" ] || ldd "$BUSYBOX" >/dev/null 2>&1; then
+    echo "guest: $BUSYBOX missing or not static: install busybox-static (scripts/setup.sh)" >&2
+    exit 1
+fi
+
+WORK=$(mktemp -d "$CACHE/build.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+
+# --- kernel: resolve the metapackage to the real image package and download it ---
+KPKG=$(apt-cache depends "$KPKG_META" 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}' || true)
+mkdir -p "$CACHE/dl"
+DEB=""
+if [ -n "$KPKG" ]; then
+    DEB=$(ls "$CACHE/dl/${KPKG}"_*.deb 2>/dev/null | head -n1 || true)
+    if [ -z "$DEB" ]; then
+        log "downloading $KPKG"
+        rm -f "$CACHE"/dl/*.deb
+        (cd "$CACHE/dl" && apt-get download -q "$KPKG" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+        DEB=$(ls "$CACHE/dl/${KPKG}"_*.deb 2>/dev/null | head -n1 || true)
+    fi
+fi
+if [ -z "$DEB" ]; then
+    # offline: fall back to whatever kernel package was downloaded before
+    DEB=$(ls "$CACHE"/dl/linux-image-*.deb 2>/dev/null | head -n1 || true)
+    [ -n "$DEB" ] || { echo "guest: cannot resolve/download $KPKG_META (apt-get update?)" >&2; exit 1; }
+    log "using cached $(basename "$DEB")"
+fi
+dpkg -x "$DEB" "$WORK/kpkg"
+KVER=$(ls "$WORK/kpkg/lib/modules" | head -n1)
+VMLINUZ="$WORK/kpkg/boot/vmlinuz-$KVER"
+[ -f "$VMLINUZ" ] || { echo "guest: no vmlinuz in $DEB" >&2; exit 1; }
+MODDIR="$WORK/kpkg/lib/modules/$KVER"
+log "kernel $KVER"
+
+# --- blockio: the same program for the guest and the host ---
+log "compiling blockio"
+gcc -static -O2 -Wall -o "$WORK/blockio" "$HERE/blockio.c"
+
+# --- initramfs tree ---
+ROOT="$WORK/root"
+mkdir -p "$ROOT"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,run,tmp,etc/vmrepl,lib/modules/"$KVER"}
+cp "$BUSYBOX" "$ROOT/bin/busybox"
+for applet in $("$BUSYBOX" --list-full); do
+    [ "$applet" = bin/busybox ] && continue
+    mkdir -p "$ROOT/$(dirname "$applet")"
+    ln -sf /bin/busybox "$ROOT/$applet"
+done
+install -m 0755 "$HERE/init" "$ROOT/init"
+install -m 0755 "$WORK/blockio" "$ROOT/bin/blockio"
+if [ "$(id -u)" = 0 ]; then
+    mknod -m 600 "$ROOT/dev/console" c 5 1
+    mknod -m 666 "$ROOT/dev/null" c 1 3
+fi
+
+# find a module file (plain, .xz, .zst, .gz) by module name (dash/underscore-insensitive)
+find_module() {
+    local name=$1 alt
+    alt=$(echo "$name" | tr '_' '-')
+    find "$MODDIR" \( -name "$name.ko*" -o -name "$alt.ko*" \) -print -quit
+}
+
+ORDER=()
+declare -A SEEN=()
+add_module() { # depth-first: dependencies first
+    local name=$1 file deps d
+    [ -n "${SEEN[$name]:-}" ] && return 0
+    SEEN[$name]=1
+    file=$(find_module "$name")
+    if [ -z "$file" ]; then
+        if grep -q "/$name.ko" "$MODDIR/modules.builtin" 2>/dev/null; then
+            log "module $name is built in"
+        else
+            log "module $name not found (skipped)"
+        fi
+        return 0
+    fi
+    local out="$ROOT/lib/modules/$KVER/$name.ko"
+    case "$file" in
+        *.ko) cp "$file" "$out" ;;
+        *.ko.xz) xz -dc "$file" >"$out" ;;
+        *.ko.zst) zstd -qdc "$file" >"$out" ;;
+        *.ko.gz) gzip -dc "$file" >"$out" ;;
+        *) echo "guest: unknown module format $file" >&2; exit 1 ;;
+    esac
+    deps=$(tr '\0' '\n' <"$out" | grep -a '^depends=' | head -n1 | cut -d= -f2 | tr ',' ' ')
+    for d in $deps; do add_module "$d"; done
+    ORDER+=("$name")
+}
+for m in $WANT_MODULES; do add_module "$m"; done
+printf '%s\n' "${ORDER[@]}" >"$ROOT/etc/vmrepl/modules"
+log "modules: ${ORDER[*]}"
+
+log "packing initramfs"
+(cd "$ROOT" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 | gzip -9n) >"$WORK/initrd.img"
+
+# --- install outputs atomically-ish (each file renamed into place) ---
+cp "$VMLINUZ" "$WORK/vmlinuz"
+cp "$WORK/kpkg/boot/config-$KVER" "$CACHE/kernel-config"
+for f in $OUTPUTS; do mv -f "$WORK/$f" "$CACHE/$f"; done
+echo "$KVER" >"$CACHE/kernel-version"
+printf '%s\n' "${ORDER[@]}" >"$CACHE/modules"
+echo "$HASH" >"$CACHE/stamp"
+log "built $CACHE/{vmlinuz,initrd.img,blockio} ($(du -h "$CACHE/initrd.img" | cut -f1) initrd)"
