@@ -1,0 +1,253 @@
+//! Test harness for end-to-end tests: hosts as real `vmrepl` daemons in temp data folders on
+//! loopback addresses, VMs running the test guest under TCG. Every process a test starts is
+//! stopped when its guard drops, also when the test panics.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The vmrepl binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vmrepl"))
+}
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The test guest (built by scripts/setup.sh). Missing guest = failed test, never a skip.
+pub struct Guest {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub blockio: PathBuf,
+}
+
+pub fn guest() -> Guest {
+    let dir = std::env::var_os("VMREPL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".cache/guest"));
+    let g = Guest {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initrd.img"),
+        blockio: dir.join("blockio"),
+    };
+    for p in [&g.kernel, &g.initrd, &g.blockio] {
+        assert!(
+            p.exists(),
+            "the test guest is missing ({}); run ./scripts/setup.sh first",
+            p.display()
+        );
+    }
+    g
+}
+
+/// A free TCP port on `ip`, as the OS hands it out.
+pub fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One vmrepl host: a data folder, an address, and (once started) a daemon.
+pub struct Host {
+    pub name: String,
+    pub ip: String,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    started: bool,
+}
+
+impl Host {
+    /// Creates a host on `ip` (127.0.0.x).
+    pub fn init(name: &str, ip: &str) -> Host {
+        let dir = tempfile::Builder::new().prefix("vmrepl-e2e-").tempdir().unwrap();
+        let port = free_port(ip);
+        let h = Host {
+            name: name.to_string(),
+            ip: ip.to_string(),
+            port,
+            dir,
+            started: false,
+        };
+        h.ok(&[
+            "host", "init", "--name", name, "--listen", &format!("{ip}:{port}"), "--accel", "tcg",
+        ]);
+        h
+    }
+
+    pub fn data(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs the CLI against this host.
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .arg("--data")
+            .arg(self.data())
+            .args(args)
+            .output()
+            .expect("run vmrepl")
+    }
+
+    /// Runs the CLI and requires success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "vmrepl {args:?} failed ({}):\nstdout: {}\nstderr: {}\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+            self.log_tail()
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs the CLI and requires failure; returns stderr+stdout.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            !o.status.success(),
+            "vmrepl {args:?} should have failed but printed {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout)
+        )
+    }
+
+    /// Runs the CLI with --json and parses the answer.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.ok(&a);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    }
+
+    pub fn start(&mut self) {
+        self.ok(&["daemon", "--background"]);
+        self.started = true;
+    }
+
+    pub fn stop_daemon(&mut self) {
+        self.ok(&["stop"]);
+        wait_until("daemon socket gone", Duration::from_secs(15), || {
+            !self.data().join("mgmt.sock").exists()
+        });
+        // The lock is released when the process exits.
+        wait_until("daemon exited", Duration::from_secs(15), || {
+            std::fs::File::open(self.data().join("daemon.lock"))
+                .map(|f| f.try_lock().is_ok())
+                .unwrap_or(true)
+        });
+        self.started = false;
+    }
+
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(self.data().join("daemon.log")).unwrap_or_default();
+        let n = s.len().saturating_sub(3000);
+        format!("--- daemon.log tail ---\n{}", &s[s.floor_char_boundary(n)..])
+    }
+
+    /// The VM's current state string.
+    pub fn vm_state(&self, vm: &str) -> String {
+        self.json(&["vm", "show", vm])["state"].as_str().unwrap().to_string()
+    }
+
+    pub fn vm_pid(&self, vm: &str) -> Option<u32> {
+        self.json(&["vm", "show", vm])["pid"].as_u64().map(|p| p as u32)
+    }
+
+    pub fn console(&self, vm: &str) -> String {
+        self.ok(&["vm", "console", vm])
+    }
+
+    /// Waits until the VM's console contains `needle`.
+    pub fn wait_console(&self, vm: &str, needle: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let c = self.console(vm);
+            if c.contains(needle) {
+                return c;
+            }
+            if c.contains("VMREPL FAIL") || c.contains("Kernel panic") {
+                panic!("guest {vm} failed while waiting for {needle:?}:\n{c}");
+            }
+            if start.elapsed() > timeout {
+                panic!("guest {vm} did not print {needle:?} within {timeout:?}; console:\n{c}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn wait_state(&self, vm: &str, state: &str, timeout: Duration) {
+        wait_until(&format!("{vm} {state}"), timeout, || self.vm_state(vm) == state);
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // Stop every VM QEMU we know of, then the daemon.
+        if let Ok(list) = std::fs::read_dir(self.data().join("run")) {
+            for e in list.flatten() {
+                if let Ok(pid) = std::fs::read_to_string(e.path().join("qemu.pid")) {
+                    let _ = Command::new("kill").arg("-9").arg(pid.trim()).status();
+                }
+            }
+        }
+        if self.started {
+            let _ = self.run(&["stop"]);
+        }
+    }
+}
+
+/// Polls `cond` every 100 ms until it holds or `timeout` passes (then panics naming `what`).
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Converts a qcow2 image to raw and runs blockio verify on it; returns the summary line.
+pub fn verify_image(img: &Path, blocks: u32, gen_arg: &str, gen: u64) -> String {
+    let g = guest();
+    let raw = tempfile::NamedTempFile::new().unwrap();
+    let st = Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw"])
+        .arg(img)
+        .arg(raw.path())
+        .status()
+        .unwrap();
+    assert!(st.success(), "qemu-img convert {} failed", img.display());
+    let o = Command::new(&g.blockio)
+        .arg("verify")
+        .arg(raw.path())
+        .args(["--blocks", &blocks.to_string(), gen_arg, &gen.to_string()])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "blockio verify of {} failed: {out}{}",
+        img.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+/// One e2e test at a time boots guests: the machine has two cores.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static M: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    M.lock().unwrap_or_else(|e| e.into_inner())
+}
