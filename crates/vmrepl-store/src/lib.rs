@@ -1,1 +1,111 @@
-//! placeholder
+//! # vmrepl-store: the replica side's storage of a replicated VM
+//!
+//! A synchronous library (the daemon calls it from `spawn_blocking`). One [`ReplicaVm`] per
+//! replicated VM, created with [`ReplicaStore::create`] and reopened with [`ReplicaStore::open`].
+//!
+//! ## On-disk layout
+//!
+//! ```text
+//! <storage>/<vm-uuid>/                 the folder is the VM's UUID, never its name (I5)
+//!   vm.json                            VM definition, opaque JSON given by the caller
+//!   state.json                         catalog (see below), written tmp+fsync+rename+dir fsync
+//!   nvram/latest.fd                    NVRAM as of the last applied log (if the VM has one)
+//!   nvram/rp-<seq>.fd                  NVRAM of frozen point <seq>
+//!   logs/<seq, 20 digits>.log          received logs, durable, not yet applied
+//!   disks/<disk-id>/base.qcow2         qcow2 v3 (compat=1.1), oldest data, read-only
+//!   disks/<disk-id>/rp-<seq>.qcow2     frozen recovery point layers, read-only, oldest first
+//!   disks/<disk-id>/top.qcow2          the in-progress layer: logs are applied here
+//! ```
+//!
+//! Chain per disk: `base.qcow2 ← rp-<s1>.qcow2 ← … ← rp-<sn>.qcow2 ← top.qcow2`. Each header names
+//! its backing by bare file name (same folder), format `qcow2`. Disk ids are `[a-z0-9_-]{1,32}`
+//! and are checked before any path is built ([`validate_disk_id`]).
+//!
+//! `state.json` holds: format `version` (1), the VM UUID, the disks and their sizes, the last
+//! applied sequence with its time and consistency, the frozen points (`seq`, `unix_ms`,
+//! `consistency`, `layer`, whether it has NVRAM), a `journal` entry for a freeze or prune in
+//! progress, and `checksum`: BLAKE3 of the document serialized with an empty checksum. A catalog
+//! that fails its checksum is refused ([`StoreError::CatalogCorrupt`]).
+//!
+//! ## Applying logs (I3, I4)
+//!
+//! The engine verifies and decodes a log, stores it durably ([`ReplicaVm::store_log`] /
+//! [`ReplicaVm::store_log_path`]), acknowledges it, then applies it:
+//! [`ReplicaVm::check_space`], [`ReplicaVm::begin_apply`]`(seq, base_seq)`, then
+//! [`ApplyTxn::write`] / [`ApplyTxn::write_zeroes`] / [`ApplyTxn::set_nvram`], then
+//! [`ApplyTxn::commit`]. Sequence rules:
+//!
+//! | log | result |
+//! |---|---|
+//! | `seq <= last_applied` | [`Begin::AlreadyApplied`]: a no-op, acknowledge again |
+//! | `base_seq == last_applied`, `seq > base_seq` | [`Begin::Apply`] |
+//! | `base_seq != last_applied` | [`StoreError::OutOfOrder`]: mark "resynchronization required" |
+//!
+//! Every write is bounds-checked against the disk size before anything is written
+//! ([`StoreError::OutOfBounds`]). Zero extents become explicit qcow2 zero clusters that shadow
+//! older layers. Commit flushes and fsyncs the written layers, writes the NVRAM, and only then
+//! records the sequence in `state.json` (atomically).
+//!
+//! **Crash repair.** The top layer is the in-progress layer; recovery points are only ever frozen
+//! layers. A crash (or an abort, or ENOSPC) between the first write and commit leaves the top layer
+//! partly written while `state.json` still names the previous sequence. The log is still in the
+//! spool ([`ReplicaVm::pending_logs`]), and applying the *same* log again performs the same writes,
+//! which yields exactly the right content. So at start the engine re-applies every pending log in
+//! order. A frozen point is never touched by an apply.
+//!
+//! Freeze and prune change several files; each is journaled in `state.json` before it starts and
+//! rolled forward by [`ReplicaStore::open`] (every step is idempotent). Leftover layer files that
+//! no catalog entry names are removed at open.
+//!
+//! ## Recovery points and locks
+//!
+//! [`ReplicaVm::freeze_point`] renames `top.qcow2` to `rp-<seq>.qcow2` (read-only) in every disk
+//! and creates a fresh `top.qcow2` over it: one instant across all disks (I2).
+//! [`ReplicaVm::points`] lists frozen points oldest first, then the latest applied state
+//! ([`PointKind::Latest`], always present). [`ReplicaVm::prune`] removes points until `keep`
+//! frozen points remain.
+//!
+//! A [`PointLock`] ([`ReplicaVm::lock_point`], also held inside an [`Overlay`]) pins a point. The
+//! rule: **a locked point and every layer below it are never modified or removed.**
+//!
+//! | point `p` to prune, with locks | allowed? | how |
+//! |---|---|---|
+//! | no locks, `p` is the oldest | yes | `qemu-img commit -d rp-p` into base, `rebase -u` the layer above onto base |
+//! | `p` is locked | no | skipped |
+//! | some locked point `L >= p` (p is at or below a lock) | no | base/lower layers of `L` would change |
+//! | every locked point `L < p` | yes | `qemu-img rebase` (safe) of the layer above onto the layer below `p` |
+//!
+//! Prune takes the oldest point that is allowed, repeatedly; what could not go is reported in
+//! [`PruneReport::blocked_by_lock`]. Locks live in memory only: after a restart the engine re-locks
+//! the points of test failovers still running.
+//!
+//! ## Failover and compare
+//!
+//! [`ReplicaVm::overlay_for`] makes throwaway overlays (backing = absolute path of the point's
+//! layer, `-F qcow2`) plus an NVRAM copy; [`ReplicaVm::flatten_point`] writes standalone images;
+//! [`ReplicaVm::point_image_paths`] gives the top file of a point's chain for `qemu-img compare`.
+//!
+//! ## Images from a peer are not trusted (I5)
+//!
+//! Layers are opened with imago's [`imago::DenyImplicitOpenGate`]: imago never opens a file named
+//! in a header. The chain is built explicitly, each layer's backing set to the layer below that
+//! this crate opened, and every header's backing name, backing format, size and external-data-file
+//! flag is checked against the catalog; a mismatch is [`StoreError::UntrustedBacking`] or
+//! [`StoreError::BadLayer`]. qemu-img is only run on chains that passed this check.
+//!
+//! Every `qemu-img` call is logged with its duration through `tracing`.
+
+mod catalog;
+mod chain;
+mod error;
+mod fsutil;
+mod qemu_img;
+mod store;
+
+pub use catalog::CATALOG_VERSION;
+pub use error::{Result, StoreError};
+pub use store::{
+    validate_disk_id, ApplyTxn, Begin, Flattened, Overlay, PointKind, PointLock, PointRef,
+    PruneReport, RecoveryPoint, ReplicaStore, ReplicaVm, SPACE_HEADROOM,
+};
+pub use vmrepl_types::replication::Consistency;

@@ -1,0 +1,1153 @@
+//! The replica store: one folder per replicated VM, its disks' layer chains and its catalog.
+
+use crate::catalog::{Catalog, DiskEntry, Journal, PointEntry, CATALOG_VERSION};
+use crate::chain;
+use crate::error::{Result, StoreError};
+use crate::fsutil;
+use crate::qemu_img;
+use imago::file::File;
+use imago::SyncFormatAccess;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
+use vmrepl_types::replication::Consistency;
+
+const BASE: &str = "base.qcow2";
+const TOP: &str = "top.qcow2";
+const STATE: &str = "state.json";
+const VM_JSON: &str = "vm.json";
+const NVRAM_LATEST: &str = "latest.fd";
+/// Headroom demanded on top of a log's payload by [`ReplicaVm::check_space`]: qcow2 metadata
+/// (L2 tables, refcount blocks) and the catalog.
+pub const SPACE_HEADROOM: u64 = 16 * 1024 * 1024;
+
+/// Checks a disk id: `[a-z0-9_-]{1,32}`. Done before any path is built from it (I5).
+pub fn validate_disk_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidDiskId { id: id.to_string() })
+    }
+}
+
+fn rp_layer(seq: u64) -> String {
+    format!("rp-{seq}.qcow2")
+}
+
+fn rp_nvram(seq: u64) -> String {
+    format!("rp-{seq}.fd")
+}
+
+fn parse_rp_layer(name: &str) -> Option<u64> {
+    let n = name.strip_prefix("rp-")?.strip_suffix(".qcow2")?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
+}
+
+/// Whether a point is a frozen layer or the latest applied state (the live top layer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PointKind {
+    /// The latest applied state. Always present; it moves forward with every applied log.
+    Latest,
+    /// A frozen recovery point (`rp-<seq>.qcow2`); never written again.
+    Frozen,
+}
+
+/// A recovery point as callers see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryPoint {
+    /// Sequence of the last log contained in this point (0 = initial, nothing applied).
+    pub seq: u64,
+    /// Point-in-time of the primary, unix milliseconds.
+    pub unix_ms: i64,
+    pub consistency: Consistency,
+    pub kind: PointKind,
+}
+
+impl RecoveryPoint {
+    /// The reference to pass to the point-taking calls.
+    pub fn point_ref(&self) -> PointRef {
+        match self.kind {
+            PointKind::Latest => PointRef::Latest,
+            PointKind::Frozen => PointRef::Frozen(self.seq),
+        }
+    }
+}
+
+/// Which point an operation works on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PointRef {
+    Latest,
+    Frozen(u64),
+}
+
+/// Result of [`ReplicaVm::begin_apply`].
+#[must_use]
+pub enum Begin<'a> {
+    /// Apply the log through this transaction.
+    Apply(ApplyTxn<'a>),
+    /// The log was applied before (I3): nothing to do, acknowledge it again.
+    AlreadyApplied { seq: u64, last_applied: u64 },
+}
+
+/// What [`ReplicaVm::prune`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Points removed, in order.
+    pub merged: Vec<u64>,
+    /// Frozen points still above `keep` that could not go because of locks.
+    pub blocked_by_lock: Vec<u64>,
+}
+
+/// A throwaway overlay over a frozen point (test failover or failover boot).
+/// It holds a lock on the point: the point and everything below it are not pruned while it lives.
+#[derive(Debug)]
+pub struct Overlay {
+    pub point: RecoveryPoint,
+    /// One overlay image per disk, `(disk_id, path)`, each backed by the point's layer
+    /// (absolute path, format qcow2).
+    pub disks: Vec<(String, PathBuf)>,
+    /// Copy of the point's NVRAM, if the VM has one.
+    pub nvram: Option<PathBuf>,
+    pub lock: PointLock,
+}
+
+/// Standalone images of a point (see [`ReplicaVm::flatten_point`]).
+#[derive(Debug, Clone)]
+pub struct Flattened {
+    pub point: RecoveryPoint,
+    pub disks: Vec<(String, PathBuf)>,
+    pub nvram: Option<PathBuf>,
+}
+
+type LockTable = Arc<Mutex<BTreeMap<u64, usize>>>;
+
+/// Keeps a frozen point (and every layer below it) from being pruned while held.
+/// Locks live in memory: after a daemon restart, re-lock the points of test failovers that are
+/// still running.
+#[derive(Debug)]
+pub struct PointLock {
+    table: LockTable,
+    seq: u64,
+}
+
+impl PointLock {
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+impl Drop for PointLock {
+    fn drop(&mut self) {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = t.get_mut(&self.seq) {
+            *n -= 1;
+            if *n == 0 {
+                t.remove(&self.seq);
+            }
+        }
+    }
+}
+
+/// Entry points: create or open a replica VM's folder under a storage folder.
+pub struct ReplicaStore;
+
+impl ReplicaStore {
+    /// The folder of a replica VM: `<root>/<vm-uuid>` (never the VM's name, I5).
+    pub fn vm_dir(root: &Path, vm_uuid: Uuid) -> PathBuf {
+        root.join(vm_uuid.hyphenated().to_string())
+    }
+
+    /// Creates the replica folder for `vm_uuid` under `root`: `vm.json`, one empty base image
+    /// (qcow2 v3, compat=1.1) and an empty top layer per disk, and the catalog. The folder is built
+    /// as `<uuid>.partial` and renamed into place, so a crash leaves no half replica.
+    pub fn create(
+        root: &Path,
+        vm_uuid: Uuid,
+        vm_def: &serde_json::Value,
+        disks: &[(&str, u64)],
+    ) -> Result<ReplicaVm> {
+        if disks.is_empty() {
+            return Err(StoreError::NoDisks);
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (id, size) in disks {
+            validate_disk_id(id)?;
+            if !seen.insert(*id) {
+                return Err(StoreError::DuplicateDisk { id: id.to_string() });
+            }
+            if *size == 0 || size % 512 != 0 {
+                return Err(StoreError::BadDiskSize {
+                    disk: id.to_string(),
+                    size: *size,
+                });
+            }
+        }
+        let dir = Self::vm_dir(root, vm_uuid);
+        if dir.exists() {
+            return Err(StoreError::AlreadyExists { path: dir });
+        }
+        let partial = root.join(format!("{}.partial", vm_uuid.hyphenated()));
+        if partial.exists() {
+            fs::remove_dir_all(&partial)
+                .map_err(|e| StoreError::io("remove the leftover folder", &partial, e))?;
+        }
+        let mkdir = |p: &Path| fs::create_dir_all(p).map_err(|e| StoreError::io("create", p, e));
+        mkdir(&partial)?;
+        mkdir(&partial.join("nvram"))?;
+        mkdir(&partial.join("logs"))?;
+        for (id, size) in disks {
+            let ddir = partial.join("disks").join(id);
+            mkdir(&ddir)?;
+            let size_s = size.to_string();
+            qemu_img::run(
+                Some(&ddir),
+                ["create", "-q", "-f", "qcow2", "-o", "compat=1.1", BASE, &size_s],
+            )?;
+            create_top(&ddir, BASE, *size)?;
+            set_readonly(&ddir.join(BASE), true)?;
+            fsutil::sync_dir(&ddir)?;
+        }
+        let vm_bytes = serde_json::to_vec_pretty(vm_def).map_err(|e| StoreError::Io {
+            action: "serialize the VM definition for",
+            path: partial.join(VM_JSON),
+            source: e.into(),
+        })?;
+        fsutil::write_atomic(&partial.join(VM_JSON), &vm_bytes)?;
+        let mut cat = Catalog {
+            version: CATALOG_VERSION,
+            vm_uuid,
+            disks: disks
+                .iter()
+                .map(|(id, size)| DiskEntry {
+                    id: id.to_string(),
+                    size_bytes: *size,
+                })
+                .collect(),
+            last_applied: 0,
+            last_applied_unix_ms: 0,
+            last_applied_consistency: Consistency::Crash,
+            points: Vec::new(),
+            journal: None,
+            checksum: String::new(),
+        };
+        cat.store(&partial.join(STATE))?;
+        fsutil::sync_dir(&partial.join("disks"))?;
+        fs::rename(&partial, &dir).map_err(|e| StoreError::io("rename into place", &dir, e))?;
+        fsutil::sync_dir(root)?;
+        tracing::info!(vm = %vm_uuid, dir = %dir.display(), disks = disks.len(), "replica created");
+        Ok(ReplicaVm {
+            dir,
+            cat,
+            locks: Arc::default(),
+        })
+    }
+
+    /// Opens an existing replica: verifies the catalog, finishes an interrupted freeze or prune
+    /// (roll forward), removes leftovers, and checks every disk's chain headers (I5).
+    pub fn open(root: &Path, vm_uuid: Uuid) -> Result<ReplicaVm> {
+        let dir = Self::vm_dir(root, vm_uuid);
+        let state = dir.join(STATE);
+        if !state.is_file() {
+            return Err(StoreError::NotFound { path: dir });
+        }
+        let cat = Catalog::load(&state)?;
+        if cat.vm_uuid != vm_uuid {
+            return Err(StoreError::CatalogCorrupt {
+                path: state,
+                reason: format!("it belongs to VM {} not {vm_uuid}", cat.vm_uuid),
+            });
+        }
+        for d in &cat.disks {
+            validate_disk_id(&d.id)?;
+        }
+        let mut vm = ReplicaVm {
+            dir,
+            cat,
+            locks: Arc::default(),
+        };
+        vm.repair()?;
+        vm.verify_chains()?;
+        Ok(vm)
+    }
+}
+
+/// `qemu-img create` of an empty top layer over `backing` (a file name in `ddir`).
+fn create_top(ddir: &Path, backing: &str, size: u64) -> Result<()> {
+    let tmp = format!("{TOP}.tmp");
+    let _ = fs::remove_file(ddir.join(&tmp));
+    let size_s = size.to_string();
+    qemu_img::run(
+        Some(ddir),
+        [
+            "create", "-q", "-f", "qcow2", "-o", "compat=1.1", "-b", backing, "-F", "qcow2", &tmp,
+            &size_s,
+        ],
+    )?;
+    fs::File::open(ddir.join(&tmp))
+        .and_then(|f| f.sync_all())
+        .map_err(|e| StoreError::io("fsync", ddir.join(&tmp), e))?;
+    fs::rename(ddir.join(&tmp), ddir.join(TOP))
+        .map_err(|e| StoreError::io("rename into place", ddir.join(TOP), e))?;
+    fsutil::sync_dir(ddir)
+}
+
+fn set_readonly(path: &Path, ro: bool) -> Result<()> {
+    let mut perm = fs::metadata(path)
+        .map_err(|e| StoreError::io("read permissions of", path, e))?
+        .permissions();
+    perm.set_readonly(ro);
+    fs::set_permissions(path, perm).map_err(|e| StoreError::io("change permissions of", path, e))
+}
+
+fn copy_durable(from: &Path, to: &Path) -> Result<()> {
+    let bytes = fs::read(from).map_err(|e| StoreError::io("read", from, e))?;
+    fsutil::write_atomic(to, &bytes)
+}
+
+/// One replicated VM's storage. See the crate docs for the layout and the rules.
+#[derive(Debug)]
+pub struct ReplicaVm {
+    dir: PathBuf,
+    cat: Catalog,
+    locks: LockTable,
+}
+
+impl ReplicaVm {
+    /// The VM's folder, `<storage>/<vm-uuid>`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn vm_uuid(&self) -> Uuid {
+        self.cat.vm_uuid
+    }
+
+    /// `(disk_id, size_bytes)` of every disk.
+    pub fn disks(&self) -> Vec<(String, u64)> {
+        self.cat
+            .disks
+            .iter()
+            .map(|d| (d.id.clone(), d.size_bytes))
+            .collect()
+    }
+
+    /// Sequence of the last applied log (0 = none).
+    pub fn last_applied(&self) -> u64 {
+        self.cat.last_applied
+    }
+
+    /// The VM definition as stored (opaque JSON).
+    pub fn vm_definition(&self) -> Result<serde_json::Value> {
+        let p = self.dir.join(VM_JSON);
+        let bytes = fs::read(&p).map_err(|e| StoreError::io("read", &p, e))?;
+        serde_json::from_slice(&bytes).map_err(|e| StoreError::CatalogCorrupt {
+            path: p,
+            reason: format!("the VM definition is not JSON: {e}"),
+        })
+    }
+
+    /// Replaces the stored VM definition atomically.
+    pub fn set_vm_definition(&mut self, def: &serde_json::Value) -> Result<()> {
+        let p = self.dir.join(VM_JSON);
+        let bytes = serde_json::to_vec_pretty(def).map_err(|e| StoreError::Io {
+            action: "serialize the VM definition for",
+            path: p.clone(),
+            source: e.into(),
+        })?;
+        fsutil::write_atomic(&p, &bytes)
+    }
+
+    fn disk_dir(&self, id: &str) -> PathBuf {
+        self.dir.join("disks").join(id)
+    }
+
+    fn nvram_dir(&self) -> PathBuf {
+        self.dir.join("nvram")
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.dir.join(STATE)
+    }
+
+    fn save(&mut self) -> Result<()> {
+        let p = self.state_path();
+        self.cat.store(&p)
+    }
+
+    /// Layer file names of the chain ending at `point`, base first.
+    fn chain_layers(&self, point: PointRef) -> Result<Vec<String>> {
+        let mut layers = vec![BASE.to_string()];
+        match point {
+            PointRef::Latest => {
+                layers.extend(self.cat.points.iter().map(|p| p.layer.clone()));
+                layers.push(TOP.to_string());
+            }
+            PointRef::Frozen(seq) => {
+                let idx = self.point_index(seq)?;
+                layers.extend(self.cat.points[..=idx].iter().map(|p| p.layer.clone()));
+            }
+        }
+        Ok(layers)
+    }
+
+    fn point_index(&self, seq: u64) -> Result<usize> {
+        self.cat
+            .points
+            .iter()
+            .position(|p| p.seq == seq)
+            .ok_or_else(|| StoreError::NoSuchPoint {
+                seq,
+                known: self.known_points(),
+            })
+    }
+
+    fn known_points(&self) -> String {
+        if self.cat.points.is_empty() {
+            "none (only the latest state)".into()
+        } else {
+            self.cat
+                .points
+                .iter()
+                .map(|p| p.seq.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    }
+
+    fn disk_size(&self, id: &str) -> Result<u64> {
+        self.cat
+            .disks
+            .iter()
+            .find(|d| d.id == id)
+            .map(|d| d.size_bytes)
+            .ok_or_else(|| StoreError::UnknownDisk {
+                disk: id.to_string(),
+                known: self
+                    .cat
+                    .disks
+                    .iter()
+                    .map(|d| d.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// Opens every disk's full chain read-only through imago with the deny gate, checking each
+    /// header's backing name, format and size. Nothing named in a header is opened.
+    pub fn verify_chains(&self) -> Result<()> {
+        let layers = self.chain_layers(PointRef::Latest)?;
+        for d in &self.cat.disks {
+            let acc = chain::open_chain(&self.disk_dir(&d.id), &layers, false, d.size_bytes)?;
+            drop(acc);
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- log spool
+
+    /// Where the engine stores the received log `seq` (`logs/<seq, 20 digits>.log`). Write it
+    /// durably (e.g. with [`ReplicaVm::store_log`]) before acknowledging it (I1).
+    pub fn store_log_path(&self, seq: u64) -> PathBuf {
+        self.dir.join("logs").join(format!("{seq:020}.log"))
+    }
+
+    /// Writes a received log durably (tmp + fsync + rename + directory fsync) at
+    /// [`ReplicaVm::store_log_path`]. Refuses early with [`StoreError::DiskFull`] if it cannot fit.
+    pub fn store_log(&self, seq: u64, bytes: &[u8]) -> Result<PathBuf> {
+        let p = self.store_log_path(seq);
+        let free = fsutil::free_bytes(&self.dir)?;
+        if free < bytes.len() as u64 {
+            return Err(StoreError::DiskFull {
+                path: p,
+                needed: bytes.len() as u64,
+                free,
+            });
+        }
+        fsutil::write_atomic(&p, bytes)?;
+        Ok(p)
+    }
+
+    /// Logs received (durable) but not yet applied, oldest first. Re-apply them at start.
+    pub fn pending_logs(&self) -> Result<Vec<(u64, PathBuf)>> {
+        let dir = self.dir.join("logs");
+        let mut out = Vec::new();
+        let rd = fs::read_dir(&dir).map_err(|e| StoreError::io("list", &dir, e))?;
+        for ent in rd {
+            let ent = ent.map_err(|e| StoreError::io("list", &dir, e))?;
+            let name = ent.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some(num) = name.strip_suffix(".log") else {
+                continue;
+            };
+            if num.len() != 20 || !num.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let Ok(seq) = num.parse::<u64>() else { continue };
+            if seq > self.cat.last_applied {
+                out.push((seq, ent.path()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes spooled logs at or below the last applied sequence.
+    pub fn discard_applied_logs(&self) -> Result<()> {
+        let dir = self.dir.join("logs");
+        let rd = fs::read_dir(&dir).map_err(|e| StoreError::io("list", &dir, e))?;
+        for ent in rd.flatten() {
+            let name = ent.file_name();
+            let Some(num) = name.to_str().and_then(|n| n.strip_suffix(".log")) else {
+                continue;
+            };
+            if let Ok(seq) = num.parse::<u64>() {
+                if seq <= self.cat.last_applied {
+                    let _ = fs::remove_file(ent.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- space
+
+    /// Refuses with [`StoreError::DiskFull`] unless the file system holding this VM has
+    /// `bytes_needed` plus [`SPACE_HEADROOM`] available (statvfs). Call before applying a log.
+    pub fn check_space(&self, bytes_needed: u64) -> Result<()> {
+        let free = fsutil::free_bytes(&self.dir)?;
+        let needed = bytes_needed.saturating_add(SPACE_HEADROOM);
+        if free < needed {
+            return Err(StoreError::DiskFull {
+                path: self.dir.clone(),
+                needed,
+                free,
+            });
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- apply
+
+    /// Starts applying log `seq`, which the primary built on top of `base_seq`.
+    ///
+    /// * `seq <= last_applied` → [`Begin::AlreadyApplied`] (idempotent, I3).
+    /// * `base_seq != last_applied` → [`StoreError::OutOfOrder`]: mark the VM
+    ///   "resynchronization required".
+    pub fn begin_apply(&mut self, seq: u64, base_seq: u64) -> Result<Begin<'_>> {
+        let last = self.cat.last_applied;
+        if seq <= last {
+            return Ok(Begin::AlreadyApplied {
+                seq,
+                last_applied: last,
+            });
+        }
+        if seq <= base_seq {
+            return Err(StoreError::SeqNotAfterBase { seq, base_seq });
+        }
+        if base_seq != last {
+            return Err(StoreError::OutOfOrder {
+                expected: last,
+                got: base_seq,
+                got_seq: seq,
+            });
+        }
+        tracing::debug!(vm = %self.cat.vm_uuid, seq, "apply begins");
+        Ok(Begin::Apply(ApplyTxn {
+            vm: self,
+            seq,
+            open: BTreeMap::new(),
+            nvram: None,
+            bytes: 0,
+        }))
+    }
+
+    // ---------------------------------------------------------------- points
+
+    /// Frozen points (oldest first) followed by the latest applied state ([`PointKind::Latest`],
+    /// always present; it may have the same `seq` as the newest frozen point).
+    pub fn points(&self) -> Vec<RecoveryPoint> {
+        let mut v: Vec<RecoveryPoint> = self
+            .cat
+            .points
+            .iter()
+            .map(|p| RecoveryPoint {
+                seq: p.seq,
+                unix_ms: p.unix_ms,
+                consistency: p.consistency,
+                kind: PointKind::Frozen,
+            })
+            .collect();
+        v.push(self.latest_point());
+        v
+    }
+
+    fn latest_point(&self) -> RecoveryPoint {
+        RecoveryPoint {
+            seq: self.cat.last_applied,
+            unix_ms: self.cat.last_applied_unix_ms,
+            consistency: self.cat.last_applied_consistency,
+            kind: PointKind::Latest,
+        }
+    }
+
+    fn resolve(&self, point: PointRef) -> Result<RecoveryPoint> {
+        match point {
+            PointRef::Latest => Ok(self.latest_point()),
+            PointRef::Frozen(seq) => {
+                let p = &self.cat.points[self.point_index(seq)?];
+                Ok(RecoveryPoint {
+                    seq: p.seq,
+                    unix_ms: p.unix_ms,
+                    consistency: p.consistency,
+                    kind: PointKind::Frozen,
+                })
+            }
+        }
+    }
+
+    /// Freezes the current top layer as recovery point `seq` (which must be the last applied
+    /// sequence): `top.qcow2` becomes the read-only `rp-<seq>.qcow2` in every disk and a fresh
+    /// empty `top.qcow2` is created over it. The latest NVRAM is copied to `nvram/rp-<seq>.fd`.
+    /// `unix_ms`/`consistency` describe the point (normally those of log `seq`).
+    pub fn freeze_point(
+        &mut self,
+        seq: u64,
+        unix_ms: i64,
+        consistency: Consistency,
+    ) -> Result<RecoveryPoint> {
+        if seq != self.cat.last_applied {
+            return Err(StoreError::FreezeNotLatest {
+                seq,
+                last_applied: self.cat.last_applied,
+            });
+        }
+        if self.cat.points.iter().any(|p| p.seq == seq) {
+            return Err(StoreError::AlreadyFrozen { seq });
+        }
+        self.cat.journal = Some(Journal::Freeze {
+            seq,
+            unix_ms,
+            consistency,
+        });
+        self.save()?;
+        self.finish_freeze(seq, unix_ms, consistency)?;
+        tracing::info!(vm = %self.cat.vm_uuid, seq, "recovery point frozen");
+        self.resolve(PointRef::Frozen(seq))
+    }
+
+    /// The idempotent body of a freeze (also used to roll a journaled freeze forward).
+    fn finish_freeze(&mut self, seq: u64, unix_ms: i64, consistency: Consistency) -> Result<()> {
+        let layer = rp_layer(seq);
+        for d in self.cat.disks.clone() {
+            let ddir = self.disk_dir(&d.id);
+            let top = ddir.join(TOP);
+            let rp = ddir.join(&layer);
+            if !rp.exists() {
+                fs::rename(&top, &rp).map_err(|e| StoreError::io("rename the top layer to", &rp, e))?;
+                fsutil::sync_dir(&ddir)?;
+            }
+            if !top.exists() {
+                create_top(&ddir, &layer, d.size_bytes)?;
+            }
+            set_readonly(&rp, true)?;
+        }
+        let latest = self.nvram_dir().join(NVRAM_LATEST);
+        let has_nvram = latest.exists();
+        if has_nvram {
+            copy_durable(&latest, &self.nvram_dir().join(rp_nvram(seq)))?;
+        }
+        self.cat.points.push(PointEntry {
+            seq,
+            unix_ms,
+            consistency,
+            layer,
+            has_nvram,
+        });
+        self.cat.journal = None;
+        self.save()
+    }
+
+    /// Locks frozen point `seq` against pruning (see the locking table in the crate docs).
+    pub fn lock_point(&self, seq: u64) -> Result<PointLock> {
+        self.point_index(seq)?;
+        let mut t = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        *t.entry(seq).or_insert(0) += 1;
+        Ok(PointLock {
+            table: Arc::clone(&self.locks),
+            seq,
+        })
+    }
+
+    fn max_locked(&self) -> Option<u64> {
+        let t = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        t.keys().next_back().copied()
+    }
+
+    /// Removes frozen points until at most `keep` remain, oldest first. A point can go only if
+    /// every locked point is older than it; the oldest point is merged into `base.qcow2`
+    /// (`qemu-img commit` + `rebase -u` of the layer above), a newer one is folded into the layer
+    /// above it (`qemu-img rebase` in safe mode onto the layer below). No point that remains
+    /// changes content.
+    pub fn prune(&mut self, keep: usize) -> Result<PruneReport> {
+        let mut report = PruneReport::default();
+        while self.cat.points.len() > keep {
+            let floor = self.max_locked();
+            let cand = self
+                .cat
+                .points
+                .iter()
+                .find(|p| floor.is_none_or(|f| p.seq > f))
+                .map(|p| p.seq);
+            let Some(seq) = cand else {
+                break;
+            };
+            self.cat.journal = Some(Journal::Prune { seq });
+            self.save()?;
+            self.finish_prune(seq)?;
+            report.merged.push(seq);
+        }
+        if self.cat.points.len() > keep {
+            let excess = self.cat.points.len() - keep;
+            report.blocked_by_lock = self.cat.points[..excess].iter().map(|p| p.seq).collect();
+        }
+        Ok(report)
+    }
+
+    /// The idempotent body of a prune of point `seq` (also rolls a journaled prune forward).
+    fn finish_prune(&mut self, seq: u64) -> Result<()> {
+        let Some(idx) = self.cat.points.iter().position(|p| p.seq == seq) else {
+            // Already out of the catalog: only the leftovers remain.
+            self.cat.journal = None;
+            self.save()?;
+            return self.remove_orphans();
+        };
+        let layer = self.cat.points[idx].layer.clone();
+        let lower = if idx == 0 {
+            BASE.to_string()
+        } else {
+            self.cat.points[idx - 1].layer.clone()
+        };
+        let upper = self
+            .cat
+            .points
+            .get(idx + 1)
+            .map(|p| p.layer.clone())
+            .unwrap_or_else(|| TOP.to_string());
+        for d in self.cat.disks.clone() {
+            let ddir = self.disk_dir(&d.id);
+            let upper_path = ddir.join(&upper);
+            if chain::header_backing(&upper_path)?.as_deref() != Some(layer.as_str()) {
+                continue; // this disk is done already
+            }
+            // Verify the chain up to the upper layer before qemu-img follows its headers.
+            let mut layers = self.chain_layers(PointRef::Latest)?;
+            if let Some(pos) = layers.iter().position(|l| *l == upper) {
+                layers.truncate(pos + 1);
+            }
+            drop(chain::open_chain(&ddir, &layers, false, d.size_bytes)?);
+            let upper_ro = upper != TOP;
+            if upper_ro {
+                set_readonly(&upper_path, false)?;
+            }
+            if idx == 0 {
+                set_readonly(&ddir.join(BASE), false)?;
+                qemu_img::run(Some(&ddir), ["commit", "-q", "-d", "-f", "qcow2", &layer])?;
+                set_readonly(&ddir.join(BASE), true)?;
+                qemu_img::run(
+                    Some(&ddir),
+                    ["rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", BASE, &upper],
+                )?;
+            } else {
+                qemu_img::run(
+                    Some(&ddir),
+                    ["rebase", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &lower, &upper],
+                )?;
+            }
+            fs::File::open(&upper_path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| StoreError::io("fsync", &upper_path, e))?;
+            if idx == 0 {
+                let b = ddir.join(BASE);
+                fs::File::open(&b)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| StoreError::io("fsync", &b, e))?;
+            }
+            if upper_ro {
+                set_readonly(&upper_path, true)?;
+            }
+        }
+        self.cat.points.remove(idx);
+        self.cat.journal = None;
+        self.save()?;
+        tracing::info!(vm = %self.cat.vm_uuid, seq, "recovery point pruned");
+        self.remove_orphans()
+    }
+
+    /// Deletes layer and NVRAM files that no catalog entry names (after a prune), and `.tmp`
+    /// leftovers.
+    fn remove_orphans(&self) -> Result<()> {
+        let known: std::collections::BTreeSet<u64> =
+            self.cat.points.iter().map(|p| p.seq).collect();
+        let freezing = match self.cat.journal {
+            Some(Journal::Freeze { seq, .. }) => Some(seq),
+            _ => None,
+        };
+        for d in &self.cat.disks {
+            let ddir = self.disk_dir(&d.id);
+            let rd = fs::read_dir(&ddir).map_err(|e| StoreError::io("list", &ddir, e))?;
+            for ent in rd.flatten() {
+                let name = ent.file_name().to_string_lossy().into_owned();
+                let orphan = match parse_rp_layer(&name) {
+                    Some(s) => !known.contains(&s) && freezing != Some(s),
+                    None => name.ends_with(".tmp"),
+                };
+                if orphan {
+                    tracing::info!(file = %ent.path().display(), "removing leftover layer");
+                    fs::remove_file(ent.path())
+                        .map_err(|e| StoreError::io("remove", ent.path(), e))?;
+                }
+            }
+            fsutil::sync_dir(&ddir)?;
+        }
+        let nd = self.nvram_dir();
+        if let Ok(rd) = fs::read_dir(&nd) {
+            for ent in rd.flatten() {
+                let name = ent.file_name().to_string_lossy().into_owned();
+                let seq = name
+                    .strip_prefix("rp-")
+                    .and_then(|n| n.strip_suffix(".fd"))
+                    .and_then(|n| n.parse::<u64>().ok());
+                let orphan = match seq {
+                    Some(s) => !known.contains(&s) && freezing != Some(s),
+                    None => name.ends_with(".tmp"),
+                };
+                if orphan {
+                    let _ = fs::remove_file(ent.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Finishes a journaled freeze or prune and removes leftovers (called by `open`).
+    fn repair(&mut self) -> Result<()> {
+        match self.cat.journal.clone() {
+            Some(Journal::Freeze {
+                seq,
+                unix_ms,
+                consistency,
+            }) => {
+                tracing::warn!(vm = %self.cat.vm_uuid, seq, "finishing an interrupted freeze");
+                if self.cat.points.iter().any(|p| p.seq == seq) {
+                    self.cat.journal = None;
+                    self.save()?;
+                } else {
+                    self.finish_freeze(seq, unix_ms, consistency)?;
+                }
+            }
+            Some(Journal::Prune { seq }) => {
+                tracing::warn!(vm = %self.cat.vm_uuid, seq, "finishing an interrupted prune");
+                self.finish_prune(seq)?;
+            }
+            None => {}
+        }
+        self.remove_orphans()
+    }
+
+    // ---------------------------------------------------------------- read access, overlays
+
+    /// The top file of `point`'s chain for every disk, `(disk_id, path)`, for `qemu-img compare`
+    /// or reading. For [`PointRef::Latest`] this is the live `top.qcow2`: do not read it while a
+    /// log is being applied. The chains are verified (I5) before the paths are returned.
+    pub fn point_image_paths(&self, point: PointRef) -> Result<Vec<(String, PathBuf)>> {
+        let layers = self.chain_layers(point)?;
+        let top = layers.last().cloned().unwrap_or_default();
+        let mut out = Vec::new();
+        for d in &self.cat.disks {
+            let ddir = self.disk_dir(&d.id);
+            drop(chain::open_chain(&ddir, &layers, false, d.size_bytes)?);
+            out.push((d.id.clone(), ddir.join(&top)));
+        }
+        Ok(out)
+    }
+
+    /// The NVRAM of a point, if the VM has one.
+    pub fn point_nvram_path(&self, point: PointRef) -> Result<Option<PathBuf>> {
+        let p = match point {
+            PointRef::Latest => self.nvram_dir().join(NVRAM_LATEST),
+            PointRef::Frozen(seq) => {
+                let e = &self.cat.points[self.point_index(seq)?];
+                if !e.has_nvram {
+                    return Ok(None);
+                }
+                self.nvram_dir().join(rp_nvram(seq))
+            }
+        };
+        Ok(p.exists().then_some(p))
+    }
+
+    /// Creates a throwaway overlay per disk in `dest_dir` (`<disk_id>.qcow2`, backed by the point's
+    /// layer by absolute path, `-F qcow2`) and a copy of the point's NVRAM (`nvram.fd`).
+    ///
+    /// [`PointRef::Latest`] is first frozen as a point if anything was applied since the newest
+    /// frozen point, so an overlay's backing never changes under it. The returned [`Overlay`]
+    /// holds a [`PointLock`]; keep it while the overlay is in use, and delete the overlay files
+    /// afterwards.
+    pub fn overlay_for(&mut self, point: PointRef, dest_dir: &Path) -> Result<Overlay> {
+        let seq = self.frozen_for(point)?;
+        let lock = self.lock_point(seq)?;
+        let rp = self.resolve(PointRef::Frozen(seq))?;
+        fs::create_dir_all(dest_dir).map_err(|e| StoreError::io("create", dest_dir, e))?;
+        let images = self.point_image_paths(PointRef::Frozen(seq))?;
+        for (id, _) in &images {
+            let dest = dest_dir.join(format!("{id}.qcow2"));
+            if dest.exists() {
+                return Err(StoreError::DestinationExists { path: dest });
+            }
+        }
+        let mut disks = Vec::new();
+        for (id, backing) in images {
+            let size = self.disk_size(&id)?;
+            let dest = dest_dir.join(format!("{id}.qcow2"));
+            let backing = fs::canonicalize(&backing)
+                .map_err(|e| StoreError::io("resolve the absolute path of", &backing, e))?;
+            qemu_img::run(
+                None,
+                [
+                    "create".as_ref(),
+                    "-q".as_ref(),
+                    "-f".as_ref(),
+                    "qcow2".as_ref(),
+                    "-o".as_ref(),
+                    "compat=1.1".as_ref(),
+                    "-b".as_ref(),
+                    backing.as_os_str(),
+                    "-F".as_ref(),
+                    "qcow2".as_ref(),
+                    dest.as_os_str(),
+                    size.to_string().as_ref(),
+                ]
+                .map(std::ffi::OsStr::to_os_string),
+            )?;
+            disks.push((id, dest));
+        }
+        let nvram = match self.point_nvram_path(PointRef::Frozen(seq))? {
+            Some(src) => {
+                let dest = dest_dir.join("nvram.fd");
+                copy_durable(&src, &dest)?;
+                Some(dest)
+            }
+            None => None,
+        };
+        tracing::info!(vm = %self.cat.vm_uuid, seq, dest = %dest_dir.display(), "overlay created");
+        Ok(Overlay {
+            point: rp,
+            disks,
+            nvram,
+            lock,
+        })
+    }
+
+    /// The frozen point to use for `point`, freezing the latest state if needed.
+    fn frozen_for(&mut self, point: PointRef) -> Result<u64> {
+        match point {
+            PointRef::Frozen(seq) => {
+                self.point_index(seq)?;
+                Ok(seq)
+            }
+            PointRef::Latest => {
+                let last = self.cat.last_applied;
+                if self.cat.points.last().map(|p| p.seq) == Some(last) {
+                    Ok(last)
+                } else {
+                    let unix_ms = self.cat.last_applied_unix_ms;
+                    let c = self.cat.last_applied_consistency;
+                    self.freeze_point(last, unix_ms, c)?;
+                    Ok(last)
+                }
+            }
+        }
+    }
+
+    /// Writes standalone qcow2 images (no backing file) of `point` into `dest_dir`
+    /// (`<disk_id>.qcow2`, `qemu-img convert` of the verified chain) plus `nvram.fd`.
+    pub fn flatten_point(&self, point: PointRef, dest_dir: &Path) -> Result<Flattened> {
+        let rp = self.resolve(point)?;
+        fs::create_dir_all(dest_dir).map_err(|e| StoreError::io("create", dest_dir, e))?;
+        let images = self.point_image_paths(point)?;
+        let mut disks = Vec::new();
+        for (id, src) in images {
+            let dest = dest_dir.join(format!("{id}.qcow2"));
+            if dest.exists() {
+                return Err(StoreError::DestinationExists { path: dest });
+            }
+            qemu_img::run(
+                None,
+                [
+                    "convert".as_ref(),
+                    "-f".as_ref(),
+                    "qcow2".as_ref(),
+                    "-O".as_ref(),
+                    "qcow2".as_ref(),
+                    "-o".as_ref(),
+                    "compat=1.1".as_ref(),
+                    src.as_os_str(),
+                    dest.as_os_str(),
+                ]
+                .map(std::ffi::OsStr::to_os_string),
+            )?;
+            disks.push((id, dest));
+        }
+        let nvram = match self.point_nvram_path(point)? {
+            Some(src) => {
+                let dest = dest_dir.join("nvram.fd");
+                copy_durable(&src, &dest)?;
+                Some(dest)
+            }
+            None => None,
+        };
+        Ok(Flattened {
+            point: rp,
+            disks,
+            nvram,
+        })
+    }
+}
+
+/// Applying one log into the top layer. Dropping it without [`ApplyTxn::commit`] is an abort:
+/// the writes made so far stay in the top layer but the log is not recorded as applied, so the
+/// same log must be applied again (its writes are the same, so the result is right).
+pub struct ApplyTxn<'a> {
+    vm: &'a mut ReplicaVm,
+    seq: u64,
+    open: BTreeMap<String, SyncFormatAccess<File>>,
+    nvram: Option<Vec<u8>>,
+    bytes: u64,
+}
+
+impl ApplyTxn<'_> {
+    /// The log sequence being applied.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    fn check(&self, disk: &str, offset: u64, len: u64) -> Result<u64> {
+        validate_disk_id(disk)?;
+        let size = self.vm.disk_size(disk)?;
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(size),
+            _ => Err(StoreError::OutOfBounds {
+                disk: disk.to_string(),
+                offset,
+                len,
+                size,
+            }),
+        }
+    }
+
+    fn access(&mut self, disk: &str) -> Result<&SyncFormatAccess<File>> {
+        if !self.open.contains_key(disk) {
+            let size = self.vm.disk_size(disk)?;
+            let layers = self.vm.chain_layers(PointRef::Latest)?;
+            let acc = chain::open_chain(&self.vm.disk_dir(disk), &layers, true, size)?;
+            self.open.insert(disk.to_string(), acc);
+        }
+        Ok(&self.open[disk])
+    }
+
+    fn map_write_err(&self, disk: &str, needed: u64, e: std::io::Error) -> StoreError {
+        let path = self.vm.disk_dir(disk).join(TOP);
+        if fsutil::is_no_space(&e) {
+            StoreError::DiskFull {
+                free: fsutil::free_bytes(&path).unwrap_or(0),
+                path,
+                needed,
+            }
+        } else {
+            StoreError::Image {
+                action: "write",
+                path,
+                source: e,
+            }
+        }
+    }
+
+    /// Writes `data` at `offset` of disk `disk` (bounds-checked before anything is written).
+    pub fn write(&mut self, disk: &str, offset: u64, data: &[u8]) -> Result<()> {
+        let len = data.len() as u64;
+        self.check(disk, offset, len)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let r = self.access(disk)?.write(data, offset);
+        r.map_err(|e| self.map_write_err(disk, len, e))?;
+        self.bytes += len;
+        Ok(())
+    }
+
+    /// Writes an explicit zero range: the clusters become zero clusters in the top layer and
+    /// shadow any older data below them.
+    pub fn write_zeroes(&mut self, disk: &str, offset: u64, len: u64) -> Result<()> {
+        self.check(disk, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let r = self.access(disk)?.write_zeroes(offset, len);
+        r.map_err(|e| self.map_write_err(disk, len, e))
+    }
+
+    /// Sets the VM's NVRAM (UEFI variable store) as of this log. Written at commit.
+    pub fn set_nvram(&mut self, bytes: &[u8]) {
+        self.nvram = Some(bytes.to_vec());
+    }
+
+    /// Makes the log durable as applied: flush and fsync every written layer, write the NVRAM,
+    /// then record `seq` atomically in `state.json`, and drop the spooled log file.
+    pub fn commit(mut self, point_unix_ms: i64, consistency: Consistency) -> Result<()> {
+        for (disk, acc) in std::mem::take(&mut self.open) {
+            let path = self.vm.disk_dir(&disk).join(TOP);
+            acc.flush()
+                .and_then(|()| acc.sync())
+                .map_err(|e| fsutil::write_error(&path, 0, e))?;
+        }
+        if let Some(nv) = self.nvram.take() {
+            let p = self.vm.nvram_dir().join(NVRAM_LATEST);
+            fsutil::write_atomic(&p, &nv)?;
+        }
+        let seq = self.seq;
+        let vm = &mut *self.vm;
+        vm.cat.last_applied = seq;
+        vm.cat.last_applied_unix_ms = point_unix_ms;
+        vm.cat.last_applied_consistency = consistency;
+        if let Err(e) = vm.save() {
+            // Keep memory equal to disk: reload what is durable.
+            if let Ok(c) = Catalog::load(&vm.state_path()) {
+                vm.cat = c;
+            }
+            return Err(e);
+        }
+        let _ = fs::remove_file(vm.store_log_path(seq));
+        tracing::info!(vm = %vm.cat.vm_uuid, seq, bytes = self.bytes, "log applied");
+        Ok(())
+    }
+
+    /// Abandons the log: nothing is recorded. Writes already made stay in the top layer (the
+    /// in-progress layer) and are overwritten when the same log is applied again.
+    pub fn abort(self) {
+        tracing::warn!(vm = %self.vm.cat.vm_uuid, seq = self.seq, "apply aborted; the log must be applied again");
+        drop(self);
+    }
+}
