@@ -1,0 +1,695 @@
+//! QMP client (QEMU and qemu-storage-daemon monitors) and a small guest-agent client.
+//!
+//! QMP framing: one JSON object per line in each direction. The server greets with
+//! `{"QMP":...}`; the client must send `qmp_capabilities` before anything else. Every
+//! command this client sends carries an `id`, so any number of tasks can call
+//! [`QmpClient::execute`] at once; a reader task routes replies by id and events to a
+//! broadcast channel. When QEMU exits the socket closes: pending calls fail with
+//! [`QmpError::Closed`] and [`QmpClient::closed`] resolves.
+//!
+//! A QMP socket (`server=on`) serves one client at a time: a second client waits until
+//! the first disconnects. Drop the old client before reattaching.
+
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{broadcast, oneshot, watch};
+
+/// Default time a QMP command may take before [`QmpError::Timeout`].
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// QMP and QGA failures.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum QmpError {
+    #[error("could not connect to the QMP socket {path} within {secs} s (last error: {last}); check that QEMU is running and that no other client holds the monitor")]
+    ConnectTimeout {
+        path: PathBuf,
+        secs: u64,
+        last: String,
+    },
+    #[error("the monitor at {path} did not behave like QMP: {detail}")]
+    Handshake { path: PathBuf, detail: String },
+    #[error("QMP command {cmd} failed: {class}: {desc}")]
+    Command {
+        cmd: String,
+        /// QEMU's error class, e.g. `GenericError`, `DeviceNotFound`.
+        class: String,
+        desc: String,
+    },
+    #[error("the QMP connection to {path} closed (QEMU exited or another client took over) while running {cmd}")]
+    Closed { path: PathBuf, cmd: String },
+    #[error("QMP command {cmd} got no answer within {secs} s from {path}; QEMU may be stuck")]
+    Timeout {
+        path: PathBuf,
+        cmd: String,
+        secs: u64,
+    },
+    #[error("I/O error on the QMP socket {path}: {detail}")]
+    Io { path: PathBuf, detail: String },
+    #[error("no matching QMP event {what} arrived within {secs} s")]
+    EventTimeout { what: String, secs: u64 },
+    #[error("guest agent at {path} answered out of protocol: {detail}; the agent may be restarting, retry later")]
+    Agent { path: PathBuf, detail: String },
+}
+
+impl QmpError {
+    /// QEMU's error class when QEMU rejected the command.
+    pub fn class(&self) -> Option<&str> {
+        match self {
+            QmpError::Command { class, .. } => Some(class),
+            _ => None,
+        }
+    }
+}
+
+/// Timestamp QEMU attaches to an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+pub struct QmpTimestamp {
+    pub seconds: i64,
+    pub microseconds: i64,
+}
+
+/// One asynchronous QMP event, e.g. `BLOCK_JOB_COMPLETED`, `SHUTDOWN`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QmpEvent {
+    pub event: String,
+    pub data: Value,
+    pub timestamp: QmpTimestamp,
+}
+
+type Reply = Result<Value, (String, String)>;
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>;
+
+struct Inner {
+    path: PathBuf,
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Pending,
+    next_id: AtomicU64,
+    events: broadcast::Sender<QmpEvent>,
+    closed: watch::Receiver<bool>,
+    greeting: Value,
+    reader: tokio::task::JoinHandle<()>,
+    timeout: Duration,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// A connected QMP client. Cheap to clone; all clones share one connection.
+#[derive(Clone)]
+pub struct QmpClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for QmpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QmpClient")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+async fn connect_retry(path: &Path, timeout: Duration) -> Result<UnixStream, QmpError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let err = match UnixStream::connect(path).await {
+            Ok(s) => return Ok(s),
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            return Err(QmpError::ConnectTimeout {
+                path: path.to_path_buf(),
+                secs: timeout.as_secs(),
+                last: err.to_string(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> QmpError {
+    QmpError::Io {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    }
+}
+
+/// Parses one QMP reply object into its id and result.
+fn parse_reply(v: &Map<String, Value>) -> Option<Reply> {
+    if let Some(r) = v.get("return") {
+        return Some(Ok(r.clone()));
+    }
+    let e = v.get("error")?;
+    let class = e
+        .get("class")
+        .and_then(Value::as_str)
+        .unwrap_or("GenericError")
+        .to_string();
+    let desc = e
+        .get("desc")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    Some(Err((class, desc)))
+}
+
+fn parse_event(v: &Map<String, Value>) -> Option<QmpEvent> {
+    let event = v.get("event")?.as_str()?.to_string();
+    let timestamp = v
+        .get("timestamp")
+        .and_then(|t| serde_json::from_value(t.clone()).ok())
+        .unwrap_or_default();
+    Some(QmpEvent {
+        event,
+        data: v.get("data").cloned().unwrap_or(Value::Null),
+        timestamp,
+    })
+}
+
+async fn read_loop(
+    mut lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
+    pending: Pending,
+    events: broadcast::Sender<QmpEvent>,
+    closed: watch::Sender<bool>,
+    path: PathBuf,
+) {
+    loop {
+        let line = match lines.next_line().await {
+            Ok(Some(l)) => l,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(target: "vmrepl::qemu", path = %path.display(), error = %e, "QMP read failed");
+                break;
+            }
+        };
+        let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(&line) else {
+            tracing::warn!(target: "vmrepl::qemu", path = %path.display(), line = %line, "QMP sent a line that is not a JSON object");
+            continue;
+        };
+        if let Some(ev) = parse_event(&obj) {
+            tracing::debug!(target: "vmrepl::qemu", event = %ev.event, data = %ev.data, "QMP event");
+            let _ = events.send(ev);
+            continue;
+        }
+        let id = obj.get("id").and_then(Value::as_u64);
+        match (id, parse_reply(&obj)) {
+            (Some(id), Some(reply)) => {
+                let tx = pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                if let Some(tx) = tx {
+                    let _ = tx.send(reply);
+                }
+            }
+            _ => {
+                tracing::warn!(target: "vmrepl::qemu", path = %path.display(), line = %line, "QMP reply without a known id");
+            }
+        }
+    }
+    // Fail everything still waiting; dropping the senders wakes the callers.
+    pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    let _ = closed.send(true);
+}
+
+impl QmpClient {
+    /// Connects to the QMP socket at `path` (retrying until `timeout`, as QEMU may still be
+    /// creating it), reads the greeting and negotiates capabilities.
+    pub async fn connect(path: &Path, timeout: Duration) -> Result<QmpClient, QmpError> {
+        let start = Instant::now();
+        let stream = connect_retry(path, timeout).await?;
+        let (rd, wr) = stream.into_split();
+        let mut lines = BufReader::new(rd).lines();
+        let remaining = timeout
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_secs(1));
+        let greeting =
+            match tokio::time::timeout(remaining, lines.next_line()).await {
+                Err(_) => return Err(QmpError::ConnectTimeout {
+                    path: path.to_path_buf(),
+                    secs: timeout.as_secs(),
+                    last:
+                        "connected but got no greeting: another client probably holds the monitor"
+                            .into(),
+                }),
+                Ok(Err(e)) => return Err(io_err(path, e)),
+                Ok(Ok(None)) => {
+                    return Err(QmpError::Handshake {
+                        path: path.to_path_buf(),
+                        detail: "the socket closed before the greeting".into(),
+                    })
+                }
+                Ok(Ok(Some(l))) => l,
+            };
+        let greeting: Value = serde_json::from_str(&greeting).map_err(|e| QmpError::Handshake {
+            path: path.to_path_buf(),
+            detail: format!("greeting is not JSON ({e}): {greeting}"),
+        })?;
+        let Some(g) = greeting.get("QMP").cloned() else {
+            return Err(QmpError::Handshake {
+                path: path.to_path_buf(),
+                detail: format!("greeting has no \"QMP\" key: {greeting}"),
+            });
+        };
+        let pending: Pending = Arc::default();
+        let (events, _) = broadcast::channel(1024);
+        let (closed_tx, closed) = watch::channel(false);
+        let reader = tokio::spawn(read_loop(
+            lines,
+            pending.clone(),
+            events.clone(),
+            closed_tx,
+            path.to_path_buf(),
+        ));
+        let client = QmpClient {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                writer: tokio::sync::Mutex::new(wr),
+                pending,
+                next_id: AtomicU64::new(1),
+                events,
+                closed,
+                greeting: g,
+                reader,
+                timeout: DEFAULT_COMMAND_TIMEOUT,
+            }),
+        };
+        client.execute("qmp_capabilities", Value::Null).await?;
+        tracing::info!(target: "vmrepl::qemu", path = %path.display(), ms = start.elapsed().as_millis() as u64, "QMP connected");
+        Ok(client)
+    }
+
+    /// The `QMP` part of the greeting (version, capabilities).
+    pub fn greeting(&self) -> &Value {
+        &self.inner.greeting
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `cmd` with `args` (`Value::Null` for none) with the default timeout.
+    pub async fn execute(&self, cmd: &str, args: Value) -> Result<Value, QmpError> {
+        self.execute_timeout(cmd, args, self.inner.timeout).await
+    }
+
+    /// Runs `cmd` with `args`, failing with [`QmpError::Timeout`] after `timeout`.
+    pub async fn execute_timeout(
+        &self,
+        cmd: &str,
+        args: Value,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
+        let inner = &self.inner;
+        let closed = |cmd: &str| QmpError::Closed {
+            path: inner.path.clone(),
+            cmd: cmd.to_string(),
+        };
+        if *inner.closed.borrow() {
+            return Err(closed(cmd));
+        }
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut msg = json!({ "execute": cmd, "id": id });
+        if !args.is_null() {
+            msg["arguments"] = args;
+        }
+        let mut line = msg.to_string();
+        line.push('\n');
+        let (tx, rx) = oneshot::channel();
+        inner
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        let start = Instant::now();
+        {
+            let mut w = inner.writer.lock().await;
+            if let Err(e) = w.write_all(line.as_bytes()).await {
+                inner
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                return Err(if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    closed(cmd)
+                } else {
+                    io_err(&inner.path, e)
+                });
+            }
+        }
+        let res = tokio::time::timeout(timeout, rx).await;
+        let ms = start.elapsed().as_millis() as u64;
+        let out = match res {
+            Err(_) => {
+                inner
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                Err(QmpError::Timeout {
+                    path: inner.path.clone(),
+                    cmd: cmd.to_string(),
+                    secs: timeout.as_secs(),
+                })
+            }
+            Ok(Err(_)) => Err(closed(cmd)),
+            Ok(Ok(Ok(v))) => Ok(v),
+            Ok(Ok(Err((class, desc)))) => Err(QmpError::Command {
+                cmd: cmd.to_string(),
+                class,
+                desc,
+            }),
+        };
+        match &out {
+            Ok(_) => tracing::info!(target: "vmrepl::qemu", cmd, ms, "QMP command done"),
+            Err(e) => {
+                tracing::info!(target: "vmrepl::qemu", cmd, ms, error = %e, "QMP command failed")
+            }
+        }
+        out
+    }
+
+    /// A new receiver of events. Subscribe *before* sending the command whose events you
+    /// wait for, or an early event can be missed.
+    pub fn subscribe(&self) -> broadcast::Receiver<QmpEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Whether the connection has closed (QEMU exited).
+    pub fn is_closed(&self) -> bool {
+        *self.inner.closed.borrow()
+    }
+
+    /// Resolves when the connection closes.
+    pub async fn closed(&self) {
+        let mut rx = self.inner.closed.clone();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Waits for the first event on `rx` that satisfies `pred`, until `deadline`. Fails
+    /// with [`QmpError::Closed`] if the connection closes first.
+    pub async fn wait_event<F>(
+        &self,
+        rx: &mut broadcast::Receiver<QmpEvent>,
+        mut pred: F,
+        deadline: Instant,
+    ) -> Result<QmpEvent, QmpError>
+    where
+        F: FnMut(&QmpEvent) -> bool,
+    {
+        let start = Instant::now();
+        let sleep = tokio::time::sleep_until(deadline.into());
+        tokio::pin!(sleep);
+        let closed_err = || QmpError::Closed {
+            path: self.inner.path.clone(),
+            cmd: "(waiting for an event)".into(),
+        };
+        loop {
+            tokio::select! {
+                biased;
+                r = rx.recv() => match r {
+                    Ok(ev) if pred(&ev) => return Ok(ev),
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(target: "vmrepl::qemu", skipped = n, "QMP event receiver lagged");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return Err(closed_err()),
+                },
+                _ = self.closed() => {
+                    // Events that arrived just before the close are still in the channel.
+                    loop {
+                        match rx.try_recv() {
+                            Ok(ev) if pred(&ev) => return Ok(ev),
+                            Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                            Err(_) => return Err(closed_err()),
+                        }
+                    }
+                }
+                _ = &mut sleep => {
+                    let ms = start.elapsed().as_millis() as u64;
+                    tracing::info!(target: "vmrepl::qemu", ms, "QMP event wait timed out");
+                    return Err(QmpError::EventTimeout {
+                        what: "(matching the caller's predicate)".into(),
+                        secs: ms / 1000,
+                    });
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Guest agent
+// ---------------------------------------------------------------------------------------------
+
+/// Default time a guest-agent command may take. Windows VSS freezes and agents that just
+/// started can be slow, so this is long.
+pub const QGA_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Client of the QEMU guest agent over the host-side virtio-serial socket.
+///
+/// The channel is a byte stream with no ids and may hold stale replies from an earlier
+/// client, so every use starts with `guest-sync-delimited`: the agent answers with a 0xFF
+/// byte and then the reply, and everything before the 0xFF is dropped. Commands run one at a
+/// time.
+pub struct Qga {
+    path: PathBuf,
+    conn: tokio::sync::Mutex<(BufReader<OwnedReadHalf>, OwnedWriteHalf)>,
+    timeout: Duration,
+    sync_id: AtomicU64,
+}
+
+/// Drops bytes up to and including the first 0xFF; returns what follows, or None.
+pub fn after_sentinel(buf: &[u8]) -> Option<&[u8]> {
+    buf.iter().position(|b| *b == 0xFF).map(|i| &buf[i + 1..])
+}
+
+impl Qga {
+    /// Connects to the agent socket (the QEMU side; this succeeds even when no agent runs
+    /// in the guest) and synchronises. `timeout` applies to each command.
+    pub async fn connect(path: &Path, timeout: Duration) -> Result<Qga, QmpError> {
+        let stream = connect_retry(path, Duration::from_secs(5)).await?;
+        let (rd, wr) = stream.into_split();
+        let qga = Qga {
+            path: path.to_path_buf(),
+            conn: tokio::sync::Mutex::new((BufReader::new(rd), wr)),
+            timeout,
+            sync_id: AtomicU64::new(std::process::id() as u64 * 1000),
+        };
+        qga.sync().await?;
+        Ok(qga)
+    }
+
+    /// Resynchronises the stream with `guest-sync-delimited`.
+    pub async fn sync(&self) -> Result<(), QmpError> {
+        let id = self.sync_id.fetch_add(1, Ordering::Relaxed);
+        let start = Instant::now();
+        let mut conn = self.conn.lock().await;
+        let (rd, wr) = &mut *conn;
+        let msg = format!(
+            "{}\n",
+            json!({"execute":"guest-sync-delimited","arguments":{"id":id}})
+        );
+        let fut = async {
+            // A leading 0xFF makes the agent drop any partial input.
+            wr.write_all(&[0xFF]).await?;
+            wr.write_all(msg.as_bytes()).await?;
+            loop {
+                let mut junk = Vec::new();
+                rd.read_until(0xFF, &mut junk).await?;
+                if junk.last() != Some(&0xFF) {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "agent channel closed",
+                    ));
+                }
+                let mut line = String::new();
+                rd.read_line(&mut line).await?;
+                let v: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
+                if v.get("return").and_then(Value::as_u64) == Some(id) {
+                    return Ok(());
+                }
+            }
+        };
+        let res = tokio::time::timeout(self.timeout, fut).await;
+        let ms = start.elapsed().as_millis() as u64;
+        tracing::info!(target: "vmrepl::qemu", cmd = "guest-sync-delimited", ms, ok = matches!(res, Ok(Ok(()))), "QGA command");
+        match res {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(io_err(&self.path, e)),
+            Err(_) => Err(QmpError::Timeout {
+                path: self.path.clone(),
+                cmd: "guest-sync-delimited (is the guest agent installed and running?)".into(),
+                secs: self.timeout.as_secs(),
+            }),
+        }
+    }
+
+    /// Runs one agent command.
+    pub async fn execute(&self, cmd: &str, args: Value) -> Result<Value, QmpError> {
+        let start = Instant::now();
+        let mut msg = json!({ "execute": cmd });
+        if !args.is_null() {
+            msg["arguments"] = args;
+        }
+        let line = format!("{msg}\n");
+        let mut conn = self.conn.lock().await;
+        let (rd, wr) = &mut *conn;
+        let fut = async {
+            wr.write_all(line.as_bytes()).await?;
+            let mut reply = String::new();
+            loop {
+                reply.clear();
+                if rd.read_line(&mut reply).await? == 0 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "agent channel closed",
+                    ));
+                }
+                let t = reply.trim_matches(|c: char| c.is_whitespace() || c == '\u{FF}');
+                if !t.is_empty() {
+                    return Ok(t.to_string());
+                }
+            }
+        };
+        let res = tokio::time::timeout(self.timeout, fut).await;
+        let ms = start.elapsed().as_millis() as u64;
+        tracing::info!(target: "vmrepl::qemu", cmd, ms, "QGA command");
+        let reply = match res {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(io_err(&self.path, e)),
+            Err(_) => {
+                return Err(QmpError::Timeout {
+                    path: self.path.clone(),
+                    cmd: cmd.to_string(),
+                    secs: self.timeout.as_secs(),
+                })
+            }
+        };
+        let obj = match serde_json::from_str::<Value>(&reply) {
+            Ok(Value::Object(o)) => o,
+            _ => {
+                return Err(QmpError::Agent {
+                    path: self.path.clone(),
+                    detail: format!("reply to {cmd} is not a JSON object: {reply}"),
+                })
+            }
+        };
+        match parse_reply(&obj) {
+            Some(Ok(v)) => Ok(v),
+            Some(Err((class, desc))) => Err(QmpError::Command {
+                cmd: cmd.to_string(),
+                class,
+                desc,
+            }),
+            None => Err(QmpError::Agent {
+                path: self.path.clone(),
+                detail: format!("reply to {cmd} has neither return nor error: {reply}"),
+            }),
+        }
+    }
+
+    /// `guest-ping`.
+    pub async fn ping(&self) -> Result<(), QmpError> {
+        self.execute("guest-ping", Value::Null).await.map(|_| ())
+    }
+
+    /// `guest-fsfreeze-freeze`: the number of filesystems frozen. Always pair with
+    /// [`Qga::fsfreeze_thaw`], also on error.
+    pub async fn fsfreeze_freeze(&self) -> Result<u64, QmpError> {
+        let v = self.execute("guest-fsfreeze-freeze", Value::Null).await?;
+        Ok(v.as_u64().unwrap_or(0))
+    }
+
+    /// `guest-fsfreeze-thaw`: the number of filesystems thawed.
+    pub async fn fsfreeze_thaw(&self) -> Result<u64, QmpError> {
+        let v = self.execute("guest-fsfreeze-thaw", Value::Null).await?;
+        Ok(v.as_u64().unwrap_or(0))
+    }
+
+    /// `guest-fsfreeze-status`: `"thawed"` or `"frozen"`.
+    pub async fn fsfreeze_status(&self) -> Result<String, QmpError> {
+        let v = self.execute("guest-fsfreeze-status", Value::Null).await?;
+        Ok(v.as_str().unwrap_or_default().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    #[test]
+    fn sentinel_drops_stale_bytes() {
+        assert_eq!(
+            after_sentinel(b"junk\xff{\"a\":1}"),
+            Some(&b"{\"a\":1}"[..])
+        );
+        assert_eq!(after_sentinel(b"junk"), None);
+    }
+
+    #[test]
+    fn replies_and_events_parse() {
+        let v: Value =
+            serde_json::from_str(r#"{"error":{"class":"DeviceNotFound","desc":"no"},"id":3}"#)
+                .unwrap();
+        assert_eq!(
+            parse_reply(v.as_object().unwrap()),
+            Some(Err(("DeviceNotFound".into(), "no".into())))
+        );
+        let v: Value =
+            serde_json::from_str(r#"{"timestamp":{"seconds":5,"microseconds":7},"event":"STOP"}"#)
+                .unwrap();
+        let ev = parse_event(v.as_object().unwrap()).unwrap();
+        assert_eq!(ev.event, "STOP");
+        assert_eq!(ev.timestamp.seconds, 5);
+    }
+
+    /// A fake agent: answers the sync after some stale bytes, then a ping and a freeze.
+    #[tokio::test]
+    async fn qga_syncs_past_stale_bytes_and_runs_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qga.sock");
+        let l = UnixListener::bind(&sock).unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let (rd, mut wr) = s.into_split();
+            let mut rd = BufReader::new(rd);
+            let mut buf = Vec::new();
+            // 0xFF reset byte, then the sync line.
+            rd.read_until(b'\n', &mut buf).await.unwrap();
+            let line = after_sentinel(&buf).unwrap();
+            let v: Value = serde_json::from_slice(line).unwrap();
+            let id = v["arguments"]["id"].as_u64().unwrap();
+            wr.write_all(b"{\"return\": 42}\n\xff").await.unwrap();
+            wr.write_all(format!("{{\"return\": {id}}}\n").as_bytes())
+                .await
+                .unwrap();
+            for reply in [
+                "{\"return\": {}}\n",
+                "{\"return\": 2}\n",
+                "{\"error\":{\"class\":\"GenericError\",\"desc\":\"frozen\"}}\n",
+            ] {
+                let mut l = String::new();
+                rd.read_line(&mut l).await.unwrap();
+                wr.write_all(reply.as_bytes()).await.unwrap();
+            }
+        });
+        let qga = Qga::connect(&sock, Duration::from_secs(5)).await.unwrap();
+        qga.ping().await.unwrap();
+        assert_eq!(qga.fsfreeze_freeze().await.unwrap(), 2);
+        let e = qga.fsfreeze_thaw().await.unwrap_err();
+        assert_eq!(e.class(), Some("GenericError"));
+        server.await.unwrap();
+    }
+}

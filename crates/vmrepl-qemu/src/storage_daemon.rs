@@ -1,0 +1,148 @@
+//! `qemu-storage-daemon` over a stopped VM's disks.
+//!
+//! Node names are the ones a running VM uses (`<id>-file` / `<id>`), so the replication
+//! cycle's QMP transaction is the same online and offline. Quit with [`StorageDaemon::quit`]:
+//! only a clean exit persists new dirty bitmaps. Dropping the handle without quitting sends
+//! SIGTERM, which qemu-storage-daemon also treats as a clean exit.
+
+use crate::process::{self, ProcessError};
+use crate::qmp::{QmpClient, QmpError};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Failures of the storage daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageDaemonError {
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error("disk id {0:?} is not a usable QEMU node name; use a letter followed by letters, digits, '-' or '_'")]
+    BadId(String),
+    #[error("qemu-storage-daemon (pid {pid}) did not exit within {secs} s of quit; it was killed and bitmaps created in this run are lost")]
+    QuitTimeout { pid: i32, secs: u64 },
+}
+
+/// One disk to open.
+#[derive(Debug, Clone)]
+pub struct SdDisk {
+    pub id: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// A running qemu-storage-daemon.
+#[derive(Debug)]
+pub struct StorageDaemon {
+    pid: i32,
+    qmp: QmpClient,
+    exit: watch::Receiver<Option<String>>,
+    quit_done: bool,
+}
+
+/// Argv for qemu-storage-daemon (pure).
+pub fn build_argv(
+    disks: &[SdDisk],
+    qmp_sock: &Path,
+    pidfile: Option<&Path>,
+) -> Result<Vec<String>, StorageDaemonError> {
+    let mut a = Vec::new();
+    for d in disks {
+        if !crate::cmdline::valid_node_id(&d.id) {
+            return Err(StorageDaemonError::BadId(d.id.clone()));
+        }
+        let mut file = json!({"driver":"file","filename":d.path.to_string_lossy(),"node-name":format!("{}-file", d.id)});
+        let mut fmt = json!({"driver":"qcow2","file":format!("{}-file", d.id),"node-name":d.id});
+        if d.read_only {
+            file["read-only"] = Value::Bool(true);
+            fmt["read-only"] = Value::Bool(true);
+        }
+        a.extend([
+            "--blockdev".to_string(),
+            file.to_string(),
+            "--blockdev".to_string(),
+            fmt.to_string(),
+        ]);
+    }
+    a.extend([
+        "--chardev".to_string(),
+        format!(
+            "socket,path={},server=on,wait=off,id=m",
+            crate::cmdline::escape_opt(&qmp_sock.to_string_lossy())
+        ),
+        "--monitor".to_string(),
+        "chardev=m".to_string(),
+    ]);
+    if let Some(p) = pidfile {
+        a.extend(["--pidfile".to_string(), p.to_string_lossy().into_owned()]);
+    }
+    Ok(a)
+}
+
+impl StorageDaemon {
+    /// Starts qemu-storage-daemon on `disks` with its QMP monitor at `qmp_sock`; its stderr
+    /// goes to `stderr_log`.
+    pub async fn start(
+        binary: &Path,
+        disks: &[SdDisk],
+        qmp_sock: &Path,
+        stderr_log: &Path,
+        timeout: Duration,
+    ) -> Result<StorageDaemon, StorageDaemonError> {
+        let argv = build_argv(disks, qmp_sock, None)?;
+        let _ = std::fs::remove_file(qmp_sock);
+        let (pid, mut exit) = process::spawn_child(binary, &argv, stderr_log, false)?;
+        match process::connect_spawned(pid, &mut exit, qmp_sock, stderr_log, timeout).await {
+            Ok(qmp) => Ok(StorageDaemon {
+                pid,
+                qmp,
+                exit,
+                quit_done: false,
+            }),
+            Err(e) => {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                Err(e.into())
+            }
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn qmp(&self) -> &QmpClient {
+        &self.qmp
+    }
+
+    /// `quit` and wait for the exit; bitmaps are persisted on the way out.
+    pub async fn quit(mut self, timeout: Duration) -> Result<(), StorageDaemonError> {
+        match self.qmp.execute("quit", Value::Null).await {
+            Ok(_) | Err(QmpError::Closed { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut exit = self.exit.clone();
+        let r = tokio::time::timeout(timeout, exit.wait_for(|s| s.is_some())).await;
+        self.quit_done = true;
+        if r.is_err() {
+            let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
+            return Err(StorageDaemonError::QuitTimeout {
+                pid: self.pid,
+                secs: timeout.as_secs(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for StorageDaemon {
+    fn drop(&mut self) {
+        if !self.quit_done && self.exit.borrow().is_none() {
+            tracing::warn!(target: "vmrepl::qemu", pid = self.pid, "storage daemon dropped without quit; sending SIGTERM");
+            let _ = kill(Pid::from_raw(self.pid), Signal::SIGTERM);
+        }
+    }
+}
