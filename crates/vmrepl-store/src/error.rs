@@ -92,7 +92,9 @@ pub enum StoreError {
         expected: Option<String>,
     },
 
-    #[error("The image {layer} is not a valid replica layer ({reason}); resynchronize the replica.")]
+    #[error(
+        "The image {layer} is not a valid replica layer ({reason}); resynchronize the replica."
+    )]
     BadLayer { layer: PathBuf, reason: String },
 
     #[error("There is no frozen recovery point with sequence {seq}; the points are {known}. Pick one of them.")]
@@ -104,12 +106,18 @@ pub enum StoreError {
     #[error("Sequence {seq} is already frozen as a recovery point; nothing to do.")]
     AlreadyFrozen { seq: u64 },
 
-    #[error("The destination {path} already exists; pick a new path or remove the old file first.")]
+    #[error(
+        "The destination {path} already exists; pick a new path or remove the old file first."
+    )]
     DestinationExists { path: PathBuf },
 }
 
 impl StoreError {
-    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
         StoreError::Io {
             action,
             path: path.into(),

@@ -19,8 +19,10 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
             .truncate(true)
             .open(&tmp)
             .map_err(|e| StoreError::io("create", &tmp, e))?;
-        f.write_all(bytes).map_err(|e| write_error(&tmp, bytes.len() as u64, e))?;
-        f.sync_all().map_err(|e| write_error(&tmp, bytes.len() as u64, e))?;
+        f.write_all(bytes)
+            .map_err(|e| write_error(&tmp, bytes.len() as u64, e))?;
+        f.sync_all()
+            .map_err(|e| write_error(&tmp, bytes.len() as u64, e))?;
     }
     fs::rename(&tmp, path).map_err(|e| StoreError::io("rename into place", path, e))?;
     sync_dir(dir)

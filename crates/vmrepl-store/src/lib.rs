@@ -75,7 +75,8 @@
 //! | some locked point `L >= p` (p is at or below a lock) | no | base/lower layers of `L` would change |
 //! | every locked point `L < p` | yes | `qemu-img rebase` (safe) of the layer above onto the layer below `p` |
 //!
-//! Prune takes the oldest point that is allowed, repeatedly; what could not go is reported in
+//! Prune only ever removes the oldest `len - keep` points (the newest `keep` always stay); those it
+//! must skip because of a lock are reported in
 //! [`PruneReport::blocked_by_lock`]. Locks live in memory only: after a restart the engine re-locks
 //! the points of test failovers still running.
 //!

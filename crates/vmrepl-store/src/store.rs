@@ -107,7 +107,8 @@ pub enum Begin<'a> {
 pub struct PruneReport {
     /// Points removed, in order.
     pub merged: Vec<u64>,
-    /// Frozen points still above `keep` that could not go because of locks.
+    /// Points that should have gone (among the oldest beyond `keep`) but are at or below a
+    /// locked point; they stay until the lock is released and `prune` runs again.
     pub blocked_by_lock: Vec<u64>,
 }
 
@@ -214,7 +215,16 @@ impl ReplicaStore {
             let size_s = size.to_string();
             qemu_img::run(
                 Some(&ddir),
-                ["create", "-q", "-f", "qcow2", "-o", "compat=1.1", BASE, &size_s],
+                [
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    "compat=1.1",
+                    BASE,
+                    &size_s,
+                ],
             )?;
             create_top(&ddir, BASE, *size)?;
             set_readonly(&ddir.join(BASE), true)?;
@@ -292,7 +302,17 @@ fn create_top(ddir: &Path, backing: &str, size: u64) -> Result<()> {
     qemu_img::run(
         Some(ddir),
         [
-            "create", "-q", "-f", "qcow2", "-o", "compat=1.1", "-b", backing, "-F", "qcow2", &tmp,
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=1.1",
+            "-b",
+            backing,
+            "-F",
+            "qcow2",
+            &tmp,
             &size_s,
         ],
     )?;
@@ -495,7 +515,9 @@ impl ReplicaVm {
             if num.len() != 20 || !num.bytes().all(|b| b.is_ascii_digit()) {
                 continue;
             }
-            let Ok(seq) = num.parse::<u64>() else { continue };
+            let Ok(seq) = num.parse::<u64>() else {
+                continue;
+            };
             if seq > self.cat.last_applied {
                 out.push((seq, ent.path()));
             }
@@ -656,7 +678,8 @@ impl ReplicaVm {
             let top = ddir.join(TOP);
             let rp = ddir.join(&layer);
             if !rp.exists() {
-                fs::rename(&top, &rp).map_err(|e| StoreError::io("rename the top layer to", &rp, e))?;
+                fs::rename(&top, &rp)
+                    .map_err(|e| StoreError::io("rename the top layer to", &rp, e))?;
                 fsutil::sync_dir(&ddir)?;
             }
             if !top.exists() {
@@ -696,32 +719,27 @@ impl ReplicaVm {
         t.keys().next_back().copied()
     }
 
-    /// Removes frozen points until at most `keep` remain, oldest first. A point can go only if
-    /// every locked point is older than it; the oldest point is merged into `base.qcow2`
+    /// Removes the oldest frozen points so that at most `keep` remain, skipping those at or below
+    /// a locked point (the newest `keep` points are never removed in their place). A point can go
+    /// only if every locked point is older than it; the oldest point is merged into `base.qcow2`
     /// (`qemu-img commit` + `rebase -u` of the layer above), a newer one is folded into the layer
     /// above it (`qemu-img rebase` in safe mode onto the layer below). No point that remains
     /// changes content.
     pub fn prune(&mut self, keep: usize) -> Result<PruneReport> {
         let mut report = PruneReport::default();
-        while self.cat.points.len() > keep {
-            let floor = self.max_locked();
-            let cand = self
-                .cat
-                .points
-                .iter()
-                .find(|p| floor.is_none_or(|f| p.seq > f))
-                .map(|p| p.seq);
-            let Some(seq) = cand else {
-                break;
-            };
+        let excess = self.cat.points.len().saturating_sub(keep);
+        // Only the oldest `excess` points are candidates: the newest `keep` always stay, even
+        // when an older point cannot go because of a lock.
+        let candidates: Vec<u64> = self.cat.points[..excess].iter().map(|p| p.seq).collect();
+        for seq in candidates {
+            if self.max_locked().is_some_and(|locked| locked >= seq) {
+                report.blocked_by_lock.push(seq);
+                continue;
+            }
             self.cat.journal = Some(Journal::Prune { seq });
             self.save()?;
             self.finish_prune(seq)?;
             report.merged.push(seq);
-        }
-        if self.cat.points.len() > keep {
-            let excess = self.cat.points.len() - keep;
-            report.blocked_by_lock = self.cat.points[..excess].iter().map(|p| p.seq).collect();
         }
         Ok(report)
     }
@@ -768,12 +786,16 @@ impl ReplicaVm {
                 set_readonly(&ddir.join(BASE), true)?;
                 qemu_img::run(
                     Some(&ddir),
-                    ["rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", BASE, &upper],
+                    [
+                        "rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", BASE, &upper,
+                    ],
                 )?;
             } else {
                 qemu_img::run(
                     Some(&ddir),
-                    ["rebase", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &lower, &upper],
+                    [
+                        "rebase", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &lower, &upper,
+                    ],
                 )?;
             }
             fs::File::open(&upper_path)
