@@ -1173,3 +1173,129 @@ impl ApplyTxn<'_> {
         drop(self);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm_with_data(root: &Path) -> ReplicaVm {
+        let mut vm = ReplicaStore::create(
+            root,
+            Uuid::new_v4(),
+            &serde_json::json!({}),
+            &[("a", 4 << 20), ("b", 4 << 20)],
+        )
+        .unwrap();
+        for seq in 1..=2u64 {
+            let Begin::Apply(mut t) = vm.begin_apply(seq, seq - 1).unwrap() else {
+                panic!()
+            };
+            t.write("a", seq * 65536, &[seq as u8; 70000]).unwrap();
+            t.write_zeroes("b", 0, 65536 * seq).unwrap();
+            t.write("b", 1 << 20, &[seq as u8 + 7; 4096]).unwrap();
+            t.commit(seq as i64, Consistency::Crash).unwrap();
+            vm.freeze_point(seq, seq as i64, Consistency::Crash)
+                .unwrap();
+        }
+        let Begin::Apply(mut t) = vm.begin_apply(3, 2).unwrap() else {
+            panic!()
+        };
+        t.write("a", 0, &[3; 512]).unwrap();
+        t.commit(3, Consistency::Crash).unwrap();
+        vm
+    }
+
+    fn same(a: &Path, b: &Path) -> bool {
+        let args = [
+            "compare".as_ref(),
+            "-q".as_ref(),
+            a.as_os_str(),
+            b.as_os_str(),
+        ];
+        qemu_img::run(None, args.map(std::ffi::OsStr::to_os_string)).is_ok()
+    }
+
+    #[test]
+    fn interrupted_freeze_is_rolled_forward_at_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut vm = vm_with_data(tmp.path());
+        let before = vm
+            .flatten_point(PointRef::Latest, &tmp.path().join("ref"))
+            .unwrap();
+        vm.cat.journal = Some(Journal::Freeze {
+            seq: 3,
+            unix_ms: 3,
+            consistency: Consistency::Crash,
+        });
+        vm.save().unwrap();
+        // Crash after only disk a's top was renamed.
+        let a = vm.disk_dir("a");
+        fs::rename(a.join(TOP), a.join(rp_layer(3))).unwrap();
+        let uuid = vm.vm_uuid();
+        drop(vm);
+        let vm = ReplicaStore::open(tmp.path(), uuid).unwrap();
+        assert!(vm.cat.journal.is_none());
+        assert_eq!(
+            vm.points().iter().map(|p| p.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3, 3]
+        );
+        for (d, p) in vm.point_image_paths(PointRef::Frozen(3)).unwrap() {
+            let r = &before.disks.iter().find(|(id, _)| *id == d).unwrap().1;
+            assert!(same(&p, r), "disk {d}");
+        }
+    }
+
+    #[test]
+    fn interrupted_prune_is_rolled_forward_at_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut vm = vm_with_data(tmp.path());
+        let ref2 = vm
+            .flatten_point(PointRef::Frozen(2), &tmp.path().join("r2"))
+            .unwrap();
+        let refl = vm
+            .flatten_point(PointRef::Latest, &tmp.path().join("rl"))
+            .unwrap();
+        vm.cat.journal = Some(Journal::Prune { seq: 1 });
+        vm.save().unwrap();
+        // Crash after disk a was committed and rebased, before disk b and the catalog.
+        let a = vm.disk_dir("a");
+        set_readonly(&a.join(BASE), false).unwrap();
+        set_readonly(&a.join(rp_layer(2)), false).unwrap();
+        qemu_img::run(
+            Some(&a),
+            ["commit", "-q", "-d", "-f", "qcow2", "rp-1.qcow2"],
+        )
+        .unwrap();
+        qemu_img::run(
+            Some(&a),
+            [
+                "rebase",
+                "-q",
+                "-u",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                BASE,
+                "rp-2.qcow2",
+            ],
+        )
+        .unwrap();
+        let uuid = vm.vm_uuid();
+        drop(vm);
+        let vm = ReplicaStore::open(tmp.path(), uuid).unwrap();
+        assert_eq!(
+            vm.points().iter().map(|p| p.seq).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        for (point, r) in [(PointRef::Frozen(2), &ref2), (PointRef::Latest, &refl)] {
+            for (d, p) in vm.point_image_paths(point).unwrap() {
+                let want = &r.disks.iter().find(|(id, _)| *id == d).unwrap().1;
+                assert!(same(&p, want), "disk {d} of {point:?}");
+            }
+        }
+        assert!(!vm.disk_dir("a").join("rp-1.qcow2").exists());
+        assert!(!vm.disk_dir("b").join("rp-1.qcow2").exists());
+    }
+}

@@ -721,3 +721,74 @@ fn freeze_rules() {
     let rp = vm.dir().join("disks/a/rp-1.qcow2");
     assert!(std::fs::metadata(rp).unwrap().permissions().readonly());
 }
+
+/// A small tmpfs (needs root; skipped otherwise) fills up mid-log: the write reports DiskFull,
+/// nothing is recorded, and after space is freed the same log applies with the right content.
+#[test]
+fn enospc_mid_log_is_disk_full_and_the_log_reapplies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let ok = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=3m",
+            "tmpfs",
+            mnt.to_str().unwrap(),
+        ])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    let mut vm = new_vm(&mnt);
+    apply(&mut vm, 1, 0, &log1());
+    let big = vec![Ext::Data("a", MIB, pattern(0x5a, 4 * MIB as usize))];
+    // The up-front check refuses it already.
+    assert!(matches!(
+        vm.check_space(4 * MIB),
+        Err(StoreError::DiskFull { .. })
+    ));
+    {
+        let Begin::Apply(mut t) = vm.begin_apply(2, 1).unwrap() else {
+            panic!()
+        };
+        let Ext::Data(d, o, b) = &big[0] else {
+            unreachable!()
+        };
+        match t.write(d, *o, b) {
+            Err(StoreError::DiskFull { needed, free, path }) => {
+                assert!(needed > free, "{needed} {free}");
+                assert!(path.ends_with("disks/a/top.qcow2"), "{}", path.display());
+            }
+            other => panic!("expected DiskFull, got {:?}", other.err()),
+        }
+        t.abort();
+    }
+    assert_eq!(vm.last_applied(), 1);
+    let o = Command::new("mount")
+        .args(["-o", "remount,size=64m", mnt.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let uuid = vm.vm_uuid();
+    drop(vm);
+    let mut vm = ReplicaStore::open(&mnt, uuid).unwrap();
+    apply(&mut vm, 2, 1, &big);
+    let mut want = empty_bufs();
+    expect(&mut want, &log1());
+    expect(&mut want, &big);
+    assert_point(&vm, PointRef::Latest, &want, tmp.path());
+    drop(vm);
+}
