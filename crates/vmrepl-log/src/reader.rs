@@ -152,7 +152,14 @@ impl<R: Read> LogReader<R> {
             });
         }
         let header_len = u32_at(&prefix, 12);
+        let version = u16::from_le_bytes([prefix[8], prefix[9]]);
         if (header_len as usize) < MIN_HEADER_LEN || header_len > MAX_HEADER_LEN {
+            if version > FORMAT_VERSION {
+                return Err(LogError::UnsupportedVersion {
+                    found: version,
+                    supported: FORMAT_VERSION,
+                });
+            }
             return Err(LogError::InvalidHeader {
                 reason: format!(
                     "the header length field says {header_len} bytes; it must be \
@@ -179,7 +186,6 @@ impl<R: Read> LogReader<R> {
                 header_len,
             });
         }
-        let version = u16::from_le_bytes([hdr[8], hdr[9]]);
         if version == 0 || version > FORMAT_VERSION {
             return Err(LogError::UnsupportedVersion {
                 found: version,

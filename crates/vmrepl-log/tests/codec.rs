@@ -477,6 +477,15 @@ fn header_problems_are_named() {
         "{e}"
     );
 
+    // A future version with a header larger than v1 allows is still "unsupported version".
+    let mut v = bytes.clone();
+    v[8..10].copy_from_slice(&9u16.to_le_bytes());
+    v[12..16].copy_from_slice(&(1u32 << 20).to_le_bytes());
+    assert!(matches!(
+        decode(&v).unwrap_err(),
+        LogError::UnsupportedVersion { found: 9, .. }
+    ));
+
     let mut v = bytes.clone();
     v[10..12].copy_from_slice(&0x0100u16.to_le_bytes());
     reseal_header(&mut v[..hl]);
