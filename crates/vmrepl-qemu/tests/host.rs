@@ -1,0 +1,152 @@
+//! Capability probe and qemu-storage-daemon against the installed binaries.
+mod common;
+
+use common::{init_logs, KillGuard, QEMU};
+use serde_json::json;
+use std::path::Path;
+use std::time::Duration;
+use vmrepl_qemu::caps::{machine_types, probe, resolve_accel, resolve_machine_alias, ProbeOptions};
+use vmrepl_qemu::img::{CreateOpts, QemuImg};
+use vmrepl_qemu::storage_daemon::{SdDisk, StorageDaemon};
+use vmrepl_qemu::ResolvedAccel;
+use vmrepl_types::vm::FirmwareVariantId;
+use vmrepl_types::Accel;
+
+#[tokio::test]
+async fn probe_reports_machine_types_firmware_and_storage() {
+    init_logs();
+    let d = tempfile::tempdir().unwrap();
+    let mut opts = ProbeOptions::new(QEMU, vec![d.path().to_path_buf()], Accel::Tcg);
+    opts.host_name = Some("host-a".into());
+    let p = probe(&opts).await.unwrap();
+    let h = &p.info;
+    assert_eq!(h.host_name, "host-a");
+    assert!(h.qemu_version.starts_with("7.2"), "{}", h.qemu_version);
+    assert!(h.has_machine_type("pc-i440fx-7.2") && h.has_machine_type("pc-q35-7.2"));
+    assert!(
+        !h.has_machine_type("pc") && !h.has_machine_type("q35"),
+        "aliases are not machine types"
+    );
+    assert_eq!(
+        resolve_machine_alias(&p.machines, "pc").as_deref(),
+        Some("pc-i440fx-7.2")
+    );
+    assert_eq!(
+        resolve_machine_alias(&p.machines, "q35").as_deref(),
+        Some("pc-q35-7.2")
+    );
+    let ids: Vec<_> = h.firmware.iter().map(|f| f.id).collect();
+    assert_eq!(
+        ids,
+        [
+            FirmwareVariantId::Seabios,
+            FirmwareVariantId::Ovmf4m,
+            FirmwareVariantId::Ovmf4mSecureBoot
+        ]
+    );
+    assert!(!h.kvm_usable && h.kvm_reason.as_deref().unwrap().contains("tcg"));
+    assert_eq!(resolve_accel(Accel::Auto, h).unwrap(), ResolvedAccel::Tcg);
+    assert!(resolve_accel(Accel::Kvm, h)
+        .unwrap_err()
+        .to_string()
+        .contains("use --accel tcg"));
+    assert_eq!(h.storage.len(), 1);
+    assert!(h.storage[0].total_bytes >= h.storage[0].free_bytes && h.storage[0].total_bytes > 0);
+
+    // Another firmware folder (an empty one): nothing found, and the probe says so as data.
+    opts.ovmf_dir = d.path().into();
+    opts.seabios_dir = d.path().into();
+    assert!(probe(&opts).await.unwrap().info.firmware.is_empty());
+    assert!(machine_types(Path::new("/nonexistent/qemu")).await.is_err());
+}
+
+#[tokio::test]
+async fn kvm_probe_gives_a_verdict_within_its_timeout() {
+    init_logs();
+    // Whatever this host's KVM does (absent, working, or hanging when nested), the probe
+    // must come back in about its timeout with a reason when unusable.
+    let mut opts = ProbeOptions::new(QEMU, vec![], Accel::Auto);
+    opts.kvm_probe_timeout = Duration::from_secs(5);
+    let start = std::time::Instant::now();
+    let h = probe(&opts).await.unwrap().info;
+    assert!(start.elapsed() < Duration::from_secs(15));
+    assert_eq!(h.kvm_usable, h.kvm_reason.is_none(), "{:?}", h.kvm_reason);
+    let mut opts = ProbeOptions::new(QEMU, vec![], Accel::Auto);
+    opts.kvm_device = "/nonexistent/kvm".into();
+    let h = probe(&opts).await.unwrap().info;
+    assert!(!h.kvm_usable && h.kvm_reason.unwrap().contains("/nonexistent/kvm"));
+}
+
+#[tokio::test]
+async fn storage_daemon_adds_a_bitmap_that_persists_after_quit() {
+    init_logs();
+    let d = tempfile::tempdir().unwrap();
+    let img = QemuImg::default();
+    let disk = d.path().join("disk0.qcow2");
+    img.create(&disk, 16 << 20, &CreateOpts::default())
+        .await
+        .unwrap();
+    let disks = [SdDisk {
+        id: "disk0".into(),
+        path: disk.clone(),
+        read_only: false,
+    }];
+    let sd = StorageDaemon::start(
+        Path::new("qemu-storage-daemon"),
+        &disks,
+        &d.path().join("qsd.sock"),
+        &d.path().join("qsd.log"),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    let _g = KillGuard(sd.pid());
+    let nodes = sd
+        .qmp()
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .await
+        .unwrap();
+    let names: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node-name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"disk0") && names.contains(&"disk0-file"),
+        "{names:?}"
+    );
+    sd.qmp()
+        .execute(
+            "block-dirty-bitmap-add",
+            json!({"node": "disk0", "name": "off-0", "persistent": true}),
+        )
+        .await
+        .unwrap();
+    sd.quit(Duration::from_secs(30)).await.unwrap();
+    let info = img.info(&disk).await.unwrap();
+    assert_eq!(info.bitmaps.len(), 1);
+    assert_eq!(info.bitmaps[0].name, "off-0");
+    assert!(info.bitmaps[0].enabled());
+}
+
+#[tokio::test]
+async fn storage_daemon_start_failure_carries_its_message() {
+    init_logs();
+    let d = tempfile::tempdir().unwrap();
+    let disks = [SdDisk {
+        id: "disk0".into(),
+        path: d.path().join("missing.qcow2"),
+        read_only: false,
+    }];
+    let e = StorageDaemon::start(
+        Path::new("qemu-storage-daemon"),
+        &disks,
+        &d.path().join("qsd.sock"),
+        &d.path().join("qsd.log"),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("missing.qcow2"), "{e}");
+}
