@@ -217,3 +217,54 @@ async fn a_failed_start_reports_qemus_own_message() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn uefi_secure_boot_vm_starts_with_pflash_nodes() {
+    init_logs();
+    let d = tempfile::tempdir().unwrap();
+    let (mut vm, _, paths) = small_vm(d.path()).await;
+    let vars = d.path().join("vars.fd");
+    std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.ms.fd", &vars).unwrap();
+    vm.generation = vmrepl_types::Generation::Uefi;
+    vm.firmware = vmrepl_types::vm::FirmwareVariantId::Ovmf4mSecureBoot;
+    vm.machine_type = "pc-q35-7.2".into();
+    vm.nvram = Some(vars);
+    let fw = vmrepl_types::FirmwareVariant {
+        id: vm.firmware,
+        code: "/usr/share/OVMF/OVMF_CODE_4M.ms.fd".into(),
+        vars_template: Some("/usr/share/OVMF/OVMF_VARS_4M.ms.fd".into()),
+    };
+    let cmd =
+        vmrepl_qemu::cmdline::build_command(&vm, &fw, &paths, vmrepl_qemu::ResolvedAccel::Tcg)
+            .unwrap();
+    let p = QemuProcess::spawn(
+        Path::new(QEMU),
+        &cmd.argv,
+        &SpawnOptions::new(d.path().join("qemu.log"), &paths.qmp_sock),
+    )
+    .await
+    .unwrap();
+    let _g = KillGuard(p.pid());
+    for c in &cmd.startup {
+        p.qmp()
+            .execute(&c.execute, c.arguments.clone())
+            .await
+            .unwrap();
+    }
+    assert_eq!(p.status().await.unwrap(), "running");
+    let nodes = p
+        .qmp()
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .await
+        .unwrap();
+    let names: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node-name"].as_str())
+        .collect();
+    for n in ["fw-code", "fw-vars", "fw-vars-file", "disk0", "disk0-file"] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+    p.quit(T).await.unwrap();
+}
