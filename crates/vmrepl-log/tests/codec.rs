@@ -836,3 +836,21 @@ fn errors_read_as_sentences_with_values() {
     );
     assert!(msg.contains("resumed"), "{msg}");
 }
+
+/// Pins the v1 encoding: if this changes, the format changed, and old replicas would refuse (or
+/// worse, misread) new logs. Bump the version and update FORMAT.md instead of the constant.
+/// Uncompressed only: zstd output may legitimately differ between zstd releases.
+#[test]
+fn v1_encoding_is_frozen() {
+    assert_eq!(&MAGIC, b"VMRLOG\r\n");
+    let (bytes, _) = encode(Compression::None, &small_extents());
+    assert_eq!(&bytes[..8], b"VMRLOG\r\n");
+    assert_eq!(&bytes[bytes.len() - 68..bytes.len() - 60], b"TLOGEND\n");
+    let got = blake3::hash(&bytes).to_hex().to_string();
+    assert_eq!(
+        got,
+        "ac542910818cada00e6d9f0a27f1c20ffd3f00763465ee463823bbb3d72c45ee",
+        "len {}",
+        bytes.len()
+    );
+}
