@@ -89,7 +89,7 @@ pub enum PkiError {
     },
     #[error("the private key in {path} cannot be used: {detail}")]
     UnusableKey { path: PathBuf, detail: String },
-    #[error("the certificate {path} is not usable: {problem}")]
+    #[error("{path} cannot be used as this host's certificate: {problem}")]
     Invalid { path: PathBuf, problem: CertProblem },
     #[error(
         "the certificate {path} ({subject}) names no DNS host name (it has: {names}); a host \
@@ -627,6 +627,50 @@ impl HostIdentity {
             key_pem,
             &trust,
         )
+    }
+
+    /// Builds an identity from PEM text **without** the local checks (validity,
+    /// EKUs, name, chain to the trusted CAs); only the key/certificate match is
+    /// checked. The peer still verifies everything. Meant for tests that
+    /// present deliberately bad certificates and for diagnostic tools that
+    /// want to see what a peer says about a certificate.
+    pub fn from_pem_unvalidated(
+        cert_pem: &str,
+        key_pem: &str,
+        trust_pems: &[&str],
+    ) -> Result<HostIdentity, PkiError> {
+        let cert_path = Path::new("<certificate>");
+        let chain = parse_certs(cert_path, cert_pem.as_bytes())?;
+        let summary = summarize_der(&chain[0]).map_err(|detail| PkiError::BadCertificate {
+            path: cert_path.to_path_buf(),
+            detail,
+        })?;
+        let key = parse_key(Path::new("<key>"), key_pem.as_bytes())?;
+        check_key_matches(
+            cert_path,
+            Path::new("<key>"),
+            &chain[0],
+            key.clone_key(),
+            &summary,
+        )?;
+        let mut trust_roots = Vec::new();
+        let mut trusted_names = Vec::new();
+        for pem in trust_pems {
+            for der in parse_certs(Path::new("<trusted CA>"), pem.as_bytes())? {
+                if let Ok(s) = summarize_der(&der) {
+                    trusted_names.push(s.subject);
+                }
+                trust_roots.push(der);
+            }
+        }
+        Ok(HostIdentity {
+            host_name: summary.host_name().unwrap_or_default().to_ascii_lowercase(),
+            cert_chain: chain,
+            key,
+            trust_roots,
+            trusted_names,
+            summary,
+        })
     }
 
     fn build(

@@ -108,6 +108,12 @@ pub enum TlsError {
          CA this host trusts"
     )]
     ClientNoCertificate { peer_addr: SocketAddr },
+    #[error("the client at {peer_addr} refused our certificate {ours}: {reason}")]
+    RefusedByClient {
+        peer_addr: SocketAddr,
+        ours: String,
+        reason: String,
+    },
     #[error("the TLS handshake with {peer} failed: {source}")]
     Handshake { peer: String, source: io::Error },
     #[error(
@@ -420,13 +426,53 @@ fn client_failure(host: &str, identity: &HostIdentity, slot: &Slot, e: io::Error
     }
 }
 
+/// Explains, from the server's side, why a client refused our certificate.
+fn explain_client_refusal(alert: AlertDescription, ours: &CertSummary) -> String {
+    let now = OffsetDateTime::now_utc();
+    match alert {
+        AlertDescription::BadCertificate => format!(
+            "it most likely expected another host name (ours names {}); the primary must \
+             connect using a name in this host's certificate, see its log",
+            crate::cert::NameList(ours.sans.clone())
+        ),
+        AlertDescription::UnknownCA => format!(
+            "it does not trust our CA (unknown CA: issuer {}); add that CA's certificate to the \
+             primary's trusted CAs",
+            ours.issuer
+        ),
+        AlertDescription::CertificateExpired => format!(
+            "it says our certificate is expired or not yet valid (by our clock it is valid from \
+             {} to {}, and it is now {}); renew it, or check the clocks",
+            fmt_time(ours.not_before),
+            fmt_time(ours.not_after),
+            fmt_time(now)
+        ),
+        AlertDescription::UnsupportedCertificate => format!(
+            "our certificate lacks an extended key usage it needs (it has: {}); issue one with \
+             both serverAuth and clientAuth",
+            present_ekus(Some(ours))
+        ),
+        other => format!("it ended the handshake with the TLS alert {other:?}; see its log"),
+    }
+}
+
 /// Maps a server-side handshake failure to a [`TlsError`].
-fn server_failure(peer_addr: SocketAddr, slot: &Slot, e: io::Error) -> TlsError {
+fn server_failure(
+    peer_addr: SocketAddr,
+    identity: &HostIdentity,
+    slot: &Slot,
+    e: io::Error,
+) -> TlsError {
     if let Some(problem) = take(slot) {
         return TlsError::ClientCertificate { peer_addr, problem };
     }
     match rustls_error(&e) {
         Some(rustls::Error::NoCertificatesPresented) => TlsError::ClientNoCertificate { peer_addr },
+        Some(rustls::Error::AlertReceived(alert)) => TlsError::RefusedByClient {
+            peer_addr,
+            ours: describe_subject(identity.summary()),
+            reason: explain_client_refusal(*alert, identity.summary()),
+        },
         _ => TlsError::Handshake {
             peer: peer_addr.to_string(),
             source: e,
@@ -617,7 +663,7 @@ impl Incoming {
             let mut tls = acceptor
                 .accept(self.tcp)
                 .await
-                .map_err(|e| server_failure(peer_addr, &slot, e))?;
+                .map_err(|e| server_failure(peer_addr, &self.identity, &slot, e))?;
             let peer = peer_identity(&peer_addr.to_string(), tls.get_ref().1.peer_certificates())?;
             let admit = async {
                 tls.write_all(&[ADMITTED]).await?;

@@ -1,0 +1,440 @@
+//! Real certificates, real mutual TLS on loopback (OS-assigned ports).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use vmrepl_transport::frame::{Framed, VersionRange};
+use vmrepl_transport::tls::{self, Listener, PeerIdentity, TlsError, TlsStream};
+use vmrepl_transport::{Ca, CertProblem, HostCertSpec, HostIdentity, IssuedCert};
+
+const DAY: time::Duration = time::Duration::days(1);
+const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+
+struct Pki {
+    _dir: tempfile::TempDir,
+    ca: Ca,
+    other: Ca,
+}
+
+fn pki() -> Pki {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::create(&dir.path().join("ca"), "Lab CA").unwrap();
+    let other = Ca::create(&dir.path().join("other"), "Other CA").unwrap();
+    Pki {
+        _dir: dir,
+        ca,
+        other,
+    }
+}
+
+fn identity(ca: &Ca, host: &str) -> HostIdentity {
+    let c = ca.issue_host(host, YEAR).unwrap();
+    HostIdentity::from_pem(Some(host), &c.cert_pem, &c.key_pem, &[ca.cert_pem()]).unwrap()
+}
+
+/// An identity presenting `cert` (possibly bad) while trusting `trust`.
+fn unchecked(cert: &IssuedCert, trust: &Ca) -> HostIdentity {
+    HostIdentity::from_pem_unvalidated(&cert.cert_pem, &cert.key_pem, &[trust.cert_pem()]).unwrap()
+}
+
+type ServerResult = Result<(TlsStream, PeerIdentity), TlsError>;
+type ClientResult = Result<(TlsStream, PeerIdentity), TlsError>;
+
+async fn run(
+    server: HostIdentity,
+    client: HostIdentity,
+    expected: &str,
+) -> (ServerResult, ClientResult) {
+    let listener = Listener::bind("127.0.0.1:0", Arc::new(server))
+        .await
+        .unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let srv = tokio::spawn(async move { listener.accept().await });
+    let cli = tls::connect(addr, expected, &client).await;
+    let srv = tokio::time::timeout(Duration::from_secs(10), srv)
+        .await
+        .expect("server finished")
+        .unwrap();
+    (srv, cli)
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Hello {
+    host: String,
+}
+
+#[tokio::test]
+async fn mutual_tls_happy_path_with_peer_identity_and_frames() {
+    let p = pki();
+    let server = identity(&p.ca, "hv-b.test");
+    let client = identity(&p.ca, "hv-a.test");
+    let server_fp = server.fingerprint().to_string();
+    let client_fp = client.fingerprint().to_string();
+    let (srv, cli) = run(server, client, "HV-B.test").await;
+    let (s_stream, s_peer) = srv.unwrap();
+    let (c_stream, c_peer) = cli.unwrap();
+    assert_eq!(
+        s_peer,
+        PeerIdentity {
+            host_name: "hv-a.test".into(),
+            fingerprint: client_fp
+        }
+    );
+    assert_eq!(
+        c_peer,
+        PeerIdentity {
+            host_name: "hv-b.test".into(),
+            fingerprint: server_fp
+        }
+    );
+    assert_eq!(c_peer.fingerprint.len(), 64);
+
+    let range = VersionRange { min: 1, max: 1 };
+    let (fs, fc) = tokio::join!(
+        Framed::negotiate(s_stream, range),
+        Framed::negotiate(c_stream, range)
+    );
+    let (mut fs, mut fc) = (fs.unwrap(), fc.unwrap());
+    assert_eq!(fs.version(), 1);
+    fc.write_control(&Hello {
+        host: "hv-a.test".into(),
+    })
+    .await
+    .unwrap();
+    let hello: Hello = fs.read_control().await.unwrap();
+    assert_eq!(hello.host, "hv-a.test");
+    fs.write_data(&[7u8; 70_000]).await.unwrap();
+    let f = fc.read_frame().await.unwrap();
+    assert_eq!(f, vmrepl_transport::Frame::Data(vec![7u8; 70_000]));
+}
+
+#[tokio::test]
+async fn client_from_unknown_ca_is_refused_on_both_sides() {
+    let p = pki();
+    let server = identity(&p.ca, "hv-b.test");
+    let bad = p.other.issue_host("hv-a.test", YEAR).unwrap();
+    let (srv, cli) = run(server, unchecked(&bad, &p.ca), "hv-b.test").await;
+
+    let s = srv.unwrap_err();
+    let msg = s.to_string();
+    println!("server: {msg}");
+    match &s {
+        TlsError::ClientCertificate { problem, .. } => {
+            assert!(
+                matches!(problem, CertProblem::UnknownIssuer { .. }),
+                "{msg}"
+            )
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(msg.contains("refused the client at 127.0.0.1:"), "{msg}");
+    assert!(msg.contains("unknown CA"), "{msg}");
+    assert!(msg.contains("CN=Other CA"), "{msg}");
+    assert!(msg.contains("CN=Lab CA"), "{msg}");
+    assert!(msg.contains("hv-a.test"), "{msg}");
+
+    let c = cli.unwrap_err();
+    let msg = c.to_string();
+    println!("client: {msg}");
+    assert!(matches!(c, TlsError::RefusedByServer { .. }), "{msg}");
+    assert!(
+        msg.contains("the replica server hv-b.test refused our certificate"),
+        "{msg}"
+    );
+    assert!(msg.contains("unknown CA"), "{msg}");
+    assert!(msg.contains("CN=Other CA"), "{msg}");
+}
+
+fn spec(host: &str, not_before: OffsetDateTime, not_after: OffsetDateTime) -> HostCertSpec {
+    let mut s = HostCertSpec::new(host, YEAR);
+    s.not_before = not_before;
+    s.not_after = not_after;
+    s
+}
+
+#[tokio::test]
+async fn expired_client_certificate() {
+    let p = pki();
+    let now = OffsetDateTime::now_utc();
+    let bad =
+        p.ca.issue(&spec("hv-a.test", now - 10 * DAY, now - DAY))
+            .unwrap();
+    let not_after = bad.summary().unwrap().not_after;
+    let (srv, cli) = run(
+        identity(&p.ca, "hv-b.test"),
+        unchecked(&bad, &p.ca),
+        "hv-b.test",
+    )
+    .await;
+    let s = srv.unwrap_err();
+    let msg = s.to_string();
+    println!("server: {msg}");
+    assert!(
+        matches!(
+            &s,
+            TlsError::ClientCertificate {
+                problem: CertProblem::Expired { .. },
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    let date = not_after
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    assert!(msg.contains(&format!("expired at {date}")), "{msg}");
+    let msg = cli.unwrap_err().to_string();
+    println!("client: {msg}");
+    assert!(msg.contains("refused our certificate"), "{msg}");
+    assert!(msg.contains(&format!("expired at {date}")), "{msg}");
+}
+
+#[tokio::test]
+async fn not_yet_valid_client_certificate() {
+    let p = pki();
+    let now = OffsetDateTime::now_utc();
+    let bad =
+        p.ca.issue(&spec("hv-a.test", now + DAY, now + 10 * DAY))
+            .unwrap();
+    let (srv, cli) = run(
+        identity(&p.ca, "hv-b.test"),
+        unchecked(&bad, &p.ca),
+        "hv-b.test",
+    )
+    .await;
+    let msg = srv.unwrap_err().to_string();
+    println!("server: {msg}");
+    assert!(msg.contains("is not valid until"), "{msg}");
+    let msg = cli.unwrap_err().to_string();
+    println!("client: {msg}");
+    assert!(msg.contains("not valid until"), "{msg}");
+}
+
+#[tokio::test]
+async fn expired_server_certificate() {
+    let p = pki();
+    let now = OffsetDateTime::now_utc();
+    let bad =
+        p.ca.issue(&spec("hv-b.test", now - 10 * DAY, now - DAY))
+            .unwrap();
+    let (_srv, cli) = run(
+        unchecked(&bad, &p.ca),
+        identity(&p.ca, "hv-a.test"),
+        "hv-b.test",
+    )
+    .await;
+    let c = cli.unwrap_err();
+    let msg = c.to_string();
+    println!("client: {msg}");
+    assert!(
+        matches!(
+            &c,
+            TlsError::ServerCertificate {
+                problem: CertProblem::Expired { .. },
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.starts_with("the replica server hv-b.test's certificate is not acceptable"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn server_certificate_from_unknown_ca() {
+    let p = pki();
+    let bad = p.other.issue_host("hv-b.test", YEAR).unwrap();
+    let (_srv, cli) = run(
+        unchecked(&bad, &p.ca),
+        identity(&p.ca, "hv-a.test"),
+        "hv-b.test",
+    )
+    .await;
+    let msg = cli.unwrap_err().to_string();
+    println!("client: {msg}");
+    assert!(msg.contains("unknown CA"), "{msg}");
+    assert!(msg.contains("its issuer CN=Other CA"), "{msg}");
+}
+
+#[tokio::test]
+async fn server_certificate_naming_another_host() {
+    let p = pki();
+    let (srv, cli) = run(
+        identity(&p.ca, "other.test"),
+        identity(&p.ca, "hv-a.test"),
+        "hv-b.test",
+    )
+    .await;
+    let c = cli.unwrap_err();
+    let msg = c.to_string();
+    println!("client: {msg}");
+    assert!(
+        matches!(
+            &c,
+            TlsError::ServerCertificate {
+                problem: CertProblem::NameMismatch { .. },
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains("name mismatch"), "{msg}");
+    assert!(msg.contains("expected host name is hv-b.test"), "{msg}");
+    assert!(msg.contains("names other.test"), "{msg}");
+    // The server sees the client abort the handshake, and says what it likely means.
+    let msg = srv.unwrap_err().to_string();
+    println!("server: {msg}");
+    assert!(msg.contains("refused our certificate"), "{msg}");
+    assert!(msg.contains("ours names other.test"), "{msg}");
+}
+
+#[tokio::test]
+async fn client_without_certificate() {
+    let p = pki();
+    let server = identity(&p.ca, "hv-b.test");
+    let listener = Listener::bind("127.0.0.1:0", Arc::new(server))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let srv = tokio::spawn(async move { listener.accept().await });
+
+    // A plain TLS client that trusts the CA but presents no certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    let ca_der =
+        rustls::pki_types::pem::PemObject::from_pem_slice(p.ca.cert_pem().as_bytes()).unwrap();
+    roots.add(ca_der).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("hv-b.test").unwrap();
+    let client = connector.connect(name, tcp).await;
+    if let Ok(mut stream) = client {
+        use tokio::io::AsyncReadExt;
+        let mut b = [0u8; 1];
+        let err = stream.read_exact(&mut b).await.unwrap_err();
+        println!("client: {err}");
+    }
+    let s = srv.await.unwrap().unwrap_err();
+    let msg = s.to_string();
+    println!("server: {msg}");
+    assert!(matches!(s, TlsError::ClientNoCertificate { .. }), "{msg}");
+    assert!(msg.contains("presented no client certificate"), "{msg}");
+}
+
+#[tokio::test]
+async fn client_certificate_missing_client_auth_eku() {
+    let p = pki();
+    let mut s = HostCertSpec::new("hv-a.test", YEAR);
+    s.client_auth = false;
+    let bad = p.ca.issue(&s).unwrap();
+    let (srv, cli) = run(
+        identity(&p.ca, "hv-b.test"),
+        unchecked(&bad, &p.ca),
+        "hv-b.test",
+    )
+    .await;
+    let s = srv.unwrap_err();
+    let msg = s.to_string();
+    println!("server: {msg}");
+    assert!(
+        matches!(
+            &s,
+            TlsError::ClientCertificate {
+                problem: CertProblem::MissingEku { .. },
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains("lacks the clientAuth"), "{msg}");
+    assert!(msg.contains("it has: serverAuth"), "{msg}");
+    let msg = cli.unwrap_err().to_string();
+    println!("client: {msg}");
+    assert!(msg.contains("clientAuth"), "{msg}");
+}
+
+#[tokio::test]
+async fn server_certificate_missing_server_auth_eku() {
+    let p = pki();
+    let mut s = HostCertSpec::new("hv-b.test", YEAR);
+    s.server_auth = false;
+    let bad = p.ca.issue(&s).unwrap();
+    let (_srv, cli) = run(
+        unchecked(&bad, &p.ca),
+        identity(&p.ca, "hv-a.test"),
+        "hv-b.test",
+    )
+    .await;
+    let msg = cli.unwrap_err().to_string();
+    println!("client: {msg}");
+    assert!(msg.contains("lacks the serverAuth"), "{msg}");
+}
+
+#[tokio::test]
+async fn listener_survives_a_refused_client() {
+    let p = pki();
+    let listener = Arc::new(
+        Listener::bind("127.0.0.1:0", Arc::new(identity(&p.ca, "hv-b.test")))
+            .await
+            .unwrap(),
+    );
+    let addr = listener.local_addr().unwrap();
+    let l = listener.clone();
+    let srv = tokio::spawn(async move {
+        let first = l.accept().await;
+        let second = l.accept().await;
+        (first.is_err(), second.map(|(_, p)| p.host_name))
+    });
+    let bad = p.other.issue_host("hv-x.test", YEAR).unwrap();
+    assert!(tls::connect(addr, "hv-b.test", &unchecked(&bad, &p.ca))
+        .await
+        .is_err());
+    let good = identity(&p.ca, "hv-a.test");
+    let (_s, peer) = tls::connect(addr, "hv-b.test", &good).await.unwrap();
+    assert_eq!(peer.host_name, "hv-b.test");
+    let (first_err, second) = srv.await.unwrap();
+    assert!(first_err);
+    assert_eq!(second.unwrap(), "hv-a.test");
+}
+
+#[tokio::test]
+async fn connect_errors_name_the_target() {
+    let p = pki();
+    let id = identity(&p.ca, "hv-a.test");
+    // A port nobody listens on.
+    let sock = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = sock.local_addr().unwrap();
+    drop(sock);
+    let msg = tls::connect(addr, "hv-b.test", &id)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains(&format!("could not connect to hv-b.test at {addr}")),
+        "{msg}"
+    );
+
+    // A server that accepts TCP but never speaks TLS: handshake timeout.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let _hold = tokio::spawn(async move {
+        let (s, _) = silent.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        drop(s);
+    });
+    let err = tls::connect_with_timeout(addr, "hv-b.test", &id, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TlsError::HandshakeTimeout { .. }), "{err}");
+}
