@@ -45,9 +45,12 @@ pub struct HostConfig {
     /// QEMU system emulator binary.
     #[serde(default = "default_qemu")]
     pub qemu_binary: PathBuf,
-    /// Folder searched for firmware (SeaBIOS, OVMF).
-    #[serde(default = "default_firmware_dirs")]
-    pub firmware_dirs: Vec<PathBuf>,
+    /// Folder holding OVMF (UEFI) firmware: `OVMF_CODE_4M.fd` and friends.
+    #[serde(default = "default_ovmf_dir")]
+    pub ovmf_dir: PathBuf,
+    /// Folder holding SeaBIOS (`bios-256k.bin`).
+    #[serde(default = "default_seabios_dir")]
+    pub seabios_dir: PathBuf,
     /// Replica server settings.
     #[serde(default)]
     pub replica_server: ReplicaServerSettings,
@@ -57,12 +60,12 @@ fn default_qemu() -> PathBuf {
     PathBuf::from("qemu-system-x86_64")
 }
 
-fn default_firmware_dirs() -> Vec<PathBuf> {
-    vec![
-        PathBuf::from("/usr/share/OVMF"),
-        PathBuf::from("/usr/share/seabios"),
-        PathBuf::from("/usr/share/qemu"),
-    ]
+fn default_ovmf_dir() -> PathBuf {
+    PathBuf::from("/usr/share/OVMF")
+}
+
+fn default_seabios_dir() -> PathBuf {
+    PathBuf::from("/usr/share/seabios")
 }
 
 impl HostConfig {
@@ -74,7 +77,8 @@ impl HostConfig {
             accel: Accel::Auto,
             storage,
             qemu_binary: default_qemu(),
-            firmware_dirs: default_firmware_dirs(),
+            ovmf_dir: default_ovmf_dir(),
+            seabios_dir: default_seabios_dir(),
             replica_server: ReplicaServerSettings {
                 listen: listen.to_string(),
                 ..Default::default()
@@ -203,6 +207,10 @@ mod tests {
     fn allow_any_without_default_storage_is_refused() {
         let mut c = sample();
         c.replica_server.allow_any = true;
-        assert!(c.validate().unwrap_err().to_string().contains("default storage"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("default storage"));
     }
 }

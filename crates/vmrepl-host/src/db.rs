@@ -263,6 +263,9 @@ mod tests {
         assert!(db.vm_by_name("keep").unwrap().is_some());
         db.conn().pragma_update(None, "user_version", 99).unwrap();
         drop(db);
-        assert!(matches!(Db::open(&p), Err(DbError::TooNew { found: 99, .. })));
+        assert!(matches!(
+            Db::open(&p),
+            Err(DbError::TooNew { found: 99, .. })
+        ));
     }
 }

@@ -4,9 +4,15 @@
 //! * [`config`]: the TOML configuration (parse → validate → save atomically).
 //! * [`db`]: durable state in SQLite.
 //! * [`mgmt`]: the local management API (JSON lines over a Unix socket).
+//! * [`init`]: `host init` and certificate chores.
+//! * [`vmm`]: VM definition and supervision through the QEMU wrapper.
+//! * [`daemon`]: wiring and request dispatch.
 
 pub mod config;
+pub mod daemon;
 pub mod datadir;
 pub mod db;
 pub mod fsutil;
+pub mod init;
 pub mod mgmt;
+pub mod vmm;

@@ -12,10 +12,7 @@ pub const MAX_REQUEST: usize = 1 << 20;
 
 /// Something that answers requests: the daemon.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(
-        self: Arc<Self>,
-        req: Request,
-    ) -> impl std::future::Future<Output = Response> + Send;
+    fn handle(self: Arc<Self>, req: Request) -> impl std::future::Future<Output = Response> + Send;
 }
 
 /// Errors of the management transport.
@@ -85,7 +82,10 @@ async fn serve_conn<H: Handler>(stream: UnixStream, handler: Arc<H>) -> std::io:
     let mut line = String::new();
     loop {
         line.clear();
-        let n = (&mut r).take(MAX_REQUEST as u64 + 1).read_line(&mut line).await?;
+        let n = (&mut r)
+            .take(MAX_REQUEST as u64 + 1)
+            .read_line(&mut line)
+            .await?;
         if n == 0 {
             return Ok(());
         }
@@ -105,7 +105,9 @@ async fn serve_conn<H: Handler>(stream: UnixStream, handler: Arc<H>) -> std::io:
                 }
                 Err(e) => Response::Error(ApiError::new(
                     ErrorCode::InvalidInput,
-                    format!("The request is not valid for the vmrepl API: {e}. Nothing was changed."),
+                    format!(
+                        "The request is not valid for the vmrepl API: {e}. Nothing was changed."
+                    ),
                 )),
             }
         };
@@ -152,7 +154,8 @@ impl Client {
 
     /// Sends one request and reads its answer.
     pub async fn call(&mut self, req: &Request) -> Result<Response, MgmtError> {
-        let mut line = serde_json::to_string(req).map_err(|e| MgmtError::BadAnswer(e.to_string()))?;
+        let mut line =
+            serde_json::to_string(req).map_err(|e| MgmtError::BadAnswer(e.to_string()))?;
         line.push('\n');
         self.writer.write_all(line.as_bytes()).await?;
         let mut answer = String::new();
@@ -187,10 +190,17 @@ mod tests {
         tokio::spawn(serve(l, Arc::new(Echo)));
         let mut c = Client::connect(d.path(), &sock).await.unwrap();
         let r = c.call(&Request::Ping).await.unwrap();
-        assert_eq!(r, Response::Ok { message: "ping".into() });
+        assert_eq!(
+            r,
+            Response::Ok {
+                message: "ping".into()
+            }
+        );
         // A malformed line on a raw connection.
         let mut s = UnixStream::connect(&sock).await.unwrap();
-        s.write_all(b"{\"op\":\"vm-start\",\"name\":\"../x\"}\n").await.unwrap();
+        s.write_all(b"{\"op\":\"vm-start\",\"name\":\"../x\"}\n")
+            .await
+            .unwrap();
         let mut r = BufReader::new(s);
         let mut line = String::new();
         r.read_line(&mut line).await.unwrap();

@@ -43,7 +43,13 @@ fn a_generation_1_vm_writes_data_shuts_down_cleanly_and_the_data_is_on_disk() {
     let _s = serial();
     let mut h = Host::init("hosta.test", "127.0.0.1");
     h.start();
-    create_guest_vm(&h, "gen1", "1", &["16M", "8M"], "write:vda:64:1:3,write:vdb:32:7:7,verify:vda:64:3");
+    create_guest_vm(
+        &h,
+        "gen1",
+        "1",
+        &["16M", "8M"],
+        "write:vda:64:1:3,write:vdb:32:7:7,verify:vda:64:3",
+    );
     let show = h.json(&["vm", "show", "gen1"]);
     assert_eq!(show["definition"]["machine_type"], "pc-i440fx-7.2");
     assert_eq!(show["definition"]["firmware"], "seabios");
@@ -51,7 +57,10 @@ fn a_generation_1_vm_writes_data_shuts_down_cleanly_and_the_data_is_on_disk() {
     assert_eq!(h.vm_state("gen1"), "running");
     h.wait_console("gen1", "VMREPL IDLE", BOOT);
     let c = h.console("gen1");
-    assert!(c.contains("VMREPL VERIFY dev=/dev/vda blocks=64 ok=64"), "{c}");
+    assert!(
+        c.contains("VMREPL VERIFY dev=/dev/vda blocks=64 ok=64"),
+        "{c}"
+    );
     h.ok(&["vm", "shutdown", "gen1", "--timeout", "60"]);
     assert_eq!(h.vm_state("gen1"), "off");
     verify_image(&disk_path(&h, "gen1", 0), 64, "--gen", 3);
@@ -68,7 +77,10 @@ fn a_generation_2_vm_boots_uefi_with_its_own_nvram_and_keeps_its_data() {
     assert_eq!(show["definition"]["machine_type"], "pc-q35-7.2");
     assert_eq!(show["definition"]["firmware"], "ovmf-4m");
     let nvram = show["definition"]["nvram"].as_str().unwrap().to_string();
-    assert!(std::path::Path::new(&nvram).starts_with(h.data()), "{nvram}");
+    assert!(
+        std::path::Path::new(&nvram).starts_with(h.data()),
+        "{nvram}"
+    );
     h.ok(&["vm", "start", "gen2"]);
     h.wait_console("gen2", "VMREPL IDLE", Duration::from_secs(240));
     h.ok(&["vm", "shutdown", "gen2", "--timeout", "90"]);
@@ -79,7 +91,8 @@ fn a_generation_2_vm_boots_uefi_with_its_own_nvram_and_keeps_its_data() {
 }
 
 #[test]
-fn the_daemon_restarts_while_a_vm_runs_and_keeps_controlling_it_and_a_killed_qemu_is_reported_crashed() {
+fn the_daemon_restarts_while_a_vm_runs_and_keeps_controlling_it_and_a_killed_qemu_is_reported_crashed(
+) {
     let _s = serial();
     let mut h = Host::init("hostc.test", "127.0.0.3");
     h.start();
@@ -88,15 +101,28 @@ fn the_daemon_restarts_while_a_vm_runs_and_keeps_controlling_it_and_a_killed_qem
     h.wait_console("survivor", "VMREPL WROTE", BOOT);
     let pid = h.vm_pid("survivor").unwrap();
     h.stop_daemon();
-    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "QEMU died with the daemon");
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "QEMU died with the daemon"
+    );
     h.start();
     assert_eq!(h.vm_state("survivor"), "running");
     assert_eq!(h.vm_pid("survivor"), Some(pid));
     // Still controllable after the restart: kill QEMU behind the daemon's back.
-    std::process::Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap();
+    std::process::Command::new("kill")
+        .arg("-9")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     h.wait_state("survivor", "crashed", Duration::from_secs(20));
     let show = h.json(&["vm", "show", "survivor"]);
-    assert!(show["note"].as_str().unwrap().contains("without being asked"), "{show}");
+    assert!(
+        show["note"]
+            .as_str()
+            .unwrap()
+            .contains("without being asked"),
+        "{show}"
+    );
     // A crashed VM can be started again and stopped hard.
     h.ok(&["vm", "start", "survivor"]);
     h.wait_console("survivor", "VMREPL WROTE", BOOT);
@@ -117,13 +143,28 @@ fn bad_input_is_refused_with_the_cause_and_the_fix_and_changes_nothing() {
     let e = h.fails(&["vm", "create", &long]);
     assert!(e.contains("65 characters"), "{e}");
     let e = h.fails(&["vm", "create", "m", "--machine", "pc-q35-1.0-nonexistent"]);
-    assert!(e.contains("unknown to this host's QEMU") && e.contains("pc-q35-7.2"), "{e}");
+    assert!(
+        e.contains("unknown to this host's QEMU") && e.contains("pc-q35-7.2"),
+        "{e}"
+    );
     let elsewhere = tempfile::tempdir().unwrap();
-    let e = h.fails(&["vm", "create", "d", "--disk", "8M", "--folder", elsewhere.path().to_str().unwrap()]);
+    let e = h.fails(&[
+        "vm",
+        "create",
+        "d",
+        "--disk",
+        "8M",
+        "--folder",
+        elsewhere.path().to_str().unwrap(),
+    ]);
     assert!(e.contains("not one of this host's storage folders"), "{e}");
     let e = h.fails(&["vm", "create", "s", "--generation", "1", "--secure-boot"]);
     assert!(e.contains("generation 2"), "{e}");
-    assert_eq!(h.json(&["vm", "list"]), before, "a refused request changed the VM list");
+    assert_eq!(
+        h.json(&["vm", "list"]),
+        before,
+        "a refused request changed the VM list"
+    );
     h.ok(&["vm", "create", "dup", "--disk", "8M"]);
     let e = h.fails(&["vm", "create", "dup", "--disk", "8M"]);
     assert!(e.contains("already exists"), "{e}");
@@ -133,7 +174,9 @@ fn bad_input_is_refused_with_the_cause_and_the_fix_and_changes_nothing() {
     let e = h.fails(&["daemon"]);
     assert!(e.contains("already runs"), "{e}");
     // Nothing left behind by the refusals: only dup's folder exists in storage.
-    let dirs: Vec<_> = std::fs::read_dir(h.data().join("storage")).unwrap().collect();
+    let dirs: Vec<_> = std::fs::read_dir(h.data().join("storage"))
+        .unwrap()
+        .collect();
     assert_eq!(dirs.len(), 1, "{dirs:?}");
 }
 
@@ -150,11 +193,17 @@ fn a_generation_2_vm_is_refused_on_a_host_without_ovmf() {
         .filter(|l| !l.starts_with("firmware_dirs"))
         .collect::<Vec<_>>()
         .join("\n");
-    let cfg = format!("firmware_dirs = [{:?}]\n{cfg}\n", empty.display().to_string());
+    let cfg = format!(
+        "firmware_dirs = [{:?}]\n{cfg}\n",
+        empty.display().to_string()
+    );
     std::fs::write(&cfg_path, cfg).unwrap();
     h.start();
     let e = h.fails(&["vm", "create", "uefi", "--generation", "2", "--disk", "8M"]);
-    assert!(e.contains("no ovmf-4m firmware") && e.contains("apt-get install ovmf"), "{e}");
+    assert!(
+        e.contains("no ovmf-4m firmware") && e.contains("apt-get install ovmf"),
+        "{e}"
+    );
     let info = h.json(&["host", "info"]);
     assert!(info["firmware"].as_array().unwrap().is_empty(), "{info}");
 }
@@ -165,11 +214,30 @@ fn host_info_reports_capabilities_as_data() {
     h.start();
     let info = h.json(&["host", "info"]);
     assert_eq!(info["host_name"], "hostf.test");
-    assert!(info["qemu_version"].as_str().unwrap().starts_with("7.2"), "{info}");
-    let mts: Vec<&str> = info["machine_types"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-    assert!(mts.contains(&"pc-q35-7.2") && mts.contains(&"pc-i440fx-7.2"), "{mts:?}");
-    assert!(!mts.contains(&"q35") && !mts.contains(&"pc"), "aliases must be resolved: {mts:?}");
-    let fw: Vec<&str> = info["firmware"].as_array().unwrap().iter().map(|v| v["id"].as_str().unwrap()).collect();
+    assert!(
+        info["qemu_version"].as_str().unwrap().starts_with("7.2"),
+        "{info}"
+    );
+    let mts: Vec<&str> = info["machine_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        mts.contains(&"pc-q35-7.2") && mts.contains(&"pc-i440fx-7.2"),
+        "{mts:?}"
+    );
+    assert!(
+        !mts.contains(&"q35") && !mts.contains(&"pc"),
+        "aliases must be resolved: {mts:?}"
+    );
+    let fw: Vec<&str> = info["firmware"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap())
+        .collect();
     assert!(fw.contains(&"seabios") && fw.contains(&"ovmf-4m"), "{fw:?}");
     assert!(info["storage"][0]["free_bytes"].as_u64().unwrap() > 0);
     assert!(info["kvm_usable"].is_boolean());

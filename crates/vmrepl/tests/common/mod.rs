@@ -65,7 +65,10 @@ pub struct Host {
 impl Host {
     /// Creates a host on `ip` (127.0.0.x).
     pub fn init(name: &str, ip: &str) -> Host {
-        let dir = tempfile::Builder::new().prefix("vmrepl-e2e-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("vmrepl-e2e-")
+            .tempdir()
+            .unwrap();
         let port = free_port(ip);
         let h = Host {
             name: name.to_string(),
@@ -75,7 +78,14 @@ impl Host {
             started: false,
         };
         h.ok(&[
-            "host", "init", "--name", name, "--listen", &format!("{ip}:{port}"), "--accel", "tcg",
+            "host",
+            "init",
+            "--name",
+            name,
+            "--listen",
+            &format!("{ip}:{port}"),
+            "--accel",
+            "tcg",
         ]);
         h
     }
@@ -153,16 +163,24 @@ impl Host {
     pub fn log_tail(&self) -> String {
         let s = std::fs::read_to_string(self.data().join("daemon.log")).unwrap_or_default();
         let n = s.len().saturating_sub(3000);
-        format!("--- daemon.log tail ---\n{}", &s[s.floor_char_boundary(n)..])
+        format!(
+            "--- daemon.log tail ---\n{}",
+            &s[s.floor_char_boundary(n)..]
+        )
     }
 
     /// The VM's current state string.
     pub fn vm_state(&self, vm: &str) -> String {
-        self.json(&["vm", "show", vm])["state"].as_str().unwrap().to_string()
+        self.json(&["vm", "show", vm])["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     pub fn vm_pid(&self, vm: &str) -> Option<u32> {
-        self.json(&["vm", "show", vm])["pid"].as_u64().map(|p| p as u32)
+        self.json(&["vm", "show", vm])["pid"]
+            .as_u64()
+            .map(|p| p as u32)
     }
 
     pub fn console(&self, vm: &str) -> String {
@@ -188,7 +206,9 @@ impl Host {
     }
 
     pub fn wait_state(&self, vm: &str, state: &str, timeout: Duration) {
-        wait_until(&format!("{vm} {state}"), timeout, || self.vm_state(vm) == state);
+        wait_until(&format!("{vm} {state}"), timeout, || {
+            self.vm_state(vm) == state
+        });
     }
 }
 

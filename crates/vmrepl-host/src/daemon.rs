@@ -1,0 +1,171 @@
+//! The daemon: wires the parts together and answers management requests.
+
+use crate::config::HostConfig;
+use crate::datadir::DataDir;
+use crate::db::Db;
+use crate::mgmt::{self, Handler};
+use crate::vmm::Vmm;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use vmrepl_types::api::{ApiError, ErrorCode, Request, Response};
+
+/// Errors that stop the daemon from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    DataDir(#[from] crate::datadir::DataDirError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+    #[error(transparent)]
+    Mgmt(#[from] crate::mgmt::MgmtError),
+    #[error("Cannot read this host's capabilities: {0}")]
+    Caps(String),
+    #[error("Cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("The peer listener could not start: {0}")]
+    Peer(String),
+}
+
+/// The running host.
+pub struct Daemon {
+    pub dd: DataDir,
+    pub cfg: HostConfig,
+    pub db: Arc<Mutex<Db>>,
+    pub vmm: Arc<Vmm>,
+    stop: tokio::sync::Notify,
+}
+
+/// Runs the daemon in the foreground until asked to stop (request or SIGTERM/SIGINT).
+pub fn run_foreground(dd: &DataDir) -> Result<(), DaemonError> {
+    let _ = tracing_subscriber_init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    rt.block_on(run(dd.clone()))
+}
+
+fn tracing_subscriber_init() -> Option<()> {
+    // The binary installs the subscriber; this is a hook for tests that call run() directly.
+    None
+}
+
+/// Runs the daemon on the current runtime.
+pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
+    dd.require_host()?;
+    let _lock = dd.lock()?;
+    let cfg = HostConfig::load(&dd.config())?;
+    let db = Arc::new(Mutex::new(Db::open(&dd.db())?));
+    let mut opts =
+        vmrepl_qemu::caps::ProbeOptions::new(&cfg.qemu_binary, cfg.storage.clone(), cfg.accel);
+    opts.ovmf_dir = cfg.ovmf_dir.clone();
+    opts.seabios_dir = cfg.seabios_dir.clone();
+    opts.host_name = Some(cfg.host_name.clone());
+    let probe = vmrepl_qemu::caps::probe(&opts)
+        .await
+        .map_err(|e| DaemonError::Caps(e.to_string()))?;
+    let caps = probe.info.clone();
+    let accel = vmrepl_qemu::caps::resolve_accel(cfg.accel, &caps)
+        .map_err(|e| DaemonError::Caps(e.to_string()))?;
+    tracing::info!(target: "vmrepl::daemon", host = %cfg.host_name, qemu = %caps.qemu_version, ?accel, "starting");
+    let vmm = Vmm::new(
+        dd.clone(),
+        cfg.clone(),
+        caps,
+        probe.machines,
+        accel,
+        db.clone(),
+    );
+    vmm.reattach_all().await;
+    let listener = mgmt::bind(&dd.socket())?;
+    let d = Arc::new(Daemon {
+        dd: dd.clone(),
+        cfg,
+        db,
+        vmm,
+        stop: tokio::sync::Notify::new(),
+    });
+    let server = tokio::spawn(mgmt::serve(listener, d.clone()));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(DaemonError::Runtime)?;
+    tracing::info!(target: "vmrepl::daemon", socket = %dd.socket().display(), "ready");
+    tokio::select! {
+        _ = d.stop.notified() => {}
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    server.abort();
+    let _ = std::fs::remove_file(dd.socket());
+    tracing::info!(target: "vmrepl::daemon", "stopped; running VMs keep running");
+    Ok(())
+}
+
+impl Handler for Daemon {
+    async fn handle(self: Arc<Self>, req: Request) -> Response {
+        match self.dispatch(req).await {
+            Ok(r) => r,
+            Err(e) => Response::Error(e),
+        }
+    }
+}
+
+impl Daemon {
+    async fn dispatch(self: &Arc<Self>, req: Request) -> Result<Response, ApiError> {
+        let vmm = &self.vmm;
+        Ok(match req {
+            Request::Ping => Response::Ok {
+                message: "pong".into(),
+            },
+            Request::HostInfo => {
+                let mut info = vmm.caps().clone();
+                info.storage = self
+                    .cfg
+                    .storage
+                    .iter()
+                    .filter_map(|p| vmrepl_qemu::caps::storage_info(p).ok())
+                    .collect();
+                Response::HostInfo(Box::new(info))
+            }
+            Request::VmCreate(c) => Response::Vm(Box::new(vmm.create(c).await?)),
+            Request::VmList => Response::VmList { vms: vmm.list()? },
+            Request::VmShow { name } => Response::Vm(Box::new(vmm.show(&name)?)),
+            Request::VmStart { name } => Response::Vm(Box::new(vmm.start(&name).await?)),
+            Request::VmShutdown {
+                name,
+                timeout_secs,
+                force_after,
+            } => Response::Vm(Box::new(
+                vmm.shutdown(&name, Duration::from_secs(timeout_secs), force_after)
+                    .await?,
+            )),
+            Request::VmStop { name } => Response::Vm(Box::new(vmm.stop(&name).await?)),
+            Request::VmDelete { name, keep_disks } => Response::Ok {
+                message: vmm.delete(&name, keep_disks).await?,
+            },
+            Request::VmConsole { name, tail_bytes } => Response::Console {
+                text: vmm.console(&name, tail_bytes)?,
+            },
+            Request::Shutdown => {
+                self.stop.notify_one();
+                Response::Ok {
+                    message: "daemon stopping; running VMs keep running".into(),
+                }
+            }
+            Request::ReplicaServerShow
+            | Request::ReplicaServerSet(_)
+            | Request::ReplicationEnable { .. }
+            | Request::ReplicationStatus { .. }
+            | Request::ReplicationPause { .. }
+            | Request::ReplicationResume { .. }
+            | Request::ReplicationRemove { .. } => {
+                return Err(ApiError::new(
+                    ErrorCode::Unsupported,
+                    "Replication is not available in this build yet.",
+                ))
+            }
+        })
+    }
+}

@@ -1,0 +1,452 @@
+//! Argument parsing and dispatch. No logic beyond turning arguments into requests.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use vmrepl_host::datadir::DataDir;
+use vmrepl_host::mgmt::Client;
+use vmrepl_types::api::{CreateVm, DiskSpec, Request, Response};
+use vmrepl_types::{Accel, Generation, NicMode, VmName};
+
+/// vmrepl: Hyper-V Replica for Linux hosts that run QEMU/KVM.
+#[derive(Parser, Debug)]
+#[command(name = "vmrepl", version, about, long_about = None)]
+pub struct Args {
+    /// The host's data folder (one per host; several hosts can share a machine).
+    #[arg(
+        long,
+        global = true,
+        env = "VMREPL_DATA",
+        default_value = "/var/lib/vmrepl"
+    )]
+    pub data: PathBuf,
+    /// Print answers as JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Create and inspect this host.
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// Run the host daemon (VM supervision, management API, peer listener).
+    Daemon {
+        /// Start in the background, log to DATA/daemon.log, return once it answers.
+        #[arg(long)]
+        background: bool,
+    },
+    /// Define, run and inspect VMs.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Stop the daemon (running VMs keep running; it reattaches at next start).
+    Stop,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HostCmd {
+    /// Create a host in the data folder: config, TLS identity, database.
+    Init(InitArgs),
+    /// Show this host's capabilities (QEMU, machine types, firmware, KVM, storage).
+    Info,
+    /// Let the built-in CA issue a certificate for another host (written to --out).
+    IssueCert {
+        /// The other host's DNS name.
+        #[arg(long)]
+        name: String,
+        /// Folder to write host.pem, host-key.pem and ca.pem into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+    /// Trust another CA's certificate (PEM) for peer authentication.
+    Trust {
+        /// The CA certificate to trust.
+        ca: PathBuf,
+    },
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct InitArgs {
+    /// The host's DNS name (its certificate names it; peers authorize it by it).
+    #[arg(long)]
+    pub name: String,
+    /// Address for the peer API, e.g. 127.0.0.2:7443.
+    #[arg(long)]
+    pub listen: String,
+    /// Storage folder for VM disks (repeatable; default DATA/storage).
+    #[arg(long)]
+    pub storage: Vec<PathBuf>,
+    /// QEMU accelerator: auto, kvm or tcg.
+    #[arg(long, default_value = "auto")]
+    pub accel: Accel,
+    /// Use an existing host certificate (PEM) instead of the built-in CA.
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// CA certificate(s) to trust (PEM), e.g. the CA that issued --cert.
+    #[arg(long)]
+    pub trust: Vec<PathBuf>,
+    /// QEMU system emulator to use.
+    #[arg(long)]
+    pub qemu: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCmd {
+    /// Define a VM.
+    Create(CreateArgs),
+    /// List VMs.
+    List,
+    /// Show one VM.
+    Show { name: String },
+    /// Start a VM.
+    Start { name: String },
+    /// Ask the guest to shut down (ACPI power button) and wait.
+    Shutdown {
+        name: String,
+        /// Seconds to wait for the guest.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        /// Stop it hard if the guest has not shut down in time.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Stop a VM at once (like pulling the plug).
+    Stop { name: String },
+    /// Delete a VM (its disks too unless --keep-disks).
+    Delete {
+        name: String,
+        #[arg(long)]
+        keep_disks: bool,
+    },
+    /// Print the VM's serial console log.
+    Console {
+        name: String,
+        /// Only the last N bytes.
+        #[arg(long)]
+        tail: Option<u64>,
+    },
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct CreateArgs {
+    pub name: String,
+    /// 1 = BIOS (SeaBIOS, i440fx), 2 = UEFI (OVMF, q35).
+    #[arg(long, default_value_t = 2)]
+    pub generation: u8,
+    /// UEFI Secure Boot (generation 2 only).
+    #[arg(long)]
+    pub secure_boot: bool,
+    /// Machine type (alias such as q35 or a versioned name); pinned at creation.
+    #[arg(long)]
+    pub machine: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory: u64,
+    /// New disk of this size (e.g. 64M, 10G); repeatable.
+    #[arg(long)]
+    pub disk: Vec<String>,
+    /// Import an existing image as a disk (converted to qcow2 v3); repeatable.
+    #[arg(long)]
+    pub import: Vec<PathBuf>,
+    /// Storage folder for the disks (one of the host's).
+    #[arg(long)]
+    pub folder: Option<PathBuf>,
+    /// Network adapter: user, none (not connected), tap:IFNAME, bridge:BRIDGE; repeatable.
+    #[arg(long)]
+    pub nic: Vec<String>,
+    /// Direct kernel boot: kernel image.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Direct kernel boot: initrd.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Direct kernel boot: kernel command line.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+}
+
+/// Parses sizes like `512`, `64K`, `64M`, `10G`, `1T` (binary units).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        Some('T' | 't') => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow!("size {s:?} is not a number with an optional K, M, G or T suffix"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| anyhow!("size {s:?} is too large"))
+}
+
+fn parse_nic(s: &str) -> Result<NicMode> {
+    Ok(match s {
+        "user" => NicMode::User,
+        "none" | "not-connected" => NicMode::NotConnected,
+        _ => match s.split_once(':') {
+            Some(("tap", i)) if !i.is_empty() => NicMode::Tap { ifname: i.into() },
+            Some(("bridge", b)) if !b.is_empty() => NicMode::Bridge { bridge: b.into() },
+            _ => bail!("network adapter {s:?} is not one of user, none, tap:IFNAME, bridge:BRIDGE"),
+        },
+    })
+}
+
+fn vm_name(s: &str) -> Result<VmName> {
+    VmName::new(s).map_err(|e| anyhow!("{e}"))
+}
+
+/// Runs the parsed command.
+pub fn run(args: Args) -> Result<ExitCode> {
+    let dd = DataDir::new(&args.data);
+    match args.cmd {
+        Cmd::Host(HostCmd::Init(a)) => {
+            let opts = vmrepl_host::init::InitOptions {
+                host_name: a.name,
+                listen: a.listen,
+                storage: a.storage,
+                accel: a.accel,
+                cert: a.cert.zip(a.key),
+                trust: a.trust,
+                qemu_binary: a.qemu,
+            };
+            let report = vmrepl_host::init::init_host(&dd, opts)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                crate::render::init_report(&report);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Host(HostCmd::IssueCert { name, out, days }) => {
+            let files = vmrepl_host::init::issue_cert(&dd, &name, &out, days)?;
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Host(HostCmd::Trust { ca }) => {
+            let p = vmrepl_host::init::trust_ca(&dd, &ca)?;
+            println!("trusting {} (copied to {})", ca.display(), p.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Daemon { background } => {
+            dd.require_host()?;
+            if background {
+                start_background(&dd)
+            } else {
+                vmrepl_host::daemon::run_foreground(&dd)?;
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+        Cmd::Host(HostCmd::Info) => call(&dd, args.json, Request::HostInfo),
+        Cmd::Stop => call(&dd, args.json, Request::Shutdown),
+        Cmd::Vm(v) => {
+            let req = match v {
+                VmCmd::Create(c) => Request::VmCreate(create_request(c)?),
+                VmCmd::List => Request::VmList,
+                VmCmd::Show { name } => Request::VmShow {
+                    name: vm_name(&name)?,
+                },
+                VmCmd::Start { name } => Request::VmStart {
+                    name: vm_name(&name)?,
+                },
+                VmCmd::Shutdown {
+                    name,
+                    timeout,
+                    force,
+                } => Request::VmShutdown {
+                    name: vm_name(&name)?,
+                    timeout_secs: timeout,
+                    force_after: force,
+                },
+                VmCmd::Stop { name } => Request::VmStop {
+                    name: vm_name(&name)?,
+                },
+                VmCmd::Delete { name, keep_disks } => Request::VmDelete {
+                    name: vm_name(&name)?,
+                    keep_disks,
+                },
+                VmCmd::Console { name, tail } => Request::VmConsole {
+                    name: vm_name(&name)?,
+                    tail_bytes: tail,
+                },
+            };
+            call(&dd, args.json, req)
+        }
+    }
+}
+
+fn create_request(c: CreateArgs) -> Result<CreateVm> {
+    let generation = Generation::try_from(c.generation).map_err(|e| anyhow!(e))?;
+    let mut disks = Vec::new();
+    for d in &c.disk {
+        disks.push(DiskSpec::New {
+            size_bytes: parse_size(d)?,
+            folder: c.folder.clone(),
+        });
+    }
+    for i in c.import {
+        let source =
+            std::path::absolute(&i).with_context(|| format!("resolving {}", i.display()))?;
+        disks.push(DiskSpec::Import {
+            source,
+            folder: c.folder.clone(),
+        });
+    }
+    let nics = c
+        .nic
+        .iter()
+        .map(|n| parse_nic(n))
+        .collect::<Result<Vec<_>>>()?;
+    let abs = |p: Option<PathBuf>| -> Result<Option<PathBuf>> {
+        p.map(|p| std::path::absolute(&p).map_err(|e| anyhow!("resolving {}: {e}", p.display())))
+            .transpose()
+    };
+    Ok(CreateVm {
+        name: c.name,
+        generation,
+        secure_boot: c.secure_boot,
+        machine_type: c.machine,
+        vcpus: c.cpus,
+        memory_mib: c.memory,
+        disks,
+        nics,
+        kernel: abs(c.kernel)?,
+        initrd: abs(c.initrd)?,
+        cmdline: c.cmdline,
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Sends one request to the daemon and renders the answer.
+pub fn call(dd: &DataDir, json: bool, req: Request) -> Result<ExitCode> {
+    dd.require_host()?;
+    let resp = runtime()?.block_on(async {
+        let mut c = Client::connect(dd.root(), &dd.socket()).await?;
+        c.call(&req).await
+    })?;
+    if json {
+        match &resp {
+            Response::Error(e) => {
+                println!("{}", serde_json::to_string_pretty(&resp)?);
+                return Ok(crate::render::exit_code(e.code));
+            }
+            _ => println!("{}", serde_json::to_string_pretty(&resp)?),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    Ok(crate::render::response(&resp))
+}
+
+fn start_background(dd: &DataDir) -> Result<ExitCode> {
+    let exe = std::env::current_exe().context("finding the vmrepl binary")?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dd.log_file())
+        .with_context(|| format!("opening {}", dd.log_file().display()))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--data")
+        .arg(dd.root())
+        .arg("daemon")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0);
+    let mut child = cmd.spawn().context("starting the daemon")?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let rt = runtime()?;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the daemon exited at once ({status}); its log {} says:\n{}",
+                dd.log_file().display(),
+                tail_file(&dd.log_file(), 2000)
+            );
+        }
+        let ok = rt.block_on(async {
+            match Client::connect(dd.root(), &dd.socket()).await {
+                Ok(mut c) => matches!(c.call(&Request::Ping).await, Ok(Response::Ok { .. })),
+                Err(_) => false,
+            }
+        });
+        if ok {
+            println!(
+                "daemon started (pid {}), log: {}",
+                child.id(),
+                dd.log_file().display()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "the daemon did not answer within 30 s; see {}",
+                dd.log_file().display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn tail_file(p: &Path, n: usize) -> String {
+    let s = std::fs::read_to_string(p).unwrap_or_default();
+    let start = s.len().saturating_sub(n);
+    s[s.floor_char_boundary(start)..].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn nics_parse_and_unknown_kinds_are_explained() {
+        assert_eq!(parse_nic("user").unwrap(), NicMode::User);
+        assert_eq!(parse_nic("none").unwrap(), NicMode::NotConnected);
+        assert_eq!(
+            parse_nic("tap:tap0").unwrap(),
+            NicMode::Tap {
+                ifname: "tap0".into()
+            }
+        );
+        assert!(parse_nic("wifi")
+            .unwrap_err()
+            .to_string()
+            .contains("tap:IFNAME"));
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+    }
+}

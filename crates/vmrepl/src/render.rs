@@ -1,0 +1,229 @@
+//! Human-readable rendering of API answers. JSON output is the answer itself.
+
+use std::process::ExitCode;
+use vmrepl_types::api::{ErrorCode, Response, VmSummary};
+use vmrepl_types::replication::ReplicationStatus;
+use vmrepl_types::HostInfo;
+
+/// Exit code per error class: 1 = refused (bad input, wrong state), 3 = not found,
+/// 4 = environment (I/O, QEMU, peer), 5 = internal.
+pub fn exit_code(code: ErrorCode) -> ExitCode {
+    ExitCode::from(match code {
+        ErrorCode::InvalidInput
+        | ErrorCode::AlreadyExists
+        | ErrorCode::WrongState
+        | ErrorCode::Unsupported => 1,
+        ErrorCode::NotFound => 3,
+        ErrorCode::Io | ErrorCode::Qemu | ErrorCode::Peer => 4,
+        ErrorCode::Internal => 5,
+    })
+}
+
+pub fn response(r: &Response) -> ExitCode {
+    match r {
+        Response::Ok { message } => println!("{message}"),
+        Response::HostInfo(h) => host_info(h),
+        Response::Vm(v) => vm(v),
+        Response::VmList { vms } => vm_list(vms),
+        Response::Console { text } => print!("{text}"),
+        Response::ReplicaServer(s) => {
+            println!(
+                "Replica server:      {}",
+                if s.enabled { "enabled" } else { "disabled" }
+            );
+            println!("Authentication:      certificate (mutual TLS)");
+            println!("Listener:            {}", s.listen);
+            if s.allow_any {
+                println!(
+                    "Authorization:       any authenticated host -> {} (trust group DEFAULT)",
+                    s.default_storage
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                );
+            } else {
+                println!("Authorization:       listed hosts only");
+            }
+            for e in &s.entries {
+                println!(
+                    "  {:<30} -> {} (trust group {})",
+                    e.primary,
+                    e.storage.display(),
+                    e.trust_group
+                );
+            }
+        }
+        Response::Replication { relationships } => replication(relationships),
+        Response::Error(e) => {
+            eprintln!("error: {}", e.message);
+            return exit_code(e.code);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn host_info(h: &HostInfo) {
+    println!("Host:                {}", h.host_name);
+    println!("vmrepl release:      {}", h.release);
+    println!(
+        "Protocol versions:   {}..{}",
+        h.protocol_versions.0, h.protocol_versions.1
+    );
+    println!("QEMU:                {}", h.qemu_version);
+    println!(
+        "KVM:                 {}",
+        if h.kvm_usable {
+            "usable".to_string()
+        } else {
+            format!("not usable ({})", h.kvm_reason.clone().unwrap_or_default())
+        }
+    );
+    println!(
+        "Config versions:     {} to {}",
+        h.config_versions.0, h.config_versions.1
+    );
+    println!("Firmware:");
+    for f in &h.firmware {
+        println!("  {:<22} {}", f.id.as_str(), f.code.display());
+    }
+    println!("Machine types:       {}", h.machine_types.join(", "));
+    println!("Storage:");
+    for s in &h.storage {
+        println!(
+            "  {:<40} {:>8.1} GiB free of {:.1} GiB",
+            s.path.display(),
+            s.free_bytes as f64 / (1u64 << 30) as f64,
+            s.total_bytes as f64 / (1u64 << 30) as f64
+        );
+    }
+}
+
+fn vm(v: &VmSummary) {
+    let d = &v.definition;
+    println!("Name:          {}", d.name);
+    println!("UUID:          {}", d.uuid);
+    println!(
+        "State:         {}{}",
+        v.state,
+        v.note
+            .as_ref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default()
+    );
+    if let Some(p) = v.pid {
+        println!("QEMU pid:      {p}");
+    }
+    println!("Generation:    {}", d.generation);
+    println!("Firmware:      {}", d.firmware);
+    println!("Machine type:  {}", d.machine_type);
+    println!("Config ver.:   {}", d.config_version);
+    println!("vCPUs:         {}", d.vcpus);
+    println!("Memory:        {} MiB", d.memory_mib);
+    for disk in &d.disks {
+        println!(
+            "Disk {:<8} {} ({} MiB)",
+            disk.id,
+            disk.path.display(),
+            disk.size_bytes >> 20
+        );
+    }
+    for (i, n) in d.nics.iter().enumerate() {
+        println!("NIC {i}:         {} {:?}", n.mac, n.mode);
+    }
+    if let Some(k) = &d.kernel {
+        println!("Kernel:        {} ({})", k.kernel.display(), k.cmdline);
+    }
+    if let Some(r) = &v.replication {
+        println!("Replication:   {r}");
+    }
+}
+
+fn vm_list(vms: &[VmSummary]) {
+    println!(
+        "{:<24} {:<14} {:<4} {:<16} {:<8}",
+        "NAME", "STATE", "GEN", "MACHINE", "PID"
+    );
+    for v in vms {
+        println!(
+            "{:<24} {:<14} {:<4} {:<16} {:<8}",
+            v.definition.name.as_str(),
+            v.state.to_string(),
+            v.definition.generation.number(),
+            v.definition.machine_type,
+            v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+        );
+    }
+}
+
+fn replication(rs: &[ReplicationStatus]) {
+    if rs.is_empty() {
+        println!("No VM on this host is replicating.");
+        return;
+    }
+    for r in rs {
+        println!("VM:              {} ({:?})", r.vm, r.role);
+        println!("State:           {}", r.state);
+        println!("Health:          {:?}", r.health);
+        for d in &r.health_details {
+            println!("                 {d}");
+        }
+        println!("Primary server:  {}", r.primary_host);
+        println!("Replica server:  {}", r.replica_host);
+        println!("Frequency:       {} s", r.frequency_secs);
+        println!("Last sequence:   {}", r.last_sequence);
+        if let Some(w) = &r.waiting_on {
+            println!("Waiting on:      {w}");
+        }
+        if let Some(e) = &r.last_error {
+            println!("Last error:      {e}");
+        }
+        if let Some(p) = &r.progress {
+            let pct = if p.bytes_total > 0 {
+                p.bytes_done as f64 * 100.0 / p.bytes_total as f64
+            } else {
+                100.0
+            };
+            let filled = (pct / 5.0) as usize;
+            println!(
+                "Progress:        [{}{}] {:.0}% {} / {} MiB at {:.1} MiB/s ({})",
+                "#".repeat(filled),
+                ".".repeat(20 - filled.min(20)),
+                pct,
+                p.bytes_done >> 20,
+                p.bytes_total >> 20,
+                p.rate_bytes_per_sec / (1u64 << 20) as f64,
+                p.what
+            );
+        }
+        let s = &r.stats;
+        println!(
+            "Statistics:      {} ok, {} missed, {} failed; {} MiB sent (largest {} MiB); avg latency {:.1} s",
+            s.success_count,
+            s.miss_count,
+            s.failure_count,
+            s.total_bytes >> 20,
+            s.max_bytes >> 20,
+            s.avg_latency_secs
+        );
+        println!();
+    }
+}
+
+/// Prints what `host init` made.
+pub fn init_report(r: &vmrepl_host::init::InitReport) {
+    println!("Created host {} in {}", r.host_name, r.data.display());
+    println!("  peer API:     {}", r.listen);
+    println!("  certificate:  {} ({})", r.cert.display(), r.cert_source);
+    println!(
+        "  storage:      {}",
+        r.storage
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "Start it with: vmrepl --data {} daemon --background",
+        r.data.display()
+    );
+}
