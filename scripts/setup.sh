@@ -73,7 +73,7 @@ fi
 log "$(qemu-system-x86_64 --version | head -n1)"
 log "$(qemu-img --version | head -n1)"
 [ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || die "OVMF_CODE_4M.fd missing (package ovmf)"
-if [ -e /dev/kvm ]; then log "KVM available"; else log "no /dev/kvm: VMs run under TCG (slower)"; fi
+if [ -e /dev/kvm ]; then log "/dev/kvm present (whether KVM actually works is not checked here)"; else log "no /dev/kvm: VMs run under TCG"; fi
 command -v cargo >/dev/null || log "note: cargo not found; install a Rust toolchain (>= 1.85) to build vmrepl"
 
 if [ "${VMREPL_SKIP_GUEST:-0}" = 1 ]; then
