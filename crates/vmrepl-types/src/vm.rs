@@ -70,8 +70,10 @@ pub enum FirmwareVariantId {
     /// SeaBIOS (generation 1).
     Seabios,
     /// OVMF 4M without Secure Boot.
+    #[serde(rename = "ovmf-4m")]
     Ovmf4m,
     /// OVMF 4M with Secure Boot and Microsoft keys enrolled.
+    #[serde(rename = "ovmf-4m-secure-boot")]
     Ovmf4mSecureBoot,
 }
 

@@ -57,10 +57,7 @@ fn a_generation_1_vm_writes_data_shuts_down_cleanly_and_the_data_is_on_disk() {
     assert_eq!(h.vm_state("gen1"), "running");
     h.wait_console("gen1", "VMREPL IDLE", BOOT);
     let c = h.console("gen1");
-    assert!(
-        c.contains("VMREPL VERIFY dev=/dev/vda blocks=64 ok=64"),
-        "{c}"
-    );
+    assert!(c.contains("VMREPL VERIFY dev=vda blocks=64 ok=64"), "{c}");
     h.ok(&["vm", "shutdown", "gen1", "--timeout", "60"]);
     assert_eq!(h.vm_state("gen1"), "off");
     verify_image(&disk_path(&h, "gen1", 0), 64, "--gen", 3);
@@ -190,13 +187,11 @@ fn a_generation_2_vm_is_refused_on_a_host_without_ovmf() {
     let cfg = std::fs::read_to_string(&cfg_path).unwrap();
     let cfg = cfg
         .lines()
-        .filter(|l| !l.starts_with("firmware_dirs"))
+        .filter(|l| !l.starts_with("ovmf_dir") && !l.starts_with("seabios_dir"))
         .collect::<Vec<_>>()
         .join("\n");
-    let cfg = format!(
-        "firmware_dirs = [{:?}]\n{cfg}\n",
-        empty.display().to_string()
-    );
+    let e = format!("{:?}", empty.display().to_string());
+    let cfg = format!("ovmf_dir = {e}\nseabios_dir = {e}\n{cfg}\n");
     std::fs::write(&cfg_path, cfg).unwrap();
     h.start();
     let e = h.fails(&["vm", "create", "uefi", "--generation", "2", "--disk", "8M"]);
