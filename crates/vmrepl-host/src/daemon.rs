@@ -31,7 +31,8 @@ pub enum DaemonError {
 /// The running host.
 pub struct Daemon {
     pub dd: DataDir,
-    pub cfg: HostConfig,
+    pub cfg: std::sync::RwLock<HostConfig>,
+    pub identity: Arc<vmrepl_transport::pki::HostIdentity>,
     pub db: Arc<Mutex<Db>>,
     pub vmm: Arc<Vmm>,
     stop: tokio::sync::Notify,
@@ -80,15 +81,30 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
         db.clone(),
     );
     vmm.reattach_all().await;
+    let tp = crate::init::tls_paths(&dd);
+    let identity = Arc::new(
+        vmrepl_transport::pki::HostIdentity::load(
+            &tp.host_cert,
+            &tp.host_key,
+            &crate::init::trusted_cas(&dd),
+        )
+        .map_err(|e| DaemonError::Peer(e.to_string()))?,
+    );
+    let peer_listener =
+        vmrepl_transport::tls::Listener::bind(cfg.listen.as_str(), identity.clone())
+            .await
+            .map_err(|e| DaemonError::Peer(format!("cannot listen on {}: {e}", cfg.listen)))?;
     let listener = mgmt::bind(&dd.socket())?;
     let d = Arc::new(Daemon {
         dd: dd.clone(),
-        cfg,
+        cfg: std::sync::RwLock::new(cfg),
+        identity,
         db,
         vmm,
         stop: tokio::sync::Notify::new(),
     });
     let server = tokio::spawn(mgmt::serve(listener, d.clone()));
+    let peer = tokio::spawn(crate::peer::server::serve(peer_listener, d.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(DaemonError::Runtime)?;
     tracing::info!(target: "vmrepl::daemon", socket = %dd.socket().display(), "ready");
@@ -98,6 +114,7 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
         _ = tokio::signal::ctrl_c() => {}
     }
     server.abort();
+    peer.abort();
     let _ = std::fs::remove_file(dd.socket());
     tracing::info!(target: "vmrepl::daemon", "stopped; running VMs keep running");
     Ok(())
@@ -121,9 +138,8 @@ impl Daemon {
             },
             Request::HostInfo => {
                 let mut info = vmm.caps().clone();
-                info.storage = self
-                    .cfg
-                    .storage
+                let storage = self.cfg.read().expect("cfg").storage.clone();
+                info.storage = storage
                     .iter()
                     .filter_map(|p| vmrepl_qemu::caps::storage_info(p).ok())
                     .collect();

@@ -7,6 +7,7 @@
 //! * [`init`]: `host init` and certificate chores.
 //! * [`vmm`]: VM definition and supervision through the QEMU wrapper.
 //! * [`daemon`]: wiring and request dispatch.
+//! * [`peer`]: the peer API between hosts (mutual TLS).
 
 pub mod config;
 pub mod daemon;
@@ -15,4 +16,5 @@ pub mod db;
 pub mod fsutil;
 pub mod init;
 pub mod mgmt;
+pub mod peer;
 pub mod vmm;

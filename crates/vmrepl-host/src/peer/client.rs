@@ -1,0 +1,1 @@
+//! Primary side of the peer API (being written).

@@ -1,0 +1,118 @@
+//! The peer protocol: typed control messages exchanged over a mutually authenticated TLS
+//! connection after `vmrepl_transport::frame::Framed::negotiate`. Every request is one
+//! Control frame; every answer is one Control frame. A log transfer (`SendLog`) is followed by
+//! Data frames carrying the encoded replication log (see `vmrepl-log`), ended by an empty Data
+//! frame; the replica answers `LogAck` only once the log is durable and verified (I1, I4).
+//!
+//! Compatibility rule: fields may be added with `#[serde(default)]`; removing or renaming one
+//! needs a new protocol version (`vmrepl_types::PROTOCOL_VERSIONS`).
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use vmrepl_types::{HostInfo, VmDefinition};
+
+/// Where an interrupted log transfer resumes (mirrors `vmrepl_log::ResumePoint`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    pub records: u64,
+    pub bytes: u64,
+}
+
+/// Recovery-point policy the primary asks the replica to keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointPolicy {
+    /// Additional recovery points kept (0..=24).
+    pub keep: u32,
+    /// Seconds between recovery points.
+    pub interval_secs: u32,
+}
+
+/// A request from a primary (the TLS client) to a replica server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum PeerRequest {
+    /// First message on every connection: who we are and what we can run.
+    Hello { host_info: Box<HostInfo> },
+    /// Can this replica server host this VM? (authorization, capabilities, room)
+    CheckReplica { vm: Box<VmDefinition> },
+    /// Create the replica VM (idempotent for the same primary and relationship).
+    CreateReplica {
+        vm: Box<VmDefinition>,
+        relationship: Uuid,
+        policy: PointPolicy,
+    },
+    /// Where does the replica of this VM stand?
+    ReplicaState { vm_uuid: Uuid },
+    /// A log follows as Data frames (ended by an empty Data frame).
+    SendLog {
+        vm_uuid: Uuid,
+        sequence: u64,
+        base_sequence: u64,
+        /// Set when the primary resumes a cut transfer from what the replica said it holds.
+        resume: Option<Resume>,
+    },
+    /// Update the recovery-point policy.
+    SetPolicy { vm_uuid: Uuid, policy: PointPolicy },
+    /// Remove the replica relationship; the replica VM's data is kept unless `delete`.
+    RemoveReplica { vm_uuid: Uuid, delete: bool },
+    /// Is this VM running on your side? (the one-host-at-a-time guard, I6)
+    VmRunning { vm_uuid: Uuid },
+}
+
+/// How a replica refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RefusalCode {
+    /// The replica server is disabled.
+    Disabled,
+    /// This primary is not authorized (no matching entry).
+    NotAuthorized,
+    /// The primary is authorized, but not in the replica VM's trust group.
+    WrongTrustGroup,
+    /// The replica host's QEMU cannot run this VM (I7).
+    Incompatible,
+    /// No such replica VM.
+    UnknownVm,
+    /// A replica of this VM exists for another primary/relationship.
+    Conflict,
+    /// The log does not follow the last applied one: resynchronization required (I3).
+    OutOfOrder,
+    /// The log failed verification (checksums, bounds, truncation) (I4).
+    BadLog,
+    /// Not enough space on the replica storage.
+    DiskFull,
+    /// The request is malformed or unexpected.
+    BadRequest,
+    /// Anything else on the replica side.
+    Internal,
+}
+
+/// A replica's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum PeerResponse {
+    Hello {
+        host_info: Box<HostInfo>,
+    },
+    Ok,
+    ReplicaState {
+        /// Last applied (and acknowledged) sequence; 0 = nothing yet.
+        last_applied: u64,
+        /// A partially received log the primary may resume: (sequence, resume point).
+        partial: Option<(u64, Resume)>,
+        /// Frozen recovery points (sequence, unix ms).
+        points: Vec<(u64, i64)>,
+    },
+    /// Log `sequence` is durable and verified on the replica (the primary may drop its bitmap).
+    LogAck {
+        sequence: u64,
+        bytes: u64,
+    },
+    Running {
+        running: bool,
+    },
+    Refused {
+        code: RefusalCode,
+        message: String,
+    },
+}
