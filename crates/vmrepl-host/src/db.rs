@@ -7,7 +7,7 @@ use uuid::Uuid;
 use vmrepl_types::{VmDefinition, VmRunState};
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 const MIGRATIONS: &[&str] = &[
     // 1: VMs and the event journal.
@@ -25,6 +25,30 @@ const MIGRATIONS: &[&str] = &[
         vm TEXT,
         message TEXT NOT NULL
      );",
+    // 2: primary-side replication relationships and their cycle history.
+    "CREATE TABLE relationships (
+        vm_uuid TEXT PRIMARY KEY,
+        rel_id TEXT NOT NULL,
+        settings TEXT NOT NULL,
+        replica_name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        acked_seq INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        created_ms INTEGER NOT NULL,
+        last_success_ms INTEGER
+     );
+     CREATE TABLE cycles (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        vm_uuid TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        start_ms INTEGER NOT NULL,
+        duration_ms INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        error TEXT
+     );
+     CREATE INDEX cycles_vm ON cycles (vm_uuid, start_ms);",
 ];
 
 /// Database errors.
