@@ -35,6 +35,7 @@ pub struct Daemon {
     pub identity: Arc<vmrepl_transport::pki::HostIdentity>,
     pub db: Arc<Mutex<Db>>,
     pub vmm: Arc<Vmm>,
+    pub repl: crate::replication::Runtime,
     stop: tokio::sync::Notify,
 }
 
@@ -101,10 +102,13 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
         identity,
         db,
         vmm,
+        repl: Default::default(),
         stop: tokio::sync::Notify::new(),
     });
     let server = tokio::spawn(mgmt::serve(listener, d.clone()));
     let peer = tokio::spawn(crate::peer::server::serve(peer_listener, d.clone()));
+    crate::replica::recover(&d).await;
+    crate::replication::start_all(&d);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(DaemonError::Runtime)?;
     tracing::info!(target: "vmrepl::daemon", socket = %dd.socket().display(), "ready");
@@ -130,6 +134,57 @@ impl Handler for Daemon {
 }
 
 impl Daemon {
+    /// Applies a change to the replica server settings and saves the configuration.
+    fn change_replica_server(
+        &self,
+        c: vmrepl_types::api::ReplicaServerChange,
+    ) -> Result<vmrepl_types::replication::ReplicaServerSettings, ApiError> {
+        let mut cfg = self.cfg.write().expect("cfg");
+        let mut next = cfg.clone();
+        let rs = &mut next.replica_server;
+        if let Some(e) = c.enabled {
+            rs.enabled = e;
+        }
+        if let Some(a) = c.allow_any {
+            rs.allow_any = a;
+        }
+        if let Some(p) = c.default_storage {
+            if !p.is_absolute() {
+                return Err(ApiError::new(ErrorCode::InvalidInput, format!("Storage folder {} is not an absolute path.", p.display())));
+            }
+            rs.default_storage = Some(p);
+        }
+        if let Some(entry) = c.add_entry {
+            vmrepl_transport::authz::AuthzEntry::try_from(&entry)
+                .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
+            if !entry.storage.is_absolute() {
+                return Err(ApiError::new(ErrorCode::InvalidInput, format!("Storage folder {} is not an absolute path.", entry.storage.display())));
+            }
+            if entry.trust_group.trim().is_empty() {
+                return Err(ApiError::new(ErrorCode::InvalidInput, "The trust group is empty; name one (for example DEFAULT)."));
+            }
+            rs.entries.retain(|e| !e.primary.eq_ignore_ascii_case(&entry.primary));
+            rs.entries.push(entry);
+        }
+        if let Some(p) = c.remove_entry {
+            let before = rs.entries.len();
+            rs.entries.retain(|e| !e.primary.eq_ignore_ascii_case(&p));
+            if rs.entries.len() == before {
+                return Err(ApiError::new(ErrorCode::NotFound, format!("There is no authorization entry for {p:?}.")));
+            }
+        }
+        for s in rs.default_storage.iter().chain(rs.entries.iter().map(|e| &e.storage)) {
+            std::fs::create_dir_all(s).map_err(|e| {
+                ApiError::new(ErrorCode::Io, format!("Cannot create storage folder {}: {e}", s.display()))
+            })?;
+        }
+        next.validate().map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
+        next.save(&self.dd.config()).map_err(|e| ApiError::new(ErrorCode::Io, e.to_string()))?;
+        let out = next.replica_server.clone();
+        *cfg = next;
+        Ok(out)
+    }
+
     async fn dispatch(self: &Arc<Self>, req: Request) -> Result<Response, ApiError> {
         let vmm = &self.vmm;
         Ok(match req {
@@ -170,18 +225,41 @@ impl Daemon {
                     message: "daemon stopping; running VMs keep running".into(),
                 }
             }
-            Request::ReplicaServerShow
-            | Request::ReplicaServerSet(_)
-            | Request::ReplicationEnable { .. }
-            | Request::ReplicationStatus { .. }
-            | Request::ReplicationPause { .. }
-            | Request::ReplicationResume { .. }
-            | Request::ReplicationRemove { .. } => {
-                return Err(ApiError::new(
-                    ErrorCode::Unsupported,
-                    "Replication is not available in this build yet.",
-                ))
+            Request::ReplicaServerShow => {
+                Response::ReplicaServer(self.cfg.read().expect("cfg").replica_server.clone())
             }
+            Request::ReplicaServerSet(change) => Response::ReplicaServer(self.change_replica_server(change)?),
+            Request::ReplicationEnable { name, settings } => Response::Ok {
+                message: crate::replication::enable(self, &name, settings).await?,
+            },
+            Request::ReplicationStatus { name } => {
+                let only = match &name {
+                    Some(n) => Some(vmm.show(n)?.definition.uuid),
+                    None => None,
+                };
+                let mut relationships = crate::replication::statuses(self, only);
+                relationships.extend(
+                    crate::replica::statuses(self)
+                        .into_iter()
+                        .filter(|r| only.is_none_or(|o| o == r.vm_uuid) && name.as_ref().is_none_or(|n| *n == r.vm)),
+                );
+                if let (Some(n), true) = (&name, relationships.is_empty()) {
+                    return Err(ApiError::new(
+                        ErrorCode::NotFound,
+                        format!("Replication is not enabled for VM {n} on this host."),
+                    ));
+                }
+                Response::Replication { relationships }
+            }
+            Request::ReplicationPause { name } => Response::Ok {
+                message: crate::replication::pause(self, &name)?,
+            },
+            Request::ReplicationResume { name } => Response::Ok {
+                message: crate::replication::resume(self, &name)?,
+            },
+            Request::ReplicationRemove { name, delete_replica } => Response::Ok {
+                message: crate::replication::remove(self, &name, delete_replica).await?,
+            },
         })
     }
 }

@@ -8,6 +8,7 @@
 //! * [`vmm`]: VM definition and supervision through the QEMU wrapper.
 //! * [`daemon`]: wiring and request dispatch.
 //! * [`peer`]: the peer API between hosts (mutual TLS).
+//! * [`replica`]: the replica side: replica VMs, applying received logs, recovery points.
 
 pub mod config;
 pub mod daemon;
@@ -17,4 +18,6 @@ pub mod fsutil;
 pub mod init;
 pub mod mgmt;
 pub mod peer;
+pub mod replica;
+pub mod replication;
 pub mod vmm;

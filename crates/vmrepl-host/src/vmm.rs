@@ -41,6 +41,8 @@ pub struct Vmm {
     accel: vmrepl_qemu::caps::ResolvedAccel,
     db: Arc<Mutex<Db>>,
     live: tokio::sync::Mutex<HashMap<Uuid, Live>>,
+    /// Per-VM operation locks: start/stop/delete and replication cycles never overlap.
+    ops: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
@@ -68,11 +70,46 @@ impl Vmm {
             accel,
             db,
             live: tokio::sync::Mutex::new(HashMap::new()),
+            ops: Mutex::new(HashMap::new()),
         })
     }
 
     pub fn caps(&self) -> &HostInfo {
         &self.caps
+    }
+
+    /// Takes the VM's operation lock (held by lifecycle verbs and replication cycles).
+    pub async fn op_lock(&self, uuid: Uuid) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = self
+            .ops
+            .lock()
+            .expect("ops")
+            .entry(uuid)
+            .or_default()
+            .clone();
+        m.lock_owned().await
+    }
+
+    /// The definition of the VM with this UUID.
+    pub fn definition(&self, uuid: Uuid) -> Option<VmDefinition> {
+        self.db
+            .lock()
+            .expect("db")
+            .vm_by_uuid(uuid)
+            .ok()
+            .flatten()
+            .map(|r| r.definition)
+    }
+
+    /// The VM's run state.
+    pub fn run_state(&self, uuid: Uuid) -> Option<VmRunState> {
+        self.db
+            .lock()
+            .expect("db")
+            .vm_by_uuid(uuid)
+            .ok()
+            .flatten()
+            .map(|r| r.state)
     }
 
     fn row(&self, name: &VmName) -> Result<VmRow, ApiError> {
@@ -425,6 +462,8 @@ impl Vmm {
 
     /// Starts a VM.
     pub async fn start(self: &Arc<Self>, name: &VmName) -> Result<VmSummary, ApiError> {
+        let uuid = self.row(name)?.definition.uuid;
+        let _op = self.op_lock(uuid).await;
         let row = self.row(name)?;
         let def = row.definition.clone();
         match row.state {
@@ -635,6 +674,7 @@ impl Vmm {
     ) -> Result<VmSummary, ApiError> {
         let row = self.row(name)?;
         let uuid = row.definition.uuid;
+        let _op = self.op_lock(uuid).await;
         let Some((pid, proc, expected)) = self.live_handle(uuid).await else {
             return Err(err(
                 ErrorCode::WrongState,
@@ -681,6 +721,7 @@ impl Vmm {
     pub async fn stop(&self, name: &VmName) -> Result<VmSummary, ApiError> {
         let row = self.row(name)?;
         let uuid = row.definition.uuid;
+        let _op = self.op_lock(uuid).await;
         let Some((pid, proc, expected)) = self.live_handle(uuid).await else {
             return Err(err(
                 ErrorCode::WrongState,
@@ -698,6 +739,7 @@ impl Vmm {
 
     /// Deletes a VM that is off.
     pub async fn delete(&self, name: &VmName, keep_disks: bool) -> Result<String, ApiError> {
+        let _op = self.op_lock(self.row(name)?.definition.uuid).await;
         let row = self.row(name)?;
         let def = &row.definition;
         if !matches!(

@@ -42,8 +42,111 @@ pub enum Cmd {
     /// Define, run and inspect VMs.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Replica server settings and VM replication (Hyper-V Replica's verbs).
+    #[command(subcommand)]
+    Replication(ReplCmd),
     /// Stop the daemon (running VMs keep running; it reattaches at next start).
     Stop,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ReplCmd {
+    /// Replica server settings of this host (Hyper-V Settings > Replication Configuration).
+    #[command(subcommand)]
+    Server(ServerCmd),
+    /// Enable replication of a VM to a replica server (starts initial replication).
+    Enable(EnableArgs),
+    /// Where each replication relationship on this host stands.
+    Status {
+        /// Only this VM.
+        name: Option<String>,
+        /// Keep showing the status every second until it is replicating and healthy (or --for).
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: give up after this many seconds.
+        #[arg(long = "for", default_value_t = 600)]
+        watch_for: u64,
+    },
+    /// Pause replication of a VM (changes are still tracked).
+    Pause { name: String },
+    /// Resume a paused replication.
+    Resume { name: String },
+    /// Remove replication of a VM (the replica keeps its data unless --delete-replica).
+    Remove {
+        name: String,
+        #[arg(long)]
+        delete_replica: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ServerCmd {
+    /// Show the replica server settings.
+    Show,
+    /// Change the replica server settings.
+    Set {
+        /// Enable this host as a replica server.
+        #[arg(long, conflicts_with = "disable")]
+        enable: bool,
+        /// Disable it.
+        #[arg(long)]
+        disable: bool,
+        /// Accept any authenticated primary (trust group DEFAULT) into --default-storage.
+        #[arg(long, conflicts_with = "listed_only")]
+        allow_any: bool,
+        /// Accept only primaries that match an authorization entry.
+        #[arg(long)]
+        listed_only: bool,
+        /// Storage folder for replicas from any authenticated primary.
+        #[arg(long)]
+        default_storage: Option<PathBuf>,
+    },
+    /// Authorize primaries (host-name pattern; `*` only as the whole first label).
+    Authorize {
+        /// Primary host name or pattern, e.g. hosta.example.org or *.example.org.
+        #[arg(long)]
+        primary: String,
+        /// Where their replica VMs are stored.
+        #[arg(long)]
+        storage: PathBuf,
+        /// Trust group: a replica VM accepts logs only from primaries of its group.
+        #[arg(long, default_value = "DEFAULT")]
+        trust_group: String,
+    },
+    /// Remove an authorization entry.
+    Revoke {
+        #[arg(long)]
+        primary: String,
+    },
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct EnableArgs {
+    pub name: String,
+    /// The replica server, HOST:PORT.
+    #[arg(long)]
+    pub replica_server: String,
+    /// The replica server's host name as its certificate names it (default: HOST).
+    #[arg(long)]
+    pub replica_name: Option<String>,
+    /// Seconds between replication cycles: 30, 300 or 900 (or any value from 5).
+    #[arg(long, default_value_t = 300)]
+    pub frequency: u32,
+    /// Additional recovery points to keep (0 to 24).
+    #[arg(long, default_value_t = 0)]
+    pub recovery_points: u32,
+    /// Seconds between recovery points (Hyper-V: hourly).
+    #[arg(long, default_value_t = 3600)]
+    pub point_interval: u32,
+    /// Turn compression off (zstd is on by default).
+    #[arg(long)]
+    pub no_compression: bool,
+    /// A disk id (disk0, disk1, ...) not to replicate; repeatable.
+    #[arg(long)]
+    pub exclude_disk: Vec<String>,
+    /// Start initial replication at this Unix time instead of now.
+    #[arg(long)]
+    pub initial_at: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -253,6 +356,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             }
         }
         Cmd::Host(HostCmd::Info) => call(&dd, args.json, Request::HostInfo),
+        Cmd::Replication(r) => replication(&dd, args.json, r),
         Cmd::Stop => call(&dd, args.json, Request::Shutdown),
         Cmd::Vm(v) => {
             let req = match v {
@@ -287,6 +391,105 @@ pub fn run(args: Args) -> Result<ExitCode> {
             };
             call(&dd, args.json, req)
         }
+    }
+}
+
+fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
+    use vmrepl_types::api::ReplicaServerChange;
+    use vmrepl_types::replication::{AuthorizationEntry, InitialReplication};
+    let req = match r {
+        ReplCmd::Server(ServerCmd::Show) => Request::ReplicaServerShow,
+        ReplCmd::Server(ServerCmd::Set { enable, disable, allow_any, listed_only, default_storage }) => {
+            let abs = default_storage
+                .map(|p| std::path::absolute(&p))
+                .transpose()?;
+            Request::ReplicaServerSet(ReplicaServerChange {
+                enabled: if enable { Some(true) } else if disable { Some(false) } else { None },
+                allow_any: if allow_any { Some(true) } else if listed_only { Some(false) } else { None },
+                default_storage: abs,
+                ..Default::default()
+            })
+        }
+        ReplCmd::Server(ServerCmd::Authorize { primary, storage, trust_group }) => {
+            Request::ReplicaServerSet(ReplicaServerChange {
+                add_entry: Some(AuthorizationEntry {
+                    primary,
+                    storage: std::path::absolute(&storage)?,
+                    trust_group,
+                }),
+                ..Default::default()
+            })
+        }
+        ReplCmd::Server(ServerCmd::Revoke { primary }) => Request::ReplicaServerSet(ReplicaServerChange {
+            remove_entry: Some(primary),
+            ..Default::default()
+        }),
+        ReplCmd::Enable(a) => {
+            let mut settings = vmrepl_host::replication::default_settings(&a.replica_server);
+            settings.replica_host_name = a.replica_name;
+            settings.frequency_secs = a.frequency;
+            settings.recovery_points = a.recovery_points;
+            settings.recovery_point_interval_secs = a.point_interval;
+            settings.compression = !a.no_compression;
+            settings.exclude_disks = a.exclude_disk;
+            if let Some(t) = a.initial_at {
+                settings.initial = InitialReplication::NetworkAt { unix_secs: t };
+            }
+            Request::ReplicationEnable { name: vm_name(&a.name)?, settings }
+        }
+        ReplCmd::Status { name, watch, watch_for } => {
+            let name = name.map(|n| vm_name(&n)).transpose()?;
+            if watch {
+                return watch_status(dd, json, name, watch_for);
+            }
+            Request::ReplicationStatus { name }
+        }
+        ReplCmd::Pause { name } => Request::ReplicationPause { name: vm_name(&name)? },
+        ReplCmd::Resume { name } => Request::ReplicationResume { name: vm_name(&name)? },
+        ReplCmd::Remove { name, delete_replica } => Request::ReplicationRemove {
+            name: vm_name(&name)?,
+            delete_replica,
+        },
+    };
+    call(dd, json, req)
+}
+
+/// Shows the status every second until every relationship replicates with Normal health.
+fn watch_status(dd: &DataDir, json: bool, name: Option<VmName>, secs: u64) -> Result<ExitCode> {
+    use vmrepl_types::replication::{Health, ReplicationState};
+    dd.require_host()?;
+    let rt = runtime()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let resp = rt.block_on(async {
+            let mut c = Client::connect(dd.root(), &dd.socket()).await?;
+            c.call(&Request::ReplicationStatus { name: name.clone() }).await
+        })?;
+        let done = match &resp {
+            Response::Replication { relationships } => {
+                !relationships.is_empty()
+                    && relationships
+                        .iter()
+                        .all(|r| r.state == ReplicationState::Replicating && r.health == Health::Normal)
+            }
+            Response::Error(_) => {
+                return Ok(crate::render::response(&resp));
+            }
+            _ => false,
+        };
+        if json {
+            println!("{}", serde_json::to_string(&resp)?);
+        } else {
+            println!("--- {}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+            crate::render::response(&resp);
+        }
+        if done {
+            return Ok(ExitCode::SUCCESS);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("replication did not reach Replicating with Normal health within {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }
 

@@ -1,0 +1,1092 @@
+//! Primary-side replication: relationships, the per-VM scheduler and one cycle, top-down.
+//!
+//! ```text
+//! enable ──► WaitingForInitialReplication ──(initial log 1 acked)──► Replicating
+//!                 ▲                                                   │  ▲
+//!                 │ failure: bitmaps removed, retried                 │  │ resume
+//!                 │                                                   ▼  │
+//!                 │                                                 Suspended (pause)
+//!                 │
+//!   tracking cannot be trusted / replica refused a log as out of order
+//!                 ──► ResynchronizationRequired
+//! ```
+//!
+//! One cycle (for the relationship's recording bitmap N, last acknowledged log N):
+//! 1. take the VM's operation lock (no start/stop while a cycle runs); reach its block nodes
+//!    through the running QEMU, or through qemu-storage-daemon when the VM is off;
+//! 2. if a built log N+1 is still waiting (a transfer was cut), resume it from what the
+//!    replica holds durably; else one QMP transaction freezes bitmap N, starts N+1 and
+//!    copies the dirty clusters of every disk (and the UEFI vars) into staging images;
+//! 3. encode log N+1 (extents from the staging images, zstd, checksums) into a local file;
+//! 4. send it; the replica acknowledges once it is durable and verified;
+//! 5. only then drop bitmap N (I1). Any failure before the acknowledgement merges bitmap N
+//!    back into N+1, so the next cycle carries the changes.
+
+use crate::daemon::Daemon;
+use crate::db::now_ms;
+use crate::peer::client::PeerClient;
+use crate::peer::proto::{PeerRequest, PeerResponse, PointPolicy, RefusalCode, Resume};
+use rusqlite::{params, OptionalExtension};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use uuid::Uuid;
+use vmrepl_log::{Compression, DiskInfo, LogHeader, LogKind, LogWriter, ResumePoint};
+use vmrepl_tracking::{ChunkData, ExtentReader, RelTag, Staging};
+use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::replication::{
+    Health, InitialReplication, Progress, ReplicationSettings, ReplicationState,
+    ReplicationStats, ReplicationStatus, Role,
+};
+use vmrepl_types::{Generation, VmDefinition, VmName};
+
+/// Hyper-V's default monitoring window for health and statistics.
+pub const MONITORING_WINDOW_MS: u64 = 12 * 3600 * 1000;
+
+/// Disk id under which the UEFI variable store travels in a log.
+pub const NVRAM_DISK: &str = "nvram";
+
+/// In-memory state of the running relationships.
+#[derive(Default)]
+pub struct Runtime {
+    rels: Mutex<HashMap<Uuid, Arc<RelRuntime>>>,
+}
+
+/// One relationship's live handles.
+#[derive(Default)]
+pub struct RelRuntime {
+    wake: tokio::sync::Notify,
+    progress: Mutex<Option<Progress>>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+/// A relationship as stored.
+#[derive(Debug, Clone)]
+pub struct Relationship {
+    pub vm_uuid: Uuid,
+    pub rel_id: Uuid,
+    pub settings: ReplicationSettings,
+    pub replica_name: String,
+    pub state: ReplicationState,
+    pub acked_seq: u64,
+    pub last_error: Option<String>,
+    pub created_ms: u64,
+    pub last_success_ms: Option<u64>,
+}
+
+fn err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
+    ApiError::new(code, msg)
+}
+
+fn state_str(s: ReplicationState) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+fn parse_state(s: &str) -> ReplicationState {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .unwrap_or(ReplicationState::Error)
+}
+
+fn load(d: &Daemon, vm: Uuid) -> Option<Relationship> {
+    let db = d.db.lock().expect("db");
+    db.conn()
+        .query_row(
+            "SELECT rel_id, settings, replica_name, state, acked_seq, last_error, created_ms, last_success_ms FROM relationships WHERE vm_uuid = ?1",
+            params![vm.to_string()],
+            |r| {
+                Ok(Relationship {
+                    vm_uuid: vm,
+                    rel_id: r.get::<_, String>(0)?.parse().unwrap_or_default(),
+                    settings: serde_json::from_str(&r.get::<_, String>(1)?).map_err(|e| {
+                        rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e))
+                    })?,
+                    replica_name: r.get(2)?,
+                    state: parse_state(&r.get::<_, String>(3)?),
+                    acked_seq: r.get::<_, i64>(4)? as u64,
+                    last_error: r.get(5)?,
+                    created_ms: r.get::<_, i64>(6)? as u64,
+                    last_success_ms: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
+                })
+            },
+        )
+        .optional()
+        .ok()
+        .flatten()
+}
+
+fn all_vm_uuids(d: &Daemon) -> Vec<Uuid> {
+    let db = d.db.lock().expect("db");
+    let mut st = match db.conn().prepare("SELECT vm_uuid FROM relationships") {
+        Ok(s) => s,
+        Err(_) => return vec![],
+    };
+    st.query_map([], |r| r.get::<_, String>(0))
+        .map(|rows| rows.flatten().filter_map(|s| s.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+fn set_state(d: &Daemon, vm: Uuid, state: ReplicationState, error: Option<&str>) {
+    let db = d.db.lock().expect("db");
+    let _ = db.conn().execute(
+        "UPDATE relationships SET state = ?2, last_error = ?3 WHERE vm_uuid = ?1",
+        params![vm.to_string(), state_str(state), error],
+    );
+    let _ = db.event(
+        Some(vm),
+        &format!(
+            "replication {state}{}",
+            error.map(|e| format!(": {e}")).unwrap_or_default()
+        ),
+    );
+}
+
+fn record_cycle(
+    d: &Daemon,
+    vm: Uuid,
+    seq: u64,
+    kind: &str,
+    start_ms: u64,
+    bytes: u64,
+    outcome: &str,
+    error: Option<&str>,
+) {
+    let db = d.db.lock().expect("db");
+    let _ = db.conn().execute(
+        "INSERT INTO cycles (vm_uuid, seq, kind, start_ms, duration_ms, bytes, outcome, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            vm.to_string(),
+            seq as i64,
+            kind,
+            start_ms as i64,
+            (now_ms().saturating_sub(start_ms)) as i64,
+            bytes as i64,
+            outcome,
+            error
+        ],
+    );
+}
+
+fn record_success(d: &Daemon, vm: Uuid, acked: u64, state: ReplicationState) {
+    let db = d.db.lock().expect("db");
+    let _ = db.conn().execute(
+        "UPDATE relationships SET acked_seq = ?2, state = ?3, last_error = NULL, last_success_ms = ?4 WHERE vm_uuid = ?1",
+        params![vm.to_string(), acked as i64, state_str(state), now_ms() as i64],
+    );
+}
+
+/// Splits `host:port` and gives the name the replica's certificate must carry.
+fn replica_target(s: &ReplicationSettings) -> Result<(String, String), ApiError> {
+    let (host, port) = s.replica_server.rsplit_once(':').ok_or_else(|| {
+        err(
+            ErrorCode::InvalidInput,
+            format!(
+                "Replica server {:?} is not HOST:PORT (for example hostb.example.org:7443).",
+                s.replica_server
+            ),
+        )
+    })?;
+    port.parse::<u16>().map_err(|_| {
+        err(
+            ErrorCode::InvalidInput,
+            format!("Port {port:?} of the replica server is not a number."),
+        )
+    })?;
+    let name = s.replica_host_name.clone().unwrap_or_else(|| host.to_string());
+    Ok((s.replica_server.clone(), name))
+}
+
+async fn connect(d: &Daemon, s: &ReplicationSettings) -> Result<(PeerClient, vmrepl_types::HostInfo), String> {
+    let (addr, name) = replica_target(s).map_err(|e| e.message)?;
+    PeerClient::connect(&d.identity, d.vmm.caps(), &addr, &name)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The disks a relationship replicates, as (node, size).
+fn replicated_disks(vm: &VmDefinition, s: &ReplicationSettings) -> Vec<(String, u64)> {
+    vm.disks
+        .iter()
+        .filter(|d| !s.exclude_disks.contains(&d.id))
+        .map(|d| (d.id.clone(), d.size_bytes))
+        .collect()
+}
+
+/// Enables replication of a VM (Hyper-V's Enable-VMReplication).
+pub async fn enable(
+    d: &Arc<Daemon>,
+    name: &VmName,
+    settings: ReplicationSettings,
+) -> Result<String, ApiError> {
+    settings
+        .validate()
+        .map_err(|m| err(ErrorCode::InvalidInput, format!("Invalid replication settings: {m}.")))?;
+    let vm = d.vmm.show(name)?.definition;
+    if load(d, vm.uuid).is_some() {
+        return Err(err(
+            ErrorCode::AlreadyExists,
+            format!("Replication is already enabled for VM {name}; `vmrepl replication status {name}` shows it, `replication remove` removes it."),
+        ));
+    }
+    for x in &settings.exclude_disks {
+        if vm.disk(x).is_none() {
+            return Err(err(
+                ErrorCode::InvalidInput,
+                format!(
+                    "VM {name} has no disk {x:?} to exclude; its disks are {}.",
+                    vm.disks.iter().map(|d| d.id.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+    }
+    if replicated_disks(&vm, &settings).is_empty() {
+        return Err(err(ErrorCode::InvalidInput, format!("VM {name} would replicate no disk; exclude fewer.")));
+    }
+    match &settings.initial {
+        InitialReplication::NetworkNow => {}
+        InitialReplication::NetworkAt { unix_secs } => {
+            let now = now_ms() / 1000;
+            if *unix_secs > now + 7 * 86400 {
+                return Err(err(ErrorCode::InvalidInput, "Initial replication can be scheduled at most 7 days ahead (as in Hyper-V)."));
+            }
+        }
+        other => {
+            return Err(err(
+                ErrorCode::Unsupported,
+                format!("Initial replication method {other:?} is not available in this release; use the network (now or at a set time)."),
+            ))
+        }
+    }
+    let (client, theirs) = connect(d, &settings).await.map_err(|e| {
+        err(ErrorCode::Peer, format!("Cannot reach the replica server {}: {e}", settings.replica_server))
+    })?;
+    let mut client = client;
+    // I7: the replica's QEMU must run this VM exactly as it is.
+    let problems = theirs.can_run(&vm);
+    if !problems.is_empty() {
+        return Err(err(
+            ErrorCode::Unsupported,
+            format!(
+                "The replica server cannot run VM {name}: {}. Nothing was changed.",
+                problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")
+            ),
+        ));
+    }
+    let mut replica_vm = vm.clone();
+    replica_vm.disks.retain(|x| !settings.exclude_disks.contains(&x.id));
+    let ask = |r: PeerResponse, what: &str| -> Result<(), ApiError> {
+        match r {
+            PeerResponse::Ok => Ok(()),
+            PeerResponse::Refused { message, .. } => Err(err(
+                ErrorCode::Peer,
+                format!("The replica server {} refused to {what}: {message}", theirs.host_name),
+            )),
+            other => Err(err(ErrorCode::Peer, format!("Unexpected answer from the replica server: {other:?}"))),
+        }
+    };
+    let r = client
+        .request(&PeerRequest::CheckReplica { vm: Box::new(replica_vm.clone()) })
+        .await
+        .map_err(|e| err(ErrorCode::Peer, e.to_string()))?;
+    ask(r, "host this VM")?;
+    let rel_id = Uuid::new_v4();
+    let policy = PointPolicy {
+        keep: settings.recovery_points,
+        interval_secs: settings.recovery_point_interval_secs,
+    };
+    let r = client
+        .request(&PeerRequest::CreateReplica {
+            vm: Box::new(replica_vm),
+            relationship: rel_id,
+            policy,
+        })
+        .await
+        .map_err(|e| err(ErrorCode::Peer, e.to_string()))?;
+    ask(r, "create the replica VM")?;
+    let state = match settings.initial {
+        InitialReplication::NetworkAt { .. } => ReplicationState::ReadyForInitialReplication,
+        _ => ReplicationState::WaitingForInitialReplication,
+    };
+    {
+        let db = d.db.lock().expect("db");
+        db.conn()
+            .execute(
+                "INSERT INTO relationships (vm_uuid, rel_id, settings, replica_name, state, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    vm.uuid.to_string(),
+                    rel_id.to_string(),
+                    serde_json::to_string(&settings).unwrap_or_default(),
+                    theirs.host_name,
+                    state_str(state),
+                    now_ms() as i64
+                ],
+            )
+            .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+        let _ = db.event(Some(vm.uuid), &format!("replication enabled to {}", theirs.host_name));
+    }
+    spawn(d, vm.uuid);
+    Ok(format!(
+        "Replication of {name} to {} enabled ({}); initial replication {}.",
+        theirs.host_name,
+        settings.replica_server,
+        match settings.initial {
+            InitialReplication::NetworkAt { unix_secs } => format!("scheduled at unix time {unix_secs}"),
+            _ => "starts now".into(),
+        }
+    ))
+}
+
+/// Starts the scheduler of every stored relationship (daemon start).
+pub fn start_all(d: &Arc<Daemon>) {
+    for vm in all_vm_uuids(d) {
+        spawn(d, vm);
+    }
+}
+
+fn spawn(d: &Arc<Daemon>, vm: Uuid) {
+    let rt = Arc::new(RelRuntime::default());
+    d.repl.rels.lock().expect("rels").insert(vm, rt.clone());
+    let d = d.clone();
+    tokio::spawn(async move { scheduler(d, vm, rt).await });
+}
+
+async fn scheduler(d: Arc<Daemon>, vm: Uuid, rt: Arc<RelRuntime>) {
+    let mut last_start: Option<u64> = None;
+    loop {
+        if rt.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let Some(rel) = load(&d, vm) else { return };
+        let freq_ms = u64::from(rel.settings.frequency_secs) * 1000;
+        let wait_ms = match rel.state {
+            ReplicationState::Suspended | ReplicationState::ResynchronizationRequired => u64::MAX,
+            ReplicationState::ReadyForInitialReplication => match rel.settings.initial {
+                InitialReplication::NetworkAt { unix_secs } => (unix_secs * 1000).saturating_sub(now_ms()),
+                _ => 0,
+            },
+            ReplicationState::WaitingForInitialReplication => {
+                // Retry a failed initial copy after one interval.
+                if last_start.is_some() { freq_ms } else { 0 }
+            }
+            _ => last_start
+                .map(|s| (s + freq_ms).saturating_sub(now_ms()))
+                .unwrap_or(0),
+        };
+        if wait_ms > 0 {
+            let sleep = Duration::from_millis(wait_ms.min(3_600_000));
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                _ = rt.wake.notified() => { continue; }
+            }
+            if wait_ms > 3_600_000 {
+                continue;
+            }
+        }
+        if let Some(prev) = last_start {
+            // Hyper-V counts a cycle as missed when the log could not go out within its interval.
+            let late = now_ms().saturating_sub(prev);
+            let missed = late / freq_ms.max(1);
+            for _ in 1..missed {
+                record_cycle(&d, vm, rel.acked_seq + 1, "delta", now_ms(), 0, "missed", None);
+            }
+        }
+        let start = now_ms();
+        last_start = Some(start);
+        if let Err(e) = run_cycle(&d, vm, &rt).await {
+            tracing::warn!(target: "vmrepl::replication", %vm, "cycle failed: {e}");
+        }
+        *rt.progress.lock().expect("progress") = None;
+    }
+}
+
+/// Where a cycle reaches the VM's block nodes.
+enum Endpoint {
+    Live(Arc<vmrepl_qemu::process::QemuProcess>),
+    Offline(vmrepl_tracking::OfflineDisks),
+}
+
+impl Endpoint {
+    fn qmp(&self) -> &vmrepl_qemu::qmp::QmpClient {
+        match self {
+            Endpoint::Live(p) => p.qmp(),
+            Endpoint::Offline(o) => o.qmp(),
+        }
+    }
+    async fn close(self) {
+        if let Endpoint::Offline(o) = self {
+            if let Err(e) = o.close().await {
+                tracing::warn!(target: "vmrepl::replication", "closing offline disks: {e}");
+            }
+        }
+    }
+}
+
+fn log_path(d: &Daemon, rel: RelTag, seq: u64) -> PathBuf {
+    d.dd.staging().join(format!("{}-{seq}.vmrlog", rel.as_str()))
+}
+
+/// One cycle, top-down.
+async fn run_cycle(d: &Arc<Daemon>, vm_uuid: Uuid, rt: &RelRuntime) -> Result<(), String> {
+    let Some(rel) = load(d, vm_uuid) else { return Ok(()) };
+    let vm = d
+        .vmm
+        .definition(vm_uuid)
+        .ok_or_else(|| "the VM no longer exists".to_string())?;
+    let _op = d.vmm.op_lock(vm_uuid).await;
+    let tag = RelTag::from_uuid(&rel.rel_id);
+    let disks = replicated_disks(&vm, &rel.settings);
+    let nodes: Vec<String> = disks.iter().map(|(n, _)| n.clone()).collect();
+    let vars = (vm.generation == Generation::Uefi && vm.nvram.is_some()).then_some("fw-vars");
+    let start = now_ms();
+    let initial = matches!(
+        rel.state,
+        ReplicationState::WaitingForInitialReplication | ReplicationState::ReadyForInitialReplication
+    );
+    let kind = if initial { "initial" } else { "delta" };
+    let fail = |msg: String, network: bool| {
+        record_cycle(d, vm_uuid, rel.acked_seq + 1, kind, start, 0, if network { "network-failure" } else { "failure" }, Some(&msg));
+        let st = if initial { rel.state } else { ReplicationState::Replicating };
+        set_state(d, vm_uuid, st, Some(&msg));
+        msg
+    };
+    let (mut client, _theirs) = match connect(d, &rel.settings).await {
+        Ok(c) => c,
+        Err(e) => return Err(fail(format!("cannot reach the replica server {}: {e}", rel.settings.replica_server), true)),
+    };
+    let endpoint = match d.vmm.live_process(vm_uuid).await {
+        Some(p) => Endpoint::Live(p),
+        None => {
+            let disk_paths: Vec<(String, PathBuf)> = vm
+                .disks
+                .iter()
+                .filter(|x| nodes.contains(&x.id))
+                .map(|x| (x.id.clone(), x.path.clone()))
+                .collect();
+            let run = d.dd.run_dir(vm_uuid).join("offline");
+            match vmrepl_tracking::OfflineDisks::open(&disk_paths, vm.nvram.as_deref().filter(|_| vars.is_some()), &run).await {
+                Ok(o) => Endpoint::Offline(o),
+                Err(e) => return Err(fail(format!("cannot open the VM's disks while it is off: {e}"), false)),
+            }
+        }
+    };
+    let staging = Staging::new(d.dd.staging());
+    let result = if initial {
+        initial_cycle(d, &rel, &vm, &mut client, endpoint.qmp(), tag, &disks, vars, &staging, rt).await
+    } else {
+        delta_cycle(d, &rel, &vm, &mut client, endpoint.qmp(), tag, &disks, &nodes, vars, &staging, rt).await
+    };
+    endpoint.close().await;
+    match result {
+        Ok((seq, bytes)) => {
+            record_cycle(d, vm_uuid, seq, kind, start, bytes, "ok", None);
+            record_success(d, vm_uuid, seq, ReplicationState::Replicating);
+            Ok(())
+        }
+        Err(CycleError::Resync(m)) => {
+            record_cycle(d, vm_uuid, rel.acked_seq + 1, kind, start, 0, "failure", Some(&m));
+            set_state(d, vm_uuid, ReplicationState::ResynchronizationRequired, Some(&m));
+            Err(m)
+        }
+        Err(CycleError::Network(m)) => Err(fail(m, true)),
+        Err(CycleError::Other(m)) => Err(fail(m, false)),
+    }
+}
+
+enum CycleError {
+    Network(String),
+    Resync(String),
+    Other(String),
+}
+
+fn classify(e: crate::peer::client::PeerError) -> CycleError {
+    use crate::peer::client::PeerError;
+    match e {
+        PeerError::Refused { code: RefusalCode::OutOfOrder, message } => {
+            CycleError::Resync(format!("the replica refused the log as out of order: {message}"))
+        }
+        PeerError::Connect { .. } => CycleError::Network(e.to_string()),
+        other => CycleError::Other(other.to_string()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn initial_cycle(
+    d: &Arc<Daemon>,
+    rel: &Relationship,
+    vm: &VmDefinition,
+    client: &mut PeerClient,
+    qmp: &vmrepl_qemu::qmp::QmpClient,
+    tag: RelTag,
+    disks: &[(String, u64)],
+    vars: Option<&str>,
+    staging: &Staging,
+    rt: &RelRuntime,
+) -> Result<(u64, u64), CycleError> {
+    set_state(d, vm.uuid, ReplicationState::InitialReplicationInProgress, None);
+    let nodes: Vec<&str> = disks.iter().map(|(n, _)| n.as_str()).collect();
+    // Start clean: no bitmap of this relationship may linger from an earlier attempt.
+    let _ = vmrepl_tracking::reconcile(qmp, tag, &nodes, Some(staging.dir.as_path()), |_| false).await;
+    remove_all_bitmaps(qmp, tag, &nodes).await;
+    let h = vmrepl_tracking::begin_full(qmp, tag, disks, 1, staging, vars)
+        .await
+        .map_err(|e| CycleError::Other(format!("cannot stage the initial copy: {e}")))?;
+    let path = log_path(d, tag, 1);
+    let res = async {
+        let total = build_log(vm, rel, &h, &path, 1, 0, LogKind::Initial).await?;
+        send(d, rel, vm, client, &path, 1, 0, total, rt, "initial replication").await
+    }
+    .await;
+    let _ = h.remove_files();
+    let _ = std::fs::remove_file(&path);
+    match res {
+        Ok(bytes) => Ok((1, bytes)),
+        Err(e) => {
+            remove_all_bitmaps(qmp, tag, &nodes).await;
+            set_state(d, vm.uuid, ReplicationState::WaitingForInitialReplication, None);
+            Err(e)
+        }
+    }
+}
+
+async fn remove_all_bitmaps(qmp: &vmrepl_qemu::qmp::QmpClient, tag: RelTag, nodes: &[&str]) {
+    if let Ok(owned) = vmrepl_tracking::list_owned(qmp, tag, nodes).await {
+        for (node, bs) in owned {
+            for b in bs {
+                let name = vmrepl_tracking::BitmapName::new(tag, b.seq).to_string();
+                let _ = qmp
+                    .execute("block-dirty-bitmap-remove", serde_json::json!({"node": node, "name": name}))
+                    .await;
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn delta_cycle(
+    d: &Arc<Daemon>,
+    rel: &Relationship,
+    vm: &VmDefinition,
+    client: &mut PeerClient,
+    qmp: &vmrepl_qemu::qmp::QmpClient,
+    tag: RelTag,
+    disks: &[(String, u64)],
+    nodes: &[String],
+    vars: Option<&str>,
+    staging: &Staging,
+    rt: &RelRuntime,
+) -> Result<(u64, u64), CycleError> {
+    let n = rel.acked_seq;
+    let next = n + 1;
+    let path = log_path(d, tag, next);
+    let state = client
+        .request(&PeerRequest::ReplicaState { vm_uuid: vm.uuid })
+        .await
+        .map_err(classify)?;
+    let (replica_applied, partial) = match state {
+        PeerResponse::ReplicaState { last_applied, partial, .. } => (last_applied, partial),
+        PeerResponse::Refused { code, message } => {
+            return Err(classify(crate::peer::client::PeerError::Refused { code, message }))
+        }
+        other => return Err(CycleError::Other(format!("unexpected answer {other:?}"))),
+    };
+    if path.exists() {
+        // A built log is waiting: its transfer was cut. Bitmap n is frozen, n+1 records.
+        if replica_applied >= next {
+            // The acknowledgement was lost but the replica has it: finish the cycle.
+            let _ = vmrepl_tracking::commit_cycle(qmp, tag, nodes, n).await;
+            let _ = std::fs::remove_file(&path);
+            return Ok((next, 0));
+        }
+        let resume = partial.filter(|(s, _)| *s == next).map(|(_, r)| r);
+        let total = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        match send_resume(d, rel, vm, client, &path, next, n, total, resume, rt).await {
+            Ok(bytes) => {
+                vmrepl_tracking::commit_cycle(qmp, tag, nodes, n)
+                    .await
+                    .map_err(|e| CycleError::Other(e.to_string()))?;
+                let _ = std::fs::remove_file(&path);
+                return Ok((next, bytes));
+            }
+            Err(CycleError::Network(m)) => return Err(CycleError::Network(m)),
+            Err(e) => {
+                let _ = vmrepl_tracking::rollback_cycle(qmp, tag, nodes, n).await;
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        }
+    }
+    // Bring the bitmaps back to one recording bitmap n (after a daemon restart, say).
+    let node_refs: Vec<&str> = nodes.iter().map(|s| s.as_str()).collect();
+    match vmrepl_tracking::reconcile(qmp, tag, &node_refs, Some(staging.dir.as_path()), |s| s < replica_applied).await {
+        Ok(vmrepl_tracking::ReconcileOutcome::Ready { recording, .. }) if recording == n => {}
+        Ok(vmrepl_tracking::ReconcileOutcome::Ready { recording, .. }) => {
+            return Err(CycleError::Resync(format!(
+                "change tracking is at bitmap {recording} but the replica acknowledged log {n}"
+            )))
+        }
+        Ok(vmrepl_tracking::ReconcileOutcome::ResyncRequired { reason }) => return Err(CycleError::Resync(reason)),
+        Err(e) => return Err(CycleError::Other(format!("cannot check change tracking: {e}"))),
+    }
+    if replica_applied != n {
+        return Err(CycleError::Resync(format!(
+            "the replica has applied log {replica_applied} but this host expected {n}"
+        )));
+    }
+    let h = vmrepl_tracking::begin_cycle(qmp, tag, disks, n, staging, vars)
+        .await
+        .map_err(|e| {
+            if e.needs_resync() {
+                CycleError::Resync(e.to_string())
+            } else {
+                CycleError::Other(format!("cannot stage the changes: {e}"))
+            }
+        })?;
+    let built = build_log(vm, rel, &h, &path, next, n, LogKind::Delta).await;
+    let _ = h.remove_files();
+    let total = match built {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = vmrepl_tracking::rollback_cycle(qmp, tag, nodes, n).await;
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+    };
+    match send(d, rel, vm, client, &path, next, n, total, rt, "delta").await {
+        Ok(bytes) => {
+            vmrepl_tracking::commit_cycle(qmp, tag, nodes, n)
+                .await
+                .map_err(|e| CycleError::Other(e.to_string()))?;
+            let _ = std::fs::remove_file(&path);
+            Ok((next, bytes))
+        }
+        // A cut transfer keeps the built log and the frozen bitmap: the next cycle resumes.
+        Err(CycleError::Network(m)) => Err(CycleError::Network(m)),
+        Err(e) => {
+            let _ = vmrepl_tracking::rollback_cycle(qmp, tag, nodes, n).await;
+            let _ = std::fs::remove_file(&path);
+            Err(e)
+        }
+    }
+}
+
+/// Encodes the staged images into log `seq` at `path`; returns its size.
+async fn build_log(
+    vm: &VmDefinition,
+    rel: &Relationship,
+    h: &vmrepl_tracking::CycleHandle,
+    path: &Path,
+    seq: u64,
+    base: u64,
+    kind: LogKind,
+) -> Result<u64, CycleError> {
+    let mut images: Vec<(String, u64, PathBuf)> = h
+        .disks
+        .iter()
+        .map(|i| (i.node.clone(), i.size, i.path.clone()))
+        .collect();
+    if let Some(v) = &h.vars {
+        images.push((NVRAM_DISK.to_string(), v.size, v.path.clone()));
+    }
+    let mut mapped = Vec::new();
+    let qi = vmrepl_qemu::img::QemuImg::default();
+    for (id, size, p) in &images {
+        let ex = vmrepl_tracking::extents(&qi, p)
+            .await
+            .map_err(|e| CycleError::Other(format!("cannot map staging image {}: {e}", p.display())))?;
+        mapped.push((id.clone(), *size, p.clone(), ex));
+    }
+    let header = LogHeader {
+        vm_id: vm.uuid,
+        sequence: seq,
+        base_sequence: base,
+        timestamp_unix_ms: h.point_in_time_ms,
+        kind,
+        consistency: vmrepl_log::Consistency::Crash,
+        compression: if rel.settings.compression { Compression::Zstd } else { Compression::None },
+        disks: mapped
+            .iter()
+            .map(|(id, size, _, _)| DiskInfo { id: id.clone(), virtual_size: *size })
+            .collect(),
+    };
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || -> Result<u64, String> {
+        let f = std::fs::File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        let mut w = LogWriter::new(std::io::BufWriter::with_capacity(1 << 20, f), header).map_err(|e| e.to_string())?;
+        for (i, (_, _, p, ex)) in mapped.into_iter().enumerate() {
+            let reader = ExtentReader::open(&p, ex).map_err(|e| e.to_string())?;
+            for chunk in reader {
+                let c = chunk.map_err(|e| e.to_string())?;
+                match c.data {
+                    ChunkData::Data(buf) => w.write_data(i as u16, c.offset, &buf).map_err(|e| e.to_string())?,
+                    ChunkData::Zero(len) => w.write_zero(i as u16, c.offset, len).map_err(|e| e.to_string())?,
+                }
+            }
+        }
+        let (_, bw) = w.finish_into_inner().map_err(|e| e.to_string())?;
+        let f = bw.into_inner().map_err(|e| e.to_string())?;
+        f.sync_all().map_err(|e| e.to_string())?;
+        Ok(f.metadata().map(|m| m.len()).unwrap_or(0))
+    })
+    .await
+    .map_err(|e| CycleError::Other(e.to_string()))?
+    .map_err(|e| CycleError::Other(format!("cannot encode log {seq}: {e}")))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send(
+    d: &Arc<Daemon>,
+    rel: &Relationship,
+    vm: &VmDefinition,
+    client: &mut PeerClient,
+    path: &Path,
+    seq: u64,
+    base: u64,
+    total: u64,
+    rt: &RelRuntime,
+    what: &str,
+) -> Result<u64, CycleError> {
+    let _ = (d, rel);
+    send_inner(client, vm, path, seq, base, total, None, rt, what).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_resume(
+    d: &Arc<Daemon>,
+    rel: &Relationship,
+    vm: &VmDefinition,
+    client: &mut PeerClient,
+    path: &Path,
+    seq: u64,
+    base: u64,
+    total: u64,
+    resume: Option<Resume>,
+    rt: &RelRuntime,
+) -> Result<u64, CycleError> {
+    let _ = (d, rel);
+    send_inner(client, vm, path, seq, base, total, resume, rt, "resumed transfer").await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_inner(
+    client: &mut PeerClient,
+    vm: &VmDefinition,
+    path: &Path,
+    seq: u64,
+    base: u64,
+    total: u64,
+    resume: Option<Resume>,
+    rt: &RelRuntime,
+    what: &str,
+) -> Result<u64, CycleError> {
+    let from = resume.map(|r| r.bytes).unwrap_or(0);
+    let t0 = std::time::Instant::now();
+    let progress = |done: u64| {
+        let secs = t0.elapsed().as_secs_f64().max(0.001);
+        *rt.progress.lock().expect("progress") = Some(Progress {
+            what: what.to_string(),
+            bytes_done: from + done,
+            bytes_total: total,
+            rate_bytes_per_sec: done as f64 / secs,
+        });
+    };
+    let r = client
+        .send_log(vm.uuid, seq, base, resume, path, from, progress)
+        .await
+        .map_err(classify)?;
+    match r {
+        PeerResponse::LogAck { sequence, .. } if sequence == seq => Ok(total.saturating_sub(from)),
+        PeerResponse::Refused { code, message } => Err(classify(crate::peer::client::PeerError::Refused { code, message })),
+        other => Err(CycleError::Other(format!("unexpected answer to log {seq}: {other:?}"))),
+    }
+}
+
+/// Pauses (Suspend-VMReplication): no cycles until resumed; tracking continues.
+pub fn pause(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
+    let vm = d.vmm.show(name)?.definition;
+    let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
+    if rel.state == ReplicationState::Suspended {
+        return Ok(format!("Replication of {name} is already paused."));
+    }
+    set_state(d, vm.uuid, ReplicationState::Suspended, None);
+    wake(d, vm.uuid);
+    Ok(format!("Replication of {name} paused; changes are still tracked and go out when it resumes."))
+}
+
+/// Resumes a paused relationship.
+pub fn resume(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
+    let vm = d.vmm.show(name)?.definition;
+    let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
+    if rel.state != ReplicationState::Suspended {
+        return Err(err(ErrorCode::WrongState, format!("Replication of {name} is {}, not paused.", rel.state)));
+    }
+    let st = if rel.acked_seq == 0 {
+        ReplicationState::WaitingForInitialReplication
+    } else {
+        ReplicationState::Replicating
+    };
+    set_state(d, vm.uuid, st, None);
+    wake(d, vm.uuid);
+    Ok(format!("Replication of {name} resumed."))
+}
+
+/// Removes the relationship on this side (Remove-VMReplication); the replica is told too,
+/// and keeps its data unless `delete_replica`.
+pub async fn remove(d: &Arc<Daemon>, name: &VmName, delete_replica: bool) -> Result<String, ApiError> {
+    let vm = d.vmm.show(name)?.definition;
+    let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
+    if let Some(rt) = d.repl.rels.lock().expect("rels").remove(&vm.uuid) {
+        rt.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        rt.wake.notify_one();
+    }
+    let _op = d.vmm.op_lock(vm.uuid).await;
+    let replica_note = match connect(d, &rel.settings).await {
+        Ok((mut c, _)) => match c.request(&PeerRequest::RemoveReplica { vm_uuid: vm.uuid, delete: delete_replica }).await {
+            Ok(PeerResponse::Ok) => format!("the replica on {} was {}", rel.replica_name, if delete_replica { "deleted" } else { "kept" }),
+            Ok(other) => format!("the replica server answered {other:?}; remove it there too"),
+            Err(e) => format!("the replica server could not be told ({e}); run `replication remove` there too"),
+        },
+        Err(e) => format!("the replica server is unreachable ({e}); run `replication remove` there too"),
+    };
+    let db = d.db.lock().expect("db");
+    let _ = db.conn().execute("DELETE FROM relationships WHERE vm_uuid = ?1", params![vm.uuid.to_string()]);
+    let _ = db.event(Some(vm.uuid), "replication removed");
+    // Leftover bitmaps are dropped at the VM's next start or cycle; they cost only memory.
+    Ok(format!("Replication of {name} removed; {replica_note}."))
+}
+
+fn not_enabled(name: &VmName) -> ApiError {
+    err(ErrorCode::NotFound, format!("Replication is not enabled for VM {name}; enable it with `vmrepl replication enable {name} --replica-server HOST:PORT`."))
+}
+
+fn wake(d: &Daemon, vm: Uuid) {
+    if let Some(rt) = d.repl.rels.lock().expect("rels").get(&vm) {
+        rt.wake.notify_one();
+    }
+}
+
+/// Hyper-V's statistics over the monitoring window.
+fn stats(d: &Daemon, vm: Uuid) -> ReplicationStats {
+    let since = now_ms().saturating_sub(MONITORING_WINDOW_MS) as i64;
+    let db = d.db.lock().expect("db");
+    let mut s = ReplicationStats::default();
+    let mut lat_total = 0.0;
+    if let Ok(mut st) = db.conn().prepare(
+        "SELECT outcome, bytes, duration_ms, start_ms FROM cycles WHERE vm_uuid = ?1 AND start_ms >= ?2",
+    ) {
+        let rows = st.query_map(params![vm.to_string(), since], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?))
+        });
+        if let Ok(rows) = rows {
+            for (outcome, bytes, dur, start) in rows.flatten() {
+                match outcome.as_str() {
+                    "ok" => {
+                        s.success_count += 1;
+                        s.total_bytes += bytes as u64;
+                        s.max_bytes = s.max_bytes.max(bytes as u64);
+                        let secs = dur as f64 / 1000.0;
+                        lat_total += secs;
+                        s.max_latency_secs = s.max_latency_secs.max(secs);
+                        s.last_replication_unix = Some((start as u64 + dur as u64) / 1000);
+                    }
+                    "missed" => s.miss_count += 1,
+                    "network-failure" => {
+                        s.failure_count += 1;
+                        s.network_failure_count += 1;
+                    }
+                    _ => s.failure_count += 1,
+                }
+            }
+        }
+    }
+    if s.success_count > 0 {
+        s.avg_latency_secs = lat_total / s.success_count as f64;
+    }
+    s
+}
+
+/// Health by Hyper-V's rules, with a sentence per finding.
+pub fn health(rel: &Relationship, stats: &ReplicationStats, last_cycle_failed: bool) -> (Health, Vec<String>) {
+    let mut crit = Vec::new();
+    let mut warn = Vec::new();
+    match rel.state {
+        ReplicationState::ResynchronizationRequired => crit.push(format!(
+            "Resynchronization is required: {}",
+            rel.last_error.clone().unwrap_or_else(|| "change tracking cannot be trusted".into())
+        )),
+        ReplicationState::Error => crit.push("Replication is in an error state.".into()),
+        ReplicationState::Suspended => warn.push("Replication is paused on the primary.".into()),
+        ReplicationState::WaitingForInitialReplication
+        | ReplicationState::ReadyForInitialReplication
+        | ReplicationState::InitialReplicationInProgress => {
+            warn.push("Initial replication is not complete.".into())
+        }
+        _ => {}
+    }
+    if last_cycle_failed && rel.state != ReplicationState::ResynchronizationRequired {
+        crit.push(format!(
+            "The primary cannot send changes to the replica: {}",
+            rel.last_error.clone().unwrap_or_default()
+        ));
+    }
+    let total = stats.success_count + stats.miss_count + stats.failure_count;
+    if total >= 5 && stats.miss_count * 5 > total {
+        warn.push(format!(
+            "More than 20 percent of replication cycles have been missed ({} of {}).",
+            stats.miss_count, total
+        ));
+    }
+    let since = rel.last_success_ms.unwrap_or(rel.created_ms);
+    if now_ms().saturating_sub(since) > 3_600_000 {
+        warn.push("The replica is behind the primary by more than an hour.".into());
+    }
+    if !crit.is_empty() {
+        crit.extend(warn);
+        (Health::Critical, crit)
+    } else if !warn.is_empty() {
+        (Health::Warning, warn)
+    } else {
+        (Health::Normal, vec![])
+    }
+}
+
+/// Status of one or all relationships on this host (primary side).
+pub fn statuses(d: &Daemon, only: Option<Uuid>) -> Vec<ReplicationStatus> {
+    let mut out = Vec::new();
+    for vm in all_vm_uuids(d) {
+        if only.is_some_and(|o| o != vm) {
+            continue;
+        }
+        let Some(rel) = load(d, vm) else { continue };
+        let Some(def) = d.vmm.definition(vm) else { continue };
+        let st = stats(d, vm);
+        let last_failed = {
+            let db = d.db.lock().expect("db");
+            db.conn()
+                .query_row(
+                    "SELECT outcome FROM cycles WHERE vm_uuid = ?1 AND outcome != 'missed' ORDER BY id DESC LIMIT 1",
+                    params![vm.to_string()],
+                    |r| r.get::<_, String>(0),
+                )
+                .map(|o| o != "ok")
+                .unwrap_or(false)
+        };
+        let (health, details) = health(&rel, &st, last_failed);
+        let progress = d
+            .repl
+            .rels
+            .lock()
+            .expect("rels")
+            .get(&vm)
+            .and_then(|r| r.progress.lock().expect("progress").clone());
+        let host = d.cfg.read().expect("cfg").host_name.clone();
+        out.push(ReplicationStatus {
+            vm: def.name.clone(),
+            vm_uuid: vm,
+            role: Role::Primary,
+            state: rel.state,
+            health,
+            health_details: details,
+            primary_host: host,
+            replica_host: format!("{} ({})", rel.replica_name, rel.settings.replica_server),
+            frequency_secs: rel.settings.frequency_secs,
+            last_sequence: rel.acked_seq,
+            waiting_on: match rel.state {
+                ReplicationState::Suspended => Some("resume (replication is paused)".into()),
+                ReplicationState::ResynchronizationRequired => Some("a resynchronization".into()),
+                _ => None,
+            },
+            last_error: rel.last_error.clone(),
+            progress,
+            stats: st,
+        });
+    }
+    out
+}
+
+/// Replication settings from the CLI's defaults.
+pub fn default_settings(replica_server: &str) -> ReplicationSettings {
+    ReplicationSettings {
+        replica_server: replica_server.to_string(),
+        replica_host_name: None,
+        frequency_secs: ReplicationSettings::DEFAULT_FREQUENCY,
+        recovery_points: 0,
+        recovery_point_interval_secs: 3600,
+        app_consistent_hours: None,
+        compression: true,
+        exclude_disks: vec![],
+        initial: InitialReplication::NetworkNow,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel(state: ReplicationState) -> Relationship {
+        Relationship {
+            vm_uuid: Uuid::new_v4(),
+            rel_id: Uuid::new_v4(),
+            settings: default_settings("h:1"),
+            replica_name: "h".into(),
+            state,
+            acked_seq: 3,
+            last_error: Some("boom".into()),
+            created_ms: now_ms(),
+            last_success_ms: Some(now_ms()),
+        }
+    }
+
+    #[test]
+    fn a_healthy_replicating_relationship_is_normal() {
+        let (h, d) = health(&rel(ReplicationState::Replicating), &ReplicationStats::default(), false);
+        assert_eq!(h, Health::Normal, "{d:?}");
+    }
+
+    #[test]
+    fn resync_required_and_send_failures_are_critical() {
+        let (h, _) = health(&rel(ReplicationState::ResynchronizationRequired), &ReplicationStats::default(), false);
+        assert_eq!(h, Health::Critical);
+        let (h, d) = health(&rel(ReplicationState::Replicating), &ReplicationStats::default(), true);
+        assert_eq!(h, Health::Critical);
+        assert!(d[0].contains("cannot send"), "{d:?}");
+    }
+
+    #[test]
+    fn pause_on_the_primary_and_incomplete_initial_replication_are_warnings() {
+        assert_eq!(health(&rel(ReplicationState::Suspended), &ReplicationStats::default(), false).0, Health::Warning);
+        assert_eq!(
+            health(&rel(ReplicationState::WaitingForInitialReplication), &ReplicationStats::default(), false).0,
+            Health::Warning
+        );
+    }
+
+    #[test]
+    fn more_than_a_fifth_of_cycles_missed_is_a_warning() {
+        let st = ReplicationStats { success_count: 7, miss_count: 3, ..Default::default() };
+        let (h, d) = health(&rel(ReplicationState::Replicating), &st, false);
+        assert_eq!(h, Health::Warning);
+        assert!(d[0].contains("20 percent"));
+        let st = ReplicationStats { success_count: 9, miss_count: 1, ..Default::default() };
+        assert_eq!(health(&rel(ReplicationState::Replicating), &st, false).0, Health::Normal);
+    }
+
+    #[test]
+    fn a_replica_behind_by_more_than_an_hour_is_a_warning() {
+        let mut r = rel(ReplicationState::Replicating);
+        r.last_success_ms = Some(now_ms() - 2 * 3_600_000);
+        let (h, d) = health(&r, &ReplicationStats::default(), false);
+        assert_eq!(h, Health::Warning);
+        assert!(d[0].contains("more than an hour"));
+    }
+
+    #[test]
+    fn replica_targets_need_a_port_and_default_to_the_host_part_as_name() {
+        let s = default_settings("hostb.example:7443");
+        assert_eq!(replica_target(&s).unwrap().1, "hostb.example");
+        assert!(replica_target(&default_settings("nohost")).is_err());
+        assert!(replica_target(&default_settings("h:xx")).is_err());
+    }
+}
