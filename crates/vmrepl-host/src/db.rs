@@ -49,6 +49,26 @@ const MIGRATIONS: &[&str] = &[
         error TEXT
      );
      CREATE INDEX cycles_vm ON cycles (vm_uuid, start_ms);",
+    // 3: replica-side replica VMs (see `crate::replica`).
+    "CREATE TABLE replicas (
+        vm_uuid TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        primary_host TEXT NOT NULL,
+        trust_group TEXT NOT NULL,
+        storage_root TEXT NOT NULL,
+        relationship TEXT NOT NULL,
+        definition TEXT NOT NULL,
+        policy TEXT NOT NULL,
+        state TEXT NOT NULL,
+        last_applied INTEGER NOT NULL DEFAULT 0,
+        created_ms INTEGER NOT NULL,
+        last_receive_ms INTEGER,
+        last_apply_ms INTEGER,
+        last_point_ms INTEGER,
+        bytes_received INTEGER NOT NULL DEFAULT 0,
+        logs_received INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT
+     );",
 ];
 
 /// Database errors.

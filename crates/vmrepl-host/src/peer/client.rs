@@ -1,1 +1,273 @@
-//! Primary side of the peer API (being written).
+//! Primary side of the peer API: one mutually authenticated connection to a replica server.
+//!
+//! ```text
+//! let (mut c, theirs) = PeerClient::connect(&identity, &my_info, "b.example:7443", "b.example").await?;
+//! c.request(&PeerRequest::CheckReplica { vm }).await?;           // -> PeerResponse::Ok
+//! c.send_log(vm_uuid, seq, base, None, &path, 0, |sent| ..).await?; // -> PeerResponse::LogAck
+//! ```
+//!
+//! A `PeerResponse::Refused` answer to [`PeerClient::request`] is returned as `Ok` (the caller
+//! decides); [`PeerClient::call`] turns it into [`PeerError::Refused`].
+
+use super::proto::{PeerRequest, PeerResponse, RefusalCode, Resume};
+use std::path::{Path, PathBuf};
+use tokio::io::AsyncReadExt;
+use uuid::Uuid;
+use vmrepl_transport::frame::{self, FrameError, Framed};
+use vmrepl_transport::pki::HostIdentity;
+use vmrepl_transport::tls::{self, PeerIdentity, TlsError, TlsStream};
+use vmrepl_types::HostInfo;
+
+/// Size of the Data frames a log is streamed in.
+pub const DATA_CHUNK: usize = 1024 * 1024;
+
+/// Why talking to a replica server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// Network: unreachable, refused, timed out, or the connection was lost.
+    #[error(
+        "cannot talk to the replica server {host} at {addr}: {detail}; check that the replica's \
+         daemon runs and its port is open"
+    )]
+    Connect {
+        host: String,
+        addr: String,
+        detail: String,
+    },
+    /// Certificates (ours refused, theirs not acceptable, handshake problems).
+    #[error("{0}")]
+    Tls(String),
+    /// The replica server answered with a refusal.
+    #[error("the replica server refused: {message}")]
+    Refused { code: RefusalCode, message: String },
+    /// The peer said something we did not expect.
+    #[error("protocol error with {host}: {detail}")]
+    Protocol { host: String, detail: String },
+    /// A local file could not be read.
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl PeerError {
+    /// Whether the failure is the network's (worth retrying later).
+    pub fn is_network(&self) -> bool {
+        matches!(self, PeerError::Connect { .. })
+    }
+}
+
+/// A connection to a replica server, after the Hello exchange.
+pub struct PeerClient {
+    framed: Framed<TlsStream>,
+    peer: PeerIdentity,
+    host: String,
+    addr: String,
+}
+
+impl std::fmt::Debug for PeerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerClient")
+            .field("host", &self.host)
+            .field("addr", &self.addr)
+            .field("peer", &self.peer)
+            .finish()
+    }
+}
+
+fn tls_err(host: &str, addr: &str, e: TlsError) -> PeerError {
+    match e {
+        TlsError::Resolve { .. } | TlsError::Connect { .. } | TlsError::ConnectTimeout { .. } => {
+            PeerError::Connect {
+                host: host.to_string(),
+                addr: addr.to_string(),
+                detail: e.to_string(),
+            }
+        }
+        other => PeerError::Tls(other.to_string()),
+    }
+}
+
+impl PeerClient {
+    /// Connects to the replica server `expected_host` at `addr` (host:port), checks its
+    /// certificate names `expected_host`, negotiates the protocol version and exchanges Hello.
+    /// Returns the connection and the replica's [`HostInfo`].
+    pub async fn connect(
+        identity: &HostIdentity,
+        my_info: &HostInfo,
+        addr: &str,
+        expected_host: &str,
+    ) -> Result<(PeerClient, HostInfo), PeerError> {
+        let (stream, peer) = tls::connect(addr, expected_host, identity)
+            .await
+            .map_err(|e| tls_err(expected_host, addr, e))?;
+        let framed = Framed::negotiate(stream, frame::SUPPORTED)
+            .await
+            .map_err(|e| frame_err(expected_host, addr, e))?;
+        let mut c = PeerClient {
+            framed,
+            peer,
+            host: expected_host.to_string(),
+            addr: addr.to_string(),
+        };
+        let hello = PeerRequest::Hello {
+            host_info: Box::new(my_info.clone()),
+        };
+        match c.request(&hello).await? {
+            PeerResponse::Hello { host_info } => Ok((c, *host_info)),
+            PeerResponse::Refused { code, message } => Err(PeerError::Refused { code, message }),
+            other => Err(c.protocol(format!("expected Hello, got {other:?}"))),
+        }
+    }
+
+    /// The replica server's verified identity.
+    pub fn peer(&self) -> &PeerIdentity {
+        &self.peer
+    }
+
+    /// The negotiated protocol version.
+    pub fn version(&self) -> u32 {
+        self.framed.version()
+    }
+
+    fn protocol(&self, detail: String) -> PeerError {
+        PeerError::Protocol {
+            host: self.host.clone(),
+            detail,
+        }
+    }
+
+    fn ferr(&self, e: FrameError) -> PeerError {
+        frame_err(&self.host, &self.addr, e)
+    }
+
+    /// Sends one request and reads its answer (a refusal is an `Ok(PeerResponse::Refused)`).
+    pub async fn request(&mut self, req: &PeerRequest) -> Result<PeerResponse, PeerError> {
+        if let Err(e) = self.framed.write_control(req).await {
+            return Err(self.ferr(e));
+        }
+        self.read_response().await
+    }
+
+    /// Like [`PeerClient::request`], with a refusal as [`PeerError::Refused`].
+    pub async fn call(&mut self, req: &PeerRequest) -> Result<PeerResponse, PeerError> {
+        match self.request(req).await? {
+            PeerResponse::Refused { code, message } => Err(PeerError::Refused { code, message }),
+            r => Ok(r),
+        }
+    }
+
+    async fn read_response(&mut self) -> Result<PeerResponse, PeerError> {
+        match self.framed.read_control::<PeerResponse>().await {
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.ferr(e)),
+        }
+    }
+
+    /// Sends log `seq` (built on `base_seq`) from the file `log_file`, starting at byte
+    /// `from_byte` (0, or `resume.bytes` when resuming a cut transfer; the caller re-encodes
+    /// or re-reads the log from there), in Data frames of at most 1 MiB, ended by an empty Data
+    /// frame; `progress` is called with the bytes sent so far (of this transfer). Returns the
+    /// replica's answer: `LogAck` once the log is durable and verified there, or `Refused`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn send_log(
+        &mut self,
+        vm_uuid: Uuid,
+        seq: u64,
+        base_seq: u64,
+        resume: Option<Resume>,
+        log_file: &Path,
+        from_byte: u64,
+        mut progress: impl FnMut(u64),
+    ) -> Result<PeerResponse, PeerError> {
+        let io = |action: &'static str| {
+            let path = log_file.to_path_buf();
+            move |source| PeerError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        let mut f = tokio::fs::File::open(log_file).await.map_err(io("open"))?;
+        if from_byte > 0 {
+            use tokio::io::AsyncSeekExt;
+            f.seek(std::io::SeekFrom::Start(from_byte))
+                .await
+                .map_err(io("seek in"))?;
+        }
+        let req = PeerRequest::SendLog {
+            vm_uuid,
+            sequence: seq,
+            base_sequence: base_seq,
+            resume,
+        };
+        if let Err(e) = self.framed.write_control(&req).await {
+            return Err(self.ferr(e));
+        }
+        let mut buf = vec![0u8; DATA_CHUNK];
+        let mut sent = 0u64;
+        loop {
+            let mut n = 0;
+            while n < buf.len() {
+                let k = f.read(&mut buf[n..]).await.map_err(io("read"))?;
+                if k == 0 {
+                    break;
+                }
+                n += k;
+            }
+            if n == 0 {
+                break;
+            }
+            if let Err(e) = self.framed.write_data(&buf[..n]).await {
+                return Err(self.ferr(e));
+            }
+            sent += n as u64;
+            progress(sent);
+        }
+        if let Err(e) = self.framed.write_data(&[]).await {
+            return Err(self.ferr(e));
+        }
+        self.read_response().await
+    }
+
+    /// Sends only part of a log and then drops the connection (tests of resume use it to
+    /// simulate a cut transfer): the `SendLog` request and `bytes` bytes of `data`.
+    #[doc(hidden)]
+    pub async fn send_partial_and_drop(
+        mut self,
+        req: &PeerRequest,
+        data: &[u8],
+    ) -> Result<(), PeerError> {
+        if let Err(e) = self.framed.write_control(req).await {
+            return Err(self.ferr(e));
+        }
+        for chunk in data.chunks(64 * 1024) {
+            if let Err(e) = self.framed.write_data(chunk).await {
+                return Err(self.ferr(e));
+            }
+        }
+        let mut inner = self.framed.into_inner();
+        use tokio::io::AsyncWriteExt;
+        let _ = inner.flush().await;
+        let _ = inner.shutdown().await;
+        Ok(())
+    }
+}
+
+fn frame_err(host: &str, addr: &str, e: FrameError) -> PeerError {
+    match e {
+        FrameError::Io(_) | FrameError::Closed | FrameError::Truncated { .. } => {
+            PeerError::Connect {
+                host: host.to_string(),
+                addr: addr.to_string(),
+                detail: format!("the connection was lost: {e}"),
+            }
+        }
+        other => PeerError::Protocol {
+            host: host.to_string(),
+            detail: other.to_string(),
+        },
+    }
+}

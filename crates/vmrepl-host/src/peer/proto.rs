@@ -4,12 +4,38 @@
 //! Data frames carrying the encoded replication log (see `vmrepl-log`), ended by an empty Data
 //! frame; the replica answers `LogAck` only once the log is durable and verified (I1, I4).
 //!
+//! Rules of a log transfer (what both sides rely on):
+//!
+//! * The replica always reads the Data frames up to the empty one before it answers, even when
+//!   it refuses (so the primary can stream without reading); it answers exactly once.
+//! * `sequence <= last_applied` is acknowledged again without re-applying (I3);
+//!   `base_sequence != last_applied` is refused with [`RefusalCode::OutOfOrder`]
+//!   ("resynchronization required").
+//! * The replica writes the bytes to its spool file for `sequence`, fsyncs it, verifies the whole
+//!   log (checksums, header: VM id, sequence, base, disks and their sizes, every extent within
+//!   its disk) and only then answers `LogAck`; it applies the log afterwards. A cut transfer
+//!   leaves a partial file: `ReplicaState.partial` tells the primary where to resume
+//!   (`Resume`, see `vmrepl_log::scan_valid_prefix` / `LogWriter::resume`); the primary then
+//!   sends `SendLog { resume: Some(..) }` followed by the log bytes from `resume.bytes` on.
+//! * **NVRAM**: a generation 2 VM's UEFI variable store travels as a pseudo-disk with id
+//!   [`NVRAM_DISK_ID`] in the log header (its `virtual_size` = the store's size, at most
+//!   [`MAX_NVRAM_BYTES`]). A log that lists it carries the NVRAM *whole*: the replica builds a
+//!   buffer of `virtual_size` zero bytes, fills in the log's data records for it and stores the
+//!   result as the VM's NVRAM as of that log. A log without it leaves the NVRAM unchanged. No
+//!   real disk may use the id `nvram`.
+//!
 //! Compatibility rule: fields may be added with `#[serde(default)]`; removing or renaming one
 //! needs a new protocol version (`vmrepl_types::PROTOCOL_VERSIONS`).
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use vmrepl_types::{HostInfo, VmDefinition};
+
+/// Disk id under which the UEFI NVRAM travels in a log (see the module docs).
+pub const NVRAM_DISK_ID: &str = "nvram";
+
+/// Largest NVRAM pseudo-disk a replica accepts.
+pub const MAX_NVRAM_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Where an interrupted log transfer resumes (mirrors `vmrepl_log::ResumePoint`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,16 +1,826 @@
-//! Replica-server side of the peer API (being written).
+//! Replica-server side of the peer API.
+//!
+//! Every connection: mutual-TLS handshake (in its own task, so a slow client blocks nobody),
+//! protocol version negotiation, `Hello` both ways, then requests one at a time. Every request
+//! but `Hello` and `VmRunning` needs the replica server enabled and the primary authorized
+//! (its verified certificate host name matched against the authorization entries), and requests
+//! about an existing replica VM need the primary to be in its trust group. Every refusal is
+//! logged with the peer host and the reason. Nothing received touches a replica image before it
+//! is durable and verified (I4); see [`crate::replica`] for applying.
 
+use super::proto::{PeerRequest, PeerResponse, PointPolicy, RefusalCode, Resume, NVRAM_DISK_ID};
 use crate::daemon::Daemon;
+use crate::db::now_ms;
+use crate::replica::{self, ReplicaRow};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use uuid::Uuid;
+use vmrepl_transport::authz::{Authorization, Grant};
+use vmrepl_transport::frame::{self, Frame, FrameError, Framed};
+use vmrepl_transport::tls::{PeerIdentity, TlsStream};
+use vmrepl_types::replication::ReplicationState;
+use vmrepl_types::VmDefinition;
 
-/// Serves peer connections.
-pub async fn serve(listener: vmrepl_transport::tls::Listener, _daemon: Arc<Daemon>) {
+const T: &str = "vmrepl::peer";
+
+/// Serves peer connections until the task is aborted.
+pub async fn serve(listener: vmrepl_transport::tls::Listener, daemon: Arc<Daemon>) {
     loop {
-        match listener.accept().await {
-            Ok((_stream, peer)) => {
-                tracing::info!(target: "vmrepl::peer", host = %peer.host_name, "peer connected")
+        match listener.accept_tcp().await {
+            Ok(incoming) => {
+                let d = daemon.clone();
+                tokio::spawn(async move {
+                    // The handshake logs its own refusals.
+                    if let Ok((stream, peer)) = incoming.handshake().await {
+                        connection(d, stream, peer).await;
+                    }
+                });
             }
-            Err(e) => tracing::warn!(target: "vmrepl::peer", "peer refused: {e}"),
+            Err(e) => {
+                tracing::warn!(target: T, "{e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
         }
     }
+}
+
+struct Refusal {
+    code: RefusalCode,
+    message: String,
+}
+
+fn refuse(code: RefusalCode, message: impl Into<String>) -> Refusal {
+    Refusal {
+        code,
+        message: message.into(),
+    }
+}
+
+impl From<Refusal> for PeerResponse {
+    fn from(r: Refusal) -> Self {
+        PeerResponse::Refused {
+            code: r.code,
+            message: r.message,
+        }
+    }
+}
+
+type Conn = Framed<TlsStream>;
+
+async fn connection(daemon: Arc<Daemon>, stream: TlsStream, peer: PeerIdentity) {
+    let host = peer.host_name.clone();
+    let mut framed = match Framed::negotiate(stream, frame::SUPPORTED).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(target: T, peer = %host, "{e}");
+            return;
+        }
+    };
+    let mut greeted = false;
+    loop {
+        let frame = match framed.read_frame().await {
+            Ok(f) => f,
+            Err(e) if e.is_closed() => return,
+            Err(e) => {
+                tracing::warn!(target: T, peer = %host, "connection ended: {e}");
+                return;
+            }
+        };
+        let req: PeerRequest = match frame.parse_control() {
+            Ok(r) => r,
+            Err(e) => {
+                let r = refuse(
+                    RefusalCode::BadRequest,
+                    format!("{e}; closing the connection"),
+                );
+                tracing::warn!(target: T, peer = %host, "refused: {}", r.message);
+                let _ = framed.write_control(&PeerResponse::from(r)).await;
+                return;
+            }
+        };
+        let answer = match (greeted, req) {
+            (false, PeerRequest::Hello { host_info }) => {
+                greeted = true;
+                tracing::info!(target: T, peer = %host, qemu = %host_info.qemu_version, "hello");
+                Some(PeerResponse::Hello {
+                    host_info: Box::new(daemon.vmm.caps().clone()),
+                })
+            }
+            (false, _) => Some(
+                refuse(
+                    RefusalCode::BadRequest,
+                    "the first message on a connection must be Hello",
+                )
+                .into(),
+            ),
+            (true, PeerRequest::Hello { .. }) => Some(
+                refuse(
+                    RefusalCode::BadRequest,
+                    "Hello was already exchanged on this connection",
+                )
+                .into(),
+            ),
+            (true, req) => match handle(&daemon, &host, req, &mut framed).await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(target: T, peer = %host, "connection ended: {e}");
+                    return;
+                }
+            },
+        };
+        if let Some(a) = answer {
+            if let PeerResponse::Refused { code, message } = &a {
+                tracing::warn!(target: T, peer = %host, ?code, "refused: {message}");
+            }
+            if let Err(e) = framed.write_control(&a).await {
+                tracing::warn!(target: T, peer = %host, "cannot answer: {e}");
+                return;
+            }
+        }
+    }
+}
+
+fn server_enabled(daemon: &Daemon) -> Result<Authorization, Refusal> {
+    let cfg = daemon.cfg.read().unwrap_or_else(|p| p.into_inner());
+    if !cfg.replica_server.enabled {
+        return Err(refuse(
+            RefusalCode::Disabled,
+            format!(
+                "the replica server on {} is disabled; enable it with `vmrepl replication server \
+                 set --enable`",
+                cfg.host_name
+            ),
+        ));
+    }
+    Authorization::try_from(&cfg.replica_server).map_err(|e| {
+        refuse(
+            RefusalCode::Internal,
+            format!(
+                "the replica server settings on {} are not valid: {e}",
+                cfg.host_name
+            ),
+        )
+    })
+}
+
+fn authorize(daemon: &Daemon, peer: &str) -> Result<Grant, Refusal> {
+    let authz = server_enabled(daemon)?;
+    authz
+        .authorize(peer)
+        .map_err(|e| refuse(RefusalCode::NotAuthorized, e.to_string()))
+}
+
+fn lookup(daemon: &Daemon, vm_uuid: Uuid) -> Result<Option<ReplicaRow>, Refusal> {
+    let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+    replica::get(&db, vm_uuid).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))
+}
+
+/// The replica of `vm_uuid`, if the (authorized) primary may act on it.
+fn own_replica(
+    daemon: &Daemon,
+    peer: &str,
+    grant: &Grant,
+    vm_uuid: Uuid,
+) -> Result<ReplicaRow, Refusal> {
+    let row = lookup(daemon, vm_uuid)?.ok_or_else(|| {
+        refuse(
+            RefusalCode::UnknownVm,
+            format!("this host keeps no replica of VM {vm_uuid}; create it first"),
+        )
+    })?;
+    if row.trust_group != grant.trust_group {
+        return Err(refuse(
+            RefusalCode::WrongTrustGroup,
+            format!(
+                "the replica of {} ({vm_uuid}) belongs to trust group {:?}; primary {peer} is in \
+                 trust group {:?}",
+                row.name, row.trust_group, grant.trust_group
+            ),
+        ));
+    }
+    if !row.primary_host.eq_ignore_ascii_case(peer) {
+        return Err(refuse(
+            RefusalCode::Conflict,
+            format!(
+                "the replica of {} ({vm_uuid}) is replicated from {}, not from {peer}",
+                row.name, row.primary_host
+            ),
+        ));
+    }
+    Ok(row)
+}
+
+fn free_bytes(path: &Path) -> Option<u64> {
+    let mut p = path.to_path_buf();
+    loop {
+        if p.exists() {
+            return vmrepl_qemu::caps::storage_info(&p)
+                .ok()
+                .map(|i| i.free_bytes);
+        }
+        if !p.pop() {
+            return None;
+        }
+    }
+}
+
+fn check_vm(daemon: &Daemon, vm: &VmDefinition, grant: &Grant) -> Result<(), Refusal> {
+    let problems = daemon.vmm.caps().can_run(vm);
+    if !problems.is_empty() {
+        return Err(refuse(
+            RefusalCode::Incompatible,
+            problems
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+        ));
+    }
+    if vm.disks.is_empty() {
+        return Err(refuse(RefusalCode::BadRequest, "the VM has no disks"));
+    }
+    for d in &vm.disks {
+        if d.id == NVRAM_DISK_ID {
+            return Err(refuse(
+                RefusalCode::BadRequest,
+                format!("disk id {NVRAM_DISK_ID:?} is reserved for the NVRAM"),
+            ));
+        }
+        vmrepl_store::validate_disk_id(&d.id)
+            .map_err(|e| refuse(RefusalCode::BadRequest, e.to_string()))?;
+        if d.size_bytes == 0 || d.size_bytes % 512 != 0 {
+            return Err(refuse(
+                RefusalCode::BadRequest,
+                format!(
+                    "disk {} has size {} bytes; sizes are positive multiples of 512",
+                    d.id, d.size_bytes
+                ),
+            ));
+        }
+    }
+    let needed: u64 = vm
+        .disks
+        .iter()
+        .map(|d| d.size_bytes)
+        .sum::<u64>()
+        .saturating_add(vmrepl_store::SPACE_HEADROOM);
+    if let Some(free) = free_bytes(&grant.storage) {
+        if free < needed {
+            return Err(refuse(
+                RefusalCode::DiskFull,
+                format!(
+                    "the replica storage {} has {free} bytes free; VM {} needs {needed} bytes",
+                    grant.storage.display(),
+                    vm.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Handles one request after Hello. `Ok(None)` means the answer was already written;
+/// `Err` means the connection is unusable.
+async fn handle(
+    daemon: &Arc<Daemon>,
+    peer: &str,
+    req: PeerRequest,
+    framed: &mut Conn,
+) -> Result<Option<PeerResponse>, FrameError> {
+    let r = match req {
+        PeerRequest::Hello { .. } => unreachable!("handled by the caller"),
+        PeerRequest::VmRunning { vm_uuid } => Ok(PeerResponse::Running {
+            running: replica::vm_running(daemon, vm_uuid),
+        }),
+        PeerRequest::CheckReplica { vm } => authorize(daemon, peer)
+            .and_then(|g| check_vm(daemon, &vm, &g).map(|()| PeerResponse::Ok)),
+        PeerRequest::CreateReplica {
+            vm,
+            relationship,
+            policy,
+        } => create_replica(daemon, peer, *vm, relationship, policy).await,
+        PeerRequest::ReplicaState { vm_uuid } => replica_state(daemon, peer, vm_uuid).await,
+        PeerRequest::SetPolicy { vm_uuid, policy } => authorize(daemon, peer)
+            .and_then(|g| own_replica(daemon, peer, &g, vm_uuid))
+            .and_then(|_| {
+                let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+                replica::set_policy(&db, vm_uuid, &policy)
+                    .map(|()| PeerResponse::Ok)
+                    .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))
+            }),
+        PeerRequest::RemoveReplica { vm_uuid, delete } => {
+            remove_replica(daemon, peer, vm_uuid, delete).await
+        }
+        PeerRequest::SendLog {
+            vm_uuid,
+            sequence,
+            base_sequence,
+            resume,
+        } => {
+            return send_log(
+                daemon,
+                peer,
+                framed,
+                vm_uuid,
+                sequence,
+                base_sequence,
+                resume,
+            )
+            .await
+        }
+    };
+    Ok(Some(r.unwrap_or_else(PeerResponse::from)))
+}
+
+async fn create_replica(
+    daemon: &Arc<Daemon>,
+    peer: &str,
+    vm: VmDefinition,
+    relationship: Uuid,
+    policy: PointPolicy,
+) -> Result<PeerResponse, Refusal> {
+    let grant = authorize(daemon, peer)?;
+    if policy.keep > vmrepl_types::replication::ReplicationSettings::MAX_RECOVERY_POINTS {
+        return Err(refuse(
+            RefusalCode::BadRequest,
+            format!("{} recovery points asked; 0 to 24 are kept", policy.keep),
+        ));
+    }
+    {
+        let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+        if let Ok(Some(local)) = db.vm_by_uuid(vm.uuid) {
+            return Err(refuse(
+                RefusalCode::Conflict,
+                format!(
+                    "VM {} ({}) exists on this host as a normal VM ({}); it cannot also be a replica",
+                    local.definition.name, vm.uuid, local.state
+                ),
+            ));
+        }
+    }
+    if let Some(row) = lookup(daemon, vm.uuid)? {
+        if row.relationship == relationship
+            && row.primary_host.eq_ignore_ascii_case(peer)
+            && row.trust_group == grant.trust_group
+        {
+            return Ok(PeerResponse::Ok);
+        }
+        return Err(refuse(
+            RefusalCode::Conflict,
+            format!(
+                "this host already keeps a replica of VM {} ({}) for primary {} (relationship {}); \
+                 remove it first",
+                row.name, vm.uuid, row.primary_host, row.relationship
+            ),
+        ));
+    }
+    check_vm(daemon, &vm, &grant)?;
+    let root = grant.storage.clone();
+    let def =
+        serde_json::to_value(&vm).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+    let disks: Vec<(String, u64)> = vm
+        .disks
+        .iter()
+        .map(|d| (d.id.clone(), d.size_bytes))
+        .collect();
+    let uuid = vm.uuid;
+    let dir = vmrepl_store::ReplicaStore::vm_dir(&root, uuid);
+    let lock = replica::vm_lock(&dir);
+    let _g = lock.lock().await;
+    let created = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        std::fs::create_dir_all(&root)
+            .map_err(|e| format!("cannot create the storage folder {}: {e}", root.display()))?;
+        let ds: Vec<(&str, u64)> = disks.iter().map(|(i, s)| (i.as_str(), *s)).collect();
+        vmrepl_store::ReplicaStore::create(&root, uuid, &def, &ds)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+    created.map_err(|e| refuse(RefusalCode::Internal, e))?;
+    let row = ReplicaRow {
+        vm_uuid: uuid,
+        name: vm.name.as_str().to_string(),
+        primary_host: peer.to_string(),
+        trust_group: grant.trust_group.clone(),
+        storage_root: grant.storage.clone(),
+        relationship,
+        definition: vm,
+        policy,
+        state: ReplicationState::WaitingForInitialReplication,
+        last_applied: 0,
+        created_ms: now_ms(),
+        last_receive_ms: None,
+        last_apply_ms: None,
+        last_point_ms: None,
+        bytes_received: 0,
+        logs_received: 0,
+        last_error: None,
+    };
+    let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+    replica::insert(&db, &row).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+    let _ = db.event(
+        Some(uuid),
+        &format!("replica of {} created for primary {peer}", row.name),
+    );
+    tracing::info!(target: T, peer, vm = %uuid, name = %row.name, dir = %dir.display(), "replica created");
+    Ok(PeerResponse::Ok)
+}
+
+async fn replica_state(
+    daemon: &Arc<Daemon>,
+    peer: &str,
+    vm_uuid: Uuid,
+) -> Result<PeerResponse, Refusal> {
+    let grant = authorize(daemon, peer)?;
+    let row = own_replica(daemon, peer, &grant, vm_uuid)?;
+    let lock = replica::vm_lock(&replica::vm_dir(&row));
+    let _g = lock.lock().await;
+    // Apply what is durable first, so that last_applied is accurate (errors are recorded).
+    let _ = replica::apply_and_record(daemon, &row).await;
+    let root = row.storage_root.clone();
+    tokio::task::spawn_blocking(move || -> Result<PeerResponse, Refusal> {
+        let vm = vmrepl_store::ReplicaStore::open(&root, vm_uuid)
+            .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+        let last = vm.last_applied();
+        let next = vm.store_log_path(last + 1);
+        let partial = match std::fs::File::open(&next) {
+            Ok(f) => match vmrepl_log::scan_valid_prefix(std::io::BufReader::new(f)) {
+                Ok(p) if p.bytes > 0 => Some((
+                    last + 1,
+                    Resume {
+                        records: p.records,
+                        bytes: p.bytes,
+                    },
+                )),
+                _ => None,
+            },
+            Err(_) => None,
+        };
+        let points = vm
+            .points()
+            .into_iter()
+            .filter(|p| p.kind == vmrepl_store::PointKind::Frozen)
+            .map(|p| (p.seq, p.unix_ms))
+            .collect();
+        Ok(PeerResponse::ReplicaState {
+            last_applied: last,
+            partial,
+            points,
+        })
+    })
+    .await
+    .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?
+}
+
+async fn remove_replica(
+    daemon: &Arc<Daemon>,
+    peer: &str,
+    vm_uuid: Uuid,
+    delete: bool,
+) -> Result<PeerResponse, Refusal> {
+    let grant = authorize(daemon, peer)?;
+    let row = own_replica(daemon, peer, &grant, vm_uuid)?;
+    let dir = replica::vm_dir(&row);
+    let lock = replica::vm_lock(&dir);
+    let _g = lock.lock().await;
+    {
+        let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+        replica::delete(&db, vm_uuid).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+        let _ = db.event(
+            Some(vm_uuid),
+            &format!(
+                "replica of {} removed by {peer}{}",
+                row.name,
+                if delete {
+                    ", data deleted"
+                } else {
+                    ", data kept"
+                }
+            ),
+        );
+    }
+    if delete {
+        let d = dir.clone();
+        let r = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&d)).await;
+        if let Ok(Err(e)) = r {
+            tracing::warn!(target: T, dir = %dir.display(), "cannot delete the replica's data: {e}");
+        }
+    }
+    Ok(PeerResponse::Ok)
+}
+
+/// Reads and discards Data frames up to the empty one.
+async fn drain(framed: &mut Conn) -> Result<(), FrameError> {
+    loop {
+        match framed.read_frame().await? {
+            Frame::Data(d) if d.is_empty() => return Ok(()),
+            Frame::Data(_) => {}
+            Frame::Control(_) => {
+                return Err(FrameError::UnexpectedKind {
+                    expected: frame::FrameKind::Data,
+                    got: frame::FrameKind::Control,
+                    len: 0,
+                })
+            }
+        }
+    }
+}
+
+/// Largest log accepted for a VM: its disks' total size plus 1/8 for record overhead, plus
+/// room for the NVRAM and the header.
+fn size_cap(row: &ReplicaRow) -> u64 {
+    let total: u64 = row.definition.disks.iter().map(|d| d.size_bytes).sum();
+    total
+        .saturating_add(total / 8)
+        .saturating_add(super::proto::MAX_NVRAM_BYTES)
+        .saturating_add(1 << 20)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_log(
+    daemon: &Arc<Daemon>,
+    peer: &str,
+    framed: &mut Conn,
+    vm_uuid: Uuid,
+    seq: u64,
+    base: u64,
+    resume: Option<Resume>,
+) -> Result<Option<PeerResponse>, FrameError> {
+    let row = match authorize(daemon, peer).and_then(|g| own_replica(daemon, peer, &g, vm_uuid)) {
+        Ok(r) => r,
+        Err(r) => {
+            drain(framed).await?;
+            return Ok(Some(r.into()));
+        }
+    };
+    let dir = replica::vm_dir(&row);
+    let lock = replica::vm_lock(&dir);
+    let _g = lock.lock().await;
+    // Logs received before but not applied (an apply that failed) go first.
+    let last = match replica::apply_and_record(daemon, &row).await {
+        Ok(l) => l,
+        Err(e) => {
+            drain(framed).await?;
+            let code = if e.contains("free") || e.contains("space") {
+                RefusalCode::DiskFull
+            } else {
+                RefusalCode::Internal
+            };
+            return Ok(Some(
+                refuse(
+                    code,
+                    format!("the replica of {} cannot apply its logs: {e}", row.name),
+                )
+                .into(),
+            ));
+        }
+    };
+    if seq <= last {
+        drain(framed).await?;
+        tracing::info!(target: T, peer, vm = %vm_uuid, seq, last_applied = last, "log already applied; acknowledged again");
+        return Ok(Some(PeerResponse::LogAck {
+            sequence: seq,
+            bytes: 0,
+        }));
+    }
+    if base != last {
+        drain(framed).await?;
+        let msg = format!(
+            "replica of {} has applied {last}, log {seq} builds on {base}; resynchronization \
+             required",
+            row.name
+        );
+        let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = replica::record_error(
+            &db,
+            vm_uuid,
+            ReplicationState::ResynchronizationRequired,
+            &msg,
+        );
+        return Ok(Some(refuse(RefusalCode::OutOfOrder, msg).into()));
+    }
+    let path = dir.join("logs").join(format!("{seq:020}.log"));
+    let received = match receive(framed, &row, &path, resume).await? {
+        Ok(n) => n,
+        Err(r) => return Ok(Some(r.into())),
+    };
+    // Verify the whole log before acknowledging it (I4).
+    let (p2, disks) = (
+        path.clone(),
+        row.definition
+            .disks
+            .iter()
+            .map(|d| (d.id.clone(), d.size_bytes))
+            .collect::<Vec<_>>(),
+    );
+    let verdict = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let (h, _) = vmrepl_log::verify(&p2).map_err(|e| e.to_string())?;
+        replica::check_header(&h, vm_uuid, seq, base, &disks)
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    if let Err(reason) = verdict {
+        let _ = std::fs::remove_file(&path);
+        return Ok(Some(
+            refuse(
+                RefusalCode::BadLog,
+                format!(
+                    "log {seq} of {} failed verification and was discarded: {reason}",
+                    row.name
+                ),
+            )
+            .into(),
+        ));
+    }
+    {
+        let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = replica::record_received(&db, vm_uuid, received);
+    }
+    tracing::info!(target: T, peer, vm = %vm_uuid, seq, bytes = received, "log durable and verified");
+    framed
+        .write_control(&PeerResponse::LogAck {
+            sequence: seq,
+            bytes: received,
+        })
+        .await?;
+    // Apply now (the VM's lock is held, so the next log waits for this one).
+    let _ = replica::apply_and_record(daemon, &row).await;
+    Ok(None)
+}
+
+/// Receives the Data frames of a log into `path` (fresh, or appended to a partial file cut to
+/// `resume.bytes`), then fsyncs file and folder. Returns the file's size. A refusal has drained
+/// the frames already.
+async fn receive(
+    framed: &mut Conn,
+    row: &ReplicaRow,
+    path: &PathBuf,
+    resume: Option<Resume>,
+) -> Result<Result<u64, Refusal>, FrameError> {
+    let cap = size_cap(row);
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let opened: Result<(tokio::fs::File, u64), Refusal> = async {
+        match resume {
+            Some(r) => {
+                let p = path.clone();
+                let held = tokio::task::spawn_blocking(move || {
+                    std::fs::File::open(&p)
+                        .map_err(|e| e.to_string())
+                        .and_then(|f| {
+                            vmrepl_log::scan_valid_prefix(std::io::BufReader::new(f))
+                                .map_err(|e| e.to_string())
+                        })
+                        .map(|v| v.bytes)
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+                match held {
+                    Ok(b) if b >= r.bytes && r.bytes > 0 => {}
+                    Ok(b) => return Err(refuse(
+                        RefusalCode::BadRequest,
+                        format!(
+                            "cannot resume log at byte {}: the replica holds {b} valid bytes of \
+                                 it; ask ReplicaState again",
+                            r.bytes
+                        ),
+                    )),
+                    Err(e) => {
+                        return Err(refuse(
+                            RefusalCode::BadRequest,
+                            format!("cannot resume: no partial log here ({e}); send it whole"),
+                        ))
+                    }
+                }
+                let f = tokio::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .await
+                    .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+                f.set_len(r.bytes)
+                    .await
+                    .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+                let mut f = f;
+                use tokio::io::AsyncSeekExt;
+                f.seek(std::io::SeekFrom::Start(r.bytes))
+                    .await
+                    .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+                Ok((f, r.bytes))
+            }
+            None => tokio::fs::File::create(path)
+                .await
+                .map(|f| (f, 0))
+                .map_err(|e| refuse(RefusalCode::Internal, format!("{}: {e}", path.display()))),
+        }
+    }
+    .await;
+    let (mut file, mut size) = match opened {
+        Ok(x) => x,
+        Err(r) => {
+            drain(framed).await?;
+            return Ok(Err(r));
+        }
+    };
+    let mut failure: Option<Refusal> = None;
+    let mut since_check = u64::MAX;
+    loop {
+        let frame = match framed.read_frame().await {
+            Ok(f) => f,
+            Err(e) => {
+                // A cut transfer: keep what arrived for a resume.
+                let _ = file.sync_all().await;
+                return Err(e);
+            }
+        };
+        let data = match frame {
+            Frame::Data(d) => d,
+            Frame::Control(_) => {
+                let _ = file.sync_all().await;
+                return Err(FrameError::UnexpectedKind {
+                    expected: frame::FrameKind::Data,
+                    got: frame::FrameKind::Control,
+                    len: 0,
+                });
+            }
+        };
+        if data.is_empty() {
+            break;
+        }
+        if failure.is_some() {
+            continue;
+        }
+        let n = data.len() as u64;
+        if size + n > cap {
+            failure = Some(refuse(
+                RefusalCode::BadLog,
+                format!(
+                    "log is larger than {cap} bytes, more than VM {} can need; refused",
+                    row.name
+                ),
+            ));
+            continue;
+        }
+        if since_check >= 64 << 20 {
+            since_check = 0;
+            let free = free_bytes(&dir).unwrap_or(u64::MAX);
+            let needed = (64u64 << 20).saturating_add(vmrepl_store::SPACE_HEADROOM);
+            if free < needed {
+                failure = Some(refuse(
+                    RefusalCode::DiskFull,
+                    format!(
+                        "{}: needed {needed} bytes, free {free} bytes on the replica storage",
+                        path.display()
+                    ),
+                ));
+                continue;
+            }
+        }
+        if let Err(e) = file.write_all(&data).await {
+            failure = Some(if e.raw_os_error() == Some(28) {
+                refuse(
+                    RefusalCode::DiskFull,
+                    format!(
+                        "{}: needed {n} more bytes, free {} bytes",
+                        path.display(),
+                        free_bytes(&dir).unwrap_or(0)
+                    ),
+                )
+            } else {
+                refuse(
+                    RefusalCode::Internal,
+                    format!("cannot write {}: {e}", path.display()),
+                )
+            });
+            continue;
+        }
+        size += n;
+        since_check += n;
+    }
+    let synced = async {
+        file.flush().await?;
+        file.sync_all().await?;
+        let d = dir.clone();
+        tokio::task::spawn_blocking(move || sync_dir(&d))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+    .await;
+    if let Some(f) = failure {
+        if f.code == RefusalCode::BadLog {
+            let _ = tokio::fs::remove_file(path).await;
+        }
+        return Ok(Err(f));
+    }
+    if let Err(e) = synced {
+        return Ok(Err(refuse(
+            RefusalCode::Internal,
+            format!("cannot make {} durable: {e}", path.display()),
+        )));
+    }
+    Ok(Ok(size))
 }

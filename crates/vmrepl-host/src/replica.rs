@@ -1,0 +1,624 @@
+//! The replica side: replica VMs this host keeps for primaries, their durable rows (table
+//! `replicas`, migration 3), applying received logs to the store, recovery points, status.
+//!
+//! The peer server ([`crate::peer::server`]) receives and verifies logs; this module applies
+//! them. A replica VM's storage is `<grant storage>/<vm uuid>` (never its name, I5), managed by
+//! `vmrepl_store`.
+//!
+//! At daemon start call [`recover`]: it re-applies every durable, verified log that was received
+//! but not applied (a crash during apply is repaired by applying the same log again, I3).
+
+use crate::daemon::Daemon;
+use crate::db::{now_ms, Db};
+use crate::peer::proto::{PointPolicy, MAX_NVRAM_BYTES, NVRAM_DISK_ID};
+use rusqlite::{params, OptionalExtension};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use uuid::Uuid;
+use vmrepl_store::{RecoveryPoint, ReplicaStore, ReplicaVm, StoreError};
+use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::replication::{
+    Consistency, Health, ReplicationState, ReplicationStats, ReplicationStatus, Role,
+};
+use vmrepl_types::{VmDefinition, VmRunState};
+
+/// How long without a received log before a replica's health is Warning (Hyper-V: 1 h).
+pub const RECEIVE_WARNING_MS: u64 = 3600 * 1000;
+
+/// One replica VM as recorded on this host.
+#[derive(Debug, Clone)]
+pub struct ReplicaRow {
+    pub vm_uuid: Uuid,
+    pub name: String,
+    pub primary_host: String,
+    pub trust_group: String,
+    /// The storage folder the grant named; the VM's folder is `<storage_root>/<uuid>`.
+    pub storage_root: PathBuf,
+    pub relationship: Uuid,
+    pub definition: VmDefinition,
+    pub policy: PointPolicy,
+    pub state: ReplicationState,
+    pub last_applied: u64,
+    pub created_ms: u64,
+    pub last_receive_ms: Option<u64>,
+    pub last_apply_ms: Option<u64>,
+    pub last_point_ms: Option<u64>,
+    pub bytes_received: u64,
+    pub logs_received: u64,
+    pub last_error: Option<String>,
+}
+
+fn state_text(s: ReplicationState) -> String {
+    match serde_json::to_value(s) {
+        Ok(serde_json::Value::String(t)) => t,
+        _ => "error".into(),
+    }
+}
+
+fn corrupt(e: impl std::fmt::Display) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(e.to_string().into())
+}
+
+const COLS: &str = "vm_uuid, name, primary_host, trust_group, storage_root, relationship, \
+    definition, policy, state, last_applied, created_ms, last_receive_ms, last_apply_ms, \
+    last_point_ms, bytes_received, logs_received, last_error";
+
+fn row_to_replica(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReplicaRow> {
+    let uuid: String = r.get(0)?;
+    let rel: String = r.get(5)?;
+    let def: String = r.get(6)?;
+    let pol: String = r.get(7)?;
+    let state: String = r.get(8)?;
+    let root: String = r.get(4)?;
+    Ok(ReplicaRow {
+        vm_uuid: uuid.parse().map_err(corrupt)?,
+        name: r.get(1)?,
+        primary_host: r.get(2)?,
+        trust_group: r.get(3)?,
+        storage_root: PathBuf::from(root),
+        relationship: rel.parse().map_err(corrupt)?,
+        definition: serde_json::from_str(&def).map_err(corrupt)?,
+        policy: serde_json::from_str(&pol).map_err(corrupt)?,
+        state: serde_json::from_value(serde_json::Value::String(state))
+            .unwrap_or(ReplicationState::Error),
+        last_applied: r.get::<_, i64>(9)? as u64,
+        created_ms: r.get::<_, i64>(10)? as u64,
+        last_receive_ms: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
+        last_apply_ms: r.get::<_, Option<i64>>(12)?.map(|v| v as u64),
+        last_point_ms: r.get::<_, Option<i64>>(13)?.map(|v| v as u64),
+        bytes_received: r.get::<_, i64>(14)? as u64,
+        logs_received: r.get::<_, i64>(15)? as u64,
+        last_error: r.get(16)?,
+    })
+}
+
+/// The replica row of a VM, if this host keeps a replica of it.
+pub fn get(db: &Db, vm_uuid: Uuid) -> rusqlite::Result<Option<ReplicaRow>> {
+    db.conn()
+        .query_row(
+            &format!("SELECT {COLS} FROM replicas WHERE vm_uuid = ?1"),
+            params![vm_uuid.to_string()],
+            row_to_replica,
+        )
+        .optional()
+}
+
+/// Every replica row, by name.
+pub fn list(db: &Db) -> rusqlite::Result<Vec<ReplicaRow>> {
+    let mut st = db
+        .conn()
+        .prepare(&format!("SELECT {COLS} FROM replicas ORDER BY name"))?;
+    let rows = st.query_map([], row_to_replica)?;
+    rows.collect()
+}
+
+/// Records a new replica.
+pub fn insert(db: &Db, r: &ReplicaRow) -> rusqlite::Result<()> {
+    db.conn().execute(
+        &format!(
+            "INSERT INTO replicas ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, \
+             ?12, ?13, ?14, ?15, ?16, ?17)"
+        ),
+        params![
+            r.vm_uuid.to_string(),
+            r.name,
+            r.primary_host,
+            r.trust_group,
+            r.storage_root.to_string_lossy(),
+            r.relationship.to_string(),
+            serde_json::to_string(&r.definition).map_err(corrupt)?,
+            serde_json::to_string(&r.policy).map_err(corrupt)?,
+            state_text(r.state),
+            r.last_applied as i64,
+            r.created_ms as i64,
+            r.last_receive_ms.map(|v| v as i64),
+            r.last_apply_ms.map(|v| v as i64),
+            r.last_point_ms.map(|v| v as i64),
+            r.bytes_received as i64,
+            r.logs_received as i64,
+            r.last_error,
+        ],
+    )?;
+    Ok(())
+}
+
+/// Drops a replica's row.
+pub fn delete(db: &Db, vm_uuid: Uuid) -> rusqlite::Result<()> {
+    db.conn().execute(
+        "DELETE FROM replicas WHERE vm_uuid = ?1",
+        params![vm_uuid.to_string()],
+    )?;
+    Ok(())
+}
+
+/// Updates the recovery-point policy.
+pub fn set_policy(db: &Db, vm_uuid: Uuid, p: &PointPolicy) -> rusqlite::Result<()> {
+    db.conn().execute(
+        "UPDATE replicas SET policy = ?2 WHERE vm_uuid = ?1",
+        params![
+            vm_uuid.to_string(),
+            serde_json::to_string(p).map_err(corrupt)?
+        ],
+    )?;
+    Ok(())
+}
+
+/// Records a received (durable, verified) log.
+pub fn record_received(db: &Db, vm_uuid: Uuid, bytes: u64) -> rusqlite::Result<()> {
+    db.conn().execute(
+        "UPDATE replicas SET last_receive_ms = ?2, bytes_received = bytes_received + ?3, \
+         logs_received = logs_received + 1 WHERE vm_uuid = ?1",
+        params![vm_uuid.to_string(), now_ms() as i64, bytes as i64],
+    )?;
+    Ok(())
+}
+
+/// Records the outcome of applying: the last applied sequence and state, or an error.
+pub fn record_applied(
+    db: &Db,
+    vm_uuid: Uuid,
+    last_applied: u64,
+    point_frozen: bool,
+    error: Option<&str>,
+    state: ReplicationState,
+) -> rusqlite::Result<()> {
+    let now = now_ms() as i64;
+    db.conn().execute(
+        "UPDATE replicas SET last_applied = ?2, state = ?3, last_error = ?4, \
+         last_apply_ms = CASE WHEN ?4 IS NULL THEN ?5 ELSE last_apply_ms END, \
+         last_point_ms = CASE WHEN ?6 THEN ?5 ELSE last_point_ms END WHERE vm_uuid = ?1",
+        params![
+            vm_uuid.to_string(),
+            last_applied as i64,
+            state_text(state),
+            error,
+            now,
+            point_frozen
+        ],
+    )?;
+    Ok(())
+}
+
+/// Records an error (and a state) without touching the rest.
+pub fn record_error(
+    db: &Db,
+    vm_uuid: Uuid,
+    state: ReplicationState,
+    error: &str,
+) -> rusqlite::Result<()> {
+    db.conn().execute(
+        "UPDATE replicas SET state = ?2, last_error = ?3 WHERE vm_uuid = ?1",
+        params![vm_uuid.to_string(), state_text(state), error],
+    )?;
+    Ok(())
+}
+
+/// Whether a VM with this uuid runs on this host (a normal VM in the `vms` table).
+pub fn vm_running(daemon: &Daemon, vm_uuid: Uuid) -> bool {
+    let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+    match db.vm_by_uuid(vm_uuid) {
+        Ok(Some(row)) => !matches!(
+            row.state,
+            VmRunState::Off | VmRunState::Crashed | VmRunState::LockedForFailover
+        ),
+        _ => false,
+    }
+}
+
+// ------------------------------------------------------------------ per-VM locks
+
+type LockMap = Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>;
+
+/// The mutex that serializes everything touching one replica VM's folder (receive, apply,
+/// remove). Keyed by the folder, so two daemons in one process never share one by accident.
+pub fn vm_lock(vm_dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: OnceLock<LockMap> = OnceLock::new();
+    let m = LOCKS.get_or_init(Default::default);
+    let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+    g.entry(vm_dir.to_path_buf()).or_default().clone()
+}
+
+/// The folder of a replica VM.
+pub fn vm_dir(row: &ReplicaRow) -> PathBuf {
+    ReplicaStore::vm_dir(&row.storage_root, row.vm_uuid)
+}
+
+// ------------------------------------------------------------------ apply
+
+/// What applying one log did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub seq: u64,
+    /// False when the log had been applied before (idempotent no-op, I3).
+    pub applied: bool,
+    pub unix_ms: i64,
+    pub consistency: Consistency,
+}
+
+fn consistency(c: vmrepl_log::Consistency) -> Consistency {
+    match c {
+        vmrepl_log::Consistency::Crash => Consistency::Crash,
+        vmrepl_log::Consistency::AppConsistent => Consistency::AppConsistent,
+        vmrepl_log::Consistency::Planned => Consistency::Planned,
+    }
+}
+
+/// Why a log could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("log {path} cannot be applied: {reason}")]
+    Log { path: PathBuf, reason: String },
+}
+
+/// Checks a received log's header against the replica (VM id, sequence, base, disks and sizes).
+pub fn check_header(
+    h: &vmrepl_log::LogHeader,
+    vm_uuid: Uuid,
+    seq: u64,
+    base: u64,
+    disks: &[(String, u64)],
+) -> Result<(), String> {
+    if h.vm_id != vm_uuid {
+        return Err(format!(
+            "the log belongs to VM {} but was sent for VM {vm_uuid}",
+            h.vm_id
+        ));
+    }
+    if h.sequence != seq || h.base_sequence != base {
+        return Err(format!(
+            "the log is sequence {} on base {}, but was sent as sequence {seq} on base {base}",
+            h.sequence, h.base_sequence
+        ));
+    }
+    for d in &h.disks {
+        if d.id == NVRAM_DISK_ID {
+            if d.virtual_size > MAX_NVRAM_BYTES {
+                return Err(format!(
+                    "the NVRAM in the log is {} bytes; at most {MAX_NVRAM_BYTES} are accepted",
+                    d.virtual_size
+                ));
+            }
+            continue;
+        }
+        match disks.iter().find(|(id, _)| *id == d.id) {
+            None => {
+                return Err(format!(
+                    "the log names disk {:?}, which the replica VM does not have (it has {})",
+                    d.id,
+                    disks
+                        .iter()
+                        .map(|(i, _)| i.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            }
+            Some((_, size)) if *size != d.virtual_size => {
+                return Err(format!(
+                    "the log gives disk {} a size of {} bytes; the replica's disk is {size} bytes \
+                     (disk resizes are not replicated; resynchronize)",
+                    d.id, d.virtual_size
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Applies the verified log file `path` to `vm` (blocking; call from `spawn_blocking` with the
+/// VM's lock held). Logs at or below the last applied sequence are a no-op.
+pub fn apply_log(vm: &mut ReplicaVm, path: &Path) -> Result<Applied, ApplyError> {
+    let lerr = |reason: String| ApplyError::Log {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let f = std::fs::File::open(path).map_err(|e| lerr(e.to_string()))?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut reader = vmrepl_log::LogReader::new(std::io::BufReader::with_capacity(256 * 1024, f))
+        .map_err(|e| lerr(e.to_string()))?;
+    let h = reader.header().clone();
+    let disks = vm.disks();
+    check_header(&h, vm.vm_uuid(), h.sequence, h.base_sequence, &disks).map_err(lerr)?;
+    let out = Applied {
+        seq: h.sequence,
+        applied: true,
+        unix_ms: h.timestamp_unix_ms as i64,
+        consistency: consistency(h.consistency),
+    };
+    vm.check_space(len)?;
+    let mut txn = match vm.begin_apply(h.sequence, h.base_sequence)? {
+        vmrepl_store::Begin::AlreadyApplied { .. } => {
+            return Ok(Applied {
+                applied: false,
+                ..out
+            })
+        }
+        vmrepl_store::Begin::Apply(txn) => txn,
+    };
+    let mut nvram: Option<Vec<u8>> = None;
+    while let Some(rec) = reader.next_record().map_err(|e| lerr(e.to_string()))? {
+        let Some(d) = h.disks.get(usize::from(rec.disk_index)) else {
+            return Err(lerr(format!("record for unknown disk #{}", rec.disk_index)));
+        };
+        if d.id == NVRAM_DISK_ID {
+            let buf = nvram.get_or_insert_with(|| vec![0u8; d.virtual_size as usize]);
+            let (off, n) = match rec.content {
+                vmrepl_log::ContentRef::Data(b) => (rec.offset, b.len() as u64),
+                vmrepl_log::ContentRef::Zero(n) => (rec.offset, u64::from(n)),
+            };
+            let end = off
+                .checked_add(n)
+                .filter(|e| *e <= buf.len() as u64)
+                .ok_or_else(|| lerr(format!("NVRAM extent {off}+{n} beyond its size")))?;
+            let range = off as usize..end as usize;
+            match rec.content {
+                vmrepl_log::ContentRef::Data(b) => buf[range].copy_from_slice(b),
+                vmrepl_log::ContentRef::Zero(_) => buf[range].fill(0),
+            }
+            continue;
+        }
+        match rec.content {
+            vmrepl_log::ContentRef::Data(b) => txn.write(&d.id, rec.offset, b)?,
+            vmrepl_log::ContentRef::Zero(n) => txn.write_zeroes(&d.id, rec.offset, u64::from(n))?,
+        }
+    }
+    if let Some(nv) = nvram {
+        txn.set_nvram(&nv);
+    }
+    txn.commit(out.unix_ms, out.consistency)?;
+    Ok(out)
+}
+
+/// Applies every durable, verified pending log of `vm` in order (blocking). A pending log that
+/// does not verify (a partial transfer) stops the loop: it is kept for resume.
+pub fn apply_pending(vm: &mut ReplicaVm) -> Result<Vec<Applied>, ApplyError> {
+    let mut done = Vec::new();
+    for (seq, path) in vm.pending_logs()? {
+        match vmrepl_log::verify(&path) {
+            // Only a whole, verified log that builds on what is applied; anything else (a
+            // partial transfer, a stale file) waits for the primary.
+            Ok((h, _)) if h.sequence == seq && h.base_sequence == vm.last_applied() => {}
+            _ => break,
+        }
+        done.push(apply_log(vm, &path)?);
+    }
+    vm.discard_applied_logs()?;
+    Ok(done)
+}
+
+/// After logs were applied: freeze a recovery point when the policy says so, and prune.
+/// Returns whether a point was frozen.
+pub fn points_after_apply(
+    vm: &mut ReplicaVm,
+    last: &Applied,
+    policy: &PointPolicy,
+    last_point_ms: Option<u64>,
+) -> Result<bool, StoreError> {
+    if policy.keep == 0 {
+        // Only the latest point is kept.
+        vm.prune(0)?;
+        return Ok(false);
+    }
+    let has_frozen = vm
+        .points()
+        .iter()
+        .any(|p| p.kind == vmrepl_store::PointKind::Frozen);
+    let due = match last_point_ms {
+        _ if !has_frozen => true,
+        None => true,
+        Some(t) => now_ms().saturating_sub(t) >= u64::from(policy.interval_secs) * 1000,
+    };
+    let frozen = if due
+        && !vm
+            .points()
+            .iter()
+            .any(|p| p.kind == vmrepl_store::PointKind::Frozen && p.seq == last.seq)
+    {
+        vm.freeze_point(last.seq, last.unix_ms, last.consistency)?;
+        true
+    } else {
+        false
+    };
+    vm.prune(policy.keep as usize)?;
+    Ok(frozen)
+}
+
+/// Opens the store, applies pending logs, manages points and updates the row. Blocking part
+/// run under the VM's lock. Returns the last applied sequence.
+pub async fn apply_and_record(daemon: &Arc<Daemon>, row: &ReplicaRow) -> Result<u64, String> {
+    let root = row.storage_root.clone();
+    let uuid = row.vm_uuid;
+    let policy = row.policy;
+    let last_point_ms = row.last_point_ms;
+    let res = tokio::task::spawn_blocking(move || -> Result<(u64, bool), String> {
+        let mut vm = ReplicaStore::open(&root, uuid).map_err(|e| e.to_string())?;
+        let applied = apply_pending(&mut vm);
+        let frozen = match &applied {
+            Ok(list) if !list.is_empty() => {
+                let last = list[list.len() - 1];
+                match points_after_apply(&mut vm, &last, &policy, last_point_ms) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        tracing::warn!(target: "vmrepl::replica", vm = %uuid, "recovery point: {e}");
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
+        match applied {
+            Ok(_) => Ok((vm.last_applied(), frozen)),
+            Err(e) => Err(format!("{e} (last applied log: {})", vm.last_applied())),
+        }
+    })
+    .await
+    .map_err(|e| format!("the apply task failed: {e}"))?;
+    let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+    match res {
+        Ok((last, frozen)) => {
+            let state = if last == 0 {
+                ReplicationState::WaitingForInitialReplication
+            } else {
+                ReplicationState::Replicating
+            };
+            if let Err(e) = record_applied(&db, uuid, last, frozen, None, state) {
+                tracing::error!(target: "vmrepl::replica", vm = %uuid, "cannot record: {e}");
+            }
+            Ok(last)
+        }
+        Err(e) => {
+            tracing::error!(target: "vmrepl::replica", vm = %uuid, "apply failed: {e}");
+            let state = if e.contains("resynchronization") || e.contains("out of order") {
+                ReplicationState::ResynchronizationRequired
+            } else {
+                ReplicationState::Error
+            };
+            let _ = record_error(&db, uuid, state, &e);
+            Err(e)
+        }
+    }
+}
+
+/// At daemon start: for every replica, re-apply the logs that were received (durable and
+/// verified) but not applied, e.g. because the host crashed during apply (I3).
+pub async fn recover(daemon: &Arc<Daemon>) {
+    let rows = {
+        let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+        list(&db).unwrap_or_else(|e| {
+            tracing::error!(target: "vmrepl::replica", "cannot list replicas: {e}");
+            Vec::new()
+        })
+    };
+    for row in rows {
+        let lock = vm_lock(&vm_dir(&row));
+        let _g = lock.lock().await;
+        match apply_and_record(daemon, &row).await {
+            Ok(last) => {
+                tracing::info!(target: "vmrepl::replica", vm = %row.vm_uuid, name = %row.name, last_applied = last, "replica recovered")
+            }
+            Err(e) => {
+                tracing::warn!(target: "vmrepl::replica", vm = %row.vm_uuid, name = %row.name, "replica recovery: {e}")
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ status
+
+/// Health of a replica per Hyper-V's replica-side rules, with the sentences that explain it.
+fn health(r: &ReplicaRow, now: u64) -> (Health, Vec<String>) {
+    let mut details = Vec::new();
+    let mut h = Health::Normal;
+    match r.state {
+        ReplicationState::Error | ReplicationState::ResynchronizationRequired => {
+            h = Health::Critical;
+            details.push(format!(
+                "Replication of {} is in state {}: {}",
+                r.name,
+                r.state,
+                r.last_error.as_deref().unwrap_or("see the host log")
+            ));
+        }
+        _ => {}
+    }
+    if r.last_applied == 0 {
+        h = h.max(Health::Warning);
+        details.push(format!(
+            "Initial replication of {} is not complete yet.",
+            r.name
+        ));
+    }
+    let last = r.last_receive_ms.unwrap_or(r.created_ms);
+    if now.saturating_sub(last) > RECEIVE_WARNING_MS {
+        h = h.max(Health::Warning);
+        details.push(format!(
+            "Replica virtual machine '{}' has received nothing from {} for more than an hour.",
+            r.name, r.primary_host
+        ));
+    }
+    (h, details)
+}
+
+/// The status of every replica VM on this host.
+pub fn statuses(daemon: &Daemon) -> Vec<ReplicationStatus> {
+    let rows = {
+        let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+        list(&db).unwrap_or_default()
+    };
+    let me = daemon
+        .cfg
+        .read()
+        .map(|c| c.host_name.clone())
+        .unwrap_or_default();
+    let now = now_ms();
+    rows.into_iter()
+        .map(|r| {
+            let (health, health_details) = health(&r, now);
+            ReplicationStatus {
+                vm: r.definition.name.clone(),
+                vm_uuid: r.vm_uuid,
+                role: Role::Replica,
+                state: r.state,
+                health,
+                health_details,
+                primary_host: r.primary_host.clone(),
+                replica_host: me.clone(),
+                frequency_secs: 0,
+                last_sequence: r.last_applied,
+                waiting_on: None,
+                last_error: r.last_error.clone(),
+                progress: None,
+                stats: ReplicationStats {
+                    success_count: r.logs_received,
+                    total_bytes: r.bytes_received,
+                    last_replication_unix: r.last_receive_ms.map(|m| m / 1000),
+                    ..Default::default()
+                },
+            }
+        })
+        .collect()
+}
+
+/// The recovery points of the replica VM named `vm_name` (frozen ones oldest first, then the
+/// latest applied state).
+pub fn points(daemon: &Daemon, vm_name: &str) -> Result<Vec<RecoveryPoint>, ApiError> {
+    let row = {
+        let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+        list(&db)
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
+            .into_iter()
+            .find(|r| r.name == vm_name)
+    };
+    let row = row.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::NotFound,
+            format!("There is no replica VM named {vm_name:?} on this host."),
+        )
+    })?;
+    let vm = ReplicaStore::open(&row.storage_root, row.vm_uuid)
+        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+    Ok(vm.points())
+}
