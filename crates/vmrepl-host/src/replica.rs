@@ -603,8 +603,8 @@ pub fn statuses(daemon: &Daemon) -> Vec<ReplicationStatus> {
 }
 
 /// The recovery points of the replica VM named `vm_name` (frozen ones oldest first, then the
-/// latest applied state).
-pub fn points(daemon: &Daemon, vm_name: &str) -> Result<Vec<RecoveryPoint>, ApiError> {
+/// latest applied state). Opens the store on the blocking pool (the store is synchronous).
+pub async fn points(daemon: &Daemon, vm_name: &str) -> Result<Vec<RecoveryPoint>, ApiError> {
     let row = {
         let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
         list(&db)
@@ -618,7 +618,11 @@ pub fn points(daemon: &Daemon, vm_name: &str) -> Result<Vec<RecoveryPoint>, ApiE
             format!("There is no replica VM named {vm_name:?} on this host."),
         )
     })?;
-    let vm = ReplicaStore::open(&row.storage_root, row.vm_uuid)
-        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-    Ok(vm.points())
+    tokio::task::spawn_blocking(move || {
+        ReplicaStore::open(&row.storage_root, row.vm_uuid)
+            .map(|vm| vm.points())
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))
+    })
+    .await
+    .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
 }
