@@ -682,14 +682,16 @@ async fn receive(
                 .unwrap_or_else(|e| Err(e.to_string()));
                 match held {
                     Ok(b) if b >= r.bytes && r.bytes > 0 => {}
-                    Ok(b) => return Err(refuse(
-                        RefusalCode::BadRequest,
-                        format!(
+                    Ok(b) => {
+                        return Err(refuse(
+                            RefusalCode::BadRequest,
+                            format!(
                             "cannot resume log at byte {}: the replica holds {b} valid bytes of \
                                  it; ask ReplicaState again",
                             r.bytes
                         ),
-                    )),
+                        ))
+                    }
                     Err(e) => {
                         return Err(refuse(
                             RefusalCode::BadRequest,
