@@ -693,3 +693,40 @@ async fn a_cut_transfer_is_resumed_from_what_the_replica_holds() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_durable_log_left_unapplied_is_applied_before_anything_else() {
+    // What a crash between LogAck and apply leaves behind: a verified log in the spool.
+    let env = replica(|_, _| {}).await;
+    let (mut c, theirs) = client(&env, PRIMARY).await;
+    let uuid = Uuid::new_v4();
+    assert_eq!(create(&mut c, &theirs, uuid).await, PeerResponse::Ok);
+    let data = pattern(42, 8192);
+    let log = write_log(
+        env.tmp.path(),
+        uuid,
+        1,
+        0,
+        DISK,
+        &[W::Data(0, data.clone())],
+    );
+    let spool = env
+        .store_root
+        .join(uuid.to_string())
+        .join("logs")
+        .join(format!("{:020}.log", 1));
+    std::fs::copy(&log, &spool).unwrap();
+    let (last, partial, _) = state(&mut c, uuid).await;
+    assert_eq!((last, partial), (1, None));
+    assert!(!spool.exists());
+    let raw = latest_raw(&env, uuid).await;
+    assert!(raw[..8192] == data[..]);
+    // Sending it again is the idempotent acknowledgement.
+    assert_eq!(
+        send(&mut c, uuid, 1, 0, &log).await,
+        PeerResponse::LogAck {
+            sequence: 1,
+            bytes: 0
+        }
+    );
+}
