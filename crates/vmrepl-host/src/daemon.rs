@@ -150,7 +150,10 @@ impl Daemon {
         }
         if let Some(p) = c.default_storage {
             if !p.is_absolute() {
-                return Err(ApiError::new(ErrorCode::InvalidInput, format!("Storage folder {} is not an absolute path.", p.display())));
+                return Err(ApiError::new(
+                    ErrorCode::InvalidInput,
+                    format!("Storage folder {} is not an absolute path.", p.display()),
+                ));
             }
             rs.default_storage = Some(p);
         }
@@ -158,28 +161,50 @@ impl Daemon {
             vmrepl_transport::authz::AuthzEntry::try_from(&entry)
                 .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
             if !entry.storage.is_absolute() {
-                return Err(ApiError::new(ErrorCode::InvalidInput, format!("Storage folder {} is not an absolute path.", entry.storage.display())));
+                return Err(ApiError::new(
+                    ErrorCode::InvalidInput,
+                    format!(
+                        "Storage folder {} is not an absolute path.",
+                        entry.storage.display()
+                    ),
+                ));
             }
             if entry.trust_group.trim().is_empty() {
-                return Err(ApiError::new(ErrorCode::InvalidInput, "The trust group is empty; name one (for example DEFAULT)."));
+                return Err(ApiError::new(
+                    ErrorCode::InvalidInput,
+                    "The trust group is empty; name one (for example DEFAULT).",
+                ));
             }
-            rs.entries.retain(|e| !e.primary.eq_ignore_ascii_case(&entry.primary));
+            rs.entries
+                .retain(|e| !e.primary.eq_ignore_ascii_case(&entry.primary));
             rs.entries.push(entry);
         }
         if let Some(p) = c.remove_entry {
             let before = rs.entries.len();
             rs.entries.retain(|e| !e.primary.eq_ignore_ascii_case(&p));
             if rs.entries.len() == before {
-                return Err(ApiError::new(ErrorCode::NotFound, format!("There is no authorization entry for {p:?}.")));
+                return Err(ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("There is no authorization entry for {p:?}."),
+                ));
             }
         }
-        for s in rs.default_storage.iter().chain(rs.entries.iter().map(|e| &e.storage)) {
+        for s in rs
+            .default_storage
+            .iter()
+            .chain(rs.entries.iter().map(|e| &e.storage))
+        {
             std::fs::create_dir_all(s).map_err(|e| {
-                ApiError::new(ErrorCode::Io, format!("Cannot create storage folder {}: {e}", s.display()))
+                ApiError::new(
+                    ErrorCode::Io,
+                    format!("Cannot create storage folder {}: {e}", s.display()),
+                )
             })?;
         }
-        next.validate().map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
-        next.save(&self.dd.config()).map_err(|e| ApiError::new(ErrorCode::Io, e.to_string()))?;
+        next.validate()
+            .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
+        next.save(&self.dd.config())
+            .map_err(|e| ApiError::new(ErrorCode::Io, e.to_string()))?;
         let out = next.replica_server.clone();
         *cfg = next;
         Ok(out)
@@ -228,7 +253,9 @@ impl Daemon {
             Request::ReplicaServerShow => {
                 Response::ReplicaServer(self.cfg.read().expect("cfg").replica_server.clone())
             }
-            Request::ReplicaServerSet(change) => Response::ReplicaServer(self.change_replica_server(change)?),
+            Request::ReplicaServerSet(change) => {
+                Response::ReplicaServer(self.change_replica_server(change)?)
+            }
             Request::ReplicationEnable { name, settings } => Response::Ok {
                 message: crate::replication::enable(self, &name, settings).await?,
             },
@@ -238,11 +265,9 @@ impl Daemon {
                     None => None,
                 };
                 let mut relationships = crate::replication::statuses(self, only);
-                relationships.extend(
-                    crate::replica::statuses(self)
-                        .into_iter()
-                        .filter(|r| only.is_none_or(|o| o == r.vm_uuid) && name.as_ref().is_none_or(|n| *n == r.vm)),
-                );
+                relationships.extend(crate::replica::statuses(self).into_iter().filter(|r| {
+                    only.is_none_or(|o| o == r.vm_uuid) && name.as_ref().is_none_or(|n| *n == r.vm)
+                }));
                 if let (Some(n), true) = (&name, relationships.is_empty()) {
                     return Err(ApiError::new(
                         ErrorCode::NotFound,
@@ -257,7 +282,10 @@ impl Daemon {
             Request::ReplicationResume { name } => Response::Ok {
                 message: crate::replication::resume(self, &name)?,
             },
-            Request::ReplicationRemove { name, delete_replica } => Response::Ok {
+            Request::ReplicationRemove {
+                name,
+                delete_replica,
+            } => Response::Ok {
                 message: crate::replication::remove(self, &name, delete_replica).await?,
             },
         })

@@ -32,12 +32,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use uuid::Uuid;
-use vmrepl_log::{Compression, DiskInfo, LogHeader, LogKind, LogWriter, ResumePoint};
+use vmrepl_log::{Compression, DiskInfo, LogHeader, LogKind, LogWriter};
 use vmrepl_tracking::{ChunkData, ExtentReader, RelTag, Staging};
 use vmrepl_types::api::{ApiError, ErrorCode};
 use vmrepl_types::replication::{
-    Health, InitialReplication, Progress, ReplicationSettings, ReplicationState,
-    ReplicationStats, ReplicationStatus, Role,
+    Health, InitialReplication, Progress, ReplicationSettings, ReplicationState, ReplicationStats,
+    ReplicationStatus, Role,
 };
 use vmrepl_types::{Generation, VmDefinition, VmName};
 
@@ -144,6 +144,7 @@ fn set_state(d: &Daemon, vm: Uuid, state: ReplicationState, error: Option<&str>)
     );
 }
 
+#[allow(clippy::too_many_arguments)]
 fn record_cycle(
     d: &Daemon,
     vm: Uuid,
@@ -195,11 +196,17 @@ fn replica_target(s: &ReplicationSettings) -> Result<(String, String), ApiError>
             format!("Port {port:?} of the replica server is not a number."),
         )
     })?;
-    let name = s.replica_host_name.clone().unwrap_or_else(|| host.to_string());
+    let name = s
+        .replica_host_name
+        .clone()
+        .unwrap_or_else(|| host.to_string());
     Ok((s.replica_server.clone(), name))
 }
 
-async fn connect(d: &Daemon, s: &ReplicationSettings) -> Result<(PeerClient, vmrepl_types::HostInfo), String> {
+async fn connect(
+    d: &Daemon,
+    s: &ReplicationSettings,
+) -> Result<(PeerClient, vmrepl_types::HostInfo), String> {
     let (addr, name) = replica_target(s).map_err(|e| e.message)?;
     PeerClient::connect(&d.identity, d.vmm.caps(), &addr, &name)
         .await
@@ -221,9 +228,12 @@ pub async fn enable(
     name: &VmName,
     settings: ReplicationSettings,
 ) -> Result<String, ApiError> {
-    settings
-        .validate()
-        .map_err(|m| err(ErrorCode::InvalidInput, format!("Invalid replication settings: {m}.")))?;
+    settings.validate().map_err(|m| {
+        err(
+            ErrorCode::InvalidInput,
+            format!("Invalid replication settings: {m}."),
+        )
+    })?;
     let vm = d.vmm.show(name)?.definition;
     if load(d, vm.uuid).is_some() {
         return Err(err(
@@ -237,13 +247,20 @@ pub async fn enable(
                 ErrorCode::InvalidInput,
                 format!(
                     "VM {name} has no disk {x:?} to exclude; its disks are {}.",
-                    vm.disks.iter().map(|d| d.id.as_str()).collect::<Vec<_>>().join(", ")
+                    vm.disks
+                        .iter()
+                        .map(|d| d.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ));
         }
     }
     if replicated_disks(&vm, &settings).is_empty() {
-        return Err(err(ErrorCode::InvalidInput, format!("VM {name} would replicate no disk; exclude fewer.")));
+        return Err(err(
+            ErrorCode::InvalidInput,
+            format!("VM {name} would replicate no disk; exclude fewer."),
+        ));
     }
     match &settings.initial {
         InitialReplication::NetworkNow => {}
@@ -261,7 +278,13 @@ pub async fn enable(
         }
     }
     let (client, theirs) = connect(d, &settings).await.map_err(|e| {
-        err(ErrorCode::Peer, format!("Cannot reach the replica server {}: {e}", settings.replica_server))
+        err(
+            ErrorCode::Peer,
+            format!(
+                "Cannot reach the replica server {}: {e}",
+                settings.replica_server
+            ),
+        )
     })?;
     let mut client = client;
     // I7: the replica's QEMU must run this VM exactly as it is.
@@ -271,24 +294,38 @@ pub async fn enable(
             ErrorCode::Unsupported,
             format!(
                 "The replica server cannot run VM {name}: {}. Nothing was changed.",
-                problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")
+                problems
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
             ),
         ));
     }
     let mut replica_vm = vm.clone();
-    replica_vm.disks.retain(|x| !settings.exclude_disks.contains(&x.id));
+    replica_vm
+        .disks
+        .retain(|x| !settings.exclude_disks.contains(&x.id));
     let ask = |r: PeerResponse, what: &str| -> Result<(), ApiError> {
         match r {
             PeerResponse::Ok => Ok(()),
             PeerResponse::Refused { message, .. } => Err(err(
                 ErrorCode::Peer,
-                format!("The replica server {} refused to {what}: {message}", theirs.host_name),
+                format!(
+                    "The replica server {} refused to {what}: {message}",
+                    theirs.host_name
+                ),
             )),
-            other => Err(err(ErrorCode::Peer, format!("Unexpected answer from the replica server: {other:?}"))),
+            other => Err(err(
+                ErrorCode::Peer,
+                format!("Unexpected answer from the replica server: {other:?}"),
+            )),
         }
     };
     let r = client
-        .request(&PeerRequest::CheckReplica { vm: Box::new(replica_vm.clone()) })
+        .request(&PeerRequest::CheckReplica {
+            vm: Box::new(replica_vm.clone()),
+        })
         .await
         .map_err(|e| err(ErrorCode::Peer, e.to_string()))?;
     ask(r, "host this VM")?;
@@ -325,7 +362,10 @@ pub async fn enable(
                 ],
             )
             .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
-        let _ = db.event(Some(vm.uuid), &format!("replication enabled to {}", theirs.host_name));
+        let _ = db.event(
+            Some(vm.uuid),
+            &format!("replication enabled to {}", theirs.host_name),
+        );
     }
     spawn(d, vm.uuid);
     Ok(format!(
@@ -333,7 +373,8 @@ pub async fn enable(
         theirs.host_name,
         settings.replica_server,
         match settings.initial {
-            InitialReplication::NetworkAt { unix_secs } => format!("scheduled at unix time {unix_secs}"),
+            InitialReplication::NetworkAt { unix_secs } =>
+                format!("scheduled at unix time {unix_secs}"),
             _ => "starts now".into(),
         }
     ))
@@ -364,12 +405,18 @@ async fn scheduler(d: Arc<Daemon>, vm: Uuid, rt: Arc<RelRuntime>) {
         let wait_ms = match rel.state {
             ReplicationState::Suspended | ReplicationState::ResynchronizationRequired => u64::MAX,
             ReplicationState::ReadyForInitialReplication => match rel.settings.initial {
-                InitialReplication::NetworkAt { unix_secs } => (unix_secs * 1000).saturating_sub(now_ms()),
+                InitialReplication::NetworkAt { unix_secs } => {
+                    (unix_secs * 1000).saturating_sub(now_ms())
+                }
                 _ => 0,
             },
             ReplicationState::WaitingForInitialReplication => {
                 // Retry a failed initial copy after one interval.
-                if last_start.is_some() { freq_ms } else { 0 }
+                if last_start.is_some() {
+                    freq_ms
+                } else {
+                    0
+                }
             }
             _ => last_start
                 .map(|s| (s + freq_ms).saturating_sub(now_ms()))
@@ -390,7 +437,16 @@ async fn scheduler(d: Arc<Daemon>, vm: Uuid, rt: Arc<RelRuntime>) {
             let late = now_ms().saturating_sub(prev);
             let missed = late / freq_ms.max(1);
             for _ in 1..missed {
-                record_cycle(&d, vm, rel.acked_seq + 1, "delta", now_ms(), 0, "missed", None);
+                record_cycle(
+                    &d,
+                    vm,
+                    rel.acked_seq + 1,
+                    "delta",
+                    now_ms(),
+                    0,
+                    "missed",
+                    None,
+                );
             }
         }
         let start = now_ms();
@@ -425,12 +481,15 @@ impl Endpoint {
 }
 
 fn log_path(d: &Daemon, rel: RelTag, seq: u64) -> PathBuf {
-    d.dd.staging().join(format!("{}-{seq}.vmrlog", rel.as_str()))
+    d.dd.staging()
+        .join(format!("{}-{seq}.vmrlog", rel.as_str()))
 }
 
 /// One cycle, top-down.
 async fn run_cycle(d: &Arc<Daemon>, vm_uuid: Uuid, rt: &RelRuntime) -> Result<(), String> {
-    let Some(rel) = load(d, vm_uuid) else { return Ok(()) };
+    let Some(rel) = load(d, vm_uuid) else {
+        return Ok(());
+    };
     let vm = d
         .vmm
         .definition(vm_uuid)
@@ -443,18 +502,44 @@ async fn run_cycle(d: &Arc<Daemon>, vm_uuid: Uuid, rt: &RelRuntime) -> Result<()
     let start = now_ms();
     let initial = matches!(
         rel.state,
-        ReplicationState::WaitingForInitialReplication | ReplicationState::ReadyForInitialReplication
+        ReplicationState::WaitingForInitialReplication
+            | ReplicationState::ReadyForInitialReplication
     );
     let kind = if initial { "initial" } else { "delta" };
     let fail = |msg: String, network: bool| {
-        record_cycle(d, vm_uuid, rel.acked_seq + 1, kind, start, 0, if network { "network-failure" } else { "failure" }, Some(&msg));
-        let st = if initial { rel.state } else { ReplicationState::Replicating };
+        record_cycle(
+            d,
+            vm_uuid,
+            rel.acked_seq + 1,
+            kind,
+            start,
+            0,
+            if network {
+                "network-failure"
+            } else {
+                "failure"
+            },
+            Some(&msg),
+        );
+        let st = if initial {
+            rel.state
+        } else {
+            ReplicationState::Replicating
+        };
         set_state(d, vm_uuid, st, Some(&msg));
         msg
     };
     let (mut client, _theirs) = match connect(d, &rel.settings).await {
         Ok(c) => c,
-        Err(e) => return Err(fail(format!("cannot reach the replica server {}: {e}", rel.settings.replica_server), true)),
+        Err(e) => {
+            return Err(fail(
+                format!(
+                    "cannot reach the replica server {}: {e}",
+                    rel.settings.replica_server
+                ),
+                true,
+            ))
+        }
     };
     let endpoint = match d.vmm.live_process(vm_uuid).await {
         Some(p) => Endpoint::Live(p),
@@ -466,17 +551,53 @@ async fn run_cycle(d: &Arc<Daemon>, vm_uuid: Uuid, rt: &RelRuntime) -> Result<()
                 .map(|x| (x.id.clone(), x.path.clone()))
                 .collect();
             let run = d.dd.run_dir(vm_uuid).join("offline");
-            match vmrepl_tracking::OfflineDisks::open(&disk_paths, vm.nvram.as_deref().filter(|_| vars.is_some()), &run).await {
+            match vmrepl_tracking::OfflineDisks::open(
+                &disk_paths,
+                vm.nvram.as_deref().filter(|_| vars.is_some()),
+                &run,
+            )
+            .await
+            {
                 Ok(o) => Endpoint::Offline(o),
-                Err(e) => return Err(fail(format!("cannot open the VM's disks while it is off: {e}"), false)),
+                Err(e) => {
+                    return Err(fail(
+                        format!("cannot open the VM's disks while it is off: {e}"),
+                        false,
+                    ))
+                }
             }
         }
     };
     let staging = Staging::new(d.dd.staging());
     let result = if initial {
-        initial_cycle(d, &rel, &vm, &mut client, endpoint.qmp(), tag, &disks, vars, &staging, rt).await
+        initial_cycle(
+            d,
+            &rel,
+            &vm,
+            &mut client,
+            endpoint.qmp(),
+            tag,
+            &disks,
+            vars,
+            &staging,
+            rt,
+        )
+        .await
     } else {
-        delta_cycle(d, &rel, &vm, &mut client, endpoint.qmp(), tag, &disks, &nodes, vars, &staging, rt).await
+        delta_cycle(
+            d,
+            &rel,
+            &vm,
+            &mut client,
+            endpoint.qmp(),
+            tag,
+            &disks,
+            &nodes,
+            vars,
+            &staging,
+            rt,
+        )
+        .await
     };
     endpoint.close().await;
     match result {
@@ -486,8 +607,22 @@ async fn run_cycle(d: &Arc<Daemon>, vm_uuid: Uuid, rt: &RelRuntime) -> Result<()
             Ok(())
         }
         Err(CycleError::Resync(m)) => {
-            record_cycle(d, vm_uuid, rel.acked_seq + 1, kind, start, 0, "failure", Some(&m));
-            set_state(d, vm_uuid, ReplicationState::ResynchronizationRequired, Some(&m));
+            record_cycle(
+                d,
+                vm_uuid,
+                rel.acked_seq + 1,
+                kind,
+                start,
+                0,
+                "failure",
+                Some(&m),
+            );
+            set_state(
+                d,
+                vm_uuid,
+                ReplicationState::ResynchronizationRequired,
+                Some(&m),
+            );
             Err(m)
         }
         Err(CycleError::Network(m)) => Err(fail(m, true)),
@@ -504,9 +639,12 @@ enum CycleError {
 fn classify(e: crate::peer::client::PeerError) -> CycleError {
     use crate::peer::client::PeerError;
     match e {
-        PeerError::Refused { code: RefusalCode::OutOfOrder, message } => {
-            CycleError::Resync(format!("the replica refused the log as out of order: {message}"))
-        }
+        PeerError::Refused {
+            code: RefusalCode::OutOfOrder,
+            message,
+        } => CycleError::Resync(format!(
+            "the replica refused the log as out of order: {message}"
+        )),
         PeerError::Connect { .. } => CycleError::Network(e.to_string()),
         other => CycleError::Other(other.to_string()),
     }
@@ -525,10 +663,16 @@ async fn initial_cycle(
     staging: &Staging,
     rt: &RelRuntime,
 ) -> Result<(u64, u64), CycleError> {
-    set_state(d, vm.uuid, ReplicationState::InitialReplicationInProgress, None);
+    set_state(
+        d,
+        vm.uuid,
+        ReplicationState::InitialReplicationInProgress,
+        None,
+    );
     let nodes: Vec<&str> = disks.iter().map(|(n, _)| n.as_str()).collect();
     // Start clean: no bitmap of this relationship may linger from an earlier attempt.
-    let _ = vmrepl_tracking::reconcile(qmp, tag, &nodes, Some(staging.dir.as_path()), |_| false).await;
+    let _ =
+        vmrepl_tracking::reconcile(qmp, tag, &nodes, Some(staging.dir.as_path()), |_| false).await;
     remove_all_bitmaps(qmp, tag, &nodes).await;
     let h = vmrepl_tracking::begin_full(qmp, tag, disks, 1, staging, vars)
         .await
@@ -536,7 +680,19 @@ async fn initial_cycle(
     let path = log_path(d, tag, 1);
     let res = async {
         let total = build_log(vm, rel, &h, &path, 1, 0, LogKind::Initial).await?;
-        send(d, rel, vm, client, &path, 1, 0, total, rt, "initial replication").await
+        send(
+            d,
+            rel,
+            vm,
+            client,
+            &path,
+            1,
+            0,
+            total,
+            rt,
+            "initial replication",
+        )
+        .await
     }
     .await;
     let _ = h.remove_files();
@@ -545,7 +701,12 @@ async fn initial_cycle(
         Ok(bytes) => Ok((1, bytes)),
         Err(e) => {
             remove_all_bitmaps(qmp, tag, &nodes).await;
-            set_state(d, vm.uuid, ReplicationState::WaitingForInitialReplication, None);
+            set_state(
+                d,
+                vm.uuid,
+                ReplicationState::WaitingForInitialReplication,
+                None,
+            );
             Err(e)
         }
     }
@@ -557,7 +718,10 @@ async fn remove_all_bitmaps(qmp: &vmrepl_qemu::qmp::QmpClient, tag: RelTag, node
             for b in bs {
                 let name = vmrepl_tracking::BitmapName::new(tag, b.seq).to_string();
                 let _ = qmp
-                    .execute("block-dirty-bitmap-remove", serde_json::json!({"node": node, "name": name}))
+                    .execute(
+                        "block-dirty-bitmap-remove",
+                        serde_json::json!({"node": node, "name": name}),
+                    )
                     .await;
             }
         }
@@ -586,9 +750,16 @@ async fn delta_cycle(
         .await
         .map_err(classify)?;
     let (replica_applied, partial) = match state {
-        PeerResponse::ReplicaState { last_applied, partial, .. } => (last_applied, partial),
+        PeerResponse::ReplicaState {
+            last_applied,
+            partial,
+            ..
+        } => (last_applied, partial),
         PeerResponse::Refused { code, message } => {
-            return Err(classify(crate::peer::client::PeerError::Refused { code, message }))
+            return Err(classify(crate::peer::client::PeerError::Refused {
+                code,
+                message,
+            }))
         }
         other => return Err(CycleError::Other(format!("unexpected answer {other:?}"))),
     };
@@ -620,15 +791,25 @@ async fn delta_cycle(
     }
     // Bring the bitmaps back to one recording bitmap n (after a daemon restart, say).
     let node_refs: Vec<&str> = nodes.iter().map(|s| s.as_str()).collect();
-    match vmrepl_tracking::reconcile(qmp, tag, &node_refs, Some(staging.dir.as_path()), |s| s < replica_applied).await {
+    match vmrepl_tracking::reconcile(qmp, tag, &node_refs, Some(staging.dir.as_path()), |s| {
+        s < replica_applied
+    })
+    .await
+    {
         Ok(vmrepl_tracking::ReconcileOutcome::Ready { recording, .. }) if recording == n => {}
         Ok(vmrepl_tracking::ReconcileOutcome::Ready { recording, .. }) => {
             return Err(CycleError::Resync(format!(
                 "change tracking is at bitmap {recording} but the replica acknowledged log {n}"
             )))
         }
-        Ok(vmrepl_tracking::ReconcileOutcome::ResyncRequired { reason }) => return Err(CycleError::Resync(reason)),
-        Err(e) => return Err(CycleError::Other(format!("cannot check change tracking: {e}"))),
+        Ok(vmrepl_tracking::ReconcileOutcome::ResyncRequired { reason }) => {
+            return Err(CycleError::Resync(reason))
+        }
+        Err(e) => {
+            return Err(CycleError::Other(format!(
+                "cannot check change tracking: {e}"
+            )))
+        }
     }
     if replica_applied != n {
         return Err(CycleError::Resync(format!(
@@ -693,9 +874,9 @@ async fn build_log(
     let mut mapped = Vec::new();
     let qi = vmrepl_qemu::img::QemuImg::default();
     for (id, size, p) in &images {
-        let ex = vmrepl_tracking::extents(&qi, p)
-            .await
-            .map_err(|e| CycleError::Other(format!("cannot map staging image {}: {e}", p.display())))?;
+        let ex = vmrepl_tracking::extents(&qi, p).await.map_err(|e| {
+            CycleError::Other(format!("cannot map staging image {}: {e}", p.display()))
+        })?;
         mapped.push((id.clone(), *size, p.clone(), ex));
     }
     let header = LogHeader {
@@ -705,23 +886,36 @@ async fn build_log(
         timestamp_unix_ms: h.point_in_time_ms,
         kind,
         consistency: vmrepl_log::Consistency::Crash,
-        compression: if rel.settings.compression { Compression::Zstd } else { Compression::None },
+        compression: if rel.settings.compression {
+            Compression::Zstd
+        } else {
+            Compression::None
+        },
         disks: mapped
             .iter()
-            .map(|(id, size, _, _)| DiskInfo { id: id.clone(), virtual_size: *size })
+            .map(|(id, size, _, _)| DiskInfo {
+                id: id.clone(),
+                virtual_size: *size,
+            })
             .collect(),
     };
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || -> Result<u64, String> {
-        let f = std::fs::File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-        let mut w = LogWriter::new(std::io::BufWriter::with_capacity(1 << 20, f), header).map_err(|e| e.to_string())?;
+        let f = std::fs::File::create(&path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        let mut w = LogWriter::new(std::io::BufWriter::with_capacity(1 << 20, f), header)
+            .map_err(|e| e.to_string())?;
         for (i, (_, _, p, ex)) in mapped.into_iter().enumerate() {
             let reader = ExtentReader::open(&p, ex).map_err(|e| e.to_string())?;
             for chunk in reader {
                 let c = chunk.map_err(|e| e.to_string())?;
                 match c.data {
-                    ChunkData::Data(buf) => w.write_data(i as u16, c.offset, &buf).map_err(|e| e.to_string())?,
-                    ChunkData::Zero(len) => w.write_zero(i as u16, c.offset, len).map_err(|e| e.to_string())?,
+                    ChunkData::Data(buf) => w
+                        .write_data(i as u16, c.offset, &buf)
+                        .map_err(|e| e.to_string())?,
+                    ChunkData::Zero(len) => w
+                        .write_zero(i as u16, c.offset, len)
+                        .map_err(|e| e.to_string())?,
                 }
             }
         }
@@ -766,7 +960,18 @@ async fn send_resume(
     rt: &RelRuntime,
 ) -> Result<u64, CycleError> {
     let _ = (d, rel);
-    send_inner(client, vm, path, seq, base, total, resume, rt, "resumed transfer").await
+    send_inner(
+        client,
+        vm,
+        path,
+        seq,
+        base,
+        total,
+        resume,
+        rt,
+        "resumed transfer",
+    )
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -798,8 +1003,15 @@ async fn send_inner(
         .map_err(classify)?;
     match r {
         PeerResponse::LogAck { sequence, .. } if sequence == seq => Ok(total.saturating_sub(from)),
-        PeerResponse::Refused { code, message } => Err(classify(crate::peer::client::PeerError::Refused { code, message })),
-        other => Err(CycleError::Other(format!("unexpected answer to log {seq}: {other:?}"))),
+        PeerResponse::Refused { code, message } => {
+            Err(classify(crate::peer::client::PeerError::Refused {
+                code,
+                message,
+            }))
+        }
+        other => Err(CycleError::Other(format!(
+            "unexpected answer to log {seq}: {other:?}"
+        ))),
     }
 }
 
@@ -812,7 +1024,9 @@ pub fn pause(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
     }
     set_state(d, vm.uuid, ReplicationState::Suspended, None);
     wake(d, vm.uuid);
-    Ok(format!("Replication of {name} paused; changes are still tracked and go out when it resumes."))
+    Ok(format!(
+        "Replication of {name} paused; changes are still tracked and go out when it resumes."
+    ))
 }
 
 /// Resumes a paused relationship.
@@ -820,7 +1034,10 @@ pub fn resume(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
     let vm = d.vmm.show(name)?.definition;
     let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
     if rel.state != ReplicationState::Suspended {
-        return Err(err(ErrorCode::WrongState, format!("Replication of {name} is {}, not paused.", rel.state)));
+        return Err(err(
+            ErrorCode::WrongState,
+            format!("Replication of {name} is {}, not paused.", rel.state),
+        ));
     }
     let st = if rel.acked_seq == 0 {
         ReplicationState::WaitingForInitialReplication
@@ -834,7 +1051,11 @@ pub fn resume(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
 
 /// Removes the relationship on this side (Remove-VMReplication); the replica is told too,
 /// and keeps its data unless `delete_replica`.
-pub async fn remove(d: &Arc<Daemon>, name: &VmName, delete_replica: bool) -> Result<String, ApiError> {
+pub async fn remove(
+    d: &Arc<Daemon>,
+    name: &VmName,
+    delete_replica: bool,
+) -> Result<String, ApiError> {
     let vm = d.vmm.show(name)?.definition;
     let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
     if let Some(rt) = d.repl.rels.lock().expect("rels").remove(&vm.uuid) {
@@ -843,15 +1064,32 @@ pub async fn remove(d: &Arc<Daemon>, name: &VmName, delete_replica: bool) -> Res
     }
     let _op = d.vmm.op_lock(vm.uuid).await;
     let replica_note = match connect(d, &rel.settings).await {
-        Ok((mut c, _)) => match c.request(&PeerRequest::RemoveReplica { vm_uuid: vm.uuid, delete: delete_replica }).await {
-            Ok(PeerResponse::Ok) => format!("the replica on {} was {}", rel.replica_name, if delete_replica { "deleted" } else { "kept" }),
+        Ok((mut c, _)) => match c
+            .request(&PeerRequest::RemoveReplica {
+                vm_uuid: vm.uuid,
+                delete: delete_replica,
+            })
+            .await
+        {
+            Ok(PeerResponse::Ok) => format!(
+                "the replica on {} was {}",
+                rel.replica_name,
+                if delete_replica { "deleted" } else { "kept" }
+            ),
             Ok(other) => format!("the replica server answered {other:?}; remove it there too"),
-            Err(e) => format!("the replica server could not be told ({e}); run `replication remove` there too"),
+            Err(e) => format!(
+                "the replica server could not be told ({e}); run `replication remove` there too"
+            ),
         },
-        Err(e) => format!("the replica server is unreachable ({e}); run `replication remove` there too"),
+        Err(e) => {
+            format!("the replica server is unreachable ({e}); run `replication remove` there too")
+        }
     };
     let db = d.db.lock().expect("db");
-    let _ = db.conn().execute("DELETE FROM relationships WHERE vm_uuid = ?1", params![vm.uuid.to_string()]);
+    let _ = db.conn().execute(
+        "DELETE FROM relationships WHERE vm_uuid = ?1",
+        params![vm.uuid.to_string()],
+    );
     let _ = db.event(Some(vm.uuid), "replication removed");
     // Leftover bitmaps are dropped at the VM's next start or cycle; they cost only memory.
     Ok(format!("Replication of {name} removed; {replica_note}."))
@@ -908,13 +1146,19 @@ fn stats(d: &Daemon, vm: Uuid) -> ReplicationStats {
 }
 
 /// Health by Hyper-V's rules, with a sentence per finding.
-pub fn health(rel: &Relationship, stats: &ReplicationStats, last_cycle_failed: bool) -> (Health, Vec<String>) {
+pub fn health(
+    rel: &Relationship,
+    stats: &ReplicationStats,
+    last_cycle_failed: bool,
+) -> (Health, Vec<String>) {
     let mut crit = Vec::new();
     let mut warn = Vec::new();
     match rel.state {
         ReplicationState::ResynchronizationRequired => crit.push(format!(
             "Resynchronization is required: {}",
-            rel.last_error.clone().unwrap_or_else(|| "change tracking cannot be trusted".into())
+            rel.last_error
+                .clone()
+                .unwrap_or_else(|| "change tracking cannot be trusted".into())
         )),
         ReplicationState::Error => crit.push("Replication is in an error state.".into()),
         ReplicationState::Suspended => warn.push("Replication is paused on the primary.".into()),
@@ -960,7 +1204,9 @@ pub fn statuses(d: &Daemon, only: Option<Uuid>) -> Vec<ReplicationStatus> {
             continue;
         }
         let Some(rel) = load(d, vm) else { continue };
-        let Some(def) = d.vmm.definition(vm) else { continue };
+        let Some(def) = d.vmm.definition(vm) else {
+            continue;
+        };
         let st = stats(d, vm);
         let last_failed = {
             let db = d.db.lock().expect("db");
@@ -1041,36 +1287,72 @@ mod tests {
 
     #[test]
     fn a_healthy_replicating_relationship_is_normal() {
-        let (h, d) = health(&rel(ReplicationState::Replicating), &ReplicationStats::default(), false);
+        let (h, d) = health(
+            &rel(ReplicationState::Replicating),
+            &ReplicationStats::default(),
+            false,
+        );
         assert_eq!(h, Health::Normal, "{d:?}");
     }
 
     #[test]
     fn resync_required_and_send_failures_are_critical() {
-        let (h, _) = health(&rel(ReplicationState::ResynchronizationRequired), &ReplicationStats::default(), false);
+        let (h, _) = health(
+            &rel(ReplicationState::ResynchronizationRequired),
+            &ReplicationStats::default(),
+            false,
+        );
         assert_eq!(h, Health::Critical);
-        let (h, d) = health(&rel(ReplicationState::Replicating), &ReplicationStats::default(), true);
+        let (h, d) = health(
+            &rel(ReplicationState::Replicating),
+            &ReplicationStats::default(),
+            true,
+        );
         assert_eq!(h, Health::Critical);
         assert!(d[0].contains("cannot send"), "{d:?}");
     }
 
     #[test]
     fn pause_on_the_primary_and_incomplete_initial_replication_are_warnings() {
-        assert_eq!(health(&rel(ReplicationState::Suspended), &ReplicationStats::default(), false).0, Health::Warning);
         assert_eq!(
-            health(&rel(ReplicationState::WaitingForInitialReplication), &ReplicationStats::default(), false).0,
+            health(
+                &rel(ReplicationState::Suspended),
+                &ReplicationStats::default(),
+                false
+            )
+            .0,
+            Health::Warning
+        );
+        assert_eq!(
+            health(
+                &rel(ReplicationState::WaitingForInitialReplication),
+                &ReplicationStats::default(),
+                false
+            )
+            .0,
             Health::Warning
         );
     }
 
     #[test]
     fn more_than_a_fifth_of_cycles_missed_is_a_warning() {
-        let st = ReplicationStats { success_count: 7, miss_count: 3, ..Default::default() };
+        let st = ReplicationStats {
+            success_count: 7,
+            miss_count: 3,
+            ..Default::default()
+        };
         let (h, d) = health(&rel(ReplicationState::Replicating), &st, false);
         assert_eq!(h, Health::Warning);
         assert!(d[0].contains("20 percent"));
-        let st = ReplicationStats { success_count: 9, miss_count: 1, ..Default::default() };
-        assert_eq!(health(&rel(ReplicationState::Replicating), &st, false).0, Health::Normal);
+        let st = ReplicationStats {
+            success_count: 9,
+            miss_count: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            health(&rel(ReplicationState::Replicating), &st, false).0,
+            Health::Normal
+        );
     }
 
     #[test]

@@ -399,31 +399,53 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
     use vmrepl_types::replication::{AuthorizationEntry, InitialReplication};
     let req = match r {
         ReplCmd::Server(ServerCmd::Show) => Request::ReplicaServerShow,
-        ReplCmd::Server(ServerCmd::Set { enable, disable, allow_any, listed_only, default_storage }) => {
+        ReplCmd::Server(ServerCmd::Set {
+            enable,
+            disable,
+            allow_any,
+            listed_only,
+            default_storage,
+        }) => {
             let abs = default_storage
                 .map(|p| std::path::absolute(&p))
                 .transpose()?;
             Request::ReplicaServerSet(ReplicaServerChange {
-                enabled: if enable { Some(true) } else if disable { Some(false) } else { None },
-                allow_any: if allow_any { Some(true) } else if listed_only { Some(false) } else { None },
+                enabled: if enable {
+                    Some(true)
+                } else if disable {
+                    Some(false)
+                } else {
+                    None
+                },
+                allow_any: if allow_any {
+                    Some(true)
+                } else if listed_only {
+                    Some(false)
+                } else {
+                    None
+                },
                 default_storage: abs,
                 ..Default::default()
             })
         }
-        ReplCmd::Server(ServerCmd::Authorize { primary, storage, trust_group }) => {
+        ReplCmd::Server(ServerCmd::Authorize {
+            primary,
+            storage,
+            trust_group,
+        }) => Request::ReplicaServerSet(ReplicaServerChange {
+            add_entry: Some(AuthorizationEntry {
+                primary,
+                storage: std::path::absolute(&storage)?,
+                trust_group,
+            }),
+            ..Default::default()
+        }),
+        ReplCmd::Server(ServerCmd::Revoke { primary }) => {
             Request::ReplicaServerSet(ReplicaServerChange {
-                add_entry: Some(AuthorizationEntry {
-                    primary,
-                    storage: std::path::absolute(&storage)?,
-                    trust_group,
-                }),
+                remove_entry: Some(primary),
                 ..Default::default()
             })
         }
-        ReplCmd::Server(ServerCmd::Revoke { primary }) => Request::ReplicaServerSet(ReplicaServerChange {
-            remove_entry: Some(primary),
-            ..Default::default()
-        }),
         ReplCmd::Enable(a) => {
             let mut settings = vmrepl_host::replication::default_settings(&a.replica_server);
             settings.replica_host_name = a.replica_name;
@@ -435,18 +457,32 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
             if let Some(t) = a.initial_at {
                 settings.initial = InitialReplication::NetworkAt { unix_secs: t };
             }
-            Request::ReplicationEnable { name: vm_name(&a.name)?, settings }
+            Request::ReplicationEnable {
+                name: vm_name(&a.name)?,
+                settings,
+            }
         }
-        ReplCmd::Status { name, watch, watch_for } => {
+        ReplCmd::Status {
+            name,
+            watch,
+            watch_for,
+        } => {
             let name = name.map(|n| vm_name(&n)).transpose()?;
             if watch {
                 return watch_status(dd, json, name, watch_for);
             }
             Request::ReplicationStatus { name }
         }
-        ReplCmd::Pause { name } => Request::ReplicationPause { name: vm_name(&name)? },
-        ReplCmd::Resume { name } => Request::ReplicationResume { name: vm_name(&name)? },
-        ReplCmd::Remove { name, delete_replica } => Request::ReplicationRemove {
+        ReplCmd::Pause { name } => Request::ReplicationPause {
+            name: vm_name(&name)?,
+        },
+        ReplCmd::Resume { name } => Request::ReplicationResume {
+            name: vm_name(&name)?,
+        },
+        ReplCmd::Remove {
+            name,
+            delete_replica,
+        } => Request::ReplicationRemove {
             name: vm_name(&name)?,
             delete_replica,
         },
@@ -463,14 +499,15 @@ fn watch_status(dd: &DataDir, json: bool, name: Option<VmName>, secs: u64) -> Re
     loop {
         let resp = rt.block_on(async {
             let mut c = Client::connect(dd.root(), &dd.socket()).await?;
-            c.call(&Request::ReplicationStatus { name: name.clone() }).await
+            c.call(&Request::ReplicationStatus { name: name.clone() })
+                .await
         })?;
         let done = match &resp {
             Response::Replication { relationships } => {
                 !relationships.is_empty()
-                    && relationships
-                        .iter()
-                        .all(|r| r.state == ReplicationState::Replicating && r.health == Health::Normal)
+                    && relationships.iter().all(|r| {
+                        r.state == ReplicationState::Replicating && r.health == Health::Normal
+                    })
             }
             Response::Error(_) => {
                 return Ok(crate::render::response(&resp));
@@ -480,7 +517,13 @@ fn watch_status(dd: &DataDir, json: bool, name: Option<VmName>, secs: u64) -> Re
         if json {
             println!("{}", serde_json::to_string(&resp)?);
         } else {
-            println!("--- {}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+            println!(
+                "--- {}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            );
             crate::render::response(&resp);
         }
         if done {

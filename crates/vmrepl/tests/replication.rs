@@ -19,8 +19,15 @@ fn pair(a_ip: &str, b_ip: &str, trust_group: &str) -> (Host, Host, PathBuf) {
     let store = b.data().join("replicas-from-a");
     b.ok(&["replication", "server", "set", "--enable"]);
     b.ok(&[
-        "replication", "server", "authorize", "--primary", "hosta.test", "--storage",
-        store.to_str().unwrap(), "--trust-group", trust_group,
+        "replication",
+        "server",
+        "authorize",
+        "--primary",
+        "hosta.test",
+        "--storage",
+        store.to_str().unwrap(),
+        "--trust-group",
+        trust_group,
     ]);
     (a, b, store)
 }
@@ -28,14 +35,25 @@ fn pair(a_ip: &str, b_ip: &str, trust_group: &str) -> (Host, Host, PathBuf) {
 fn create_vm(h: &Host, name: &str, disks: &[&str], work: &str) {
     let g = guest();
     let mut args: Vec<String> = vec![
-        "vm", "create", name, "--generation", "1", "--memory", "256", "--nic", "none",
+        "vm",
+        "create",
+        name,
+        "--generation",
+        "1",
+        "--memory",
+        "256",
+        "--nic",
+        "none",
     ]
     .into_iter()
     .map(String::from)
     .collect();
     args.extend(["--kernel".into(), g.kernel.display().to_string()]);
     args.extend(["--initrd".into(), g.initrd.display().to_string()]);
-    args.extend(["--cmdline".into(), format!("console=ttyS0 quiet vmrepl.work={work}")]);
+    args.extend([
+        "--cmdline".into(),
+        format!("console=ttyS0 quiet vmrepl.work={work}"),
+    ]);
     for d in disks {
         args.extend(["--disk".into(), d.to_string()]);
     }
@@ -54,7 +72,10 @@ fn acked(h: &Host, vm: &str) -> u64 {
 fn last_stopped_gen(console: &str, dev: &str) -> u64 {
     console
         .lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix(&format!("VMREPL STOPPED dev={dev} gen=")))
+        .filter_map(|l| {
+            l.trim_end_matches('\r')
+                .strip_prefix(&format!("VMREPL STOPPED dev={dev} gen="))
+        })
         .filter_map(|g| g.trim().parse().ok())
         .next_back()
         .unwrap_or_else(|| panic!("no STOPPED line for {dev} in:\n{console}"))
@@ -69,8 +90,19 @@ fn a_running_vm_replicates_to_a_second_host_and_the_replica_equals_the_primary_a
     a.wait_console("web", "VMREPL WROTE", Duration::from_secs(120));
     let server = format!("{}:{}", b.ip, b.port);
     a.ok(&[
-        "replication", "enable", "web", "--replica-server", &server, "--replica-name", "hostb.test",
-        "--frequency", "5", "--recovery-points", "2", "--point-interval", "10",
+        "replication",
+        "enable",
+        "web",
+        "--replica-server",
+        &server,
+        "--replica-name",
+        "hostb.test",
+        "--frequency",
+        "5",
+        "--recovery-points",
+        "2",
+        "--point-interval",
+        "10",
     ]);
     // Monitor until replicating and healthy, as the article's validation asks.
     a.ok(&["replication", "status", "web", "--watch", "--for", "180"]);
@@ -79,7 +111,9 @@ fn a_running_vm_replicates_to_a_second_host_and_the_replica_equals_the_primary_a
     assert_eq!(s["health"], "normal", "{s}");
     // Deltas flow while the guest writes.
     let first = acked(&a, "web");
-    wait_until("two more cycles", Duration::from_secs(120), || acked(&a, "web") >= first + 2);
+    wait_until("two more cycles", Duration::from_secs(120), || {
+        acked(&a, "web") >= first + 2
+    });
     // The replica side knows the VM too.
     let rs = b.json(&["replication", "status"]);
     assert_eq!(rs["relationships"][0]["role"], "replica", "{rs}");
@@ -89,13 +123,22 @@ fn a_running_vm_replicates_to_a_second_host_and_the_replica_equals_the_primary_a
     let gen_a = last_stopped_gen(&console, "vda");
     let gen_b = last_stopped_gen(&console, "vdb");
     let after_off = acked(&a, "web");
-    wait_until("a cycle with the VM off", Duration::from_secs(120), || acked(&a, "web") > after_off);
+    wait_until("a cycle with the VM off", Duration::from_secs(120), || {
+        acked(&a, "web") > after_off
+    });
     // The replica's latest point equals the primary's disks.
     let vm = a.json(&["vm", "show", "web"]);
     let uuid = vm["definition"]["uuid"].as_str().unwrap().to_string();
     for (i, (blocks, gen)) in [(32u32, gen_a), (32u32, gen_b)].iter().enumerate() {
-        let primary: PathBuf = vm["definition"]["disks"][i]["path"].as_str().unwrap().into();
-        let replica = store.join(&uuid).join("disks").join(format!("disk{i}")).join("top.qcow2");
+        let primary: PathBuf = vm["definition"]["disks"][i]["path"]
+            .as_str()
+            .unwrap()
+            .into();
+        let replica = store
+            .join(&uuid)
+            .join("disks")
+            .join(format!("disk{i}"))
+            .join("top.qcow2");
         let o = std::process::Command::new("qemu-img")
             .args(["compare", "-U"])
             .arg(&primary)
@@ -124,9 +167,18 @@ fn an_unauthorized_primary_and_an_unknown_trust_group_are_refused_and_nothing_is
     a.ok(&["vm", "create", "db", "--generation", "1", "--disk", "8M"]);
     let server = format!("{}:{}", b.ip, b.port);
     let e = a.fails(&[
-        "replication", "enable", "db", "--replica-server", &server, "--replica-name", "hostb.test",
+        "replication",
+        "enable",
+        "db",
+        "--replica-server",
+        &server,
+        "--replica-name",
+        "hostb.test",
     ]);
-    assert!(e.contains("hosta.test") && e.to_lowercase().contains("authoriz"), "{e}");
+    assert!(
+        e.contains("hosta.test") && e.to_lowercase().contains("authoriz"),
+        "{e}"
+    );
     let created = std::fs::read_dir(&store).map(|d| d.count()).unwrap_or(0);
     assert_eq!(created, 0, "a refused enable created replica files");
     let st = a.json(&["replication", "status"]);
@@ -134,15 +186,38 @@ fn an_unauthorized_primary_and_an_unknown_trust_group_are_refused_and_nothing_is
     // A disabled replica server says so.
     b.ok(&["replication", "server", "set", "--disable"]);
     let e = a.fails(&[
-        "replication", "enable", "db", "--replica-server", &server, "--replica-name", "hostb.test",
+        "replication",
+        "enable",
+        "db",
+        "--replica-server",
+        &server,
+        "--replica-name",
+        "hostb.test",
     ]);
     assert!(e.contains("disabled"), "{e}");
     // A wrong replica name is a certificate name mismatch, named as such.
     let e = a.fails(&[
-        "replication", "enable", "db", "--replica-server", &server, "--replica-name", "other.test",
+        "replication",
+        "enable",
+        "db",
+        "--replica-server",
+        &server,
+        "--replica-name",
+        "other.test",
     ]);
-    assert!(e.contains("name mismatch") || e.contains("other.test"), "{e}");
+    assert!(
+        e.contains("name mismatch") || e.contains("other.test"),
+        "{e}"
+    );
     // Bad settings never reach the network.
-    let e = a.fails(&["replication", "enable", "db", "--replica-server", &server, "--frequency", "2"]);
+    let e = a.fails(&[
+        "replication",
+        "enable",
+        "db",
+        "--replica-server",
+        &server,
+        "--frequency",
+        "2",
+    ]);
     assert!(e.contains("30, 300 or 900"), "{e}");
 }
