@@ -271,6 +271,23 @@ pub enum ApplyError {
     Store(#[from] StoreError),
     #[error("log {path} cannot be applied: {reason}")]
     Log { path: PathBuf, reason: String },
+    #[error("the apply task failed: {0}")]
+    Task(String),
+}
+
+impl ApplyError {
+    /// The replication state an apply failure leaves the replica in.
+    pub fn state(&self) -> ReplicationState {
+        match self {
+            ApplyError::Store(e) if e.needs_resync() => ReplicationState::ResynchronizationRequired,
+            _ => ReplicationState::Error,
+        }
+    }
+
+    /// Whether the failure is a full replica storage.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, ApplyError::Store(StoreError::DiskFull { .. }))
+    }
 }
 
 /// Checks a received log's header against the replica (VM id, sequence, base, disks and sizes).
@@ -392,16 +409,14 @@ pub fn apply_log(vm: &mut ReplicaVm, path: &Path) -> Result<Applied, ApplyError>
     Ok(out)
 }
 
-/// Applies every durable, verified pending log of `vm` in order (blocking). A pending log that
-/// does not verify (a partial transfer) stops the loop: it is kept for resume.
+/// Applies every pending log of `vm` in order (blocking). Pending logs were verified whole
+/// before they got their spool name (`vmrepl_store::spool`), so they are not read twice; a log
+/// that does not build on what is applied (a gap) waits for the primary.
 pub fn apply_pending(vm: &mut ReplicaVm) -> Result<Vec<Applied>, ApplyError> {
     let mut done = Vec::new();
     for (seq, path) in vm.pending_logs()? {
-        match vmrepl_log::verify(&path) {
-            // Only a whole, verified log that builds on what is applied; anything else (a
-            // partial transfer, a stale file) waits for the primary.
-            Ok((h, _)) if h.sequence == seq && h.base_sequence == vm.last_applied() => {}
-            _ => break,
+        if seq != vm.last_applied() + 1 {
+            break;
         }
         done.push(apply_log(vm, &path)?);
     }
@@ -448,13 +463,13 @@ pub fn points_after_apply(
 
 /// Opens the store, applies pending logs, manages points and updates the row. Blocking part
 /// run under the VM's lock. Returns the last applied sequence.
-pub async fn apply_and_record(daemon: &Arc<Daemon>, row: &ReplicaRow) -> Result<u64, String> {
+pub async fn apply_and_record(daemon: &Arc<Daemon>, row: &ReplicaRow) -> Result<u64, ApplyError> {
     let root = row.storage_root.clone();
     let uuid = row.vm_uuid;
     let policy = row.policy;
     let last_point_ms = row.last_point_ms;
-    let res = tokio::task::spawn_blocking(move || -> Result<(u64, bool), String> {
-        let mut vm = ReplicaStore::open(&root, uuid).map_err(|e| e.to_string())?;
+    let res = tokio::task::spawn_blocking(move || -> Result<(u64, bool), ApplyError> {
+        let mut vm = ReplicaStore::open(&root, uuid)?;
         let applied = apply_pending(&mut vm);
         let frozen = match &applied {
             Ok(list) if !list.is_empty() => {
@@ -469,13 +484,10 @@ pub async fn apply_and_record(daemon: &Arc<Daemon>, row: &ReplicaRow) -> Result<
             }
             _ => false,
         };
-        match applied {
-            Ok(_) => Ok((vm.last_applied(), frozen)),
-            Err(e) => Err(format!("{e} (last applied log: {})", vm.last_applied())),
-        }
+        applied.map(|_| (vm.last_applied(), frozen))
     })
     .await
-    .map_err(|e| format!("the apply task failed: {e}"))?;
+    .map_err(|e| ApplyError::Task(e.to_string()))?;
     let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
     match res {
         Ok((last, frozen)) => {
@@ -491,12 +503,7 @@ pub async fn apply_and_record(daemon: &Arc<Daemon>, row: &ReplicaRow) -> Result<
         }
         Err(e) => {
             tracing::error!(target: "vmrepl::replica", vm = %uuid, "apply failed: {e}");
-            let state = if e.contains("resynchronization") || e.contains("out of order") {
-                ReplicationState::ResynchronizationRequired
-            } else {
-                ReplicationState::Error
-            };
-            let _ = record_error(&db, uuid, state, &e);
+            let _ = record_error(&db, uuid, e.state(), &e.to_string());
             Err(e)
         }
     }

@@ -710,11 +710,7 @@ async fn a_durable_log_left_unapplied_is_applied_before_anything_else() {
         DISK,
         &[W::Data(0, data.clone())],
     );
-    let spool = env
-        .store_root
-        .join(uuid.to_string())
-        .join("logs")
-        .join(format!("{:020}.log", 1));
+    let spool = vmrepl_store::spool::log_path(&env.store_root.join(uuid.to_string()), 1);
     std::fs::copy(&log, &spool).unwrap();
     let (last, partial, _) = state(&mut c, uuid).await;
     assert_eq!((last, partial), (1, None));

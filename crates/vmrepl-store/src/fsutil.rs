@@ -49,7 +49,7 @@ pub(crate) fn write_error(path: &Path, needed: u64, e: std::io::Error) -> StoreE
 }
 
 /// True for "no space left on device" and "disk quota exceeded".
-pub(crate) fn is_no_space(e: &std::io::Error) -> bool {
+pub fn is_no_space(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(c) if c == nix::errno::Errno::ENOSPC as i32 || c == nix::errno::Errno::EDQUOT as i32
@@ -57,7 +57,7 @@ pub(crate) fn is_no_space(e: &std::io::Error) -> bool {
 }
 
 /// Bytes available to an unprivileged writer on the file system holding `path` (statvfs).
-pub(crate) fn free_bytes(path: &Path) -> Result<u64> {
+pub fn free_bytes(path: &Path) -> Result<u64> {
     let mut p = path;
     // statvfs needs an existing path; walk up to the nearest one.
     while !p.exists() {

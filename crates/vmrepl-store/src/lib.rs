@@ -29,8 +29,8 @@
 //!
 //! ## Applying logs (I3, I4)
 //!
-//! The engine verifies and decodes a log, stores it durably ([`ReplicaVm::store_log`] /
-//! [`ReplicaVm::store_log_path`]), acknowledges it, then applies it:
+//! The engine receives a log into the [`spool`] (`<seq>.partial`), verifies it whole, makes it
+//! durable under its verified name ([`spool::accept`]), acknowledges it, then applies it:
 //! [`ReplicaVm::check_space`], [`ReplicaVm::begin_apply`]`(seq, base_seq)`, then
 //! [`ApplyTxn::write`] / [`ApplyTxn::write_zeroes`] / [`ApplyTxn::set_nvram`], then
 //! [`ApplyTxn::commit`]. Sequence rules:
@@ -101,6 +101,7 @@ mod chain;
 mod error;
 mod fsutil;
 mod qemu_img;
+pub mod spool;
 mod store;
 
 pub use catalog::CATALOG_VERSION;

@@ -478,70 +478,53 @@ impl ReplicaVm {
 
     // ---------------------------------------------------------------- log spool
 
-    /// Where the engine stores the received log `seq` (`logs/<seq, 20 digits>.log`). Write it
-    /// durably (e.g. with [`ReplicaVm::store_log`]) before acknowledging it (I1).
+    /// Where the verified log `seq` waits to be applied ([`crate::spool::log_path`]).
     pub fn store_log_path(&self, seq: u64) -> PathBuf {
-        self.dir.join("logs").join(format!("{seq:020}.log"))
+        crate::spool::log_path(&self.dir, seq)
     }
 
-    /// Writes a received log durably (tmp + fsync + rename + directory fsync) at
-    /// [`ReplicaVm::store_log_path`]. Refuses early with [`StoreError::DiskFull`] if it cannot fit.
-    pub fn store_log(&self, seq: u64, bytes: &[u8]) -> Result<PathBuf> {
-        let p = self.store_log_path(seq);
-        let free = fsutil::free_bytes(&self.dir)?;
-        if free < bytes.len() as u64 {
-            return Err(StoreError::DiskFull {
-                path: p,
-                needed: bytes.len() as u64,
-                free,
-            });
-        }
-        fsutil::write_atomic(&p, bytes)?;
-        Ok(p)
+    /// Where log `seq` is being received ([`crate::spool::partial_path`]).
+    pub fn partial_log_path(&self, seq: u64) -> PathBuf {
+        crate::spool::partial_path(&self.dir, seq)
     }
 
-    /// Logs received (durable) but not yet applied, oldest first. Re-apply them at start.
+    /// Verified logs received (durable) but not yet applied, oldest first. Re-apply them at
+    /// start. Partial (unverified) transfers are never listed.
     pub fn pending_logs(&self) -> Result<Vec<(u64, PathBuf)>> {
+        let mut out: Vec<(u64, PathBuf)> = self
+            .spool_entries()?
+            .into_iter()
+            .filter(|(seq, verified, _)| *verified && *seq > self.cat.last_applied)
+            .map(|(seq, _, p)| (seq, p))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes spooled logs (verified or partial) at or below the last applied sequence.
+    pub fn discard_applied_logs(&self) -> Result<()> {
+        for (seq, _, p) in self.spool_entries()? {
+            if seq <= self.cat.last_applied {
+                let _ = fs::remove_file(p);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every spool file: (sequence, verified, path).
+    fn spool_entries(&self) -> Result<Vec<(u64, bool, PathBuf)>> {
         let dir = self.dir.join("logs");
         let mut out = Vec::new();
         let rd = fs::read_dir(&dir).map_err(|e| StoreError::io("list", &dir, e))?;
         for ent in rd {
             let ent = ent.map_err(|e| StoreError::io("list", &dir, e))?;
-            let name = ent.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let Some(num) = name.strip_suffix(".log") else {
-                continue;
-            };
-            if num.len() != 20 || !num.bytes().all(|b| b.is_ascii_digit()) {
-                continue;
-            }
-            let Ok(seq) = num.parse::<u64>() else {
-                continue;
-            };
-            if seq > self.cat.last_applied {
-                out.push((seq, ent.path()));
+            if let Some((seq, verified)) =
+                ent.file_name().to_str().and_then(crate::spool::parse_name)
+            {
+                out.push((seq, verified, ent.path()));
             }
         }
-        out.sort();
         Ok(out)
-    }
-
-    /// Removes spooled logs at or below the last applied sequence.
-    pub fn discard_applied_logs(&self) -> Result<()> {
-        let dir = self.dir.join("logs");
-        let rd = fs::read_dir(&dir).map_err(|e| StoreError::io("list", &dir, e))?;
-        for ent in rd.flatten() {
-            let name = ent.file_name();
-            let Some(num) = name.to_str().and_then(|n| n.strip_suffix(".log")) else {
-                continue;
-            };
-            if let Ok(seq) = num.parse::<u64>() {
-                if seq <= self.cat.last_applied {
-                    let _ = fs::remove_file(ent.path());
-                }
-            }
-        }
-        Ok(())
     }
 
     // ---------------------------------------------------------------- space

@@ -613,8 +613,13 @@ fn crash_between_writes_and_commit_is_repaired_by_reapplying() {
     let mut vm = new_vm(tmp.path());
     apply(&mut vm, 1, 0, &log1());
     vm.freeze_point(1, 1, Consistency::Crash).unwrap();
-    // The engine spools log 2 durably, then crashes mid-apply.
-    vm.store_log(2, b"log two").unwrap();
+    // The engine spools log 2 durably (received, verified, accepted), then crashes mid-apply.
+    std::fs::write(vm.partial_log_path(2), b"log two").unwrap();
+    assert!(
+        vm.pending_logs().unwrap().is_empty(),
+        "a partial log is never pending"
+    );
+    vmrepl_store::spool::accept(vm.dir(), 2).unwrap();
     {
         let Begin::Apply(mut t) = vm.begin_apply(2, 1).unwrap() else {
             panic!()

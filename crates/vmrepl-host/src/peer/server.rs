@@ -212,17 +212,7 @@ fn own_replica(
 }
 
 fn free_bytes(path: &Path) -> Option<u64> {
-    let mut p = path.to_path_buf();
-    loop {
-        if p.exists() {
-            return vmrepl_qemu::caps::storage_info(&p)
-                .ok()
-                .map(|i| i.free_bytes);
-        }
-        if !p.pop() {
-            return None;
-        }
-    }
+    vmrepl_store::spool::free_bytes(path).ok()
 }
 
 fn check_vm(daemon: &Daemon, vm: &VmDefinition, grant: &Grant) -> Result<(), Refusal> {
@@ -444,7 +434,7 @@ async fn replica_state(
         let vm = vmrepl_store::ReplicaStore::open(&root, vm_uuid)
             .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
         let last = vm.last_applied();
-        let next = vm.store_log_path(last + 1);
+        let next = vm.partial_log_path(last + 1);
         let partial = match std::fs::File::open(&next) {
             Ok(f) => match vmrepl_log::scan_valid_prefix(std::io::BufReader::new(f)) {
                 Ok(p) if p.bytes > 0 => Some((
@@ -538,10 +528,6 @@ fn size_cap(row: &ReplicaRow) -> u64 {
         .saturating_add(1 << 20)
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn send_log(
     daemon: &Arc<Daemon>,
@@ -567,7 +553,7 @@ async fn send_log(
         Ok(l) => l,
         Err(e) => {
             drain(framed).await?;
-            let code = if e.contains("free") || e.contains("space") {
+            let code = if e.is_disk_full() {
                 RefusalCode::DiskFull
             } else {
                 RefusalCode::Internal
@@ -605,7 +591,7 @@ async fn send_log(
         );
         return Ok(Some(refuse(RefusalCode::OutOfOrder, msg).into()));
     }
-    let path = dir.join("logs").join(format!("{seq:020}.log"));
+    let path = vmrepl_store::spool::partial_path(&dir, seq);
     let received = match receive(framed, &row, &path, resume).await? {
         Ok(n) => n,
         Err(r) => return Ok(Some(r.into())),
@@ -625,6 +611,26 @@ async fn send_log(
     })
     .await
     .unwrap_or_else(|e| Err(e.to_string()));
+    // Durable under its verified name before the acknowledgement (I1).
+    let verdict = match verdict {
+        Ok(()) => {
+            let d = dir.clone();
+            match tokio::task::spawn_blocking(move || vmrepl_store::spool::accept(&d, seq)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => {
+                    return Ok(Some(
+                        refuse(
+                            RefusalCode::Internal,
+                            format!("cannot make log {seq} of {} durable: {e}", row.name),
+                        )
+                        .into(),
+                    ))
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        Err(e) => Err(e),
+    };
     if let Err(reason) = verdict {
         let _ = std::fs::remove_file(&path);
         return Ok(Some(
@@ -654,9 +660,9 @@ async fn send_log(
     Ok(None)
 }
 
-/// Receives the Data frames of a log into `path` (fresh, or appended to a partial file cut to
-/// `resume.bytes`), then fsyncs file and folder. Returns the file's size. A refusal has drained
-/// the frames already.
+/// Receives the Data frames of a log into its partial spool file `path` (fresh, or appended to
+/// a partial file cut to `resume.bytes`). Returns the file's size. A refusal has drained the
+/// frames already. Durability comes with [`vmrepl_store::spool::accept`] after verification.
 async fn receive(
     framed: &mut Conn,
     row: &ReplicaRow,
@@ -783,7 +789,7 @@ async fn receive(
             }
         }
         if let Err(e) = file.write_all(&data).await {
-            failure = Some(if e.raw_os_error() == Some(28) {
+            failure = Some(if vmrepl_store::spool::is_no_space(&e) {
                 refuse(
                     RefusalCode::DiskFull,
                     format!(
@@ -803,25 +809,18 @@ async fn receive(
         size += n;
         since_check += n;
     }
-    let synced = async {
-        file.flush().await?;
-        file.sync_all().await?;
-        let d = dir.clone();
-        tokio::task::spawn_blocking(move || sync_dir(&d))
-            .await
-            .map_err(std::io::Error::other)?
-    }
-    .await;
+    // Durability comes with acceptance, once the log verified (spool::accept).
+    let flushed = file.flush().await;
     if let Some(f) = failure {
         if f.code == RefusalCode::BadLog {
             let _ = tokio::fs::remove_file(path).await;
         }
         return Ok(Err(f));
     }
-    if let Err(e) = synced {
+    if let Err(e) = flushed {
         return Ok(Err(refuse(
             RefusalCode::Internal,
-            format!("cannot make {} durable: {e}", path.display()),
+            format!("cannot write {}: {e}", path.display()),
         )));
     }
     Ok(Ok(size))
