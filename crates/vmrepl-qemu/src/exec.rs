@@ -35,6 +35,61 @@ pub(crate) fn render<S: AsRef<OsStr>>(program: &Path, args: &[S]) -> String {
     s
 }
 
+/// The blocking twin of [`run`], for synchronous callers (the replica store runs on the
+/// blocking pool): runs `program args` in `cwd`, captures stdout/stderr, kills it after
+/// `timeout`, and logs it like every other command.
+pub(crate) fn run_blocking<S: AsRef<OsStr>>(
+    program: &Path,
+    args: &[S],
+    cwd: Option<&Path>,
+    timeout: Duration,
+) -> Result<Output, ExecError> {
+    let mut cmd = render(program, args);
+    if let Some(d) = cwd {
+        cmd = format!("(in {}) {cmd}", d.display());
+    }
+    let start = Instant::now();
+    let mut c = std::process::Command::new(program);
+    c.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(d) = cwd {
+        c.current_dir(d);
+    }
+    let child = c.spawn().map_err(|source| ExecError::Spawn {
+        program: program.display().to_string(),
+        source,
+    })?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let ms = || start.elapsed().as_millis() as u64;
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(out)) => {
+            tracing::info!(target: "vmrepl::qemu", cmd = %cmd, ms = ms(), status = ?out.status.code(), "external command finished");
+            Ok(out)
+        }
+        Ok(Err(source)) => Err(ExecError::Spawn {
+            program: program.display().to_string(),
+            source,
+        }),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            tracing::warn!(target: "vmrepl::qemu", cmd = %cmd, ms = ms(), "external command timed out");
+            Err(ExecError::Timeout {
+                cmd,
+                secs: timeout.as_secs(),
+            })
+        }
+    }
+}
+
 /// Runs `program args`, captures stdout/stderr, kills it after `timeout`.
 pub(crate) async fn run<S: AsRef<OsStr>>(
     program: &Path,

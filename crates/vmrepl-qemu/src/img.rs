@@ -253,6 +253,28 @@ impl QemuImg {
         }
     }
 
+    /// Runs `qemu-img ARGS` synchronously in `cwd` (relative names in the arguments, such as
+    /// backing files named by bare file name, resolve there) and returns its stdout. For
+    /// callers on the blocking pool; the caller chooses the arguments, so it must keep the
+    /// same rules as the typed methods (`-f` always given, no implicit backing opens on
+    /// images from a peer).
+    pub fn run_blocking<A: AsRef<std::ffi::OsStr>>(
+        &self,
+        cwd: Option<&Path>,
+        args: &[A],
+    ) -> Result<String, ImgError> {
+        let out = exec::run_blocking(&self.binary, args, cwd, self.timeout)?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(ImgError::Failed {
+                cmd: exec::render(&self.binary, args),
+                code: out.status.code(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            })
+        }
+    }
+
     async fn run0(&self, args: Vec<OsString>) -> Result<String, ImgError> {
         self.run(args, &[0]).await.map(|(_, s)| s)
     }

@@ -123,3 +123,36 @@ async fn untrusted_images_never_open_their_backing_file() {
         .unwrap();
     img.commit(&top, true).await.unwrap();
 }
+
+#[test]
+fn the_blocking_runner_returns_output_runs_in_its_folder_reports_failures_and_kills_on_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = QemuImg::default();
+    img.run_blocking(
+        Some(dir.path()),
+        &["create", "-q", "-f", "qcow2", "rel.qcow2", "1M"],
+    )
+    .unwrap();
+    assert!(dir.path().join("rel.qcow2").exists(), "cwd was not used");
+    let out = img
+        .run_blocking(Some(dir.path()), &["info", "-f", "qcow2", "rel.qcow2"])
+        .unwrap();
+    assert!(out.contains("virtual size: 1 MiB"), "{out}");
+    match img.run_blocking(None, &["info", "-f", "qcow2", "/nonexistent.qcow2"]) {
+        Err(ImgError::Failed {
+            code: Some(1),
+            stderr,
+            ..
+        }) => {
+            assert!(stderr.contains("nonexistent"), "{stderr}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let slow = QemuImg::new("sleep").with_timeout(std::time::Duration::from_millis(200));
+    let t = std::time::Instant::now();
+    match slow.run_blocking(None, &["30"]) {
+        Err(ImgError::Exec(vmrepl_qemu::ExecError::Timeout { .. })) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(t.elapsed() < std::time::Duration::from_secs(10));
+}

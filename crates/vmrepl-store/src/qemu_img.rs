@@ -1,11 +1,10 @@
-//! A tiny private helper around the `qemu-img` binary: every call is logged with its arguments,
-//! exit status and duration. (The shared `vmrepl-qemu` wrapper is deliberately not used here.)
+//! The store's qemu-img calls, through the one QEMU wrapper (`vmrepl-qemu`), which logs each
+//! command with its duration and kills it after a timeout. Only the error is mapped here.
 
 use crate::error::{Result, StoreError};
 use std::ffi::OsString;
 use std::path::Path;
-use std::process::Command;
-use std::time::Instant;
+use vmrepl_qemu::img::{ImgError, QemuImg};
 
 /// Runs `qemu-img ARGS...` (in `cwd` if given) and returns its standard output.
 pub(crate) fn run<I, A>(cwd: Option<&Path>, args: I) -> Result<String>
@@ -14,39 +13,21 @@ where
     A: Into<OsString>,
 {
     let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
-    let shown = std::iter::once("qemu-img".to_string())
-        .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let mut cmd = Command::new("qemu-img");
-    cmd.args(&args);
-    if let Some(dir) = cwd {
-        cmd.current_dir(dir);
-    }
-    let started = Instant::now();
-    let out = cmd.output();
-    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let out = match out {
-        Ok(o) => o,
-        Err(e) => {
-            tracing::warn!(command = %shown, elapsed_ms, error = %e, "qemu-img could not start");
-            return Err(StoreError::QemuImg {
-                command: shown,
-                status: "no exit status (could not start)".into(),
-                stderr: e.to_string(),
-            });
-        }
-    };
-    if out.status.success() {
-        tracing::info!(command = %shown, elapsed_ms, "qemu-img done");
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        tracing::warn!(command = %shown, elapsed_ms, status = %out.status, %stderr, "qemu-img failed");
-        Err(StoreError::QemuImg {
-            command: shown,
-            status: out.status.to_string(),
-            stderr,
+    QemuImg::default()
+        .run_blocking(cwd, &args)
+        .map_err(|e| match e {
+            ImgError::Failed { cmd, code, stderr } => StoreError::QemuImg {
+                command: cmd,
+                status: code.map_or_else(
+                    || "no exit code (killed)".into(),
+                    |c| format!("exit status {c}"),
+                ),
+                stderr,
+            },
+            other => StoreError::QemuImg {
+                command: "qemu-img".into(),
+                status: "no exit status".into(),
+                stderr: other.to_string(),
+            },
         })
-    }
 }
