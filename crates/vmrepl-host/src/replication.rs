@@ -498,7 +498,8 @@ async fn run_cycle(d: &Arc<Daemon>, vm_uuid: Uuid, rt: &RelRuntime) -> Result<()
     let tag = RelTag::from_uuid(&rel.rel_id);
     let disks = replicated_disks(&vm, &rel.settings);
     let nodes: Vec<String> = disks.iter().map(|(n, _)| n.clone()).collect();
-    let vars = (vm.generation == Generation::Uefi && vm.nvram.is_some()).then_some("fw-vars");
+    let vars = (vm.generation == Generation::Uefi && vm.nvram.is_some())
+        .then_some(vmrepl_tracking::VARS_NODE);
     let start = now_ms();
     let initial = matches!(
         rel.state,

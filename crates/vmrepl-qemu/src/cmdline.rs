@@ -103,6 +103,10 @@ fn path_str(p: &Path) -> String {
 
 /// Whether `id` can be a QEMU node/device id stem (QEMU: letter first, then alnum - _ .;
 /// node names are at most 31 bytes and we append `-file`).
+/// The node name of a UEFI VM's variable store (raw, over file node `fw-vars-file`). Disk ids
+/// can never take it ([`valid_node_id`] reserves the `fw-` prefix).
+pub const VARS_NODE: &str = "fw-vars";
+
 pub fn valid_node_id(id: &str) -> bool {
     let mut c = id.chars();
     matches!(c.next(), Some(ch) if ch.is_ascii_alphabetic())
@@ -242,10 +246,10 @@ pub fn build_command(
             "node-name": "fw-code", "read-only": true
         })));
         a.extend(blockdev(json!({
-            "driver": "file", "filename": path_str(nvram), "node-name": "fw-vars-file"
+            "driver": "file", "filename": path_str(nvram), "node-name": format!("{VARS_NODE}-file")
         })));
         a.extend(blockdev(json!({
-            "driver": "raw", "file": "fw-vars-file", "node-name": "fw-vars"
+            "driver": "raw", "file": format!("{VARS_NODE}-file"), "node-name": VARS_NODE
         })));
         if secure {
             a.extend(["-global", "driver=cfi.pflash01,property=secure,value=on"].map(String::from));

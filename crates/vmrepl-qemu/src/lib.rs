@@ -35,7 +35,7 @@ pub use exec::ExecError;
 pub use img::ImgError;
 pub use process::{is_alive, ProcessError, QemuProcess, SpawnOptions};
 pub use qmp::{Qga, QmpClient, QmpError, QmpEvent};
-pub use storage_daemon::{StorageDaemon, StorageDaemonError};
+pub use storage_daemon::{SdDisk, SdFormat, StorageDaemon, StorageDaemonError};
 
 /// The log target every record of this crate uses.
 pub const LOG_TARGET: &str = "vmrepl::qemu";

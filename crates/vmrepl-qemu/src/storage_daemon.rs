@@ -27,12 +27,33 @@ pub enum StorageDaemonError {
     QuitTimeout { pid: i32, secs: u64 },
 }
 
-/// One disk to open.
+/// Image format of an [`SdDisk`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SdFormat {
+    /// A VM disk.
+    #[default]
+    Qcow2,
+    /// A raw image, such as a UEFI variable store (node `fw-vars`).
+    Raw,
+}
+
+impl SdFormat {
+    fn driver(self) -> &'static str {
+        match self {
+            SdFormat::Qcow2 => "qcow2",
+            SdFormat::Raw => "raw",
+        }
+    }
+}
+
+/// One image to open: file node `<id>-file` under format node `<id>`, as a running VM names
+/// them.
 #[derive(Debug, Clone)]
 pub struct SdDisk {
     pub id: String,
     pub path: PathBuf,
     pub read_only: bool,
+    pub format: SdFormat,
 }
 
 /// A running qemu-storage-daemon.
@@ -52,11 +73,13 @@ pub fn build_argv(
 ) -> Result<Vec<String>, StorageDaemonError> {
     let mut a = Vec::new();
     for d in disks {
-        if !crate::cmdline::valid_node_id(&d.id) {
+        let vars = d.format == SdFormat::Raw && d.id == crate::cmdline::VARS_NODE;
+        if !vars && !crate::cmdline::valid_node_id(&d.id) {
             return Err(StorageDaemonError::BadId(d.id.clone()));
         }
         let mut file = json!({"driver":"file","filename":d.path.to_string_lossy(),"node-name":format!("{}-file", d.id)});
-        let mut fmt = json!({"driver":"qcow2","file":format!("{}-file", d.id),"node-name":d.id});
+        let mut fmt =
+            json!({"driver":d.format.driver(),"file":format!("{}-file", d.id),"node-name":d.id});
         if d.read_only {
             file["read-only"] = Value::Bool(true);
             fmt["read-only"] = Value::Bool(true);
@@ -144,5 +167,53 @@ impl Drop for StorageDaemon {
             tracing::warn!(target: "vmrepl::qemu", pid = self.pid, "storage daemon dropped without quit; sending SIGTERM");
             let _ = kill(Pid::from_raw(self.pid), Signal::SIGTERM);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(id: &str, format: SdFormat) -> SdDisk {
+        SdDisk {
+            id: id.into(),
+            path: format!("/x/{id}").into(),
+            read_only: false,
+            format,
+        }
+    }
+
+    #[test]
+    fn images_open_with_their_format_under_the_vms_node_names() {
+        let argv = build_argv(
+            &[
+                disk("disk0", SdFormat::Qcow2),
+                disk(crate::cmdline::VARS_NODE, SdFormat::Raw),
+            ],
+            Path::new("/run/q.sock"),
+            None,
+        )
+        .unwrap();
+        let nodes: Vec<Value> = argv
+            .windows(2)
+            .filter(|w| w[0] == "--blockdev")
+            .map(|w| serde_json::from_str(&w[1]).unwrap())
+            .collect();
+        assert_eq!(nodes[1]["driver"], "qcow2");
+        assert_eq!(nodes[1]["node-name"], "disk0");
+        assert_eq!(nodes[3]["driver"], "raw");
+        assert_eq!(nodes[3]["node-name"], "fw-vars");
+        assert_eq!(nodes[3]["file"], "fw-vars-file");
+    }
+
+    #[test]
+    fn the_vars_node_name_is_only_for_the_raw_vars_image() {
+        let e = build_argv(
+            &[disk(crate::cmdline::VARS_NODE, SdFormat::Qcow2)],
+            Path::new("/run/q.sock"),
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(e, StorageDaemonError::BadId(_)), "{e}");
     }
 }

@@ -90,6 +90,7 @@ async fn storage_daemon_adds_a_bitmap_that_persists_after_quit() {
         id: "disk0".into(),
         path: disk.clone(),
         read_only: false,
+        format: Default::default(),
     }];
     let sd = StorageDaemon::start(
         Path::new("qemu-storage-daemon"),
@@ -138,6 +139,7 @@ async fn storage_daemon_start_failure_carries_its_message() {
         id: "disk0".into(),
         path: d.path().join("missing.qcow2"),
         read_only: false,
+        format: Default::default(),
     }];
     let e = StorageDaemon::start(
         Path::new("qemu-storage-daemon"),

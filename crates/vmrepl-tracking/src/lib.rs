@@ -77,5 +77,5 @@ pub use offline::OfflineDisks;
 /// The log target every record of this crate uses.
 pub const LOG_TARGET: &str = "vmrepl::tracking";
 
-/// Node name of the UEFI vars (NVRAM) block node, online and offline.
-pub const VARS_NODE: &str = "fw-vars";
+/// Node name of the UEFI vars (NVRAM) block node, online and offline (the QEMU wrapper's).
+pub use vmrepl_qemu::cmdline::VARS_NODE;

@@ -2,10 +2,9 @@
 
 use crate::names::check_node_name;
 use crate::{TrackingError, LOG_TARGET, VARS_NODE};
-use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use vmrepl_qemu::storage_daemon::SdDisk;
+use vmrepl_qemu::storage_daemon::{SdDisk, SdFormat};
 use vmrepl_qemu::{QmpClient, StorageDaemon};
 
 /// How long qemu-storage-daemon may take to start and to quit.
@@ -20,7 +19,6 @@ const SD_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct OfflineDisks {
     sd: StorageDaemon,
-    qmp: QmpClient,
 }
 
 impl OfflineDisks {
@@ -41,7 +39,7 @@ impl OfflineDisks {
         vars: Option<&Path>,
         run_dir: &Path,
     ) -> Result<OfflineDisks, TrackingError> {
-        let sd_disks: Vec<SdDisk> = disks
+        let mut sd_disks: Vec<SdDisk> = disks
             .iter()
             .map(|(n, p)| {
                 check_node_name(n.as_ref())?;
@@ -49,9 +47,18 @@ impl OfflineDisks {
                     id: n.as_ref().to_string(),
                     path: p.as_ref().to_path_buf(),
                     read_only: false,
+                    format: SdFormat::Qcow2,
                 })
             })
             .collect::<Result<_, TrackingError>>()?;
+        if let Some(v) = vars {
+            sd_disks.push(SdDisk {
+                id: VARS_NODE.to_string(),
+                path: v.to_path_buf(),
+                read_only: false,
+                format: SdFormat::Raw,
+            });
+        }
         std::fs::create_dir_all(run_dir).map_err(|source| TrackingError::Io {
             action: "create the run folder",
             path: run_dir.to_path_buf(),
@@ -60,38 +67,13 @@ impl OfflineDisks {
         let sock = run_dir.join("qsd.sock");
         let log = run_dir.join("qsd.log");
         let sd = StorageDaemon::start(binary, &sd_disks, &sock, &log, SD_TIMEOUT).await?;
-        let qmp = sd.qmp().clone();
-        if let Some(v) = vars {
-            // StorageDaemon opens qcow2 disks only; the vars file is raw, added over QMP.
-            let file_node = format!("{VARS_NODE}-file");
-            let r = async {
-                qmp.execute(
-                    "blockdev-add",
-                    json!({"driver": "file", "filename": v.to_string_lossy(), "node-name": file_node}),
-                )
-                .await?;
-                qmp.execute(
-                    "blockdev-add",
-                    json!({"driver": "raw", "file": file_node, "node-name": VARS_NODE}),
-                )
-                .await
-            }
-            .await;
-            if let Err(e) = r {
-                let _ = sd.quit(SD_TIMEOUT).await;
-                return Err(TrackingError::qmp(format!(
-                    "open the UEFI vars file {} in qemu-storage-daemon",
-                    v.display()
-                ))(e));
-            }
-        }
-        tracing::info!(target: LOG_TARGET, disks = sd_disks.len(), vars = vars.is_some(), pid = sd.pid(), "offline disks opened");
-        Ok(OfflineDisks { sd, qmp })
+        tracing::info!(target: LOG_TARGET, disks = disks.len(), vars = vars.is_some(), pid = sd.pid(), "offline disks opened");
+        Ok(OfflineDisks { sd })
     }
 
     /// The QMP client of the storage daemon.
     pub fn qmp(&self) -> &QmpClient {
-        &self.qmp
+        self.sd.qmp()
     }
 
     pub fn pid(&self) -> i32 {
@@ -100,7 +82,7 @@ impl OfflineDisks {
 
     /// The run folder's QMP socket path.
     pub fn socket(&self) -> PathBuf {
-        self.qmp.path().to_path_buf()
+        self.sd.qmp().path().to_path_buf()
     }
 
     /// `quit` and wait: bitmaps are written to the images (flag `auto` when enabled).
