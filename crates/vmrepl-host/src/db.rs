@@ -144,7 +144,7 @@ impl Db {
                 def.uuid.to_string(),
                 def.name.as_str(),
                 serde_json::to_string(def).map_err(|e| DbError::Corrupt(e.to_string()))?,
-                state_str(VmRunState::Off)
+                vmrepl_types::wire_name(&VmRunState::Off)
             ],
         )?;
         Ok(())
@@ -171,7 +171,7 @@ impl Db {
     ) -> Result<(), DbError> {
         self.conn.execute(
             "UPDATE vms SET state = ?2, pid = ?3, note = ?4 WHERE uuid = ?1",
-            params![uuid.to_string(), state_str(state), pid, note],
+            params![uuid.to_string(), vmrepl_types::wire_name(&state), pid, note],
         )?;
         Ok(())
     }
@@ -234,8 +234,8 @@ fn row_to_vm(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRow, DbError>> 
     Ok((|| {
         let definition: VmDefinition =
             serde_json::from_str(&def).map_err(|e| DbError::Corrupt(e.to_string()))?;
-        let state: VmRunState = serde_json::from_value(serde_json::Value::String(state))
-            .map_err(|e| DbError::Corrupt(e.to_string()))?;
+        let state: VmRunState = vmrepl_types::from_wire_name(&state)
+            .ok_or_else(|| DbError::Corrupt(format!("unknown VM state {state:?}")))?;
         Ok(VmRow {
             definition,
             state,
@@ -243,10 +243,6 @@ fn row_to_vm(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRow, DbError>> 
             note,
         })
     })())
-}
-
-fn state_str(s: VmRunState) -> String {
-    s.to_string()
 }
 
 /// Milliseconds since the Unix epoch.

@@ -49,13 +49,6 @@ pub struct ReplicaRow {
     pub last_error: Option<String>,
 }
 
-fn state_text(s: ReplicationState) -> String {
-    match serde_json::to_value(s) {
-        Ok(serde_json::Value::String(t)) => t,
-        _ => "error".into(),
-    }
-}
-
 fn corrupt(e: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::ToSqlConversionFailure(e.to_string().into())
 }
@@ -80,8 +73,7 @@ fn row_to_replica(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReplicaRow> {
         relationship: rel.parse().map_err(corrupt)?,
         definition: serde_json::from_str(&def).map_err(corrupt)?,
         policy: serde_json::from_str(&pol).map_err(corrupt)?,
-        state: serde_json::from_value(serde_json::Value::String(state))
-            .unwrap_or(ReplicationState::Error),
+        state: vmrepl_types::from_wire_name(&state).unwrap_or(ReplicationState::Error),
         last_applied: r.get::<_, i64>(9)? as u64,
         created_ms: r.get::<_, i64>(10)? as u64,
         last_receive_ms: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
@@ -129,7 +121,7 @@ pub fn insert(db: &Db, r: &ReplicaRow) -> rusqlite::Result<()> {
             r.relationship.to_string(),
             serde_json::to_string(&r.definition).map_err(corrupt)?,
             serde_json::to_string(&r.policy).map_err(corrupt)?,
-            state_text(r.state),
+            vmrepl_types::wire_name(&r.state),
             r.last_applied as i64,
             r.created_ms as i64,
             r.last_receive_ms.map(|v| v as i64),
@@ -191,7 +183,7 @@ pub fn record_applied(
         params![
             vm_uuid.to_string(),
             last_applied as i64,
-            state_text(state),
+            vmrepl_types::wire_name(&state),
             error,
             now,
             point_frozen
@@ -209,7 +201,7 @@ pub fn record_error(
 ) -> rusqlite::Result<()> {
     db.conn().execute(
         "UPDATE replicas SET state = ?2, last_error = ?3 WHERE vm_uuid = ?1",
-        params![vm_uuid.to_string(), state_text(state), error],
+        params![vm_uuid.to_string(), vmrepl_types::wire_name(&state), error],
     )?;
     Ok(())
 }

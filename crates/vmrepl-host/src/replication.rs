@@ -44,9 +44,6 @@ use vmrepl_types::{Generation, VmDefinition, VmName};
 /// Hyper-V's default monitoring window for health and statistics.
 pub const MONITORING_WINDOW_MS: u64 = 12 * 3600 * 1000;
 
-/// Disk id under which the UEFI variable store travels in a log.
-pub const NVRAM_DISK: &str = "nvram";
-
 /// In-memory state of the running relationships.
 #[derive(Default)]
 pub struct Runtime {
@@ -79,18 +76,6 @@ fn err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
     ApiError::new(code, msg)
 }
 
-fn state_str(s: ReplicationState) -> String {
-    serde_json::to_value(s)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default()
-}
-
-fn parse_state(s: &str) -> ReplicationState {
-    serde_json::from_value(serde_json::Value::String(s.to_string()))
-        .unwrap_or(ReplicationState::Error)
-}
-
 fn load(d: &Daemon, vm: Uuid) -> Option<Relationship> {
     let db = d.db.lock().expect("db");
     db.conn()
@@ -105,7 +90,7 @@ fn load(d: &Daemon, vm: Uuid) -> Option<Relationship> {
                         rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e))
                     })?,
                     replica_name: r.get(2)?,
-                    state: parse_state(&r.get::<_, String>(3)?),
+                    state: vmrepl_types::from_wire_name(&r.get::<_, String>(3)?).unwrap_or(ReplicationState::Error),
                     acked_seq: r.get::<_, i64>(4)? as u64,
                     last_error: r.get(5)?,
                     created_ms: r.get::<_, i64>(6)? as u64,
@@ -133,7 +118,7 @@ fn set_state(d: &Daemon, vm: Uuid, state: ReplicationState, error: Option<&str>)
     let db = d.db.lock().expect("db");
     let _ = db.conn().execute(
         "UPDATE relationships SET state = ?2, last_error = ?3 WHERE vm_uuid = ?1",
-        params![vm.to_string(), state_str(state), error],
+        params![vm.to_string(), vmrepl_types::wire_name(&state), error],
     );
     let _ = db.event(
         Some(vm),
@@ -175,7 +160,7 @@ fn record_success(d: &Daemon, vm: Uuid, acked: u64, state: ReplicationState) {
     let db = d.db.lock().expect("db");
     let _ = db.conn().execute(
         "UPDATE relationships SET acked_seq = ?2, state = ?3, last_error = NULL, last_success_ms = ?4 WHERE vm_uuid = ?1",
-        params![vm.to_string(), acked as i64, state_str(state), now_ms() as i64],
+        params![vm.to_string(), acked as i64, vmrepl_types::wire_name(&state), now_ms() as i64],
     );
 }
 
@@ -357,7 +342,7 @@ pub async fn enable(
                     rel_id.to_string(),
                     serde_json::to_string(&settings).unwrap_or_default(),
                     theirs.host_name,
-                    state_str(state),
+                    vmrepl_types::wire_name(&state),
                     now_ms() as i64
                 ],
             )
@@ -672,9 +657,9 @@ async fn initial_cycle(
     );
     let nodes: Vec<&str> = disks.iter().map(|(n, _)| n.as_str()).collect();
     // Start clean: no bitmap of this relationship may linger from an earlier attempt.
-    let _ =
-        vmrepl_tracking::reconcile(qmp, tag, &nodes, Some(staging.dir.as_path()), |_| false).await;
-    remove_all_bitmaps(qmp, tag, &nodes).await;
+    vmrepl_tracking::stop_tracking(qmp, tag, &nodes, Some(staging.dir.as_path()))
+        .await
+        .map_err(|e| CycleError::Other(format!("cannot reset change tracking: {e}")))?;
     let h = vmrepl_tracking::begin_full(qmp, tag, disks, 1, staging, vars)
         .await
         .map_err(|e| CycleError::Other(format!("cannot stage the initial copy: {e}")))?;
@@ -682,14 +667,13 @@ async fn initial_cycle(
     let res = async {
         let total = build_log(vm, rel, &h, &path, 1, 0, LogKind::Initial).await?;
         send(
-            d,
-            rel,
-            vm,
             client,
+            vm,
             &path,
             1,
             0,
             total,
+            None,
             rt,
             "initial replication",
         )
@@ -701,7 +685,7 @@ async fn initial_cycle(
     match res {
         Ok(bytes) => Ok((1, bytes)),
         Err(e) => {
-            remove_all_bitmaps(qmp, tag, &nodes).await;
+            let _ = vmrepl_tracking::stop_tracking(qmp, tag, &nodes, None).await;
             set_state(
                 d,
                 vm.uuid,
@@ -709,22 +693,6 @@ async fn initial_cycle(
                 None,
             );
             Err(e)
-        }
-    }
-}
-
-async fn remove_all_bitmaps(qmp: &vmrepl_qemu::qmp::QmpClient, tag: RelTag, nodes: &[&str]) {
-    if let Ok(owned) = vmrepl_tracking::list_owned(qmp, tag, nodes).await {
-        for (node, bs) in owned {
-            for b in bs {
-                let name = vmrepl_tracking::BitmapName::new(tag, b.seq).to_string();
-                let _ = qmp
-                    .execute(
-                        "block-dirty-bitmap-remove",
-                        serde_json::json!({"node": node, "name": name}),
-                    )
-                    .await;
-            }
         }
     }
 }
@@ -774,21 +742,20 @@ async fn delta_cycle(
         }
         let resume = partial.filter(|(s, _)| *s == next).map(|(_, r)| r);
         let total = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        match send_resume(d, rel, vm, client, &path, next, n, total, resume, rt).await {
-            Ok(bytes) => {
-                vmrepl_tracking::commit_cycle(qmp, tag, nodes, n)
-                    .await
-                    .map_err(|e| CycleError::Other(e.to_string()))?;
-                let _ = std::fs::remove_file(&path);
-                return Ok((next, bytes));
-            }
-            Err(CycleError::Network(m)) => return Err(CycleError::Network(m)),
-            Err(e) => {
-                let _ = vmrepl_tracking::rollback_cycle(qmp, tag, nodes, n).await;
-                let _ = std::fs::remove_file(&path);
-                return Err(e);
-            }
-        }
+        return ship(
+            client,
+            vm,
+            qmp,
+            tag,
+            nodes,
+            &path,
+            (next, n),
+            total,
+            resume,
+            rt,
+            "resumed transfer",
+        )
+        .await;
     }
     // Bring the bitmaps back to one recording bitmap n (after a daemon restart, say).
     let node_refs: Vec<&str> = nodes.iter().map(|s| s.as_str()).collect();
@@ -836,19 +803,52 @@ async fn delta_cycle(
             return Err(e);
         }
     };
-    match send(d, rel, vm, client, &path, next, n, total, rt, "delta").await {
+    ship(
+        client,
+        vm,
+        qmp,
+        tag,
+        nodes,
+        &path,
+        (next, n),
+        total,
+        None,
+        rt,
+        "delta",
+    )
+    .await
+}
+
+/// Sends the built log `next` (on base `n`) and settles the bitmaps: on the replica's
+/// acknowledgement frozen bitmap `n` is dropped (I1); a cut transfer keeps both the log and the
+/// frozen bitmap so that the next cycle resumes it; any other failure merges the bitmap back
+/// into the recording one and drops the log.
+#[allow(clippy::too_many_arguments)]
+async fn ship(
+    client: &mut PeerClient,
+    vm: &VmDefinition,
+    qmp: &vmrepl_qemu::qmp::QmpClient,
+    tag: RelTag,
+    nodes: &[String],
+    path: &Path,
+    (next, n): (u64, u64),
+    total: u64,
+    resume: Option<Resume>,
+    rt: &RelRuntime,
+    what: &str,
+) -> Result<(u64, u64), CycleError> {
+    match send(client, vm, path, next, n, total, resume, rt, what).await {
         Ok(bytes) => {
             vmrepl_tracking::commit_cycle(qmp, tag, nodes, n)
                 .await
                 .map_err(|e| CycleError::Other(e.to_string()))?;
-            let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_file(path);
             Ok((next, bytes))
         }
-        // A cut transfer keeps the built log and the frozen bitmap: the next cycle resumes.
         Err(CycleError::Network(m)) => Err(CycleError::Network(m)),
         Err(e) => {
             let _ = vmrepl_tracking::rollback_cycle(qmp, tag, nodes, n).await;
-            let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_file(path);
             Err(e)
         }
     }
@@ -870,7 +870,11 @@ async fn build_log(
         .map(|i| (i.node.clone(), i.size, i.path.clone()))
         .collect();
     if let Some(v) = &h.vars {
-        images.push((NVRAM_DISK.to_string(), v.size, v.path.clone()));
+        images.push((
+            crate::peer::proto::NVRAM_DISK_ID.to_string(),
+            v.size,
+            v.path.clone(),
+        ));
     }
     let mut mapped = Vec::new();
     let qi = vmrepl_qemu::img::QemuImg::default();
@@ -932,51 +936,6 @@ async fn build_log(
 
 #[allow(clippy::too_many_arguments)]
 async fn send(
-    d: &Arc<Daemon>,
-    rel: &Relationship,
-    vm: &VmDefinition,
-    client: &mut PeerClient,
-    path: &Path,
-    seq: u64,
-    base: u64,
-    total: u64,
-    rt: &RelRuntime,
-    what: &str,
-) -> Result<u64, CycleError> {
-    let _ = (d, rel);
-    send_inner(client, vm, path, seq, base, total, None, rt, what).await
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn send_resume(
-    d: &Arc<Daemon>,
-    rel: &Relationship,
-    vm: &VmDefinition,
-    client: &mut PeerClient,
-    path: &Path,
-    seq: u64,
-    base: u64,
-    total: u64,
-    resume: Option<Resume>,
-    rt: &RelRuntime,
-) -> Result<u64, CycleError> {
-    let _ = (d, rel);
-    send_inner(
-        client,
-        vm,
-        path,
-        seq,
-        base,
-        total,
-        resume,
-        rt,
-        "resumed transfer",
-    )
-    .await
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn send_inner(
     client: &mut PeerClient,
     vm: &VmDefinition,
     path: &Path,

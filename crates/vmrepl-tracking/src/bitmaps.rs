@@ -352,6 +352,48 @@ pub async fn rollback_cycle<N: AsRef<str>>(
     Ok(())
 }
 
+/// Removes every bitmap in `owned` (all of one relationship) in one transaction.
+async fn remove_owned(
+    qmp: &QmpClient,
+    rel: RelTag,
+    owned: &BTreeMap<String, Vec<OwnedBitmap>>,
+    what: &str,
+) -> Result<(), TrackingError> {
+    let mut actions = Vec::new();
+    for (node, bs) in owned {
+        for b in bs {
+            actions.push(act(
+                "block-dirty-bitmap-remove",
+                json!({"node": node, "name": BitmapName::new(rel, b.seq).to_string()}),
+            ));
+        }
+    }
+    transaction(qmp, actions, what).await
+}
+
+/// Ends change tracking for the relationship on `nodes`: cancels its backup jobs, deletes its
+/// staging nodes (and, if `staging_dir` is given, its staging files), and removes all its
+/// bitmaps in one transaction. Idempotent. For a fresh initial copy, after a failed one, and
+/// when replication is removed (a bitmap left behind would record every write forever).
+pub async fn stop_tracking<N: AsRef<str>>(
+    qmp: &QmpClient,
+    rel: RelTag,
+    nodes: &[N],
+    staging_dir: Option<&Path>,
+) -> Result<(), TrackingError> {
+    for n in nodes {
+        check_node_name(n.as_ref())?;
+    }
+    cleanup_jobs_and_nodes(qmp, rel, None).await?;
+    if let Some(dir) = staging_dir {
+        remove_staging_files(dir, rel)?;
+    }
+    let owned = list_owned(qmp, rel, nodes).await?;
+    remove_owned(qmp, rel, &owned, "removes the relationship's bitmaps").await?;
+    tracing::info!(target: LOG_TARGET, rel = %rel, "tracking stopped");
+    Ok(())
+}
+
 /// The result of [`reconcile`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReconcileOutcome {
@@ -443,16 +485,7 @@ pub async fn reconcile<N: AsRef<str>>(
     }
 
     if let Some(reason) = reason {
-        let mut actions = Vec::new();
-        for (node, bs) in &owned {
-            for b in bs {
-                actions.push(act(
-                    "block-dirty-bitmap-remove",
-                    json!({"node": node, "name": BitmapName::new(rel, b.seq).to_string()}),
-                ));
-            }
-        }
-        transaction(qmp, actions, "removes untrustworthy bitmaps").await?;
+        remove_owned(qmp, rel, &owned, "removes untrustworthy bitmaps").await?;
         tracing::warn!(target: LOG_TARGET, rel = %rel, reason = %reason, "resynchronization required");
         return Ok(ReconcileOutcome::ResyncRequired { reason });
     }

@@ -64,7 +64,7 @@ mod offline;
 
 pub use bitmaps::{
     commit_cycle, list_owned, reconcile, recording_seq, rollback_cycle, start_tracking,
-    OwnedBitmap, ReconcileOutcome,
+    stop_tracking, OwnedBitmap, ReconcileOutcome,
 };
 pub use cycle::{begin_cycle, begin_full, CycleHandle, CycleKind, StagedImage, Staging};
 pub use error::TrackingError;

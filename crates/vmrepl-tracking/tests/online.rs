@@ -382,3 +382,53 @@ async fn missing_recording_bitmap_requires_a_resync() {
     assert!(reason.contains("no recording bitmap"), "{reason}");
     vm.quit().await;
 }
+
+#[tokio::test]
+async fn stop_tracking_removes_every_bitmap_of_the_relationship_and_nothing_else() {
+    init_logs();
+    let d = tempfile::tempdir().unwrap();
+    make_images(d.path()).await;
+    let vm = Vm::start(d.path()).await;
+    let q = vm.qmp();
+    let rel = rel();
+    let st = staging(d.path());
+    start_tracking(q, rel, &NODES, 0).await.unwrap();
+    q.execute(
+        "block-dirty-bitmap-add",
+        serde_json::json!({"node":"disk0","name":"someone-else"}),
+    )
+    .await
+    .unwrap();
+    vm.io(0, "write -P 0xab 1M 64k").await;
+    // A cycle left in flight: bitmap 0 frozen, 1 recording, staging files on disk.
+    let h = begin_cycle(q, rel, &disks(), 0, &st, None).await.unwrap();
+    assert!(h.disks[0].path.exists());
+    let owned = list_owned(q, rel, &NODES).await.unwrap();
+    assert_eq!(seqs(&owned["disk0"]), vec![(0, false), (1, true)]);
+
+    vmrepl_tracking::stop_tracking(q, rel, &NODES, Some(&st.dir))
+        .await
+        .unwrap();
+    let owned = list_owned(q, rel, &NODES).await.unwrap();
+    assert!(owned.values().all(|b| b.is_empty()), "{owned:?}");
+    assert!(!h.disks[0].path.exists(), "staging files remain");
+    let nodes = q
+        .execute("query-named-block-nodes", serde_json::json!({"flat": true}))
+        .await
+        .unwrap();
+    let names: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["node-name"] == "disk0")
+        .flat_map(|n| n["dirty-bitmaps"].as_array().unwrap().iter())
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["someone-else"]);
+    // Idempotent; and a fresh full copy can start again at 1.
+    vmrepl_tracking::stop_tracking(q, rel, &NODES, Some(&st.dir))
+        .await
+        .unwrap();
+    begin_full(q, rel, &disks(), 1, &st, None).await.unwrap();
+    vm.quit().await;
+}

@@ -244,9 +244,7 @@ pub enum VmRunState {
 
 impl fmt::Display for VmRunState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = serde_json::to_value(self).ok();
-        let s = s.as_ref().and_then(|v| v.as_str()).unwrap_or("?");
-        f.write_str(s)
+        f.write_str(&crate::wire_name(self))
     }
 }
 
