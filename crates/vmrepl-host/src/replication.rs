@@ -450,6 +450,34 @@ enum Endpoint {
 }
 
 impl Endpoint {
+    /// The running VM's QEMU, or qemu-storage-daemon over the replicated disks (and the vars
+    /// image) when the VM is off. The caller holds the VM's operation lock.
+    async fn open(
+        d: &Daemon,
+        vm: &VmDefinition,
+        nodes: &[String],
+        vars: Option<&str>,
+    ) -> Result<Endpoint, String> {
+        if let Some(p) = d.vmm.live_process(vm.uuid).await {
+            return Ok(Endpoint::Live(p));
+        }
+        let disk_paths: Vec<(String, PathBuf)> = vm
+            .disks
+            .iter()
+            .filter(|x| nodes.contains(&x.id))
+            .map(|x| (x.id.clone(), x.path.clone()))
+            .collect();
+        let run = d.dd.run_dir(vm.uuid).join("offline");
+        vmrepl_tracking::OfflineDisks::open(
+            &disk_paths,
+            vm.nvram.as_deref().filter(|_| vars.is_some()),
+            &run,
+        )
+        .await
+        .map(Endpoint::Offline)
+        .map_err(|e| format!("cannot open the VM's disks while it is off: {e}"))
+    }
+
     fn qmp(&self) -> &vmrepl_qemu::qmp::QmpClient {
         match self {
             Endpoint::Live(p) => p.qmp(),
@@ -527,32 +555,9 @@ async fn run_cycle(d: &Arc<Daemon>, vm_uuid: Uuid, rt: &RelRuntime) -> Result<()
             ))
         }
     };
-    let endpoint = match d.vmm.live_process(vm_uuid).await {
-        Some(p) => Endpoint::Live(p),
-        None => {
-            let disk_paths: Vec<(String, PathBuf)> = vm
-                .disks
-                .iter()
-                .filter(|x| nodes.contains(&x.id))
-                .map(|x| (x.id.clone(), x.path.clone()))
-                .collect();
-            let run = d.dd.run_dir(vm_uuid).join("offline");
-            match vmrepl_tracking::OfflineDisks::open(
-                &disk_paths,
-                vm.nvram.as_deref().filter(|_| vars.is_some()),
-                &run,
-            )
-            .await
-            {
-                Ok(o) => Endpoint::Offline(o),
-                Err(e) => {
-                    return Err(fail(
-                        format!("cannot open the VM's disks while it is off: {e}"),
-                        false,
-                    ))
-                }
-            }
-        }
+    let endpoint = match Endpoint::open(d, &vm, &nodes, vars).await {
+        Ok(e) => e,
+        Err(e) => return Err(fail(e, false)),
     };
     let staging = Staging::new(d.dd.staging());
     let result = if initial {
@@ -1045,14 +1050,33 @@ pub async fn remove(
             format!("the replica server is unreachable ({e}); run `replication remove` there too")
         }
     };
+    // Change tracking ends with the relationship: a bitmap left behind records every write.
+    let tag = RelTag::from_uuid(&rel.rel_id);
+    let nodes: Vec<String> = replicated_disks(&vm, &rel.settings)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let tracking_note = match Endpoint::open(d, &vm, &nodes, None).await {
+        Ok(ep) => {
+            let r =
+                vmrepl_tracking::stop_tracking(ep.qmp(), tag, &nodes, Some(&d.dd.staging())).await;
+            ep.close().await;
+            match r {
+                Ok(()) => String::new(),
+                Err(e) => format!("; its change-tracking bitmaps could not be removed ({e})"),
+            }
+        }
+        Err(e) => format!("; its change-tracking bitmaps could not be removed ({e})"),
+    };
     let db = d.db.lock().expect("db");
     let _ = db.conn().execute(
         "DELETE FROM relationships WHERE vm_uuid = ?1",
         params![vm.uuid.to_string()],
     );
     let _ = db.event(Some(vm.uuid), "replication removed");
-    // Leftover bitmaps are dropped at the VM's next start or cycle; they cost only memory.
-    Ok(format!("Replication of {name} removed; {replica_note}."))
+    Ok(format!(
+        "Replication of {name} removed; {replica_note}{tracking_note}."
+    ))
 }
 
 fn not_enabled(name: &VmName) -> ApiError {

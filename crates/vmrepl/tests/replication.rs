@@ -156,6 +156,36 @@ fn a_running_vm_replicates_to_a_second_host_and_the_replica_equals_the_primary_a
     let s = status(&a, "web");
     assert!(s["stats"]["success_count"].as_u64().unwrap() >= 3, "{s}");
     assert_eq!(s["health"], "normal", "{s}");
+    // Removing replication ends change tracking: no vmrepl bitmap stays on the disks.
+    let bitmaps = |i: usize| -> Vec<String> {
+        let p = vm["definition"]["disks"][i]["path"].as_str().unwrap();
+        let o = std::process::Command::new("qemu-img")
+            .args(["info", "-U", "--output=json", "-f", "qcow2", p])
+            .output()
+            .unwrap();
+        let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        info["format-specific"]["data"]["bitmaps"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|b| b["name"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        bitmaps(0).iter().any(|b| b.starts_with("vmrepl-")),
+        "{:?}",
+        bitmaps(0)
+    );
+    a.ok(&["replication", "remove", "web"]);
+    for i in 0..2 {
+        assert!(bitmaps(i).is_empty(), "disk{i} keeps {:?}", bitmaps(i));
+    }
+    assert!(a.json(&["replication", "status"])["relationships"]
+        .as_array()
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
