@@ -79,10 +79,7 @@ impl HostConfig {
             qemu_binary: default_qemu(),
             ovmf_dir: default_ovmf_dir(),
             seabios_dir: default_seabios_dir(),
-            replica_server: ReplicaServerSettings {
-                listen: listen.to_string(),
-                ..Default::default()
-            },
+            replica_server: ReplicaServerSettings::default(),
         }
     }
 

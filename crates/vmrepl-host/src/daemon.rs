@@ -41,18 +41,12 @@ pub struct Daemon {
 
 /// Runs the daemon in the foreground until asked to stop (request or SIGTERM/SIGINT).
 pub fn run_foreground(dd: &DataDir) -> Result<(), DaemonError> {
-    let _ = tracing_subscriber_init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
     rt.block_on(run(dd.clone()))
-}
-
-fn tracing_subscriber_init() -> Option<()> {
-    // The binary installs the subscriber; this is a hook for tests that call run() directly.
-    None
 }
 
 /// Runs the daemon on the current runtime.
@@ -251,11 +245,16 @@ impl Daemon {
                 }
             }
             Request::ReplicaServerShow => {
-                Response::ReplicaServer(self.cfg.read().expect("cfg").replica_server.clone())
+                let cfg = self.cfg.read().expect("cfg");
+                Response::ReplicaServer {
+                    listen: cfg.listen.clone(),
+                    settings: cfg.replica_server.clone(),
+                }
             }
-            Request::ReplicaServerSet(change) => {
-                Response::ReplicaServer(self.change_replica_server(change)?)
-            }
+            Request::ReplicaServerSet(change) => Response::ReplicaServer {
+                settings: self.change_replica_server(change)?,
+                listen: self.cfg.read().expect("cfg").listen.clone(),
+            },
             Request::ReplicationEnable { name, settings } => Response::Ok {
                 message: crate::replication::enable(self, &name, settings).await?,
             },

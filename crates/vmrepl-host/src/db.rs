@@ -150,18 +150,6 @@ impl Db {
         Ok(())
     }
 
-    pub fn update_definition(&self, def: &VmDefinition) -> Result<(), DbError> {
-        self.conn.execute(
-            "UPDATE vms SET definition = ?2, name = ?3 WHERE uuid = ?1",
-            params![
-                def.uuid.to_string(),
-                serde_json::to_string(def).map_err(|e| DbError::Corrupt(e.to_string()))?,
-                def.name.as_str()
-            ],
-        )?;
-        Ok(())
-    }
-
     pub fn set_state(
         &self,
         uuid: Uuid,

@@ -16,8 +16,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use uuid::Uuid;
-use vmrepl_store::{RecoveryPoint, ReplicaStore, ReplicaVm, StoreError};
-use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_store::{ReplicaStore, ReplicaVm, StoreError};
 use vmrepl_types::replication::{
     Consistency, Health, ReplicationState, ReplicationStats, ReplicationStatus, Role,
 };
@@ -599,29 +598,4 @@ pub fn statuses(daemon: &Daemon) -> Vec<ReplicationStatus> {
             }
         })
         .collect()
-}
-
-/// The recovery points of the replica VM named `vm_name` (frozen ones oldest first, then the
-/// latest applied state). Opens the store on the blocking pool (the store is synchronous).
-pub async fn points(daemon: &Daemon, vm_name: &str) -> Result<Vec<RecoveryPoint>, ApiError> {
-    let row = {
-        let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
-        list(&db)
-            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
-            .into_iter()
-            .find(|r| r.name == vm_name)
-    };
-    let row = row.ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::NotFound,
-            format!("There is no replica VM named {vm_name:?} on this host."),
-        )
-    })?;
-    tokio::task::spawn_blocking(move || {
-        ReplicaStore::open(&row.storage_root, row.vm_uuid)
-            .map(|vm| vm.points())
-            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))
-    })
-    .await
-    .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
 }

@@ -9,7 +9,7 @@ use crate::config::HostConfig;
 use crate::datadir::DataDir;
 use crate::db::{Db, VmRow};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use uuid::Uuid;
@@ -101,17 +101,6 @@ impl Vmm {
             .map(|r| r.definition)
     }
 
-    /// The VM's run state.
-    pub fn run_state(&self, uuid: Uuid) -> Option<VmRunState> {
-        self.db
-            .lock()
-            .expect("db")
-            .vm_by_uuid(uuid)
-            .ok()
-            .flatten()
-            .map(|r| r.state)
-    }
-
     fn row(&self, name: &VmName) -> Result<VmRow, ApiError> {
         self.db
             .lock()
@@ -164,11 +153,8 @@ impl Vmm {
                 ),
             ));
         }
-        let fam_ok = match gen {
-            Generation::Bios => resolved.starts_with("pc-i440fx") || resolved.starts_with("pc-q35"),
-            Generation::Uefi => resolved.starts_with("pc-q35") || resolved.starts_with("pc-i440fx"),
-        };
-        if !fam_ok {
+        // Either PC chipset runs either firmware; other boards (microvm, isapc) run neither.
+        if !(resolved.starts_with("pc-i440fx") || resolved.starts_with("pc-q35")) {
             return Err(err(
                 ErrorCode::Unsupported,
                 format!(
@@ -799,15 +785,6 @@ impl Vmm {
             .map(|t| data.len().saturating_sub(t as usize))
             .unwrap_or(0);
         Ok(String::from_utf8_lossy(&data[start..]).into_owned())
-    }
-
-    /// Paths of a VM's runtime files.
-    pub fn serial_log(&self, uuid: Uuid) -> PathBuf {
-        self.run_paths(uuid).serial_log
-    }
-
-    pub fn data(&self) -> &Path {
-        self.dd.root()
     }
 }
 

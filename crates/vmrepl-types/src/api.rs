@@ -5,7 +5,7 @@
 use crate::caps::HostInfo;
 use crate::name::VmName;
 use crate::replication::{ReplicationSettings, ReplicationStatus};
-use crate::vm::{Accel, FirmwareVariantId, Generation, NicMode, VmDefinition, VmRunState};
+use crate::vm::{FirmwareVariantId, Generation, NicMode, VmDefinition, VmRunState};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -137,7 +137,11 @@ pub enum Response {
     Console {
         text: String,
     },
-    ReplicaServer(crate::replication::ReplicaServerSettings),
+    ReplicaServer {
+        /// The peer listener the replica server answers on (the host's `listen`).
+        listen: String,
+        settings: crate::replication::ReplicaServerSettings,
+    },
     Replication {
         relationships: Vec<ReplicationStatus>,
     },
@@ -174,15 +178,6 @@ impl ApiError {
             message: message.into(),
         }
     }
-}
-
-/// Host-level settings the CLI can show (subset of the TOML config).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostSettingsView {
-    pub host_name: String,
-    pub listen: String,
-    pub accel: Accel,
-    pub storage: Vec<PathBuf>,
 }
 
 /// Firmware variant for a new VM, derived from generation and secure boot.

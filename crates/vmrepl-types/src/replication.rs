@@ -161,10 +161,10 @@ pub struct AuthorizationEntry {
 /// Replica server settings (Set-VMReplicationServer).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+/// Authentication is always certificate-based (mutual TLS) on the host's peer listener
+/// (`listen` in the host configuration).
 pub struct ReplicaServerSettings {
     pub enabled: bool,
-    /// Authentication is always certificate-based (mutual TLS).
-    pub listen: String,
     pub allow_any: bool,
     pub default_storage: Option<PathBuf>,
     pub entries: Vec<AuthorizationEntry>,

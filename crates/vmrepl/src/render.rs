@@ -26,13 +26,16 @@ pub fn response(r: &Response) -> ExitCode {
         Response::Vm(v) => vm(v),
         Response::VmList { vms } => vm_list(vms),
         Response::Console { text } => print!("{text}"),
-        Response::ReplicaServer(s) => {
+        Response::ReplicaServer {
+            listen,
+            settings: s,
+        } => {
             println!(
                 "Replica server:      {}",
                 if s.enabled { "enabled" } else { "disabled" }
             );
             println!("Authentication:      certificate (mutual TLS)");
-            println!("Listener:            {}", s.listen);
+            println!("Listener:            {listen}");
             if s.allow_any {
                 println!(
                     "Authorization:       any authenticated host -> {} (trust group DEFAULT)",
