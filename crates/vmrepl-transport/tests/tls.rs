@@ -111,41 +111,82 @@ async fn mutual_tls_happy_path_with_peer_identity_and_frames() {
     assert_eq!(f, vmrepl_transport::Frame::Data(vec![7u8; 70_000]));
 }
 
+/// `hv-a.test` connects with `bad` to a good `hv-b.test`.
+async fn with_bad_client(p: &Pki, bad: &IssuedCert) -> (ServerResult, ClientResult) {
+    run(
+        identity(&p.ca, "hv-b.test"),
+        unchecked(bad, &p.ca),
+        "hv-b.test",
+    )
+    .await
+}
+
+/// A good `hv-a.test` connects to `hv-b.test`, which presents `bad`.
+async fn with_bad_server(p: &Pki, bad: &IssuedCert) -> (ServerResult, ClientResult) {
+    run(
+        unchecked(bad, &p.ca),
+        identity(&p.ca, "hv-a.test"),
+        "hv-b.test",
+    )
+    .await
+}
+
+/// The message of a side's failure (printed, so a failing assertion shows both sides).
+fn failure(side: &str, r: Result<(TlsStream, PeerIdentity), TlsError>) -> (TlsError, String) {
+    let e = r
+        .err()
+        .unwrap_or_else(|| panic!("the {side} accepted the handshake"));
+    let msg = e.to_string();
+    println!("{side}: {msg}");
+    (e, msg)
+}
+
+/// The problem the server named in the client's certificate, and its message.
+fn client_problem(srv: ServerResult) -> (CertProblem, String) {
+    match failure("server", srv) {
+        (TlsError::ClientCertificate { problem, .. }, msg) => (problem, msg),
+        (other, _) => panic!("expected a client certificate problem, got {other:?}"),
+    }
+}
+
+/// The problem the client named in the server's certificate, and its message.
+fn server_problem(cli: ClientResult) -> (CertProblem, String) {
+    match failure("client", cli) {
+        (TlsError::ServerCertificate { problem, .. }, msg) => (problem, msg),
+        (other, _) => panic!("expected a server certificate problem, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn client_from_unknown_ca_is_refused_on_both_sides() {
     let p = pki();
-    let server = identity(&p.ca, "hv-b.test");
     let bad = p.other.issue_host("hv-a.test", YEAR).unwrap();
-    let (srv, cli) = run(server, unchecked(&bad, &p.ca), "hv-b.test").await;
+    let (srv, cli) = with_bad_client(&p, &bad).await;
 
-    let s = srv.unwrap_err();
-    let msg = s.to_string();
-    println!("server: {msg}");
-    match &s {
-        TlsError::ClientCertificate { problem, .. } => {
-            assert!(
-                matches!(problem, CertProblem::UnknownIssuer { .. }),
-                "{msg}"
-            )
-        }
-        other => panic!("unexpected {other:?}"),
-    }
-    assert!(msg.contains("refused the client at 127.0.0.1:"), "{msg}");
-    assert!(msg.contains("unknown CA"), "{msg}");
-    assert!(msg.contains("CN=Other CA"), "{msg}");
-    assert!(msg.contains("CN=Lab CA"), "{msg}");
-    assert!(msg.contains("hv-a.test"), "{msg}");
-
-    let c = cli.unwrap_err();
-    let msg = c.to_string();
-    println!("client: {msg}");
-    assert!(matches!(c, TlsError::RefusedByServer { .. }), "{msg}");
+    let (problem, msg) = client_problem(srv);
     assert!(
-        msg.contains("the replica server hv-b.test refused our certificate"),
+        matches!(problem, CertProblem::UnknownIssuer { .. }),
         "{msg}"
     );
-    assert!(msg.contains("unknown CA"), "{msg}");
-    assert!(msg.contains("CN=Other CA"), "{msg}");
+    for needle in [
+        "refused the client at 127.0.0.1:",
+        "unknown CA",
+        "CN=Other CA",
+        "CN=Lab CA",
+        "hv-a.test",
+    ] {
+        assert!(msg.contains(needle), "{needle:?} missing in: {msg}");
+    }
+
+    let (c, msg) = failure("client", cli);
+    assert!(matches!(c, TlsError::RefusedByServer { .. }), "{msg}");
+    for needle in [
+        "the replica server hv-b.test refused our certificate",
+        "unknown CA",
+        "CN=Other CA",
+    ] {
+        assert!(msg.contains(needle), "{needle:?} missing in: {msg}");
+    }
 }
 
 fn spec(host: &str, not_before: OffsetDateTime, not_after: OffsetDateTime) -> HostCertSpec {
@@ -163,31 +204,14 @@ async fn expired_client_certificate() {
         p.ca.issue(&spec("hv-a.test", now - 10 * DAY, now - DAY))
             .unwrap();
     let not_after = bad.summary().unwrap().not_after;
-    let (srv, cli) = run(
-        identity(&p.ca, "hv-b.test"),
-        unchecked(&bad, &p.ca),
-        "hv-b.test",
-    )
-    .await;
-    let s = srv.unwrap_err();
-    let msg = s.to_string();
-    println!("server: {msg}");
-    assert!(
-        matches!(
-            &s,
-            TlsError::ClientCertificate {
-                problem: CertProblem::Expired { .. },
-                ..
-            }
-        ),
-        "{msg}"
-    );
+    let (srv, cli) = with_bad_client(&p, &bad).await;
+    let (problem, msg) = client_problem(srv);
+    assert!(matches!(problem, CertProblem::Expired { .. }), "{msg}");
     let date = not_after
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
     assert!(msg.contains(&format!("expired at {date}")), "{msg}");
-    let msg = cli.unwrap_err().to_string();
-    println!("client: {msg}");
+    let (_, msg) = failure("client", cli);
     assert!(msg.contains("refused our certificate"), "{msg}");
     assert!(msg.contains(&format!("expired at {date}")), "{msg}");
 }
@@ -199,17 +223,10 @@ async fn not_yet_valid_client_certificate() {
     let bad =
         p.ca.issue(&spec("hv-a.test", now + DAY, now + 10 * DAY))
             .unwrap();
-    let (srv, cli) = run(
-        identity(&p.ca, "hv-b.test"),
-        unchecked(&bad, &p.ca),
-        "hv-b.test",
-    )
-    .await;
-    let msg = srv.unwrap_err().to_string();
-    println!("server: {msg}");
+    let (srv, cli) = with_bad_client(&p, &bad).await;
+    let (_, msg) = failure("server", srv);
     assert!(msg.contains("is not valid until"), "{msg}");
-    let msg = cli.unwrap_err().to_string();
-    println!("client: {msg}");
+    let (_, msg) = failure("client", cli);
     assert!(msg.contains("not valid until"), "{msg}");
 }
 
@@ -220,25 +237,9 @@ async fn expired_server_certificate() {
     let bad =
         p.ca.issue(&spec("hv-b.test", now - 10 * DAY, now - DAY))
             .unwrap();
-    let (_srv, cli) = run(
-        unchecked(&bad, &p.ca),
-        identity(&p.ca, "hv-a.test"),
-        "hv-b.test",
-    )
-    .await;
-    let c = cli.unwrap_err();
-    let msg = c.to_string();
-    println!("client: {msg}");
-    assert!(
-        matches!(
-            &c,
-            TlsError::ServerCertificate {
-                problem: CertProblem::Expired { .. },
-                ..
-            }
-        ),
-        "{msg}"
-    );
+    let (_srv, cli) = with_bad_server(&p, &bad).await;
+    let (problem, msg) = server_problem(cli);
+    assert!(matches!(problem, CertProblem::Expired { .. }), "{msg}");
     assert!(
         msg.starts_with("the replica server hv-b.test's certificate is not acceptable"),
         "{msg}"
@@ -249,14 +250,8 @@ async fn expired_server_certificate() {
 async fn server_certificate_from_unknown_ca() {
     let p = pki();
     let bad = p.other.issue_host("hv-b.test", YEAR).unwrap();
-    let (_srv, cli) = run(
-        unchecked(&bad, &p.ca),
-        identity(&p.ca, "hv-a.test"),
-        "hv-b.test",
-    )
-    .await;
-    let msg = cli.unwrap_err().to_string();
-    println!("client: {msg}");
+    let (_srv, cli) = with_bad_server(&p, &bad).await;
+    let (_, msg) = failure("client", cli);
     assert!(msg.contains("unknown CA"), "{msg}");
     assert!(msg.contains("its issuer CN=Other CA"), "{msg}");
 }
@@ -270,25 +265,13 @@ async fn server_certificate_naming_another_host() {
         "hv-b.test",
     )
     .await;
-    let c = cli.unwrap_err();
-    let msg = c.to_string();
-    println!("client: {msg}");
-    assert!(
-        matches!(
-            &c,
-            TlsError::ServerCertificate {
-                problem: CertProblem::NameMismatch { .. },
-                ..
-            }
-        ),
-        "{msg}"
-    );
+    let (problem, msg) = server_problem(cli);
+    assert!(matches!(problem, CertProblem::NameMismatch { .. }), "{msg}");
     assert!(msg.contains("name mismatch"), "{msg}");
     assert!(msg.contains("expected host name is hv-b.test"), "{msg}");
     assert!(msg.contains("names other.test"), "{msg}");
     // The server sees the client abort the handshake, and says what it likely means.
-    let msg = srv.unwrap_err().to_string();
-    println!("server: {msg}");
+    let (_, msg) = failure("server", srv);
     assert!(msg.contains("refused our certificate"), "{msg}");
     assert!(msg.contains("ours names other.test"), "{msg}");
 }
@@ -338,29 +321,12 @@ async fn client_certificate_missing_client_auth_eku() {
     let mut s = HostCertSpec::new("hv-a.test", YEAR);
     s.client_auth = false;
     let bad = p.ca.issue(&s).unwrap();
-    let (srv, cli) = run(
-        identity(&p.ca, "hv-b.test"),
-        unchecked(&bad, &p.ca),
-        "hv-b.test",
-    )
-    .await;
-    let s = srv.unwrap_err();
-    let msg = s.to_string();
-    println!("server: {msg}");
-    assert!(
-        matches!(
-            &s,
-            TlsError::ClientCertificate {
-                problem: CertProblem::MissingEku { .. },
-                ..
-            }
-        ),
-        "{msg}"
-    );
+    let (srv, cli) = with_bad_client(&p, &bad).await;
+    let (problem, msg) = client_problem(srv);
+    assert!(matches!(problem, CertProblem::MissingEku { .. }), "{msg}");
     assert!(msg.contains("lacks the clientAuth"), "{msg}");
     assert!(msg.contains("it has: serverAuth"), "{msg}");
-    let msg = cli.unwrap_err().to_string();
-    println!("client: {msg}");
+    let (_, msg) = failure("client", cli);
     assert!(msg.contains("clientAuth"), "{msg}");
 }
 
@@ -370,14 +336,8 @@ async fn server_certificate_missing_server_auth_eku() {
     let mut s = HostCertSpec::new("hv-b.test", YEAR);
     s.server_auth = false;
     let bad = p.ca.issue(&s).unwrap();
-    let (_srv, cli) = run(
-        unchecked(&bad, &p.ca),
-        identity(&p.ca, "hv-a.test"),
-        "hv-b.test",
-    )
-    .await;
-    let msg = cli.unwrap_err().to_string();
-    println!("client: {msg}");
+    let (_srv, cli) = with_bad_server(&p, &bad).await;
+    let (_, msg) = failure("client", cli);
     assert!(msg.contains("lacks the serverAuth"), "{msg}");
 }
 
@@ -428,13 +388,16 @@ async fn connect_errors_name_the_target() {
     // A server that accepts TCP but never speaks TLS: handshake timeout.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = silent.local_addr().unwrap();
+    // It holds the accepted connection, silent, until the client has given up.
+    let (done, gave_up) = tokio::sync::oneshot::channel::<()>();
     let _hold = tokio::spawn(async move {
         let (s, _) = silent.accept().await.unwrap();
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        let _ = gave_up.await;
         drop(s);
     });
     let err = tls::connect_with_timeout(addr, "hv-b.test", &id, Duration::from_millis(300))
         .await
         .unwrap_err();
+    let _ = done.send(());
     assert!(matches!(err, TlsError::HandshakeTimeout { .. }), "{err}");
 }
