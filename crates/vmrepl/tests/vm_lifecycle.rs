@@ -6,33 +6,6 @@ use std::time::Duration;
 
 const BOOT: Duration = Duration::from_secs(120);
 
-fn create_guest_vm(h: &Host, name: &str, generation: &str, disks: &[&str], work: &str) {
-    let g = guest();
-    let mut args: Vec<String> = vec![
-        "vm".into(),
-        "create".into(),
-        name.into(),
-        "--generation".into(),
-        generation.into(),
-        "--memory".into(),
-        "256".into(),
-        "--kernel".into(),
-        g.kernel.display().to_string(),
-        "--initrd".into(),
-        g.initrd.display().to_string(),
-        "--cmdline".into(),
-        format!("console=ttyS0 quiet vmrepl.work={work}"),
-        "--nic".into(),
-        "none".into(),
-    ];
-    for d in disks {
-        args.push("--disk".into());
-        args.push(d.to_string());
-    }
-    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    h.ok(&a);
-}
-
 fn disk_path(h: &Host, vm: &str, i: usize) -> std::path::PathBuf {
     let v = h.json(&["vm", "show", vm]);
     v["definition"]["disks"][i]["path"].as_str().unwrap().into()

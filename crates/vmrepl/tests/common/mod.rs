@@ -228,6 +228,35 @@ impl Drop for Host {
     }
 }
 
+/// Defines a VM that boots the test guest with workload `work` (generation "1" or "2"), one
+/// disk per size in `disks`, and its network adapter not connected.
+pub fn create_guest_vm(h: &Host, name: &str, generation: &str, disks: &[&str], work: &str) {
+    let g = guest();
+    let mut args: Vec<String> = vec![
+        "vm".into(),
+        "create".into(),
+        name.into(),
+        "--generation".into(),
+        generation.into(),
+        "--memory".into(),
+        "256".into(),
+        "--kernel".into(),
+        g.kernel.display().to_string(),
+        "--initrd".into(),
+        g.initrd.display().to_string(),
+        "--cmdline".into(),
+        format!("console=ttyS0 quiet vmrepl.work={work}"),
+        "--nic".into(),
+        "none".into(),
+    ];
+    for d in disks {
+        args.push("--disk".into());
+        args.push(d.to_string());
+    }
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    h.ok(&a);
+}
+
 /// Polls `cond` every 100 ms until it holds or `timeout` passes (then panics naming `what`).
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
