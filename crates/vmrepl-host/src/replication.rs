@@ -543,7 +543,7 @@ async fn run_cycle(d: &Arc<Daemon>, vm_uuid: Uuid, rt: &RelRuntime) -> Result<()
         set_state(d, vm_uuid, st, Some(&msg));
         msg
     };
-    let (mut client, _theirs) = match connect(d, &rel.settings).await {
+    let (client, _theirs) = match connect(d, &rel.settings).await {
         Ok(c) => c,
         Err(e) => {
             return Err(fail(
@@ -559,37 +559,24 @@ async fn run_cycle(d: &Arc<Daemon>, vm_uuid: Uuid, rt: &RelRuntime) -> Result<()
         Ok(e) => e,
         Err(e) => return Err(fail(e, false)),
     };
-    let staging = Staging::new(d.dd.staging());
-    let result = if initial {
-        initial_cycle(
-            d,
-            &rel,
-            &vm,
-            &mut client,
-            endpoint.qmp(),
-            tag,
-            &disks,
-            vars,
-            &staging,
-            rt,
-        )
-        .await
-    } else {
-        delta_cycle(
-            d,
-            &rel,
-            &vm,
-            &mut client,
-            endpoint.qmp(),
-            tag,
-            &disks,
-            &nodes,
-            vars,
-            &staging,
-            rt,
-        )
-        .await
+    let mut cycle = Cycle {
+        d,
+        rel: &rel,
+        vm: &vm,
+        client,
+        qmp: endpoint.qmp(),
+        tag,
+        disks,
+        vars,
+        staging: Staging::new(d.dd.staging()),
+        rt,
     };
+    let result = if initial {
+        cycle.initial().await
+    } else {
+        cycle.delta().await
+    };
+    drop(cycle);
     endpoint.close().await;
     match result {
         Ok((seq, bytes)) => {
@@ -641,220 +628,222 @@ fn classify(e: crate::peer::client::PeerError) -> CycleError {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn initial_cycle(
-    d: &Arc<Daemon>,
-    rel: &Relationship,
-    vm: &VmDefinition,
-    client: &mut PeerClient,
-    qmp: &vmrepl_qemu::qmp::QmpClient,
+/// Everything one cycle works with: the relationship, the VM and its replicated disks, the
+/// peer connection and the QMP endpoint that reaches the disks.
+struct Cycle<'a> {
+    d: &'a Arc<Daemon>,
+    rel: &'a Relationship,
+    vm: &'a VmDefinition,
+    client: PeerClient,
+    qmp: &'a vmrepl_qemu::qmp::QmpClient,
     tag: RelTag,
-    disks: &[(String, u64)],
-    vars: Option<&str>,
-    staging: &Staging,
-    rt: &RelRuntime,
-) -> Result<(u64, u64), CycleError> {
-    set_state(
-        d,
-        vm.uuid,
-        ReplicationState::InitialReplicationInProgress,
-        None,
-    );
-    let nodes: Vec<&str> = disks.iter().map(|(n, _)| n.as_str()).collect();
-    // Start clean: no bitmap of this relationship may linger from an earlier attempt.
-    vmrepl_tracking::stop_tracking(qmp, tag, &nodes, Some(staging.dir.as_path()))
-        .await
-        .map_err(|e| CycleError::Other(format!("cannot reset change tracking: {e}")))?;
-    let h = vmrepl_tracking::begin_full(qmp, tag, disks, 1, staging, vars)
-        .await
-        .map_err(|e| CycleError::Other(format!("cannot stage the initial copy: {e}")))?;
-    let path = log_path(d, tag, 1);
-    let res = async {
-        let total = build_log(vm, rel, &h, &path, 1, 0, LogKind::Initial).await?;
-        send(
-            client,
-            vm,
-            &path,
-            1,
-            0,
-            total,
+    /// Replicated disks as (node, size).
+    disks: Vec<(String, u64)>,
+    vars: Option<&'a str>,
+    staging: Staging,
+    rt: &'a RelRuntime,
+}
+
+impl Cycle<'_> {
+    fn nodes(&self) -> Vec<&str> {
+        self.disks.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// The initial copy: log 1, the whole of every disk as of one instant, with bitmap 1
+    /// recording from that instant on.
+    async fn initial(&mut self) -> Result<(u64, u64), CycleError> {
+        set_state(
+            self.d,
+            self.vm.uuid,
+            ReplicationState::InitialReplicationInProgress,
             None,
-            rt,
-            "initial replication",
-        )
-        .await
-    }
-    .await;
-    let _ = h.remove_files();
-    let _ = std::fs::remove_file(&path);
-    match res {
-        Ok(bytes) => Ok((1, bytes)),
-        Err(e) => {
-            let _ = vmrepl_tracking::stop_tracking(qmp, tag, &nodes, None).await;
-            set_state(
-                d,
-                vm.uuid,
-                ReplicationState::WaitingForInitialReplication,
-                None,
-            );
-            Err(e)
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn delta_cycle(
-    d: &Arc<Daemon>,
-    rel: &Relationship,
-    vm: &VmDefinition,
-    client: &mut PeerClient,
-    qmp: &vmrepl_qemu::qmp::QmpClient,
-    tag: RelTag,
-    disks: &[(String, u64)],
-    nodes: &[String],
-    vars: Option<&str>,
-    staging: &Staging,
-    rt: &RelRuntime,
-) -> Result<(u64, u64), CycleError> {
-    let n = rel.acked_seq;
-    let next = n + 1;
-    let path = log_path(d, tag, next);
-    let state = client
-        .request(&PeerRequest::ReplicaState { vm_uuid: vm.uuid })
-        .await
-        .map_err(classify)?;
-    let (replica_applied, partial) = match state {
-        PeerResponse::ReplicaState {
-            last_applied,
-            partial,
-            ..
-        } => (last_applied, partial),
-        PeerResponse::Refused { code, message } => {
-            return Err(classify(crate::peer::client::PeerError::Refused {
-                code,
-                message,
-            }))
-        }
-        other => return Err(CycleError::Other(format!("unexpected answer {other:?}"))),
-    };
-    if path.exists() {
-        // A built log is waiting: its transfer was cut. Bitmap n is frozen, n+1 records.
-        if replica_applied >= next {
-            // The acknowledgement was lost but the replica has it: finish the cycle.
-            let _ = vmrepl_tracking::commit_cycle(qmp, tag, nodes, n).await;
-            let _ = std::fs::remove_file(&path);
-            return Ok((next, 0));
-        }
-        let resume = partial.filter(|(s, _)| *s == next).map(|(_, r)| r);
-        let total = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        return ship(
-            client,
-            vm,
-            qmp,
-            tag,
-            nodes,
-            &path,
-            (next, n),
-            total,
-            resume,
-            rt,
-            "resumed transfer",
-        )
-        .await;
-    }
-    // Bring the bitmaps back to one recording bitmap n (after a daemon restart, say).
-    let node_refs: Vec<&str> = nodes.iter().map(|s| s.as_str()).collect();
-    match vmrepl_tracking::reconcile(qmp, tag, &node_refs, Some(staging.dir.as_path()), |s| {
-        s < replica_applied
-    })
-    .await
-    {
-        Ok(vmrepl_tracking::ReconcileOutcome::Ready { recording, .. }) if recording == n => {}
-        Ok(vmrepl_tracking::ReconcileOutcome::Ready { recording, .. }) => {
-            return Err(CycleError::Resync(format!(
-                "change tracking is at bitmap {recording} but the replica acknowledged log {n}"
-            )))
-        }
-        Ok(vmrepl_tracking::ReconcileOutcome::ResyncRequired { reason }) => {
-            return Err(CycleError::Resync(reason))
-        }
-        Err(e) => {
-            return Err(CycleError::Other(format!(
-                "cannot check change tracking: {e}"
-            )))
-        }
-    }
-    if replica_applied != n {
-        return Err(CycleError::Resync(format!(
-            "the replica has applied log {replica_applied} but this host expected {n}"
-        )));
-    }
-    let h = vmrepl_tracking::begin_cycle(qmp, tag, disks, n, staging, vars)
-        .await
-        .map_err(|e| {
-            if e.needs_resync() {
-                CycleError::Resync(e.to_string())
-            } else {
-                CycleError::Other(format!("cannot stage the changes: {e}"))
-            }
-        })?;
-    let built = build_log(vm, rel, &h, &path, next, n, LogKind::Delta).await;
-    let _ = h.remove_files();
-    let total = match built {
-        Ok(t) => t,
-        Err(e) => {
-            let _ = vmrepl_tracking::rollback_cycle(qmp, tag, nodes, n).await;
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
-        }
-    };
-    ship(
-        client,
-        vm,
-        qmp,
-        tag,
-        nodes,
-        &path,
-        (next, n),
-        total,
-        None,
-        rt,
-        "delta",
-    )
-    .await
-}
-
-/// Sends the built log `next` (on base `n`) and settles the bitmaps: on the replica's
-/// acknowledgement frozen bitmap `n` is dropped (I1); a cut transfer keeps both the log and the
-/// frozen bitmap so that the next cycle resumes it; any other failure merges the bitmap back
-/// into the recording one and drops the log.
-#[allow(clippy::too_many_arguments)]
-async fn ship(
-    client: &mut PeerClient,
-    vm: &VmDefinition,
-    qmp: &vmrepl_qemu::qmp::QmpClient,
-    tag: RelTag,
-    nodes: &[String],
-    path: &Path,
-    (next, n): (u64, u64),
-    total: u64,
-    resume: Option<Resume>,
-    rt: &RelRuntime,
-    what: &str,
-) -> Result<(u64, u64), CycleError> {
-    match send(client, vm, path, next, n, total, resume, rt, what).await {
-        Ok(bytes) => {
-            vmrepl_tracking::commit_cycle(qmp, tag, nodes, n)
+        );
+        let (qmp, tag) = (self.qmp, self.tag);
+        // Start clean: no bitmap of this relationship may linger from an earlier attempt.
+        vmrepl_tracking::stop_tracking(qmp, tag, &self.nodes(), Some(self.staging.dir.as_path()))
+            .await
+            .map_err(|e| CycleError::Other(format!("cannot reset change tracking: {e}")))?;
+        let h = vmrepl_tracking::begin_full(qmp, tag, &self.disks, 1, &self.staging, self.vars)
+            .await
+            .map_err(|e| CycleError::Other(format!("cannot stage the initial copy: {e}")))?;
+        let path = log_path(self.d, tag, 1);
+        let res = async {
+            let total = build_log(self.vm, self.rel, &h, &path, 1, 0, LogKind::Initial).await?;
+            self.send(&path, (1, 0), total, None, "initial replication")
                 .await
-                .map_err(|e| CycleError::Other(e.to_string()))?;
-            let _ = std::fs::remove_file(path);
-            Ok((next, bytes))
         }
-        Err(CycleError::Network(m)) => Err(CycleError::Network(m)),
-        Err(e) => {
-            let _ = vmrepl_tracking::rollback_cycle(qmp, tag, nodes, n).await;
-            let _ = std::fs::remove_file(path);
-            Err(e)
+        .await;
+        let _ = h.remove_files();
+        let _ = std::fs::remove_file(&path);
+        match res {
+            Ok(bytes) => Ok((1, bytes)),
+            Err(e) => {
+                let _ = vmrepl_tracking::stop_tracking(qmp, tag, &self.nodes(), None).await;
+                set_state(
+                    self.d,
+                    self.vm.uuid,
+                    ReplicationState::WaitingForInitialReplication,
+                    None,
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// A delta: log n+1 from bitmap n, or the rest of a log n+1 whose transfer was cut.
+    async fn delta(&mut self) -> Result<(u64, u64), CycleError> {
+        let (qmp, tag) = (self.qmp, self.tag);
+        let n = self.rel.acked_seq;
+        let next = n + 1;
+        let path = log_path(self.d, tag, next);
+        let (replica_applied, partial) = match self
+            .client
+            .call(&PeerRequest::ReplicaState {
+                vm_uuid: self.vm.uuid,
+            })
+            .await
+            .map_err(classify)?
+        {
+            PeerResponse::ReplicaState {
+                last_applied,
+                partial,
+                ..
+            } => (last_applied, partial),
+            other => return Err(CycleError::Other(format!("unexpected answer {other:?}"))),
+        };
+        if path.exists() {
+            // A built log is waiting: its transfer was cut. Bitmap n is frozen, n+1 records.
+            if replica_applied >= next {
+                // The acknowledgement was lost but the replica has it: finish the cycle.
+                let _ = vmrepl_tracking::commit_cycle(qmp, tag, &self.nodes(), n).await;
+                let _ = std::fs::remove_file(&path);
+                return Ok((next, 0));
+            }
+            let resume = partial.filter(|(s, _)| *s == next).map(|(_, r)| r);
+            let total = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            return self
+                .ship(&path, (next, n), total, resume, "resumed transfer")
+                .await;
+        }
+        // Bring the bitmaps back to one recording bitmap n (after a daemon restart, say).
+        let staging = self.staging.dir.as_path();
+        match vmrepl_tracking::reconcile(qmp, tag, &self.nodes(), Some(staging), |s| {
+            s < replica_applied
+        })
+        .await
+        {
+            Ok(vmrepl_tracking::ReconcileOutcome::Ready { recording, .. }) if recording == n => {}
+            Ok(vmrepl_tracking::ReconcileOutcome::Ready { recording, .. }) => {
+                return Err(CycleError::Resync(format!(
+                    "change tracking is at bitmap {recording} but the replica acknowledged log {n}"
+                )))
+            }
+            Ok(vmrepl_tracking::ReconcileOutcome::ResyncRequired { reason }) => {
+                return Err(CycleError::Resync(reason))
+            }
+            Err(e) => {
+                return Err(CycleError::Other(format!(
+                    "cannot check change tracking: {e}"
+                )))
+            }
+        }
+        if replica_applied != n {
+            return Err(CycleError::Resync(format!(
+                "the replica has applied log {replica_applied} but this host expected {n}"
+            )));
+        }
+        let h = vmrepl_tracking::begin_cycle(qmp, tag, &self.disks, n, &self.staging, self.vars)
+            .await
+            .map_err(|e| {
+                if e.needs_resync() {
+                    CycleError::Resync(e.to_string())
+                } else {
+                    CycleError::Other(format!("cannot stage the changes: {e}"))
+                }
+            })?;
+        let built = build_log(self.vm, self.rel, &h, &path, next, n, LogKind::Delta).await;
+        let _ = h.remove_files();
+        let total = match built {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = vmrepl_tracking::rollback_cycle(qmp, tag, &self.nodes(), n).await;
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
+        self.ship(&path, (next, n), total, None, "delta").await
+    }
+
+    /// Sends the built log `next` (on base `n`) and settles the bitmaps: on the replica's
+    /// acknowledgement frozen bitmap `n` is dropped (I1); a cut transfer keeps both the log
+    /// and the frozen bitmap so that the next cycle resumes it; any other failure merges the
+    /// bitmap back into the recording one and drops the log.
+    async fn ship(
+        &mut self,
+        path: &Path,
+        (next, n): (u64, u64),
+        total: u64,
+        resume: Option<Resume>,
+        what: &str,
+    ) -> Result<(u64, u64), CycleError> {
+        let (qmp, tag) = (self.qmp, self.tag);
+        match self.send(path, (next, n), total, resume, what).await {
+            Ok(bytes) => {
+                vmrepl_tracking::commit_cycle(qmp, tag, &self.nodes(), n)
+                    .await
+                    .map_err(|e| CycleError::Other(e.to_string()))?;
+                let _ = std::fs::remove_file(path);
+                Ok((next, bytes))
+            }
+            Err(CycleError::Network(m)) => Err(CycleError::Network(m)),
+            Err(e) => {
+                let _ = vmrepl_tracking::rollback_cycle(qmp, tag, &self.nodes(), n).await;
+                let _ = std::fs::remove_file(path);
+                Err(e)
+            }
+        }
+    }
+
+    /// Streams log `seq` (on `base`) from `path`, from the resume point if any, publishing
+    /// progress; returns the bytes sent once the replica acknowledged it.
+    async fn send(
+        &mut self,
+        path: &Path,
+        (seq, base): (u64, u64),
+        total: u64,
+        resume: Option<Resume>,
+        what: &str,
+    ) -> Result<u64, CycleError> {
+        let from = resume.map(|r| r.bytes).unwrap_or(0);
+        let t0 = std::time::Instant::now();
+        let rt = self.rt;
+        let progress = |done: u64| {
+            let secs = t0.elapsed().as_secs_f64().max(0.001);
+            *rt.progress.lock().expect("progress") = Some(Progress {
+                what: what.to_string(),
+                bytes_done: from + done,
+                bytes_total: total,
+                rate_bytes_per_sec: done as f64 / secs,
+            });
+        };
+        let r = self
+            .client
+            .send_log(self.vm.uuid, seq, base, resume, path, from, progress)
+            .await
+            .map_err(classify)?;
+        match r {
+            PeerResponse::LogAck { sequence, .. } if sequence == seq => {
+                Ok(total.saturating_sub(from))
+            }
+            PeerResponse::Refused { code, message } => {
+                Err(classify(crate::peer::client::PeerError::Refused {
+                    code,
+                    message,
+                }))
+            }
+            other => Err(CycleError::Other(format!(
+                "unexpected answer to log {seq}: {other:?}"
+            ))),
         }
     }
 }
@@ -937,47 +926,6 @@ async fn build_log(
     .await
     .map_err(|e| CycleError::Other(e.to_string()))?
     .map_err(|e| CycleError::Other(format!("cannot encode log {seq}: {e}")))
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn send(
-    client: &mut PeerClient,
-    vm: &VmDefinition,
-    path: &Path,
-    seq: u64,
-    base: u64,
-    total: u64,
-    resume: Option<Resume>,
-    rt: &RelRuntime,
-    what: &str,
-) -> Result<u64, CycleError> {
-    let from = resume.map(|r| r.bytes).unwrap_or(0);
-    let t0 = std::time::Instant::now();
-    let progress = |done: u64| {
-        let secs = t0.elapsed().as_secs_f64().max(0.001);
-        *rt.progress.lock().expect("progress") = Some(Progress {
-            what: what.to_string(),
-            bytes_done: from + done,
-            bytes_total: total,
-            rate_bytes_per_sec: done as f64 / secs,
-        });
-    };
-    let r = client
-        .send_log(vm.uuid, seq, base, resume, path, from, progress)
-        .await
-        .map_err(classify)?;
-    match r {
-        PeerResponse::LogAck { sequence, .. } if sequence == seq => Ok(total.saturating_sub(from)),
-        PeerResponse::Refused { code, message } => {
-            Err(classify(crate::peer::client::PeerError::Refused {
-                code,
-                message,
-            }))
-        }
-        other => Err(CycleError::Other(format!(
-            "unexpected answer to log {seq}: {other:?}"
-        ))),
-    }
 }
 
 /// Pauses (Suspend-VMReplication): no cycles until resumed; tracking continues.
