@@ -259,19 +259,17 @@ impl Daemon {
                 message: crate::replication::enable(self, &name, settings).await?,
             },
             Request::ReplicationStatus { name } => {
-                let only = match &name {
-                    Some(n) => Some(vmm.show(n)?.definition.uuid),
-                    None => None,
-                };
-                let mut relationships = crate::replication::statuses(self, only);
-                relationships.extend(crate::replica::statuses(self).into_iter().filter(|r| {
-                    only.is_none_or(|o| o == r.vm_uuid) && name.as_ref().is_none_or(|n| *n == r.vm)
-                }));
-                if let (Some(n), true) = (&name, relationships.is_empty()) {
-                    return Err(ApiError::new(
-                        ErrorCode::NotFound,
-                        format!("Replication is not enabled for VM {n} on this host."),
-                    ));
+                // Primary-side relationships and replica VMs alike, by VM name.
+                let mut relationships = crate::replication::statuses(self);
+                relationships.extend(crate::replica::statuses(self));
+                if let Some(n) = &name {
+                    relationships.retain(|r| r.vm == *n);
+                    if relationships.is_empty() {
+                        return Err(ApiError::new(
+                            ErrorCode::NotFound,
+                            format!("Replication is not enabled for VM {n} on this host."),
+                        ));
+                    }
                 }
                 Response::Replication { relationships }
             }

@@ -1129,12 +1129,9 @@ pub fn health(
 }
 
 /// Status of one or all relationships on this host (primary side).
-pub fn statuses(d: &Daemon, only: Option<Uuid>) -> Vec<ReplicationStatus> {
+pub fn statuses(d: &Daemon) -> Vec<ReplicationStatus> {
     let mut out = Vec::new();
     for vm in all_vm_uuids(d) {
-        if only.is_some_and(|o| o != vm) {
-            continue;
-        }
         let Some(rel) = load(d, vm) else { continue };
         let Some(def) = d.vmm.definition(vm) else {
             continue;

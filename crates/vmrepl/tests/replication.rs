@@ -115,8 +115,12 @@ fn a_running_vm_replicates_to_a_second_host_and_the_replica_equals_the_primary_a
         acked(&a, "web") >= first + 2
     });
     // The replica side knows the VM too.
-    let rs = b.json(&["replication", "status"]);
+    let rs = b.json(&["replication", "status", "web"]);
     assert_eq!(rs["relationships"][0]["role"], "replica", "{rs}");
+    assert!(
+        rs["relationships"][0]["last_sequence"].as_u64().unwrap() >= first,
+        "{rs}"
+    );
     // Stop the workload at a known generation; the next cycle runs with the VM off.
     a.ok(&["vm", "shutdown", "web", "--timeout", "90"]);
     let console = a.console("web");
