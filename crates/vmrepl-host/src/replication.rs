@@ -411,7 +411,9 @@ async fn scheduler(d: Arc<Daemon>, vm: Uuid, rt: Arc<RelRuntime>) {
             let sleep = Duration::from_millis(wait_ms.min(3_600_000));
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
-                _ = rt.wake.notified() => { continue; }
+                // Pause, resume or remove: look again. A resumed relationship replicates at
+                // once, and the time it spent paused is not counted as missed cycles.
+                _ = rt.wake.notified() => { last_start = None; continue; }
             }
             if wait_ms > 3_600_000 {
                 continue;
@@ -918,10 +920,12 @@ async fn build_log(
                 }
             }
         }
-        let (_, bw) = w.finish_into_inner().map_err(|e| e.to_string())?;
-        let f = bw.into_inner().map_err(|e| e.to_string())?;
-        f.sync_all().map_err(|e| e.to_string())?;
-        Ok(f.metadata().map(|m| m.len()).unwrap_or(0))
+        // No fsync: this file only serves to resume a cut transfer. After a host crash the
+        // persistent bitmaps are untrustworthy anyway (resynchronization), so durability here
+        // would buy nothing; the replica makes the log durable before acknowledging it (I1).
+        let (summary, bw) = w.finish_into_inner().map_err(|e| e.to_string())?;
+        bw.into_inner().map_err(|e| e.to_string())?;
+        Ok(summary.encoded_bytes)
     })
     .await
     .map_err(|e| CycleError::Other(e.to_string()))?

@@ -120,6 +120,9 @@ impl std::fmt::Debug for QmpClient {
 
 async fn connect_retry(path: &Path, timeout: Duration) -> Result<UnixStream, QmpError> {
     let deadline = Instant::now() + timeout;
+    // A freshly started QEMU opens its socket within tens of milliseconds: retry quickly at
+    // first, then back off, so a start-up costs what it takes and not a fixed poll period.
+    let mut pause = Duration::from_millis(1);
     loop {
         let err = match UnixStream::connect(path).await {
             Ok(s) => return Ok(s),
@@ -132,7 +135,8 @@ async fn connect_retry(path: &Path, timeout: Duration) -> Result<UnixStream, Qmp
                 last: err.to_string(),
             });
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
 
