@@ -354,15 +354,7 @@ impl Vmm {
                 }
             };
             let dir = folder.join(uuid.to_string());
-            if !dir.exists() {
-                std::fs::create_dir_all(&dir).map_err(|e| {
-                    err(
-                        ErrorCode::Io,
-                        format!("Cannot create {}: {e}", dir.display()),
-                    )
-                })?;
-                created.push(dir.clone());
-            }
+            vm_folder(&dir, created)?;
             let path = dir.join(format!("{id}.qcow2"));
             let size = match spec {
                 DiskSpec::New { size_bytes, .. } => {
@@ -395,15 +387,7 @@ impl Vmm {
         let nvram = match &fw.vars_template {
             Some(tpl) => {
                 let dir = self.cfg.storage[0].join(uuid.to_string());
-                if !dir.exists() {
-                    std::fs::create_dir_all(&dir).map_err(|e| {
-                        err(
-                            ErrorCode::Io,
-                            format!("Cannot create {}: {e}", dir.display()),
-                        )
-                    })?;
-                    created.push(dir.clone());
-                }
+                vm_folder(&dir, created)?;
                 let p = dir.join("nvram.fd");
                 std::fs::copy(tpl, &p).map_err(|e| {
                     err(
@@ -786,6 +770,21 @@ impl Vmm {
             .unwrap_or(0);
         Ok(String::from_utf8_lossy(&data[start..]).into_owned())
     }
+}
+
+/// Creates a VM's folder in a storage folder unless it exists, recording it for the clean-up
+/// of a failed create.
+fn vm_folder(dir: &std::path::Path, created: &mut Vec<PathBuf>) -> Result<(), ApiError> {
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            err(
+                ErrorCode::Io,
+                format!("Cannot create {}: {e}", dir.display()),
+            )
+        })?;
+        created.push(dir.to_path_buf());
+    }
+    Ok(())
 }
 
 /// A stable locally administered MAC per VM and adapter index.
