@@ -302,7 +302,7 @@ pub async fn begin_cycle<N: AsRef<str>>(
 /// `blockdev-backup sync=full`} per disk (plus the vars copy). Changes after the copy's
 /// point in time are in bitmap `seq0`, so the first delta cycle is `seq0`.
 ///
-/// Any earlier bitmap `seq0` on a disk is an error (use [`crate::reconcile`] first). On
+/// Any earlier bitmap `seq0` on a disk is an error (use [`crate::stop_tracking`] first). On
 /// failure the new bitmaps are removed again (nothing was acknowledged yet).
 pub async fn begin_full<N: AsRef<str>>(
     qmp: &QmpClient,

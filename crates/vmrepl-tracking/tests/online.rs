@@ -13,6 +13,14 @@ use vmrepl_tracking::{
 const K: u64 = 1024;
 const M: u64 = 1 << 20;
 
+/// A temp folder holding the test disks (logging on).
+async fn images() -> tempfile::TempDir {
+    init_logs();
+    let d = tempfile::tempdir().unwrap();
+    make_images(d.path()).await;
+    d
+}
+
 fn staging(dir: &Path) -> Staging {
     let mut s = Staging::new(dir.join("staging"));
     s.job_timeout = T;
@@ -65,9 +73,7 @@ fn seqs(owned: &[vmrepl_tracking::OwnedBitmap]) -> Vec<(u64, bool)> {
 
 #[tokio::test]
 async fn cycles_stage_exactly_the_writes_commit_and_rollback_keep_everything() {
-    init_logs();
-    let d = tempfile::tempdir().unwrap();
-    make_images(d.path()).await;
+    let d = images().await;
     let vm = Vm::start(d.path()).await;
     let q = vm.qmp();
     let rel = rel();
@@ -194,9 +200,7 @@ async fn cycles_stage_exactly_the_writes_commit_and_rollback_keep_everything() {
 
 #[tokio::test]
 async fn full_copy_starts_the_bitmap_at_the_same_instant() {
-    init_logs();
-    let d = tempfile::tempdir().unwrap();
-    make_images(d.path()).await;
+    let d = images().await;
     let vm = Vm::start(d.path()).await;
     let q = vm.qmp();
     let rel = rel();
@@ -230,9 +234,7 @@ async fn full_copy_starts_the_bitmap_at_the_same_instant() {
 
 #[tokio::test]
 async fn reconcile_after_clean_restart_merges_or_drops_the_frozen_bitmap() {
-    init_logs();
-    let d = tempfile::tempdir().unwrap();
-    make_images(d.path()).await;
+    let d = images().await;
     let rel = rel();
     let st = staging(d.path());
 
@@ -322,9 +324,7 @@ async fn reconcile_after_clean_restart_merges_or_drops_the_frozen_bitmap() {
 
 #[tokio::test]
 async fn sigkill_makes_reconcile_require_a_resync() {
-    init_logs();
-    let d = tempfile::tempdir().unwrap();
-    make_images(d.path()).await;
+    let d = images().await;
     let rel = rel();
     let st = staging(d.path());
 
@@ -364,9 +364,7 @@ async fn sigkill_makes_reconcile_require_a_resync() {
 
 #[tokio::test]
 async fn missing_recording_bitmap_requires_a_resync() {
-    init_logs();
-    let d = tempfile::tempdir().unwrap();
-    make_images(d.path()).await;
+    let d = images().await;
     let rel = rel();
     // Tracking started but QEMU was killed before any clean close: nothing persisted.
     let vm = Vm::start(d.path()).await;
@@ -385,9 +383,7 @@ async fn missing_recording_bitmap_requires_a_resync() {
 
 #[tokio::test]
 async fn stop_tracking_removes_every_bitmap_of_the_relationship_and_nothing_else() {
-    init_logs();
-    let d = tempfile::tempdir().unwrap();
-    make_images(d.path()).await;
+    let d = images().await;
     let vm = Vm::start(d.path()).await;
     let q = vm.qmp();
     let rel = rel();
