@@ -5,7 +5,7 @@
 #
 #   ./scripts/bench.sh                # 4 GiB disk, 1 % of its 64 KiB blocks rewritten
 #   VMREPL_BENCH_GIB=1 ./scripts/bench.sh
-#   VMREPL_BENCH_KEEP=1 ./scripts/bench.sh   # keep the hosts' folders (daemon logs) afterwards
+#   VMREPL_KEEP=1 ./scripts/bench.sh   # keep the hosts' folders (daemon logs) afterwards
 #
 # Needs about 8 x the disk size of free space under $VMREPL_BENCH_DIR (default /var/tmp).
 # Caches are dropped before each timed run when run as root (cold numbers), so both tools
@@ -19,23 +19,12 @@ GIB="${VMREPL_BENCH_GIB:-4}"
 W=$(mktemp -d "${VMREPL_BENCH_DIR:-/var/tmp}/vmrepl-bench.XXXXXX")
 A_IP=127.0.0.31
 B_IP=127.0.0.32
-port() { python3 -c "import socket;s=socket.socket();s.bind(('$1',0));print(s.getsockname()[1])"; }
-A_PORT=$(port $A_IP)
-B_PORT=$(port $B_IP)
-a() { "$B" --data "$W/a" "$@"; }
-b() { "$B" --data "$W/b" "$@"; }
-cleanup() {
-  for h in a b; do "$B" --data "$W/$h" stop >/dev/null 2>&1 || true; done
-  if [ -n "${VMREPL_BENCH_KEEP:-}" ]; then echo "kept $W"; else rm -rf "$W"; fi
-}
-trap cleanup EXIT
-json() { python3 -c "import json,sys;d=json.load(sys.stdin);print(eval(sys.argv[1]))" "$1"; }
+. scripts/two-hosts.sh
 now() { date +%s.%N; }
 cold() {
   if [ "$(id -u)" = 0 ]; then sync; echo 3 >/proc/sys/vm/drop_caches; COLD=cold; else COLD=warm; fi
 }
 seq_of() { "$B" --data "$W/$1" --json replication status "$2" | json 'd["relationships"][0]["last_sequence"]'; }
-state_of() { a --json replication status "$1" | json 'd["relationships"][0]["state"]'; }
 sent_of() { a --json replication status "$1" | json 'd["relationships"][0]["stats"]["total_bytes"]'; }
 wait_seq() { # host vm seq: poll every 20 ms until the host reports sequence >= seq
   until [ "$(seq_of "$1" "$2")" -ge "$3" ]; do sleep 0.02; done
@@ -53,18 +42,10 @@ applied, = b.execute("SELECT last_apply_ms FROM replicas WHERE vm_uuid=?", (uuid
 print(applied - start, acked - start)
 PY
 }
-hwm() { awk '/VmHWM/ {print $2}' "/proc/$(cat "$W/$1/daemon.pid")/status"; }
+hwm() { awk '/VmHWM/ {print $2}' "/proc/$(cat "$W/$1.daemon.pid")/status"; } # KiB
 
 echo "== setting up two hosts and a ${GIB} GiB disk of random data in $W"
-a host init --name hosta.bench --listen "$A_IP:$A_PORT" --accel tcg >/dev/null
-b host init --name hostb.bench --listen "$B_IP:$B_PORT" --accel tcg >/dev/null
-a host trust "$W/b/tls/ca.pem" >/dev/null
-b host trust "$W/a/tls/ca.pem" >/dev/null
-for h in a b; do
-  "$B" --data "$W/$h" daemon --background | sed -n 's/.*pid \([0-9]*\).*/\1/p' >"$W/$h/daemon.pid"
-done
-b replication server set --enable >/dev/null
-b replication server authorize --primary hosta.bench --storage "$W/b/replicas" >/dev/null
+two_hosts hosta.bench hostb.bench bench >/dev/null
 head -c "${GIB}G" /dev/urandom >"$W/random.raw"
 a vm create big --generation 1 --memory 128 --import "$W/random.raw" >/dev/null
 rm "$W/random.raw"

@@ -14,34 +14,15 @@ G="${VMREPL_CACHE:-$PWD/.cache/guest}"
 W=$(mktemp -d /tmp/vmrepl-demo.XXXXXX)
 A_IP=127.0.0.21
 B_IP=127.0.0.22
-port() { python3 -c "import socket;s=socket.socket();s.bind(('$1',0));print(s.getsockname()[1])"; }
-A_PORT=$(port $A_IP)
-B_PORT=$(port $B_IP)
-a() { "$B" --data "$W/a" "$@"; }
-b() { "$B" --data "$W/b" "$@"; }
-cleanup() {
-  for h in a b; do
-    for p in "$W"/$h/run/*/qemu.pid; do [ -f "$p" ] && kill -9 "$(cat "$p")" 2>/dev/null || true; done
-    "$B" --data "$W/$h" stop >/dev/null 2>&1 || true
-  done
-  pkill -f "qemu-storage-daemon.*$W" 2>/dev/null || true
-  rm -rf "$W"
-}
-trap cleanup EXIT
+. scripts/two-hosts.sh
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "1. Two hosts: hosta.demo on $A_IP:$A_PORT (primary) and hostb.demo on $B_IP:$B_PORT (replica)"
-a host init --name hosta.demo --listen "$A_IP:$A_PORT" --accel tcg
-b host init --name hostb.demo --listen "$B_IP:$B_PORT" --accel tcg
 echo "-- certificate authentication: each host trusts the other's built-in CA"
-a host trust "$W/b/tls/ca.pem"
-b host trust "$W/a/tls/ca.pem"
-a daemon --background
-b daemon --background
+echo "-- on hostb: the replica server is enabled and authorizes hosta.demo (storage, trust group)"
+two_hosts hosta.demo hostb.demo demo
 
-step "2. On hostb: enable the replica server and authorize hosta.demo (storage, trust group)"
-b replication server set --enable
-b replication server authorize --primary hosta.demo --storage "$W/b/replicas" --trust-group demo
+step "2. The replica server settings on hostb"
 b replication server show
 
 step "3. On hosta: a generation 1 VM with two disks; the guest writes generation after generation"
