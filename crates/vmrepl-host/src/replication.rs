@@ -830,7 +830,7 @@ impl Cycle<'_> {
         };
         let r = self
             .client
-            .send_log(self.vm.uuid, seq, base, resume, path, from, progress)
+            .send_log(self.vm.uuid, (seq, base), resume, path, progress)
             .await
             .map_err(classify)?;
         match r {

@@ -213,7 +213,7 @@ fn write_log(dir: &Path, uuid: Uuid, seq: u64, base: u64, disk_size: u64, writes
 }
 
 async fn send(c: &mut PeerClient, uuid: Uuid, seq: u64, base: u64, path: &Path) -> PeerResponse {
-    c.send_log(uuid, seq, base, None, path, 0, |_| {})
+    c.send_log(uuid, (seq, base), None, path, |_| {})
         .await
         .unwrap()
 }
@@ -440,7 +440,7 @@ async fn initial_and_delta_logs_are_applied_in_order_and_idempotently() {
     );
     let mut seen = 0;
     let r = c
-        .send_log(uuid, 1, 0, None, &log1, 0, |n| seen = n)
+        .send_log(uuid, (1, 0), None, &log1, |n| seen = n)
         .await
         .unwrap();
     let size1 = std::fs::metadata(&log1).unwrap().len();
@@ -659,21 +659,19 @@ async fn a_cut_transfer_is_resumed_from_what_the_replica_holds() {
     let r = c
         .send_log(
             uuid,
-            1,
-            0,
+            (1, 0),
             Some(Resume {
                 records: 15,
                 bytes: bytes.len() as u64 - 10,
             }),
             &log,
-            bytes.len() as u64 - 10,
             |_| {},
         )
         .await
         .unwrap();
     assert_eq!(refused(&r).0, RefusalCode::BadRequest);
     let r = c
-        .send_log(uuid, 1, 0, Some(resume), &log, resume.bytes, |_| {})
+        .send_log(uuid, (1, 0), Some(resume), &log, |_| {})
         .await
         .unwrap();
     assert_eq!(

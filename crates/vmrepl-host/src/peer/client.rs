@@ -3,7 +3,7 @@
 //! ```text
 //! let (mut c, theirs) = PeerClient::connect(&identity, &my_info, "b.example:7443", "b.example").await?;
 //! c.request(&PeerRequest::CheckReplica { vm }).await?;           // -> PeerResponse::Ok
-//! c.send_log(vm_uuid, seq, base, None, &path, 0, |sent| ..).await?; // -> PeerResponse::LogAck
+//! c.send_log(vm_uuid, (seq, base), None, &path, |sent| ..).await?; // -> PeerResponse::LogAck
 //! ```
 //!
 //! A `PeerResponse::Refused` answer to [`PeerClient::request`] is returned as `Ok` (the caller
@@ -166,22 +166,20 @@ impl PeerClient {
         }
     }
 
-    /// Sends log `seq` (built on `base_seq`) from the file `log_file`, starting at byte
-    /// `from_byte` (0, or `resume.bytes` when resuming a cut transfer; the caller re-encodes
-    /// or re-reads the log from there), in Data frames of at most 1 MiB, ended by an empty Data
-    /// frame; `progress` is called with the bytes sent so far (of this transfer). Returns the
-    /// replica's answer: `LogAck` once the log is durable and verified there, or `Refused`.
-    #[allow(clippy::too_many_arguments)]
+    /// Sends log `seq` (built on `base_seq`) from the file `log_file` (from `resume.bytes` when
+    /// resuming a cut transfer, else from its start), in Data frames of at most 1 MiB, ended by
+    /// an empty Data frame; `progress` is called with the bytes sent so far (of this transfer).
+    /// Returns the replica's answer: `LogAck` once the log is durable and verified there, or
+    /// `Refused`.
     pub async fn send_log(
         &mut self,
         vm_uuid: Uuid,
-        seq: u64,
-        base_seq: u64,
+        (seq, base_seq): (u64, u64),
         resume: Option<Resume>,
         log_file: &Path,
-        from_byte: u64,
         mut progress: impl FnMut(u64),
     ) -> Result<PeerResponse, PeerError> {
+        let from_byte = resume.map_or(0, |r| r.bytes);
         let io = |action: &'static str| {
             let path = log_file.to_path_buf();
             move |source| PeerError::Io {
