@@ -180,11 +180,71 @@ impl ReplicaStore {
         vm_def: &serde_json::Value,
         disks: &[(&str, u64)],
     ) -> Result<ReplicaVm> {
+        let sources: Vec<(&str, u64, Option<&Path>)> =
+            disks.iter().map(|(id, size)| (*id, *size, None)).collect();
+        Self::build(root, vm_uuid, vm_def, &sources, None, None)
+    }
+
+    /// Makes a replica of existing, standalone qcow2 images: each becomes the base of its disk,
+    /// with `last_applied` already at `seq` (the common point both sides hold), so that deltas
+    /// flow at once. This is how an old primary becomes the replica of its failed-over VM
+    /// without a full copy (reverse replication).
+    ///
+    /// The images are hard-linked into the store (copied with `qemu-img convert` when they are
+    /// on another file system); the originals are left for the caller to delete once the store
+    /// is in place, so a crash at any step loses nothing. An image with a backing file, another
+    /// format or another size is refused.
+    pub fn adopt(
+        root: &Path,
+        vm_uuid: Uuid,
+        vm_def: &serde_json::Value,
+        disks: &[(&str, u64, &Path)],
+        nvram: Option<&Path>,
+        at: (u64, i64),
+    ) -> Result<ReplicaVm> {
+        let sources: Vec<(&str, u64, Option<&Path>)> = disks
+            .iter()
+            .map(|(id, size, p)| (*id, *size, Some(*p)))
+            .collect();
+        Self::build(root, vm_uuid, vm_def, &sources, nvram, Some(at))
+    }
+
+    /// Removes a replica VM's store: the catalog first (after that the folder is no replica),
+    /// then its layers, NVRAM, logs and definition, then the folder if nothing else is in it
+    /// (a failed-over VM's own disks may share it).
+    pub fn destroy(root: &Path, vm_uuid: Uuid) -> Result<()> {
+        let dir = Self::vm_dir(root, vm_uuid);
+        let state = dir.join(STATE);
+        if state.exists() {
+            fs::remove_file(&state).map_err(|e| StoreError::io("remove", &state, e))?;
+            fsutil::sync_dir(&dir)?;
+        }
+        for sub in ["disks", "nvram", "logs"] {
+            let p = dir.join(sub);
+            if p.exists() {
+                make_writable_tree(&p);
+                fs::remove_dir_all(&p).map_err(|e| StoreError::io("remove", &p, e))?;
+            }
+        }
+        let _ = fs::remove_file(dir.join(VM_JSON));
+        let _ = fs::remove_dir(&dir);
+        tracing::info!(vm = %vm_uuid, dir = %dir.display(), "replica store removed");
+        Ok(())
+    }
+
+    fn build(
+        root: &Path,
+        vm_uuid: Uuid,
+        vm_def: &serde_json::Value,
+        disks: &[(&str, u64, Option<&Path>)],
+        nvram: Option<&Path>,
+        at: Option<(u64, i64)>,
+    ) -> Result<ReplicaVm> {
         if disks.is_empty() {
             return Err(StoreError::NoDisks);
         }
         let mut seen = std::collections::BTreeSet::new();
-        for (id, size) in disks {
+        for (id, size, _) in disks {
             validate_disk_id(id)?;
             if !seen.insert(*id) {
                 return Err(StoreError::DuplicateDisk { id: id.to_string() });
@@ -197,7 +257,7 @@ impl ReplicaStore {
             }
         }
         let dir = Self::vm_dir(root, vm_uuid);
-        if dir.exists() {
+        if dir.join(STATE).exists() {
             return Err(StoreError::AlreadyExists { path: dir });
         }
         let partial = root.join(format!("{}.partial", vm_uuid.hyphenated()));
@@ -209,23 +269,27 @@ impl ReplicaStore {
         mkdir(&partial)?;
         mkdir(&partial.join("nvram"))?;
         mkdir(&partial.join("logs"))?;
-        for (id, size) in disks {
+        for (id, size, source) in disks {
             let ddir = partial.join("disks").join(id);
             mkdir(&ddir)?;
             let size_s = size.to_string();
-            qemu_img::run(
-                Some(&ddir),
-                [
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-o",
-                    "compat=1.1",
-                    BASE,
-                    &size_s,
-                ],
-            )?;
+            match source {
+                None => qemu_img::run(
+                    Some(&ddir),
+                    [
+                        "create",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        "-o",
+                        "compat=1.1",
+                        BASE,
+                        &size_s,
+                    ],
+                )
+                .map(drop)?,
+                Some(src) => adopt_image(src, &ddir.join(BASE), *size)?,
+            }
             create_top(&ddir, BASE, *size)?;
             set_readonly(&ddir.join(BASE), true)?;
             fsutil::sync_dir(&ddir)?;
@@ -236,26 +300,47 @@ impl ReplicaStore {
             source: e.into(),
         })?;
         fsutil::write_atomic(&partial.join(VM_JSON), &vm_bytes)?;
+        if let Some(nv) = nvram {
+            copy_durable(nv, &partial.join("nvram").join(NVRAM_LATEST))?;
+        }
+        let (last_applied, last_applied_unix_ms) = at.unwrap_or((0, 0));
         let mut cat = Catalog {
             version: CATALOG_VERSION,
             vm_uuid,
             disks: disks
                 .iter()
-                .map(|(id, size)| DiskEntry {
+                .map(|(id, size, _)| DiskEntry {
                     id: id.to_string(),
                     size_bytes: *size,
                 })
                 .collect(),
-            last_applied: 0,
-            last_applied_unix_ms: 0,
-            last_applied_consistency: Consistency::Crash,
+            last_applied,
+            last_applied_unix_ms,
+            last_applied_consistency: if at.is_some() {
+                Consistency::Planned
+            } else {
+                Consistency::Crash
+            },
             points: Vec::new(),
             journal: None,
             checksum: String::new(),
         };
         cat.store(&partial.join(STATE))?;
         fsutil::sync_dir(&partial.join("disks"))?;
-        fs::rename(&partial, &dir).map_err(|e| StoreError::io("rename into place", &dir, e))?;
+        if dir.exists() {
+            // A failed-over VM's folder that this store shares: move the entries in.
+            for sub in ["disks", "nvram", "logs", VM_JSON, STATE] {
+                let (from, to) = (partial.join(sub), dir.join(sub));
+                if to.exists() {
+                    return Err(StoreError::AlreadyExists { path: to });
+                }
+                fs::rename(&from, &to).map_err(|e| StoreError::io("move into place", &to, e))?;
+            }
+            let _ = fs::remove_dir(&partial);
+            fsutil::sync_dir(&dir)?;
+        } else {
+            fs::rename(&partial, &dir).map_err(|e| StoreError::io("rename into place", &dir, e))?;
+        }
         fsutil::sync_dir(root)?;
         tracing::info!(vm = %vm_uuid, dir = %dir.display(), disks = disks.len(), "replica created");
         Ok(ReplicaVm {
@@ -322,6 +407,66 @@ fn create_top(ddir: &Path, backing: &str, size: u64) -> Result<()> {
     fs::rename(ddir.join(&tmp), ddir.join(TOP))
         .map_err(|e| StoreError::io("rename into place", ddir.join(TOP), e))?;
     fsutil::sync_dir(ddir)
+}
+
+/// Puts an existing standalone image at `dest` (a hard link, or a copy across file systems)
+/// after checking that it is qcow2, has no backing file and has the disk's size.
+fn adopt_image(src: &Path, dest: &Path, size: u64) -> Result<()> {
+    let bad = |reason: String| StoreError::BadLayer {
+        layer: src.to_path_buf(),
+        reason,
+    };
+    if chain::header_backing(src)?.is_some() {
+        return Err(bad(
+            "it has a backing file; only standalone images can be adopted".into(),
+        ));
+    }
+    let acc = chain::open_chain(
+        src.parent().unwrap_or(Path::new(".")),
+        &[src
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()],
+        false,
+        size,
+    )?;
+    drop(acc);
+    if fs::hard_link(src, dest).is_err() {
+        qemu_img::run(
+            None,
+            [
+                "convert".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                "-O".as_ref(),
+                "qcow2".as_ref(),
+                "-o".as_ref(),
+                "compat=1.1".as_ref(),
+                src.as_os_str(),
+                dest.as_os_str(),
+            ]
+            .map(std::ffi::OsStr::to_os_string),
+        )
+        .map(drop)?;
+    }
+    fs::File::open(dest)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| StoreError::io("fsync", dest, e))
+}
+
+/// Clears read-only bits below `dir` so that it can be removed.
+fn make_writable_tree(dir: &Path) {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                make_writable_tree(&p);
+            } else {
+                let _ = set_readonly(&p, false);
+            }
+        }
+    }
 }
 
 fn set_readonly(path: &Path, ro: bool) -> Result<()> {

@@ -798,3 +798,133 @@ fn enospc_mid_log_is_disk_full_and_the_log_reapplies() {
     assert_point(&vm, PointRef::Latest, &want, tmp.path());
     drop(vm);
 }
+
+/// A standalone qcow2 image of `size` holding `data` at offset 0.
+fn standalone(dir: &Path, name: &str, size: u64, data: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    assert!(qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        p.to_str().unwrap(),
+        &size.to_string()
+    ])
+    .status
+    .success());
+    let rawf = dir.join(format!("{name}.raw"));
+    let mut buf = vec![0u8; size as usize];
+    buf[..data.len()].copy_from_slice(data);
+    std::fs::write(&rawf, &buf).unwrap();
+    let o = qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        rawf.to_str().unwrap(),
+        p.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_file(rawf).unwrap();
+    p
+}
+
+#[test]
+fn adopted_images_become_the_base_at_the_common_point_and_deltas_apply_on_top() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vmdir = tmp.path().join("vm");
+    std::fs::create_dir(&vmdir).unwrap();
+    let a = standalone(&vmdir, "a.qcow2", SIZE, &pattern(1, 65536));
+    let b = standalone(&vmdir, "b.qcow2", SIZE, &pattern(2, 4096));
+    let nv = vmdir.join("nvram.fd");
+    std::fs::write(&nv, pattern(3, 8192)).unwrap();
+    let uuid = Uuid::new_v4();
+    let root = tmp.path().join("store");
+    std::fs::create_dir(&root).unwrap();
+    let mut vm = ReplicaStore::adopt(
+        &root,
+        uuid,
+        &serde_json::json!({"name": "web01"}),
+        &[("a", SIZE, &a), ("b", SIZE, &b)],
+        Some(&nv),
+        (41, 1234),
+    )
+    .unwrap();
+    assert_eq!(vm.last_applied(), 41);
+    let latest = vm.points().pop().unwrap();
+    assert_eq!((latest.seq, latest.consistency), (41, Consistency::Planned));
+    assert!(same_image(&image(&vm, PointRef::Latest, "a"), &a));
+    assert!(same_image(&image(&vm, PointRef::Latest, "b"), &b));
+    assert_eq!(
+        std::fs::read(vm.point_nvram_path(PointRef::Latest).unwrap().unwrap()).unwrap(),
+        pattern(3, 8192)
+    );
+    // The next log must build on the common point.
+    assert!(matches!(
+        vm.begin_apply(43, 42),
+        Err(StoreError::OutOfOrder { .. })
+    ));
+    apply(&mut vm, 42, 41, &[Ext::Data("a", 0, pattern(9, 4096))]);
+    let mut want = pattern(1, 65536);
+    want[..4096].copy_from_slice(&pattern(9, 4096));
+    let got = raw(&image(&vm, PointRef::Latest, "a"), tmp.path());
+    assert_eq!(&got[..65536], &want[..]);
+    // The originals are untouched (the caller deletes them once the store is in place).
+    assert_eq!(&raw(&a, tmp.path())[..65536], &pattern(1, 65536)[..]);
+    drop(vm);
+    assert_eq!(ReplicaStore::open(&root, uuid).unwrap().last_applied(), 42);
+
+    // Destroy removes the store and nothing else.
+    let keep = ReplicaStore::vm_dir(&root, uuid).join("disk0.qcow2");
+    std::fs::write(&keep, b"a failed-over VM's own disk").unwrap();
+    ReplicaStore::destroy(&root, uuid).unwrap();
+    assert!(matches!(
+        ReplicaStore::open(&root, uuid),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(keep.exists());
+    assert!(!ReplicaStore::vm_dir(&root, uuid).join("disks").exists());
+}
+
+#[test]
+fn adopting_an_image_with_a_backing_file_or_another_size_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = standalone(tmp.path(), "base.qcow2", SIZE, &pattern(1, 512));
+    let over = tmp.path().join("over.qcow2");
+    assert!(qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        over.to_str().unwrap(),
+    ])
+    .status
+    .success());
+    let def = serde_json::json!({});
+    let e = ReplicaStore::adopt(
+        tmp.path(),
+        Uuid::new_v4(),
+        &def,
+        &[("a", SIZE, &over)],
+        None,
+        (3, 0),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("backing file"), "{e}");
+    let e = ReplicaStore::adopt(
+        tmp.path(),
+        Uuid::new_v4(),
+        &def,
+        &[("a", 2 * SIZE, &base)],
+        None,
+        (3, 0),
+    )
+    .unwrap_err();
+    assert!(matches!(e, StoreError::BadLayer { .. }), "{e}");
+}
