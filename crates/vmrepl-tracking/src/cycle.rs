@@ -482,3 +482,32 @@ async fn run_cycle<N: AsRef<str>>(
         vars: vars_img,
     })
 }
+
+/// Makes every node in `nodes` standalone: one `block-stream` job per node copies the data
+/// of its whole backing chain into the node's own image, after which QEMU drops the backing
+/// file from the image header. Works on a running VM (the guest keeps writing) and on
+/// qemu-storage-daemon alike. This is how a failed-over VM leaves the recovery point it
+/// booted from (complete failover).
+///
+/// Streamed clusters count as written: a recording bitmap on the node marks them dirty, so
+/// the next cycle sends more than the guest changed, never less.
+pub async fn stream_into_top<N: AsRef<str>>(
+    qmp: &QmpClient,
+    nodes: &[N],
+    timeout: Duration,
+) -> Result<(), TrackingError> {
+    let mut rx = qmp.subscribe();
+    let mut jobs = BTreeMap::new();
+    for n in nodes {
+        let node = n.as_ref();
+        check_node_name(node)?;
+        let job = format!("vmrepl-stream-{node}");
+        qmp.execute("block-stream", json!({"job-id": job, "device": node}))
+            .await
+            .map_err(TrackingError::qmp("start streaming the backing chain"))?;
+        jobs.insert(job, node.to_string());
+    }
+    wait_jobs(qmp, &mut rx, &jobs, timeout).await?;
+    tracing::info!(target: LOG_TARGET, nodes = nodes.len(), "backing chains streamed into the top images");
+    Ok(())
+}

@@ -66,7 +66,9 @@ pub use bitmaps::{
     commit_cycle, list_owned, reconcile, recording_seq, rollback_cycle, start_tracking,
     stop_tracking, OwnedBitmap, ReconcileOutcome,
 };
-pub use cycle::{begin_cycle, begin_full, CycleHandle, CycleKind, StagedImage, Staging};
+pub use cycle::{
+    begin_cycle, begin_full, stream_into_top, CycleHandle, CycleKind, StagedImage, Staging,
+};
 pub use error::TrackingError;
 pub use extents::{
     extents, read_extent, Chunk, ChunkData, Extent, ExtentKind, ExtentReader, MAX_CHUNK,

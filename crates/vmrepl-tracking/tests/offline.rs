@@ -100,3 +100,37 @@ async fn offline_cycle_through_the_storage_daemon() {
     assert!(owned["disk1"][0].recording && owned["disk1"][0].seq == 1);
     vm.quit().await;
 }
+
+#[tokio::test]
+async fn streaming_makes_overlays_standalone_with_their_content_and_bitmaps_kept() {
+    init_logs();
+    let d = tempfile::tempdir().unwrap();
+    make_images(d.path()).await;
+    let base = d.path().join("disk0.qcow2");
+    qemu_io(&base, "write -P 0x5a 1M 128k").await;
+    let over = d.path().join("over").join("disk0.qcow2");
+    std::fs::create_dir(over.parent().unwrap()).unwrap();
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&base)
+        .arg(&over)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let run = d.path().join("run");
+    let rel = rel();
+    let off = OfflineDisks::open(&[("disk0", &over)], None, &run)
+        .await
+        .unwrap();
+    start_tracking(off.qmp(), rel, &["disk0"], 7).await.unwrap();
+    vmrepl_tracking::stream_into_top(off.qmp(), &["disk0"], T)
+        .await
+        .unwrap();
+    off.close().await.unwrap();
+    let info = QemuImg::default().info(&over).await.unwrap();
+    assert_eq!(info.backing_filename, None, "{info:?}");
+    assert_eq!(info.bitmaps[0].name, format!("vmrepl-{rel}-7"));
+    // The base may go: the overlay holds the data itself.
+    std::fs::remove_file(&base).unwrap();
+    qemu_io(&over, "read -P 0x5a 1M 128k").await;
+}
