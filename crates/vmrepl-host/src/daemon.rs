@@ -285,6 +285,41 @@ impl Daemon {
             } => Response::Ok {
                 message: crate::replication::remove(self, &name, delete_replica).await?,
             },
+            Request::RecoveryPoints { name } => Response::RecoveryPoints {
+                points: crate::failover::points(self, &name).await?,
+                vm: name,
+            },
+            Request::FailoverPrepare { name } => Response::Ok {
+                message: crate::failover::prepare(self, &name).await?,
+            },
+            Request::FailoverStart {
+                name,
+                point,
+                start,
+                risk_split_brain,
+            } => Response::Ok {
+                message: crate::failover::start(self, &name, point, start, risk_split_brain)
+                    .await?,
+            },
+            Request::FailoverTest {
+                name,
+                point,
+                test_network,
+            } => Response::Ok {
+                message: crate::failover::test(self, &name, point, test_network).await?,
+            },
+            Request::FailoverStopTest { name } => Response::Ok {
+                message: crate::failover::stop_test(self, &name).await?,
+            },
+            Request::FailoverCancel { name } => Response::Ok {
+                message: crate::failover::cancel(self, &name).await?,
+            },
+            Request::FailoverComplete { name } => Response::Ok {
+                message: crate::failover::complete(self, &name).await?,
+            },
+            Request::ReplicationReverse { name, settings } => Response::Ok {
+                message: crate::failover::reverse(self, &name, settings).await?,
+            },
         })
     }
 }

@@ -69,6 +69,12 @@ const MIGRATIONS: &[&str] = &[
         logs_received INTEGER NOT NULL DEFAULT 0,
         last_error TEXT
      );",
+    // 4: failover (see `crate::failover`): where the primary answers, the failover and test
+    // failover of a replica, and why a relationship needed a full copy.
+    "ALTER TABLE replicas ADD COLUMN primary_server TEXT;
+     ALTER TABLE replicas ADD COLUMN failover TEXT;
+     ALTER TABLE replicas ADD COLUMN test_failover TEXT;
+     ALTER TABLE relationships ADD COLUMN note TEXT;",
 ];
 
 /// Database errors.

@@ -46,6 +46,33 @@ pub struct ReplicaRow {
     pub bytes_received: u64,
     pub logs_received: u64,
     pub last_error: Option<String>,
+    /// The primary's peer address (`host:port`), if it told us.
+    pub primary_server: Option<String>,
+    /// Set once the replica failed over.
+    pub failover: Option<FailoverRecord>,
+    /// Set while a test failover runs.
+    pub test_failover: Option<TestFailover>,
+}
+
+/// A failover of a replica VM, kept until the replica is removed or reversed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FailoverRecord {
+    /// The recovery point the VM was failed over to.
+    pub point_seq: u64,
+    pub point_unix_ms: i64,
+    /// Planned (the primary prepared, no data lost) or not.
+    pub planned: bool,
+    /// The relationship reverse replication will use; its recording bitmap was added on the
+    /// failed-over VM's disks before their first boot.
+    pub relationship: Uuid,
+}
+
+/// A running test failover.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TestFailover {
+    pub vm_uuid: Uuid,
+    pub name: String,
+    pub point_seq: u64,
 }
 
 fn corrupt(e: impl std::fmt::Display) -> rusqlite::Error {
@@ -54,7 +81,18 @@ fn corrupt(e: impl std::fmt::Display) -> rusqlite::Error {
 
 const COLS: &str = "vm_uuid, name, primary_host, trust_group, storage_root, relationship, \
     definition, policy, state, last_applied, created_ms, last_receive_ms, last_apply_ms, \
-    last_point_ms, bytes_received, logs_received, last_error";
+    last_point_ms, bytes_received, logs_received, last_error, primary_server, failover, \
+    test_failover";
+
+fn json_col<T: serde::de::DeserializeOwned>(v: Option<String>) -> rusqlite::Result<Option<T>> {
+    v.map(|t| serde_json::from_str(&t).map_err(corrupt))
+        .transpose()
+}
+
+fn to_json_col<T: serde::Serialize>(v: Option<&T>) -> rusqlite::Result<Option<String>> {
+    v.map(|t| serde_json::to_string(t).map_err(corrupt))
+        .transpose()
+}
 
 fn row_to_replica(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReplicaRow> {
     let uuid: String = r.get(0)?;
@@ -81,6 +119,9 @@ fn row_to_replica(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReplicaRow> {
         bytes_received: r.get::<_, i64>(14)? as u64,
         logs_received: r.get::<_, i64>(15)? as u64,
         last_error: r.get(16)?,
+        primary_server: r.get(17)?,
+        failover: json_col(r.get(18)?)?,
+        test_failover: json_col(r.get(19)?)?,
     })
 }
 
@@ -109,7 +150,7 @@ pub fn insert(db: &Db, r: &ReplicaRow) -> rusqlite::Result<()> {
     db.conn().execute(
         &format!(
             "INSERT INTO replicas ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, \
-             ?12, ?13, ?14, ?15, ?16, ?17)"
+             ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
         ),
         params![
             r.vm_uuid.to_string(),
@@ -129,6 +170,9 @@ pub fn insert(db: &Db, r: &ReplicaRow) -> rusqlite::Result<()> {
             r.bytes_received as i64,
             r.logs_received as i64,
             r.last_error,
+            r.primary_server,
+            to_json_col(r.failover.as_ref())?,
+            to_json_col(r.test_failover.as_ref())?,
         ],
     )?;
     Ok(())
@@ -141,6 +185,44 @@ pub fn delete(db: &Db, vm_uuid: Uuid) -> rusqlite::Result<()> {
         params![vm_uuid.to_string()],
     )?;
     Ok(())
+}
+
+/// Records (or clears) a failover and the state it leaves the replica in.
+pub fn set_failover(
+    db: &Db,
+    vm_uuid: Uuid,
+    f: Option<&FailoverRecord>,
+    state: ReplicationState,
+) -> rusqlite::Result<()> {
+    db.conn().execute(
+        "UPDATE replicas SET failover = ?2, state = ?3, last_error = NULL WHERE vm_uuid = ?1",
+        params![
+            vm_uuid.to_string(),
+            to_json_col(f)?,
+            vmrepl_types::wire_name(&state)
+        ],
+    )?;
+    Ok(())
+}
+
+/// Records (or clears) a running test failover.
+pub fn set_test_failover(db: &Db, vm_uuid: Uuid, t: Option<&TestFailover>) -> rusqlite::Result<()> {
+    db.conn().execute(
+        "UPDATE replicas SET test_failover = ?2 WHERE vm_uuid = ?1",
+        params![vm_uuid.to_string(), to_json_col(t)?],
+    )?;
+    Ok(())
+}
+
+/// The replica row of the VM with this name.
+pub fn by_name(db: &Db, name: &str) -> rusqlite::Result<Option<ReplicaRow>> {
+    db.conn()
+        .query_row(
+            &format!("SELECT {COLS} FROM replicas WHERE name = ?1"),
+            params![name],
+            row_to_replica,
+        )
+        .optional()
 }
 
 /// Updates the recovery-point policy.
@@ -459,8 +541,14 @@ pub async fn apply_and_record(daemon: &Arc<Daemon>, row: &ReplicaRow) -> Result<
     let uuid = row.vm_uuid;
     let policy = row.policy;
     let last_point_ms = row.last_point_ms;
+    let test_point = row.test_failover.as_ref().map(|t| t.point_seq);
     let res = tokio::task::spawn_blocking(move || -> Result<(u64, bool), ApplyError> {
         let mut vm = ReplicaStore::open(&root, uuid)?;
+        // A running test failover pins its point (and everything below) against pruning.
+        let _pins: Vec<vmrepl_store::PointLock> = test_point
+            .iter()
+            .filter_map(|s| vm.lock_point(*s).ok())
+            .collect();
         let applied = apply_pending(&mut vm);
         let frozen = match &applied {
             Ok(list) if !list.is_empty() => {
@@ -560,6 +648,29 @@ fn health(r: &ReplicaRow, now: u64) -> (Health, Vec<String>) {
     (h, details)
 }
 
+fn failover_note(r: &ReplicaRow) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(f) = &r.failover {
+        parts.push(format!(
+            "{} failover to point {}{}",
+            if f.planned { "planned" } else { "unplanned" },
+            f.point_seq,
+            if r.state == ReplicationState::FailedOver {
+                "; `vmrepl replication reverse` replicates back to the old primary"
+            } else {
+                "; `vmrepl failover complete` keeps it, `failover cancel` undoes it"
+            }
+        ));
+    }
+    if let Some(t) = &r.test_failover {
+        parts.push(format!(
+            "test failover running as VM {:?} from point {}",
+            t.name, t.point_seq
+        ));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
 /// The status of every replica VM on this host.
 pub fn statuses(daemon: &Daemon) -> Vec<ReplicationStatus> {
     let rows = {
@@ -588,6 +699,7 @@ pub fn statuses(daemon: &Daemon) -> Vec<ReplicationStatus> {
                 last_sequence: r.last_applied,
                 waiting_on: None,
                 last_error: r.last_error.clone(),
+                note: failover_note(&r),
                 progress: None,
                 stats: ReplicationStats {
                     success_count: r.logs_received,

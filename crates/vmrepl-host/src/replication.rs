@@ -70,17 +70,19 @@ pub struct Relationship {
     pub last_error: Option<String>,
     pub created_ms: u64,
     pub last_success_ms: Option<u64>,
+    /// Why the relationship needed a full copy, after a reverse without a common base.
+    pub note: Option<String>,
 }
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
     ApiError::new(code, msg)
 }
 
-fn load(d: &Daemon, vm: Uuid) -> Option<Relationship> {
+pub(crate) fn load(d: &Daemon, vm: Uuid) -> Option<Relationship> {
     let db = d.db.lock().expect("db");
     db.conn()
         .query_row(
-            "SELECT rel_id, settings, replica_name, state, acked_seq, last_error, created_ms, last_success_ms FROM relationships WHERE vm_uuid = ?1",
+            "SELECT rel_id, settings, replica_name, state, acked_seq, last_error, created_ms, last_success_ms, note FROM relationships WHERE vm_uuid = ?1",
             params![vm.to_string()],
             |r| {
                 Ok(Relationship {
@@ -95,6 +97,7 @@ fn load(d: &Daemon, vm: Uuid) -> Option<Relationship> {
                     last_error: r.get(5)?,
                     created_ms: r.get::<_, i64>(6)? as u64,
                     last_success_ms: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
+                    note: r.get(8)?,
                 })
             },
         )
@@ -114,7 +117,7 @@ fn all_vm_uuids(d: &Daemon) -> Vec<Uuid> {
         .unwrap_or_default()
 }
 
-fn set_state(d: &Daemon, vm: Uuid, state: ReplicationState, error: Option<&str>) {
+pub(crate) fn set_state(d: &Daemon, vm: Uuid, state: ReplicationState, error: Option<&str>) {
     let db = d.db.lock().expect("db");
     let _ = db.conn().execute(
         "UPDATE relationships SET state = ?2, last_error = ?3 WHERE vm_uuid = ?1",
@@ -188,7 +191,7 @@ fn replica_target(s: &ReplicationSettings) -> Result<(String, String), ApiError>
     Ok((s.replica_server.clone(), name))
 }
 
-async fn connect(
+pub(crate) async fn connect(
     d: &Daemon,
     s: &ReplicationSettings,
 ) -> Result<(PeerClient, vmrepl_types::HostInfo), String> {
@@ -199,7 +202,7 @@ async fn connect(
 }
 
 /// The disks a relationship replicates, as (node, size).
-fn replicated_disks(vm: &VmDefinition, s: &ReplicationSettings) -> Vec<(String, u64)> {
+pub(crate) fn replicated_disks(vm: &VmDefinition, s: &ReplicationSettings) -> Vec<(String, u64)> {
     vm.disks
         .iter()
         .filter(|d| !s.exclude_disks.contains(&d.id))
@@ -319,11 +322,13 @@ pub async fn enable(
         keep: settings.recovery_points,
         interval_secs: settings.recovery_point_interval_secs,
     };
+    let my_addr = d.cfg.read().expect("cfg").listen.clone();
     let r = client
         .request(&PeerRequest::CreateReplica {
             vm: Box::new(replica_vm),
             relationship: rel_id,
             policy,
+            primary_server: Some(my_addr),
         })
         .await
         .map_err(|e| err(ErrorCode::Peer, e.to_string()))?;
@@ -332,26 +337,7 @@ pub async fn enable(
         InitialReplication::NetworkAt { .. } => ReplicationState::ReadyForInitialReplication,
         _ => ReplicationState::WaitingForInitialReplication,
     };
-    {
-        let db = d.db.lock().expect("db");
-        db.conn()
-            .execute(
-                "INSERT INTO relationships (vm_uuid, rel_id, settings, replica_name, state, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    vm.uuid.to_string(),
-                    rel_id.to_string(),
-                    serde_json::to_string(&settings).unwrap_or_default(),
-                    theirs.host_name,
-                    vmrepl_types::wire_name(&state),
-                    now_ms() as i64
-                ],
-            )
-            .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
-        let _ = db.event(
-            Some(vm.uuid),
-            &format!("replication enabled to {}", theirs.host_name),
-        );
-    }
+    insert(d, vm.uuid, rel_id, &settings, &theirs.host_name, state, 0, None)?;
     spawn(d, vm.uuid);
     Ok(format!(
         "Replication of {name} to {} enabled ({}); initial replication {}.",
@@ -365,6 +351,86 @@ pub async fn enable(
     ))
 }
 
+/// Records a new relationship (enable, or reverse replication after a failover, which starts
+/// at the common point `acked_seq`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn insert(
+    d: &Daemon,
+    vm: Uuid,
+    rel_id: Uuid,
+    settings: &ReplicationSettings,
+    replica_name: &str,
+    state: ReplicationState,
+    acked_seq: u64,
+    note: Option<&str>,
+) -> Result<(), ApiError> {
+    let db = d.db.lock().expect("db");
+    db.conn()
+        .execute(
+            "INSERT INTO relationships (vm_uuid, rel_id, settings, replica_name, state, created_ms, acked_seq, note) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                vm.to_string(),
+                rel_id.to_string(),
+                serde_json::to_string(settings).unwrap_or_default(),
+                replica_name,
+                vmrepl_types::wire_name(&state),
+                now_ms() as i64,
+                acked_seq as i64,
+                note
+            ],
+        )
+        .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+    let _ = db.event(
+        Some(vm),
+        &format!(
+            "replication to {replica_name} set up{}",
+            note.map(|n| format!(": {n}")).unwrap_or_default()
+        ),
+    );
+    Ok(())
+}
+
+/// Drops a relationship's row (the scheduler ends when it finds no row).
+pub(crate) fn delete_row(d: &Daemon, vm: Uuid) {
+    if let Some(rt) = d.repl.rels.lock().expect("rels").remove(&vm) {
+        rt.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        rt.wake.notify_one();
+    }
+    let db = d.db.lock().expect("db");
+    let _ = db.conn().execute(
+        "DELETE FROM relationships WHERE vm_uuid = ?1",
+        params![vm.to_string()],
+    );
+}
+
+/// Runs cycles now, outside the schedule, until one built and shipped a fresh log of every
+/// change so far (a cut transfer waiting to resume is finished first). Used by a planned
+/// failover's prepare with `Consistency::Planned`. Returns the acknowledged sequence.
+pub(crate) async fn replicate_now(
+    d: &Arc<Daemon>,
+    vm: Uuid,
+    consistency: vmrepl_log::Consistency,
+) -> Result<u64, String> {
+    let rt = d
+        .repl
+        .rels
+        .lock()
+        .expect("rels")
+        .get(&vm)
+        .cloned()
+        .unwrap_or_default();
+    for _ in 0..3 {
+        let rel = load(d, vm).ok_or("replication was removed")?;
+        let waiting = log_path(d, RelTag::from_uuid(&rel.rel_id), rel.acked_seq + 1).exists();
+        run_cycle(d, vm, &rt, consistency).await?;
+        *rt.progress.lock().expect("progress") = None;
+        if !waiting {
+            return Ok(load(d, vm).map(|r| r.acked_seq).unwrap_or_default());
+        }
+    }
+    Err("a cut transfer kept failing to resume".into())
+}
+
 /// Starts the scheduler of every stored relationship (daemon start).
 pub fn start_all(d: &Arc<Daemon>) {
     for vm in all_vm_uuids(d) {
@@ -372,7 +438,7 @@ pub fn start_all(d: &Arc<Daemon>) {
     }
 }
 
-fn spawn(d: &Arc<Daemon>, vm: Uuid) {
+pub(crate) fn spawn(d: &Arc<Daemon>, vm: Uuid) {
     let rt = Arc::new(RelRuntime::default());
     d.repl.rels.lock().expect("rels").insert(vm, rt.clone());
     let d = d.clone();
@@ -388,7 +454,9 @@ async fn scheduler(d: Arc<Daemon>, vm: Uuid, rt: Arc<RelRuntime>) {
         let Some(rel) = load(&d, vm) else { return };
         let freq_ms = u64::from(rel.settings.frequency_secs) * 1000;
         let wait_ms = match rel.state {
-            ReplicationState::Suspended | ReplicationState::ResynchronizationRequired => u64::MAX,
+            ReplicationState::Suspended
+            | ReplicationState::ResynchronizationRequired
+            | ReplicationState::SyncedReplicationComplete => u64::MAX,
             ReplicationState::ReadyForInitialReplication => match rel.settings.initial {
                 InitialReplication::NetworkAt { unix_secs } => {
                     (unix_secs * 1000).saturating_sub(now_ms())
@@ -438,7 +506,7 @@ async fn scheduler(d: Arc<Daemon>, vm: Uuid, rt: Arc<RelRuntime>) {
         }
         let start = now_ms();
         last_start = Some(start);
-        if let Err(e) = run_cycle(&d, vm, &rt).await {
+        if let Err(e) = run_cycle(&d, vm, &rt, vmrepl_log::Consistency::Crash).await {
             tracing::warn!(target: "vmrepl::replication", %vm, "cycle failed: {e}");
         }
         *rt.progress.lock().expect("progress") = None;
@@ -501,15 +569,24 @@ fn log_path(d: &Daemon, rel: RelTag, seq: u64) -> PathBuf {
 }
 
 /// One cycle, top-down.
-async fn run_cycle(d: &Arc<Daemon>, vm_uuid: Uuid, rt: &RelRuntime) -> Result<(), String> {
+async fn run_cycle(
+    d: &Arc<Daemon>,
+    vm_uuid: Uuid,
+    rt: &RelRuntime,
+    consistency: vmrepl_log::Consistency,
+) -> Result<(), String> {
+    let _op = d.vmm.op_lock(vm_uuid).await;
     let Some(rel) = load(d, vm_uuid) else {
         return Ok(());
     };
+    if rel.state == ReplicationState::SyncedReplicationComplete {
+        // Prepared for a planned failover: nothing moves until it is cancelled.
+        return Ok(());
+    }
     let vm = d
         .vmm
         .definition(vm_uuid)
         .ok_or_else(|| "the VM no longer exists".to_string())?;
-    let _op = d.vmm.op_lock(vm_uuid).await;
     let tag = RelTag::from_uuid(&rel.rel_id);
     let disks = replicated_disks(&vm, &rel.settings);
     let nodes: Vec<String> = disks.iter().map(|(n, _)| n.clone()).collect();
@@ -572,6 +649,7 @@ async fn run_cycle(d: &Arc<Daemon>, vm_uuid: Uuid, rt: &RelRuntime) -> Result<()
         vars,
         staging: Staging::new(d.dd.staging()),
         rt,
+        consistency,
     };
     let result = if initial {
         cycle.initial().await
@@ -644,6 +722,8 @@ struct Cycle<'a> {
     vars: Option<&'a str>,
     staging: Staging,
     rt: &'a RelRuntime,
+    /// What the log's point in time is (crash-consistent, or planned for a failover).
+    consistency: vmrepl_log::Consistency,
 }
 
 impl Cycle<'_> {
@@ -670,7 +750,7 @@ impl Cycle<'_> {
             .map_err(|e| CycleError::Other(format!("cannot stage the initial copy: {e}")))?;
         let path = log_path(self.d, tag, 1);
         let res = async {
-            let total = build_log(self.vm, self.rel, &h, &path, 1, 0, LogKind::Initial).await?;
+            let total = build_log(self, &h, &path, (1, 0), LogKind::Initial).await?;
             self.send(&path, (1, 0), total, None, "initial replication")
                 .await
         }
@@ -763,7 +843,7 @@ impl Cycle<'_> {
                     CycleError::Other(format!("cannot stage the changes: {e}"))
                 }
             })?;
-        let built = build_log(self.vm, self.rel, &h, &path, next, n, LogKind::Delta).await;
+        let built = build_log(self, &h, &path, (next, n), LogKind::Delta).await;
         let _ = h.remove_files();
         let total = match built {
             Ok(t) => t,
@@ -852,14 +932,13 @@ impl Cycle<'_> {
 
 /// Encodes the staged images into log `seq` at `path`; returns its size.
 async fn build_log(
-    vm: &VmDefinition,
-    rel: &Relationship,
+    cycle: &Cycle<'_>,
     h: &vmrepl_tracking::CycleHandle,
     path: &Path,
-    seq: u64,
-    base: u64,
+    (seq, base): (u64, u64),
     kind: LogKind,
 ) -> Result<u64, CycleError> {
+    let (vm, rel) = (cycle.vm, cycle.rel);
     let mut images: Vec<(String, u64, PathBuf)> = h
         .disks
         .iter()
@@ -886,7 +965,7 @@ async fn build_log(
         base_sequence: base,
         timestamp_unix_ms: h.point_in_time_ms,
         kind,
-        consistency: vmrepl_log::Consistency::Crash,
+        consistency: cycle.consistency,
         compression: if rel.settings.compression {
             Compression::Zstd
         } else {
@@ -936,6 +1015,12 @@ async fn build_log(
 pub fn pause(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
     let vm = d.vmm.show(name)?.definition;
     let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
+    if rel.state == ReplicationState::SyncedReplicationComplete {
+        return Err(err(
+            ErrorCode::WrongState,
+            format!("VM {name} is prepared for a planned failover; `vmrepl failover cancel {name}` ends that first."),
+        ));
+    }
     if rel.state == ReplicationState::Suspended {
         return Ok(format!("Replication of {name} is already paused."));
     }
@@ -1035,7 +1120,7 @@ fn not_enabled(name: &VmName) -> ApiError {
     err(ErrorCode::NotFound, format!("Replication is not enabled for VM {name}; enable it with `vmrepl replication enable {name} --replica-server HOST:PORT`."))
 }
 
-fn wake(d: &Daemon, vm: Uuid) {
+pub(crate) fn wake(d: &Daemon, vm: Uuid) {
     if let Some(rt) = d.repl.rels.lock().expect("rels").get(&vm) {
         rt.wake.notify_one();
     }
@@ -1178,6 +1263,7 @@ pub fn statuses(d: &Daemon) -> Vec<ReplicationStatus> {
                 _ => None,
             },
             last_error: rel.last_error.clone(),
+            note: rel.note.clone(),
             progress,
             stats: st,
         });
@@ -1215,6 +1301,7 @@ mod tests {
             last_error: Some("boom".into()),
             created_ms: now_ms(),
             last_success_ms: Some(now_ms()),
+            note: None,
         }
     }
 

@@ -760,6 +760,66 @@ impl Vmm {
         })
     }
 
+    /// The first storage folder (where a failed-over or test VM's disks go).
+    pub fn default_storage(&self) -> &std::path::Path {
+        &self.cfg.storage[0]
+    }
+
+    /// Records a VM whose disks already exist (a failover or test failover builds them), off.
+    /// Refuses a name or UUID that is taken.
+    pub fn register(&self, def: &VmDefinition) -> Result<(), ApiError> {
+        let db = self.db.lock().expect("db");
+        if db.vm_by_name(def.name.as_str()).map_err(db_err)?.is_some() {
+            return Err(err(
+                ErrorCode::AlreadyExists,
+                format!("A VM named {:?} already exists on this host; rename or delete it first (nothing was changed).", def.name.as_str()),
+            ));
+        }
+        if db.vm_by_uuid(def.uuid).map_err(db_err)?.is_some() {
+            return Err(err(
+                ErrorCode::AlreadyExists,
+                format!("VM {} already exists on this host (nothing was changed).", def.uuid),
+            ));
+        }
+        db.insert_vm(def).map_err(db_err)?;
+        let _ = db.event(Some(def.uuid), &format!("VM {} registered", def.name));
+        Ok(())
+    }
+
+    /// Locks a VM that is off against starting (planned failover prepare), or unlocks it.
+    /// Takes the operation lock, so no start can slip in between the check and the lock.
+    pub async fn set_failover_lock(&self, uuid: Uuid, locked: bool) -> Result<(), ApiError> {
+        let _op = self.op_lock(uuid).await;
+        let row = self
+            .db
+            .lock()
+            .expect("db")
+            .vm_by_uuid(uuid)
+            .map_err(db_err)?
+            .ok_or_else(|| err(ErrorCode::NotFound, format!("VM {uuid} is gone.")))?;
+        let ok = match (locked, row.state) {
+            (true, VmRunState::Off | VmRunState::Crashed | VmRunState::LockedForFailover) => true,
+            (false, VmRunState::LockedForFailover | VmRunState::Off) => true,
+            _ => false,
+        };
+        if !ok {
+            return Err(err(
+                ErrorCode::WrongState,
+                format!(
+                    "VM {} is {}; a planned failover needs it shut down (`vmrepl vm shutdown {}`), so that no write is lost.",
+                    row.definition.name, row.state, row.definition.name
+                ),
+            ));
+        }
+        let st = if locked {
+            VmRunState::LockedForFailover
+        } else {
+            VmRunState::Off
+        };
+        self.set_state(uuid, st, None, None);
+        Ok(())
+    }
+
     /// The serial console log (or its last `tail` bytes).
     pub fn console(&self, name: &VmName, tail: Option<u64>) -> Result<String, ApiError> {
         let row = self.row(name)?;
@@ -788,7 +848,7 @@ fn vm_folder(dir: &std::path::Path, created: &mut Vec<PathBuf>) -> Result<(), Ap
 }
 
 /// A stable locally administered MAC per VM and adapter index.
-fn mac_for(uuid: Uuid, i: usize) -> String {
+pub fn mac_for(uuid: Uuid, i: usize) -> String {
     let b = uuid.as_bytes();
     format!(
         "52:54:{:02x}:{:02x}:{:02x}:{:02x}",

@@ -109,6 +109,48 @@ pub enum Request {
         name: VmName,
         delete_replica: bool,
     },
+    /// Recovery points of a replica VM (on the replica server).
+    RecoveryPoints {
+        name: VmName,
+    },
+    /// Primary: ship the last changes of a shut-down VM and lock it (Start-VMFailover -Prepare).
+    FailoverPrepare {
+        name: VmName,
+    },
+    /// Replica: fail over to a point (Start-VMFailover). Planned when the primary prepared.
+    FailoverStart {
+        name: VmName,
+        /// Sequence of the recovery point; None = the latest.
+        point: Option<u64>,
+        /// Start the VM afterwards.
+        start: bool,
+        /// Fail over although the primary reports the VM running or cannot be asked (I6).
+        risk_split_brain: bool,
+    },
+    /// Replica: a test VM "NAME - Test" on a throwaway overlay (Start-VMFailover -AsTest).
+    FailoverTest {
+        name: VmName,
+        point: Option<u64>,
+        /// How the test VM's adapters connect; None = not connected.
+        test_network: Option<crate::vm::NicMode>,
+    },
+    /// Replica: stop and delete the test VM (Stop-VMFailover of a test failover).
+    FailoverStopTest {
+        name: VmName,
+    },
+    /// Primary: cancel a prepare. Replica: cancel a failover that waits for completion.
+    FailoverCancel {
+        name: VmName,
+    },
+    /// Replica: keep the failed-over VM and drop the other points (Complete-VMFailover).
+    FailoverComplete {
+        name: VmName,
+    },
+    /// After a failover: replicate back to the old primary (Set-VMReplication -Reverse).
+    ReplicationReverse {
+        name: VmName,
+        settings: ReplicationSettings,
+    },
     Shutdown,
 }
 
@@ -144,6 +186,10 @@ pub enum Response {
     },
     Replication {
         relationships: Vec<ReplicationStatus>,
+    },
+    RecoveryPoints {
+        vm: VmName,
+        points: Vec<crate::replication::RecoveryPointInfo>,
     },
     Error(ApiError),
 }

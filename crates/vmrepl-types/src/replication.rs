@@ -149,6 +149,18 @@ pub enum Consistency {
     Planned,
 }
 
+/// One recovery point of a replica VM, as `vmrepl replication points` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryPointInfo {
+    /// Sequence of the last log in the point; pass it to `failover start --point`.
+    pub seq: u64,
+    /// The primary's point in time, Unix milliseconds.
+    pub unix_ms: i64,
+    pub consistency: Consistency,
+    /// The latest applied state (it moves with every log) rather than a kept point.
+    pub latest: bool,
+}
+
 /// One authorization entry on a replica server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthorizationEntry {
@@ -210,6 +222,9 @@ pub struct ReplicationStatus {
     pub last_sequence: u64,
     pub waiting_on: Option<String>,
     pub last_error: Option<String>,
+    /// A remark on the relationship, e.g. why reverse replication needed a full copy.
+    #[serde(default)]
+    pub note: Option<String>,
     pub progress: Option<Progress>,
     pub stats: ReplicationStats,
 }

@@ -45,6 +45,9 @@ pub enum Cmd {
     /// Replica server settings and VM replication (Hyper-V Replica's verbs).
     #[command(subcommand)]
     Replication(ReplCmd),
+    /// Test, planned and unplanned failover (Hyper-V's Start-/Stop-/Complete-VMFailover).
+    #[command(subcommand)]
+    Failover(FailoverCmd),
     /// Stop the daemon (running VMs keep running; it reattaches at next start).
     Stop,
 }
@@ -76,6 +79,51 @@ pub enum ReplCmd {
         name: String,
         #[arg(long)]
         delete_replica: bool,
+    },
+    /// Recovery points of a replica VM (on the replica server).
+    Points { name: String },
+    /// After a failover: replicate the VM back to the old primary (Set-VMReplication -Reverse).
+    Reverse(ReverseArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FailoverCmd {
+    /// On the primary: ship the last changes of a shut-down VM and lock it (planned failover).
+    Prepare { name: String },
+    /// On the replica: fail over to the latest or a chosen recovery point.
+    Start {
+        name: String,
+        /// Sequence of the recovery point (`vmrepl replication points`); default: the latest.
+        #[arg(long)]
+        point: Option<u64>,
+        /// Start the VM once it has failed over.
+        #[arg(long)]
+        start: bool,
+        /// Fail over even though the primary reports the VM running or cannot be asked:
+        /// two copies of the VM may then run and diverge.
+        #[arg(long)]
+        risk_split_brain: bool,
+    },
+    /// On the replica: create a test VM "NAME - Test" from a point (replication goes on).
+    Test {
+        name: String,
+        #[arg(long)]
+        point: Option<u64>,
+        /// Connect the test VM's adapters to this network (user, tap:IF, bridge:BR);
+        /// default: not connected.
+        #[arg(long, value_parser = parse_nic)]
+        test_network: Option<NicMode>,
+    },
+    /// On the replica: stop and delete the test VM and everything it wrote.
+    StopTest { name: String },
+    /// On the primary: cancel a prepare. On the replica: undo a failover not yet completed.
+    Cancel { name: String },
+    /// On the replica: keep the failed-over VM and delete the other recovery points.
+    Complete {
+        name: String,
+        /// Do not ask: deleting the other recovery points cannot be undone.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -126,6 +174,23 @@ pub struct EnableArgs {
     /// The replica server, HOST:PORT.
     #[arg(long)]
     pub replica_server: String,
+    #[command(flatten)]
+    pub settings: SettingsArgs,
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct ReverseArgs {
+    pub name: String,
+    /// Where to replicate back to, HOST:PORT (default: the old primary, where it said it listens).
+    #[arg(long)]
+    pub replica_server: Option<String>,
+    #[command(flatten)]
+    pub settings: SettingsArgs,
+}
+
+/// Per-VM replication settings (Enable-VMReplication's parameters).
+#[derive(ClapArgs, Debug)]
+pub struct SettingsArgs {
     /// The replica server's host name as its certificate names it (default: HOST).
     #[arg(long)]
     pub replica_name: Option<String>,
@@ -357,6 +422,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         Cmd::Host(HostCmd::Info) => call(&dd, args.json, Request::HostInfo),
         Cmd::Replication(r) => replication(&dd, args.json, r),
+        Cmd::Failover(f) => failover(&dd, args.json, f),
         Cmd::Stop => call(&dd, args.json, Request::Shutdown),
         Cmd::Vm(v) => {
             let req = match v {
@@ -396,7 +462,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
 fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
     use vmrepl_types::api::ReplicaServerChange;
-    use vmrepl_types::replication::{AuthorizationEntry, InitialReplication};
+    use vmrepl_types::replication::AuthorizationEntry;
     let req = match r {
         ReplCmd::Server(ServerCmd::Show) => Request::ReplicaServerShow,
         ReplCmd::Server(ServerCmd::Set {
@@ -446,22 +512,19 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
                 ..Default::default()
             })
         }
-        ReplCmd::Enable(a) => {
-            let mut settings = vmrepl_host::replication::default_settings(&a.replica_server);
-            settings.replica_host_name = a.replica_name;
-            settings.frequency_secs = a.frequency;
-            settings.recovery_points = a.recovery_points;
-            settings.recovery_point_interval_secs = a.point_interval;
-            settings.compression = !a.no_compression;
-            settings.exclude_disks = a.exclude_disk;
-            if let Some(t) = a.initial_at {
-                settings.initial = InitialReplication::NetworkAt { unix_secs: t };
-            }
-            Request::ReplicationEnable {
-                name: vm_name(&a.name)?,
-                settings,
-            }
-        }
+        ReplCmd::Enable(a) => Request::ReplicationEnable {
+            name: vm_name(&a.name)?,
+            settings: a.settings.into_settings(&a.replica_server),
+        },
+        ReplCmd::Reverse(a) => Request::ReplicationReverse {
+            name: vm_name(&a.name)?,
+            settings: a
+                .settings
+                .into_settings(a.replica_server.as_deref().unwrap_or_default()),
+        },
+        ReplCmd::Points { name } => Request::RecoveryPoints {
+            name: vm_name(&name)?,
+        },
         ReplCmd::Status {
             name,
             watch,
@@ -488,6 +551,77 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
         },
     };
     call(dd, json, req)
+}
+
+impl SettingsArgs {
+    fn into_settings(self, replica_server: &str) -> vmrepl_types::replication::ReplicationSettings {
+        use vmrepl_types::replication::InitialReplication;
+        let mut settings = vmrepl_host::replication::default_settings(replica_server);
+        settings.replica_host_name = self.replica_name;
+        settings.frequency_secs = self.frequency;
+        settings.recovery_points = self.recovery_points;
+        settings.recovery_point_interval_secs = self.point_interval;
+        settings.compression = !self.no_compression;
+        settings.exclude_disks = self.exclude_disk;
+        if let Some(t) = self.initial_at {
+            settings.initial = InitialReplication::NetworkAt { unix_secs: t };
+        }
+        settings
+    }
+}
+
+fn failover(dd: &DataDir, json: bool, f: FailoverCmd) -> Result<ExitCode> {
+    let req = match f {
+        FailoverCmd::Prepare { name } => Request::FailoverPrepare {
+            name: vm_name(&name)?,
+        },
+        FailoverCmd::Start {
+            name,
+            point,
+            start,
+            risk_split_brain,
+        } => Request::FailoverStart {
+            name: vm_name(&name)?,
+            point,
+            start,
+            risk_split_brain,
+        },
+        FailoverCmd::Test {
+            name,
+            point,
+            test_network,
+        } => Request::FailoverTest {
+            name: vm_name(&name)?,
+            point,
+            test_network,
+        },
+        FailoverCmd::StopTest { name } => Request::FailoverStopTest {
+            name: vm_name(&name)?,
+        },
+        FailoverCmd::Cancel { name } => Request::FailoverCancel {
+            name: vm_name(&name)?,
+        },
+        FailoverCmd::Complete { name, yes } => {
+            let name = vm_name(&name)?;
+            if !yes && !confirm(&format!(
+                "Completing the failover of {name} deletes its other recovery points for good. Type yes to go on: "
+            ))? {
+                anyhow::bail!("not completed: the answer was not \"yes\" (use --yes in scripts)");
+            }
+            Request::FailoverComplete { name }
+        }
+    };
+    call(dd, json, req)
+}
+
+/// Asks on the terminal; anything but "yes" is a no.
+fn confirm(question: &str) -> Result<bool> {
+    use std::io::Write;
+    eprint!("{question}");
+    std::io::stderr().flush()?;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(line.trim() == "yes")
 }
 
 /// Shows the status every second until every relationship replicates with Normal health.

@@ -57,6 +57,19 @@ pub fn response(r: &Response) -> ExitCode {
             }
         }
         Response::Replication { relationships } => replication(relationships),
+        Response::RecoveryPoints { vm, points } => {
+            println!("Recovery points of {vm} (oldest first):");
+            println!("  {:>8}  {:<25}  {:<15}", "POINT", "TIME (UTC)", "KIND");
+            for p in points {
+                println!(
+                    "  {:>8}  {:<25}  {:<15}{}",
+                    p.seq,
+                    utc(p.unix_ms),
+                    vmrepl_types::wire_name(&p.consistency),
+                    if p.latest { "  latest" } else { "" }
+                );
+            }
+        }
         Response::Error(e) => {
             eprintln!("error: {}", e.message);
             return exit_code(e.code);
@@ -180,6 +193,9 @@ fn replication(rs: &[ReplicationStatus]) {
         if let Some(e) = &r.last_error {
             println!("Last error:      {e}");
         }
+        if let Some(n) = &r.note {
+            println!("Note:            {n}");
+        }
         if let Some(p) = &r.progress {
             let pct = if p.bytes_total > 0 {
                 p.bytes_done as f64 * 100.0 / p.bytes_total as f64
@@ -210,6 +226,17 @@ fn replication(rs: &[ReplicationStatus]) {
         );
         println!();
     }
+}
+
+/// A Unix time in milliseconds as `2026-11-25 23:55:57.123`.
+fn utc(unix_ms: i64) -> String {
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:3]"
+    );
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&fmt).ok())
+        .unwrap_or_else(|| format!("{unix_ms} ms"))
 }
 
 /// Prints what `host init` made.

@@ -66,6 +66,10 @@ pub enum PeerRequest {
         vm: Box<VmDefinition>,
         relationship: Uuid,
         policy: PointPolicy,
+        /// The primary's own peer address (`host:port`), where the replica asks it whether the
+        /// VM runs before a failover and where reverse replication goes by default.
+        #[serde(default)]
+        primary_server: Option<String>,
     },
     /// Where does the replica of this VM stand?
     ReplicaState { vm_uuid: Uuid },
@@ -81,8 +85,20 @@ pub enum PeerRequest {
     SetPolicy { vm_uuid: Uuid, policy: PointPolicy },
     /// Remove the replica relationship; the replica VM's data is kept unless `delete`.
     RemoveReplica { vm_uuid: Uuid, delete: bool },
-    /// Is this VM running on your side? (the one-host-at-a-time guard, I6)
-    VmRunning { vm_uuid: Uuid },
+    /// Asked by the replica of a VM before a failover: does the VM run on your side (the
+    /// one-host-at-a-time guard, I6), and was it prepared for a planned failover?
+    PrimaryState { vm_uuid: Uuid },
+    /// Asked by a host that failed a VM over from this host: become its replica. When this
+    /// host prepared the VM for a planned failover at `base_sequence` its disks hold exactly
+    /// that point, and they become the replica's base (deltas flow at once); otherwise the
+    /// replica starts empty and needs a full copy.
+    ReverseReplica {
+        vm: Box<VmDefinition>,
+        relationship: Uuid,
+        policy: PointPolicy,
+        base_sequence: u64,
+        primary_server: Option<String>,
+    },
 }
 
 /// How a replica refused.
@@ -109,6 +125,10 @@ pub enum RefusalCode {
     DiskFull,
     /// The request is malformed or unexpected.
     BadRequest,
+    /// The replica VM has failed over: it takes no more logs from the old primary.
+    FailedOver,
+    /// The VM runs on this host, so it cannot become a replica here (I6).
+    VmRunning,
     /// Anything else on the replica side.
     Internal,
 }
@@ -128,14 +148,25 @@ pub enum PeerResponse {
         partial: Option<(u64, Resume)>,
         /// Frozen recovery points (sequence, unix ms).
         points: Vec<(u64, i64)>,
+        /// The replica has failed over: it takes no more logs.
+        #[serde(default)]
+        failed_over: bool,
     },
     /// Log `sequence` is durable and verified on the replica (the primary may drop its bitmap).
     LogAck {
         sequence: u64,
         bytes: u64,
     },
-    Running {
+    PrimaryState {
         running: bool,
+        /// Set when the VM was prepared for a planned failover: the sequence of its final log.
+        prepared_seq: Option<u64>,
+    },
+    /// Answer to `ReverseReplica`: whether the old primary's disks became the replica's base.
+    Reversed {
+        delta: bool,
+        /// Why a full copy is needed, when it is.
+        full_copy_reason: Option<String>,
     },
     Refused {
         code: RefusalCode,

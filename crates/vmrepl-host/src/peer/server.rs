@@ -211,6 +211,16 @@ fn own_replica(
     Ok(row)
 }
 
+fn failed_over(row: &ReplicaRow, f: &crate::replica::FailoverRecord) -> Refusal {
+    refuse(
+        RefusalCode::FailedOver,
+        format!(
+            "the replica of {} failed over to point {} on this host; it takes no more logs              (reverse replication or a new relationship replaces it)",
+            row.name, f.point_seq
+        ),
+    )
+}
+
 fn free_bytes(path: &Path) -> Option<u64> {
     vmrepl_store::spool::free_bytes(path).ok()
 }
@@ -280,16 +290,46 @@ async fn handle(
 ) -> Result<Option<PeerResponse>, FrameError> {
     let r = match req {
         PeerRequest::Hello { .. } => unreachable!("handled by the caller"),
-        PeerRequest::VmRunning { vm_uuid } => Ok(PeerResponse::Running {
-            running: replica::vm_running(daemon, vm_uuid),
-        }),
+        PeerRequest::PrimaryState { vm_uuid } => {
+            crate::failover::primary_state(daemon, peer, vm_uuid).map_err(|(c, m)| refuse(c, m))
+        }
+        PeerRequest::ReverseReplica {
+            vm,
+            relationship,
+            policy,
+            base_sequence,
+            primary_server,
+        } => {
+            reverse_replica(
+                daemon,
+                peer,
+                *vm,
+                relationship,
+                policy,
+                base_sequence,
+                primary_server,
+            )
+            .await
+        }
         PeerRequest::CheckReplica { vm } => authorize(daemon, peer)
             .and_then(|g| check_vm(daemon, &vm, &g).map(|()| PeerResponse::Ok)),
         PeerRequest::CreateReplica {
             vm,
             relationship,
             policy,
-        } => create_replica(daemon, peer, *vm, relationship, policy).await,
+            primary_server,
+        } => {
+            create_replica(
+                daemon,
+                peer,
+                *vm,
+                relationship,
+                policy,
+                primary_server,
+                None,
+            )
+            .await
+        }
         PeerRequest::ReplicaState { vm_uuid } => replica_state(daemon, peer, vm_uuid).await,
         PeerRequest::SetPolicy { vm_uuid, policy } => authorize(daemon, peer)
             .and_then(|g| own_replica(daemon, peer, &g, vm_uuid))
@@ -323,20 +363,92 @@ async fn handle(
     Ok(Some(r.unwrap_or_else(PeerResponse::from)))
 }
 
-async fn create_replica(
+/// The old primary's side of reverse replication (see `crate::failover`).
+async fn reverse_replica(
     daemon: &Arc<Daemon>,
     peer: &str,
     vm: VmDefinition,
     relationship: Uuid,
     policy: PointPolicy,
+    base_seq: u64,
+    primary_server: Option<String>,
 ) -> Result<PeerResponse, Refusal> {
     let grant = authorize(daemon, peer)?;
+    check_policy(&policy)?;
+    if let Some(row) = lookup(daemon, vm.uuid)? {
+        if row.relationship == relationship && row.primary_host.eq_ignore_ascii_case(peer) {
+            // Asked again (the answer was lost): the replica exists already.
+            return Ok(PeerResponse::Reversed {
+                delta: row.last_applied == base_seq && base_seq > 0,
+                full_copy_reason: None,
+            });
+        }
+    }
+    let problems = daemon.vmm.caps().can_run(&vm);
+    if !problems.is_empty() {
+        return Err(refuse(
+            RefusalCode::Incompatible,
+            problems
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+        ));
+    }
+    let base =
+        crate::failover::take_over_as_replica(daemon, peer, &vm, &grant.storage, base_seq)
+            .await
+            .map_err(|(c, m)| refuse(c, m))?;
+    match base {
+        Ok(()) => {
+            create_replica(
+                daemon,
+                peer,
+                vm,
+                relationship,
+                policy,
+                primary_server,
+                Some(base_seq),
+            )
+            .await?;
+            Ok(PeerResponse::Reversed {
+                delta: true,
+                full_copy_reason: None,
+            })
+        }
+        Err(reason) => {
+            create_replica(daemon, peer, vm, relationship, policy, primary_server, None).await?;
+            Ok(PeerResponse::Reversed {
+                delta: false,
+                full_copy_reason: Some(reason),
+            })
+        }
+    }
+}
+
+fn check_policy(policy: &PointPolicy) -> Result<(), Refusal> {
     if policy.keep > vmrepl_types::replication::ReplicationSettings::MAX_RECOVERY_POINTS {
         return Err(refuse(
             RefusalCode::BadRequest,
             format!("{} recovery points asked; 0 to 24 are kept", policy.keep),
         ));
     }
+    Ok(())
+}
+
+/// Creates a replica VM; with `adopted` the store exists already (reverse replication adopted
+/// this host's disks at that sequence) and only the row is recorded.
+async fn create_replica(
+    daemon: &Arc<Daemon>,
+    peer: &str,
+    vm: VmDefinition,
+    relationship: Uuid,
+    policy: PointPolicy,
+    primary_server: Option<String>,
+    adopted: Option<u64>,
+) -> Result<PeerResponse, Refusal> {
+    let grant = authorize(daemon, peer)?;
+    check_policy(&policy)?;
     {
         let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
         if let Ok(Some(local)) = db.vm_by_uuid(vm.uuid) {
@@ -365,7 +477,9 @@ async fn create_replica(
             ),
         ));
     }
-    check_vm(daemon, &vm, &grant)?;
+    if adopted.is_none() {
+        check_vm(daemon, &vm, &grant)?;
+    }
     let root = grant.storage.clone();
     let def =
         serde_json::to_value(&vm).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
@@ -379,6 +493,9 @@ async fn create_replica(
     let lock = replica::vm_lock(&dir);
     let _g = lock.lock().await;
     let created = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        if adopted.is_some() {
+            return Ok(());
+        }
         std::fs::create_dir_all(&root)
             .map_err(|e| format!("cannot create the storage folder {}: {e}", root.display()))?;
         let ds: Vec<(&str, u64)> = disks.iter().map(|(i, s)| (i.as_str(), *s)).collect();
@@ -398,8 +515,12 @@ async fn create_replica(
         relationship,
         definition: vm,
         policy,
-        state: ReplicationState::WaitingForInitialReplication,
-        last_applied: 0,
+        state: if adopted.is_some() {
+            ReplicationState::Replicating
+        } else {
+            ReplicationState::WaitingForInitialReplication
+        },
+        last_applied: adopted.unwrap_or(0),
         created_ms: now_ms(),
         last_receive_ms: None,
         last_apply_ms: None,
@@ -407,6 +528,9 @@ async fn create_replica(
         bytes_received: 0,
         logs_received: 0,
         last_error: None,
+        primary_server,
+        failover: None,
+        test_failover: None,
     };
     let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
     replica::insert(&db, &row).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
@@ -425,6 +549,14 @@ async fn replica_state(
 ) -> Result<PeerResponse, Refusal> {
     let grant = authorize(daemon, peer)?;
     let row = own_replica(daemon, peer, &grant, vm_uuid)?;
+    if row.failover.is_some() {
+        return Ok(PeerResponse::ReplicaState {
+            last_applied: row.last_applied,
+            partial: None,
+            points: Vec::new(),
+            failed_over: true,
+        });
+    }
     let lock = replica::vm_lock(&replica::vm_dir(&row));
     let _g = lock.lock().await;
     // Apply what is durable first, so that last_applied is accurate (errors are recorded).
@@ -458,6 +590,7 @@ async fn replica_state(
             last_applied: last,
             partial,
             points,
+            failed_over: false,
         })
     })
     .await
@@ -472,6 +605,9 @@ async fn remove_replica(
 ) -> Result<PeerResponse, Refusal> {
     let grant = authorize(daemon, peer)?;
     let row = own_replica(daemon, peer, &grant, vm_uuid)?;
+    if let Some(f) = &row.failover {
+        return Err(failed_over(&row, f));
+    }
     let dir = replica::vm_dir(&row);
     let lock = replica::vm_lock(&dir);
     let _g = lock.lock().await;
@@ -492,8 +628,11 @@ async fn remove_replica(
         );
     }
     if delete {
-        let d = dir.clone();
-        let r = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&d)).await;
+        let root = row.storage_root.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            vmrepl_store::ReplicaStore::destroy(&root, vm_uuid)
+        })
+        .await;
         if let Ok(Err(e)) = r {
             tracing::warn!(target: T, dir = %dir.display(), "cannot delete the replica's data: {e}");
         }
@@ -538,7 +677,12 @@ async fn send_log(
     base: u64,
     resume: Option<Resume>,
 ) -> Result<Option<PeerResponse>, FrameError> {
-    let row = match authorize(daemon, peer).and_then(|g| own_replica(daemon, peer, &g, vm_uuid)) {
+    let row = match authorize(daemon, peer)
+        .and_then(|g| own_replica(daemon, peer, &g, vm_uuid))
+        .and_then(|r| match &r.failover {
+            Some(f) => Err(failed_over(&r, f)),
+            None => Ok(r),
+        }) {
         Ok(r) => r,
         Err(r) => {
             drain(framed).await?;

@@ -1,0 +1,876 @@
+//! The failover family (Hyper-V's Start-/Stop-/Complete-VMFailover and reverse replication),
+//! top-down. See docs/design/failover.md for the flows and why they keep I1, I2, I6 and I7.
+//!
+//! ```text
+//! primary A                                replica B
+//! ─────────                                ─────────
+//! prepare: VM off → locked, final log S
+//!   (state SyncedReplicationComplete)
+//!                                          start: ask A (running? prepared at S?) ── I6
+//!                                            overlay over point S, bitmap <rel'>-S added
+//!                                            before the first boot; planned ⇒ streamed
+//!                                            standalone at once and the store dropped
+//!                                            (state FailedOver), else FailedOverWaitingCompletion
+//!                                          complete: stream standalone, drop the other points
+//!                                          cancel:   delete the VM, back to Replicating
+//!                                          reverse:  ask A to become the replica ──────────┐
+//! accept reverse: prepared at S and the same disks?                                        │
+//!   yes: tracking removed, disks adopted as the replica's base at S (deltas at once)  ◄────┘
+//!   no:  old VM dropped, empty replica (full copy, and the status says why)
+//! ```
+//!
+//! Failback is the same planned failover in the other direction.
+
+use crate::daemon::Daemon;
+use crate::peer::client::PeerClient;
+use crate::peer::proto::{PeerRequest, PeerResponse, PointPolicy, RefusalCode};
+use crate::replica::{self, FailoverRecord, ReplicaRow, TestFailover};
+use crate::replication;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+use vmrepl_store::{PointRef, ReplicaStore, StoreError};
+use vmrepl_tracking::RelTag;
+use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::replication::{RecoveryPointInfo, ReplicationSettings, ReplicationState};
+use vmrepl_types::vm::{NicDef, NicMode};
+use vmrepl_types::{VmDefinition, VmName};
+
+/// How long streaming a failed-over VM's disks off its recovery point may take.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+fn err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
+    ApiError::new(code, msg)
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    err(ErrorCode::Internal, e.to_string())
+}
+
+fn store_err(e: StoreError) -> ApiError {
+    match e {
+        StoreError::NoSuchPoint { .. } => err(ErrorCode::InvalidInput, format!("{e}.")),
+        other => err(ErrorCode::Io, other.to_string()),
+    }
+}
+
+/// The replica row of the VM called `name` on this host.
+fn replica_row(d: &Daemon, name: &VmName) -> Result<ReplicaRow, ApiError> {
+    let db = d.db.lock().expect("db");
+    replica::by_name(&db, name.as_str())
+        .map_err(internal)?
+        .ok_or_else(|| {
+            err(
+                ErrorCode::NotFound,
+                format!("This host keeps no replica of a VM named {name}; failover runs on the replica server. `vmrepl replication status` lists what this host replicates."),
+            )
+        })
+}
+
+/// The recovery points of a replica VM, oldest first, the latest state last.
+pub async fn points(d: &Arc<Daemon>, name: &VmName) -> Result<Vec<RecoveryPointInfo>, ApiError> {
+    let row = replica_row(d, name)?;
+    if row.state == ReplicationState::FailedOver {
+        return Err(err(
+            ErrorCode::WrongState,
+            format!("VM {name} has failed over and its recovery points were dropped."),
+        ));
+    }
+    let lock = replica::vm_lock(&replica::vm_dir(&row));
+    let _g = lock.lock().await;
+    let root = row.storage_root.clone();
+    let pts = tokio::task::spawn_blocking(move || ReplicaStore::open(&root, row.vm_uuid))
+        .await
+        .map_err(internal)?
+        .map_err(store_err)?
+        .points();
+    Ok(pts
+        .into_iter()
+        .map(|p| RecoveryPointInfo {
+            seq: p.seq,
+            unix_ms: p.unix_ms,
+            consistency: p.consistency,
+            latest: p.kind == vmrepl_store::PointKind::Latest,
+        })
+        .collect())
+}
+
+// ------------------------------------------------------------------ primary: prepare, cancel
+
+/// Planned failover, step 1 on the primary: the VM must be off; it is locked against starting,
+/// its last changes are shipped as a planned point, and replication waits.
+pub async fn prepare(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
+    let vm = d.vmm.show(name)?.definition;
+    let rel = replication::load(d, vm.uuid).ok_or_else(|| {
+        err(
+            ErrorCode::NotFound,
+            format!("VM {name} is not replicated from this host, so there is nothing to prepare; on a replica server use `vmrepl failover start`."),
+        )
+    })?;
+    match rel.state {
+        ReplicationState::SyncedReplicationComplete => {
+            return Ok(format!(
+                "VM {name} is already prepared for a planned failover (last log {}).",
+                rel.acked_seq
+            ))
+        }
+        ReplicationState::Replicating => {}
+        s => {
+            return Err(err(
+                ErrorCode::WrongState,
+                format!("Replication of {name} is {s}; a planned failover needs it replicating (resume it or let initial replication finish first)."),
+            ))
+        }
+    }
+    d.vmm.set_failover_lock(vm.uuid, true).await?;
+    match replication::replicate_now(d, vm.uuid, vmrepl_log::Consistency::Planned).await {
+        Ok(seq) if replication::load(d, vm.uuid).is_some_and(|r| r.last_error.is_none()) => {
+            replication::set_state(d, vm.uuid, ReplicationState::SyncedReplicationComplete, None);
+            Ok(format!(
+                "VM {name} is prepared for a planned failover: its last changes (log {seq}) are on {} and it cannot be started here. Next, on {}: `vmrepl failover start {name}`.",
+                rel.replica_name, rel.replica_name
+            ))
+        }
+        res => {
+            let why = match res {
+                Err(e) => e,
+                Ok(_) => replication::load(d, vm.uuid)
+                    .and_then(|r| r.last_error)
+                    .unwrap_or_default(),
+            };
+            let _ = d.vmm.set_failover_lock(vm.uuid, false).await;
+            Err(err(
+                ErrorCode::Peer,
+                format!("The last changes of {name} could not be sent to {}: {why}. Nothing changed; the VM can still start here.", rel.replica_name),
+            ))
+        }
+    }
+}
+
+/// Cancels a prepare (on the primary) or a failover waiting for completion (on the replica).
+pub async fn cancel(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
+    let prepared = d
+        .vmm
+        .show(name)
+        .ok()
+        .and_then(|v| replication::load(d, v.definition.uuid));
+    if let Some(rel) = prepared {
+        if rel.state != ReplicationState::SyncedReplicationComplete {
+            return Err(err(
+                ErrorCode::WrongState,
+                format!("VM {name} is not prepared for a failover (replication is {}); there is nothing to cancel.", rel.state),
+            ));
+        }
+        // If the replica already failed over, the VM lives there now (I6).
+        if let Ok((mut c, _)) = replication::connect(d, &rel.settings).await {
+            if let Ok(PeerResponse::ReplicaState {
+                failed_over: true, ..
+            }) = c
+                .call(&PeerRequest::ReplicaState {
+                    vm_uuid: rel.vm_uuid,
+                })
+                .await
+            {
+                return Err(err(
+                    ErrorCode::WrongState,
+                    format!("{} has already failed VM {name} over; it runs there now. Fail back instead of cancelling.", rel.replica_name),
+                ));
+            }
+        }
+        d.vmm.set_failover_lock(rel.vm_uuid, false).await?;
+        replication::set_state(d, rel.vm_uuid, ReplicationState::Replicating, None);
+        replication::wake(d, rel.vm_uuid);
+        return Ok(format!(
+            "Planned failover of {name} cancelled; the VM can start here and replication goes on."
+        ));
+    }
+    let row = replica_row(d, name)?;
+    let Some(f) = row.failover.clone() else {
+        return Err(err(
+            ErrorCode::WrongState,
+            format!("VM {name} has not failed over; there is nothing to cancel."),
+        ));
+    };
+    if row.state != ReplicationState::FailedOverWaitingCompletion {
+        return Err(err(
+            ErrorCode::WrongState,
+            format!("The failover of {name} is complete and cannot be cancelled any more."),
+        ));
+    }
+    if d.vmm.live_process(row.vm_uuid).await.is_some() {
+        d.vmm.stop(name).await?;
+    }
+    d.vmm.delete(name, false).await?;
+    let db = d.db.lock().expect("db");
+    replica::set_failover(&db, row.vm_uuid, None, ReplicationState::Replicating).map_err(internal)?;
+    let _ = db.event(
+        Some(row.vm_uuid),
+        &format!("failover to point {} cancelled", f.point_seq),
+    );
+    Ok(format!(
+        "Failover of {name} to point {} cancelled: the failed-over VM and what it wrote are gone; the recovery points are as before. Choose another with `vmrepl failover start {name} --point SEQ`.",
+        f.point_seq
+    ))
+}
+
+// ------------------------------------------------------------------ replica: start, complete
+
+/// What the primary says before a failover.
+enum PrimaryView {
+    Answered {
+        running: bool,
+        prepared_seq: Option<u64>,
+    },
+    Unreachable(String),
+}
+
+async fn ask_primary(d: &Daemon, row: &ReplicaRow) -> PrimaryView {
+    let Some(addr) = row.primary_server.as_deref() else {
+        return PrimaryView::Unreachable(format!(
+            "the primary {} never said where it listens",
+            row.primary_host
+        ));
+    };
+    let mut c = match PeerClient::connect(&d.identity, d.vmm.caps(), addr, &row.primary_host).await
+    {
+        Ok((c, _)) => c,
+        Err(e) => return PrimaryView::Unreachable(e.to_string()),
+    };
+    match c
+        .call(&PeerRequest::PrimaryState {
+            vm_uuid: row.vm_uuid,
+        })
+        .await
+    {
+        Ok(PeerResponse::PrimaryState {
+            running,
+            prepared_seq,
+        }) => PrimaryView::Answered {
+            running,
+            prepared_seq,
+        },
+        Ok(other) => PrimaryView::Unreachable(format!("it answered {other:?}")),
+        Err(e) => PrimaryView::Unreachable(e.to_string()),
+    }
+}
+
+/// I7: this host must run the VM exactly as it is.
+fn check_runnable(d: &Daemon, def: &VmDefinition) -> Result<(), ApiError> {
+    let problems = d.vmm.caps().can_run(def);
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(err(
+        ErrorCode::Unsupported,
+        format!(
+            "This host ({}) cannot run VM {}: {}. Nothing was changed.",
+            d.vmm.caps().host_name,
+            def.name,
+            problems
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    ))
+}
+
+/// Makes overlays of `point` in `dest` under the replica's lock; returns them and the point.
+async fn overlays(
+    row: &ReplicaRow,
+    point: Option<u64>,
+    dest: PathBuf,
+) -> Result<vmrepl_store::Overlay, ApiError> {
+    let root = row.storage_root.clone();
+    let uuid = row.vm_uuid;
+    tokio::task::spawn_blocking(move || -> Result<vmrepl_store::Overlay, StoreError> {
+        let mut vm = ReplicaStore::open(&root, uuid)?;
+        let p = match point {
+            None => PointRef::Latest,
+            Some(s) if s == vm.last_applied() => PointRef::Latest,
+            Some(s) => PointRef::Frozen(s),
+        };
+        vm.overlay_for(p, &dest)
+    })
+    .await
+    .map_err(internal)?
+    .map_err(store_err)
+}
+
+/// The definition of a VM built on overlays: same VM (machine type, firmware, generation
+/// unchanged, I7), its disks and NVRAM replaced by the overlay files.
+fn on_overlay(def: &VmDefinition, ov: &vmrepl_store::Overlay) -> VmDefinition {
+    let mut out = def.clone();
+    for disk in &mut out.disks {
+        if let Some((_, p)) = ov.disks.iter().find(|(id, _)| *id == disk.id) {
+            disk.path = p.clone();
+        }
+    }
+    out.nvram = ov.nvram.clone();
+    out
+}
+
+/// Opens the VM's disks through qemu-storage-daemon (the VM is off) and runs `f` on them.
+async fn with_offline_disks<F, Fut>(d: &Daemon, def: &VmDefinition, f: F) -> Result<(), ApiError>
+where
+    F: FnOnce(vmrepl_qemu::QmpClient, Vec<String>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), vmrepl_tracking::TrackingError>>,
+{
+    let disks: Vec<(String, PathBuf)> = def
+        .disks
+        .iter()
+        .map(|x| (x.id.clone(), x.path.clone()))
+        .collect();
+    let ids: Vec<String> = disks.iter().map(|(i, _)| i.clone()).collect();
+    let run = d.dd.run_dir(def.uuid).join("offline");
+    let off = vmrepl_tracking::OfflineDisks::open(&disks, None, &run)
+        .await
+        .map_err(|e| err(ErrorCode::Qemu, e.to_string()))?;
+    let r = f(off.qmp().clone(), ids).await;
+    let closed = off.close().await;
+    r.map_err(|e| err(ErrorCode::Qemu, e.to_string()))?;
+    closed.map_err(|e| err(ErrorCode::Qemu, e.to_string()))
+}
+
+/// Fails a replica VM over (on the replica server). Planned when the primary prepared it.
+pub async fn start(
+    d: &Arc<Daemon>,
+    name: &VmName,
+    point: Option<u64>,
+    start_vm: bool,
+    risk_split_brain: bool,
+) -> Result<String, ApiError> {
+    let row = replica_row(d, name)?;
+    if let Some(f) = &row.failover {
+        return Err(err(
+            ErrorCode::WrongState,
+            format!("VM {name} has already failed over to point {}; complete or cancel that failover first.", f.point_seq),
+        ));
+    }
+    if row.last_applied == 0 {
+        return Err(err(
+            ErrorCode::WrongState,
+            format!("Initial replication of {name} is not complete; there is no recovery point to fail over to."),
+        ));
+    }
+    check_runnable(d, &row.definition)?;
+    // I6: one host at a time.
+    let prepared = match ask_primary(d, &row).await {
+        PrimaryView::Answered { running: true, .. } if !risk_split_brain => {
+            return Err(err(
+                ErrorCode::WrongState,
+                format!("VM {name} is running on the primary {}. Shut it down there and run `vmrepl failover prepare {name}` for a planned failover; nothing was changed.", row.primary_host),
+            ))
+        }
+        PrimaryView::Unreachable(why) if !risk_split_brain => {
+            return Err(err(
+                ErrorCode::Peer,
+                format!("The primary {} cannot be asked whether VM {name} runs there ({why}). If that host is lost, repeat with --risk-split-brain: two running copies of the VM would diverge. Nothing was changed.", row.primary_host),
+            ))
+        }
+        PrimaryView::Answered { prepared_seq, .. } => prepared_seq,
+        PrimaryView::Unreachable(_) => None,
+    };
+    let dir = replica::vm_dir(&row);
+    let lock = replica::vm_lock(&dir);
+    let _g = lock.lock().await;
+    let last = replica::apply_and_record(d, &row)
+        .await
+        .map_err(|e| err(ErrorCode::Io, format!("The replica of {name} cannot apply its received logs: {e}")))?;
+    if let Some(s) = prepared {
+        if last != s {
+            return Err(err(
+                ErrorCode::WrongState,
+                format!("The primary prepared {name} at log {s} but this replica holds log {last}; wait for the primary to finish sending and retry. Nothing was changed."),
+            ));
+        }
+        if point.is_some_and(|p| p != s) {
+            return Err(err(
+                ErrorCode::InvalidInput,
+                format!("A planned failover goes to the prepared point {s}; drop --point."),
+            ));
+        }
+    }
+    let rel_id = Uuid::new_v4();
+    let vm_dir = d.vmm.default_storage().join(row.vm_uuid.to_string());
+    let ov = overlays(&row, point, vm_dir).await?;
+    let def = on_overlay(&row.definition, &ov);
+    let seq = ov.point.seq;
+    let planned = prepared.is_some();
+    let tag = RelTag::from_uuid(&rel_id);
+    let prepared_disks = with_offline_disks(d, &def, |qmp, ids| async move {
+        if planned {
+            // Planned failover completes at once: the disks leave the point before first boot.
+            vmrepl_tracking::stream_into_top(&qmp, &ids, STREAM_TIMEOUT).await?;
+        }
+        // Reverse replication needs every write since the point: track from before first boot.
+        vmrepl_tracking::start_tracking(&qmp, tag, &ids, seq).await
+    })
+    .await;
+    let registered = prepared_disks.and_then(|()| d.vmm.register(&def));
+    if let Err(e) = registered {
+        remove_files(&def);
+        return Err(e);
+    }
+    let record = FailoverRecord {
+        point_seq: seq,
+        point_unix_ms: ov.point.unix_ms,
+        planned,
+        relationship: rel_id,
+    };
+    drop(ov);
+    let state = if planned {
+        ReplicationState::FailedOver
+    } else {
+        ReplicationState::FailedOverWaitingCompletion
+    };
+    {
+        let db = d.db.lock().expect("db");
+        replica::set_failover(&db, row.vm_uuid, Some(&record), state).map_err(internal)?;
+        let _ = db.event(
+            Some(row.vm_uuid),
+            &format!(
+                "{} failover to point {seq}",
+                if planned { "planned" } else { "unplanned" }
+            ),
+        );
+    }
+    if planned {
+        drop_store(&row).await;
+    }
+    let mut msg = if planned {
+        format!("Planned failover of {name} done: the VM is here as of log {seq}, with no data lost. Next: `vmrepl replication reverse {name}` replicates it back to {}.", row.primary_host)
+    } else {
+        format!("VM {name} failed over to point {seq}. Check it, then `vmrepl failover complete {name}` to keep it (the other points are dropped), or `vmrepl failover cancel {name}` to choose another point.")
+    };
+    if start_vm {
+        d.vmm.start(name).await?;
+        msg.push_str(" The VM is started.");
+    }
+    Ok(msg)
+}
+
+fn remove_files(def: &VmDefinition) {
+    for disk in &def.disks {
+        let _ = std::fs::remove_file(&disk.path);
+    }
+    if let Some(n) = &def.nvram {
+        let _ = std::fs::remove_file(n);
+    }
+}
+
+async fn drop_store(row: &ReplicaRow) {
+    let (root, uuid) = (row.storage_root.clone(), row.vm_uuid);
+    let r = tokio::task::spawn_blocking(move || ReplicaStore::destroy(&root, uuid)).await;
+    if let Ok(Err(e)) | Err(e) = r.map_err(|e| StoreError::Io {
+        action: "join",
+        path: PathBuf::new(),
+        source: std::io::Error::other(e.to_string()),
+    }) {
+        tracing::warn!(target: "vmrepl::failover", vm = %row.vm_uuid, "cannot remove the replica store: {e}");
+    }
+}
+
+/// Completes an unplanned failover: the VM's disks leave the recovery point (streamed into
+/// their own images, live if it runs) and the other points are dropped for good.
+pub async fn complete(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
+    let row = replica_row(d, name)?;
+    match (&row.failover, row.state) {
+        (Some(_), ReplicationState::FailedOverWaitingCompletion) => {}
+        (Some(_), _) => return Ok(format!("The failover of {name} is already complete.")),
+        (None, _) => {
+            return Err(err(
+                ErrorCode::WrongState,
+                format!("VM {name} has not failed over; there is nothing to complete (`vmrepl failover start {name}` first)."),
+            ))
+        }
+    }
+    let def = d
+        .vmm
+        .definition(row.vm_uuid)
+        .ok_or_else(|| err(ErrorCode::NotFound, format!("The failed-over VM {name} is gone.")))?;
+    {
+        let _op = d.vmm.op_lock(row.vm_uuid).await;
+        match d.vmm.live_process(row.vm_uuid).await {
+            Some(p) => {
+                let ids: Vec<&str> = def.disks.iter().map(|x| x.id.as_str()).collect();
+                vmrepl_tracking::stream_into_top(p.qmp(), &ids, STREAM_TIMEOUT)
+                    .await
+                    .map_err(|e| err(ErrorCode::Qemu, e.to_string()))?
+            }
+            None => {
+                with_offline_disks(d, &def, |qmp, ids| async move {
+                    vmrepl_tracking::stream_into_top(&qmp, &ids, STREAM_TIMEOUT).await
+                })
+                .await?
+            }
+        }
+    }
+    let lock = replica::vm_lock(&replica::vm_dir(&row));
+    let _g = lock.lock().await;
+    drop_store(&row).await;
+    let db = d.db.lock().expect("db");
+    replica::set_failover(&db, row.vm_uuid, row.failover.as_ref(), ReplicationState::FailedOver)
+        .map_err(internal)?;
+    let _ = db.event(Some(row.vm_uuid), "failover completed; other recovery points dropped");
+    Ok(format!(
+        "Failover of {name} completed: the VM keeps point {} and everything it wrote since; the other recovery points are gone. `vmrepl replication reverse {name}` replicates it back to {}.",
+        row.failover.as_ref().map(|f| f.point_seq).unwrap_or_default(),
+        row.primary_host
+    ))
+}
+
+// ------------------------------------------------------------------ replica: test failover
+
+/// Test failover: a VM "NAME - Test" on throwaway overlays of a point, adapters not connected
+/// unless a test network is given. Replication goes on; the point stays until it is stopped.
+pub async fn test(
+    d: &Arc<Daemon>,
+    name: &VmName,
+    point: Option<u64>,
+    test_network: Option<NicMode>,
+) -> Result<String, ApiError> {
+    let row = replica_row(d, name)?;
+    if let Some(t) = &row.test_failover {
+        return Err(err(
+            ErrorCode::AlreadyExists,
+            format!("A test failover of {name} runs already as VM {:?}; stop it with `vmrepl failover stop-test {name}` first.", t.name),
+        ));
+    }
+    if row.failover.is_some() {
+        return Err(err(
+            ErrorCode::WrongState,
+            format!("VM {name} has failed over; test failover is for a replica."),
+        ));
+    }
+    if row.last_applied == 0 {
+        return Err(err(
+            ErrorCode::WrongState,
+            format!("Initial replication of {name} is not complete; there is no point to test."),
+        ));
+    }
+    check_runnable(d, &row.definition)?;
+    let test_name = VmName::new(&format!("{} - Test", name.as_str()))
+        .map_err(|e| err(ErrorCode::InvalidInput, e.to_string()))?;
+    let uuid = Uuid::new_v4();
+    let lock = replica::vm_lock(&replica::vm_dir(&row));
+    let _g = lock.lock().await;
+    let _ = replica::apply_and_record(d, &row).await;
+    let dir = d.vmm.default_storage().join(uuid.to_string());
+    let ov = overlays(&row, point, dir.clone()).await?;
+    let mut def = on_overlay(&row.definition, &ov);
+    def.name = test_name.clone();
+    def.uuid = uuid;
+    def.nics = def
+        .nics
+        .iter()
+        .enumerate()
+        .map(|(i, _)| NicDef {
+            mac: crate::vmm::mac_for(uuid, i),
+            mode: test_network.clone().unwrap_or(NicMode::NotConnected),
+        })
+        .collect();
+    if let Err(e) = d.vmm.register(&def) {
+        remove_files(&def);
+        let _ = std::fs::remove_dir(&dir);
+        return Err(e);
+    }
+    let t = TestFailover {
+        vm_uuid: uuid,
+        name: test_name.as_str().to_string(),
+        point_seq: ov.point.seq,
+    };
+    let db = d.db.lock().expect("db");
+    replica::set_test_failover(&db, row.vm_uuid, Some(&t)).map_err(internal)?;
+    let _ = db.event(
+        Some(row.vm_uuid),
+        &format!("test failover to point {} as {:?}", t.point_seq, t.name),
+    );
+    Ok(format!(
+        "Test VM {:?} created from point {} of {name}; its network adapters are {}. Start it with `vmrepl vm start {:?}`; `vmrepl failover stop-test {name}` deletes it and everything it wrote. Replication goes on meanwhile.",
+        t.name,
+        t.point_seq,
+        if test_network.is_some() { "on the test network" } else { "not connected" },
+        t.name
+    ))
+}
+
+/// Stops a test failover: the test VM and everything it wrote are deleted.
+pub async fn stop_test(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
+    let row = replica_row(d, name)?;
+    let Some(t) = row.test_failover.clone() else {
+        return Err(err(
+            ErrorCode::WrongState,
+            format!("No test failover of {name} runs."),
+        ));
+    };
+    let test_name = VmName::new(&t.name).map_err(internal)?;
+    if d.vmm.show(&test_name).is_ok() {
+        if d.vmm.live_process(t.vm_uuid).await.is_some() {
+            d.vmm.stop(&test_name).await?;
+        }
+        d.vmm.delete(&test_name, false).await?;
+    }
+    let _ = std::fs::remove_dir(d.vmm.default_storage().join(t.vm_uuid.to_string()));
+    let db = d.db.lock().expect("db");
+    replica::set_test_failover(&db, row.vm_uuid, None).map_err(internal)?;
+    let _ = db.event(Some(row.vm_uuid), "test failover stopped");
+    Ok(format!(
+        "Test failover of {name} stopped; VM {:?} and what it wrote are deleted.",
+        t.name
+    ))
+}
+
+// ------------------------------------------------------------------ reverse replication
+
+/// After a failover, replicates the VM back to the old primary (which must authorize this
+/// host). Only the changes since the failover go when the old primary prepared the VM at the
+/// failover's point; otherwise a full copy, and the status says why.
+pub async fn reverse(
+    d: &Arc<Daemon>,
+    name: &VmName,
+    settings: ReplicationSettings,
+) -> Result<String, ApiError> {
+    let row = replica_row(d, name)?;
+    let f = match (&row.failover, row.state) {
+        (Some(f), ReplicationState::FailedOver) => f.clone(),
+        (Some(_), _) => {
+            return Err(err(
+                ErrorCode::WrongState,
+                format!("Complete the failover of {name} first (`vmrepl failover complete {name}`)."),
+            ))
+        }
+        (None, _) => {
+            return Err(err(
+                ErrorCode::WrongState,
+                format!("VM {name} has not failed over to this host; reverse replication follows a failover."),
+            ))
+        }
+    };
+    let mut settings = settings;
+    if settings.replica_server.is_empty() {
+        // Back to where the old primary said it listens, under the name its certificate has.
+        settings.replica_server = row.primary_server.clone().ok_or_else(|| {
+            err(
+                ErrorCode::InvalidInput,
+                format!("The old primary {} never said where it listens; give --replica-server HOST:PORT.", row.primary_host),
+            )
+        })?;
+        settings
+            .replica_host_name
+            .get_or_insert_with(|| row.primary_host.clone());
+    }
+    settings
+        .validate()
+        .map_err(|m| err(ErrorCode::InvalidInput, format!("Invalid replication settings: {m}.")))?;
+    let def = d
+        .vmm
+        .definition(row.vm_uuid)
+        .ok_or_else(|| err(ErrorCode::NotFound, format!("The failed-over VM {name} is gone.")))?;
+    let (mut client, theirs) = replication::connect(d, &settings).await.map_err(|e| {
+        err(
+            ErrorCode::Peer,
+            format!("Cannot reach {} to reverse replication: {e}. Nothing was changed.", settings.replica_server),
+        )
+    })?;
+    let problems = theirs.can_run(&def);
+    if !problems.is_empty() {
+        return Err(err(
+            ErrorCode::Unsupported,
+            format!(
+                "{} cannot run VM {name}: {}. Nothing was changed.",
+                theirs.host_name,
+                problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")
+            ),
+        ));
+    }
+    let mut replica_vm = def.clone();
+    replica_vm
+        .disks
+        .retain(|x| !settings.exclude_disks.contains(&x.id));
+    let policy = PointPolicy {
+        keep: settings.recovery_points,
+        interval_secs: settings.recovery_point_interval_secs,
+    };
+    let my_addr = d.cfg.read().expect("cfg").listen.clone();
+    let answer = client
+        .request(&PeerRequest::ReverseReplica {
+            vm: Box::new(replica_vm),
+            relationship: f.relationship,
+            policy,
+            base_sequence: if f.planned { f.point_seq } else { 0 },
+            primary_server: Some(my_addr),
+        })
+        .await
+        .map_err(|e| err(ErrorCode::Peer, format!("{e}. Nothing was changed.")))?;
+    let (delta, reason) = match answer {
+        PeerResponse::Reversed {
+            delta,
+            full_copy_reason,
+        } => (delta, full_copy_reason),
+        PeerResponse::Refused { message, code } => {
+            let hint = if code == RefusalCode::NotAuthorized || code == RefusalCode::Disabled {
+                format!(" On {}, enable its replica server and authorize this host ({}).", theirs.host_name, d.vmm.caps().host_name)
+            } else {
+                String::new()
+            };
+            return Err(err(
+                ErrorCode::Peer,
+                format!("{} refused to become the replica of {name}: {message}.{hint} Nothing was changed.", theirs.host_name),
+            ));
+        }
+        other => {
+            return Err(err(
+                ErrorCode::Peer,
+                format!("Unexpected answer from {}: {other:?}", theirs.host_name),
+            ))
+        }
+    };
+    let (state, acked) = if delta {
+        (ReplicationState::Replicating, f.point_seq)
+    } else {
+        (ReplicationState::WaitingForInitialReplication, 0)
+    };
+    let note = reason
+        .as_ref()
+        .map(|r| format!("full copy: no common base with {} ({r})", theirs.host_name));
+    replication::insert(
+        d,
+        row.vm_uuid,
+        f.relationship,
+        &settings,
+        &theirs.host_name,
+        state,
+        acked,
+        note.as_deref(),
+    )?;
+    {
+        let db = d.db.lock().expect("db");
+        replica::delete(&db, row.vm_uuid).map_err(internal)?;
+    }
+    replication::spawn(d, row.vm_uuid);
+    Ok(if delta {
+        format!("Replication of {name} reversed: this host is now its primary and {} its replica; only the changes since the failover (log {}) are sent.", theirs.host_name, f.point_seq)
+    } else {
+        format!(
+            "Replication of {name} reversed to {}, with a full copy: {}.",
+            theirs.host_name,
+            reason.unwrap_or_default()
+        )
+    })
+}
+
+// ------------------------------------------------------------------ peer side
+
+type Refusal = (RefusalCode, String);
+
+/// `PrimaryState`: answered only to the host this one replicates the VM to.
+pub fn primary_state(d: &Daemon, peer: &str, vm_uuid: Uuid) -> Result<PeerResponse, Refusal> {
+    let rel = replication::load(d, vm_uuid)
+        .filter(|r| r.replica_name.eq_ignore_ascii_case(peer))
+        .ok_or_else(|| {
+            (
+                RefusalCode::UnknownVm,
+                format!("this host does not replicate VM {vm_uuid} to {peer}"),
+            )
+        })?;
+    Ok(PeerResponse::PrimaryState {
+        running: replica::vm_running(d, vm_uuid),
+        prepared_seq: (rel.state == ReplicationState::SyncedReplicationComplete)
+            .then_some(rel.acked_seq),
+    })
+}
+
+/// Decides whether this host's copy of `vm` is the common base at `base_seq` for `peer`.
+pub fn common_base(d: &Daemon, peer: &str, vm: &VmDefinition, base_seq: u64) -> Result<(), String> {
+    let local = d
+        .vmm
+        .definition(vm.uuid)
+        .ok_or_else(|| "this host has no copy of the VM".to_string())?;
+    let rel = replication::load(d, vm.uuid)
+        .ok_or_else(|| "this host no longer replicates the VM".to_string())?;
+    if !rel.replica_name.eq_ignore_ascii_case(peer) {
+        return Err(format!("this host replicated the VM to {}, not to {peer}", rel.replica_name));
+    }
+    if base_seq == 0 {
+        return Err("the failover was not planned, so this host may hold writes the replica never received".into());
+    }
+    if rel.state != ReplicationState::SyncedReplicationComplete || rel.acked_seq != base_seq {
+        return Err(format!(
+            "this host was not prepared for a planned failover at log {base_seq} (replication is {}, last log {})",
+            rel.state, rel.acked_seq
+        ));
+    }
+    let mine: Vec<(&str, u64)> = local.disks.iter().map(|x| (x.id.as_str(), x.size_bytes)).collect();
+    let theirs: Vec<(&str, u64)> = vm.disks.iter().map(|x| (x.id.as_str(), x.size_bytes)).collect();
+    if mine != theirs {
+        return Err(format!("the disks differ (here {mine:?}, there {theirs:?})"));
+    }
+    if !rel.settings.exclude_disks.is_empty() {
+        return Err("some disks were excluded from replication, so this host's copy is not the replica's".into());
+    }
+    Ok(())
+}
+
+/// The old primary's side of a reverse: its VM stops being a VM here and becomes the
+/// replica of the failed-over one. With a common base its disks (and NVRAM) are adopted as
+/// the replica's base at `base_seq`; otherwise they are deleted and the replica starts empty.
+pub async fn take_over_as_replica(
+    d: &Arc<Daemon>,
+    peer: &str,
+    vm: &VmDefinition,
+    storage_root: &Path,
+    base_seq: u64,
+) -> Result<Result<(), String>, Refusal> {
+    let Some(local) = d.vmm.definition(vm.uuid) else {
+        return Ok(Err("this host has no copy of the VM".into()));
+    };
+    if replica::vm_running(d, vm.uuid) {
+        return Err((
+            RefusalCode::VmRunning,
+            format!("VM {} runs on this host; it cannot become a replica while it runs", local.name),
+        ));
+    }
+    let base = common_base(d, peer, vm, base_seq);
+    let internal = |e: String| (RefusalCode::Internal, e);
+    let rel = replication::load(d, vm.uuid);
+    if let Some(rel) = &rel {
+        // Tracking of the old relationship ends here (its bitmaps would record forever).
+        let tag = RelTag::from_uuid(&rel.rel_id);
+        let staging = d.dd.staging();
+        with_offline_disks(d, &local, |qmp, ids| async move {
+            vmrepl_tracking::stop_tracking(&qmp, tag, &ids, Some(&staging)).await
+        })
+        .await
+        .map_err(|e| internal(format!("cannot end change tracking on this host's copy: {e}")))?;
+    }
+    if base.is_ok() {
+        let root = storage_root.to_path_buf();
+        let local2 = local.clone();
+        let defv = serde_json::to_value(vm).map_err(|e| internal(e.to_string()))?;
+        let unix_ms = crate::db::now_ms() as i64;
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
+            let disks: Vec<(&str, u64, &Path)> = local2
+                .disks
+                .iter()
+                .map(|x| (x.id.as_str(), x.size_bytes, x.path.as_path()))
+                .collect();
+            ReplicaStore::adopt(&root, local2.uuid, &defv, &disks, local2.nvram.as_deref(), (base_seq, unix_ms))
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| internal(e.to_string()))?
+        .map_err(|e| internal(format!("cannot adopt this host's disks as the replica: {e}")))?;
+    }
+    // The VM now lives on the peer: drop it here (with the adoption its data lives on as the
+    // replica's base, through the store's own links).
+    replication::delete_row(d, vm.uuid);
+    d.vmm
+        .delete(&local.name, false)
+        .await
+        .map_err(|e| internal(e.message))?;
+    Ok(base)
+}
