@@ -126,7 +126,12 @@ pub async fn prepare(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError>
     d.vmm.set_failover_lock(vm.uuid, true).await?;
     match replication::replicate_now(d, vm.uuid, vmrepl_log::Consistency::Planned).await {
         Ok(seq) if replication::load(d, vm.uuid).is_some_and(|r| r.last_error.is_none()) => {
-            replication::set_state(d, vm.uuid, ReplicationState::SyncedReplicationComplete, None);
+            replication::set_state(
+                d,
+                vm.uuid,
+                ReplicationState::SyncedReplicationComplete,
+                None,
+            );
             Ok(format!(
                 "VM {name} is prepared for a planned failover: its last changes (log {seq}) are on {} and it cannot be started here. Next, on {}: `vmrepl failover start {name}`.",
                 rel.replica_name, rel.replica_name
@@ -203,7 +208,8 @@ pub async fn cancel(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> 
     }
     d.vmm.delete(name, false).await?;
     let db = d.db.lock().expect("db");
-    replica::set_failover(&db, row.vm_uuid, None, ReplicationState::Replicating).map_err(internal)?;
+    replica::set_failover(&db, row.vm_uuid, None, ReplicationState::Replicating)
+        .map_err(internal)?;
     let _ = db.event(
         Some(row.vm_uuid),
         &format!("failover to point {} cancelled", f.point_seq),
@@ -375,9 +381,12 @@ pub async fn start(
     let dir = replica::vm_dir(&row);
     let lock = replica::vm_lock(&dir);
     let _g = lock.lock().await;
-    let last = replica::apply_and_record(d, &row)
-        .await
-        .map_err(|e| err(ErrorCode::Io, format!("The replica of {name} cannot apply its received logs: {e}")))?;
+    let last = replica::apply_and_record(d, &row).await.map_err(|e| {
+        err(
+            ErrorCode::Io,
+            format!("The replica of {name} cannot apply its received logs: {e}"),
+        )
+    })?;
     if let Some(s) = prepared {
         if last != s {
             return Err(err(
@@ -486,10 +495,12 @@ pub async fn complete(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError
             ))
         }
     }
-    let def = d
-        .vmm
-        .definition(row.vm_uuid)
-        .ok_or_else(|| err(ErrorCode::NotFound, format!("The failed-over VM {name} is gone.")))?;
+    let def = d.vmm.definition(row.vm_uuid).ok_or_else(|| {
+        err(
+            ErrorCode::NotFound,
+            format!("The failed-over VM {name} is gone."),
+        )
+    })?;
     {
         let _op = d.vmm.op_lock(row.vm_uuid).await;
         match d.vmm.live_process(row.vm_uuid).await {
@@ -511,9 +522,17 @@ pub async fn complete(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError
     let _g = lock.lock().await;
     drop_store(&row).await;
     let db = d.db.lock().expect("db");
-    replica::set_failover(&db, row.vm_uuid, row.failover.as_ref(), ReplicationState::FailedOver)
-        .map_err(internal)?;
-    let _ = db.event(Some(row.vm_uuid), "failover completed; other recovery points dropped");
+    replica::set_failover(
+        &db,
+        row.vm_uuid,
+        row.failover.as_ref(),
+        ReplicationState::FailedOver,
+    )
+    .map_err(internal)?;
+    let _ = db.event(
+        Some(row.vm_uuid),
+        "failover completed; other recovery points dropped",
+    );
     Ok(format!(
         "Failover of {name} completed: the VM keeps point {} and everything it wrote since; the other recovery points are gone. `vmrepl replication reverse {name}` replicates it back to {}.",
         row.failover.as_ref().map(|f| f.point_seq).unwrap_or_default(),
@@ -661,17 +680,25 @@ pub async fn reverse(
             .replica_host_name
             .get_or_insert_with(|| row.primary_host.clone());
     }
-    settings
-        .validate()
-        .map_err(|m| err(ErrorCode::InvalidInput, format!("Invalid replication settings: {m}.")))?;
-    let def = d
-        .vmm
-        .definition(row.vm_uuid)
-        .ok_or_else(|| err(ErrorCode::NotFound, format!("The failed-over VM {name} is gone.")))?;
+    settings.validate().map_err(|m| {
+        err(
+            ErrorCode::InvalidInput,
+            format!("Invalid replication settings: {m}."),
+        )
+    })?;
+    let def = d.vmm.definition(row.vm_uuid).ok_or_else(|| {
+        err(
+            ErrorCode::NotFound,
+            format!("The failed-over VM {name} is gone."),
+        )
+    })?;
     let (mut client, theirs) = replication::connect(d, &settings).await.map_err(|e| {
         err(
             ErrorCode::Peer,
-            format!("Cannot reach {} to reverse replication: {e}. Nothing was changed.", settings.replica_server),
+            format!(
+                "Cannot reach {} to reverse replication: {e}. Nothing was changed.",
+                settings.replica_server
+            ),
         )
     })?;
     let problems = theirs.can_run(&def);
@@ -681,7 +708,11 @@ pub async fn reverse(
             format!(
                 "{} cannot run VM {name}: {}. Nothing was changed.",
                 theirs.host_name,
-                problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")
+                problems
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
             ),
         ));
     }
@@ -711,7 +742,11 @@ pub async fn reverse(
         } => (delta, full_copy_reason),
         PeerResponse::Refused { message, code } => {
             let hint = if code == RefusalCode::NotAuthorized || code == RefusalCode::Disabled {
-                format!(" On {}, enable its replica server and authorize this host ({}).", theirs.host_name, d.vmm.caps().host_name)
+                format!(
+                    " On {}, enable its replica server and authorize this host ({}).",
+                    theirs.host_name,
+                    d.vmm.caps().host_name
+                )
             } else {
                 String::new()
             };
@@ -791,10 +826,16 @@ pub fn common_base(d: &Daemon, peer: &str, vm: &VmDefinition, base_seq: u64) -> 
     let rel = replication::load(d, vm.uuid)
         .ok_or_else(|| "this host no longer replicates the VM".to_string())?;
     if !rel.replica_name.eq_ignore_ascii_case(peer) {
-        return Err(format!("this host replicated the VM to {}, not to {peer}", rel.replica_name));
+        return Err(format!(
+            "this host replicated the VM to {}, not to {peer}",
+            rel.replica_name
+        ));
     }
     if base_seq == 0 {
-        return Err("the failover was not planned, so this host may hold writes the replica never received".into());
+        return Err(
+            "the failover was not planned, so this host may hold writes the replica never received"
+                .into(),
+        );
     }
     if rel.state != ReplicationState::SyncedReplicationComplete || rel.acked_seq != base_seq {
         return Err(format!(
@@ -802,13 +843,26 @@ pub fn common_base(d: &Daemon, peer: &str, vm: &VmDefinition, base_seq: u64) -> 
             rel.state, rel.acked_seq
         ));
     }
-    let mine: Vec<(&str, u64)> = local.disks.iter().map(|x| (x.id.as_str(), x.size_bytes)).collect();
-    let theirs: Vec<(&str, u64)> = vm.disks.iter().map(|x| (x.id.as_str(), x.size_bytes)).collect();
+    let mine: Vec<(&str, u64)> = local
+        .disks
+        .iter()
+        .map(|x| (x.id.as_str(), x.size_bytes))
+        .collect();
+    let theirs: Vec<(&str, u64)> = vm
+        .disks
+        .iter()
+        .map(|x| (x.id.as_str(), x.size_bytes))
+        .collect();
     if mine != theirs {
-        return Err(format!("the disks differ (here {mine:?}, there {theirs:?})"));
+        return Err(format!(
+            "the disks differ (here {mine:?}, there {theirs:?})"
+        ));
     }
     if !rel.settings.exclude_disks.is_empty() {
-        return Err("some disks were excluded from replication, so this host's copy is not the replica's".into());
+        return Err(
+            "some disks were excluded from replication, so this host's copy is not the replica's"
+                .into(),
+        );
     }
     Ok(())
 }
@@ -829,7 +883,10 @@ pub async fn take_over_as_replica(
     if replica::vm_running(d, vm.uuid) {
         return Err((
             RefusalCode::VmRunning,
-            format!("VM {} runs on this host; it cannot become a replica while it runs", local.name),
+            format!(
+                "VM {} runs on this host; it cannot become a replica while it runs",
+                local.name
+            ),
         ));
     }
     let base = common_base(d, peer, vm, base_seq);
@@ -843,7 +900,11 @@ pub async fn take_over_as_replica(
             vmrepl_tracking::stop_tracking(&qmp, tag, &ids, Some(&staging)).await
         })
         .await
-        .map_err(|e| internal(format!("cannot end change tracking on this host's copy: {e}")))?;
+        .map_err(|e| {
+            internal(format!(
+                "cannot end change tracking on this host's copy: {e}"
+            ))
+        })?;
     }
     if base.is_ok() {
         let root = storage_root.to_path_buf();
@@ -857,13 +918,24 @@ pub async fn take_over_as_replica(
                 .iter()
                 .map(|x| (x.id.as_str(), x.size_bytes, x.path.as_path()))
                 .collect();
-            ReplicaStore::adopt(&root, local2.uuid, &defv, &disks, local2.nvram.as_deref(), (base_seq, unix_ms))
-                .map(drop)
-                .map_err(|e| e.to_string())
+            ReplicaStore::adopt(
+                &root,
+                local2.uuid,
+                &defv,
+                &disks,
+                local2.nvram.as_deref(),
+                (base_seq, unix_ms),
+            )
+            .map(drop)
+            .map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| internal(e.to_string()))?
-        .map_err(|e| internal(format!("cannot adopt this host's disks as the replica: {e}")))?;
+        .map_err(|e| {
+            internal(format!(
+                "cannot adopt this host's disks as the replica: {e}"
+            ))
+        })?;
     }
     // The VM now lives on the peer: drop it here (with the adoption its data lives on as the
     // replica's base, through the store's own links).

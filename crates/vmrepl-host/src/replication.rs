@@ -337,7 +337,16 @@ pub async fn enable(
         InitialReplication::NetworkAt { .. } => ReplicationState::ReadyForInitialReplication,
         _ => ReplicationState::WaitingForInitialReplication,
     };
-    insert(d, vm.uuid, rel_id, &settings, &theirs.host_name, state, 0, None)?;
+    insert(
+        d,
+        vm.uuid,
+        rel_id,
+        &settings,
+        &theirs.host_name,
+        state,
+        0,
+        None,
+    )?;
     spawn(d, vm.uuid);
     Ok(format!(
         "Replication of {name} to {} enabled ({}); initial replication {}.",

@@ -778,7 +778,10 @@ impl Vmm {
         if db.vm_by_uuid(def.uuid).map_err(db_err)?.is_some() {
             return Err(err(
                 ErrorCode::AlreadyExists,
-                format!("VM {} already exists on this host (nothing was changed).", def.uuid),
+                format!(
+                    "VM {} already exists on this host (nothing was changed).",
+                    def.uuid
+                ),
             ));
         }
         db.insert_vm(def).map_err(db_err)?;

@@ -395,10 +395,9 @@ async fn reverse_replica(
                 .join("; "),
         ));
     }
-    let base =
-        crate::failover::take_over_as_replica(daemon, peer, &vm, &grant.storage, base_seq)
-            .await
-            .map_err(|(c, m)| refuse(c, m))?;
+    let base = crate::failover::take_over_as_replica(daemon, peer, &vm, &grant.storage, base_seq)
+        .await
+        .map_err(|(c, m)| refuse(c, m))?;
     match base {
         Ok(()) => {
             create_replica(

@@ -225,6 +225,11 @@ impl Drop for Host {
         if self.started {
             let _ = self.run(&["stop"]);
         }
+        // VMREPL_KEEP_FAILED=1 keeps a failed test's data folders (daemon.log, images).
+        if std::thread::panicking() && std::env::var_os("VMREPL_KEEP_FAILED").is_some() {
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+            eprintln!("kept {} for {}", dir.keep().display(), self.name);
+        }
     }
 }
 
@@ -299,4 +304,153 @@ pub fn verify_image(img: &Path, blocks: u32, gen_arg: &str, gen: u64) -> String 
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static M: std::sync::Mutex<()> = std::sync::Mutex::new(());
     M.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Two hosts that trust each other's built-in CA; B is a replica server authorizing A.
+pub fn pair(a_ip: &str, b_ip: &str, trust_group: &str) -> (Host, Host, PathBuf) {
+    let mut a = Host::init("hosta.test", a_ip);
+    let mut b = Host::init("hostb.test", b_ip);
+    let a_ca = a.data().join("tls/ca.pem");
+    let b_ca = b.data().join("tls/ca.pem");
+    a.ok(&["host", "trust", b_ca.to_str().unwrap()]);
+    b.ok(&["host", "trust", a_ca.to_str().unwrap()]);
+    a.start();
+    b.start();
+    let store = b.data().join("replicas-from-a");
+    b.ok(&["replication", "server", "set", "--enable"]);
+    b.ok(&[
+        "replication",
+        "server",
+        "authorize",
+        "--primary",
+        "hosta.test",
+        "--storage",
+        store.to_str().unwrap(),
+        "--trust-group",
+        trust_group,
+    ]);
+    (a, b, store)
+}
+
+/// `replication enable VM` towards `b`, under the certificate name `name`, with `extra` options.
+pub fn enable(a: &Host, b: &Host, vm: &str, name: &str, extra: &[&str]) -> std::process::Output {
+    let server = format!("{}:{}", b.ip, b.port);
+    let mut args = vec![
+        "replication",
+        "enable",
+        vm,
+        "--replica-server",
+        &server,
+        "--replica-name",
+        name,
+    ];
+    args.extend_from_slice(extra);
+    a.run(&args)
+}
+
+pub fn refused(o: std::process::Output) -> String {
+    assert!(
+        !o.status.success(),
+        "accepted: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn status(h: &Host, vm: &str) -> serde_json::Value {
+    h.json(&["replication", "status", vm])["relationships"][0].clone()
+}
+
+pub fn acked(h: &Host, vm: &str) -> u64 {
+    status(h, vm)["last_sequence"].as_u64().unwrap()
+}
+
+pub fn last_stopped_gen(console: &str, dev: &str) -> u64 {
+    console
+        .lines()
+        .filter_map(|l| {
+            l.trim_end_matches('\r')
+                .strip_prefix(&format!("VMREPL STOPPED dev={dev} gen="))
+        })
+        .filter_map(|g| g.trim().parse().ok())
+        .next_back()
+        .unwrap_or_else(|| panic!("no STOPPED line for {dev} in:\n{console}"))
+}
+
+/// Makes `h` a replica server that authorizes `primary` into `storage`.
+pub fn serve_replicas_for(h: &Host, primary: &str, storage: &Path) {
+    h.ok(&["replication", "server", "set", "--enable"]);
+    h.ok(&[
+        "replication",
+        "server",
+        "authorize",
+        "--primary",
+        primary,
+        "--storage",
+        storage.to_str().unwrap(),
+    ]);
+}
+
+/// What the guest's `check` step found on a disk (its VERIFY line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub ok: u64,
+    pub bad: u64,
+    pub zero: u64,
+    pub min_gen: Option<u64>,
+    pub max_gen: Option<u64>,
+    pub pass: bool,
+}
+
+/// The guest's last VERIFY line for `dev` on the console, once it printed one.
+pub fn guest_check(h: &Host, vm: &str, dev: &str) -> Check {
+    let needle = format!("VMREPL VERIFY dev={dev} ");
+    let console = h.wait_console(vm, &needle, Duration::from_secs(180));
+    let line = console
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .next_back()
+        .unwrap()
+        .trim_end_matches('\r')
+        .to_string();
+    let field = |k: &str| -> Option<String> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")).map(str::to_string))
+    };
+    let num = |k: &str| field(k).and_then(|v| v.parse().ok());
+    Check {
+        ok: num("ok").unwrap_or(0),
+        bad: num("bad").unwrap_or(u64::MAX),
+        zero: num("zero").unwrap_or(u64::MAX),
+        min_gen: num("min_gen"),
+        max_gen: num("max_gen"),
+        pass: field("result").as_deref() == Some("pass"),
+    }
+}
+
+/// The path of a VM's disk `i` on host `h`.
+pub fn disk_path(h: &Host, vm: &str, i: usize) -> PathBuf {
+    h.json(&["vm", "show", vm])["definition"]["disks"][i]["path"]
+        .as_str()
+        .unwrap()
+        .into()
+}
+
+/// `qemu-img compare` of two images (read without locks).
+pub fn same_content(a: &Path, b: &Path) -> Result<(), String> {
+    let o = Command::new("qemu-img")
+        .args(["compare", "-U"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ))
+    }
 }
