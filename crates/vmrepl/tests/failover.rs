@@ -190,3 +190,208 @@ fn planned_failover_and_failback_keep_every_write_and_reverse_without_a_full_cop
         machine
     );
 }
+
+/// Frozen recovery points on the replica host, oldest first.
+fn frozen_points(h: &Host) -> Vec<u64> {
+    h.json(&["replication", "points", "app"])["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["latest"] == false)
+        .map(|p| p["seq"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn unplanned_failover_to_an_older_point_cancel_another_point_complete_and_reverse_with_a_full_copy()
+{
+    let _s = serial();
+    let (mut a, b, _) = replicating_pair(
+        "127.0.0.23",
+        "127.0.0.24",
+        &["--recovery-points", "4", "--point-interval", "5"],
+    );
+    wait_until("three recovery points", T, || frozen_points(&b).len() >= 3);
+
+    // I6: the primary says the VM runs there.
+    let e = b.fails(&["failover", "start", "app"]);
+    assert!(e.contains("running on the primary"), "{e}");
+    // Bad input on the replica: nothing to complete or cancel, a point that does not exist.
+    let e = b.fails(&["failover", "complete", "app", "--yes"]);
+    assert!(e.contains("has not failed over"), "{e}");
+    let e = b.fails(&["failover", "cancel", "app"]);
+    assert!(e.contains("has not failed over"), "{e}");
+    let e = a.fails(&["failover", "start", "app"]);
+    assert!(e.contains("keeps no replica"), "{e}");
+
+    // The primary host is lost (its VM killed, its daemon gone).
+    a.ok(&["vm", "stop", "app"]);
+    a.stop_daemon();
+    let e = b.fails(&["failover", "start", "app"]);
+    assert!(
+        e.contains("cannot be asked") && e.contains("--risk-split-brain"),
+        "{e}"
+    );
+    let points = frozen_points(&b);
+    let (oldest, newest) = (points[0], *points.last().unwrap());
+    let e = b.fails(&[
+        "failover",
+        "start",
+        "app",
+        "--point",
+        "999999",
+        "--risk-split-brain",
+    ]);
+    assert!(
+        e.contains("999999") && e.contains(&oldest.to_string()),
+        "{e}"
+    );
+    assert!(b.json(&["vm", "list"])["vms"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // An older point first: the guest finds every block intact there.
+    let out = b.ok(&[
+        "failover",
+        "start",
+        "app",
+        "--point",
+        &oldest.to_string(),
+        "--risk-split-brain",
+        "--start",
+    ]);
+    assert!(out.contains(&format!("point {oldest}")), "{out}");
+    let old = guest_check(&b, "app", "vda");
+    assert!(old.pass && old.bad == 0 && old.zero == 0, "{old:?}");
+    assert_eq!(status(&b, "app")["state"], "failed-over-waiting-completion");
+    // Wrong point: cancel, and the points are as before.
+    b.ok(&["failover", "cancel", "app"]);
+    assert!(b.json(&["vm", "list"])["vms"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert_eq!(frozen_points(&b), points);
+    b.ok(&[
+        "failover",
+        "start",
+        "app",
+        "--point",
+        &newest.to_string(),
+        "--risk-split-brain",
+        "--start",
+    ]);
+    let new = guest_check(&b, "app", "vda");
+    assert!(new.pass && new.bad == 0 && new.zero == 0, "{new:?}");
+    assert!(
+        new.min_gen.unwrap() > old.min_gen.unwrap(),
+        "the newer point holds newer data: {old:?} then {new:?}"
+    );
+    // Complete while the VM runs: its disk leaves the point, the other points go.
+    let out = b.ok(&["failover", "complete", "app", "--yes"]);
+    assert!(out.contains("completed"), "{out}");
+    assert_eq!(b.vm_state("app"), "running");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(disk_path(&b, "app", 0))
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert!(info["backing-filename"].is_null(), "{info}");
+    let gen_now = new.max_gen.unwrap_or(0);
+    b.wait_console(
+        "app",
+        &format!("VMREPL WROTE dev=vda gen={}", gen_now + 2),
+        T,
+    );
+    let e = b.fails(&["replication", "points", "app"]);
+    assert!(e.contains("dropped"), "{e}");
+
+    // Reverse needs the old primary: unreachable, then not authorizing, then a full copy
+    // (it may hold writes the replica never got, so there is no common base).
+    let e = b.fails(&["replication", "reverse", "app", "--frequency", "5"]);
+    assert!(
+        e.contains("Cannot reach") && e.contains("Nothing was changed"),
+        "{e}"
+    );
+    a.start();
+    a.ok(&["replication", "server", "revoke", "--primary", "hostb.test"]);
+    let e = b.fails(&["replication", "reverse", "app", "--frequency", "5"]);
+    assert!(
+        e.contains("authoriz") && e.contains("Nothing was changed"),
+        "{e}"
+    );
+    assert_eq!(status(&b, "app")["state"], "failed-over");
+    assert_eq!(a.vm_state("app"), "off");
+    serve_replicas_for(&a, "hostb.test", &a.data().join("replicas-from-b"));
+    let out = b.ok(&["replication", "reverse", "app", "--frequency", "5"]);
+    assert!(out.contains("full copy"), "{out}");
+    let s = status(&b, "app");
+    assert!(s["note"].as_str().unwrap().contains("not planned"), "{s}");
+    wait_for_sequence(&b, &a, 2);
+    assert_eq!(status(&a, "app")["role"], "replica");
+    assert!(a.json(&["vm", "list"])["vms"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn test_failover_runs_beside_replication_pins_its_point_and_leaves_nothing_behind() {
+    let _s = serial();
+    let (a, b, _) = replicating_pair(
+        "127.0.0.25",
+        "127.0.0.26",
+        &["--recovery-points", "1", "--point-interval", "5"],
+    );
+    wait_until("a recovery point", T, || !frozen_points(&b).is_empty());
+    let e = b.fails(&["failover", "test", "app", "--point", "999999"]);
+    assert!(e.contains("999999"), "{e}");
+    let out = b.ok(&["failover", "test", "app"]);
+    assert!(out.contains("not connected"), "{out}");
+    let e = b.fails(&["failover", "test", "app"]);
+    assert!(e.contains("runs already"), "{e}");
+    let test_vm = b.json(&["vm", "show", "app - Test"]);
+    assert_eq!(
+        test_vm["definition"]["nics"][0]["mode"], "not-connected",
+        "{test_vm}"
+    );
+    let uuid = test_vm["definition"]["uuid"].as_str().unwrap().to_string();
+    assert_ne!(
+        uuid,
+        a.json(&["vm", "show", "app"])["definition"]["uuid"]
+            .as_str()
+            .unwrap()
+    );
+    let pinned = status(&b, "app")["note"].as_str().unwrap().to_string();
+    let seq: u64 = pinned
+        .split("from point ")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no point in {pinned:?}"));
+    b.ok(&["vm", "start", "app - Test"]);
+    let c = guest_check(&b, "app - Test", "vda");
+    assert!(c.pass && c.bad == 0 && c.zero == 0, "{c:?}");
+    // Replication goes on, and with one point kept the pinned point would long be merged.
+    let now = acked(&a, "app");
+    wait_until("four more cycles", T, || acked(&a, "app") >= now + 4);
+    let pts = frozen_points(&b);
+    assert!(
+        pts.contains(&seq),
+        "point {seq} was pruned under the test VM: {pts:?}"
+    );
+    assert_eq!(status(&a, "app")["health"], "normal");
+    b.ok(&["failover", "stop-test", "app"]);
+    assert!(b.json(&["vm", "list"])["vms"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(!b.data().join("storage").join(&uuid).exists());
+    let e = b.fails(&["failover", "stop-test", "app"]);
+    assert!(e.contains("No test failover"), "{e}");
+    // Once released, the point is pruned like any other.
+    wait_until("the pinned point merged", T, || {
+        !frozen_points(&b).contains(&seq)
+    });
+}
