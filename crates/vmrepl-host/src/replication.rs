@@ -1135,9 +1135,12 @@ pub(crate) fn wake(d: &Daemon, vm: Uuid) {
     }
 }
 
-/// Hyper-V's statistics over the monitoring window.
-fn stats(d: &Daemon, vm: Uuid) -> ReplicationStats {
-    let since = now_ms().saturating_sub(MONITORING_WINDOW_MS) as i64;
+/// Hyper-V's statistics over the monitoring window, counting only this relationship's cycles
+/// (a VM that failed over and back has had several).
+fn stats(d: &Daemon, vm: Uuid, rel_created_ms: u64) -> ReplicationStats {
+    let since = now_ms()
+        .saturating_sub(MONITORING_WINDOW_MS)
+        .max(rel_created_ms) as i64;
     let db = d.db.lock().expect("db");
     let mut s = ReplicationStats::default();
     let mut lat_total = 0.0;
@@ -1234,7 +1237,7 @@ pub fn statuses(d: &Daemon) -> Vec<ReplicationStatus> {
         let Some(def) = d.vmm.definition(vm) else {
             continue;
         };
-        let st = stats(d, vm);
+        let st = stats(d, vm, rel.created_ms);
         let last_failed = {
             let db = d.db.lock().expect("db");
             db.conn()

@@ -800,11 +800,13 @@ impl Vmm {
             .vm_by_uuid(uuid)
             .map_err(db_err)?
             .ok_or_else(|| err(ErrorCode::NotFound, format!("VM {uuid} is gone.")))?;
-        let ok = match (locked, row.state) {
-            (true, VmRunState::Off | VmRunState::Crashed | VmRunState::LockedForFailover) => true,
-            (false, VmRunState::LockedForFailover | VmRunState::Off) => true,
-            _ => false,
-        };
+        let ok = matches!(
+            (locked, row.state),
+            (
+                true,
+                VmRunState::Off | VmRunState::Crashed | VmRunState::LockedForFailover
+            ) | (false, VmRunState::LockedForFailover | VmRunState::Off)
+        );
         if !ok {
             return Err(err(
                 ErrorCode::WrongState,

@@ -235,6 +235,7 @@ async fn state(c: &mut PeerClient, uuid: Uuid) -> (u64, Option<(u64, Resume)>, V
             last_applied,
             partial,
             points,
+            ..
         } => (last_applied, partial, points),
         other => panic!("expected ReplicaState, got {other:?}"),
     }
@@ -245,6 +246,7 @@ async fn create(c: &mut PeerClient, theirs: &HostInfo, uuid: Uuid) -> PeerRespon
         vm: Box::new(vm_def(theirs, uuid)),
         relationship: Uuid::from_u128(7),
         policy: policy(),
+        primary_server: None,
     })
     .await
     .unwrap()
@@ -303,12 +305,12 @@ async fn an_unauthorized_primary_is_refused_and_nothing_is_created() {
         .await
         .unwrap();
     assert_eq!(refused(&r).0, RefusalCode::NotAuthorized);
-    // VmRunning needs no authorization.
+    // Whether a VM runs is told only to the host it is replicated to.
     let r = c
-        .request(&PeerRequest::VmRunning { vm_uuid: uuid })
+        .request(&PeerRequest::PrimaryState { vm_uuid: uuid })
         .await
         .unwrap();
-    assert_eq!(r, PeerResponse::Running { running: false });
+    assert_eq!(refused(&r).0, RefusalCode::UnknownVm);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -400,6 +402,7 @@ async fn a_primary_of_another_trust_group_may_not_send_logs() {
             vm: Box::new(vm_def(&theirs, uuid)),
             relationship: Uuid::from_u128(8),
             policy: policy(),
+            primary_server: None,
         })
         .await
         .unwrap();

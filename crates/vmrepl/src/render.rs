@@ -156,12 +156,12 @@ fn vm(v: &VmSummary) {
 
 fn vm_list(vms: &[VmSummary]) {
     println!(
-        "{:<24} {:<14} {:<4} {:<16} {:<8}",
+        "{:<24} {:<20} {:<4} {:<16} {:<8}",
         "NAME", "STATE", "GEN", "MACHINE", "PID"
     );
     for v in vms {
         println!(
-            "{:<24} {:<14} {:<4} {:<16} {:<8}",
+            "{:<24} {:<20} {:<4} {:<16} {:<8}",
             v.definition.name.as_str(),
             v.state.to_string(),
             v.definition.generation.number(),

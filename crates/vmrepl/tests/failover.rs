@@ -9,7 +9,6 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const BLOCKS: u32 = 256;
 const WORK: &str = "check:vda:256,writeloop:vda:256:300";
 const T: Duration = Duration::from_secs(180);
 

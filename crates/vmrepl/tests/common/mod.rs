@@ -408,8 +408,7 @@ pub fn guest_check(h: &Host, vm: &str, dev: &str) -> Check {
     let console = h.wait_console(vm, &needle, Duration::from_secs(180));
     let line = console
         .lines()
-        .filter(|l| l.contains(&needle))
-        .next_back()
+        .rfind(|l| l.contains(&needle))
         .unwrap()
         .trim_end_matches('\r')
         .to_string();
