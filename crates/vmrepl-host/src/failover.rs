@@ -891,6 +891,13 @@ pub async fn take_over_as_replica(
     }
     let base = common_base(d, peer, vm, base_seq);
     let internal = |e: String| (RefusalCode::Internal, e);
+    // No cycle of the old relationship may run from here on, and nobody may start the VM.
+    replication::stop_scheduler(d, vm.uuid);
+    d.vmm
+        .set_failover_lock(vm.uuid, true)
+        .await
+        .map_err(|e| (RefusalCode::VmRunning, e.message))?;
+    let op = d.vmm.op_lock(vm.uuid).await;
     let rel = replication::load(d, vm.uuid);
     if let Some(rel) = &rel {
         // Tracking of the old relationship ends here (its bitmaps would record forever).
@@ -937,9 +944,10 @@ pub async fn take_over_as_replica(
             ))
         })?;
     }
+    replication::delete_row(d, vm.uuid);
+    drop(op);
     // The VM now lives on the peer: drop it here (with the adoption its data lives on as the
     // replica's base, through the store's own links).
-    replication::delete_row(d, vm.uuid);
     d.vmm
         .delete(&local.name, false)
         .await

@@ -399,12 +399,17 @@ pub(crate) fn insert(
     Ok(())
 }
 
-/// Drops a relationship's row (the scheduler ends when it finds no row).
-pub(crate) fn delete_row(d: &Daemon, vm: Uuid) {
+/// Ends a relationship's scheduler (a cycle in flight finishes; none starts after it).
+pub(crate) fn stop_scheduler(d: &Daemon, vm: Uuid) {
     if let Some(rt) = d.repl.rels.lock().expect("rels").remove(&vm) {
         rt.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         rt.wake.notify_one();
     }
+}
+
+/// Drops a relationship's row and ends its scheduler.
+pub(crate) fn delete_row(d: &Daemon, vm: Uuid) {
+    stop_scheduler(d, vm);
     let db = d.db.lock().expect("db");
     let _ = db.conn().execute(
         "DELETE FROM relationships WHERE vm_uuid = ?1",
@@ -585,6 +590,9 @@ async fn run_cycle(
     consistency: vmrepl_log::Consistency,
 ) -> Result<(), String> {
     let _op = d.vmm.op_lock(vm_uuid).await;
+    if rt.stop.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok(());
+    }
     let Some(rel) = load(d, vm_uuid) else {
         return Ok(());
     };
@@ -1069,10 +1077,7 @@ pub async fn remove(
 ) -> Result<String, ApiError> {
     let vm = d.vmm.show(name)?.definition;
     let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
-    if let Some(rt) = d.repl.rels.lock().expect("rels").remove(&vm.uuid) {
-        rt.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        rt.wake.notify_one();
-    }
+    stop_scheduler(d, vm.uuid);
     let _op = d.vmm.op_lock(vm.uuid).await;
     let replica_note = match connect(d, &rel.settings).await {
         Ok((mut c, _)) => match c
