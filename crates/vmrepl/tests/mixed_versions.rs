@@ -1,0 +1,139 @@
+//! End to end, mixed versions (I7): an "older" host whose QEMU lacks the newest machine types
+//! replicates a VM to a newer host, fails over and fails back; the VM's pinned machine type never
+//! changes, and a host that cannot run a VM is named with what it lacks, before anything changes.
+//!
+//! The older QEMU is the real one behind a thin wrapper that leaves the given machine types out
+//! of `-machine help` (what an older QEMU reports), and runs everything else unchanged.
+
+mod common;
+use common::*;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const WORK: &str = "check:vda:64,writeloop:vda:64:300";
+const T: Duration = Duration::from_secs(180);
+
+/// A QEMU that lacks `hidden` machine types; aliases fall back to `alias_to`.
+fn older_qemu(dir: &Path, name: &str, hidden: &[&str], alias_to: &str) -> PathBuf {
+    let p = dir.join(name);
+    let del: String = hidden
+        .iter()
+        .map(|m| format!("/^{} /d;", m.replace('.', "\\.")))
+        .collect();
+    let script = format!(
+        "#!/bin/sh\n# vmrepl test: the real QEMU without {hidden:?}\nfor a in \"$@\"; do\n  if [ \"$a\" = help ]; then\n    qemu-system-x86_64 \"$@\" | sed -e '{del}' -e 's/(alias of pc-i440fx-[0-9.]*)/(alias of {alias_to})/' -e 's/ (default)//'\n    exit 0\n  fi\ndone\nexec qemu-system-x86_64 \"$@\"\n"
+    );
+    std::fs::write(&p, script).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+fn machine(h: &Host, vm: &str) -> String {
+    h.json(&["vm", "show", vm])["definition"]["machine_type"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Points `h`'s configuration at another QEMU and restarts its daemon.
+fn switch_qemu(h: &mut Host, qemu: &Path) {
+    h.stop_daemon();
+    let cfg = h.data().join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text: String = text
+        .lines()
+        .filter(|l| !l.starts_with("qemu_binary"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let text = format!("qemu_binary = {:?}\n{text}", qemu.display().to_string());
+    std::fs::write(&cfg, text).unwrap();
+    h.start();
+}
+
+#[test]
+fn a_vm_from_an_older_host_fails_over_to_a_newer_one_and_back_and_incapable_hosts_are_named() {
+    let _s = serial();
+    let tools = tempfile::tempdir().unwrap();
+    let q71 = older_qemu(
+        tools.path(),
+        "qemu-7.1-like",
+        &["pc-i440fx-7.2", "pc-q35-7.2"],
+        "pc-i440fx-7.1",
+    );
+    let (mut a, mut b, _) = pair("127.0.0.27", "127.0.0.28", "DEFAULT");
+    switch_qemu(&mut a, &q71);
+    serve_replicas_for(&a, "hostb.test", &a.data().join("replicas-from-b"));
+    let caps = a.json(&["host", "info"]);
+    assert!(
+        !caps["machine_types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m == "pc-i440fx-7.2"),
+        "{caps}"
+    );
+
+    // A VM of the newer host cannot go to the older one: refused before anything exists.
+    b.ok(&["vm", "create", "new", "--generation", "1", "--disk", "8M"]);
+    assert_eq!(machine(&b, "new"), "pc-i440fx-7.2");
+    let e = refused(enable(&b, &a, "new", "hosta.test", &[]));
+    assert!(
+        e.contains("pc-i440fx-7.2") && e.contains("Nothing was changed"),
+        "{e}"
+    );
+    assert!(b.json(&["replication", "status"])["relationships"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // The older host's VM replicates to the newer host, fails over there and comes back.
+    create_guest_vm(&a, "old", "1", &["8M"], WORK);
+    assert_eq!(machine(&a, "old"), "pc-i440fx-7.1");
+    a.ok(&["vm", "start", "old"]);
+    a.wait_console("old", "VMREPL WROTE", T);
+    let o = enable(&a, &b, "old", "hostb.test", &["--frequency", "5"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    a.ok(&["replication", "status", "old", "--watch", "--for", "180"]);
+    a.ok(&["vm", "shutdown", "old", "--timeout", "90"]);
+    a.ok(&["failover", "prepare", "old"]);
+    b.ok(&["failover", "start", "old", "--start"]);
+    assert_eq!(machine(&b, "old"), "pc-i440fx-7.1");
+    let c = guest_check(&b, "old", "vda");
+    assert!(c.pass && c.zero == 0, "{c:?}");
+    b.ok(&["replication", "reverse", "old", "--frequency", "5"]);
+    b.ok(&["vm", "shutdown", "old", "--timeout", "90"]);
+    b.ok(&["failover", "prepare", "old"]);
+    a.ok(&["failover", "start", "old", "--start"]);
+    assert_eq!(machine(&a, "old"), "pc-i440fx-7.1");
+    let c = guest_check(&a, "old", "vda");
+    assert!(c.pass && c.zero == 0, "{c:?}");
+    a.ok(&["replication", "reverse", "old", "--frequency", "5"]);
+
+    // The replica host's QEMU changes under it: a failover there is refused, naming that
+    // host and the machine type, and nothing changes.
+    a.ok(&["vm", "shutdown", "old", "--timeout", "90"]);
+    a.ok(&["failover", "prepare", "old"]);
+    let q70 = older_qemu(
+        tools.path(),
+        "qemu-7.0-like",
+        &["pc-i440fx-7.2", "pc-q35-7.2", "pc-i440fx-7.1", "pc-q35-7.1"],
+        "pc-i440fx-7.0",
+    );
+    switch_qemu(&mut b, &q70);
+    let e = b.fails(&["failover", "start", "old"]);
+    assert!(
+        e.contains("hostb.test")
+            && e.contains("pc-i440fx-7.1")
+            && e.contains("Nothing was changed"),
+        "{e}"
+    );
+    assert_eq!(status(&b, "old")["role"], "replica");
+    assert!(b.json(&["vm", "list"])["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|v| v["definition"]["name"] != "old"));
+    a.ok(&["failover", "cancel", "old"]);
+    a.ok(&["vm", "start", "old"]);
+}
