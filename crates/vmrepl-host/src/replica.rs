@@ -598,7 +598,8 @@ pub async fn recover(daemon: &Arc<Daemon>) {
             Vec::new()
         })
     };
-    for row in rows {
+    // A failed-over replica takes no logs, and after completion it has no store any more.
+    for row in rows.into_iter().filter(|r| r.failover.is_none()) {
         let lock = vm_lock(&vm_dir(&row));
         let _g = lock.lock().await;
         match apply_and_record(daemon, &row).await {

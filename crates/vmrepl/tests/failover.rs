@@ -100,7 +100,7 @@ fn wait_for_sequence(primary: &Host, replica: &Host, seq: u64) {
 #[test]
 fn planned_failover_and_failback_keep_every_write_and_reverse_without_a_full_copy() {
     let _s = serial();
-    let (a, b, _) = replicating_pair("127.0.0.21", "127.0.0.22", &[]);
+    let (a, mut b, _) = replicating_pair("127.0.0.21", "127.0.0.22", &[]);
     let machine = a.json(&["vm", "show", "app"])["definition"]["machine_type"].clone();
     let initial_bytes = sent(&a, "app");
     assert!(
@@ -131,6 +131,11 @@ fn planned_failover_and_failback_keep_every_write_and_reverse_without_a_full_cop
         def_b["machine_type"], machine,
         "I7: the machine type travels unchanged"
     );
+    let rs = status(&b, "app");
+    assert_eq!(rs["state"], "failed-over", "{rs}");
+    // A daemon restart keeps the failover as it is.
+    b.stop_daemon();
+    b.start();
     let rs = status(&b, "app");
     assert_eq!(rs["state"], "failed-over", "{rs}");
 
