@@ -399,3 +399,49 @@ fn test_failover_runs_beside_replication_pins_its_point_and_leaves_nothing_behin
         !frozen_points(&b).contains(&seq)
     });
 }
+
+#[test]
+fn a_uefi_vm_fails_over_with_its_nvram_and_reverse_replication_carries_it_back() {
+    let _s = serial();
+    let (a, b, _) = pair("127.0.0.29", "127.0.0.30", "DEFAULT");
+    serve_replicas_for(&a, "hostb.test", &a.data().join("replicas-from-b"));
+    create_guest_vm(&a, "efi", "2", &["8M"], WORK);
+    a.ok(&["vm", "start", "efi"]);
+    a.wait_console("efi", "VMREPL WROTE", T);
+    let o = enable(&a, &b, "efi", "hostb.test", &["--frequency", "5"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    a.ok(&["replication", "status", "efi", "--watch", "--for", "180"]);
+    a.ok(&["vm", "shutdown", "efi", "--timeout", "90"]);
+    let gen = last_stopped_gen(&a.console("efi"), "vda");
+    a.ok(&["failover", "prepare", "efi"]);
+    b.ok(&["failover", "start", "efi"]);
+    let nvram = |h: &Host| -> PathBuf {
+        h.json(&["vm", "show", "efi"])["definition"]["nvram"]
+            .as_str()
+            .unwrap()
+            .into()
+    };
+    let nv_a = std::fs::read(nvram(&a)).unwrap();
+    assert_eq!(
+        std::fs::read(nvram(&b)).unwrap(),
+        nv_a,
+        "the NVRAM travels with the VM"
+    );
+    same_content(&disk_path(&a, "efi", 0), &disk_path(&b, "efi", 0)).unwrap();
+    let def = b.json(&["vm", "show", "efi"])["definition"].clone();
+    assert_eq!(def["generation"], 2);
+    assert!(
+        def["machine_type"].as_str().unwrap().starts_with("pc-q35-"),
+        "{def}"
+    );
+    let out = b.ok(&["replication", "reverse", "efi", "--frequency", "5"]);
+    assert!(out.contains("only the changes"), "{out}");
+    b.ok(&["vm", "start", "efi"]);
+    let c = guest_check(&b, "efi", "vda");
+    assert!(c.pass && c.zero == 0 && c.min_gen.unwrap() >= gen, "{c:?}");
+    let now = status(&b, "efi")["last_sequence"].as_u64().unwrap();
+    wait_until("a reverse cycle of the running UEFI VM", T, || {
+        status(&b, "efi")["last_sequence"].as_u64().unwrap() > now
+    });
+    assert_eq!(status(&a, "efi")["state"], "replicating");
+}
