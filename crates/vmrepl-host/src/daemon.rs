@@ -276,8 +276,11 @@ impl Daemon {
             Request::ReplicationPause { name } => Response::Ok {
                 message: crate::replication::pause(self, &name)?,
             },
-            Request::ReplicationResume { name } => Response::Ok {
-                message: crate::replication::resume(self, &name)?,
+            Request::ReplicationResume {
+                name,
+                resynchronize,
+            } => Response::Ok {
+                message: crate::replication::resume(self, &name, resynchronize)?,
             },
             Request::ReplicationRemove {
                 name,

@@ -615,7 +615,14 @@ async fn run_cycle(
         ReplicationState::WaitingForInitialReplication
             | ReplicationState::ReadyForInitialReplication
     );
-    let kind = if initial { "initial" } else { "delta" };
+    let resync = rel.state == ReplicationState::Resynchronizing;
+    let kind = if initial {
+        "initial"
+    } else if resync {
+        "resync"
+    } else {
+        "delta"
+    };
     let fail = |msg: String, network: bool| {
         record_cycle(
             d,
@@ -633,6 +640,8 @@ async fn run_cycle(
         );
         let st = if initial {
             rel.state
+        } else if resync {
+            ReplicationState::ResynchronizationRequired
         } else {
             ReplicationState::Replicating
         };
@@ -670,6 +679,8 @@ async fn run_cycle(
     };
     let result = if initial {
         cycle.initial().await
+    } else if resync {
+        cycle.resync().await
     } else {
         cycle.delta().await
     };
@@ -784,6 +795,56 @@ impl Cycle<'_> {
                     ReplicationState::WaitingForInitialReplication,
                     None,
                 );
+                Err(e)
+            }
+        }
+    }
+
+    /// Resynchronization: the replica's latest state `l` may differ from the primary anywhere,
+    /// so tracking restarts (bitmap l+1 from one instant) and log l+1 on base l carries every
+    /// block of that instant, with the unallocated ranges as explicit zeros: applied on top of
+    /// `l` it makes the replica equal to the primary, and deltas follow. The recovery points
+    /// the replica kept stay as they were.
+    async fn resync(&mut self) -> Result<(u64, u64), CycleError> {
+        let (qmp, tag) = (self.qmp, self.tag);
+        let l = match self
+            .client
+            .call(&PeerRequest::ReplicaState {
+                vm_uuid: self.vm.uuid,
+            })
+            .await
+            .map_err(classify)?
+        {
+            PeerResponse::ReplicaState {
+                failed_over: true, ..
+            } => {
+                return Err(CycleError::Other(
+                    "the replica has failed over; it takes no more logs".into(),
+                ))
+            }
+            PeerResponse::ReplicaState { last_applied, .. } => last_applied,
+            other => return Err(CycleError::Other(format!("unexpected answer {other:?}"))),
+        };
+        let staging = self.staging.dir.clone();
+        vmrepl_tracking::stop_tracking(qmp, tag, &self.nodes(), Some(staging.as_path()))
+            .await
+            .map_err(|e| CycleError::Other(format!("cannot reset change tracking: {e}")))?;
+        let h = vmrepl_tracking::begin_full(qmp, tag, &self.disks, l + 1, &self.staging, self.vars)
+            .await
+            .map_err(|e| CycleError::Other(format!("cannot stage the resynchronization: {e}")))?;
+        let path = log_path(self.d, tag, l + 1);
+        let res = async {
+            let total = build_log(self, &h, &path, (l + 1, l), LogKind::Resync).await?;
+            self.send(&path, (l + 1, l), total, None, "resynchronization")
+                .await
+        }
+        .await;
+        let _ = h.remove_files();
+        let _ = std::fs::remove_file(&path);
+        match res {
+            Ok(bytes) => Ok((l + 1, bytes)),
+            Err(e) => {
+                let _ = vmrepl_tracking::stop_tracking(qmp, tag, &self.nodes(), None).await;
                 Err(e)
             }
         }
@@ -1002,7 +1063,20 @@ async fn build_log(
             .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
         let mut w = LogWriter::new(std::io::BufWriter::with_capacity(1 << 20, f), header)
             .map_err(|e| e.to_string())?;
-        for (i, (_, _, p, ex)) in mapped.into_iter().enumerate() {
+        for (i, (id, size, p, ex)) in mapped.into_iter().enumerate() {
+            if kind == LogKind::Resync && id != crate::peer::proto::NVRAM_DISK_ID {
+                // A full copy leaves nothing out, but should a range be unallocated in the
+                // staging image it is zero on the primary: say so, or the replica keeps
+                // whatever it held there.
+                let mut at = 0;
+                for e in ex.iter().map(|e| (e.offset, e.len)).chain([(size, 0)]) {
+                    if e.0 > at {
+                        w.write_zero(i as u16, at, e.0 - at)
+                            .map_err(|e| e.to_string())?;
+                    }
+                    at = at.max(e.0 + e.1);
+                }
+            }
             let reader = ExtentReader::open(&p, ex).map_err(|e| e.to_string())?;
             for chunk in reader {
                 let c = chunk.map_err(|e| e.to_string())?;
@@ -1048,10 +1122,28 @@ pub fn pause(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
     ))
 }
 
-/// Resumes a paused relationship.
-pub fn resume(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
+/// Resumes a paused relationship, or resynchronizes one (Resume-VMReplication -Resynchronize).
+pub fn resume(d: &Arc<Daemon>, name: &VmName, resynchronize: bool) -> Result<String, ApiError> {
     let vm = d.vmm.show(name)?.definition;
     let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
+    if resynchronize {
+        let ok = rel.acked_seq > 0
+            && matches!(
+                rel.state,
+                ReplicationState::ResynchronizationRequired
+                    | ReplicationState::Suspended
+                    | ReplicationState::Resynchronizing
+            );
+        if !ok {
+            return Err(err(
+                ErrorCode::WrongState,
+                format!("Replication of {name} is {}; resynchronization is for a relationship that requires it (or is paused) after its initial replication.", rel.state),
+            ));
+        }
+        set_state(d, vm.uuid, ReplicationState::Resynchronizing, None);
+        wake(d, vm.uuid);
+        return Ok(format!("Resynchronization of {name} started; `vmrepl replication status {name}` shows its progress."));
+    }
     if rel.state != ReplicationState::Suspended {
         return Err(err(
             ErrorCode::WrongState,
@@ -1200,6 +1292,7 @@ pub fn health(
         )),
         ReplicationState::Error => crit.push("Replication is in an error state.".into()),
         ReplicationState::Suspended => warn.push("Replication is paused on the primary.".into()),
+        ReplicationState::Resynchronizing => warn.push("Resynchronization is in progress.".into()),
         ReplicationState::WaitingForInitialReplication
         | ReplicationState::ReadyForInitialReplication
         | ReplicationState::InitialReplicationInProgress => {

@@ -104,6 +104,10 @@ pub enum Request {
     },
     ReplicationResume {
         name: VmName,
+        /// Resynchronize (Resume-VMReplication -Resynchronize): recopy what the replica may
+        /// have wrong, after which deltas flow again.
+        #[serde(default)]
+        resynchronize: bool,
     },
     ReplicationRemove {
         name: VmName,

@@ -73,7 +73,13 @@ pub enum ReplCmd {
     /// Pause replication of a VM (changes are still tracked).
     Pause { name: String },
     /// Resume a paused replication.
-    Resume { name: String },
+    Resume {
+        name: String,
+        /// Resynchronize a relationship that needs it ("Resynchronization required"):
+        /// the disks are copied again at one instant and deltas flow from there.
+        #[arg(long)]
+        resynchronize: bool,
+    },
     /// Remove replication of a VM (the replica keeps its data unless --delete-replica).
     Remove {
         name: String,
@@ -539,8 +545,12 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
         ReplCmd::Pause { name } => Request::ReplicationPause {
             name: vm_name(&name)?,
         },
-        ReplCmd::Resume { name } => Request::ReplicationResume {
+        ReplCmd::Resume {
+            name,
+            resynchronize,
+        } => Request::ReplicationResume {
             name: vm_name(&name)?,
+            resynchronize,
         },
         ReplCmd::Remove {
             name,

@@ -149,3 +149,68 @@ fn an_unauthorized_primary_a_disabled_server_and_a_wrong_server_name_are_refused
     let e = refused(enable(&a, &b, "db", "hostb.test", &["--frequency", "2"]));
     assert!(e.contains("30, 300 or 900"), "{e}");
 }
+
+#[test]
+fn after_qemu_is_killed_replication_requires_a_resync_and_resynchronizing_makes_the_replica_equal_again(
+) {
+    let _s = serial();
+    let (a, b, store) = pair("127.0.0.15", "127.0.0.16", "lab");
+    create_guest_vm(&a, "db", "1", &["16M"], "writeloop:vda:64:200");
+    a.ok(&["vm", "start", "db"]);
+    a.wait_console("db", "VMREPL WROTE", Duration::from_secs(120));
+    let o = enable(&a, &b, "db", "hostb.test", &["--frequency", "5"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    a.ok(&["replication", "status", "db", "--watch", "--for", "180"]);
+    // QEMU dies without saving its bitmaps: tracking can no longer be trusted.
+    let pid = a.vm_pid("db").unwrap();
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    a.wait_state("db", "crashed", Duration::from_secs(30));
+    wait_until(
+        "resynchronization required",
+        Duration::from_secs(120),
+        || status(&a, "db")["state"] == "resynchronization-required",
+    );
+    let s = status(&a, "db");
+    assert_eq!(s["health"], "critical", "{s}");
+    let e = a.fails(&["replication", "resume", "db"]);
+    assert!(e.contains("not paused"), "{e}");
+    // Meanwhile the replica's disk was changed behind vmrepl's back (say, restored from an
+    // old backup): where the primary holds data and where it holds nothing.
+    let uuid = a.json(&["vm", "show", "db"])["definition"]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let replica = store.join(&uuid).join("disks/disk0/top.qcow2");
+    for cmd in ["write -P 0x77 0 64k", "write -P 0x77 8M 64k"] {
+        let o = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2"])
+            .arg(&replica)
+            .args(["-c", cmd])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(same_content(&disk_path(&a, "db", 0), &replica).is_err());
+    let before = acked(&a, "db");
+    let out = a.ok(&["replication", "resume", "db", "--resynchronize"]);
+    assert!(out.contains("Resynchronization"), "{out}");
+    wait_until("resynchronized", Duration::from_secs(120), || {
+        let s = status(&a, "db");
+        s["state"] == "replicating" && s["last_sequence"].as_u64().unwrap() > before
+    });
+    // The replica's latest state is the primary's disk again, block for block.
+    same_content(&disk_path(&a, "db", 0), &replica).unwrap();
+    // Tracking works again: the restarted guest's writes go out as deltas.
+    let after = acked(&a, "db");
+    a.ok(&["vm", "start", "db"]);
+    a.wait_console("db", "VMREPL WROTE", Duration::from_secs(120));
+    wait_until("a delta after the resync", Duration::from_secs(120), || {
+        acked(&a, "db") >= after + 2
+    });
+    let s = status(&a, "db");
+    assert_eq!(s["state"], "replicating", "{s}");
+    assert!(s["last_error"].is_null(), "{s}");
+}
