@@ -469,14 +469,15 @@ fn remove_files(def: &VmDefinition) {
     }
 }
 
+/// Removes the replica store once the failed-over VM no longer needs it. A failure leaves
+/// files behind (logged), never the VM without its disks.
 async fn drop_store(row: &ReplicaRow) {
     let (root, uuid) = (row.storage_root.clone(), row.vm_uuid);
-    let r = tokio::task::spawn_blocking(move || ReplicaStore::destroy(&root, uuid)).await;
-    if let Ok(Err(e)) | Err(e) = r.map_err(|e| StoreError::Io {
-        action: "join",
-        path: PathBuf::new(),
-        source: std::io::Error::other(e.to_string()),
-    }) {
+    let r = tokio::task::spawn_blocking(move || ReplicaStore::destroy(&root, uuid))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    if let Err(e) = r {
         tracing::warn!(target: "vmrepl::failover", vm = %row.vm_uuid, "cannot remove the replica store: {e}");
     }
 }
