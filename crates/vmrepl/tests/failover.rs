@@ -291,6 +291,10 @@ fn unplanned_failover_to_an_older_point_cancel_another_point_complete_and_revers
         new.min_gen.unwrap() > old.min_gen.unwrap(),
         "the newer point holds newer data: {old:?} then {new:?}"
     );
+    // Complete asks first: anything but "yes" (here: no answer at all) completes nothing.
+    let e = b.fails(&["failover", "complete", "app"]);
+    assert!(e.contains("not completed"), "{e}");
+    assert_eq!(status(&b, "app")["state"], "failed-over-waiting-completion");
     // Complete while the VM runs: its disk leaves the point, the other points go.
     let out = b.ok(&["failover", "complete", "app", "--yes"]);
     assert!(out.contains("completed"), "{out}");
