@@ -736,11 +736,12 @@ pub async fn reverse(
         })
         .await
         .map_err(|e| err(ErrorCode::Peer, format!("{e}. Nothing was changed.")))?;
-    let (delta, reason) = match answer {
+    let (delta, resync, reason) = match answer {
         PeerResponse::Reversed {
             delta,
+            resync,
             full_copy_reason,
-        } => (delta, full_copy_reason),
+        } => (delta, resync, full_copy_reason),
         PeerResponse::Refused { message, code } => {
             let hint = if code == RefusalCode::NotAuthorized || code == RefusalCode::Disabled {
                 format!(
@@ -765,12 +766,21 @@ pub async fn reverse(
     };
     let (state, acked) = if delta {
         (ReplicationState::Replicating, f.point_seq)
+    } else if resync {
+        (ReplicationState::Resynchronizing, 0)
     } else {
         (ReplicationState::WaitingForInitialReplication, 0)
     };
-    let note = reason
-        .as_ref()
-        .map(|r| format!("full copy: no common base with {} ({r})", theirs.host_name));
+    let note = reason.as_ref().map(|r| {
+        if resync {
+            format!(
+                "no common base with {} ({r}): its disks are kept and resynchronized by block compare",
+                theirs.host_name
+            )
+        } else {
+            format!("full copy: no common base with {} ({r})", theirs.host_name)
+        }
+    });
     replication::insert(
         d,
         row.vm_uuid,
@@ -788,6 +798,12 @@ pub async fn reverse(
     replication::spawn(d, row.vm_uuid);
     Ok(if delta {
         format!("Replication of {name} reversed: this host is now its primary and {} its replica; only the changes since the failover (log {}) are sent.", theirs.host_name, f.point_seq)
+    } else if resync {
+        format!(
+            "Replication of {name} reversed to {}, which kept its copy: {}; it is resynchronized by block compare, only the blocks that differ are sent.",
+            theirs.host_name,
+            reason.unwrap_or_default()
+        )
     } else {
         format!(
             "Replication of {name} reversed to {}, with a full copy: {}.",
@@ -868,18 +884,31 @@ pub fn common_base(d: &Daemon, peer: &str, vm: &VmDefinition, base_seq: u64) -> 
     Ok(())
 }
 
+/// What the old primary's copy of a VM is to the failed-over one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TakeOver {
+    /// Exactly the failover point: adopted at that sequence, deltas flow at once.
+    Common,
+    /// The same disks, but they may differ anywhere (the reason): adopted at sequence 0, and
+    /// the new primary resynchronizes them by compare.
+    Diverged(String),
+    /// No usable copy (the reason): the replica starts empty, a full copy follows.
+    Nothing(String),
+}
+
 /// The old primary's side of a reverse: its VM stops being a VM here and becomes the
-/// replica of the failed-over one. With a common base its disks (and NVRAM) are adopted as
-/// the replica's base at `base_seq`; otherwise they are deleted and the replica starts empty.
+/// replica of the failed-over one. Its disks (and NVRAM) are adopted as the replica's base,
+/// at `base_seq` when they hold the failover point, else at 0 for a resynchronization; disks
+/// of another shape are deleted and the replica starts empty.
 pub async fn take_over_as_replica(
     d: &Arc<Daemon>,
     peer: &str,
     vm: &VmDefinition,
     storage_root: &Path,
     base_seq: u64,
-) -> Result<Result<(), String>, Refusal> {
+) -> Result<TakeOver, Refusal> {
     let Some(local) = d.vmm.definition(vm.uuid) else {
-        return Ok(Err("this host has no copy of the VM".into()));
+        return Ok(TakeOver::Nothing("this host has no copy of the VM".into()));
     };
     if replica::vm_running(d, vm.uuid) {
         return Err((
@@ -914,7 +943,22 @@ pub async fn take_over_as_replica(
             ))
         })?;
     }
-    if base.is_ok() {
+    let same_disks = local
+        .disks
+        .iter()
+        .map(|x| (x.id.as_str(), x.size_bytes))
+        .eq(vm.disks.iter().map(|x| (x.id.as_str(), x.size_bytes)));
+    let outcome = match base {
+        Ok(()) => TakeOver::Common,
+        Err(why) if same_disks => TakeOver::Diverged(why),
+        Err(why) => TakeOver::Nothing(why),
+    };
+    let adopt_at = match outcome {
+        TakeOver::Common => Some(base_seq),
+        TakeOver::Diverged(_) => Some(0),
+        TakeOver::Nothing(_) => None,
+    };
+    if let Some(at) = adopt_at {
         let root = storage_root.to_path_buf();
         let local2 = local.clone();
         let defv = serde_json::to_value(vm).map_err(|e| internal(e.to_string()))?;
@@ -932,7 +976,7 @@ pub async fn take_over_as_replica(
                 &defv,
                 &disks,
                 local2.nvram.as_deref(),
-                (base_seq, unix_ms),
+                (at, unix_ms),
             )
             .map(drop)
             .map_err(|e| e.to_string())
@@ -953,5 +997,5 @@ pub async fn take_over_as_replica(
         .delete(&local.name, false)
         .await
         .map_err(|e| internal(e.message))?;
-    Ok(base)
+    Ok(outcome)
 }

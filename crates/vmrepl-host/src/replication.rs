@@ -778,7 +778,7 @@ impl Cycle<'_> {
             .map_err(|e| CycleError::Other(format!("cannot stage the initial copy: {e}")))?;
         let path = log_path(self.d, tag, 1);
         let res = async {
-            let total = build_log(self, &h, &path, (1, 0), LogKind::Initial).await?;
+            let total = build_log(self, &h, &path, (1, 0), LogKind::Initial, None).await?;
             self.send(&path, (1, 0), total, None, "initial replication")
                 .await
         }
@@ -825,6 +825,18 @@ impl Cycle<'_> {
             PeerResponse::ReplicaState { last_applied, .. } => last_applied,
             other => return Err(CycleError::Other(format!("unexpected answer {other:?}"))),
         };
+        // The replica's digests of its state `l` (a replica that cannot give them gets every
+        // block).
+        let digests = match self
+            .client
+            .call(&PeerRequest::BlockDigests {
+                vm_uuid: self.vm.uuid,
+            })
+            .await
+        {
+            Ok(PeerResponse::BlockDigests { disks }) => decode_digests(disks, &self.disks),
+            _ => Digests::new(),
+        };
         let staging = self.staging.dir.clone();
         vmrepl_tracking::stop_tracking(qmp, tag, &self.nodes(), Some(staging.as_path()))
             .await
@@ -834,7 +846,8 @@ impl Cycle<'_> {
             .map_err(|e| CycleError::Other(format!("cannot stage the resynchronization: {e}")))?;
         let path = log_path(self.d, tag, l + 1);
         let res = async {
-            let total = build_log(self, &h, &path, (l + 1, l), LogKind::Resync).await?;
+            let total =
+                build_log(self, &h, &path, (l + 1, l), LogKind::Resync, Some(&digests)).await?;
             self.send(&path, (l + 1, l), total, None, "resynchronization")
                 .await
         }
@@ -921,7 +934,7 @@ impl Cycle<'_> {
                     CycleError::Other(format!("cannot stage the changes: {e}"))
                 }
             })?;
-        let built = build_log(self, &h, &path, (next, n), LogKind::Delta).await;
+        let built = build_log(self, &h, &path, (next, n), LogKind::Delta, None).await;
         let _ = h.remove_files();
         let total = match built {
             Ok(t) => t,
@@ -1008,6 +1021,87 @@ impl Cycle<'_> {
     }
 }
 
+/// The replica's block digests per disk id: (block size, one digest per block).
+type Digests = std::collections::HashMap<String, (u64, Vec<[u8; 32]>)>;
+
+/// Decodes a `BlockDigests` answer, keeping only disks whose block size and count fit.
+fn decode_digests(disks: Vec<crate::peer::proto::DiskDigests>, sizes: &[(String, u64)]) -> Digests {
+    let mut out = Digests::new();
+    for d in disks {
+        let Some((_, size)) = sizes.iter().find(|(id, _)| *id == d.id) else {
+            continue;
+        };
+        if d.block_size != vmrepl_store::block_size(*size)
+            || d.digests.len() as u64 != size.div_ceil(d.block_size) * 64
+        {
+            continue;
+        }
+        let parsed: Option<Vec<[u8; 32]>> = d
+            .digests
+            .as_bytes()
+            .chunks(64)
+            .map(|h| {
+                let mut b = [0u8; 32];
+                for (k, pair) in h.chunks(2).enumerate() {
+                    b[k] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+                }
+                Some(b)
+            })
+            .collect();
+        if let Some(p) = parsed {
+            out.insert(d.id, (d.block_size, p));
+        }
+    }
+    out
+}
+
+/// Writes the blocks of a staged full copy whose digest differs from the replica's; returns
+/// how many. Unallocated ranges of the staging image read as zeros.
+fn write_differing<W: std::io::Write>(
+    w: &mut LogWriter<W>,
+    disk: u16,
+    size: u64,
+    staging: &Path,
+    ex: &[vmrepl_tracking::Extent],
+    bs: u64,
+    theirs: &[[u8; 32]],
+) -> Result<u64, String> {
+    let f = std::fs::File::open(staging).map_err(|e| format!("{}: {e}", staging.display()))?;
+    let mut buf = vec![0u8; bs as usize];
+    let (mut first, mut differing) = (0usize, 0u64);
+    for (b, digest) in theirs.iter().enumerate() {
+        let start = b as u64 * bs;
+        let end = (start + bs).min(size);
+        let len = (end - start) as usize;
+        buf[..len].fill(0);
+        while first < ex.len() && ex[first].offset + ex[first].len <= start {
+            first += 1;
+        }
+        for e in ex[first..].iter().take_while(|e| e.offset < end) {
+            if let vmrepl_tracking::ExtentKind::Data { file_offset } = e.kind {
+                let (s, t) = (e.offset.max(start), (e.offset + e.len).min(end));
+                vmrepl_tracking::read_extent(
+                    &f,
+                    file_offset + (s - e.offset),
+                    &mut buf[(s - start) as usize..(t - start) as usize],
+                )
+                .map_err(|e| format!("{}: {e}", staging.display()))?;
+            }
+        }
+        if blake3::hash(&buf[..len]).as_bytes() == digest {
+            continue;
+        }
+        differing += 1;
+        if buf[..len].iter().all(|x| *x == 0) {
+            w.write_zero(disk, start, len as u64)
+        } else {
+            w.write_data(disk, start, &buf[..len])
+        }
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(differing)
+}
+
 /// Encodes the staged images into log `seq` at `path`; returns its size.
 async fn build_log(
     cycle: &Cycle<'_>,
@@ -1015,8 +1109,10 @@ async fn build_log(
     path: &Path,
     (seq, base): (u64, u64),
     kind: LogKind,
+    replica_digests: Option<&Digests>,
 ) -> Result<u64, CycleError> {
     let (vm, rel) = (cycle.vm, cycle.rel);
+    let digests = replica_digests.cloned().unwrap_or_default();
     let mut images: Vec<(String, u64, PathBuf)> = h
         .disks
         .iter()
@@ -1064,6 +1160,12 @@ async fn build_log(
         let mut w = LogWriter::new(std::io::BufWriter::with_capacity(1 << 20, f), header)
             .map_err(|e| e.to_string())?;
         for (i, (id, size, p, ex)) in mapped.into_iter().enumerate() {
+            if let Some((bs, theirs)) = digests.get(&id) {
+                // Resynchronization by compare: only the blocks whose digest differs.
+                let sent = write_differing(&mut w, i as u16, size, &p, &ex, *bs, theirs)?;
+                tracing::info!(target: "vmrepl::replication", disk = %id, blocks = theirs.len(), differing = sent, "resynchronization compare");
+                continue;
+            }
             if kind == LogKind::Resync && id != crate::peer::proto::NVRAM_DISK_ID {
                 // A full copy leaves nothing out, but should a range be unallocated in the
                 // staging image it is zero on the primary: say so, or the replica keeps

@@ -107,7 +107,7 @@ mod store;
 pub use catalog::CATALOG_VERSION;
 pub use error::{Result, StoreError};
 pub use store::{
-    validate_disk_id, ApplyTxn, Begin, Flattened, Overlay, PointKind, PointLock, PointRef,
-    PruneReport, RecoveryPoint, ReplicaStore, ReplicaVm, SPACE_HEADROOM,
+    block_size, validate_disk_id, ApplyTxn, Begin, Flattened, Overlay, PointKind, PointLock,
+    PointRef, PruneReport, RecoveryPoint, ReplicaStore, ReplicaVm, SPACE_HEADROOM,
 };
 pub use vmrepl_types::replication::Consistency;

@@ -409,6 +409,12 @@ fn create_top(ddir: &Path, backing: &str, size: u64) -> Result<()> {
     fsutil::sync_dir(ddir)
 }
 
+/// The block size of [`ReplicaVm::block_digests`] for a disk of `size` bytes: 1 MiB, or larger
+/// so that a disk has at most 65536 blocks.
+pub fn block_size(size: u64) -> u64 {
+    (size.div_ceil(65536)).next_power_of_two().max(1 << 20)
+}
+
 /// Puts an existing standalone image at `dest` (a hard link, or a copy across file systems)
 /// after checking that it is qcow2, has no backing file and has the disk's size.
 fn adopt_image(src: &Path, dest: &Path, size: u64) -> Result<()> {
@@ -1032,6 +1038,28 @@ impl ReplicaVm {
             out.push((d.id.clone(), ddir.join(&top)));
         }
         Ok(out)
+    }
+
+    /// BLAKE3 digests of the latest state of disk `disk`, one per `block_size(size)` bytes
+    /// (the last block may be short), read through the verified chain. A resynchronization
+    /// compares them with the primary's disk and sends only the blocks that differ.
+    pub fn block_digests(&self, disk: &str) -> Result<(u64, Vec<[u8; 32]>)> {
+        let size = self.disk_size(disk)?;
+        let bs = block_size(size);
+        let layers = self.chain_layers(PointRef::Latest)?;
+        let ddir = self.disk_dir(disk);
+        let acc = chain::open_chain(&ddir, &layers, false, size)?;
+        let mut buf = vec![0u8; bs as usize];
+        let mut out = Vec::with_capacity(size.div_ceil(bs) as usize);
+        let mut off = 0;
+        while off < size {
+            let n = bs.min(size - off) as usize;
+            acc.read(&mut buf[..n], off)
+                .map_err(|e| StoreError::io("read", ddir.join(TOP), e))?;
+            out.push(*blake3::hash(&buf[..n]).as_bytes());
+            off += n as u64;
+        }
+        Ok((bs, out))
     }
 
     /// The NVRAM of a point, if the VM has one.

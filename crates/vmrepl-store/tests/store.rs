@@ -853,6 +853,12 @@ fn adopted_images_become_the_base_at_the_common_point_and_deltas_apply_on_top() 
     )
     .unwrap();
     assert_eq!(vm.last_applied(), 41);
+    let (bs, digests) = vm.block_digests("a").unwrap();
+    assert_eq!((bs, digests.len()), (1 << 20, 8));
+    let mut first = vec![0u8; 1 << 20];
+    first[..65536].copy_from_slice(&pattern(1, 65536));
+    assert_eq!(digests[0], *blake3::hash(&first).as_bytes());
+    assert_eq!(digests[1], *blake3::hash(&vec![0u8; 1 << 20]).as_bytes());
     let latest = vm.points().pop().unwrap();
     assert_eq!((latest.seq, latest.consistency), (41, Consistency::Planned));
     assert!(same_image(&image(&vm, PointRef::Latest, "a"), &a));

@@ -207,14 +207,15 @@ fn frozen_points(h: &Host) -> Vec<u64> {
 }
 
 #[test]
-fn unplanned_failover_to_an_older_point_cancel_another_point_complete_and_reverse_with_a_full_copy()
+fn unplanned_failover_to_an_older_point_cancel_another_point_complete_and_reverse_by_block_compare()
 {
     let _s = serial();
-    let (mut a, b, _) = replicating_pair(
+    let (mut a, b, store_a) = replicating_pair(
         "127.0.0.23",
         "127.0.0.24",
         &["--recovery-points", "4", "--point-interval", "5"],
     );
+    let initial_bytes = sent(&a, "app");
     wait_until("three recovery points", T, || frozen_points(&b).len() >= 3);
 
     // I6: the primary says the VM runs there.
@@ -315,8 +316,9 @@ fn unplanned_failover_to_an_older_point_cancel_another_point_complete_and_revers
     let e = b.fails(&["replication", "points", "app"]);
     assert!(e.contains("dropped"), "{e}");
 
-    // Reverse needs the old primary: unreachable, then not authorizing, then a full copy
-    // (it may hold writes the replica never got, so there is no common base).
+    // Reverse needs the old primary: unreachable, then not authorizing. Then, as it may hold
+    // writes the replica never got (no common base), it keeps its disks and they are
+    // resynchronized by block compare: only the blocks that differ travel.
     let e = b.fails(&["replication", "reverse", "app", "--frequency", "5"]);
     assert!(
         e.contains("Cannot reach") && e.contains("Nothing was changed"),
@@ -332,16 +334,32 @@ fn unplanned_failover_to_an_older_point_cancel_another_point_complete_and_revers
     assert_eq!(status(&b, "app")["state"], "failed-over");
     assert_eq!(a.vm_state("app"), "off");
     serve_replicas_for(&a, "hostb.test", &a.data().join("replicas-from-b"));
+    let uuid = b.json(&["vm", "show", "app"])["definition"]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let out = b.ok(&["replication", "reverse", "app", "--frequency", "5"]);
-    assert!(out.contains("full copy"), "{out}");
+    assert!(out.contains("block compare"), "{out}");
     let s = status(&b, "app");
     assert!(s["note"].as_str().unwrap().contains("not planned"), "{s}");
     wait_for_sequence(&b, &a, 2);
+    assert_eq!(status(&b, "app")["state"], "replicating");
+    let resync_bytes = sent(&b, "app");
+    assert!(
+        resync_bytes < initial_bytes / 3,
+        "the resynchronization sent {resync_bytes} bytes; a full copy was {initial_bytes}"
+    );
     assert_eq!(status(&a, "app")["role"], "replica");
     assert!(a.json(&["vm", "list"])["vms"]
         .as_array()
         .unwrap()
         .is_empty());
+    // With the VM off and one more cycle, the old primary holds exactly the new one's disk.
+    b.ok(&["vm", "shutdown", "app", "--timeout", "90"]);
+    let off = status(&b, "app")["last_sequence"].as_u64().unwrap();
+    wait_for_sequence(&b, &a, off + 1);
+    let replica = store_a.join(&uuid).join("disks/disk0/top.qcow2");
+    same_content(&disk_path(&b, "app", 0), &replica).unwrap();
 }
 
 #[test]

@@ -85,6 +85,9 @@ pub enum PeerRequest {
     SetPolicy { vm_uuid: Uuid, policy: PointPolicy },
     /// Remove the replica relationship; the replica VM's data is kept unless `delete`.
     RemoveReplica { vm_uuid: Uuid, delete: bool },
+    /// Digests of the replica's latest state, per block of every disk (resynchronization by
+    /// compare: the primary then sends only the blocks that differ).
+    BlockDigests { vm_uuid: Uuid },
     /// Asked by the replica of a VM before a failover: does the VM run on your side (the
     /// one-host-at-a-time guard, I6), and was it prepared for a planned failover?
     PrimaryState { vm_uuid: Uuid },
@@ -133,6 +136,15 @@ pub enum RefusalCode {
     Internal,
 }
 
+/// The digests of one replica disk (see `PeerRequest::BlockDigests`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskDigests {
+    pub id: String,
+    pub block_size: u64,
+    /// 64 hex digits per block, in order.
+    pub digests: String,
+}
+
 /// A replica's answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
@@ -162,9 +174,17 @@ pub enum PeerResponse {
         /// Set when the VM was prepared for a planned failover: the sequence of its final log.
         prepared_seq: Option<u64>,
     },
+    /// Per disk: the block size and the BLAKE3 digests of its blocks, hex, concatenated.
+    BlockDigests {
+        disks: Vec<DiskDigests>,
+    },
     /// Answer to `ReverseReplica`: whether the old primary's disks became the replica's base.
     Reversed {
         delta: bool,
+        /// The old primary kept its disks as the replica's base at sequence 0, but they may
+        /// differ anywhere: the new primary resynchronizes them by compare.
+        #[serde(default)]
+        resync: bool,
         /// Why a full copy is needed, when it is.
         full_copy_reason: Option<String>,
     },

@@ -290,6 +290,7 @@ async fn handle(
 ) -> Result<Option<PeerResponse>, FrameError> {
     let r = match req {
         PeerRequest::Hello { .. } => unreachable!("handled by the caller"),
+        PeerRequest::BlockDigests { vm_uuid } => block_digests(daemon, peer, vm_uuid).await,
         PeerRequest::PrimaryState { vm_uuid } => {
             crate::failover::primary_state(daemon, peer, vm_uuid).map_err(|(c, m)| refuse(c, m))
         }
@@ -380,6 +381,7 @@ async fn reverse_replica(
             // Asked again (the answer was lost): the replica exists already.
             return Ok(PeerResponse::Reversed {
                 delta: row.last_applied == base_seq && base_seq > 0,
+                resync: false,
                 full_copy_reason: None,
             });
         }
@@ -398,31 +400,39 @@ async fn reverse_replica(
     let base = crate::failover::take_over_as_replica(daemon, peer, &vm, &grant.storage, base_seq)
         .await
         .map_err(|(c, m)| refuse(c, m))?;
-    match base {
-        Ok(()) => {
-            create_replica(
-                daemon,
-                peer,
-                vm,
-                relationship,
-                policy,
-                primary_server,
-                Some(base_seq),
-            )
-            .await?;
-            Ok(PeerResponse::Reversed {
-                delta: true,
-                full_copy_reason: None,
-            })
-        }
-        Err(reason) => {
-            create_replica(daemon, peer, vm, relationship, policy, primary_server, None).await?;
-            Ok(PeerResponse::Reversed {
-                delta: false,
-                full_copy_reason: Some(reason),
-            })
-        }
-    }
+    use crate::failover::TakeOver;
+    let adopted = match &base {
+        TakeOver::Common => Some(base_seq),
+        TakeOver::Diverged(_) => Some(0),
+        TakeOver::Nothing(_) => None,
+    };
+    create_replica(
+        daemon,
+        peer,
+        vm,
+        relationship,
+        policy,
+        primary_server,
+        adopted,
+    )
+    .await?;
+    Ok(match base {
+        TakeOver::Common => PeerResponse::Reversed {
+            delta: true,
+            resync: false,
+            full_copy_reason: None,
+        },
+        TakeOver::Diverged(reason) => PeerResponse::Reversed {
+            delta: false,
+            resync: true,
+            full_copy_reason: Some(reason),
+        },
+        TakeOver::Nothing(reason) => PeerResponse::Reversed {
+            delta: false,
+            resync: false,
+            full_copy_reason: Some(reason),
+        },
+    })
 }
 
 fn check_policy(policy: &PointPolicy) -> Result<(), Refusal> {
@@ -591,6 +601,46 @@ async fn replica_state(
             points,
             failed_over: false,
         })
+    })
+    .await
+    .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?
+}
+
+async fn block_digests(
+    daemon: &Arc<Daemon>,
+    peer: &str,
+    vm_uuid: Uuid,
+) -> Result<PeerResponse, Refusal> {
+    let grant = authorize(daemon, peer)?;
+    let row = own_replica(daemon, peer, &grant, vm_uuid)?;
+    if let Some(f) = &row.failover {
+        return Err(failed_over(&row, f));
+    }
+    let lock = replica::vm_lock(&replica::vm_dir(&row));
+    let _g = lock.lock().await;
+    let _ = replica::apply_and_record(daemon, &row).await;
+    let root = row.storage_root.clone();
+    tokio::task::spawn_blocking(move || -> Result<PeerResponse, Refusal> {
+        let vm = vmrepl_store::ReplicaStore::open(&root, vm_uuid)
+            .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+        let mut disks = Vec::new();
+        for (id, _) in vm.disks() {
+            let (block_size, ds) = vm
+                .block_digests(&id)
+                .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+            let mut hex = String::with_capacity(ds.len() * 64);
+            for d in ds {
+                for b in d {
+                    hex.push_str(&format!("{b:02x}"));
+                }
+            }
+            disks.push(super::proto::DiskDigests {
+                id,
+                block_size,
+                digests: hex,
+            });
+        }
+        Ok(PeerResponse::BlockDigests { disks })
     })
     .await
     .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?
