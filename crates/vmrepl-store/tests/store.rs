@@ -934,3 +934,44 @@ fn adopting_an_image_with_a_backing_file_or_another_size_is_refused() {
     .unwrap_err();
     assert!(matches!(e, StoreError::BadLayer { .. }), "{e}");
 }
+
+#[test]
+fn a_store_can_be_built_in_the_folder_that_holds_the_vm_s_own_disks() {
+    // A host whose VM folders and replica storage are the same folder: the VM's disk sits
+    // in <root>/<uuid>/ and becomes the replica's base there.
+    let tmp = tempfile::tempdir().unwrap();
+    let uuid = Uuid::new_v4();
+    let dir = ReplicaStore::vm_dir(tmp.path(), uuid);
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = standalone(&dir, "disk0.qcow2", SIZE, &pattern(5, 4096));
+    let vm = ReplicaStore::adopt(
+        tmp.path(),
+        uuid,
+        &serde_json::json!({}),
+        &[("disk0", SIZE, &disk)],
+        None,
+        (7, 0),
+    )
+    .unwrap();
+    assert_eq!(vm.dir(), dir);
+    assert!(same_image(&image(&vm, PointRef::Latest, "disk0"), &disk));
+    drop(vm);
+    // The VM's own file goes; the store keeps the data through its link.
+    std::fs::remove_file(&disk).unwrap();
+    let vm = ReplicaStore::open(tmp.path(), uuid).unwrap();
+    assert_eq!(vm.last_applied(), 7);
+    let got = raw(&image(&vm, PointRef::Latest, "disk0"), tmp.path());
+    assert_eq!(&got[..4096], &pattern(5, 4096)[..]);
+    // Adopting again over an existing store is refused.
+    let again = standalone(&dir, "disk0.qcow2", SIZE, &pattern(6, 4096));
+    let e = ReplicaStore::adopt(
+        tmp.path(),
+        uuid,
+        &serde_json::json!({}),
+        &[("disk0", SIZE, &again)],
+        None,
+        (7, 0),
+    )
+    .unwrap_err();
+    assert!(matches!(e, StoreError::AlreadyExists { .. }), "{e}");
+}
