@@ -438,27 +438,32 @@ fn adopt_image(src: &Path, dest: &Path, size: u64) -> Result<()> {
     )?;
     drop(acc);
     if fs::hard_link(src, dest).is_err() {
-        qemu_img::run(
-            None,
-            [
-                "convert".as_ref(),
-                "-q".as_ref(),
-                "-f".as_ref(),
-                "qcow2".as_ref(),
-                "-O".as_ref(),
-                "qcow2".as_ref(),
-                "-o".as_ref(),
-                "compat=1.1".as_ref(),
-                src.as_os_str(),
-                dest.as_os_str(),
-            ]
-            .map(std::ffi::OsStr::to_os_string),
-        )
-        .map(drop)?;
+        convert_standalone(src, dest)?;
     }
     fs::File::open(dest)
         .and_then(|f| f.sync_all())
         .map_err(|e| StoreError::io("fsync", dest, e))
+}
+
+/// `qemu-img convert` of the (verified) chain ending at `src` into a standalone qcow2 v3 image.
+fn convert_standalone(src: &Path, dest: &Path) -> Result<()> {
+    qemu_img::run(
+        None,
+        [
+            "convert".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-O".as_ref(),
+            "qcow2".as_ref(),
+            "-o".as_ref(),
+            "compat=1.1".as_ref(),
+            src.as_os_str(),
+            dest.as_os_str(),
+        ]
+        .map(std::ffi::OsStr::to_os_string),
+    )
+    .map(drop)
 }
 
 /// Clears read-only bits below `dir` so that it can be removed.
@@ -1172,21 +1177,7 @@ impl ReplicaVm {
             if dest.exists() {
                 return Err(StoreError::DestinationExists { path: dest });
             }
-            qemu_img::run(
-                None,
-                [
-                    "convert".as_ref(),
-                    "-f".as_ref(),
-                    "qcow2".as_ref(),
-                    "-O".as_ref(),
-                    "qcow2".as_ref(),
-                    "-o".as_ref(),
-                    "compat=1.1".as_ref(),
-                    src.as_os_str(),
-                    dest.as_os_str(),
-                ]
-                .map(std::ffi::OsStr::to_os_string),
-            )?;
+            convert_standalone(&src, &dest)?;
             disks.push((id, dest));
         }
         let nvram = match self.point_nvram_path(point)? {
