@@ -371,6 +371,24 @@ async fn remove_owned(
     transaction(qmp, actions, what).await
 }
 
+/// Checks the node names, removes the relationship's leftover jobs, staging nodes and staging
+/// files (of a cycle that never finished), and lists the relationship's bitmaps per node.
+async fn clear_leftovers<N: AsRef<str>>(
+    qmp: &QmpClient,
+    rel: RelTag,
+    nodes: &[N],
+    staging_dir: Option<&Path>,
+) -> Result<BTreeMap<String, Vec<OwnedBitmap>>, TrackingError> {
+    for n in nodes {
+        check_node_name(n.as_ref())?;
+    }
+    cleanup_jobs_and_nodes(qmp, rel, None).await?;
+    if let Some(dir) = staging_dir {
+        remove_staging_files(dir, rel)?;
+    }
+    list_owned(qmp, rel, nodes).await
+}
+
 /// Ends change tracking for the relationship on `nodes`: cancels its backup jobs, deletes its
 /// staging nodes (and, if `staging_dir` is given, its staging files), and removes all its
 /// bitmaps in one transaction. Idempotent. For a fresh initial copy, after a failed one, and
@@ -381,14 +399,7 @@ pub async fn stop_tracking<N: AsRef<str>>(
     nodes: &[N],
     staging_dir: Option<&Path>,
 ) -> Result<(), TrackingError> {
-    for n in nodes {
-        check_node_name(n.as_ref())?;
-    }
-    cleanup_jobs_and_nodes(qmp, rel, None).await?;
-    if let Some(dir) = staging_dir {
-        remove_staging_files(dir, rel)?;
-    }
-    let owned = list_owned(qmp, rel, nodes).await?;
+    let owned = clear_leftovers(qmp, rel, nodes, staging_dir).await?;
     remove_owned(qmp, rel, &owned, "removes the relationship's bitmaps").await?;
     tracing::info!(target: LOG_TARGET, rel = %rel, "tracking stopped");
     Ok(())
@@ -426,14 +437,7 @@ pub async fn reconcile<N: AsRef<str>>(
     staging_dir: Option<&Path>,
     replica_has: impl Fn(u64) -> bool,
 ) -> Result<ReconcileOutcome, TrackingError> {
-    for n in nodes {
-        check_node_name(n.as_ref())?;
-    }
-    cleanup_jobs_and_nodes(qmp, rel, None).await?;
-    if let Some(dir) = staging_dir {
-        remove_staging_files(dir, rel)?;
-    }
-    let owned = list_owned(qmp, rel, nodes).await?;
+    let owned = clear_leftovers(qmp, rel, nodes, staging_dir).await?;
 
     // Find the reason to resync, if any.
     let mut reason = None;
