@@ -20,7 +20,7 @@ use vmrepl_store::{ReplicaStore, ReplicaVm, StoreError};
 use vmrepl_types::replication::{
     Consistency, Health, ReplicationState, ReplicationStats, ReplicationStatus, Role,
 };
-use vmrepl_types::{VmDefinition, VmRunState};
+use vmrepl_types::VmDefinition;
 
 /// How long without a received log before a replica's health is Warning (Hyper-V: 1 h).
 pub const RECEIVE_WARNING_MS: u64 = 3600 * 1000;
@@ -291,10 +291,7 @@ pub fn record_error(
 pub fn vm_running(daemon: &Daemon, vm_uuid: Uuid) -> bool {
     let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
     match db.vm_by_uuid(vm_uuid) {
-        Ok(Some(row)) => !matches!(
-            row.state,
-            VmRunState::Off | VmRunState::Crashed | VmRunState::LockedForFailover
-        ),
+        Ok(Some(row)) => !row.state.is_stopped(),
         _ => false,
     }
 }

@@ -712,10 +712,7 @@ impl Vmm {
         let _op = self.op_lock(self.row(name)?.definition.uuid).await;
         let row = self.row(name)?;
         let def = &row.definition;
-        if !matches!(
-            row.state,
-            VmRunState::Off | VmRunState::Crashed | VmRunState::LockedForFailover
-        ) {
+        if !row.state.is_stopped() {
             return Err(err(
                 ErrorCode::WrongState,
                 format!("VM {name} is {}; shut it down or stop it first.", row.state),
@@ -800,13 +797,11 @@ impl Vmm {
             .vm_by_uuid(uuid)
             .map_err(db_err)?
             .ok_or_else(|| err(ErrorCode::NotFound, format!("VM {uuid} is gone.")))?;
-        let ok = matches!(
-            (locked, row.state),
-            (
-                true,
-                VmRunState::Off | VmRunState::Crashed | VmRunState::LockedForFailover
-            ) | (false, VmRunState::LockedForFailover | VmRunState::Off)
-        );
+        let ok = if locked {
+            row.state.is_stopped()
+        } else {
+            matches!(row.state, VmRunState::LockedForFailover | VmRunState::Off)
+        };
         if !ok {
             return Err(err(
                 ErrorCode::WrongState,

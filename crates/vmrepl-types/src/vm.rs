@@ -242,6 +242,17 @@ pub enum VmRunState {
     LockedForFailover,
 }
 
+impl VmRunState {
+    /// No QEMU runs the VM (off, crashed, or locked for a failover): it may be deleted,
+    /// locked, or become a replica, and for the one-host-at-a-time rule (I6) it is not running.
+    pub fn is_stopped(self) -> bool {
+        matches!(
+            self,
+            VmRunState::Off | VmRunState::Crashed | VmRunState::LockedForFailover
+        )
+    }
+}
+
 impl fmt::Display for VmRunState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&crate::wire_name(self))
@@ -267,6 +278,24 @@ mod tests {
         assert!(a < b);
         assert_eq!(b.to_string(), "1.2");
         assert!("x".parse::<ConfigVersion>().is_err());
+    }
+
+    #[test]
+    fn stopped_states_are_off_crashed_and_locked_only() {
+        use VmRunState::*;
+        let stopped: Vec<_> = [
+            Off,
+            Starting,
+            Running,
+            Paused,
+            ShuttingDown,
+            Crashed,
+            LockedForFailover,
+        ]
+        .into_iter()
+        .filter(|s| s.is_stopped())
+        .collect();
+        assert_eq!(stopped, vec![Off, Crashed, LockedForFailover]);
     }
 
     #[test]
