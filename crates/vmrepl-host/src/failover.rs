@@ -263,23 +263,16 @@ async fn ask_primary(d: &Daemon, row: &ReplicaRow) -> PrimaryView {
 
 /// I7: this host must run the VM exactly as it is.
 fn check_runnable(d: &Daemon, def: &VmDefinition) -> Result<(), ApiError> {
-    let problems = d.vmm.caps().can_run(def);
-    if problems.is_empty() {
-        return Ok(());
-    }
-    Err(err(
-        ErrorCode::Unsupported,
-        format!(
-            "This host ({}) cannot run VM {}: {}. Nothing was changed.",
-            d.vmm.caps().host_name,
-            def.name,
-            problems
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        ),
-    ))
+    d.vmm.caps().check_runs(def).map_err(|why| {
+        err(
+            ErrorCode::Unsupported,
+            format!(
+                "This host ({}) cannot run VM {}: {why}. Nothing was changed.",
+                d.vmm.caps().host_name,
+                def.name
+            ),
+        )
+    })
 }
 
 /// Makes overlays of `point` in `dest` under the replica's lock; returns them and the point.
@@ -702,21 +695,15 @@ pub async fn reverse(
             ),
         )
     })?;
-    let problems = theirs.can_run(&def);
-    if !problems.is_empty() {
-        return Err(err(
+    theirs.check_runs(&def).map_err(|why| {
+        err(
             ErrorCode::Unsupported,
             format!(
-                "{} cannot run VM {name}: {}. Nothing was changed.",
-                theirs.host_name,
-                problems
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                "{} cannot run VM {name}: {why}. Nothing was changed.",
+                theirs.host_name
             ),
-        ));
-    }
+        )
+    })?;
     let mut replica_vm = def.clone();
     replica_vm
         .disks

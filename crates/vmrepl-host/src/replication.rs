@@ -276,20 +276,12 @@ pub async fn enable(
     })?;
     let mut client = client;
     // I7: the replica's QEMU must run this VM exactly as it is.
-    let problems = theirs.can_run(&vm);
-    if !problems.is_empty() {
-        return Err(err(
+    theirs.check_runs(&vm).map_err(|why| {
+        err(
             ErrorCode::Unsupported,
-            format!(
-                "The replica server cannot run VM {name}: {}. Nothing was changed.",
-                problems
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ),
-        ));
-    }
+            format!("The replica server cannot run VM {name}: {why}. Nothing was changed."),
+        )
+    })?;
     let mut replica_vm = vm.clone();
     replica_vm
         .disks

@@ -77,6 +77,19 @@ impl HostInfo {
         self.firmware.iter().find(|f| f.id == id)
     }
 
+    /// Whether this host can run `vm`; the error lists every reason, separated by "; ".
+    pub fn check_runs(&self, vm: &VmDefinition) -> Result<(), String> {
+        let problems = self.can_run(vm);
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(problems
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("; "))
+    }
+
     /// Every reason this host cannot run `vm`; empty if it can.
     pub fn can_run(&self, vm: &VmDefinition) -> Vec<Incompatibility> {
         let mut out = Vec::new();

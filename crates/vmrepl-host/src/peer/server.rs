@@ -226,17 +226,11 @@ fn free_bytes(path: &Path) -> Option<u64> {
 }
 
 fn check_vm(daemon: &Daemon, vm: &VmDefinition, grant: &Grant) -> Result<(), Refusal> {
-    let problems = daemon.vmm.caps().can_run(vm);
-    if !problems.is_empty() {
-        return Err(refuse(
-            RefusalCode::Incompatible,
-            problems
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join("; "),
-        ));
-    }
+    daemon
+        .vmm
+        .caps()
+        .check_runs(vm)
+        .map_err(|why| refuse(RefusalCode::Incompatible, why))?;
     if vm.disks.is_empty() {
         return Err(refuse(RefusalCode::BadRequest, "the VM has no disks"));
     }
@@ -386,17 +380,11 @@ async fn reverse_replica(
             });
         }
     }
-    let problems = daemon.vmm.caps().can_run(&vm);
-    if !problems.is_empty() {
-        return Err(refuse(
-            RefusalCode::Incompatible,
-            problems
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join("; "),
-        ));
-    }
+    daemon
+        .vmm
+        .caps()
+        .check_runs(&vm)
+        .map_err(|why| refuse(RefusalCode::Incompatible, why))?;
     let base = crate::failover::take_over_as_replica(daemon, peer, &vm, &grant.storage, base_seq)
         .await
         .map_err(|(c, m)| refuse(c, m))?;
