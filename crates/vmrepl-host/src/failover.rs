@@ -310,26 +310,21 @@ fn on_overlay(def: &VmDefinition, ov: &vmrepl_store::Overlay) -> VmDefinition {
     out
 }
 
-/// Opens the VM's disks through qemu-storage-daemon (the VM is off) and runs `f` on them.
-async fn with_offline_disks<F, Fut>(d: &Daemon, def: &VmDefinition, f: F) -> Result<(), ApiError>
+/// Runs `f` on every disk of `def`, reached like a replication cycle reaches them: through the
+/// VM's QEMU if it runs, through qemu-storage-daemon otherwise. The caller holds the VM's
+/// operation lock (or the VM is not registered yet).
+async fn on_disks<F, Fut>(d: &Daemon, def: &VmDefinition, f: F) -> Result<(), ApiError>
 where
     F: FnOnce(vmrepl_qemu::QmpClient, Vec<String>) -> Fut,
     Fut: std::future::Future<Output = Result<(), vmrepl_tracking::TrackingError>>,
 {
-    let disks: Vec<(String, PathBuf)> = def
-        .disks
-        .iter()
-        .map(|x| (x.id.clone(), x.path.clone()))
-        .collect();
-    let ids: Vec<String> = disks.iter().map(|(i, _)| i.clone()).collect();
-    let run = d.dd.run_dir(def.uuid).join("offline");
-    let off = vmrepl_tracking::OfflineDisks::open(&disks, None, &run)
+    let ids: Vec<String> = def.disks.iter().map(|x| x.id.clone()).collect();
+    let ep = replication::Endpoint::open(d, def, &ids, None)
         .await
-        .map_err(|e| err(ErrorCode::Qemu, e.to_string()))?;
-    let r = f(off.qmp().clone(), ids).await;
-    let closed = off.close().await;
-    r.map_err(|e| err(ErrorCode::Qemu, e.to_string()))?;
-    closed.map_err(|e| err(ErrorCode::Qemu, e.to_string()))
+        .map_err(|e| err(ErrorCode::Qemu, e))?;
+    let r = f(ep.qmp().clone(), ids).await;
+    ep.close().await;
+    r.map_err(|e| err(ErrorCode::Qemu, e.to_string()))
 }
 
 /// Fails a replica VM over (on the replica server). Planned when the primary prepared it.
@@ -401,7 +396,7 @@ pub async fn start(
     let seq = ov.point.seq;
     let planned = prepared.is_some();
     let tag = RelTag::from_uuid(&rel_id);
-    let prepared_disks = with_offline_disks(d, &def, |qmp, ids| async move {
+    let prepared_disks = on_disks(d, &def, |qmp, ids| async move {
         if planned {
             // Planned failover completes at once: the disks leave the point before first boot.
             vmrepl_tracking::stream_into_top(&qmp, &ids, STREAM_TIMEOUT).await?;
@@ -497,20 +492,11 @@ pub async fn complete(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError
     })?;
     {
         let _op = d.vmm.op_lock(row.vm_uuid).await;
-        match d.vmm.live_process(row.vm_uuid).await {
-            Some(p) => {
-                let ids: Vec<&str> = def.disks.iter().map(|x| x.id.as_str()).collect();
-                vmrepl_tracking::stream_into_top(p.qmp(), &ids, STREAM_TIMEOUT)
-                    .await
-                    .map_err(|e| err(ErrorCode::Qemu, e.to_string()))?
-            }
-            None => {
-                with_offline_disks(d, &def, |qmp, ids| async move {
-                    vmrepl_tracking::stream_into_top(&qmp, &ids, STREAM_TIMEOUT).await
-                })
-                .await?
-            }
-        }
+        // Live through the VM's QEMU if it runs: the guest keeps writing meanwhile.
+        on_disks(d, &def, |qmp, ids| async move {
+            vmrepl_tracking::stream_into_top(&qmp, &ids, STREAM_TIMEOUT).await
+        })
+        .await?;
     }
     let lock = replica::vm_lock(&replica::vm_dir(&row));
     let _g = lock.lock().await;
@@ -918,17 +904,13 @@ pub async fn take_over_as_replica(
     let rel = replication::load(d, vm.uuid);
     if let Some(rel) = &rel {
         // Tracking of the old relationship ends here (its bitmaps would record forever).
-        let tag = RelTag::from_uuid(&rel.rel_id);
-        let staging = d.dd.staging();
-        with_offline_disks(d, &local, |qmp, ids| async move {
-            vmrepl_tracking::stop_tracking(&qmp, tag, &ids, Some(&staging)).await
-        })
-        .await
-        .map_err(|e| {
-            internal(format!(
-                "cannot end change tracking on this host's copy: {e}"
-            ))
-        })?;
+        replication::end_tracking(d, &local, rel)
+            .await
+            .map_err(|e| {
+                internal(format!(
+                    "cannot end change tracking on this host's copy: {e}"
+                ))
+            })?;
     }
     let same_disks = local
         .disks

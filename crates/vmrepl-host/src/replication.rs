@@ -520,7 +520,7 @@ async fn scheduler(d: Arc<Daemon>, vm: Uuid, rt: Arc<RelRuntime>) {
 }
 
 /// Where a cycle reaches the VM's block nodes.
-enum Endpoint {
+pub(crate) enum Endpoint {
     Live(Arc<vmrepl_qemu::process::QemuProcess>),
     Offline(vmrepl_tracking::OfflineDisks),
 }
@@ -528,7 +528,7 @@ enum Endpoint {
 impl Endpoint {
     /// The running VM's QEMU, or qemu-storage-daemon over the replicated disks (and the vars
     /// image) when the VM is off. The caller holds the VM's operation lock.
-    async fn open(
+    pub(crate) async fn open(
         d: &Daemon,
         vm: &VmDefinition,
         nodes: &[String],
@@ -554,13 +554,13 @@ impl Endpoint {
         .map_err(|e| format!("cannot open the VM's disks while it is off: {e}"))
     }
 
-    fn qmp(&self) -> &vmrepl_qemu::qmp::QmpClient {
+    pub(crate) fn qmp(&self) -> &vmrepl_qemu::qmp::QmpClient {
         match self {
             Endpoint::Live(p) => p.qmp(),
             Endpoint::Offline(o) => o.qmp(),
         }
     }
-    async fn close(self) {
+    pub(crate) async fn close(self) {
         if let Endpoint::Offline(o) = self {
             if let Err(e) = o.close().await {
                 tracing::warn!(target: "vmrepl::replication", "closing offline disks: {e}");
@@ -1288,21 +1288,8 @@ pub async fn remove(
         }
     };
     // Change tracking ends with the relationship: a bitmap left behind records every write.
-    let tag = RelTag::from_uuid(&rel.rel_id);
-    let nodes: Vec<String> = replicated_disks(&vm, &rel.settings)
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
-    let tracking_note = match Endpoint::open(d, &vm, &nodes, None).await {
-        Ok(ep) => {
-            let r =
-                vmrepl_tracking::stop_tracking(ep.qmp(), tag, &nodes, Some(&d.dd.staging())).await;
-            ep.close().await;
-            match r {
-                Ok(()) => String::new(),
-                Err(e) => format!("; its change-tracking bitmaps could not be removed ({e})"),
-            }
-        }
+    let tracking_note = match end_tracking(d, &vm, &rel).await {
+        Ok(()) => String::new(),
         Err(e) => format!("; its change-tracking bitmaps could not be removed ({e})"),
     };
     let db = d.db.lock().expect("db");
@@ -1314,6 +1301,24 @@ pub async fn remove(
     Ok(format!(
         "Replication of {name} removed; {replica_note}{tracking_note}."
     ))
+}
+
+/// Removes every bitmap (and leftover staging) of `rel` from the VM's replicated disks, through
+/// its QEMU or qemu-storage-daemon. The caller holds the VM's operation lock.
+pub(crate) async fn end_tracking(
+    d: &Daemon,
+    vm: &VmDefinition,
+    rel: &Relationship,
+) -> Result<(), String> {
+    let tag = RelTag::from_uuid(&rel.rel_id);
+    let nodes: Vec<String> = replicated_disks(vm, &rel.settings)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let ep = Endpoint::open(d, vm, &nodes, None).await?;
+    let r = vmrepl_tracking::stop_tracking(ep.qmp(), tag, &nodes, Some(&d.dd.staging())).await;
+    ep.close().await;
+    r.map_err(|e| e.to_string())
 }
 
 fn not_enabled(name: &VmName) -> ApiError {
