@@ -751,6 +751,31 @@ impl Cycle<'_> {
         self.disks.iter().map(|(n, _)| n.as_str()).collect()
     }
 
+    /// What the replica holds: its last applied log and a partial transfer to resume. A replica
+    /// that failed over takes no more logs, so the cycle stops before anything is staged.
+    async fn replica_state(&mut self) -> Result<(u64, Option<(u64, Resume)>), CycleError> {
+        match self
+            .client
+            .call(&PeerRequest::ReplicaState {
+                vm_uuid: self.vm.uuid,
+            })
+            .await
+            .map_err(classify)?
+        {
+            PeerResponse::ReplicaState {
+                failed_over: true, ..
+            } => Err(CycleError::Other(
+                "the replica has failed over; it takes no more logs".into(),
+            )),
+            PeerResponse::ReplicaState {
+                last_applied,
+                partial,
+                ..
+            } => Ok((last_applied, partial)),
+            other => Err(CycleError::Other(format!("unexpected answer {other:?}"))),
+        }
+    }
+
     /// The initial copy: log 1, the whole of every disk as of one instant, with bitmap 1
     /// recording from that instant on.
     async fn initial(&mut self) -> Result<(u64, u64), CycleError> {
@@ -799,24 +824,7 @@ impl Cycle<'_> {
     /// the replica kept stay as they were.
     async fn resync(&mut self) -> Result<(u64, u64), CycleError> {
         let (qmp, tag) = (self.qmp, self.tag);
-        let l = match self
-            .client
-            .call(&PeerRequest::ReplicaState {
-                vm_uuid: self.vm.uuid,
-            })
-            .await
-            .map_err(classify)?
-        {
-            PeerResponse::ReplicaState {
-                failed_over: true, ..
-            } => {
-                return Err(CycleError::Other(
-                    "the replica has failed over; it takes no more logs".into(),
-                ))
-            }
-            PeerResponse::ReplicaState { last_applied, .. } => last_applied,
-            other => return Err(CycleError::Other(format!("unexpected answer {other:?}"))),
-        };
+        let (l, _) = self.replica_state().await?;
         // The replica's digests of its state `l` (a replica that cannot give them gets every
         // block).
         let digests = match self
@@ -861,21 +869,7 @@ impl Cycle<'_> {
         let n = self.rel.acked_seq;
         let next = n + 1;
         let path = log_path(self.d, tag, next);
-        let (replica_applied, partial) = match self
-            .client
-            .call(&PeerRequest::ReplicaState {
-                vm_uuid: self.vm.uuid,
-            })
-            .await
-            .map_err(classify)?
-        {
-            PeerResponse::ReplicaState {
-                last_applied,
-                partial,
-                ..
-            } => (last_applied, partial),
-            other => return Err(CycleError::Other(format!("unexpected answer {other:?}"))),
-        };
+        let (replica_applied, partial) = self.replica_state().await?;
         if path.exists() {
             // A built log is waiting: its transfer was cut. Bitmap n is frozen, n+1 records.
             if replica_applied >= next {
