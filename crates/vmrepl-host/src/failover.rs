@@ -23,7 +23,7 @@
 
 use crate::daemon::Daemon;
 use crate::peer::client::PeerClient;
-use crate::peer::proto::{PeerRequest, PeerResponse, PointPolicy, RefusalCode};
+use crate::peer::proto::{PeerRequest, PeerResponse, RefusalCode};
 use crate::replica::{self, FailoverRecord, ReplicaRow, TestFailover};
 use crate::replication;
 use std::path::{Path, PathBuf};
@@ -690,14 +690,8 @@ pub async fn reverse(
             ),
         )
     })?;
-    let mut replica_vm = def.clone();
-    replica_vm
-        .disks
-        .retain(|x| !settings.exclude_disks.contains(&x.id));
-    let policy = PointPolicy {
-        keep: settings.recovery_points,
-        interval_secs: settings.recovery_point_interval_secs,
-    };
+    let replica_vm = replication::replica_view(&def, &settings);
+    let policy = replication::point_policy(&settings);
     let my_addr = d.cfg.read().expect("cfg").listen.clone();
     let answer = client
         .request(&PeerRequest::ReverseReplica {

@@ -210,6 +210,21 @@ pub(crate) fn replicated_disks(vm: &VmDefinition, s: &ReplicationSettings) -> Ve
         .collect()
 }
 
+/// The VM as its replica keeps it: without the excluded disks.
+pub(crate) fn replica_view(vm: &VmDefinition, s: &ReplicationSettings) -> VmDefinition {
+    let mut out = vm.clone();
+    out.disks.retain(|x| !s.exclude_disks.contains(&x.id));
+    out
+}
+
+/// The recovery-point policy the replica is asked to keep.
+pub(crate) fn point_policy(s: &ReplicationSettings) -> PointPolicy {
+    PointPolicy {
+        keep: s.recovery_points,
+        interval_secs: s.recovery_point_interval_secs,
+    }
+}
+
 /// Enables replication of a VM (Hyper-V's Enable-VMReplication).
 pub async fn enable(
     d: &Arc<Daemon>,
@@ -282,10 +297,7 @@ pub async fn enable(
             format!("The replica server cannot run VM {name}: {why}. Nothing was changed."),
         )
     })?;
-    let mut replica_vm = vm.clone();
-    replica_vm
-        .disks
-        .retain(|x| !settings.exclude_disks.contains(&x.id));
+    let replica_vm = replica_view(&vm, &settings);
     let ask = |r: PeerResponse, what: &str| -> Result<(), ApiError> {
         match r {
             PeerResponse::Ok => Ok(()),
@@ -310,10 +322,7 @@ pub async fn enable(
         .map_err(|e| err(ErrorCode::Peer, e.to_string()))?;
     ask(r, "host this VM")?;
     let rel_id = Uuid::new_v4();
-    let policy = PointPolicy {
-        keep: settings.recovery_points,
-        interval_secs: settings.recovery_point_interval_secs,
-    };
+    let policy = point_policy(&settings);
     let my_addr = d.cfg.read().expect("cfg").listen.clone();
     let r = client
         .request(&PeerRequest::CreateReplica {
