@@ -282,6 +282,12 @@ impl Daemon {
             } => Response::Ok {
                 message: crate::replication::resume(self, &name, resynchronize)?,
             },
+            Request::ReplicationNow {
+                name,
+                app_consistent,
+            } => Response::Ok {
+                message: crate::replication::now(self, &name, app_consistent).await?,
+            },
             Request::ReplicationRemove {
                 name,
                 delete_replica,

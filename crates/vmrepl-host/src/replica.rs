@@ -511,8 +511,11 @@ pub fn points_after_apply(
         .points()
         .iter()
         .any(|p| p.kind == vmrepl_store::PointKind::Frozen);
+    // An app-consistent log always becomes a recovery point (Hyper-V's app-consistent
+    // snapshots are recovery points too), whatever the interval says.
     let due = match last_point_ms {
         _ if !has_frozen => true,
+        _ if last.consistency == Consistency::AppConsistent => true,
         None => true,
         Some(t) => now_ms().saturating_sub(t) >= u64::from(policy.interval_secs) * 1000,
     };
@@ -694,6 +697,7 @@ pub fn statuses(daemon: &Daemon) -> Vec<ReplicationStatus> {
                 primary_host: r.primary_host.clone(),
                 replica_host: me.clone(),
                 frequency_secs: 0,
+                app_consistent_hours: None,
                 last_sequence: r.last_applied,
                 waiting_on: None,
                 last_error: r.last_error.clone(),

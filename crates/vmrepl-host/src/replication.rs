@@ -521,7 +521,19 @@ async fn scheduler(d: Arc<Daemon>, vm: Uuid, rt: Arc<RelRuntime>) {
         }
         let start = now_ms();
         last_start = Some(start);
-        if let Err(e) = run_cycle(&d, vm, &rt, vmrepl_log::Consistency::Crash).await {
+        let running = d.vmm.live_process(vm).await.is_some();
+        let consistency = if app_consistent_due(
+            &rel.settings,
+            rel.state,
+            running,
+            last_app_attempt_ms(&d, vm, rel.created_ms),
+            start,
+        ) {
+            vmrepl_log::Consistency::AppConsistent
+        } else {
+            vmrepl_log::Consistency::Crash
+        };
+        if let Err(e) = run_cycle(&d, vm, &rt, consistency).await {
             tracing::warn!(target: "vmrepl::replication", %vm, "cycle failed: {e}");
         }
         *rt.progress.lock().expect("progress") = None;
@@ -677,6 +689,8 @@ async fn run_cycle(
         staging: Staging::new(d.dd.staging()),
         rt,
         consistency,
+        live: matches!(endpoint, Endpoint::Live(_)),
+        app_freeze: None,
     };
     let result = if initial {
         cycle.initial().await
@@ -685,9 +699,10 @@ async fn run_cycle(
     } else {
         cycle.delta().await
     };
+    let app_freeze = cycle.app_freeze.take();
     drop(cycle);
     endpoint.close().await;
-    match result {
+    let outcome = match result {
         Ok((seq, bytes)) => {
             record_cycle(d, vm_uuid, seq, kind, start, bytes, "ok", None);
             record_success(d, vm_uuid, seq, ReplicationState::Replicating);
@@ -714,6 +729,85 @@ async fn run_cycle(
         }
         Err(CycleError::Network(m)) => Err(fail(m, true)),
         Err(CycleError::Other(m)) => Err(fail(m, false)),
+    };
+    if let Some(freeze) = app_freeze {
+        record_freeze(d, vm_uuid, start, &freeze);
+    }
+    outcome
+}
+
+/// Notes on the cycle started at `start_ms` whether the guest was frozen for it.
+fn record_freeze(d: &Daemon, vm: Uuid, start_ms: u64, freeze: &Result<u64, String>) {
+    let db = d.db.lock().expect("db");
+    let _ = db.conn().execute(
+        "UPDATE cycles SET app_freeze_ok = ?3, app_freeze_error = ?4 WHERE vm_uuid = ?1 AND start_ms = ?2",
+        params![
+            vm.to_string(),
+            start_ms as i64,
+            freeze.is_ok(),
+            freeze.as_ref().err()
+        ],
+    );
+    if let Err(e) = freeze {
+        let _ = db.event(Some(vm), e);
+    }
+}
+
+/// When this relationship last tried an app-consistent point (frozen or not).
+fn last_app_attempt_ms(d: &Daemon, vm: Uuid, since_ms: u64) -> Option<u64> {
+    let db = d.db.lock().expect("db");
+    db.conn()
+        .query_row(
+            "SELECT MAX(start_ms) FROM cycles WHERE vm_uuid = ?1 AND start_ms >= ?2 AND app_freeze_ok IS NOT NULL",
+            params![vm.to_string(), since_ms as i64],
+            |r| r.get::<_, Option<i64>>(0),
+        )
+        .ok()
+        .flatten()
+        .map(|v| v as u64)
+}
+
+/// Hyper-V's app-consistent schedule: a replicating VM that runs gets an app-consistent
+/// point when none was tried for `hours` (the first one right after initial replication).
+fn app_consistent_due(
+    settings: &ReplicationSettings,
+    state: ReplicationState,
+    running: bool,
+    last_attempt_ms: Option<u64>,
+    now_ms: u64,
+) -> bool {
+    let Some(hours) = settings.app_consistent_hours else {
+        return false;
+    };
+    state == ReplicationState::Replicating
+        && running
+        && last_attempt_ms
+            .map(|t| now_ms.saturating_sub(t) >= u64::from(hours) * 3_600_000)
+            .unwrap_or(true)
+}
+
+/// How long the guest agent may take to freeze (it runs the guest's freeze hooks first).
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long connecting and each other agent command may take.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Thaws a guest frozen for an app-consistent point: at once, and again on failure.
+async fn thaw_guest(d: &Daemon, vm: Uuid, qga: vmrepl_qemu::Qga) {
+    let qga = qga.with_timeout(AGENT_TIMEOUT);
+    let mut last = String::new();
+    for _ in 0..3 {
+        match qga.fsfreeze_thaw().await {
+            Ok(_) => return,
+            Err(e) => {
+                last = e.to_string();
+                let _ = qga.sync().await;
+            }
+        }
+    }
+    let msg = format!("The guest could not be thawed after an app-consistent point ({last}); it may still be frozen: thaw it from the guest console (fsfreeze --unfreeze) or restart the VM.");
+    tracing::error!(target: "vmrepl::replication", %vm, "{msg}");
+    if let Ok(db) = d.db.lock() {
+        let _ = db.event(Some(vm), &msg);
     }
 }
 
@@ -751,8 +845,13 @@ struct Cycle<'a> {
     vars: Option<&'a str>,
     staging: Staging,
     rt: &'a RelRuntime,
-    /// What the log's point in time is (crash-consistent, or planned for a failover).
+    /// What the log's point in time is (crash-consistent, app-consistent when the guest
+    /// could be frozen, or planned for a failover).
     consistency: vmrepl_log::Consistency,
+    /// Whether QEMU runs the VM (else the disks are reached through the storage daemon).
+    live: bool,
+    /// For an app-consistent attempt: the filesystems the agent froze, or why it could not.
+    app_freeze: Option<Result<u64, String>>,
 }
 
 impl Cycle<'_> {
@@ -920,15 +1019,31 @@ impl Cycle<'_> {
                 "the replica has applied log {replica_applied} but this host expected {n}"
             )));
         }
-        let h = vmrepl_tracking::begin_cycle(qmp, tag, &self.disks, n, &self.staging, self.vars)
-            .await
-            .map_err(|e| {
-                if e.needs_resync() {
-                    CycleError::Resync(e.to_string())
-                } else {
-                    CycleError::Other(format!("cannot stage the changes: {e}"))
-                }
-            })?;
+        let frozen = self.freeze_guest().await;
+        let begin =
+            vmrepl_tracking::begin_cycle(qmp, tag, &self.disks, n, &self.staging, self.vars);
+        let h = match frozen {
+            // Thaw the moment the transaction has taken the point (or failed), while the
+            // backup jobs go on copying.
+            Some(qga) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                self.staging.signal_point(tx);
+                let (d, vm) = (self.d, self.vm.uuid);
+                let thaw = async move {
+                    let _ = rx.await;
+                    thaw_guest(d, vm, qga).await;
+                };
+                tokio::join!(begin, thaw).0
+            }
+            None => begin.await,
+        }
+        .map_err(|e| {
+            if e.needs_resync() {
+                CycleError::Resync(e.to_string())
+            } else {
+                CycleError::Other(format!("cannot stage the changes: {e}"))
+            }
+        })?;
         let built = build_log(self, &h, &path, (next, n), LogKind::Delta, None).await;
         let _ = h.remove_files();
         let total = match built {
@@ -940,6 +1055,50 @@ impl Cycle<'_> {
             }
         };
         self.ship(&path, (next, n), total, None, "delta").await
+    }
+
+    /// For an app-consistent point: freezes the guest through its agent and returns it to
+    /// be thawed. A VM that is off has nothing to freeze, and its point stays crash-consistent;
+    /// a running guest that cannot be frozen gives a crash-consistent point too, and the
+    /// failure is recorded (Hyper-V's count of app-consistent failures).
+    async fn freeze_guest(&mut self) -> Option<vmrepl_qemu::Qga> {
+        if self.consistency != vmrepl_log::Consistency::AppConsistent {
+            return None;
+        }
+        if !self.live {
+            self.consistency = vmrepl_log::Consistency::Crash;
+            return None;
+        }
+        let sock =
+            vmrepl_qemu::cmdline::RunPaths::in_dir(&self.d.dd.run_dir(self.vm.uuid)).qga_sock;
+        let attempt = async {
+            let qga = vmrepl_qemu::Qga::connect(&sock, AGENT_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?
+                .with_timeout(FREEZE_TIMEOUT);
+            match qga.fsfreeze_freeze().await {
+                Ok(n) => Ok((qga, n)),
+                Err(e) => {
+                    // A freeze that timed out may still complete in the guest: thaw anyway.
+                    thaw_guest(self.d, self.vm.uuid, qga).await;
+                    Err(e.to_string())
+                }
+            }
+        };
+        match attempt.await {
+            Ok((qga, n)) => {
+                self.app_freeze = Some(Ok(n));
+                Some(qga)
+            }
+            Err(e) => {
+                self.consistency = vmrepl_log::Consistency::Crash;
+                self.app_freeze = Some(Err(format!(
+                    "The guest of VM {} could not be frozen for an app-consistent point, so the point is crash-consistent: {e}. Check that the QEMU guest agent runs in the guest.",
+                    self.vm.name
+                )));
+                None
+            }
+        }
     }
 
     /// Sends the built log `next` (on base `n`) and settles the bitmaps: on the replica's
@@ -1219,6 +1378,54 @@ pub fn pause(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
     ))
 }
 
+/// Replicates now, outside the schedule (and counts no missed cycle); with `app_consistent`
+/// the guest is frozen through its agent for the point. Says which point was made.
+pub async fn now(d: &Arc<Daemon>, name: &VmName, app_consistent: bool) -> Result<String, ApiError> {
+    let vm = d.vmm.show(name)?.definition;
+    let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
+    if rel.state != ReplicationState::Replicating {
+        return Err(err(
+            ErrorCode::WrongState,
+            format!("Replication of {name} is {}; replicating now needs it replicating (initial replication done, not paused, no resynchronization pending).", rel.state),
+        ));
+    }
+    let consistency = if app_consistent {
+        vmrepl_log::Consistency::AppConsistent
+    } else {
+        vmrepl_log::Consistency::Crash
+    };
+    let seq = replicate_now(d, vm.uuid, consistency).await.map_err(|e| {
+        err(
+            ErrorCode::Peer,
+            format!("Replicating {name} now failed: {e}"),
+        )
+    })?;
+    let freeze: Option<(bool, Option<String>)> = {
+        let db = d.db.lock().expect("db");
+        db.conn()
+            .query_row(
+                "SELECT app_freeze_ok, app_freeze_error FROM cycles WHERE vm_uuid = ?1 ORDER BY id DESC LIMIT 1",
+                params![vm.uuid.to_string()],
+                |r| Ok(r.get::<_, Option<bool>>(0)?.map(|ok| (ok, r.get::<_, Option<String>>(1).ok().flatten()))),
+            )
+            .ok()
+            .flatten()
+    };
+    let kind = match (app_consistent, freeze) {
+        (false, _) => "a crash-consistent point".to_string(),
+        (true, Some((true, _))) => "an app-consistent point (the guest was frozen)".to_string(),
+        (true, Some((false, why))) => why.unwrap_or_else(|| "a crash-consistent point".into()),
+        (true, None) => {
+            "a crash-consistent point: the VM is off, its disks were at rest".to_string()
+        }
+    };
+    Ok(format!(
+        "Log {seq} of {name} is on {}: {}.",
+        rel.replica_name,
+        kind.trim_end_matches('.')
+    ))
+}
+
 /// Resumes a paused relationship, or resynchronizes one (Resume-VMReplication -Resynchronize).
 pub fn resume(d: &Arc<Daemon>, name: &VmName, resynchronize: bool) -> Result<String, ApiError> {
     let vm = d.vmm.show(name)?.definition;
@@ -1344,13 +1551,16 @@ fn stats(d: &Daemon, vm: Uuid, rel_created_ms: u64) -> ReplicationStats {
     let mut s = ReplicationStats::default();
     let mut lat_total = 0.0;
     if let Ok(mut st) = db.conn().prepare(
-        "SELECT outcome, bytes, duration_ms, start_ms FROM cycles WHERE vm_uuid = ?1 AND start_ms >= ?2",
+        "SELECT outcome, bytes, duration_ms, start_ms, app_freeze_ok FROM cycles WHERE vm_uuid = ?1 AND start_ms >= ?2",
     ) {
         let rows = st.query_map(params![vm.to_string(), since], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?))
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?, r.get::<_, Option<bool>>(4)?))
         });
         if let Ok(rows) = rows {
-            for (outcome, bytes, dur, start) in rows.flatten() {
+            for (outcome, bytes, dur, start, frozen) in rows.flatten() {
+                if frozen == Some(false) {
+                    s.app_consistent_failure_count += 1;
+                }
                 match outcome.as_str() {
                     "ok" => {
                         s.success_count += 1;
@@ -1468,6 +1678,7 @@ pub fn statuses(d: &Daemon) -> Vec<ReplicationStatus> {
             primary_host: host,
             replica_host: format!("{} ({})", rel.replica_name, rel.settings.replica_server),
             frequency_secs: rel.settings.frequency_secs,
+            app_consistent_hours: rel.settings.app_consistent_hours,
             last_sequence: rel.acked_seq,
             waiting_on: match rel.state {
                 ReplicationState::Suspended => Some("resume (replication is paused)".into()),
@@ -1501,6 +1712,36 @@ pub fn default_settings(replica_server: &str) -> ReplicationSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_app_consistent_point_is_due_every_n_hours_for_a_running_replicating_vm() {
+        let mut s = default_settings("127.0.0.2:7443");
+        let h = 3_600_000;
+        let now = 100 * h;
+        let rep = ReplicationState::Replicating;
+        assert!(
+            !app_consistent_due(&s, rep, true, None, now),
+            "off by default"
+        );
+        s.app_consistent_hours = Some(2);
+        assert!(
+            app_consistent_due(&s, rep, true, None, now),
+            "first one at once"
+        );
+        assert!(!app_consistent_due(&s, rep, true, Some(now - h), now));
+        assert!(app_consistent_due(&s, rep, true, Some(now - 2 * h), now));
+        assert!(
+            !app_consistent_due(&s, rep, false, None, now),
+            "a VM that is off has no guest to freeze"
+        );
+        for st in [
+            ReplicationState::WaitingForInitialReplication,
+            ReplicationState::Resynchronizing,
+            ReplicationState::Suspended,
+        ] {
+            assert!(!app_consistent_due(&s, st, true, None, now), "{st:?}");
+        }
+    }
 
     fn rel(state: ReplicationState) -> Relationship {
         Relationship {

@@ -494,6 +494,12 @@ impl Qga {
         Ok(qga)
     }
 
+    /// Sets how long each later command may take (a freeze runs the guest's hooks).
+    pub fn with_timeout(mut self, timeout: Duration) -> Qga {
+        self.timeout = timeout;
+        self
+    }
+
     /// Resynchronises the stream with `guest-sync-delimited`.
     pub async fn sync(&self) -> Result<(), QmpError> {
         let id = self.sync_id.fetch_add(1, Ordering::Relaxed);

@@ -14,14 +14,21 @@ use vmrepl_qemu::img::{CreateOpts, QemuImg};
 use vmrepl_qemu::QmpClient;
 
 /// Where and how cycles stage their deltas.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Staging {
     /// Folder of the staging images (local, with room for the delta).
     pub dir: PathBuf,
     /// How long all backup jobs of one cycle may take together.
     pub job_timeout: Duration,
     pub qemu_img: QemuImg,
+    /// Told the point in time (Unix ms) the moment the transaction has taken it, or dropped
+    /// unsent when the cycle fails before: an app-consistent cycle thaws the guest on either,
+    /// without waiting for the copy jobs.
+    point_signal: std::sync::Mutex<Option<PointSignal>>,
 }
+
+/// See [`Staging::signal_point`].
+pub type PointSignal = tokio::sync::oneshot::Sender<u64>;
 
 impl Staging {
     pub fn new(dir: impl Into<PathBuf>) -> Staging {
@@ -29,7 +36,18 @@ impl Staging {
             dir: dir.into(),
             job_timeout: Duration::from_secs(3600),
             qemu_img: QemuImg::default(),
+            point_signal: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Arms a one-shot signal for the next cycle started with this staging: it gets the
+    /// point in time right after the transaction, or is dropped if the cycle fails before.
+    pub fn signal_point(&self, tx: PointSignal) {
+        *self.point_signal.lock().expect("point signal") = Some(tx);
+    }
+
+    fn take_point_signal(&self) -> Option<PointSignal> {
+        self.point_signal.lock().expect("point signal").take()
     }
 }
 
@@ -369,6 +387,8 @@ async fn run_cycle<N: AsRef<str>>(
     mut actions: Vec<Value>,
 ) -> Result<CycleHandle, TrackingError> {
     let start = Instant::now();
+    // Dropped on every early return: whoever waits for the point learns there is none.
+    let point_signal = staging.take_point_signal();
     // Leftovers of an interrupted attempt in this QEMU would make blockdev-add fail.
     cleanup_jobs_and_nodes(qmp, rel, None).await?;
     std::fs::create_dir_all(&staging.dir).map_err(|source| TrackingError::Io {
@@ -445,6 +465,9 @@ async fn run_cycle<N: AsRef<str>>(
         return Err(e);
     }
     let point_in_time_ms = now_ms();
+    if let Some(tx) = point_signal {
+        let _ = tx.send(point_in_time_ms);
+    }
     tracing::info!(target: LOG_TARGET, rel = %rel, seq, ?kind, point_in_time_ms, "point in time taken");
 
     let waited = wait_jobs(qmp, &mut rx, &jobs, staging.job_timeout).await;

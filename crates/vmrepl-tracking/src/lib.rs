@@ -67,7 +67,8 @@ pub use bitmaps::{
     stop_tracking, OwnedBitmap, ReconcileOutcome,
 };
 pub use cycle::{
-    begin_cycle, begin_full, stream_into_top, CycleHandle, CycleKind, StagedImage, Staging,
+    begin_cycle, begin_full, stream_into_top, CycleHandle, CycleKind, PointSignal, StagedImage,
+    Staging,
 };
 pub use error::TrackingError;
 pub use extents::{

@@ -113,6 +113,13 @@ pub enum Request {
         name: VmName,
         delete_replica: bool,
     },
+    /// Replicate now, outside the schedule; app-consistent freezes the guest through its
+    /// agent for the point (Proxmox's "schedule now").
+    ReplicationNow {
+        name: VmName,
+        #[serde(default)]
+        app_consistent: bool,
+    },
     /// Recovery points of a replica VM (on the replica server).
     RecoveryPoints {
         name: VmName,

@@ -219,6 +219,9 @@ pub struct ReplicationStatus {
     pub primary_host: String,
     pub replica_host: String,
     pub frequency_secs: u32,
+    /// App-consistent points every N hours (primary side), if asked.
+    #[serde(default)]
+    pub app_consistent_hours: Option<u32>,
     pub last_sequence: u64,
     pub waiting_on: Option<String>,
     pub last_error: Option<String>,

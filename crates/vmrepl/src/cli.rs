@@ -72,6 +72,14 @@ pub enum ReplCmd {
     },
     /// Pause replication of a VM (changes are still tracked).
     Pause { name: String },
+    /// Replicate now, outside the schedule.
+    Now {
+        name: String,
+        /// Freeze the guest through the QEMU guest agent for this point (falls back to a
+        /// crash-consistent point, and says so, when the guest cannot be frozen).
+        #[arg(long)]
+        app_consistent: bool,
+    },
     /// Resume a paused replication.
     Resume {
         name: String,
@@ -215,9 +223,21 @@ pub struct SettingsArgs {
     /// A disk id (disk0, disk1, ...) not to replicate; repeatable.
     #[arg(long)]
     pub exclude_disk: Vec<String>,
-    /// Start initial replication at this Unix time instead of now.
+    /// Take an app-consistent point every N hours (1 to 12): the guest is frozen through
+    /// the QEMU guest agent for it. Needs --recovery-points of at least 1.
     #[arg(long)]
+    pub app_consistent_hours: Option<u32>,
+    /// Start initial replication at this Unix time instead of now.
+    #[arg(long, conflicts_with_all = ["initial_export", "initial_existing_copy"])]
     pub initial_at: Option<u64>,
+    /// Initial replication by external media: write the initial copy into this folder,
+    /// to be carried to the replica server and imported there with `replication import`.
+    #[arg(long, conflicts_with = "initial_existing_copy")]
+    pub initial_export: Option<PathBuf>,
+    /// Initial replication from a copy of the VM that already exists on the replica server
+    /// (registered there with `replication import-copy`): only the blocks that differ are sent.
+    #[arg(long)]
+    pub initial_existing_copy: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -545,6 +565,13 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
         ReplCmd::Pause { name } => Request::ReplicationPause {
             name: vm_name(&name)?,
         },
+        ReplCmd::Now {
+            name,
+            app_consistent,
+        } => Request::ReplicationNow {
+            name: vm_name(&name)?,
+            app_consistent,
+        },
         ReplCmd::Resume {
             name,
             resynchronize,
@@ -573,8 +600,17 @@ impl SettingsArgs {
         settings.recovery_point_interval_secs = self.point_interval;
         settings.compression = !self.no_compression;
         settings.exclude_disks = self.exclude_disk;
+        settings.app_consistent_hours = self.app_consistent_hours;
         if let Some(t) = self.initial_at {
             settings.initial = InitialReplication::NetworkAt { unix_secs: t };
+        }
+        if let Some(folder) = self.initial_export {
+            settings.initial = InitialReplication::Export {
+                folder: std::path::absolute(&folder).unwrap_or(folder),
+            };
+        }
+        if self.initial_existing_copy {
+            settings.initial = InitialReplication::ExistingCopy;
         }
         settings
     }

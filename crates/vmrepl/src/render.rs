@@ -186,6 +186,12 @@ fn replication(rs: &[ReplicationStatus]) {
         println!("Primary server:  {}", r.primary_host);
         println!("Replica server:  {}", r.replica_host);
         println!("Frequency:       {} s", r.frequency_secs);
+        if let Some(h) = r.app_consistent_hours {
+            println!(
+                "App-consistent:  every {h} h; {} point(s) could not freeze the guest",
+                r.stats.app_consistent_failure_count
+            );
+        }
         println!("Last sequence:   {}", r.last_sequence);
         if let Some(w) = &r.waiting_on {
             println!("Waiting on:      {w}");
