@@ -22,9 +22,18 @@
  *                 [--tag T] [--allow-zero]
  *   blockio powerbutton [--register DIR]
  *
+ * write: SIGTERM/SIGINT stop at the end of the generation in progress. SIGUSR1 asks for a
+ * quiesce: the generation in progress is finished on every disk (each fdatasync'ed), then
+ * the writer creates DIR/quiesced.PID (with --register DIR) holding the last complete
+ * generation ("-" if none yet) and writes nothing until SIGUSR2, which removes the marker
+ * and continues with the next generation. The latest of SIGUSR1/SIGUSR2 wins. A writer that
+ * registers while DIR/frozen exists quiesces before its first generation.
+ *
  * Output lines (stdout, one write() each so they stay whole on the console):
  *   VMREPL WROTE dev=DEV gen=G
  *   VMREPL STOPPED dev=DEV gen=G        (write stopped by SIGTERM/SIGINT)
+ *   VMREPL QUIESCED dev=DEV gen=G|-     (SIGUSR1: quiesced; printed before the marker exists)
+ *   VMREPL RESUMED dev=DEV              (SIGUSR2: printed before the marker is removed)
  *   VMREPL VERIFY dev=DEV blocks=N ok=K bad=B zero=Z min_gen=x max_gen=y result=pass|fail
  *   VMREPL BADBLOCK dev=DEV block=I reason=...   (first 8 bad blocks)
  *   VMREPL POWERDOWN                     (power button pressed)
@@ -58,6 +67,7 @@
 #define CHUNK 64 /* blocks per I/O */
 
 static volatile sig_atomic_t stop_requested;
+static volatile sig_atomic_t quiesce_requested; /* SIGUSR1 sets, SIGUSR2 clears */
 
 static void say(const char *fmt, ...)
 {
@@ -229,6 +239,24 @@ static void on_stop(int sig)
     stop_requested = 1;
 }
 
+static void on_quiesce(int sig)
+{
+    quiesce_requested = sig == SIGUSR1;
+}
+
+/* Blocks the signals whose handlers set the loop flags (so a flag check and the following
+ * wait cannot race with them); *old receives the previous mask for sigsuspend/ppoll. */
+static void block_flag_signals(sigset_t *old)
+{
+    sigset_t s;
+    sigemptyset(&s);
+    sigaddset(&s, SIGTERM);
+    sigaddset(&s, SIGINT);
+    sigaddset(&s, SIGUSR1);
+    sigaddset(&s, SIGUSR2);
+    sigprocmask(SIG_BLOCK, &s, old);
+}
+
 /* ---- verify (also used by write --from-gen auto) ---- */
 
 struct vstats {
@@ -376,11 +404,65 @@ static void unregister(void)
         unlink(regfile);
 }
 
+/* Sleeps up to ms milliseconds; returns early on a stop or quiesce request. */
 static void sleep_ms(uint64_t ms)
 {
-    struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
-    while (!stop_requested && nanosleep(&ts, &ts) < 0 && errno == EINTR)
-        ;
+    struct timespec now, end;
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    end.tv_sec += (time_t)(ms / 1000);
+    end.tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (end.tv_nsec >= 1000000000L)
+        end.tv_sec++, end.tv_nsec -= 1000000000L;
+    sigset_t old;
+    block_flag_signals(&old);
+    while (!stop_requested && !quiesce_requested) {
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        struct timespec left = {end.tv_sec - now.tv_sec, end.tv_nsec - now.tv_nsec};
+        if (left.tv_nsec < 0)
+            left.tv_sec--, left.tv_nsec += 1000000000L;
+        if (left.tv_sec < 0)
+            break;
+        ppoll(NULL, 0, &left, &old); /* signals unblocked only while waiting */
+    }
+    sigprocmask(SIG_SETMASK, &old, NULL);
+}
+
+/* At a generation boundary (every disk holds generation `last`, fdatasync'ed): if a
+ * quiesce was requested, announce it, create the marker and wait for SIGUSR2 (or a stop). */
+static void quiesce(const char *regdir, int ndev, char **names, int wrote_any, uint64_t last)
+{
+    sigset_t old;
+    block_flag_signals(&old);
+    if (quiesce_requested && !stop_requested) {
+        char gen[32], marker[300], tmp[300];
+        if (wrote_any)
+            snprintf(gen, sizeof gen, "%" PRIu64, last);
+        else
+            strcpy(gen, "-");
+        for (int d = 0; d < ndev; d++)
+            say("VMREPL QUIESCED dev=%s gen=%s", dname(names[d]), gen);
+        marker[0] = 0;
+        if (regdir) {
+            /* written under a temporary name and renamed: readers never see it half-written */
+            snprintf(marker, sizeof marker, "%s/quiesced.%d", regdir, (int)getpid());
+            snprintf(tmp, sizeof tmp, "%s/.quiesced.%d.tmp", regdir, (int)getpid());
+            int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+            if (fd < 0)
+                die("create %s: %s", tmp, strerror(errno));
+            char line[40];
+            int n = snprintf(line, sizeof line, "%s\n", gen);
+            if (write(fd, line, n) != n || close(fd) < 0 || rename(tmp, marker) < 0)
+                die("write %s: %s", marker, strerror(errno));
+        }
+        while (quiesce_requested && !stop_requested)
+            sigsuspend(&old);
+        if (!stop_requested)
+            for (int d = 0; d < ndev; d++)
+                say("VMREPL RESUMED dev=%s", dname(names[d]));
+        if (marker[0])
+            unlink(marker);
+    }
+    sigprocmask(SIG_SETMASK, &old, NULL);
 }
 
 static int cmd_write(int argc, char **argv)
@@ -451,7 +533,12 @@ static int cmd_write(int argc, char **argv)
     sa.sa_handler = on_stop;
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
+    sa.sa_handler = on_quiesce;
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGUSR1, &sa, NULL);
+    sigaction(SIGUSR2, &sa, NULL);
     if (regdir) {
+        /* handlers first: a registered writer may get SIGUSR1 at any time */
         mkdir(regdir, 0755);
         snprintf(regfile, sizeof regfile, "%s/writer.%d", regdir, (int)getpid());
         int rfd = open(regfile, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -460,6 +547,14 @@ static int cmd_write(int argc, char **argv)
         else
             regfile[0] = 0;
         atexit(unregister);
+        /* registered during a freeze (the hook listed the writers before we were there)? */
+        char frozen[300];
+        snprintf(frozen, sizeof frozen, "%s/frozen", regdir);
+        sigset_t old;
+        block_flag_signals(&old); /* a SIGUSR2 arriving now must win over this check */
+        if (access(frozen, F_OK) == 0)
+            quiesce_requested = 1;
+        sigprocmask(SIG_SETMASK, &old, NULL);
     }
 
     unsigned char *buf;
@@ -468,6 +563,11 @@ static int cmd_write(int argc, char **argv)
     uint64_t last = 0;
     int wrote_any = 0;
     for (uint64_t g = from; g <= to && !stop_requested; g++) {
+        if (quiesce_requested) { /* at a generation boundary */
+            quiesce(regdir, ndev, names, wrote_any, last);
+            if (stop_requested)
+                break;
+        }
         for (int d = 0; d < ndev; d++) {
             for (uint64_t i = 0; i < nblocks; i += CHUNK) {
                 uint64_t n = nblocks - i < CHUNK ? nblocks - i : CHUNK;
@@ -481,9 +581,9 @@ static int cmd_write(int argc, char **argv)
             say("VMREPL WROTE dev=%s gen=%" PRIu64, dname(names[d]), g);
         }
         last = g, wrote_any = 1;
-        if (g == UINT64_MAX)
+        if (g == to) /* also ends the loop at UINT64_MAX */
             break;
-        if (interval && g < to)
+        if (interval)
             sleep_ms(interval);
     }
     for (int d = 0; d < ndev; d++)

@@ -1,7 +1,8 @@
 #!/bin/bash
-# Build the vmrepl test guest (kernel + initramfs + blockio) into $VMREPL_CACHE
+# Build the vmrepl test guest (kernel + initramfs + blockio + qemu-ga) into $VMREPL_CACHE
 # (default <repo>/.cache/guest). Cached: does nothing when the outputs exist and the
-# hash of the inputs (this script, guest/init, guest/blockio.c) matches the stamp.
+# hash of the inputs (this script, guest/init, guest/blockio.c, guest/fsfreeze-hook) matches
+# the stamp.
 # Set VMREPL_GUEST_REBUILD=1 to force a rebuild. See docs/test-guest.md.
 set -euo pipefail
 
@@ -9,6 +10,9 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 CACHE=${VMREPL_CACHE:-$REPO/.cache/guest}
 KPKG_META=${VMREPL_KERNEL_META:-linux-image-cloud-amd64}
+# The guest agent: /usr/sbin/qemu-ga of this package, run with the host's shared libraries
+# (the runtime packages it depends on are installed by scripts/setup.sh).
+QGA_PKG=qemu-guest-agent
 
 # Modules wanted in the guest (dependencies are added automatically, in load order).
 # Missing ones are skipped with a note (e.g. if a future kernel builds them in).
@@ -21,7 +25,7 @@ mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
 flock 9
 
-HASH=$(cat "$HERE/build.sh" "$HERE/init" "$HERE/blockio.c" | sha256sum | cut -d' ' -f1)
+HASH=$(cat "$HERE/build.sh" "$HERE/init" "$HERE/blockio.c" "$HERE/fsfreeze-hook" | sha256sum | cut -d' ' -f1)
 OUTPUTS="vmlinuz initrd.img blockio"
 if [ "${VMREPL_GUEST_REBUILD:-0}" != 1 ] && [ -f "$CACHE/stamp" ] && [ "$(cat "$CACHE/stamp")" = "$HASH" ]; then
     ok=1
@@ -32,7 +36,7 @@ if [ "${VMREPL_GUEST_REBUILD:-0}" != 1 ] && [ -f "$CACHE/stamp" ] && [ "$(cat "$
     fi
 fi
 
-for tool in apt-get apt-cache dpkg gcc cpio gzip; do
+for tool in apt-get apt-cache dpkg dpkg-deb ldd readelf gcc cpio gzip; do
     command -v "$tool" >/dev/null || { echo "guest: missing $tool (run scripts/setup.sh)" >&2; exit 1; }
 done
 BUSYBOX=/bin/busybox # from busybox-static: must be a static binary
@@ -52,7 +56,7 @@ if [ -n "$KPKG" ]; then
     DEB=$(ls "$CACHE/dl/${KPKG}"_*.deb 2>/dev/null | head -n1 || true)
     if [ -z "$DEB" ]; then
         log "downloading $KPKG"
-        rm -f "$CACHE"/dl/*.deb
+        rm -f "$CACHE"/dl/linux-image-*.deb
         (cd "$CACHE/dl" && apt-get download -q "$KPKG" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
         DEB=$(ls "$CACHE/dl/${KPKG}"_*.deb 2>/dev/null | head -n1 || true)
     fi
@@ -70,6 +74,41 @@ VMLINUZ="$WORK/kpkg/boot/vmlinuz-$KVER"
 MODDIR="$WORK/kpkg/lib/modules/$KVER"
 log "kernel $KVER"
 
+# --- guest agent: qemu-ga from its .deb (downloaded once into dl/), libraries from the host ---
+QGA_DEB=$(ls "$CACHE/dl/${QGA_PKG}"_*.deb 2>/dev/null | head -n1 || true)
+if [ -z "$QGA_DEB" ]; then
+    log "downloading $QGA_PKG"
+    (cd "$CACHE/dl" && apt-get download -q "$QGA_PKG" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+    QGA_DEB=$(ls "$CACHE/dl/${QGA_PKG}"_*.deb 2>/dev/null | head -n1 || true)
+    [ -n "$QGA_DEB" ] || {
+        echo "guest: cannot download $QGA_PKG (no network or stale apt lists? run scripts/setup.sh)" >&2
+        exit 1
+    }
+fi
+QGA_VER=$(dpkg-deb -f "$QGA_DEB" Version 2>/dev/null) && dpkg -x "$QGA_DEB" "$WORK/qga" || {
+    rm -f "$QGA_DEB"
+    echo "guest: $(basename "$QGA_DEB") is damaged (removed; rerun to download it again)" >&2
+    exit 1
+}
+QGA_BIN="$WORK/qga/usr/sbin/qemu-ga"
+[ -x "$QGA_BIN" ] || { echo "guest: no usr/sbin/qemu-ga in $(basename "$QGA_DEB")" >&2; exit 1; }
+# ldd resolves against this host's libraries: "=> /path (addr)" lines, plus the loader
+QGA_LDD=$(ldd "$QGA_BIN" 2>&1) || { echo "guest: ldd qemu-ga failed: $QGA_LDD" >&2; exit 1; }
+if echo "$QGA_LDD" | grep -q 'not found'; then
+    echo "guest: qemu-ga needs libraries this host lacks:" >&2
+    echo "$QGA_LDD" | grep 'not found' >&2
+    echo "guest: $QGA_PKG depends on: $(dpkg-deb -f "$QGA_DEB" Depends)" >&2
+    echo "guest: install them (scripts/setup.sh does)" >&2
+    exit 1
+fi
+QGA_LIBS=$(echo "$QGA_LDD" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}')
+QGA_LOADER=$(readelf -l "$QGA_BIN" 2>/dev/null | sed -n 's/.*Requesting program interpreter: \(.*\)]/\1/p')
+[ -n "$QGA_LOADER" ] || QGA_LOADER=/lib64/ld-linux-x86-64.so.2
+for f in $QGA_LIBS "$QGA_LOADER"; do
+    [ -f "$f" ] || { echo "guest: qemu-ga library $f missing on this host" >&2; exit 1; }
+done
+log "qemu-ga $QGA_VER with $(echo $QGA_LIBS | wc -w) libraries from the host"
+
 # --- blockio: the same program for the guest and the host ---
 log "compiling blockio"
 gcc -static -O2 -Wall -o "$WORK/blockio" "$HERE/blockio.c"
@@ -85,6 +124,29 @@ for applet in $("$BUSYBOX" --list-full); do
 done
 install -m 0755 "$HERE/init" "$ROOT/init"
 install -m 0755 "$WORK/blockio" "$ROOT/bin/blockio"
+install -m 0755 "$HERE/fsfreeze-hook" "$ROOT/bin/vmrepl-fsfreeze-hook"
+# qemu-ga and its libraries: the libraries go into the directory of libc (a default search
+# directory of the loader, which has no ld.so.cache in the guest), the loader to its own path
+install -m 0755 "$QGA_BIN" "$ROOT/usr/sbin/qemu-ga"
+LIBDIR=$(dirname "$(echo "$QGA_LIBS" | grep '/libc\.so\.' | head -n1)")
+[ "$LIBDIR" != . ] || { echo "guest: ldd qemu-ga shows no libc" >&2; exit 1; }
+mkdir -p "$ROOT$LIBDIR" "$ROOT$(dirname "$QGA_LOADER")" "$ROOT/var"
+for f in $QGA_LIBS; do
+    [ "$f" = "$QGA_LOADER" ] || cp -L "$f" "$ROOT$LIBDIR/$(basename "$f")"
+done
+cp -L "$QGA_LOADER" "$ROOT$QGA_LOADER"
+ln -s ../run "$ROOT/var/run"
+echo "$QGA_VER" >"$ROOT/etc/vmrepl/qga-version"
+if [ "$(id -u)" = 0 ]; then
+    # prove it runs with only what is in the initramfs (no ld.so.cache, no host paths)
+    out=$(chroot "$ROOT" /usr/sbin/qemu-ga --version 2>&1) || {
+        echo "guest: qemu-ga does not run inside the initramfs tree:" >&2
+        echo "$out" >&2
+        exit 1
+    }
+else
+    log "not root: skipping the qemu-ga run check"
+fi
 if [ "$(id -u)" = 0 ]; then
     mknod -m 600 "$ROOT/dev/console" c 5 1
     mknod -m 666 "$ROOT/dev/null" c 1 3
@@ -136,6 +198,7 @@ cp "$VMLINUZ" "$WORK/vmlinuz"
 cp "$WORK/kpkg/boot/config-$KVER" "$CACHE/kernel-config"
 for f in $OUTPUTS; do mv -f "$WORK/$f" "$CACHE/$f"; done
 echo "$KVER" >"$CACHE/kernel-version"
+echo "$QGA_VER" >"$CACHE/qga-version"
 printf '%s\n' "${ORDER[@]}" >"$CACHE/modules"
 echo "$HASH" >"$CACHE/stamp"
 log "built $CACHE/{vmlinuz,initrd.img,blockio} ($(du -h "$CACHE/initrd.img" | cut -f1) initrd)"

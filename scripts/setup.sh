@@ -23,7 +23,12 @@ if [ -r /etc/os-release ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 
-PLAIN_PKGS="ovmf seabios busybox-static cpio zstd rsync gcc libc6-dev"
+PLAIN_PKGS="ovmf seabios busybox-static cpio zstd rsync gcc libc6-dev python3"
+# The test guest's qemu-ga (from the qemu-guest-agent .deb, which is downloaded, not installed)
+# runs with this host's copies of its shared libraries: the runtime packages it depends on.
+# guest/smoke.sh talks to the agent with python3.
+QGA_LIB_PKGS="libglib2.0-0 libnuma1 libudev1 liburing2"
+PLAIN_PKGS="$PLAIN_PKGS $QGA_LIB_PKGS"
 QEMU_PINNED="qemu-utils qemu-block-extra qemu-system-common" # same version as qemu-system-x86
 
 installed_version() { # pkg -> version if fully installed, else empty
@@ -46,6 +51,7 @@ ready() {
     done
     # the guest build downloads the cloud kernel: the package lists must know it
     apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || { log "apt lists lack linux-image-cloud-amd64"; return 1; }
+    apt-cache show qemu-guest-agent >/dev/null 2>&1 || { log "apt lists lack qemu-guest-agent"; return 1; }
     return 0
 }
 
