@@ -282,6 +282,9 @@ impl Daemon {
             } => Response::Ok {
                 message: crate::replication::resume(self, &name, resynchronize)?,
             },
+            Request::ReplicationImport { name, from } => Response::Ok {
+                message: crate::replica::import_initial(self, &name, &from).await?,
+            },
             Request::ReplicationNow {
                 name,
                 app_consistent,

@@ -922,35 +922,13 @@ pub async fn take_over_as_replica(
         TakeOver::Nothing(_) => None,
     };
     if let Some(at) = adopt_at {
-        let root = storage_root.to_path_buf();
-        let local2 = local.clone();
-        let defv = serde_json::to_value(vm).map_err(|e| internal(e.to_string()))?;
-        let unix_ms = crate::db::now_ms() as i64;
-        tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
-            let disks: Vec<(&str, u64, &Path)> = local2
-                .disks
-                .iter()
-                .map(|x| (x.id.as_str(), x.size_bytes, x.path.as_path()))
-                .collect();
-            ReplicaStore::adopt(
-                &root,
-                local2.uuid,
-                &defv,
-                &disks,
-                local2.nvram.as_deref(),
-                (at, unix_ms),
-            )
-            .map(drop)
-            .map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| internal(e.to_string()))?
-        .map_err(|e| {
-            internal(format!(
-                "cannot adopt this host's disks as the replica: {e}"
-            ))
-        })?;
+        replica::adopt_disks(&local, vm, storage_root, at)
+            .await
+            .map_err(|e| {
+                internal(format!(
+                    "cannot adopt this host's disks as the replica: {e}"
+                ))
+            })?;
     }
     replication::delete_row(d, vm.uuid);
     drop(op);

@@ -10,13 +10,14 @@
 
 use crate::daemon::Daemon;
 use crate::db::{now_ms, Db};
-use crate::peer::proto::{PointPolicy, MAX_NVRAM_BYTES, NVRAM_DISK_ID};
+use crate::peer::proto::{PointPolicy, RefusalCode, MAX_NVRAM_BYTES, NVRAM_DISK_ID};
 use rusqlite::{params, OptionalExtension};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use uuid::Uuid;
 use vmrepl_store::{ReplicaStore, ReplicaVm, StoreError};
+use vmrepl_types::api::{ApiError, ErrorCode};
 use vmrepl_types::replication::{
     Consistency, Health, ReplicationState, ReplicationStats, ReplicationStatus, Role,
 };
@@ -294,6 +295,276 @@ pub fn vm_running(daemon: &Daemon, vm_uuid: Uuid) -> bool {
         Ok(Some(row)) => !row.state.is_stopped(),
         _ => false,
     }
+}
+
+// ------------------------------------------------------------------ adoption
+
+/// Makes the disks (and NVRAM) of `local`, a VM of this host, the base of the replica store
+/// of `vm` at sequence `at`. Hard links (a copy across file systems), so a crash at any step
+/// loses nothing; the caller deletes the local VM afterwards. Only the disks `vm` replicates
+/// are taken.
+pub(crate) async fn adopt_disks(
+    local: &VmDefinition,
+    vm: &VmDefinition,
+    storage_root: &Path,
+    at: u64,
+) -> Result<(), String> {
+    let root = storage_root.to_path_buf();
+    let local = local.clone();
+    let wanted: Vec<String> = vm.disks.iter().map(|x| x.id.clone()).collect();
+    let defv = serde_json::to_value(vm).map_err(|e| e.to_string())?;
+    let uuid = vm.uuid;
+    let unix_ms = now_ms() as i64;
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
+        let disks: Vec<(&str, u64, &Path)> = local
+            .disks
+            .iter()
+            .filter(|x| wanted.contains(&x.id))
+            .map(|x| (x.id.as_str(), x.size_bytes, x.path.as_path()))
+            .collect();
+        // Stored under the replicated VM's identity (a restored copy has its own UUID).
+        ReplicaStore::adopt(
+            &root,
+            uuid,
+            &defv,
+            &disks,
+            local.nvram.as_deref(),
+            (at, unix_ms),
+        )
+        .map(drop)
+        .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// Why a VM of this host cannot serve as the existing copy of `vm` (Hyper-V: the generation
+/// and the disks must match), or None when it can.
+pub fn existing_copy_mismatch(local: &VmDefinition, vm: &VmDefinition) -> Option<String> {
+    if local.generation != vm.generation {
+        return Some(format!(
+            "it is generation {}, the VM is generation {}",
+            local.generation, vm.generation
+        ));
+    }
+    if local.nvram.is_some() != vm.nvram.is_some() {
+        return Some(if vm.nvram.is_some() {
+            "it has no NVRAM file and the VM has one".into()
+        } else {
+            "it has an NVRAM file and the VM has none".into()
+        });
+    }
+    let show = |v: &VmDefinition| {
+        v.disks
+            .iter()
+            .map(|x| format!("{} {} bytes", x.id, x.size_bytes))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let fits = vm.disks.iter().all(|want| {
+        local
+            .disks
+            .iter()
+            .any(|x| x.id == want.id && x.size_bytes == want.size_bytes)
+    });
+    (!fits).then(|| {
+        format!(
+            "its disks ({}) do not match the VM's ({})",
+            show(local),
+            show(vm)
+        )
+    })
+}
+
+/// Initial replication from an existing copy: the stopped VM named like `vm` on this host
+/// becomes the base of `vm`'s replica store at sequence 0 and is no longer a VM of its own.
+pub async fn adopt_existing_copy(
+    d: &Arc<Daemon>,
+    vm: &VmDefinition,
+    storage_root: &Path,
+) -> Result<(), (RefusalCode, String)> {
+    let host = d.cfg.read().expect("cfg").host_name.clone();
+    let local = d.vmm.show(&vm.name).map_err(|_| {
+        (
+            RefusalCode::Conflict,
+            format!(
+                "there is no VM named {} on {host} to use as the existing copy; restore or copy it there first (for example `vmrepl vm create {} --import FILE ...`)",
+                vm.name, vm.name
+            ),
+        )
+    })?;
+    if !local.state.is_stopped() {
+        return Err((
+            RefusalCode::VmRunning,
+            format!(
+                "the existing copy {} on {host} is {}; shut it down first",
+                vm.name, local.state
+            ),
+        ));
+    }
+    if crate::replication::load(d, local.definition.uuid).is_some() {
+        return Err((
+            RefusalCode::Conflict,
+            format!(
+                "VM {} on {host} is itself replicated; remove its replication before using it as an existing copy",
+                vm.name
+            ),
+        ));
+    }
+    if let Some(why) = existing_copy_mismatch(&local.definition, vm) {
+        return Err((
+            RefusalCode::Incompatible,
+            format!(
+                "VM {} on {host} cannot be the existing copy: {why}",
+                vm.name
+            ),
+        ));
+    }
+    d.vmm
+        .set_failover_lock(local.definition.uuid, true)
+        .await
+        .map_err(|e| (RefusalCode::VmRunning, e.message))?;
+    adopt_disks(&local.definition, vm, storage_root, 0)
+        .await
+        .map_err(|e| {
+            (
+                RefusalCode::Internal,
+                format!("cannot take the disks of {} as the replica: {e}", vm.name),
+            )
+        })?;
+    d.vmm
+        .delete(&vm.name, false)
+        .await
+        .map_err(|e| (RefusalCode::Internal, e.message))?;
+    tracing::info!(target: "vmrepl::replica", vm = %vm.uuid, name = %vm.name, "existing copy adopted at sequence 0");
+    Ok(())
+}
+
+// ------------------------------------------------------------------ import
+
+/// Imports the initial copy a primary exported to external media (Import-VMInitialReplication):
+/// `from` is the exported `NAME.vmrlog`, or the folder that holds it. The log is copied into
+/// the replica's spool, verified whole (checksums, VM, sequence 1 on 0, disks), made durable
+/// and applied, exactly as a log received over the network; the primary notices at its next
+/// cycle and continues with the changes since the export.
+pub async fn import_initial(
+    d: &Arc<Daemon>,
+    name: &vmrepl_types::VmName,
+    from: &Path,
+) -> Result<String, ApiError> {
+    let e = |code: ErrorCode, m: String| ApiError { code, message: m };
+    let row = {
+        let db = d.db.lock().unwrap_or_else(|p| p.into_inner());
+        by_name(&db, name.as_str()).map_err(|x| e(ErrorCode::Internal, x.to_string()))?
+    }
+    .ok_or_else(|| {
+        e(
+            ErrorCode::NotFound,
+            format!("VM {name} is not a replica on this host; enable replication on the primary first (with --initial-export)."),
+        )
+    })?;
+    if row.failover.is_some() {
+        return Err(e(
+            ErrorCode::WrongState,
+            format!("The replica of {name} has failed over; it takes no initial copy."),
+        ));
+    }
+    let file = if from.is_dir() {
+        from.join(format!("{name}.vmrlog"))
+    } else {
+        from.to_path_buf()
+    };
+    let size = std::fs::metadata(&file)
+        .map_err(|x| {
+            e(
+                ErrorCode::NotFound,
+                format!(
+                    "Cannot read the exported initial copy {}: {x}.",
+                    file.display()
+                ),
+            )
+        })?
+        .len();
+    let dir = vm_dir(&row);
+    let lock = vm_lock(&dir);
+    let _g = lock.lock().await;
+    let last = apply_and_record(d, &row).await.map_err(|x| {
+        e(
+            ErrorCode::Internal,
+            format!("The replica of {name} cannot apply its logs: {x}"),
+        )
+    })?;
+    if last >= 1 {
+        return Err(e(
+            ErrorCode::WrongState,
+            format!("The replica of {name} already holds its initial copy (log {last} applied); nothing was imported."),
+        ));
+    }
+    let free = vmrepl_store::spool::free_bytes(&dir).unwrap_or(u64::MAX);
+    if free < size.saturating_add(vmrepl_store::SPACE_HEADROOM) {
+        return Err(e(
+            ErrorCode::Internal,
+            format!(
+                "The replica storage {} has {free} bytes free; importing {} needs {size} bytes and more to apply it. Free some space and import again.",
+                dir.display(),
+                file.display()
+            ),
+        ));
+    }
+    let disks: Vec<(String, u64)> = row
+        .definition
+        .disks
+        .iter()
+        .map(|x| (x.id.clone(), x.size_bytes))
+        .collect();
+    let (src, d2, uuid) = (file.clone(), dir.clone(), row.vm_uuid);
+    tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let partial = vmrepl_store::spool::partial_path(&d2, 1);
+        let res = (|| {
+            std::fs::copy(&src, &partial).map_err(|x| format!("cannot copy it: {x}"))?;
+            let (h, _) = vmrepl_log::verify(&partial).map_err(|x| x.to_string())?;
+            check_header(&h, uuid, 1, 0, &disks)?;
+            if h.kind != vmrepl_log::LogKind::Initial {
+                return Err(format!("it is a {:?} log, not an initial copy", h.kind));
+            }
+            vmrepl_store::spool::accept(&d2, 1)
+                .map(drop)
+                .map_err(|x| format!("cannot make it durable: {x}"))
+        })();
+        if res.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        res
+    })
+    .await
+    .map_err(|x| e(ErrorCode::Internal, x.to_string()))?
+    .map_err(|why| {
+        e(
+            ErrorCode::InvalidInput,
+            format!(
+                "{} is not a usable initial copy of {name}: {why}. Nothing was changed; export it again on the primary if it is damaged.",
+                file.display()
+            ),
+        )
+    })?;
+    {
+        let db = d.db.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = record_received(&db, row.vm_uuid, size);
+        let _ = db.event(
+            Some(row.vm_uuid),
+            &format!("initial copy of {name} imported from {}", file.display()),
+        );
+    }
+    let applied = apply_and_record(d, &row)
+        .await
+        .map_err(|x| e(ErrorCode::Internal, format!("The initial copy of {name} was imported but could not be applied yet: {x}. It is kept and applied again at the next log or daemon start.")))?;
+    Ok(format!(
+        "Initial copy of {name} imported from {} ({} MiB); log {applied} applied. The primary {} continues with the changes since the export at its next cycle.",
+        file.display(),
+        size >> 20,
+        row.primary_host
+    ))
 }
 
 // ------------------------------------------------------------------ per-VM locks

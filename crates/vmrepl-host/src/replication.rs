@@ -270,15 +270,14 @@ pub async fn enable(
         InitialReplication::NetworkAt { unix_secs } => {
             let now = now_ms() / 1000;
             if *unix_secs > now + 7 * 86400 {
-                return Err(err(ErrorCode::InvalidInput, "Initial replication can be scheduled at most 7 days ahead (as in Hyper-V)."));
+                return Err(err(
+                    ErrorCode::InvalidInput,
+                    "Initial replication can be scheduled at most 7 days ahead (as in Hyper-V).",
+                ));
             }
         }
-        other => {
-            return Err(err(
-                ErrorCode::Unsupported,
-                format!("Initial replication method {other:?} is not available in this release; use the network (now or at a set time)."),
-            ))
-        }
+        InitialReplication::Export { folder } => check_export_folder(folder)?,
+        InitialReplication::ExistingCopy => {}
     }
     let (client, theirs) = connect(d, &settings).await.map_err(|e| {
         err(
@@ -324,19 +323,39 @@ pub async fn enable(
     let rel_id = Uuid::new_v4();
     let policy = point_policy(&settings);
     let my_addr = d.cfg.read().expect("cfg").listen.clone();
+    let existing_copy = settings.initial == InitialReplication::ExistingCopy;
     let r = client
         .request(&PeerRequest::CreateReplica {
             vm: Box::new(replica_vm),
             relationship: rel_id,
             policy,
             primary_server: Some(my_addr),
+            existing_copy,
         })
         .await
         .map_err(|e| err(ErrorCode::Peer, e.to_string()))?;
-    ask(r, "create the replica VM")?;
-    let state = match settings.initial {
-        InitialReplication::NetworkAt { .. } => ReplicationState::ReadyForInitialReplication,
-        _ => ReplicationState::WaitingForInitialReplication,
+    ask(
+        r,
+        if existing_copy {
+            "take its existing copy of the VM as the replica"
+        } else {
+            "create the replica VM"
+        },
+    )?;
+    // An existing copy on the replica is brought to this VM's state by block compare: the
+    // resynchronization algorithm, from sequence 0.
+    let (state, note) = match &settings.initial {
+        InitialReplication::NetworkAt { .. } => {
+            (ReplicationState::ReadyForInitialReplication, None)
+        }
+        InitialReplication::ExistingCopy => (
+            ReplicationState::Resynchronizing,
+            Some(format!(
+                "Initial replication from the existing copy on {}: only the blocks that differ are sent.",
+                theirs.host_name
+            )),
+        ),
+        _ => (ReplicationState::WaitingForInitialReplication, None),
     };
     insert(
         d,
@@ -346,19 +365,60 @@ pub async fn enable(
         &theirs.host_name,
         state,
         0,
-        None,
+        note.as_deref(),
     )?;
     spawn(d, vm.uuid);
     Ok(format!(
         "Replication of {name} to {} enabled ({}); initial replication {}.",
         theirs.host_name,
         settings.replica_server,
-        match settings.initial {
+        match &settings.initial {
             InitialReplication::NetworkAt { unix_secs } =>
                 format!("scheduled at unix time {unix_secs}"),
-            _ => "starts now".into(),
+            InitialReplication::Export { folder } => format!(
+                "is being exported to {}; carry it to {} and run `vmrepl replication import {name} --from {}` there",
+                export_file(folder, name).display(),
+                theirs.host_name,
+                export_file(folder, name).display()
+            ),
+            InitialReplication::ExistingCopy => format!(
+                "compares the copy on {} with this VM and sends only the blocks that differ",
+                theirs.host_name
+            ),
+            InitialReplication::NetworkNow => "starts now".into(),
         }
     ))
+}
+
+/// Where the initial copy of VM `name` goes when exported to `folder` (external media).
+pub fn export_file(folder: &Path, name: &VmName) -> PathBuf {
+    folder.join(format!("{name}.vmrlog"))
+}
+
+/// An export folder must be an existing, writable directory given by an absolute path.
+fn check_export_folder(folder: &Path) -> Result<(), ApiError> {
+    let bad = |why: String| err(ErrorCode::InvalidInput, why);
+    if !folder.is_absolute() {
+        return Err(bad(format!(
+            "The export folder {} is not an absolute path.",
+            folder.display()
+        )));
+    }
+    if !folder.is_dir() {
+        return Err(bad(format!(
+            "The export folder {} does not exist or is not a folder; create it (for example on the external disk) first.",
+            folder.display()
+        )));
+    }
+    let probe = folder.join(format!(".vmrepl-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| {
+        bad(format!(
+            "This host cannot write into the export folder {}: {e}.",
+            folder.display()
+        ))
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
 
 /// Records a new relationship (enable, or reverse replication after a failover, which starts
@@ -673,6 +733,16 @@ async fn run_cycle(
             ))
         }
     };
+    let exported = initial
+        && matches!(rel.settings.initial, InitialReplication::Export { .. })
+        && exported_ms(d, vm_uuid, rel.created_ms).is_some();
+    if exported {
+        // The initial copy went out on external media: wait until the replica imported it.
+        // Bitmap 1 has recorded every change since the export's point in time.
+        return await_import(d, vm_uuid, &rel, client)
+            .await
+            .map_err(|e| fail(e, false));
+    }
     let endpoint = match Endpoint::open(d, &vm, &nodes, vars).await {
         Ok(e) => e,
         Err(e) => return Err(fail(e, false)),
@@ -703,6 +773,25 @@ async fn run_cycle(
     drop(cycle);
     endpoint.close().await;
     let outcome = match result {
+        Ok((0, bytes)) => {
+            // Log 1 was exported, not sent: the replica has yet to import it.
+            record_cycle(d, vm_uuid, 1, "export", start, bytes, "ok", None);
+            set_state(
+                d,
+                vm_uuid,
+                ReplicationState::WaitingForInitialReplication,
+                None,
+            );
+            if let InitialReplication::Export { folder } = &rel.settings.initial {
+                set_note(d, vm_uuid, Some(&format!(
+                    "The initial copy was exported to {}; import it on {} with `vmrepl replication import {} --from FILE`.",
+                    export_file(folder, &vm.name).display(),
+                    rel.replica_name,
+                    vm.name
+                )));
+            }
+            Ok(())
+        }
         Ok((seq, bytes)) => {
             record_cycle(d, vm_uuid, seq, kind, start, bytes, "ok", None);
             record_success(d, vm_uuid, seq, ReplicationState::Replicating);
@@ -734,6 +823,61 @@ async fn run_cycle(
         record_freeze(d, vm_uuid, start, &freeze);
     }
     outcome
+}
+
+/// When this relationship's initial copy was exported to external media, if it was.
+fn exported_ms(d: &Daemon, vm: Uuid, since_ms: u64) -> Option<u64> {
+    let db = d.db.lock().expect("db");
+    db.conn()
+        .query_row(
+            "SELECT MAX(start_ms) FROM cycles WHERE vm_uuid = ?1 AND start_ms >= ?2 AND kind = 'export' AND outcome = 'ok'",
+            params![vm.to_string(), since_ms as i64],
+            |r| r.get::<_, Option<i64>>(0),
+        )
+        .ok()
+        .flatten()
+        .map(|v| v as u64)
+}
+
+/// Sets or clears a relationship's remark.
+pub(crate) fn set_note(d: &Daemon, vm: Uuid, note: Option<&str>) {
+    let db = d.db.lock().expect("db");
+    let _ = db.conn().execute(
+        "UPDATE relationships SET note = ?2 WHERE vm_uuid = ?1",
+        params![vm.to_string(), note],
+    );
+}
+
+/// After an export: asks the replica whether it imported log 1; once it has, the relationship
+/// replicates (bitmap 1 has recorded since the export's point in time).
+async fn await_import(
+    d: &Daemon,
+    vm: Uuid,
+    rel: &Relationship,
+    mut client: PeerClient,
+) -> Result<(), String> {
+    let start = now_ms();
+    match client
+        .call(&PeerRequest::ReplicaState { vm_uuid: vm })
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        PeerResponse::ReplicaState { last_applied, .. } if last_applied >= 1 => {
+            record_cycle(d, vm, 1, "import", start, 0, "ok", None);
+            record_success(d, vm, 1, ReplicationState::Replicating);
+            set_note(d, vm, None);
+            let _ = d.db.lock().expect("db").event(
+                Some(vm),
+                &format!(
+                    "{} imported the initial copy; replicating",
+                    rel.replica_name
+                ),
+            );
+            Ok(())
+        }
+        PeerResponse::ReplicaState { .. } => Ok(()),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
 }
 
 /// Notes on the cycle started at `start_ms` whether the guest was frozen for it.
@@ -901,17 +1045,38 @@ impl Cycle<'_> {
         let h = vmrepl_tracking::begin_full(qmp, tag, &self.disks, 1, &self.staging, self.vars)
             .await
             .map_err(|e| CycleError::Other(format!("cannot stage the initial copy: {e}")))?;
-        let path = log_path(self.d, tag, 1);
+        let export = match &self.rel.settings.initial {
+            InitialReplication::Export { folder } => Some(export_file(folder, &self.vm.name)),
+            _ => None,
+        };
+        let path = match &export {
+            Some(f) => f.with_extension("vmrlog.partial"),
+            None => log_path(self.d, tag, 1),
+        };
         let res = async {
             let total = build_log(self, &h, &path, (1, 0), LogKind::Initial, None).await?;
-            self.send(&path, (1, 0), total, None, "initial replication")
-                .await
+            match &export {
+                // On external media the log must be whole and durable under its final name.
+                Some(f) => durable_rename(&path, f).map(|()| 0).map_err(|e| {
+                    CycleError::Other(format!(
+                        "cannot write the initial copy to {}: {e}",
+                        f.display()
+                    ))
+                }),
+                None => {
+                    self.send(&path, (1, 0), total, None, "initial replication")
+                        .await
+                }
+            }
+            .map(|sent| (sent, total))
         }
         .await;
         let _ = h.remove_files();
         let _ = std::fs::remove_file(&path);
         match res {
-            Ok(bytes) => Ok((1, bytes)),
+            // Exported: sequence 0 tells the caller that log 1 is on the media, not acked.
+            Ok((_, total)) if export.is_some() => Ok((0, total)),
+            Ok((bytes, _)) => Ok((1, bytes)),
             Err(e) => {
                 let _ = vmrepl_tracking::stop_tracking(qmp, tag, &self.nodes(), None).await;
                 set_state(
@@ -1173,6 +1338,16 @@ impl Cycle<'_> {
             ))),
         }
     }
+}
+
+/// fsyncs `from`, renames it to `to` and fsyncs the folder.
+fn durable_rename(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::File::open(from)?.sync_all()?;
+    std::fs::rename(from, to)?;
+    if let Some(dir) = to.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// The replica's block digests per disk id: (block size, one digest per block).

@@ -113,6 +113,12 @@ pub enum Request {
         name: VmName,
         delete_replica: bool,
     },
+    /// On the replica server: import the initial copy a primary exported to external media
+    /// (`from` is the exported file or its folder).
+    ReplicationImport {
+        name: VmName,
+        from: std::path::PathBuf,
+    },
     /// Replicate now, outside the schedule; app-consistent freezes the guest through its
     /// agent for the point (Proxmox's "schedule now").
     ReplicationNow {

@@ -72,6 +72,13 @@ pub enum ReplCmd {
     },
     /// Pause replication of a VM (changes are still tracked).
     Pause { name: String },
+    /// On the replica server: import an initial copy exported to external media.
+    Import {
+        name: String,
+        /// The exported NAME.vmrlog, or the folder that holds it.
+        #[arg(long)]
+        from: PathBuf,
+    },
     /// Replicate now, outside the schedule.
     Now {
         name: String,
@@ -564,6 +571,10 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
         }
         ReplCmd::Pause { name } => Request::ReplicationPause {
             name: vm_name(&name)?,
+        },
+        ReplCmd::Import { name, from } => Request::ReplicationImport {
+            name: vm_name(&name)?,
+            from: std::path::absolute(&from)?,
         },
         ReplCmd::Now {
             name,

@@ -70,6 +70,11 @@ pub enum PeerRequest {
         /// VM runs before a failover and where reverse replication goes by default.
         #[serde(default)]
         primary_server: Option<String>,
+        /// Initial replication from a copy that already exists on the replica server: the
+        /// stopped VM of the same name there becomes the replica at sequence 0, and the
+        /// primary resynchronizes it by block compare.
+        #[serde(default)]
+        existing_copy: bool,
     },
     /// Where does the replica of this VM stand?
     ReplicaState { vm_uuid: Uuid },

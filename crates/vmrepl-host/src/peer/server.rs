@@ -313,6 +313,7 @@ async fn handle(
             relationship,
             policy,
             primary_server,
+            existing_copy: false,
         } => {
             create_replica(
                 daemon,
@@ -325,6 +326,13 @@ async fn handle(
             )
             .await
         }
+        PeerRequest::CreateReplica {
+            vm,
+            relationship,
+            policy,
+            primary_server,
+            existing_copy: true,
+        } => from_existing_copy(daemon, peer, *vm, relationship, policy, primary_server).await,
         PeerRequest::ReplicaState { vm_uuid } => replica_state(daemon, peer, vm_uuid).await,
         PeerRequest::SetPolicy { vm_uuid, policy } => authorize(daemon, peer)
             .and_then(|g| own_replica(daemon, peer, &g, vm_uuid))
@@ -421,6 +429,52 @@ async fn reverse_replica(
             full_copy_reason: Some(reason),
         },
     })
+}
+
+/// Initial replication from an existing copy: the stopped VM of the same name on this host
+/// (restored from a backup, say) becomes the replica at sequence 0, once its generation and
+/// disks are checked to match; the primary then sends only the blocks that differ.
+async fn from_existing_copy(
+    daemon: &Arc<Daemon>,
+    peer: &str,
+    vm: VmDefinition,
+    relationship: Uuid,
+    policy: PointPolicy,
+    primary_server: Option<String>,
+) -> Result<PeerResponse, Refusal> {
+    let grant = authorize(daemon, peer)?;
+    check_policy(&policy)?;
+    if let Some(row) = lookup(daemon, vm.uuid)? {
+        if row.relationship == relationship && row.primary_host.eq_ignore_ascii_case(peer) {
+            // Asked again (the answer was lost): the copy was taken already.
+            return Ok(PeerResponse::Ok);
+        }
+        return Err(refuse(
+            RefusalCode::Conflict,
+            format!(
+                "this host already keeps a replica of VM {} ({}) for primary {}; remove it first",
+                row.name, vm.uuid, row.primary_host
+            ),
+        ));
+    }
+    daemon
+        .vmm
+        .caps()
+        .check_runs(&vm)
+        .map_err(|why| refuse(RefusalCode::Incompatible, why))?;
+    replica::adopt_existing_copy(daemon, &vm, &grant.storage)
+        .await
+        .map_err(|(c, m)| refuse(c, m))?;
+    create_replica(
+        daemon,
+        peer,
+        vm,
+        relationship,
+        policy,
+        primary_server,
+        Some(0),
+    )
+    .await
 }
 
 fn check_policy(policy: &PointPolicy) -> Result<(), Refusal> {

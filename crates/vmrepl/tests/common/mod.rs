@@ -234,7 +234,8 @@ impl Drop for Host {
 }
 
 /// Defines a VM that boots the test guest with workload `work` (generation "1" or "2"), one
-/// disk per size in `disks`, and its network adapter not connected.
+/// disk per size (or absolute path of an image to import) in `disks`, and its network
+/// adapter not connected.
 pub fn create_guest_vm(h: &Host, name: &str, generation: &str, disks: &[&str], work: &str) {
     let g = guest();
     let mut args: Vec<String> = vec![
@@ -255,7 +256,15 @@ pub fn create_guest_vm(h: &Host, name: &str, generation: &str, disks: &[&str], w
         "none".into(),
     ];
     for d in disks {
-        args.push("--disk".into());
+        // A path imports an existing image; anything else is the size of a new disk.
+        args.push(
+            if d.starts_with('/') {
+                "--import"
+            } else {
+                "--disk"
+            }
+            .into(),
+        );
         args.push(d.to_string());
     }
     let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
