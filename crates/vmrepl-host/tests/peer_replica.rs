@@ -247,6 +247,7 @@ async fn create(c: &mut PeerClient, theirs: &HostInfo, uuid: Uuid) -> PeerRespon
         relationship: Uuid::from_u128(7),
         policy: policy(),
         primary_server: None,
+        existing_copy: false,
     })
     .await
     .unwrap()
@@ -403,6 +404,7 @@ async fn a_primary_of_another_trust_group_may_not_send_logs() {
             relationship: Uuid::from_u128(8),
             policy: policy(),
             primary_server: None,
+            existing_copy: false,
         })
         .await
         .unwrap();
