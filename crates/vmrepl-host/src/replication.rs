@@ -24,7 +24,7 @@
 
 use crate::daemon::Daemon;
 use crate::db::now_ms;
-use crate::peer::client::PeerClient;
+use crate::peer::client::{LogGrowth, PeerClient};
 use crate::peer::proto::{PeerRequest, PeerResponse, PointPolicy, RefusalCode, Resume};
 use rusqlite::{params, OptionalExtension};
 use std::collections::HashMap;
@@ -998,7 +998,7 @@ struct Cycle<'a> {
     app_freeze: Option<Result<u64, String>>,
 }
 
-impl Cycle<'_> {
+impl<'a> Cycle<'a> {
     fn nodes(&self) -> Vec<&str> {
         self.disks.iter().map(|(n, _)| n.as_str()).collect()
     }
@@ -1054,21 +1054,34 @@ impl Cycle<'_> {
             None => log_path(self.d, tag, 1),
         };
         let res = async {
-            let total = build_log(self, &h, &path, (1, 0), LogKind::Initial, None).await?;
             match &export {
                 // On external media the log must be whole and durable under its final name.
-                Some(f) => durable_rename(&path, f).map(|()| 0).map_err(|e| {
-                    CycleError::Other(format!(
-                        "cannot write the initial copy to {}: {e}",
-                        f.display()
-                    ))
-                }),
+                Some(f) => {
+                    let total =
+                        build_log(self.spec(), &h, &path, (1, 0), LogKind::Initial, None, None)
+                            .await?;
+                    durable_rename(&path, f).map(|()| (0, total)).map_err(|e| {
+                        CycleError::Other(format!(
+                            "cannot write the initial copy to {}: {e}",
+                            f.display()
+                        ))
+                    })
+                }
                 None => {
-                    self.send(&path, (1, 0), total, None, "initial replication")
-                        .await
+                    let (built, sent) = self
+                        .build_and_send(
+                            &h,
+                            &path,
+                            (1, 0),
+                            LogKind::Initial,
+                            None,
+                            "initial replication",
+                        )
+                        .await;
+                    let total = built?;
+                    sent.map(|s| (s, total))
                 }
             }
-            .map(|sent| (sent, total))
         }
         .await;
         let _ = h.remove_files();
@@ -1119,10 +1132,18 @@ impl Cycle<'_> {
             .map_err(|e| CycleError::Other(format!("cannot stage the resynchronization: {e}")))?;
         let path = log_path(self.d, tag, l + 1);
         let res = async {
-            let total =
-                build_log(self, &h, &path, (l + 1, l), LogKind::Resync, Some(&digests)).await?;
-            self.send(&path, (l + 1, l), total, None, "resynchronization")
-                .await
+            let (built, sent) = self
+                .build_and_send(
+                    &h,
+                    &path,
+                    (l + 1, l),
+                    LogKind::Resync,
+                    Some(&digests),
+                    "resynchronization",
+                )
+                .await;
+            built?;
+            sent
         }
         .await;
         let _ = h.remove_files();
@@ -1209,17 +1230,16 @@ impl Cycle<'_> {
                 CycleError::Other(format!("cannot stage the changes: {e}"))
             }
         })?;
-        let built = build_log(self, &h, &path, (next, n), LogKind::Delta, None).await;
+        let (built, sent) = self
+            .build_and_send(&h, &path, (next, n), LogKind::Delta, None, "delta")
+            .await;
         let _ = h.remove_files();
-        let total = match built {
-            Ok(t) => t,
-            Err(e) => {
-                let _ = vmrepl_tracking::rollback_cycle(qmp, tag, &self.nodes(), n).await;
-                let _ = std::fs::remove_file(&path);
-                return Err(e);
-            }
-        };
-        self.ship(&path, (next, n), total, None, "delta").await
+        if let Err(e) = built {
+            let _ = vmrepl_tracking::rollback_cycle(qmp, tag, &self.nodes(), n).await;
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        self.settle(&path, (next, n), sent).await
     }
 
     /// For an app-consistent point: freezes the guest through its agent and returns it to
@@ -1278,8 +1298,19 @@ impl Cycle<'_> {
         resume: Option<Resume>,
         what: &str,
     ) -> Result<(u64, u64), CycleError> {
+        let sent = self.send(path, (next, n), total, resume, what).await;
+        self.settle(path, (next, n), sent).await
+    }
+
+    /// Settles the bitmaps after log `next` (on base `n`) was sent (see [`Cycle::ship`]).
+    async fn settle(
+        &mut self,
+        path: &Path,
+        (next, n): (u64, u64),
+        sent: Result<u64, CycleError>,
+    ) -> Result<(u64, u64), CycleError> {
         let (qmp, tag) = (self.qmp, self.tag);
-        match self.send(path, (next, n), total, resume, what).await {
+        match sent {
             Ok(bytes) => {
                 vmrepl_tracking::commit_cycle(qmp, tag, &self.nodes(), n)
                     .await
@@ -1294,6 +1325,50 @@ impl Cycle<'_> {
                 Err(e)
             }
         }
+    }
+
+    /// What a log of this cycle is about: the VM, the relationship and the point's kind.
+    fn spec(&self) -> (&'a VmDefinition, &'a Relationship, vmrepl_log::Consistency) {
+        (self.vm, self.rel, self.consistency)
+    }
+
+    /// Encodes log `seq` (on `base`) into `path` and streams it to the replica while it is
+    /// being written, so that encoding, TLS and the replica's receiving overlap. Returns the
+    /// build's outcome (the log's size) and the transfer's (the bytes sent once the replica
+    /// acknowledged it). A build that fails abandons the transfer.
+    async fn build_and_send(
+        &mut self,
+        h: &vmrepl_tracking::CycleHandle,
+        path: &Path,
+        (seq, base): (u64, u64),
+        kind: LogKind,
+        digests: Option<&Digests>,
+        what: &str,
+    ) -> (Result<u64, CycleError>, Result<u64, CycleError>) {
+        let (tx, rx) = tokio::sync::watch::channel(LogGrowth::default());
+        let build = build_log(self.spec(), h, path, (seq, base), kind, digests, Some(tx));
+        let t0 = std::time::Instant::now();
+        let rt = self.rt;
+        let watch = rx.clone();
+        let progress = |done: u64| {
+            let secs = t0.elapsed().as_secs_f64().max(0.001);
+            *rt.progress.lock().expect("progress") = Some(Progress {
+                what: what.to_string(),
+                bytes_done: done,
+                bytes_total: watch.borrow().written.max(done),
+                rate_bytes_per_sec: done as f64 / secs,
+            });
+        };
+        let uuid = self.vm.uuid;
+        let send = self
+            .client
+            .send_growing_log(uuid, (seq, base), path, rx, progress);
+        let (built, sent) = tokio::join!(build, send);
+        let sent = match (&built, sent) {
+            (Err(_), _) => Err(CycleError::Other("the log could not be built".into())),
+            (Ok(total), sent) => sent.map_err(classify).and_then(|r| acked(r, seq, *total)),
+        };
+        (built, sent)
     }
 
     /// Streams log `seq` (on `base`) from `path`, from the resume point if any, publishing
@@ -1323,20 +1398,23 @@ impl Cycle<'_> {
             .send_log(self.vm.uuid, (seq, base), resume, path, progress)
             .await
             .map_err(classify)?;
-        match r {
-            PeerResponse::LogAck { sequence, .. } if sequence == seq => {
-                Ok(total.saturating_sub(from))
-            }
-            PeerResponse::Refused { code, message } => {
-                Err(classify(crate::peer::client::PeerError::Refused {
-                    code,
-                    message,
-                }))
-            }
-            other => Err(CycleError::Other(format!(
-                "unexpected answer to log {seq}: {other:?}"
-            ))),
+        acked(r, seq, total.saturating_sub(from))
+    }
+}
+
+/// The replica's answer to log `seq`: `bytes` sent once it acknowledged the log.
+fn acked(r: PeerResponse, seq: u64, bytes: u64) -> Result<u64, CycleError> {
+    match r {
+        PeerResponse::LogAck { sequence, .. } if sequence == seq => Ok(bytes),
+        PeerResponse::Refused { code, message } => {
+            Err(classify(crate::peer::client::PeerError::Refused {
+                code,
+                message,
+            }))
         }
+        other => Err(CycleError::Other(format!(
+            "unexpected answer to log {seq}: {other:?}"
+        ))),
     }
 }
 
@@ -1432,15 +1510,16 @@ fn write_differing<W: std::io::Write>(
 }
 
 /// Encodes the staged images into log `seq` at `path`; returns its size.
+#[allow(clippy::too_many_arguments)]
 async fn build_log(
-    cycle: &Cycle<'_>,
+    (vm, rel, consistency): (&VmDefinition, &Relationship, vmrepl_log::Consistency),
     h: &vmrepl_tracking::CycleHandle,
     path: &Path,
     (seq, base): (u64, u64),
     kind: LogKind,
     replica_digests: Option<&Digests>,
+    growth: Option<tokio::sync::watch::Sender<LogGrowth>>,
 ) -> Result<u64, CycleError> {
-    let (vm, rel) = (cycle.vm, cycle.rel);
     let digests = replica_digests.cloned().unwrap_or_default();
     let mut images: Vec<(String, u64, PathBuf)> = h
         .disks
@@ -1468,7 +1547,7 @@ async fn build_log(
         base_sequence: base,
         timestamp_unix_ms: h.point_in_time_ms,
         kind,
-        consistency: cycle.consistency,
+        consistency,
         compression: if rel.settings.compression {
             Compression::Zstd
         } else {
@@ -1483,9 +1562,12 @@ async fn build_log(
             .collect(),
     };
     let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || -> Result<u64, String> {
+    let growth = growth.map(Arc::new);
+    let tally = growth.clone();
+    let built = tokio::task::spawn_blocking(move || -> Result<u64, String> {
         let f = std::fs::File::create(&path)
             .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        let f = Tally { inner: f, growth: tally };
         let mut w = LogWriter::new(std::io::BufWriter::with_capacity(1 << 20, f), header)
             .map_err(|e| e.to_string())?;
         for (i, (id, size, p, ex)) in mapped.into_iter().enumerate() {
@@ -1529,8 +1611,32 @@ async fn build_log(
         Ok(summary.encoded_bytes)
     })
     .await
-    .map_err(|e| CycleError::Other(e.to_string()))?
-    .map_err(|e| CycleError::Other(format!("cannot encode log {seq}: {e}")))
+    .map_err(|e| CycleError::Other(e.to_string()))
+    .and_then(|r| r.map_err(|e| CycleError::Other(format!("cannot encode log {seq}: {e}"))));
+    if let Some(g) = growth {
+        g.send_modify(|g| g.done = Some(built.is_ok()));
+    }
+    built
+}
+
+/// A file writer that reports every byte it has written, so that a sender can follow the
+/// log while it is encoded.
+struct Tally {
+    inner: std::fs::File,
+    growth: Option<Arc<tokio::sync::watch::Sender<LogGrowth>>>,
+}
+
+impl std::io::Write for Tally {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if let Some(g) = &self.growth {
+            g.send_modify(|g| g.written += n as u64);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Pauses (Suspend-VMReplication): no cycles until resumed; tracking continues.

@@ -21,6 +21,14 @@ use vmrepl_types::HostInfo;
 /// Size of the Data frames a log is streamed in.
 pub const DATA_CHUNK: usize = 1024 * 1024;
 
+/// How much of a log its writer has put in the file, and whether it finished (`Some(true)`)
+/// or failed (`Some(false)`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogGrowth {
+    pub written: u64,
+    pub done: Option<bool>,
+}
+
 /// Why talking to a replica server failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
@@ -174,9 +182,37 @@ impl PeerClient {
     pub async fn send_log(
         &mut self,
         vm_uuid: Uuid,
+        seqs: (u64, u64),
+        resume: Option<Resume>,
+        log_file: &Path,
+        progress: impl FnMut(u64),
+    ) -> Result<PeerResponse, PeerError> {
+        self.stream_log(vm_uuid, seqs, resume, log_file, None, progress)
+            .await
+    }
+
+    /// As [`PeerClient::send_log`] for a log still being written: the bytes go out as
+    /// `growth` reports them written, so encoding and transfer overlap. Should the writer
+    /// fail, the connection is abandoned mid-log (the replica keeps a partial it will discard).
+    pub async fn send_growing_log(
+        &mut self,
+        vm_uuid: Uuid,
+        seqs: (u64, u64),
+        log_file: &Path,
+        growth: tokio::sync::watch::Receiver<LogGrowth>,
+        progress: impl FnMut(u64),
+    ) -> Result<PeerResponse, PeerError> {
+        self.stream_log(vm_uuid, seqs, None, log_file, Some(growth), progress)
+            .await
+    }
+
+    async fn stream_log(
+        &mut self,
+        vm_uuid: Uuid,
         (seq, base_seq): (u64, u64),
         resume: Option<Resume>,
         log_file: &Path,
+        mut growth: Option<tokio::sync::watch::Receiver<LogGrowth>>,
         mut progress: impl FnMut(u64),
     ) -> Result<PeerResponse, PeerError> {
         let from_byte = resume.map_or(0, |r| r.bytes);
@@ -188,6 +224,20 @@ impl PeerClient {
                 source,
             }
         };
+        if let Some(rx) = growth.as_mut() {
+            // The writer creates the file before its first byte: wait for that byte.
+            if rx
+                .wait_for(|g| g.written > 0 || g.done.is_some())
+                .await
+                .map_or(true, |g| g.done == Some(false))
+            {
+                return Err(PeerError::Io {
+                    action: "build",
+                    path: log_file.to_path_buf(),
+                    source: std::io::Error::other("the log could not be written"),
+                });
+            }
+        }
         let mut f = tokio::fs::File::open(log_file).await.map_err(io("open"))?;
         if from_byte > 0 {
             use tokio::io::AsyncSeekExt;
@@ -207,9 +257,34 @@ impl PeerClient {
         let mut buf = vec![0u8; DATA_CHUNK];
         let mut sent = 0u64;
         loop {
+            // How far the file may be read: all of it, or what the writer reported so far.
+            let limit = match growth.as_mut() {
+                None => u64::MAX,
+                Some(rx) => loop {
+                    let g = *rx.borrow_and_update();
+                    if g.written > from_byte + sent || g.done == Some(true) {
+                        break g.written;
+                    }
+                    if g.done == Some(false) {
+                        return Err(PeerError::Io {
+                            action: "build",
+                            path: log_file.to_path_buf(),
+                            source: std::io::Error::other("the log could not be written"),
+                        });
+                    }
+                    if rx.changed().await.is_err() {
+                        return Err(PeerError::Io {
+                            action: "build",
+                            path: log_file.to_path_buf(),
+                            source: std::io::Error::other("the log writer stopped"),
+                        });
+                    }
+                },
+            };
+            let want = (buf.len() as u64).min(limit.saturating_sub(from_byte + sent)) as usize;
             let mut n = 0;
-            while n < buf.len() {
-                let k = f.read(&mut buf[n..]).await.map_err(io("read"))?;
+            while n < want {
+                let k = f.read(&mut buf[n..want]).await.map_err(io("read"))?;
                 if k == 0 {
                     break;
                 }
