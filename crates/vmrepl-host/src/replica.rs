@@ -425,14 +425,14 @@ pub async fn adopt_existing_copy(
         .set_failover_lock(local.definition.uuid, true)
         .await
         .map_err(|e| (RefusalCode::VmRunning, e.message))?;
-    adopt_disks(&local.definition, vm, storage_root, 0)
-        .await
-        .map_err(|e| {
-            (
-                RefusalCode::Internal,
-                format!("cannot take the disks of {} as the replica: {e}", vm.name),
-            )
-        })?;
+    if let Err(e) = adopt_disks(&local.definition, vm, storage_root, 0).await {
+        // Nothing was taken: the copy stays a VM of this host, free to start again.
+        let _ = d.vmm.set_failover_lock(local.definition.uuid, false).await;
+        return Err((
+            RefusalCode::Internal,
+            format!("cannot take the disks of {} as the replica: {e}", vm.name),
+        ));
+    }
     d.vmm
         .delete(&vm.name, false)
         .await
@@ -453,7 +453,7 @@ pub async fn import_initial(
     name: &vmrepl_types::VmName,
     from: &Path,
 ) -> Result<String, ApiError> {
-    let e = |code: ErrorCode, m: String| ApiError { code, message: m };
+    let e = |code: ErrorCode, m: String| ApiError::new(code, m);
     let row = {
         let db = d.db.lock().unwrap_or_else(|p| p.into_inner());
         by_name(&db, name.as_str()).map_err(|x| e(ErrorCode::Internal, x.to_string()))?
