@@ -24,7 +24,7 @@ fn replica_top(store: &Path, a: &Host, vm: &str, disk: usize) -> PathBuf {
 fn an_initial_copy_exported_to_a_folder_and_imported_on_the_replica_starts_replication_without_the_network(
 ) {
     let _s = serial();
-    let (a, b, store) = pair("127.0.0.41", "127.0.0.42", "lab");
+    let (mut a, b, store) = pair("127.0.0.41", "127.0.0.42", "lab");
     create_guest_vm(&a, "db", "1", &["16M"], "writeloop:vda:32:300");
     a.ok(&["vm", "start", "db"]);
     a.wait_console("db", "VMREPL WROTE", Duration::from_secs(120));
@@ -79,6 +79,29 @@ fn an_initial_copy_exported_to_a_folder_and_imported_on_the_replica_starts_repli
     };
     assert_eq!(replica_seq(), 0);
 
+    // A daemon restart does not export again: the media may be on its way already.
+    let exported_at = std::fs::metadata(&file).unwrap().modified().unwrap();
+    a.stop_daemon();
+    a.start();
+    // Every connection of the primary starts with a hello in the replica's log.
+    let polls = |h: &Host| {
+        std::fs::read_to_string(h.data().join("daemon.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("hello") && l.contains("hosta.test"))
+            .count()
+    };
+    let seen = polls(&b);
+    wait_until(
+        "the primary asking the replica again",
+        Duration::from_secs(60),
+        || polls(&b) > seen,
+    );
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().modified().unwrap(),
+        exported_at
+    );
+    assert_eq!(status(&a, "db")["state"], "waiting-for-initial-replication");
     // A damaged copy (cut short on the way) is refused and changes nothing.
     let damaged_dir = tempfile::tempdir().unwrap();
     let damaged = damaged_dir.path().join("db.vmrlog");
