@@ -57,15 +57,18 @@ a vm start demo-vm >/dev/null
 until a vm console demo-vm | grep -q "VMREPL WROTE"; do sleep 0.5; done
 a vm console demo-vm | grep "VMREPL WROTE" | tail -2
 
-step "4. Enable replication of demo-vm to hostb (every 10 s, 2 recovery points)"
+step "4. Enable replication of demo-vm to hostb (every 10 s, 2 recovery points, app-consistent hourly)"
 a replication enable demo-vm --replica-server "$B_IP:$B_PORT" --replica-name hostb.demo \
-  --frequency 10 --recovery-points 2 --point-interval 20
+  --frequency 10 --recovery-points 2 --point-interval 20 --app-consistent-hours 1
 
 step "5. Monitor replication until it is Replicating with Normal health"
 a replication status demo-vm --watch --for 300 | tail -14
 
 step "6. Let a few delta cycles run while the guest keeps writing"
 wait_seq a $(($(seq_of a) + 2))
+echo "-- an app-consistent point now: the guest agent freezes the guest for the instant of the point"
+a replication now demo-vm --app-consistent
+a vm console demo-vm | grep -E "VMREPL (FROZEN|THAWED)" | tail -2
 a replication status demo-vm
 echo "-- on the replica server: the replica VM and its recovery points"
 b replication status
