@@ -1206,24 +1206,26 @@ impl<'a> Cycle<'a> {
             )));
         }
         let frozen = self.freeze_guest().await;
-        let begin =
-            vmrepl_tracking::begin_cycle(qmp, tag, &self.disks, n, &self.staging, self.vars);
-        let h = match frozen {
-            // Thaw the moment the transaction has taken the point (or failed), while the
-            // backup jobs go on copying.
-            Some(qga) => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                self.staging.signal_point(tx);
-                let (d, vm) = (self.d, self.vm.uuid);
-                let thaw = async move {
-                    let _ = rx.await;
-                    thaw_guest(d, vm, qga).await;
-                };
-                tokio::join!(begin, thaw).0
+        let (on_point, point) = tokio::sync::oneshot::channel();
+        let begin = vmrepl_tracking::begin_cycle(
+            qmp,
+            tag,
+            &self.disks,
+            n,
+            &self.staging,
+            self.vars,
+            Some(on_point),
+        );
+        // Thaw a frozen guest the moment the transaction has taken the point (or failed),
+        // while the backup jobs go on copying.
+        let (d, vm) = (self.d, self.vm.uuid);
+        let thaw = async move {
+            if let Some(qga) = frozen {
+                let _ = point.await;
+                thaw_guest(d, vm, qga).await;
             }
-            None => begin.await,
-        }
-        .map_err(|e| {
+        };
+        let h = tokio::join!(begin, thaw).0.map_err(|e| {
             if e.needs_resync() {
                 CycleError::Resync(e.to_string())
             } else {

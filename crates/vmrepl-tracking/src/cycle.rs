@@ -14,20 +14,18 @@ use vmrepl_qemu::img::{CreateOpts, QemuImg};
 use vmrepl_qemu::QmpClient;
 
 /// Where and how cycles stage their deltas.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Staging {
     /// Folder of the staging images (local, with room for the delta).
     pub dir: PathBuf,
     /// How long all backup jobs of one cycle may take together.
     pub job_timeout: Duration,
     pub qemu_img: QemuImg,
-    /// Told the point in time (Unix ms) the moment the transaction has taken it, or dropped
-    /// unsent when the cycle fails before: an app-consistent cycle thaws the guest on either,
-    /// without waiting for the copy jobs.
-    point_signal: std::sync::Mutex<Option<PointSignal>>,
 }
 
-/// See [`Staging::signal_point`].
+/// Told the point in time (Unix ms) the moment a cycle's transaction has taken it, or dropped
+/// unsent when the cycle fails before: an app-consistent cycle thaws the guest on either,
+/// without waiting for the copy jobs (see [`begin_cycle`]).
 pub type PointSignal = tokio::sync::oneshot::Sender<u64>;
 
 impl Staging {
@@ -36,18 +34,7 @@ impl Staging {
             dir: dir.into(),
             job_timeout: Duration::from_secs(3600),
             qemu_img: QemuImg::default(),
-            point_signal: std::sync::Mutex::new(None),
         }
-    }
-
-    /// Arms a one-shot signal for the next cycle started with this staging: it gets the
-    /// point in time right after the transaction, or is dropped if the cycle fails before.
-    pub fn signal_point(&self, tx: PointSignal) {
-        *self.point_signal.lock().expect("point signal") = Some(tx);
-    }
-
-    fn take_point_signal(&self) -> Option<PointSignal> {
-        self.point_signal.lock().expect("point signal").take()
     }
 }
 
@@ -249,6 +236,10 @@ fn validate<N: AsRef<str>>(disks: &[(N, u64)], vars: Option<&str>) -> Result<(),
 /// On failure after the transaction the cycle is rolled back (bitmap seq merged into
 /// seq+1, files deleted): the recording bitmap is then `seq+1`, so the retry uses `seq+1`.
 /// If the transaction itself fails nothing changed and the retry uses `seq` again.
+///
+/// `on_point`, if given, gets the point in time as soon as the transaction returns (before the
+/// copy jobs finish), or is dropped unsent if the cycle fails before: an app-consistent cycle
+/// thaws its guest on either.
 pub async fn begin_cycle<N: AsRef<str>>(
     qmp: &QmpClient,
     rel: RelTag,
@@ -256,6 +247,7 @@ pub async fn begin_cycle<N: AsRef<str>>(
     seq: u64,
     staging: &Staging,
     vars: Option<&str>,
+    on_point: Option<PointSignal>,
 ) -> Result<CycleHandle, TrackingError> {
     validate(disks, vars)?;
     let name = BitmapName::new(rel, seq).to_string();
@@ -311,6 +303,7 @@ pub async fn begin_cycle<N: AsRef<str>>(
         vars,
         CycleKind::Delta,
         actions,
+        on_point,
     )
     .await
 }
@@ -348,6 +341,7 @@ pub async fn begin_full<N: AsRef<str>>(
         vars,
         CycleKind::Full,
         actions,
+        None,
     )
     .await;
     if r.is_err() {
@@ -385,10 +379,10 @@ async fn run_cycle<N: AsRef<str>>(
     vars: Option<&str>,
     kind: CycleKind,
     mut actions: Vec<Value>,
+    // Dropped on every early return: whoever waits for the point learns there is none.
+    point_signal: Option<PointSignal>,
 ) -> Result<CycleHandle, TrackingError> {
     let start = Instant::now();
-    // Dropped on every early return: whoever waits for the point learns there is none.
-    let point_signal = staging.take_point_signal();
     // Leftovers of an interrupted attempt in this QEMU would make blockdev-add fail.
     cleanup_jobs_and_nodes(qmp, rel, None).await?;
     std::fs::create_dir_all(&staging.dir).map_err(|source| TrackingError::Io {

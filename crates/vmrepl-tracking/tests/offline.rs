@@ -58,7 +58,7 @@ async fn offline_cycle_through_the_storage_daemon() {
     let q = off.qmp();
     let owned = list_owned(q, rel, &NODES).await.unwrap();
     assert_eq!(owned["disk0"][0].count, 128 << 10);
-    let h = begin_cycle(q, rel, &disks(), 0, &st, Some(VARS_NODE))
+    let h = begin_cycle(q, rel, &disks(), 0, &st, Some(VARS_NODE), None)
         .await
         .unwrap();
     let ex = extents(&QemuImg::default(), &h.disks[0].path)

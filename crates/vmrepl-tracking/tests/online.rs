@@ -98,7 +98,7 @@ async fn cycles_stage_exactly_the_writes_commit_and_rollback_keep_everything() {
     assert!(owned["disk0"][0].persistent && !owned["disk0"][0].inconsistent);
 
     // Cycle 0 with the vars node.
-    let h = begin_cycle(q, rel, &disks(), 0, &st, Some(VARS_NODE))
+    let h = begin_cycle(q, rel, &disks(), 0, &st, Some(VARS_NODE), None)
         .await
         .unwrap();
     assert_eq!(h.seq, 0);
@@ -153,7 +153,9 @@ async fn cycles_stage_exactly_the_writes_commit_and_rollback_keep_everything() {
     assert!(!h.disks[0].path.exists());
 
     // Cycle 1, then a failure before the ack: roll back.
-    let h1 = begin_cycle(q, rel, &disks(), 1, &st, None).await.unwrap();
+    let h1 = begin_cycle(q, rel, &disks(), 1, &st, None, None)
+        .await
+        .unwrap();
     assert_eq!(shape(&h1.disks[0].path).await, vec![(8 * M, 64 * K, true)]);
     assert_eq!(shape(&h1.disks[1].path).await, vec![]);
     rollback_cycle(q, rel, &NODES, 1).await.unwrap();
@@ -163,9 +165,14 @@ async fn cycles_stage_exactly_the_writes_commit_and_rollback_keep_everything() {
     assert_eq!(seqs(&owned["disk0"]), vec![(2, true)]);
     assert_eq!(owned["disk0"][0].count, 64 * K);
 
-    // The next cycle carries the union.
+    // The next cycle carries the union. Its point-in-time signal (what an app-consistent
+    // cycle thaws its guest on) carries the handle's point in time.
     vm.io(0, "write -P 0x22 9M 64k").await;
-    let h2 = begin_cycle(q, rel, &disks(), 2, &st, None).await.unwrap();
+    let (tx, point) = tokio::sync::oneshot::channel();
+    let h2 = begin_cycle(q, rel, &disks(), 2, &st, None, Some(tx))
+        .await
+        .unwrap();
+    assert_eq!(point.await.unwrap(), h2.point_in_time_ms);
     assert_eq!(
         shape(&h2.disks[0].path).await,
         vec![(8 * M, 64 * K, true), (9 * M, 64 * K, true)]
@@ -175,14 +182,18 @@ async fn cycles_stage_exactly_the_writes_commit_and_rollback_keep_everything() {
     commit_cycle(q, rel, &NODES, 2).await.unwrap();
     h2.remove_files().unwrap();
 
-    // Wrong sequence: the bitmap is not there.
-    let e = begin_cycle(q, rel, &disks(), 7, &st, None)
+    // Wrong sequence: the bitmap is not there. The signal is dropped unsent: no point.
+    let (tx, point) = tokio::sync::oneshot::channel::<u64>();
+    let e = begin_cycle(q, rel, &disks(), 7, &st, None, Some(tx))
         .await
         .unwrap_err();
     assert!(e.needs_resync(), "{e}");
+    assert!(point.await.is_err());
     // A transaction that QEMU rejects (target size differs) changes nothing.
     let bad = vec![("disk0", DISK_SIZE / 2), ("disk1", DISK_SIZE)];
-    let e = begin_cycle(q, rel, &bad, 3, &st, None).await.unwrap_err();
+    let e = begin_cycle(q, rel, &bad, 3, &st, None, None)
+        .await
+        .unwrap_err();
     assert!(matches!(e, TrackingError::Qmp { .. }), "{e}");
     let owned = list_owned(q, rel, &NODES).await.unwrap();
     assert_eq!(seqs(&owned["disk0"]), vec![(3, true)]);
@@ -226,7 +237,9 @@ async fn full_copy_starts_the_bitmap_at_the_same_instant() {
     assert_eq!(owned["disk0"][0].count, 0);
 
     vm.io(1, "write -P 0x77 3M 64k").await;
-    let h0 = begin_cycle(q, rel, &disks(), 0, &st, None).await.unwrap();
+    let h0 = begin_cycle(q, rel, &disks(), 0, &st, None, None)
+        .await
+        .unwrap();
     assert_eq!(shape(&h0.disks[0].path).await, vec![]);
     assert_eq!(shape(&h0.disks[1].path).await, vec![(3 * M, 64 * K, true)]);
     vm.quit().await;
@@ -241,7 +254,7 @@ async fn reconcile_after_clean_restart_merges_or_drops_the_frozen_bitmap() {
     let vm = Vm::start(d.path()).await;
     start_tracking(vm.qmp(), rel, &NODES, 0).await.unwrap();
     vm.io(0, "write -P 0xab 1M 64k").await;
-    let _h = begin_cycle(vm.qmp(), rel, &disks(), 0, &st, None)
+    let _h = begin_cycle(vm.qmp(), rel, &disks(), 0, &st, None, None)
         .await
         .unwrap();
     vm.io(0, "write -P 0xac 2M 64k").await;
@@ -287,7 +300,7 @@ async fn reconcile_after_clean_restart_merges_or_drops_the_frozen_bitmap() {
     assert_eq!(owned["disk0"][0].count, 128 * K, "union of both writes");
 
     // Again, this time the replica holds the log.
-    let h1 = begin_cycle(vm.qmp(), rel, &disks(), 1, &st, None)
+    let h1 = begin_cycle(vm.qmp(), rel, &disks(), 1, &st, None, None)
         .await
         .unwrap();
     assert_eq!(
@@ -334,7 +347,7 @@ async fn sigkill_makes_reconcile_require_a_resync() {
 
     let vm = Vm::start(d.path()).await;
     vm.io(0, "write -P 0xab 1M 64k").await;
-    let _h = begin_cycle(vm.qmp(), rel, &disks(), 0, &st, None)
+    let _h = begin_cycle(vm.qmp(), rel, &disks(), 0, &st, None, None)
         .await
         .unwrap();
     vm.sigkill();
@@ -397,7 +410,9 @@ async fn stop_tracking_removes_every_bitmap_of_the_relationship_and_nothing_else
     .unwrap();
     vm.io(0, "write -P 0xab 1M 64k").await;
     // A cycle left in flight: bitmap 0 frozen, 1 recording, staging files on disk.
-    let h = begin_cycle(q, rel, &disks(), 0, &st, None).await.unwrap();
+    let h = begin_cycle(q, rel, &disks(), 0, &st, None, None)
+        .await
+        .unwrap();
     assert!(h.disks[0].path.exists());
     let owned = list_owned(q, rel, &NODES).await.unwrap();
     assert_eq!(seqs(&owned["disk0"]), vec![(0, false), (1, true)]);
