@@ -70,7 +70,9 @@ pub struct Relationship {
     pub last_error: Option<String>,
     pub created_ms: u64,
     pub last_success_ms: Option<u64>,
-    /// Why the relationship needed a full copy, after a reverse without a common base.
+    /// A remark `status` shows: why a reverse needed a full copy or a resynchronization,
+    /// where an exported initial copy waits to be imported, or that an existing copy is being
+    /// reconciled.
     pub note: Option<String>,
 }
 
@@ -765,16 +767,16 @@ async fn run_cycle(
     let result = if initial {
         cycle.initial().await
     } else if resync {
-        cycle.resync().await
+        cycle.resync().await.map(Done::acked)
     } else {
-        cycle.delta().await
+        cycle.delta().await.map(Done::acked)
     };
     let app_freeze = cycle.app_freeze.take();
     drop(cycle);
     endpoint.close().await;
     let outcome = match result {
-        Ok((0, bytes)) => {
-            // Log 1 was exported, not sent: the replica has yet to import it.
+        Ok(Done::Exported { bytes }) => {
+            // Log 1 is on the media, not acknowledged: the replica has yet to import it.
             record_cycle(d, vm_uuid, 1, "export", start, bytes, "ok", None);
             set_state(
                 d,
@@ -792,7 +794,7 @@ async fn run_cycle(
             }
             Ok(())
         }
-        Ok((seq, bytes)) => {
+        Ok(Done::Acked { seq, bytes }) => {
             record_cycle(d, vm_uuid, seq, kind, start, bytes, "ok", None);
             record_success(d, vm_uuid, seq, ReplicationState::Replicating);
             Ok(())
@@ -955,6 +957,20 @@ async fn thaw_guest(d: &Daemon, vm: Uuid, qga: vmrepl_qemu::Qga) {
     }
 }
 
+/// What a successful cycle achieved.
+enum Done {
+    /// Log `seq` is durable on the replica; `bytes` of it went over the network.
+    Acked { seq: u64, bytes: u64 },
+    /// Log 1 was written whole to external media (`bytes`), for the replica to import.
+    Exported { bytes: u64 },
+}
+
+impl Done {
+    fn acked((seq, bytes): (u64, u64)) -> Done {
+        Done::Acked { seq, bytes }
+    }
+}
+
 enum CycleError {
     Network(String),
     Resync(String),
@@ -1030,7 +1046,7 @@ impl<'a> Cycle<'a> {
 
     /// The initial copy: log 1, the whole of every disk as of one instant, with bitmap 1
     /// recording from that instant on.
-    async fn initial(&mut self) -> Result<(u64, u64), CycleError> {
+    async fn initial(&mut self) -> Result<Done, CycleError> {
         set_state(
             self.d,
             self.vm.uuid,
@@ -1060,12 +1076,14 @@ impl<'a> Cycle<'a> {
                     let total =
                         build_log(self.spec(), &h, &path, (1, 0), LogKind::Initial, None, None)
                             .await?;
-                    durable_rename(&path, f).map(|()| (0, total)).map_err(|e| {
-                        CycleError::Other(format!(
-                            "cannot write the initial copy to {}: {e}",
-                            f.display()
-                        ))
-                    })
+                    durable_rename(&path, f)
+                        .map(|()| Done::Exported { bytes: total })
+                        .map_err(|e| {
+                            CycleError::Other(format!(
+                                "cannot write the initial copy to {}: {e}",
+                                f.display()
+                            ))
+                        })
                 }
                 None => {
                     let (built, sent) = self
@@ -1078,8 +1096,8 @@ impl<'a> Cycle<'a> {
                             "initial replication",
                         )
                         .await;
-                    let total = built?;
-                    sent.map(|s| (s, total))
+                    built?;
+                    sent.map(|bytes| Done::Acked { seq: 1, bytes })
                 }
             }
         }
@@ -1087,9 +1105,7 @@ impl<'a> Cycle<'a> {
         let _ = h.remove_files();
         let _ = std::fs::remove_file(&path);
         match res {
-            // Exported: sequence 0 tells the caller that log 1 is on the media, not acked.
-            Ok((_, total)) if export.is_some() => Ok((0, total)),
-            Ok((bytes, _)) => Ok((1, bytes)),
+            Ok(done) => Ok(done),
             Err(e) => {
                 let _ = vmrepl_tracking::stop_tracking(qmp, tag, &self.nodes(), None).await;
                 set_state(
