@@ -56,21 +56,9 @@ fn store_err(e: StoreError) -> ApiError {
 }
 
 /// The replica row of the VM called `name` on this host.
-fn replica_row(d: &Daemon, name: &VmName) -> Result<ReplicaRow, ApiError> {
-    let db = d.db.lock().expect("db");
-    replica::by_name(&db, name.as_str())
-        .map_err(internal)?
-        .ok_or_else(|| {
-            err(
-                ErrorCode::NotFound,
-                format!("This host keeps no replica of a VM named {name}; failover runs on the replica server. `vmrepl replication status` lists what this host replicates."),
-            )
-        })
-}
-
 /// The recovery points of a replica VM, oldest first, the latest state last.
 pub async fn points(d: &Arc<Daemon>, name: &VmName) -> Result<Vec<RecoveryPointInfo>, ApiError> {
-    let row = replica_row(d, name)?;
+    let row = replica::named(d, name)?;
     if row.state == ReplicationState::FailedOver {
         return Err(err(
             ErrorCode::WrongState,
@@ -190,7 +178,7 @@ pub async fn cancel(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> 
             "Planned failover of {name} cancelled; the VM can start here and replication goes on."
         ));
     }
-    let row = replica_row(d, name)?;
+    let row = replica::named(d, name)?;
     let Some(f) = row.failover.clone() else {
         return Err(err(
             ErrorCode::WrongState,
@@ -335,7 +323,7 @@ pub async fn start(
     start_vm: bool,
     risk_split_brain: bool,
 ) -> Result<String, ApiError> {
-    let row = replica_row(d, name)?;
+    let row = replica::named(d, name)?;
     if let Some(f) = &row.failover {
         return Err(err(
             ErrorCode::WrongState,
@@ -473,7 +461,7 @@ async fn drop_store(row: &ReplicaRow) {
 /// Completes an unplanned failover: the VM's disks leave the recovery point (streamed into
 /// their own images, live if it runs) and the other points are dropped for good.
 pub async fn complete(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
-    let row = replica_row(d, name)?;
+    let row = replica::named(d, name)?;
     match (&row.failover, row.state) {
         (Some(_), ReplicationState::FailedOverWaitingCompletion) => {}
         (Some(_), _) => return Ok(format!("The failover of {name} is already complete.")),
@@ -530,7 +518,7 @@ pub async fn test(
     point: Option<u64>,
     test_network: Option<NicMode>,
 ) -> Result<String, ApiError> {
-    let row = replica_row(d, name)?;
+    let row = replica::named(d, name)?;
     if let Some(t) = &row.test_failover {
         return Err(err(
             ErrorCode::AlreadyExists,
@@ -597,7 +585,7 @@ pub async fn test(
 
 /// Stops a test failover: the test VM and everything it wrote are deleted.
 pub async fn stop_test(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
-    let row = replica_row(d, name)?;
+    let row = replica::named(d, name)?;
     let Some(t) = row.test_failover.clone() else {
         return Err(err(
             ErrorCode::WrongState,
@@ -631,7 +619,7 @@ pub async fn reverse(
     name: &VmName,
     settings: ReplicationSettings,
 ) -> Result<String, ApiError> {
-    let row = replica_row(d, name)?;
+    let row = replica::named(d, name)?;
     let f = match (&row.failover, row.state) {
         (Some(f), ReplicationState::FailedOver) => f.clone(),
         (Some(_), _) => {

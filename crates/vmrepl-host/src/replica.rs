@@ -441,7 +441,74 @@ pub async fn adopt_existing_copy(
     Ok(())
 }
 
-// ------------------------------------------------------------------ import
+// ------------------------------------------------------------------ receiving logs
+
+/// The replica VM named `name` on this host, or an error that says where replica-side
+/// commands run.
+pub(crate) fn named(d: &Daemon, name: &vmrepl_types::VmName) -> Result<ReplicaRow, ApiError> {
+    let db = d.db.lock().unwrap_or_else(|p| p.into_inner());
+    by_name(&db, name.as_str())
+        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotFound,
+                format!("This host keeps no replica of a VM named {name}; failover and import run on the replica server. `vmrepl replication status` lists what this host replicates."),
+            )
+        })
+}
+
+/// Why a spooled log was not accepted.
+#[derive(Debug)]
+pub enum Unaccepted {
+    /// It failed verification and was removed.
+    Bad(String),
+    /// It verified but could not be made durable; it stays in the spool.
+    NotDurable(String),
+}
+
+/// Verifies the partial log `seq` (on `base`) in the replica's spool whole: its checksums, then
+/// VM, sequence, base, disks and sizes against the replica (I4), and its kind when `kind` is
+/// given; then makes it durable under its verified name (I1). A log that fails verification is
+/// removed. Logs received over the network and initial copies imported from external media
+/// both come through here.
+pub async fn accept_spooled(
+    row: &ReplicaRow,
+    seq: u64,
+    base: u64,
+    kind: Option<vmrepl_log::LogKind>,
+) -> Result<(), Unaccepted> {
+    let (dir, uuid) = (vm_dir(row), row.vm_uuid);
+    let disks: Vec<(String, u64)> = row
+        .definition
+        .disks
+        .iter()
+        .map(|x| (x.id.clone(), x.size_bytes))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let partial = vmrepl_store::spool::partial_path(&dir, seq);
+        let verified = vmrepl_log::verify(&partial)
+            .map_err(|e| e.to_string())
+            .and_then(|(h, _)| {
+                check_header(&h, uuid, seq, base, &disks)?;
+                match kind {
+                    Some(k) if h.kind != k => Err(format!(
+                        "it is a {:?} log where a {k:?} log was expected",
+                        h.kind
+                    )),
+                    _ => Ok(()),
+                }
+            });
+        if let Err(e) = verified {
+            let _ = std::fs::remove_file(&partial);
+            return Err(Unaccepted::Bad(e));
+        }
+        vmrepl_store::spool::accept(&dir, seq)
+            .map(drop)
+            .map_err(|e| Unaccepted::NotDurable(e.to_string()))
+    })
+    .await
+    .unwrap_or_else(|e| Err(Unaccepted::NotDurable(e.to_string())))
+}
 
 /// Imports the initial copy a primary exported to external media (Import-VMInitialReplication):
 /// `from` is the exported `NAME.vmrlog`, or the folder that holds it. The log is copied into
@@ -454,16 +521,7 @@ pub async fn import_initial(
     from: &Path,
 ) -> Result<String, ApiError> {
     let e = |code: ErrorCode, m: String| ApiError::new(code, m);
-    let row = {
-        let db = d.db.lock().unwrap_or_else(|p| p.into_inner());
-        by_name(&db, name.as_str()).map_err(|x| e(ErrorCode::Internal, x.to_string()))?
-    }
-    .ok_or_else(|| {
-        e(
-            ErrorCode::NotFound,
-            format!("VM {name} is not a replica on this host; enable replication on the primary first (with --initial-export)."),
-        )
-    })?;
+    let row = named(d, name)?;
     if row.failover.is_some() {
         return Err(e(
             ErrorCode::WrongState,
@@ -512,34 +570,7 @@ pub async fn import_initial(
             ),
         ));
     }
-    let disks: Vec<(String, u64)> = row
-        .definition
-        .disks
-        .iter()
-        .map(|x| (x.id.clone(), x.size_bytes))
-        .collect();
-    let (src, d2, uuid) = (file.clone(), dir.clone(), row.vm_uuid);
-    tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let partial = vmrepl_store::spool::partial_path(&d2, 1);
-        let res = (|| {
-            std::fs::copy(&src, &partial).map_err(|x| format!("cannot copy it: {x}"))?;
-            let (h, _) = vmrepl_log::verify(&partial).map_err(|x| x.to_string())?;
-            check_header(&h, uuid, 1, 0, &disks)?;
-            if h.kind != vmrepl_log::LogKind::Initial {
-                return Err(format!("it is a {:?} log, not an initial copy", h.kind));
-            }
-            vmrepl_store::spool::accept(&d2, 1)
-                .map(drop)
-                .map_err(|x| format!("cannot make it durable: {x}"))
-        })();
-        if res.is_err() {
-            let _ = std::fs::remove_file(&partial);
-        }
-        res
-    })
-    .await
-    .map_err(|x| e(ErrorCode::Internal, x.to_string()))?
-    .map_err(|why| {
+    let unusable = |why: String| {
         e(
             ErrorCode::InvalidInput,
             format!(
@@ -547,7 +578,28 @@ pub async fn import_initial(
                 file.display()
             ),
         )
-    })?;
+    };
+    let (src, partial) = (file.clone(), vmrepl_store::spool::partial_path(&dir, 1));
+    tokio::task::spawn_blocking(move || {
+        std::fs::copy(&src, &partial).map(drop).map_err(|x| {
+            let _ = std::fs::remove_file(&partial);
+            format!("cannot copy it: {x}")
+        })
+    })
+    .await
+    .map_err(|x| e(ErrorCode::Internal, x.to_string()))?
+    .map_err(unusable)?;
+    // From here on exactly as a log that came over the network.
+    match accept_spooled(&row, 1, 0, Some(vmrepl_log::LogKind::Initial)).await {
+        Ok(()) => {}
+        Err(Unaccepted::Bad(why)) => return Err(unusable(why)),
+        Err(Unaccepted::NotDurable(why)) => {
+            return Err(e(
+                ErrorCode::Internal,
+                format!("The initial copy of {name} could not be made durable: {why}."),
+            ))
+        }
+    }
     {
         let db = d.db.lock().unwrap_or_else(|p| p.into_inner());
         let _ = record_received(&db, row.vm_uuid, size);

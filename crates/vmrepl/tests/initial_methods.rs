@@ -118,7 +118,7 @@ fn an_initial_copy_exported_to_a_folder_and_imported_on_the_replica_starts_repli
     assert_eq!(replica_seq(), 0);
     // A name that is not a replica here.
     let e = b.fails(&["replication", "import", "nosuch", "--from", media_s]);
-    assert!(e.contains("not a replica"), "{e}");
+    assert!(e.contains("keeps no replica of a VM named nosuch"), "{e}");
     assert_eq!(status(&a, "db")["state"], "waiting-for-initial-replication");
 
     // The real import, by folder: the primary notices and sends the changes since the export.

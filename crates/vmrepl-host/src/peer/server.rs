@@ -831,53 +831,30 @@ async fn send_log(
         Ok(n) => n,
         Err(r) => return Ok(Some(r.into())),
     };
-    // Verify the whole log before acknowledging it (I4).
-    let (p2, disks) = (
-        path.clone(),
-        row.definition
-            .disks
-            .iter()
-            .map(|d| (d.id.clone(), d.size_bytes))
-            .collect::<Vec<_>>(),
-    );
-    let verdict = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let (h, _) = vmrepl_log::verify(&p2).map_err(|e| e.to_string())?;
-        replica::check_header(&h, vm_uuid, seq, base, &disks)
-    })
-    .await
-    .unwrap_or_else(|e| Err(e.to_string()));
-    // Durable under its verified name before the acknowledgement (I1).
-    let verdict = match verdict {
-        Ok(()) => {
-            let d = dir.clone();
-            match tokio::task::spawn_blocking(move || vmrepl_store::spool::accept(&d, seq)).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => {
-                    return Ok(Some(
-                        refuse(
-                            RefusalCode::Internal,
-                            format!("cannot make log {seq} of {} durable: {e}", row.name),
-                        )
-                        .into(),
-                    ))
-                }
-                Err(e) => Err(e.to_string()),
-            }
+    // Verified whole (I4) and durable under its verified name (I1) before the acknowledgement.
+    match replica::accept_spooled(&row, seq, base, None).await {
+        Ok(()) => {}
+        Err(replica::Unaccepted::Bad(reason)) => {
+            return Ok(Some(
+                refuse(
+                    RefusalCode::BadLog,
+                    format!(
+                        "log {seq} of {} failed verification and was discarded: {reason}",
+                        row.name
+                    ),
+                )
+                .into(),
+            ))
         }
-        Err(e) => Err(e),
-    };
-    if let Err(reason) = verdict {
-        let _ = std::fs::remove_file(&path);
-        return Ok(Some(
-            refuse(
-                RefusalCode::BadLog,
-                format!(
-                    "log {seq} of {} failed verification and was discarded: {reason}",
-                    row.name
-                ),
-            )
-            .into(),
-        ));
+        Err(replica::Unaccepted::NotDurable(e)) => {
+            return Ok(Some(
+                refuse(
+                    RefusalCode::Internal,
+                    format!("cannot make log {seq} of {} durable: {e}", row.name),
+                )
+                .into(),
+            ))
+        }
     }
     {
         let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
