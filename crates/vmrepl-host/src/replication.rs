@@ -1456,25 +1456,14 @@ fn decode_digests(disks: Vec<crate::peer::proto::DiskDigests>, sizes: &[(String,
         let Some((_, size)) = sizes.iter().find(|(id, _)| *id == d.id) else {
             continue;
         };
-        if d.block_size != vmrepl_store::block_size(*size)
-            || d.digests.len() as u64 != size.div_ceil(d.block_size) * 64
-        {
+        if d.block_size != vmrepl_store::block_size(*size) {
             continue;
         }
-        let parsed: Option<Vec<[u8; 32]>> = d
-            .digests
-            .as_bytes()
-            .chunks(64)
-            .map(|h| {
-                let mut b = [0u8; 32];
-                for (k, pair) in h.chunks(2).enumerate() {
-                    b[k] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
-                }
-                Some(b)
-            })
-            .collect();
-        if let Some(p) = parsed {
-            out.insert(d.id, (d.block_size, p));
+        match d.decode() {
+            Some(p) if p.len() as u64 == size.div_ceil(d.block_size) => {
+                out.insert(d.id, (d.block_size, p));
+            }
+            _ => {}
         }
     }
     out
@@ -2011,6 +2000,31 @@ pub fn default_settings(replica_server: &str) -> ReplicationSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replica_digests_decode_only_when_block_size_count_and_hex_fit() {
+        use crate::peer::proto::DiskDigests;
+        let size = 3 << 20; // three 1 MiB blocks
+        let ds = [[1u8; 32], [2u8; 32], [0xab; 32]];
+        let sizes = vec![("disk0".to_string(), size)];
+        let got = decode_digests(vec![DiskDigests::new("disk0".into(), 1 << 20, &ds)], &sizes);
+        assert_eq!(got["disk0"], (1 << 20, ds.to_vec()));
+        // Another block size, a short list, text that is not hex, an unknown disk: left out,
+        // so those disks are sent whole.
+        let mut not_hex = DiskDigests::new("disk0".into(), 1 << 20, &ds);
+        not_hex.digests.replace_range(0..1, "z");
+        for bad in [
+            DiskDigests::new("disk0".into(), 2 << 20, &ds),
+            DiskDigests::new("disk0".into(), 1 << 20, &ds[..2]),
+            not_hex,
+            DiskDigests::new("disk9".into(), 1 << 20, &ds),
+        ] {
+            assert!(
+                decode_digests(vec![bad.clone()], &sizes).is_empty(),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn an_app_consistent_point_is_due_every_n_hours_for_a_running_replicating_vm() {

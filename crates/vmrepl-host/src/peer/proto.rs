@@ -150,6 +150,33 @@ pub struct DiskDigests {
     pub digests: String,
 }
 
+impl DiskDigests {
+    /// Encodes one BLAKE3 digest per block.
+    pub fn new(id: String, block_size: u64, digests: &[[u8; 32]]) -> DiskDigests {
+        let mut hex = String::with_capacity(digests.len() * 64);
+        for d in digests {
+            hex.push_str(&blake3::Hash::from(*d).to_hex());
+        }
+        DiskDigests {
+            id,
+            block_size,
+            digests: hex,
+        }
+    }
+
+    /// The digests, or None when the text is not whole 64-digit hex digests.
+    pub fn decode(&self) -> Option<Vec<[u8; 32]>> {
+        if !self.digests.len().is_multiple_of(64) {
+            return None;
+        }
+        self.digests
+            .as_bytes()
+            .chunks(64)
+            .map(|h| blake3::Hash::from_hex(h).ok().map(|h| *h.as_bytes()))
+            .collect()
+    }
+}
+
 /// A replica's answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]

@@ -670,17 +670,7 @@ async fn block_digests(
             let (block_size, ds) = vm
                 .block_digests(&id)
                 .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
-            let mut hex = String::with_capacity(ds.len() * 64);
-            for d in ds {
-                for b in d {
-                    hex.push_str(&format!("{b:02x}"));
-                }
-            }
-            disks.push(super::proto::DiskDigests {
-                id,
-                block_size,
-                digests: hex,
-            });
+            disks.push(super::proto::DiskDigests::new(id, block_size, &ds));
         }
         Ok(PeerResponse::BlockDigests { disks })
     })
