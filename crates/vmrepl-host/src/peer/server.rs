@@ -215,7 +215,8 @@ fn failed_over(row: &ReplicaRow, f: &crate::replica::FailoverRecord) -> Refusal 
     refuse(
         RefusalCode::FailedOver,
         format!(
-            "the replica of {} failed over to point {} on this host; it takes no more logs              (reverse replication or a new relationship replaces it)",
+            "the replica of {} failed over to point {} on this host; it takes no more logs \
+             (reverse replication or a new relationship replaces it)",
             row.name, f.point_seq
         ),
     )
@@ -225,12 +226,47 @@ fn free_bytes(path: &Path) -> Option<u64> {
     vmrepl_store::spool::free_bytes(path).ok()
 }
 
-fn check_vm(daemon: &Daemon, vm: &VmDefinition, grant: &Grant) -> Result<(), Refusal> {
+/// This host's QEMU must run the VM exactly as it is (I7).
+fn runs_here(daemon: &Daemon, vm: &VmDefinition) -> Result<(), Refusal> {
     daemon
         .vmm
         .caps()
         .check_runs(vm)
-        .map_err(|why| refuse(RefusalCode::Incompatible, why))?;
+        .map_err(|why| refuse(RefusalCode::Incompatible, why))
+}
+
+/// The replica of `vm_uuid` kept here, if any: `Some` when it is the one `peer` asked for under
+/// `relationship` (the answer to an earlier request was lost, so the peer asks again), a
+/// refusal when the VM is replicated here for anyone or anything else.
+fn existing_replica(
+    daemon: &Daemon,
+    peer: &str,
+    grant: &Grant,
+    vm_uuid: Uuid,
+    relationship: Uuid,
+) -> Result<Option<ReplicaRow>, Refusal> {
+    match lookup(daemon, vm_uuid)? {
+        None => Ok(None),
+        Some(row)
+            if row.relationship == relationship
+                && row.primary_host.eq_ignore_ascii_case(peer)
+                && row.trust_group == grant.trust_group =>
+        {
+            Ok(Some(row))
+        }
+        Some(row) => Err(refuse(
+            RefusalCode::Conflict,
+            format!(
+                "this host already keeps a replica of VM {} ({}) for primary {} (relationship {}); \
+                 remove it first",
+                row.name, vm_uuid, row.primary_host, row.relationship
+            ),
+        )),
+    }
+}
+
+fn check_vm(daemon: &Daemon, vm: &VmDefinition, grant: &Grant) -> Result<(), Refusal> {
+    runs_here(daemon, vm)?;
     if vm.disks.is_empty() {
         return Err(refuse(RefusalCode::BadRequest, "the VM has no disks"));
     }
@@ -314,18 +350,22 @@ async fn handle(
             policy,
             primary_server,
             existing_copy: false,
-        } => {
-            create_replica(
-                daemon,
-                peer,
-                *vm,
-                relationship,
-                policy,
-                primary_server,
-                None,
-            )
-            .await
-        }
+        } => match authorize(daemon, peer) {
+            Ok(grant) => {
+                create_replica(
+                    daemon,
+                    peer,
+                    &grant,
+                    *vm,
+                    relationship,
+                    policy,
+                    primary_server,
+                    None,
+                )
+                .await
+            }
+            Err(r) => Err(r),
+        },
         PeerRequest::CreateReplica {
             vm,
             relationship,
@@ -378,21 +418,14 @@ async fn reverse_replica(
 ) -> Result<PeerResponse, Refusal> {
     let grant = authorize(daemon, peer)?;
     check_policy(&policy)?;
-    if let Some(row) = lookup(daemon, vm.uuid)? {
-        if row.relationship == relationship && row.primary_host.eq_ignore_ascii_case(peer) {
-            // Asked again (the answer was lost): the replica exists already.
-            return Ok(PeerResponse::Reversed {
-                delta: row.last_applied == base_seq && base_seq > 0,
-                resync: false,
-                full_copy_reason: None,
-            });
-        }
+    if let Some(row) = existing_replica(daemon, peer, &grant, vm.uuid, relationship)? {
+        return Ok(PeerResponse::Reversed {
+            delta: row.last_applied == base_seq && base_seq > 0,
+            resync: false,
+            full_copy_reason: None,
+        });
     }
-    daemon
-        .vmm
-        .caps()
-        .check_runs(&vm)
-        .map_err(|why| refuse(RefusalCode::Incompatible, why))?;
+    runs_here(daemon, &vm)?;
     let base = crate::failover::take_over_as_replica(daemon, peer, &vm, &grant.storage, base_seq)
         .await
         .map_err(|(c, m)| refuse(c, m))?;
@@ -405,6 +438,7 @@ async fn reverse_replica(
     create_replica(
         daemon,
         peer,
+        &grant,
         vm,
         relationship,
         policy,
@@ -444,30 +478,17 @@ async fn from_existing_copy(
 ) -> Result<PeerResponse, Refusal> {
     let grant = authorize(daemon, peer)?;
     check_policy(&policy)?;
-    if let Some(row) = lookup(daemon, vm.uuid)? {
-        if row.relationship == relationship && row.primary_host.eq_ignore_ascii_case(peer) {
-            // Asked again (the answer was lost): the copy was taken already.
-            return Ok(PeerResponse::Ok);
-        }
-        return Err(refuse(
-            RefusalCode::Conflict,
-            format!(
-                "this host already keeps a replica of VM {} ({}) for primary {}; remove it first",
-                row.name, vm.uuid, row.primary_host
-            ),
-        ));
+    if existing_replica(daemon, peer, &grant, vm.uuid, relationship)?.is_some() {
+        return Ok(PeerResponse::Ok); // the copy was taken already
     }
-    daemon
-        .vmm
-        .caps()
-        .check_runs(&vm)
-        .map_err(|why| refuse(RefusalCode::Incompatible, why))?;
+    runs_here(daemon, &vm)?;
     replica::adopt_existing_copy(daemon, &vm, &grant.storage)
         .await
         .map_err(|(c, m)| refuse(c, m))?;
     create_replica(
         daemon,
         peer,
+        &grant,
         vm,
         relationship,
         policy,
@@ -487,18 +508,20 @@ fn check_policy(policy: &PointPolicy) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// Creates a replica VM; with `adopted` the store exists already (reverse replication adopted
-/// this host's disks at that sequence) and only the row is recorded.
+/// Creates a replica VM for an authorized peer; with `adopted` the store exists already
+/// (this host's disks were adopted at that sequence: reverse replication, or an existing
+/// copy) and only the row is recorded.
+#[allow(clippy::too_many_arguments)]
 async fn create_replica(
     daemon: &Arc<Daemon>,
     peer: &str,
+    grant: &Grant,
     vm: VmDefinition,
     relationship: Uuid,
     policy: PointPolicy,
     primary_server: Option<String>,
     adopted: Option<u64>,
 ) -> Result<PeerResponse, Refusal> {
-    let grant = authorize(daemon, peer)?;
     check_policy(&policy)?;
     {
         let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
@@ -512,24 +535,11 @@ async fn create_replica(
             ));
         }
     }
-    if let Some(row) = lookup(daemon, vm.uuid)? {
-        if row.relationship == relationship
-            && row.primary_host.eq_ignore_ascii_case(peer)
-            && row.trust_group == grant.trust_group
-        {
-            return Ok(PeerResponse::Ok);
-        }
-        return Err(refuse(
-            RefusalCode::Conflict,
-            format!(
-                "this host already keeps a replica of VM {} ({}) for primary {} (relationship {}); \
-                 remove it first",
-                row.name, vm.uuid, row.primary_host, row.relationship
-            ),
-        ));
+    if existing_replica(daemon, peer, grant, vm.uuid, relationship)?.is_some() {
+        return Ok(PeerResponse::Ok);
     }
     if adopted.is_none() {
-        check_vm(daemon, &vm, &grant)?;
+        check_vm(daemon, &vm, grant)?;
     }
     let root = grant.storage.clone();
     let def =
