@@ -1036,3 +1036,64 @@ pub fn statuses(daemon: &Daemon) -> Vec<ReplicationStatus> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmrepl_types::vm::{ConfigVersion, DiskDef, FirmwareVariantId, Generation};
+    use vmrepl_types::VmName;
+
+    fn def(disks: &[(&str, u64)]) -> VmDefinition {
+        VmDefinition {
+            name: VmName::new("app").unwrap(),
+            uuid: Uuid::new_v4(),
+            generation: Generation::Bios,
+            firmware: FirmwareVariantId::Seabios,
+            machine_type: "pc-i440fx-7.2".into(),
+            config_version: ConfigVersion::CURRENT,
+            vcpus: 1,
+            memory_mib: 128,
+            disks: disks
+                .iter()
+                .map(|(id, size)| DiskDef {
+                    id: id.to_string(),
+                    path: PathBuf::from(format!("/srv/{id}.qcow2")),
+                    size_bytes: *size,
+                })
+                .collect(),
+            nics: vec![],
+            kernel: None,
+            nvram: None,
+        }
+    }
+
+    #[test]
+    fn an_existing_copy_needs_the_generation_nvram_and_every_replicated_disk_of_the_vm() {
+        let vm = def(&[("disk0", 1 << 30), ("disk1", 1 << 20)]);
+        // Same disks, another UUID and other paths: fine.
+        assert_eq!(
+            existing_copy_mismatch(&def(&[("disk0", 1 << 30), ("disk1", 1 << 20)]), &vm),
+            None
+        );
+        // An extra disk on the copy is not taken; it does not stand in the way.
+        let extra = def(&[("disk0", 1 << 30), ("disk1", 1 << 20), ("disk2", 4096)]);
+        assert_eq!(existing_copy_mismatch(&extra, &vm), None);
+        // A missing disk or one of another size is named with both sides' disks.
+        for copy in [
+            def(&[("disk0", 1 << 30)]),
+            def(&[("disk0", 1 << 30), ("disk1", 2 << 20)]),
+        ] {
+            let why = existing_copy_mismatch(&copy, &vm).unwrap();
+            assert!(why.contains("do not match"), "{why}");
+            assert!(why.contains("disk1 1048576 bytes"), "{why}");
+        }
+        let mut uefi = def(&[("disk0", 1 << 30), ("disk1", 1 << 20)]);
+        uefi.generation = Generation::Uefi;
+        let why = existing_copy_mismatch(&uefi, &vm).unwrap();
+        assert!(why.contains("generation 2 (UEFI)"), "{why}");
+        let mut with_nvram = def(&[("disk0", 1 << 30), ("disk1", 1 << 20)]);
+        with_nvram.nvram = Some(PathBuf::from("/srv/vars.fd"));
+        let why = existing_copy_mismatch(&with_nvram, &vm).unwrap();
+        assert!(why.contains("NVRAM"), "{why}");
+    }
+}

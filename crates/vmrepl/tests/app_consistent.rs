@@ -5,7 +5,6 @@
 
 mod common;
 use common::*;
-use std::path::PathBuf;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(180);
@@ -28,18 +27,6 @@ fn frozen_gens(console: &str) -> Vec<u64> {
         .filter_map(|l| l.trim_end_matches('\r').strip_prefix("VMREPL FROZEN gen="))
         .map(|g| g.trim().parse().expect("one writer, one generation"))
         .collect()
-}
-
-fn point_layer(store: &std::path::Path, a: &Host, vm: &str, disk: usize, seq: u64) -> PathBuf {
-    let uuid = a.json(&["vm", "show", vm])["definition"]["uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    store
-        .join(uuid)
-        .join("disks")
-        .join(format!("disk{disk}"))
-        .join(format!("rp-{seq}.qcow2"))
 }
 
 #[test]
@@ -90,7 +77,7 @@ fn an_app_consistent_point_is_taken_with_the_guest_frozen_and_holds_one_generati
     assert!(a.console("erp").matches("VMREPL THAWED").count() >= 2);
     for (seq, gen) in points.iter().zip(&gens) {
         for disk in 0..2 {
-            let layer = point_layer(&store, &a, "erp", disk, *seq);
+            let layer = replica_image(&store, &a, "erp", disk, &format!("rp-{seq}.qcow2"));
             let out = verify_image(&layer, 64, "--gen", *gen);
             assert!(out.contains("result=pass"), "{out}");
         }

@@ -334,10 +334,6 @@ fn unplanned_failover_to_an_older_point_cancel_another_point_complete_and_revers
     assert_eq!(status(&b, "app")["state"], "failed-over");
     assert_eq!(a.vm_state("app"), "off");
     serve_replicas_for(&a, "hostb.test", &a.data().join("replicas-from-b"));
-    let uuid = b.json(&["vm", "show", "app"])["definition"]["uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let out = b.ok(&["replication", "reverse", "app", "--frequency", "5"]);
     assert!(out.contains("block compare"), "{out}");
     let s = status(&b, "app");
@@ -358,7 +354,7 @@ fn unplanned_failover_to_an_older_point_cancel_another_point_complete_and_revers
     b.ok(&["vm", "shutdown", "app", "--timeout", "90"]);
     let off = status(&b, "app")["last_sequence"].as_u64().unwrap();
     wait_for_sequence(&b, &a, off + 1);
-    let replica = store_a.join(&uuid).join("disks/disk0/top.qcow2");
+    let replica = replica_image(&store_a, &b, "app", 0, "top.qcow2");
     same_content(&disk_path(&b, "app", 0), &replica).unwrap();
 }
 

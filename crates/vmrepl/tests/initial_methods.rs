@@ -8,18 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-fn replica_top(store: &Path, a: &Host, vm: &str, disk: usize) -> PathBuf {
-    let uuid = a.json(&["vm", "show", vm])["definition"]["uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    store
-        .join(uuid)
-        .join("disks")
-        .join(format!("disk{disk}"))
-        .join("top.qcow2")
-}
-
 #[test]
 fn an_initial_copy_exported_to_a_folder_and_imported_on_the_replica_starts_replication_without_the_network(
 ) {
@@ -143,7 +131,7 @@ fn an_initial_copy_exported_to_a_folder_and_imported_on_the_replica_starts_repli
     wait_until("a cycle with the VM off", Duration::from_secs(120), || {
         acked(&a, "db") > after_off
     });
-    let top = replica_top(&store, &a, "db", 0);
+    let top = replica_image(&store, &a, "db", 0, "top.qcow2");
     same_content(&disk_path(&a, "db", 0), &top).unwrap();
     verify_image(&top, 32, "--gen", gen);
     let s = status(&a, "db");
@@ -254,7 +242,7 @@ fn a_copy_that_already_exists_on_the_replica_host_is_reconciled_by_block_compare
     // One 1 MiB compare block differs; a full copy would be more than 8 MiB.
     assert!(sent < 2 << 20, "sent {sent} bytes: {s}");
     assert!(sent > 0, "{s}");
-    let top = replica_top(&store, &a, "app", 0);
+    let top = replica_image(&store, &a, "app", 0, "top.qcow2");
     same_content(&disk_path(&a, "app", 0), &top).unwrap();
     // Deltas follow as usual.
     let n = acked(&a, "app");

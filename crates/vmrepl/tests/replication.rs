@@ -3,7 +3,6 @@
 
 mod common;
 use common::*;
-use std::path::PathBuf;
 use std::time::Duration;
 
 #[test]
@@ -61,29 +60,10 @@ fn a_running_vm_replicates_to_a_second_host_and_the_replica_equals_the_primary_a
     });
     // The replica's latest point equals the primary's disks.
     let vm = a.json(&["vm", "show", "web"]);
-    let uuid = vm["definition"]["uuid"].as_str().unwrap().to_string();
     for (i, (blocks, gen)) in [(32u32, gen_a), (32u32, gen_b)].iter().enumerate() {
-        let primary: PathBuf = vm["definition"]["disks"][i]["path"]
-            .as_str()
-            .unwrap()
-            .into();
-        let replica = store
-            .join(&uuid)
-            .join("disks")
-            .join(format!("disk{i}"))
-            .join("top.qcow2");
-        let o = std::process::Command::new("qemu-img")
-            .args(["compare", "-U"])
-            .arg(&primary)
-            .arg(&replica)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "replica disk{i} differs from the primary: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let replica = replica_image(&store, &a, "web", i, "top.qcow2");
+        same_content(&disk_path(&a, "web", i), &replica)
+            .unwrap_or_else(|e| panic!("replica disk{i} differs from the primary: {e}"));
         verify_image(&replica, *blocks, "--gen", *gen);
     }
     let s = status(&a, "web");
@@ -179,11 +159,7 @@ fn after_qemu_is_killed_replication_requires_a_resync_and_resynchronizing_makes_
     assert!(e.contains("not paused"), "{e}");
     // Meanwhile the replica's disk was changed behind vmrepl's back (say, restored from an
     // old backup): where the primary holds data and where it holds nothing.
-    let uuid = a.json(&["vm", "show", "db"])["definition"]["uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let replica = store.join(&uuid).join("disks/disk0/top.qcow2");
+    let replica = replica_image(&store, &a, "db", 0, "top.qcow2");
     for cmd in ["write -P 0x77 0 64k", "write -P 0x77 8M 64k"] {
         let o = std::process::Command::new("qemu-io")
             .args(["-f", "qcow2"])

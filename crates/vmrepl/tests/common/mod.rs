@@ -444,6 +444,20 @@ pub fn disk_path(h: &Host, vm: &str, i: usize) -> PathBuf {
         .into()
 }
 
+/// A layer of disk `disk` of the replica, in `store`, of `primary`'s VM `vm`: `top.qcow2`
+/// (the latest state) or `rp-SEQ.qcow2` (a kept recovery point).
+pub fn replica_image(store: &Path, primary: &Host, vm: &str, disk: usize, layer: &str) -> PathBuf {
+    let uuid = primary.json(&["vm", "show", vm])["definition"]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    store
+        .join(uuid)
+        .join("disks")
+        .join(format!("disk{disk}"))
+        .join(layer)
+}
+
 /// `qemu-img compare` of two images (read without locks).
 pub fn same_content(a: &Path, b: &Path) -> Result<(), String> {
     let o = Command::new("qemu-img")
