@@ -113,7 +113,7 @@ pub async fn prepare(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError>
     }
     d.vmm.set_failover_lock(vm.uuid, true).await?;
     match replication::replicate_now(d, vm.uuid, vmrepl_log::Consistency::Planned).await {
-        Ok(seq) if replication::load(d, vm.uuid).is_some_and(|r| r.last_error.is_none()) => {
+        Ok((seq, _)) if replication::load(d, vm.uuid).is_some_and(|r| r.last_error.is_none()) => {
             replication::set_state(
                 d,
                 vm.uuid,

@@ -482,12 +482,13 @@ pub(crate) fn delete_row(d: &Daemon, vm: Uuid) {
 
 /// Runs cycles now, outside the schedule, until one built and shipped a fresh log of every
 /// change so far (a cut transfer waiting to resume is finished first). Used by a planned
-/// failover's prepare with `Consistency::Planned`. Returns the acknowledged sequence.
+/// failover's prepare with `Consistency::Planned`. Returns the acknowledged sequence and, for
+/// an app-consistent point, how freezing the guest went.
 pub(crate) async fn replicate_now(
     d: &Arc<Daemon>,
     vm: Uuid,
     consistency: vmrepl_log::Consistency,
-) -> Result<u64, String> {
+) -> Result<(u64, Option<Freeze>), String> {
     let rt = d
         .repl
         .rels
@@ -499,10 +500,10 @@ pub(crate) async fn replicate_now(
     for _ in 0..3 {
         let rel = load(d, vm).ok_or("replication was removed")?;
         let waiting = log_path(d, RelTag::from_uuid(&rel.rel_id), rel.acked_seq + 1).exists();
-        run_cycle(d, vm, &rt, consistency).await?;
+        let freeze = run_cycle(d, vm, &rt, consistency).await?;
         *rt.progress.lock().expect("progress") = None;
         if !waiting {
-            return Ok(load(d, vm).map(|r| r.acked_seq).unwrap_or_default());
+            return Ok((load(d, vm).map(|r| r.acked_seq).unwrap_or_default(), freeze));
         }
     }
     Err("a cut transfer kept failing to resume".into())
@@ -658,22 +659,27 @@ fn log_path(d: &Daemon, rel: RelTag, seq: u64) -> PathBuf {
 }
 
 /// One cycle, top-down.
+/// How freezing the guest for an app-consistent point went: the file systems frozen, or why
+/// it could not be done.
+pub(crate) type Freeze = Result<u64, String>;
+
+/// One cycle, top-down. Returns how freezing the guest went, when the cycle tried.
 async fn run_cycle(
     d: &Arc<Daemon>,
     vm_uuid: Uuid,
     rt: &RelRuntime,
     consistency: vmrepl_log::Consistency,
-) -> Result<(), String> {
+) -> Result<Option<Freeze>, String> {
     let _op = d.vmm.op_lock(vm_uuid).await;
     if rt.stop.load(std::sync::atomic::Ordering::SeqCst) {
-        return Ok(());
+        return Ok(None);
     }
     let Some(rel) = load(d, vm_uuid) else {
-        return Ok(());
+        return Ok(None);
     };
     if rel.state == ReplicationState::SyncedReplicationComplete {
         // Prepared for a planned failover: nothing moves until it is cancelled.
-        return Ok(());
+        return Ok(None);
     }
     let vm = d
         .vmm
@@ -743,6 +749,7 @@ async fn run_cycle(
         // Bitmap 1 has recorded every change since the export's point in time.
         return await_import(d, vm_uuid, &rel, client)
             .await
+            .map(|()| None)
             .map_err(|e| fail(e, false));
     }
     let endpoint = match Endpoint::open(d, &vm, &nodes, vars).await {
@@ -821,10 +828,10 @@ async fn run_cycle(
         Err(CycleError::Network(m)) => Err(fail(m, true)),
         Err(CycleError::Other(m)) => Err(fail(m, false)),
     };
-    if let Some(freeze) = app_freeze {
-        record_freeze(d, vm_uuid, start, &freeze);
+    if let Some(freeze) = &app_freeze {
+        record_freeze(d, vm_uuid, start, freeze);
     }
-    outcome
+    outcome.map(|()| app_freeze)
 }
 
 /// When this relationship's initial copy was exported to external media, if it was.
@@ -1682,27 +1689,16 @@ pub async fn now(d: &Arc<Daemon>, name: &VmName, app_consistent: bool) -> Result
     } else {
         vmrepl_log::Consistency::Crash
     };
-    let seq = replicate_now(d, vm.uuid, consistency).await.map_err(|e| {
+    let (seq, freeze) = replicate_now(d, vm.uuid, consistency).await.map_err(|e| {
         err(
             ErrorCode::Peer,
             format!("Replicating {name} now failed: {e}"),
         )
     })?;
-    let freeze: Option<(bool, Option<String>)> = {
-        let db = d.db.lock().expect("db");
-        db.conn()
-            .query_row(
-                "SELECT app_freeze_ok, app_freeze_error FROM cycles WHERE vm_uuid = ?1 ORDER BY id DESC LIMIT 1",
-                params![vm.uuid.to_string()],
-                |r| Ok(r.get::<_, Option<bool>>(0)?.map(|ok| (ok, r.get::<_, Option<String>>(1).ok().flatten()))),
-            )
-            .ok()
-            .flatten()
-    };
     let kind = match (app_consistent, freeze) {
         (false, _) => "a crash-consistent point".to_string(),
-        (true, Some((true, _))) => "an app-consistent point (the guest was frozen)".to_string(),
-        (true, Some((false, why))) => why.unwrap_or_else(|| "a crash-consistent point".into()),
+        (true, Some(Ok(_))) => "an app-consistent point (the guest was frozen)".to_string(),
+        (true, Some(Err(why))) => why,
         (true, None) => {
             "a crash-consistent point: the VM is off, its disks were at rest".to_string()
         }
