@@ -660,24 +660,7 @@ pub async fn reverse(
             format!("The failed-over VM {name} is gone."),
         )
     })?;
-    let (mut client, theirs) = replication::connect(d, &settings).await.map_err(|e| {
-        err(
-            ErrorCode::Peer,
-            format!(
-                "Cannot reach {} to reverse replication: {e}. Nothing was changed.",
-                settings.replica_server
-            ),
-        )
-    })?;
-    theirs.check_runs(&def).map_err(|why| {
-        err(
-            ErrorCode::Unsupported,
-            format!(
-                "{} cannot run VM {name}: {why}. Nothing was changed.",
-                theirs.host_name
-            ),
-        )
-    })?;
+    let (mut client, theirs) = replication::reach_replica(d, &settings, &def).await?;
     let replica_vm = replication::replica_view(&def, &settings);
     let policy = replication::point_policy(&settings);
     let my_addr = d.cfg.read().expect("cfg").listen.clone();

@@ -281,23 +281,7 @@ pub async fn enable(
         InitialReplication::Export { folder } => check_export_folder(folder)?,
         InitialReplication::ExistingCopy => {}
     }
-    let (client, theirs) = connect(d, &settings).await.map_err(|e| {
-        err(
-            ErrorCode::Peer,
-            format!(
-                "Cannot reach the replica server {}: {e}",
-                settings.replica_server
-            ),
-        )
-    })?;
-    let mut client = client;
-    // I7: the replica's QEMU must run this VM exactly as it is.
-    theirs.check_runs(&vm).map_err(|why| {
-        err(
-            ErrorCode::Unsupported,
-            format!("The replica server cannot run VM {name}: {why}. Nothing was changed."),
-        )
-    })?;
+    let (mut client, theirs) = reach_replica(d, &settings, &vm).await?;
     let replica_vm = replica_view(&vm, &settings);
     let ask = |r: PeerResponse, what: &str| -> Result<(), ApiError> {
         match r {
@@ -390,6 +374,34 @@ pub async fn enable(
             InitialReplication::NetworkNow => "starts now".into(),
         }
     ))
+}
+
+/// Connects to the replica server `settings` name and checks that its QEMU runs `vm` exactly
+/// as it is (I7), before a relationship is set up towards it (enable, reverse).
+pub(crate) async fn reach_replica(
+    d: &Daemon,
+    settings: &ReplicationSettings,
+    vm: &VmDefinition,
+) -> Result<(PeerClient, vmrepl_types::HostInfo), ApiError> {
+    let (client, theirs) = connect(d, settings).await.map_err(|e| {
+        err(
+            ErrorCode::Peer,
+            format!(
+                "Cannot reach the replica server {}: {e}. Nothing was changed.",
+                settings.replica_server
+            ),
+        )
+    })?;
+    theirs.check_runs(vm).map_err(|why| {
+        err(
+            ErrorCode::Unsupported,
+            format!(
+                "The replica server {} cannot run VM {}: {why}. Nothing was changed.",
+                theirs.host_name, vm.name
+            ),
+        )
+    })?;
+    Ok((client, theirs))
 }
 
 /// Where the initial copy of VM `name` goes when exported to `folder` (external media).
