@@ -31,3 +31,22 @@ where
             },
         })
 }
+
+/// `qemu-img create` of a qcow2 v3 image at `path` (relative to `cwd` if given) of `size`
+/// bytes, over the qcow2 image `backing` if given (named as given: a bare file name stays
+/// relative to the new image's folder).
+pub(crate) fn create_qcow2(
+    cwd: Option<&Path>,
+    path: &Path,
+    size: u64,
+    backing: Option<&Path>,
+) -> Result<()> {
+    let mut args: Vec<OsString> = ["create", "-q", "-f", "qcow2", "-o", "compat=1.1"]
+        .map(OsString::from)
+        .to_vec();
+    if let Some(b) = backing {
+        args.extend(["-b".into(), b.into(), "-F".into(), "qcow2".into()]);
+    }
+    args.extend([path.into(), size.to_string().into()]);
+    run(cwd, args).map(drop)
+}

@@ -272,22 +272,8 @@ impl ReplicaStore {
         for (id, size, source) in disks {
             let ddir = partial.join("disks").join(id);
             mkdir(&ddir)?;
-            let size_s = size.to_string();
             match source {
-                None => qemu_img::run(
-                    Some(&ddir),
-                    [
-                        "create",
-                        "-q",
-                        "-f",
-                        "qcow2",
-                        "-o",
-                        "compat=1.1",
-                        BASE,
-                        &size_s,
-                    ],
-                )
-                .map(drop)?,
+                None => qemu_img::create_qcow2(Some(&ddir), Path::new(BASE), *size, None)?,
                 Some(src) => adopt_image(src, &ddir.join(BASE), *size)?,
             }
             create_top(&ddir, BASE, *size)?;
@@ -383,24 +369,7 @@ impl ReplicaStore {
 fn create_top(ddir: &Path, backing: &str, size: u64) -> Result<()> {
     let tmp = format!("{TOP}.tmp");
     let _ = fs::remove_file(ddir.join(&tmp));
-    let size_s = size.to_string();
-    qemu_img::run(
-        Some(ddir),
-        [
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=1.1",
-            "-b",
-            backing,
-            "-F",
-            "qcow2",
-            &tmp,
-            &size_s,
-        ],
-    )?;
+    qemu_img::create_qcow2(Some(ddir), Path::new(&tmp), size, Some(Path::new(backing)))?;
     fs::File::open(ddir.join(&tmp))
         .and_then(|f| f.sync_all())
         .map_err(|e| StoreError::io("fsync", ddir.join(&tmp), e))?;
@@ -1107,24 +1076,7 @@ impl ReplicaVm {
             let dest = dest_dir.join(format!("{id}.qcow2"));
             let backing = fs::canonicalize(&backing)
                 .map_err(|e| StoreError::io("resolve the absolute path of", &backing, e))?;
-            qemu_img::run(
-                None,
-                [
-                    "create".as_ref(),
-                    "-q".as_ref(),
-                    "-f".as_ref(),
-                    "qcow2".as_ref(),
-                    "-o".as_ref(),
-                    "compat=1.1".as_ref(),
-                    "-b".as_ref(),
-                    backing.as_os_str(),
-                    "-F".as_ref(),
-                    "qcow2".as_ref(),
-                    dest.as_os_str(),
-                    size.to_string().as_ref(),
-                ]
-                .map(std::ffi::OsStr::to_os_string),
-            )?;
+            qemu_img::create_qcow2(None, &dest, size, Some(&backing))?;
             disks.push((id, dest));
         }
         let nvram = match self.point_nvram_path(PointRef::Frozen(seq))? {
