@@ -1,4 +1,4 @@
-//! Small file-system helpers: atomic writes and lexical path normalisation.
+//! Small file-system helpers: atomic writes, durable renames and lexical path normalisation.
 
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
@@ -10,14 +10,16 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
         ".{}.tmp",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
     ));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    std::fs::File::create(&tmp)?.write_all(data)?;
+    rename_durable(&tmp, path)
+}
+
+/// Makes the file `from` durable and puts it at `to`: fsync, rename, fsync of `to`'s folder.
+/// A crash leaves either no `to` or the whole of it.
+pub fn rename_durable(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::File::open(from)?.sync_all()?;
+    std::fs::rename(from, to)?;
+    std::fs::File::open(to.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
 /// Normalises an absolute path lexically (resolves `.` and `..`); `None` if relative or if

@@ -1095,7 +1095,7 @@ impl<'a> Cycle<'a> {
                     let total =
                         build_log(self.spec(), &h, &path, (1, 0), LogKind::Initial, None, None)
                             .await?;
-                    durable_rename(&path, f)
+                    crate::fsutil::rename_durable(&path, f)
                         .map(|()| Done::Exported { bytes: total })
                         .map_err(|e| {
                             CycleError::Other(format!(
@@ -1453,16 +1453,6 @@ fn acked(r: PeerResponse, seq: u64, bytes: u64) -> Result<u64, CycleError> {
             "unexpected answer to log {seq}: {other:?}"
         ))),
     }
-}
-
-/// fsyncs `from`, renames it to `to` and fsyncs the folder.
-fn durable_rename(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::File::open(from)?.sync_all()?;
-    std::fs::rename(from, to)?;
-    if let Some(dir) = to.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 /// The replica's block digests per disk id: (block size, one digest per block).
