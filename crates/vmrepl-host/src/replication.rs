@@ -601,7 +601,7 @@ async fn scheduler(d: Arc<Daemon>, vm: Uuid, rt: Arc<RelRuntime>) {
             &rel.settings,
             rel.state,
             running,
-            last_app_attempt_ms(&d, vm, rel.created_ms),
+            last_marked_ms(&d, vm, rel.created_ms, Marked::AppFreezeTried),
             start,
         ) {
             vmrepl_log::Consistency::AppConsistent
@@ -755,7 +755,7 @@ async fn run_cycle(
     };
     let exported = initial
         && matches!(rel.settings.initial, InitialReplication::Export { .. })
-        && exported_ms(d, vm_uuid, rel.created_ms).is_some();
+        && last_marked_ms(d, vm_uuid, rel.created_ms, Marked::Exported).is_some();
     if exported {
         // The initial copy went out on external media: wait until the replica imported it.
         // Bitmap 1 has recorded every change since the export's point in time.
@@ -846,12 +846,28 @@ async fn run_cycle(
     outcome.map(|()| app_freeze)
 }
 
-/// When this relationship's initial copy was exported to external media, if it was.
-fn exported_ms(d: &Daemon, vm: Uuid, since_ms: u64) -> Option<u64> {
+/// Cycles worth finding again in a relationship's record.
+#[derive(Clone, Copy)]
+enum Marked {
+    /// The initial copy was exported to external media.
+    Exported,
+    /// An app-consistent point was tried (the guest frozen or not).
+    AppFreezeTried,
+}
+
+/// When the last cycle of `vm` since `since_ms` (the relationship's creation) that is
+/// `marked` started, if there was one.
+fn last_marked_ms(d: &Daemon, vm: Uuid, since_ms: u64, marked: Marked) -> Option<u64> {
+    let condition = match marked {
+        Marked::Exported => "kind = 'export' AND outcome = 'ok'",
+        Marked::AppFreezeTried => "app_freeze_ok IS NOT NULL",
+    };
     let db = d.db.lock().expect("db");
     db.conn()
         .query_row(
-            "SELECT MAX(start_ms) FROM cycles WHERE vm_uuid = ?1 AND start_ms >= ?2 AND kind = 'export' AND outcome = 'ok'",
+            &format!(
+                "SELECT MAX(start_ms) FROM cycles WHERE vm_uuid = ?1 AND start_ms >= ?2 AND {condition}"
+            ),
             params![vm.to_string(), since_ms as i64],
             |r| r.get::<_, Option<i64>>(0),
         )
@@ -916,20 +932,6 @@ fn record_freeze(d: &Daemon, vm: Uuid, start_ms: u64, freeze: &Result<u64, Strin
     if let Err(e) = freeze {
         let _ = db.event(Some(vm), e);
     }
-}
-
-/// When this relationship last tried an app-consistent point (frozen or not).
-fn last_app_attempt_ms(d: &Daemon, vm: Uuid, since_ms: u64) -> Option<u64> {
-    let db = d.db.lock().expect("db");
-    db.conn()
-        .query_row(
-            "SELECT MAX(start_ms) FROM cycles WHERE vm_uuid = ?1 AND start_ms >= ?2 AND app_freeze_ok IS NOT NULL",
-            params![vm.to_string(), since_ms as i64],
-            |r| r.get::<_, Option<i64>>(0),
-        )
-        .ok()
-        .flatten()
-        .map(|v| v as u64)
 }
 
 /// Hyper-V's app-consistent schedule: a replicating VM that runs gets an app-consistent
