@@ -20,6 +20,10 @@ WANT_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev vir
 button evdev virtio_console virtio_net vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport"
 
 log() { echo "guest: $*"; }
+# apt-get download PKG into dl/ (as root apt warns that it cannot sandbox; that is expected).
+download() {
+    (cd "$CACHE/dl" && apt-get download -q "$1" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+}
 
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
@@ -57,7 +61,7 @@ if [ -n "$KPKG" ]; then
     if [ -z "$DEB" ]; then
         log "downloading $KPKG"
         rm -f "$CACHE"/dl/linux-image-*.deb
-        (cd "$CACHE/dl" && apt-get download -q "$KPKG" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+        download "$KPKG"
         DEB=$(ls "$CACHE/dl/${KPKG}"_*.deb 2>/dev/null | head -n1 || true)
     fi
 fi
@@ -78,7 +82,7 @@ log "kernel $KVER"
 QGA_DEB=$(ls "$CACHE/dl/${QGA_PKG}"_*.deb 2>/dev/null | head -n1 || true)
 if [ -z "$QGA_DEB" ]; then
     log "downloading $QGA_PKG"
-    (cd "$CACHE/dl" && apt-get download -q "$QGA_PKG" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+    download "$QGA_PKG"
     QGA_DEB=$(ls "$CACHE/dl/${QGA_PKG}"_*.deb 2>/dev/null | head -n1 || true)
     [ -n "$QGA_DEB" ] || {
         echo "guest: cannot download $QGA_PKG (no network or stale apt lists? run scripts/setup.sh)" >&2
