@@ -183,37 +183,28 @@ fn a_copy_that_already_exists_on_the_replica_host_is_reconciled_by_block_compare
     a.ok(&["vm", "start", "app"]);
     a.wait_state("app", "off", Duration::from_secs(120));
 
+    let refused_copy = || {
+        refused(enable(
+            &a,
+            &b,
+            "app",
+            "hostb.test",
+            &["--initial-existing-copy"],
+        ))
+    };
     // No copy on hostb yet: refused, naming the host and what to do.
-    let e = refused(enable(
-        &a,
-        &b,
-        "app",
-        "hostb.test",
-        &["--initial-existing-copy"],
-    ));
+    let e = refused_copy();
     assert!(e.contains("no VM named app on hostb.test"), "{e}");
     // A copy whose disk does not match is refused, and stays as it was.
     create_guest_vm(&b, "app", "1", &["16M"], "idle");
-    let e = refused(enable(
-        &a,
-        &b,
-        "app",
-        "hostb.test",
-        &["--initial-existing-copy"],
-    ));
+    let e = refused_copy();
     assert!(e.contains("do not match"), "{e}");
     assert!(e.contains("disk0 16777216 bytes"), "{e}");
     assert_eq!(b.vm_state("app"), "off");
     b.ok(&["vm", "delete", "app"]);
     // A copy of another generation is refused too.
     create_guest_vm(&b, "app", "2", &[backup_s], "idle");
-    let e = refused(enable(
-        &a,
-        &b,
-        "app",
-        "hostb.test",
-        &["--initial-existing-copy"],
-    ));
+    let e = refused_copy();
     assert!(e.contains("generation"), "{e}");
     b.ok(&["vm", "delete", "app"]);
 
