@@ -21,8 +21,32 @@ A_IP=127.0.0.31
 B_IP=127.0.0.32
 . scripts/two-hosts.sh
 now() { date +%s.%N; }
-cold() {
-  if [ "$(id -u)" = 0 ]; then sync; echo 3 >/proc/sys/vm/drop_caches; COLD=cold; else COLD=warm; fi
+# Two cache conditions, each used for one vmrepl cycle and one rsync run:
+#  data  - the image files (primary disk, replica layers, rsync's destination) are flushed and
+#          evicted from the page cache (posix_fadvise DONTNEED); programs stay cached, as they
+#          are on a host whose daemon runs a cycle every few minutes;
+#  all   - the whole page cache is dropped (echo 3 > drop_caches): programs load from disk too.
+# Without root the eviction cannot be forced and the table says "warm".
+evict() { # files or folders...
+  python3 - "$@" <<'PY'
+import os, sys
+for top in sys.argv[1:]:
+    paths = [top] if os.path.isfile(top) else [os.path.join(d, f) for d, _, fs in os.walk(top) for f in fs]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+PY
+}
+cold() { # mode files...
+  local mode=$1; shift
+  if [ "$(id -u)" != 0 ]; then COLD=warm; return; fi
+  sync
+  case $mode in
+    data) evict "$@"; COLD="data not cached" ;;
+    all) echo 3 >/proc/sys/vm/drop_caches; COLD="nothing cached" ;;
+  esac
 }
 seq_of() { "$B" --data "$W/$1" --json replication status "$2" | json 'd["relationships"][0]["last_sequence"]'; }
 sent_of() { a --json replication status "$1" | json 'd["relationships"][0]["stats"]["total_bytes"]'; }
@@ -54,49 +78,66 @@ UUID=$(a --json vm show big | json 'd["definition"]["uuid"]')
 REPLICA="$W/b/replicas/$UUID/disks/disk0/top.qcow2"
 
 echo "== initial replication of the full disk"
-cold
+cold all
 a replication enable big --replica-server "$B_IP:$B_PORT" --replica-name hostb.bench \
   --frequency 3600 --recovery-points 0 >/dev/null
 wait_seq a big 1 # recorded on the primary (it has closed the disk again) ...
 wait_seq b big 1 # ... and applied on the replica
 read -r full_ms _ < <(cycle_ms "$UUID" 1)
 full_bytes=$(sent_of big)
-# No cycle runs for an hour now; resuming after the writes starts one at once.
-a replication pause big >/dev/null
-
-echo "== rewriting 1 % of the 64 KiB blocks at random (tracked by the dirty bitmap)"
 cp --sparse=always "$DISK" "$W/rsync-dest.qcow2"
 head -c 65536 /dev/urandom >"$W/block.bin"
-python3 - "$GIB" "$W/block.bin" >"$W/writes.args" <<'EOF'
+
+# One round: rewrite 1 % of the blocks (seed $2), one vmrepl cycle (sequence $3) and one rsync
+# run of the same change, both under cache condition $1. Sets the R_* variables.
+round() {
+  local mode=$1 seed=$2 seq=$3
+  # No cycle runs for an hour; resuming after the writes starts one at once.
+  a replication pause big >/dev/null
+  echo "== rewriting 1 % of the 64 KiB blocks at random, seed $seed (tracked by the dirty bitmap)"
+  python3 - "$GIB" "$W/block.bin" "$seed" >"$W/writes.args" <<'EOF2'
 import random, sys
 blocks = int(sys.argv[1]) * (1 << 30) // 65536
-pick = random.Random(42).sample(range(blocks), blocks // 100)
+pick = random.Random(int(sys.argv[3])).sample(range(blocks), blocks // 100)
 for b in sorted(pick):
     print("-c")
     print(f"write -q -s {sys.argv[2]} {b * 65536} 64k")
-EOF
-CHANGED=$(( $(wc -l <"$W/writes.args") / 2 ))
-mapfile -t ARGS <"$W/writes.args"
-qemu-io -f qcow2 "${ARGS[@]}" "$DISK"
-before=$(sent_of big)
+EOF2
+  CHANGED=$(( $(wc -l <"$W/writes.args") / 2 ))
+  mapfile -t ARGS <"$W/writes.args"
+  qemu-io -f qcow2 "${ARGS[@]}" "$DISK"
+  local before; before=$(sent_of big)
 
-echo "== one replication cycle (track, extract, send over TLS, durable, applied)"
-cold
-c_mode=$COLD
-a replication resume big >/dev/null
-wait_seq a big 2
-wait_seq b big 2
-read -r cycle_ms ack_ms < <(cycle_ms "$UUID" 2)
-cycle_bytes=$(( $(sent_of big) - before ))
-qemu-img compare -q -U "$DISK" "$REPLICA" && same=identical || same=DIFFERENT
+  echo "== one replication cycle (track, extract, send over TLS, durable, applied), $mode"
+  cold "$mode" "$DISK" "$W/b/replicas/$UUID"
+  R_MODE=$COLD
+  a replication resume big >/dev/null
+  wait_seq a big "$seq"
+  wait_seq b big "$seq"
+  read -r R_CYCLE R_ACK < <(cycle_ms "$UUID" "$seq")
+  R_BYTES=$(( $(sent_of big) - before ))
+  qemu-img compare -q -U "$DISK" "$REPLICA" && R_SAME=identical || R_SAME=DIFFERENT
 
-echo "== rsync --inplace --no-whole-file of the same image pair"
-cold
-r_mode=$COLD
-t0=$(now)
-rsync --inplace --no-whole-file --stats "$DISK" "$W/rsync-dest.qcow2" >"$W/rsync.out"
-t_rsync=$(python3 -c "print($(now) - $t0)")
-rsync_literal=$(sed -n 's/^Literal data: \([0-9,]*\).*/\1/p' "$W/rsync.out" | tr -d ,)
+  echo "== rsync --inplace --no-whole-file of the same image pair, $mode"
+  cold "$mode" "$DISK" "$W/rsync-dest.qcow2"
+  local t0; t0=$(now)
+  rsync --inplace --no-whole-file --stats "$DISK" "$W/rsync-dest.qcow2" >"$W/rsync.out"
+  R_RSYNC=$(python3 -c "print($(now) - $t0)")
+  R_LITERAL=$(sed -n 's/^Literal data: \([0-9,]*\).*/\1/p' "$W/rsync.out" | tr -d ,)
+}
+ROWS=()
+add_rows() {
+  ROWS+=("$(printf '| vmrepl: one cycle until applied on the replica, %s (replica %s afterwards) | %.3f s | %s MiB on the wire |' "$R_MODE" "$R_SAME" "$(sec "$R_CYCLE")" "$(mib "$R_BYTES")")")
+  ROWS+=("$(printf '| vmrepl: the same cycle until the primary finished it (bitmap dropped, disks closed) | %.3f s | |' "$(sec "$R_ACK")")")
+  ROWS+=("$(printf '| rsync --inplace --no-whole-file, %s | %.2f s | %s MiB literal data |' "$R_MODE" "$R_RSYNC" "$(mib "$R_LITERAL")")")
+  ROWS+=("$(printf '| **ratio rsync / vmrepl (until applied), %s** | **%.1fx** | |' "$R_MODE" "$(python3 -c "print($R_RSYNC / $(sec "$R_CYCLE"))")")")
+}
+sec() { python3 -c "print($1 / 1000)"; }
+mib() { python3 -c "print(f'{$1/1048576:.1f}')"; }
+round data 42 2
+add_rows
+round all 43 3
+add_rows
 
 echo "== initial replication of a sparse ${GIB} GiB disk holding 64 MiB"
 a vm create sparse --generation 1 --memory 128 --disk "${GIB}G" >/dev/null
@@ -111,15 +152,10 @@ wait_seq b sparse 1
 read -r sparse_ms _ < <(cycle_ms "$SUUID" 1)
 sparse_bytes=$(sent_of sparse)
 
-sec() { python3 -c "print($1 / 1000)"; }
-mib() { python3 -c "print(f'{$1/1048576:.1f}')"; }
 echo
-echo "| measurement (${GIB} GiB disk, ${CHANGED} of its 64 KiB blocks changed) | time | bytes |"
+echo "| measurement (${GIB} GiB disk, ${CHANGED} of its 64 KiB blocks changed per round) | time | bytes |"
 echo "|---|---|---|"
-printf '| vmrepl: one cycle until applied on the replica, %s cache (replica %s afterwards) | %.3f s | %s MiB on the wire |\n' "$c_mode" "$same" "$(sec "$cycle_ms")" "$(mib "$cycle_bytes")"
-printf '| vmrepl: the same cycle until the primary finished it (bitmap dropped, disks closed) | %.3f s | |\n' "$(sec "$ack_ms")"
-printf '| rsync --inplace --no-whole-file, %s cache | %.2f s | %s MiB literal data |\n' "$r_mode" "$t_rsync" "$(mib "$rsync_literal")"
-printf '| ratio rsync / vmrepl (until applied) | %.1fx | |\n' "$(python3 -c "print($t_rsync / $(sec "$cycle_ms"))")"
+printf '%s\n' "${ROWS[@]}"
 printf '| vmrepl: initial replication, full random disk | %.2f s | %s MiB |\n' "$(sec "$full_ms")" "$(mib "$full_bytes")"
 printf '| vmrepl: initial replication, sparse disk with 64 MiB allocated | %.2f s | %s MiB |\n' "$(sec "$sparse_ms")" "$(mib "$sparse_bytes")"
 printf '| peak memory (VmHWM) of the primary / replica daemon | | %s / %s MiB |\n' "$(( $(hwm a) / 1024 ))" "$(( $(hwm b) / 1024 ))"

@@ -811,7 +811,9 @@ pub fn apply_pending(vm: &mut ReplicaVm) -> Result<Vec<Applied>, ApplyError> {
         if seq != vm.last_applied() + 1 {
             break;
         }
+        let t0 = std::time::Instant::now();
         done.push(apply_log(vm, &path)?);
+        tracing::info!(target: "vmrepl::replica", seq, ms = t0.elapsed().as_millis() as u64, "log applied");
     }
     vm.discard_applied_logs()?;
     Ok(done)

@@ -1403,6 +1403,7 @@ impl<'a> Cycle<'a> {
             .client
             .send_growing_log(uuid, (seq, base), path, rx, progress);
         let (built, sent) = tokio::join!(build, send);
+        tracing::info!(target: "vmrepl::replication", seq, ms = t0.elapsed().as_millis() as u64, "log built, sent and acknowledged");
         let sent = match (&built, sent) {
             (Err(_), _) => Err(CycleError::Other("the log could not be built".into())),
             (Ok(total), sent) => sent.map_err(classify).and_then(|r| acked(r, seq, *total)),
@@ -1551,14 +1552,19 @@ async fn build_log(
             v.path.clone(),
         ));
     }
-    let mut mapped = Vec::new();
-    let qi = vmrepl_qemu::img::QemuImg::default();
-    for (id, size, p) in &images {
-        let ex = vmrepl_tracking::extents(&qi, p).await.map_err(|e| {
-            CycleError::Other(format!("cannot map staging image {}: {e}", p.display()))
-        })?;
-        mapped.push((id.clone(), *size, p.clone(), ex));
-    }
+    let mapped = tokio::task::spawn_blocking(move || {
+        images
+            .into_iter()
+            .map(|(id, size, p)| {
+                let ex = vmrepl_tracking::extents(&p).map_err(|e| {
+                    CycleError::Other(format!("cannot map staging image {}: {e}", p.display()))
+                })?;
+                Ok((id, size, p, ex))
+            })
+            .collect::<Result<Vec<_>, CycleError>>()
+    })
+    .await
+    .map_err(|e| CycleError::Other(e.to_string()))??;
     let header = LogHeader {
         vm_id: vm.uuid,
         sequence: seq,
@@ -1583,6 +1589,7 @@ async fn build_log(
     let growth = growth.map(Arc::new);
     let tally = growth.clone();
     let built = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+        let t0 = std::time::Instant::now();
         let f = std::fs::File::create(&path)
             .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
         let f = Tally { inner: f, growth: tally };
@@ -1626,6 +1633,7 @@ async fn build_log(
         // would buy nothing; the replica makes the log durable before acknowledging it (I1).
         let (summary, bw) = w.finish_into_inner().map_err(|e| e.to_string())?;
         bw.into_inner().map_err(|e| e.to_string())?;
+        tracing::info!(target: "vmrepl::replication", seq, bytes = summary.encoded_bytes, ms = t0.elapsed().as_millis() as u64, "log built");
         Ok(summary.encoded_bytes)
     })
     .await

@@ -118,31 +118,65 @@ async fn add_target(
 ) -> Result<StagedImage, TrackingError> {
     let path = staging.dir.join(rel.staging_file(seq, node));
     remove_quiet(&path);
-    staging
-        .qemu_img
-        .create(&path, size, &CreateOpts::default())
-        .await
-        .map_err(TrackingError::img(format!(
-            "create the staging image {} ({size} bytes)",
-            path.display()
-        )))?;
+    let template = fresh_image(staging, &path, size).await?;
     let stg = rel.staging_node(node);
     check_node_name(&stg)?;
-    qmp.execute(
-        "blockdev-add",
-        json!({"node-name": stg, "driver": "qcow2",
-               "file": {"driver": "file", "filename": path.to_string_lossy()}}),
-    )
-    .await
-    .map_err(TrackingError::qmp(format!(
-        "open the staging image {} as node {stg}",
-        path.display()
-    )))?;
+    if let Err(e) = qmp
+        .execute(
+            "blockdev-add",
+            json!({"node-name": stg, "driver": "qcow2",
+                   "file": {"driver": "file", "filename": path.to_string_lossy()}}),
+        )
+        .await
+    {
+        // Should the template be damaged, the next cycle makes a new one.
+        remove_quiet(&template);
+        return Err(TrackingError::qmp(format!(
+            "open the staging image {} as node {stg}",
+            path.display()
+        ))(e));
+    }
     Ok(StagedImage {
         node: node.to_string(),
         size,
         path,
     })
+}
+
+/// Makes `path` a fresh empty qcow2 of `size` bytes by copying the staging folder's template
+/// for that size (`empty-<size>.qcow2`, a few hundred KiB), which is created with qemu-img the
+/// first time. A cycle thus starts no process to create its images. Returns the template's path.
+async fn fresh_image(staging: &Staging, path: &Path, size: u64) -> Result<PathBuf, TrackingError> {
+    let template = staging.dir.join(format!("empty-{size}.qcow2"));
+    let io = |action: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TrackingError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    if !template.is_file() {
+        // Made under a unique name and renamed, so a concurrent cycle never copies half of it.
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let tmp = staging
+            .dir
+            .join(format!("empty-{size}-{}-{nanos}.tmp", std::process::id()));
+        staging
+            .qemu_img
+            .create(&tmp, size, &CreateOpts::default())
+            .await
+            .map_err(TrackingError::img(format!(
+                "create the staging template {} ({size} bytes)",
+                tmp.display()
+            )))?;
+        std::fs::rename(&tmp, &template).map_err(io("name the staging template", &template))?;
+    }
+    std::fs::copy(&template, path).map_err(io("copy the staging template to", path))?;
+    Ok(template)
 }
 
 async fn node_size(qmp: &QmpClient, node: &str) -> Result<u64, TrackingError> {

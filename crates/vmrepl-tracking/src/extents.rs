@@ -4,7 +4,6 @@ use crate::{TrackingError, LOG_TARGET};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use vmrepl_qemu::img::QemuImg;
 
 /// The largest data chunk [`ExtentReader`] yields.
 pub const MAX_CHUNK: usize = 1 << 20;
@@ -27,53 +26,94 @@ pub struct Extent {
 }
 
 /// The changed extents of a staging image, in order. Unallocated ranges are not part of the
-/// delta and are left out. Adjacent extents of the same kind (and, for data, contiguous in
-/// the file) are merged by qemu-img already.
-pub async fn extents(qemu_img: &QemuImg, staging: &Path) -> Result<Vec<Extent>, TrackingError> {
-    let map = qemu_img
-        .map(staging)
-        .await
-        .map_err(TrackingError::img(format!(
-            "map the staging image {}",
-            staging.display()
-        )))?;
+/// delta and are left out; adjacent extents of the same kind (and, for data, contiguous in the
+/// file) are merged.
+///
+/// Reads the image's own qcow2 mapping tables in-process (imago) instead of running
+/// `qemu-img map`: a staging image is ours, local and closed by QEMU before this is called.
+/// Blocking file I/O: run it on a blocking thread. Every layer is opened without following
+/// any backing file named in the header, and an image that names one is refused.
+pub fn extents(staging: &Path) -> Result<Vec<Extent>, TrackingError> {
+    use imago::{DenyImplicitOpenGate, FormatDriverBuilder, Mapping, Storage, StorageOpenOptions};
     let bad = |detail: String| TrackingError::BadStaging {
         path: staging.to_path_buf(),
         detail,
     };
-    let mut out = Vec::new();
-    for e in map {
-        if e.depth != 0 {
-            return Err(bad(format!(
-                "range {}+{} comes from a backing file (depth {}); staging images must have none",
-                e.start, e.length, e.depth
-            )));
-        }
-        if !e.present || e.length == 0 {
-            continue;
-        }
-        let kind = if e.zero {
-            ExtentKind::Zero
-        } else if e.data {
-            match e.offset {
-                Some(file_offset) => ExtentKind::Data { file_offset },
-                None => {
-                    return Err(bad(format!(
-                        "data range {}+{} has no host offset (compressed?); staging images must be plain qcow2",
-                        e.start, e.length
-                    )))
-                }
+    let file = imago::file::File::open_sync(StorageOpenOptions::new().filename(staging)).map_err(
+        |source| TrackingError::Io {
+            action: "open the staging image",
+            path: staging.to_path_buf(),
+            source,
+        },
+    )?;
+    let qcow2 = imago::qcow2::Qcow2::<imago::file::File>::builder(file)
+        .write(false)
+        .backing(None)
+        .open_sync(DenyImplicitOpenGate::default())
+        .map_err(|e| bad(format!("it is not a readable qcow2 image: {e}")))?;
+    if let Some(b) = qcow2.implicit_backing_file() {
+        return Err(bad(format!(
+            "it names backing file {b:?}; staging images must have none"
+        )));
+    }
+    if qcow2.requires_external_data_file() {
+        return Err(bad("it needs an external data file".into()));
+    }
+    let size = imago::format::drivers::FormatDriverInstance::size(&qcow2);
+    let img = imago::SyncFormatAccess::new(qcow2)
+        .map_err(|e| bad(format!("cannot access its mapping: {e}")))?;
+    let mut out: Vec<Extent> = Vec::new();
+    let mut at = 0u64;
+    while at < size {
+        let (mapping, len) = img
+            .get_mapping_sync(at, size - at)
+            .map_err(|e| bad(format!("cannot map offset {at}: {e}")))?;
+        let len = len.min(size - at);
+        let kind = match mapping {
+            Mapping::Raw { offset, .. } => Some(ExtentKind::Data {
+                file_offset: offset,
+            }),
+            Mapping::Zero { explicit: true, .. } => Some(ExtentKind::Zero),
+            Mapping::Zero {
+                explicit: false, ..
+            } => None,
+            Mapping::Eof { .. } => break,
+            Mapping::Special { .. } => {
+                return Err(bad(format!(
+                "range {at}+{len} is compressed or encrypted; staging images must be plain qcow2"
+            )))
             }
-        } else {
-            // Present, neither data nor zero cannot happen without a backing file; it would
-            // read as zeroes.
-            ExtentKind::Zero
+            _ => return Err(bad(format!("range {at}+{len} has an unknown mapping"))),
         };
-        out.push(Extent {
-            offset: e.start,
-            len: e.length,
-            kind,
-        });
+        if len == 0 {
+            return Err(bad(format!("the mapping at offset {at} has no length")));
+        }
+        if let Some(kind) = kind {
+            let merged = match (out.last_mut(), kind) {
+                (Some(last), ExtentKind::Zero)
+                    if last.kind == ExtentKind::Zero && last.offset + last.len == at =>
+                {
+                    last.len += len;
+                    true
+                }
+                (Some(last), ExtentKind::Data { file_offset })
+                    if last.offset + last.len == at
+                        && matches!(last.kind, ExtentKind::Data { file_offset: f } if f + last.len == file_offset) =>
+                {
+                    last.len += len;
+                    true
+                }
+                _ => false,
+            };
+            if !merged {
+                out.push(Extent {
+                    offset: at,
+                    len,
+                    kind,
+                });
+            }
+        }
+        at += len;
     }
     tracing::debug!(target: LOG_TARGET, path = %staging.display(), extents = out.len(), "delta mapped");
     Ok(out)

@@ -6,8 +6,8 @@ use common::*;
 use std::path::Path;
 use vmrepl_qemu::img::QemuImg;
 use vmrepl_tracking::{
-    begin_cycle, commit_cycle, extents, list_owned, start_tracking, ExtentKind, OfflineDisks,
-    Staging, VARS_NODE,
+    begin_cycle, commit_cycle, list_owned, start_tracking, ExtentKind, OfflineDisks, Staging,
+    VARS_NODE,
 };
 
 async fn qemu_io(img: &Path, cmd: &str) {
@@ -61,9 +61,7 @@ async fn offline_cycle_through_the_storage_daemon() {
     let h = begin_cycle(q, rel, &disks(), 0, &st, Some(VARS_NODE), None)
         .await
         .unwrap();
-    let ex = extents(&QemuImg::default(), &h.disks[0].path)
-        .await
-        .unwrap();
+    let ex = map_off_thread(&h.disks[0].path).await.unwrap();
     let shape: Vec<_> = ex
         .iter()
         .map(|e| {
@@ -75,9 +73,7 @@ async fn offline_cycle_through_the_storage_daemon() {
         })
         .collect();
     assert_eq!(shape, vec![(12, 64, true), (13, 64, false)]);
-    let ex1 = extents(&QemuImg::default(), &h.disks[1].path)
-        .await
-        .unwrap();
+    let ex1 = map_off_thread(&h.disks[1].path).await.unwrap();
     assert_eq!(ex1.len(), 1);
     assert_eq!(h.vars.as_ref().unwrap().size, VARS_SIZE);
     commit_cycle(q, rel, &NODES, 0).await.unwrap();

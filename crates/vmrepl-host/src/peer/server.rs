@@ -827,10 +827,12 @@ async fn send_log(
         return Ok(Some(refuse(RefusalCode::OutOfOrder, msg).into()));
     }
     let path = vmrepl_store::spool::partial_path(&dir, seq);
+    let t0 = std::time::Instant::now();
     let received = match receive(framed, &row, &path, resume).await? {
         Ok(n) => n,
         Err(r) => return Ok(Some(r.into())),
     };
+    let receive_ms = t0.elapsed().as_millis() as u64;
     // Verified whole (I4) and durable under its verified name (I1) before the acknowledgement.
     match replica::accept_spooled(&row, seq, base, None).await {
         Ok(()) => {}
@@ -860,7 +862,8 @@ async fn send_log(
         let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
         let _ = replica::record_received(&db, vm_uuid, received);
     }
-    tracing::info!(target: T, peer, vm = %vm_uuid, seq, bytes = received, "log durable and verified");
+    tracing::info!(target: T, peer, vm = %vm_uuid, seq, bytes = received, receive_ms,
+        accept_ms = t0.elapsed().as_millis() as u64 - receive_ms, "log durable and verified");
     framed
         .write_control(&PeerResponse::LogAck {
             sequence: seq,

@@ -156,3 +156,13 @@ pub async fn raw_of(img: &Path, out: &Path) -> Vec<u8> {
     assert!(st.success());
     std::fs::read(out).unwrap()
 }
+
+/// [`vmrepl_tracking::extents`] (blocking file I/O) on a blocking thread.
+pub async fn map_off_thread(
+    path: &Path,
+) -> Result<Vec<vmrepl_tracking::Extent>, vmrepl_tracking::TrackingError> {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || vmrepl_tracking::extents(&p))
+        .await
+        .expect("the mapping thread ran")
+}
