@@ -1385,7 +1385,17 @@ impl<'a> Cycle<'a> {
         what: &str,
     ) -> (Result<u64, CycleError>, Result<u64, CycleError>) {
         let (tx, rx) = tokio::sync::watch::channel(LogGrowth::default());
-        let build = build_log(self.spec(), h, path, (seq, base), kind, digests, Some(tx));
+        let qmp = self.qmp;
+        let spec = self.spec();
+        let build = async move {
+            let built = build_log(spec, h, path, (seq, base), kind, digests, Some(tx)).await;
+            // Pull mode: the point in time is in the log now; let QEMU drop it (the frozen
+            // bitmap stays until the replica acknowledges the log).
+            if let Err(e) = vmrepl_tracking::release_exports(qmp, h).await {
+                tracing::warn!(target: "vmrepl::replication", seq, error = %e, "cannot release the NBD exports");
+            }
+            built
+        };
         let t0 = std::time::Instant::now();
         let rt = self.rt;
         let watch = rx.clone();
@@ -1540,26 +1550,32 @@ async fn build_log(
     growth: Option<tokio::sync::watch::Sender<LogGrowth>>,
 ) -> Result<u64, CycleError> {
     let digests = replica_digests.cloned().unwrap_or_default();
-    let mut images: Vec<(String, u64, PathBuf)> = h
+    type Image = (String, u64, PathBuf, Option<vmrepl_tracking::NbdExport>);
+    let mut images: Vec<Image> = h
         .disks
         .iter()
-        .map(|i| (i.node.clone(), i.size, i.path.clone()))
+        .map(|i| (i.node.clone(), i.size, i.path.clone(), i.export.clone()))
         .collect();
     if let Some(v) = &h.vars {
         images.push((
             crate::peer::proto::NVRAM_DISK_ID.to_string(),
             v.size,
             v.path.clone(),
+            None,
         ));
     }
     let mapped = tokio::task::spawn_blocking(move || {
         images
             .into_iter()
-            .map(|(id, size, p)| {
+            .map(|(id, size, p, export)| {
+                if export.is_some() {
+                    // Pulled: the changed ranges come from the export's bitmap context.
+                    return Ok((id, size, p, export, Vec::new()));
+                }
                 let ex = vmrepl_tracking::extents(&p).map_err(|e| {
                     CycleError::Other(format!("cannot map staging image {}: {e}", p.display()))
                 })?;
-                Ok((id, size, p, ex))
+                Ok((id, size, p, None, ex))
             })
             .collect::<Result<Vec<_>, CycleError>>()
     })
@@ -1579,7 +1595,7 @@ async fn build_log(
         },
         disks: mapped
             .iter()
-            .map(|(id, size, _, _)| DiskInfo {
+            .map(|(id, size, _, _, _)| DiskInfo {
                 id: id.clone(),
                 virtual_size: *size,
             })
@@ -1595,7 +1611,11 @@ async fn build_log(
         let f = Tally { inner: f, growth: tally };
         let mut w = LogWriter::new(std::io::BufWriter::with_capacity(1 << 20, f), header)
             .map_err(|e| e.to_string())?;
-        for (i, (id, size, p, ex)) in mapped.into_iter().enumerate() {
+        for (i, (id, size, p, export, ex)) in mapped.into_iter().enumerate() {
+            if let Some(x) = export {
+                pull_disk(&mut w, i as u16, &x)?;
+                continue;
+            }
             if let Some((bs, theirs)) = digests.get(&id) {
                 // Resynchronization by compare: only the blocks whose digest differs.
                 let sent = write_differing(&mut w, i as u16, size, &p, &ex, *bs, theirs)?;
@@ -1643,6 +1663,36 @@ async fn build_log(
         g.send_modify(|g| g.done = Some(built.is_ok()));
     }
     built
+}
+
+/// How many reads a pulled disk keeps in flight.
+const PULL_WINDOW: usize = 16;
+/// How long one NBD read or write may block before the cycle gives up.
+const PULL_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Writes the changed ranges of a pulled disk (its export's dirty-bitmap context) into the log,
+/// reading them over NBD as of the cycle's point in time. Holes come out as zero records.
+fn pull_disk<W: std::io::Write>(
+    w: &mut LogWriter<W>,
+    disk: u16,
+    x: &vmrepl_tracking::NbdExport,
+) -> Result<(), String> {
+    let mut c =
+        vmrepl_tracking::NbdClient::connect(&x.socket, &x.name, Some(&x.context), PULL_IO_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+    let ranges = c.dirty_ranges().map_err(|e| e.to_string())?;
+    let mut reader =
+        vmrepl_tracking::NbdRangeReader::new(c, &ranges, vmrepl_tracking::MAX_CHUNK, PULL_WINDOW);
+    for chunk in reader.by_ref() {
+        let c = chunk.map_err(|e| e.to_string())?;
+        match c.data {
+            ChunkData::Data(buf) => w.write_data(disk, c.offset, &buf),
+            ChunkData::Zero(len) => w.write_zero(disk, c.offset, len),
+        }
+        .map_err(|e| e.to_string())?;
+    }
+    reader.finish();
+    Ok(())
 }
 
 /// A file writer that reports every byte it has written, so that a sender can follow the

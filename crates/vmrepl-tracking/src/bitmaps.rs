@@ -204,13 +204,71 @@ pub async fn commit_cycle<N: AsRef<str>>(
     Ok(())
 }
 
-/// Cancels the relationship's running backup jobs (all of them if `seq` is None) and
-/// deletes its staging nodes. Waits for cancelled jobs to go away.
+/// Removes the relationship's NBD exports (pull mode), waits until QEMU has dropped them,
+/// then stops the NBD server (vmrepl is its only user).
+async fn delete_exports(qmp: &QmpClient, rel: RelTag) -> Result<(), TrackingError> {
+    let prefix = rel.export_prefix();
+    let ours = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.get("id").and_then(Value::as_str))
+            .filter(|id| id.starts_with(&prefix))
+            .map(str::to_string)
+            .collect()
+    };
+    let list = qmp
+        .execute("query-block-exports", Value::Null)
+        .await
+        .map_err(TrackingError::qmp("list NBD exports (query-block-exports)"))?;
+    let ids = ours(&list);
+    for id in &ids {
+        match qmp
+            .execute("block-export-del", json!({"id": id, "mode": "hard"}))
+            .await
+        {
+            Ok(_) => {}
+            // Already on its way out.
+            Err(e) if e.class() == Some("GenericError") => {
+                tracing::info!(target: LOG_TARGET, export = %id, error = %e, "export already going");
+            }
+            Err(e) => return Err(TrackingError::qmp(format!("remove NBD export {id}"))(e)),
+        }
+    }
+    let deadline = Instant::now() + CANCEL_TIMEOUT;
+    while !ids.is_empty() {
+        let list = qmp
+            .execute("query-block-exports", Value::Null)
+            .await
+            .map_err(TrackingError::qmp("list NBD exports (query-block-exports)"))?;
+        let left = ours(&list);
+        if left.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(TrackingError::JobTimeout {
+                jobs: left,
+                secs: CANCEL_TIMEOUT.as_secs(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    match qmp.execute("nbd-server-stop", Value::Null).await {
+        Ok(_) => Ok(()),
+        // Not running: nothing to stop.
+        Err(e) if e.class() == Some("GenericError") => Ok(()),
+        Err(e) => Err(TrackingError::qmp("stop the NBD server")(e)),
+    }
+}
+
+/// Removes the relationship's NBD exports, cancels its running backup jobs (all of them if
+/// `seq` is None) and deletes its staging nodes. Waits for cancelled jobs to go away.
 pub(crate) async fn cleanup_jobs_and_nodes(
     qmp: &QmpClient,
     rel: RelTag,
     seq: Option<u64>,
 ) -> Result<(), TrackingError> {
+    delete_exports(qmp, rel).await?;
     let prefix = match seq {
         Some(s) => format!("{}{s}-", rel.job_prefix()),
         None => rel.job_prefix(),
@@ -230,7 +288,7 @@ pub(crate) async fn cleanup_jobs_and_nodes(
     if !ours.is_empty() {
         let mut rx = qmp.subscribe();
         for j in &ours {
-            tracing::warn!(target: LOG_TARGET, job = %j, "cancelling backup job");
+            tracing::info!(target: LOG_TARGET, job = %j, "cancelling backup job");
             match qmp
                 .execute("block-job-cancel", json!({"device": j, "force": true}))
                 .await

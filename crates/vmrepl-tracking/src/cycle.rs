@@ -21,6 +21,9 @@ pub struct Staging {
     /// How long all backup jobs of one cycle may take together.
     pub job_timeout: Duration,
     pub qemu_img: QemuImg,
+    /// Delta cycles read their point in time from QEMU over NBD (pull) instead of copying the
+    /// dirty clusters into staging images first (push). On by default; see [`begin_cycle`].
+    pub pull: bool,
 }
 
 /// Told the point in time (Unix ms) the moment a cycle's transaction has taken it, or dropped
@@ -34,6 +37,7 @@ impl Staging {
             dir: dir.into(),
             job_timeout: Duration::from_secs(3600),
             qemu_img: QemuImg::default(),
+            pull: true,
         }
     }
 }
@@ -54,7 +58,21 @@ pub struct StagedImage {
     pub node: String,
     /// Virtual size in bytes.
     pub size: u64,
+    /// The staged copy (push), or the fleecing image that keeps the point in time while the
+    /// guest writes (pull): then only readable through [`StagedImage::export`].
     pub path: PathBuf,
+    /// Pull mode: the NBD export that serves this disk as of the point in time, and the meta
+    /// context that lists its changed ranges.
+    pub export: Option<NbdExport>,
+}
+
+/// Where a pulled disk is read from: `export` on the NBD server at `socket`, whose meta context
+/// `context` (`qemu:dirty-bitmap:<frozen bitmap>`) marks the changed ranges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdExport {
+    pub socket: PathBuf,
+    pub name: String,
+    pub context: String,
 }
 
 /// A staged cycle: every disk's delta (and the vars copy) as of one point in time.
@@ -107,7 +125,9 @@ fn remove_quiet(p: &Path) {
     let _ = std::fs::remove_file(p);
 }
 
-/// Creates the staging image and adds it as node `stg-<relid8>-<node>`.
+/// Creates the staging image and adds it as node `stg-<relid8>-<node>`; with `fleece` its
+/// backing is the disk node itself (the fleecing image of pull mode: reads fall through to the
+/// disk, and the old data of clusters the guest overwrites is copied in first).
 async fn add_target(
     qmp: &QmpClient,
     staging: &Staging,
@@ -115,20 +135,19 @@ async fn add_target(
     seq: u64,
     node: &str,
     size: u64,
+    fleece: bool,
 ) -> Result<StagedImage, TrackingError> {
     let path = staging.dir.join(rel.staging_file(seq, node));
     remove_quiet(&path);
     let template = fresh_image(staging, &path, size).await?;
     let stg = rel.staging_node(node);
     check_node_name(&stg)?;
-    if let Err(e) = qmp
-        .execute(
-            "blockdev-add",
-            json!({"node-name": stg, "driver": "qcow2",
-                   "file": {"driver": "file", "filename": path.to_string_lossy()}}),
-        )
-        .await
-    {
+    let mut add = json!({"node-name": stg, "driver": "qcow2",
+                         "file": {"driver": "file", "filename": path.to_string_lossy()}});
+    if fleece {
+        add["backing"] = node.into();
+    }
+    if let Err(e) = qmp.execute("blockdev-add", add).await {
         // Should the template be damaged, the next cycle makes a new one.
         remove_quiet(&template);
         return Err(TrackingError::qmp(format!(
@@ -140,6 +159,7 @@ async fn add_target(
         node: node.to_string(),
         size,
         path,
+        export: None,
     })
 }
 
@@ -417,6 +437,7 @@ async fn run_cycle<N: AsRef<str>>(
     point_signal: Option<PointSignal>,
 ) -> Result<CycleHandle, TrackingError> {
     let start = Instant::now();
+    let pull = staging.pull && kind == CycleKind::Delta;
     // Leftovers of an interrupted attempt in this QEMU would make blockdev-add fail.
     cleanup_jobs_and_nodes(qmp, rel, None).await?;
     std::fs::create_dir_all(&staging.dir).map_err(|source| TrackingError::Io {
@@ -429,11 +450,11 @@ async fn run_cycle<N: AsRef<str>>(
     let mut vars_img = None;
     let setup = async {
         for (node, size) in disks {
-            images.push(add_target(qmp, staging, rel, seq, node.as_ref(), *size).await?);
+            images.push(add_target(qmp, staging, rel, seq, node.as_ref(), *size, pull).await?);
         }
         if let Some(v) = vars {
             let size = node_size(qmp, v).await?;
-            vars_img = Some(add_target(qmp, staging, rel, seq, v, size).await?);
+            vars_img = Some(add_target(qmp, staging, rel, seq, v, size, false).await?);
         }
         Ok::<(), TrackingError>(())
     }
@@ -460,6 +481,8 @@ async fn run_cycle<N: AsRef<str>>(
         let job = rel.job_id(seq, node);
         let mut data = json!({"job-id": job, "device": node, "target": rel.staging_node(node)});
         match kind {
+            // Copy-before-write only: the job runs until the exports are released.
+            CycleKind::Delta if pull => data["sync"] = "none".into(),
             CycleKind::Delta => {
                 data["sync"] = "bitmap".into();
                 data["bitmap"] = BitmapName::new(rel, seq).to_string().into();
@@ -468,7 +491,9 @@ async fn run_cycle<N: AsRef<str>>(
             CycleKind::Full => data["sync"] = "full".into(),
         }
         actions.push(act("blockdev-backup", data));
-        jobs.insert(job, node.to_string());
+        if !pull {
+            jobs.insert(job, node.to_string());
+        }
     }
     if let Some(v) = vars {
         let job = rel.job_id(seq, v);
@@ -500,6 +525,7 @@ async fn run_cycle<N: AsRef<str>>(
 
     let waited = wait_jobs(qmp, &mut rx, &jobs, staging.job_timeout).await;
     let result = match waited {
+        Ok(()) if pull => export_disks(qmp, rel, seq, &mut images).await,
         Ok(()) => delete_staging_nodes(qmp, rel).await,
         Err(e) => Err(e),
     };
@@ -532,6 +558,61 @@ async fn run_cycle<N: AsRef<str>>(
         disks: images,
         vars: vars_img,
     })
+}
+
+/// Pull mode, after the transaction: starts the NBD server on a socket beside the QMP socket
+/// and exports every disk's fleecing node (read-only) with its frozen bitmap `seq`.
+async fn export_disks(
+    qmp: &QmpClient,
+    rel: RelTag,
+    seq: u64,
+    images: &mut [StagedImage],
+) -> Result<(), TrackingError> {
+    let socket = qmp
+        .path()
+        .parent()
+        .map(|d| d.join("nbd.sock"))
+        .unwrap_or_else(|| PathBuf::from("nbd.sock"));
+    remove_quiet(&socket);
+    qmp.execute(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": socket.to_string_lossy()}}}),
+    )
+    .await
+    .map_err(TrackingError::qmp(format!(
+        "start the NBD server on {}",
+        socket.display()
+    )))?;
+    let bitmap = BitmapName::new(rel, seq).to_string();
+    for img in images.iter_mut() {
+        let id = rel.export_id(&img.node);
+        qmp.execute(
+            "block-export-add",
+            json!({"type": "nbd", "id": id, "node-name": rel.staging_node(&img.node),
+                   "name": img.node, "writable": false,
+                   "bitmaps": [{"node": img.node, "name": bitmap}]}),
+        )
+        .await
+        .map_err(TrackingError::qmp(format!(
+            "export disk {} with bitmap {bitmap} over NBD",
+            img.node
+        )))?;
+        img.export = Some(NbdExport {
+            socket: socket.clone(),
+            name: img.node.clone(),
+            context: format!("qemu:dirty-bitmap:{bitmap}"),
+        });
+    }
+    Ok(())
+}
+
+/// Pull mode, once the log is built (or the cycle is abandoned): removes the cycle's NBD
+/// exports, stops the server, ends the copy-before-write jobs and deletes the fleecing nodes
+/// and files. The frozen bitmap stays for [`crate::commit_cycle`] or
+/// [`crate::rollback_cycle`]. Harmless on a push-mode handle.
+pub async fn release_exports(qmp: &QmpClient, h: &CycleHandle) -> Result<(), TrackingError> {
+    cleanup_jobs_and_nodes(qmp, h.rel, Some(h.seq)).await?;
+    h.remove_files()
 }
 
 /// Makes every node in `nodes` standalone: one `block-stream` job per node copies the data

@@ -19,9 +19,11 @@
 //!            +------->  [ N recording ]
 //!            |                 |
 //!            |                 | begin_cycle(N): one transaction
-//!            |                 |   add N+1, disable N, backup sync=bitmap N -> staging
+//!            |                 |   add N+1, disable N, backup (pull: sync=none into a
+//!            |                 |   fleecing node; push: sync=bitmap N into staging)
 //!            |                 v
-//!            |     [ N frozen, N+1 recording ]  -- staged delta N is shipped as log N
+//!            |     [ N frozen, N+1 recording ]  -- delta N (NBD export or staged copy)
+//!            |          |                  |        is shipped as log N
 //!            |          |                  |
 //!            |          | replica made     | failure before the ack
 //!            |          | log N durable    | (job error, ship error, restart)
@@ -50,16 +52,23 @@
 //! [`ReconcileOutcome::ResyncRequired`].
 //!
 //! # Extraction
-//! A cycle stages each disk's delta into a local qcow2 with no backing file. [`extents`] maps
-//! it (`qemu-img map`): data extents are read straight from the qcow2 file at their host
-//! offset, zero extents are explicit zeroes, unallocated ranges are not part of the delta.
-//! [`ExtentReader`] yields the delta in chunks of at most [`MAX_CHUNK`] bytes.
+//! Delta cycles pull by default ([`Staging::pull`]): the transaction starts a `sync=none`
+//! backup of each disk into a fleecing image backed by the disk itself, which keeps the point
+//! in time by copy-before-write while the guest writes on; each fleecing node is then exported
+//! read-only over NBD with the frozen bitmap as meta context. [`NbdClient`] lists the dirty
+//! ranges and [`NbdRangeReader`] reads them in order with a window of reads in flight;
+//! [`release_exports`] takes it all down once the log is built. Full copies (and delta cycles
+//! in push mode) stage into a local qcow2 with no backing file instead. [`extents`] maps it
+//! in-process: data extents are read straight from the qcow2 file at their host offset, zero
+//! extents are explicit zeroes, unallocated ranges are not part of the delta.
+//! [`ExtentReader`] yields a staged delta in chunks of at most [`MAX_CHUNK`] bytes.
 
 mod bitmaps;
 mod cycle;
 mod error;
 mod extents;
 mod names;
+mod nbd;
 mod offline;
 
 pub use bitmaps::{
@@ -67,14 +76,15 @@ pub use bitmaps::{
     stop_tracking, OwnedBitmap, ReconcileOutcome,
 };
 pub use cycle::{
-    begin_cycle, begin_full, stream_into_top, CycleHandle, CycleKind, PointSignal, StagedImage,
-    Staging,
+    begin_cycle, begin_full, release_exports, stream_into_top, CycleHandle, CycleKind, NbdExport,
+    PointSignal, StagedImage, Staging,
 };
 pub use error::TrackingError;
 pub use extents::{
     extents, read_extent, Chunk, ChunkData, Extent, ExtentKind, ExtentReader, MAX_CHUNK,
 };
 pub use names::{BitmapName, RelTag};
+pub use nbd::{NbdClient, NbdError, NbdRangeReader};
 pub use offline::OfflineDisks;
 
 /// The log target every record of this crate uses.

@@ -48,6 +48,16 @@ impl RelTag {
         format!("bk-{self}-")
     }
 
+    /// Id of the NBD export of `node` in pull mode: `exp-<relid8>-<node>`.
+    pub fn export_id(&self, node: &str) -> String {
+        format!("exp-{self}-{node}")
+    }
+
+    /// Prefix of every export id of this relationship.
+    pub fn export_prefix(&self) -> String {
+        format!("exp-{self}-")
+    }
+
     /// Node name of the staging target for `node`: `stg-<relid8>-<node>`.
     pub fn staging_node(&self, node: &str) -> String {
         format!("stg-{self}-{node}")

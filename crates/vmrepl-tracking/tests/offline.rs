@@ -37,6 +37,7 @@ async fn offline_cycle_through_the_storage_daemon() {
         .collect();
     let run = d.path().join("run");
     let mut st = Staging::new(d.path().join("staging"));
+    st.pull = false; // this test reads the staged copies
     st.job_timeout = T;
 
     // Start tracking offline, close: bitmap 0 persists enabled.

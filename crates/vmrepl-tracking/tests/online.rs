@@ -21,9 +21,11 @@ async fn images() -> tempfile::TempDir {
     d
 }
 
+/// Push mode (staged copies): these tests read the staged images themselves.
 fn staging(dir: &Path) -> Staging {
     let mut s = Staging::new(dir.join("staging"));
     s.job_timeout = T;
+    s.pull = false;
     s
 }
 
