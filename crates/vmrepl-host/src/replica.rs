@@ -466,16 +466,22 @@ pub enum Unaccepted {
     NotDurable(String),
 }
 
+/// A log checked whole as it was received: its header, or why it is bad.
+pub type Verified = Result<vmrepl_log::LogHeader, String>;
+
 /// Verifies the partial log `seq` (on `base`) in the replica's spool whole: its checksums, then
 /// VM, sequence, base, disks and sizes against the replica (I4), and its kind when `kind` is
 /// given; then makes it durable under its verified name (I1). A log that fails verification is
 /// removed. Logs received over the network and initial copies imported from external media
-/// both come through here.
+/// both come through here. `verified` is the result of checking the log while it arrived
+/// ([`vmrepl_log::verify_reader`] over the received bytes); without it the file is verified
+/// here.
 pub async fn accept_spooled(
     row: &ReplicaRow,
     seq: u64,
     base: u64,
     kind: Option<vmrepl_log::LogKind>,
+    verified: Option<Verified>,
 ) -> Result<(), Unaccepted> {
     let (dir, uuid) = (vm_dir(row), row.vm_uuid);
     let disks: Vec<(String, u64)> = row
@@ -486,9 +492,13 @@ pub async fn accept_spooled(
         .collect();
     tokio::task::spawn_blocking(move || {
         let partial = vmrepl_store::spool::partial_path(&dir, seq);
-        let verified = vmrepl_log::verify(&partial)
-            .map_err(|e| e.to_string())
-            .and_then(|(h, _)| {
+        let verified = verified
+            .unwrap_or_else(|| {
+                vmrepl_log::verify(&partial)
+                    .map(|(h, _)| h)
+                    .map_err(|e| e.to_string())
+            })
+            .and_then(|h| {
                 check_header(&h, uuid, seq, base, &disks)?;
                 match kind {
                     Some(k) if h.kind != k => Err(format!(
@@ -590,7 +600,7 @@ pub async fn import_initial(
     .map_err(|x| e(ErrorCode::Internal, x.to_string()))?
     .map_err(unusable)?;
     // From here on exactly as a log that came over the network.
-    match accept_spooled(&row, 1, 0, Some(vmrepl_log::LogKind::Initial)).await {
+    match accept_spooled(&row, 1, 0, Some(vmrepl_log::LogKind::Initial), None).await {
         Ok(()) => {}
         Err(Unaccepted::Bad(why)) => return Err(unusable(why)),
         Err(Unaccepted::NotDurable(why)) => {
@@ -740,15 +750,20 @@ pub fn check_header(
 
 /// Applies the verified log file `path` to `vm` (blocking; call from `spawn_blocking` with the
 /// VM's lock held). Logs at or below the last applied sequence are a no-op.
-pub fn apply_log(vm: &mut ReplicaVm, path: &Path) -> Result<Applied, ApplyError> {
+pub fn apply_log(vm: &mut ReplicaVm, path: &Path, verified: bool) -> Result<Applied, ApplyError> {
     let lerr = |reason: String| ApplyError::Log {
         path: path.to_path_buf(),
         reason,
     };
     let f = std::fs::File::open(path).map_err(|e| lerr(e.to_string()))?;
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut reader = vmrepl_log::LogReader::new(std::io::BufReader::with_capacity(256 * 1024, f))
-        .map_err(|e| lerr(e.to_string()))?;
+    let buffered = std::io::BufReader::with_capacity(256 * 1024, f);
+    let mut reader = if verified {
+        vmrepl_log::LogReader::verified_before(buffered)
+    } else {
+        vmrepl_log::LogReader::new(buffered)
+    }
+    .map_err(|e| lerr(e.to_string()))?;
     let h = reader.header().clone();
     let disks = vm.disks();
     check_header(&h, vm.vm_uuid(), h.sequence, h.base_sequence, &disks).map_err(lerr)?;
@@ -805,14 +820,17 @@ pub fn apply_log(vm: &mut ReplicaVm, path: &Path) -> Result<Applied, ApplyError>
 /// Applies every pending log of `vm` in order (blocking). Pending logs were verified whole
 /// before they got their spool name (`vmrepl_store::spool`), so they are not read twice; a log
 /// that does not build on what is applied (a gap) waits for the primary.
-pub fn apply_pending(vm: &mut ReplicaVm) -> Result<Vec<Applied>, ApplyError> {
+pub fn apply_pending(
+    vm: &mut ReplicaVm,
+    verified: Option<u64>,
+) -> Result<Vec<Applied>, ApplyError> {
     let mut done = Vec::new();
     for (seq, path) in vm.pending_logs()? {
         if seq != vm.last_applied() + 1 {
             break;
         }
         let t0 = std::time::Instant::now();
-        done.push(apply_log(vm, &path)?);
+        done.push(apply_log(vm, &path, verified == Some(seq))?);
         tracing::info!(target: "vmrepl::replica", seq, ms = t0.elapsed().as_millis() as u64, "log applied");
     }
     vm.discard_applied_logs()?;
@@ -862,6 +880,24 @@ pub fn points_after_apply(
 /// Opens the store, applies pending logs, manages points and updates the row. Blocking part
 /// run under the VM's lock. Returns the last applied sequence.
 pub async fn apply_and_record(daemon: &Arc<Daemon>, row: &ReplicaRow) -> Result<u64, ApplyError> {
+    apply_with(daemon, row, None).await
+}
+
+/// [`apply_and_record`] right after log `seq` was verified whole on its way in: that log's
+/// content checksums are not computed a second time ([`vmrepl_log::LogReader::verified_before`]).
+pub async fn apply_verified(
+    daemon: &Arc<Daemon>,
+    row: &ReplicaRow,
+    seq: u64,
+) -> Result<u64, ApplyError> {
+    apply_with(daemon, row, Some(seq)).await
+}
+
+async fn apply_with(
+    daemon: &Arc<Daemon>,
+    row: &ReplicaRow,
+    verified: Option<u64>,
+) -> Result<u64, ApplyError> {
     let root = row.storage_root.clone();
     let uuid = row.vm_uuid;
     let policy = row.policy;
@@ -874,7 +910,7 @@ pub async fn apply_and_record(daemon: &Arc<Daemon>, row: &ReplicaRow) -> Result<
             .iter()
             .filter_map(|s| vm.lock_point(*s).ok())
             .collect();
-        let applied = apply_pending(&mut vm);
+        let applied = apply_pending(&mut vm, verified);
         let frozen = match &applied {
             Ok(list) if !list.is_empty() => {
                 let last = list[list.len() - 1];

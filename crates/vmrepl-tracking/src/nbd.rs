@@ -570,3 +570,170 @@ impl Iterator for NbdRangeReader {
         self.ready.pop_front().map(Ok)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A scripted NBD server: greets, acks structured replies, answers the meta context with
+    /// `grant` (or nothing), reports `size` on GO, then runs `serve` on the transmission phase.
+    fn server(
+        grant: bool,
+        size: u64,
+        serve: impl FnOnce(&mut UnixStream) + Send + 'static,
+    ) -> (tempfile::TempDir, PathBuf, std::thread::JoinHandle<()>) {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("nbd.sock");
+        let l = UnixListener::bind(&sock).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut g = Vec::new();
+            g.extend_from_slice(&NBDMAGIC.to_be_bytes());
+            g.extend_from_slice(&IHAVEOPT.to_be_bytes());
+            g.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+            s.write_all(&g).unwrap();
+            let mut flags = [0u8; 4];
+            s.read_exact(&mut flags).unwrap();
+            let reply = |s: &mut UnixStream, opt: u32, kind: u32, data: &[u8]| {
+                let mut m = Vec::new();
+                m.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+                m.extend_from_slice(&opt.to_be_bytes());
+                m.extend_from_slice(&kind.to_be_bytes());
+                m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+                m.extend_from_slice(data);
+                s.write_all(&m).unwrap();
+            };
+            loop {
+                let mut h = [0u8; 16];
+                if s.read_exact(&mut h).is_err() {
+                    return;
+                }
+                let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+                let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+                let mut data = vec![0u8; len as usize];
+                s.read_exact(&mut data).unwrap();
+                match opt {
+                    OPT_STRUCTURED_REPLY => reply(&mut s, opt, REP_ACK, &[]),
+                    OPT_SET_META_CONTEXT => {
+                        if grant {
+                            let mut d = 7u32.to_be_bytes().to_vec();
+                            d.extend_from_slice(b"qemu:dirty-bitmap:b");
+                            reply(&mut s, opt, REP_META_CONTEXT, &d);
+                        }
+                        reply(&mut s, opt, REP_ACK, &[]);
+                    }
+                    OPT_GO => {
+                        let mut d = INFO_EXPORT.to_be_bytes().to_vec();
+                        d.extend_from_slice(&size.to_be_bytes());
+                        d.extend_from_slice(&0u16.to_be_bytes());
+                        reply(&mut s, opt, REP_INFO, &d);
+                        reply(&mut s, opt, REP_ACK, &[]);
+                        break;
+                    }
+                    _ => reply(&mut s, opt, (1 << 31) | 1, b"unsupported"),
+                }
+            }
+            serve(&mut s);
+        });
+        (d, sock, t)
+    }
+
+    fn request(s: &mut UnixStream) -> (u64, u64, u32) {
+        let mut m = [0u8; 28];
+        s.read_exact(&mut m).unwrap();
+        (
+            u64::from_be_bytes(m[8..16].try_into().unwrap()),
+            u64::from_be_bytes(m[16..24].try_into().unwrap()),
+            u32::from_be_bytes(m[24..28].try_into().unwrap()),
+        )
+    }
+
+    fn chunk(s: &mut UnixStream, cookie: u64, done: bool, kind: u16, data: &[u8]) {
+        let mut m = Vec::new();
+        m.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        m.extend_from_slice(&u16::from(done).to_be_bytes());
+        m.extend_from_slice(&kind.to_be_bytes());
+        m.extend_from_slice(&cookie.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        s.write_all(&m).unwrap();
+    }
+
+    const T: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_server_without_the_bitmap_context_is_refused_by_name() {
+        let (_d, sock, t) = server(false, 1 << 20, |_| {});
+        let e = NbdClient::connect(&sock, "disk0", Some("qemu:dirty-bitmap:b"), T).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("does not offer meta context \"qemu:dirty-bitmap:b\""),
+            "{e}"
+        );
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn out_of_order_chunks_are_put_in_order_and_holes_become_zero_chunks() {
+        let (_d, sock, t) = server(true, 1 << 20, |s| {
+            // Two reads of 8 KiB arrive; answer the second first, the first in two chunks.
+            let (c1, o1, _) = request(s);
+            let (c2, o2, _) = request(s);
+            let mut d2 = o2.to_be_bytes().to_vec();
+            d2.extend_from_slice(&[2u8; 8192]);
+            chunk(s, c2, true, REPLY_TYPE_OFFSET_DATA, &d2);
+            let mut hole = (o1 + 4096).to_be_bytes().to_vec();
+            hole.extend_from_slice(&4096u32.to_be_bytes());
+            chunk(s, c1, false, REPLY_TYPE_OFFSET_HOLE, &hole);
+            let mut d1 = o1.to_be_bytes().to_vec();
+            d1.extend_from_slice(&[1u8; 4096]);
+            chunk(s, c1, true, REPLY_TYPE_OFFSET_DATA, &d1);
+        });
+        let c = NbdClient::connect(&sock, "disk0", Some("qemu:dirty-bitmap:b"), T).unwrap();
+        let got: Vec<Chunk> = NbdRangeReader::new(c, &[(0, 16384)], 8192, 4)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let shape: Vec<(u64, u64, bool)> = got
+            .iter()
+            .map(|c| (c.offset, c.len(), matches!(c.data, ChunkData::Zero(_))))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![(0, 4096, false), (4096, 4096, true), (8192, 8192, false)]
+        );
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_reply_that_leaves_a_gap_or_reports_an_error_fails_the_read() {
+        let (_d, sock, t) = server(true, 1 << 20, |s| {
+            let (c, o, _) = request(s);
+            let mut d = o.to_be_bytes().to_vec();
+            d.extend_from_slice(&[1u8; 4096]);
+            chunk(s, c, true, REPLY_TYPE_OFFSET_DATA, &d);
+        });
+        let c = NbdClient::connect(&sock, "disk0", Some("qemu:dirty-bitmap:b"), T).unwrap();
+        let e = NbdRangeReader::new(c, &[(65536, 8192)], 8192, 1)
+            .next()
+            .unwrap()
+            .unwrap_err();
+        assert!(e.to_string().contains("ends at 69632"), "{e}");
+        t.join().unwrap();
+
+        let (_d, sock, t) = server(true, 1 << 20, |s| {
+            let (c, _, _) = request(s);
+            let mut d = 5u32.to_be_bytes().to_vec();
+            d.extend_from_slice(&2u16.to_be_bytes());
+            d.extend_from_slice(b"EIO");
+            chunk(s, c, true, REPLY_TYPE_ERROR_BIT | 1, &d);
+        });
+        let c = NbdClient::connect(&sock, "disk0", Some("qemu:dirty-bitmap:b"), T).unwrap();
+        let e = NbdRangeReader::new(c, &[(0, 4096)], 8192, 1)
+            .next()
+            .unwrap()
+            .unwrap_err();
+        assert!(e.to_string().contains("with error 5"), "{e}");
+        t.join().unwrap();
+    }
+}

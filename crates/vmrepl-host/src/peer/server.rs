@@ -828,13 +828,13 @@ async fn send_log(
     }
     let path = vmrepl_store::spool::partial_path(&dir, seq);
     let t0 = std::time::Instant::now();
-    let received = match receive(framed, &row, &path, resume).await? {
-        Ok(n) => n,
+    let (received, verified) = match receive(framed, &row, &path, resume).await? {
+        Ok(x) => x,
         Err(r) => return Ok(Some(r.into())),
     };
     let receive_ms = t0.elapsed().as_millis() as u64;
     // Verified whole (I4) and durable under its verified name (I1) before the acknowledgement.
-    match replica::accept_spooled(&row, seq, base, None).await {
+    match replica::accept_spooled(&row, seq, base, None, Some(verified)).await {
         Ok(()) => {}
         Err(replica::Unaccepted::Bad(reason)) => {
             return Ok(Some(
@@ -871,19 +871,83 @@ async fn send_log(
         })
         .await?;
     // Apply now (the VM's lock is held, so the next log waits for this one).
-    let _ = replica::apply_and_record(daemon, &row).await;
+    let _ = replica::apply_verified(daemon, &row, seq).await;
     Ok(None)
 }
 
+/// Feeds received bytes to a verifier on a blocking thread: a [`std::io::Read`] over a channel
+/// of frames, so the log is checked whole while it arrives instead of re-read afterwards.
+struct Incoming {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl std::io::Read for Incoming {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.blocking_recv() {
+                Some(v) => {
+                    self.cur = v;
+                    self.pos = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Starts verifying log `path` as it is received: the `held` bytes already in the file (a
+/// resumed transfer) first, then whatever is sent on the returned channel until it closes.
+fn start_verifier(
+    path: &Path,
+    held: u64,
+) -> (
+    tokio::sync::mpsc::Sender<Vec<u8>>,
+    tokio::task::JoinHandle<replica::Verified>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let path = path.to_path_buf();
+    let task = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let incoming = Incoming {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+        };
+        let prefix: Box<dyn Read + Send> = if held > 0 {
+            Box::new(
+                std::fs::File::open(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?
+                    .take(held),
+            )
+        } else {
+            Box::new(std::io::empty())
+        };
+        vmrepl_log::verify_reader(std::io::BufReader::with_capacity(
+            256 * 1024,
+            prefix.chain(incoming),
+        ))
+        .map(|(h, _)| h)
+        .map_err(|e| e.to_string())
+    });
+    (tx, task)
+}
+
 /// Receives the Data frames of a log into its partial spool file `path` (fresh, or appended to
-/// a partial file cut to `resume.bytes`). Returns the file's size. A refusal has drained the
-/// frames already. Durability comes with [`vmrepl_store::spool::accept`] after verification.
+/// a partial file cut to `resume.bytes`), verifying it on the way. Returns the file's size and
+/// the verification's outcome. A refusal has drained the frames already. Durability comes with
+/// [`vmrepl_store::spool::accept`] after verification.
 async fn receive(
     framed: &mut Conn,
     row: &ReplicaRow,
     path: &PathBuf,
     resume: Option<Resume>,
-) -> Result<Result<u64, Refusal>, FrameError> {
+) -> Result<Result<(u64, replica::Verified), Refusal>, FrameError> {
     let cap = size_cap(row);
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let opened: Result<(tokio::fs::File, u64), Refusal> = async {
@@ -949,6 +1013,8 @@ async fn receive(
             return Ok(Err(r));
         }
     };
+    let (verify_tx, verifier) = start_verifier(path, size);
+    let mut verify_tx = Some(verify_tx);
     let mut failure: Option<Refusal> = None;
     let mut since_check = u64::MAX;
     loop {
@@ -1023,7 +1089,17 @@ async fn receive(
         }
         size += n;
         since_check += n;
+        if let Some(tx) = &verify_tx {
+            if tx.send(data).await.is_err() {
+                // The verifier stopped: the log is bad; its error comes out below.
+                verify_tx = None;
+            }
+        }
     }
+    drop(verify_tx);
+    let verified = verifier
+        .await
+        .unwrap_or_else(|e| Err(format!("the verifier failed: {e}")));
     // Durability comes with acceptance, once the log verified (spool::accept).
     let flushed = file.flush().await;
     if let Some(f) = failure {
@@ -1038,5 +1114,5 @@ async fn receive(
             format!("cannot write {}: {e}", path.display()),
         )));
     }
-    Ok(Ok(size))
+    Ok(Ok((size, verified)))
 }
