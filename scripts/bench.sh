@@ -126,18 +126,27 @@ EOF2
   R_LITERAL=$(sed -n 's/^Literal data: \([0-9,]*\).*/\1/p' "$W/rsync.out" | tr -d ,)
 }
 ROWS=()
-add_rows() {
-  ROWS+=("$(printf '| vmrepl: one cycle until applied on the replica, %s (replica %s afterwards) | %.3f s | %s MiB on the wire |' "$R_MODE" "$R_SAME" "$(sec "$R_CYCLE")" "$(mib "$R_BYTES")")")
-  ROWS+=("$(printf '| vmrepl: the same cycle until the primary finished it (bitmap dropped, disks closed) | %.3f s | |' "$(sec "$R_ACK")")")
-  ROWS+=("$(printf '| rsync --inplace --no-whole-file, %s | %.2f s | %s MiB literal data |' "$R_MODE" "$R_RSYNC" "$(mib "$R_LITERAL")")")
-  ROWS+=("$(printf '| **ratio rsync / vmrepl (until applied), %s** | **%.1fx** | |' "$R_MODE" "$(python3 -c "print($R_RSYNC / $(sec "$R_CYCLE"))")")")
-}
+SUMMARY=()
 sec() { python3 -c "print($1 / 1000)"; }
 mib() { python3 -c "print(f'{$1/1048576:.1f}')"; }
-round data 42 2
-add_rows
-round all 43 3
-add_rows
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+ROUNDS="${VMREPL_BENCH_ROUNDS:-3}"
+seq_no=2
+seed=42
+for mode in data all; do
+  cycles=() rsyncs=()
+  for ((i = 1; i <= ROUNDS; i++)); do
+    round "$mode" "$seed" "$seq_no"
+    seq_no=$((seq_no + 1))
+    seed=$((seed + 1))
+    cycles+=("$(sec "$R_CYCLE")")
+    rsyncs+=("$R_RSYNC")
+    ROWS+=("$(printf '| %s, round %d | %.3f s (%.3f s until the primary finished) | %.2f s | %.1fx | %s MiB / %s MiB | %s |' "$R_MODE" "$i" "$(sec "$R_CYCLE")" "$(sec "$R_ACK")" "$R_RSYNC" "$(python3 -c "print($R_RSYNC / $(sec "$R_CYCLE"))")" "$(mib "$R_BYTES")" "$(mib "$R_LITERAL")" "$R_SAME")")
+  done
+  mc=$(median "${cycles[@]}")
+  mr=$(median "${rsyncs[@]}")
+  SUMMARY+=("$(printf '| **%s: median of %d rounds** | **%.3f s** | **%.2f s** | **%.1fx** |' "$R_MODE" "$ROUNDS" "$mc" "$mr" "$(python3 -c "print($mr / $mc)")")")
+done
 
 echo "== initial replication of a sparse ${GIB} GiB disk holding 64 MiB"
 a vm create sparse --generation 1 --memory 128 --disk "${GIB}G" >/dev/null
@@ -153,9 +162,19 @@ read -r sparse_ms _ < <(cycle_ms "$SUUID" 1)
 sparse_bytes=$(sent_of sparse)
 
 echo
-echo "| measurement (${GIB} GiB disk, ${CHANGED} of its 64 KiB blocks changed per round) | time | bytes |"
-echo "|---|---|---|"
+echo "One delta cycle of a ${GIB} GiB disk with ${CHANGED} of its 64 KiB blocks rewritten at random (new blocks each round):"
+echo "vmrepl's time runs from the cycle's start on the primary until the replica has applied the log."
+echo
+echo "| cache condition | vmrepl cycle | rsync --inplace --no-whole-file | rsync / vmrepl | vmrepl on the wire / rsync literal data | replica afterwards |"
+echo "|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
+echo
+echo "| summary | vmrepl cycle | rsync | rsync / vmrepl |"
+echo "|---|---|---|---|"
+printf '%s\n' "${SUMMARY[@]}"
+echo
+echo "| other measurement | time | bytes |"
+echo "|---|---|---|"
 printf '| vmrepl: initial replication, full random disk | %.2f s | %s MiB |\n' "$(sec "$full_ms")" "$(mib "$full_bytes")"
 printf '| vmrepl: initial replication, sparse disk with 64 MiB allocated | %.2f s | %s MiB |\n' "$(sec "$sparse_ms")" "$(mib "$sparse_bytes")"
 printf '| peak memory (VmHWM) of the primary / replica daemon | | %s / %s MiB |\n' "$(( $(hwm a) / 1024 ))" "$(( $(hwm b) / 1024 ))"

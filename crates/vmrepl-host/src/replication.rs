@@ -1888,7 +1888,9 @@ pub(crate) fn wake(d: &Daemon, vm: Uuid) {
 }
 
 /// Hyper-V's statistics over the monitoring window, counting only this relationship's cycles
-/// (a VM that failed over and back has had several).
+/// (a VM that failed over and back has had several) and only what crossed the network: an
+/// initial copy exported to media and imported on the replica is recorded, but it is not a
+/// replication cycle (no bytes sent, no latency).
 fn stats(d: &Daemon, vm: Uuid, rel_created_ms: u64) -> ReplicationStats {
     let since = now_ms()
         .saturating_sub(MONITORING_WINDOW_MS)
@@ -1897,7 +1899,7 @@ fn stats(d: &Daemon, vm: Uuid, rel_created_ms: u64) -> ReplicationStats {
     let mut s = ReplicationStats::default();
     let mut lat_total = 0.0;
     if let Ok(mut st) = db.conn().prepare(
-        "SELECT outcome, bytes, duration_ms, start_ms, app_freeze_ok FROM cycles WHERE vm_uuid = ?1 AND start_ms >= ?2",
+        "SELECT outcome, bytes, duration_ms, start_ms, app_freeze_ok FROM cycles WHERE vm_uuid = ?1 AND start_ms >= ?2 AND kind NOT IN ('export', 'import')",
     ) {
         let rows = st.query_map(params![vm.to_string(), since], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?, r.get::<_, Option<bool>>(4)?))

@@ -12,6 +12,39 @@ use crate::format::{
 /// same zstd library, deterministic.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 
+/// Data records at least this long are sampled before they are compressed.
+const SAMPLE_FROM: usize = 32 * 1024;
+/// Bytes taken from each of the four places a record is sampled at.
+const SAMPLE_SLICE: usize = 1024;
+
+/// True when a large data record would not compress: four 1 KiB slices (at 0, ¼, ½ and ¾ of
+/// it) compressed together save less than 1/64. Such records (encrypted or already compressed
+/// guest data) are then stored raw without running zstd over all of them, which on random data
+/// costs more CPU than everything else the encoder does. A record with any compressible
+/// quarter, such as a few KiB of new data in a cluster of zeros, is still compressed. The
+/// decision depends on the record's bytes alone, so encoding stays deterministic.
+fn sample_is_incompressible(
+    c: &mut zstd::bulk::Compressor<'static>,
+    scratch: &mut Vec<u8>,
+    data: &[u8],
+) -> bool {
+    if data.len() < SAMPLE_FROM {
+        return false;
+    }
+    let mut sample = [0u8; 4 * SAMPLE_SLICE];
+    for (i, part) in sample.chunks_mut(SAMPLE_SLICE).enumerate() {
+        let at = data.len() / 4 * i;
+        part.copy_from_slice(&data[at..at + SAMPLE_SLICE]);
+    }
+    scratch.clear();
+    scratch.reserve(zstd::zstd_safe::compress_bound(sample.len()));
+    match c.compress_to_buffer(&sample[..], scratch) {
+        Ok(n) => n >= sample.len() - sample.len() / 64,
+        // Let the full attempt report the error.
+        Err(_) => false,
+    }
+}
+
 /// Where a resumed transfer continues: the receiver already holds the header and the first
 /// `records` records, `bytes` bytes in all (what [`crate::scan_valid_prefix`] reported).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -321,7 +354,7 @@ impl<W: Write> LogWriter<W> {
         let mut encoding = ENC_RAW;
         let mut payload = data;
         if let Some(c) = self.compressor.as_mut() {
-            if kind == KIND_DATA {
+            if kind == KIND_DATA && !sample_is_incompressible(c, &mut self.scratch, data) {
                 self.scratch.clear();
                 self.scratch
                     .reserve(zstd::zstd_safe::compress_bound(data.len()));

@@ -213,6 +213,22 @@ fn incompressible_data_is_stored_raw() {
 }
 
 #[test]
+fn a_block_with_one_compressible_quarter_is_still_compressed() {
+    // 64 KiB: random data with zeros from the middle on (new data written into part of a
+    // cluster): the sample sees the zeros, so zstd runs and wins.
+    let mut data = Rng(2).bytes(65536);
+    data[32768..].fill(0);
+    let (bytes, _) = encode(Compression::Zstd, &[Ext::Data(0, 0, data.clone())]);
+    assert!(bytes.len() < 40_000, "{} bytes", bytes.len());
+    assert_eq!(decode(&bytes).unwrap()[0].content, Content::Data(data));
+    // Random everywhere: stored raw, byte for byte.
+    let data = Rng(3).bytes(65536);
+    let (bytes, _) = encode(Compression::Zstd, &[Ext::Data(0, 0, data.clone())]);
+    let hl = header_len(&bytes);
+    assert_eq!(&bytes[hl + 48..hl + 48 + data.len()], &data[..]);
+}
+
+#[test]
 fn large_extents_are_split() {
     let exts = [Ext::Data(0, 4096, vec![1u8; (5 << 20) / 2])];
     let (bytes, s) = encode(Compression::None, &exts);

@@ -103,6 +103,7 @@ mod fsutil;
 mod qemu_img;
 pub mod spool;
 mod store;
+mod writeback;
 
 pub use catalog::CATALOG_VERSION;
 pub use error::{Result, StoreError};
@@ -111,3 +112,4 @@ pub use store::{
     PointRef, PruneReport, RecoveryPoint, ReplicaStore, ReplicaVm, SPACE_HEADROOM,
 };
 pub use vmrepl_types::replication::Consistency;
+pub use writeback::{EarlyWriteback, WRITEBACK_EVERY};

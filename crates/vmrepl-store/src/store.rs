@@ -699,6 +699,7 @@ impl ReplicaVm {
             vm: self,
             seq,
             open: BTreeMap::new(),
+            writeback: BTreeMap::new(),
             nvram: None,
             bytes: 0,
         }))
@@ -1155,6 +1156,8 @@ pub struct ApplyTxn<'a> {
     vm: &'a mut ReplicaVm,
     seq: u64,
     open: BTreeMap<String, SyncFormatAccess<File>>,
+    /// Per written disk: its top layer's write-back, started early (see [`EarlyWriteback`]).
+    writeback: BTreeMap<String, crate::EarlyWriteback>,
     nvram: Option<Vec<u8>>,
     bytes: u64,
 }
@@ -1216,6 +1219,14 @@ impl ApplyTxn<'_> {
         let r = self.access(disk)?.write(data, offset);
         r.map_err(|e| self.map_write_err(disk, len, e))?;
         self.bytes += len;
+        if !self.writeback.contains_key(disk) {
+            let top = self.vm.disk_dir(disk).join(TOP);
+            self.writeback
+                .insert(disk.to_string(), crate::EarlyWriteback::new(&top));
+        }
+        if let Some(wb) = self.writeback.get_mut(disk) {
+            wb.wrote(len);
+        }
         Ok(())
     }
 
@@ -1238,6 +1249,9 @@ impl ApplyTxn<'_> {
     /// Makes the log durable as applied: flush and fsync every written layer, write the NVRAM,
     /// then record `seq` atomically in `state.json`, and drop the spooled log file.
     pub fn commit(mut self, point_unix_ms: i64, consistency: Consistency) -> Result<()> {
+        for wb in self.writeback.values_mut() {
+            wb.finish();
+        }
         for (disk, acc) in std::mem::take(&mut self.open) {
             let path = self.vm.disk_dir(&disk).join(TOP);
             acc.flush()

@@ -153,10 +153,17 @@ impl NbdClient {
         Ok(u64::from_be_bytes(b))
     }
 
+    /// Reads `n` bytes into a new buffer (without zeroing it first: data replies are large).
     fn bytes(&mut self, n: usize, step: &str) -> Result<Vec<u8>, NbdError> {
-        let mut v = vec![0u8; n];
-        self.read_exact(&mut v, step)?;
-        Ok(v)
+        let mut v = Vec::with_capacity(n);
+        let r = (&mut self.rd).take(n as u64).read_to_end(&mut v);
+        match r {
+            Ok(k) if k == n => Ok(v),
+            Ok(k) => Err(self.err(format!(
+                "{step}: the connection closed after {k} of {n} bytes"
+            ))),
+            Err(e) => Err(self.err(format!("{step}: {e}"))),
+        }
     }
 
     fn send_option(&mut self, opt: u32, data: &[u8]) -> Result<(), NbdError> {
@@ -291,17 +298,24 @@ impl NbdClient {
         r.map_err(self.io("send requests"))
     }
 
-    /// Reads one reply chunk: (cookie, done, type, payload).
-    fn chunk(&mut self) -> Result<(u64, bool, u16, Vec<u8>), NbdError> {
+    /// Reads one reply chunk: (cookie, done, type, payload). The payload of a data chunk starts
+    /// after its offset, which comes separately (so the data is not moved to strip it).
+    #[allow(clippy::type_complexity)]
+    fn chunk(&mut self) -> Result<(u64, bool, u16, Option<u64>, Vec<u8>), NbdError> {
         let magic = self.u32("read a reply")?;
         match magic {
             STRUCTURED_REPLY_MAGIC => {
                 let flags = self.u16("read a reply")?;
                 let kind = self.u16("read a reply")?;
                 let cookie = self.u64("read a reply")?;
-                let len = self.u32("read a reply")? as usize;
+                let mut len = self.u32("read a reply")? as usize;
                 if len > (64 << 20) {
                     return Err(self.err(format!("reply chunk of {len} bytes is too large")));
+                }
+                let mut at = None;
+                if kind == REPLY_TYPE_OFFSET_DATA && len >= 8 {
+                    at = Some(self.u64("read a reply")?);
+                    len -= 8;
                 }
                 let data = self.bytes(len, "read a reply")?;
                 if kind & REPLY_TYPE_ERROR_BIT != 0 {
@@ -317,7 +331,7 @@ impl NbdClient {
                         "the server failed request {cookie} with error {code} ({msg})"
                     )));
                 }
-                Ok((cookie, flags & REPLY_FLAG_DONE != 0, kind, data))
+                Ok((cookie, flags & REPLY_FLAG_DONE != 0, kind, at, data))
             }
             SIMPLE_REPLY_MAGIC => {
                 let code = self.u32("read a reply")?;
@@ -349,7 +363,7 @@ impl NbdClient {
             self.flush()?;
             let mut covered = 0u64;
             loop {
-                let (c, done, kind, data) = self.chunk()?;
+                let (c, done, kind, _, data) = self.chunk()?;
                 if c != cookie {
                     return Err(self.err(format!("reply for request {c} where {cookie} was sent")));
                 }
@@ -467,7 +481,7 @@ impl NbdRangeReader {
             .front()
             .expect("step is called with work in flight");
         while !self.got.get(&head).is_some_and(|g| g.1) {
-            let (cookie, done, kind, data) = self.client.chunk()?;
+            let (cookie, done, kind, at, data) = self.client.chunk()?;
             let Some(&(_, roff, rlen)) = self.inflight.iter().find(|r| r.0 == cookie) else {
                 return Err(self
                     .client
@@ -475,13 +489,9 @@ impl NbdRangeReader {
             };
             let end = roff + u64::from(rlen);
             let piece = match kind {
-                REPLY_TYPE_OFFSET_DATA if data.len() >= 8 => {
-                    let mut b = [0u8; 8];
-                    b.copy_from_slice(&data[..8]);
-                    let o = u64::from_be_bytes(b);
-                    let mut payload = data;
-                    payload.drain(..8);
-                    Some((o, payload.len() as u64, Piece::Data(o, payload)))
+                REPLY_TYPE_OFFSET_DATA if at.is_some() => {
+                    let o = at.unwrap_or_default();
+                    Some((o, data.len() as u64, Piece::Data(o, data)))
                 }
                 REPLY_TYPE_OFFSET_HOLE if data.len() == 12 => {
                     let mut b = [0u8; 8];

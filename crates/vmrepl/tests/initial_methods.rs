@@ -121,6 +121,10 @@ fn an_initial_copy_exported_to_a_folder_and_imported_on_the_replica_starts_repli
     wait_until("a delta after the import", Duration::from_secs(120), || {
         acked(&a, "db") >= 2
     });
+    // Statistics count the network cycles only: neither the export nor the import.
+    let s = status(&a, "db");
+    let cycles = s["stats"]["success_count"].as_u64().unwrap();
+    assert!(cycles >= 1 && cycles < acked(&a, "db"), "{s}");
     let e = b.fails(&["replication", "import", "db", "--from", media_s]);
     assert!(e.contains("already holds"), "{e}");
 

@@ -919,21 +919,19 @@ fn start_verifier(
             cur: Vec::new(),
             pos: 0,
         };
+        // The received frames are in memory already: only the file prefix needs a buffer.
         let prefix: Box<dyn Read + Send> = if held > 0 {
-            Box::new(
+            Box::new(std::io::BufReader::new(
                 std::fs::File::open(&path)
                     .map_err(|e| format!("{}: {e}", path.display()))?
                     .take(held),
-            )
+            ))
         } else {
             Box::new(std::io::empty())
         };
-        vmrepl_log::verify_reader(std::io::BufReader::with_capacity(
-            256 * 1024,
-            prefix.chain(incoming),
-        ))
-        .map(|(h, _)| h)
-        .map_err(|e| e.to_string())
+        vmrepl_log::verify_reader(prefix.chain(incoming))
+            .map(|(h, _)| h)
+            .map_err(|e| e.to_string())
     });
     (tx, task)
 }
@@ -1014,6 +1012,7 @@ async fn receive(
         }
     };
     let (verify_tx, verifier) = start_verifier(path, size);
+    let mut writeback = vmrepl_store::EarlyWriteback::new(path);
     let mut verify_tx = Some(verify_tx);
     let mut failure: Option<Refusal> = None;
     let mut since_check = u64::MAX;
@@ -1089,6 +1088,7 @@ async fn receive(
         }
         size += n;
         since_check += n;
+        writeback.wrote(n);
         if let Some(tx) = &verify_tx {
             if tx.send(data).await.is_err() {
                 // The verifier stopped: the log is bad; its error comes out below.
