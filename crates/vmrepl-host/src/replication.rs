@@ -1094,9 +1094,16 @@ impl<'a> Cycle<'a> {
             match &export {
                 // On external media the log must be whole and durable under its final name.
                 Some(f) => {
-                    let total =
-                        build_log(self.spec(), &h, &path, (1, 0), LogKind::Initial, None, None)
-                            .await?;
+                    let total = build_log(
+                        self.spec(),
+                        &h,
+                        LogOut::File(&path),
+                        (1, 0),
+                        LogKind::Initial,
+                        None,
+                        None,
+                    )
+                    .await?;
                     crate::fsutil::rename_durable(&path, f)
                         .map(|()| Done::Exported { bytes: total })
                         .map_err(|e| {
@@ -1202,41 +1209,45 @@ impl<'a> Cycle<'a> {
         let path = log_path(self.d, tag, next);
         let (replica_applied, partial) = self.replica_state().await?;
         if path.exists() {
-            // A built log is waiting: its transfer was cut. Bitmap n is frozen, n+1 records.
+            // A built log is waiting: its transfer was cut. Its bitmap is the frozen one (if a
+            // daemon restart merged it back meanwhile, its changes simply go out again later).
+            let frozen = self.frozen_bitmap().await;
             if replica_applied >= next {
                 // The acknowledgement was lost but the replica has it: finish the cycle.
-                let _ = vmrepl_tracking::commit_cycle(qmp, tag, &self.nodes(), n).await;
+                if let Some(f) = frozen {
+                    let _ = vmrepl_tracking::commit_cycle(qmp, tag, &self.nodes(), f).await;
+                }
                 let _ = std::fs::remove_file(&path);
                 return Ok((next, 0));
             }
             let resume = partial.filter(|(s, _)| *s == next).map(|(_, r)| r);
             let total = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            return self
-                .ship(&path, (next, n), total, resume, "resumed transfer")
+            let sent = self
+                .send(&path, (next, n), total, resume, "resumed transfer")
                 .await;
+            return self.settle(&path, (next, n), frozen, sent).await;
         }
-        // Bring the bitmaps back to one recording bitmap n (after a daemon restart, say).
+        // Bring the bitmaps back to one recording bitmap (after a daemon restart, say). Log
+        // numbers and bitmap numbers need not match: a rolled-back cycle merges its frozen
+        // bitmap into the next one, so the recording bitmap can be ahead of log n. At most one
+        // cycle is in flight, so a frozen bitmap is always that of log n+1.
         let staging = self.staging.dir.as_path();
-        match vmrepl_tracking::reconcile(qmp, tag, &self.nodes(), Some(staging), |s| {
-            s < replica_applied
-        })
-        .await
-        {
-            Ok(vmrepl_tracking::ReconcileOutcome::Ready { recording, .. }) if recording == n => {}
-            Ok(vmrepl_tracking::ReconcileOutcome::Ready { recording, .. }) => {
-                return Err(CycleError::Resync(format!(
-                    "change tracking is at bitmap {recording} but the replica acknowledged log {n}"
-                )))
-            }
-            Ok(vmrepl_tracking::ReconcileOutcome::ResyncRequired { reason }) => {
-                return Err(CycleError::Resync(reason))
-            }
-            Err(e) => {
-                return Err(CycleError::Other(format!(
-                    "cannot check change tracking: {e}"
-                )))
-            }
-        }
+        let bitmap =
+            match vmrepl_tracking::reconcile(qmp, tag, &self.nodes(), Some(staging), |_| {
+                replica_applied > n
+            })
+            .await
+            {
+                Ok(vmrepl_tracking::ReconcileOutcome::Ready { recording, .. }) => recording,
+                Ok(vmrepl_tracking::ReconcileOutcome::ResyncRequired { reason }) => {
+                    return Err(CycleError::Resync(reason))
+                }
+                Err(e) => {
+                    return Err(CycleError::Other(format!(
+                        "cannot check change tracking: {e}"
+                    )))
+                }
+            };
         if replica_applied != n {
             return Err(CycleError::Resync(format!(
                 "the replica has applied log {replica_applied} but this host expected {n}"
@@ -1248,7 +1259,7 @@ impl<'a> Cycle<'a> {
             qmp,
             tag,
             &self.disks,
-            n,
+            bitmap,
             &self.staging,
             self.vars,
             Some(on_point),
@@ -1274,11 +1285,24 @@ impl<'a> Cycle<'a> {
             .await;
         let _ = h.remove_files();
         if let Err(e) = built {
-            let _ = vmrepl_tracking::rollback_cycle(qmp, tag, &self.nodes(), n).await;
+            let _ = vmrepl_tracking::rollback_cycle(qmp, tag, &self.nodes(), bitmap).await;
             let _ = std::fs::remove_file(&path);
             return Err(e);
         }
-        self.settle(&path, (next, n), sent).await
+        self.settle(&path, (next, n), Some(bitmap), sent).await
+    }
+
+    /// The relationship's frozen bitmap, if any (that of a log whose transfer was cut).
+    async fn frozen_bitmap(&self) -> Option<u64> {
+        let owned = vmrepl_tracking::list_owned(self.qmp, self.tag, &self.nodes())
+            .await
+            .ok()?;
+        owned
+            .values()
+            .flatten()
+            .filter(|b| !b.recording)
+            .map(|b| b.seq)
+            .min()
     }
 
     /// For an app-consistent point: freezes the guest through its agent and returns it to
@@ -1325,41 +1349,32 @@ impl<'a> Cycle<'a> {
         }
     }
 
-    /// Sends the built log `next` (on base `n`) and settles the bitmaps: on the replica's
-    /// acknowledgement frozen bitmap `n` is dropped (I1); a cut transfer keeps both the log
-    /// and the frozen bitmap so that the next cycle resumes it; any other failure merges the
-    /// bitmap back into the recording one and drops the log.
-    async fn ship(
-        &mut self,
-        path: &Path,
-        (next, n): (u64, u64),
-        total: u64,
-        resume: Option<Resume>,
-        what: &str,
-    ) -> Result<(u64, u64), CycleError> {
-        let sent = self.send(path, (next, n), total, resume, what).await;
-        self.settle(path, (next, n), sent).await
-    }
-
-    /// Settles the bitmaps after log `next` (on base `n`) was sent (see [`Cycle::ship`]).
+    /// Settles the frozen `bitmap` of log `next` (on base `n`) once it was sent: on the
+    /// replica's acknowledgement it is dropped (I1); a cut transfer keeps both the log and the
+    /// bitmap so that the next cycle resumes it; any other failure merges the bitmap back.
     async fn settle(
         &mut self,
         path: &Path,
-        (next, n): (u64, u64),
+        (next, _n): (u64, u64),
+        bitmap: Option<u64>,
         sent: Result<u64, CycleError>,
     ) -> Result<(u64, u64), CycleError> {
         let (qmp, tag) = (self.qmp, self.tag);
         match sent {
             Ok(bytes) => {
-                vmrepl_tracking::commit_cycle(qmp, tag, &self.nodes(), n)
-                    .await
-                    .map_err(|e| CycleError::Other(e.to_string()))?;
+                if let Some(b) = bitmap {
+                    vmrepl_tracking::commit_cycle(qmp, tag, &self.nodes(), b)
+                        .await
+                        .map_err(|e| CycleError::Other(e.to_string()))?;
+                }
                 let _ = std::fs::remove_file(path);
                 Ok((next, bytes))
             }
             Err(CycleError::Network(m)) => Err(CycleError::Network(m)),
             Err(e) => {
-                let _ = vmrepl_tracking::rollback_cycle(qmp, tag, &self.nodes(), n).await;
+                if let Some(b) = bitmap {
+                    let _ = vmrepl_tracking::rollback_cycle(qmp, tag, &self.nodes(), b).await;
+                }
                 let _ = std::fs::remove_file(path);
                 Err(e)
             }
@@ -1371,10 +1386,14 @@ impl<'a> Cycle<'a> {
         (self.vm, self.rel, self.consistency)
     }
 
-    /// Encodes log `seq` (on `base`) into `path` and streams it to the replica while it is
-    /// being written, so that encoding, TLS and the replica's receiving overlap. Returns the
-    /// build's outcome (the log's size) and the transfer's (the bytes sent once the replica
-    /// acknowledged it). A build that fails abandons the transfer.
+    /// Encodes log `seq` (on `base`) and streams it to the replica while it is being encoded, so
+    /// that reading the disks, encoding, TLS and the replica's receiving overlap; nothing is
+    /// written on this host. Only when the transfer is cut (a network failure) is the log encoded
+    /// again, whole, into `path`, from the same point in time (the exports or staging images are
+    /// still there, and encoding is deterministic): the next cycle resumes the transfer from
+    /// that file. Returns the build's outcome (the log's size) and the transfer's (the bytes
+    /// sent once the replica acknowledged it). A build that fails abandons the transfer.
+    /// (Initial copies and resynchronizations start over instead, so they keep nothing.)
     async fn build_and_send(
         &mut self,
         h: &vmrepl_tracking::CycleHandle,
@@ -1385,17 +1404,17 @@ impl<'a> Cycle<'a> {
         what: &str,
     ) -> (Result<u64, CycleError>, Result<u64, CycleError>) {
         let (tx, rx) = tokio::sync::watch::channel(LogGrowth::default());
-        let qmp = self.qmp;
+        let (chunks_tx, chunks) = tokio::sync::mpsc::channel(4);
         let spec = self.spec();
-        let build = async move {
-            let built = build_log(spec, h, path, (seq, base), kind, digests, Some(tx)).await;
-            // Pull mode: the point in time is in the log now; let QEMU drop it (the frozen
-            // bitmap stays until the replica acknowledges the log).
-            if let Err(e) = vmrepl_tracking::release_exports(qmp, h).await {
-                tracing::warn!(target: "vmrepl::replication", seq, error = %e, "cannot release the NBD exports");
-            }
-            built
-        };
+        let build = build_log(
+            spec,
+            h,
+            LogOut::Stream(chunks_tx),
+            (seq, base),
+            kind,
+            digests,
+            Some(tx),
+        );
         let t0 = std::time::Instant::now();
         let rt = self.rt;
         let watch = rx.clone();
@@ -1411,14 +1430,55 @@ impl<'a> Cycle<'a> {
         let uuid = self.vm.uuid;
         let send = self
             .client
-            .send_growing_log(uuid, (seq, base), path, rx, progress);
+            .send_log_stream(uuid, (seq, base), chunks, rx, progress);
         let (built, sent) = tokio::join!(build, send);
         tracing::info!(target: "vmrepl::replication", seq, ms = t0.elapsed().as_millis() as u64, "log built, sent and acknowledged");
         let sent = match (&built, sent) {
-            (Err(_), _) => Err(CycleError::Other("the log could not be built".into())),
-            (Ok(total), sent) => sent.map_err(classify).and_then(|r| acked(r, seq, *total)),
+            // A cut transfer stops the encoder too (it has nowhere to write): the network
+            // failure is what happened.
+            (_, Err(e)) => Err(classify(e)),
+            (Err(_), Ok(_)) => Err(CycleError::Other("the log could not be built".into())),
+            (Ok(total), Ok(r)) => acked(r, seq, *total),
         };
+        if kind == LogKind::Delta && matches!(sent, Err(CycleError::Network(_))) {
+            // Keep the whole log for resuming the cut transfer.
+            let kept = build_log(
+                spec,
+                h,
+                LogOut::File(path),
+                (seq, base),
+                kind,
+                digests,
+                None,
+            )
+            .await;
+            if let Ok(total) = kept {
+                self.release(h, seq).await;
+                return (Ok(total), sent);
+            } else {
+                // Without a whole local copy there is nothing to resume: the cycle fails as a
+                // whole (its bitmap is merged back) and the next one starts over.
+                let _ = std::fs::remove_file(path);
+                let sent = match sent {
+                    Err(CycleError::Network(m)) => Err(CycleError::Other(format!(
+                        "{m}; the log could not be kept for a resume either"
+                    ))),
+                    other => other,
+                };
+                self.release(h, seq).await;
+                return (built, sent);
+            }
+        }
+        self.release(h, seq).await;
         (built, sent)
+    }
+
+    /// Pull mode: the point in time is in the log now; let QEMU drop it (the frozen bitmap
+    /// stays until the replica acknowledges the log).
+    async fn release(&self, h: &vmrepl_tracking::CycleHandle, seq: u64) {
+        if let Err(e) = vmrepl_tracking::release_exports(self.qmp, h).await {
+            tracing::warn!(target: "vmrepl::replication", seq, error = %e, "cannot release the NBD exports");
+        }
     }
 
     /// Streams log `seq` (on `base`) from `path`, from the resume point if any, publishing
@@ -1540,10 +1600,18 @@ fn write_differing<W: std::io::Write>(
 
 /// Encodes the staged images into log `seq` at `path`; returns its size.
 #[allow(clippy::too_many_arguments)]
+/// Where [`build_log`] puts the encoded log.
+enum LogOut<'p> {
+    /// A file (created or truncated).
+    File(&'p Path),
+    /// Chunks of at most 1 MiB for a sender ([`crate::peer::client::PeerClient::send_log_stream`]).
+    Stream(tokio::sync::mpsc::Sender<Vec<u8>>),
+}
+
 async fn build_log(
     (vm, rel, consistency): (&VmDefinition, &Relationship, vmrepl_log::Consistency),
     h: &vmrepl_tracking::CycleHandle,
-    path: &Path,
+    out: LogOut<'_>,
     (seq, base): (u64, u64),
     kind: LogKind,
     replica_digests: Option<&Digests>,
@@ -1601,14 +1669,27 @@ async fn build_log(
             })
             .collect(),
     };
-    let path = path.to_path_buf();
+    let file = match &out {
+        LogOut::File(p) => Some(p.to_path_buf()),
+        LogOut::Stream(_) => None,
+    };
+    let stream = match out {
+        LogOut::Stream(tx) => Some(tx),
+        LogOut::File(_) => None,
+    };
     let growth = growth.map(Arc::new);
     let tally = growth.clone();
     let built = tokio::task::spawn_blocking(move || -> Result<u64, String> {
         let t0 = std::time::Instant::now();
-        let f = std::fs::File::create(&path)
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-        let f = Tally { inner: f, growth: tally };
+        let inner: Box<dyn std::io::Write + Send> = match (file, stream) {
+            (Some(path), _) => Box::new(
+                std::fs::File::create(&path)
+                    .map_err(|e| format!("cannot create {}: {e}", path.display()))?,
+            ),
+            (None, Some(tx)) => Box::new(Pipe { tx }),
+            (None, None) => return Err("the log has nowhere to go".into()),
+        };
+        let f = Tally { inner, growth: tally };
         let mut w = LogWriter::new(std::io::BufWriter::with_capacity(1 << 20, f), header)
             .map_err(|e| e.to_string())?;
         for (i, (id, size, p, export, ex)) in mapped.into_iter().enumerate() {
@@ -1695,10 +1776,27 @@ fn pull_disk<W: std::io::Write>(
     Ok(())
 }
 
-/// A file writer that reports every byte it has written, so that a sender can follow the
-/// log while it is encoded.
+/// Hands the encoded log to the sender in chunks (the writer's buffer, at most 1 MiB), waiting
+/// while the sender is 4 chunks behind; fails once the sender has stopped.
+struct Pipe {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+}
+
+impl std::io::Write for Pipe {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tx.blocking_send(buf.to_vec()).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the sender stopped")
+        })?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A writer that reports every byte it has written (progress, and the end of the log).
 struct Tally {
-    inner: std::fs::File,
+    inner: Box<dyn std::io::Write + Send>,
     growth: Option<Arc<tokio::sync::watch::Sender<LogGrowth>>>,
 }
 

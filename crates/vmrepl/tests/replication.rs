@@ -190,3 +190,75 @@ fn after_qemu_is_killed_replication_requires_a_resync_and_resynchronizing_makes_
     assert_eq!(s["state"], "replicating", "{s}");
     assert!(s["last_error"].is_null(), "{s}");
 }
+
+#[test]
+fn a_delta_cut_mid_transfer_is_resumed_by_the_next_cycle_and_nothing_is_lost() {
+    let _s = serial();
+    let (a, b, store) = pair("127.0.0.17", "127.0.0.18", "lab");
+    let target = format!("{}:{}", b.ip, b.port).parse().unwrap();
+    let proxy = CuttingProxy::start("127.0.0.19", target);
+    a.ok(&["vm", "create", "db", "--generation", "1", "--disk", "64M"]);
+    let disk = disk_path(&a, "db", 0);
+    let server = proxy.addr.to_string();
+    a.ok(&[
+        "replication",
+        "enable",
+        "db",
+        "--replica-server",
+        &server,
+        "--replica-name",
+        "hostb.test",
+        "--frequency",
+        "5",
+        "--recovery-points",
+        "0",
+    ]);
+    wait_until("the initial copy", Duration::from_secs(60), || {
+        acked(&a, "db") >= 1
+    });
+    let before = status(&a, "db")["stats"]["total_bytes"].as_u64().unwrap();
+
+    // 24 MiB of random data (it does not compress) written while replication is paused.
+    a.ok(&["replication", "pause", "db"]);
+    let random = a.data().join("random.bin");
+    let mut bytes = vec![0u8; 24 << 20];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for c in bytes.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(&random, &bytes).unwrap();
+    let w = format!("write -q -s {} 8M 24M", random.display());
+    let st = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", &w])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    // The next cycle's transfer is cut after 8 MiB; the one after resumes it.
+    let seq = acked(&a, "db");
+    proxy.cut_after(8 << 20);
+    a.ok(&["replication", "resume", "db"]);
+    wait_until("the cut", Duration::from_secs(60), || proxy.cuts() == 1);
+    wait_until(
+        "the resumed log acknowledged",
+        Duration::from_secs(120),
+        || acked(&a, "db") > seq,
+    );
+    let s = status(&a, "db");
+    assert!(
+        s["stats"]["network_failure_count"].as_u64().unwrap() >= 1,
+        "{s}"
+    );
+    let resent = s["stats"]["total_bytes"].as_u64().unwrap() - before;
+    assert!(
+        resent > 0 && resent < 22 << 20,
+        "a resumed transfer sends only what the replica lacks, not 24 MiB again: {resent} bytes: {s}"
+    );
+    let top = replica_image(&store, &a, "db", 0, "top.qcow2");
+    same_content(&disk, &top).unwrap();
+    assert_eq!(s["health"], "normal", "{s}");
+}

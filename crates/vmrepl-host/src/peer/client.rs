@@ -187,23 +187,57 @@ impl PeerClient {
         log_file: &Path,
         progress: impl FnMut(u64),
     ) -> Result<PeerResponse, PeerError> {
-        self.stream_log(vm_uuid, seqs, resume, log_file, None, progress)
+        self.stream_log(vm_uuid, seqs, resume, log_file, progress)
             .await
     }
 
-    /// As [`PeerClient::send_log`] for a log still being written: the bytes go out as
-    /// `growth` reports them written, so encoding and transfer overlap. Should the writer
-    /// fail, the connection is abandoned mid-log (the replica keeps a partial it will discard).
-    pub async fn send_growing_log(
+    /// Sends log `seq` (on `base`) while it is encoded: each chunk from `chunks` goes out as
+    /// data frames, and the end of the log only once `growth` says the encoder finished well.
+    /// An encoder that failed abandons the transfer (the connection is dropped without the end
+    /// frame, so the replica keeps nothing as a whole log).
+    pub async fn send_log_stream(
         &mut self,
         vm_uuid: Uuid,
-        seqs: (u64, u64),
-        log_file: &Path,
-        growth: tokio::sync::watch::Receiver<LogGrowth>,
-        progress: impl FnMut(u64),
+        (seq, base_seq): (u64, u64),
+        mut chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        mut growth: tokio::sync::watch::Receiver<LogGrowth>,
+        mut progress: impl FnMut(u64),
     ) -> Result<PeerResponse, PeerError> {
-        self.stream_log(vm_uuid, seqs, None, log_file, Some(growth), progress)
+        let req = PeerRequest::SendLog {
+            vm_uuid,
+            sequence: seq,
+            base_sequence: base_seq,
+            resume: None,
+        };
+        if let Err(e) = self.framed.write_control(&req).await {
+            return Err(self.ferr(e));
+        }
+        let mut sent = 0u64;
+        while let Some(chunk) = chunks.recv().await {
+            for part in chunk.chunks(DATA_CHUNK) {
+                if let Err(e) = self.framed.write_data(part).await {
+                    return Err(self.ferr(e));
+                }
+            }
+            sent += chunk.len() as u64;
+            progress(sent);
+        }
+        let ok = growth
+            .wait_for(|g| g.done.is_some())
             .await
+            .map(|g| g.done == Some(true))
+            .unwrap_or(false);
+        if !ok {
+            return Err(PeerError::Io {
+                action: "build",
+                path: std::path::PathBuf::from(format!("log {seq}")),
+                source: std::io::Error::other("the log could not be encoded"),
+            });
+        }
+        if let Err(e) = self.framed.write_data(&[]).await {
+            return Err(self.ferr(e));
+        }
+        self.read_response().await
     }
 
     async fn stream_log(
@@ -212,7 +246,6 @@ impl PeerClient {
         (seq, base_seq): (u64, u64),
         resume: Option<Resume>,
         log_file: &Path,
-        mut growth: Option<tokio::sync::watch::Receiver<LogGrowth>>,
         mut progress: impl FnMut(u64),
     ) -> Result<PeerResponse, PeerError> {
         let from_byte = resume.map_or(0, |r| r.bytes);
@@ -224,20 +257,6 @@ impl PeerClient {
                 source,
             }
         };
-        if let Some(rx) = growth.as_mut() {
-            // The writer creates the file before its first byte: wait for that byte.
-            if rx
-                .wait_for(|g| g.written > 0 || g.done.is_some())
-                .await
-                .map_or(true, |g| g.done == Some(false))
-            {
-                return Err(PeerError::Io {
-                    action: "build",
-                    path: log_file.to_path_buf(),
-                    source: std::io::Error::other("the log could not be written"),
-                });
-            }
-        }
         let mut f = tokio::fs::File::open(log_file).await.map_err(io("open"))?;
         if from_byte > 0 {
             use tokio::io::AsyncSeekExt;
@@ -257,31 +276,7 @@ impl PeerClient {
         let mut buf = vec![0u8; DATA_CHUNK];
         let mut sent = 0u64;
         loop {
-            // How far the file may be read: all of it, or what the writer reported so far.
-            let limit = match growth.as_mut() {
-                None => u64::MAX,
-                Some(rx) => loop {
-                    let g = *rx.borrow_and_update();
-                    if g.written > from_byte + sent || g.done == Some(true) {
-                        break g.written;
-                    }
-                    if g.done == Some(false) {
-                        return Err(PeerError::Io {
-                            action: "build",
-                            path: log_file.to_path_buf(),
-                            source: std::io::Error::other("the log could not be written"),
-                        });
-                    }
-                    if rx.changed().await.is_err() {
-                        return Err(PeerError::Io {
-                            action: "build",
-                            path: log_file.to_path_buf(),
-                            source: std::io::Error::other("the log writer stopped"),
-                        });
-                    }
-                },
-            };
-            let want = (buf.len() as u64).min(limit.saturating_sub(from_byte + sent)) as usize;
+            let want = buf.len();
             let mut n = 0;
             while n < want {
                 let k = f.read(&mut buf[n..want]).await.map_err(io("read"))?;

@@ -476,3 +476,95 @@ pub fn same_content(a: &Path, b: &Path) -> Result<(), String> {
         ))
     }
 }
+
+/// A TCP forwarder between a primary and a replica server (real TLS passes through it) that
+/// can cut a connection mid-transfer: once armed with `cut_after(n)`, the first connection
+/// that carries more than `n` bytes towards the server is closed on both sides. It stands in
+/// for a network failure, which the real parts cannot produce on demand.
+pub struct CuttingProxy {
+    pub addr: std::net::SocketAddr,
+    limit: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    cuts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CuttingProxy {
+    /// Listens on `ip` (a port the OS gives) and forwards to `target`.
+    pub fn start(ip: &str, target: std::net::SocketAddr) -> CuttingProxy {
+        use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let l = std::net::TcpListener::bind((ip, 0)).unwrap();
+        let addr = l.local_addr().unwrap();
+        let limit = Arc::new(AtomicU64::new(0));
+        let cuts = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (lim, cut, st) = (limit.clone(), cuts.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = c else { continue };
+                let Ok(server) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                let (lim, cut) = (lim.clone(), cut.clone());
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                // Towards the server, counting; back to the client, plain.
+                std::thread::spawn(move || {
+                    let (mut from, mut to) = (client, server);
+                    let mut buf = vec![0u8; 64 << 10];
+                    let mut total = 0u64;
+                    loop {
+                        let n = match std::io::Read::read(&mut from, &mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        total += n as u64;
+                        let l = lim.load(Ordering::SeqCst);
+                        if l > 0 && total > l {
+                            lim.store(0, Ordering::SeqCst);
+                            cut.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                        if std::io::Write::write_all(&mut to, &buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+                std::thread::spawn(move || {
+                    let (mut from, mut to) = (s2, c2);
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        CuttingProxy {
+            addr,
+            limit,
+            cuts,
+            stop,
+        }
+    }
+
+    /// Cuts the next connection that sends more than `bytes` bytes towards the server.
+    pub fn cut_after(&self, bytes: u64) {
+        self.limit.store(bytes, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many connections were cut so far.
+    pub fn cuts(&self) -> usize {
+        self.cuts.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        // Wake the accept loop so that it sees the stop flag and ends.
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(self.addr);
+    }
+}
