@@ -246,8 +246,8 @@ async fn delete_exports(qmp: &QmpClient, rel: RelTag) -> Result<(), TrackingErro
             break;
         }
         if Instant::now() >= deadline {
-            return Err(TrackingError::JobTimeout {
-                jobs: left,
+            return Err(TrackingError::ExportTimeout {
+                exports: left,
                 secs: CANCEL_TIMEOUT.as_secs(),
             });
         }

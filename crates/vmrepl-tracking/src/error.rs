@@ -54,6 +54,9 @@ pub enum TrackingError {
     #[error("backup jobs {jobs:?} did not finish within {secs} s; the cycle was rolled back (nothing lost); check the staging storage's speed or raise the timeout")]
     JobTimeout { jobs: Vec<String>, secs: u64 },
 
+    #[error("NBD exports {exports:?} were still there {secs} s after they were removed (a client still connected?); the next cycle removes them again before it starts")]
+    ExportTimeout { exports: Vec<String>, secs: u64 },
+
     #[error("the cycle failed ({cause}) and rolling it back failed too ({rollback}); do not drop any bitmap: run reconcile() before the next cycle")]
     RollbackFailed {
         cause: Box<TrackingError>,
