@@ -1103,7 +1103,9 @@ impl<'a> Cycle<'a> {
                         None,
                         None,
                     )
-                    .await?;
+                    .await;
+                    self.release(&h, 1).await;
+                    let total = total?;
                     crate::fsutil::rename_durable(&path, f)
                         .map(|()| Done::Exported { bytes: total })
                         .map_err(|e| {
@@ -1563,13 +1565,9 @@ fn write_differing<W: std::io::Write>(
     theirs: &[[u8; 32]],
 ) -> Result<u64, String> {
     let f = std::fs::File::open(staging).map_err(|e| format!("{}: {e}", staging.display()))?;
-    let mut buf = vec![0u8; bs as usize];
-    let (mut first, mut differing) = (0usize, 0u64);
-    for (b, digest) in theirs.iter().enumerate() {
-        let start = b as u64 * bs;
-        let end = (start + bs).min(size);
-        let len = (end - start) as usize;
-        buf[..len].fill(0);
+    let mut first = 0usize;
+    compare_blocks(w, disk, size, bs, theirs, |start, buf| {
+        let end = start + buf.len() as u64;
         while first < ex.len() && ex[first].offset + ex[first].len <= start {
             first += 1;
         }
@@ -1584,6 +1582,29 @@ fn write_differing<W: std::io::Write>(
                 .map_err(|e| format!("{}: {e}", staging.display()))?;
             }
         }
+        Ok(())
+    })
+}
+
+/// Compares every block of a disk (`fill` puts block `start` into a zeroed buffer) with the
+/// replica's digest and writes the differing ones (all-zero blocks as zero records); returns
+/// how many differed.
+fn compare_blocks<W: std::io::Write>(
+    w: &mut LogWriter<W>,
+    disk: u16,
+    size: u64,
+    bs: u64,
+    theirs: &[[u8; 32]],
+    mut fill: impl FnMut(u64, &mut [u8]) -> Result<(), String>,
+) -> Result<u64, String> {
+    let mut buf = vec![0u8; bs as usize];
+    let mut differing = 0u64;
+    for (b, digest) in theirs.iter().enumerate() {
+        let start = b as u64 * bs;
+        let end = (start + bs).min(size);
+        let len = (end - start) as usize;
+        buf[..len].fill(0);
+        fill(start, &mut buf[..len])?;
         if blake3::hash(&buf[..len]).as_bytes() == digest {
             continue;
         }
@@ -1694,7 +1715,16 @@ async fn build_log(
             .map_err(|e| e.to_string())?;
         for (i, (id, size, p, export, ex)) in mapped.into_iter().enumerate() {
             if let Some(x) = export {
-                pull_disk(&mut w, i as u16, &x)?;
+                match digests.get(&id) {
+                    Some((bs, theirs)) => {
+                        // Resynchronization by compare: only the blocks whose digest differs.
+                        let sent = write_differing_pulled(&mut w, i as u16, size, &x, *bs, theirs)?;
+                        tracing::info!(target: "vmrepl::replication", disk = %id, blocks = theirs.len(), differing = sent, "resynchronization compare");
+                    }
+                    // A full resync leaves nothing out: ranges without data are sent as
+                    // zeroes, or the replica would keep whatever it held there.
+                    None => pull_disk(&mut w, i as u16, size, &x, kind == LogKind::Resync)?,
+                }
                 continue;
             }
             if let Some((bs, theirs)) = digests.get(&id) {
@@ -1751,21 +1781,51 @@ const PULL_WINDOW: usize = 16;
 /// How long one NBD read or write may block before the cycle gives up.
 const PULL_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// Writes the changed ranges of a pulled disk (its export's dirty-bitmap context) into the log,
-/// reading them over NBD as of the cycle's point in time. Holes come out as zero records.
+/// Writes a pulled disk into the log, reading it over NBD as of the cycle's point in time: the
+/// changed ranges of a delta export, or the ranges holding data of a full-copy export. With
+/// `zero_gaps`, every range between them becomes a zero record, so that the log describes the
+/// whole disk. Holes within what is read come out as zero records too.
 fn pull_disk<W: std::io::Write>(
     w: &mut LogWriter<W>,
     disk: u16,
+    size: u64,
     x: &vmrepl_tracking::NbdExport,
+    zero_gaps: bool,
 ) -> Result<(), String> {
     let mut c =
         vmrepl_tracking::NbdClient::connect(&x.socket, &x.name, Some(&x.context), PULL_IO_TIMEOUT)
             .map_err(|e| e.to_string())?;
-    let ranges = c.dirty_ranges().map_err(|e| e.to_string())?;
+    let ranges = if x.delta() {
+        c.dirty_ranges()
+    } else {
+        c.data_ranges()
+    }
+    .map_err(|e| e.to_string())?;
+    let mut gaps: std::collections::VecDeque<(u64, u64)> = std::collections::VecDeque::new();
+    if zero_gaps {
+        let mut at = 0;
+        for &(o, l) in ranges.iter().chain([(size, 0)].iter()) {
+            if o > at {
+                gaps.push_back((at, o - at));
+            }
+            at = at.max(o + l);
+        }
+    }
+    let mut gap_before = |w: &mut LogWriter<W>, upto: u64| -> Result<(), String> {
+        while let Some(&(o, l)) = gaps.front() {
+            if o >= upto {
+                break;
+            }
+            gaps.pop_front();
+            w.write_zero(disk, o, l).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    };
     let mut reader =
         vmrepl_tracking::NbdRangeReader::new(c, &ranges, vmrepl_tracking::MAX_CHUNK, PULL_WINDOW);
     for chunk in reader.by_ref() {
         let c = chunk.map_err(|e| e.to_string())?;
+        gap_before(w, c.offset)?;
         match c.data {
             ChunkData::Data(buf) => w.write_data(disk, c.offset, &buf),
             ChunkData::Zero(len) => w.write_zero(disk, c.offset, len),
@@ -1773,7 +1833,51 @@ fn pull_disk<W: std::io::Write>(
         .map_err(|e| e.to_string())?;
     }
     reader.finish();
-    Ok(())
+    gap_before(w, u64::MAX)
+}
+
+/// [`write_differing`] for a pulled full copy: every block is read over NBD (1 MiB reads in
+/// flight) and compared with the replica's digest.
+fn write_differing_pulled<W: std::io::Write>(
+    w: &mut LogWriter<W>,
+    disk: u16,
+    size: u64,
+    x: &vmrepl_tracking::NbdExport,
+    bs: u64,
+    theirs: &[[u8; 32]],
+) -> Result<u64, String> {
+    let c = vmrepl_tracking::NbdClient::connect(&x.socket, &x.name, None, PULL_IO_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    let reader = vmrepl_tracking::NbdRangeReader::new(
+        c,
+        &[(0, size)],
+        vmrepl_tracking::MAX_CHUNK,
+        PULL_WINDOW,
+    );
+    let mut chunks = reader.peekable();
+    let n = compare_blocks(w, disk, size, bs, theirs, |start, buf| {
+        let end = start + buf.len() as u64;
+        while let Some(Ok(c)) = chunks.peek() {
+            if c.offset >= end {
+                break;
+            }
+            let c = match chunks.next() {
+                Some(Ok(c)) => c,
+                _ => break,
+            };
+            let at = (c.offset - start) as usize;
+            if let ChunkData::Data(d) = c.data {
+                buf[at..at + d.len()].copy_from_slice(&d);
+            }
+        }
+        if let Some(Err(_)) = chunks.peek() {
+            if let Some(Err(e)) = chunks.next() {
+                return Err(e.to_string());
+            }
+        }
+        Ok(())
+    })?;
+    Ok(n)
 }
 
 /// Hands the encoded log to the sender in chunks (the writer's buffer, at most 1 MiB), waiting

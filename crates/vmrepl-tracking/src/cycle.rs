@@ -67,12 +67,21 @@ pub struct StagedImage {
 }
 
 /// Where a pulled disk is read from: `export` on the NBD server at `socket`, whose meta context
-/// `context` (`qemu:dirty-bitmap:<frozen bitmap>`) marks the changed ranges.
+/// `context` marks the ranges to read: `qemu:dirty-bitmap:<frozen bitmap>` for a delta
+/// ([`NbdExport::delta`]), `base:allocation` for a full copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdExport {
     pub socket: PathBuf,
     pub name: String,
     pub context: String,
+}
+
+impl NbdExport {
+    /// True when the context lists changed ranges (a delta), false when it lists the disk's
+    /// allocation (a full copy: read the ranges that hold data).
+    pub fn delta(&self) -> bool {
+        self.context.starts_with("qemu:dirty-bitmap:")
+    }
 }
 
 /// A staged cycle: every disk's delta (and the vars copy) as of one point in time.
@@ -437,7 +446,7 @@ async fn run_cycle<N: AsRef<str>>(
     point_signal: Option<PointSignal>,
 ) -> Result<CycleHandle, TrackingError> {
     let start = Instant::now();
-    let pull = staging.pull && kind == CycleKind::Delta;
+    let pull = staging.pull;
     // Leftovers of an interrupted attempt in this QEMU would make blockdev-add fail.
     cleanup_jobs_and_nodes(qmp, rel, None).await?;
     std::fs::create_dir_all(&staging.dir).map_err(|source| TrackingError::Io {
@@ -482,7 +491,7 @@ async fn run_cycle<N: AsRef<str>>(
         let mut data = json!({"job-id": job, "device": node, "target": rel.staging_node(node)});
         match kind {
             // Copy-before-write only: the job runs until the exports are released.
-            CycleKind::Delta if pull => data["sync"] = "none".into(),
+            _ if pull => data["sync"] = "none".into(),
             CycleKind::Delta => {
                 data["sync"] = "bitmap".into();
                 data["bitmap"] = BitmapName::new(rel, seq).to_string().into();
@@ -525,7 +534,23 @@ async fn run_cycle<N: AsRef<str>>(
 
     let waited = wait_jobs(qmp, &mut rx, &jobs, staging.job_timeout).await;
     let result = match waited {
-        Ok(()) if pull => export_disks(qmp, rel, seq, &mut images).await,
+        Ok(()) if pull => {
+            // The vars copy is complete: close its node so that QEMU writes out the image's
+            // metadata before the file is read.
+            let closed = match vars {
+                Some(v) => qmp
+                    .execute("blockdev-del", json!({"node-name": rel.staging_node(v)}))
+                    .await
+                    .map(drop)
+                    .map_err(TrackingError::qmp("close the staged copy of the UEFI vars")),
+                None => Ok(()),
+            };
+            let bitmap = (kind == CycleKind::Delta).then(|| BitmapName::new(rel, seq).to_string());
+            match closed {
+                Ok(()) => export_disks(qmp, rel, bitmap.as_deref(), &mut images).await,
+                Err(e) => Err(e),
+            }
+        }
         Ok(()) => delete_staging_nodes(qmp, rel).await,
         Err(e) => Err(e),
     };
@@ -561,11 +586,11 @@ async fn run_cycle<N: AsRef<str>>(
 }
 
 /// Pull mode, after the transaction: starts the NBD server on a socket beside the QMP socket
-/// and exports every disk's fleecing node (read-only) with its frozen bitmap `seq`.
+/// and exports every disk's fleecing node (read-only), with the frozen `bitmap` for a delta.
 async fn export_disks(
     qmp: &QmpClient,
     rel: RelTag,
-    seq: u64,
+    bitmap: Option<&str>,
     images: &mut [StagedImage],
 ) -> Result<(), TrackingError> {
     let socket = qmp
@@ -583,24 +608,26 @@ async fn export_disks(
         "start the NBD server on {}",
         socket.display()
     )))?;
-    let bitmap = BitmapName::new(rel, seq).to_string();
     for img in images.iter_mut() {
         let id = rel.export_id(&img.node);
-        qmp.execute(
-            "block-export-add",
-            json!({"type": "nbd", "id": id, "node-name": rel.staging_node(&img.node),
-                   "name": img.node, "writable": false,
-                   "bitmaps": [{"node": img.node, "name": bitmap}]}),
-        )
-        .await
-        .map_err(TrackingError::qmp(format!(
-            "export disk {} with bitmap {bitmap} over NBD",
-            img.node
-        )))?;
+        let mut args = json!({"type": "nbd", "id": id, "node-name": rel.staging_node(&img.node),
+                              "name": img.node, "writable": false});
+        if let Some(b) = bitmap {
+            args["bitmaps"] = json!([{"node": img.node, "name": b}]);
+        }
+        qmp.execute("block-export-add", args)
+            .await
+            .map_err(TrackingError::qmp(format!(
+                "export disk {} over NBD (bitmap {bitmap:?})",
+                img.node
+            )))?;
         img.export = Some(NbdExport {
             socket: socket.clone(),
             name: img.node.clone(),
-            context: format!("qemu:dirty-bitmap:{bitmap}"),
+            context: match bitmap {
+                Some(b) => format!("qemu:dirty-bitmap:{b}"),
+                None => "base:allocation".into(),
+            },
         });
     }
     Ok(())

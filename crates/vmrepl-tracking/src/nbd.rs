@@ -42,6 +42,8 @@ const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 const REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
 /// `NBD_STATE_DIRTY` of the `qemu:dirty-bitmap:` context.
 const STATE_DIRTY: u32 = 1;
+/// `NBD_STATE_ZERO` of the `base:allocation` context (the range reads as zeroes).
+const STATE_ZERO: u32 = 2;
 /// The largest block-status request: 4 GiB minus 64 KiB (lengths are 32 bits).
 const MAX_STATUS_LEN: u64 = 0xFFFF_0000;
 
@@ -349,9 +351,20 @@ impl NbdClient {
         }
     }
 
-    /// The ranges whose meta-context status has the DIRTY bit, over the whole export, merged
-    /// and in order.
+    /// The ranges whose meta-context status has the DIRTY bit (`qemu:dirty-bitmap:` context),
+    /// over the whole export, merged and in order.
     pub fn dirty_ranges(&mut self) -> Result<Vec<(u64, u64)>, NbdError> {
+        self.ranges_where(|flags| flags & STATE_DIRTY != 0)
+    }
+
+    /// The ranges that hold data (`base:allocation` context: neither a hole nor known to read
+    /// as zeroes), over the whole export, merged and in order.
+    pub fn data_ranges(&mut self) -> Result<Vec<(u64, u64)>, NbdError> {
+        self.ranges_where(|flags| flags & STATE_ZERO == 0)
+    }
+
+    /// The ranges whose status in the negotiated meta context satisfies `wanted`.
+    fn ranges_where(&mut self, wanted: impl Fn(u32) -> bool) -> Result<Vec<(u64, u64)>, NbdError> {
         let ctx = self
             .context
             .ok_or_else(|| self.err("no meta context was negotiated"))?;
@@ -383,7 +396,7 @@ impl NbdClient {
                         if n == 0 {
                             break;
                         }
-                        if flags & STATE_DIRTY != 0 {
+                        if wanted(flags) {
                             match out.last_mut() {
                                 Some(last) if last.0 + last.1 == pos => last.1 += n,
                                 _ => out.push((pos, n)),

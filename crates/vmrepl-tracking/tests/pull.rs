@@ -6,8 +6,8 @@ use common::*;
 use serde_json::Value;
 use std::path::Path;
 use vmrepl_tracking::{
-    begin_cycle, commit_cycle, list_owned, release_exports, rollback_cycle, start_tracking,
-    ChunkData, CycleHandle, NbdClient, NbdRangeReader, Staging, VARS_NODE,
+    begin_cycle, begin_full, commit_cycle, list_owned, release_exports, rollback_cycle,
+    start_tracking, ChunkData, CycleHandle, NbdClient, NbdRangeReader, Staging, VARS_NODE,
 };
 
 const K: u64 = 1024;
@@ -20,8 +20,9 @@ fn staging(dir: &Path) -> Staging {
     s
 }
 
-/// Disk `i` of a pulled cycle: its dirty ranges and its content there, as (offset, bytes)
-/// with holes expanded to zeroes (reads in 48 KiB pieces, 3 in flight).
+/// Disk `i` of a pulled cycle: its ranges to read (dirty for a delta, holding data for a full
+/// copy) and its content there, as (offset, bytes) with holes expanded to zeroes (reads in
+/// 48 KiB pieces, 3 in flight).
 async fn pull(h: &CycleHandle, i: usize) -> (Vec<(u64, u64)>, Vec<(u64, Vec<u8>)>) {
     let x = h.disks[i]
         .export
@@ -30,7 +31,12 @@ async fn pull(h: &CycleHandle, i: usize) -> (Vec<(u64, u64)>, Vec<(u64, Vec<u8>)
     tokio::task::spawn_blocking(move || {
         let mut c = NbdClient::connect(&x.socket, &x.name, Some(&x.context), T).unwrap();
         assert_eq!(c.size(), DISK_SIZE);
-        let ranges = c.dirty_ranges().unwrap();
+        let ranges = if x.delta() {
+            c.dirty_ranges()
+        } else {
+            c.data_ranges()
+        }
+        .unwrap();
         let mut r = NbdRangeReader::new(c, &ranges, 48 * 1024, 3);
         let mut out = Vec::new();
         for chunk in r.by_ref() {
@@ -107,6 +113,20 @@ async fn a_pulled_cycle_reads_its_point_in_time_while_the_guest_overwrites_it() 
     // The vars are a staged full copy as in push mode.
     let vars = h.vars.as_ref().unwrap();
     assert!(vars.export.is_none() && vars.path.is_file());
+    // ... and already complete on disk while the disks are still exported.
+    let staged = map_off_thread(&vars.path).await.unwrap();
+    let raw = std::fs::read(d.path().join("vars.fd")).unwrap();
+    let f = std::fs::File::open(&vars.path).unwrap();
+    let mut covered = 0;
+    for e in staged {
+        if let vmrepl_tracking::ExtentKind::Data { file_offset } = e.kind {
+            let mut buf = vec![0u8; e.len as usize];
+            vmrepl_tracking::read_extent(&f, file_offset, &mut buf).unwrap();
+            assert_eq!(buf, raw[e.offset as usize..(e.offset + e.len) as usize]);
+            covered += e.len;
+        }
+    }
+    assert_eq!(covered, VARS_SIZE, "the whole vars copy is mapped");
 
     // Released: no export, job or staging node is left, the files are gone, and the frozen
     // bitmap can be committed.
@@ -143,6 +163,39 @@ async fn a_pulled_cycle_reads_its_point_in_time_while_the_guest_overwrites_it() 
     assert_eq!(
         (owned["disk1"][0].seq, owned["disk1"][0].count),
         (2, 128 * K)
+    );
+    vm.quit().await;
+}
+
+#[tokio::test]
+async fn a_pulled_full_copy_reads_the_data_of_its_point_in_time_and_skips_the_rest() {
+    init_logs();
+    let d = tempfile::tempdir().unwrap();
+    make_images(d.path()).await;
+    let vm = Vm::start(d.path()).await;
+    let q = vm.qmp();
+    let rel = rel();
+    let st = staging(d.path());
+    vm.io(0, "write -P 0x31 3M 128k").await;
+    vm.io(0, "write -z 5M 64k").await;
+    let h = begin_full(q, rel, &disks(), 1, &st, None).await.unwrap();
+    assert!(h.disks[0].export.as_ref().is_some_and(|x| !x.delta()));
+    vm.io(0, "write -P 0x77 3M 64k").await;
+    vm.io(0, "write -P 0x78 9M 64k").await;
+    let (ranges, data) = pull(&h, 0).await;
+    assert_eq!(
+        ranges,
+        vec![(3 * M, 128 * K)],
+        "only the data, as of the point in time"
+    );
+    assert!(all(&data, 3 * M, 128 * K, 0x31));
+    release_exports(q, &h).await.unwrap();
+    assert!(list(q, "query-block-exports").await.is_empty());
+    // Bitmap 1 started with the copy and holds the writes after it.
+    let owned = list_owned(q, rel, &NODES).await.unwrap();
+    assert_eq!(
+        (owned["disk0"][0].seq, owned["disk0"][0].count),
+        (1, 128 * K)
     );
     vm.quit().await;
 }
