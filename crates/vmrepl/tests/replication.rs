@@ -262,3 +262,88 @@ fn a_delta_cut_mid_transfer_is_resumed_by_the_next_cycle_and_nothing_is_lost() {
     same_content(&disk, &top).unwrap();
     assert_eq!(s["health"], "normal", "{s}");
 }
+
+/// Unmounts the tmpfs at `0` when dropped, even when the test fails.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let opt = format!("size={size}");
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &opt, "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a tmpfs needs root");
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_replica_disk_refuses_the_delta_and_replication_recovers_by_itself_once_there_is_room() {
+    let _s = serial();
+    let (mut a, mut b, store) = pair("127.0.0.23", "127.0.0.24", "lab");
+    // The replica's storage folder is a 160 MiB file system.
+    let _fs = Tmpfs::mount(&store, "160M");
+    a.ok(&["vm", "create", "db", "--generation", "1", "--disk", "64M"]);
+    let disk = disk_path(&a, "db", 0);
+    let o = enable(
+        &a,
+        &b,
+        "db",
+        "hostb.test",
+        &["--frequency", "5", "--recovery-points", "0"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_until("the initial copy", Duration::from_secs(60), || {
+        acked(&a, "db") >= 1
+    });
+    let seq = acked(&a, "db");
+    // Something else fills the replica's file system; 24 MiB of changes then do not fit
+    // beside the headroom the replica keeps.
+    let filler = store.join("filler");
+    std::fs::write(&filler, vec![1u8; 120 << 20]).unwrap();
+    let w = "write -q -P 0x5c 8M 24M";
+    let st = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", w])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    wait_until(
+        "the replica refusing for lack of room",
+        Duration::from_secs(60),
+        || {
+            let s = status(&a, "db");
+            s["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("free") && e.contains("bytes"))
+        },
+    );
+    assert_eq!(acked(&a, "db"), seq, "nothing was acknowledged");
+    let s = status(&a, "db");
+    assert_eq!(s["health"], "critical", "{s}");
+    assert_ne!(s["state"], "resynchronization-required", "{s}");
+    // Room is made: the next cycles carry every change, no resynchronization needed.
+    std::fs::remove_file(&filler).unwrap();
+    wait_until("the changes acknowledged", Duration::from_secs(60), || {
+        acked(&a, "db") > seq
+    });
+    let s = status(&a, "db");
+    assert_eq!(s["state"], "replicating", "{s}");
+    let top = replica_image(&store, &a, "db", 0, "top.qcow2");
+    same_content(&disk, &top).unwrap();
+    // Stop the daemons before the file system goes.
+    a.stop_daemon();
+    b.stop_daemon();
+}
