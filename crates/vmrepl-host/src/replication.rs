@@ -1714,48 +1714,25 @@ async fn build_log(
         let mut w = LogWriter::new(std::io::BufWriter::with_capacity(1 << 20, f), header)
             .map_err(|e| e.to_string())?;
         for (i, (id, size, p, export, ex)) in mapped.into_iter().enumerate() {
-            if let Some(x) = export {
-                match digests.get(&id) {
-                    Some((bs, theirs)) => {
-                        // Resynchronization by compare: only the blocks whose digest differs.
-                        let sent = write_differing_pulled(&mut w, i as u16, size, &x, *bs, theirs)?;
-                        tracing::info!(target: "vmrepl::replication", disk = %id, blocks = theirs.len(), differing = sent, "resynchronization compare");
-                    }
-                    // A full resync leaves nothing out: ranges without data are sent as
-                    // zeroes, or the replica would keep whatever it held there.
-                    None => pull_disk(&mut w, i as u16, size, &x, kind == LogKind::Resync)?,
-                }
-                continue;
-            }
-            if let Some((bs, theirs)) = digests.get(&id) {
+            let disk = i as u16;
+            // A full resync leaves nothing out: ranges without data are sent as zeroes, or
+            // the replica would keep whatever it held there.
+            let zero_gaps = kind == LogKind::Resync && id != crate::peer::proto::NVRAM_DISK_ID;
+            match (digests.get(&id), export) {
                 // Resynchronization by compare: only the blocks whose digest differs.
-                let sent = write_differing(&mut w, i as u16, size, &p, &ex, *bs, theirs)?;
-                tracing::info!(target: "vmrepl::replication", disk = %id, blocks = theirs.len(), differing = sent, "resynchronization compare");
-                continue;
-            }
-            if kind == LogKind::Resync && id != crate::peer::proto::NVRAM_DISK_ID {
-                // A full copy leaves nothing out, but should a range be unallocated in the
-                // staging image it is zero on the primary: say so, or the replica keeps
-                // whatever it held there.
-                let mut at = 0;
-                for e in ex.iter().map(|e| (e.offset, e.len)).chain([(size, 0)]) {
-                    if e.0 > at {
-                        w.write_zero(i as u16, at, e.0 - at)
-                            .map_err(|e| e.to_string())?;
-                    }
-                    at = at.max(e.0 + e.1);
+                (Some((bs, theirs)), x) => {
+                    let sent = match x {
+                        Some(x) => write_differing_pulled(&mut w, disk, size, &x, *bs, theirs)?,
+                        None => write_differing(&mut w, disk, size, &p, &ex, *bs, theirs)?,
+                    };
+                    tracing::info!(target: "vmrepl::replication", disk = %id, blocks = theirs.len(), differing = sent, "resynchronization compare");
                 }
-            }
-            let reader = ExtentReader::open(&p, ex).map_err(|e| e.to_string())?;
-            for chunk in reader {
-                let c = chunk.map_err(|e| e.to_string())?;
-                match c.data {
-                    ChunkData::Data(buf) => w
-                        .write_data(i as u16, c.offset, &buf)
-                        .map_err(|e| e.to_string())?,
-                    ChunkData::Zero(len) => w
-                        .write_zero(i as u16, c.offset, len)
-                        .map_err(|e| e.to_string())?,
+                (None, Some(x)) => pull_disk(&mut w, disk, size, &x, zero_gaps)?,
+                (None, None) => {
+                    let ranges: Vec<(u64, u64)> = ex.iter().map(|e| (e.offset, e.len)).collect();
+                    let chunks = ExtentReader::open(&p, ex).map_err(|e| e.to_string())?;
+                    let chunks = chunks.map(|c| c.map_err(|e| e.to_string()));
+                    write_ranges(&mut w, disk, size, &ranges, chunks, zero_gaps)?;
                 }
             }
         }
@@ -1782,9 +1759,8 @@ const PULL_WINDOW: usize = 16;
 const PULL_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Writes a pulled disk into the log, reading it over NBD as of the cycle's point in time: the
-/// changed ranges of a delta export, or the ranges holding data of a full-copy export. With
-/// `zero_gaps`, every range between them becomes a zero record, so that the log describes the
-/// whole disk. Holes within what is read come out as zero records too.
+/// changed ranges of a delta export, or the ranges holding data of a full-copy export (see
+/// [`write_ranges`] for `zero_gaps`). Holes within what is read come out as zero records.
 fn pull_disk<W: std::io::Write>(
     w: &mut LogWriter<W>,
     disk: u16,
@@ -1801,6 +1777,25 @@ fn pull_disk<W: std::io::Write>(
         c.data_ranges()
     }
     .map_err(|e| e.to_string())?;
+    let mut reader =
+        vmrepl_tracking::NbdRangeReader::new(c, &ranges, vmrepl_tracking::MAX_CHUNK, PULL_WINDOW);
+    let chunks = reader.by_ref().map(|c| c.map_err(|e| e.to_string()));
+    write_ranges(w, disk, size, &ranges, chunks, zero_gaps)?;
+    reader.finish();
+    Ok(())
+}
+
+/// Writes the chunks read from `ranges` of a disk (in order) into the log; with `zero_gaps`
+/// every range between them, up to the disk's `size`, becomes a zero record in its place, so
+/// that the log describes the whole disk and its records stay in order.
+fn write_ranges<W: std::io::Write>(
+    w: &mut LogWriter<W>,
+    disk: u16,
+    size: u64,
+    ranges: &[(u64, u64)],
+    chunks: impl Iterator<Item = Result<vmrepl_tracking::Chunk, String>>,
+    zero_gaps: bool,
+) -> Result<(), String> {
     let mut gaps: std::collections::VecDeque<(u64, u64)> = std::collections::VecDeque::new();
     if zero_gaps {
         let mut at = 0;
@@ -1821,10 +1816,8 @@ fn pull_disk<W: std::io::Write>(
         }
         Ok(())
     };
-    let mut reader =
-        vmrepl_tracking::NbdRangeReader::new(c, &ranges, vmrepl_tracking::MAX_CHUNK, PULL_WINDOW);
-    for chunk in reader.by_ref() {
-        let c = chunk.map_err(|e| e.to_string())?;
+    for chunk in chunks {
+        let c = chunk?;
         gap_before(w, c.offset)?;
         match c.data {
             ChunkData::Data(buf) => w.write_data(disk, c.offset, &buf),
@@ -1832,7 +1825,6 @@ fn pull_disk<W: std::io::Write>(
         }
         .map_err(|e| e.to_string())?;
     }
-    reader.finish();
     gap_before(w, u64::MAX)
 }
 
@@ -2262,6 +2254,55 @@ pub fn default_settings(replica_server: &str) -> ReplicationSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_gaps_go_between_the_ranges_read_so_that_records_stay_in_order() {
+        const K: u64 = 1024;
+        let header = LogHeader {
+            vm_id: Uuid::nil(),
+            sequence: 2,
+            base_sequence: 1,
+            timestamp_unix_ms: 1,
+            kind: LogKind::Resync,
+            consistency: vmrepl_log::Consistency::Crash,
+            compression: Compression::None,
+            disks: vec![DiskInfo {
+                id: "disk0".into(),
+                virtual_size: 256 * K,
+            }],
+        };
+        let mut w = LogWriter::new(Vec::new(), header).unwrap();
+        let ranges = [(64 * K, 64 * K), (192 * K, 32 * K)];
+        let chunks = [(64 * K, 7u8), (192 * K, 9u8)].map(|(o, b)| {
+            Ok(vmrepl_tracking::Chunk {
+                offset: o,
+                data: ChunkData::Data(vec![b; if o == 64 * K { 64 * K } else { 32 * K } as usize]),
+            })
+        });
+        write_ranges(&mut w, 0, 256 * K, &ranges, chunks.into_iter(), true).unwrap();
+        let (_, bytes) = w.finish_into_inner().unwrap();
+        let shape: Vec<(u64, u32, bool)> = vmrepl_log::LogReader::new(&bytes[..])
+            .unwrap()
+            .map(|r| {
+                let r = r.unwrap();
+                (
+                    r.offset,
+                    r.len(),
+                    matches!(r.content, vmrepl_log::Content::Zero(_)),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (0, 64 * 1024, true),
+                (64 * K, 64 * 1024, false),
+                (128 * K, 64 * 1024, true),
+                (192 * K, 32 * 1024, false),
+                (224 * K, 32 * 1024, true),
+            ]
+        );
+    }
 
     #[test]
     fn replica_digests_decode_only_when_block_size_count_and_hex_fit() {
