@@ -1227,7 +1227,7 @@ impl<'a> Cycle<'a> {
             let sent = self
                 .send(&path, (next, n), total, resume, "resumed transfer")
                 .await;
-            return self.settle(&path, (next, n), frozen, sent).await;
+            return self.settle(&path, next, frozen, sent).await;
         }
         // Bring the bitmaps back to one recording bitmap (after a daemon restart, say). Log
         // numbers and bitmap numbers need not match: a rolled-back cycle merges its frozen
@@ -1291,7 +1291,7 @@ impl<'a> Cycle<'a> {
             let _ = std::fs::remove_file(&path);
             return Err(e);
         }
-        self.settle(&path, (next, n), Some(bitmap), sent).await
+        self.settle(&path, next, Some(bitmap), sent).await
     }
 
     /// The relationship's frozen bitmap, if any (that of a log whose transfer was cut).
@@ -1351,13 +1351,13 @@ impl<'a> Cycle<'a> {
         }
     }
 
-    /// Settles the frozen `bitmap` of log `next` (on base `n`) once it was sent: on the
+    /// Settles the frozen `bitmap` of log `next` once it was sent: on the
     /// replica's acknowledgement it is dropped (I1); a cut transfer keeps both the log and the
     /// bitmap so that the next cycle resumes it; any other failure merges the bitmap back.
     async fn settle(
         &mut self,
         path: &Path,
-        (next, _n): (u64, u64),
+        next: u64,
         bitmap: Option<u64>,
         sent: Result<u64, CycleError>,
     ) -> Result<(u64, u64), CycleError> {

@@ -167,30 +167,6 @@ impl PeerClient {
         }
     }
 
-    async fn read_response(&mut self) -> Result<PeerResponse, PeerError> {
-        match self.framed.read_control::<PeerResponse>().await {
-            Ok(r) => Ok(r),
-            Err(e) => Err(self.ferr(e)),
-        }
-    }
-
-    /// Sends log `seq` (built on `base_seq`) from the file `log_file` (from `resume.bytes` when
-    /// resuming a cut transfer, else from its start), in Data frames of at most 1 MiB, ended by
-    /// an empty Data frame; `progress` is called with the bytes sent so far (of this transfer).
-    /// Returns the replica's answer: `LogAck` once the log is durable and verified there, or
-    /// `Refused`.
-    pub async fn send_log(
-        &mut self,
-        vm_uuid: Uuid,
-        seqs: (u64, u64),
-        resume: Option<Resume>,
-        log_file: &Path,
-        progress: impl FnMut(u64),
-    ) -> Result<PeerResponse, PeerError> {
-        self.stream_log(vm_uuid, seqs, resume, log_file, progress)
-            .await
-    }
-
     /// Sends log `seq` (on `base`) while it is encoded: each chunk from `chunks` goes out as
     /// data frames, and the end of the log only once `growth` says the encoder finished well.
     /// An encoder that failed abandons the transfer (the connection is dropped without the end
@@ -240,7 +216,19 @@ impl PeerClient {
         self.read_response().await
     }
 
-    async fn stream_log(
+    async fn read_response(&mut self) -> Result<PeerResponse, PeerError> {
+        match self.framed.read_control::<PeerResponse>().await {
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.ferr(e)),
+        }
+    }
+
+    /// Sends log `seq` (built on `base_seq`) from the file `log_file` (from `resume.bytes` when
+    /// resuming a cut transfer, else from its start), in Data frames of at most 1 MiB, ended by
+    /// an empty Data frame; `progress` is called with the bytes sent so far (of this transfer).
+    /// Returns the replica's answer: `LogAck` once the log is durable and verified there, or
+    /// `Refused`.
+    pub async fn send_log(
         &mut self,
         vm_uuid: Uuid,
         (seq, base_seq): (u64, u64),
