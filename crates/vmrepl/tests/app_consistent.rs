@@ -39,7 +39,7 @@ fn an_app_consistent_point_is_taken_with_the_guest_frozen_and_holds_one_generati
     a.ok(&["vm", "start", "erp"]);
     a.wait_console("erp", "VMREPL QGA started", T);
     a.wait_console("erp", "VMREPL WROTE", T);
-    let o = enable(
+    enable_ok(
         &a,
         &b,
         "erp",
@@ -54,12 +54,6 @@ fn an_app_consistent_point_is_taken_with_the_guest_frozen_and_holds_one_generati
             "--app-consistent-hours",
             "12",
         ],
-    );
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stderr),
-        a.log_tail()
     );
     // The schedule takes the first app-consistent point right after initial replication.
     wait_until("a scheduled app-consistent point", T, || {
@@ -106,14 +100,13 @@ fn a_guest_without_an_agent_gets_a_crash_consistent_point_and_the_failure_is_cou
     );
     a.ok(&["vm", "start", "legacy"]);
     a.wait_console("legacy", "VMREPL QGA off", T);
-    let o = enable(
+    enable_ok(
         &a,
         &b,
         "legacy",
         "hostb.test",
         &["--frequency", "30", "--recovery-points", "1"],
     );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     wait_until("replicating", T, || {
         status(&a, "legacy")["state"] == "replicating"
     });

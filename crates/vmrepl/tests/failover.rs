@@ -68,8 +68,7 @@ fn replicating_pair(a_ip: &str, b_ip: &str, extra: &[&str]) -> (Host, Host, Path
     a.wait_console("app", "VMREPL WROTE", T);
     let mut opts = vec!["--frequency", "5"];
     opts.extend_from_slice(extra);
-    let o = enable(&a, &b, "app", "hostb.test", &opts);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    enable_ok(&a, &b, "app", "hostb.test", &opts);
     a.ok(&["replication", "status", "app", "--watch", "--for", "180"]);
     (a, b, store_a)
 }
@@ -426,8 +425,7 @@ fn a_uefi_vm_fails_over_with_its_nvram_and_reverse_replication_carries_it_back()
     create_guest_vm(&a, "efi", "2", &["8M"], WORK);
     a.ok(&["vm", "start", "efi"]);
     a.wait_console("efi", "VMREPL WROTE", T);
-    let o = enable(&a, &b, "efi", "hostb.test", &["--frequency", "5"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    enable_ok(&a, &b, "efi", "hostb.test", &["--frequency", "5"]);
     a.ok(&["replication", "status", "efi", "--watch", "--for", "180"]);
     a.ok(&["vm", "shutdown", "efi", "--timeout", "90"]);
     let gen = last_stopped_gen(&a.console("efi"), "vda");

@@ -33,19 +33,12 @@ fn an_initial_copy_exported_to_a_folder_and_imported_on_the_replica_starts_repli
         .unwrap()
         .is_empty());
 
-    let o = enable(
+    let out = enable_ok(
         &a,
         &b,
         "db",
         "hostb.test",
         &["--frequency", "5", "--initial-export", media_s],
-    );
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stderr),
-        a.log_tail()
     );
     assert!(out.contains("replication import db"), "{out}");
     let file = media.path().join("db.vmrlog");
@@ -214,18 +207,12 @@ fn a_copy_that_already_exists_on_the_replica_host_is_reconciled_by_block_compare
 
     // The restored backup, registered on hostb under the VM's name.
     create_guest_vm(&b, "app", "1", &[backup_s], "idle");
-    let o = enable(
+    enable_ok(
         &a,
         &b,
         "app",
         "hostb.test",
         &["--frequency", "5", "--initial-existing-copy"],
-    );
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stderr),
-        a.log_tail()
     );
     // hostb's VM became the replica: it is no longer a VM of its own there.
     assert!(!b.ok(&["vm", "list"]).contains("app"));

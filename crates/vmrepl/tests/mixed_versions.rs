@@ -92,8 +92,7 @@ fn a_vm_from_an_older_host_fails_over_to_a_newer_one_and_back_and_incapable_host
     assert_eq!(machine(&a, "old"), "pc-i440fx-7.1");
     a.ok(&["vm", "start", "old"]);
     a.wait_console("old", "VMREPL WROTE", T);
-    let o = enable(&a, &b, "old", "hostb.test", &["--frequency", "5"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    enable_ok(&a, &b, "old", "hostb.test", &["--frequency", "5"]);
     a.ok(&["replication", "status", "old", "--watch", "--for", "180"]);
     a.ok(&["vm", "shutdown", "old", "--timeout", "90"]);
     a.ok(&["failover", "prepare", "old"]);

@@ -12,7 +12,7 @@ fn a_running_vm_replicates_to_a_second_host_and_the_replica_equals_the_primary_a
     create_guest_vm(&a, "web", "1", &["16M", "8M"], "writeloop:vda+vdb:32:300");
     a.ok(&["vm", "start", "web"]);
     a.wait_console("web", "VMREPL WROTE", Duration::from_secs(120));
-    let o = enable(
+    enable_ok(
         &a,
         &b,
         "web",
@@ -25,12 +25,6 @@ fn a_running_vm_replicates_to_a_second_host_and_the_replica_equals_the_primary_a
             "--point-interval",
             "10",
         ],
-    );
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stderr),
-        a.log_tail()
     );
     // Monitor until replicating and healthy, as the article's validation asks.
     a.ok(&["replication", "status", "web", "--watch", "--for", "180"]);
@@ -138,8 +132,7 @@ fn after_qemu_is_killed_replication_requires_a_resync_and_resynchronizing_makes_
     create_guest_vm(&a, "db", "1", &["16M"], "writeloop:vda:64:200");
     a.ok(&["vm", "start", "db"]);
     a.wait_console("db", "VMREPL WROTE", Duration::from_secs(120));
-    let o = enable(&a, &b, "db", "hostb.test", &["--frequency", "5"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    enable_ok(&a, &b, "db", "hostb.test", &["--frequency", "5"]);
     a.ok(&["replication", "status", "db", "--watch", "--for", "180"]);
     // QEMU dies without saving its bitmaps: tracking can no longer be trusted.
     let pid = a.vm_pid("db").unwrap();
@@ -199,20 +192,14 @@ fn a_delta_cut_mid_transfer_is_resumed_by_the_next_cycle_and_nothing_is_lost() {
     let proxy = CuttingProxy::start("127.0.0.19", target);
     a.ok(&["vm", "create", "db", "--generation", "1", "--disk", "64M"]);
     let disk = disk_path(&a, "db", 0);
-    let server = proxy.addr.to_string();
-    a.ok(&[
-        "replication",
-        "enable",
+    let o = enable_via(
+        &a,
+        &proxy.addr.to_string(),
         "db",
-        "--replica-server",
-        &server,
-        "--replica-name",
         "hostb.test",
-        "--frequency",
-        "5",
-        "--recovery-points",
-        "0",
-    ]);
+        &["--frequency", "5", "--recovery-points", "0"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     wait_until("the initial copy", Duration::from_secs(60), || {
         acked(&a, "db") >= 1
     });
@@ -297,14 +284,13 @@ fn a_full_replica_disk_refuses_the_delta_and_replication_recovers_by_itself_once
     let _fs = Tmpfs::mount(&store, "160M");
     a.ok(&["vm", "create", "db", "--generation", "1", "--disk", "64M"]);
     let disk = disk_path(&a, "db", 0);
-    let o = enable(
+    enable_ok(
         &a,
         &b,
         "db",
         "hostb.test",
         &["--frequency", "5", "--recovery-points", "0"],
     );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     wait_until("the initial copy", Duration::from_secs(60), || {
         acked(&a, "db") >= 1
     });

@@ -343,18 +343,41 @@ pub fn pair(a_ip: &str, b_ip: &str, trust_group: &str) -> (Host, Host, PathBuf) 
 
 /// `replication enable VM` towards `b`, under the certificate name `name`, with `extra` options.
 pub fn enable(a: &Host, b: &Host, vm: &str, name: &str, extra: &[&str]) -> std::process::Output {
-    let server = format!("{}:{}", b.ip, b.port);
+    enable_via(a, &format!("{}:{}", b.ip, b.port), vm, name, extra)
+}
+
+/// `replication enable VM` towards the replica server at `server` (HOST:PORT).
+pub fn enable_via(
+    a: &Host,
+    server: &str,
+    vm: &str,
+    name: &str,
+    extra: &[&str],
+) -> std::process::Output {
     let mut args = vec![
         "replication",
         "enable",
         vm,
         "--replica-server",
-        &server,
+        server,
         "--replica-name",
         name,
     ];
     args.extend_from_slice(extra);
     a.run(&args)
+}
+
+/// [`enable`], which must succeed (the failure shows its stderr and the daemon's log);
+/// returns what it printed.
+pub fn enable_ok(a: &Host, b: &Host, vm: &str, name: &str, extra: &[&str]) -> String {
+    let o = enable(a, b, vm, name, extra);
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stderr),
+        a.log_tail()
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 pub fn refused(o: std::process::Output) -> String {
