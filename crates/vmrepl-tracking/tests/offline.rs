@@ -27,9 +27,7 @@ async fn qemu_io(img: &Path, cmd: &str) {
 
 #[tokio::test]
 async fn offline_cycle_through_the_storage_daemon() {
-    init_logs();
-    let d = tempfile::tempdir().unwrap();
-    make_images(d.path()).await;
+    let d = images().await;
     let rel = rel();
     let imgs: Vec<(&str, std::path::PathBuf)> = NODES
         .iter()
@@ -100,9 +98,7 @@ async fn offline_cycle_through_the_storage_daemon() {
 
 #[tokio::test]
 async fn streaming_makes_overlays_standalone_with_their_content_and_bitmaps_kept() {
-    init_logs();
-    let d = tempfile::tempdir().unwrap();
-    make_images(d.path()).await;
+    let d = images().await;
     let base = d.path().join("disk0.qcow2");
     qemu_io(&base, "write -P 0x5a 1M 128k").await;
     let over = d.path().join("over").join("disk0.qcow2");

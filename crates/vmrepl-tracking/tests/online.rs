@@ -13,14 +13,6 @@ use vmrepl_tracking::{
 const K: u64 = 1024;
 const M: u64 = 1 << 20;
 
-/// A temp folder holding the test disks (logging on).
-async fn images() -> tempfile::TempDir {
-    init_logs();
-    let d = tempfile::tempdir().unwrap();
-    make_images(d.path()).await;
-    d
-}
-
 /// Push mode (staged copies): these tests read the staged images themselves.
 fn staging(dir: &Path) -> Staging {
     let mut s = Staging::new(dir.join("staging"));

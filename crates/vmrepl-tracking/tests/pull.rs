@@ -79,9 +79,7 @@ async fn list(q: &vmrepl_qemu::QmpClient, cmd: &str) -> Vec<Value> {
 
 #[tokio::test]
 async fn a_pulled_cycle_reads_its_point_in_time_while_the_guest_overwrites_it() {
-    init_logs();
-    let d = tempfile::tempdir().unwrap();
-    make_images(d.path()).await;
+    let d = images().await;
     let vm = Vm::start(d.path()).await;
     let q = vm.qmp();
     let rel = rel();
@@ -169,9 +167,7 @@ async fn a_pulled_cycle_reads_its_point_in_time_while_the_guest_overwrites_it() 
 
 #[tokio::test]
 async fn a_pulled_full_copy_reads_the_data_of_its_point_in_time_and_skips_the_rest() {
-    init_logs();
-    let d = tempfile::tempdir().unwrap();
-    make_images(d.path()).await;
+    let d = images().await;
     let vm = Vm::start(d.path()).await;
     let q = vm.qmp();
     let rel = rel();

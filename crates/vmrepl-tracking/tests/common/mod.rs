@@ -31,6 +31,14 @@ pub fn disks() -> Vec<(&'static str, u64)> {
     NODES.iter().map(|n| (*n, DISK_SIZE)).collect()
 }
 
+/// A temp folder holding the test disks (logging on).
+pub async fn images() -> tempfile::TempDir {
+    init_logs();
+    let d = tempfile::tempdir().unwrap();
+    make_images(d.path()).await;
+    d
+}
+
 /// Images of a test VM in `dir`: disk0/disk1 qcow2 and a raw vars file with a pattern.
 pub async fn make_images(dir: &Path) {
     for n in NODES {
