@@ -204,54 +204,78 @@ pub async fn commit_cycle<N: AsRef<str>>(
     Ok(())
 }
 
+/// The `key` field of every entry `query` lists (block jobs by `device`, exports by `id`) that
+/// starts with `prefix`.
+async fn listed(
+    qmp: &QmpClient,
+    query: &str,
+    key: &str,
+    prefix: &str,
+) -> Result<Vec<String>, TrackingError> {
+    let v = qmp
+        .execute(query, Value::Null)
+        .await
+        .map_err(TrackingError::qmp(format!("list what {query} reports")))?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.get(key).and_then(Value::as_str))
+        .filter(|id| id.starts_with(prefix))
+        .map(str::to_string)
+        .collect())
+}
+
+/// Waits until none of `ids` is listed by `query` any more, waking on QMP events (`rx` was
+/// subscribed before they were asked to go). Err: those still there at the deadline.
+async fn wait_gone(
+    qmp: &QmpClient,
+    rx: &mut tokio::sync::broadcast::Receiver<vmrepl_qemu::QmpEvent>,
+    query: &str,
+    key: &str,
+    ids: &[String],
+) -> Result<Result<(), Vec<String>>, TrackingError> {
+    let deadline = Instant::now() + CANCEL_TIMEOUT;
+    loop {
+        let left: Vec<String> = listed(qmp, query, key, "")
+            .await?
+            .into_iter()
+            .filter(|x| ids.contains(x))
+            .collect();
+        if left.is_empty() {
+            return Ok(Ok(()));
+        }
+        if Instant::now() >= deadline {
+            return Ok(Err(left));
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
+    }
+}
+
 /// Removes the relationship's NBD exports (pull mode), waits until QEMU has dropped them,
 /// then stops the NBD server (vmrepl is its only user).
 async fn delete_exports(qmp: &QmpClient, rel: RelTag) -> Result<(), TrackingError> {
-    let prefix = rel.export_prefix();
-    let ours = |v: &Value| -> Vec<String> {
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.get("id").and_then(Value::as_str))
-            .filter(|id| id.starts_with(&prefix))
-            .map(str::to_string)
-            .collect()
-    };
-    let list = qmp
-        .execute("query-block-exports", Value::Null)
-        .await
-        .map_err(TrackingError::qmp("list NBD exports (query-block-exports)"))?;
-    let ids = ours(&list);
-    for id in &ids {
-        match qmp
-            .execute("block-export-del", json!({"id": id, "mode": "hard"}))
-            .await
-        {
-            Ok(_) => {}
-            // Already on its way out.
-            Err(e) if e.class() == Some("GenericError") => {
-                tracing::info!(target: LOG_TARGET, export = %id, error = %e, "export already going");
+    let ids = listed(qmp, "query-block-exports", "id", &rel.export_prefix()).await?;
+    if !ids.is_empty() {
+        let mut rx = qmp.subscribe();
+        for id in &ids {
+            match qmp
+                .execute("block-export-del", json!({"id": id, "mode": "hard"}))
+                .await
+            {
+                Ok(_) => {}
+                // Already on its way out.
+                Err(e) if e.class() == Some("GenericError") => {
+                    tracing::info!(target: LOG_TARGET, export = %id, error = %e, "export already going");
+                }
+                Err(e) => return Err(TrackingError::qmp(format!("remove NBD export {id}"))(e)),
             }
-            Err(e) => return Err(TrackingError::qmp(format!("remove NBD export {id}"))(e)),
         }
-    }
-    let deadline = Instant::now() + CANCEL_TIMEOUT;
-    while !ids.is_empty() {
-        let list = qmp
-            .execute("query-block-exports", Value::Null)
-            .await
-            .map_err(TrackingError::qmp("list NBD exports (query-block-exports)"))?;
-        let left = ours(&list);
-        if left.is_empty() {
-            break;
-        }
-        if Instant::now() >= deadline {
+        if let Err(left) = wait_gone(qmp, &mut rx, "query-block-exports", "id", &ids).await? {
             return Err(TrackingError::ExportTimeout {
                 exports: left,
                 secs: CANCEL_TIMEOUT.as_secs(),
             });
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     match qmp.execute("nbd-server-stop", Value::Null).await {
         Ok(_) => Ok(()),
@@ -273,18 +297,7 @@ pub(crate) async fn cleanup_jobs_and_nodes(
         Some(s) => format!("{}{s}-", rel.job_prefix()),
         None => rel.job_prefix(),
     };
-    let jobs = qmp
-        .execute("query-block-jobs", Value::Null)
-        .await
-        .map_err(TrackingError::qmp("list block jobs (query-block-jobs)"))?;
-    let ours: Vec<String> = jobs
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|j| j.get("device").and_then(Value::as_str))
-        .filter(|d| d.starts_with(&prefix))
-        .map(str::to_string)
-        .collect();
+    let ours = listed(qmp, "query-block-jobs", "device", &prefix).await?;
     if !ours.is_empty() {
         let mut rx = qmp.subscribe();
         for j in &ours {
@@ -304,31 +317,11 @@ pub(crate) async fn cleanup_jobs_and_nodes(
                 Err(e) => return Err(TrackingError::qmp(format!("cancel backup job {j}"))(e)),
             }
         }
-        // Wait until none of them is listed any more.
-        let deadline = Instant::now() + CANCEL_TIMEOUT;
-        loop {
-            let jobs = qmp
-                .execute("query-block-jobs", Value::Null)
-                .await
-                .map_err(TrackingError::qmp("list block jobs (query-block-jobs)"))?;
-            let left: Vec<String> = jobs
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|j| j.get("device").and_then(Value::as_str))
-                .filter(|d| ours.iter().any(|o| o == d))
-                .map(str::to_string)
-                .collect();
-            if left.is_empty() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Err(TrackingError::JobTimeout {
-                    jobs: left,
-                    secs: CANCEL_TIMEOUT.as_secs(),
-                });
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
+        if let Err(left) = wait_gone(qmp, &mut rx, "query-block-jobs", "device", &ours).await? {
+            return Err(TrackingError::JobTimeout {
+                jobs: left,
+                secs: CANCEL_TIMEOUT.as_secs(),
+            });
         }
     }
     delete_staging_nodes(qmp, rel).await
