@@ -1097,7 +1097,7 @@ impl<'a> Cycle<'a> {
                     let total = build_log(
                         self.spec(),
                         &h,
-                        LogOut::File(&path),
+                        LogOut::File(path.clone()),
                         (1, 0),
                         LogKind::Initial,
                         None,
@@ -1447,7 +1447,7 @@ impl<'a> Cycle<'a> {
             let kept = build_log(
                 spec,
                 h,
-                LogOut::File(path),
+                LogOut::File(path.to_path_buf()),
                 (seq, base),
                 kind,
                 digests,
@@ -1622,9 +1622,9 @@ fn compare_blocks<W: std::io::Write>(
 /// Encodes the staged images into log `seq` at `path`; returns its size.
 #[allow(clippy::too_many_arguments)]
 /// Where [`build_log`] puts the encoded log.
-enum LogOut<'p> {
+enum LogOut {
     /// A file (created or truncated).
-    File(&'p Path),
+    File(PathBuf),
     /// Chunks of at most 1 MiB for a sender ([`crate::peer::client::PeerClient::send_log_stream`]).
     Stream(tokio::sync::mpsc::Sender<Vec<u8>>),
 }
@@ -1632,7 +1632,7 @@ enum LogOut<'p> {
 async fn build_log(
     (vm, rel, consistency): (&VmDefinition, &Relationship, vmrepl_log::Consistency),
     h: &vmrepl_tracking::CycleHandle,
-    out: LogOut<'_>,
+    out: LogOut,
     (seq, base): (u64, u64),
     kind: LogKind,
     replica_digests: Option<&Digests>,
@@ -1690,25 +1690,16 @@ async fn build_log(
             })
             .collect(),
     };
-    let file = match &out {
-        LogOut::File(p) => Some(p.to_path_buf()),
-        LogOut::Stream(_) => None,
-    };
-    let stream = match out {
-        LogOut::Stream(tx) => Some(tx),
-        LogOut::File(_) => None,
-    };
     let growth = growth.map(Arc::new);
     let tally = growth.clone();
     let built = tokio::task::spawn_blocking(move || -> Result<u64, String> {
         let t0 = std::time::Instant::now();
-        let inner: Box<dyn std::io::Write + Send> = match (file, stream) {
-            (Some(path), _) => Box::new(
+        let inner: Box<dyn std::io::Write + Send> = match out {
+            LogOut::File(path) => Box::new(
                 std::fs::File::create(&path)
                     .map_err(|e| format!("cannot create {}: {e}", path.display()))?,
             ),
-            (None, Some(tx)) => Box::new(Pipe { tx }),
-            (None, None) => return Err("the log has nowhere to go".into()),
+            LogOut::Stream(tx) => Box::new(Pipe { tx }),
         };
         let f = Tally { inner, growth: tally };
         let mut w = LogWriter::new(std::io::BufWriter::with_capacity(1 << 20, f), header)
