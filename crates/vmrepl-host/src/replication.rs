@@ -1838,29 +1838,18 @@ fn write_differing_pulled<W: std::io::Write>(
         PULL_WINDOW,
     );
     let mut chunks = reader.peekable();
-    let n = compare_blocks(w, disk, size, bs, theirs, |start, buf| {
+    compare_blocks(w, disk, size, bs, theirs, |start, buf| {
         let end = start + buf.len() as u64;
-        while let Some(Ok(c)) = chunks.peek() {
-            if c.offset >= end {
-                break;
-            }
-            let c = match chunks.next() {
-                Some(Ok(c)) => c,
-                _ => break,
-            };
-            let at = (c.offset - start) as usize;
+        // The chunks of this block (reads are block-aligned), or the error that stops them.
+        while let Some(c) = chunks.next_if(|c| c.as_ref().map_or(true, |c| c.offset < end)) {
+            let c = c.map_err(|e| e.to_string())?;
             if let ChunkData::Data(d) = c.data {
+                let at = (c.offset - start) as usize;
                 buf[at..at + d.len()].copy_from_slice(&d);
             }
         }
-        if let Some(Err(_)) = chunks.peek() {
-            if let Some(Err(e)) = chunks.next() {
-                return Err(e.to_string());
-            }
-        }
         Ok(())
-    })?;
-    Ok(n)
+    })
 }
 
 /// Hands the encoded log to the sender in chunks (the writer's buffer, at most 1 MiB), waiting
