@@ -40,18 +40,14 @@ use vmrepl_types::{VmDefinition, VmName};
 /// How long streaming a failed-over VM's disks off its recovery point may take.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
-fn err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
-    ApiError::new(code, msg)
-}
-
 fn internal(e: impl std::fmt::Display) -> ApiError {
-    err(ErrorCode::Internal, e.to_string())
+    ApiError::new(ErrorCode::Internal, e.to_string())
 }
 
 fn store_err(e: StoreError) -> ApiError {
     match e {
-        StoreError::NoSuchPoint { .. } => err(ErrorCode::InvalidInput, format!("{e}.")),
-        other => err(ErrorCode::Io, other.to_string()),
+        StoreError::NoSuchPoint { .. } => ApiError::new(ErrorCode::InvalidInput, format!("{e}.")),
+        other => ApiError::new(ErrorCode::Io, other.to_string()),
     }
 }
 
@@ -60,7 +56,7 @@ fn store_err(e: StoreError) -> ApiError {
 pub async fn points(d: &Arc<Daemon>, name: &VmName) -> Result<Vec<RecoveryPointInfo>, ApiError> {
     let row = replica::named(d, name)?;
     if row.state == ReplicationState::FailedOver {
-        return Err(err(
+        return Err(ApiError::new(
             ErrorCode::WrongState,
             format!("VM {name} has failed over and its recovery points were dropped."),
         ));
@@ -91,7 +87,7 @@ pub async fn points(d: &Arc<Daemon>, name: &VmName) -> Result<Vec<RecoveryPointI
 pub async fn prepare(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
     let vm = d.vmm.show(name)?.definition;
     let rel = replication::load(d, vm.uuid).ok_or_else(|| {
-        err(
+        ApiError::new(
             ErrorCode::NotFound,
             format!("VM {name} is not replicated from this host, so there is nothing to prepare; on a replica server use `vmrepl failover start`."),
         )
@@ -105,7 +101,7 @@ pub async fn prepare(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError>
         }
         ReplicationState::Replicating => {}
         s => {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::WrongState,
                 format!("Replication of {name} is {s}; a planned failover needs it replicating (resume it or let initial replication finish first)."),
             ))
@@ -133,7 +129,7 @@ pub async fn prepare(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError>
                     .unwrap_or_default(),
             };
             let _ = d.vmm.set_failover_lock(vm.uuid, false).await;
-            Err(err(
+            Err(ApiError::new(
                 ErrorCode::Peer,
                 format!("The last changes of {name} could not be sent to {}: {why}. Nothing changed; the VM can still start here.", rel.replica_name),
             ))
@@ -150,7 +146,7 @@ pub async fn cancel(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> 
         .and_then(|v| replication::load(d, v.definition.uuid));
     if let Some(rel) = prepared {
         if rel.state != ReplicationState::SyncedReplicationComplete {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::WrongState,
                 format!("VM {name} is not prepared for a failover (replication is {}); there is nothing to cancel.", rel.state),
             ));
@@ -165,7 +161,7 @@ pub async fn cancel(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> 
                 })
                 .await
             {
-                return Err(err(
+                return Err(ApiError::new(
                     ErrorCode::WrongState,
                     format!("{} has already failed VM {name} over; it runs there now. Fail back instead of cancelling.", rel.replica_name),
                 ));
@@ -180,13 +176,13 @@ pub async fn cancel(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> 
     }
     let row = replica::named(d, name)?;
     let Some(f) = row.failover.clone() else {
-        return Err(err(
+        return Err(ApiError::new(
             ErrorCode::WrongState,
             format!("VM {name} has not failed over; there is nothing to cancel."),
         ));
     };
     if row.state != ReplicationState::FailedOverWaitingCompletion {
-        return Err(err(
+        return Err(ApiError::new(
             ErrorCode::WrongState,
             format!("The failover of {name} is complete and cannot be cancelled any more."),
         ));
@@ -252,7 +248,7 @@ async fn ask_primary(d: &Daemon, row: &ReplicaRow) -> PrimaryView {
 /// I7: this host must run the VM exactly as it is.
 fn check_runnable(d: &Daemon, def: &VmDefinition) -> Result<(), ApiError> {
     d.vmm.caps().check_runs(def).map_err(|why| {
-        err(
+        ApiError::new(
             ErrorCode::Unsupported,
             format!(
                 "This host ({}) cannot run VM {}: {why}. Nothing was changed.",
@@ -309,10 +305,10 @@ where
     let ids: Vec<String> = def.disks.iter().map(|x| x.id.clone()).collect();
     let ep = replication::Endpoint::open(d, def, &ids, None)
         .await
-        .map_err(|e| err(ErrorCode::Qemu, e))?;
+        .map_err(|e| ApiError::new(ErrorCode::Qemu, e))?;
     let r = f(ep.qmp().clone(), ids).await;
     ep.close().await;
-    r.map_err(|e| err(ErrorCode::Qemu, e.to_string()))
+    r.map_err(|e| ApiError::new(ErrorCode::Qemu, e.to_string()))
 }
 
 /// Fails a replica VM over (on the replica server). Planned when the primary prepared it.
@@ -325,13 +321,13 @@ pub async fn start(
 ) -> Result<String, ApiError> {
     let row = replica::named(d, name)?;
     if let Some(f) = &row.failover {
-        return Err(err(
+        return Err(ApiError::new(
             ErrorCode::WrongState,
             format!("VM {name} has already failed over to point {}; complete or cancel that failover first.", f.point_seq),
         ));
     }
     if row.last_applied == 0 {
-        return Err(err(
+        return Err(ApiError::new(
             ErrorCode::WrongState,
             format!("Initial replication of {name} is not complete; there is no recovery point to fail over to."),
         ));
@@ -340,13 +336,13 @@ pub async fn start(
     // I6: one host at a time.
     let prepared = match ask_primary(d, &row).await {
         PrimaryView::Answered { running: true, .. } if !risk_split_brain => {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::WrongState,
                 format!("VM {name} is running on the primary {}. Shut it down there and run `vmrepl failover prepare {name}` for a planned failover; nothing was changed.", row.primary_host),
             ))
         }
         PrimaryView::Unreachable(why) if !risk_split_brain => {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::Peer,
                 format!("The primary {} cannot be asked whether VM {name} runs there ({why}). If that host is lost, repeat with --risk-split-brain: two running copies of the VM would diverge. Nothing was changed.", row.primary_host),
             ))
@@ -358,20 +354,20 @@ pub async fn start(
     let lock = replica::vm_lock(&dir);
     let _g = lock.lock().await;
     let last = replica::apply_and_record(d, &row).await.map_err(|e| {
-        err(
+        ApiError::new(
             ErrorCode::Io,
             format!("The replica of {name} cannot apply its received logs: {e}"),
         )
     })?;
     if let Some(s) = prepared {
         if last != s {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::WrongState,
                 format!("The primary prepared {name} at log {s} but this replica holds log {last}; wait for the primary to finish sending and retry. Nothing was changed."),
             ));
         }
         if point.is_some_and(|p| p != s) {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::InvalidInput,
                 format!("A planned failover goes to the prepared point {s}; drop --point."),
             ));
@@ -466,14 +462,14 @@ pub async fn complete(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError
         (Some(_), ReplicationState::FailedOverWaitingCompletion) => {}
         (Some(_), _) => return Ok(format!("The failover of {name} is already complete.")),
         (None, _) => {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::WrongState,
                 format!("VM {name} has not failed over; there is nothing to complete (`vmrepl failover start {name}` first)."),
             ))
         }
     }
     let def = d.vmm.definition(row.vm_uuid).ok_or_else(|| {
-        err(
+        ApiError::new(
             ErrorCode::NotFound,
             format!("The failed-over VM {name} is gone."),
         )
@@ -520,26 +516,26 @@ pub async fn test(
 ) -> Result<String, ApiError> {
     let row = replica::named(d, name)?;
     if let Some(t) = &row.test_failover {
-        return Err(err(
+        return Err(ApiError::new(
             ErrorCode::AlreadyExists,
             format!("A test failover of {name} runs already as VM {:?}; stop it with `vmrepl failover stop-test {name}` first.", t.name),
         ));
     }
     if row.failover.is_some() {
-        return Err(err(
+        return Err(ApiError::new(
             ErrorCode::WrongState,
             format!("VM {name} has failed over; test failover is for a replica."),
         ));
     }
     if row.last_applied == 0 {
-        return Err(err(
+        return Err(ApiError::new(
             ErrorCode::WrongState,
             format!("Initial replication of {name} is not complete; there is no point to test."),
         ));
     }
     check_runnable(d, &row.definition)?;
     let test_name = VmName::new(&format!("{} - Test", name.as_str()))
-        .map_err(|e| err(ErrorCode::InvalidInput, e.to_string()))?;
+        .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
     let uuid = Uuid::new_v4();
     let lock = replica::vm_lock(&replica::vm_dir(&row));
     let _g = lock.lock().await;
@@ -587,7 +583,7 @@ pub async fn test(
 pub async fn stop_test(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
     let row = replica::named(d, name)?;
     let Some(t) = row.test_failover.clone() else {
-        return Err(err(
+        return Err(ApiError::new(
             ErrorCode::WrongState,
             format!("No test failover of {name} runs."),
         ));
@@ -623,13 +619,13 @@ pub async fn reverse(
     let f = match (&row.failover, row.state) {
         (Some(f), ReplicationState::FailedOver) => f.clone(),
         (Some(_), _) => {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::WrongState,
                 format!("Complete the failover of {name} first (`vmrepl failover complete {name}`)."),
             ))
         }
         (None, _) => {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::WrongState,
                 format!("VM {name} has not failed over to this host; reverse replication follows a failover."),
             ))
@@ -639,7 +635,7 @@ pub async fn reverse(
     if settings.replica_server.is_empty() {
         // Back to where the old primary said it listens, under the name its certificate has.
         settings.replica_server = row.primary_server.clone().ok_or_else(|| {
-            err(
+            ApiError::new(
                 ErrorCode::InvalidInput,
                 format!("The old primary {} never said where it listens; give --replica-server HOST:PORT.", row.primary_host),
             )
@@ -649,13 +645,13 @@ pub async fn reverse(
             .get_or_insert_with(|| row.primary_host.clone());
     }
     settings.validate().map_err(|m| {
-        err(
+        ApiError::new(
             ErrorCode::InvalidInput,
             format!("Invalid replication settings: {m}."),
         )
     })?;
     let def = d.vmm.definition(row.vm_uuid).ok_or_else(|| {
-        err(
+        ApiError::new(
             ErrorCode::NotFound,
             format!("The failed-over VM {name} is gone."),
         )
@@ -673,7 +669,7 @@ pub async fn reverse(
             primary_server: Some(my_addr),
         })
         .await
-        .map_err(|e| err(ErrorCode::Peer, format!("{e}. Nothing was changed.")))?;
+        .map_err(|e| ApiError::new(ErrorCode::Peer, format!("{e}. Nothing was changed.")))?;
     let (delta, resync, reason) = match answer {
         PeerResponse::Reversed {
             delta,
@@ -690,13 +686,13 @@ pub async fn reverse(
             } else {
                 String::new()
             };
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::Peer,
                 format!("{} refused to become the replica of {name}: {message}.{hint} Nothing was changed.", theirs.host_name),
             ));
         }
         other => {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::Peer,
                 format!("Unexpected answer from {}: {other:?}", theirs.host_name),
             ))

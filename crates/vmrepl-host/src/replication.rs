@@ -76,10 +76,6 @@ pub struct Relationship {
     pub note: Option<String>,
 }
 
-fn err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
-    ApiError::new(code, msg)
-}
-
 pub(crate) fn load(d: &Daemon, vm: Uuid) -> Option<Relationship> {
     let db = d.db.lock().expect("db");
     db.conn()
@@ -172,7 +168,7 @@ fn record_success(d: &Daemon, vm: Uuid, acked: u64, state: ReplicationState) {
 /// Splits `host:port` and gives the name the replica's certificate must carry.
 fn replica_target(s: &ReplicationSettings) -> Result<(String, String), ApiError> {
     let (host, port) = s.replica_server.rsplit_once(':').ok_or_else(|| {
-        err(
+        ApiError::new(
             ErrorCode::InvalidInput,
             format!(
                 "Replica server {:?} is not HOST:PORT (for example hostb.example.org:7443).",
@@ -181,7 +177,7 @@ fn replica_target(s: &ReplicationSettings) -> Result<(String, String), ApiError>
         )
     })?;
     port.parse::<u16>().map_err(|_| {
-        err(
+        ApiError::new(
             ErrorCode::InvalidInput,
             format!("Port {port:?} of the replica server is not a number."),
         )
@@ -234,21 +230,21 @@ pub async fn enable(
     settings: ReplicationSettings,
 ) -> Result<String, ApiError> {
     settings.validate().map_err(|m| {
-        err(
+        ApiError::new(
             ErrorCode::InvalidInput,
             format!("Invalid replication settings: {m}."),
         )
     })?;
     let vm = d.vmm.show(name)?.definition;
     if load(d, vm.uuid).is_some() {
-        return Err(err(
+        return Err(ApiError::new(
             ErrorCode::AlreadyExists,
             format!("Replication is already enabled for VM {name}; `vmrepl replication status {name}` shows it, `replication remove` removes it."),
         ));
     }
     for x in &settings.exclude_disks {
         if vm.disk(x).is_none() {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::InvalidInput,
                 format!(
                     "VM {name} has no disk {x:?} to exclude; its disks are {}.",
@@ -262,7 +258,7 @@ pub async fn enable(
         }
     }
     if replicated_disks(&vm, &settings).is_empty() {
-        return Err(err(
+        return Err(ApiError::new(
             ErrorCode::InvalidInput,
             format!("VM {name} would replicate no disk; exclude fewer."),
         ));
@@ -272,7 +268,7 @@ pub async fn enable(
         InitialReplication::NetworkAt { unix_secs } => {
             let now = now_ms() / 1000;
             if *unix_secs > now + 7 * 86400 {
-                return Err(err(
+                return Err(ApiError::new(
                     ErrorCode::InvalidInput,
                     "Initial replication can be scheduled at most 7 days ahead (as in Hyper-V).",
                 ));
@@ -286,14 +282,14 @@ pub async fn enable(
     let ask = |r: PeerResponse, what: &str| -> Result<(), ApiError> {
         match r {
             PeerResponse::Ok => Ok(()),
-            PeerResponse::Refused { message, .. } => Err(err(
+            PeerResponse::Refused { message, .. } => Err(ApiError::new(
                 ErrorCode::Peer,
                 format!(
                     "The replica server {} refused to {what}: {message}",
                     theirs.host_name
                 ),
             )),
-            other => Err(err(
+            other => Err(ApiError::new(
                 ErrorCode::Peer,
                 format!("Unexpected answer from the replica server: {other:?}"),
             )),
@@ -304,7 +300,7 @@ pub async fn enable(
             vm: Box::new(replica_vm.clone()),
         })
         .await
-        .map_err(|e| err(ErrorCode::Peer, e.to_string()))?;
+        .map_err(|e| ApiError::new(ErrorCode::Peer, e.to_string()))?;
     ask(r, "host this VM")?;
     let rel_id = Uuid::new_v4();
     let policy = point_policy(&settings);
@@ -319,7 +315,7 @@ pub async fn enable(
             existing_copy,
         })
         .await
-        .map_err(|e| err(ErrorCode::Peer, e.to_string()))?;
+        .map_err(|e| ApiError::new(ErrorCode::Peer, e.to_string()))?;
     ask(
         r,
         if existing_copy {
@@ -384,7 +380,7 @@ pub(crate) async fn reach_replica(
     vm: &VmDefinition,
 ) -> Result<(PeerClient, vmrepl_types::HostInfo), ApiError> {
     let (client, theirs) = connect(d, settings).await.map_err(|e| {
-        err(
+        ApiError::new(
             ErrorCode::Peer,
             format!(
                 "Cannot reach the replica server {}: {e}. Nothing was changed.",
@@ -393,7 +389,7 @@ pub(crate) async fn reach_replica(
         )
     })?;
     theirs.check_runs(vm).map_err(|why| {
-        err(
+        ApiError::new(
             ErrorCode::Unsupported,
             format!(
                 "The replica server {} cannot run VM {}: {why}. Nothing was changed.",
@@ -411,7 +407,7 @@ pub fn export_file(folder: &Path, name: &VmName) -> PathBuf {
 
 /// An export folder must be an existing, writable directory given by an absolute path.
 fn check_export_folder(folder: &Path) -> Result<(), ApiError> {
-    let bad = |why: String| err(ErrorCode::InvalidInput, why);
+    let bad = |why: String| ApiError::new(ErrorCode::InvalidInput, why);
     if !folder.is_absolute() {
         return Err(bad(format!(
             "The export folder {} is not an absolute path.",
@@ -463,7 +459,7 @@ pub(crate) fn insert(
                 note
             ],
         )
-        .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
     let _ = db.event(
         Some(vm),
         &format!(
@@ -1894,7 +1890,7 @@ pub fn pause(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
     let vm = d.vmm.show(name)?.definition;
     let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
     if rel.state == ReplicationState::SyncedReplicationComplete {
-        return Err(err(
+        return Err(ApiError::new(
             ErrorCode::WrongState,
             format!("VM {name} is prepared for a planned failover; `vmrepl failover cancel {name}` ends that first."),
         ));
@@ -1915,7 +1911,7 @@ pub async fn now(d: &Arc<Daemon>, name: &VmName, app_consistent: bool) -> Result
     let vm = d.vmm.show(name)?.definition;
     let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
     if rel.state != ReplicationState::Replicating {
-        return Err(err(
+        return Err(ApiError::new(
             ErrorCode::WrongState,
             format!("Replication of {name} is {}; replicating now needs it replicating (initial replication done, not paused, no resynchronization pending).", rel.state),
         ));
@@ -1926,7 +1922,7 @@ pub async fn now(d: &Arc<Daemon>, name: &VmName, app_consistent: bool) -> Result
         vmrepl_log::Consistency::Crash
     };
     let (seq, freeze) = replicate_now(d, vm.uuid, consistency).await.map_err(|e| {
-        err(
+        ApiError::new(
             ErrorCode::Peer,
             format!("Replicating {name} now failed: {e}"),
         )
@@ -1959,7 +1955,7 @@ pub fn resume(d: &Arc<Daemon>, name: &VmName, resynchronize: bool) -> Result<Str
                     | ReplicationState::Resynchronizing
             );
         if !ok {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::WrongState,
                 format!("Replication of {name} is {}; resynchronization is for a relationship that requires it (or is paused) after its initial replication.", rel.state),
             ));
@@ -1969,7 +1965,7 @@ pub fn resume(d: &Arc<Daemon>, name: &VmName, resynchronize: bool) -> Result<Str
         return Ok(format!("Resynchronization of {name} started; `vmrepl replication status {name}` shows its progress."));
     }
     if rel.state != ReplicationState::Suspended {
-        return Err(err(
+        return Err(ApiError::new(
             ErrorCode::WrongState,
             format!("Replication of {name} is {}, not paused.", rel.state),
         ));
@@ -2052,7 +2048,7 @@ pub(crate) async fn end_tracking(
 }
 
 fn not_enabled(name: &VmName) -> ApiError {
-    err(ErrorCode::NotFound, format!("Replication is not enabled for VM {name}; enable it with `vmrepl replication enable {name} --replica-server HOST:PORT`."))
+    ApiError::new(ErrorCode::NotFound, format!("Replication is not enabled for VM {name}; enable it with `vmrepl replication enable {name} --replica-server HOST:PORT`."))
 }
 
 pub(crate) fn wake(d: &Daemon, vm: Uuid) {

@@ -45,12 +45,8 @@ pub struct Vmm {
     ops: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-fn err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
-    ApiError::new(code, msg)
-}
-
 fn db_err(e: crate::db::DbError) -> ApiError {
-    err(ErrorCode::Internal, e.to_string())
+    ApiError::new(ErrorCode::Internal, e.to_string())
 }
 
 impl Vmm {
@@ -108,7 +104,7 @@ impl Vmm {
             .vm_by_name(name.as_str())
             .map_err(db_err)?
             .ok_or_else(|| {
-                err(
+                ApiError::new(
                     ErrorCode::NotFound,
                     format!("There is no VM named {name:?} on this host; `vmrepl vm list` shows the VMs here."),
                 )
@@ -140,7 +136,7 @@ impl Vmm {
                 .iter()
                 .filter(|m| m.starts_with(gen.machine_family()))
                 .collect();
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::Unsupported,
                 format!(
                     "Machine type {wanted:?} is unknown to this host's QEMU {}; use one of: {}",
@@ -155,7 +151,7 @@ impl Vmm {
         }
         // Either PC chipset runs either firmware; other boards (microvm, isapc) run neither.
         if !(resolved.starts_with("pc-i440fx") || resolved.starts_with("pc-q35")) {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::Unsupported,
                 format!(
                     "Machine type {resolved} is not a PC machine type; use pc-i440fx-* or pc-q35-*"
@@ -179,7 +175,7 @@ impl Vmm {
                 if ok {
                     Ok(n.expect("checked"))
                 } else {
-                    Err(err(
+                    Err(ApiError::new(
                         ErrorCode::InvalidInput,
                         format!(
                             "Folder {} is not one of this host's storage folders ({}); add it to `storage` in config.toml or pick one of those.",
@@ -195,7 +191,8 @@ impl Vmm {
     /// Defines a VM: validates everything first, then creates disks and NVRAM, then records it.
     /// On any failure, what was created is removed again.
     pub async fn create(&self, c: CreateVm) -> Result<VmSummary, ApiError> {
-        let name = VmName::new(&c.name).map_err(|e| err(ErrorCode::InvalidInput, e.to_string()))?;
+        let name = VmName::new(&c.name)
+            .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
         if self
             .db
             .lock()
@@ -204,25 +201,25 @@ impl Vmm {
             .map_err(db_err)?
             .is_some()
         {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::AlreadyExists,
                 format!("A VM named {name:?} already exists on this host; pick another name or delete it first."),
             ));
         }
         if c.vcpus == 0 || c.vcpus > 64 {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::InvalidInput,
                 format!("{} vCPUs asked; use 1 to 64.", c.vcpus),
             ));
         }
         if c.memory_mib < 32 || c.memory_mib > 1 << 20 {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::InvalidInput,
                 format!("{} MiB of memory asked; use 32 MiB to 1 TiB.", c.memory_mib),
             ));
         }
         if c.disks.len() > MAX_DISKS {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::InvalidInput,
                 format!(
                     "{} disks asked; a VM has at most {MAX_DISKS}.",
@@ -231,19 +228,19 @@ impl Vmm {
             ));
         }
         if c.secure_boot && c.generation == Generation::Bios {
-            return Err(err(ErrorCode::InvalidInput, "Secure Boot needs a generation 2 (UEFI) VM; drop --secure-boot or use --generation 2."));
+            return Err(ApiError::new(ErrorCode::InvalidInput, "Secure Boot needs a generation 2 (UEFI) VM; drop --secure-boot or use --generation 2."));
         }
         let firmware = vmrepl_types::api::firmware_for(c.generation, c.secure_boot);
         let fw = self.caps.firmware(firmware).cloned().ok_or_else(|| {
             let pkg = if firmware == FirmwareVariantId::Seabios { "seabios" } else { "ovmf" };
-            err(
+            ApiError::new(
                 ErrorCode::Unsupported,
                 format!("This host has no {firmware} firmware, which a generation {} VM needs; install it (apt-get install {pkg}) and restart the daemon.", c.generation),
             )
         })?;
         let machine_type = self.resolve_machine(c.generation, c.machine_type.as_deref())?;
         if firmware == FirmwareVariantId::Ovmf4mSecureBoot && !machine_type.starts_with("pc-q35") {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::InvalidInput,
                 "Secure Boot needs the q35 machine type.",
             ));
@@ -253,7 +250,7 @@ impl Vmm {
             (Some(k), initrd, cmdline) => {
                 for p in std::iter::once(k).chain(initrd.iter()) {
                     if !p.is_file() {
-                        return Err(err(
+                        return Err(ApiError::new(
                             ErrorCode::InvalidInput,
                             format!("Kernel boot file {} does not exist.", p.display()),
                         ));
@@ -266,7 +263,7 @@ impl Vmm {
                 })
             }
             _ => {
-                return Err(err(
+                return Err(ApiError::new(
                     ErrorCode::InvalidInput,
                     "--initrd and --cmdline need --kernel.",
                 ))
@@ -277,13 +274,13 @@ impl Vmm {
                 DiskSpec::New { size_bytes, folder } => {
                     self.storage_folder(folder.as_ref())?;
                     if *size_bytes < 1 << 20 || *size_bytes % 512 != 0 {
-                        return Err(err(ErrorCode::InvalidInput, format!("Disk size {size_bytes} bytes is not a multiple of 512 of at least 1 MiB.")));
+                        return Err(ApiError::new(ErrorCode::InvalidInput, format!("Disk size {size_bytes} bytes is not a multiple of 512 of at least 1 MiB.")));
                     }
                 }
                 DiskSpec::Import { source, folder } => {
                     self.storage_folder(folder.as_ref())?;
                     if !source.is_file() {
-                        return Err(err(
+                        return Err(ApiError::new(
                             ErrorCode::InvalidInput,
                             format!("Image to import {} does not exist.", source.display()),
                         ));
@@ -361,7 +358,7 @@ impl Vmm {
                     vmrepl_qemu::img::QemuImg::default()
                         .create(&path, *size_bytes, &Default::default())
                         .await
-                        .map_err(|e| err(ErrorCode::Qemu, e.to_string()))?;
+                        .map_err(|e| ApiError::new(ErrorCode::Qemu, e.to_string()))?;
                     created.push(path.clone());
                     *size_bytes
                 }
@@ -369,12 +366,12 @@ impl Vmm {
                     vmrepl_qemu::img::QemuImg::default()
                         .convert(source, None, &path)
                         .await
-                        .map_err(|e| err(ErrorCode::Qemu, e.to_string()))?;
+                        .map_err(|e| ApiError::new(ErrorCode::Qemu, e.to_string()))?;
                     created.push(path.clone());
                     vmrepl_qemu::img::QemuImg::default()
                         .info(&path)
                         .await
-                        .map_err(|e| err(ErrorCode::Qemu, e.to_string()))?
+                        .map_err(|e| ApiError::new(ErrorCode::Qemu, e.to_string()))?
                         .virtual_size
                 }
             };
@@ -390,7 +387,7 @@ impl Vmm {
                 vm_folder(&dir, created)?;
                 let p = dir.join("nvram.fd");
                 std::fs::copy(tpl, &p).map_err(|e| {
-                    err(
+                    ApiError::new(
                         ErrorCode::Io,
                         format!("Cannot copy the NVRAM template {}: {e}", tpl.display()),
                     )
@@ -439,17 +436,17 @@ impl Vmm {
         match row.state {
             VmRunState::Off | VmRunState::Crashed => {}
             VmRunState::LockedForFailover => {
-                return Err(err(
+                return Err(ApiError::new(
                     ErrorCode::WrongState,
                     format!("VM {name} is locked: it was prepared for a planned failover and now runs on the replica. Cancel the failover, or fail back, to run it here."),
                 ))
             }
             s => {
-                return Err(err(ErrorCode::WrongState, format!("VM {name} is {s}; it can only be started when it is off.")))
+                return Err(ApiError::new(ErrorCode::WrongState, format!("VM {name} is {s}; it can only be started when it is off.")))
             }
         }
         if let Some(i) = self.caps.can_run(&def).first() {
-            return Err(err(ErrorCode::Unsupported, i.to_string()));
+            return Err(ApiError::new(ErrorCode::Unsupported, i.to_string()));
         }
         let fw = self
             .caps
@@ -458,7 +455,7 @@ impl Vmm {
             .expect("checked by can_run");
         let run_dir = self.dd.run_dir(def.uuid);
         std::fs::create_dir_all(&run_dir).map_err(|e| {
-            err(
+            ApiError::new(
                 ErrorCode::Io,
                 format!("Cannot create the run folder {}: {e}", run_dir.display()),
             )
@@ -466,7 +463,7 @@ impl Vmm {
         let paths = self.run_paths(def.uuid);
         let _ = std::fs::remove_file(&paths.serial_log);
         let cmd = vmrepl_qemu::cmdline::build_command(&def, &fw, &paths, self.accel)
-            .map_err(|e| err(ErrorCode::InvalidInput, e.to_string()))?;
+            .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
         self.set_state(def.uuid, VmRunState::Starting, None, None);
         let opts =
             vmrepl_qemu::process::SpawnOptions::new(run_dir.join("qemu.stderr"), &paths.qmp_sock);
@@ -474,7 +471,7 @@ impl Vmm {
             Ok(p) => Arc::new(p),
             Err(e) => {
                 self.set_state(def.uuid, VmRunState::Off, None, Some("start failed"));
-                return Err(err(
+                return Err(ApiError::new(
                     ErrorCode::Qemu,
                     format!("QEMU did not start VM {name}: {e}"),
                 ));
@@ -488,7 +485,7 @@ impl Vmm {
             {
                 proc.kill();
                 self.set_state(def.uuid, VmRunState::Off, None, Some("start failed"));
-                return Err(err(
+                return Err(ApiError::new(
                     ErrorCode::Qemu,
                     format!(
                         "QEMU for VM {name} refused start-up step {}: {e}",
@@ -646,7 +643,7 @@ impl Vmm {
         let uuid = row.definition.uuid;
         let _op = self.op_lock(uuid).await;
         let Some((pid, proc, expected)) = self.live_handle(uuid).await else {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::WrongState,
                 format!(
                     "VM {name} is {}; only a running VM can be shut down.",
@@ -681,7 +678,7 @@ impl Vmm {
             Some(pid),
             Some("guest ignored the shutdown request"),
         );
-        Err(err(
+        Err(ApiError::new(
             ErrorCode::WrongState,
             format!("VM {name} did not shut down within {} s (the guest may not handle the ACPI power button). Retry with a longer --timeout, or add --force to stop it hard.", timeout.as_secs()),
         ))
@@ -693,7 +690,7 @@ impl Vmm {
         let uuid = row.definition.uuid;
         let _op = self.op_lock(uuid).await;
         let Some((pid, proc, expected)) = self.live_handle(uuid).await else {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::WrongState,
                 format!("VM {name} is {}; it is not running.", row.state),
             ));
@@ -713,7 +710,7 @@ impl Vmm {
         let row = self.row(name)?;
         let def = &row.definition;
         if !row.state.is_stopped() {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::WrongState,
                 format!("VM {name} is {}; shut it down or stop it first.", row.state),
             ));
@@ -722,7 +719,7 @@ impl Vmm {
             for d in &def.disks {
                 if d.path.exists() {
                     std::fs::remove_file(&d.path).map_err(|e| {
-                        err(
+                        ApiError::new(
                             ErrorCode::Io,
                             format!("Cannot delete disk {}: {e}", d.path.display()),
                         )
@@ -767,13 +764,13 @@ impl Vmm {
     pub fn register(&self, def: &VmDefinition) -> Result<(), ApiError> {
         let db = self.db.lock().expect("db");
         if db.vm_by_name(def.name.as_str()).map_err(db_err)?.is_some() {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::AlreadyExists,
                 format!("A VM named {:?} already exists on this host; rename or delete it first (nothing was changed).", def.name.as_str()),
             ));
         }
         if db.vm_by_uuid(def.uuid).map_err(db_err)?.is_some() {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::AlreadyExists,
                 format!(
                     "VM {} already exists on this host (nothing was changed).",
@@ -796,14 +793,14 @@ impl Vmm {
             .expect("db")
             .vm_by_uuid(uuid)
             .map_err(db_err)?
-            .ok_or_else(|| err(ErrorCode::NotFound, format!("VM {uuid} is gone.")))?;
+            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("VM {uuid} is gone.")))?;
         let ok = if locked {
             row.state.is_stopped()
         } else {
             matches!(row.state, VmRunState::LockedForFailover | VmRunState::Off)
         };
         if !ok {
-            return Err(err(
+            return Err(ApiError::new(
                 ErrorCode::WrongState,
                 format!(
                     "VM {} is {}; a planned failover needs it shut down (`vmrepl vm shutdown {}`), so that no write is lost.",
@@ -837,7 +834,7 @@ impl Vmm {
 fn vm_folder(dir: &std::path::Path, created: &mut Vec<PathBuf>) -> Result<(), ApiError> {
     if !dir.exists() {
         std::fs::create_dir_all(dir).map_err(|e| {
-            err(
+            ApiError::new(
                 ErrorCode::Io,
                 format!("Cannot create {}: {e}", dir.display()),
             )
