@@ -769,14 +769,13 @@ async fn run_cycle(
         rel: &rel,
         vm: &vm,
         client,
-        qmp: endpoint.qmp(),
+        endpoint: &endpoint,
         tag,
         disks,
         vars,
         staging: Staging::new(d.dd.staging()),
         rt,
         consistency,
-        live: matches!(endpoint, Endpoint::Live(_)),
         app_freeze: None,
     };
     let result = if initial {
@@ -1015,7 +1014,8 @@ struct Cycle<'a> {
     rel: &'a Relationship,
     vm: &'a VmDefinition,
     client: PeerClient,
-    qmp: &'a vmrepl_qemu::qmp::QmpClient,
+    /// The VM's running QEMU, or the storage daemon that holds its disks while it is off.
+    endpoint: &'a Endpoint,
     tag: RelTag,
     /// Replicated disks as (node, size).
     disks: Vec<(String, u64)>,
@@ -1025,8 +1025,6 @@ struct Cycle<'a> {
     /// What the log's point in time is (crash-consistent, app-consistent when the guest
     /// could be frozen, or planned for a failover).
     consistency: vmrepl_log::Consistency,
-    /// Whether QEMU runs the VM (else the disks are reached through the storage daemon).
-    live: bool,
     /// For an app-consistent attempt: the filesystems the agent froze, or why it could not.
     app_freeze: Option<Result<u64, String>>,
 }
@@ -1070,7 +1068,7 @@ impl<'a> Cycle<'a> {
             ReplicationState::InitialReplicationInProgress,
             None,
         );
-        let (qmp, tag) = (self.qmp, self.tag);
+        let (qmp, tag) = (self.endpoint.qmp(), self.tag);
         // Start clean: no bitmap of this relationship may linger from an earlier attempt.
         vmrepl_tracking::stop_tracking(qmp, tag, &self.nodes(), Some(self.staging.dir.as_path()))
             .await
@@ -1151,7 +1149,7 @@ impl<'a> Cycle<'a> {
     /// `l` it makes the replica equal to the primary, and deltas follow. The recovery points
     /// the replica kept stay as they were.
     async fn resync(&mut self) -> Result<(u64, u64), CycleError> {
-        let (qmp, tag) = (self.qmp, self.tag);
+        let (qmp, tag) = (self.endpoint.qmp(), self.tag);
         let (l, _) = self.replica_state().await?;
         // The replica's digests of its state `l` (a replica that cannot give them gets every
         // block).
@@ -1201,7 +1199,7 @@ impl<'a> Cycle<'a> {
 
     /// A delta: log n+1 from bitmap n, or the rest of a log n+1 whose transfer was cut.
     async fn delta(&mut self) -> Result<(u64, u64), CycleError> {
-        let (qmp, tag) = (self.qmp, self.tag);
+        let (qmp, tag) = (self.endpoint.qmp(), self.tag);
         let n = self.rel.acked_seq;
         let next = n + 1;
         let path = log_path(self.d, tag, next);
@@ -1292,7 +1290,7 @@ impl<'a> Cycle<'a> {
 
     /// The relationship's frozen bitmap, if any (that of a log whose transfer was cut).
     async fn frozen_bitmap(&self) -> Option<u64> {
-        let owned = vmrepl_tracking::list_owned(self.qmp, self.tag, &self.nodes())
+        let owned = vmrepl_tracking::list_owned(self.endpoint.qmp(), self.tag, &self.nodes())
             .await
             .ok()?;
         owned
@@ -1311,7 +1309,7 @@ impl<'a> Cycle<'a> {
         if self.consistency != vmrepl_log::Consistency::AppConsistent {
             return None;
         }
-        if !self.live {
+        if !matches!(self.endpoint, Endpoint::Live(_)) {
             self.consistency = vmrepl_log::Consistency::Crash;
             return None;
         }
@@ -1357,7 +1355,7 @@ impl<'a> Cycle<'a> {
         bitmap: Option<u64>,
         sent: Result<u64, CycleError>,
     ) -> Result<(u64, u64), CycleError> {
-        let (qmp, tag) = (self.qmp, self.tag);
+        let (qmp, tag) = (self.endpoint.qmp(), self.tag);
         match sent {
             Ok(bytes) => {
                 if let Some(b) = bitmap {
@@ -1474,7 +1472,7 @@ impl<'a> Cycle<'a> {
     /// Pull mode: the point in time is in the log now; let QEMU drop it (the frozen bitmap
     /// stays until the replica acknowledges the log).
     async fn release(&self, h: &vmrepl_tracking::CycleHandle, seq: u64) {
-        if let Err(e) = vmrepl_tracking::release_exports(self.qmp, h).await {
+        if let Err(e) = vmrepl_tracking::release_exports(self.endpoint.qmp(), h).await {
             tracing::warn!(target: "vmrepl::replication", seq, error = %e, "cannot release the NBD exports");
         }
     }
