@@ -1057,7 +1057,7 @@ pub fn statuses(daemon: &Daemon) -> Vec<ReplicationStatus> {
                 health_details,
                 primary_host: r.primary_host.clone(),
                 replica_host: me.clone(),
-                frequency_secs: 0,
+                frequency_secs: None,
                 app_consistent_hours: None,
                 last_sequence: r.last_applied,
                 waiting_on: None,

@@ -2193,7 +2193,7 @@ pub fn statuses(d: &Daemon) -> Vec<ReplicationStatus> {
             health_details: details,
             primary_host: host,
             replica_host: format!("{} ({})", rel.replica_name, rel.settings.replica_server),
-            frequency_secs: rel.settings.frequency_secs,
+            frequency_secs: Some(rel.settings.frequency_secs),
             app_consistent_hours: rel.settings.app_consistent_hours,
             last_sequence: rel.acked_seq,
             waiting_on: match rel.state {

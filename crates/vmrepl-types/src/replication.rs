@@ -218,7 +218,8 @@ pub struct ReplicationStatus {
     pub health_details: Vec<String>,
     pub primary_host: String,
     pub replica_host: String,
-    pub frequency_secs: u32,
+    /// How often the primary sends changes (primary side; a replica is not told).
+    pub frequency_secs: Option<u32>,
     /// App-consistent points every N hours (primary side), if asked.
     #[serde(default)]
     pub app_consistent_hours: Option<u32>,

@@ -185,7 +185,9 @@ fn replication(rs: &[ReplicationStatus]) {
         }
         println!("Primary server:  {}", r.primary_host);
         println!("Replica server:  {}", r.replica_host);
-        println!("Frequency:       {} s", r.frequency_secs);
+        if let Some(f) = r.frequency_secs {
+            println!("Frequency:       {f} s");
+        }
         if let Some(h) = r.app_consistent_hours {
             println!(
                 "App-consistent:  every {h} h; {} point(s) could not freeze the guest",

@@ -39,6 +39,9 @@ fn a_running_vm_replicates_to_a_second_host_and_the_replica_equals_the_primary_a
     // The replica side knows the VM too.
     let rs = b.json(&["replication", "status", "web"]);
     assert_eq!(rs["relationships"][0]["role"], "replica", "{rs}");
+    // The replica is not told the primary's frequency, and says so rather than "0 s".
+    assert!(rs["relationships"][0]["frequency_secs"].is_null(), "{rs}");
+    assert_eq!(status(&a, "web")["frequency_secs"], 5);
     assert!(
         rs["relationships"][0]["last_sequence"].as_u64().unwrap() >= first,
         "{rs}"
