@@ -43,6 +43,13 @@ pub(crate) enum Journal {
     Prune {
         seq: u64,
     },
+    /// Log `seq` is being applied into the top layer: until its commit the top layer may hold
+    /// part of it (torn), so the latest state is not a whole point. Cleared by the commit that
+    /// records `seq`; a failed apply leaves it, and only re-applying the log (or a
+    /// resynchronization, whose commit clears it too) makes the latest state whole again.
+    Apply {
+        seq: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -103,6 +103,9 @@ pub enum StoreError {
     #[error("Cannot freeze sequence {seq} as a recovery point: the last applied sequence is {last_applied}; only the latest applied state can be frozen.")]
     FreezeNotLatest { seq: u64, last_applied: u64 },
 
+    #[error("The newest state of this replica holds part of log {seq}, whose apply did not finish; it is not a whole point. Use an older recovery point, or let the log be applied again (or the primary resynchronize).")]
+    TornLatest { seq: u64 },
+
     #[error("Sequence {seq} is already frozen as a recovery point; nothing to do.")]
     AlreadyFrozen { seq: u64 },
 

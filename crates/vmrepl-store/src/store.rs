@@ -219,7 +219,7 @@ impl ReplicaStore {
             fs::remove_file(&state).map_err(|e| StoreError::io("remove", &state, e))?;
             fsutil::sync_dir(&dir)?;
         }
-        for sub in ["disks", "nvram", "logs"] {
+        for sub in ["disks", "nvram", "logs", "boot"] {
             let p = dir.join(sub);
             if p.exists() {
                 make_writable_tree(&p);
@@ -707,8 +707,25 @@ impl ReplicaVm {
 
     // ---------------------------------------------------------------- points
 
-    /// Frozen points (oldest first) followed by the latest applied state ([`PointKind::Latest`],
-    /// always present; it may have the same `seq` as the newest frozen point).
+    /// The log whose apply started but did not finish, if any: the top layer may hold part
+    /// of it, so the latest state is not a whole point (see [`StoreError::TornLatest`]).
+    pub fn torn(&self) -> Option<u64> {
+        match self.cat.journal {
+            Some(Journal::Apply { seq }) => Some(seq),
+            _ => None,
+        }
+    }
+
+    fn whole_latest(&self) -> Result<()> {
+        match self.torn() {
+            Some(seq) => Err(StoreError::TornLatest { seq }),
+            None => Ok(()),
+        }
+    }
+
+    /// Frozen points (oldest first) followed by the latest applied state ([`PointKind::Latest`];
+    /// it may have the same `seq` as the newest frozen point). The latest state is left out
+    /// while it is torn ([`ReplicaVm::torn`]): only whole points are ever offered.
     pub fn points(&self) -> Vec<RecoveryPoint> {
         let mut v: Vec<RecoveryPoint> = self
             .cat
@@ -721,7 +738,9 @@ impl ReplicaVm {
                 kind: PointKind::Frozen,
             })
             .collect();
-        v.push(self.latest_point());
+        if self.torn().is_none() {
+            v.push(self.latest_point());
+        }
         v
     }
 
@@ -736,7 +755,7 @@ impl ReplicaVm {
 
     fn resolve(&self, point: PointRef) -> Result<RecoveryPoint> {
         match point {
-            PointRef::Latest => Ok(self.latest_point()),
+            PointRef::Latest => self.whole_latest().map(|()| self.latest_point()),
             PointRef::Frozen(seq) => {
                 let p = &self.cat.points[self.point_index(seq)?];
                 Ok(RecoveryPoint {
@@ -759,6 +778,7 @@ impl ReplicaVm {
         unix_ms: i64,
         consistency: Consistency,
     ) -> Result<RecoveryPoint> {
+        self.whole_latest()?;
         if seq != self.cat.last_applied {
             return Err(StoreError::FreezeNotLatest {
                 seq,
@@ -993,6 +1013,11 @@ impl ReplicaVm {
                 tracing::warn!(vm = %self.cat.vm_uuid, seq, "finishing an interrupted prune");
                 self.finish_prune(seq)?;
             }
+            Some(Journal::Apply { seq }) => {
+                // Not repairable here: the log is in the spool (or gone); the host applies it
+                // again, and until then the latest state is not offered as a point.
+                tracing::warn!(vm = %self.cat.vm_uuid, seq, "the newest layer holds part of a log whose apply did not finish");
+            }
             None => {}
         }
         self.remove_orphans()
@@ -1004,6 +1029,9 @@ impl ReplicaVm {
     /// or reading. For [`PointRef::Latest`] this is the live `top.qcow2`: do not read it while a
     /// log is being applied. The chains are verified (I5) before the paths are returned.
     pub fn point_image_paths(&self, point: PointRef) -> Result<Vec<(String, PathBuf)>> {
+        if point == PointRef::Latest {
+            self.whole_latest()?;
+        }
         let layers = self.chain_layers(point)?;
         let top = layers.last().cloned().unwrap_or_default();
         let mut out = Vec::new();
@@ -1105,6 +1133,7 @@ impl ReplicaVm {
                 Ok(seq)
             }
             PointRef::Latest => {
+                self.whole_latest()?;
                 let last = self.cat.last_applied;
                 if self.cat.points.last().map(|p| p.seq) == Some(last) {
                     Ok(last)
@@ -1184,6 +1213,11 @@ impl ApplyTxn<'_> {
 
     fn access(&mut self, disk: &str) -> Result<&SyncFormatAccess<File>> {
         if !self.open.contains_key(disk) {
+            // Before the first write: the top layer may be torn from here until the commit.
+            if self.vm.torn() != Some(self.seq) {
+                self.vm.cat.journal = Some(Journal::Apply { seq: self.seq });
+                self.vm.save()?;
+            }
             let size = self.vm.disk_size(disk)?;
             let layers = self.vm.chain_layers(PointRef::Latest)?;
             let acc = chain::open_chain(&self.vm.disk_dir(disk), &layers, true, size)?;
@@ -1249,8 +1283,9 @@ impl ApplyTxn<'_> {
     /// Makes the log durable as applied: flush and fsync every written layer, write the NVRAM,
     /// then record `seq` atomically in `state.json`, and drop the spooled log file.
     pub fn commit(mut self, point_unix_ms: i64, consistency: Consistency) -> Result<()> {
-        for wb in self.writeback.values_mut() {
-            wb.finish();
+        for (disk, wb) in self.writeback.iter_mut() {
+            let path = self.vm.disk_dir(disk).join(TOP);
+            wb.finish().map_err(|e| fsutil::write_error(&path, 0, e))?;
         }
         for (disk, acc) in std::mem::take(&mut self.open) {
             let path = self.vm.disk_dir(&disk).join(TOP);
@@ -1265,6 +1300,9 @@ impl ApplyTxn<'_> {
         let seq = self.seq;
         let vm = &mut *self.vm;
         vm.cat.last_applied = seq;
+        if matches!(vm.cat.journal, Some(Journal::Apply { .. })) {
+            vm.cat.journal = None;
+        }
         vm.cat.last_applied_unix_ms = point_unix_ms;
         vm.cat.last_applied_consistency = consistency;
         if let Err(e) = vm.save() {
@@ -1316,6 +1354,58 @@ mod tests {
         t.write("a", 0, &[3; 512]).unwrap();
         t.commit(3, Consistency::Crash).unwrap();
         vm
+    }
+
+    #[test]
+    fn an_apply_that_stops_half_way_exposes_only_whole_points_until_the_log_is_applied_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("s");
+        let mut vm = vm_with_data(&root);
+        vm.freeze_point(3, 3, Consistency::Crash).unwrap();
+        let whole = tmp.path().join("whole");
+        vm.flatten_point(PointRef::Frozen(3), &whole).unwrap();
+        // Log 4 writes part of its data, then fails (a full disk, an I/O error, a crash).
+        let Begin::Apply(mut t) = vm.begin_apply(4, 3).unwrap() else {
+            panic!()
+        };
+        t.write("a", 0, &[4; 65536]).unwrap();
+        t.abort();
+        assert_eq!(vm.torn(), Some(4));
+        assert_eq!(vm.last_applied(), 3);
+        // The torn latest state is no point: not listed, not frozen, not overlaid, not read.
+        let pts = vm.points();
+        assert!(pts.iter().all(|p| p.kind == PointKind::Frozen), "{pts:?}");
+        let dest = tmp.path().join("ov");
+        for e in [
+            vm.overlay_for(PointRef::Latest, &dest).err().unwrap(),
+            vm.freeze_point(3, 3, Consistency::Crash).err().unwrap(),
+            vm.point_image_paths(PointRef::Latest).err().unwrap(),
+        ] {
+            assert!(matches!(e, StoreError::TornLatest { seq: 4 }), "{e}");
+            assert!(e.to_string().contains("older recovery point"), "{e}");
+        }
+        // Every frozen point stays usable, and whole.
+        let ov = vm.overlay_for(PointRef::Frozen(3), &dest).unwrap();
+        assert!(same(&ov.disks[0].1, &whole.join("a.qcow2")));
+        drop(ov);
+        // The state survives a restart, and applying the log again makes the latest whole.
+        drop(vm);
+        let mut vm = ReplicaStore::open(&root, vm_uuid_of(&root)).unwrap();
+        assert_eq!(vm.torn(), Some(4));
+        let Begin::Apply(mut t) = vm.begin_apply(4, 3).unwrap() else {
+            panic!()
+        };
+        t.write("a", 0, &[4; 65536]).unwrap();
+        t.write("b", 0, &[5; 512]).unwrap();
+        t.commit(4, Consistency::Crash).unwrap();
+        assert_eq!(vm.torn(), None);
+        assert_eq!(vm.points().last().unwrap().kind, PointKind::Latest);
+        assert_eq!(vm.points().last().unwrap().seq, 4);
+    }
+
+    fn vm_uuid_of(root: &Path) -> Uuid {
+        let dir = fs::read_dir(root).unwrap().next().unwrap().unwrap();
+        dir.file_name().to_str().unwrap().parse().unwrap()
     }
 
     fn same(a: &Path, b: &Path) -> bool {
