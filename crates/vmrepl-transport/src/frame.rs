@@ -20,12 +20,18 @@
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The first bytes on every vmrepl connection.
 pub const MAGIC: &[u8; 7] = b"VMREPL\0";
 /// Length of the preamble: magic and two u32.
 pub const PREAMBLE_LEN: usize = MAGIC.len() + 8;
+/// How long one frame (or the preamble) may take to arrive or to be sent before the
+/// connection counts as dead. Every wait on a peer has this deadline unless a caller sets
+/// another with [`Framed::set_timeout`] (for an answer that needs long work on the other side).
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Largest payload of one frame (16 MiB).
 pub const MAX_PAYLOAD: u32 = 16 * 1024 * 1024;
 /// Frame header length: kind and length.
@@ -173,6 +179,11 @@ pub enum FrameError {
         got: FrameKind,
         len: usize,
     },
+    #[error(
+        "the peer did not finish {what} within {secs} s; it stalled or lost power, or the \
+         network dropped the connection"
+    )]
+    TimedOut { what: &'static str, secs: u64 },
     #[error("a control message could not be encoded as JSON: {0}")]
     Encode(serde_json::Error),
     #[error("a control message is not a valid {type_name}: {detail}")]
@@ -242,21 +253,50 @@ pub struct Framed<S> {
     inner: S,
     version: u32,
     peer_range: VersionRange,
+    timeout: Duration,
+}
+
+/// Runs `f` with the deadline `t`; past it, [`FrameError::TimedOut`] naming `what`.
+async fn within<T>(
+    t: Duration,
+    what: &'static str,
+    f: impl std::future::Future<Output = Result<T, FrameError>>,
+) -> Result<T, FrameError> {
+    tokio::time::timeout(t, f)
+        .await
+        .unwrap_or(Err(FrameError::TimedOut {
+            what,
+            secs: t.as_secs(),
+        }))
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     /// Sends our preamble, reads the peer's and picks the highest common
     /// version. Both sides call this.
     pub async fn negotiate(mut inner: S, ours: VersionRange) -> Result<Framed<S>, FrameError> {
-        inner.write_all(&encode_preamble(ours)).await?;
-        inner.flush().await?;
-        let theirs = read_preamble(&mut inner).await?;
+        let theirs = within(DEFAULT_IO_TIMEOUT, "the protocol preamble", async {
+            inner.write_all(&encode_preamble(ours)).await?;
+            inner.flush().await?;
+            read_preamble(&mut inner).await
+        })
+        .await?;
         let version = ours.negotiate(theirs)?;
         Ok(Framed {
             inner,
             version,
             peer_range: theirs,
+            timeout: DEFAULT_IO_TIMEOUT,
         })
+    }
+
+    /// The deadline of every later frame read or write (default [`DEFAULT_IO_TIMEOUT`]).
+    pub fn set_timeout(&mut self, t: Duration) {
+        self.timeout = t;
+    }
+
+    /// The current deadline of a frame read or write.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// The negotiated protocol version.
@@ -280,18 +320,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     /// Sends `msg` as a JSON control frame.
     pub async fn write_control<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
         let json = serde_json::to_vec(msg).map_err(FrameError::Encode)?;
-        write_frame(&mut self.inner, FrameKind::Control, &json).await
+        within(
+            self.timeout,
+            "sending a control frame",
+            write_frame(&mut self.inner, FrameKind::Control, &json),
+        )
+        .await
     }
 
     /// Sends a data frame.
     pub async fn write_data(&mut self, data: &[u8]) -> Result<(), FrameError> {
-        write_frame(&mut self.inner, FrameKind::Data, data).await
+        within(
+            self.timeout,
+            "sending a data frame",
+            write_frame(&mut self.inner, FrameKind::Data, data),
+        )
+        .await
     }
 
     /// Receives the next frame. A clean close between frames is
     /// [`FrameError::Closed`].
     pub async fn read_frame(&mut self) -> Result<Frame, FrameError> {
-        read_frame(&mut self.inner).await
+        within(self.timeout, "the next frame", read_frame(&mut self.inner)).await
     }
 
     /// Receives the next frame, which must be a control frame holding a `T`.
