@@ -309,9 +309,16 @@ impl Daemon {
                 point,
                 start,
                 risk_split_brain,
+                network,
             } => Response::Ok {
-                message: crate::failover::start(self, &name, point, start, risk_split_brain)
-                    .await?,
+                message: crate::failover::start(
+                    self,
+                    &name,
+                    point,
+                    (start, risk_split_brain),
+                    network,
+                )
+                .await?,
             },
             Request::FailoverTest {
                 name,
@@ -331,6 +338,13 @@ impl Daemon {
             },
             Request::ReplicationReverse { name, settings } => Response::Ok {
                 message: crate::failover::reverse(self, &name, settings).await?,
+            },
+            Request::ReplicationAcceptCopy {
+                name,
+                primary,
+                withdraw,
+            } => Response::Ok {
+                message: crate::replica::accept_copy(self, &name, &primary, withdraw)?,
             },
         })
     }

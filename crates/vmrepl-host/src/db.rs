@@ -80,6 +80,13 @@ const MIGRATIONS: &[&str] = &[
     // asked (NULL).
     "ALTER TABLE cycles ADD COLUMN app_freeze_ok INTEGER;
      ALTER TABLE cycles ADD COLUMN app_freeze_error TEXT;",
+    // 6: the trust boundary (see docs/security.md): local VMs this host's admin designated as
+    // the existing copy a given primary may adopt (`replication server accept-copy`).
+    "CREATE TABLE accepted_copies (
+        vm_uuid TEXT PRIMARY KEY,
+        primary_host TEXT NOT NULL,
+        created_ms INTEGER NOT NULL
+     );",
 ];
 
 /// Database errors.

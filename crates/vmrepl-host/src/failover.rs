@@ -259,6 +259,54 @@ fn check_runnable(d: &Daemon, def: &VmDefinition) -> Result<(), ApiError> {
     })
 }
 
+/// Points a replica's definition at this host's own copy of its boot files (received from
+/// the primary, verified, kept in the replica's store), copied into `dir`, the folder of the
+/// VM being made. The paths the primary named are never opened here.
+fn boot_here(row: &ReplicaRow, def: &mut VmDefinition, dir: &Path) -> Result<(), ApiError> {
+    use crate::peer::proto::BootFile;
+    let Some(k) = def.kernel.as_mut() else {
+        return Ok(());
+    };
+    let held = replica::vm_dir(row).join("boot");
+    let copy = |file: BootFile| -> Result<PathBuf, ApiError> {
+        let src = held.join(file.file_name());
+        let dest = dir.join(file.file_name());
+        if !src.is_file() {
+            return Err(ApiError::new(
+                ErrorCode::WrongState,
+                format!(
+                    "VM {} boots a kernel directly, and the primary {} has not sent its {} yet (it does with its next cycle); retry then. Nothing was changed.",
+                    row.name, row.primary_host, file.file_name()
+                ),
+            ));
+        }
+        std::fs::copy(&src, &dest).map_err(|e| {
+            ApiError::new(
+                ErrorCode::Io,
+                format!("Cannot copy {} to {}: {e}", src.display(), dest.display()),
+            )
+        })?;
+        Ok(dest)
+    };
+    k.kernel = copy(BootFile::Kernel)?;
+    if k.initrd.is_some() {
+        k.initrd = Some(copy(BootFile::Initrd)?);
+    }
+    Ok(())
+}
+
+/// A failover that needs the newest state while the replica cannot apply its last log.
+fn unapplied(name: &VmName, e: replica::ApplyError) -> ApiError {
+    ApiError::new(
+        ErrorCode::Io,
+        format!(
+            "The replica of {name} cannot apply its received logs: {e}. Its newest state is not \
+             whole; choose an older recovery point with --point SEQ (`vmrepl replication points \
+             {name}` lists them). Nothing was changed."
+        ),
+    )
+}
+
 /// Makes overlays of `point` in `dest` under the replica's lock; returns them and the point.
 async fn overlays(
     row: &ReplicaRow,
@@ -271,7 +319,7 @@ async fn overlays(
         let mut vm = ReplicaStore::open(&root, uuid)?;
         let p = match point {
             None => PointRef::Latest,
-            Some(s) if s == vm.last_applied() => PointRef::Latest,
+            Some(s) if s == vm.last_applied() && vm.torn().is_none() => PointRef::Latest,
             Some(s) => PointRef::Frozen(s),
         };
         vm.overlay_for(p, &dest)
@@ -316,8 +364,8 @@ pub async fn start(
     d: &Arc<Daemon>,
     name: &VmName,
     point: Option<u64>,
-    start_vm: bool,
-    risk_split_brain: bool,
+    (start_vm, risk_split_brain): (bool, bool),
+    network: Option<NicMode>,
 ) -> Result<String, ApiError> {
     let row = replica::named(d, name)?;
     if let Some(f) = &row.failover {
@@ -353,12 +401,16 @@ pub async fn start(
     let dir = replica::vm_dir(&row);
     let lock = replica::vm_lock(&dir);
     let _g = lock.lock().await;
-    let last = replica::apply_and_record(d, &row).await.map_err(|e| {
-        ApiError::new(
-            ErrorCode::Io,
-            format!("The replica of {name} cannot apply its received logs: {e}"),
-        )
-    })?;
+    let last = match replica::apply_and_record(d, &row).await {
+        Ok(l) => l,
+        // The newest state is not whole, but an older point is: an explicit, frozen point may
+        // still be failed over to (a disaster must not wait for a repair).
+        Err(e) if prepared.is_none() && point.is_some_and(|p| p <= row.last_applied) => {
+            tracing::warn!(target: "vmrepl::failover", vm = %row.vm_uuid, "failing over to point {point:?} although the newest log cannot be applied: {e}");
+            row.last_applied
+        }
+        Err(e) => return Err(unapplied(name, e)),
+    };
     if let Some(s) = prepared {
         if last != s {
             return Err(ApiError::new(
@@ -375,8 +427,18 @@ pub async fn start(
     }
     let rel_id = Uuid::new_v4();
     let vm_dir = d.vmm.default_storage().join(row.vm_uuid.to_string());
-    let ov = overlays(&row, point, vm_dir).await?;
-    let def = on_overlay(&row.definition, &ov);
+    let ov = overlays(&row, point, vm_dir.clone()).await?;
+    let mut def = on_overlay(&row.definition, &ov);
+    // What the failed-over VM touches is this host's choice, not the primary's: its own copy
+    // of the boot files, and adapters connected as this host's admin says (not connected by
+    // default), never the primary's tap or bridge names.
+    if let Err(e) = boot_here(&row, &mut def, &vm_dir) {
+        remove_files(&def);
+        return Err(e);
+    }
+    for nic in &mut def.nics {
+        nic.mode = network.clone().unwrap_or(NicMode::NotConnected);
+    }
     let seq = ov.point.seq;
     let planned = prepared.is_some();
     let tag = RelTag::from_uuid(&rel_id);
@@ -435,6 +497,9 @@ pub async fn start(
 fn remove_files(def: &VmDefinition) {
     for disk in &def.disks {
         let _ = std::fs::remove_file(&disk.path);
+    }
+    for p in crate::vmm::own_boot_files(def) {
+        let _ = std::fs::remove_file(p);
     }
     if let Some(n) = &def.nvram {
         let _ = std::fs::remove_file(n);
@@ -539,12 +604,22 @@ pub async fn test(
     let uuid = Uuid::new_v4();
     let lock = replica::vm_lock(&replica::vm_dir(&row));
     let _g = lock.lock().await;
-    let _ = replica::apply_and_record(d, &row).await;
+    if let Err(e) = replica::apply_and_record(d, &row).await {
+        // Only an explicit older point may be tested while the newest state is not whole.
+        if point.is_none_or(|p| p > row.last_applied) {
+            return Err(unapplied(name, e));
+        }
+    }
     let dir = d.vmm.default_storage().join(uuid.to_string());
     let ov = overlays(&row, point, dir.clone()).await?;
     let mut def = on_overlay(&row.definition, &ov);
     def.name = test_name.clone();
     def.uuid = uuid;
+    if let Err(e) = boot_here(&row, &mut def, &dir) {
+        remove_files(&def);
+        let _ = std::fs::remove_dir(&dir);
+        return Err(e);
+    }
     def.nics = def
         .nics
         .iter()
@@ -667,6 +742,7 @@ pub async fn reverse(
             policy,
             base_sequence: if f.planned { f.point_seq } else { 0 },
             primary_server: Some(my_addr),
+            old_relationship: Some(row.relationship),
         })
         .await
         .map_err(|e| ApiError::new(ErrorCode::Peer, format!("{e}. Nothing was changed.")))?;
@@ -818,6 +894,37 @@ pub fn common_base(d: &Daemon, peer: &str, vm: &VmDefinition, base_seq: u64) -> 
     Ok(())
 }
 
+/// A peer may turn this host's VM `vm_uuid` into a replica only when this host replicates
+/// that VM to it under `relationship` (the relationship the failover on the peer came from).
+/// The refusal names neither the VM nor its disks: the peer may know nothing of them.
+pub fn may_take_over(
+    d: &Daemon,
+    peer: &str,
+    vm_uuid: Uuid,
+    relationship: Option<Uuid>,
+) -> Result<(), Refusal> {
+    let refused = || {
+        (
+            RefusalCode::NotAuthorized,
+            format!(
+                "VM {vm_uuid} exists on this host but is not replicated to {peer} under \
+                 relationship {}; a peer may only reverse the replication of a VM this host \
+                 replicates to it, so nothing was changed",
+                relationship.map_or("(none given)".to_string(), |r| r.to_string())
+            ),
+        )
+    };
+    let rel = replication::load(d, vm_uuid).ok_or_else(refused)?;
+    let to_peer = vmrepl_transport::authz::normalize_host_name(&rel.replica_name)
+        .ok()
+        .zip(vmrepl_transport::authz::normalize_host_name(peer).ok())
+        .is_some_and(|(a, b)| a == b);
+    if !to_peer || Some(rel.rel_id) != relationship {
+        return Err(refused());
+    }
+    Ok(())
+}
+
 /// What the old primary's copy of a VM is to the failed-over one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TakeOver {
@@ -834,16 +941,23 @@ pub enum TakeOver {
 /// replica of the failed-over one. Its disks (and NVRAM) are adopted as the replica's base,
 /// at `base_seq` when they hold the failover point, else at 0 for a resynchronization; disks
 /// of another shape are deleted and the replica starts empty.
+///
+/// Only the host this one replicates the VM to, under the same relationship, may ask: a
+/// local VM that was never replicated to `peer` is refused before anything is touched (a peer
+/// must never be able to delete or take over this host's own VMs). A copy whose disks differ
+/// in shape is refused too rather than deleted: this host's admin decides what happens to it.
 pub async fn take_over_as_replica(
     d: &Arc<Daemon>,
     peer: &str,
     vm: &VmDefinition,
+    relationship: Option<Uuid>,
     storage_root: &Path,
     base_seq: u64,
 ) -> Result<TakeOver, Refusal> {
     let Some(local) = d.vmm.definition(vm.uuid) else {
         return Ok(TakeOver::Nothing("this host has no copy of the VM".into()));
     };
+    may_take_over(d, peer, vm.uuid, relationship)?;
     if replica::vm_running(d, vm.uuid) {
         return Err((
             RefusalCode::VmRunning,
@@ -853,7 +967,27 @@ pub async fn take_over_as_replica(
             ),
         ));
     }
-    let base = common_base(d, peer, vm, base_seq);
+    let same_disks = local
+        .disks
+        .iter()
+        .map(|x| (x.id.as_str(), x.size_bytes))
+        .eq(vm.disks.iter().map(|x| (x.id.as_str(), x.size_bytes)));
+    let outcome = match common_base(d, peer, vm, base_seq) {
+        Ok(()) => TakeOver::Common,
+        Err(why) if same_disks => TakeOver::Diverged(why),
+        Err(why) => {
+            // Never delete this host's disks because a peer asked: its admin decides.
+            return Err((
+                RefusalCode::Incompatible,
+                format!(
+                    "VM {} on this host has other disks than the failed-over VM ({why}), so it \
+                     cannot become its replica; on this host delete it (`vmrepl vm delete {}`), \
+                     then reverse replication again",
+                    local.name, local.name
+                ),
+            ));
+        }
+    };
     let internal = |e: String| (RefusalCode::Internal, e);
     // No cycle of the old relationship may run from here on, and nobody may start the VM.
     replication::stop_scheduler(d, vm.uuid);
@@ -873,16 +1007,6 @@ pub async fn take_over_as_replica(
                 ))
             })?;
     }
-    let same_disks = local
-        .disks
-        .iter()
-        .map(|x| (x.id.as_str(), x.size_bytes))
-        .eq(vm.disks.iter().map(|x| (x.id.as_str(), x.size_bytes)));
-    let outcome = match base {
-        Ok(()) => TakeOver::Common,
-        Err(why) if same_disks => TakeOver::Diverged(why),
-        Err(why) => TakeOver::Nothing(why),
-    };
     let adopt_at = match outcome {
         TakeOver::Common => Some(base_seq),
         TakeOver::Diverged(_) => Some(0),

@@ -377,23 +377,103 @@ pub fn existing_copy_mismatch(local: &VmDefinition, vm: &VmDefinition) -> Option
     })
 }
 
-/// Initial replication from an existing copy: the stopped VM named like `vm` on this host
-/// becomes the base of `vm`'s replica store at sequence 0 and is no longer a VM of its own.
-pub async fn adopt_existing_copy(
-    d: &Arc<Daemon>,
+/// `replication server accept-copy`: this host's admin designates the stopped local VM
+/// `name` as the existing copy that `primary` may adopt (or withdraws that). Only a designated
+/// VM can ever be adopted, and only by the primary named here.
+pub fn accept_copy(
+    d: &Daemon,
+    name: &vmrepl_types::VmName,
+    primary: &str,
+    withdraw: bool,
+) -> Result<String, ApiError> {
+    let primary = vmrepl_transport::authz::normalize_host_name(primary).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidInput,
+            format!("{primary:?} is not a host name: {e}."),
+        )
+    })?;
+    let vm = d.vmm.show(name)?;
+    let uuid = vm.definition.uuid;
+    let db = d.db.lock().unwrap_or_else(|p| p.into_inner());
+    let sql = |e: rusqlite::Error| ApiError::new(ErrorCode::Internal, e.to_string());
+    if withdraw {
+        let n = db
+            .conn()
+            .execute(
+                "DELETE FROM accepted_copies WHERE vm_uuid = ?1",
+                [uuid.to_string()],
+            )
+            .map_err(sql)?;
+        return Ok(if n == 0 {
+            format!("VM {name} was not designated as an existing copy; nothing changed.")
+        } else {
+            let _ = db.event(
+                Some(uuid),
+                &format!("{name} is no longer an existing copy for a primary"),
+            );
+            format!("VM {name} can no longer be adopted by any primary.")
+        });
+    }
+    if crate::replication::load(d, uuid).is_some() {
+        return Err(ApiError::new(
+            ErrorCode::WrongState,
+            format!("VM {name} is itself replicated; remove its replication first (`vmrepl replication remove {name}`)."),
+        ));
+    }
+    db.conn()
+        .execute(
+            "INSERT INTO accepted_copies (vm_uuid, primary_host, created_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (vm_uuid) DO UPDATE SET primary_host = excluded.primary_host, created_ms = excluded.created_ms",
+            rusqlite::params![uuid.to_string(), primary, now_ms() as i64],
+        )
+        .map_err(sql)?;
+    let _ = db.event(
+        Some(uuid),
+        &format!("{name} designated as the existing copy for primary {primary}"),
+    );
+    Ok(format!(
+        "VM {name} may now be adopted by {primary} as the replica of its VM {name} \
+         (`vmrepl replication enable {name} --initial-existing-copy ...` on {primary}); its \
+         replicated disks then belong to the replica, and no other primary can take it."
+    ))
+}
+
+/// The local VM that `peer` may adopt as the existing copy of `vm`: the stopped VM named like
+/// it that this host's admin designated for `peer`. The refusal says the same whether or not
+/// a VM of that name exists, so a peer learns nothing of this host's VMs.
+fn designated_copy(
+    d: &Daemon,
+    peer: &str,
     vm: &VmDefinition,
-    storage_root: &Path,
-) -> Result<(), (RefusalCode, String)> {
+) -> Result<VmDefinition, (RefusalCode, String)> {
     let host = d.cfg.read().expect("cfg").host_name.clone();
-    let local = d.vmm.show(&vm.name).map_err(|_| {
+    let peer_norm = vmrepl_transport::authz::normalize_host_name(peer).unwrap_or_default();
+    let refused = || {
         (
-            RefusalCode::Conflict,
+            RefusalCode::NotAuthorized,
             format!(
-                "there is no VM named {} on {host} to use as the existing copy; restore or copy it there first (for example `vmrepl vm create {} --import FILE ...`)",
+                "no VM on {host} is designated as the existing copy of {} for {peer}; the admin \
+                 of {host} designates one with `vmrepl replication server accept-copy {} \
+                 --primary {peer}`",
                 vm.name, vm.name
             ),
         )
-    })?;
+    };
+    let local = d.vmm.show(&vm.name).map_err(|_| refused())?;
+    let uuid = local.definition.uuid;
+    let designated: Option<String> = {
+        let db = d.db.lock().unwrap_or_else(|p| p.into_inner());
+        db.conn()
+            .query_row(
+                "SELECT primary_host FROM accepted_copies WHERE vm_uuid = ?1",
+                [uuid.to_string()],
+                |r| r.get(0),
+            )
+            .ok()
+    };
+    if designated.as_deref() != Some(peer_norm.as_str()) || peer_norm.is_empty() {
+        return Err(refused());
+    }
     if !local.state.is_stopped() {
         return Err((
             RefusalCode::VmRunning,
@@ -403,7 +483,22 @@ pub async fn adopt_existing_copy(
             ),
         ));
     }
-    if crate::replication::load(d, local.definition.uuid).is_some() {
+    Ok(local.definition)
+}
+
+/// Initial replication from an existing copy: the stopped VM named like `vm` on this host,
+/// designated by this host's admin for `peer`, becomes the base of `vm`'s replica store at
+/// sequence 0 and is no longer a VM of its own. Only its replicated disks are taken; any
+/// other disk stays where it is.
+pub async fn adopt_existing_copy(
+    d: &Arc<Daemon>,
+    peer: &str,
+    vm: &VmDefinition,
+    storage_root: &Path,
+) -> Result<(), (RefusalCode, String)> {
+    let host = d.cfg.read().expect("cfg").host_name.clone();
+    let local = designated_copy(d, peer, vm)?;
+    if crate::replication::load(d, local.uuid).is_some() {
         return Err((
             RefusalCode::Conflict,
             format!(
@@ -412,7 +507,7 @@ pub async fn adopt_existing_copy(
             ),
         ));
     }
-    if let Some(why) = existing_copy_mismatch(&local.definition, vm) {
+    if let Some(why) = existing_copy_mismatch(&local, vm) {
         return Err((
             RefusalCode::Incompatible,
             format!(
@@ -422,22 +517,37 @@ pub async fn adopt_existing_copy(
         ));
     }
     d.vmm
-        .set_failover_lock(local.definition.uuid, true)
+        .set_failover_lock(local.uuid, true)
         .await
         .map_err(|e| (RefusalCode::VmRunning, e.message))?;
-    if let Err(e) = adopt_disks(&local.definition, vm, storage_root, 0).await {
+    if let Err(e) = adopt_disks(&local, vm, storage_root, 0).await {
         // Nothing was taken: the copy stays a VM of this host, free to start again.
-        let _ = d.vmm.set_failover_lock(local.definition.uuid, false).await;
+        let _ = d.vmm.set_failover_lock(local.uuid, false).await;
         return Err((
             RefusalCode::Internal,
             format!("cannot take the disks of {} as the replica: {e}", vm.name),
         ));
     }
+    // The adopted disks live on in the store (hard links or copies); the VM's own names for
+    // them go, the disks it did not replicate stay.
     d.vmm
-        .delete(&vm.name, false)
+        .delete(&vm.name, true)
         .await
         .map_err(|e| (RefusalCode::Internal, e.message))?;
-    tracing::info!(target: "vmrepl::replica", vm = %vm.uuid, name = %vm.name, "existing copy adopted at sequence 0");
+    for x in local.disks.iter().filter(|x| vm.disk(&x.id).is_some()) {
+        let _ = std::fs::remove_file(&x.path);
+    }
+    if let Some(n) = &local.nvram {
+        let _ = std::fs::remove_file(n);
+    }
+    {
+        let db = d.db.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = db.conn().execute(
+            "DELETE FROM accepted_copies WHERE vm_uuid = ?1",
+            [local.uuid.to_string()],
+        );
+    }
+    tracing::info!(target: "vmrepl::replica", vm = %vm.uuid, name = %vm.name, peer, "existing copy adopted at sequence 0");
     Ok(())
 }
 
@@ -642,6 +752,48 @@ pub fn vm_lock(vm_dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
     g.entry(vm_dir.to_path_buf()).or_default().clone()
 }
 
+/// The slot a log transfer of one replica VM holds while it receives: one transfer per VM at
+/// a time, without the VM's lock, so that a primary that stalls mid-log blocks no failover.
+pub fn receive_slot(vm_dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
+    static SLOTS: OnceLock<LockMap> = OnceLock::new();
+    let m = SLOTS.get_or_init(Default::default);
+    let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+    g.entry(vm_dir.to_path_buf()).or_default().clone()
+}
+
+/// Puts the received, verified boot file `tmp` in place as `file` in the replica's `boot`
+/// folder, with its digest beside it (`NAME.b3`): durable before it is acknowledged.
+pub fn place_boot_file(
+    boot: &Path,
+    file: crate::peer::proto::BootFile,
+    tmp: &Path,
+    hex: &str,
+) -> Result<(), String> {
+    let to = boot.join(file.file_name());
+    let sum = boot.join(format!("{}.b3", file.file_name()));
+    // The digest goes first: a crash between the two leaves a digest that does not match the
+    // file, and the primary sends the file again.
+    crate::fsutil::write_atomic(&sum, hex.as_bytes()).map_err(|e| e.to_string())?;
+    std::fs::rename(tmp, &to).map_err(|e| format!("{}: {e}", to.display()))?;
+    std::fs::File::open(boot)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("{}: {e}", boot.display()))
+}
+
+/// The boot files a replica keeps, with their digests (see [`place_boot_file`]).
+pub fn boot_files(vm_dir: &Path) -> Vec<(crate::peer::proto::BootFile, String)> {
+    use crate::peer::proto::BootFile;
+    let boot = vm_dir.join("boot");
+    [BootFile::Kernel, BootFile::Initrd]
+        .into_iter()
+        .filter(|f| boot.join(f.file_name()).is_file())
+        .filter_map(|f| {
+            let hex = std::fs::read_to_string(boot.join(format!("{}.b3", f.file_name()))).ok()?;
+            Some((f, hex.trim().to_string()))
+        })
+        .collect()
+}
+
 /// The folder of a replica VM.
 pub fn vm_dir(row: &ReplicaRow) -> PathBuf {
     ReplicaStore::vm_dir(&row.storage_root, row.vm_uuid)
@@ -674,6 +826,11 @@ pub enum ApplyError {
     Store(#[from] StoreError),
     #[error("log {path} cannot be applied: {reason}")]
     Log { path: PathBuf, reason: String },
+    #[error(
+        "log {path} is damaged on this host ({reason}); it was set aside, and the primary \
+         resynchronizes the replica by block compare"
+    )]
+    Damaged { path: PathBuf, reason: String },
     #[error("the apply task failed: {0}")]
     Task(String),
 }
@@ -683,6 +840,7 @@ impl ApplyError {
     pub fn state(&self) -> ReplicationState {
         match self {
             ApplyError::Store(e) if e.needs_resync() => ReplicationState::ResynchronizationRequired,
+            ApplyError::Damaged { .. } => ReplicationState::ResynchronizationRequired,
             _ => ReplicationState::Error,
         }
     }
@@ -755,6 +913,11 @@ pub fn apply_log(vm: &mut ReplicaVm, path: &Path, verified: bool) -> Result<Appl
         path: path.to_path_buf(),
         reason,
     };
+    // The log's own content is wrong (it verified when it arrived, so the disk damaged it).
+    let derr = |reason: String| ApplyError::Damaged {
+        path: path.to_path_buf(),
+        reason,
+    };
     let f = std::fs::File::open(path).map_err(|e| lerr(e.to_string()))?;
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let buffered = std::io::BufReader::with_capacity(256 * 1024, f);
@@ -763,10 +926,10 @@ pub fn apply_log(vm: &mut ReplicaVm, path: &Path, verified: bool) -> Result<Appl
     } else {
         vmrepl_log::LogReader::new(buffered)
     }
-    .map_err(|e| lerr(e.to_string()))?;
+    .map_err(|e| derr(e.to_string()))?;
     let h = reader.header().clone();
     let disks = vm.disks();
-    check_header(&h, vm.vm_uuid(), h.sequence, h.base_sequence, &disks).map_err(lerr)?;
+    check_header(&h, vm.vm_uuid(), h.sequence, h.base_sequence, &disks).map_err(derr)?;
     let out = Applied {
         seq: h.sequence,
         applied: true,
@@ -784,9 +947,9 @@ pub fn apply_log(vm: &mut ReplicaVm, path: &Path, verified: bool) -> Result<Appl
         vmrepl_store::Begin::Apply(txn) => txn,
     };
     let mut nvram: Option<Vec<u8>> = None;
-    while let Some(rec) = reader.next_record().map_err(|e| lerr(e.to_string()))? {
+    while let Some(rec) = reader.next_record().map_err(|e| derr(e.to_string()))? {
         let Some(d) = h.disks.get(usize::from(rec.disk_index)) else {
-            return Err(lerr(format!("record for unknown disk #{}", rec.disk_index)));
+            return Err(derr(format!("record for unknown disk #{}", rec.disk_index)));
         };
         if d.id == NVRAM_DISK_ID {
             let buf = nvram.get_or_insert_with(|| vec![0u8; d.virtual_size as usize]);
@@ -797,7 +960,7 @@ pub fn apply_log(vm: &mut ReplicaVm, path: &Path, verified: bool) -> Result<Appl
             let end = off
                 .checked_add(n)
                 .filter(|e| *e <= buf.len() as u64)
-                .ok_or_else(|| lerr(format!("NVRAM extent {off}+{n} beyond its size")))?;
+                .ok_or_else(|| derr(format!("NVRAM extent {off}+{n} beyond its size")))?;
             let range = off as usize..end as usize;
             match rec.content {
                 vmrepl_log::ContentRef::Data(b) => buf[range].copy_from_slice(b),
@@ -830,7 +993,21 @@ pub fn apply_pending(
             break;
         }
         let t0 = std::time::Instant::now();
-        done.push(apply_log(vm, &path, verified == Some(seq))?);
+        match apply_log(vm, &path, verified == Some(seq)) {
+            Ok(a) => done.push(a),
+            // A damaged log never applies: set it aside (kept for a post-mortem) so that
+            // nothing waits on it, and let a resynchronization repair the replica.
+            Err(ApplyError::Damaged { path, reason }) => {
+                let aside = path.with_extension("damaged");
+                let _ = std::fs::rename(&path, &aside);
+                tracing::error!(target: "vmrepl::replica", seq, path = %aside.display(), "damaged log set aside: {reason}");
+                return Err(ApplyError::Damaged {
+                    path: aside,
+                    reason,
+                });
+            }
+            Err(e) => return Err(e),
+        }
         tracing::info!(target: "vmrepl::replica", seq, ms = t0.elapsed().as_millis() as u64, "log applied");
     }
     vm.discard_applied_logs()?;

@@ -400,6 +400,28 @@ pub(crate) async fn reach_replica(
     Ok((client, theirs))
 }
 
+/// Size and BLAKE3 digest (hex) of a boot file, remembered while its size and modification
+/// time stay the same (a kernel is read once, not every cycle).
+fn boot_file_digest(path: &Path) -> std::io::Result<(u64, String)> {
+    type Seen = HashMap<PathBuf, (u64, std::time::SystemTime, String)>;
+    static SEEN: std::sync::OnceLock<Mutex<Seen>> = std::sync::OnceLock::new();
+    let meta = std::fs::metadata(path)?;
+    let (len, mtime) = (meta.len(), meta.modified()?);
+    let seen = SEEN.get_or_init(Default::default);
+    if let Some((l, m, h)) = seen.lock().unwrap_or_else(|p| p.into_inner()).get(path) {
+        if *l == len && *m == mtime {
+            return Ok((len, h.clone()));
+        }
+    }
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(std::fs::File::open(path)?)?;
+    let hex = hasher.finalize().to_hex().to_string();
+    seen.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(path.to_path_buf(), (len, mtime, hex.clone()));
+    Ok((len, hex))
+}
+
 /// Where the initial copy of VM `name` goes when exported to `folder` (external media).
 pub fn export_file(folder: &Path, name: &VmName) -> PathBuf {
     folder.join(format!("{name}.vmrlog"))
@@ -1053,10 +1075,68 @@ impl<'a> Cycle<'a> {
             PeerResponse::ReplicaState {
                 last_applied,
                 partial,
+                boot,
                 ..
-            } => Ok((last_applied, partial)),
+            } => {
+                self.send_boot_files(&boot).await?;
+                Ok((last_applied, partial))
+            }
             other => Err(CycleError::Other(format!("unexpected answer {other:?}"))),
         }
+    }
+
+    /// A VM that boots a kernel directly: its kernel and initrd travel to the replica like
+    /// its disks (the replica never boots a path this host names), sent again whenever the
+    /// replica's copy differs (`held`: what it holds, with digests).
+    async fn send_boot_files(
+        &mut self,
+        held: &[(crate::peer::proto::BootFile, String)],
+    ) -> Result<(), CycleError> {
+        use crate::peer::proto::BootFile;
+        let Some(k) = &self.vm.kernel else {
+            return Ok(());
+        };
+        let files = [
+            (BootFile::Kernel, Some(&k.kernel)),
+            (BootFile::Initrd, k.initrd.as_ref()),
+        ];
+        for (file, path) in files {
+            let Some(path) = path else { continue };
+            let p = path.clone();
+            let sum = tokio::task::spawn_blocking(move || boot_file_digest(&p))
+                .await
+                .map_err(|e| CycleError::Other(e.to_string()))?
+                .map_err(|e| {
+                    CycleError::Other(format!(
+                        "cannot read the {} {}: {e}",
+                        file.file_name(),
+                        path.display()
+                    ))
+                })?;
+            if held
+                .iter()
+                .any(|(f, h)| *f == file && h.eq_ignore_ascii_case(&sum.1))
+            {
+                continue;
+            }
+            match self
+                .client
+                .put_boot_file(self.vm.uuid, file, path, sum)
+                .await
+                .map_err(classify)?
+            {
+                PeerResponse::Ok => {
+                    tracing::info!(target: "vmrepl::replication", vm = %self.vm.name, file = file.file_name(), "boot file sent to the replica");
+                }
+                other => {
+                    return Err(CycleError::Other(format!(
+                        "the replica did not keep the {}: {other:?}",
+                        file.file_name()
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The initial copy: log 1, the whole of every disk as of one instant, with bitmap 1

@@ -735,6 +735,12 @@ impl Vmm {
                     let _ = std::fs::remove_dir(parent);
                 }
             }
+            for p in own_boot_files(def) {
+                let _ = std::fs::remove_file(&p);
+                if let Some(parent) = p.parent() {
+                    let _ = std::fs::remove_dir(parent);
+                }
+            }
         }
         let _ = std::fs::remove_dir_all(self.dd.run_dir(def.uuid));
         let db = self.db.lock().expect("db");
@@ -854,4 +860,16 @@ pub fn mac_for(uuid: Uuid, i: usize) -> String {
         b[2],
         (b[3] as usize + i) & 0xff
     )
+}
+
+/// The boot files that belong to `def` itself: a kernel or initrd kept in the VM's own folder
+/// (a failed-over replica's copies), which go with the VM. Files elsewhere are the admin's.
+pub fn own_boot_files(def: &VmDefinition) -> Vec<std::path::PathBuf> {
+    let own: Vec<&std::path::Path> = def.disks.iter().filter_map(|d| d.path.parent()).collect();
+    def.kernel
+        .iter()
+        .flat_map(|k| std::iter::once(&k.kernel).chain(k.initrd.iter()))
+        .filter(|p| p.parent().is_some_and(|parent| own.contains(&parent)))
+        .cloned()
+        .collect()
 }

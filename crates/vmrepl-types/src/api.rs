@@ -143,6 +143,10 @@ pub enum Request {
         start: bool,
         /// Fail over although the primary reports the VM running or cannot be asked (I6).
         risk_split_brain: bool,
+        /// How the failed-over VM's adapters connect on this host; None = not connected.
+        /// (The primary's tap and bridge names are never used on the replica host.)
+        #[serde(default)]
+        network: Option<crate::vm::NicMode>,
     },
     /// Replica: a test VM "NAME - Test" on a throwaway overlay (Start-VMFailover -AsTest).
     FailoverTest {
@@ -167,6 +171,15 @@ pub enum Request {
     ReplicationReverse {
         name: VmName,
         settings: ReplicationSettings,
+    },
+    /// Replica server: designate the stopped local VM `name` as the existing copy that the
+    /// primary `primary` may adopt as its replica (`--initial-existing-copy` on the primary);
+    /// `withdraw` takes the designation back. A primary can adopt nothing else.
+    ReplicationAcceptCopy {
+        name: VmName,
+        primary: String,
+        #[serde(default)]
+        withdraw: bool,
     },
     Shutdown,
 }

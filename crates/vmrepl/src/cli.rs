@@ -124,6 +124,10 @@ pub enum FailoverCmd {
         /// two copies of the VM may then run and diverge.
         #[arg(long)]
         risk_split_brain: bool,
+        /// Connect the failed-over VM's adapters to this network of this host (user, tap:IF,
+        /// bridge:BR); default: not connected. The primary's own network names are never used.
+        #[arg(long, value_parser = parse_nic)]
+        network: Option<NicMode>,
     },
     /// On the replica: create a test VM "NAME - Test" from a point (replication goes on).
     Test {
@@ -186,6 +190,18 @@ pub enum ServerCmd {
     Revoke {
         #[arg(long)]
         primary: String,
+    },
+    /// Let one primary adopt a stopped VM of this host as its replica (initial replication
+    /// from an existing copy, e.g. a VM restored from a backup). Nothing else can be adopted.
+    AcceptCopy {
+        /// The local VM (its name on this host).
+        name: String,
+        /// The primary's host name, as its certificate names it.
+        #[arg(long)]
+        primary: String,
+        /// Take a designation back.
+        #[arg(long)]
+        withdraw: bool,
     },
 }
 
@@ -539,6 +555,15 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
             }),
             ..Default::default()
         }),
+        ReplCmd::Server(ServerCmd::AcceptCopy {
+            name,
+            primary,
+            withdraw,
+        }) => Request::ReplicationAcceptCopy {
+            name: vm_name(&name)?,
+            primary,
+            withdraw,
+        },
         ReplCmd::Server(ServerCmd::Revoke { primary }) => {
             Request::ReplicaServerSet(ReplicaServerChange {
                 remove_entry: Some(primary),
@@ -637,11 +662,13 @@ fn failover(dd: &DataDir, json: bool, f: FailoverCmd) -> Result<ExitCode> {
             point,
             start,
             risk_split_brain,
+            network,
         } => Request::FailoverStart {
             name: vm_name(&name)?,
             point,
             start,
             risk_split_brain,
+            network,
         },
         FailoverCmd::Test {
             name,

@@ -288,14 +288,10 @@ impl PeerClient {
         self.read_response().await
     }
 
-    /// Sends only part of a log and then drops the connection (tests of resume use it to
-    /// simulate a cut transfer): the `SendLog` request and `bytes` bytes of `data`.
+    /// Sends the `SendLog` request `req` and `data` as its first Data frames, and then nothing
+    /// (tests of a stalled primary keep the connection open after it).
     #[doc(hidden)]
-    pub async fn send_partial_and_drop(
-        mut self,
-        req: &PeerRequest,
-        data: &[u8],
-    ) -> Result<(), PeerError> {
+    pub async fn send_partial(&mut self, req: &PeerRequest, data: &[u8]) -> Result<(), PeerError> {
         if let Err(e) = self.framed.write_control(req).await {
             return Err(self.ferr(e));
         }
@@ -304,6 +300,61 @@ impl PeerClient {
                 return Err(self.ferr(e));
             }
         }
+        Ok(())
+    }
+
+    /// Sends the boot file `file` of VM `vm_uuid` from `path` (its size and BLAKE3 digest
+    /// `blake3` computed by the caller). Returns the replica's answer.
+    pub async fn put_boot_file(
+        &mut self,
+        vm_uuid: Uuid,
+        file: super::proto::BootFile,
+        path: &Path,
+        (size, blake3): (u64, String),
+    ) -> Result<PeerResponse, PeerError> {
+        let io = |action: &'static str| {
+            let path = path.to_path_buf();
+            move |source| PeerError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        let mut f = tokio::fs::File::open(path).await.map_err(io("open"))?;
+        let req = PeerRequest::PutBootFile {
+            vm_uuid,
+            file,
+            size,
+            blake3,
+        };
+        if let Err(e) = self.framed.write_control(&req).await {
+            return Err(self.ferr(e));
+        }
+        let mut buf = vec![0u8; DATA_CHUNK];
+        loop {
+            let n = f.read(&mut buf).await.map_err(io("read"))?;
+            if n == 0 {
+                break;
+            }
+            if let Err(e) = self.framed.write_data(&buf[..n]).await {
+                return Err(self.ferr(e));
+            }
+        }
+        if let Err(e) = self.framed.write_data(&[]).await {
+            return Err(self.ferr(e));
+        }
+        self.read_response().await
+    }
+
+    /// Sends only part of a log and then drops the connection (tests of resume use it to
+    /// simulate a cut transfer): the `SendLog` request and `bytes` bytes of `data`.
+    #[doc(hidden)]
+    pub async fn send_partial_and_drop(
+        mut self,
+        req: &PeerRequest,
+        data: &[u8],
+    ) -> Result<(), PeerError> {
+        self.send_partial(req, data).await?;
         let mut inner = self.framed.into_inner();
         use tokio::io::AsyncWriteExt;
         let _ = inner.flush().await;
@@ -314,13 +365,14 @@ impl PeerClient {
 
 fn frame_err(host: &str, addr: &str, e: FrameError) -> PeerError {
     match e {
-        FrameError::Io(_) | FrameError::Closed | FrameError::Truncated { .. } => {
-            PeerError::Connect {
-                host: host.to_string(),
-                addr: addr.to_string(),
-                detail: format!("the connection was lost: {e}"),
-            }
-        }
+        FrameError::Io(_)
+        | FrameError::Closed
+        | FrameError::Truncated { .. }
+        | FrameError::TimedOut { .. } => PeerError::Connect {
+            host: host.to_string(),
+            addr: addr.to_string(),
+            detail: format!("the connection was lost: {e}"),
+        },
         other => PeerError::Protocol {
             host: host.to_string(),
             detail: other.to_string(),

@@ -44,6 +44,29 @@ pub struct Resume {
     pub bytes: u64,
 }
 
+/// A file a direct-kernel-boot VM boots from. It travels with the VM like its disks, so that
+/// the replica host never boots a path the primary named (docs/security.md): the replica keeps
+/// its own copy, verified by size and BLAKE3, in the replica's store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootFile {
+    Kernel,
+    Initrd,
+}
+
+impl BootFile {
+    /// The file's name in the replica's store and in a failed-over VM's folder.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            BootFile::Kernel => "vmlinuz",
+            BootFile::Initrd => "initrd.img",
+        }
+    }
+}
+
+/// Largest boot file a replica accepts (512 MiB).
+pub const MAX_BOOT_FILE_BYTES: u64 = 512 << 20;
+
 /// Recovery-point policy the primary asks the replica to keep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PointPolicy {
@@ -86,6 +109,14 @@ pub enum PeerRequest {
         /// Set when the primary resumes a cut transfer from what the replica said it holds.
         resume: Option<Resume>,
     },
+    /// A boot file of the VM follows as Data frames (ended by an empty Data frame); the
+    /// replica keeps it once its size and BLAKE3 digest (hex) match.
+    PutBootFile {
+        vm_uuid: Uuid,
+        file: BootFile,
+        size: u64,
+        blake3: String,
+    },
     /// Update the recovery-point policy.
     SetPolicy { vm_uuid: Uuid, policy: PointPolicy },
     /// Remove the replica relationship; the replica VM's data is kept unless `delete`.
@@ -106,6 +137,12 @@ pub enum PeerRequest {
         policy: PointPolicy,
         base_sequence: u64,
         primary_server: Option<String>,
+        /// The relationship the VM was replicated under from this host to the asking host
+        /// (the replica's record of it). This host takes over its own VM only when it
+        /// replicates that VM to the asker under exactly this relationship; without it the
+        /// request is refused.
+        #[serde(default)]
+        old_relationship: Option<Uuid>,
     },
 }
 
@@ -195,6 +232,9 @@ pub enum PeerResponse {
         /// The replica has failed over: it takes no more logs.
         #[serde(default)]
         failed_over: bool,
+        /// The boot files the replica holds, with their BLAKE3 digests (hex).
+        #[serde(default)]
+        boot: Vec<(BootFile, String)>,
     },
     /// Log `sequence` is durable and verified on the replica (the primary may drop its bitmap).
     LogAck {

@@ -24,6 +24,13 @@ use vmrepl_types::VmDefinition;
 
 const T: &str = "vmrepl::peer";
 
+/// Longest recovery-point interval a primary may ask for (a week).
+const MAX_POINT_INTERVAL_SECS: u32 = 7 * 86400;
+/// Most vCPUs a peer's VM definition may ask for.
+const MAX_VCPUS: u32 = 288;
+/// Most memory a peer's VM definition may ask for (4 TiB).
+const MAX_MEMORY_MIB: u64 = 4 << 20;
+
 /// Serves peer connections until the task is aborted.
 pub async fn serve(listener: vmrepl_transport::tls::Listener, daemon: Arc<Daemon>) {
     loop {
@@ -266,9 +273,55 @@ fn existing_replica(
 }
 
 fn check_vm(daemon: &Daemon, vm: &VmDefinition, grant: &Grant) -> Result<(), Refusal> {
+    check_definition(daemon, vm)?;
+    let needed: u64 = vm
+        .disks
+        .iter()
+        .try_fold(0u64, |a, d| a.checked_add(d.size_bytes))
+        .ok_or_else(|| refuse(RefusalCode::BadRequest, "the VM's disk sizes overflow"))?
+        .saturating_add(vmrepl_store::SPACE_HEADROOM);
+    if let Some(free) = free_bytes(&grant.storage) {
+        if free < needed {
+            return Err(refuse(
+                RefusalCode::DiskFull,
+                format!(
+                    "the replica storage {} has {free} bytes free; VM {} needs {needed} bytes",
+                    grant.storage.display(),
+                    vm.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What a peer's VM definition must be before anything is done with it: runnable here (I7),
+/// with valid, bounded disks.
+fn check_definition(daemon: &Daemon, vm: &VmDefinition) -> Result<(), Refusal> {
     runs_here(daemon, vm)?;
     if vm.disks.is_empty() {
         return Err(refuse(RefusalCode::BadRequest, "the VM has no disks"));
+    }
+    if vm.disks.len() >= vmrepl_log::MAX_DISKS {
+        return Err(refuse(
+            RefusalCode::BadRequest,
+            format!(
+                "the VM has {} disks; a replica takes at most {}",
+                vm.disks.len(),
+                vmrepl_log::MAX_DISKS - 1
+            ),
+        ));
+    }
+    if vm.vcpus == 0 || vm.vcpus > MAX_VCPUS || vm.memory_mib == 0 || vm.memory_mib > MAX_MEMORY_MIB
+    {
+        return Err(refuse(
+            RefusalCode::BadRequest,
+            format!(
+                "the VM asks for {} vCPUs and {} MiB; a replica takes 1 to {MAX_VCPUS} vCPUs and \
+                 1 to {MAX_MEMORY_MIB} MiB",
+                vm.vcpus, vm.memory_mib
+            ),
+        ));
     }
     for d in &vm.disks {
         if d.id == NVRAM_DISK_ID {
@@ -285,24 +338,6 @@ fn check_vm(daemon: &Daemon, vm: &VmDefinition, grant: &Grant) -> Result<(), Ref
                 format!(
                     "disk {} has size {} bytes; sizes are positive multiples of 512",
                     d.id, d.size_bytes
-                ),
-            ));
-        }
-    }
-    let needed: u64 = vm
-        .disks
-        .iter()
-        .map(|d| d.size_bytes)
-        .sum::<u64>()
-        .saturating_add(vmrepl_store::SPACE_HEADROOM);
-    if let Some(free) = free_bytes(&grant.storage) {
-        if free < needed {
-            return Err(refuse(
-                RefusalCode::DiskFull,
-                format!(
-                    "the replica storage {} has {free} bytes free; VM {} needs {needed} bytes",
-                    grant.storage.display(),
-                    vm.name
                 ),
             ));
         }
@@ -330,12 +365,13 @@ async fn handle(
             policy,
             base_sequence,
             primary_server,
+            old_relationship,
         } => {
             reverse_replica(
                 daemon,
                 peer,
                 *vm,
-                relationship,
+                (relationship, old_relationship),
                 policy,
                 base_sequence,
                 primary_server,
@@ -375,6 +411,7 @@ async fn handle(
         } => from_existing_copy(daemon, peer, *vm, relationship, policy, primary_server).await,
         PeerRequest::ReplicaState { vm_uuid } => replica_state(daemon, peer, vm_uuid).await,
         PeerRequest::SetPolicy { vm_uuid, policy } => authorize(daemon, peer)
+            .and_then(|g| check_policy(&policy).map(|()| g))
             .and_then(|g| own_replica(daemon, peer, &g, vm_uuid))
             .and_then(|_| {
                 let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
@@ -382,6 +419,12 @@ async fn handle(
                     .map(|()| PeerResponse::Ok)
                     .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))
             }),
+        PeerRequest::PutBootFile {
+            vm_uuid,
+            file,
+            size,
+            blake3,
+        } => return put_boot_file(daemon, peer, framed, vm_uuid, file, (size, blake3)).await,
         PeerRequest::RemoveReplica { vm_uuid, delete } => {
             remove_replica(daemon, peer, vm_uuid, delete).await
         }
@@ -411,7 +454,7 @@ async fn reverse_replica(
     daemon: &Arc<Daemon>,
     peer: &str,
     vm: VmDefinition,
-    relationship: Uuid,
+    (relationship, old_relationship): (Uuid, Option<Uuid>),
     policy: PointPolicy,
     base_seq: u64,
     primary_server: Option<String>,
@@ -425,10 +468,17 @@ async fn reverse_replica(
             full_copy_reason: None,
         });
     }
-    runs_here(daemon, &vm)?;
-    let base = crate::failover::take_over_as_replica(daemon, peer, &vm, &grant.storage, base_seq)
-        .await
-        .map_err(|(c, m)| refuse(c, m))?;
+    check_definition(daemon, &vm)?;
+    let base = crate::failover::take_over_as_replica(
+        daemon,
+        peer,
+        &vm,
+        old_relationship,
+        &grant.storage,
+        base_seq,
+    )
+    .await
+    .map_err(|(c, m)| refuse(c, m))?;
     use crate::failover::TakeOver;
     let adopted = match &base {
         TakeOver::Common => Some(base_seq),
@@ -481,8 +531,8 @@ async fn from_existing_copy(
     if existing_replica(daemon, peer, &grant, vm.uuid, relationship)?.is_some() {
         return Ok(PeerResponse::Ok); // the copy was taken already
     }
-    runs_here(daemon, &vm)?;
-    replica::adopt_existing_copy(daemon, &vm, &grant.storage)
+    check_definition(daemon, &vm)?;
+    replica::adopt_existing_copy(daemon, peer, &vm, &grant.storage)
         .await
         .map_err(|(c, m)| refuse(c, m))?;
     create_replica(
@@ -498,11 +548,28 @@ async fn from_existing_copy(
     .await
 }
 
+/// The recovery-point policy a primary may ask for: what `replication enable` itself allows
+/// (0 to 24 points, an interval no shorter than the shortest frequency and at most a week).
 fn check_policy(policy: &PointPolicy) -> Result<(), Refusal> {
-    if policy.keep > vmrepl_types::replication::ReplicationSettings::MAX_RECOVERY_POINTS {
+    use vmrepl_types::replication::ReplicationSettings as S;
+    if policy.keep > S::MAX_RECOVERY_POINTS {
         return Err(refuse(
             RefusalCode::BadRequest,
-            format!("{} recovery points asked; 0 to 24 are kept", policy.keep),
+            format!(
+                "{} recovery points asked; 0 to {} are kept",
+                policy.keep,
+                S::MAX_RECOVERY_POINTS
+            ),
+        ));
+    }
+    if policy.interval_secs < S::MIN_FREQUENCY || policy.interval_secs > MAX_POINT_INTERVAL_SECS {
+        return Err(refuse(
+            RefusalCode::BadRequest,
+            format!(
+                "a recovery point every {} s asked; {} to {MAX_POINT_INTERVAL_SECS} s are allowed",
+                policy.interval_secs,
+                S::MIN_FREQUENCY
+            ),
         ));
     }
     Ok(())
@@ -525,12 +592,12 @@ async fn create_replica(
     check_policy(&policy)?;
     {
         let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
-        if let Ok(Some(local)) = db.vm_by_uuid(vm.uuid) {
+        if let Ok(Some(_)) = db.vm_by_uuid(vm.uuid) {
             return Err(refuse(
                 RefusalCode::Conflict,
                 format!(
-                    "VM {} ({}) exists on this host as a normal VM ({}); it cannot also be a replica",
-                    local.definition.name, vm.uuid, local.state
+                    "VM {} exists on this host as a VM of its own; it cannot also be a replica",
+                    vm.uuid
                 ),
             ));
         }
@@ -616,6 +683,7 @@ async fn replica_state(
             partial: None,
             points: Vec::new(),
             failed_over: true,
+            boot: Vec::new(),
         });
     }
     let lock = replica::vm_lock(&replica::vm_dir(&row));
@@ -623,6 +691,7 @@ async fn replica_state(
     // Apply what is durable first, so that last_applied is accurate (errors are recorded).
     let _ = replica::apply_and_record(daemon, &row).await;
     let root = row.storage_root.clone();
+    let boot = replica::boot_files(&replica::vm_dir(&row));
     tokio::task::spawn_blocking(move || -> Result<PeerResponse, Refusal> {
         let vm = vmrepl_store::ReplicaStore::open(&root, vm_uuid)
             .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
@@ -652,6 +721,7 @@ async fn replica_state(
             partial,
             points,
             failed_over: false,
+            boot,
         })
     })
     .await
@@ -731,6 +801,128 @@ async fn remove_replica(
     Ok(PeerResponse::Ok)
 }
 
+/// Receives a boot file of a replica VM into its store (`boot/`), verified by size and
+/// BLAKE3 before it replaces the one kept there. No lock is held while the bytes arrive.
+async fn put_boot_file(
+    daemon: &Arc<Daemon>,
+    peer: &str,
+    framed: &mut Conn,
+    vm_uuid: Uuid,
+    file: super::proto::BootFile,
+    (size, digest): (u64, String),
+) -> Result<Option<PeerResponse>, FrameError> {
+    let row = match authorize(daemon, peer)
+        .and_then(|g| own_replica(daemon, peer, &g, vm_uuid))
+        .and_then(|r| match &r.failover {
+            Some(f) => Err(failed_over(&r, f)),
+            None if size > super::proto::MAX_BOOT_FILE_BYTES => Err(refuse(
+                RefusalCode::BadRequest,
+                format!(
+                    "a boot file of {size} bytes is larger than the {} bytes a replica keeps",
+                    super::proto::MAX_BOOT_FILE_BYTES
+                ),
+            )),
+            None if r.definition.kernel.is_none() => Err(refuse(
+                RefusalCode::BadRequest,
+                format!(
+                    "VM {} does not boot a kernel directly; it has no boot files",
+                    r.name
+                ),
+            )),
+            None => Ok(r),
+        }) {
+        Ok(r) => r,
+        Err(r) => {
+            drain(framed).await?;
+            return Ok(Some(r.into()));
+        }
+    };
+    let boot = replica::vm_dir(&row).join("boot");
+    let tmp = boot.join(format!("{}.{}.tmp", file.file_name(), Uuid::new_v4()));
+    let created = tokio::fs::create_dir_all(&boot).await.and(
+        tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .await,
+    );
+    let mut out = match created {
+        Ok(f) => f,
+        Err(e) => {
+            drain(framed).await?;
+            return Ok(Some(
+                refuse(RefusalCode::Internal, format!("{}: {e}", tmp.display())).into(),
+            ));
+        }
+    };
+    let mut hasher = blake3::Hasher::new();
+    let mut got = 0u64;
+    let mut failure: Option<Refusal> = None;
+    loop {
+        let data = match framed.read_frame().await {
+            Ok(Frame::Data(d)) => d,
+            Ok(Frame::Control(_)) | Err(_) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(FrameError::Closed);
+            }
+        };
+        if data.is_empty() {
+            break;
+        }
+        if failure.is_some() {
+            continue;
+        }
+        got += data.len() as u64;
+        if got > size {
+            failure = Some(refuse(
+                RefusalCode::BadRequest,
+                format!("the boot file is longer than the {size} bytes announced"),
+            ));
+            continue;
+        }
+        hasher.update(&data);
+        if let Err(e) = out.write_all(&data).await {
+            failure = Some(refuse(
+                RefusalCode::Internal,
+                format!("cannot write {}: {e}", tmp.display()),
+            ));
+        }
+    }
+    let synced = out.sync_all().await;
+    drop(out);
+    let hex = hasher.finalize().to_hex().to_string();
+    let failure = failure.or_else(|| {
+        if got != size || !hex.eq_ignore_ascii_case(&digest) {
+            Some(refuse(
+                RefusalCode::BadLog,
+                format!(
+                    "the {} of {} arrived with {got} bytes and digest {hex}, not the {size} bytes \
+                     and digest {digest} announced; discarded",
+                    file.file_name(),
+                    row.name
+                ),
+            ))
+        } else {
+            synced
+                .err()
+                .map(|e| refuse(RefusalCode::Internal, format!("{}: {e}", tmp.display())))
+        }
+    });
+    if let Some(f) = failure {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Ok(Some(f.into()));
+    }
+    let lock = replica::vm_lock(&replica::vm_dir(&row));
+    let _g = lock.lock().await;
+    let placed = replica::place_boot_file(&boot, file, &tmp, &hex);
+    if let Err(e) = placed {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Ok(Some(refuse(RefusalCode::Internal, e).into()));
+    }
+    tracing::info!(target: T, peer, vm = %vm_uuid, file = file.file_name(), bytes = size, "boot file kept");
+    Ok(Some(PeerResponse::Ok))
+}
+
 /// Reads and discards Data frames up to the empty one.
 async fn drain(framed: &mut Conn) -> Result<(), FrameError> {
     loop {
@@ -782,9 +974,14 @@ async fn send_log(
     };
     let dir = replica::vm_dir(&row);
     let lock = replica::vm_lock(&dir);
-    let _g = lock.lock().await;
-    // Logs received before but not applied (an apply that failed) go first.
-    let last = match replica::apply_and_record(daemon, &row).await {
+    // Logs received before but not applied (an apply that failed) go first. The VM's lock is
+    // held for local work only, never while this host waits on the network (the frames below
+    // arrive with no lock held), so a primary that stalls mid-log blocks no failover.
+    let applied = {
+        let _g = lock.lock().await;
+        replica::apply_and_record(daemon, &row).await
+    };
+    let last = match applied {
         Ok(l) => l,
         Err(e) => {
             drain(framed).await?;
@@ -826,6 +1023,24 @@ async fn send_log(
         );
         return Ok(Some(refuse(RefusalCode::OutOfOrder, msg).into()));
     }
+    // One transfer per VM at a time. A transfer cut without a close holds its slot only until
+    // its next frame is overdue (`Framed`'s deadline); the primary resumes after that.
+    let slot = replica::receive_slot(&dir);
+    let Ok(_receiving) = slot.try_lock() else {
+        drain(framed).await?;
+        return Ok(Some(
+            refuse(
+                RefusalCode::Internal,
+                format!(
+                    "another transfer of a log of {} is still in progress here; it ends when it \
+                     completes or its connection times out ({} s), then send again",
+                    row.name,
+                    framed.timeout().as_secs()
+                ),
+            )
+            .into(),
+        ));
+    };
     let path = vmrepl_store::spool::partial_path(&dir, seq);
     let t0 = std::time::Instant::now();
     let (received, verified) = match receive(framed, &row, &path, resume).await? {
@@ -833,6 +1048,28 @@ async fn send_log(
         Err(r) => return Ok(Some(r.into())),
     };
     let receive_ms = t0.elapsed().as_millis() as u64;
+    let g = lock.lock().await;
+    // The replica may have failed over, or been removed, while the log arrived.
+    let current = authorize(daemon, peer)
+        .and_then(|g| own_replica(daemon, peer, &g, vm_uuid))
+        .and_then(|r| match &r.failover {
+            Some(f) => Err(failed_over(&r, f)),
+            None if r.relationship != row.relationship => Err(refuse(
+                RefusalCode::Conflict,
+                format!(
+                    "the replica of {} was replaced while log {seq} arrived",
+                    r.name
+                ),
+            )),
+            None => Ok(r),
+        });
+    let row = match current {
+        Ok(r) => r,
+        Err(r) => {
+            let _ = tokio::fs::remove_file(&path).await;
+            return Ok(Some(r.into()));
+        }
+    };
     // Verified whole (I4) and durable under its verified name (I1) before the acknowledgement.
     match replica::accept_spooled(&row, seq, base, None, Some(verified)).await {
         Ok(()) => {}
@@ -862,6 +1099,7 @@ async fn send_log(
         let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
         let _ = replica::record_received(&db, vm_uuid, received);
     }
+    drop(g);
     tracing::info!(target: T, peer, vm = %vm_uuid, seq, bytes = received, receive_ms,
         accept_ms = t0.elapsed().as_millis() as u64 - receive_ms, "log durable and verified");
     framed
@@ -870,7 +1108,8 @@ async fn send_log(
             bytes: received,
         })
         .await?;
-    // Apply now (the VM's lock is held, so the next log waits for this one).
+    // Apply now; the next log of this VM waits for it at its start (the VM's lock).
+    let _g = lock.lock().await;
     let _ = replica::apply_verified(daemon, &row, seq).await;
     Ok(None)
 }
@@ -1100,8 +1339,16 @@ async fn receive(
     let verified = verifier
         .await
         .unwrap_or_else(|e| Err(format!("the verifier failed: {e}")));
-    // Durability comes with acceptance, once the log verified (spool::accept).
-    let flushed = file.flush().await;
+    // Durable through the descriptor that wrote it, and no early write-back failed: a
+    // write-back error is reported once only, so an fsync on another descriptor (as
+    // `spool::accept` does) could succeed for bytes that are not on disk (I1).
+    let early = tokio::task::spawn_blocking(move || writeback.finish())
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    let flushed = match (file.flush().await, early) {
+        (Ok(()), Ok(())) => file.sync_all().await,
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    };
     if let Some(f) = failure {
         if f.code == RefusalCode::BadLog {
             let _ = tokio::fs::remove_file(path).await;
@@ -1109,9 +1356,17 @@ async fn receive(
         return Ok(Err(f));
     }
     if let Err(e) = flushed {
+        let code = if vmrepl_store::spool::is_no_space(&e) {
+            RefusalCode::DiskFull
+        } else {
+            RefusalCode::Internal
+        };
         return Ok(Err(refuse(
-            RefusalCode::Internal,
-            format!("cannot write {}: {e}", path.display()),
+            code,
+            format!(
+                "cannot make {} durable: {e}; nothing was acknowledged",
+                path.display()
+            ),
         )));
     }
     Ok(Ok((size, verified)))
