@@ -189,11 +189,28 @@ fn a_copy_that_already_exists_on_the_replica_host_is_reconciled_by_block_compare
             &["--initial-existing-copy"],
         ))
     };
-    // No copy on hostb yet: refused, naming the host and what to do.
+    let designate = || {
+        b.ok(&[
+            "replication",
+            "server",
+            "accept-copy",
+            "app",
+            "--primary",
+            "hosta.test",
+        ])
+    };
+    // No copy on hostb yet: refused, naming the host and what its admin does.
     let e = refused_copy();
-    assert!(e.contains("no VM named app on hostb.test"), "{e}");
-    // A copy whose disk does not match is refused, and stays as it was.
+    assert!(e.contains("no VM on hostb.test is designated"), "{e}");
+    assert!(e.contains("accept-copy app --primary hosta.test"), "{e}");
+    // A VM of that name that hostb's admin did not designate: the same answer (the primary
+    // learns nothing of it), and it stays as it was.
     create_guest_vm(&b, "app", "1", &["16M"], "idle");
+    let e2 = refused_copy();
+    assert_eq!(e2, e);
+    assert_eq!(b.vm_state("app"), "off");
+    // Designated, but its disk does not match: refused, and it stays as it was.
+    designate();
     let e = refused_copy();
     assert!(e.contains("do not match"), "{e}");
     assert!(e.contains("disk0 16777216 bytes"), "{e}");
@@ -201,12 +218,14 @@ fn a_copy_that_already_exists_on_the_replica_host_is_reconciled_by_block_compare
     b.ok(&["vm", "delete", "app"]);
     // A copy of another generation is refused too.
     create_guest_vm(&b, "app", "2", &[backup_s], "idle");
+    designate();
     let e = refused_copy();
     assert!(e.contains("generation"), "{e}");
     b.ok(&["vm", "delete", "app"]);
 
-    // The restored backup, registered on hostb under the VM's name.
+    // The restored backup, registered on hostb under the VM's name and designated for hosta.
     create_guest_vm(&b, "app", "1", &[backup_s], "idle");
+    designate();
     enable_ok(
         &a,
         &b,
