@@ -394,6 +394,7 @@ pub fn accept_copy(
     })?;
     let vm = d.vmm.show(name)?;
     let uuid = vm.definition.uuid;
+    let replicated = crate::replication::load(d, uuid).is_some();
     let db = d.db.lock().unwrap_or_else(|p| p.into_inner());
     let sql = |e: rusqlite::Error| ApiError::new(ErrorCode::Internal, e.to_string());
     if withdraw {
@@ -414,7 +415,7 @@ pub fn accept_copy(
             format!("VM {name} can no longer be adopted by any primary.")
         });
     }
-    if crate::replication::load(d, uuid).is_some() {
+    if replicated {
         return Err(ApiError::new(
             ErrorCode::WrongState,
             format!("VM {name} is itself replicated; remove its replication first (`vmrepl replication remove {name}`)."),
