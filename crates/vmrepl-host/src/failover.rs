@@ -295,6 +295,18 @@ fn boot_here(row: &ReplicaRow, def: &mut VmDefinition, dir: &Path) -> Result<(),
     Ok(())
 }
 
+/// "NAME - Test", with NAME shortened where the whole would be longer than a VM name may be.
+fn test_vm_name(name: &str) -> String {
+    const SUFFIX: &str = " - Test";
+    let keep = name
+        .char_indices()
+        .map(|(at, c)| at + c.len_utf8())
+        .take_while(|end| end + SUFFIX.len() <= vmrepl_types::name::MAX_VM_NAME)
+        .last()
+        .unwrap_or(0);
+    format!("{}{SUFFIX}", name[..keep].trim_end())
+}
+
 /// A failover that needs the newest state while the replica cannot apply its last log.
 fn unapplied(name: &VmName, e: replica::ApplyError) -> ApiError {
     ApiError::new(
@@ -429,6 +441,8 @@ pub async fn start(
     let vm_dir = d.vmm.default_storage().join(row.vm_uuid.to_string());
     let ov = overlays(&row, point, vm_dir.clone()).await?;
     let mut def = on_overlay(&row.definition, &ov);
+    // The replica's own name on this host (unique here; the primary's name where it was free).
+    def.name = VmName::new(&row.name).map_err(internal)?;
     // What the failed-over VM touches is this host's choice, not the primary's: its own copy
     // of the boot files, and adapters connected as this host's admin says (not connected by
     // default), never the primary's tap or bridge names.
@@ -488,7 +502,7 @@ pub async fn start(
         format!("VM {name} failed over to point {seq}. Check it, then `vmrepl failover complete {name}` to keep it (the other points are dropped), or `vmrepl failover cancel {name}` to choose another point.")
     };
     if start_vm {
-        d.vmm.start(name).await?;
+        d.vmm.start(&def.name).await?;
         msg.push_str(" The VM is started.");
     }
     Ok(msg)
@@ -599,7 +613,7 @@ pub async fn test(
         ));
     }
     check_runnable(d, &row.definition)?;
-    let test_name = VmName::new(&format!("{} - Test", name.as_str()))
+    let test_name = VmName::new(&test_vm_name(&row.name))
         .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
     let uuid = Uuid::new_v4();
     let lock = replica::vm_lock(&replica::vm_dir(&row));
@@ -774,6 +788,9 @@ pub async fn reverse(
             ))
         }
     };
+    if let Err(e) = replication::send_boot_files(&mut client, &def, &[]).await {
+        tracing::warn!(target: "vmrepl::failover", vm = %name, "boot files not sent yet: {e}");
+    }
     let (state, acked) = if delta {
         (ReplicationState::Replicating, f.point_seq)
     } else if resync {

@@ -226,6 +226,35 @@ pub fn by_name(db: &Db, name: &str) -> rusqlite::Result<Option<ReplicaRow>> {
         .optional()
 }
 
+/// The name a new replica of `uuid` gets on this host: the primary's name `wanted` when no
+/// other replica and no VM of this host has it, else `wanted-2`, `wanted-3`, ... (shortened to
+/// fit). Names are unique per replica host whatever the primaries call their VMs, so one
+/// primary cannot take the name another's VM (or a local VM) answers to.
+pub fn unique_name(db: &Db, wanted: &str, uuid: Uuid) -> rusqlite::Result<String> {
+    let taken = |n: &str| -> rusqlite::Result<bool> {
+        let replica = by_name(db, n)?.is_some_and(|r| r.vm_uuid != uuid);
+        let local = db.vm_by_name(n).ok().flatten().is_some();
+        Ok(replica || local)
+    };
+    if !taken(wanted)? {
+        return Ok(wanted.to_string());
+    }
+    for i in 2..1000u32 {
+        let suffix = format!("-{i}");
+        let keep = wanted
+            .char_indices()
+            .map(|(at, c)| at + c.len_utf8())
+            .take_while(|end| end + suffix.len() <= vmrepl_types::name::MAX_VM_NAME)
+            .last()
+            .unwrap_or(0);
+        let candidate = format!("{}{suffix}", &wanted[..keep]);
+        if !taken(&candidate)? {
+            return Ok(candidate);
+        }
+    }
+    Ok(uuid.to_string())
+}
+
 /// Updates the recovery-point policy.
 pub fn set_policy(db: &Db, vm_uuid: Uuid, p: &PointPolicy) -> rusqlite::Result<()> {
     db.conn().execute(
@@ -558,9 +587,16 @@ pub async fn adopt_existing_copy(
 /// commands run.
 pub(crate) fn named(d: &Daemon, name: &vmrepl_types::VmName) -> Result<ReplicaRow, ApiError> {
     let db = d.db.lock().unwrap_or_else(|p| p.into_inner());
-    by_name(&db, name.as_str())
-        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
-        .ok_or_else(|| {
+    let sql = |e: rusqlite::Error| ApiError::new(ErrorCode::Internal, e.to_string());
+    let found = match by_name(&db, name.as_str()).map_err(sql)? {
+        Some(r) => Some(r),
+        // Every replica-side command also takes the VM's UUID.
+        None => match name.as_str().parse::<Uuid>() {
+            Ok(u) => get(&db, u).map_err(sql)?,
+            Err(_) => None,
+        },
+    };
+    found.ok_or_else(|| {
             ApiError::new(
                 ErrorCode::NotFound,
                 format!("This host keeps no replica of a VM named {name}; failover and import run on the replica server. `vmrepl replication status` lists what this host replicates."),

@@ -324,6 +324,10 @@ pub async fn enable(
             "create the replica VM"
         },
     )?;
+    if let Err(e) = send_boot_files(&mut client, &vm, &[]).await {
+        // Every cycle tries again; a failover on the replica waits for them and says so.
+        tracing::warn!(target: "vmrepl::replication", vm = %name, "boot files not sent yet: {e}");
+    }
     // An existing copy on the replica is brought to this VM's state by block compare: the
     // resynchronization algorithm, from sequence 0.
     let (state, note) = match &settings.initial {
@@ -398,6 +402,61 @@ pub(crate) async fn reach_replica(
         )
     })?;
     Ok((client, theirs))
+}
+
+/// A VM that boots a kernel directly: its kernel and initrd travel to the replica like its
+/// disks (the replica never boots a path this host names), sent at enable and reverse and
+/// again by any cycle that finds the replica's copy different (`held`: what the replica
+/// holds, with digests).
+pub(crate) async fn send_boot_files(
+    client: &mut PeerClient,
+    vm: &VmDefinition,
+    held: &[(crate::peer::proto::BootFile, String)],
+) -> Result<(), String> {
+    use crate::peer::proto::BootFile;
+    let Some(k) = &vm.kernel else {
+        return Ok(());
+    };
+    let files = [
+        (BootFile::Kernel, Some(&k.kernel)),
+        (BootFile::Initrd, k.initrd.as_ref()),
+    ];
+    for (file, path) in files {
+        let Some(path) = path else { continue };
+        let p = path.clone();
+        let sum = tokio::task::spawn_blocking(move || boot_file_digest(&p))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| {
+                format!(
+                    "cannot read the {} {}: {e}",
+                    file.file_name(),
+                    path.display()
+                )
+            })?;
+        if held
+            .iter()
+            .any(|(f, h)| *f == file && h.eq_ignore_ascii_case(&sum.1))
+        {
+            continue;
+        }
+        match client
+            .put_boot_file(vm.uuid, file, path, sum)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            PeerResponse::Ok => {
+                tracing::info!(target: "vmrepl::replication", vm = %vm.name, file = file.file_name(), "boot file sent to the replica");
+            }
+            other => {
+                return Err(format!(
+                    "the replica did not keep the {}: {other:?}",
+                    file.file_name()
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Size and BLAKE3 digest (hex) of a boot file, remembered while its size and modification
@@ -1078,65 +1137,13 @@ impl<'a> Cycle<'a> {
                 boot,
                 ..
             } => {
-                self.send_boot_files(&boot).await?;
+                send_boot_files(&mut self.client, self.vm, &boot)
+                    .await
+                    .map_err(CycleError::Other)?;
                 Ok((last_applied, partial))
             }
             other => Err(CycleError::Other(format!("unexpected answer {other:?}"))),
         }
-    }
-
-    /// A VM that boots a kernel directly: its kernel and initrd travel to the replica like
-    /// its disks (the replica never boots a path this host names), sent again whenever the
-    /// replica's copy differs (`held`: what it holds, with digests).
-    async fn send_boot_files(
-        &mut self,
-        held: &[(crate::peer::proto::BootFile, String)],
-    ) -> Result<(), CycleError> {
-        use crate::peer::proto::BootFile;
-        let Some(k) = &self.vm.kernel else {
-            return Ok(());
-        };
-        let files = [
-            (BootFile::Kernel, Some(&k.kernel)),
-            (BootFile::Initrd, k.initrd.as_ref()),
-        ];
-        for (file, path) in files {
-            let Some(path) = path else { continue };
-            let p = path.clone();
-            let sum = tokio::task::spawn_blocking(move || boot_file_digest(&p))
-                .await
-                .map_err(|e| CycleError::Other(e.to_string()))?
-                .map_err(|e| {
-                    CycleError::Other(format!(
-                        "cannot read the {} {}: {e}",
-                        file.file_name(),
-                        path.display()
-                    ))
-                })?;
-            if held
-                .iter()
-                .any(|(f, h)| *f == file && h.eq_ignore_ascii_case(&sum.1))
-            {
-                continue;
-            }
-            match self
-                .client
-                .put_boot_file(self.vm.uuid, file, path, sum)
-                .await
-                .map_err(classify)?
-            {
-                PeerResponse::Ok => {
-                    tracing::info!(target: "vmrepl::replication", vm = %self.vm.name, file = file.file_name(), "boot file sent to the replica");
-                }
-                other => {
-                    return Err(CycleError::Other(format!(
-                        "the replica did not keep the {}: {other:?}",
-                        file.file_name()
-                    )))
-                }
-            }
-        }
-        Ok(())
     }
 
     /// The initial copy: log 1, the whole of every disk as of one instant, with bitmap 1

@@ -221,6 +221,26 @@ fn an_authorized_primary_cannot_delete_adopt_or_read_the_replica_hosts_own_vms()
         },
     ));
     assert_eq!(code, RefusalCode::UnknownVm);
+    drop(again);
+    drop(c);
+
+    // A primary's VM named like one of hostb's own gets a name of its own on hostb, and every
+    // replica-side command also takes its UUID.
+    a.ok(&["vm", "create", "dc01", "--disk", "16M", "--nic", "none"]);
+    enable_ok(&a, &b, "dc01", "hostb.test", &["--frequency", "5"]);
+    wait_until("replicating", std::time::Duration::from_secs(120), || {
+        status(&a, "dc01")["state"] == "replicating"
+    });
+    let replica = status(&b, "dc01-2");
+    assert_eq!(replica["state"], "replicating", "{replica}");
+    let theirs = a.json(&["vm", "show", "dc01"])["definition"]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    b.ok(&["replication", "points", &theirs]);
+    b.ok(&["replication", "points", "dc01-2"]);
+    assert_eq!(b.vm_state("dc01"), "off");
+    assert_eq!(snapshot(&storage), before);
 }
 
 /// Runs the CLI on `h` and requires it to finish, successfully, within `secs` seconds.

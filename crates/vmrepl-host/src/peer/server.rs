@@ -661,6 +661,9 @@ async fn create_replica(
         test_failover: None,
     };
     let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+    let mut row = row;
+    row.name = replica::unique_name(&db, &row.name, uuid)
+        .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
     replica::insert(&db, &row).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
     let _ = db.event(
         Some(uuid),
