@@ -117,7 +117,7 @@ impl DataDir {
             self.default_storage(),
             self.default_replica_storage(),
         ] {
-            std::fs::create_dir_all(&d).map_err(|source| DataDirError::Io {
+            crate::fsutil::create_private_dir_all(&d).map_err(|source| DataDirError::Io {
                 path: d.clone(),
                 source,
             })?;

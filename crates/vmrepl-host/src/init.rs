@@ -124,10 +124,10 @@ pub fn init_host(dd: &DataDir, o: InitOptions) -> Result<InitReport, InitError> 
     cfg.validate()?;
     dd.create_skeleton()?;
     for s in &storage {
-        std::fs::create_dir_all(s).map_err(io(s))?;
+        crate::fsutil::create_private_dir_all(s).map_err(io(s))?;
     }
     let tp = tls_paths(dd);
-    std::fs::create_dir_all(&tp.trusted).map_err(io(&tp.trusted))?;
+    crate::fsutil::create_private_dir_all(&tp.trusted).map_err(io(&tp.trusted))?;
     for t in &o.trust {
         trust_ca(dd, t)?;
     }

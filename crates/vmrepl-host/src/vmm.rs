@@ -360,6 +360,7 @@ impl Vmm {
                         .await
                         .map_err(|e| ApiError::new(ErrorCode::Qemu, e.to_string()))?;
                     created.push(path.clone());
+                    owner_only(&path)?;
                     *size_bytes
                 }
                 DiskSpec::Import { source, .. } => {
@@ -368,6 +369,7 @@ impl Vmm {
                         .await
                         .map_err(|e| ApiError::new(ErrorCode::Qemu, e.to_string()))?;
                     created.push(path.clone());
+                    owner_only(&path)?;
                     vmrepl_qemu::img::QemuImg::default()
                         .info(&path)
                         .await
@@ -386,7 +388,7 @@ impl Vmm {
                 let dir = self.cfg.storage[0].join(uuid.to_string());
                 vm_folder(&dir, created)?;
                 let p = dir.join("nvram.fd");
-                std::fs::copy(tpl, &p).map_err(|e| {
+                crate::fsutil::copy_private(tpl, &p).map_err(|e| {
                     ApiError::new(
                         ErrorCode::Io,
                         format!("Cannot copy the NVRAM template {}: {e}", tpl.display()),
@@ -454,7 +456,7 @@ impl Vmm {
             .cloned()
             .expect("checked by can_run");
         let run_dir = self.dd.run_dir(def.uuid);
-        std::fs::create_dir_all(&run_dir).map_err(|e| {
+        crate::fsutil::create_private_dir_all(&run_dir).map_err(|e| {
             ApiError::new(
                 ErrorCode::Io,
                 format!("Cannot create the run folder {}: {e}", run_dir.display()),
@@ -833,7 +835,7 @@ impl Vmm {
 /// of a failed create.
 fn vm_folder(dir: &std::path::Path, created: &mut Vec<PathBuf>) -> Result<(), ApiError> {
     if !dir.exists() {
-        std::fs::create_dir_all(dir).map_err(|e| {
+        crate::fsutil::create_private_dir_all(dir).map_err(|e| {
             ApiError::new(
                 ErrorCode::Io,
                 format!("Cannot create {}: {e}", dir.display()),
@@ -842,6 +844,16 @@ fn vm_folder(dir: &std::path::Path, created: &mut Vec<PathBuf>) -> Result<(), Ap
         created.push(dir.to_path_buf());
     }
     Ok(())
+}
+
+/// Makes a VM file readable by its owner only (disk images hold the guest's data).
+fn owner_only(p: &std::path::Path) -> Result<(), ApiError> {
+    crate::fsutil::make_owner_only(p).map_err(|e| {
+        ApiError::new(
+            ErrorCode::Io,
+            format!("Cannot make {} owner-only (mode 0600): {e}", p.display()),
+        )
+    })
 }
 
 /// A stable locally administered MAC per VM and adapter index.
