@@ -185,7 +185,8 @@ impl Host {
     }
 
     pub fn console(&self, vm: &str) -> String {
-        self.ok(&["vm", "console", vm])
+        // All of it (up to the 16 MiB limit), not only the default 64 KiB tail.
+        self.ok(&["vm", "console", vm, "--tail", "16777216"])
     }
 
     /// Waits until the VM's console contains `needle`.
