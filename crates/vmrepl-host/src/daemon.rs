@@ -188,7 +188,7 @@ impl Daemon {
             .iter()
             .chain(rs.entries.iter().map(|e| &e.storage))
         {
-            std::fs::create_dir_all(s).map_err(|e| {
+            crate::fsutil::create_private_dir_all(s).map_err(|e| {
                 ApiError::new(
                     ErrorCode::Io,
                     format!("Cannot create storage folder {}: {e}", s.display()),

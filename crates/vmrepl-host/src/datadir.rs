@@ -9,11 +9,14 @@
 //!   daemon.lock      held by the running daemon (one daemon per folder)
 //!   daemon.log       the daemon's log when started in the background
 //!   tls/             ca.pem, ca-key.pem (built-in CA), host.pem, host-key.pem, trusted/*.pem
-//!   run/<vm-uuid>/   per-VM runtime files: qmp.sock, qga.sock, serial.log, qemu.pid, qemu.stderr
+//!   run/<vm-uuid>/   per-VM runtime files: qmp.sock, qga.sock, serial.log (+ serial.log.1),
+//!                    qemu.pid, qemu.stderr
 //!   staging/         sparse delta images of cycles in flight
 //!   storage/         default storage folder for VM disks
 //!   replica/         default storage folder for replica VMs
 //! ```
+//!
+//! Folders are 0700 and files 0600 (docs/security-files.md lists each kind).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -117,7 +120,7 @@ impl DataDir {
             self.default_storage(),
             self.default_replica_storage(),
         ] {
-            std::fs::create_dir_all(&d).map_err(|source| DataDirError::Io {
+            crate::fsutil::create_private_dir_all(&d).map_err(|source| DataDirError::Io {
                 path: d.clone(),
                 source,
             })?;

@@ -46,6 +46,11 @@ pub enum InitError {
     Pki(#[from] pki::PkiError),
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "refusing to write a private key into {path}: {why}. Use a folder that only you can \
+         write to, for example one made with `mkdir -m 700 DIR`."
+    )]
+    UnsafeFolder { path: PathBuf, why: String },
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -124,10 +129,10 @@ pub fn init_host(dd: &DataDir, o: InitOptions) -> Result<InitReport, InitError> 
     cfg.validate()?;
     dd.create_skeleton()?;
     for s in &storage {
-        std::fs::create_dir_all(s).map_err(io(s))?;
+        crate::fsutil::create_private_dir_all(s).map_err(io(s))?;
     }
     let tp = tls_paths(dd);
-    std::fs::create_dir_all(&tp.trusted).map_err(io(&tp.trusted))?;
+    crate::fsutil::create_private_dir_all(&tp.trusted).map_err(io(&tp.trusted))?;
     for t in &o.trust {
         trust_ca(dd, t)?;
     }
@@ -135,17 +140,17 @@ pub fn init_host(dd: &DataDir, o: InitOptions) -> Result<InitReport, InitError> 
         Some((cert, key)) => {
             let extra: Vec<PathBuf> = trusted_cas(dd);
             pki::HostIdentity::import(&o.host_name, cert, key, &extra)?;
-            std::fs::copy(cert, &tp.host_cert).map_err(io(cert))?;
-            std::fs::copy(key, &tp.host_key).map_err(io(key))?;
-            set_private(&tp.host_key)?;
+            let key_pem = std::fs::read_to_string(key).map_err(io(key))?;
+            let cert_pem = std::fs::read_to_string(cert).map_err(io(cert))?;
+            pki::write_private_key(&tp.host_key, &key_pem)?;
+            pki::write_public_replace(&tp.host_cert, &cert_pem)?;
             format!("imported from {}", cert.display())
         }
         None => {
             let ca = pki::Ca::create(&dd.tls(), &format!("vmrepl CA of {}", o.host_name))?;
             let issued = ca.issue_host(&o.host_name, days(825))?;
-            std::fs::write(&tp.host_cert, issued.cert_pem).map_err(io(&tp.host_cert))?;
-            std::fs::write(&tp.host_key, issued.key_pem).map_err(io(&tp.host_key))?;
-            set_private(&tp.host_key)?;
+            pki::write_private_key(&tp.host_key, &issued.key_pem)?;
+            pki::write_public_replace(&tp.host_cert, &issued.cert_pem)?;
             "issued by this host's built-in CA".to_string()
         }
     };
@@ -166,13 +171,45 @@ fn days(n: u32) -> std::time::Duration {
     std::time::Duration::from_secs(u64::from(n) * 86_400)
 }
 
-fn set_private(p: &Path) -> Result<(), InitError> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).map_err(io(p))
+/// Checks that a private key may be written into `dir`: a folder owned by this user (or
+/// root) that no one else can write to, so no one else can plant a file or a link there.
+fn check_key_folder(dir: &Path) -> Result<(), InitError> {
+    use std::os::unix::fs::MetadataExt;
+    let unsafe_folder = |why: String| InitError::UnsafeFolder {
+        path: dir.to_path_buf(),
+        why,
+    };
+    let md = std::fs::metadata(dir).map_err(io(dir))?;
+    if !md.is_dir() {
+        return Err(unsafe_folder("it is not a folder".into()));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if md.uid() != me {
+        return Err(unsafe_folder(format!(
+            "it belongs to user id {}, not to you (user id {me})",
+            md.uid()
+        )));
+    }
+    let mode = md.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(unsafe_folder(format!(
+            "it is writable by {} (mode {mode:o})",
+            if mode & 0o002 != 0 {
+                "every user"
+            } else {
+                "its group"
+            }
+        )));
+    }
+    Ok(())
 }
 
 /// The built-in CA issues a certificate for another host into `out`
 /// (host.pem, host-key.pem and this CA's ca.pem, for `host init --cert/--key/--trust`).
+///
+/// `out` is created 0700 if missing; an existing one must belong to the caller and be
+/// writable by no one else, and must not hold a `host-key.pem` yet. The key is created
+/// 0600 with `O_EXCL|O_NOFOLLOW`; the certificates replace existing files by rename.
 pub fn issue_cert(
     dd: &DataDir,
     host_name: &str,
@@ -185,14 +222,14 @@ pub fn issue_cert(
         .map_err(|e| InitError::Invalid(e.to_string()))?;
     let issued = ca.issue_host(host_name, self::days(days))?;
     let (cert, key) = (issued.cert_pem, issued.key_pem);
-    std::fs::create_dir_all(out).map_err(io(out))?;
+    crate::fsutil::create_private_dir_all(out).map_err(io(out))?;
+    check_key_folder(out)?;
     let c = out.join("host.pem");
     let k = out.join("host-key.pem");
     let a = out.join("ca.pem");
-    std::fs::write(&c, cert).map_err(io(&c))?;
-    std::fs::write(&k, key).map_err(io(&k))?;
-    set_private(&k)?;
-    std::fs::copy(tls_paths(dd).ca_cert, &a).map_err(io(&a))?;
+    pki::write_private_key(&k, &key)?;
+    pki::write_public_replace(&c, &cert)?;
+    pki::write_public_replace(&a, ca.cert_pem())?;
     Ok(vec![c, k, a])
 }
 
@@ -204,4 +241,128 @@ pub fn trust_ca(dd: &DataDir, ca_pem: &Path) -> Result<PathBuf, InitError> {
     let dest = dir.join(format!("{}.pem", &summary.fingerprint_sha256[..16]));
     std::fs::copy(ca_pem, &dest).map_err(io(ca_pem))?;
     Ok(dest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    fn host(dir: &Path) -> DataDir {
+        let dd = DataDir::new(&dir.join("data"));
+        init_host(
+            &dd,
+            InitOptions {
+                host_name: "hv1.example.org".into(),
+                listen: "127.0.0.1:7443".into(),
+                storage: vec![],
+                accel: Accel::Tcg,
+                cert: None,
+                trust: vec![],
+                qemu_binary: None,
+            },
+        )
+        .unwrap();
+        dd
+    }
+
+    #[test]
+    fn host_init_creates_the_host_key_0600_and_the_folders_0700() {
+        let t = tempfile::tempdir().unwrap();
+        let dd = host(t.path());
+        let tp = tls_paths(&dd);
+        assert_eq!(mode(&tp.host_key), 0o600);
+        assert_eq!(mode(&tp.ca_key), 0o600);
+        assert_eq!(mode(dd.root()), 0o700);
+        assert_eq!(mode(&dd.tls()), 0o700);
+        assert_eq!(mode(&dd.default_storage()), 0o700);
+    }
+
+    #[test]
+    fn an_imported_key_is_0600_whatever_the_mode_of_its_source() {
+        let t = tempfile::tempdir().unwrap();
+        let dd = host(t.path());
+        // Issue for another host into a fresh folder, then loosen the source key on purpose.
+        let out = t.path().join("for-hv2");
+        issue_cert(&dd, "hv2.example.org", &out, 30).unwrap();
+        assert_eq!(mode(&out), 0o700);
+        assert_eq!(mode(&out.join("host-key.pem")), 0o600);
+        std::fs::set_permissions(
+            out.join("host-key.pem"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let dd2 = DataDir::new(&t.path().join("data2"));
+        init_host(
+            &dd2,
+            InitOptions {
+                host_name: "hv2.example.org".into(),
+                listen: "127.0.0.1:7444".into(),
+                storage: vec![],
+                accel: Accel::Tcg,
+                cert: Some((out.join("host.pem"), out.join("host-key.pem"))),
+                trust: vec![out.join("ca.pem")],
+                qemu_binary: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(mode(&tls_paths(&dd2).host_key), 0o600);
+    }
+
+    #[test]
+    fn issue_cert_refuses_a_symlink_planted_at_the_key_path_and_leaves_its_target_alone() {
+        let t = tempfile::tempdir().unwrap();
+        let dd = host(t.path());
+        let out = t.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let victim = t.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(&victim, out.join("host-key.pem")).unwrap();
+        let e = issue_cert(&dd, "hv2.example.org", &out, 30).unwrap_err();
+        assert!(
+            matches!(e, InitError::Pki(pki::PkiError::KeyExists { .. })),
+            "{e}"
+        );
+        assert!(e.to_string().contains("remove it"), "{e}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(mode(&victim), 0o644);
+        // An existing key file is refused the same way.
+        std::fs::remove_file(out.join("host-key.pem")).unwrap();
+        std::fs::write(out.join("host-key.pem"), "old").unwrap();
+        let e = issue_cert(&dd, "hv2.example.org", &out, 30).unwrap_err();
+        assert!(e.to_string().contains("already exists"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(out.join("host-key.pem")).unwrap(),
+            "old"
+        );
+    }
+
+    #[test]
+    fn issue_cert_refuses_a_folder_others_can_write_to_or_that_belongs_to_someone_else() {
+        let t = tempfile::tempdir().unwrap();
+        let dd = host(t.path());
+        let out = t.path().join("shared");
+        std::fs::create_dir(&out).unwrap();
+        for (m, who) in [(0o1777, "every user"), (0o770, "its group")] {
+            std::fs::set_permissions(&out, std::fs::Permissions::from_mode(m)).unwrap();
+            let e = issue_cert(&dd, "hv2.example.org", &out, 30).unwrap_err();
+            assert!(matches!(e, InitError::UnsafeFolder { .. }), "{e}");
+            assert!(e.to_string().contains(who), "{e}");
+            assert!(e.to_string().contains("mkdir -m 700"), "{e}");
+            assert!(std::fs::read_dir(&out).unwrap().next().is_none());
+        }
+        if nix::unistd::geteuid().is_root() {
+            std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o700)).unwrap();
+            nix::unistd::chown(&out, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            let e = issue_cert(&dd, "hv2.example.org", &out, 30).unwrap_err();
+            assert!(e.to_string().contains("belongs to user id 65534"), "{e}");
+            assert!(std::fs::read_dir(&out).unwrap().next().is_none());
+        }
+    }
 }

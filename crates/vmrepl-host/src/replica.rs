@@ -345,7 +345,7 @@ pub(crate) async fn adopt_disks(
     let uuid = vm.uuid;
     let unix_ms = now_ms() as i64;
     tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
+        crate::fsutil::create_private_dir_all(&root).map_err(|e| e.to_string())?;
         let disks: Vec<(&str, u64, &Path)> = local
             .disks
             .iter()
@@ -738,10 +738,13 @@ pub async fn import_initial(
     };
     let (src, partial) = (file.clone(), vmrepl_store::spool::partial_path(&dir, 1));
     tokio::task::spawn_blocking(move || {
-        std::fs::copy(&src, &partial).map(drop).map_err(|x| {
-            let _ = std::fs::remove_file(&partial);
-            format!("cannot copy it: {x}")
-        })
+        let _ = std::fs::remove_file(&partial);
+        crate::fsutil::copy_private(&src, &partial)
+            .map(drop)
+            .map_err(|x| {
+                let _ = std::fs::remove_file(&partial);
+                format!("cannot copy it: {x}")
+            })
     })
     .await
     .map_err(|x| e(ErrorCode::Internal, x.to_string()))?

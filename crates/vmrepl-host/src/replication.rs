@@ -1776,10 +1776,13 @@ async fn build_log(
     let built = tokio::task::spawn_blocking(move || -> Result<u64, String> {
         let t0 = std::time::Instant::now();
         let inner: Box<dyn std::io::Write + Send> = match out {
-            LogOut::File(path) => Box::new(
-                std::fs::File::create(&path)
-                    .map_err(|e| format!("cannot create {}: {e}", path.display()))?,
-            ),
+            // A leftover of an earlier attempt is replaced; the new file is created 0600
+            // (an export holds the whole of every disk), refusing a symbolic link.
+            LogOut::File(path) => Box::new({
+                let _ = std::fs::remove_file(&path);
+                crate::fsutil::create_private_new(&path)
+                    .map_err(|e| format!("cannot create {}: {e}", path.display()))?
+            }),
             LogOut::Stream(tx) => Box::new(Pipe { tx }),
         };
         let f = Tally { inner, growth: tally };

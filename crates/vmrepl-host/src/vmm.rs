@@ -24,6 +24,69 @@ use vmrepl_types::{
 /// Most disks a VM may have.
 pub const MAX_DISKS: usize = 16;
 
+/// What `vm console` returns without `--tail`: the last 64 KiB of the serial log.
+pub const CONSOLE_TAIL_DEFAULT: u64 = 64 << 10;
+/// The most `vm console --tail` returns (16 MiB).
+pub const CONSOLE_TAIL_MAX: u64 = 16 << 20;
+/// A VM's `serial.log` is cut when it grows past this (8 MiB): its last 8 MiB move to
+/// `serial.log.1` and `serial.log` starts again empty.
+pub const SERIAL_LOG_MAX: u64 = 8 << 20;
+/// How often a running VM's serial log size is checked.
+const SERIAL_LOG_CHECK: Duration = Duration::from_secs(10);
+
+/// The last `tail` bytes of the file `path` (empty if it does not exist), reading only those
+/// bytes: the file may be large.
+pub fn read_tail(path: &std::path::Path, tail: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    let start = len.saturating_sub(tail);
+    f.seek(SeekFrom::Start(start))?;
+    let mut out = Vec::with_capacity((len - start) as usize);
+    f.take(tail).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// `serial.log.1` beside `log`.
+pub fn rotated_serial_log(log: &std::path::Path) -> PathBuf {
+    let mut name = log.file_name().unwrap_or_default().to_os_string();
+    name.push(".1");
+    log.with_file_name(name)
+}
+
+/// Moves the last `keep` bytes of the serial log `log` to `serial.log.1` (replacing it) and
+/// empties `log`, when `log` is longer than `over` bytes. QEMU opens the log with `append=on`,
+/// so it goes on writing at the new end. Returns whether it rotated. Output the guest writes
+/// between the copy and the truncation is lost.
+pub fn rotate_serial_log(log: &std::path::Path, over: u64, keep: u64) -> std::io::Result<bool> {
+    let len = match std::fs::metadata(log) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if len <= over {
+        return Ok(false);
+    }
+    let tail = read_tail(log, keep)?;
+    let old = rotated_serial_log(log);
+    let tmp = old.with_extension("1.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    {
+        use std::io::Write;
+        crate::fsutil::create_private_new(&tmp)?.write_all(&tail)?;
+    }
+    std::fs::rename(&tmp, &old)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(log)?
+        .set_len(0)?;
+    Ok(true)
+}
+
 /// A running VM's live handles.
 struct Live {
     pid: u32,
@@ -360,6 +423,7 @@ impl Vmm {
                         .await
                         .map_err(|e| ApiError::new(ErrorCode::Qemu, e.to_string()))?;
                     created.push(path.clone());
+                    owner_only(&path)?;
                     *size_bytes
                 }
                 DiskSpec::Import { source, .. } => {
@@ -368,6 +432,7 @@ impl Vmm {
                         .await
                         .map_err(|e| ApiError::new(ErrorCode::Qemu, e.to_string()))?;
                     created.push(path.clone());
+                    owner_only(&path)?;
                     vmrepl_qemu::img::QemuImg::default()
                         .info(&path)
                         .await
@@ -386,7 +451,7 @@ impl Vmm {
                 let dir = self.cfg.storage[0].join(uuid.to_string());
                 vm_folder(&dir, created)?;
                 let p = dir.join("nvram.fd");
-                std::fs::copy(tpl, &p).map_err(|e| {
+                crate::fsutil::copy_private(tpl, &p).map_err(|e| {
                     ApiError::new(
                         ErrorCode::Io,
                         format!("Cannot copy the NVRAM template {}: {e}", tpl.display()),
@@ -454,14 +519,18 @@ impl Vmm {
             .cloned()
             .expect("checked by can_run");
         let run_dir = self.dd.run_dir(def.uuid);
-        std::fs::create_dir_all(&run_dir).map_err(|e| {
+        crate::fsutil::create_private_dir_all(&run_dir).map_err(|e| {
             ApiError::new(
                 ErrorCode::Io,
                 format!("Cannot create the run folder {}: {e}", run_dir.display()),
             )
         })?;
         let paths = self.run_paths(def.uuid);
-        let _ = std::fs::remove_file(&paths.serial_log);
+        // The previous run's log (at most its last SERIAL_LOG_MAX bytes) becomes serial.log.1.
+        if let Err(e) = rotate_serial_log(&paths.serial_log, 0, SERIAL_LOG_MAX) {
+            tracing::warn!(target: "vmrepl::vmm", path = %paths.serial_log.display(), "cannot rotate the serial log: {e}");
+            let _ = std::fs::remove_file(&paths.serial_log);
+        }
         let cmd = vmrepl_qemu::cmdline::build_command(&def, &fw, &paths, self.accel)
             .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
         self.set_state(def.uuid, VmRunState::Starting, None, None);
@@ -512,11 +581,21 @@ impl Vmm {
             },
         );
         let me = self.clone();
+        let serial_log = self.run_paths(uuid).serial_log;
         tokio::spawn(async move {
             let mut events = proc.qmp().subscribe();
             let mut guest_shutdown = false;
+            let mut check_log = tokio::time::interval(SERIAL_LOG_CHECK);
+            check_log.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
+                    _ = check_log.tick() => {
+                        match rotate_serial_log(&serial_log, SERIAL_LOG_MAX, SERIAL_LOG_MAX) {
+                            Ok(true) => tracing::info!(target: "vmrepl::vmm", %uuid, "serial log over {SERIAL_LOG_MAX} bytes: moved its tail to serial.log.1"),
+                            Ok(false) => {}
+                            Err(e) => tracing::warn!(target: "vmrepl::vmm", %uuid, "cannot rotate the serial log: {e}"),
+                        }
+                    }
                     ev = events.recv() => match ev {
                         Ok(ev) if ev.event == "SHUTDOWN" => { guest_shutdown = true; }
                         Ok(_) => {}
@@ -823,15 +902,25 @@ impl Vmm {
         Ok(())
     }
 
-    /// The serial console log (or its last `tail` bytes).
+    /// The last `tail` bytes of the serial console log of the current run (default
+    /// [`CONSOLE_TAIL_DEFAULT`], at most [`CONSOLE_TAIL_MAX`]). Only those bytes are read.
     pub fn console(&self, name: &VmName, tail: Option<u64>) -> Result<String, ApiError> {
+        let tail = tail.unwrap_or(CONSOLE_TAIL_DEFAULT);
+        if tail > CONSOLE_TAIL_MAX {
+            return Err(ApiError::new(
+                ErrorCode::InvalidInput,
+                format!("--tail {tail} is more than the limit of {CONSOLE_TAIL_MAX} bytes (16 MiB); ask for less (older output is in serial.log.1 in the VM's run folder)."),
+            ));
+        }
         let row = self.row(name)?;
         let p = self.run_paths(row.definition.uuid).serial_log;
-        let data = std::fs::read(&p).unwrap_or_default();
-        let start = tail
-            .map(|t| data.len().saturating_sub(t as usize))
-            .unwrap_or(0);
-        Ok(String::from_utf8_lossy(&data[start..]).into_owned())
+        let data = read_tail(&p, tail).map_err(|e| {
+            ApiError::new(
+                ErrorCode::Io,
+                format!("Cannot read the serial log {}: {e}", p.display()),
+            )
+        })?;
+        Ok(String::from_utf8_lossy(&data).into_owned())
     }
 }
 
@@ -839,7 +928,7 @@ impl Vmm {
 /// of a failed create.
 fn vm_folder(dir: &std::path::Path, created: &mut Vec<PathBuf>) -> Result<(), ApiError> {
     if !dir.exists() {
-        std::fs::create_dir_all(dir).map_err(|e| {
+        crate::fsutil::create_private_dir_all(dir).map_err(|e| {
             ApiError::new(
                 ErrorCode::Io,
                 format!("Cannot create {}: {e}", dir.display()),
@@ -848,6 +937,16 @@ fn vm_folder(dir: &std::path::Path, created: &mut Vec<PathBuf>) -> Result<(), Ap
         created.push(dir.to_path_buf());
     }
     Ok(())
+}
+
+/// Makes a VM file readable by its owner only (disk images hold the guest's data).
+fn owner_only(p: &std::path::Path) -> Result<(), ApiError> {
+    crate::fsutil::make_owner_only(p).map_err(|e| {
+        ApiError::new(
+            ErrorCode::Io,
+            format!("Cannot make {} owner-only (mode 0600): {e}", p.display()),
+        )
+    })
 }
 
 /// A stable locally administered MAC per VM and adapter index.
@@ -872,4 +971,54 @@ pub fn own_boot_files(def: &VmDefinition) -> Vec<std::path::PathBuf> {
         .filter(|p| p.parent().is_some_and(|parent| own.contains(&parent)))
         .cloned()
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_big_serial_log_gives_only_its_tail() {
+        let t = tempfile::tempdir().unwrap();
+        let log = t.path().join("serial.log");
+        let mut data = vec![b'a'; 3 << 20];
+        data.extend_from_slice(b"the end\n");
+        std::fs::write(&log, &data).unwrap();
+        assert_eq!(read_tail(&log, 8).unwrap(), b"the end\n");
+        let tail = read_tail(&log, CONSOLE_TAIL_DEFAULT).unwrap();
+        assert_eq!(tail.len() as u64, CONSOLE_TAIL_DEFAULT);
+        assert!(tail.ends_with(b"the end\n"));
+        // Asking for more than there is gives the whole file; a missing log is empty.
+        assert_eq!(read_tail(&log, 1 << 30).unwrap(), data);
+        assert!(read_tail(&t.path().join("none"), 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_serial_log_over_the_limit_moves_its_tail_to_serial_log_1_and_starts_again() {
+        let t = tempfile::tempdir().unwrap();
+        let log = t.path().join("serial.log");
+        std::fs::write(&log, b"0123456789").unwrap();
+        assert!(
+            !rotate_serial_log(&log, 10, 4).unwrap(),
+            "not over the limit"
+        );
+        assert_eq!(std::fs::read(&log).unwrap(), b"0123456789");
+        std::fs::write(&log, b"0123456789ab").unwrap();
+        assert!(rotate_serial_log(&log, 10, 4).unwrap());
+        let old = rotated_serial_log(&log);
+        assert_eq!(old, t.path().join("serial.log.1"));
+        assert_eq!(std::fs::read(&old).unwrap(), b"89ab");
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&old).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // A writer that appends goes on at the new end, with no hole before it.
+        let mut w = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        std::io::Write::write_all(&mut w, b"more").unwrap();
+        assert_eq!(std::fs::read(&log).unwrap(), b"more");
+        // No log, nothing to do.
+        assert!(!rotate_serial_log(&t.path().join("none"), 0, 4).unwrap());
+    }
 }

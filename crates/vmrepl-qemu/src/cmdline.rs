@@ -228,7 +228,8 @@ pub fn build_command(
     push(&[
         "-chardev",
         &format!(
-            "file,id=serial0,path={}",
+            // Appending, so that the daemon can cut the log while QEMU writes it.
+            "file,id=serial0,path={},append=on",
             escape_opt(&path_str(&paths.serial_log))
         ),
         "-serial",

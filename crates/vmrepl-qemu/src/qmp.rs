@@ -16,10 +16,19 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot, watch};
+
+/// Longest line accepted from the guest agent: a reply, or the stale bytes skipped before
+/// the sync sentinel. The agent runs inside the guest and is not trusted; its real replies
+/// are a few KiB.
+pub const MAX_AGENT_LINE: usize = 1 << 20;
+
+/// Longest line accepted from QMP (QEMU itself; `query-block` of many disks is the largest
+/// real reply, well under this).
+pub const MAX_QMP_LINE: usize = 16 << 20;
 
 /// Default time a QMP command may take before [`QmpError::Timeout`].
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -56,6 +65,96 @@ pub enum QmpError {
     EventTimeout { what: String, secs: u64 },
     #[error("guest agent at {path} answered out of protocol: {detail}; the agent may be restarting, retry later")]
     Agent { path: PathBuf, detail: String },
+    #[error("{peer} at {path} sent a line longer than the limit of {limit} bytes; it was refused and the rest of the line is not read (a misbehaving or hostile guest agent does this; restart the agent or the VM)")]
+    LineTooLong {
+        /// "the guest agent" or "QMP".
+        peer: &'static str,
+        path: PathBuf,
+        limit: usize,
+    },
+}
+
+/// The error a capped line read returns (inside an `io::Error` of kind `InvalidData`).
+#[derive(Debug)]
+struct LineTooLong {
+    limit: usize,
+}
+
+impl std::fmt::Display for LineTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a line is longer than the limit of {} bytes", self.limit)
+    }
+}
+
+impl std::error::Error for LineTooLong {}
+
+/// Reads up to and including `delim` into `buf`, like `read_until`, but fails with
+/// [`LineTooLong`] once more than `limit` bytes (plus the delimiter) arrive without it.
+/// Memory stays bounded by `limit` plus one read buffer. Returns the bytes read (0 at EOF).
+async fn read_until_capped<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    delim: u8,
+    buf: &mut Vec<u8>,
+    limit: usize,
+) -> std::io::Result<usize> {
+    let start = buf.len();
+    loop {
+        let (found, used) = {
+            let avail = r.fill_buf().await?;
+            if avail.is_empty() {
+                return Ok(buf.len() - start);
+            }
+            match avail.iter().position(|b| *b == delim) {
+                Some(i) => {
+                    buf.extend_from_slice(&avail[..=i]);
+                    (true, i + 1)
+                }
+                None => {
+                    buf.extend_from_slice(avail);
+                    (false, avail.len())
+                }
+            }
+        };
+        r.consume(used);
+        let n = buf.len() - start;
+        if n > limit + usize::from(found) {
+            buf.truncate(start);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                LineTooLong { limit },
+            ));
+        }
+        if found {
+            return Ok(n);
+        }
+    }
+}
+
+/// One `\n`-terminated line of at most `limit` bytes, without the line end; `None` at EOF.
+async fn next_line_capped<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    limit: usize,
+) -> std::io::Result<Option<String>> {
+    let mut buf = Vec::new();
+    if read_until_capped(r, b'\n', &mut buf, limit).await? == 0 {
+        return Ok(None);
+    }
+    while matches!(buf.last(), Some(b'\n' | b'\r')) {
+        buf.pop();
+    }
+    Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
+}
+
+/// Maps a read error, keeping a refused over-long line typed.
+fn read_err(peer: &'static str, path: &Path, e: std::io::Error) -> QmpError {
+    match e.get_ref().and_then(|i| i.downcast_ref::<LineTooLong>()) {
+        Some(t) => QmpError::LineTooLong {
+            peer,
+            path: path.to_path_buf(),
+            limit: t.limit,
+        },
+        None => io_err(path, e),
+    }
 }
 
 impl QmpError {
@@ -180,17 +279,18 @@ fn parse_event(v: &Map<String, Value>) -> Option<QmpEvent> {
 }
 
 async fn read_loop(
-    mut lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
+    mut lines: BufReader<OwnedReadHalf>,
     pending: Pending,
     events: broadcast::Sender<QmpEvent>,
     closed: watch::Sender<bool>,
     path: PathBuf,
 ) {
     loop {
-        let line = match lines.next_line().await {
+        let line = match next_line_capped(&mut lines, MAX_QMP_LINE).await {
             Ok(Some(l)) => l,
             Ok(None) => break,
             Err(e) => {
+                let e = read_err("QMP", &path, e);
                 tracing::warn!(target: "vmrepl::qemu", path = %path.display(), error = %e, "QMP read failed");
                 break;
             }
@@ -232,12 +332,13 @@ impl QmpClient {
         let start = Instant::now();
         let stream = connect_retry(path, timeout).await?;
         let (rd, wr) = stream.into_split();
-        let mut lines = BufReader::new(rd).lines();
+        let mut lines = BufReader::new(rd);
         let remaining = timeout
             .saturating_sub(start.elapsed())
             .max(Duration::from_secs(1));
         let greeting =
-            match tokio::time::timeout(remaining, lines.next_line()).await {
+            match tokio::time::timeout(remaining, next_line_capped(&mut lines, MAX_QMP_LINE)).await
+            {
                 Err(_) => return Err(QmpError::ConnectTimeout {
                     path: path.to_path_buf(),
                     secs: timeout.as_secs(),
@@ -245,7 +346,7 @@ impl QmpClient {
                         "connected but got no greeting: another client probably holds the monitor"
                             .into(),
                 }),
-                Ok(Err(e)) => return Err(io_err(path, e)),
+                Ok(Err(e)) => return Err(read_err("QMP", path, e)),
                 Ok(Ok(None)) => {
                     return Err(QmpError::Handshake {
                         path: path.to_path_buf(),
@@ -516,15 +617,16 @@ impl Qga {
             wr.write_all(msg.as_bytes()).await?;
             loop {
                 let mut junk = Vec::new();
-                rd.read_until(0xFF, &mut junk).await?;
+                read_until_capped(rd, 0xFF, &mut junk, MAX_AGENT_LINE).await?;
                 if junk.last() != Some(&0xFF) {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
                         "agent channel closed",
                     ));
                 }
-                let mut line = String::new();
-                rd.read_line(&mut line).await?;
+                let line = next_line_capped(rd, MAX_AGENT_LINE)
+                    .await?
+                    .unwrap_or_default();
                 let v: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
                 if v.get("return").and_then(Value::as_u64) == Some(id) {
                     return Ok(());
@@ -536,7 +638,7 @@ impl Qga {
         tracing::info!(target: "vmrepl::qemu", cmd = "guest-sync-delimited", ms, ok = matches!(res, Ok(Ok(()))), "QGA command");
         match res {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(io_err(&self.path, e)),
+            Ok(Err(e)) => Err(read_err("the guest agent", &self.path, e)),
             Err(_) => Err(QmpError::Timeout {
                 path: self.path.clone(),
                 cmd: "guest-sync-delimited (is the guest agent installed and running?)".into(),
@@ -557,15 +659,13 @@ impl Qga {
         let (rd, wr) = &mut *conn;
         let fut = async {
             wr.write_all(line.as_bytes()).await?;
-            let mut reply = String::new();
             loop {
-                reply.clear();
-                if rd.read_line(&mut reply).await? == 0 {
+                let Some(reply) = next_line_capped(rd, MAX_AGENT_LINE).await? else {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
                         "agent channel closed",
                     ));
-                }
+                };
                 let t = reply.trim_matches(|c: char| c.is_whitespace() || c == '\u{FF}');
                 if !t.is_empty() {
                     return Ok(t.to_string());
@@ -577,7 +677,7 @@ impl Qga {
         tracing::info!(target: "vmrepl::qemu", cmd, ms, "QGA command");
         let reply = match res {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) => return Err(io_err(&self.path, e)),
+            Ok(Err(e)) => return Err(read_err("the guest agent", &self.path, e)),
             Err(_) => {
                 return Err(QmpError::Timeout {
                     path: self.path.clone(),
@@ -701,5 +801,87 @@ mod tests {
         let e = qga.fsfreeze_thaw().await.unwrap_err();
         assert_eq!(e.class(), Some("GenericError"));
         server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_capped_read_takes_lines_up_to_the_limit_and_refuses_longer_ones() {
+        let data = [b"abc\n".as_slice(), &[b'x'; 10], b"\n", &[b'y'; 11], b"\n"].concat();
+        let mut r = &data[..];
+        assert_eq!(
+            next_line_capped(&mut r, 10).await.unwrap().as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            next_line_capped(&mut r, 10).await.unwrap(),
+            Some("x".repeat(10))
+        );
+        let e = next_line_capped(&mut r, 10).await.unwrap_err();
+        let e = read_err("the guest agent", Path::new("/qga.sock"), e);
+        assert!(matches!(e, QmpError::LineTooLong { limit: 10, .. }), "{e}");
+        assert!(e.to_string().contains("limit of 10 bytes"), "{e}");
+        // Without any delimiter at all the read stops at the limit, not at the end.
+        let endless = [b'z'; 100];
+        let mut r = &endless[..];
+        let mut buf = Vec::new();
+        assert!(read_until_capped(&mut r, 0xFF, &mut buf, 10).await.is_err());
+        assert!(buf.is_empty());
+    }
+
+    /// A fake agent that syncs and then answers `guest-ping` with `reply`.
+    async fn agent_answering(sock: &Path, reply: Vec<u8>) -> tokio::task::JoinHandle<()> {
+        let l = UnixListener::bind(sock).unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let (rd, mut wr) = s.into_split();
+            let mut rd = BufReader::new(rd);
+            let mut buf = Vec::new();
+            rd.read_until(b'\n', &mut buf).await.unwrap();
+            let v: Value = serde_json::from_slice(after_sentinel(&buf).unwrap()).unwrap();
+            let id = v["arguments"]["id"].as_u64().unwrap();
+            wr.write_all(&[0xFF]).await.unwrap();
+            wr.write_all(format!("{{\"return\": {id}}}\n").as_bytes())
+                .await
+                .unwrap();
+            let mut l = String::new();
+            rd.read_line(&mut l).await.unwrap();
+            // The client stops reading at the limit: the rest may never be taken.
+            let _ = wr.write_all(&reply).await;
+        })
+    }
+
+    #[tokio::test]
+    async fn an_agent_reply_longer_than_the_limit_is_refused_with_a_typed_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qga.sock");
+        let server = agent_answering(&sock, vec![b'a'; 2 * MAX_AGENT_LINE]).await;
+        let qga = Qga::connect(&sock, Duration::from_secs(10)).await.unwrap();
+        let e = qga.ping().await.unwrap_err();
+        match &e {
+            QmpError::LineTooLong { peer, limit, .. } => {
+                assert_eq!((*peer, *limit), ("the guest agent", MAX_AGENT_LINE));
+            }
+            other => panic!("{other}"),
+        }
+        assert!(e.to_string().contains("1048576 bytes"), "{e}");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_never_sends_the_sync_sentinel_is_cut_off_at_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qga.sock");
+        let l = UnixListener::bind(&sock).unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let (_rd, mut wr) = s.into_split();
+            let _ = wr.write_all(&vec![b'j'; 2 * MAX_AGENT_LINE]).await;
+            std::future::pending::<()>().await;
+        });
+        let e = Qga::connect(&sock, Duration::from_secs(10))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, QmpError::LineTooLong { .. }), "{e}");
+        server.abort();
     }
 }

@@ -3,7 +3,30 @@
 use crate::error::{Result, StoreError};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+
+/// Creates `dir` and missing parents with mode 0700 (existing folders keep their mode).
+pub(crate) fn create_private_dir_all(dir: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| StoreError::io("create", dir, e))
+}
+
+/// Removes the group and other permission bits of `path`.
+pub(crate) fn make_owner_only(path: &Path) -> Result<()> {
+    let mode = fs::metadata(path)
+        .map_err(|e| StoreError::io("read permissions of", path, e))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7700))
+            .map_err(|e| StoreError::io("change permissions of", path, e))?;
+    }
+    Ok(())
+}
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it is written and fsynced, renamed
 /// over `path`, and the directory is fsynced so the rename itself is durable.
@@ -17,6 +40,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&tmp)
             .map_err(|e| StoreError::io("create", &tmp, e))?;
         f.write_all(bytes)

@@ -265,7 +265,7 @@ impl ReplicaStore {
             fs::remove_dir_all(&partial)
                 .map_err(|e| StoreError::io("remove the leftover folder", &partial, e))?;
         }
-        let mkdir = |p: &Path| fs::create_dir_all(p).map_err(|e| StoreError::io("create", p, e));
+        let mkdir = |p: &Path| fsutil::create_private_dir_all(p);
         mkdir(&partial)?;
         mkdir(&partial.join("nvram"))?;
         mkdir(&partial.join("logs"))?;
@@ -409,6 +409,8 @@ fn adopt_image(src: &Path, dest: &Path, size: u64) -> Result<()> {
     if fs::hard_link(src, dest).is_err() {
         convert_standalone(src, dest)?;
     }
+    // A hard link shares the source's inode and mode: both become owner-only.
+    fsutil::make_owner_only(dest)?;
     fs::File::open(dest)
         .and_then(|f| f.sync_all())
         .map_err(|e| StoreError::io("fsync", dest, e))
@@ -449,12 +451,13 @@ fn make_writable_tree(dir: &Path) {
     }
 }
 
+/// Makes `path` read-only (0400) or writable by its owner (0600). Never group- or
+/// world-writable: `Permissions::set_readonly(false)` would add every write bit.
 fn set_readonly(path: &Path, ro: bool) -> Result<()> {
-    let mut perm = fs::metadata(path)
-        .map_err(|e| StoreError::io("read permissions of", path, e))?
-        .permissions();
-    perm.set_readonly(ro);
-    fs::set_permissions(path, perm).map_err(|e| StoreError::io("change permissions of", path, e))
+    use std::os::unix::fs::PermissionsExt;
+    let mode = if ro { 0o400 } else { 0o600 };
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(|e| StoreError::io("change permissions of", path, e))
 }
 
 fn copy_durable(from: &Path, to: &Path) -> Result<()> {
@@ -1091,7 +1094,7 @@ impl ReplicaVm {
         let seq = self.frozen_for(point)?;
         let lock = self.lock_point(seq)?;
         let rp = self.resolve(PointRef::Frozen(seq))?;
-        fs::create_dir_all(dest_dir).map_err(|e| StoreError::io("create", dest_dir, e))?;
+        fsutil::create_private_dir_all(dest_dir)?;
         let images = self.point_image_paths(PointRef::Frozen(seq))?;
         for (id, _) in &images {
             let dest = dest_dir.join(format!("{id}.qcow2"));
@@ -1151,7 +1154,7 @@ impl ReplicaVm {
     /// (`<disk_id>.qcow2`, `qemu-img convert` of the verified chain) plus `nvram.fd`.
     pub fn flatten_point(&self, point: PointRef, dest_dir: &Path) -> Result<Flattened> {
         let rp = self.resolve(point)?;
-        fs::create_dir_all(dest_dir).map_err(|e| StoreError::io("create", dest_dir, e))?;
+        fsutil::create_private_dir_all(dest_dir)?;
         let images = self.point_image_paths(point)?;
         let mut disks = Vec::new();
         for (id, src) in images {
@@ -1500,5 +1503,33 @@ mod tests {
         }
         assert!(!vm.disk_dir("a").join("rp-1.qcow2").exists());
         assert!(!vm.disk_dir("b").join("rp-1.qcow2").exists());
+    }
+
+    #[test]
+    fn store_folders_are_owner_only_and_layers_are_never_writable_by_others() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let vm = vm_with_data(&tmp.path().join("replica"));
+        let flat = tmp.path().join("flat").join("point");
+        vm.flatten_point(PointRef::Frozen(1), &flat).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let mut todo = vec![tmp.path().join("replica"), tmp.path().join("flat")];
+        let mut files = 0;
+        while let Some(p) = todo.pop() {
+            if p.is_dir() {
+                assert_eq!(mode(&p), 0o700, "{}", p.display());
+                todo.extend(fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            } else {
+                files += 1;
+                assert_eq!(mode(&p) & 0o022, 0, "{} is writable by others", p.display());
+            }
+        }
+        assert!(files > 5, "{files}");
+        // Making a read-only layer writable again gives write access to the owner only.
+        let base = vm.disk_dir("a").join(BASE);
+        assert_eq!(mode(&base), 0o400);
+        set_readonly(&base, false).unwrap();
+        assert_eq!(mode(&base), 0o600);
+        set_readonly(&base, true).unwrap();
     }
 }

@@ -67,6 +67,11 @@ pub enum PkiError {
     )]
     AlreadyExists { path: PathBuf },
     #[error(
+        "{path} already exists (as a file or a symbolic link); refusing to write a private key \
+         over it or through it: remove it, or choose another folder"
+    )]
+    KeyExists { path: PathBuf },
+    #[error(
         "{path} holds no PEM certificate (expected a -----BEGIN CERTIFICATE----- block); give \
          the certificate file in PEM form"
     )]
@@ -139,6 +144,31 @@ fn read_to_string(what: &'static str, path: &Path) -> Result<String, PkiError> {
 
 /// Writes `contents` to a new file `path` (refusing to replace one) with `mode`.
 fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+    write_new_or(path, contents, mode, |path| PkiError::AlreadyExists {
+        path,
+    })
+}
+
+/// Writes a private key (PEM) to the new file `path`: mode 0600 from creation
+/// (`O_CREAT|O_EXCL|O_NOFOLLOW`), fsynced. Refuses an existing file or a symbolic link at
+/// `path` with [`PkiError::KeyExists`], so the key can neither be read through a file
+/// someone else created first nor be written through a link to somewhere else.
+pub fn write_private_key(path: &Path, key_pem: &str) -> Result<(), PkiError> {
+    write_new_or(path, key_pem, 0o600, |path| PkiError::KeyExists { path })
+}
+
+/// Writes a public file (a certificate, mode 0644) through a temporary file and a rename,
+/// so an existing file or symbolic link at `path` is replaced, never written through.
+pub fn write_public_replace(path: &Path, pem: &str) -> Result<(), PkiError> {
+    write_replace(path, pem, 0o644)
+}
+
+fn write_new_or(
+    path: &Path,
+    contents: &str,
+    mode: u32,
+    exists: impl FnOnce(PathBuf) -> PkiError,
+) -> Result<(), PkiError> {
     let werr = |source| PkiError::Write {
         path: path.to_path_buf(),
         source,
@@ -147,12 +177,15 @@ fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
         .write(true)
         .create_new(true)
         .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                PkiError::AlreadyExists {
-                    path: path.to_path_buf(),
-                }
+            // O_EXCL already refuses a symbolic link (EEXIST); O_NOFOLLOW makes it ELOOP on
+            // systems that check it first.
+            if e.kind() == std::io::ErrorKind::AlreadyExists
+                || e.raw_os_error() == Some(libc::ELOOP)
+            {
+                exists(path.to_path_buf())
             } else {
                 werr(e)
             }

@@ -44,6 +44,33 @@ fn ca_create_load_and_permissions() {
 }
 
 #[test]
+fn a_private_key_is_created_0600_and_never_written_over_or_through_an_existing_path() {
+    use vmrepl_transport::pki::write_private_key;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("host-key.pem");
+    write_private_key(&key, "KEY").unwrap();
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // An existing file is kept as it is.
+    let err = write_private_key(&key, "OTHER").unwrap_err();
+    assert!(matches!(err, PkiError::KeyExists { .. }), "{err}");
+    assert!(err.to_string().contains("remove it"), "{err}");
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), "KEY");
+    // A symbolic link planted at the key path is not followed: its target stays untouched,
+    // and so does a dangling link's missing target.
+    let target = write(dir.path(), "victim", "precious");
+    let link = dir.path().join("link-key.pem");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let err = write_private_key(&link, "KEY").unwrap_err();
+    assert!(matches!(err, PkiError::KeyExists { .. }), "{err}");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
+    let dangling = dir.path().join("dangling-key.pem");
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+    assert!(write_private_key(&dangling, "KEY").is_err());
+    assert!(!dir.path().join("nowhere").exists());
+}
+
+#[test]
 fn ca_load_detects_foreign_key() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a");

@@ -245,6 +245,8 @@ pub enum ErrorCode {
     Qemu,
     Peer,
     Internal,
+    /// The local user may not use this daemon (only root and the daemon's own user may).
+    PermissionDenied,
 }
 
 impl ApiError {

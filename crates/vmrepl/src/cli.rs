@@ -347,7 +347,7 @@ pub enum VmCmd {
     /// Print the VM's serial console log.
     Console {
         name: String,
-        /// Only the last N bytes.
+        /// Only the last N bytes (default 65536, at most 16777216).
         #[arg(long)]
         tail: Option<u64>,
     },

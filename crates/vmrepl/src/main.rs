@@ -9,6 +9,10 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Owner-only by default (files 0600, folders 0700): VM disks, recovery points, exports
+    // and keys must not be readable by other local users. Set before any thread starts and
+    // before the daemon binds its socket.
+    vmrepl_host::fsutil::set_private_umask();
     let args = cli::Args::parse();
     let default_level = if matches!(args.cmd, cli::Cmd::Daemon { .. }) {
         "info"

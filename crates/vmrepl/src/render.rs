@@ -12,7 +12,8 @@ pub fn exit_code(code: ErrorCode) -> ExitCode {
         ErrorCode::InvalidInput
         | ErrorCode::AlreadyExists
         | ErrorCode::WrongState
-        | ErrorCode::Unsupported => 1,
+        | ErrorCode::Unsupported
+        | ErrorCode::PermissionDenied => 1,
         ErrorCode::NotFound => 3,
         ErrorCode::Io | ErrorCode::Qemu | ErrorCode::Peer => 4,
         ErrorCode::Internal => 5,

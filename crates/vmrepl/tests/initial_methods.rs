@@ -48,6 +48,10 @@ fn an_initial_copy_exported_to_a_folder_and_imported_on_the_replica_starts_repli
                 .as_str()
                 .is_some_and(|n| n.contains("exported"))
     });
+    // The export holds the whole disk: readable by its owner only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "export mode {mode:o}");
     let s = status(&a, "db");
     assert_eq!(s["state"], "waiting-for-initial-replication", "{s}");
     assert_eq!(s["health"], "warning", "{s}");

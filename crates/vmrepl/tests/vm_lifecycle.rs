@@ -177,6 +177,42 @@ fn a_generation_2_vm_is_refused_on_a_host_without_ovmf() {
 }
 
 #[test]
+fn storage_folders_disks_nvram_and_keys_are_owner_only_even_outside_the_data_folder() {
+    use std::os::unix::fs::PermissionsExt;
+    let outer = tempfile::tempdir().unwrap();
+    // Folders that do not exist yet: `host init` creates them.
+    let storage = outer.path().join("srv").join("vms");
+    let storage_s = storage.to_str().unwrap();
+    // An image to import, readable by everyone: the imported disk must not be.
+    let src = outer.path().join("seed.raw");
+    std::fs::write(&src, vec![0u8; 1 << 20]).unwrap();
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut h = Host::init_with("hostg.test", "127.0.0.7", &["--storage", storage_s]);
+    h.start();
+    create_guest_vm(&h, "modes", "2", &["8M", src.to_str().unwrap()], "idle");
+    let show = h.json(&["vm", "show", "modes"]);
+    assert!(
+        show["definition"]["nvram"]
+            .as_str()
+            .is_some_and(|p| p.starts_with(storage_s)),
+        "{show}"
+    );
+    for root in [outer.path().join("srv"), h.data().to_path_buf()] {
+        let shared = shared_entries(&root);
+        let listed: Vec<String> = shared
+            .iter()
+            .map(|(p, m)| format!("{} {m:o}", p.display()))
+            .collect();
+        assert!(listed.is_empty(), "not owner-only: {listed:?}");
+    }
+    let disks = std::fs::read_dir(storage.join(show["definition"]["uuid"].as_str().unwrap()))
+        .unwrap()
+        .count();
+    assert_eq!(disks, 3, "two disks and the NVRAM");
+    h.ok(&["vm", "delete", "modes"]);
+}
+
+#[test]
 fn host_info_reports_capabilities_as_data() {
     let mut h = Host::init("hostf.test", "127.0.0.6");
     h.start();

@@ -624,7 +624,7 @@ async fn create_replica(
         if adopted.is_some() {
             return Ok(());
         }
-        std::fs::create_dir_all(&root)
+        crate::fsutil::create_private_dir_all(&root)
             .map_err(|e| format!("cannot create the storage folder {}: {e}", root.display()))?;
         let ds: Vec<(&str, u64)> = disks.iter().map(|(i, s)| (i.as_str(), *s)).collect();
         vmrepl_store::ReplicaStore::create(&root, uuid, &def, &ds)
@@ -1239,7 +1239,12 @@ async fn receive(
                     .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
                 Ok((f, r.bytes))
             }
-            None => tokio::fs::File::create(path)
+            None => tokio::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(path)
                 .await
                 .map(|f| (f, 0))
                 .map_err(|e| refuse(RefusalCode::Internal, format!("{}: {e}", path.display()))),

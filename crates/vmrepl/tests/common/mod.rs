@@ -65,6 +65,11 @@ pub struct Host {
 impl Host {
     /// Creates a host on `ip` (127.0.0.x).
     pub fn init(name: &str, ip: &str) -> Host {
+        Host::init_with(name, ip, &[])
+    }
+
+    /// Creates a host on `ip` with more `host init` arguments.
+    pub fn init_with(name: &str, ip: &str, extra: &[&str]) -> Host {
         let dir = tempfile::Builder::new()
             .prefix("vmrepl-e2e-")
             .tempdir()
@@ -77,16 +82,12 @@ impl Host {
             dir,
             started: false,
         };
-        h.ok(&[
-            "host",
-            "init",
-            "--name",
-            name,
-            "--listen",
-            &format!("{ip}:{port}"),
-            "--accel",
-            "tcg",
-        ]);
+        let listen = format!("{ip}:{port}");
+        let mut args = vec![
+            "host", "init", "--name", name, "--listen", &listen, "--accel", "tcg",
+        ];
+        args.extend_from_slice(extra);
+        h.ok(&args);
         h
     }
 
@@ -184,7 +185,8 @@ impl Host {
     }
 
     pub fn console(&self, vm: &str) -> String {
-        self.ok(&["vm", "console", vm])
+        // All of it (up to the 16 MiB limit), not only the default 64 KiB tail.
+        self.ok(&["vm", "console", vm, "--tail", "16777216"])
     }
 
     /// Waits until the VM's console contains `needle`.
@@ -272,6 +274,29 @@ pub fn create_guest_vm(h: &Host, name: &str, generation: &str, disks: &[&str], w
 }
 
 /// Polls `cond` every 100 ms until it holds or `timeout` passes (then panics naming `what`).
+/// Every file and folder under `root` (itself included) that another local user could read,
+/// with its mode: folders must be 0700, files 0600 or stricter. Sockets count as files.
+pub fn shared_entries(root: &Path) -> Vec<(PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let md = std::fs::symlink_metadata(&p).unwrap();
+        let mode = md.permissions().mode() & 0o7777;
+        if md.is_dir() {
+            if mode != 0o700 {
+                out.push((p.clone(), mode));
+            }
+            for e in std::fs::read_dir(&p).unwrap() {
+                todo.push(e.unwrap().path());
+            }
+        } else if mode & 0o077 != 0 {
+            out.push((p, mode));
+        }
+    }
+    out
+}
+
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
