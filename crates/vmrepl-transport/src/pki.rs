@@ -9,12 +9,13 @@
 //! requires. Certificates from any other CA can be imported with
 //! [`HostIdentity::import`] as long as they meet the same rules.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rcgen::{
@@ -525,7 +526,13 @@ pub struct HostIdentity {
     key: PrivateKeyDer<'static>,
     trust_roots: Vec<CertificateDer<'static>>,
     trusted_names: Vec<String>,
+    /// SHA-256 fingerprints of `trust_roots`, in the same order.
+    trusted_fingerprints: Vec<String>,
     summary: CertSummary,
+    /// Fingerprints of peer certificates refused at every handshake, in and
+    /// out (`vmrepl host revoke-cert`). Shared by every clone, so the daemon
+    /// can change it while connections use the identity.
+    revoked: Arc<RwLock<BTreeSet<String>>>,
 }
 
 impl Clone for HostIdentity {
@@ -536,7 +543,9 @@ impl Clone for HostIdentity {
             key: self.key.clone_key(),
             trust_roots: self.trust_roots.clone(),
             trusted_names: self.trusted_names.clone(),
+            trusted_fingerprints: self.trusted_fingerprints.clone(),
             summary: self.summary.clone(),
+            revoked: self.revoked.clone(),
         }
     }
 }
@@ -667,9 +676,14 @@ impl HostIdentity {
             host_name: summary.host_name().unwrap_or_default().to_ascii_lowercase(),
             cert_chain: chain,
             key,
+            trusted_fingerprints: trust_roots
+                .iter()
+                .map(|d| crate::cert::fingerprint_sha256(d))
+                .collect(),
             trust_roots,
             trusted_names,
             summary,
+            revoked: Arc::default(),
         })
     }
 
@@ -769,13 +783,19 @@ impl HostIdentity {
             }
         }
 
+        let trusted_fingerprints = trust_roots
+            .iter()
+            .map(|d| crate::cert::fingerprint_sha256(d))
+            .collect();
         let identity = HostIdentity {
             host_name,
             cert_chain: chain,
             key,
             trust_roots,
             trusted_names,
+            trusted_fingerprints,
             summary,
+            revoked: Arc::default(),
         };
         identity.verify_own_chain().map_err(invalid)?;
         Ok(identity)
@@ -839,6 +859,40 @@ impl HostIdentity {
     /// Subjects of the trusted CAs.
     pub fn trusted_ca_names(&self) -> &[String] {
         &self.trusted_names
+    }
+
+    /// SHA-256 fingerprints of the trusted CAs (upper-case hex), in the
+    /// order of [`HostIdentity::trusted_ca_names`].
+    pub fn trusted_ca_fingerprints(&self) -> &[String] {
+        &self.trusted_fingerprints
+    }
+
+    /// Replaces the list of revoked peer-certificate fingerprints (any form
+    /// [`crate::cert::normalize_fingerprint`] accepts; others are ignored).
+    /// Takes effect at the next handshake, in both directions, for every
+    /// clone of this identity.
+    pub fn set_revoked<I, S>(&self, fingerprints: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let set: BTreeSet<String> = fingerprints
+            .into_iter()
+            .filter_map(|f| crate::cert::normalize_fingerprint(f.as_ref()).ok())
+            .collect();
+        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = set;
+    }
+
+    /// Whether the certificate with this fingerprint (upper-case hex) is revoked.
+    pub fn is_revoked(&self, fingerprint: &str) -> bool {
+        self.revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(fingerprint)
+    }
+
+    pub(crate) fn trust_roots(&self) -> &[CertificateDer<'static>] {
+        &self.trust_roots
     }
 
     pub(crate) fn cert_chain(&self) -> &[CertificateDer<'static>] {
