@@ -181,6 +181,14 @@ pub enum ServerCmd {
         /// Trust group: a replica VM accepts logs only from primaries of its group.
         #[arg(long, default_value = "DEFAULT")]
         trust_group: String,
+        /// SHA-256 fingerprint of the CA that must have issued the primary's certificate
+        /// (`vmrepl host trust` prints it); other trusted CAs cannot vouch for this pattern.
+        #[arg(long, value_name = "SHA256")]
+        issuer: Option<String>,
+        /// SHA-256 fingerprint of the primary's certificate itself (`vmrepl host info` on the
+        /// primary prints it): only that certificate is accepted; renewing it needs a new pin.
+        #[arg(long, value_name = "SHA256")]
+        pin: Option<String>,
     },
     /// Remove an authorization entry.
     Revoke {
@@ -531,11 +539,15 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
             primary,
             storage,
             trust_group,
+            issuer,
+            pin,
         }) => Request::ReplicaServerSet(ReplicaServerChange {
             add_entry: Some(AuthorizationEntry {
                 primary,
                 storage: std::path::absolute(&storage)?,
                 trust_group,
+                issuer,
+                pin,
             }),
             ..Default::default()
         }),
