@@ -85,10 +85,13 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
         )
         .map_err(|e| DaemonError::Peer(e.to_string()))?,
     );
-    let peer_listener =
+    // Revocations apply to every handshake, in and out, through this shared identity.
+    identity.set_revoked(cfg.revoked_certs.iter().map(|r| &r.fingerprint));
+    let mut peer_listener =
         vmrepl_transport::tls::Listener::bind(cfg.listen.as_str(), identity.clone())
             .await
             .map_err(|e| DaemonError::Peer(format!("cannot listen on {}: {e}", cfg.listen)))?;
+    peer_listener.set_limits(cfg.peer_limits.listener());
     let listener = mgmt::bind(&dd.socket())?;
     let d = Arc::new(Daemon {
         dd: dd.clone(),
@@ -204,6 +207,58 @@ impl Daemon {
         Ok(out)
     }
 
+    /// This host's certificate, trusted CAs and revocations.
+    fn certificates(&self) -> vmrepl_types::api::CertificatesInfo {
+        let id = &self.identity;
+        vmrepl_types::api::CertificatesInfo {
+            host_name: id.host_name().to_string(),
+            fingerprint: id.fingerprint().to_string(),
+            trusted_cas: id
+                .trusted_ca_names()
+                .iter()
+                .zip(id.trusted_ca_fingerprints())
+                .map(|(subject, fingerprint)| vmrepl_types::api::TrustedCa {
+                    subject: subject.clone(),
+                    fingerprint: fingerprint.clone(),
+                })
+                .collect(),
+            revoked: self.cfg.read().expect("cfg").revoked_certs.clone(),
+        }
+    }
+
+    /// Adds a certificate to the revocation list: saved in the configuration and in force
+    /// for the next handshake. Returns the canonical fingerprint.
+    fn revoke_cert(
+        &self,
+        fingerprint: &str,
+        reason: Option<String>,
+        subject: Option<String>,
+    ) -> Result<String, ApiError> {
+        let fp = vmrepl_transport::cert::normalize_fingerprint(fingerprint)
+            .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e))?;
+        if fp == self.identity.fingerprint() {
+            return Err(ApiError::new(
+                ErrorCode::InvalidInput,
+                format!(
+                    "{fp} is this host's own certificate; to retire it, issue this host a new \
+                     certificate and revoke the old one on its peers"
+                ),
+            ));
+        }
+        let mut cfg = self.cfg.write().expect("cfg");
+        let mut next = cfg.clone();
+        crate::config::add_revocation(&mut next, &fp, reason, subject);
+        next.validate()
+            .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
+        next.save(&self.dd.config())
+            .map_err(|e| ApiError::new(ErrorCode::Io, e.to_string()))?;
+        self.identity
+            .set_revoked(next.revoked_certs.iter().map(|r| &r.fingerprint));
+        tracing::warn!(target: "vmrepl::daemon", fingerprint = %fp, "revoked a peer certificate");
+        *cfg = next;
+        Ok(fp)
+    }
+
     async fn dispatch(self: &Arc<Self>, req: Request) -> Result<Response, ApiError> {
         let vmm = &self.vmm;
         Ok(match req {
@@ -249,12 +304,29 @@ impl Daemon {
                 Response::ReplicaServer {
                     listen: cfg.listen.clone(),
                     settings: cfg.replica_server.clone(),
+                    revoked: cfg.revoked_certs.clone(),
                 }
             }
             Request::ReplicaServerSet(change) => Response::ReplicaServer {
                 settings: self.change_replica_server(change)?,
                 listen: self.cfg.read().expect("cfg").listen.clone(),
+                revoked: self.cfg.read().expect("cfg").revoked_certs.clone(),
             },
+            Request::HostCertificates => Response::Certificates(Box::new(self.certificates())),
+            Request::HostRevokeCert {
+                fingerprint,
+                reason,
+                subject,
+            } => {
+                let fp = self.revoke_cert(&fingerprint, reason, subject)?;
+                Response::Ok {
+                    message: format!(
+                        "revoked the certificate {fp}: refused at every handshake from now on, \
+                         in and out (connections already open are not cut; restart the daemon \
+                         to end them)"
+                    ),
+                }
+            }
             Request::ReplicationEnable { name, settings } => Response::Ok {
                 message: crate::replication::enable(self, &name, settings).await?,
             },
