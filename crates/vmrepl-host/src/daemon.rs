@@ -36,6 +36,8 @@ pub struct Daemon {
     pub db: Arc<Mutex<Db>>,
     pub vmm: Arc<Vmm>,
     pub repl: crate::replication::Runtime,
+    /// The peer listener, kept to rebuild its TLS configuration when the trust changes.
+    peer_listener: Arc<vmrepl_transport::tls::Listener>,
     stop: tokio::sync::Notify,
 }
 
@@ -92,6 +94,7 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
             .await
             .map_err(|e| DaemonError::Peer(format!("cannot listen on {}: {e}", cfg.listen)))?;
     peer_listener.set_limits(cfg.peer_limits.listener());
+    let peer_listener = Arc::new(peer_listener);
     let listener = mgmt::bind(&dd.socket())?;
     let d = Arc::new(Daemon {
         dd: dd.clone(),
@@ -100,6 +103,7 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
         db,
         vmm,
         repl: Default::default(),
+        peer_listener: peer_listener.clone(),
         stop: tokio::sync::Notify::new(),
     });
     let server = tokio::spawn(mgmt::serve(listener, d.clone()));
@@ -108,11 +112,22 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
     crate::replication::start_all(&d);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(DaemonError::Runtime)?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(DaemonError::Runtime)?;
     tracing::info!(target: "vmrepl::daemon", socket = %dd.socket().display(), "ready");
-    tokio::select! {
-        _ = d.stop.notified() => {}
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    loop {
+        tokio::select! {
+            _ = d.stop.notified() => break,
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = hup.recv() => {
+                // SIGHUP: reread the trusted CAs and the revocation list.
+                match d.reload_trust() {
+                    Ok(m) => tracing::info!(target: "vmrepl::daemon", "SIGHUP: {m}"),
+                    Err(e) => tracing::warn!(target: "vmrepl::daemon", "SIGHUP: {}", e.message),
+                }
+            }
+        }
     }
     server.abort();
     peer.abort();
@@ -154,9 +169,12 @@ impl Daemon {
             }
             rs.default_storage = Some(p);
         }
-        if let Some(entry) = c.add_entry {
-            vmrepl_transport::authz::AuthzEntry::try_from(&entry)
+        if let Some(mut entry) = c.add_entry {
+            let checked = vmrepl_transport::authz::AuthzEntry::try_from(&entry)
                 .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
+            // Stored in the canonical form (upper-case hex, no colons), as shown and logged.
+            entry.issuer = checked.issuer;
+            entry.pin = checked.pin;
             if !entry.storage.is_absolute() {
                 return Err(ApiError::new(
                     ErrorCode::InvalidInput,
@@ -205,6 +223,41 @@ impl Daemon {
         let out = next.replica_server.clone();
         *cfg = next;
         Ok(out)
+    }
+
+    /// Rereads the trusted CAs (`tls/`) and the revocation list (config.toml) and puts them in
+    /// force for new connections, in and out, without a restart.
+    fn reload_trust(&self) -> Result<String, ApiError> {
+        self.identity
+            .reload_trust(&crate::init::trusted_cas(&self.dd))
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::InvalidInput,
+                    format!("{e}; the trusted CAs in force are unchanged"),
+                )
+            })?;
+        self.peer_listener
+            .reload()
+            .map_err(|e| ApiError::new(ErrorCode::Io, e.to_string()))?;
+        let revoked = match HostConfig::load(&self.dd.config()) {
+            Ok(cfg) => {
+                let mut current = self.cfg.write().expect("cfg");
+                current.revoked_certs = cfg.revoked_certs;
+                current.revoked_certs.clone()
+            }
+            Err(e) => {
+                tracing::warn!(target: "vmrepl::daemon", "cannot reread the revocation list: {e}");
+                self.cfg.read().expect("cfg").revoked_certs.clone()
+            }
+        };
+        self.identity
+            .set_revoked(revoked.iter().map(|r| &r.fingerprint));
+        Ok(format!(
+            "trusting {} CA(s) ({}); {} revoked certificate(s); new connections use them",
+            self.identity.trusted_ca_names().len(),
+            self.identity.trusted_ca_names().join("; "),
+            revoked.len()
+        ))
     }
 
     /// This host's certificate, trusted CAs and revocations.
@@ -313,6 +366,9 @@ impl Daemon {
                 revoked: self.cfg.read().expect("cfg").revoked_certs.clone(),
             },
             Request::HostCertificates => Response::Certificates(Box::new(self.certificates())),
+            Request::HostReloadTrust => Response::Ok {
+                message: self.reload_trust()?,
+            },
             Request::HostRevokeCert {
                 fingerprint,
                 reason,

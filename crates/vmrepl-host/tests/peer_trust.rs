@@ -324,3 +324,29 @@ async fn idle_tcp_connections_do_not_lock_out_a_primary_or_the_management_api() 
     }
     assert!(closed >= 192, "only {closed} of 200 were closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_newly_trusted_ca_is_accepted_after_a_reload_without_a_restart() {
+    let env = replica(|env| vec![entry(env, None, None)]).await;
+    let ca3 = Ca::create(&env.tmp.path().join("ca3"), "vmrepl test CA three").unwrap();
+    issue(env.tmp.path(), &ca3, PRIMARY, "primary-ca3");
+    let primary = HostIdentity::load(
+        &env.tmp.path().join("primary-ca3.pem"),
+        &env.tmp.path().join("primary-ca3-key.pem"),
+        &[env.ca1.cert_path(), ca3.cert_path()],
+    )
+    .unwrap();
+    let Err(err) = connect(&env, &primary).await else {
+        panic!("a certificate from an untrusted CA was admitted")
+    };
+    assert!(err.to_string().contains("unknown CA"), "{err}");
+
+    vmrepl_host::init::trust_ca(&env.dd, &ca3.cert_path()).unwrap();
+    let r = mgmt(&env, Request::HostReloadTrust).await;
+    assert!(
+        matches!(&r, Response::Ok { message } if message.contains("CA three")),
+        "{r:?}"
+    );
+    let mut c = connect(&env, &primary).await.unwrap();
+    assert_eq!(ask(&mut c).await.0, RefusalCode::UnknownVm);
+}

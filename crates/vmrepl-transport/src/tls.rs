@@ -302,8 +302,9 @@ impl ClientCertVerifier for DiagnosingClientVerifier {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)
             .inspect_err(|e| {
+                let trusted = self.identity.trusted_ca_names();
                 let ctx = DiagnoseCtx {
-                    trusted: self.identity.trusted_ca_names(),
+                    trusted: &trusted,
                     expected_name: None,
                     role: Role::Client,
                 };
@@ -356,8 +357,9 @@ impl ServerCertVerifier for DiagnosingServerVerifier {
             .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
             .inspect_err(|e| {
                 let expected = server_name.to_str();
+                let trusted = self.identity.trusted_ca_names();
                 let ctx = DiagnoseCtx {
-                    trusted: self.identity.trusted_ca_names(),
+                    trusted: &trusted,
                     expected_name: Some(&expected),
                     role: Role::Server,
                 };
@@ -453,8 +455,9 @@ fn ca_path(
     usage: webpki::KeyUsage,
 ) -> Result<Vec<String>, String> {
     // A root webpki cannot use is skipped (as in `HostIdentity::root_store`).
-    let (index, anchors): (Vec<usize>, Vec<_>) = identity
-        .trust_roots()
+    let trust = identity.trust();
+    let (index, anchors): (Vec<usize>, Vec<_>) = trust
+        .roots
         .iter()
         .enumerate()
         .filter_map(|(i, r)| webpki::anchor_from_trusted_cert(r).ok().map(|a| (i, a)))
@@ -477,7 +480,7 @@ fn ca_path(
         .collect();
     let anchor = path.anchor();
     match anchors.iter().position(|a| std::ptr::eq(a, anchor)) {
-        Some(i) => out.push(identity.trusted_ca_fingerprints()[index[i]].clone()),
+        Some(i) => out.push(trust.fingerprints[index[i]].clone()),
         None => return Err("the path ends at an unknown trust anchor".into()),
     }
     Ok(out)
@@ -837,11 +840,12 @@ impl Listener {
         self.limits
     }
 
-    /// Serves new connections with `identity` (e.g. after the trusted CAs
-    /// changed). Connections already established are not affected.
-    pub fn reload(&self, identity: Arc<HostIdentity>) -> Result<(), TlsError> {
-        let config = Arc::new(server_config(&identity)?);
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (identity, config);
+    /// Rebuilds the shared [`ServerConfig`] from the identity's trusted CAs as
+    /// they are now (after [`HostIdentity::reload_trust`]). New handshakes use
+    /// it; connections already established are not affected.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        current.1 = Arc::new(server_config(&current.0)?);
         Ok(())
     }
 

@@ -568,3 +568,52 @@ async fn idle_connections_from_one_address_do_not_lock_out_another() {
     assert_eq!(peer.host_name, "hv-b.test");
     srv.abort();
 }
+
+#[tokio::test]
+async fn a_listener_trusts_a_new_ca_after_reload_without_a_restart() {
+    let p = pki();
+    let c = p.ca.issue_host("hv-b.test", YEAR).unwrap();
+    let server = Arc::new(
+        HostIdentity::from_pem(
+            Some("hv-b.test"),
+            &c.cert_pem,
+            &c.key_pem,
+            &[p.ca.cert_pem()],
+        )
+        .unwrap(),
+    );
+    let listener = Arc::new(Listener::bind("127.0.0.1:0", server.clone()).await.unwrap());
+    let addr = listener.local_addr().unwrap();
+    let l = listener.clone();
+    let srv = tokio::spawn(async move {
+        loop {
+            let incoming = l.accept_tcp().await.unwrap();
+            tokio::spawn(async move {
+                let _ = incoming.handshake().await;
+            });
+        }
+    });
+    let cc = p.other.issue_host("hv-a.test", YEAR).unwrap();
+    let client = HostIdentity::from_pem(
+        Some("hv-a.test"),
+        &cc.cert_pem,
+        &cc.key_pem,
+        &[p.ca.cert_pem(), p.other.cert_pem()],
+    )
+    .unwrap();
+    assert!(tls::connect(addr, "hv-b.test", &client).await.is_err());
+
+    // A file that is not a CA is refused and the old trust stays.
+    let not_ca = p._dir.path().join("leaf.pem");
+    std::fs::write(&not_ca, &cc.cert_pem).unwrap();
+    assert!(server.reload_trust(&[not_ca]).is_err());
+    assert_eq!(server.trusted_ca_names().len(), 1);
+
+    server
+        .reload_trust(&[p.ca.cert_path(), p.other.cert_path()])
+        .unwrap();
+    listener.reload().unwrap();
+    let (_s, peer) = tls::connect(addr, "hv-b.test", &client).await.unwrap();
+    assert_eq!(peer.host_name, "hv-b.test");
+    srv.abort();
+}

@@ -65,6 +65,8 @@ pub enum Request {
     HostInfo,
     /// This host's certificate, trusted CAs and revoked peer certificates.
     HostCertificates,
+    /// Reread the trusted CAs and the revocation list (as SIGHUP does).
+    HostReloadTrust,
     /// Refuse the peer certificate with this SHA-256 fingerprint at every handshake, in and out.
     HostRevokeCert {
         fingerprint: String,

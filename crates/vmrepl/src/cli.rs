@@ -273,7 +273,8 @@ pub enum HostCmd {
         #[arg(long, default_value_t = 825)]
         days: u32,
     },
-    /// Trust another CA's certificate (PEM) for peer authentication.
+    /// Trust another CA's certificate (PEM) for peer authentication. A running daemon
+    /// rereads its trusted CAs at once (as on SIGHUP).
     Trust {
         /// The CA certificate to trust.
         ca: PathBuf,
@@ -472,7 +473,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 "  SHA-256: {} (use it with `replication server authorize --issuer`)",
                 summary.fingerprint_sha256
             );
-            println!("restart the daemon for the new trust to take effect");
+            if runtime()?
+                .block_on(Client::connect(dd.root(), &dd.socket()))
+                .is_ok()
+            {
+                return call(&dd, args.json, Request::HostReloadTrust);
+            }
+            println!("the daemon is not running; it trusts this CA from its next start");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Host(HostCmd::RevokeCert {

@@ -33,7 +33,7 @@ const T: &str = "vmrepl::peer";
 /// `handshake_timeout_secs` (10 s) for the TLS handshake and again for the version exchange;
 /// an established connection silent for `idle_timeout_secs` (300 s) between requests is
 /// closed. All peer sockets have TCP keepalive (30 s idle, 10 s interval, 3 probes).
-pub async fn serve(listener: vmrepl_transport::tls::Listener, daemon: Arc<Daemon>) {
+pub async fn serve(listener: Arc<vmrepl_transport::tls::Listener>, daemon: Arc<Daemon>) {
     loop {
         match listener.accept_tcp().await {
             Ok(mut incoming) => {
