@@ -223,6 +223,51 @@ async fn a_pinned_entry_refuses_another_certificate_for_the_same_name() {
     let (code, msg) = ask(&mut other_c).await;
     assert_eq!(code, RefusalCode::NotAuthorized, "{msg}");
     assert!(msg.contains(other.fingerprint()), "{msg}");
+
+    // A refused log is drained, so the connection stays usable.
+    let uuid = Uuid::new_v4();
+    let log = tiny_log(env.tmp.path(), uuid);
+    let r = other_c
+        .send_log(uuid, (1, 0), None, &log, |_| {})
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            &r,
+            PeerResponse::Refused {
+                code: RefusalCode::NotAuthorized,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    assert_eq!(ask(&mut other_c).await.0, RefusalCode::NotAuthorized);
+}
+
+/// An initial log of one 4 KiB write to a 1 MiB disk.
+fn tiny_log(dir: &Path, uuid: Uuid) -> PathBuf {
+    use vmrepl_log::{Compression, Consistency, DiskInfo, LogHeader, LogKind, LogWriter};
+    let header = LogHeader {
+        vm_id: uuid,
+        sequence: 1,
+        base_sequence: 0,
+        timestamp_unix_ms: 1_700_000_000_000,
+        kind: LogKind::Initial,
+        consistency: Consistency::Crash,
+        compression: Compression::None,
+        disks: vec![DiskInfo {
+            id: "disk0".into(),
+            virtual_size: 1 << 20,
+        }],
+    };
+    let path = dir.join(format!("log-{uuid}.vlog"));
+    let f = std::fs::File::create(&path).unwrap();
+    let mut w = LogWriter::new(std::io::BufWriter::new(f), header).unwrap();
+    w.write_data(0, 0, &[7u8; 4096]).unwrap();
+    let (_, mut out) = w.finish_into_inner().unwrap();
+    use std::io::Write;
+    out.flush().unwrap();
+    path
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -172,10 +172,11 @@ async fn connection(
             ),
             (true, req) => {
                 // An unauthorized peer gets one answer that names nothing of this host's
-                // (L8); only PrimaryState is asked by replicas of this host's own VMs, and
-                // checks its peer itself.
+                // (L8). PrimaryState is asked by replicas of this host's own VMs and checks
+                // its peer itself; SendLog authorizes first itself and must drain the log
+                // that follows it on a refusal.
                 let gate = match &req {
-                    PeerRequest::PrimaryState { .. } => Ok(()),
+                    PeerRequest::PrimaryState { .. } | PeerRequest::SendLog { .. } => Ok(()),
                     _ => PEER.sync_scope(peer.clone(), || authorize(&daemon, &host).map(|_| ())),
                 };
                 match gate {
