@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use vmrepl_types::name::validate_host_name;
-use vmrepl_types::replication::ReplicaServerSettings;
+use vmrepl_types::replication::{ReplicaServerSettings, RevokedCert};
 use vmrepl_types::Accel;
 
 /// Default port of the peer API (Hyper-V uses 443 for certificate authentication; we pick an
@@ -54,6 +54,63 @@ pub struct HostConfig {
     /// Replica server settings.
     #[serde(default)]
     pub replica_server: ReplicaServerSettings,
+    /// Limits and timeouts of the peer listener (`[peer_limits]`).
+    #[serde(default)]
+    pub peer_limits: PeerLimits,
+    /// Peer certificates refused at every handshake, inbound and outbound
+    /// (`vmrepl host revoke-cert`; `[[revoked_certs]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_certs: Vec<RevokedCert>,
+}
+
+/// Limits and timeouts of the peer listener (review M1). Every field has a default, so a
+/// `[peer_limits]` table may name only what it changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeerLimits {
+    /// Peer connections open at once (handshaking or established); a new one over the limit
+    /// is closed at once. Default 256.
+    pub max_connections: usize,
+    /// TLS handshakes in progress at once (unauthenticated clients). Default 32.
+    pub max_handshakes: usize,
+    /// TLS handshakes in progress at once from one IP address. Default 8.
+    pub max_handshakes_per_ip: usize,
+    /// Seconds a client gets from TCP connect to the end of the TLS handshake and the
+    /// protocol-version exchange. Default 10.
+    pub handshake_timeout_secs: u64,
+    /// Seconds an established connection may stay silent between two requests before the
+    /// replica server closes it. Default 300.
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        let l = vmrepl_transport::tls::Limits::default();
+        PeerLimits {
+            max_connections: l.max_connections,
+            max_handshakes: l.max_handshakes,
+            max_handshakes_per_ip: l.max_handshakes_per_ip,
+            handshake_timeout_secs: l.handshake_timeout.as_secs(),
+            idle_timeout_secs: 300,
+        }
+    }
+}
+
+impl PeerLimits {
+    /// The listener's limits.
+    pub fn listener(&self) -> vmrepl_transport::tls::Limits {
+        vmrepl_transport::tls::Limits {
+            max_handshakes: self.max_handshakes,
+            max_handshakes_per_ip: self.max_handshakes_per_ip,
+            max_connections: self.max_connections,
+            handshake_timeout: std::time::Duration::from_secs(self.handshake_timeout_secs),
+        }
+    }
+
+    /// How long an established connection may stay silent between requests.
+    pub fn idle_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.idle_timeout_secs)
+    }
 }
 
 fn default_qemu() -> PathBuf {
@@ -80,6 +137,8 @@ impl HostConfig {
             ovmf_dir: default_ovmf_dir(),
             seabios_dir: default_seabios_dir(),
             replica_server: ReplicaServerSettings::default(),
+            peer_limits: PeerLimits::default(),
+            revoked_certs: Vec::new(),
         }
     }
 
@@ -124,6 +183,31 @@ impl HostConfig {
                 )));
             }
         }
+        let l = &self.peer_limits;
+        for (name, v) in [
+            ("max_connections", l.max_connections as u64),
+            ("max_handshakes", l.max_handshakes as u64),
+            ("max_handshakes_per_ip", l.max_handshakes_per_ip as u64),
+            ("handshake_timeout_secs", l.handshake_timeout_secs),
+            ("idle_timeout_secs", l.idle_timeout_secs),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "peer_limits.{name} is 0; it must be at least 1 (or left out for the default)"
+                )));
+            }
+        }
+        for r in &self.revoked_certs {
+            let canonical = vmrepl_transport::cert::normalize_fingerprint(&r.fingerprint)
+                .map_err(|e| ConfigError::Invalid(format!("in revoked_certs: {e}")))?;
+            if canonical != r.fingerprint {
+                return Err(ConfigError::Invalid(format!(
+                    "in revoked_certs: write the fingerprint {:?} as {canonical} (64 upper-case \
+                     hex digits, no colons)",
+                    r.fingerprint
+                )));
+            }
+        }
         if self.replica_server.allow_any && self.replica_server.default_storage.is_none() {
             return Err(ConfigError::Invalid(
                 "replica server allows any authenticated host but has no default storage folder; set one".into(),
@@ -151,6 +235,36 @@ impl HostConfig {
                 .map(|s| p.starts_with(&s) && p != s)
                 .unwrap_or(false)
         })
+    }
+}
+
+/// Adds `fingerprint` (canonical form) to the revocation list, or updates its reason and
+/// subject when it is there already.
+pub fn add_revocation(
+    cfg: &mut HostConfig,
+    fingerprint: &str,
+    reason: Option<String>,
+    subject: Option<String>,
+) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    match cfg
+        .revoked_certs
+        .iter_mut()
+        .find(|r| r.fingerprint == fingerprint)
+    {
+        Some(r) => {
+            r.reason = reason.or(r.reason.take());
+            r.subject = subject.or(r.subject.take());
+        }
+        None => cfg.revoked_certs.push(RevokedCert {
+            fingerprint: fingerprint.to_string(),
+            reason,
+            subject,
+            revoked_at_unix: now,
+        }),
     }
 }
 
@@ -198,6 +312,35 @@ mod tests {
         assert!(!c.in_storage(Path::new("/srv/vms/../etc/passwd")));
         assert!(!c.in_storage(Path::new("/srv/vmsx/a")));
         assert!(!c.in_storage(Path::new("/srv/vms")));
+    }
+
+    #[test]
+    fn a_config_without_the_new_tables_loads_with_default_limits() {
+        let text = "host_name = \"hosta.example\"\nlisten = \"127.0.0.1:7443\"\nstorage = [\"/srv/vms\"]\n";
+        let c = HostConfig::parse(text, Path::new("c.toml")).unwrap();
+        assert_eq!(c.peer_limits, PeerLimits::default());
+        assert_eq!(c.peer_limits.max_connections, 256);
+        assert!(c.revoked_certs.is_empty());
+        let c = HostConfig::parse(
+            &format!("{text}[peer_limits]\nmax_connections = 10\n"),
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.peer_limits.max_connections, 10);
+        assert_eq!(c.peer_limits.idle_timeout_secs, 300);
+    }
+
+    #[test]
+    fn a_revoked_fingerprint_must_be_canonical() {
+        let mut c = sample();
+        c.revoked_certs.push(RevokedCert {
+            fingerprint: "ab".repeat(32),
+            reason: None,
+            subject: None,
+            revoked_at_unix: 0,
+        });
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains(&"AB".repeat(32)), "{e}");
     }
 
     #[test]

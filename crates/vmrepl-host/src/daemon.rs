@@ -36,6 +36,8 @@ pub struct Daemon {
     pub db: Arc<Mutex<Db>>,
     pub vmm: Arc<Vmm>,
     pub repl: crate::replication::Runtime,
+    /// The peer listener, kept to rebuild its TLS configuration when the trust changes.
+    peer_listener: Arc<vmrepl_transport::tls::Listener>,
     stop: tokio::sync::Notify,
 }
 
@@ -85,10 +87,14 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
         )
         .map_err(|e| DaemonError::Peer(e.to_string()))?,
     );
-    let peer_listener =
+    // Revocations apply to every handshake, in and out, through this shared identity.
+    identity.set_revoked(cfg.revoked_certs.iter().map(|r| &r.fingerprint));
+    let mut peer_listener =
         vmrepl_transport::tls::Listener::bind(cfg.listen.as_str(), identity.clone())
             .await
             .map_err(|e| DaemonError::Peer(format!("cannot listen on {}: {e}", cfg.listen)))?;
+    peer_listener.set_limits(cfg.peer_limits.listener());
+    let peer_listener = Arc::new(peer_listener);
     let listener = mgmt::bind(&dd.socket())?;
     let d = Arc::new(Daemon {
         dd: dd.clone(),
@@ -97,6 +103,7 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
         db,
         vmm,
         repl: Default::default(),
+        peer_listener: peer_listener.clone(),
         stop: tokio::sync::Notify::new(),
     });
     let server = tokio::spawn(mgmt::serve(listener, d.clone()));
@@ -105,11 +112,22 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
     crate::replication::start_all(&d);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(DaemonError::Runtime)?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(DaemonError::Runtime)?;
     tracing::info!(target: "vmrepl::daemon", socket = %dd.socket().display(), "ready");
-    tokio::select! {
-        _ = d.stop.notified() => {}
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    loop {
+        tokio::select! {
+            _ = d.stop.notified() => break,
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = hup.recv() => {
+                // SIGHUP: reread the trusted CAs and the revocation list.
+                match d.reload_trust() {
+                    Ok(m) => tracing::info!(target: "vmrepl::daemon", "SIGHUP: {m}"),
+                    Err(e) => tracing::warn!(target: "vmrepl::daemon", "SIGHUP: {}", e.message),
+                }
+            }
+        }
     }
     server.abort();
     peer.abort();
@@ -151,9 +169,12 @@ impl Daemon {
             }
             rs.default_storage = Some(p);
         }
-        if let Some(entry) = c.add_entry {
-            vmrepl_transport::authz::AuthzEntry::try_from(&entry)
+        if let Some(mut entry) = c.add_entry {
+            let checked = vmrepl_transport::authz::AuthzEntry::try_from(&entry)
                 .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
+            // Stored in the canonical form (upper-case hex, no colons), as shown and logged.
+            entry.issuer = checked.issuer;
+            entry.pin = checked.pin;
             if !entry.storage.is_absolute() {
                 return Err(ApiError::new(
                     ErrorCode::InvalidInput,
@@ -204,6 +225,93 @@ impl Daemon {
         Ok(out)
     }
 
+    /// Rereads the trusted CAs (`tls/`) and the revocation list (config.toml) and puts them in
+    /// force for new connections, in and out, without a restart.
+    fn reload_trust(&self) -> Result<String, ApiError> {
+        self.identity
+            .reload_trust(&crate::init::trusted_cas(&self.dd))
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::InvalidInput,
+                    format!("{e}; the trusted CAs in force are unchanged"),
+                )
+            })?;
+        self.peer_listener
+            .reload()
+            .map_err(|e| ApiError::new(ErrorCode::Io, e.to_string()))?;
+        let revoked = match HostConfig::load(&self.dd.config()) {
+            Ok(cfg) => {
+                let mut current = self.cfg.write().expect("cfg");
+                current.revoked_certs = cfg.revoked_certs;
+                current.revoked_certs.clone()
+            }
+            Err(e) => {
+                tracing::warn!(target: "vmrepl::daemon", "cannot reread the revocation list: {e}");
+                self.cfg.read().expect("cfg").revoked_certs.clone()
+            }
+        };
+        self.identity
+            .set_revoked(revoked.iter().map(|r| &r.fingerprint));
+        Ok(format!(
+            "trusting {} CA(s) ({}); {} revoked certificate(s); new connections use them",
+            self.identity.trusted_ca_names().len(),
+            self.identity.trusted_ca_names().join("; "),
+            revoked.len()
+        ))
+    }
+
+    /// This host's certificate, trusted CAs and revocations.
+    fn certificates(&self) -> vmrepl_types::api::CertificatesInfo {
+        let id = &self.identity;
+        vmrepl_types::api::CertificatesInfo {
+            host_name: id.host_name().to_string(),
+            fingerprint: id.fingerprint().to_string(),
+            trusted_cas: id
+                .trusted_ca_names()
+                .iter()
+                .zip(id.trusted_ca_fingerprints())
+                .map(|(subject, fingerprint)| vmrepl_types::api::TrustedCa {
+                    subject: subject.clone(),
+                    fingerprint: fingerprint.clone(),
+                })
+                .collect(),
+            revoked: self.cfg.read().expect("cfg").revoked_certs.clone(),
+        }
+    }
+
+    /// Adds a certificate to the revocation list: saved in the configuration and in force
+    /// for the next handshake. Returns the canonical fingerprint.
+    fn revoke_cert(
+        &self,
+        fingerprint: &str,
+        reason: Option<String>,
+        subject: Option<String>,
+    ) -> Result<String, ApiError> {
+        let fp = vmrepl_transport::cert::normalize_fingerprint(fingerprint)
+            .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e))?;
+        if fp == self.identity.fingerprint() {
+            return Err(ApiError::new(
+                ErrorCode::InvalidInput,
+                format!(
+                    "{fp} is this host's own certificate; to retire it, issue this host a new \
+                     certificate and revoke the old one on its peers"
+                ),
+            ));
+        }
+        let mut cfg = self.cfg.write().expect("cfg");
+        let mut next = cfg.clone();
+        crate::config::add_revocation(&mut next, &fp, reason, subject);
+        next.validate()
+            .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
+        next.save(&self.dd.config())
+            .map_err(|e| ApiError::new(ErrorCode::Io, e.to_string()))?;
+        self.identity
+            .set_revoked(next.revoked_certs.iter().map(|r| &r.fingerprint));
+        tracing::warn!(target: "vmrepl::daemon", fingerprint = %fp, "revoked a peer certificate");
+        *cfg = next;
+        Ok(fp)
+    }
+
     async fn dispatch(self: &Arc<Self>, req: Request) -> Result<Response, ApiError> {
         let vmm = &self.vmm;
         Ok(match req {
@@ -249,12 +357,32 @@ impl Daemon {
                 Response::ReplicaServer {
                     listen: cfg.listen.clone(),
                     settings: cfg.replica_server.clone(),
+                    revoked: cfg.revoked_certs.clone(),
                 }
             }
             Request::ReplicaServerSet(change) => Response::ReplicaServer {
                 settings: self.change_replica_server(change)?,
                 listen: self.cfg.read().expect("cfg").listen.clone(),
+                revoked: self.cfg.read().expect("cfg").revoked_certs.clone(),
             },
+            Request::HostCertificates => Response::Certificates(Box::new(self.certificates())),
+            Request::HostReloadTrust => Response::Ok {
+                message: self.reload_trust()?,
+            },
+            Request::HostRevokeCert {
+                fingerprint,
+                reason,
+                subject,
+            } => {
+                let fp = self.revoke_cert(&fingerprint, reason, subject)?;
+                Response::Ok {
+                    message: format!(
+                        "revoked the certificate {fp}: refused at every handshake from now on, \
+                         in and out (connections already open are not cut; restart the daemon \
+                         to end them)"
+                    ),
+                }
+            }
             Request::ReplicationEnable { name, settings } => Response::Ok {
                 message: crate::replication::enable(self, &name, settings).await?,
             },

@@ -77,6 +77,8 @@ async fn replica(setup: impl FnOnce(&mut HostConfig, &Path)) -> Env {
         primary: PRIMARY.into(),
         storage: store_root.clone(),
         trust_group: "G1".into(),
+        issuer: None,
+        pin: None,
     }];
     setup(&mut cfg, &store_root);
     cfg.save(&dd.config()).unwrap();
@@ -376,6 +378,8 @@ async fn a_primary_of_another_trust_group_may_not_send_logs() {
             primary: OTHER.into(),
             storage: root.to_path_buf(),
             trust_group: "G2".into(),
+            issuer: None,
+            pin: None,
         })
     })
     .await;

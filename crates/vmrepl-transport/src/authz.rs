@@ -14,6 +14,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cert::normalize_fingerprint;
+use crate::tls::PeerIdentity;
+
 /// Why a pattern, a host name or an authorization decision was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthzError {
@@ -37,6 +40,46 @@ pub enum AuthzError {
          appear once)"
     )]
     DuplicatePattern { pattern: String },
+    #[error(
+        "the {field} of the authorization entry for {pattern} is not valid: {detail}; give the \
+         SHA-256 fingerprint as `vmrepl host trust` (CA) or `vmrepl host info` (host \
+         certificate) prints it"
+    )]
+    InvalidFingerprint {
+        pattern: String,
+        field: &'static str,
+        detail: String,
+    },
+    #[error(
+        "the primary server {host} is not authorized to replicate to this host: the \
+         authorization entry {pattern} accepts only certificates issued through the CA with \
+         SHA-256 {expected}, and {host}'s certificate chains through {presented}; give {host} a \
+         certificate from that CA, or change the entry's issuer"
+    )]
+    WrongIssuer {
+        host: String,
+        pattern: String,
+        expected: String,
+        presented: String,
+    },
+    #[error(
+        "the primary server {host} is not authorized to replicate to this host: the \
+         authorization entry {pattern} is pinned to the certificate with SHA-256 {expected}, \
+         and {host} presented {presented}; if {host} got a new certificate, authorize it again \
+         with --pin {presented}"
+    )]
+    PinMismatch {
+        host: String,
+        pattern: String,
+        expected: String,
+        presented: String,
+    },
+    #[error(
+        "the primary server {host} matches the authorization entry {pattern}, which checks the \
+         certificate's issuer or fingerprint, but no certificate details were given to check; \
+         this is a bug in the caller, the request is refused"
+    )]
+    NoCertificateToCheck { host: String, pattern: String },
     #[error(
         "the primary server {host} is not authorized to replicate to this host: no \
          authorization entry matches it (entries: {patterns}) and replication from any server \
@@ -191,11 +234,24 @@ impl std::str::FromStr for HostPattern {
 
 /// One authorization entry: primaries matching `pattern` may replicate here;
 /// their replicas go under `storage`; they belong to `trust_group`.
+///
+/// With `issuer`, a matching primary's certificate must also chain through the
+/// CA certificate with that SHA-256 fingerprint (its issuer, an intermediate
+/// or the trusted root): this scopes the entry to one CA when the host trusts
+/// several. With `pin`, the primary's certificate must be exactly the one
+/// with that SHA-256 fingerprint (of the whole DER certificate, not of its
+/// public key, so a renewed certificate needs a new pin). A primary that
+/// matches an entry's pattern but fails its issuer or pin is refused; it does
+/// not fall through to a less specific entry or to "allow any".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthzEntry {
     pub pattern: HostPattern,
     pub storage: PathBuf,
     pub trust_group: String,
+    /// SHA-256 of a CA certificate on the peer's verified path (upper-case hex).
+    pub issuer: Option<String>,
+    /// SHA-256 of the peer's certificate (upper-case hex).
+    pub pin: Option<String>,
 }
 
 impl TryFrom<&vmrepl_types::replication::AuthorizationEntry> for AuthzEntry {
@@ -207,7 +263,20 @@ impl TryFrom<&vmrepl_types::replication::AuthorizationEntry> for AuthzEntry {
                 pattern: pattern.to_string(),
             });
         }
+        let fingerprint = |field: &'static str, v: &Option<String>| {
+            v.as_deref()
+                .map(|f| {
+                    normalize_fingerprint(f).map_err(|detail| AuthzError::InvalidFingerprint {
+                        pattern: pattern.to_string(),
+                        field,
+                        detail,
+                    })
+                })
+                .transpose()
+        };
         Ok(AuthzEntry {
+            issuer: fingerprint("issuer", &e.issuer)?,
+            pin: fingerprint("pin", &e.pin)?,
             pattern,
             storage: e.storage.clone(),
             trust_group: e.trust_group.clone(),
@@ -260,11 +329,23 @@ impl Authorization {
         Ok(())
     }
 
-    /// Decides whether the primary `peer_host` (from its verified certificate)
-    /// may replicate here. The most specific matching entry wins (an exact
-    /// name beats a wildcard); without a match, "allow any" admits the host
-    /// into the default storage with trust group `DEFAULT`.
+    /// Decides whether the primary `peer_host` may replicate here, by host
+    /// name alone. An entry that checks the certificate (`issuer` or `pin`)
+    /// refuses here: use [`Authorization::authorize_peer`].
     pub fn authorize(&self, peer_host: &str) -> Result<Grant, AuthzError> {
+        self.decide(peer_host, None)
+    }
+
+    /// Decides whether the primary `peer` (its verified certificate) may
+    /// replicate here. The most specific matching entry wins (an exact name
+    /// beats a wildcard) and its `issuer` and `pin`, if any, must match the
+    /// certificate; without a match, "allow any" admits the host into the
+    /// default storage with trust group `DEFAULT`.
+    pub fn authorize_peer(&self, peer: &PeerIdentity) -> Result<Grant, AuthzError> {
+        self.decide(&peer.host_name, Some(peer))
+    }
+
+    fn decide(&self, peer_host: &str, cert: Option<&PeerIdentity>) -> Result<Grant, AuthzError> {
         self.validate()?;
         let host = normalize_host_name(peer_host)?;
         let best = self
@@ -273,6 +354,38 @@ impl Authorization {
             .filter(|e| e.pattern.matches(&host))
             .max_by_key(|e| e.pattern.specificity());
         if let Some(e) = best {
+            if e.issuer.is_some() || e.pin.is_some() {
+                let Some(cert) = cert else {
+                    return Err(AuthzError::NoCertificateToCheck {
+                        host,
+                        pattern: e.pattern.to_string(),
+                    });
+                };
+                if let Some(issuer) = &e.issuer {
+                    if !cert.ca_fingerprints.iter().any(|f| f == issuer) {
+                        return Err(AuthzError::WrongIssuer {
+                            host,
+                            pattern: e.pattern.to_string(),
+                            expected: issuer.clone(),
+                            presented: if cert.ca_fingerprints.is_empty() {
+                                "no known CA".into()
+                            } else {
+                                cert.ca_fingerprints.join(" -> ")
+                            },
+                        });
+                    }
+                }
+                if let Some(pin) = &e.pin {
+                    if cert.fingerprint != *pin {
+                        return Err(AuthzError::PinMismatch {
+                            host,
+                            pattern: e.pattern.to_string(),
+                            expected: pin.clone(),
+                            presented: cert.fingerprint.clone(),
+                        });
+                    }
+                }
+            }
             return Ok(Grant {
                 storage: e.storage.clone(),
                 trust_group: e.trust_group.clone(),
@@ -369,7 +482,95 @@ mod tests {
             pattern: HostPattern::parse(p).unwrap(),
             storage: storage.into(),
             trust_group: group.into(),
+            issuer: None,
+            pin: None,
         }
+    }
+
+    fn peer(host: &str, fp: char, cas: &[char]) -> PeerIdentity {
+        PeerIdentity {
+            host_name: host.into(),
+            fingerprint: fp.to_string().repeat(64),
+            ca_fingerprints: cas.iter().map(|c| c.to_string().repeat(64)).collect(),
+        }
+    }
+
+    #[test]
+    fn an_entry_scoped_to_an_issuer_refuses_a_chain_through_another_ca() {
+        let mut e = entry("*.example.org", "/srv/wild", "g1");
+        e.issuer = Some("A".repeat(64));
+        let a = Authorization {
+            allow_any: true,
+            default_storage: Some("/srv/any".into()),
+            entries: vec![e],
+        };
+        assert!(a
+            .authorize_peer(&peer("hv1.example.org", '1', &['A']))
+            .is_ok());
+        assert!(a
+            .authorize_peer(&peer("hv1.example.org", '1', &['C', 'A']))
+            .is_ok());
+        let err = a
+            .authorize_peer(&peer("hv1.example.org", '1', &['B']))
+            .unwrap_err();
+        assert!(matches!(err, AuthzError::WrongIssuer { .. }), "{err}");
+        // It does not fall through to "allow any".
+        assert!(err.to_string().contains(&"A".repeat(64)), "{err}");
+        // By name alone, a scoped entry refuses (fails closed).
+        assert!(matches!(
+            a.authorize("hv1.example.org"),
+            Err(AuthzError::NoCertificateToCheck { .. })
+        ));
+    }
+
+    #[test]
+    fn a_pinned_entry_accepts_only_its_certificate() {
+        let mut e = entry("hv1.example.org", "/srv/hv1", "g1");
+        e.pin = Some("D".repeat(64));
+        let a = Authorization {
+            allow_any: false,
+            default_storage: None,
+            entries: vec![e],
+        };
+        assert!(a
+            .authorize_peer(&peer("hv1.example.org", 'D', &['A']))
+            .is_ok());
+        let err = a
+            .authorize_peer(&peer("hv1.example.org", 'E', &['A']))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pinned") && err.contains(&"E".repeat(64)),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn entry_fingerprints_are_normalized_and_checked() {
+        use vmrepl_types::replication::AuthorizationEntry;
+        let colons = (0..32).map(|_| "ab").collect::<Vec<_>>().join(":");
+        let e = AuthzEntry::try_from(&AuthorizationEntry {
+            primary: "hv1.example.org".into(),
+            storage: "/srv".into(),
+            trust_group: "g".into(),
+            issuer: Some(colons),
+            pin: None,
+        })
+        .unwrap();
+        assert_eq!(e.issuer, Some("AB".repeat(32)));
+        let err = AuthzEntry::try_from(&AuthorizationEntry {
+            primary: "hv1.example.org".into(),
+            storage: "/srv".into(),
+            trust_group: "g".into(),
+            issuer: None,
+            pin: Some("xyz".into()),
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("pin") && err.contains("64 hex digits"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -435,6 +636,8 @@ mod tests {
                 primary: "*.Lab.example.org".into(),
                 storage: "/srv/lab".into(),
                 trust_group: "lab".into(),
+                issuer: None,
+                pin: None,
             }],
             ..Default::default()
         };
@@ -452,6 +655,8 @@ mod tests {
             primary: "a*.example.org".into(),
             storage: "/x".into(),
             trust_group: "g".into(),
+            issuer: None,
+            pin: None,
         };
         assert!(AuthzEntry::try_from(&bad).is_err());
         let dup = ReplicaServerSettings {
@@ -460,11 +665,15 @@ mod tests {
                     primary: "h.example.org".into(),
                     storage: "/a".into(),
                     trust_group: "g".into(),
+                    issuer: None,
+                    pin: None,
                 },
                 AuthorizationEntry {
                     primary: "H.example.org".into(),
                     storage: "/b".into(),
                     trust_group: "g".into(),
+                    issuer: None,
+                    pin: None,
                 },
             ],
             ..Default::default()

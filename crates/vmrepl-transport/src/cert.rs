@@ -72,6 +72,29 @@ impl CertSummary {
 pub(crate) const EKU_SERVER_AUTH: &str = "serverAuth";
 pub(crate) const EKU_CLIENT_AUTH: &str = "clientAuth";
 
+/// Brings a SHA-256 fingerprint as people write it (any case, with or
+/// without `:` or space separators, an optional `sha256:` prefix) to the form
+/// vmrepl stores and compares: 64 upper-case hex digits without separators.
+pub fn normalize_fingerprint(text: &str) -> Result<String, String> {
+    let t = text.trim();
+    let t = t
+        .strip_prefix("sha256:")
+        .or_else(|| t.strip_prefix("SHA256:"))
+        .unwrap_or(t);
+    let hex: String = t
+        .chars()
+        .filter(|c| *c != ':' && !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_uppercase();
+    if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!(
+            "{text:?} is not a SHA-256 fingerprint: it needs 64 hex digits (colons allowed), as \
+             `vmrepl host trust` and the daemon log print them"
+        ));
+    }
+    Ok(hex)
+}
+
 /// Upper-case hex SHA-256 of `der` (a SHA-256 "thumbprint").
 pub fn fingerprint_sha256(der: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, der);
@@ -238,6 +261,15 @@ pub enum CertProblem {
          the right CA"
     )]
     BadSignature { subject: String, issuer: String },
+    #[error(
+        "the certificate {subject} (SHA-256 {fingerprint}) is revoked on this host (`vmrepl host \
+         revoke-cert`); issue that host a new certificate, or remove the fingerprint from \
+         `revoked_certs` in config.toml if it was revoked by mistake"
+    )]
+    Revoked {
+        subject: String,
+        fingerprint: String,
+    },
     #[error("the certificate {subject} was refused: {detail}")]
     Other { subject: String, detail: String },
 }

@@ -27,6 +27,16 @@
 //!   belongs to (Hyper-V's `AllowedPrimaryServer`, `ReplicaStorageLocation`,
 //!   `TrustGroup`, and "allow replication from any authenticated server" with
 //!   trust group `DEFAULT`).
+//! * **Scoping and revocation**: an authorization entry may name the CA that
+//!   must vouch for the primary (`issuer`, checked against the CA path in
+//!   [`tls::PeerIdentity::ca_fingerprints`]) and the primary's exact
+//!   certificate (`pin`). [`pki::HostIdentity::set_revoked`] holds a denylist
+//!   of certificate fingerprints refused at every handshake, in and out; the
+//!   trusted CAs can be replaced at run time with
+//!   [`pki::HostIdentity::reload_trust`] and [`tls::Listener::reload`].
+//! * **Limits**: the [`tls::Listener`] caps connections and handshakes in
+//!   progress (in all and per address, see [`tls::Limits`]) and every peer
+//!   socket has TCP keepalive.
 //! * **PKI without a domain**: [`pki::Ca`] is a complete CA in a folder
 //!   (`ca.pem`, `ca-key.pem` mode 0600). Create it on one host, issue a
 //!   certificate per host, copy `ca.pem` to every host as its trusted CA.

@@ -9,12 +9,13 @@
 //! requires. Certificates from any other CA can be imported with
 //! [`HostIdentity::import`] as long as they meet the same rules.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rcgen::{
@@ -556,9 +557,14 @@ pub struct HostIdentity {
     host_name: String,
     cert_chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-    trust_roots: Vec<CertificateDer<'static>>,
-    trusted_names: Vec<String>,
+    /// The trusted CAs; shared by every clone and replaced as a whole by
+    /// [`HostIdentity::reload_trust`].
+    trust: Arc<RwLock<Arc<Trust>>>,
     summary: CertSummary,
+    /// Fingerprints of peer certificates refused at every handshake, in and
+    /// out (`vmrepl host revoke-cert`). Shared by every clone, so the daemon
+    /// can change it while connections use the identity.
+    revoked: Arc<RwLock<BTreeSet<String>>>,
 }
 
 impl Clone for HostIdentity {
@@ -567,9 +573,9 @@ impl Clone for HostIdentity {
             host_name: self.host_name.clone(),
             cert_chain: self.cert_chain.clone(),
             key: self.key.clone_key(),
-            trust_roots: self.trust_roots.clone(),
-            trusted_names: self.trusted_names.clone(),
+            trust: self.trust.clone(),
             summary: self.summary.clone(),
+            revoked: self.revoked.clone(),
         }
     }
 }
@@ -580,7 +586,7 @@ impl std::fmt::Debug for HostIdentity {
             .field("host_name", &self.host_name)
             .field("subject", &self.summary.subject)
             .field("fingerprint", &self.summary.fingerprint_sha256)
-            .field("trusted", &self.trusted_names)
+            .field("trusted", &self.trust().names)
             .finish()
     }
 }
@@ -686,23 +692,22 @@ impl HostIdentity {
             key.clone_key(),
             &summary,
         )?;
-        let mut trust_roots = Vec::new();
-        let mut trusted_names = Vec::new();
+        let mut trust = Trust::default();
         for pem in trust_pems {
             for der in parse_certs(Path::new("<trusted CA>"), pem.as_bytes())? {
-                if let Ok(s) = summarize_der(&der) {
-                    trusted_names.push(s.subject);
-                }
-                trust_roots.push(der);
+                let name = summarize_der(&der)
+                    .map(|s| s.subject)
+                    .unwrap_or_else(|_| "(unparsable)".into());
+                trust.push(der, name);
             }
         }
         Ok(HostIdentity {
             host_name: summary.host_name().unwrap_or_default().to_ascii_lowercase(),
             cert_chain: chain,
             key,
-            trust_roots,
-            trusted_names,
+            trust: Arc::new(RwLock::new(Arc::new(trust))),
             summary,
+            revoked: Arc::default(),
         })
     }
 
@@ -783,42 +788,52 @@ impl HostIdentity {
             },
         };
 
-        if trust_pems.is_empty() {
-            return Err(PkiError::NoTrust);
-        }
-        let mut trust_roots = Vec::new();
-        let mut trusted_names = Vec::new();
-        for (path, pem) in trust_pems {
-            for der in parse_certs(path, pem.as_bytes())? {
-                let s = summarize_der(&der).map_err(|detail| PkiError::BadCertificate {
-                    path: path.clone(),
-                    detail,
-                })?;
-                if !s.is_ca {
-                    return Err(PkiError::NotCa { path: path.clone() });
-                }
-                trusted_names.push(s.subject);
-                trust_roots.push(der);
-            }
-        }
-
+        let trust = parse_trust(trust_pems)?;
         let identity = HostIdentity {
             host_name,
             cert_chain: chain,
             key,
-            trust_roots,
-            trusted_names,
+            trust: Arc::new(RwLock::new(Arc::new(trust))),
             summary,
+            revoked: Arc::default(),
         };
-        identity.verify_own_chain().map_err(invalid)?;
+        identity
+            .verify_own_chain(&identity.trust())
+            .map_err(invalid)?;
         Ok(identity)
     }
 
-    /// Checks that our own certificate chains to one of our trusted CAs, so a
-    /// misconfiguration shows at load time rather than at the peer.
-    fn verify_own_chain(&self) -> Result<(), CertProblem> {
+    /// Replaces the trusted CAs with the certificates in `trust` (PEM files),
+    /// for every clone of this identity: outgoing connections use them from
+    /// the next connection on, a [`crate::tls::Listener`] after its
+    /// [`crate::tls::Listener::reload`]. Refused, with the old list kept, if a
+    /// file is not a CA certificate or our own certificate would no longer
+    /// chain to a trusted CA.
+    pub fn reload_trust(&self, trust: &[PathBuf]) -> Result<(), PkiError> {
+        let mut pems = Vec::new();
+        for p in trust {
+            pems.push((p.clone(), read_to_string("trusted CA certificate", p)?));
+        }
+        let next = parse_trust(&pems)?;
+        self.verify_own_chain(&next)
+            .map_err(|problem| PkiError::Invalid {
+                path: PathBuf::from("<this host's certificate>"),
+                problem,
+            })?;
+        *self.trust.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        Ok(())
+    }
+
+    /// The trusted CAs as they are now.
+    pub(crate) fn trust(&self) -> Arc<Trust> {
+        self.trust.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Checks that our own certificate chains to one of the CAs in `trust`,
+    /// so a misconfiguration shows at load time rather than at the peer.
+    fn verify_own_chain(&self, trust: &Trust) -> Result<(), CertProblem> {
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(self.root_store()),
+            Arc::new(trust.root_store()),
             provider(),
         )
         .build()
@@ -846,7 +861,7 @@ impl HostIdentity {
                     &self.cert_chain[0],
                     &e,
                     &DiagnoseCtx {
-                        trusted: &self.trusted_names,
+                        trusted: &trust.names,
                         expected_name: Some(&self.host_name),
                         role: Role::Server,
                     },
@@ -870,8 +885,38 @@ impl HostIdentity {
     }
 
     /// Subjects of the trusted CAs.
-    pub fn trusted_ca_names(&self) -> &[String] {
-        &self.trusted_names
+    pub fn trusted_ca_names(&self) -> Vec<String> {
+        self.trust().names.clone()
+    }
+
+    /// SHA-256 fingerprints of the trusted CAs (upper-case hex), in the
+    /// order of [`HostIdentity::trusted_ca_names`].
+    pub fn trusted_ca_fingerprints(&self) -> Vec<String> {
+        self.trust().fingerprints.clone()
+    }
+
+    /// Replaces the list of revoked peer-certificate fingerprints (any form
+    /// [`crate::cert::normalize_fingerprint`] accepts; others are ignored).
+    /// Takes effect at the next handshake, in both directions, for every
+    /// clone of this identity.
+    pub fn set_revoked<I, S>(&self, fingerprints: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let set: BTreeSet<String> = fingerprints
+            .into_iter()
+            .filter_map(|f| crate::cert::normalize_fingerprint(f.as_ref()).ok())
+            .collect();
+        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = set;
+    }
+
+    /// Whether the certificate with this fingerprint (upper-case hex) is revoked.
+    pub fn is_revoked(&self, fingerprint: &str) -> bool {
+        self.revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(fingerprint)
     }
 
     pub(crate) fn cert_chain(&self) -> &[CertificateDer<'static>] {
@@ -883,10 +928,53 @@ impl HostIdentity {
     }
 
     pub(crate) fn root_store(&self) -> rustls::RootCertStore {
+        self.trust().root_store()
+    }
+}
+
+/// A host's trusted CAs: certificates, subjects and SHA-256 fingerprints, in
+/// the same order.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Trust {
+    pub(crate) roots: Vec<CertificateDer<'static>>,
+    pub(crate) names: Vec<String>,
+    pub(crate) fingerprints: Vec<String>,
+}
+
+impl Trust {
+    fn push(&mut self, der: CertificateDer<'static>, name: String) {
+        self.fingerprints
+            .push(crate::cert::fingerprint_sha256(&der));
+        self.names.push(name);
+        self.roots.push(der);
+    }
+
+    pub(crate) fn root_store(&self) -> rustls::RootCertStore {
         let mut roots = rustls::RootCertStore::empty();
-        // Already parsed as CA certificates in `build`; a root webpki cannot
-        // use is skipped here and then shows up as "unknown CA" at the peer.
-        let _ = roots.add_parsable_certificates(self.trust_roots.iter().cloned());
+        // Already parsed as CA certificates; a root webpki cannot use is
+        // skipped here and then shows up as "unknown CA" at the peer.
+        let _ = roots.add_parsable_certificates(self.roots.iter().cloned());
         roots
     }
+}
+
+/// Parses trusted CA certificates (PEM, several per file allowed); each must be a CA.
+fn parse_trust(trust_pems: &[(PathBuf, String)]) -> Result<Trust, PkiError> {
+    if trust_pems.is_empty() {
+        return Err(PkiError::NoTrust);
+    }
+    let mut trust = Trust::default();
+    for (path, pem) in trust_pems {
+        for der in parse_certs(path, pem.as_bytes())? {
+            let s = summarize_der(&der).map_err(|detail| PkiError::BadCertificate {
+                path: path.clone(),
+                detail,
+            })?;
+            if !s.is_ca {
+                return Err(PkiError::NotCa { path: path.clone() });
+            }
+            trust.push(der, s.subject);
+        }
+    }
+    Ok(trust)
 }

@@ -14,11 +14,12 @@
 //! verdict ("the replica server refused our certificate: ...") instead of
 //! leaving it to the first read.
 
+use std::collections::HashMap;
 use std::fmt::Display;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -33,11 +34,13 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use crate::authz::normalize_host_name;
 use crate::cert::{
-    describe_subject, diagnose, fmt_time, present_ekus, summarize_der, CertProblem, CertSummary,
-    DiagnoseCtx, Role,
+    describe_subject, diagnose, fingerprint_sha256, fmt_time, present_ekus, summarize_der,
+    CertProblem, CertSummary, DiagnoseCtx, Role,
 };
 use crate::pki::HostIdentity;
 
@@ -46,8 +49,59 @@ pub type TlsStream = tokio_rustls::TlsStream<TcpStream>;
 
 /// Time allowed for the TCP connection by default.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time allowed for the TLS handshake (and admission) by default.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time allowed for the TLS handshake (and admission) by default. Short, because
+/// until it ends the peer is unauthenticated and holds one of the
+/// [`Limits::max_handshakes`] slots.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TCP keepalive on every peer socket (accepted and outgoing): the first probe
+/// after this much silence, so a peer that vanished (power loss, a cut link)
+/// is noticed in about `idle + interval * retries` = 60 s instead of never.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Time between keepalive probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes before the kernel drops the connection.
+pub const KEEPALIVE_RETRIES: u32 = 3;
+
+/// Turns on TCP keepalive ([`KEEPALIVE_IDLE`], [`KEEPALIVE_INTERVAL`],
+/// [`KEEPALIVE_RETRIES`]) on a peer socket. Best effort: a failure is logged.
+pub fn set_keepalive(tcp: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        tracing::debug!("cannot turn on TCP keepalive: {e}");
+    }
+}
+
+/// Limits on the peer listener, so that unauthenticated clients cannot use up
+/// the daemon's file descriptors or handshake capacity (review M1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// TLS handshakes in progress at once, from all addresses. A connection
+    /// over this limit is closed at once, before any TLS byte.
+    pub max_handshakes: usize,
+    /// TLS handshakes in progress at once from one IP address, so that one
+    /// address cannot take all [`Limits::max_handshakes`] slots.
+    pub max_handshakes_per_ip: usize,
+    /// Peer connections open at once (handshaking or established). A
+    /// connection over this limit is closed at once.
+    pub max_connections: usize,
+    /// Time a client gets for the TCP-to-admitted handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_handshakes: 32,
+            max_handshakes_per_ip: 8,
+            max_connections: 256,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
 
 /// The byte the server sends once it has accepted the client's certificate.
 const ADMITTED: u8 = 0x06;
@@ -55,10 +109,19 @@ const ADMITTED: u8 = 0x06;
 /// Who is at the other end, from its verified certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PeerIdentity {
-    /// The certificate's first DNS name that is not a wildcard (lower case).
+    /// The certificate's first DNS name that is not a wildcard, in the one
+    /// canonical form ([`crate::authz::normalize_host_name`]: lower case, no
+    /// trailing dot, a valid host name). A certificate whose name cannot be
+    /// brought to that form is refused at the handshake.
     pub host_name: String,
     /// SHA-256 of the peer's certificate, upper-case hex.
     pub fingerprint: String,
+    /// SHA-256 (upper-case hex) of every CA certificate on the verified path
+    /// from the peer's certificate to our trust anchor: its direct issuer
+    /// first, the trusted root (one of our trusted CAs) last. Authorization
+    /// entries with an `issuer` are checked against this list.
+    #[serde(default)]
+    pub ca_fingerprints: Vec<String>,
 }
 
 /// Errors of connecting, listening and the TLS handshake.
@@ -131,6 +194,15 @@ pub enum TlsError {
         names: String,
     },
     #[error(
+        "the peer {peer}'s certificate {subject} names a host that is not a valid host name: \
+         {detail}; its certificate's first DNS name must be the host's FQDN"
+    )]
+    BadPeerHostName {
+        peer: String,
+        subject: String,
+        detail: String,
+    },
+    #[error(
         "could not listen on {addr}: {source}; check that no other process uses the port and \
          that this user may bind it"
     )]
@@ -144,6 +216,13 @@ pub enum TlsError {
 }
 
 type Slot = Arc<Mutex<Option<CertProblem>>>;
+
+tokio::task_local! {
+    /// Where the shared server verifier puts the diagnosis of a refused client
+    /// certificate: one slot per handshake, set around `accept` (the verifier
+    /// runs while that future is polled, in the same task).
+    static SERVER_SLOT: Slot;
+}
 
 fn store(slot: &Slot, problem: CertProblem) {
     if let Ok(mut g) = slot.lock() {
@@ -165,12 +244,39 @@ fn config_err(e: impl Display) -> TlsError {
     }
 }
 
-/// The WebPKI client verifier, with a diagnosis of every refusal put into `slot`.
+/// A revoked certificate among `ee` and `intermediates`, if any.
+fn revoked(
+    identity: &HostIdentity,
+    ee: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+) -> Option<CertProblem> {
+    std::iter::once(ee).chain(intermediates).find_map(|c| {
+        let fingerprint = fingerprint_sha256(c);
+        identity
+            .is_revoked(&fingerprint)
+            .then(|| CertProblem::Revoked {
+                subject: summarize_der(c)
+                    .map(|s| s.subject)
+                    .unwrap_or_else(|_| "(unparsable)".into()),
+                fingerprint,
+            })
+    })
+}
+
+fn revoked_error() -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+}
+
+/// The WebPKI client verifier, with a diagnosis of every refusal put into the
+/// handshake's [`SERVER_SLOT`], and the revocation list checked first.
 #[derive(Debug)]
 struct DiagnosingClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
-    trusted: Vec<String>,
-    slot: Slot,
+    identity: Arc<HostIdentity>,
+}
+
+fn store_server(problem: CertProblem) {
+    let _ = SERVER_SLOT.try_with(|slot| store(slot, problem));
 }
 
 impl ClientCertVerifier for DiagnosingClientVerifier {
@@ -189,15 +295,20 @@ impl ClientCertVerifier for DiagnosingClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        if let Some(problem) = revoked(&self.identity, end_entity, intermediates) {
+            store_server(problem);
+            return Err(revoked_error());
+        }
         self.inner
             .verify_client_cert(end_entity, intermediates, now)
             .inspect_err(|e| {
+                let trusted = self.identity.trusted_ca_names();
                 let ctx = DiagnoseCtx {
-                    trusted: &self.trusted,
+                    trusted: &trusted,
                     expected_name: None,
                     role: Role::Client,
                 };
-                store(&self.slot, diagnose(end_entity, e, &ctx));
+                store_server(diagnose(end_entity, e, &ctx));
             })
     }
     fn verify_tls12_signature(
@@ -225,7 +336,7 @@ impl ClientCertVerifier for DiagnosingClientVerifier {
 #[derive(Debug)]
 struct DiagnosingServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
-    trusted: Vec<String>,
+    identity: HostIdentity,
     slot: Slot,
 }
 
@@ -238,12 +349,17 @@ impl ServerCertVerifier for DiagnosingServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Some(problem) = revoked(&self.identity, end_entity, intermediates) {
+            store(&self.slot, problem);
+            return Err(revoked_error());
+        }
         self.inner
             .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
             .inspect_err(|e| {
                 let expected = server_name.to_str();
+                let trusted = self.identity.trusted_ca_names();
                 let ctx = DiagnoseCtx {
-                    trusted: &self.trusted,
+                    trusted: &trusted,
                     expected_name: Some(&expected),
                     role: Role::Server,
                 };
@@ -272,8 +388,11 @@ impl ServerCertVerifier for DiagnosingServerVerifier {
 }
 
 /// The server side's rustls configuration for `identity`, reporting the
-/// reason for refusing a client certificate into `slot`.
-fn server_config(identity: &HostIdentity, slot: Slot) -> Result<ServerConfig, TlsError> {
+/// reason for refusing a client certificate into the handshake's
+/// [`SERVER_SLOT`]. Built once per [`Listener`] (and again on
+/// [`Listener::reload`]); no session state is kept, so every connection
+/// verifies the client's certificate in full.
+fn server_config(identity: &Arc<HostIdentity>) -> Result<ServerConfig, TlsError> {
     let provider = provider();
     let inner = WebPkiClientVerifier::builder_with_provider(
         Arc::new(identity.root_store()),
@@ -283,15 +402,17 @@ fn server_config(identity: &HostIdentity, slot: Slot) -> Result<ServerConfig, Tl
     .map_err(config_err)?;
     let verifier = DiagnosingClientVerifier {
         inner,
-        trusted: identity.trusted_ca_names().to_vec(),
-        slot,
+        identity: identity.clone(),
     };
-    ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(config_err)?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(identity.cert_chain().to_vec(), identity.key())
-        .map_err(config_err)
+        .map_err(config_err)?;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
 }
 
 /// The client side's rustls configuration for `identity`.
@@ -305,7 +426,7 @@ fn client_config(identity: &HostIdentity, slot: Slot) -> Result<ClientConfig, Tl
     .map_err(config_err)?;
     let verifier = DiagnosingServerVerifier {
         inner,
-        trusted: identity.trusted_ca_names().to_vec(),
+        identity: identity.clone(),
         slot,
     };
     ClientConfig::builder_with_provider(provider)
@@ -323,9 +444,57 @@ fn rustls_error(e: &io::Error) -> Option<&rustls::Error> {
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
 }
 
+/// The fingerprints of the CA certificates on the path from `ee` (with the
+/// peer's `intermediates`) to one of our trust anchors: issuer first, anchor
+/// last. The handshake has verified the chain already; this finds the path
+/// again to learn which anchor it ends at.
+fn ca_path(
+    identity: &HostIdentity,
+    ee: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    usage: webpki::KeyUsage,
+) -> Result<Vec<String>, String> {
+    // A root webpki cannot use is skipped (as in `HostIdentity::root_store`).
+    let trust = identity.trust();
+    let (index, anchors): (Vec<usize>, Vec<_>) = trust
+        .roots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| webpki::anchor_from_trusted_cert(r).ok().map(|a| (i, a)))
+        .unzip();
+    let cert = webpki::EndEntityCert::try_from(ee).map_err(|e| e.to_string())?;
+    let path = cert
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            intermediates,
+            UnixTime::now(),
+            usage,
+            None,
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+    let mut out: Vec<String> = path
+        .intermediate_certificates()
+        .map(|c| fingerprint_sha256(&c.der()))
+        .collect();
+    let anchor = path.anchor();
+    match anchors.iter().position(|a| std::ptr::eq(a, anchor)) {
+        Some(i) => out.push(trust.fingerprints[index[i]].clone()),
+        None => return Err("the path ends at an unknown trust anchor".into()),
+    }
+    Ok(out)
+}
+
+/// Who the peer is, from its verified certificate chain: its canonical host
+/// name (L3: lower case, no trailing dot, valid as a host name, or the
+/// connection is refused), its certificate's fingerprint and the fingerprints
+/// of the CAs on its verified path.
 fn peer_identity(
     peer: &str,
     certs: Option<&[CertificateDer<'static>]>,
+    identity: &HostIdentity,
+    usage: webpki::KeyUsage,
 ) -> Result<PeerIdentity, TlsError> {
     let no_name = |subject: String, names: String| TlsError::NoPeerHostName {
         peer: peer.to_string(),
@@ -337,13 +506,30 @@ fn peer_identity(
     };
     let summary =
         summarize_der(ee).map_err(|d| no_name(format!("(unparsable: {d})"), "".into()))?;
-    match summary.host_name() {
-        Some(h) if !h.starts_with('*') => Ok(PeerIdentity {
-            host_name: h.to_ascii_lowercase(),
-            fingerprint: summary.fingerprint_sha256.clone(),
-        }),
-        _ => Err(no_name(summary.subject.clone(), summary.sans.join(", "))),
-    }
+    let host_name = match summary.host_name() {
+        Some(h) if !h.starts_with('*') => {
+            normalize_host_name(h).map_err(|e| TlsError::BadPeerHostName {
+                peer: peer.to_string(),
+                subject: summary.subject.clone(),
+                detail: e.to_string(),
+            })?
+        }
+        _ => return Err(no_name(summary.subject.clone(), summary.sans.join(", "))),
+    };
+    let intermediates = certs.map(|c| &c[1..]).unwrap_or_default();
+    let ca_fingerprints =
+        ca_path(identity, ee, intermediates, usage).map_err(|detail| TlsError::Handshake {
+            peer: peer.to_string(),
+            source: io::Error::other(format!(
+                "the verified certificate of {host_name} could not be traced to a trusted CA \
+                 again: {detail}"
+            )),
+        })?;
+    Ok(PeerIdentity {
+        host_name,
+        fingerprint: summary.fingerprint_sha256.clone(),
+        ca_fingerprints,
+    })
 }
 
 /// Explains, from our side, why the server refused our certificate with `alert`.
@@ -530,6 +716,7 @@ where
         Ok(Ok(tcp)) => tcp,
     };
     let _ = tcp.set_nodelay(true);
+    set_keepalive(&tcp);
     let slot: Slot = Arc::default();
     let connector = TlsConnector::from(Arc::new(client_config(identity, slot.clone())?));
     let handshake = async {
@@ -558,7 +745,12 @@ where
             }
             Err(e) => return Err(client_failure(&host, identity, &slot, e)),
         }
-        let peer = peer_identity(&host, tls.get_ref().1.peer_certificates())?;
+        let peer = peer_identity(
+            &host,
+            tls.get_ref().1.peer_certificates(),
+            identity,
+            webpki::KeyUsage::server_auth(),
+        )?;
         Ok((TlsStream::Client(tls), peer))
     };
     match tokio::time::timeout(timeout, handshake).await {
@@ -571,33 +763,57 @@ where
 }
 
 /// The replica server's listening socket.
+///
+/// One rustls [`ServerConfig`] is shared by all connections (built at bind,
+/// rebuilt by [`Listener::reload`]). [`Listener::accept_tcp`] enforces the
+/// [`Limits`]: a connection over the total limit, over the limit of
+/// handshakes in progress or over the per-address handshake limit is closed
+/// at once, with one log line at most every [`OVER_LIMIT_LOG_EVERY`].
 #[derive(Debug)]
 pub struct Listener {
     tcp: TcpListener,
-    identity: Arc<HostIdentity>,
-    handshake_timeout: Duration,
+    current: std::sync::RwLock<(Arc<HostIdentity>, Arc<ServerConfig>)>,
+    limits: Limits,
+    handshakes: Arc<Semaphore>,
+    connections: Arc<Semaphore>,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    over_limit: Mutex<OverLimitLog>,
+}
+
+/// At most one "closed a connection over the limit" line per this interval.
+pub const OVER_LIMIT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+struct OverLimitLog {
+    last: Option<Instant>,
+    suppressed: u64,
 }
 
 impl Listener {
     /// Listens on `addr` (e.g. `0.0.0.0:8443`, or `127.0.0.1:0` for an
-    /// OS-assigned port) as `identity`.
+    /// OS-assigned port) as `identity`, with the default [`Limits`].
     pub async fn bind<A>(addr: A, identity: Arc<HostIdentity>) -> Result<Listener, TlsError>
     where
         A: ToSocketAddrs + Display,
     {
         let addr_str = addr.to_string();
-        // Build once so a configuration problem shows at bind time.
-        server_config(&identity, Arc::default())?;
+        // Built once, so a configuration problem shows at bind time.
+        let config = Arc::new(server_config(&identity)?);
         let tcp = TcpListener::bind(addr)
             .await
             .map_err(|source| TlsError::Bind {
                 addr: addr_str,
                 source,
             })?;
+        let limits = Limits::default();
         Ok(Listener {
             tcp,
-            identity,
-            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            current: std::sync::RwLock::new((identity, config)),
+            handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            limits,
+            per_ip: Arc::default(),
+            over_limit: Mutex::default(),
         })
     }
 
@@ -608,7 +824,29 @@ impl Listener {
 
     /// Changes the time a client gets to complete the handshake.
     pub fn set_handshake_timeout(&mut self, timeout: Duration) {
-        self.handshake_timeout = timeout;
+        self.limits.handshake_timeout = timeout;
+    }
+
+    /// Sets the connection and handshake limits (before serving: connections
+    /// already accepted keep counting against the old limits).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.handshakes = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
+        self.connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+        self.limits = limits;
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Rebuilds the shared [`ServerConfig`] from the identity's trusted CAs as
+    /// they are now (after [`HostIdentity::reload_trust`]). New handshakes use
+    /// it; connections already established are not affected.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        current.1 = Arc::new(server_config(&current.0)?);
+        Ok(())
     }
 
     /// Accepts one TCP connection and runs the handshake on it. A refused
@@ -620,22 +858,119 @@ impl Listener {
         self.accept_tcp().await?.handshake().await
     }
 
-    /// Accepts one TCP connection without the handshake.
+    /// Accepts the next TCP connection that fits the [`Limits`], without the
+    /// handshake. Connections over a limit are closed here and never returned.
     pub async fn accept_tcp(&self) -> Result<Incoming, TlsError> {
-        let (tcp, peer_addr) = self
-            .tcp
-            .accept()
-            .await
-            .map_err(|source| TlsError::Accept { source })?;
-        let _ = tcp.set_nodelay(true);
-        Ok(Incoming {
-            tcp,
-            peer_addr,
-            identity: self.identity.clone(),
-            timeout: self.handshake_timeout,
-        })
+        loop {
+            let (tcp, peer_addr) = self
+                .tcp
+                .accept()
+                .await
+                .map_err(|source| TlsError::Accept { source })?;
+            let Ok(connection) = self.connections.clone().try_acquire_owned() else {
+                self.over_limit(
+                    peer_addr,
+                    format_args!(
+                        "{} peer connections are open (the limit, `peer_limits.max_connections`)",
+                        self.limits.max_connections
+                    ),
+                );
+                continue;
+            };
+            let ip = peer_addr.ip();
+            let handshake = {
+                let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+                let n = per_ip.entry(ip).or_insert(0);
+                if *n >= self.limits.max_handshakes_per_ip {
+                    None
+                } else if let Ok(p) = self.handshakes.clone().try_acquire_owned() {
+                    *n += 1;
+                    Some(HandshakeSlot {
+                        _permit: p,
+                        ip,
+                        per_ip: self.per_ip.clone(),
+                    })
+                } else {
+                    None
+                }
+            };
+            let Some(handshake) = handshake else {
+                self.over_limit(
+                    peer_addr,
+                    format_args!(
+                        "too many TLS handshakes are in progress (at most {} in all and {} from \
+                         one address)",
+                        self.limits.max_handshakes, self.limits.max_handshakes_per_ip
+                    ),
+                );
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            set_keepalive(&tcp);
+            let (identity, config) = self
+                .current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            return Ok(Incoming {
+                tcp,
+                peer_addr,
+                identity,
+                config,
+                timeout: self.limits.handshake_timeout,
+                handshake: Some(handshake),
+                connection: Some(ConnectionPermit(connection)),
+            });
+        }
+    }
+
+    /// Logs a connection closed over a limit, at most once per
+    /// [`OVER_LIMIT_LOG_EVERY`] (with how many were closed silently since).
+    fn over_limit(&self, peer_addr: SocketAddr, why: std::fmt::Arguments<'_>) {
+        let mut log = self.over_limit.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if log
+            .last
+            .is_some_and(|t| now.duration_since(t) < OVER_LIMIT_LOG_EVERY)
+        {
+            log.suppressed += 1;
+            return;
+        }
+        tracing::warn!(
+            %peer_addr,
+            "closed a new peer connection at once: {why}; {} more were closed since the last \
+             such line",
+            log.suppressed
+        );
+        log.last = Some(now);
+        log.suppressed = 0;
     }
 }
+
+/// One slot of the listener's handshake limits, freed when dropped.
+#[derive(Debug)]
+struct HandshakeSlot {
+    _permit: OwnedSemaphorePermit,
+    ip: IpAddr,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A connection's place under [`Limits::max_connections`]; hold it as long as
+/// the connection lives.
+#[derive(Debug)]
+pub struct ConnectionPermit(#[allow(dead_code)] OwnedSemaphorePermit);
 
 /// A TCP connection accepted by a [`Listener`], before the TLS handshake.
 #[derive(Debug)]
@@ -643,7 +978,10 @@ pub struct Incoming {
     tcp: TcpStream,
     peer_addr: SocketAddr,
     identity: Arc<HostIdentity>,
+    config: Arc<ServerConfig>,
     timeout: Duration,
+    handshake: Option<HandshakeSlot>,
+    connection: Option<ConnectionPermit>,
 }
 
 impl Incoming {
@@ -651,20 +989,35 @@ impl Incoming {
         self.peer_addr
     }
 
+    /// Takes the connection's permit: the caller holds it for as long as the
+    /// connection lives, so that the connection counts against
+    /// [`Limits::max_connections`]. Without this the connection stops counting
+    /// once [`Incoming::handshake`] returns.
+    pub fn connection_permit(&mut self) -> Option<ConnectionPermit> {
+        self.connection.take()
+    }
+
     /// Runs the server side of the handshake: the client must present a
-    /// certificate that chains to a trusted CA and carries clientAuth. Logs
-    /// every refusal with the client's address and the reason.
-    pub async fn handshake(self) -> Result<(TlsStream, PeerIdentity), TlsError> {
+    /// certificate that is not revoked, chains to a trusted CA, carries
+    /// clientAuth and names a valid host. Logs every refusal with the client's
+    /// address and the reason. Frees the handshake slot when it ends.
+    pub async fn handshake(mut self) -> Result<(TlsStream, PeerIdentity), TlsError> {
         let peer_addr = self.peer_addr;
+        let _slot = self.handshake.take();
+        let identity = self.identity.clone();
+        let slot: Slot = Arc::default();
+        let acceptor = TlsAcceptor::from(self.config.clone());
         let result = tokio::time::timeout(self.timeout, async {
-            let slot: Slot = Arc::default();
-            let acceptor =
-                TlsAcceptor::from(Arc::new(server_config(&self.identity, slot.clone())?));
-            let mut tls = acceptor
-                .accept(self.tcp)
+            let mut tls = SERVER_SLOT
+                .scope(slot.clone(), acceptor.accept(self.tcp))
                 .await
-                .map_err(|e| server_failure(peer_addr, &self.identity, &slot, e))?;
-            let peer = peer_identity(&peer_addr.to_string(), tls.get_ref().1.peer_certificates())?;
+                .map_err(|e| server_failure(peer_addr, &identity, &slot, e))?;
+            let peer = peer_identity(
+                &peer_addr.to_string(),
+                tls.get_ref().1.peer_certificates(),
+                &identity,
+                webpki::KeyUsage::client_auth(),
+            )?;
             let admit = async {
                 tls.write_all(&[ADMITTED]).await?;
                 tls.flush().await

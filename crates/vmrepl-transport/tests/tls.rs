@@ -73,6 +73,7 @@ async fn mutual_tls_happy_path_with_peer_identity_and_frames() {
     let client = identity(&p.ca, "hv-a.test");
     let server_fp = server.fingerprint().to_string();
     let client_fp = client.fingerprint().to_string();
+    let ca_fp = p.ca.summary().fingerprint_sha256.clone();
     let (srv, cli) = run(server, client, "HV-B.test").await;
     let (s_stream, s_peer) = srv.unwrap();
     let (c_stream, c_peer) = cli.unwrap();
@@ -80,14 +81,16 @@ async fn mutual_tls_happy_path_with_peer_identity_and_frames() {
         s_peer,
         PeerIdentity {
             host_name: "hv-a.test".into(),
-            fingerprint: client_fp
+            fingerprint: client_fp,
+            ca_fingerprints: vec![ca_fp.clone()],
         }
     );
     assert_eq!(
         c_peer,
         PeerIdentity {
             host_name: "hv-b.test".into(),
-            fingerprint: server_fp
+            fingerprint: server_fp,
+            ca_fingerprints: vec![ca_fp],
         }
     );
     assert_eq!(c_peer.fingerprint.len(), 64);
@@ -400,4 +403,217 @@ async fn connect_errors_name_the_target() {
         .unwrap_err();
     let _ = done.send(());
     assert!(matches!(err, TlsError::HandshakeTimeout { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_revoked_client_certificate_is_refused_at_the_handshake_while_another_host_works() {
+    let p = pki();
+    let server = identity(&p.ca, "hv-b.test");
+    let revoked = identity(&p.ca, "hv-a.test");
+    let fp = revoked.fingerprint().to_string();
+    // Revoked as people paste it: lower case with colons.
+    let pasted = fp
+        .as_bytes()
+        .chunks(2)
+        .map(|c| std::str::from_utf8(c).unwrap().to_ascii_lowercase())
+        .collect::<Vec<_>>()
+        .join(":");
+    server.set_revoked([pasted]);
+    let (srv, cli) = run(server.clone(), revoked, "hv-b.test").await;
+    let (problem, msg) = client_problem(srv);
+    assert!(matches!(problem, CertProblem::Revoked { .. }), "{msg}");
+    assert!(
+        msg.contains(&fp),
+        "the log line names the fingerprint: {msg}"
+    );
+    let (_, msg) = failure("client", cli);
+    assert!(msg.contains("revoked"), "{msg}");
+
+    let (srv, cli) = run(server, identity(&p.ca, "hv-c.test"), "hv-b.test").await;
+    assert_eq!(srv.unwrap().1.host_name, "hv-c.test");
+    assert!(cli.is_ok());
+}
+
+#[tokio::test]
+async fn a_revoked_server_certificate_is_refused_by_the_connecting_host() {
+    let p = pki();
+    let server = identity(&p.ca, "hv-b.test");
+    let client = identity(&p.ca, "hv-a.test");
+    client.set_revoked([server.fingerprint()]);
+    let fp = server.fingerprint().to_string();
+    let (_srv, cli) = run(server, client, "hv-b.test").await;
+    let (problem, msg) = server_problem(cli);
+    assert!(matches!(problem, CertProblem::Revoked { .. }), "{msg}");
+    assert!(msg.contains(&fp), "{msg}");
+}
+
+#[tokio::test]
+async fn the_peer_identity_names_the_ca_its_certificate_chains_to() {
+    let p = pki();
+    let server_cert = p.ca.issue_host("hv-b.test", YEAR).unwrap();
+    let server = HostIdentity::from_pem(
+        Some("hv-b.test"),
+        &server_cert.cert_pem,
+        &server_cert.key_pem,
+        &[p.ca.cert_pem(), p.other.cert_pem()],
+    )
+    .unwrap();
+    let client_cert = p.other.issue_host("hv-a.test", YEAR).unwrap();
+    let client = HostIdentity::from_pem(
+        Some("hv-a.test"),
+        &client_cert.cert_pem,
+        &client_cert.key_pem,
+        &[p.ca.cert_pem(), p.other.cert_pem()],
+    )
+    .unwrap();
+    let (srv, cli) = run(server, client, "hv-b.test").await;
+    assert_eq!(
+        srv.unwrap().1.ca_fingerprints,
+        vec![p.other.summary().fingerprint_sha256.clone()]
+    );
+    assert_eq!(
+        cli.unwrap().1.ca_fingerprints,
+        vec![p.ca.summary().fingerprint_sha256.clone()]
+    );
+}
+
+/// A certificate from the test CA whose only DNS name is `san`, exactly as written.
+fn raw_san_cert(p: &Pki, san: &str) -> (String, String) {
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(p._dir.path().join("ca/ca-key.pem")).unwrap())
+            .unwrap();
+    let issuer = Issuer::from_ca_cert_pem(p.ca.cert_pem(), ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::DnsName(san.try_into().unwrap())];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn an_upper_case_san_with_a_trailing_dot_maps_to_the_canonical_host_name() {
+    let p = pki();
+    let (cert, key) = raw_san_cert(&p, "HV-A.Test.");
+    let client = HostIdentity::from_pem_unvalidated(&cert, &key, &[p.ca.cert_pem()]).unwrap();
+    let (srv, _cli) = run(identity(&p.ca, "hv-b.test"), client, "hv-b.test").await;
+    assert_eq!(srv.unwrap().1.host_name, "hv-a.test");
+}
+
+#[tokio::test]
+async fn a_san_that_is_not_a_host_name_is_refused() {
+    let p = pki();
+    let (cert, key) = raw_san_cert(&p, "hv_a.test");
+    let client = HostIdentity::from_pem_unvalidated(&cert, &key, &[p.ca.cert_pem()]).unwrap();
+    let (srv, _cli) = run(identity(&p.ca, "hv-b.test"), client, "hv-b.test").await;
+    let (err, msg) = failure("server", srv);
+    assert!(matches!(err, TlsError::BadPeerHostName { .. }), "{msg}");
+    assert!(msg.contains("hv_a.test"), "{msg}");
+}
+
+#[tokio::test]
+async fn idle_connections_from_one_address_do_not_lock_out_another() {
+    let p = pki();
+    let mut listener = Listener::bind("127.0.0.1:0", Arc::new(identity(&p.ca, "hv-b.test")))
+        .await
+        .unwrap();
+    listener.set_limits(tls::Limits {
+        max_handshakes: 8,
+        max_handshakes_per_ip: 2,
+        max_connections: 16,
+        handshake_timeout: Duration::from_secs(30),
+    });
+    let addr = listener.local_addr().unwrap();
+    let srv = tokio::spawn(async move {
+        loop {
+            let incoming = listener.accept_tcp().await.unwrap();
+            tokio::spawn(async move {
+                let _ = incoming.handshake().await;
+            });
+        }
+    });
+    // 20 idle TCP connections from 127.0.0.2 that never start TLS.
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        idle.push(s.connect(addr).await.unwrap());
+    }
+    // All but the two allowed per address are closed at once (end of file
+    // right away); the two handshaking ones stay open, silent.
+    let mut closed = 0;
+    for s in &mut idle {
+        use tokio::io::AsyncReadExt;
+        let mut b = [0u8; 1];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_secs(1), s.read(&mut b)).await
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 18);
+    let good = identity(&p.ca, "hv-a.test");
+    let (_s, peer) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tls::connect(addr, "hv-b.test", &good),
+    )
+    .await
+    .expect("the legitimate client is served in time")
+    .unwrap();
+    assert_eq!(peer.host_name, "hv-b.test");
+    srv.abort();
+}
+
+#[tokio::test]
+async fn a_listener_trusts_a_new_ca_after_reload_without_a_restart() {
+    let p = pki();
+    let c = p.ca.issue_host("hv-b.test", YEAR).unwrap();
+    let server = Arc::new(
+        HostIdentity::from_pem(
+            Some("hv-b.test"),
+            &c.cert_pem,
+            &c.key_pem,
+            &[p.ca.cert_pem()],
+        )
+        .unwrap(),
+    );
+    let listener = Arc::new(Listener::bind("127.0.0.1:0", server.clone()).await.unwrap());
+    let addr = listener.local_addr().unwrap();
+    let l = listener.clone();
+    let srv = tokio::spawn(async move {
+        loop {
+            let incoming = l.accept_tcp().await.unwrap();
+            tokio::spawn(async move {
+                let _ = incoming.handshake().await;
+            });
+        }
+    });
+    let cc = p.other.issue_host("hv-a.test", YEAR).unwrap();
+    let client = HostIdentity::from_pem(
+        Some("hv-a.test"),
+        &cc.cert_pem,
+        &cc.key_pem,
+        &[p.ca.cert_pem(), p.other.cert_pem()],
+    )
+    .unwrap();
+    assert!(tls::connect(addr, "hv-b.test", &client).await.is_err());
+
+    // A file that is not a CA is refused and the old trust stays.
+    let not_ca = p._dir.path().join("leaf.pem");
+    std::fs::write(&not_ca, &cc.cert_pem).unwrap();
+    assert!(server.reload_trust(&[not_ca]).is_err());
+    assert_eq!(server.trusted_ca_names().len(), 1);
+
+    server
+        .reload_trust(&[p.ca.cert_path(), p.other.cert_path()])
+        .unwrap();
+    listener.reload().unwrap();
+    let (_s, peer) = tls::connect(addr, "hv-b.test", &client).await.unwrap();
+    assert_eq!(peer.host_name, "hv-b.test");
+    srv.abort();
 }

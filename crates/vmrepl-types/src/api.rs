@@ -63,6 +63,19 @@ pub struct VmSummary {
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
     HostInfo,
+    /// This host's certificate, trusted CAs and revoked peer certificates.
+    HostCertificates,
+    /// Reread the trusted CAs and the revocation list (as SIGHUP does).
+    HostReloadTrust,
+    /// Refuse the peer certificate with this SHA-256 fingerprint at every handshake, in and out.
+    HostRevokeCert {
+        fingerprint: String,
+        #[serde(default)]
+        reason: Option<String>,
+        /// The certificate's subject, when revoked from a file (for display).
+        #[serde(default)]
+        subject: Option<String>,
+    },
     Ping,
     VmCreate(CreateVm),
     VmList,
@@ -184,6 +197,25 @@ pub enum Request {
     Shutdown,
 }
 
+/// One CA certificate this host trusts for its peers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustedCa {
+    pub subject: String,
+    /// SHA-256 of the CA certificate, upper-case hex (what `--issuer` takes).
+    pub fingerprint: String,
+}
+
+/// What this host presents and accepts at the TLS layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificatesInfo {
+    /// The host name in this host's certificate.
+    pub host_name: String,
+    /// SHA-256 of this host's certificate (what a replica server's `--pin` takes).
+    pub fingerprint: String,
+    pub trusted_cas: Vec<TrustedCa>,
+    pub revoked: Vec<crate::replication::RevokedCert>,
+}
+
 /// A change to the replica server settings; unset fields stay as they are.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ReplicaServerChange {
@@ -213,7 +245,11 @@ pub enum Response {
         /// The peer listener the replica server answers on (the host's `listen`).
         listen: String,
         settings: crate::replication::ReplicaServerSettings,
+        /// Peer certificates this host refuses (`host revoke-cert`).
+        #[serde(default)]
+        revoked: Vec<crate::replication::RevokedCert>,
     },
+    Certificates(Box<CertificatesInfo>),
     Replication {
         relationships: Vec<ReplicationStatus>,
     },

@@ -168,6 +168,33 @@ pub struct AuthorizationEntry {
     pub primary: String,
     pub storage: PathBuf,
     pub trust_group: String,
+    /// SHA-256 fingerprint of a CA certificate (hex, colons allowed): the primary's
+    /// certificate must chain through it (its issuer, an intermediate or the trusted root).
+    /// Scopes the entry to one CA when several are trusted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// SHA-256 fingerprint of the primary's certificate itself (the whole DER certificate,
+    /// as `vmrepl host info` and the daemon log print it): only that certificate matches.
+    /// A renewed certificate needs the new fingerprint here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<String>,
+}
+
+/// A peer certificate this host refuses at every handshake, in and out
+/// (`vmrepl host revoke-cert`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedCert {
+    /// SHA-256 of the certificate, 64 upper-case hex digits.
+    pub fingerprint: String,
+    /// Why it was revoked (free text), if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The certificate's subject, when it was revoked from a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// When it was revoked (Unix seconds).
+    #[serde(default)]
+    pub revoked_at_unix: u64,
 }
 
 /// Replica server settings (Set-VMReplicationServer).

@@ -185,6 +185,14 @@ pub enum ServerCmd {
         /// Trust group: a replica VM accepts logs only from primaries of its group.
         #[arg(long, default_value = "DEFAULT")]
         trust_group: String,
+        /// SHA-256 fingerprint of the CA that must have issued the primary's certificate
+        /// (`vmrepl host trust` prints it); other trusted CAs cannot vouch for this pattern.
+        #[arg(long, value_name = "SHA256")]
+        issuer: Option<String>,
+        /// SHA-256 fingerprint of the primary's certificate itself (`vmrepl host info` on the
+        /// primary prints it): only that certificate is accepted; renewing it needs a new pin.
+        #[arg(long, value_name = "SHA256")]
+        pin: Option<String>,
     },
     /// Remove an authorization entry.
     Revoke {
@@ -281,10 +289,25 @@ pub enum HostCmd {
         #[arg(long, default_value_t = 825)]
         days: u32,
     },
-    /// Trust another CA's certificate (PEM) for peer authentication.
+    /// Trust another CA's certificate (PEM) for peer authentication. A running daemon
+    /// rereads its trusted CAs at once (as on SIGHUP).
     Trust {
         /// The CA certificate to trust.
         ca: PathBuf,
+    },
+    /// Refuse a peer certificate at every handshake, inbound and outbound (a denylist kept in
+    /// config.toml). Takes effect at once if the daemon runs, else when it starts.
+    #[command(group = clap::ArgGroup::new("which").required(true))]
+    RevokeCert {
+        /// SHA-256 fingerprint of the certificate (hex, colons allowed).
+        #[arg(group = "which", value_name = "FINGERPRINT")]
+        fingerprint: Option<String>,
+        /// The certificate (PEM) to revoke, instead of its fingerprint.
+        #[arg(long, group = "which", value_name = "FILE")]
+        cert: Option<PathBuf>,
+        /// Why (kept with the entry).
+        #[arg(long)]
+        reason: Option<String>,
     },
 }
 
@@ -457,9 +480,29 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         Cmd::Host(HostCmd::Trust { ca }) => {
             let p = vmrepl_host::init::trust_ca(&dd, &ca)?;
+            let text = std::fs::read_to_string(&ca)
+                .with_context(|| format!("reading {}", ca.display()))?;
+            let summary = vmrepl_transport::pki::describe(&text)?;
             println!("trusting {} (copied to {})", ca.display(), p.display());
+            println!("  subject: {}", summary.subject);
+            println!(
+                "  SHA-256: {} (use it with `replication server authorize --issuer`)",
+                summary.fingerprint_sha256
+            );
+            if runtime()?
+                .block_on(Client::connect(dd.root(), &dd.socket()))
+                .is_ok()
+            {
+                return call(&dd, args.json, Request::HostReloadTrust);
+            }
+            println!("the daemon is not running; it trusts this CA from its next start");
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Host(HostCmd::RevokeCert {
+            fingerprint,
+            cert,
+            reason,
+        }) => revoke_cert(&dd, args.json, fingerprint, cert, reason),
         Cmd::Daemon { background } => {
             dd.require_host()?;
             if background {
@@ -469,7 +512,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         }
-        Cmd::Host(HostCmd::Info) => call(&dd, args.json, Request::HostInfo),
+        Cmd::Host(HostCmd::Info) => {
+            let code = call(&dd, args.json, Request::HostInfo)?;
+            if args.json || code != ExitCode::SUCCESS {
+                return Ok(code);
+            }
+            println!();
+            call(&dd, false, Request::HostCertificates)
+        }
         Cmd::Replication(r) => replication(&dd, args.json, r),
         Cmd::Failover(f) => failover(&dd, args.json, f),
         Cmd::Stop => call(&dd, args.json, Request::Shutdown),
@@ -547,11 +597,15 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
             primary,
             storage,
             trust_group,
+            issuer,
+            pin,
         }) => Request::ReplicaServerSet(ReplicaServerChange {
             add_entry: Some(AuthorizationEntry {
                 primary,
                 storage: std::path::absolute(&storage)?,
                 trust_group,
+                issuer,
+                pin,
             }),
             ..Default::default()
         }),
@@ -820,6 +874,49 @@ pub fn call(dd: &DataDir, json: bool, req: Request) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     Ok(crate::render::response(&resp))
+}
+
+/// `host revoke-cert`: through the daemon when it runs (in force at once), else straight into
+/// config.toml (in force when the daemon starts).
+fn revoke_cert(
+    dd: &DataDir,
+    json: bool,
+    fingerprint: Option<String>,
+    cert: Option<PathBuf>,
+    reason: Option<String>,
+) -> Result<ExitCode> {
+    dd.require_host()?;
+    let (fingerprint, subject) = match (fingerprint, cert) {
+        (Some(f), _) => (f, None),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let s = vmrepl_transport::pki::describe(&text)?;
+            (s.fingerprint_sha256, Some(s.subject))
+        }
+        (None, None) => bail!("name the certificate: a FINGERPRINT or --cert FILE"),
+    };
+    let fp = vmrepl_transport::cert::normalize_fingerprint(&fingerprint).map_err(|e| anyhow!(e))?;
+    let req = Request::HostRevokeCert {
+        fingerprint: fp.clone(),
+        reason: reason.clone(),
+        subject: subject.clone(),
+    };
+    let daemon = runtime()?.block_on(Client::connect(dd.root(), &dd.socket()));
+    if daemon.is_ok() {
+        return call(dd, json, req);
+    }
+    let path = dd.config();
+    let mut cfg = vmrepl_host::config::HostConfig::load(&path)?;
+    vmrepl_host::config::add_revocation(&mut cfg, &fp, reason, subject);
+    cfg.validate()?;
+    cfg.save(&path)?;
+    println!(
+        "revoked the certificate {fp} in {} (the daemon is not running; it refuses the \
+         certificate from its next start)",
+        path.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn start_background(dd: &DataDir) -> Result<ExitCode> {

@@ -30,6 +30,7 @@ pub fn response(r: &Response) -> ExitCode {
         Response::ReplicaServer {
             listen,
             settings: s,
+            revoked,
         } => {
             println!(
                 "Replica server:      {}",
@@ -55,7 +56,25 @@ pub fn response(r: &Response) -> ExitCode {
                     e.storage.display(),
                     e.trust_group
                 );
+                if let Some(i) = &e.issuer {
+                    println!("  {:<30}    issuer CA SHA-256 {i}", "");
+                }
+                if let Some(p) = &e.pin {
+                    println!("  {:<30}    pinned certificate SHA-256 {p}", "");
+                }
             }
+            revocations(revoked);
+        }
+        Response::Certificates(c) => {
+            println!(
+                "Certificate:         {} (SHA-256 {})",
+                c.host_name, c.fingerprint
+            );
+            println!("Trusted CAs:");
+            for ca in &c.trusted_cas {
+                println!("  {} (SHA-256 {})", ca.subject, ca.fingerprint);
+            }
+            revocations(&c.revoked);
         }
         Response::Replication { relationships } => replication(relationships),
         Response::RecoveryPoints { vm, points } => {
@@ -77,6 +96,29 @@ pub fn response(r: &Response) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+fn revocations(revoked: &[vmrepl_types::replication::RevokedCert]) {
+    if revoked.is_empty() {
+        println!("Revoked certificates: none");
+        return;
+    }
+    println!("Revoked certificates:");
+    for r in revoked {
+        println!(
+            "  {}  {}{}{}",
+            r.fingerprint,
+            utc(r.revoked_at_unix.saturating_mul(1000) as i64),
+            r.subject
+                .as_ref()
+                .map(|s| format!("  {s}"))
+                .unwrap_or_default(),
+            r.reason
+                .as_ref()
+                .map(|s| format!("  ({s})"))
+                .unwrap_or_default()
+        );
+    }
 }
 
 fn host_info(h: &HostInfo) {

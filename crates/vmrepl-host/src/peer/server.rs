@@ -32,15 +32,27 @@ const MAX_VCPUS: u32 = 288;
 const MAX_MEMORY_MIB: u64 = 4 << 20;
 
 /// Serves peer connections until the task is aborted.
-pub async fn serve(listener: vmrepl_transport::tls::Listener, daemon: Arc<Daemon>) {
+///
+/// Limits (review M1; values in `[peer_limits]` of config.toml, see
+/// [`crate::config::PeerLimits`]): the listener closes at once a connection over
+/// `max_connections` (256) open connections, or over `max_handshakes` (32) handshakes in
+/// progress, or over `max_handshakes_per_ip` (8) from one address; a client gets
+/// `handshake_timeout_secs` (10 s) for the TLS handshake and again for the version exchange;
+/// an established connection silent for `idle_timeout_secs` (300 s) between requests is
+/// closed. All peer sockets have TCP keepalive (30 s idle, 10 s interval, 3 probes).
+pub async fn serve(listener: Arc<vmrepl_transport::tls::Listener>, daemon: Arc<Daemon>) {
     loop {
         match listener.accept_tcp().await {
-            Ok(incoming) => {
+            Ok(mut incoming) => {
                 let d = daemon.clone();
+                let permit = incoming.connection_permit();
+                let handshake_timeout = listener.limits().handshake_timeout;
                 tokio::spawn(async move {
+                    // Counted against max_connections until this task ends.
+                    let _permit = permit;
                     // The handshake logs its own refusals.
                     if let Ok((stream, peer)) = incoming.handshake().await {
-                        connection(d, stream, peer).await;
+                        connection(d, stream, peer, handshake_timeout).await;
                     }
                 });
             }
@@ -75,22 +87,59 @@ impl From<Refusal> for PeerResponse {
 
 type Conn = Framed<TlsStream>;
 
-async fn connection(daemon: Arc<Daemon>, stream: TlsStream, peer: PeerIdentity) {
+tokio::task_local! {
+    /// The verified peer of the connection whose request is being handled: [`authorize`]
+    /// checks its certificate against the entry's `issuer` and `pin`.
+    static PEER: PeerIdentity;
+}
+
+async fn connection(
+    daemon: Arc<Daemon>,
+    stream: TlsStream,
+    peer: PeerIdentity,
+    handshake_timeout: std::time::Duration,
+) {
     let host = peer.host_name.clone();
-    let mut framed = match Framed::negotiate(stream, frame::SUPPORTED).await {
-        Ok(f) => f,
-        Err(e) => {
+    let negotiated = tokio::time::timeout(
+        handshake_timeout,
+        Framed::negotiate(stream, frame::SUPPORTED),
+    );
+    let mut framed = match negotiated.await {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) => {
             tracing::warn!(target: T, peer = %host, "{e}");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(
+                target: T, peer = %host,
+                "the peer did not send its protocol versions within {} s; closing",
+                handshake_timeout.as_secs()
+            );
             return;
         }
     };
     let mut greeted = false;
     loop {
-        let frame = match framed.read_frame().await {
-            Ok(f) => f,
-            Err(e) if e.is_closed() => return,
-            Err(e) => {
+        let idle = daemon
+            .cfg
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .peer_limits
+            .idle_timeout();
+        let frame = match tokio::time::timeout(idle, framed.read_frame()).await {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) if e.is_closed() => return,
+            Ok(Err(e)) => {
                 tracing::warn!(target: T, peer = %host, "connection ended: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(
+                    target: T, peer = %host,
+                    "closing a connection idle for {} s (peer_limits.idle_timeout_secs)",
+                    idle.as_secs()
+                );
                 return;
             }
         };
@@ -128,13 +177,29 @@ async fn connection(daemon: Arc<Daemon>, stream: TlsStream, peer: PeerIdentity) 
                 )
                 .into(),
             ),
-            (true, req) => match handle(&daemon, &host, req, &mut framed).await {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(target: T, peer = %host, "connection ended: {e}");
-                    return;
+            (true, req) => {
+                // An unauthorized peer gets one answer that names nothing of this host's
+                // (L8). PrimaryState is asked by replicas of this host's own VMs and checks
+                // its peer itself; SendLog authorizes first itself and must drain the log
+                // that follows it on a refusal.
+                let gate = match &req {
+                    PeerRequest::PrimaryState { .. } | PeerRequest::SendLog { .. } => Ok(()),
+                    _ => PEER.sync_scope(peer.clone(), || authorize(&daemon, &host).map(|_| ())),
+                };
+                match gate {
+                    Err(r) => Some(r.into()),
+                    Ok(()) => match PEER
+                        .scope(peer.clone(), handle(&daemon, &host, req, &mut framed))
+                        .await
+                    {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::warn!(target: T, peer = %host, "connection ended: {e}");
+                            return;
+                        }
+                    },
                 }
-            },
+            }
         };
         if let Some(a) = answer {
             if let PeerResponse::Refused { code, message } = &a {
@@ -171,11 +236,20 @@ fn server_enabled(daemon: &Daemon) -> Result<Authorization, Refusal> {
     })
 }
 
+/// The primary `peer`'s grant. Its certificate (the connection's [`PEER`]) is checked against
+/// the matching entry's `issuer` and `pin`; without it an entry that has either refuses.
 fn authorize(daemon: &Daemon, peer: &str) -> Result<Grant, Refusal> {
     let authz = server_enabled(daemon)?;
-    authz
-        .authorize(peer)
-        .map_err(|e| refuse(RefusalCode::NotAuthorized, e.to_string()))
+    let decided = PEER
+        .try_with(|p| {
+            if p.host_name.eq_ignore_ascii_case(peer) {
+                authz.authorize_peer(p)
+            } else {
+                authz.authorize(peer)
+            }
+        })
+        .unwrap_or_else(|_| authz.authorize(peer));
+    decided.map_err(|e| refuse(RefusalCode::NotAuthorized, e.to_string()))
 }
 
 fn lookup(daemon: &Daemon, vm_uuid: Uuid) -> Result<Option<ReplicaRow>, Refusal> {
