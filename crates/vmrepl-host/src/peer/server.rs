@@ -180,10 +180,12 @@ async fn connection(
             (true, req) => {
                 // An unauthorized peer gets one answer that names nothing of this host's
                 // (L8). PrimaryState is asked by replicas of this host's own VMs and checks
-                // its peer itself; SendLog authorizes first itself and must drain the log
-                // that follows it on a refusal.
+                // its peer itself; SendLog and PutBootFile authorize first themselves and
+                // must drain the data that follows them on a refusal.
                 let gate = match &req {
-                    PeerRequest::PrimaryState { .. } | PeerRequest::SendLog { .. } => Ok(()),
+                    PeerRequest::PrimaryState { .. }
+                    | PeerRequest::SendLog { .. }
+                    | PeerRequest::PutBootFile { .. } => Ok(()),
                     _ => PEER.sync_scope(peer.clone(), || authorize(&daemon, &host).map(|_| ())),
                 };
                 match gate {
