@@ -16,7 +16,7 @@
 //!   replica/         default storage folder for replica VMs
 //! ```
 //!
-//! Folders are 0700 and files 0600 (docs/security-files.md lists each kind).
+//! Folders are 0700 and files 0600 (docs/security.md, "File modes and local access", lists each kind).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
