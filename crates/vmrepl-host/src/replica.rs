@@ -1266,7 +1266,9 @@ pub fn statuses(daemon: &Daemon) -> Vec<ReplicationStatus> {
         .map(|r| {
             let (health, health_details) = health(&r, now);
             ReplicationStatus {
-                vm: r.definition.name.clone(),
+                // Its name on this host (unique here), which replica-side commands take.
+                vm: vmrepl_types::VmName::new(&r.name)
+                    .unwrap_or_else(|_| r.definition.name.clone()),
                 vm_uuid: r.vm_uuid,
                 role: Role::Replica,
                 state: r.state,
