@@ -160,6 +160,9 @@ impl Daemon {
         if let Some(a) = c.allow_any {
             rs.allow_any = a;
         }
+        if let Some(a) = c.allow_remote_delete {
+            rs.allow_remote_delete = a;
+        }
         if let Some(p) = c.default_storage {
             if !p.is_absolute() {
                 return Err(ApiError::new(

@@ -2087,10 +2087,15 @@ pub async fn remove(
             })
             .await
         {
+            Ok(PeerResponse::Ok) if delete_replica => format!(
+                "the replica on {} was removed, and its data deleted if that host allows it \
+                 (`replication server set --allow-remote-delete` there; by default its admin \
+                 keeps it)",
+                rel.replica_name
+            ),
             Ok(PeerResponse::Ok) => format!(
-                "the replica on {} was {}",
-                rel.replica_name,
-                if delete_replica { "deleted" } else { "kept" }
+                "the replica on {} was removed and its data kept",
+                rel.replica_name
             ),
             Ok(other) => format!("the replica server answered {other:?}; remove it there too"),
             Err(e) => format!(

@@ -221,6 +221,8 @@ pub struct CertificatesInfo {
 pub struct ReplicaServerChange {
     pub enabled: Option<bool>,
     pub allow_any: Option<bool>,
+    #[serde(default)]
+    pub allow_remote_delete: Option<bool>,
     pub default_storage: Option<PathBuf>,
     pub add_entry: Option<crate::replication::AuthorizationEntry>,
     pub remove_entry: Option<String>,

@@ -207,6 +207,11 @@ pub struct ReplicaServerSettings {
     pub allow_any: bool,
     pub default_storage: Option<PathBuf>,
     pub entries: Vec<AuthorizationEntry>,
+    /// Whether a primary that removes its replication may also delete the replica's data
+    /// here. Off by default: the replica host's admin keeps the disaster-recovery copy (a
+    /// compromised primary cannot wipe it) and deletes it when they choose.
+    #[serde(default)]
+    pub allow_remote_delete: bool,
 }
 
 /// Per-cycle statistics and health, as Hyper-V's Measure-VMReplication reports them.

@@ -173,6 +173,12 @@ pub enum ServerCmd {
         /// Storage folder for replicas from any authenticated primary.
         #[arg(long)]
         default_storage: Option<PathBuf>,
+        /// Let a primary that removes its replication delete the replica's data here too.
+        #[arg(long, conflicts_with = "keep_removed_replicas")]
+        allow_remote_delete: bool,
+        /// Keep a replica's data when its primary removes the replication (the default).
+        #[arg(long)]
+        keep_removed_replicas: bool,
     },
     /// Authorize primaries (host-name pattern; `*` only as the whole first label).
     Authorize {
@@ -570,6 +576,8 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
             allow_any,
             listed_only,
             default_storage,
+            allow_remote_delete,
+            keep_removed_replicas,
         }) => {
             let abs = default_storage
                 .map(|p| std::path::absolute(&p))
@@ -590,6 +598,13 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
                     None
                 },
                 default_storage: abs,
+                allow_remote_delete: if allow_remote_delete {
+                    Some(true)
+                } else if keep_removed_replicas {
+                    Some(false)
+                } else {
+                    None
+                },
                 ..Default::default()
             })
         }

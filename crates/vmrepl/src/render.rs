@@ -49,6 +49,14 @@ pub fn response(r: &Response) -> ExitCode {
             } else {
                 println!("Authorization:       listed hosts only");
             }
+            println!(
+                "Removed replicas:    {}",
+                if s.allow_remote_delete {
+                    "a primary may delete their data here"
+                } else {
+                    "their data is kept here (only this host's admin deletes it)"
+                }
+            );
             for e in &s.entries {
                 println!(
                     "  {:<30} -> {} (trust group {})",

@@ -85,7 +85,7 @@ fn policy() -> PointPolicy {
 #[test]
 fn an_authorized_primary_cannot_delete_adopt_or_read_the_replica_hosts_own_vms() {
     let _s = serial();
-    let (a, b, _store) = pair("127.0.0.81", "127.0.0.82", "lab");
+    let (a, b, store) = pair("127.0.0.81", "127.0.0.82", "lab");
     // hostb's own VM, never replicated anywhere, and a definition of it as a primary could
     // guess it (same name, UUID, disk ids and sizes).
     b.ok(&["vm", "create", "dc01", "--disk", "16M", "--nic", "none"]);
@@ -241,6 +241,15 @@ fn an_authorized_primary_cannot_delete_adopt_or_read_the_replica_hosts_own_vms()
     b.ok(&["replication", "points", "dc01-2"]);
     assert_eq!(b.vm_state("dc01"), "off");
     assert_eq!(snapshot(&storage), before);
+
+    // A primary that removes its replication cannot wipe the copy on hostb unless hostb's
+    // admin allows it.
+    let out = a.ok(&["replication", "remove", "dc01", "--delete-replica"]);
+    assert!(out.contains("if that host allows it"), "{out}");
+    assert!(store.join(&theirs).join("state.json").exists());
+    assert!(b
+        .ok(&["replication", "server", "show"])
+        .contains("their data is kept here"));
 }
 
 /// Runs the CLI on `h` and requires it to finish, successfully, within `secs` seconds.

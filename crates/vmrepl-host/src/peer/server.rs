@@ -848,6 +848,15 @@ async fn remove_replica(
     if let Some(f) = &row.failover {
         return Err(failed_over(&row, f));
     }
+    // A primary deletes the replica's data only where this host allows it: by default the
+    // disaster-recovery copy outlives a primary that is told (or tricked) to drop it.
+    let delete = delete
+        && daemon
+            .cfg
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .replica_server
+            .allow_remote_delete;
     let dir = replica::vm_dir(&row);
     let lock = replica::vm_lock(&dir);
     let _g = lock.lock().await;
@@ -860,9 +869,9 @@ async fn remove_replica(
                 "replica of {} removed by {peer}{}",
                 row.name,
                 if delete {
-                    ", data deleted"
+                    ", data deleted".to_string()
                 } else {
-                    ", data kept"
+                    format!(", data kept in {}", dir.display())
                 }
             ),
         );
