@@ -736,15 +736,45 @@ pub async fn import_initial(
             ),
         )
     };
+    // Only the very file the primary announced (over TLS) is imported: media can be altered
+    // or forged on the way, and a forged log can be valid.
+    let expected: ExpectedImport = std::fs::read(expected_import_path(&row))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| {
+            e(
+                ErrorCode::WrongState,
+                format!(
+                    "The primary {} has not announced an exported initial copy of {name}; it does when it writes the export (with `--initial-export`). Nothing was imported.",
+                    row.primary_host
+                ),
+            )
+        })?;
     let (src, partial) = (file.clone(), vmrepl_store::spool::partial_path(&dir, 1));
+    let primary = row.primary_host.clone();
     tokio::task::spawn_blocking(move || {
         let _ = std::fs::remove_file(&partial);
-        crate::fsutil::copy_private(&src, &partial)
+        let copied = crate::fsutil::copy_private(&src, &partial)
             .map(drop)
-            .map_err(|x| {
-                let _ = std::fs::remove_file(&partial);
-                format!("cannot copy it: {x}")
-            })
+            .map_err(|x| format!("cannot copy it: {x}"))
+            .and_then(|()| {
+                let mut h = blake3::Hasher::new();
+                let f = std::fs::File::open(&partial).map_err(|x| x.to_string())?;
+                let n = f.metadata().map_err(|x| x.to_string())?.len();
+                h.update_reader(f).map_err(|x| x.to_string())?;
+                let got = h.finalize().to_hex().to_string();
+                if n != expected.bytes || got != expected.blake3 {
+                    return Err(format!(
+                        "it does not match what {primary} exported ({n} bytes with digest {got}, not {} bytes with digest {}); it was altered on the way, or it is another export",
+                        expected.bytes, expected.blake3
+                    ));
+                }
+                Ok(())
+            });
+        if copied.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        copied
     })
     .await
     .map_err(|x| e(ErrorCode::Internal, x.to_string()))?
@@ -832,6 +862,32 @@ pub fn boot_files(vm_dir: &Path) -> Vec<(crate::peer::proto::BootFile, String)> 
             Some((f, hex.trim().to_string()))
         })
         .collect()
+}
+
+/// What the primary said it exported as the initial copy (see `PeerRequest::ExpectImport`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct ExpectedImport {
+    bytes: u64,
+    blake3: String,
+}
+
+fn expected_import_path(row: &ReplicaRow) -> PathBuf {
+    // In the spool folder, which goes with the store (the spool ignores names it does not know).
+    vm_dir(row).join("logs").join("import-expected.json")
+}
+
+/// Records the size and digest of the initial copy the primary exported, durably.
+pub fn expect_import(row: &ReplicaRow, bytes: u64, blake3: &str) -> Result<(), String> {
+    if blake3.len() != 64 || !blake3.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("{blake3:?} is not a BLAKE3 digest in hex"));
+    }
+    let e = ExpectedImport {
+        bytes,
+        blake3: blake3.to_ascii_lowercase(),
+    };
+    let json = serde_json::to_vec(&e).map_err(|e| e.to_string())?;
+    let p = expected_import_path(row);
+    crate::fsutil::write_atomic(&p, &json).map_err(|e| format!("{}: {e}", p.display()))
 }
 
 /// The folder of a replica VM.

@@ -459,8 +459,9 @@ pub(crate) async fn send_boot_files(
     Ok(())
 }
 
-/// Size and BLAKE3 digest (hex) of a boot file, remembered while its size and modification
-/// time stay the same (a kernel is read once, not every cycle).
+/// Size and BLAKE3 digest (hex) of a file (a boot file, an exported initial copy),
+/// remembered while its size and modification time stay the same (a kernel is read once, not
+/// every cycle).
 fn boot_file_digest(path: &Path) -> std::io::Result<(u64, String)> {
     type Seen = HashMap<PathBuf, (u64, std::time::SystemTime, String)>;
     static SEEN: std::sync::OnceLock<Mutex<Seen>> = std::sync::OnceLock::new();
@@ -1187,14 +1188,36 @@ impl<'a> Cycle<'a> {
                     .await;
                     self.release(&h, 1).await;
                     let total = total?;
-                    crate::fsutil::rename_durable(&path, f)
-                        .map(|()| Done::Exported { bytes: total })
-                        .map_err(|e| {
-                            CycleError::Other(format!(
-                                "cannot write the initial copy to {}: {e}",
-                                f.display()
-                            ))
+                    crate::fsutil::rename_durable(&path, f).map_err(|e| {
+                        CycleError::Other(format!(
+                            "cannot write the initial copy to {}: {e}",
+                            f.display()
+                        ))
+                    })?;
+                    // The replica imports exactly this file: tell it over TLS what it is.
+                    let exported = f.clone();
+                    let (bytes, blake3) =
+                        tokio::task::spawn_blocking(move || boot_file_digest(&exported))
+                            .await
+                            .map_err(|e| CycleError::Other(e.to_string()))?
+                            .map_err(|e| {
+                                CycleError::Other(format!("cannot read {} back: {e}", f.display()))
+                            })?;
+                    match self
+                        .client
+                        .call(&PeerRequest::ExpectImport {
+                            vm_uuid: self.vm.uuid,
+                            bytes,
+                            blake3,
                         })
+                        .await
+                        .map_err(classify)?
+                    {
+                        PeerResponse::Ok => Ok(Done::Exported { bytes: total }),
+                        other => Err(CycleError::Other(format!(
+                            "the replica did not take note of the export: {other:?}"
+                        ))),
+                    }
                 }
                 None => {
                     let (built, sent) = self

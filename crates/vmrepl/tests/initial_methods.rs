@@ -101,6 +101,24 @@ fn an_initial_copy_exported_to_a_folder_and_imported_on_the_replica_starts_repli
     ]);
     assert!(e.contains("not a usable initial copy"), "{e}");
     assert_eq!(replica_seq(), 0);
+    // A forged copy, a valid log for this VM with other data, is refused too: only the file
+    // the primary announced over TLS is imported.
+    let (header, _) = vmrepl_log::verify(&file).unwrap();
+    let forged = damaged_dir.path().join("forged.vmrlog");
+    let mut w =
+        vmrepl_log::LogWriter::new(std::fs::File::create(&forged).unwrap(), header).unwrap();
+    w.write_data(0, 0, &[0x66; 4096]).unwrap();
+    w.finish().unwrap();
+    vmrepl_log::verify(&forged).unwrap();
+    let e = b.fails(&[
+        "replication",
+        "import",
+        "db",
+        "--from",
+        forged.to_str().unwrap(),
+    ]);
+    assert!(e.contains("does not match what hosta.test exported"), "{e}");
+    assert_eq!(replica_seq(), 0);
     // A name that is not a replica here.
     let e = b.fails(&["replication", "import", "nosuch", "--from", media_s]);
     assert!(e.contains("keeps no replica of a VM named nosuch"), "{e}");

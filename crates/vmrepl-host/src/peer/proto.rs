@@ -117,6 +117,14 @@ pub enum PeerRequest {
         size: u64,
         blake3: String,
     },
+    /// The primary wrote the initial copy of a VM to external media: its size and BLAKE3
+    /// digest (hex). The replica imports that file only (a copy altered or forged on the way
+    /// is refused, however valid a log it is).
+    ExpectImport {
+        vm_uuid: Uuid,
+        bytes: u64,
+        blake3: String,
+    },
     /// Update the recovery-point policy.
     SetPolicy { vm_uuid: Uuid, policy: PointPolicy },
     /// Remove the replica relationship; the replica VM's data is kept unless `delete`.

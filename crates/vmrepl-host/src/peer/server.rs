@@ -501,6 +501,18 @@ async fn handle(
             size,
             blake3,
         } => return put_boot_file(daemon, peer, framed, vm_uuid, file, (size, blake3)).await,
+        PeerRequest::ExpectImport {
+            vm_uuid,
+            bytes,
+            blake3,
+        } => authorize(daemon, peer)
+            .and_then(|g| own_replica(daemon, peer, &g, vm_uuid))
+            .and_then(|r| match &r.failover {
+                Some(f) => Err(failed_over(&r, f)),
+                None => replica::expect_import(&r, bytes, &blake3)
+                    .map(|()| PeerResponse::Ok)
+                    .map_err(|e| refuse(RefusalCode::Internal, e)),
+            }),
         PeerRequest::RemoveReplica { vm_uuid, delete } => {
             remove_replica(daemon, peer, vm_uuid, delete).await
         }
