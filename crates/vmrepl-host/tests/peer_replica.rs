@@ -734,3 +734,59 @@ async fn a_durable_log_left_unapplied_is_applied_before_anything_else() {
         }
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_spooled_log_damaged_on_disk_is_set_aside_and_blocks_nothing_after_it() {
+    // A verified log that the disk damaged before it was applied (or a torn apply of it).
+    let env = replica(|_, _| {}).await;
+    let (mut c, theirs) = client(&env, PRIMARY).await;
+    let uuid = Uuid::new_v4();
+    assert_eq!(create(&mut c, &theirs, uuid).await, PeerResponse::Ok);
+    let first = pattern(1, 8192);
+    let log1 = write_log(
+        env.tmp.path(),
+        uuid,
+        1,
+        0,
+        DISK,
+        &[W::Data(0, first.clone())],
+    );
+    assert!(matches!(
+        send(&mut c, uuid, 1, 0, &log1).await,
+        PeerResponse::LogAck { sequence: 1, .. }
+    ));
+    let log2 = write_log(
+        env.tmp.path(),
+        uuid,
+        2,
+        1,
+        DISK,
+        &[W::Data(65536, pattern(2, 8192))],
+    );
+    let mut bytes = std::fs::read(&log2).unwrap();
+    let at = bytes.len() - 200;
+    bytes[at] ^= 0xff;
+    let dir = env.store_root.join(uuid.to_string());
+    let spool = vmrepl_store::spool::log_path(&dir, 2);
+    std::fs::write(&spool, &bytes).unwrap();
+    // The replica does not apply it, sets it aside, and stays at log 1.
+    let (last, partial, _) = state(&mut c, uuid).await;
+    assert_eq!((last, partial), (1, None));
+    assert!(!spool.exists());
+    assert!(spool.with_extension("damaged").exists());
+    assert!(latest_raw(&env, uuid).await[..8192] == first[..]);
+    // The next log is taken (before, every later log failed on the damaged one).
+    let log2 = write_log(
+        env.tmp.path(),
+        uuid,
+        2,
+        1,
+        DISK,
+        &[W::Data(65536, pattern(3, 8192))],
+    );
+    assert!(matches!(
+        send(&mut c, uuid, 2, 1, &log2).await,
+        PeerResponse::LogAck { sequence: 2, .. }
+    ));
+    assert_eq!(state(&mut c, uuid).await.0, 2);
+}

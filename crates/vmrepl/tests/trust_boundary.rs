@@ -429,3 +429,293 @@ fn a_failed_over_vm_boots_the_replicas_own_copy_of_its_kernel_and_joins_no_netwo
         .iter()
         .all(|n| n.mode == vmrepl_types::NicMode::User));
 }
+
+/// One request an authorized (possibly malicious) primary may send, over pools of UUIDs and
+/// names that include the replica host's own VM and another primary's replica.
+#[derive(Debug, Clone)]
+enum Op {
+    Check(usize),
+    Create(usize, usize, bool),
+    Reverse(usize, usize, Option<usize>, u64),
+    State(usize),
+    Log(usize, u64, u64),
+    Policy(usize, u32, u32),
+    Remove(usize, bool),
+    Digests(usize),
+    Primary(usize),
+    Boot(usize),
+    Import(usize),
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    let u = 0..5usize;
+    prop_oneof![
+        u.clone().prop_map(Op::Check),
+        (u.clone(), 0..4usize, any::<bool>()).prop_map(|(a, b, c)| Op::Create(a, b, c)),
+        (
+            u.clone(),
+            0..4usize,
+            proptest::option::of(0..3usize),
+            0..3u64
+        )
+            .prop_map(|(a, b, c, d)| Op::Reverse(a, b, c, d)),
+        u.clone().prop_map(Op::State),
+        (u.clone(), 1..4u64, 0..3u64).prop_map(|(a, b, c)| Op::Log(a, b, c)),
+        (
+            u.clone(),
+            prop_oneof![Just(0u32), Just(2), Just(24), Just(25), Just(u32::MAX)],
+            prop_oneof![Just(0u32), Just(5), Just(3600), Just(u32::MAX)]
+        )
+            .prop_map(|(a, b, c)| Op::Policy(a, b, c)),
+        (u.clone(), any::<bool>()).prop_map(|(a, b)| Op::Remove(a, b)),
+        u.clone().prop_map(Op::Digests),
+        u.clone().prop_map(Op::Primary),
+        u.clone().prop_map(Op::Boot),
+        u.prop_map(Op::Import),
+    ]
+}
+
+/// A valid log for `uuid` (one 4 KiB write), as a primary would send it.
+fn small_log(dir: &Path, uuid: Uuid, seq: u64, base: u64, disks: &[(String, u64)]) -> PathBuf {
+    use vmrepl_log::{Compression, Consistency, DiskInfo, LogHeader, LogKind, LogWriter};
+    let header = LogHeader {
+        vm_id: uuid,
+        sequence: seq,
+        base_sequence: base,
+        timestamp_unix_ms: 1_700_000_000_000 + seq,
+        kind: if base == 0 {
+            LogKind::Initial
+        } else {
+            LogKind::Delta
+        },
+        consistency: Consistency::Crash,
+        compression: Compression::None,
+        disks: disks
+            .iter()
+            .map(|(id, size)| DiskInfo {
+                id: id.clone(),
+                virtual_size: *size,
+            })
+            .collect(),
+    };
+    let path = dir.join(format!("{uuid}-{seq}-{base}.vlog"));
+    let mut w = LogWriter::new(std::fs::File::create(&path).unwrap(), header).unwrap();
+    w.write_data(0, 0, &[seq as u8; 4096]).unwrap();
+    w.finish().unwrap();
+    path
+}
+
+/// Everything of `h` that no request of hosta may change: the host's data folder but for
+/// hosta's own storage folder, the database and the daemon's log and runtime files.
+fn outside_hosta(h: &Host, hosta_storage: &Path) -> Vec<(PathBuf, String)> {
+    snapshot(h.data())
+        .into_iter()
+        .filter(|(p, _)| {
+            let s = p.to_string_lossy();
+            !h.data().join(p).starts_with(hosta_storage)
+                && !s.starts_with("state.db")
+                && !s.starts_with("daemon.log")
+                && !s.starts_with("run/")
+        })
+        .collect()
+}
+
+#[test]
+fn whatever_an_authorized_primary_sends_nothing_outside_its_own_replicas_and_storage_folder_changes(
+) {
+    use proptest::prelude::{prop_assert, prop_assert_eq};
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    let _s = serial();
+    let (a, b, store_a) = pair("127.0.0.87", "127.0.0.88", "lab");
+    // hostb's own VM, and a replica hostb keeps for another primary, hostc.
+    b.ok(&["vm", "create", "own1", "--disk", "16M", "--nic", "none"]);
+    let mut c = Host::init("hostc.test", "127.0.0.89");
+    c.ok(&[
+        "host",
+        "trust",
+        b.data().join("tls/ca.pem").to_str().unwrap(),
+    ]);
+    b.ok(&[
+        "host",
+        "trust",
+        c.data().join("tls/ca.pem").to_str().unwrap(),
+    ]);
+    c.start();
+    let store_c = b.data().join("replicas-from-c");
+    b.ok(&[
+        "replication",
+        "server",
+        "authorize",
+        "--primary",
+        "hostc.test",
+        "--storage",
+        store_c.to_str().unwrap(),
+        "--trust-group",
+        "other",
+    ]);
+    c.ok(&["vm", "create", "cvm", "--disk", "16M", "--nic", "none"]);
+    enable_ok(&c, &b, "cvm", "hostb.test", &["--frequency", "5"]);
+    wait_until(
+        "hostc replicating",
+        std::time::Duration::from_secs(120),
+        || status(&c, "cvm")["state"] == "replicating",
+    );
+    c.ok(&["replication", "pause", "cvm"]);
+    let own: VmDefinition =
+        serde_json::from_value(b.json(&["vm", "show", "own1"])["definition"].clone()).unwrap();
+    let cvm: VmDefinition =
+        serde_json::from_value(c.json(&["vm", "show", "cvm"])["definition"].clone()).unwrap();
+    // Wait for a cycle in flight (if any) to settle before the reference snapshot.
+    let c_seq = acked(&c, "cvm");
+    wait_until(
+        "hostc's replica settled",
+        std::time::Duration::from_secs(30),
+        || status(&b, "cvm")["last_sequence"].as_u64() == Some(c_seq),
+    );
+    let reference = outside_hosta(&b, &store_a);
+    let b_vms = b.json(&["vm", "list"]);
+
+    let rt = runtime();
+    let work = tempfile::tempdir().unwrap();
+    let mut runner = TestRunner::new(Config {
+        cases: 24,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let strategy = proptest::collection::vec(op(), 1..10);
+    let result = runner.run(&strategy, |ops| {
+        // The pools: hostb's own VM, hostc's replica, two of hosta's, one nobody has.
+        let fresh = [Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4()];
+        let uuids = [own.uuid, cvm.uuid, fresh[0], fresh[1], fresh[2]];
+        let names = ["own1", "cvm", "a1", "a2"];
+        let rels = [Uuid::new_v4(), Uuid::new_v4(), Uuid::from_u128(7)];
+        let (mut client, theirs) = as_host(&a, &b, &rt);
+        let def = |u: usize, n: usize| {
+            let mut d = own.clone();
+            d.uuid = uuids[u];
+            d.name = vmrepl_types::VmName::new(names[n]).unwrap();
+            d.machine_type = theirs
+                .machine_types
+                .iter()
+                .find(|m| m.starts_with("pc-i440fx"))
+                .cloned()
+                .unwrap_or(d.machine_type);
+            d.nics = vec![];
+            d.kernel = Some(vmrepl_types::vm::DirectKernel {
+                kernel: b.data().join("tls/host-key.pem"),
+                initrd: Some(b.data().join("tls/ca-key.pem")),
+                cmdline: "console=ttyS0".into(),
+            });
+            d
+        };
+        let disks: Vec<(String, u64)> = own
+            .disks
+            .iter()
+            .map(|d| (d.id.clone(), d.size_bytes))
+            .collect();
+        for op in &ops {
+            let req = match op.clone() {
+                Op::Check(u) => PeerRequest::CheckReplica {
+                    vm: Box::new(def(u, u % 4)),
+                },
+                Op::Create(u, n, existing_copy) => PeerRequest::CreateReplica {
+                    vm: Box::new(def(u, n)),
+                    relationship: rels[u % 3],
+                    policy: policy(),
+                    primary_server: None,
+                    existing_copy,
+                },
+                Op::Reverse(u, n, old, base) => PeerRequest::ReverseReplica {
+                    vm: Box::new(def(u, n)),
+                    relationship: Uuid::new_v4(),
+                    policy: policy(),
+                    base_sequence: base,
+                    primary_server: None,
+                    old_relationship: old.map(|i| rels[i]),
+                },
+                Op::State(u) => PeerRequest::ReplicaState { vm_uuid: uuids[u] },
+                Op::Log(u, seq, base) => {
+                    let log = small_log(work.path(), uuids[u], seq, base.min(seq - 1), &disks);
+                    let r = rt.block_on(client.send_log(
+                        uuids[u],
+                        (seq, base.min(seq - 1)),
+                        None,
+                        &log,
+                        |_| {},
+                    ));
+                    prop_assert!(r.is_ok(), "{op:?}: {r:?}");
+                    continue;
+                }
+                Op::Policy(u, keep, interval_secs) => PeerRequest::SetPolicy {
+                    vm_uuid: uuids[u],
+                    policy: PointPolicy {
+                        keep,
+                        interval_secs,
+                    },
+                },
+                Op::Remove(u, delete) => PeerRequest::RemoveReplica {
+                    vm_uuid: uuids[u],
+                    delete,
+                },
+                Op::Digests(u) => PeerRequest::BlockDigests { vm_uuid: uuids[u] },
+                Op::Primary(u) => PeerRequest::PrimaryState { vm_uuid: uuids[u] },
+                Op::Boot(u) => {
+                    let f = work.path().join("boot");
+                    std::fs::write(&f, b"not a kernel").unwrap();
+                    let sum = (12, blake3::hash(b"not a kernel").to_hex().to_string());
+                    let r = rt.block_on(client.put_boot_file(
+                        uuids[u],
+                        vmrepl_host::peer::proto::BootFile::Kernel,
+                        &f,
+                        sum,
+                    ));
+                    prop_assert!(r.is_ok(), "{op:?}: {r:?}");
+                    continue;
+                }
+                Op::Import(u) => PeerRequest::ExpectImport {
+                    vm_uuid: uuids[u],
+                    bytes: 1,
+                    blake3: "0".repeat(64),
+                },
+            };
+            let r = rt.block_on(client.request(&req));
+            prop_assert!(r.is_ok(), "{op:?}: the connection broke: {r:?}");
+        }
+        drop(client);
+        let now = outside_hosta(&b, &store_a);
+        if now != reference {
+            let changed: Vec<_> = now
+                .iter()
+                .filter(|x| !reference.contains(x))
+                .chain(reference.iter().filter(|x| !now.contains(x)))
+                .collect();
+            return Err(TestCaseError::fail(format!(
+                "{ops:?} changed files outside hosta's storage folder: {changed:?}"
+            )));
+        }
+        prop_assert_eq!(
+            &b.json(&["vm", "list"]),
+            &b_vms,
+            "{:?} changed hostb's VMs",
+            ops
+        );
+        prop_assert_eq!(
+            status(&b, "cvm")["last_sequence"].as_u64(),
+            Some(c_seq),
+            "{:?} changed hostc's replica",
+            ops
+        );
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}\n{}", b.log_tail());
+    }
+    // hostb kept serving: hostc's replication goes on.
+    c.ok(&["replication", "resume", "cvm"]);
+    wait_until(
+        "hostc replicating again",
+        std::time::Duration::from_secs(60),
+        || acked(&c, "cvm") > c_seq,
+    );
+}
