@@ -581,6 +581,9 @@ fn whatever_an_authorized_primary_sends_nothing_outside_its_own_replicas_and_sto
     let mut runner = TestRunner::new(Config {
         cases: 24,
         failure_persistence: None,
+        // The hosts carry their state from case to case: a shrunk sequence would be blamed
+        // for what an earlier one did, so the first failing sequence is reported as it is.
+        max_shrink_iters: 0,
         ..Config::default()
     });
     let strategy = proptest::collection::vec(op(), 1..10);
