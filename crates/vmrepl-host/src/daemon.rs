@@ -432,6 +432,15 @@ impl Daemon {
                 points: crate::failover::points(self, &name).await?,
                 vm: name,
             },
+            Request::ReplicaNetwork {
+                name,
+                adapter,
+                failover,
+                test,
+            } => Response::ReplicaNetworks {
+                adapters: crate::replica::set_networks(self, &name, adapter, failover, test)?,
+                vm: name,
+            },
             Request::FailoverPrepare { name } => Response::Ok {
                 message: crate::failover::prepare(self, &name).await?,
             },

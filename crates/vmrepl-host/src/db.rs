@@ -87,6 +87,12 @@ const MIGRATIONS: &[&str] = &[
         primary_host TEXT NOT NULL,
         created_ms INTEGER NOT NULL
      );",
+    // 7: per-adapter networks of a replica VM on failover and test failover, chosen on the
+    // replica host (Hyper-V's per-adapter failover and test failover networks).
+    "CREATE TABLE replica_networks (
+        vm_uuid TEXT PRIMARY KEY,
+        networks TEXT NOT NULL
+     );",
 ];
 
 /// Database errors.

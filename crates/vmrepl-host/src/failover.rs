@@ -450,8 +450,12 @@ pub async fn start(
         remove_files(&def);
         return Err(e);
     }
-    for nic in &mut def.nics {
-        nic.mode = network.clone().unwrap_or(NicMode::NotConnected);
+    let nets = {
+        let db = d.db.lock().expect("db");
+        replica::networks(&db, &row)
+    };
+    for (nic, net) in def.nics.iter_mut().zip(&nets) {
+        nic.mode = network.clone().unwrap_or_else(|| net.failover.clone());
     }
     let seq = ov.point.seq;
     let planned = prepared.is_some();
@@ -634,15 +638,23 @@ pub async fn test(
         let _ = std::fs::remove_dir(&dir);
         return Err(e);
     }
+    let nets = {
+        let db = d.db.lock().expect("db");
+        replica::networks(&db, &row)
+    };
     def.nics = def
         .nics
         .iter()
         .enumerate()
         .map(|(i, _)| NicDef {
             mac: crate::vmm::mac_for(uuid, i),
-            mode: test_network.clone().unwrap_or(NicMode::NotConnected),
+            mode: test_network
+                .clone()
+                .or_else(|| nets.get(i).map(|n| n.test.clone()))
+                .unwrap_or(NicMode::NotConnected),
         })
         .collect();
+    let def_nics_connected = def.nics.iter().any(|n| n.mode != NicMode::NotConnected);
     if let Err(e) = d.vmm.register(&def) {
         remove_files(&def);
         let _ = std::fs::remove_dir(&dir);
@@ -663,7 +675,7 @@ pub async fn test(
         "Test VM {:?} created from point {} of {name}; its network adapters are {}. Start it with `vmrepl vm start {:?}`; `vmrepl failover stop-test {name}` deletes it and everything it wrote. Replication goes on meanwhile.",
         t.name,
         t.point_seq,
-        if test_network.is_some() { "on the test network" } else { "not connected" },
+        if def_nics_connected { "on the test network" } else { "not connected" },
         t.name
     ))
 }

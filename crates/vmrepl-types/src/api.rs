@@ -143,6 +143,18 @@ pub enum Request {
     RecoveryPoints {
         name: VmName,
     },
+    /// Replica server: the networks a replica VM's adapters join when it fails over and when
+    /// it is test-failed-over (all adapters, or only `adapter`); unset fields stay. With no
+    /// change, shows them.
+    ReplicaNetwork {
+        name: VmName,
+        #[serde(default)]
+        adapter: Option<usize>,
+        #[serde(default)]
+        failover: Option<crate::vm::NicMode>,
+        #[serde(default)]
+        test: Option<crate::vm::NicMode>,
+    },
     /// Primary: ship the last changes of a shut-down VM and lock it (Start-VMFailover -Prepare).
     FailoverPrepare {
         name: VmName,
@@ -216,6 +228,16 @@ pub struct CertificatesInfo {
     pub revoked: Vec<crate::replication::RevokedCert>,
 }
 
+/// Where one adapter of a replica VM connects when the VM fails over or is test-failed-over
+/// on the replica host (set there; not connected unless its admin says otherwise).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdapterNetwork {
+    pub adapter: usize,
+    pub mac: String,
+    pub failover: crate::vm::NicMode,
+    pub test: crate::vm::NicMode,
+}
+
 /// A change to the replica server settings; unset fields stay as they are.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ReplicaServerChange {
@@ -258,6 +280,10 @@ pub enum Response {
     RecoveryPoints {
         vm: VmName,
         points: Vec<crate::replication::RecoveryPointInfo>,
+    },
+    ReplicaNetworks {
+        vm: VmName,
+        adapters: Vec<AdapterNetwork>,
     },
     Error(ApiError),
 }

@@ -103,6 +103,20 @@ pub enum ReplCmd {
     },
     /// Recovery points of a replica VM (on the replica server).
     Points { name: String },
+    /// On the replica server: which network each adapter of a replica VM joins on failover
+    /// and on test failover (default: not connected). Without options, shows them.
+    Network {
+        name: String,
+        /// Only this adapter (0, 1, ...); default: every adapter.
+        #[arg(long)]
+        adapter: Option<usize>,
+        /// On failover: user, none, tap:IF or bridge:BR (a network of this host).
+        #[arg(long, value_parser = parse_nic)]
+        failover: Option<NicMode>,
+        /// On test failover: user, none, tap:IF or bridge:BR.
+        #[arg(long, value_parser = parse_nic)]
+        test: Option<NicMode>,
+    },
     /// After a failover: replicate the VM back to the old primary (Set-VMReplication -Reverse).
     Reverse(ReverseArgs),
 }
@@ -651,6 +665,17 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
         },
         ReplCmd::Points { name } => Request::RecoveryPoints {
             name: vm_name(&name)?,
+        },
+        ReplCmd::Network {
+            name,
+            adapter,
+            failover,
+            test,
+        } => Request::ReplicaNetwork {
+            name: vm_name(&name)?,
+            adapter,
+            failover,
+            test,
         },
         ReplCmd::Status {
             name,

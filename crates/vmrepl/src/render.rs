@@ -98,12 +98,38 @@ pub fn response(r: &Response) -> ExitCode {
                 );
             }
         }
+        Response::ReplicaNetworks { vm, adapters } => {
+            println!("Networks of {vm}'s adapters on this host:");
+            println!(
+                "  {:>7}  {:<17}  {:<22}  {:<22}",
+                "ADAPTER", "MAC", "FAILOVER", "TEST FAILOVER"
+            );
+            for a in adapters {
+                println!(
+                    "  {:>7}  {:<17}  {:<22}  {:<22}",
+                    a.adapter,
+                    a.mac,
+                    nic_text(&a.failover),
+                    nic_text(&a.test)
+                );
+            }
+        }
         Response::Error(e) => {
             eprintln!("error: {}", e.message);
             return exit_code(e.code);
         }
     }
     ExitCode::SUCCESS
+}
+
+fn nic_text(m: &vmrepl_types::NicMode) -> String {
+    use vmrepl_types::NicMode;
+    match m {
+        NicMode::User => "user".into(),
+        NicMode::NotConnected => "not connected".into(),
+        NicMode::Tap { ifname } => format!("tap:{ifname}"),
+        NicMode::Bridge { bridge } => format!("bridge:{bridge}"),
+    }
 }
 
 fn revocations(revoked: &[vmrepl_types::replication::RevokedCert]) {

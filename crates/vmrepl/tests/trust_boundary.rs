@@ -407,15 +407,31 @@ fn a_failed_over_vm_boots_the_replicas_own_copy_of_its_kernel_and_joins_no_netwo
         "the test VM's kernel copy stayed behind"
     );
 
-    // A real failover: the same, and the adapter joins only the network hostb's admin names.
-    b.ok(&[
-        "failover",
-        "start",
+    // A real failover: the same, and the adapter joins only the network hostb's admin names
+    // for it on this host (Hyper-V's per-adapter failover network).
+    let shown = b.ok(&["replication", "network", "app"]);
+    assert!(shown.contains("not connected"), "{shown}");
+    assert!(!shown.contains("br-mgmt"), "{shown}");
+    let e = b.fails(&[
+        "replication",
+        "network",
         "app",
-        "--risk-split-brain",
-        "--network",
+        "--adapter",
+        "1",
+        "--failover",
         "user",
     ]);
+    assert!(e.contains("no adapter 1"), "{e}");
+    b.ok(&[
+        "replication",
+        "network",
+        "app",
+        "--adapter",
+        "0",
+        "--failover",
+        "user",
+    ]);
+    b.ok(&["failover", "start", "app", "--risk-split-brain"]);
     let def: VmDefinition =
         serde_json::from_value(b.json(&["vm", "show", "app"])["definition"].clone()).unwrap();
     let k = def.kernel.unwrap();
