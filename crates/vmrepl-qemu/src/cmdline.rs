@@ -209,6 +209,19 @@ pub fn build_command(
         push(&["-cpu", "host"]);
     }
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-S"]);
+    // QEMU's seccomp filter: no obsolete system calls, no privilege changes, no scheduler or
+    // CPU-affinity changes, and no new programs, except qemu-bridge-helper for a bridge NIC.
+    let bridged = vm
+        .nics
+        .iter()
+        .any(|n| matches!(n.mode, NicMode::Bridge { .. }));
+    push(&[
+        "-sandbox",
+        &format!(
+            "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny,spawn={}",
+            if bridged { "allow" } else { "deny" }
+        ),
+    ]);
     push(&["-msg", "timestamp=on"]);
     push(&[
         "-name",
@@ -457,6 +470,13 @@ mod tests {
         let a = &c.argv;
         assert_eq!(after(a, "-machine"), ["pc-i440fx-7.2,accel=tcg"]);
         assert!(a.contains(&"-S".to_string()) && a.contains(&"-nodefaults".to_string()));
+        // QEMU's seccomp filter is on; spawning is denied without a bridge NIC.
+        let sb = a.iter().position(|x| x == "-sandbox").expect("-sandbox");
+        assert!(
+            a[sb + 1].starts_with("on,") && a[sb + 1].contains("spawn=deny"),
+            "{}",
+            a[sb + 1]
+        );
         assert!(!a.iter().any(|x| x == "-daemonize"));
         assert_eq!(after(a, "-bios"), ["/usr/share/seabios/bios-256k.bin"]);
         assert_eq!(
