@@ -1216,14 +1216,14 @@ impl ApplyTxn<'_> {
 
     fn access(&mut self, disk: &str) -> Result<&SyncFormatAccess<File>> {
         if !self.open.contains_key(disk) {
+            let size = self.vm.disk_size(disk)?;
+            let layers = self.vm.chain_layers(PointRef::Latest)?;
+            let acc = chain::open_chain(&self.vm.disk_dir(disk), &layers, true, size)?;
             // Before the first write: the top layer may be torn from here until the commit.
             if self.vm.torn() != Some(self.seq) {
                 self.vm.cat.journal = Some(Journal::Apply { seq: self.seq });
                 self.vm.save()?;
             }
-            let size = self.vm.disk_size(disk)?;
-            let layers = self.vm.chain_layers(PointRef::Latest)?;
-            let acc = chain::open_chain(&self.vm.disk_dir(disk), &layers, true, size)?;
             self.open.insert(disk.to_string(), acc);
         }
         Ok(&self.open[disk])
