@@ -1265,9 +1265,12 @@ impl<'a> Cycle<'a> {
         // block).
         let digests = match self
             .client
-            .call(&PeerRequest::BlockDigests {
-                vm_uuid: self.vm.uuid,
-            })
+            .call_within(
+                &PeerRequest::BlockDigests {
+                    vm_uuid: self.vm.uuid,
+                },
+                crate::peer::client::ANSWER_TO_DIGESTS,
+            )
             .await
         {
             Ok(PeerResponse::BlockDigests { disks }) => decode_digests(disks, &self.disks),

@@ -11,7 +11,15 @@
 
 use super::proto::{PeerRequest, PeerResponse, RefusalCode, Resume};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use tokio::io::AsyncReadExt;
+
+/// How long a primary waits for the answer to a whole log: the replica verifies it as it
+/// arrives, but makes it durable (and first applies what it still holds) before answering.
+pub const ANSWER_TO_LOG: Duration = Duration::from_secs(15 * 60);
+
+/// How long a primary waits for the block digests of a replica's disks (read whole).
+pub const ANSWER_TO_DIGESTS: Duration = Duration::from_secs(3600);
 use uuid::Uuid;
 use vmrepl_transport::frame::{self, FrameError, Framed};
 use vmrepl_transport::pki::HostIdentity;
@@ -213,13 +221,39 @@ impl PeerClient {
         if let Err(e) = self.framed.write_data(&[]).await {
             return Err(self.ferr(e));
         }
-        self.read_response().await
+        self.read_response_within(ANSWER_TO_LOG).await
     }
 
     async fn read_response(&mut self) -> Result<PeerResponse, PeerError> {
         match self.framed.read_control::<PeerResponse>().await {
             Ok(r) => Ok(r),
             Err(e) => Err(self.ferr(e)),
+        }
+    }
+
+    /// Reads the answer to a request that needs long work on the replica, with the deadline
+    /// `t` instead of the frame deadline.
+    async fn read_response_within(&mut self, t: Duration) -> Result<PeerResponse, PeerError> {
+        let usual = self.framed.timeout();
+        self.framed.set_timeout(t);
+        let r = self.read_response().await;
+        self.framed.set_timeout(usual);
+        r
+    }
+
+    /// Sends one request whose answer needs long work on the replica (block digests of whole
+    /// disks), waiting for it up to `t`.
+    pub async fn call_within(
+        &mut self,
+        req: &PeerRequest,
+        t: Duration,
+    ) -> Result<PeerResponse, PeerError> {
+        if let Err(e) = self.framed.write_control(req).await {
+            return Err(self.ferr(e));
+        }
+        match self.read_response_within(t).await? {
+            PeerResponse::Refused { code, message } => Err(PeerError::Refused { code, message }),
+            r => Ok(r),
         }
     }
 
@@ -285,7 +319,7 @@ impl PeerClient {
         if let Err(e) = self.framed.write_data(&[]).await {
             return Err(self.ferr(e));
         }
-        self.read_response().await
+        self.read_response_within(ANSWER_TO_LOG).await
     }
 
     /// Sends the `SendLog` request `req` and `data` as its first Data frames, and then nothing
@@ -343,7 +377,7 @@ impl PeerClient {
         if let Err(e) = self.framed.write_data(&[]).await {
             return Err(self.ferr(e));
         }
-        self.read_response().await
+        self.read_response_within(ANSWER_TO_LOG).await
     }
 
     /// Sends only part of a log and then drops the connection (tests of resume use it to
