@@ -127,10 +127,15 @@ async fn connection(
             .unwrap_or_else(|p| p.into_inner())
             .peer_limits
             .idle_timeout();
-        let frame = match tokio::time::timeout(idle, framed.read_frame()).await {
-            Ok(Ok(f)) => f,
-            Ok(Err(e)) if e.is_closed() => return,
-            Ok(Err(e)) => {
+        // Between requests the idle deadline applies; within one, the frame deadline.
+        let usual = framed.timeout();
+        framed.set_timeout(idle);
+        let next = framed.read_frame().await;
+        framed.set_timeout(usual);
+        let frame = match next {
+            Ok(f) => f,
+            Err(e) if e.is_closed() => return,
+            Err(e) if !matches!(e, FrameError::TimedOut { .. }) => {
                 tracing::warn!(target: T, peer = %host, "connection ended: {e}");
                 return;
             }
