@@ -56,12 +56,24 @@ pub struct NbdError {
     pub detail: String,
 }
 
+/// The most reply chunks one read request of `len` bytes may be answered with: a server
+/// splits a reply into data and hole pieces, but not into pieces smaller than a sector, so more
+/// than this means a broken server, whose chunks must not pile up in memory without limit.
+pub(crate) fn max_pieces(len: u32) -> usize {
+    len as usize / 512 + 2
+}
+
+/// Where a client reads replies from and writes requests to: both ends of the Unix socket (or,
+/// for the fuzz target, memory).
+type Input = Box<dyn Read + Send>;
+type Output = Box<dyn Write + Send>;
+
 /// One open, negotiated connection to one export.
 pub struct NbdClient {
     socket: PathBuf,
     export: String,
-    rd: BufReader<UnixStream>,
-    wr: BufWriter<UnixStream>,
+    rd: BufReader<Input>,
+    wr: BufWriter<Output>,
     size: u64,
     /// The id the server gave the meta context asked for, if one was.
     context: Option<u32>,
@@ -106,17 +118,35 @@ impl NbdClient {
         let w = s
             .try_clone()
             .map_err(|e| fail(format!("cannot clone the socket: {e}")))?;
-        let mut c = NbdClient {
-            socket: socket.to_path_buf(),
-            export: export.to_string(),
-            rd: BufReader::with_capacity(256 << 10, s),
-            wr: BufWriter::new(w),
-            size: 0,
-            context: None,
-            next_cookie: 1,
-        };
+        let mut c = NbdClient::over(socket, export, Box::new(s), Box::new(w), 0, None);
         c.handshake(context)?;
         Ok(c)
+    }
+
+    /// A client on any pair of streams, as if negotiated with an export of `size` bytes and
+    /// meta context id `context` (the fuzz target starts here or runs [`NbdClient::handshake`]).
+    pub(crate) fn over(
+        socket: &Path,
+        export: &str,
+        rd: Input,
+        wr: Output,
+        size: u64,
+        context: Option<u32>,
+    ) -> NbdClient {
+        NbdClient {
+            socket: socket.to_path_buf(),
+            export: export.to_string(),
+            rd: BufReader::with_capacity(256 << 10, rd),
+            wr: BufWriter::new(wr),
+            size,
+            context,
+            next_cookie: 1,
+        }
+    }
+
+    /// The meta context id the server granted, if one was negotiated.
+    pub(crate) fn context(&self) -> Option<u32> {
+        self.context
     }
 
     fn err(&self, detail: impl Into<String>) -> NbdError {
@@ -204,7 +234,7 @@ impl NbdClient {
         Ok((kind, data))
     }
 
-    fn handshake(&mut self, context: Option<&str>) -> Result<(), NbdError> {
+    pub(crate) fn handshake(&mut self, context: Option<&str>) -> Result<(), NbdError> {
         if self.u64("read the greeting")? != NBDMAGIC || self.u64("read the greeting")? != IHAVEOPT
         {
             return Err(self.err("the server is not a fixed-newstyle NBD server"));
@@ -522,9 +552,17 @@ impl NbdRangeReader {
             };
             let entry = self.got.get_mut(&cookie).expect("tracked request");
             if let Some((o, n, p)) = piece {
-                if o < roff || o + n > end {
+                // The offset comes from the server: `o + n` may not even fit in 64 bits.
+                if o < roff || o.checked_add(n).is_none_or(|e| e > end) {
                     return Err(self.client.err(format!(
                         "reply chunk {o}+{n} lies outside request {roff}+{rlen}"
+                    )));
+                }
+                if entry.0.len() >= max_pieces(rlen) {
+                    return Err(self.client.err(format!(
+                        "the reply to read {roff}+{rlen} comes in more than {} chunks; \
+                         the server is broken",
+                        max_pieces(rlen)
                     )));
                 }
                 entry.0.push(p);
@@ -757,6 +795,52 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert!(e.to_string().contains("with error 5"), "{e}");
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_reply_chunk_at_an_offset_near_the_end_of_the_address_space_is_refused_not_overflowed() {
+        let (_d, sock, t) = server(true, 1 << 20, |s| {
+            let (c, _, _) = request(s);
+            let mut d = (u64::MAX - 2).to_be_bytes().to_vec();
+            d.extend_from_slice(&[1u8; 16]);
+            chunk(s, c, true, REPLY_TYPE_OFFSET_DATA, &d);
+        });
+        let c = NbdClient::connect(&sock, "disk0", Some("qemu:dirty-bitmap:b"), T).unwrap();
+        let e = NbdRangeReader::new(c, &[(0, 4096)], 8192, 1)
+            .next()
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("reply chunk 18446744073709551613+16 lies outside request 0+4096"),
+            "{e}"
+        );
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_read_answered_in_more_chunks_than_it_has_sectors_is_refused() {
+        assert_eq!(max_pieces(4096), 10);
+        let (_d, sock, t) = server(true, 1 << 20, |s| {
+            let (c, o, _) = request(s);
+            // Empty holes never complete the reply; a broken server could send them forever.
+            let mut hole = o.to_be_bytes().to_vec();
+            hole.extend_from_slice(&0u32.to_be_bytes());
+            for _ in 0..=max_pieces(4096) {
+                chunk(s, c, false, REPLY_TYPE_OFFSET_HOLE, &hole);
+            }
+        });
+        let c = NbdClient::connect(&sock, "disk0", Some("qemu:dirty-bitmap:b"), T).unwrap();
+        let e = NbdRangeReader::new(c, &[(8192, 4096)], 8192, 1)
+            .next()
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("the reply to read 8192+4096 comes in more than 10 chunks"),
+            "{e}"
+        );
         t.join().unwrap();
     }
 }
