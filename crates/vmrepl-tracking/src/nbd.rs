@@ -405,6 +405,7 @@ impl NbdClient {
             let cookie = self.request(CMD_BLOCK_STATUS, at, len)?;
             self.flush()?;
             let mut covered = 0u64;
+            let mut described = false;
             loop {
                 let (c, done, kind, _, data) = self.chunk()?;
                 if c != cookie {
@@ -415,26 +416,35 @@ impl NbdClient {
                         return Err(self.err("malformed block status reply"));
                     }
                     let id = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
-                    if id != ctx {
-                        continue;
-                    }
-                    let mut pos = at;
-                    for d in data[4..].chunks_exact(8) {
-                        let n = u64::from(u32::from_be_bytes([d[0], d[1], d[2], d[3]]));
-                        let flags = u32::from_be_bytes([d[4], d[5], d[6], d[7]]);
-                        let n = n.min(self.size - pos);
-                        if n == 0 {
-                            break;
+                    // Chunks for other contexts are skipped, but their done flag still counts.
+                    if id == ctx {
+                        // Each chunk describes the range from `at` again: a second one would
+                        // list the same ranges twice.
+                        if described {
+                            return Err(self.err(format!(
+                                "the server described the block status at {at} twice in one \
+                                 reply (meta context {ctx})"
+                            )));
                         }
-                        if wanted(flags) {
-                            match out.last_mut() {
-                                Some(last) if last.0 + last.1 == pos => last.1 += n,
-                                _ => out.push((pos, n)),
+                        described = true;
+                        let mut pos = at;
+                        for d in data[4..].chunks_exact(8) {
+                            let n = u64::from(u32::from_be_bytes([d[0], d[1], d[2], d[3]]));
+                            let flags = u32::from_be_bytes([d[4], d[5], d[6], d[7]]);
+                            let n = n.min(self.size - pos);
+                            if n == 0 {
+                                break;
                             }
+                            if wanted(flags) {
+                                match out.last_mut() {
+                                    Some(last) if last.0 + last.1 == pos => last.1 += n,
+                                    _ => out.push((pos, n)),
+                                }
+                            }
+                            pos += n;
                         }
-                        pos += n;
+                        covered = pos - at;
                     }
-                    covered = covered.max(pos - at);
                 } else if kind != REPLY_TYPE_NONE {
                     return Err(self.err(format!("unexpected reply type {kind} to block status")));
                 }
@@ -841,6 +851,44 @@ mod tests {
                 .contains("the reply to read 8192+4096 comes in more than 10 chunks"),
             "{e}"
         );
+        t.join().unwrap();
+    }
+
+    fn status_chunk(s: &mut UnixStream, cookie: u64, done: bool, ctx: u32, descs: &[(u32, u32)]) {
+        let mut d = ctx.to_be_bytes().to_vec();
+        for (n, f) in descs {
+            d.extend_from_slice(&n.to_be_bytes());
+            d.extend_from_slice(&f.to_be_bytes());
+        }
+        chunk(s, cookie, done, REPLY_TYPE_BLOCK_STATUS, &d);
+    }
+
+    #[test]
+    fn a_block_status_reply_describing_the_same_range_twice_is_refused() {
+        let (_d, sock, t) = server(true, 1 << 20, |s| {
+            let (c, _, _) = request(s);
+            status_chunk(s, c, false, 7, &[(4096, 0), (8192, 1)]);
+            status_chunk(s, c, true, 7, &[(4096, 0), (8192, 1)]);
+        });
+        let mut c = NbdClient::connect(&sock, "disk0", Some("qemu:dirty-bitmap:b"), T).unwrap();
+        let e = c.dirty_ranges().unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("described the block status at 0 twice in one reply (meta context 7)"),
+            "{e}"
+        );
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_block_status_chunk_for_another_context_still_ends_the_reply_when_done() {
+        let (_d, sock, t) = server(true, 1 << 20, |s| {
+            let (c, _, _) = request(s);
+            status_chunk(s, c, false, 7, &[(4096, 0), (1020 * 1024, 1)]);
+            status_chunk(s, c, true, 9, &[(1 << 20, 1)]);
+        });
+        let mut c = NbdClient::connect(&sock, "disk0", Some("qemu:dirty-bitmap:b"), T).unwrap();
+        assert_eq!(c.dirty_ranges().unwrap(), vec![(4096, 1020 * 1024)]);
         t.join().unwrap();
     }
 }
