@@ -43,12 +43,28 @@ HOST_INFO = {
 }
 VM = "5b0e7c1e-1c2d-4e5f-8a9b-0c1d2e3f4a5b"
 REL = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+VM_DEF = {
+    "name": "web01", "uuid": VM, "generation": 2, "firmware": "ovmf-4m",
+    "machine_type": "pc-q35-7.2", "config_version": {"major": 1, "minor": 0},
+    "vcpus": 2, "memory_mib": 2048,
+    "disks": [{"id": "disk0", "path": "/var/lib/vmrepl/web01/disk0.qcow2",
+               "size_bytes": 10737418240}],
+    "nics": [{"mac": "52:54:00:12:34:56", "mode": "bridge", "bridge": "br0"},
+             {"mac": "52:54:00:12:34:57", "mode": "user"}],
+    "kernel": None, "nvram": "/var/lib/vmrepl/web01/nvram.fd",
+}
+POLICY = {"keep": 4, "interval_secs": 3600}
 requests = [
     {"type": "hello", "host_info": HOST_INFO},
+    {"type": "check-replica", "vm": VM_DEF},
+    {"type": "create-replica", "vm": VM_DEF, "relationship": REL, "policy": POLICY,
+     "primary_server": "hv1.example.org:7440", "existing_copy": False},
+    {"type": "reverse-replica", "vm": VM_DEF, "relationship": REL, "policy": POLICY,
+     "base_sequence": 9, "primary_server": None},
     {"type": "replica-state", "vm_uuid": VM},
     {"type": "send-log", "vm_uuid": VM, "sequence": 8, "base_sequence": 7,
      "resume": {"records": 3, "bytes": 4242}},
-    {"type": "set-policy", "vm_uuid": VM, "policy": {"keep": 4, "interval_secs": 3600}},
+    {"type": "set-policy", "vm_uuid": VM, "policy": POLICY},
     {"type": "remove-replica", "vm_uuid": VM, "delete": False},
     {"type": "block-digests", "vm_uuid": VM},
     {"type": "primary-state", "vm_uuid": VM},
@@ -70,7 +86,7 @@ for i, r in enumerate(requests):
 for r in responses:
     save("peer_frame", f"response-{r['type']}", PREAMBLE + control(r))
 save("peer_frame", "send-log-with-data",
-     PREAMBLE + control(requests[2]) + frame(2, bytes(range(256)) * 4) + frame(2, b""))
+     PREAMBLE + control(requests[5]) + frame(2, bytes(range(256)) * 4) + frame(2, b""))
 
 # --- qmp_reply: what QEMU 7.2's monitor and the guest agent send ----------------------------
 GREETING = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7},
