@@ -33,6 +33,8 @@
 
 mod error;
 mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 mod reader;
 mod writer;
 

@@ -22,6 +22,8 @@
 pub mod caps;
 pub mod cmdline;
 mod exec;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod img;
 pub mod process;
 pub mod qmp;

@@ -278,6 +278,44 @@ fn parse_event(v: &Map<String, Value>) -> Option<QmpEvent> {
     })
 }
 
+/// What one line from a QMP monitor (after the greeting) is.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum QmpLine {
+    /// An asynchronous event.
+    Event(QmpEvent),
+    /// The answer to the command with this id.
+    Reply { id: u64, reply: Reply },
+    /// A JSON object that is neither an event nor a reply carrying an id.
+    Unrouted,
+    /// Not a JSON object at all.
+    NotAnObject,
+}
+
+/// Classifies one line the monitor sent (without its line end).
+pub(crate) fn classify_line(line: &str) -> QmpLine {
+    let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(line) else {
+        return QmpLine::NotAnObject;
+    };
+    if let Some(ev) = parse_event(&obj) {
+        return QmpLine::Event(ev);
+    }
+    let id = obj.get("id").and_then(Value::as_u64);
+    match (id, parse_reply(&obj)) {
+        (Some(id), Some(reply)) => QmpLine::Reply { id, reply },
+        _ => QmpLine::Unrouted,
+    }
+}
+
+/// The `QMP` part of a monitor's greeting line, or why the line is not one.
+pub(crate) fn parse_greeting(line: &str) -> Result<Value, String> {
+    let greeting: Value =
+        serde_json::from_str(line).map_err(|e| format!("greeting is not JSON ({e}): {line}"))?;
+    greeting
+        .get("QMP")
+        .cloned()
+        .ok_or_else(|| format!("greeting has no \"QMP\" key: {greeting}"))
+}
+
 async fn read_loop(
     mut lines: BufReader<OwnedReadHalf>,
     pending: Pending,
@@ -295,18 +333,15 @@ async fn read_loop(
                 break;
             }
         };
-        let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(&line) else {
-            tracing::warn!(target: "vmrepl::qemu", path = %path.display(), line = %line, "QMP sent a line that is not a JSON object");
-            continue;
-        };
-        if let Some(ev) = parse_event(&obj) {
-            tracing::debug!(target: "vmrepl::qemu", event = %ev.event, data = %ev.data, "QMP event");
-            let _ = events.send(ev);
-            continue;
-        }
-        let id = obj.get("id").and_then(Value::as_u64);
-        match (id, parse_reply(&obj)) {
-            (Some(id), Some(reply)) => {
+        match classify_line(&line) {
+            QmpLine::NotAnObject => {
+                tracing::warn!(target: "vmrepl::qemu", path = %path.display(), line = %line, "QMP sent a line that is not a JSON object");
+            }
+            QmpLine::Event(ev) => {
+                tracing::debug!(target: "vmrepl::qemu", event = %ev.event, data = %ev.data, "QMP event");
+                let _ = events.send(ev);
+            }
+            QmpLine::Reply { id, reply } => {
                 let tx = pending
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -315,7 +350,7 @@ async fn read_loop(
                     let _ = tx.send(reply);
                 }
             }
-            _ => {
+            QmpLine::Unrouted => {
                 tracing::warn!(target: "vmrepl::qemu", path = %path.display(), line = %line, "QMP reply without a known id");
             }
         }
@@ -355,16 +390,10 @@ impl QmpClient {
                 }
                 Ok(Ok(Some(l))) => l,
             };
-        let greeting: Value = serde_json::from_str(&greeting).map_err(|e| QmpError::Handshake {
+        let g = parse_greeting(&greeting).map_err(|detail| QmpError::Handshake {
             path: path.to_path_buf(),
-            detail: format!("greeting is not JSON ({e}): {greeting}"),
+            detail,
         })?;
-        let Some(g) = greeting.get("QMP").cloned() else {
-            return Err(QmpError::Handshake {
-                path: path.to_path_buf(),
-                detail: format!("greeting has no \"QMP\" key: {greeting}"),
-            });
-        };
         let pending: Pending = Arc::default();
         let (events, _) = broadcast::channel(1024);
         let (closed_tx, closed) = watch::channel(false);
@@ -579,6 +608,29 @@ pub fn after_sentinel(buf: &[u8]) -> Option<&[u8]> {
     buf.iter().position(|b| *b == 0xFF).map(|i| &buf[i + 1..])
 }
 
+/// Whether a line the agent sent after the 0xFF sentinel answers `guest-sync-delimited` `id`.
+pub(crate) fn is_sync_reply(line: &str, id: u64) -> bool {
+    let v: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
+    v.get("return").and_then(Value::as_u64) == Some(id)
+}
+
+/// A line from the agent without surrounding blanks and sentinel bytes; None when nothing is
+/// left (the agent sends blank lines and stray sentinels, which are skipped).
+pub(crate) fn agent_reply_text(line: &str) -> Option<&str> {
+    let t = line.trim_matches(|c: char| c.is_whitespace() || c == '\u{FF}');
+    (!t.is_empty()).then_some(t)
+}
+
+/// The agent's reply to `cmd` (its result or its error class and description), or why the
+/// reply is out of protocol.
+pub(crate) fn parse_agent_reply(cmd: &str, reply: &str) -> Result<Reply, String> {
+    let obj = match serde_json::from_str::<Value>(reply) {
+        Ok(Value::Object(o)) => o,
+        _ => return Err(format!("reply to {cmd} is not a JSON object: {reply}")),
+    };
+    parse_reply(&obj).ok_or_else(|| format!("reply to {cmd} has neither return nor error: {reply}"))
+}
+
 impl Qga {
     /// Connects to the agent socket (the QEMU side; this succeeds even when no agent runs
     /// in the guest) and synchronises. `timeout` applies to each command.
@@ -627,8 +679,7 @@ impl Qga {
                 let line = next_line_capped(rd, MAX_AGENT_LINE)
                     .await?
                     .unwrap_or_default();
-                let v: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
-                if v.get("return").and_then(Value::as_u64) == Some(id) {
+                if is_sync_reply(&line, id) {
                     return Ok(());
                 }
             }
@@ -666,8 +717,7 @@ impl Qga {
                         "agent channel closed",
                     ));
                 };
-                let t = reply.trim_matches(|c: char| c.is_whitespace() || c == '\u{FF}');
-                if !t.is_empty() {
+                if let Some(t) = agent_reply_text(&reply) {
                     return Ok(t.to_string());
                 }
             }
@@ -686,25 +736,16 @@ impl Qga {
                 })
             }
         };
-        let obj = match serde_json::from_str::<Value>(&reply) {
-            Ok(Value::Object(o)) => o,
-            _ => {
-                return Err(QmpError::Agent {
-                    path: self.path.clone(),
-                    detail: format!("reply to {cmd} is not a JSON object: {reply}"),
-                })
-            }
-        };
-        match parse_reply(&obj) {
-            Some(Ok(v)) => Ok(v),
-            Some(Err((class, desc))) => Err(QmpError::Command {
+        match parse_agent_reply(cmd, &reply) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err((class, desc))) => Err(QmpError::Command {
                 cmd: cmd.to_string(),
                 class,
                 desc,
             }),
-            None => Err(QmpError::Agent {
+            Err(detail) => Err(QmpError::Agent {
                 path: self.path.clone(),
-                detail: format!("reply to {cmd} has neither return nor error: {reply}"),
+                detail,
             }),
         }
     }

@@ -67,6 +67,8 @@ mod bitmaps;
 mod cycle;
 mod error;
 mod extents;
+#[doc(hidden)]
+pub mod fuzzing;
 mod names;
 mod nbd;
 mod offline;

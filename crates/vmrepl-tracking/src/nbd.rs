@@ -56,12 +56,24 @@ pub struct NbdError {
     pub detail: String,
 }
 
+/// The most reply chunks one read request of `len` bytes may be answered with: a server
+/// splits a reply into data and hole pieces, but not into pieces smaller than a sector, so more
+/// than this means a broken server, whose chunks must not pile up in memory without limit.
+pub(crate) fn max_pieces(len: u32) -> usize {
+    len as usize / 512 + 2
+}
+
+/// Where a client reads replies from and writes requests to: both ends of the Unix socket (or,
+/// for the fuzz target, memory).
+type Input = Box<dyn Read + Send>;
+type Output = Box<dyn Write + Send>;
+
 /// One open, negotiated connection to one export.
 pub struct NbdClient {
     socket: PathBuf,
     export: String,
-    rd: BufReader<UnixStream>,
-    wr: BufWriter<UnixStream>,
+    rd: BufReader<Input>,
+    wr: BufWriter<Output>,
     size: u64,
     /// The id the server gave the meta context asked for, if one was.
     context: Option<u32>,
@@ -106,17 +118,35 @@ impl NbdClient {
         let w = s
             .try_clone()
             .map_err(|e| fail(format!("cannot clone the socket: {e}")))?;
-        let mut c = NbdClient {
-            socket: socket.to_path_buf(),
-            export: export.to_string(),
-            rd: BufReader::with_capacity(256 << 10, s),
-            wr: BufWriter::new(w),
-            size: 0,
-            context: None,
-            next_cookie: 1,
-        };
+        let mut c = NbdClient::over(socket, export, Box::new(s), Box::new(w), 0, None);
         c.handshake(context)?;
         Ok(c)
+    }
+
+    /// A client on any pair of streams, as if negotiated with an export of `size` bytes and
+    /// meta context id `context` (the fuzz target starts here or runs [`NbdClient::handshake`]).
+    pub(crate) fn over(
+        socket: &Path,
+        export: &str,
+        rd: Input,
+        wr: Output,
+        size: u64,
+        context: Option<u32>,
+    ) -> NbdClient {
+        NbdClient {
+            socket: socket.to_path_buf(),
+            export: export.to_string(),
+            rd: BufReader::with_capacity(256 << 10, rd),
+            wr: BufWriter::new(wr),
+            size,
+            context,
+            next_cookie: 1,
+        }
+    }
+
+    /// The meta context id the server granted, if one was negotiated.
+    pub(crate) fn context(&self) -> Option<u32> {
+        self.context
     }
 
     fn err(&self, detail: impl Into<String>) -> NbdError {
@@ -204,7 +234,7 @@ impl NbdClient {
         Ok((kind, data))
     }
 
-    fn handshake(&mut self, context: Option<&str>) -> Result<(), NbdError> {
+    pub(crate) fn handshake(&mut self, context: Option<&str>) -> Result<(), NbdError> {
         if self.u64("read the greeting")? != NBDMAGIC || self.u64("read the greeting")? != IHAVEOPT
         {
             return Err(self.err("the server is not a fixed-newstyle NBD server"));
@@ -375,6 +405,7 @@ impl NbdClient {
             let cookie = self.request(CMD_BLOCK_STATUS, at, len)?;
             self.flush()?;
             let mut covered = 0u64;
+            let mut described = false;
             loop {
                 let (c, done, kind, _, data) = self.chunk()?;
                 if c != cookie {
@@ -385,26 +416,35 @@ impl NbdClient {
                         return Err(self.err("malformed block status reply"));
                     }
                     let id = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
-                    if id != ctx {
-                        continue;
-                    }
-                    let mut pos = at;
-                    for d in data[4..].chunks_exact(8) {
-                        let n = u64::from(u32::from_be_bytes([d[0], d[1], d[2], d[3]]));
-                        let flags = u32::from_be_bytes([d[4], d[5], d[6], d[7]]);
-                        let n = n.min(self.size - pos);
-                        if n == 0 {
-                            break;
+                    // Chunks for other contexts are skipped, but their done flag still counts.
+                    if id == ctx {
+                        // Each chunk describes the range from `at` again: a second one would
+                        // list the same ranges twice.
+                        if described {
+                            return Err(self.err(format!(
+                                "the server described the block status at {at} twice in one \
+                                 reply (meta context {ctx})"
+                            )));
                         }
-                        if wanted(flags) {
-                            match out.last_mut() {
-                                Some(last) if last.0 + last.1 == pos => last.1 += n,
-                                _ => out.push((pos, n)),
+                        described = true;
+                        let mut pos = at;
+                        for d in data[4..].chunks_exact(8) {
+                            let n = u64::from(u32::from_be_bytes([d[0], d[1], d[2], d[3]]));
+                            let flags = u32::from_be_bytes([d[4], d[5], d[6], d[7]]);
+                            let n = n.min(self.size - pos);
+                            if n == 0 {
+                                break;
                             }
+                            if wanted(flags) {
+                                match out.last_mut() {
+                                    Some(last) if last.0 + last.1 == pos => last.1 += n,
+                                    _ => out.push((pos, n)),
+                                }
+                            }
+                            pos += n;
                         }
-                        pos += n;
+                        covered = pos - at;
                     }
-                    covered = covered.max(pos - at);
                 } else if kind != REPLY_TYPE_NONE {
                     return Err(self.err(format!("unexpected reply type {kind} to block status")));
                 }
@@ -522,9 +562,17 @@ impl NbdRangeReader {
             };
             let entry = self.got.get_mut(&cookie).expect("tracked request");
             if let Some((o, n, p)) = piece {
-                if o < roff || o + n > end {
+                // The offset comes from the server: `o + n` may not even fit in 64 bits.
+                if o < roff || o.checked_add(n).is_none_or(|e| e > end) {
                     return Err(self.client.err(format!(
                         "reply chunk {o}+{n} lies outside request {roff}+{rlen}"
+                    )));
+                }
+                if entry.0.len() >= max_pieces(rlen) {
+                    return Err(self.client.err(format!(
+                        "the reply to read {roff}+{rlen} comes in more than {} chunks; \
+                         the server is broken",
+                        max_pieces(rlen)
                     )));
                 }
                 entry.0.push(p);
@@ -757,6 +805,90 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert!(e.to_string().contains("with error 5"), "{e}");
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_reply_chunk_at_an_offset_near_the_end_of_the_address_space_is_refused_not_overflowed() {
+        let (_d, sock, t) = server(true, 1 << 20, |s| {
+            let (c, _, _) = request(s);
+            let mut d = (u64::MAX - 2).to_be_bytes().to_vec();
+            d.extend_from_slice(&[1u8; 16]);
+            chunk(s, c, true, REPLY_TYPE_OFFSET_DATA, &d);
+        });
+        let c = NbdClient::connect(&sock, "disk0", Some("qemu:dirty-bitmap:b"), T).unwrap();
+        let e = NbdRangeReader::new(c, &[(0, 4096)], 8192, 1)
+            .next()
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("reply chunk 18446744073709551613+16 lies outside request 0+4096"),
+            "{e}"
+        );
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_read_answered_in_more_chunks_than_it_has_sectors_is_refused() {
+        assert_eq!(max_pieces(4096), 10);
+        let (_d, sock, t) = server(true, 1 << 20, |s| {
+            let (c, o, _) = request(s);
+            // Empty holes never complete the reply; a broken server could send them forever.
+            let mut hole = o.to_be_bytes().to_vec();
+            hole.extend_from_slice(&0u32.to_be_bytes());
+            for _ in 0..=max_pieces(4096) {
+                chunk(s, c, false, REPLY_TYPE_OFFSET_HOLE, &hole);
+            }
+        });
+        let c = NbdClient::connect(&sock, "disk0", Some("qemu:dirty-bitmap:b"), T).unwrap();
+        let e = NbdRangeReader::new(c, &[(8192, 4096)], 8192, 1)
+            .next()
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("the reply to read 8192+4096 comes in more than 10 chunks"),
+            "{e}"
+        );
+        t.join().unwrap();
+    }
+
+    fn status_chunk(s: &mut UnixStream, cookie: u64, done: bool, ctx: u32, descs: &[(u32, u32)]) {
+        let mut d = ctx.to_be_bytes().to_vec();
+        for (n, f) in descs {
+            d.extend_from_slice(&n.to_be_bytes());
+            d.extend_from_slice(&f.to_be_bytes());
+        }
+        chunk(s, cookie, done, REPLY_TYPE_BLOCK_STATUS, &d);
+    }
+
+    #[test]
+    fn a_block_status_reply_describing_the_same_range_twice_is_refused() {
+        let (_d, sock, t) = server(true, 1 << 20, |s| {
+            let (c, _, _) = request(s);
+            status_chunk(s, c, false, 7, &[(4096, 0), (8192, 1)]);
+            status_chunk(s, c, true, 7, &[(4096, 0), (8192, 1)]);
+        });
+        let mut c = NbdClient::connect(&sock, "disk0", Some("qemu:dirty-bitmap:b"), T).unwrap();
+        let e = c.dirty_ranges().unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("described the block status at 0 twice in one reply (meta context 7)"),
+            "{e}"
+        );
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_block_status_chunk_for_another_context_still_ends_the_reply_when_done() {
+        let (_d, sock, t) = server(true, 1 << 20, |s| {
+            let (c, _, _) = request(s);
+            status_chunk(s, c, false, 7, &[(4096, 0), (1020 * 1024, 1)]);
+            status_chunk(s, c, true, 9, &[(1 << 20, 1)]);
+        });
+        let mut c = NbdClient::connect(&sock, "disk0", Some("qemu:dirty-bitmap:b"), T).unwrap();
+        assert_eq!(c.dirty_ranges().unwrap(), vec![(4096, 1020 * 1024)]);
         t.join().unwrap();
     }
 }

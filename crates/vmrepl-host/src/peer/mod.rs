@@ -5,5 +5,7 @@
 //! * [`client`]: the primary side's connection to a replica server.
 
 pub mod client;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod proto;
 pub mod server;
