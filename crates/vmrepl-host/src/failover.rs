@@ -295,18 +295,6 @@ fn boot_here(row: &ReplicaRow, def: &mut VmDefinition, dir: &Path) -> Result<(),
     Ok(())
 }
 
-/// "NAME - Test", with NAME shortened where the whole would be longer than a VM name may be.
-fn test_vm_name(name: &str) -> String {
-    const SUFFIX: &str = " - Test";
-    let keep = name
-        .char_indices()
-        .map(|(at, c)| at + c.len_utf8())
-        .take_while(|end| end + SUFFIX.len() <= vmrepl_types::name::MAX_VM_NAME)
-        .last()
-        .unwrap_or(0);
-    format!("{}{SUFFIX}", name[..keep].trim_end())
-}
-
 /// A failover that needs the newest state while the replica cannot apply its last log.
 fn unapplied(name: &VmName, e: replica::ApplyError) -> ApiError {
     ApiError::new(
@@ -617,7 +605,7 @@ pub async fn test(
         ));
     }
     check_runnable(d, &row.definition)?;
-    let test_name = VmName::new(&test_vm_name(&row.name))
+    let test_name = VmName::new(&vmrepl_types::name::with_suffix(&row.name, " - Test"))
         .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
     let uuid = Uuid::new_v4();
     let lock = replica::vm_lock(&replica::vm_dir(&row));

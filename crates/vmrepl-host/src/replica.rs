@@ -327,14 +327,7 @@ pub fn unique_name(db: &Db, wanted: &str, uuid: Uuid) -> rusqlite::Result<String
         return Ok(wanted.to_string());
     }
     for i in 2..1000u32 {
-        let suffix = format!("-{i}");
-        let keep = wanted
-            .char_indices()
-            .map(|(at, c)| at + c.len_utf8())
-            .take_while(|end| end + suffix.len() <= vmrepl_types::name::MAX_VM_NAME)
-            .last()
-            .unwrap_or(0);
-        let candidate = format!("{}{suffix}", &wanted[..keep]);
+        let candidate = vmrepl_types::name::with_suffix(wanted, &format!("-{i}"));
         if !taken(&candidate)? {
             return Ok(candidate);
         }

@@ -6,6 +6,8 @@
 
 pub mod api;
 pub mod caps;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod name;
 pub mod replication;
 pub mod vm;

@@ -7,6 +7,18 @@ use std::fmt;
 /// Longest VM name accepted (Hyper-V allows 100; we keep room for the " - Test" suffix).
 pub const MAX_VM_NAME: usize = 64;
 
+/// `base` followed by `suffix`, with `base` shortened (at a character boundary, trailing
+/// blanks dropped) so that the whole fits in [`MAX_VM_NAME`] bytes: "NAME - Test", "NAME-2".
+pub fn with_suffix(base: &str, suffix: &str) -> String {
+    let keep = base
+        .char_indices()
+        .map(|(at, c)| at + c.len_utf8())
+        .take_while(|end| end + suffix.len() <= MAX_VM_NAME)
+        .last()
+        .unwrap_or(0);
+    format!("{}{suffix}", base[..keep].trim_end())
+}
+
 /// Why a name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
@@ -168,6 +180,23 @@ pub fn validate_host_name(s: &str) -> Result<(), NameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_suffixed_name_keeps_the_whole_base_where_it_fits_and_is_cut_where_not() {
+        assert_eq!(with_suffix("web01", " - Test"), "web01 - Test");
+        let long = "a".repeat(60);
+        let t = with_suffix(&long, " - Test");
+        assert_eq!(t.len(), MAX_VM_NAME);
+        assert!(t.ends_with(" - Test") && VmName::new(&t).is_ok());
+        // Blanks left at the cut go, and a multi-byte character is never split.
+        let spaced = format!("{} x", "b".repeat(55));
+        assert_eq!(
+            with_suffix(&spaced, "-12345678"),
+            format!("{}-12345678", "b".repeat(55))
+        );
+        let wide = "é".repeat(40);
+        assert!(with_suffix(&wide, "-2").len() <= MAX_VM_NAME);
+    }
 
     #[test]
     fn ordinary_names_are_accepted() {
