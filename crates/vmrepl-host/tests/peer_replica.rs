@@ -3,12 +3,14 @@
 //! `PeerClient`, logs written by hand with `vmrepl_log::LogWriter`, images checked with
 //! `qemu-img convert -O raw`.
 
+mod common;
+
+use common::{free_port, my_info, ReplicaHost};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use uuid::Uuid;
 use vmrepl_host::config::HostConfig;
 use vmrepl_host::datadir::DataDir;
-use vmrepl_host::init::{init_host, InitOptions};
 use vmrepl_host::peer::client::{PeerClient, PeerError};
 use vmrepl_host::peer::proto::{PeerRequest, PeerResponse, PointPolicy, RefusalCode, Resume};
 use vmrepl_log::{Compression, Consistency, DiskInfo, LogHeader, LogKind, LogWriter};
@@ -30,14 +32,6 @@ struct Env {
     _daemon: tokio::task::JoinHandle<()>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts a replica daemon; `setup` adjusts its replica-server settings.
 async fn replica(setup: impl FnOnce(&mut HostConfig, &Path)) -> Env {
     let tmp = tempfile::tempdir().unwrap();
@@ -51,51 +45,27 @@ async fn replica(setup: impl FnOnce(&mut HostConfig, &Path)) -> Env {
         )
         .unwrap();
     }
-    let dd = DataDir::new(&tmp.path().join("b"));
-    let addr = format!("127.0.0.1:{}", free_port());
-    init_host(
-        &dd,
-        InitOptions {
-            host_name: REPLICA.into(),
-            listen: addr.clone(),
-            storage: vec![],
-            accel: vmrepl_types::Accel::Tcg,
-            cert: Some((
-                tmp.path().join(format!("{REPLICA}.pem")),
-                tmp.path().join(format!("{REPLICA}-key.pem")),
-            )),
-            trust: vec![ca.cert_path()],
-            qemu_binary: None,
-        },
-    )
-    .unwrap();
     let store_root = tmp.path().join("replica-store");
-    let mut cfg = HostConfig::load(&dd.config()).unwrap();
-    cfg.replica_server.enabled = true;
-    cfg.replica_server.allow_any = false;
-    cfg.replica_server.entries = vec![AuthorizationEntry {
-        primary: PRIMARY.into(),
-        storage: store_root.clone(),
-        trust_group: "G1".into(),
-        issuer: None,
-        pin: None,
-    }];
-    setup(&mut cfg, &store_root);
-    cfg.save(&dd.config()).unwrap();
-    let d2 = dd.clone();
-    let daemon = tokio::spawn(async move {
-        if let Err(e) = vmrepl_host::daemon::run(d2).await {
-            panic!("replica daemon failed: {e}");
-        }
-    });
-    // Wait for the peer port.
-    for _ in 0..300 {
-        if tokio::net::TcpStream::connect(&addr).await.is_ok() {
-            break;
-        }
-        assert!(!daemon.is_finished(), "the daemon stopped");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let (addr, daemon) = ReplicaHost {
+        dd: DataDir::new(&tmp.path().join("b")),
+        name: REPLICA.into(),
+        cert: (
+            tmp.path().join(format!("{REPLICA}.pem")),
+            tmp.path().join(format!("{REPLICA}-key.pem")),
+        ),
+        trust: vec![ca.cert_path()],
     }
+    .start(|cfg| {
+        cfg.replica_server.entries = vec![AuthorizationEntry {
+            primary: PRIMARY.into(),
+            storage: store_root.clone(),
+            trust_group: "G1".into(),
+            issuer: None,
+            pin: None,
+        }];
+        setup(cfg, &store_root);
+    })
+    .await;
     Env {
         ca: ca.cert_path(),
         tmp,
@@ -103,22 +73,6 @@ async fn replica(setup: impl FnOnce(&mut HostConfig, &Path)) -> Env {
         store_root,
         _daemon: daemon,
     }
-}
-
-fn my_info(host: &str) -> HostInfo {
-    serde_json::from_value(serde_json::json!({
-        "host_name": host,
-        "release": "test",
-        "protocol_versions": [1, 1],
-        "qemu_version": "test",
-        "machine_types": [],
-        "firmware": [],
-        "kvm_usable": false,
-        "kvm_reason": null,
-        "config_versions": [{"major": 1, "minor": 0}, {"major": 1, "minor": 0}],
-        "storage": [],
-    }))
-    .unwrap()
 }
 
 async fn client(env: &Env, host: &str) -> (PeerClient, HostInfo) {

@@ -5,19 +5,20 @@
 //! handshake, and the connection limits (many idle TCP connections do not lock out a
 //! legitimate primary or the management API).
 
+mod common;
+
+use common::{my_info, ReplicaHost};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use uuid::Uuid;
 use vmrepl_host::config::HostConfig;
 use vmrepl_host::datadir::DataDir;
-use vmrepl_host::init::{init_host, InitOptions};
 use vmrepl_host::mgmt::Client;
 use vmrepl_host::peer::client::{PeerClient, PeerError};
 use vmrepl_host::peer::proto::{PeerRequest, PeerResponse, RefusalCode};
 use vmrepl_transport::pki::{Ca, HostIdentity};
 use vmrepl_types::api::{Request, Response};
 use vmrepl_types::replication::AuthorizationEntry;
-use vmrepl_types::HostInfo;
 
 const REPLICA: &str = "replica.test";
 const PRIMARY: &str = "primary.test";
@@ -38,14 +39,6 @@ impl Drop for Env {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 const MONTH: Duration = Duration::from_secs(30 * 86400);
 
 /// Writes a certificate for `host` from `ca` as `<file>.pem` and `<file>-key.pem`.
@@ -64,56 +57,28 @@ async fn replica(entries: impl FnOnce(&Env) -> Vec<AuthorizationEntry>) -> Env {
     let ca2 = Ca::create(&tmp.path().join("ca2"), "vmrepl test CA two").unwrap();
     issue(tmp.path(), &ca1, REPLICA, REPLICA);
     let dd = DataDir::new(&tmp.path().join("b"));
-    let addr = format!("127.0.0.1:{}", free_port());
-    init_host(
-        &dd,
-        InitOptions {
-            host_name: REPLICA.into(),
-            listen: addr.clone(),
-            storage: vec![],
-            accel: vmrepl_types::Accel::Tcg,
-            cert: Some((
-                tmp.path().join(format!("{REPLICA}.pem")),
-                tmp.path().join(format!("{REPLICA}-key.pem")),
-            )),
-            trust: vec![ca1.cert_path(), ca2.cert_path()],
-            qemu_binary: None,
-        },
-    )
-    .unwrap();
     let mut env = Env {
         tmp,
         ca1,
         ca2,
         dd: dd.clone(),
-        addr: addr.clone(),
+        addr: String::new(),
         daemon: tokio::spawn(async {}),
     };
-    let mut cfg = HostConfig::load(&dd.config()).unwrap();
-    cfg.replica_server.enabled = true;
-    cfg.replica_server.allow_any = false;
-    cfg.replica_server.entries = entries(&env);
-    cfg.save(&dd.config()).unwrap();
-    env.daemon = tokio::spawn(async move {
-        if let Err(e) = vmrepl_host::daemon::run(dd).await {
-            panic!("replica daemon failed: {e}");
-        }
-    });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if Client::connect(env.dd.root(), &env.dd.socket())
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        assert!(!env.daemon.is_finished(), "the daemon stopped");
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the daemon did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let listed = entries(&env);
+    let (addr, daemon) = ReplicaHost {
+        dd,
+        name: REPLICA.into(),
+        cert: (
+            env.tmp.path().join(format!("{REPLICA}.pem")),
+            env.tmp.path().join(format!("{REPLICA}-key.pem")),
+        ),
+        trust: vec![env.ca1.cert_path(), env.ca2.cert_path()],
     }
+    .start(|cfg| cfg.replica_server.entries = listed)
+    .await;
+    env.addr = addr;
+    env.daemon = daemon;
     env
 }
 
@@ -125,22 +90,6 @@ fn entry(env: &Env, issuer: Option<String>, pin: Option<String>) -> Authorizatio
         issuer,
         pin,
     }
-}
-
-fn my_info(host: &str) -> HostInfo {
-    serde_json::from_value(serde_json::json!({
-        "host_name": host,
-        "release": "test",
-        "protocol_versions": [1, 1],
-        "qemu_version": "test",
-        "machine_types": [],
-        "firmware": [],
-        "kvm_usable": false,
-        "kvm_reason": null,
-        "config_versions": [{"major": 1, "minor": 0}, {"major": 1, "minor": 0}],
-        "storage": [],
-    }))
-    .unwrap()
 }
 
 /// The identity in `<file>.pem`, trusting both CAs.
