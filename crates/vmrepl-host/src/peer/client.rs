@@ -270,29 +270,42 @@ impl PeerClient {
         log_file: &Path,
         mut progress: impl FnMut(u64),
     ) -> Result<PeerResponse, PeerError> {
-        let from_byte = resume.map_or(0, |r| r.bytes);
-        let io = |action: &'static str| {
-            let path = log_file.to_path_buf();
-            move |source| PeerError::Io {
-                action,
-                path,
-                source,
-            }
-        };
-        let mut f = tokio::fs::File::open(log_file).await.map_err(io("open"))?;
-        if from_byte > 0 {
-            use tokio::io::AsyncSeekExt;
-            f.seek(std::io::SeekFrom::Start(from_byte))
-                .await
-                .map_err(io("seek in"))?;
-        }
         let req = PeerRequest::SendLog {
             vm_uuid,
             sequence: seq,
             base_sequence: base_seq,
             resume,
         };
-        if let Err(e) = self.framed.write_control(&req).await {
+        self.send_file(&req, log_file, resume.map_or(0, |r| r.bytes), &mut progress)
+            .await
+    }
+
+    /// Sends `req` followed by the file `path` from byte `from` as Data frames of at most
+    /// 1 MiB, ended by an empty Data frame, and reads the answer (with the deadline of an
+    /// answer to a whole log); `progress` gets the bytes sent so far.
+    async fn send_file(
+        &mut self,
+        req: &PeerRequest,
+        path: &Path,
+        from: u64,
+        progress: &mut impl FnMut(u64),
+    ) -> Result<PeerResponse, PeerError> {
+        let io = |action: &'static str| {
+            let path = path.to_path_buf();
+            move |source| PeerError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        let mut f = tokio::fs::File::open(path).await.map_err(io("open"))?;
+        if from > 0 {
+            use tokio::io::AsyncSeekExt;
+            f.seek(std::io::SeekFrom::Start(from))
+                .await
+                .map_err(io("seek in"))?;
+        }
+        if let Err(e) = self.framed.write_control(req).await {
             return Err(self.ferr(e));
         }
         let mut buf = vec![0u8; DATA_CHUNK];
@@ -346,38 +359,13 @@ impl PeerClient {
         path: &Path,
         (size, blake3): (u64, String),
     ) -> Result<PeerResponse, PeerError> {
-        let io = |action: &'static str| {
-            let path = path.to_path_buf();
-            move |source| PeerError::Io {
-                action,
-                path,
-                source,
-            }
-        };
-        let mut f = tokio::fs::File::open(path).await.map_err(io("open"))?;
         let req = PeerRequest::PutBootFile {
             vm_uuid,
             file,
             size,
             blake3,
         };
-        if let Err(e) = self.framed.write_control(&req).await {
-            return Err(self.ferr(e));
-        }
-        let mut buf = vec![0u8; DATA_CHUNK];
-        loop {
-            let n = f.read(&mut buf).await.map_err(io("read"))?;
-            if n == 0 {
-                break;
-            }
-            if let Err(e) = self.framed.write_data(&buf[..n]).await {
-                return Err(self.ferr(e));
-            }
-        }
-        if let Err(e) = self.framed.write_data(&[]).await {
-            return Err(self.ferr(e));
-        }
-        self.read_response_within(ANSWER_TO_LOG).await
+        self.send_file(&req, path, 0, &mut |_| {}).await
     }
 
     /// Sends only part of a log and then drops the connection (tests of resume use it to
