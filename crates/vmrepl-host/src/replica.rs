@@ -816,6 +816,32 @@ pub async fn import_initial(
             ),
         )
     };
+    // The primary must still be authorized here, in the replica's trust group (an entry
+    // revoked since the export takes its media with it). Its certificate was checked, pins
+    // included, when it announced the export below.
+    let authorized = {
+        let cfg = d.cfg.read().unwrap_or_else(|p| p.into_inner());
+        vmrepl_transport::authz::Authorization::try_from(&cfg.replica_server)
+            .map_err(|x| x.to_string())
+            .and_then(|a| match a.authorize(&row.primary_host) {
+                Ok(g) if g.trust_group == row.trust_group => Ok(()),
+                Ok(g) => Err(format!(
+                    "it is now in trust group {:?}, the replica in {:?}",
+                    g.trust_group, row.trust_group
+                )),
+                Err(vmrepl_transport::authz::AuthzError::NoCertificateToCheck { .. }) => Ok(()),
+                Err(x) => Err(x.to_string()),
+            })
+    };
+    if let Err(why) = authorized {
+        return Err(e(
+            ErrorCode::WrongState,
+            format!(
+                "The primary {} of {name} is not authorized on this host any more ({why}); nothing was imported. Authorize it again (`vmrepl replication server authorize`) or remove the replica.",
+                row.primary_host
+            ),
+        ));
+    }
     // Only the very file the primary announced (over TLS) is imported: media can be altered
     // or forged on the way, and a forged log can be valid.
     let expected: ExpectedImport = std::fs::read(expected_import_path(&row))

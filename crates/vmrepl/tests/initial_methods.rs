@@ -124,6 +124,23 @@ fn an_initial_copy_exported_to_a_folder_and_imported_on_the_replica_starts_repli
     assert!(e.contains("keeps no replica of a VM named nosuch"), "{e}");
     assert_eq!(status(&a, "db")["state"], "waiting-for-initial-replication");
 
+    // A primary revoked since its export takes its media with it.
+    b.ok(&["replication", "server", "revoke", "--primary", "hosta.test"]);
+    let e = b.fails(&["replication", "import", "db", "--from", media_s]);
+    assert!(e.contains("not authorized on this host any more"), "{e}");
+    assert_eq!(replica_seq(), 0);
+    b.ok(&[
+        "replication",
+        "server",
+        "authorize",
+        "--primary",
+        "hosta.test",
+        "--storage",
+        store.to_str().unwrap(),
+        "--trust-group",
+        "lab",
+    ]);
+
     // The real import, by folder: the primary notices and sends the changes since the export.
     let msg = b.ok(&["replication", "import", "db", "--from", media_s]);
     assert!(msg.contains("imported"), "{msg}");
