@@ -26,7 +26,7 @@ pub fn response(r: &Response) -> ExitCode {
         Response::HostInfo(h) => host_info(h),
         Response::Vm(v) => vm(v),
         Response::VmList { vms } => vm_list(vms),
-        Response::Console { text } => print!("{text}"),
+        Response::Console { text } => print!("{}", printable(text)),
         Response::ReplicaServer {
             listen,
             settings: s,
@@ -341,4 +341,44 @@ pub fn init_report(r: &vmrepl_host::init::InitReport) {
         "Start it with: vmrepl --data {} daemon --background",
         r.data.display()
     );
+}
+
+/// A guest's console output made safe for the admin's terminal: line ends and tabs stay,
+/// every other control character (escape sequences above all, which could rewrite the
+/// terminal or what the admin sees) is shown as `^X` or `\u{..}` instead of acted on.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            '\r' if chars.peek() == Some(&'\n') => {}
+            c if (c as u32) < 0x20 => {
+                out.push('^');
+                out.push(char::from(b'@' + c as u8));
+            }
+            '\u{7f}' => out.push_str("^?"),
+            c if ('\u{80}'..='\u{9f}').contains(&c) => {
+                out.push_str(&format!("\\u{{{:x}}}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn console_text_keeps_its_lines_and_shows_control_characters_instead_of_acting_on_them() {
+        assert_eq!(
+            printable("VMREPL READY\r\nok\tdone\n"),
+            "VMREPL READY\nok\tdone\n"
+        );
+        assert_eq!(printable("\u{1b}[2J\u{1b}]0;evil\u{7}"), "^[[2J^[]0;evil^G");
+        assert_eq!(printable("over\rwrite"), "over^Mwrite");
+        assert_eq!(printable("\u{9b}31m\u{7f}é"), "\\u{9b}31m^?é");
+    }
 }
