@@ -310,6 +310,17 @@ fn failed_over(row: &ReplicaRow, f: &crate::replica::FailoverRecord) -> Refusal 
     )
 }
 
+/// The replica of `vm_uuid` that the authorized primary `peer` may still feed: its own, and
+/// not failed over.
+fn live_replica(daemon: &Daemon, peer: &str, vm_uuid: Uuid) -> Result<ReplicaRow, Refusal> {
+    let grant = authorize(daemon, peer)?;
+    let row = own_replica(daemon, peer, &grant, vm_uuid)?;
+    match &row.failover {
+        Some(f) => Err(failed_over(&row, f)),
+        None => Ok(row),
+    }
+}
+
 fn free_bytes(path: &Path) -> Option<u64> {
     vmrepl_store::spool::free_bytes(path).ok()
 }
@@ -510,14 +521,11 @@ async fn handle(
             vm_uuid,
             bytes,
             blake3,
-        } => authorize(daemon, peer)
-            .and_then(|g| own_replica(daemon, peer, &g, vm_uuid))
-            .and_then(|r| match &r.failover {
-                Some(f) => Err(failed_over(&r, f)),
-                None => replica::expect_import(&r, bytes, &blake3)
-                    .map(|()| PeerResponse::Ok)
-                    .map_err(|e| refuse(RefusalCode::Internal, e)),
-            }),
+        } => live_replica(daemon, peer, vm_uuid).and_then(|r| {
+            replica::expect_import(&r, bytes, &blake3)
+                .map(|()| PeerResponse::Ok)
+                .map_err(|e| refuse(RefusalCode::Internal, e))
+        }),
         PeerRequest::RemoveReplica { vm_uuid, delete } => {
             remove_replica(daemon, peer, vm_uuid, delete).await
         }
@@ -829,11 +837,7 @@ async fn block_digests(
     peer: &str,
     vm_uuid: Uuid,
 ) -> Result<PeerResponse, Refusal> {
-    let grant = authorize(daemon, peer)?;
-    let row = own_replica(daemon, peer, &grant, vm_uuid)?;
-    if let Some(f) = &row.failover {
-        return Err(failed_over(&row, f));
-    }
+    let row = live_replica(daemon, peer, vm_uuid)?;
     let lock = replica::vm_lock(&replica::vm_dir(&row));
     let _g = lock.lock().await;
     let _ = replica::apply_and_record(daemon, &row).await;
@@ -860,11 +864,7 @@ async fn remove_replica(
     vm_uuid: Uuid,
     delete: bool,
 ) -> Result<PeerResponse, Refusal> {
-    let grant = authorize(daemon, peer)?;
-    let row = own_replica(daemon, peer, &grant, vm_uuid)?;
-    if let Some(f) = &row.failover {
-        return Err(failed_over(&row, f));
-    }
+    let row = live_replica(daemon, peer, vm_uuid)?;
     // A primary deletes the replica's data only where this host allows it: by default the
     // disaster-recovery copy outlives a primary that is told (or tricked) to drop it.
     let delete = delete
@@ -916,26 +916,28 @@ async fn put_boot_file(
     file: super::proto::BootFile,
     (size, digest): (u64, String),
 ) -> Result<Option<PeerResponse>, FrameError> {
-    let row = match authorize(daemon, peer)
-        .and_then(|g| own_replica(daemon, peer, &g, vm_uuid))
-        .and_then(|r| match &r.failover {
-            Some(f) => Err(failed_over(&r, f)),
-            None if size > super::proto::MAX_BOOT_FILE_BYTES => Err(refuse(
+    let wanted = live_replica(daemon, peer, vm_uuid).and_then(|r| {
+        if size > super::proto::MAX_BOOT_FILE_BYTES {
+            Err(refuse(
                 RefusalCode::BadRequest,
                 format!(
                     "a boot file of {size} bytes is larger than the {} bytes a replica keeps",
                     super::proto::MAX_BOOT_FILE_BYTES
                 ),
-            )),
-            None if r.definition.kernel.is_none() => Err(refuse(
+            ))
+        } else if r.definition.kernel.is_none() {
+            Err(refuse(
                 RefusalCode::BadRequest,
                 format!(
                     "VM {} does not boot a kernel directly; it has no boot files",
                     r.name
                 ),
-            )),
-            None => Ok(r),
-        }) {
+            ))
+        } else {
+            Ok(r)
+        }
+    });
+    let row = match wanted {
         Ok(r) => r,
         Err(r) => {
             drain(framed).await?;
@@ -944,7 +946,7 @@ async fn put_boot_file(
     };
     let boot = replica::vm_dir(&row).join("boot");
     let tmp = boot.join(format!("{}.{}.tmp", file.file_name(), Uuid::new_v4()));
-    let created = tokio::fs::create_dir_all(&boot).await.and(
+    let created = crate::fsutil::create_private_dir_all(&boot).and(
         tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -966,9 +968,17 @@ async fn put_boot_file(
     loop {
         let data = match framed.read_frame().await {
             Ok(Frame::Data(d)) => d,
-            Ok(Frame::Control(_)) | Err(_) => {
+            Ok(Frame::Control(_)) => {
                 let _ = tokio::fs::remove_file(&tmp).await;
-                return Err(FrameError::Closed);
+                return Err(FrameError::UnexpectedKind {
+                    expected: frame::FrameKind::Data,
+                    got: frame::FrameKind::Control,
+                    len: 0,
+                });
+            }
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e);
             }
         };
         if data.is_empty() {
@@ -1065,12 +1075,7 @@ async fn send_log(
     base: u64,
     resume: Option<Resume>,
 ) -> Result<Option<PeerResponse>, FrameError> {
-    let row = match authorize(daemon, peer)
-        .and_then(|g| own_replica(daemon, peer, &g, vm_uuid))
-        .and_then(|r| match &r.failover {
-            Some(f) => Err(failed_over(&r, f)),
-            None => Ok(r),
-        }) {
+    let row = match live_replica(daemon, peer, vm_uuid) {
         Ok(r) => r,
         Err(r) => {
             drain(framed).await?;
@@ -1155,19 +1160,19 @@ async fn send_log(
     let receive_ms = t0.elapsed().as_millis() as u64;
     let g = lock.lock().await;
     // The replica may have failed over, or been removed, while the log arrived.
-    let current = authorize(daemon, peer)
-        .and_then(|g| own_replica(daemon, peer, &g, vm_uuid))
-        .and_then(|r| match &r.failover {
-            Some(f) => Err(failed_over(&r, f)),
-            None if r.relationship != row.relationship => Err(refuse(
+    let current = live_replica(daemon, peer, vm_uuid).and_then(|r| {
+        if r.relationship != row.relationship {
+            Err(refuse(
                 RefusalCode::Conflict,
                 format!(
                     "the replica of {} was replaced while log {seq} arrived",
                     r.name
                 ),
-            )),
-            None => Ok(r),
-        });
+            ))
+        } else {
+            Ok(r)
+        }
+    });
     let row = match current {
         Ok(r) => r,
         Err(r) => {
