@@ -424,7 +424,7 @@ pub(crate) async fn send_boot_files(
     for (file, path) in files {
         let Some(path) = path else { continue };
         let p = path.clone();
-        let sum = tokio::task::spawn_blocking(move || boot_file_digest(&p))
+        let sum = tokio::task::spawn_blocking(move || file_digest(&p))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| {
@@ -462,7 +462,7 @@ pub(crate) async fn send_boot_files(
 /// Size and BLAKE3 digest (hex) of a file (a boot file, an exported initial copy),
 /// remembered while its size and modification time stay the same (a kernel is read once, not
 /// every cycle).
-fn boot_file_digest(path: &Path) -> std::io::Result<(u64, String)> {
+fn file_digest(path: &Path) -> std::io::Result<(u64, String)> {
     type Seen = HashMap<PathBuf, (u64, std::time::SystemTime, String)>;
     static SEEN: std::sync::OnceLock<Mutex<Seen>> = std::sync::OnceLock::new();
     let meta = std::fs::metadata(path)?;
@@ -1197,7 +1197,7 @@ impl<'a> Cycle<'a> {
                     // The replica imports exactly this file: tell it over TLS what it is.
                     let exported = f.clone();
                     let (bytes, blake3) =
-                        tokio::task::spawn_blocking(move || boot_file_digest(&exported))
+                        tokio::task::spawn_blocking(move || file_digest(&exported))
                             .await
                             .map_err(|e| CycleError::Other(e.to_string()))?
                             .map_err(|e| {
