@@ -129,17 +129,7 @@ fn an_initial_copy_exported_to_a_folder_and_imported_on_the_replica_starts_repli
     let e = b.fails(&["replication", "import", "db", "--from", media_s]);
     assert!(e.contains("not authorized on this host any more"), "{e}");
     assert_eq!(replica_seq(), 0);
-    b.ok(&[
-        "replication",
-        "server",
-        "authorize",
-        "--primary",
-        "hosta.test",
-        "--storage",
-        store.to_str().unwrap(),
-        "--trust-group",
-        "lab",
-    ]);
+    authorize(&b, "hosta.test", &store, "lab");
 
     // The real import, by folder: the primary notices and sends the changes since the export.
     let msg = b.ok(&["replication", "import", "db", "--from", media_s]);

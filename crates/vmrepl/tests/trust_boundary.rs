@@ -559,17 +559,7 @@ fn whatever_an_authorized_primary_sends_nothing_outside_its_own_replicas_and_sto
     ]);
     c.start();
     let store_c = b.data().join("replicas-from-c");
-    b.ok(&[
-        "replication",
-        "server",
-        "authorize",
-        "--primary",
-        "hostc.test",
-        "--storage",
-        store_c.to_str().unwrap(),
-        "--trust-group",
-        "other",
-    ]);
+    authorize(&b, "hostc.test", &store_c, "other");
     c.ok(&["vm", "create", "cvm", "--disk", "16M", "--nic", "none"]);
     enable_ok(&c, &b, "cvm", "hostb.test", &["--frequency", "5"]);
     wait_until(

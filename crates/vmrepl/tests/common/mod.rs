@@ -352,18 +352,23 @@ pub fn pair(a_ip: &str, b_ip: &str, trust_group: &str) -> (Host, Host, PathBuf) 
     b.start();
     let store = b.data().join("replicas-from-a");
     b.ok(&["replication", "server", "set", "--enable"]);
-    b.ok(&[
+    authorize(&b, "hosta.test", &store, trust_group);
+    (a, b, store)
+}
+
+/// On the replica server `h`: authorizes `primary` into `storage`, in `trust_group`.
+pub fn authorize(h: &Host, primary: &str, storage: &Path, trust_group: &str) {
+    h.ok(&[
         "replication",
         "server",
         "authorize",
         "--primary",
-        "hosta.test",
+        primary,
         "--storage",
-        store.to_str().unwrap(),
+        storage.to_str().unwrap(),
         "--trust-group",
         trust_group,
     ]);
-    (a, b, store)
 }
 
 /// `replication enable VM` towards `b`, under the certificate name `name`, with `extra` options.
@@ -437,15 +442,7 @@ pub fn last_stopped_gen(console: &str, dev: &str) -> u64 {
 /// Makes `h` a replica server that authorizes `primary` into `storage`.
 pub fn serve_replicas_for(h: &Host, primary: &str, storage: &Path) {
     h.ok(&["replication", "server", "set", "--enable"]);
-    h.ok(&[
-        "replication",
-        "server",
-        "authorize",
-        "--primary",
-        primary,
-        "--storage",
-        storage.to_str().unwrap(),
-    ]);
+    authorize(h, primary, storage, "DEFAULT");
 }
 
 /// What the guest's `check` step found on a disk (its VERIFY line).
