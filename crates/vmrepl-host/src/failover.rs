@@ -862,19 +862,12 @@ pub fn primary_state(d: &Daemon, peer: &str, vm_uuid: Uuid) -> Result<PeerRespon
 }
 
 /// Decides whether this host's copy of `vm` is the common base at `base_seq` for `peer`.
-pub fn common_base(d: &Daemon, peer: &str, vm: &VmDefinition, base_seq: u64) -> Result<(), String> {
-    let local = d
-        .vmm
-        .definition(vm.uuid)
-        .ok_or_else(|| "this host has no copy of the VM".to_string())?;
-    let rel = replication::load(d, vm.uuid)
-        .ok_or_else(|| "this host no longer replicates the VM".to_string())?;
-    if !rel.replica_name.eq_ignore_ascii_case(peer) {
-        return Err(format!(
-            "this host replicated the VM to {}, not to {peer}",
-            rel.replica_name
-        ));
-    }
+pub fn common_base(
+    local: &VmDefinition,
+    rel: &replication::Relationship,
+    vm: &VmDefinition,
+    base_seq: u64,
+) -> Result<(), String> {
     if base_seq == 0 {
         return Err(
             "the failover was not planned, so this host may hold writes the replica never received"
@@ -913,13 +906,14 @@ pub fn common_base(d: &Daemon, peer: &str, vm: &VmDefinition, base_seq: u64) -> 
 
 /// A peer may turn this host's VM `vm_uuid` into a replica only when this host replicates
 /// that VM to it under `relationship` (the relationship the failover on the peer came from).
-/// The refusal names neither the VM nor its disks: the peer may know nothing of them.
+/// Returns that relationship. The refusal names neither the VM nor its disks: the peer may
+/// know nothing of them.
 pub fn may_take_over(
     d: &Daemon,
     peer: &str,
     vm_uuid: Uuid,
     relationship: Option<Uuid>,
-) -> Result<(), Refusal> {
+) -> Result<replication::Relationship, Refusal> {
     let refused = || {
         (
             RefusalCode::NotAuthorized,
@@ -939,7 +933,7 @@ pub fn may_take_over(
     if !to_peer || Some(rel.rel_id) != relationship {
         return Err(refused());
     }
-    Ok(())
+    Ok(rel)
 }
 
 /// What the old primary's copy of a VM is to the failed-over one.
@@ -956,8 +950,8 @@ pub enum TakeOver {
 
 /// The old primary's side of a reverse: its VM stops being a VM here and becomes the
 /// replica of the failed-over one. Its disks (and NVRAM) are adopted as the replica's base,
-/// at `base_seq` when they hold the failover point, else at 0 for a resynchronization; disks
-/// of another shape are deleted and the replica starts empty.
+/// at `base_seq` when they hold the failover point, else at 0 for a resynchronization. With no
+/// copy here the replica starts empty (a full copy follows).
 ///
 /// Only the host this one replicates the VM to, under the same relationship, may ask: a
 /// local VM that was never replicated to `peer` is refused before anything is touched (a peer
@@ -974,7 +968,7 @@ pub async fn take_over_as_replica(
     let Some(local) = d.vmm.definition(vm.uuid) else {
         return Ok(TakeOver::Nothing("this host has no copy of the VM".into()));
     };
-    may_take_over(d, peer, vm.uuid, relationship)?;
+    let rel = may_take_over(d, peer, vm.uuid, relationship)?;
     if replica::vm_running(d, vm.uuid) {
         return Err((
             RefusalCode::VmRunning,
@@ -989,9 +983,9 @@ pub async fn take_over_as_replica(
         .iter()
         .map(|x| (x.id.as_str(), x.size_bytes))
         .eq(vm.disks.iter().map(|x| (x.id.as_str(), x.size_bytes)));
-    let outcome = match common_base(d, peer, vm, base_seq) {
-        Ok(()) => TakeOver::Common,
-        Err(why) if same_disks => TakeOver::Diverged(why),
+    let (outcome, adopt_at) = match common_base(&local, &rel, vm, base_seq) {
+        Ok(()) => (TakeOver::Common, base_seq),
+        Err(why) if same_disks => (TakeOver::Diverged(why), 0),
         Err(why) => {
             // Never delete this host's disks because a peer asked: its admin decides.
             return Err((
@@ -1013,31 +1007,21 @@ pub async fn take_over_as_replica(
         .await
         .map_err(|e| (RefusalCode::VmRunning, e.message))?;
     let op = d.vmm.op_lock(vm.uuid).await;
-    let rel = replication::load(d, vm.uuid);
-    if let Some(rel) = &rel {
-        // Tracking of the old relationship ends here (its bitmaps would record forever).
-        replication::end_tracking(d, &local, rel)
-            .await
-            .map_err(|e| {
-                internal(format!(
-                    "cannot end change tracking on this host's copy: {e}"
-                ))
-            })?;
-    }
-    let adopt_at = match outcome {
-        TakeOver::Common => Some(base_seq),
-        TakeOver::Diverged(_) => Some(0),
-        TakeOver::Nothing(_) => None,
-    };
-    if let Some(at) = adopt_at {
-        replica::adopt_disks(&local, vm, storage_root, at)
-            .await
-            .map_err(|e| {
-                internal(format!(
-                    "cannot adopt this host's disks as the replica: {e}"
-                ))
-            })?;
-    }
+    // Tracking of the old relationship ends here (its bitmaps would record forever).
+    replication::end_tracking(d, &local, &rel)
+        .await
+        .map_err(|e| {
+            internal(format!(
+                "cannot end change tracking on this host's copy: {e}"
+            ))
+        })?;
+    replica::adopt_disks(&local, vm, storage_root, adopt_at)
+        .await
+        .map_err(|e| {
+            internal(format!(
+                "cannot adopt this host's disks as the replica: {e}"
+            ))
+        })?;
     replication::delete_row(d, vm.uuid);
     drop(op);
     // The VM now lives on the peer: drop it here (with the adoption its data lives on as the
@@ -1047,4 +1031,46 @@ pub async fn take_over_as_replica(
         .await
         .map_err(|e| internal(e.message))?;
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replica::tests::def;
+
+    fn prepared_at(seq: u64, state: ReplicationState) -> replication::Relationship {
+        replication::Relationship {
+            vm_uuid: Uuid::new_v4(),
+            rel_id: Uuid::new_v4(),
+            settings: replication::default_settings("h:1"),
+            replica_name: "h".into(),
+            state,
+            acked_seq: seq,
+            last_error: None,
+            created_ms: 0,
+            last_success_ms: None,
+            note: None,
+        }
+    }
+
+    #[test]
+    fn the_old_primarys_disks_are_the_common_base_only_when_prepared_at_the_failover_point() {
+        let disks = [("disk0", 1 << 20), ("disk1", 2 << 20)];
+        let (local, vm) = (def(&disks), def(&disks));
+        let prepared = prepared_at(7, ReplicationState::SyncedReplicationComplete);
+        assert_eq!(common_base(&local, &prepared, &vm, 7), Ok(()));
+        // An unplanned failover, a prepare at another log, or no prepare at all: not whole.
+        let e = common_base(&local, &prepared, &vm, 0).unwrap_err();
+        assert!(e.contains("not planned"), "{e}");
+        let e = common_base(&local, &prepared, &vm, 8).unwrap_err();
+        assert!(e.contains("at log 8") && e.contains("last log 7"), "{e}");
+        let running = prepared_at(7, ReplicationState::Replicating);
+        assert!(common_base(&local, &running, &vm, 7).is_err());
+        // Other disks, or disks left out of replication.
+        let e = common_base(&local, &prepared, &def(&[("disk0", 1 << 20)]), 7).unwrap_err();
+        assert!(e.contains("disks differ"), "{e}");
+        let mut partial = prepared_at(7, ReplicationState::SyncedReplicationComplete);
+        partial.settings.exclude_disks = vec!["disk1".into()];
+        assert!(common_base(&local, &partial, &vm, 7).is_err());
+    }
 }

@@ -1457,12 +1457,13 @@ pub fn statuses(daemon: &Daemon) -> Vec<ReplicationStatus> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use vmrepl_types::vm::{ConfigVersion, DiskDef, FirmwareVariantId, Generation};
     use vmrepl_types::VmName;
 
-    fn def(disks: &[(&str, u64)]) -> VmDefinition {
+    /// A generation 1 VM with these disks (id, size).
+    pub(crate) fn def(disks: &[(&str, u64)]) -> VmDefinition {
         VmDefinition {
             name: VmName::new("app").unwrap(),
             uuid: Uuid::new_v4(),
