@@ -169,10 +169,8 @@ impl PeerClient {
 
     /// Like [`PeerClient::request`], with a refusal as [`PeerError::Refused`].
     pub async fn call(&mut self, req: &PeerRequest) -> Result<PeerResponse, PeerError> {
-        match self.request(req).await? {
-            PeerResponse::Refused { code, message } => Err(PeerError::Refused { code, message }),
-            r => Ok(r),
-        }
+        let usual = self.framed.timeout();
+        self.call_within(req, usual).await
     }
 
     /// Sends log `seq` (on `base`) while it is encoded: each chunk from `chunks` goes out as
