@@ -29,8 +29,9 @@
 //!
 //! ## Applying logs (I3, I4)
 //!
-//! The engine receives a log into the [`spool`] (`<seq>.partial`), verifies it whole, makes it
-//! durable under its verified name ([`spool::accept`]), acknowledges it, then applies it:
+//! The engine receives a log into the [`spool`] (`<seq>.partial`) and fsyncs it, verifies it
+//! whole, gives it its verified name durably ([`spool::accept`]), acknowledges it, then
+//! applies it:
 //! [`ReplicaVm::check_space`], [`ReplicaVm::begin_apply`]`(seq, base_seq)`, then
 //! [`ApplyTxn::write`] / [`ApplyTxn::write_zeroes`] / [`ApplyTxn::set_nvram`], then
 //! [`ApplyTxn::commit`]. Sequence rules:

@@ -1287,8 +1287,8 @@ fn start_verifier(
 
 /// Receives the Data frames of a log into its partial spool file `path` (fresh, or appended to
 /// a partial file cut to `resume.bytes`), verifying it on the way. Returns the file's size and
-/// the verification's outcome. A refusal has drained the frames already. Durability comes with
-/// [`vmrepl_store::spool::accept`] after verification.
+/// the verification's outcome. A refusal has drained the frames already. The file is fsynced
+/// here; [`vmrepl_store::spool::accept`] gives it its verified name after verification.
 async fn receive(
     framed: &mut Conn,
     row: &ReplicaRow,
@@ -1455,8 +1455,8 @@ async fn receive(
         .await
         .unwrap_or_else(|e| Err(format!("the verifier failed: {e}")));
     // Durable through the descriptor that wrote it, and no early write-back failed: a
-    // write-back error is reported once only, so an fsync on another descriptor (as
-    // `spool::accept` does) could succeed for bytes that are not on disk (I1).
+    // write-back error is reported once only, so an fsync on another descriptor could succeed
+    // for bytes that are not on disk (I1). `spool::accept` relies on this.
     let early = tokio::task::spawn_blocking(move || writeback.finish())
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
