@@ -424,7 +424,7 @@ pub(crate) async fn send_boot_files(
     for (file, path) in files {
         let Some(path) = path else { continue };
         let p = path.clone();
-        let sum = tokio::task::spawn_blocking(move || file_digest(&p))
+        let sum = tokio::task::spawn_blocking(move || boot_file_digest(&p))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| {
@@ -459,10 +459,9 @@ pub(crate) async fn send_boot_files(
     Ok(())
 }
 
-/// Size and BLAKE3 digest (hex) of a file (a boot file, an exported initial copy),
-/// remembered while its size and modification time stay the same (a kernel is read once, not
-/// every cycle).
-fn file_digest(path: &Path) -> std::io::Result<(u64, String)> {
+/// Size and BLAKE3 digest (hex) of a boot file, remembered while its size and modification
+/// time stay the same (a kernel is read once, not every cycle).
+fn boot_file_digest(path: &Path) -> std::io::Result<(u64, String)> {
     type Seen = HashMap<PathBuf, (u64, std::time::SystemTime, String)>;
     static SEEN: std::sync::OnceLock<Mutex<Seen>> = std::sync::OnceLock::new();
     let meta = std::fs::metadata(path)?;
@@ -1176,10 +1175,11 @@ impl<'a> Cycle<'a> {
             match &export {
                 // On external media the log must be whole and durable under its final name.
                 Some(f) => {
+                    let hasher = Arc::new(Mutex::new(blake3::Hasher::new()));
                     let total = build_log(
                         self.spec(),
                         &h,
-                        LogOut::File(path.clone()),
+                        LogOut::Export(path.clone(), hasher.clone()),
                         (1, 0),
                         LogKind::Initial,
                         None,
@@ -1195,14 +1195,15 @@ impl<'a> Cycle<'a> {
                         ))
                     })?;
                     // The replica imports exactly this file: tell it over TLS what it is.
-                    let exported = f.clone();
-                    let (bytes, blake3) =
-                        tokio::task::spawn_blocking(move || file_digest(&exported))
-                            .await
-                            .map_err(|e| CycleError::Other(e.to_string()))?
-                            .map_err(|e| {
-                                CycleError::Other(format!("cannot read {} back: {e}", f.display()))
-                            })?;
+                    let bytes = std::fs::metadata(f)
+                        .map_err(|e| CycleError::Other(format!("{}: {e}", f.display())))?
+                        .len();
+                    let blake3 = hasher
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .finalize()
+                        .to_hex()
+                        .to_string();
                     match self
                         .client
                         .call(&PeerRequest::ExpectImport {
@@ -1732,6 +1733,9 @@ fn compare_blocks<W: std::io::Write>(
 enum LogOut {
     /// A file (created or truncated).
     File(PathBuf),
+    /// An exported initial copy: a file, and the BLAKE3 of every byte written to it (what the
+    /// replica will take from the media), computed on the way instead of reading it back.
+    Export(PathBuf, Arc<Mutex<blake3::Hasher>>),
     /// Chunks of at most 1 MiB for a sender ([`crate::peer::client::PeerClient::send_log_stream`]).
     Stream(tokio::sync::mpsc::Sender<Vec<u8>>),
 }
@@ -1804,10 +1808,10 @@ async fn build_log(
         let inner: Box<dyn std::io::Write + Send> = match out {
             // A leftover of an earlier attempt is replaced; the new file is created 0600
             // (an export holds the whole of every disk), refusing a symbolic link.
-            LogOut::File(path) => Box::new({
-                let _ = std::fs::remove_file(&path);
-                crate::fsutil::create_private_new(&path)
-                    .map_err(|e| format!("cannot create {}: {e}", path.display()))?
+            LogOut::File(path) => Box::new(new_log_file(&path)?),
+            LogOut::Export(path, hasher) => Box::new(Hashing {
+                inner: new_log_file(&path)?,
+                hasher,
             }),
             LogOut::Stream(tx) => Box::new(Pipe { tx }),
         };
@@ -1981,6 +1985,34 @@ impl std::io::Write for Pipe {
 }
 
 /// A writer that reports every byte it has written (progress, and the end of the log).
+/// A log file of its own: a leftover of an earlier attempt is replaced, and the new file is
+/// created 0600 (an export holds the whole of every disk), refusing a symbolic link.
+fn new_log_file(path: &Path) -> Result<std::fs::File, String> {
+    let _ = std::fs::remove_file(path);
+    crate::fsutil::create_private_new(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))
+}
+
+/// Passes writes through and hashes what was written.
+struct Hashing {
+    inner: std::fs::File,
+    hasher: Arc<Mutex<blake3::Hasher>>,
+}
+
+impl std::io::Write for Hashing {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 struct Tally {
     inner: Box<dyn std::io::Write + Send>,
     growth: Option<Arc<tokio::sync::watch::Sender<LogGrowth>>>,
