@@ -72,14 +72,7 @@ pub fn rotate_serial_log(log: &std::path::Path, over: u64, keep: u64) -> std::io
         return Ok(false);
     }
     let tail = read_tail(log, keep)?;
-    let old = rotated_serial_log(log);
-    let tmp = old.with_extension("1.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    {
-        use std::io::Write;
-        crate::fsutil::create_private_new(&tmp)?.write_all(&tail)?;
-    }
-    std::fs::rename(&tmp, &old)?;
+    crate::fsutil::write_atomic(&rotated_serial_log(log), &tail)?;
     std::fs::OpenOptions::new()
         .write(true)
         .open(log)?
