@@ -191,7 +191,7 @@ async fn connection(
                     PeerRequest::PrimaryState { .. }
                     | PeerRequest::SendLog { .. }
                     | PeerRequest::PutBootFile { .. } => Ok(()),
-                    _ => PEER.sync_scope(peer.clone(), || authorize(&daemon, &host).map(|_| ())),
+                    _ => PEER.sync_scope(peer.clone(), || authorize(&daemon).map(|_| ())),
                 };
                 match gate {
                     Err(r) => Some(r.into()),
@@ -243,20 +243,19 @@ fn server_enabled(daemon: &Daemon) -> Result<Authorization, Refusal> {
     })
 }
 
-/// The primary `peer`'s grant. Its certificate (the connection's [`PEER`]) is checked against
-/// the matching entry's `issuer` and `pin`; without it an entry that has either refuses.
-fn authorize(daemon: &Daemon, peer: &str) -> Result<Grant, Refusal> {
+/// The grant of the primary whose request is being handled: its verified certificate (the
+/// connection's [`PEER`]: every request runs in that scope) checked against the matching
+/// entry, `issuer` and `pin` included.
+fn authorize(daemon: &Daemon) -> Result<Grant, Refusal> {
     let authz = server_enabled(daemon)?;
-    let decided = PEER
-        .try_with(|p| {
-            if p.host_name.eq_ignore_ascii_case(peer) {
-                authz.authorize_peer(p)
-            } else {
-                authz.authorize(peer)
-            }
-        })
-        .unwrap_or_else(|_| authz.authorize(peer));
-    decided.map_err(|e| refuse(RefusalCode::NotAuthorized, e.to_string()))
+    PEER.try_with(|p| authz.authorize_peer(p))
+        .map_err(|_| {
+            refuse(
+                RefusalCode::Internal,
+                "a request was handled outside its connection (no verified peer)",
+            )
+        })?
+        .map_err(|e| refuse(RefusalCode::NotAuthorized, e.to_string()))
 }
 
 fn lookup(daemon: &Daemon, vm_uuid: Uuid) -> Result<Option<ReplicaRow>, Refusal> {
@@ -313,7 +312,7 @@ fn failed_over(row: &ReplicaRow, f: &crate::replica::FailoverRecord) -> Refusal 
 /// The replica of `vm_uuid` that the authorized primary `peer` may still feed: its own, and
 /// not failed over.
 fn live_replica(daemon: &Daemon, peer: &str, vm_uuid: Uuid) -> Result<ReplicaRow, Refusal> {
-    let grant = authorize(daemon, peer)?;
+    let grant = authorize(daemon)?;
     let row = own_replica(daemon, peer, &grant, vm_uuid)?;
     match &row.failover {
         Some(f) => Err(failed_over(&row, f)),
@@ -470,15 +469,16 @@ async fn handle(
             )
             .await
         }
-        PeerRequest::CheckReplica { vm } => authorize(daemon, peer)
-            .and_then(|g| check_vm(daemon, &vm, &g).map(|()| PeerResponse::Ok)),
+        PeerRequest::CheckReplica { vm } => {
+            authorize(daemon).and_then(|g| check_vm(daemon, &vm, &g).map(|()| PeerResponse::Ok))
+        }
         PeerRequest::CreateReplica {
             vm,
             relationship,
             policy,
             primary_server,
             existing_copy: false,
-        } => match authorize(daemon, peer) {
+        } => match authorize(daemon) {
             Ok(grant) => {
                 create_replica(
                     daemon,
@@ -502,7 +502,7 @@ async fn handle(
             existing_copy: true,
         } => from_existing_copy(daemon, peer, *vm, relationship, policy, primary_server).await,
         PeerRequest::ReplicaState { vm_uuid } => replica_state(daemon, peer, vm_uuid).await,
-        PeerRequest::SetPolicy { vm_uuid, policy } => authorize(daemon, peer)
+        PeerRequest::SetPolicy { vm_uuid, policy } => authorize(daemon)
             .and_then(|g| check_policy(&policy).map(|()| g))
             .and_then(|g| own_replica(daemon, peer, &g, vm_uuid))
             .and_then(|_| {
@@ -560,7 +560,7 @@ async fn reverse_replica(
     base_seq: u64,
     primary_server: Option<String>,
 ) -> Result<PeerResponse, Refusal> {
-    let grant = authorize(daemon, peer)?;
+    let grant = authorize(daemon)?;
     check_policy(&policy)?;
     if let Some(row) = existing_replica(daemon, peer, &grant, vm.uuid, relationship)? {
         return Ok(PeerResponse::Reversed {
@@ -627,7 +627,7 @@ async fn from_existing_copy(
     policy: PointPolicy,
     primary_server: Option<String>,
 ) -> Result<PeerResponse, Refusal> {
-    let grant = authorize(daemon, peer)?;
+    let grant = authorize(daemon)?;
     check_policy(&policy)?;
     if existing_replica(daemon, peer, &grant, vm.uuid, relationship)?.is_some() {
         return Ok(PeerResponse::Ok); // the copy was taken already
@@ -779,7 +779,7 @@ async fn replica_state(
     peer: &str,
     vm_uuid: Uuid,
 ) -> Result<PeerResponse, Refusal> {
-    let grant = authorize(daemon, peer)?;
+    let grant = authorize(daemon)?;
     let row = own_replica(daemon, peer, &grant, vm_uuid)?;
     if row.failover.is_some() {
         return Ok(PeerResponse::ReplicaState {
