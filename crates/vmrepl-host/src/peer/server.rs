@@ -796,12 +796,18 @@ async fn replica_state(
     let _ = replica::apply_and_record(daemon, &row).await;
     let root = row.storage_root.clone();
     let boot = replica::boot_files(&replica::vm_dir(&row));
+    // A partial log is a resume point only once nobody writes it any more: while a transfer
+    // still holds the receive slot (one cut without a close, say, until its frame deadline),
+    // its prefix is still growing.
+    let slot = replica::receive_slot(&replica::vm_dir(&row));
+    let receiving = slot.try_lock().is_err();
     tokio::task::spawn_blocking(move || -> Result<PeerResponse, Refusal> {
         let vm = vmrepl_store::ReplicaStore::open(&root, vm_uuid)
             .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
         let last = vm.last_applied();
         let next = vm.partial_log_path(last + 1);
         let partial = match std::fs::File::open(&next) {
+            Ok(_) if receiving => None,
             Ok(f) => match vmrepl_log::scan_valid_prefix(std::io::BufReader::new(f)) {
                 Ok(p) if p.bytes > 0 => Some((
                     last + 1,
