@@ -21,11 +21,11 @@
 //!
 //! Failback is the same planned failover in the other direction.
 
-use crate::daemon::Daemon;
+use crate::host::Host;
 use crate::peer::client::PeerClient;
 use crate::peer::proto::{PeerRequest, PeerResponse, RefusalCode};
+use crate::primary;
 use crate::replica::{self, FailoverRecord, ReplicaRow, TestFailover};
-use crate::replication;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,7 +53,7 @@ fn store_err(e: StoreError) -> ApiError {
 
 /// The replica row of the VM called `name` on this host.
 /// The recovery points of a replica VM, oldest first, the latest state last.
-pub async fn points(d: &Arc<Daemon>, name: &VmName) -> Result<Vec<RecoveryPointInfo>, ApiError> {
+pub async fn points(d: &Arc<Host>, name: &VmName) -> Result<Vec<RecoveryPointInfo>, ApiError> {
     let row = replica::named(d, name)?;
     if row.state == ReplicationState::FailedOver {
         return Err(ApiError::new(
@@ -61,7 +61,7 @@ pub async fn points(d: &Arc<Daemon>, name: &VmName) -> Result<Vec<RecoveryPointI
             format!("VM {name} has failed over and its recovery points were dropped."),
         ));
     }
-    let lock = replica::vm_lock(&replica::vm_dir(&row));
+    let lock = d.replica_locks.vm(&replica::vm_dir(&row));
     let _g = lock.lock().await;
     let root = row.storage_root.clone();
     let pts = tokio::task::spawn_blocking(move || ReplicaStore::open(&root, row.vm_uuid))
@@ -84,9 +84,9 @@ pub async fn points(d: &Arc<Daemon>, name: &VmName) -> Result<Vec<RecoveryPointI
 
 /// Planned failover, step 1 on the primary: the VM must be off; it is locked against starting,
 /// its last changes are shipped as a planned point, and replication waits.
-pub async fn prepare(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
+pub async fn prepare(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
     let vm = d.vmm.show(name)?.definition;
-    let rel = replication::load(d, vm.uuid).ok_or_else(|| {
+    let rel = primary::load(d, vm.uuid).ok_or_else(|| {
         ApiError::new(
             ErrorCode::NotFound,
             format!("VM {name} is not replicated from this host, so there is nothing to prepare; on a replica server use `vmrepl failover start`."),
@@ -108,9 +108,9 @@ pub async fn prepare(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError>
         }
     }
     d.vmm.set_failover_lock(vm.uuid, true).await?;
-    match replication::replicate_now(d, vm.uuid, vmrepl_log::Consistency::Planned).await {
-        Ok((seq, _)) if replication::load(d, vm.uuid).is_some_and(|r| r.last_error.is_none()) => {
-            replication::set_state(
+    match primary::replicate_now(d, vm.uuid, vmrepl_log::Consistency::Planned).await {
+        Ok((seq, _)) if primary::load(d, vm.uuid).is_some_and(|r| r.last_error.is_none()) => {
+            primary::set_state(
                 d,
                 vm.uuid,
                 ReplicationState::SyncedReplicationComplete,
@@ -124,7 +124,7 @@ pub async fn prepare(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError>
         res => {
             let why = match res {
                 Err(e) => e,
-                Ok(_) => replication::load(d, vm.uuid)
+                Ok(_) => primary::load(d, vm.uuid)
                     .and_then(|r| r.last_error)
                     .unwrap_or_default(),
             };
@@ -138,12 +138,12 @@ pub async fn prepare(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError>
 }
 
 /// Cancels a prepare (on the primary) or a failover waiting for completion (on the replica).
-pub async fn cancel(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
+pub async fn cancel(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
     let prepared = d
         .vmm
         .show(name)
         .ok()
-        .and_then(|v| replication::load(d, v.definition.uuid));
+        .and_then(|v| primary::load(d, v.definition.uuid));
     if let Some(rel) = prepared {
         if rel.state != ReplicationState::SyncedReplicationComplete {
             return Err(ApiError::new(
@@ -152,7 +152,7 @@ pub async fn cancel(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> 
             ));
         }
         // If the replica already failed over, the VM lives there now (I6).
-        if let Ok((mut c, _)) = replication::connect(d, &rel.settings).await {
+        if let Ok((mut c, _)) = primary::connect(d, &rel.settings).await {
             if let Ok(PeerResponse::ReplicaState {
                 failed_over: true, ..
             }) = c
@@ -168,8 +168,8 @@ pub async fn cancel(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> 
             }
         }
         d.vmm.set_failover_lock(rel.vm_uuid, false).await?;
-        replication::set_state(d, rel.vm_uuid, ReplicationState::Replicating, None);
-        replication::wake(d, rel.vm_uuid);
+        primary::set_state(d, rel.vm_uuid, ReplicationState::Replicating, None);
+        primary::wake(d, rel.vm_uuid);
         return Ok(format!(
             "Planned failover of {name} cancelled; the VM can start here and replication goes on."
         ));
@@ -191,7 +191,7 @@ pub async fn cancel(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> 
         d.vmm.stop(name).await?;
     }
     d.vmm.delete(name, false).await?;
-    let db = d.db.lock().expect("db");
+    let db = d.db();
     replica::set_failover(&db, row.vm_uuid, None, ReplicationState::Replicating)
         .map_err(internal)?;
     let _ = db.event(
@@ -215,7 +215,7 @@ enum PrimaryView {
     Unreachable(String),
 }
 
-async fn ask_primary(d: &Daemon, row: &ReplicaRow) -> PrimaryView {
+async fn ask_primary(d: &Host, row: &ReplicaRow) -> PrimaryView {
     let Some(addr) = row.primary_server.as_deref() else {
         return PrimaryView::Unreachable(format!(
             "the primary {} never said where it listens",
@@ -246,7 +246,7 @@ async fn ask_primary(d: &Daemon, row: &ReplicaRow) -> PrimaryView {
 }
 
 /// I7: this host must run the VM exactly as it is.
-fn check_runnable(d: &Daemon, def: &VmDefinition) -> Result<(), ApiError> {
+fn check_runnable(d: &Host, def: &VmDefinition) -> Result<(), ApiError> {
     d.vmm.caps().check_runs(def).map_err(|why| {
         ApiError::new(
             ErrorCode::Unsupported,
@@ -345,13 +345,13 @@ fn on_overlay(def: &VmDefinition, ov: &vmrepl_store::Overlay) -> VmDefinition {
 /// Runs `f` on every disk of `def`, reached like a replication cycle reaches them: through the
 /// VM's QEMU if it runs, through qemu-storage-daemon otherwise. The caller holds the VM's
 /// operation lock (or the VM is not registered yet).
-async fn on_disks<F, Fut>(d: &Daemon, def: &VmDefinition, f: F) -> Result<(), ApiError>
+async fn on_disks<F, Fut>(d: &Host, def: &VmDefinition, f: F) -> Result<(), ApiError>
 where
     F: FnOnce(vmrepl_qemu::QmpClient, Vec<String>) -> Fut,
     Fut: std::future::Future<Output = Result<(), vmrepl_tracking::TrackingError>>,
 {
     let ids: Vec<String> = def.disks.iter().map(|x| x.id.clone()).collect();
-    let ep = replication::Endpoint::open(d, def, &ids, None)
+    let ep = primary::Endpoint::open(d, def, &ids, None)
         .await
         .map_err(|e| ApiError::new(ErrorCode::Qemu, e))?;
     let r = f(ep.qmp().clone(), ids).await;
@@ -361,7 +361,7 @@ where
 
 /// Fails a replica VM over (on the replica server). Planned when the primary prepared it.
 pub async fn start(
-    d: &Arc<Daemon>,
+    d: &Arc<Host>,
     name: &VmName,
     point: Option<u64>,
     (start_vm, risk_split_brain): (bool, bool),
@@ -399,7 +399,7 @@ pub async fn start(
         PrimaryView::Unreachable(_) => None,
     };
     let dir = replica::vm_dir(&row);
-    let lock = replica::vm_lock(&dir);
+    let lock = d.replica_locks.vm(&dir);
     let _g = lock.lock().await;
     let last = match replica::apply_and_record(d, &row).await {
         Ok(l) => l,
@@ -439,7 +439,7 @@ pub async fn start(
         return Err(e);
     }
     let nets = {
-        let db = d.db.lock().expect("db");
+        let db = d.db();
         replica::networks(&db, &row)
     };
     for (nic, net) in def.nics.iter_mut().zip(&nets) {
@@ -475,7 +475,7 @@ pub async fn start(
         ReplicationState::FailedOverWaitingCompletion
     };
     {
-        let db = d.db.lock().expect("db");
+        let db = d.db();
         replica::set_failover(&db, row.vm_uuid, Some(&record), state).map_err(internal)?;
         let _ = db.event(
             Some(row.vm_uuid),
@@ -527,7 +527,7 @@ async fn drop_store(row: &ReplicaRow) {
 
 /// Completes an unplanned failover: the VM's disks leave the recovery point (streamed into
 /// their own images, live if it runs) and the other points are dropped for good.
-pub async fn complete(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
+pub async fn complete(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
     let row = replica::named(d, name)?;
     match (&row.failover, row.state) {
         (Some(_), ReplicationState::FailedOverWaitingCompletion) => {}
@@ -553,10 +553,10 @@ pub async fn complete(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError
         })
         .await?;
     }
-    let lock = replica::vm_lock(&replica::vm_dir(&row));
+    let lock = d.replica_locks.vm(&replica::vm_dir(&row));
     let _g = lock.lock().await;
     drop_store(&row).await;
-    let db = d.db.lock().expect("db");
+    let db = d.db();
     replica::set_failover(
         &db,
         row.vm_uuid,
@@ -580,7 +580,7 @@ pub async fn complete(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError
 /// Test failover: a VM "NAME - Test" on throwaway overlays of a point, adapters not connected
 /// unless a test network is given. Replication goes on; the point stays until it is stopped.
 pub async fn test(
-    d: &Arc<Daemon>,
+    d: &Arc<Host>,
     name: &VmName,
     point: Option<u64>,
     test_network: Option<NicMode>,
@@ -608,7 +608,7 @@ pub async fn test(
     let test_name = VmName::new(&vmrepl_types::name::with_suffix(&row.name, " - Test"))
         .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
     let uuid = Uuid::new_v4();
-    let lock = replica::vm_lock(&replica::vm_dir(&row));
+    let lock = d.replica_locks.vm(&replica::vm_dir(&row));
     let _g = lock.lock().await;
     if let Err(e) = replica::apply_and_record(d, &row).await {
         // Only an explicit older point may be tested while the newest state is not whole.
@@ -627,7 +627,7 @@ pub async fn test(
         return Err(e);
     }
     let nets = {
-        let db = d.db.lock().expect("db");
+        let db = d.db();
         replica::networks(&db, &row)
     };
     def.nics = def
@@ -653,7 +653,7 @@ pub async fn test(
         name: test_name.as_str().to_string(),
         point_seq: ov.point.seq,
     };
-    let db = d.db.lock().expect("db");
+    let db = d.db();
     replica::set_test_failover(&db, row.vm_uuid, Some(&t)).map_err(internal)?;
     let _ = db.event(
         Some(row.vm_uuid),
@@ -669,7 +669,7 @@ pub async fn test(
 }
 
 /// Stops a test failover: the test VM and everything it wrote are deleted.
-pub async fn stop_test(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiError> {
+pub async fn stop_test(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
     let row = replica::named(d, name)?;
     let Some(t) = row.test_failover.clone() else {
         return Err(ApiError::new(
@@ -685,7 +685,7 @@ pub async fn stop_test(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiErro
         d.vmm.delete(&test_name, false).await?;
     }
     let _ = std::fs::remove_dir(d.vmm.default_storage().join(t.vm_uuid.to_string()));
-    let db = d.db.lock().expect("db");
+    let db = d.db();
     replica::set_test_failover(&db, row.vm_uuid, None).map_err(internal)?;
     let _ = db.event(Some(row.vm_uuid), "test failover stopped");
     Ok(format!(
@@ -700,7 +700,7 @@ pub async fn stop_test(d: &Arc<Daemon>, name: &VmName) -> Result<String, ApiErro
 /// host). Only the changes since the failover go when the old primary prepared the VM at the
 /// failover's point; otherwise a full copy, and the status says why.
 pub async fn reverse(
-    d: &Arc<Daemon>,
+    d: &Arc<Host>,
     name: &VmName,
     settings: ReplicationSettings,
 ) -> Result<String, ApiError> {
@@ -745,10 +745,10 @@ pub async fn reverse(
             format!("The failed-over VM {name} is gone."),
         )
     })?;
-    let (mut client, theirs) = replication::reach_replica(d, &settings, &def).await?;
-    let replica_vm = replication::replica_view(&def, &settings);
-    let policy = replication::point_policy(&settings);
-    let my_addr = d.cfg.read().expect("cfg").listen.clone();
+    let (mut client, theirs) = primary::reach_replica(d, &settings, &def).await?;
+    let replica_vm = primary::replica_view(&def, &settings);
+    let policy = primary::point_policy(&settings);
+    let my_addr = d.cfg().listen.clone();
     let answer = client
         .request(&PeerRequest::ReverseReplica {
             vm: Box::new(replica_vm),
@@ -788,7 +788,7 @@ pub async fn reverse(
             ))
         }
     };
-    if let Err(e) = replication::send_boot_files(&mut client, &def, &[]).await {
+    if let Err(e) = primary::send_boot_files(&mut client, &def, &[]).await {
         tracing::warn!(target: "vmrepl::failover", vm = %name, "boot files not sent yet: {e}");
     }
     let (state, acked) = if delta {
@@ -808,7 +808,7 @@ pub async fn reverse(
             format!("full copy: no common base with {} ({r})", theirs.host_name)
         }
     });
-    replication::insert(
+    primary::insert(
         d,
         row.vm_uuid,
         f.relationship,
@@ -819,10 +819,10 @@ pub async fn reverse(
         note.as_deref(),
     )?;
     {
-        let db = d.db.lock().expect("db");
+        let db = d.db();
         replica::delete(&db, row.vm_uuid).map_err(internal)?;
     }
-    replication::spawn(d, row.vm_uuid);
+    primary::spawn(d, row.vm_uuid);
     Ok(if delta {
         format!("Replication of {name} reversed: this host is now its primary and {} its replica; only the changes since the failover (log {}) are sent.", theirs.host_name, f.point_seq)
     } else if resync {
@@ -845,8 +845,8 @@ pub async fn reverse(
 type Refusal = (RefusalCode, String);
 
 /// `PrimaryState`: answered only to the host this one replicates the VM to.
-pub fn primary_state(d: &Daemon, peer: &str, vm_uuid: Uuid) -> Result<PeerResponse, Refusal> {
-    let rel = replication::load(d, vm_uuid)
+pub fn primary_state(d: &Host, peer: &str, vm_uuid: Uuid) -> Result<PeerResponse, Refusal> {
+    let rel = primary::load(d, vm_uuid)
         .filter(|r| r.replica_name.eq_ignore_ascii_case(peer))
         .ok_or_else(|| {
             (
@@ -864,7 +864,7 @@ pub fn primary_state(d: &Daemon, peer: &str, vm_uuid: Uuid) -> Result<PeerRespon
 /// Decides whether this host's copy of `vm` is the common base at `base_seq` for `peer`.
 pub fn common_base(
     local: &VmDefinition,
-    rel: &replication::Relationship,
+    rel: &primary::Relationship,
     vm: &VmDefinition,
     base_seq: u64,
 ) -> Result<(), String> {
@@ -909,11 +909,11 @@ pub fn common_base(
 /// Returns that relationship. The refusal names neither the VM nor its disks: the peer may
 /// know nothing of them.
 pub fn may_take_over(
-    d: &Daemon,
+    d: &Host,
     peer: &str,
     vm_uuid: Uuid,
     relationship: Option<Uuid>,
-) -> Result<replication::Relationship, Refusal> {
+) -> Result<primary::Relationship, Refusal> {
     let refused = || {
         (
             RefusalCode::NotAuthorized,
@@ -925,7 +925,7 @@ pub fn may_take_over(
             ),
         )
     };
-    let rel = replication::load(d, vm_uuid).ok_or_else(refused)?;
+    let rel = primary::load(d, vm_uuid).ok_or_else(refused)?;
     let to_peer = vmrepl_transport::authz::normalize_host_name(&rel.replica_name)
         .ok()
         .zip(vmrepl_transport::authz::normalize_host_name(peer).ok())
@@ -958,7 +958,7 @@ pub enum TakeOver {
 /// must never be able to delete or take over this host's own VMs). A copy whose disks differ
 /// in shape is refused too rather than deleted: this host's admin decides what happens to it.
 pub async fn take_over_as_replica(
-    d: &Arc<Daemon>,
+    d: &Arc<Host>,
     peer: &str,
     vm: &VmDefinition,
     relationship: Option<Uuid>,
@@ -1001,20 +1001,18 @@ pub async fn take_over_as_replica(
     };
     let internal = |e: String| (RefusalCode::Internal, e);
     // No cycle of the old relationship may run from here on, and nobody may start the VM.
-    replication::stop_scheduler(d, vm.uuid);
+    primary::stop_scheduler(d, vm.uuid);
     d.vmm
         .set_failover_lock(vm.uuid, true)
         .await
         .map_err(|e| (RefusalCode::VmRunning, e.message))?;
     let op = d.vmm.op_lock(vm.uuid).await;
     // Tracking of the old relationship ends here (its bitmaps would record forever).
-    replication::end_tracking(d, &local, &rel)
-        .await
-        .map_err(|e| {
-            internal(format!(
-                "cannot end change tracking on this host's copy: {e}"
-            ))
-        })?;
+    primary::end_tracking(d, &local, &rel).await.map_err(|e| {
+        internal(format!(
+            "cannot end change tracking on this host's copy: {e}"
+        ))
+    })?;
     replica::adopt_disks(&local, vm, storage_root, adopt_at)
         .await
         .map_err(|e| {
@@ -1022,7 +1020,7 @@ pub async fn take_over_as_replica(
                 "cannot adopt this host's disks as the replica: {e}"
             ))
         })?;
-    replication::delete_row(d, vm.uuid);
+    primary::delete_row(d, vm.uuid);
     drop(op);
     // The VM now lives on the peer: drop it here (with the adoption its data lives on as the
     // replica's base, through the store's own links).
@@ -1038,11 +1036,11 @@ mod tests {
     use super::*;
     use crate::replica::tests::def;
 
-    fn prepared_at(seq: u64, state: ReplicationState) -> replication::Relationship {
-        replication::Relationship {
+    fn prepared_at(seq: u64, state: ReplicationState) -> primary::Relationship {
+        primary::Relationship {
             vm_uuid: Uuid::new_v4(),
             rel_id: Uuid::new_v4(),
-            settings: replication::default_settings("h:1"),
+            settings: primary::default_settings("h:1"),
             replica_name: "h".into(),
             state,
             acked_seq: seq,

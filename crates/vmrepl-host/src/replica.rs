@@ -8,13 +8,12 @@
 //! At daemon start call [`recover`]: it re-applies every durable, verified log that was received
 //! but not applied (a crash during apply is repaired by applying the same log again, I3).
 
-use crate::daemon::Daemon;
 use crate::db::{now_ms, Db};
+use crate::host::Host;
 use crate::peer::proto::{PointPolicy, RefusalCode, MAX_NVRAM_BYTES, NVRAM_DISK_ID};
 use rusqlite::{params, OptionalExtension};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use uuid::Uuid;
 use vmrepl_store::{ReplicaStore, ReplicaVm, StoreError};
 use vmrepl_types::api::{ApiError, ErrorCode};
@@ -224,14 +223,14 @@ pub fn networks(db: &Db, row: &ReplicaRow) -> Vec<vmrepl_types::api::AdapterNetw
 
 /// `replication network`: sets (or shows) the networks of a replica's adapters.
 pub fn set_networks(
-    d: &Daemon,
+    d: &Host,
     name: &vmrepl_types::VmName,
     adapter: Option<usize>,
     failover: Option<vmrepl_types::NicMode>,
     test: Option<vmrepl_types::NicMode>,
 ) -> Result<Vec<vmrepl_types::api::AdapterNetwork>, ApiError> {
     let row = named(d, name)?;
-    let db = d.db.lock().unwrap_or_else(|p| p.into_inner());
+    let db = d.db();
     let mut nets = networks(&db, &row);
     if let Some(a) = adapter {
         if a >= nets.len() {
@@ -398,8 +397,8 @@ pub fn record_error(
 }
 
 /// Whether a VM with this uuid runs on this host (a normal VM in the `vms` table).
-pub fn vm_running(daemon: &Daemon, vm_uuid: Uuid) -> bool {
-    let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+pub fn vm_running(daemon: &Host, vm_uuid: Uuid) -> bool {
+    let db = daemon.db();
     match db.vm_by_uuid(vm_uuid) {
         Ok(Some(row)) => !row.state.is_stopped(),
         _ => false,
@@ -490,7 +489,7 @@ pub fn existing_copy_mismatch(local: &VmDefinition, vm: &VmDefinition) -> Option
 /// `name` as the existing copy that `primary` may adopt (or withdraws that). Only a designated
 /// VM can ever be adopted, and only by the primary named here.
 pub fn accept_copy(
-    d: &Daemon,
+    d: &Host,
     name: &vmrepl_types::VmName,
     primary: &str,
     withdraw: bool,
@@ -503,8 +502,8 @@ pub fn accept_copy(
     })?;
     let vm = d.vmm.show(name)?;
     let uuid = vm.definition.uuid;
-    let replicated = crate::replication::load(d, uuid).is_some();
-    let db = d.db.lock().unwrap_or_else(|p| p.into_inner());
+    let replicated = crate::primary::load(d, uuid).is_some();
+    let db = d.db();
     let sql = |e: rusqlite::Error| ApiError::new(ErrorCode::Internal, e.to_string());
     if withdraw {
         let n = db
@@ -552,11 +551,11 @@ pub fn accept_copy(
 /// it that this host's admin designated for `peer`. The refusal says the same whether or not
 /// a VM of that name exists, so a peer learns nothing of this host's VMs.
 fn designated_copy(
-    d: &Daemon,
+    d: &Host,
     peer: &str,
     vm: &VmDefinition,
 ) -> Result<VmDefinition, (RefusalCode, String)> {
-    let host = d.cfg.read().expect("cfg").host_name.clone();
+    let host = d.cfg().host_name.clone();
     let peer_norm = vmrepl_transport::authz::normalize_host_name(peer).unwrap_or_default();
     let refused = || {
         (
@@ -572,7 +571,7 @@ fn designated_copy(
     let local = d.vmm.show(&vm.name).map_err(|_| refused())?;
     let uuid = local.definition.uuid;
     let designated: Option<String> = {
-        let db = d.db.lock().unwrap_or_else(|p| p.into_inner());
+        let db = d.db();
         db.conn()
             .query_row(
                 "SELECT primary_host FROM accepted_copies WHERE vm_uuid = ?1",
@@ -601,14 +600,14 @@ fn designated_copy(
 /// sequence 0 and is no longer a VM of its own. Only its replicated disks are taken; any
 /// other disk stays where it is.
 pub async fn adopt_existing_copy(
-    d: &Arc<Daemon>,
+    d: &Arc<Host>,
     peer: &str,
     vm: &VmDefinition,
     storage_root: &Path,
 ) -> Result<(), (RefusalCode, String)> {
-    let host = d.cfg.read().expect("cfg").host_name.clone();
+    let host = d.cfg().host_name.clone();
     let local = designated_copy(d, peer, vm)?;
-    if crate::replication::load(d, local.uuid).is_some() {
+    if crate::primary::load(d, local.uuid).is_some() {
         return Err((
             RefusalCode::Conflict,
             format!(
@@ -651,7 +650,7 @@ pub async fn adopt_existing_copy(
         let _ = std::fs::remove_file(n);
     }
     {
-        let db = d.db.lock().unwrap_or_else(|p| p.into_inner());
+        let db = d.db();
         let _ = db.conn().execute(
             "DELETE FROM accepted_copies WHERE vm_uuid = ?1",
             [local.uuid.to_string()],
@@ -665,8 +664,8 @@ pub async fn adopt_existing_copy(
 
 /// The replica VM named `name` on this host, or an error that says where replica-side
 /// commands run.
-pub(crate) fn named(d: &Daemon, name: &vmrepl_types::VmName) -> Result<ReplicaRow, ApiError> {
-    let db = d.db.lock().unwrap_or_else(|p| p.into_inner());
+pub(crate) fn named(d: &Host, name: &vmrepl_types::VmName) -> Result<ReplicaRow, ApiError> {
+    let db = d.db();
     let sql = |e: rusqlite::Error| ApiError::new(ErrorCode::Internal, e.to_string());
     let found = match by_name(&db, name.as_str()).map_err(sql)? {
         Some(r) => Some(r),
@@ -753,7 +752,7 @@ pub async fn accept_spooled(
 /// and applied, exactly as a log received over the network; the primary notices at its next
 /// cycle and continues with the changes since the export.
 pub async fn import_initial(
-    d: &Arc<Daemon>,
+    d: &Arc<Host>,
     name: &vmrepl_types::VmName,
     from: &Path,
 ) -> Result<String, ApiError> {
@@ -782,7 +781,7 @@ pub async fn import_initial(
         })?
         .len();
     let dir = vm_dir(&row);
-    let lock = vm_lock(&dir);
+    let lock = d.replica_locks.vm(&dir);
     let _g = lock.lock().await;
     let last = apply_and_record(d, &row).await.map_err(|x| {
         e(
@@ -897,7 +896,7 @@ pub async fn import_initial(
         }
     }
     {
-        let db = d.db.lock().unwrap_or_else(|p| p.into_inner());
+        let db = d.db();
         let _ = record_received(&db, row.vm_uuid, size);
         let _ = db.event(
             Some(row.vm_uuid),
@@ -916,26 +915,6 @@ pub async fn import_initial(
 }
 
 // ------------------------------------------------------------------ per-VM locks
-
-type LockMap = Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>;
-
-/// The mutex that serializes everything touching one replica VM's folder (receive, apply,
-/// remove). Keyed by the folder, so two daemons in one process never share one by accident.
-pub fn vm_lock(vm_dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
-    static LOCKS: OnceLock<LockMap> = OnceLock::new();
-    let m = LOCKS.get_or_init(Default::default);
-    let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
-    g.entry(vm_dir.to_path_buf()).or_default().clone()
-}
-
-/// The slot a log transfer of one replica VM holds while it receives: one transfer per VM at
-/// a time, without the VM's lock, so that a primary that stalls mid-log blocks no failover.
-pub fn receive_slot(vm_dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
-    static SLOTS: OnceLock<LockMap> = OnceLock::new();
-    let m = SLOTS.get_or_init(Default::default);
-    let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
-    g.entry(vm_dir.to_path_buf()).or_default().clone()
-}
 
 /// Puts the received, verified boot file `tmp` in place as `file` in the replica's `boot`
 /// folder, with its digest beside it (`NAME.b3`): durable before it is acknowledged.
@@ -1258,14 +1237,14 @@ pub fn points_after_apply(
 
 /// Opens the store, applies pending logs, manages points and updates the row. Blocking part
 /// run under the VM's lock. Returns the last applied sequence.
-pub async fn apply_and_record(daemon: &Arc<Daemon>, row: &ReplicaRow) -> Result<u64, ApplyError> {
+pub async fn apply_and_record(daemon: &Arc<Host>, row: &ReplicaRow) -> Result<u64, ApplyError> {
     apply_with(daemon, row, None).await
 }
 
 /// [`apply_and_record`] right after log `seq` was verified whole on its way in: that log's
 /// content checksums are not computed a second time ([`vmrepl_log::LogReader::verified_before`]).
 pub async fn apply_verified(
-    daemon: &Arc<Daemon>,
+    daemon: &Arc<Host>,
     row: &ReplicaRow,
     seq: u64,
 ) -> Result<u64, ApplyError> {
@@ -1273,7 +1252,7 @@ pub async fn apply_verified(
 }
 
 async fn apply_with(
-    daemon: &Arc<Daemon>,
+    daemon: &Arc<Host>,
     row: &ReplicaRow,
     verified: Option<u64>,
 ) -> Result<u64, ApplyError> {
@@ -1307,7 +1286,7 @@ async fn apply_with(
     })
     .await
     .map_err(|e| ApplyError::Task(e.to_string()))?;
-    let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+    let db = daemon.db();
     match res {
         Ok((last, frozen)) => {
             let state = if last == 0 {
@@ -1330,9 +1309,9 @@ async fn apply_with(
 
 /// At daemon start: for every replica, re-apply the logs that were received (durable and
 /// verified) but not applied, e.g. because the host crashed during apply (I3).
-pub async fn recover(daemon: &Arc<Daemon>) {
+pub async fn recover(daemon: &Arc<Host>) {
     let rows = {
-        let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+        let db = daemon.db();
         list(&db).unwrap_or_else(|e| {
             tracing::error!(target: "vmrepl::replica", "cannot list replicas: {e}");
             Vec::new()
@@ -1340,7 +1319,7 @@ pub async fn recover(daemon: &Arc<Daemon>) {
     };
     // A failed-over replica takes no logs, and after completion it has no store any more.
     for row in rows.into_iter().filter(|r| r.failover.is_none()) {
-        let lock = vm_lock(&vm_dir(&row));
+        let lock = daemon.replica_locks.vm(&vm_dir(&row));
         let _g = lock.lock().await;
         match apply_and_record(daemon, &row).await {
             Ok(last) => {
@@ -1413,9 +1392,9 @@ fn failover_note(r: &ReplicaRow) -> Option<String> {
 }
 
 /// The status of every replica VM on this host.
-pub fn statuses(daemon: &Daemon) -> Vec<ReplicationStatus> {
+pub fn statuses(daemon: &Host) -> Vec<ReplicationStatus> {
     let rows = {
-        let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+        let db = daemon.db();
         list(&db).unwrap_or_default()
     };
     let me = daemon

@@ -130,12 +130,14 @@ impl Vmm {
         &self.caps
     }
 
+    /// The database, locked (see [`crate::host::unpoisoned`] for the lock policy).
+    fn db(&self) -> std::sync::MutexGuard<'_, crate::db::Db> {
+        crate::host::unpoisoned(&self.db)
+    }
+
     /// Takes the VM's operation lock (held by lifecycle verbs and replication cycles).
     pub async fn op_lock(&self, uuid: Uuid) -> tokio::sync::OwnedMutexGuard<()> {
-        let m = self
-            .ops
-            .lock()
-            .expect("ops")
+        let m = crate::host::unpoisoned(&self.ops)
             .entry(uuid)
             .or_default()
             .clone();
@@ -144,9 +146,7 @@ impl Vmm {
 
     /// The definition of the VM with this UUID.
     pub fn definition(&self, uuid: Uuid) -> Option<VmDefinition> {
-        self.db
-            .lock()
-            .expect("db")
+        self.db()
             .vm_by_uuid(uuid)
             .ok()
             .flatten()
@@ -154,9 +154,7 @@ impl Vmm {
     }
 
     fn row(&self, name: &VmName) -> Result<VmRow, ApiError> {
-        self.db
-            .lock()
-            .expect("db lock")
+        crate::host::unpoisoned(&self.db)
             .vm_by_name(name.as_str())
             .map_err(db_err)?
             .ok_or_else(|| {
@@ -250,9 +248,7 @@ impl Vmm {
         let name = VmName::new(&c.name)
             .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
         if self
-            .db
-            .lock()
-            .expect("db")
+            .db()
             .vm_by_name(name.as_str())
             .map_err(db_err)?
             .is_some()
@@ -384,7 +380,7 @@ impl Vmm {
             kernel,
             nvram,
         };
-        let db = self.db.lock().expect("db");
+        let db = self.db();
         db.insert_vm(&def).map_err(db_err)?;
         let _ = db.event(Some(uuid), &format!("VM {} created", def.name));
         let row = db.vm_by_uuid(uuid).map_err(db_err)?.expect("just inserted");
@@ -459,7 +455,7 @@ impl Vmm {
     }
 
     pub fn list(&self) -> Result<Vec<VmSummary>, ApiError> {
-        let rows = self.db.lock().expect("db").list_vms().map_err(db_err)?;
+        let rows = self.db().list_vms().map_err(db_err)?;
         Ok(rows.into_iter().map(|r| self.summary(r)).collect())
     }
 
@@ -468,7 +464,7 @@ impl Vmm {
     }
 
     fn set_state(&self, uuid: Uuid, st: VmRunState, pid: Option<u32>, note: Option<&str>) {
-        let db = self.db.lock().expect("db");
+        let db = self.db();
         if let Err(e) = db.set_state(uuid, st, pid, note) {
             tracing::error!(target: "vmrepl::vmm", "cannot record state of {uuid}: {e}");
         }
@@ -622,7 +618,7 @@ impl Vmm {
 
     /// Reattaches to QEMU processes that outlived a daemon restart.
     pub async fn reattach_all(self: &Arc<Self>) {
-        let rows = match self.db.lock().expect("db").list_vms() {
+        let rows = match self.db().list_vms() {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(target: "vmrepl::vmm", "cannot list VMs: {e}");
@@ -815,7 +811,7 @@ impl Vmm {
             }
         }
         let _ = std::fs::remove_dir_all(self.dd.run_dir(def.uuid));
-        let db = self.db.lock().expect("db");
+        let db = self.db();
         db.delete_vm(def.uuid).map_err(db_err)?;
         let _ = db.event(Some(def.uuid), &format!("VM {name} deleted"));
         Ok(if keep_disks {
@@ -840,7 +836,7 @@ impl Vmm {
     /// Records a VM whose disks already exist (a failover or test failover builds them), off.
     /// Refuses a name or UUID that is taken.
     pub fn register(&self, def: &VmDefinition) -> Result<(), ApiError> {
-        let db = self.db.lock().expect("db");
+        let db = self.db();
         if db.vm_by_name(def.name.as_str()).map_err(db_err)?.is_some() {
             return Err(ApiError::new(
                 ErrorCode::AlreadyExists,
@@ -866,9 +862,7 @@ impl Vmm {
     pub async fn set_failover_lock(&self, uuid: Uuid, locked: bool) -> Result<(), ApiError> {
         let _op = self.op_lock(uuid).await;
         let row = self
-            .db
-            .lock()
-            .expect("db")
+            .db()
             .vm_by_uuid(uuid)
             .map_err(db_err)?
             .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("VM {uuid} is gone.")))?;

@@ -9,8 +9,8 @@
 //! is durable and verified (I4); see [`crate::replica`] for applying.
 
 use super::proto::{PeerRequest, PeerResponse, PointPolicy, RefusalCode, Resume, NVRAM_DISK_ID};
-use crate::daemon::Daemon;
 use crate::db::now_ms;
+use crate::host::Host;
 use crate::replica::{self, ReplicaRow};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,7 +40,7 @@ const MAX_MEMORY_MIB: u64 = 4 << 20;
 /// `handshake_timeout_secs` (10 s) for the TLS handshake and again for the version exchange;
 /// an established connection silent for `idle_timeout_secs` (300 s) between requests is
 /// closed. All peer sockets have TCP keepalive (30 s idle, 10 s interval, 3 probes).
-pub async fn serve(listener: Arc<vmrepl_transport::tls::Listener>, daemon: Arc<Daemon>) {
+pub async fn serve(listener: Arc<vmrepl_transport::tls::Listener>, daemon: Arc<Host>) {
     loop {
         match listener.accept_tcp().await {
             Ok(mut incoming) => {
@@ -94,7 +94,7 @@ tokio::task_local! {
 }
 
 async fn connection(
-    daemon: Arc<Daemon>,
+    daemon: Arc<Host>,
     stream: TlsStream,
     peer: PeerIdentity,
     handshake_timeout: std::time::Duration,
@@ -220,7 +220,7 @@ async fn connection(
     }
 }
 
-fn server_enabled(daemon: &Daemon) -> Result<Authorization, Refusal> {
+fn server_enabled(daemon: &Host) -> Result<Authorization, Refusal> {
     let cfg = daemon.cfg.read().unwrap_or_else(|p| p.into_inner());
     if !cfg.replica_server.enabled {
         return Err(refuse(
@@ -246,7 +246,7 @@ fn server_enabled(daemon: &Daemon) -> Result<Authorization, Refusal> {
 /// The grant of the primary whose request is being handled: its verified certificate (the
 /// connection's [`PEER`]: every request runs in that scope) checked against the matching
 /// entry, `issuer` and `pin` included.
-fn authorize(daemon: &Daemon) -> Result<Grant, Refusal> {
+fn authorize(daemon: &Host) -> Result<Grant, Refusal> {
     let authz = server_enabled(daemon)?;
     PEER.try_with(|p| authz.authorize_peer(p))
         .map_err(|_| {
@@ -258,14 +258,14 @@ fn authorize(daemon: &Daemon) -> Result<Grant, Refusal> {
         .map_err(|e| refuse(RefusalCode::NotAuthorized, e.to_string()))
 }
 
-fn lookup(daemon: &Daemon, vm_uuid: Uuid) -> Result<Option<ReplicaRow>, Refusal> {
-    let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+fn lookup(daemon: &Host, vm_uuid: Uuid) -> Result<Option<ReplicaRow>, Refusal> {
+    let db = daemon.db();
     replica::get(&db, vm_uuid).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))
 }
 
 /// The replica of `vm_uuid`, if the (authorized) primary may act on it.
 fn own_replica(
-    daemon: &Daemon,
+    daemon: &Host,
     peer: &str,
     grant: &Grant,
     vm_uuid: Uuid,
@@ -311,7 +311,7 @@ fn failed_over(row: &ReplicaRow, f: &crate::replica::FailoverRecord) -> Refusal 
 
 /// The replica of `vm_uuid` that the authorized primary `peer` may still feed: its own, and
 /// not failed over.
-fn live_replica(daemon: &Daemon, peer: &str, vm_uuid: Uuid) -> Result<ReplicaRow, Refusal> {
+fn live_replica(daemon: &Host, peer: &str, vm_uuid: Uuid) -> Result<ReplicaRow, Refusal> {
     let grant = authorize(daemon)?;
     let row = own_replica(daemon, peer, &grant, vm_uuid)?;
     match &row.failover {
@@ -325,7 +325,7 @@ fn free_bytes(path: &Path) -> Option<u64> {
 }
 
 /// This host's QEMU must run the VM exactly as it is (I7).
-fn runs_here(daemon: &Daemon, vm: &VmDefinition) -> Result<(), Refusal> {
+fn runs_here(daemon: &Host, vm: &VmDefinition) -> Result<(), Refusal> {
     daemon
         .vmm
         .caps()
@@ -337,7 +337,7 @@ fn runs_here(daemon: &Daemon, vm: &VmDefinition) -> Result<(), Refusal> {
 /// `relationship` (the answer to an earlier request was lost, so the peer asks again), a
 /// refusal when the VM is replicated here for anyone or anything else.
 fn existing_replica(
-    daemon: &Daemon,
+    daemon: &Host,
     peer: &str,
     grant: &Grant,
     vm_uuid: Uuid,
@@ -363,7 +363,7 @@ fn existing_replica(
     }
 }
 
-fn check_vm(daemon: &Daemon, vm: &VmDefinition, grant: &Grant) -> Result<(), Refusal> {
+fn check_vm(daemon: &Host, vm: &VmDefinition, grant: &Grant) -> Result<(), Refusal> {
     check_definition(daemon, vm)?;
     let needed: u64 = vm
         .disks
@@ -388,7 +388,7 @@ fn check_vm(daemon: &Daemon, vm: &VmDefinition, grant: &Grant) -> Result<(), Ref
 
 /// What a peer's VM definition must be before anything is done with it: runnable here (I7),
 /// with valid, bounded disks.
-fn check_definition(daemon: &Daemon, vm: &VmDefinition) -> Result<(), Refusal> {
+fn check_definition(daemon: &Host, vm: &VmDefinition) -> Result<(), Refusal> {
     runs_here(daemon, vm)?;
     if vm.disks.is_empty() {
         return Err(refuse(RefusalCode::BadRequest, "the VM has no disks"));
@@ -439,7 +439,7 @@ fn check_definition(daemon: &Daemon, vm: &VmDefinition) -> Result<(), Refusal> {
 /// Handles one request after Hello. `Ok(None)` means the answer was already written;
 /// `Err` means the connection is unusable.
 async fn handle(
-    daemon: &Arc<Daemon>,
+    daemon: &Arc<Host>,
     peer: &str,
     req: PeerRequest,
     framed: &mut Conn,
@@ -506,7 +506,7 @@ async fn handle(
             .and_then(|g| check_policy(&policy).map(|()| g))
             .and_then(|g| own_replica(daemon, peer, &g, vm_uuid))
             .and_then(|_| {
-                let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+                let db = daemon.db();
                 replica::set_policy(&db, vm_uuid, &policy)
                     .map(|()| PeerResponse::Ok)
                     .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))
@@ -552,7 +552,7 @@ async fn handle(
 
 /// The old primary's side of reverse replication (see `crate::failover`).
 async fn reverse_replica(
-    daemon: &Arc<Daemon>,
+    daemon: &Arc<Host>,
     peer: &str,
     vm: VmDefinition,
     (relationship, old_relationship): (Uuid, Option<Uuid>),
@@ -620,7 +620,7 @@ async fn reverse_replica(
 /// (restored from a backup, say) becomes the replica at sequence 0, once its generation and
 /// disks are checked to match; the primary then sends only the blocks that differ.
 async fn from_existing_copy(
-    daemon: &Arc<Daemon>,
+    daemon: &Arc<Host>,
     peer: &str,
     vm: VmDefinition,
     relationship: Uuid,
@@ -681,7 +681,7 @@ fn check_policy(policy: &PointPolicy) -> Result<(), Refusal> {
 /// copy) and only the row is recorded.
 #[allow(clippy::too_many_arguments)]
 async fn create_replica(
-    daemon: &Arc<Daemon>,
+    daemon: &Arc<Host>,
     peer: &str,
     grant: &Grant,
     vm: VmDefinition,
@@ -692,7 +692,7 @@ async fn create_replica(
 ) -> Result<PeerResponse, Refusal> {
     check_policy(&policy)?;
     {
-        let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+        let db = daemon.db();
         if let Ok(Some(_)) = db.vm_by_uuid(vm.uuid) {
             return Err(refuse(
                 RefusalCode::Conflict,
@@ -719,7 +719,7 @@ async fn create_replica(
         .collect();
     let uuid = vm.uuid;
     let dir = vmrepl_store::ReplicaStore::vm_dir(&root, uuid);
-    let lock = replica::vm_lock(&dir);
+    let lock = daemon.replica_locks.vm(&dir);
     let _g = lock.lock().await;
     let created = tokio::task::spawn_blocking(move || -> Result<(), String> {
         if adopted.is_some() {
@@ -761,7 +761,7 @@ async fn create_replica(
         failover: None,
         test_failover: None,
     };
-    let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+    let db = daemon.db();
     let mut row = row;
     row.name = replica::unique_name(&db, &row.name, uuid)
         .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
@@ -775,7 +775,7 @@ async fn create_replica(
 }
 
 async fn replica_state(
-    daemon: &Arc<Daemon>,
+    daemon: &Arc<Host>,
     peer: &str,
     vm_uuid: Uuid,
 ) -> Result<PeerResponse, Refusal> {
@@ -790,7 +790,7 @@ async fn replica_state(
             boot: Vec::new(),
         });
     }
-    let lock = replica::vm_lock(&replica::vm_dir(&row));
+    let lock = daemon.replica_locks.vm(&replica::vm_dir(&row));
     let _g = lock.lock().await;
     // Apply what is durable first, so that last_applied is accurate (errors are recorded).
     let _ = replica::apply_and_record(daemon, &row).await;
@@ -799,7 +799,7 @@ async fn replica_state(
     // A partial log is a resume point only once nobody writes it any more: while a transfer
     // still holds the receive slot (one cut without a close, say, until its frame deadline),
     // its prefix is still growing.
-    let slot = replica::receive_slot(&replica::vm_dir(&row));
+    let slot = daemon.replica_locks.receive_slot(&replica::vm_dir(&row));
     let receiving = slot.try_lock().is_err();
     tokio::task::spawn_blocking(move || -> Result<PeerResponse, Refusal> {
         let vm = vmrepl_store::ReplicaStore::open(&root, vm_uuid)
@@ -839,12 +839,12 @@ async fn replica_state(
 }
 
 async fn block_digests(
-    daemon: &Arc<Daemon>,
+    daemon: &Arc<Host>,
     peer: &str,
     vm_uuid: Uuid,
 ) -> Result<PeerResponse, Refusal> {
     let row = live_replica(daemon, peer, vm_uuid)?;
-    let lock = replica::vm_lock(&replica::vm_dir(&row));
+    let lock = daemon.replica_locks.vm(&replica::vm_dir(&row));
     let _g = lock.lock().await;
     let _ = replica::apply_and_record(daemon, &row).await;
     let root = row.storage_root.clone();
@@ -865,7 +865,7 @@ async fn block_digests(
 }
 
 async fn remove_replica(
-    daemon: &Arc<Daemon>,
+    daemon: &Arc<Host>,
     peer: &str,
     vm_uuid: Uuid,
     delete: bool,
@@ -881,10 +881,10 @@ async fn remove_replica(
             .replica_server
             .allow_remote_delete;
     let dir = replica::vm_dir(&row);
-    let lock = replica::vm_lock(&dir);
+    let lock = daemon.replica_locks.vm(&dir);
     let _g = lock.lock().await;
     {
-        let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+        let db = daemon.db();
         replica::delete(&db, vm_uuid).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
         let _ = db.event(
             Some(vm_uuid),
@@ -915,7 +915,7 @@ async fn remove_replica(
 /// Receives a boot file of a replica VM into its store (`boot/`), verified by size and
 /// BLAKE3 before it replaces the one kept there. No lock is held while the bytes arrive.
 async fn put_boot_file(
-    daemon: &Arc<Daemon>,
+    daemon: &Arc<Host>,
     peer: &str,
     framed: &mut Conn,
     vm_uuid: Uuid,
@@ -1033,7 +1033,7 @@ async fn put_boot_file(
         let _ = tokio::fs::remove_file(&tmp).await;
         return Ok(Some(f.into()));
     }
-    let lock = replica::vm_lock(&replica::vm_dir(&row));
+    let lock = daemon.replica_locks.vm(&replica::vm_dir(&row));
     let _g = lock.lock().await;
     let placed = replica::place_boot_file(&boot, file, &tmp, &hex);
     if let Err(e) = placed {
@@ -1073,7 +1073,7 @@ fn size_cap(row: &ReplicaRow) -> u64 {
 
 #[allow(clippy::too_many_arguments)]
 async fn send_log(
-    daemon: &Arc<Daemon>,
+    daemon: &Arc<Host>,
     peer: &str,
     framed: &mut Conn,
     vm_uuid: Uuid,
@@ -1089,7 +1089,7 @@ async fn send_log(
         }
     };
     let dir = replica::vm_dir(&row);
-    let lock = replica::vm_lock(&dir);
+    let lock = daemon.replica_locks.vm(&dir);
     // Logs received before but not applied (an apply that failed) go first. The VM's lock is
     // held for local work only, never while this host waits on the network (the frames below
     // arrive with no lock held), so a primary that stalls mid-log blocks no failover.
@@ -1130,7 +1130,7 @@ async fn send_log(
              required",
             row.name
         );
-        let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+        let db = daemon.db();
         let _ = replica::record_error(
             &db,
             vm_uuid,
@@ -1141,7 +1141,7 @@ async fn send_log(
     }
     // One transfer per VM at a time. A transfer cut without a close holds its slot only until
     // its next frame is overdue (`Framed`'s deadline); the primary resumes after that.
-    let slot = replica::receive_slot(&dir);
+    let slot = daemon.replica_locks.receive_slot(&dir);
     let Ok(_receiving) = slot.try_lock() else {
         drain(framed).await?;
         return Ok(Some(
@@ -1212,7 +1212,7 @@ async fn send_log(
         }
     }
     {
-        let db = daemon.db.lock().unwrap_or_else(|p| p.into_inner());
+        let db = daemon.db();
         let _ = replica::record_received(&db, vm_uuid, received);
     }
     drop(g);

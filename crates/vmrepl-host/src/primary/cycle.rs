@@ -1,0 +1,588 @@
+//! The cycle engine: initial copy, resynchronization and delta, each sent to the replica and
+//! settled against the bitmaps (I1: a bitmap is dropped only after the replica acknowledged).
+
+use super::*;
+
+/// What a successful cycle achieved.
+pub(crate) enum Done {
+    /// Log `seq` is durable on the replica; `bytes` of it went over the network.
+    Acked { seq: u64, bytes: u64 },
+    /// Log 1 was written whole to external media (`bytes`), for the replica to import.
+    Exported { bytes: u64 },
+}
+
+impl Done {
+    pub(crate) fn acked((seq, bytes): (u64, u64)) -> Done {
+        Done::Acked { seq, bytes }
+    }
+}
+
+pub(crate) enum CycleError {
+    Network(String),
+    Resync(String),
+    Other(String),
+}
+
+pub(crate) fn classify(e: crate::peer::client::PeerError) -> CycleError {
+    use crate::peer::client::PeerError;
+    match e {
+        PeerError::Refused {
+            code: RefusalCode::OutOfOrder,
+            message,
+        } => CycleError::Resync(format!(
+            "the replica refused the log as out of order: {message}"
+        )),
+        PeerError::Connect { .. } => CycleError::Network(e.to_string()),
+        other => CycleError::Other(other.to_string()),
+    }
+}
+
+/// Everything one cycle works with: the relationship, the VM and its replicated disks, the
+/// peer connection and the QMP endpoint that reaches the disks.
+pub(crate) struct Cycle<'a> {
+    pub(crate) d: &'a Arc<Host>,
+    pub(crate) rel: &'a Relationship,
+    pub(crate) vm: &'a VmDefinition,
+    pub(crate) client: PeerClient,
+    /// The VM's running QEMU, or the storage daemon that holds its disks while it is off.
+    pub(crate) endpoint: &'a Endpoint,
+    pub(crate) tag: RelTag,
+    /// Replicated disks as (node, size).
+    pub(crate) disks: Vec<(String, u64)>,
+    pub(crate) vars: Option<&'a str>,
+    pub(crate) staging: Staging,
+    pub(crate) rt: &'a RelRuntime,
+    /// What the log's point in time is (crash-consistent, app-consistent when the guest
+    /// could be frozen, or planned for a failover).
+    pub(crate) consistency: vmrepl_log::Consistency,
+    /// For an app-consistent attempt: the filesystems the agent froze, or why it could not.
+    pub(crate) app_freeze: Option<Result<u64, String>>,
+}
+
+impl<'a> Cycle<'a> {
+    fn nodes(&self) -> Vec<&str> {
+        self.disks.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// What the replica holds: its last applied log and a partial transfer to resume. A replica
+    /// that failed over takes no more logs, so the cycle stops before anything is staged.
+    async fn replica_state(&mut self) -> Result<(u64, Option<(u64, Resume)>), CycleError> {
+        match self
+            .client
+            .call(&PeerRequest::ReplicaState {
+                vm_uuid: self.vm.uuid,
+            })
+            .await
+            .map_err(classify)?
+        {
+            PeerResponse::ReplicaState {
+                failed_over: true, ..
+            } => Err(CycleError::Other(
+                "the replica has failed over; it takes no more logs".into(),
+            )),
+            PeerResponse::ReplicaState {
+                last_applied,
+                partial,
+                boot,
+                ..
+            } => {
+                send_boot_files(&mut self.client, self.vm, &boot)
+                    .await
+                    .map_err(CycleError::Other)?;
+                Ok((last_applied, partial))
+            }
+            other => Err(CycleError::Other(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// The initial copy: log 1, the whole of every disk as of one instant, with bitmap 1
+    /// recording from that instant on.
+    pub(crate) async fn initial(&mut self) -> Result<Done, CycleError> {
+        set_state(
+            self.d,
+            self.vm.uuid,
+            ReplicationState::InitialReplicationInProgress,
+            None,
+        );
+        let (qmp, tag) = (self.endpoint.qmp(), self.tag);
+        // Start clean: no bitmap of this relationship may linger from an earlier attempt.
+        vmrepl_tracking::stop_tracking(qmp, tag, &self.nodes(), Some(self.staging.dir.as_path()))
+            .await
+            .map_err(|e| CycleError::Other(format!("cannot reset change tracking: {e}")))?;
+        let h = vmrepl_tracking::begin_full(qmp, tag, &self.disks, 1, &self.staging, self.vars)
+            .await
+            .map_err(|e| CycleError::Other(format!("cannot stage the initial copy: {e}")))?;
+        let export = match &self.rel.settings.initial {
+            InitialReplication::Export { folder } => Some(export_file(folder, &self.vm.name)),
+            _ => None,
+        };
+        let path = match &export {
+            Some(f) => f.with_extension("vmrlog.partial"),
+            None => log_path(self.d, tag, 1),
+        };
+        let res = async {
+            match &export {
+                // On external media the log must be whole and durable under its final name.
+                Some(f) => {
+                    let hasher = Arc::new(Mutex::new(blake3::Hasher::new()));
+                    let total = build_log(
+                        self.spec(),
+                        &h,
+                        LogOut::Export(path.clone(), hasher.clone()),
+                        (1, 0),
+                        LogKind::Initial,
+                        None,
+                        None,
+                    )
+                    .await;
+                    self.release(&h, 1).await;
+                    let total = total?;
+                    crate::fsutil::rename_durable(&path, f).map_err(|e| {
+                        CycleError::Other(format!(
+                            "cannot write the initial copy to {}: {e}",
+                            f.display()
+                        ))
+                    })?;
+                    // The replica imports exactly this file: tell it over TLS what it is.
+                    let bytes = std::fs::metadata(f)
+                        .map_err(|e| CycleError::Other(format!("{}: {e}", f.display())))?
+                        .len();
+                    let blake3 = hasher
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .finalize()
+                        .to_hex()
+                        .to_string();
+                    match self
+                        .client
+                        .call(&PeerRequest::ExpectImport {
+                            vm_uuid: self.vm.uuid,
+                            bytes,
+                            blake3,
+                        })
+                        .await
+                        .map_err(classify)?
+                    {
+                        PeerResponse::Ok => Ok(Done::Exported { bytes: total }),
+                        other => Err(CycleError::Other(format!(
+                            "the replica did not take note of the export: {other:?}"
+                        ))),
+                    }
+                }
+                None => {
+                    let (built, sent) = self
+                        .build_and_send(
+                            &h,
+                            &path,
+                            (1, 0),
+                            LogKind::Initial,
+                            None,
+                            "initial replication",
+                        )
+                        .await;
+                    built?;
+                    sent.map(|bytes| Done::Acked { seq: 1, bytes })
+                }
+            }
+        }
+        .await;
+        let _ = h.remove_files();
+        let _ = std::fs::remove_file(&path);
+        match res {
+            Ok(done) => Ok(done),
+            Err(e) => {
+                let _ = vmrepl_tracking::stop_tracking(qmp, tag, &self.nodes(), None).await;
+                set_state(
+                    self.d,
+                    self.vm.uuid,
+                    ReplicationState::WaitingForInitialReplication,
+                    None,
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// Resynchronization: the replica's latest state `l` may differ from the primary anywhere,
+    /// so tracking restarts (bitmap l+1 from one instant) and log l+1 on base l carries every
+    /// block of that instant, with the unallocated ranges as explicit zeros: applied on top of
+    /// `l` it makes the replica equal to the primary, and deltas follow. The recovery points
+    /// the replica kept stay as they were.
+    pub(crate) async fn resync(&mut self) -> Result<(u64, u64), CycleError> {
+        let (qmp, tag) = (self.endpoint.qmp(), self.tag);
+        let (l, _) = self.replica_state().await?;
+        // The replica's digests of its state `l` (a replica that cannot give them gets every
+        // block).
+        let digests = match self
+            .client
+            .call_within(
+                &PeerRequest::BlockDigests {
+                    vm_uuid: self.vm.uuid,
+                },
+                crate::peer::client::ANSWER_TO_DIGESTS,
+            )
+            .await
+        {
+            Ok(PeerResponse::BlockDigests { disks }) => decode_digests(disks, &self.disks),
+            _ => Digests::new(),
+        };
+        let staging = self.staging.dir.clone();
+        vmrepl_tracking::stop_tracking(qmp, tag, &self.nodes(), Some(staging.as_path()))
+            .await
+            .map_err(|e| CycleError::Other(format!("cannot reset change tracking: {e}")))?;
+        let h = vmrepl_tracking::begin_full(qmp, tag, &self.disks, l + 1, &self.staging, self.vars)
+            .await
+            .map_err(|e| CycleError::Other(format!("cannot stage the resynchronization: {e}")))?;
+        let path = log_path(self.d, tag, l + 1);
+        let res = async {
+            let (built, sent) = self
+                .build_and_send(
+                    &h,
+                    &path,
+                    (l + 1, l),
+                    LogKind::Resync,
+                    Some(&digests),
+                    "resynchronization",
+                )
+                .await;
+            built?;
+            sent
+        }
+        .await;
+        let _ = h.remove_files();
+        let _ = std::fs::remove_file(&path);
+        match res {
+            Ok(bytes) => Ok((l + 1, bytes)),
+            Err(e) => {
+                let _ = vmrepl_tracking::stop_tracking(qmp, tag, &self.nodes(), None).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// A delta: log n+1 from bitmap n, or the rest of a log n+1 whose transfer was cut.
+    pub(crate) async fn delta(&mut self) -> Result<(u64, u64), CycleError> {
+        let (qmp, tag) = (self.endpoint.qmp(), self.tag);
+        let n = self.rel.acked_seq;
+        let next = n + 1;
+        let path = log_path(self.d, tag, next);
+        let (replica_applied, partial) = self.replica_state().await?;
+        if path.exists() {
+            // A built log is waiting: its transfer was cut. Its bitmap is the frozen one (if a
+            // daemon restart merged it back meanwhile, its changes simply go out again later).
+            let frozen = self.frozen_bitmap().await;
+            if replica_applied >= next {
+                // The acknowledgement was lost but the replica has it: finish the cycle.
+                if let Some(f) = frozen {
+                    let _ = vmrepl_tracking::commit_cycle(qmp, tag, &self.nodes(), f).await;
+                }
+                let _ = std::fs::remove_file(&path);
+                return Ok((next, 0));
+            }
+            let resume = partial.filter(|(s, _)| *s == next).map(|(_, r)| r);
+            let total = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let sent = self
+                .send(&path, (next, n), total, resume, "resumed transfer")
+                .await;
+            return self.settle(&path, next, frozen, sent).await;
+        }
+        // Bring the bitmaps back to one recording bitmap (after a daemon restart, say). Log
+        // numbers and bitmap numbers need not match: a rolled-back cycle merges its frozen
+        // bitmap into the next one, so the recording bitmap can be ahead of log n. At most one
+        // cycle is in flight, so a frozen bitmap is always that of log n+1.
+        let staging = self.staging.dir.as_path();
+        let bitmap =
+            match vmrepl_tracking::reconcile(qmp, tag, &self.nodes(), Some(staging), |_| {
+                replica_applied > n
+            })
+            .await
+            {
+                Ok(vmrepl_tracking::ReconcileOutcome::Ready { recording, .. }) => recording,
+                Ok(vmrepl_tracking::ReconcileOutcome::ResyncRequired { reason }) => {
+                    return Err(CycleError::Resync(reason))
+                }
+                Err(e) => {
+                    return Err(CycleError::Other(format!(
+                        "cannot check change tracking: {e}"
+                    )))
+                }
+            };
+        if replica_applied != n {
+            return Err(CycleError::Resync(format!(
+                "the replica has applied log {replica_applied} but this host expected {n}"
+            )));
+        }
+        let frozen = self.freeze_guest().await;
+        let (on_point, point) = tokio::sync::oneshot::channel();
+        let begin = vmrepl_tracking::begin_cycle(
+            qmp,
+            tag,
+            &self.disks,
+            bitmap,
+            &self.staging,
+            self.vars,
+            Some(on_point),
+        );
+        // Thaw a frozen guest the moment the transaction has taken the point (or failed),
+        // while the backup jobs go on copying.
+        let (d, vm) = (self.d, self.vm.uuid);
+        let thaw = async move {
+            if let Some(qga) = frozen {
+                let _ = point.await;
+                thaw_guest(d, vm, qga).await;
+            }
+        };
+        let h = tokio::join!(begin, thaw).0.map_err(|e| {
+            if e.needs_resync() {
+                CycleError::Resync(e.to_string())
+            } else {
+                CycleError::Other(format!("cannot stage the changes: {e}"))
+            }
+        })?;
+        let (built, sent) = self
+            .build_and_send(&h, &path, (next, n), LogKind::Delta, None, "delta")
+            .await;
+        let _ = h.remove_files();
+        if let Err(e) = built {
+            let _ = vmrepl_tracking::rollback_cycle(qmp, tag, &self.nodes(), bitmap).await;
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        self.settle(&path, next, Some(bitmap), sent).await
+    }
+
+    /// The relationship's frozen bitmap, if any (that of a log whose transfer was cut).
+    async fn frozen_bitmap(&self) -> Option<u64> {
+        let owned = vmrepl_tracking::list_owned(self.endpoint.qmp(), self.tag, &self.nodes())
+            .await
+            .ok()?;
+        owned
+            .values()
+            .flatten()
+            .filter(|b| !b.recording)
+            .map(|b| b.seq)
+            .min()
+    }
+
+    /// For an app-consistent point: freezes the guest through its agent and returns it to
+    /// be thawed. A VM that is off has nothing to freeze, and its point stays crash-consistent;
+    /// a running guest that cannot be frozen gives a crash-consistent point too, and the
+    /// failure is recorded (Hyper-V's count of app-consistent failures).
+    async fn freeze_guest(&mut self) -> Option<vmrepl_qemu::Qga> {
+        if self.consistency != vmrepl_log::Consistency::AppConsistent {
+            return None;
+        }
+        if !matches!(self.endpoint, Endpoint::Live(_)) {
+            self.consistency = vmrepl_log::Consistency::Crash;
+            return None;
+        }
+        let sock =
+            vmrepl_qemu::cmdline::RunPaths::in_dir(&self.d.dd.run_dir(self.vm.uuid)).qga_sock;
+        let attempt = async {
+            let qga = vmrepl_qemu::Qga::connect(&sock, AGENT_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?
+                .with_timeout(FREEZE_TIMEOUT);
+            match qga.fsfreeze_freeze().await {
+                Ok(n) => Ok((qga, n)),
+                Err(e) => {
+                    // A freeze that timed out may still complete in the guest: thaw anyway.
+                    thaw_guest(self.d, self.vm.uuid, qga).await;
+                    Err(e.to_string())
+                }
+            }
+        };
+        match attempt.await {
+            Ok((qga, n)) => {
+                self.app_freeze = Some(Ok(n));
+                Some(qga)
+            }
+            Err(e) => {
+                self.consistency = vmrepl_log::Consistency::Crash;
+                self.app_freeze = Some(Err(format!(
+                    "The guest of VM {} could not be frozen for an app-consistent point, so the point is crash-consistent: {e}. Check that the QEMU guest agent runs in the guest.",
+                    self.vm.name
+                )));
+                None
+            }
+        }
+    }
+
+    /// Settles the frozen `bitmap` of log `next` once it was sent: on the
+    /// replica's acknowledgement it is dropped (I1); a cut transfer keeps both the log and the
+    /// bitmap so that the next cycle resumes it; any other failure merges the bitmap back.
+    async fn settle(
+        &mut self,
+        path: &Path,
+        next: u64,
+        bitmap: Option<u64>,
+        sent: Result<u64, CycleError>,
+    ) -> Result<(u64, u64), CycleError> {
+        let (qmp, tag) = (self.endpoint.qmp(), self.tag);
+        match sent {
+            Ok(bytes) => {
+                if let Some(b) = bitmap {
+                    vmrepl_tracking::commit_cycle(qmp, tag, &self.nodes(), b)
+                        .await
+                        .map_err(|e| CycleError::Other(e.to_string()))?;
+                }
+                let _ = std::fs::remove_file(path);
+                Ok((next, bytes))
+            }
+            Err(CycleError::Network(m)) => Err(CycleError::Network(m)),
+            Err(e) => {
+                if let Some(b) = bitmap {
+                    let _ = vmrepl_tracking::rollback_cycle(qmp, tag, &self.nodes(), b).await;
+                }
+                let _ = std::fs::remove_file(path);
+                Err(e)
+            }
+        }
+    }
+
+    /// What a log of this cycle is about: the VM, the relationship and the point's kind.
+    fn spec(&self) -> (&'a VmDefinition, &'a Relationship, vmrepl_log::Consistency) {
+        (self.vm, self.rel, self.consistency)
+    }
+
+    /// Encodes log `seq` (on `base`) and streams it to the replica while it is being encoded, so
+    /// that reading the disks, encoding, TLS and the replica's receiving overlap; nothing is
+    /// written on this host. Only when the transfer is cut (a network failure) is the log encoded
+    /// again, whole, into `path`, from the same point in time (the exports or staging images are
+    /// still there, and encoding is deterministic): the next cycle resumes the transfer from
+    /// that file. Returns the build's outcome (the log's size) and the transfer's (the bytes
+    /// sent once the replica acknowledged it). A build that fails abandons the transfer.
+    /// (Initial copies and resynchronizations start over instead, so they keep nothing.)
+    async fn build_and_send(
+        &mut self,
+        h: &vmrepl_tracking::CycleHandle,
+        path: &Path,
+        (seq, base): (u64, u64),
+        kind: LogKind,
+        digests: Option<&Digests>,
+        what: &str,
+    ) -> (Result<u64, CycleError>, Result<u64, CycleError>) {
+        let (tx, rx) = tokio::sync::watch::channel(LogGrowth::default());
+        let (chunks_tx, chunks) = tokio::sync::mpsc::channel(4);
+        let spec = self.spec();
+        let build = build_log(
+            spec,
+            h,
+            LogOut::Stream(chunks_tx),
+            (seq, base),
+            kind,
+            digests,
+            Some(tx),
+        );
+        let t0 = std::time::Instant::now();
+        let rt = self.rt;
+        let watch = rx.clone();
+        let progress = |done: u64| {
+            let secs = t0.elapsed().as_secs_f64().max(0.001);
+            *crate::host::unpoisoned(&rt.progress) = Some(Progress {
+                what: what.to_string(),
+                bytes_done: done,
+                bytes_total: watch.borrow().written.max(done),
+                rate_bytes_per_sec: done as f64 / secs,
+            });
+        };
+        let uuid = self.vm.uuid;
+        let send = self
+            .client
+            .send_log_stream(uuid, (seq, base), chunks, rx, progress);
+        let (built, sent) = tokio::join!(build, send);
+        tracing::info!(target: "vmrepl::replication", seq, ms = t0.elapsed().as_millis() as u64, "log built, sent and acknowledged");
+        let sent = match (&built, sent) {
+            // A cut transfer stops the encoder too (it has nowhere to write): the network
+            // failure is what happened.
+            (_, Err(e)) => Err(classify(e)),
+            (Err(_), Ok(_)) => Err(CycleError::Other("the log could not be built".into())),
+            (Ok(total), Ok(r)) => acked(r, seq, *total),
+        };
+        if kind == LogKind::Delta && matches!(sent, Err(CycleError::Network(_))) {
+            // Keep the whole log for resuming the cut transfer.
+            let kept = build_log(
+                spec,
+                h,
+                LogOut::File(path.to_path_buf()),
+                (seq, base),
+                kind,
+                digests,
+                None,
+            )
+            .await;
+            if let Ok(total) = kept {
+                self.release(h, seq).await;
+                return (Ok(total), sent);
+            } else {
+                // Without a whole local copy there is nothing to resume: the cycle fails as a
+                // whole (its bitmap is merged back) and the next one starts over.
+                let _ = std::fs::remove_file(path);
+                let sent = match sent {
+                    Err(CycleError::Network(m)) => Err(CycleError::Other(format!(
+                        "{m}; the log could not be kept for a resume either"
+                    ))),
+                    other => other,
+                };
+                self.release(h, seq).await;
+                return (built, sent);
+            }
+        }
+        self.release(h, seq).await;
+        (built, sent)
+    }
+
+    /// Pull mode: the point in time is in the log now; let QEMU drop it (the frozen bitmap
+    /// stays until the replica acknowledges the log).
+    async fn release(&self, h: &vmrepl_tracking::CycleHandle, seq: u64) {
+        if let Err(e) = vmrepl_tracking::release_exports(self.endpoint.qmp(), h).await {
+            tracing::warn!(target: "vmrepl::replication", seq, error = %e, "cannot release the NBD exports");
+        }
+    }
+
+    /// Streams log `seq` (on `base`) from `path`, from the resume point if any, publishing
+    /// progress; returns the bytes sent once the replica acknowledged it.
+    async fn send(
+        &mut self,
+        path: &Path,
+        (seq, base): (u64, u64),
+        total: u64,
+        resume: Option<Resume>,
+        what: &str,
+    ) -> Result<u64, CycleError> {
+        let from = resume.map(|r| r.bytes).unwrap_or(0);
+        let t0 = std::time::Instant::now();
+        let rt = self.rt;
+        let progress = |done: u64| {
+            let secs = t0.elapsed().as_secs_f64().max(0.001);
+            *crate::host::unpoisoned(&rt.progress) = Some(Progress {
+                what: what.to_string(),
+                bytes_done: from + done,
+                bytes_total: total,
+                rate_bytes_per_sec: done as f64 / secs,
+            });
+        };
+        let r = self
+            .client
+            .send_log(self.vm.uuid, (seq, base), resume, path, progress)
+            .await
+            .map_err(classify)?;
+        acked(r, seq, total.saturating_sub(from))
+    }
+}
+
+/// The replica's answer to log `seq`: `bytes` sent once it acknowledged the log.
+pub(crate) fn acked(r: PeerResponse, seq: u64, bytes: u64) -> Result<u64, CycleError> {
+    match r {
+        PeerResponse::LogAck { sequence, .. } if sequence == seq => Ok(bytes),
+        PeerResponse::Refused { code, message } => {
+            Err(classify(crate::peer::client::PeerError::Refused {
+                code,
+                message,
+            }))
+        }
+        other => Err(CycleError::Other(format!(
+            "unexpected answer to log {seq}: {other:?}"
+        ))),
+    }
+}

@@ -1,0 +1,364 @@
+//! Enabling replication of a VM: settings, reaching the replica server, the replica's view
+//! of the VM, boot files, and the export folder of an initial copy sent out of band.
+
+use super::*;
+
+/// Splits `host:port` and gives the name the replica's certificate must carry.
+pub(crate) fn replica_target(s: &ReplicationSettings) -> Result<(String, String), ApiError> {
+    let (host, port) = s.replica_server.rsplit_once(':').ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::InvalidInput,
+            format!(
+                "Replica server {:?} is not HOST:PORT (for example hostb.example.org:7443).",
+                s.replica_server
+            ),
+        )
+    })?;
+    port.parse::<u16>().map_err(|_| {
+        ApiError::new(
+            ErrorCode::InvalidInput,
+            format!("Port {port:?} of the replica server is not a number."),
+        )
+    })?;
+    let name = s
+        .replica_host_name
+        .clone()
+        .unwrap_or_else(|| host.to_string());
+    Ok((s.replica_server.clone(), name))
+}
+
+pub(crate) async fn connect(
+    d: &Host,
+    s: &ReplicationSettings,
+) -> Result<(PeerClient, vmrepl_types::HostInfo), String> {
+    let (addr, name) = replica_target(s).map_err(|e| e.message)?;
+    PeerClient::connect(&d.identity, d.vmm.caps(), &addr, &name)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The disks a relationship replicates, as (node, size).
+pub(crate) fn replicated_disks(vm: &VmDefinition, s: &ReplicationSettings) -> Vec<(String, u64)> {
+    vm.disks
+        .iter()
+        .filter(|d| !s.exclude_disks.contains(&d.id))
+        .map(|d| (d.id.clone(), d.size_bytes))
+        .collect()
+}
+
+/// The VM as its replica keeps it: without the excluded disks.
+pub(crate) fn replica_view(vm: &VmDefinition, s: &ReplicationSettings) -> VmDefinition {
+    let mut out = vm.clone();
+    out.disks.retain(|x| !s.exclude_disks.contains(&x.id));
+    out
+}
+
+/// The recovery-point policy the replica is asked to keep.
+pub(crate) fn point_policy(s: &ReplicationSettings) -> PointPolicy {
+    PointPolicy {
+        keep: s.recovery_points,
+        interval_secs: s.recovery_point_interval_secs,
+    }
+}
+
+/// Enables replication of a VM (Hyper-V's Enable-VMReplication).
+pub async fn enable(
+    d: &Arc<Host>,
+    name: &VmName,
+    settings: ReplicationSettings,
+) -> Result<String, ApiError> {
+    settings.validate().map_err(|m| {
+        ApiError::new(
+            ErrorCode::InvalidInput,
+            format!("Invalid replication settings: {m}."),
+        )
+    })?;
+    let vm = d.vmm.show(name)?.definition;
+    if load(d, vm.uuid).is_some() {
+        return Err(ApiError::new(
+            ErrorCode::AlreadyExists,
+            format!("Replication is already enabled for VM {name}; `vmrepl replication status {name}` shows it, `replication remove` removes it."),
+        ));
+    }
+    for x in &settings.exclude_disks {
+        if vm.disk(x).is_none() {
+            return Err(ApiError::new(
+                ErrorCode::InvalidInput,
+                format!(
+                    "VM {name} has no disk {x:?} to exclude; its disks are {}.",
+                    vm.disks
+                        .iter()
+                        .map(|d| d.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    }
+    if replicated_disks(&vm, &settings).is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidInput,
+            format!("VM {name} would replicate no disk; exclude fewer."),
+        ));
+    }
+    match &settings.initial {
+        InitialReplication::NetworkNow => {}
+        InitialReplication::NetworkAt { unix_secs } => {
+            let now = now_ms() / 1000;
+            if *unix_secs > now + 7 * 86400 {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidInput,
+                    "Initial replication can be scheduled at most 7 days ahead (as in Hyper-V).",
+                ));
+            }
+        }
+        InitialReplication::Export { folder } => check_export_folder(folder)?,
+        InitialReplication::ExistingCopy => {}
+    }
+    let (mut client, theirs) = reach_replica(d, &settings, &vm).await?;
+    let replica_vm = replica_view(&vm, &settings);
+    let ask = |r: PeerResponse, what: &str| -> Result<(), ApiError> {
+        match r {
+            PeerResponse::Ok => Ok(()),
+            PeerResponse::Refused { message, .. } => Err(ApiError::new(
+                ErrorCode::Peer,
+                format!(
+                    "The replica server {} refused to {what}: {message}",
+                    theirs.host_name
+                ),
+            )),
+            other => Err(ApiError::new(
+                ErrorCode::Peer,
+                format!("Unexpected answer from the replica server: {other:?}"),
+            )),
+        }
+    };
+    let r = client
+        .request(&PeerRequest::CheckReplica {
+            vm: Box::new(replica_vm.clone()),
+        })
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Peer, e.to_string()))?;
+    ask(r, "host this VM")?;
+    let rel_id = Uuid::new_v4();
+    let policy = point_policy(&settings);
+    let my_addr = d.cfg().listen.clone();
+    let existing_copy = settings.initial == InitialReplication::ExistingCopy;
+    let r = client
+        .request(&PeerRequest::CreateReplica {
+            vm: Box::new(replica_vm),
+            relationship: rel_id,
+            policy,
+            primary_server: Some(my_addr),
+            existing_copy,
+        })
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Peer, e.to_string()))?;
+    ask(
+        r,
+        if existing_copy {
+            "take its existing copy of the VM as the replica"
+        } else {
+            "create the replica VM"
+        },
+    )?;
+    if let Err(e) = send_boot_files(&mut client, &vm, &[]).await {
+        // Every cycle tries again; a failover on the replica waits for them and says so.
+        tracing::warn!(target: "vmrepl::replication", vm = %name, "boot files not sent yet: {e}");
+    }
+    // An existing copy on the replica is brought to this VM's state by block compare: the
+    // resynchronization algorithm, from sequence 0.
+    let (state, note) = match &settings.initial {
+        InitialReplication::NetworkAt { .. } => {
+            (ReplicationState::ReadyForInitialReplication, None)
+        }
+        InitialReplication::ExistingCopy => (
+            ReplicationState::Resynchronizing,
+            Some(format!(
+                "Initial replication from the existing copy on {}: only the blocks that differ are sent.",
+                theirs.host_name
+            )),
+        ),
+        _ => (ReplicationState::WaitingForInitialReplication, None),
+    };
+    insert(
+        d,
+        vm.uuid,
+        rel_id,
+        &settings,
+        &theirs.host_name,
+        state,
+        0,
+        note.as_deref(),
+    )?;
+    spawn(d, vm.uuid);
+    Ok(format!(
+        "Replication of {name} to {} enabled ({}); initial replication {}.",
+        theirs.host_name,
+        settings.replica_server,
+        match &settings.initial {
+            InitialReplication::NetworkAt { unix_secs } =>
+                format!("scheduled at unix time {unix_secs}"),
+            InitialReplication::Export { folder } => format!(
+                "is being exported to {}; carry it to {} and run `vmrepl replication import {name} --from {}` there",
+                export_file(folder, name).display(),
+                theirs.host_name,
+                export_file(folder, name).display()
+            ),
+            InitialReplication::ExistingCopy => format!(
+                "compares the copy on {} with this VM and sends only the blocks that differ",
+                theirs.host_name
+            ),
+            InitialReplication::NetworkNow => "starts now".into(),
+        }
+    ))
+}
+
+/// Connects to the replica server `settings` name and checks that its QEMU runs `vm` exactly
+/// as it is (I7), before a relationship is set up towards it (enable, reverse).
+pub(crate) async fn reach_replica(
+    d: &Host,
+    settings: &ReplicationSettings,
+    vm: &VmDefinition,
+) -> Result<(PeerClient, vmrepl_types::HostInfo), ApiError> {
+    let (client, theirs) = connect(d, settings).await.map_err(|e| {
+        ApiError::new(
+            ErrorCode::Peer,
+            format!(
+                "Cannot reach the replica server {}: {e}. Nothing was changed.",
+                settings.replica_server
+            ),
+        )
+    })?;
+    theirs.check_runs(vm).map_err(|why| {
+        ApiError::new(
+            ErrorCode::Unsupported,
+            format!(
+                "The replica server {} cannot run VM {}: {why}. Nothing was changed.",
+                theirs.host_name, vm.name
+            ),
+        )
+    })?;
+    Ok((client, theirs))
+}
+
+/// A VM that boots a kernel directly: its kernel and initrd travel to the replica like its
+/// disks (the replica never boots a path this host names), sent at enable and reverse and
+/// again by any cycle that finds the replica's copy different (`held`: what the replica
+/// holds, with digests).
+pub(crate) async fn send_boot_files(
+    client: &mut PeerClient,
+    vm: &VmDefinition,
+    held: &[(crate::peer::proto::BootFile, String)],
+) -> Result<(), String> {
+    use crate::peer::proto::BootFile;
+    let Some(k) = &vm.kernel else {
+        return Ok(());
+    };
+    let files = [
+        (BootFile::Kernel, Some(&k.kernel)),
+        (BootFile::Initrd, k.initrd.as_ref()),
+    ];
+    for (file, path) in files {
+        let Some(path) = path else { continue };
+        let p = path.clone();
+        let sum = tokio::task::spawn_blocking(move || boot_file_digest(&p))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| {
+                format!(
+                    "cannot read the {} {}: {e}",
+                    file.file_name(),
+                    path.display()
+                )
+            })?;
+        if held
+            .iter()
+            .any(|(f, h)| *f == file && h.eq_ignore_ascii_case(&sum.1))
+        {
+            continue;
+        }
+        match client
+            .put_boot_file(vm.uuid, file, path, sum)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            PeerResponse::Ok => {
+                tracing::info!(target: "vmrepl::replication", vm = %vm.name, file = file.file_name(), "boot file sent to the replica");
+            }
+            other => {
+                return Err(format!(
+                    "the replica did not keep the {}: {other:?}",
+                    file.file_name()
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Size and BLAKE3 digest (hex) of a boot file, remembered while its size and modification
+/// time stay the same (a kernel is read once, not every cycle).
+pub(crate) fn boot_file_digest(path: &Path) -> std::io::Result<(u64, String)> {
+    type Seen = HashMap<PathBuf, (u64, std::time::SystemTime, String)>;
+    static SEEN: std::sync::OnceLock<Mutex<Seen>> = std::sync::OnceLock::new();
+    let meta = std::fs::metadata(path)?;
+    let (len, mtime) = (meta.len(), meta.modified()?);
+    let seen = SEEN.get_or_init(Default::default);
+    if let Some((l, m, h)) = seen.lock().unwrap_or_else(|p| p.into_inner()).get(path) {
+        if *l == len && *m == mtime {
+            return Ok((len, h.clone()));
+        }
+    }
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(std::fs::File::open(path)?)?;
+    let hex = hasher.finalize().to_hex().to_string();
+    seen.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(path.to_path_buf(), (len, mtime, hex.clone()));
+    Ok((len, hex))
+}
+
+/// Where the initial copy of VM `name` goes when exported to `folder` (external media).
+pub fn export_file(folder: &Path, name: &VmName) -> PathBuf {
+    folder.join(format!("{name}.vmrlog"))
+}
+
+/// An export folder must be an existing, writable directory given by an absolute path.
+pub(crate) fn check_export_folder(folder: &Path) -> Result<(), ApiError> {
+    let bad = |why: String| ApiError::new(ErrorCode::InvalidInput, why);
+    if !folder.is_absolute() {
+        return Err(bad(format!(
+            "The export folder {} is not an absolute path.",
+            folder.display()
+        )));
+    }
+    if !folder.is_dir() {
+        return Err(bad(format!(
+            "The export folder {} does not exist or is not a folder; create it (for example on the external disk) first.",
+            folder.display()
+        )));
+    }
+    let probe = folder.join(format!(".vmrepl-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| {
+        bad(format!(
+            "This host cannot write into the export folder {}: {e}.",
+            folder.display()
+        ))
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replica_targets_need_a_port_and_default_to_the_host_part_as_name() {
+        let s = default_settings("hostb.example:7443");
+        assert_eq!(replica_target(&s).unwrap().1, "hostb.example");
+        assert!(replica_target(&default_settings("nohost")).is_err());
+        assert!(replica_target(&default_settings("h:xx")).is_err());
+    }
+}

@@ -1,0 +1,479 @@
+//! Building a log: pulling dirty extents over NBD (or comparing blocks with the replica's
+//! digests) and encoding them, streamed to the sender.
+
+use super::*;
+
+/// The replica's block digests per disk id: (block size, one digest per block).
+pub(crate) type Digests = std::collections::HashMap<String, (u64, Vec<[u8; 32]>)>;
+
+/// Decodes a `BlockDigests` answer, keeping only disks whose block size and count fit.
+pub(crate) fn decode_digests(
+    disks: Vec<crate::peer::proto::DiskDigests>,
+    sizes: &[(String, u64)],
+) -> Digests {
+    let mut out = Digests::new();
+    for d in disks {
+        let Some((_, size)) = sizes.iter().find(|(id, _)| *id == d.id) else {
+            continue;
+        };
+        if d.block_size != vmrepl_store::block_size(*size) {
+            continue;
+        }
+        match d.decode() {
+            Some(p) if p.len() as u64 == size.div_ceil(d.block_size) => {
+                out.insert(d.id, (d.block_size, p));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Writes the blocks of a staged full copy whose digest differs from the replica's; returns
+/// how many. Unallocated ranges of the staging image read as zeros.
+pub(crate) fn write_differing<W: std::io::Write>(
+    w: &mut LogWriter<W>,
+    disk: u16,
+    size: u64,
+    staging: &Path,
+    ex: &[vmrepl_tracking::Extent],
+    bs: u64,
+    theirs: &[[u8; 32]],
+) -> Result<u64, String> {
+    let f = std::fs::File::open(staging).map_err(|e| format!("{}: {e}", staging.display()))?;
+    let mut first = 0usize;
+    compare_blocks(w, disk, size, bs, theirs, |start, buf| {
+        let end = start + buf.len() as u64;
+        while first < ex.len() && ex[first].offset + ex[first].len <= start {
+            first += 1;
+        }
+        for e in ex[first..].iter().take_while(|e| e.offset < end) {
+            if let vmrepl_tracking::ExtentKind::Data { file_offset } = e.kind {
+                let (s, t) = (e.offset.max(start), (e.offset + e.len).min(end));
+                vmrepl_tracking::read_extent(
+                    &f,
+                    file_offset + (s - e.offset),
+                    &mut buf[(s - start) as usize..(t - start) as usize],
+                )
+                .map_err(|e| format!("{}: {e}", staging.display()))?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Compares every block of a disk (`fill` puts block `start` into a zeroed buffer) with the
+/// replica's digest and writes the differing ones (all-zero blocks as zero records); returns
+/// how many differed.
+pub(crate) fn compare_blocks<W: std::io::Write>(
+    w: &mut LogWriter<W>,
+    disk: u16,
+    size: u64,
+    bs: u64,
+    theirs: &[[u8; 32]],
+    mut fill: impl FnMut(u64, &mut [u8]) -> Result<(), String>,
+) -> Result<u64, String> {
+    let mut buf = vec![0u8; bs as usize];
+    let mut differing = 0u64;
+    for (b, digest) in theirs.iter().enumerate() {
+        let start = b as u64 * bs;
+        let end = (start + bs).min(size);
+        let len = (end - start) as usize;
+        buf[..len].fill(0);
+        fill(start, &mut buf[..len])?;
+        if blake3::hash(&buf[..len]).as_bytes() == digest {
+            continue;
+        }
+        differing += 1;
+        if buf[..len].iter().all(|x| *x == 0) {
+            w.write_zero(disk, start, len as u64)
+        } else {
+            w.write_data(disk, start, &buf[..len])
+        }
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(differing)
+}
+
+/// Encodes the staged images into log `seq` at `path`; returns its size.
+#[allow(clippy::too_many_arguments)]
+/// Where [`build_log`] puts the encoded log.
+pub(crate) enum LogOut {
+    /// A file (created or truncated).
+    File(PathBuf),
+    /// An exported initial copy: a file, and the BLAKE3 of every byte written to it (what the
+    /// replica will take from the media), computed on the way instead of reading it back.
+    Export(PathBuf, Arc<Mutex<blake3::Hasher>>),
+    /// Chunks of at most 1 MiB for a sender ([`crate::peer::client::PeerClient::send_log_stream`]).
+    Stream(tokio::sync::mpsc::Sender<Vec<u8>>),
+}
+
+pub(crate) async fn build_log(
+    (vm, rel, consistency): (&VmDefinition, &Relationship, vmrepl_log::Consistency),
+    h: &vmrepl_tracking::CycleHandle,
+    out: LogOut,
+    (seq, base): (u64, u64),
+    kind: LogKind,
+    replica_digests: Option<&Digests>,
+    growth: Option<tokio::sync::watch::Sender<LogGrowth>>,
+) -> Result<u64, CycleError> {
+    let digests = replica_digests.cloned().unwrap_or_default();
+    type Image = (String, u64, PathBuf, Option<vmrepl_tracking::NbdExport>);
+    let mut images: Vec<Image> = h
+        .disks
+        .iter()
+        .map(|i| (i.node.clone(), i.size, i.path.clone(), i.export.clone()))
+        .collect();
+    if let Some(v) = &h.vars {
+        images.push((
+            crate::peer::proto::NVRAM_DISK_ID.to_string(),
+            v.size,
+            v.path.clone(),
+            None,
+        ));
+    }
+    let mapped = tokio::task::spawn_blocking(move || {
+        images
+            .into_iter()
+            .map(|(id, size, p, export)| {
+                if export.is_some() {
+                    // Pulled: the changed ranges come from the export's bitmap context.
+                    return Ok((id, size, p, export, Vec::new()));
+                }
+                let ex = vmrepl_tracking::extents(&p).map_err(|e| {
+                    CycleError::Other(format!("cannot map staging image {}: {e}", p.display()))
+                })?;
+                Ok((id, size, p, None, ex))
+            })
+            .collect::<Result<Vec<_>, CycleError>>()
+    })
+    .await
+    .map_err(|e| CycleError::Other(e.to_string()))??;
+    let header = LogHeader {
+        vm_id: vm.uuid,
+        sequence: seq,
+        base_sequence: base,
+        timestamp_unix_ms: h.point_in_time_ms,
+        kind,
+        consistency,
+        compression: if rel.settings.compression {
+            Compression::Zstd
+        } else {
+            Compression::None
+        },
+        disks: mapped
+            .iter()
+            .map(|(id, size, _, _, _)| DiskInfo {
+                id: id.clone(),
+                virtual_size: *size,
+            })
+            .collect(),
+    };
+    let growth = growth.map(Arc::new);
+    let tally = growth.clone();
+    let built = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+        let t0 = std::time::Instant::now();
+        let inner: Box<dyn std::io::Write + Send> = match out {
+            // A leftover of an earlier attempt is replaced; the new file is created 0600
+            // (an export holds the whole of every disk), refusing a symbolic link.
+            LogOut::File(path) => Box::new(new_log_file(&path)?),
+            LogOut::Export(path, hasher) => Box::new(Hashing {
+                inner: new_log_file(&path)?,
+                hasher,
+            }),
+            LogOut::Stream(tx) => Box::new(Pipe { tx }),
+        };
+        let f = Tally { inner, growth: tally };
+        let mut w = LogWriter::new(std::io::BufWriter::with_capacity(1 << 20, f), header)
+            .map_err(|e| e.to_string())?;
+        for (i, (id, size, p, export, ex)) in mapped.into_iter().enumerate() {
+            let disk = i as u16;
+            // A full resync leaves nothing out: ranges without data are sent as zeroes, or
+            // the replica would keep whatever it held there.
+            let zero_gaps = kind == LogKind::Resync && id != crate::peer::proto::NVRAM_DISK_ID;
+            match (digests.get(&id), export) {
+                // Resynchronization by compare: only the blocks whose digest differs.
+                (Some((bs, theirs)), x) => {
+                    let sent = match x {
+                        Some(x) => write_differing_pulled(&mut w, disk, size, &x, *bs, theirs)?,
+                        None => write_differing(&mut w, disk, size, &p, &ex, *bs, theirs)?,
+                    };
+                    tracing::info!(target: "vmrepl::replication", disk = %id, blocks = theirs.len(), differing = sent, "resynchronization compare");
+                }
+                (None, Some(x)) => pull_disk(&mut w, disk, size, &x, zero_gaps)?,
+                (None, None) => {
+                    let ranges: Vec<(u64, u64)> = ex.iter().map(|e| (e.offset, e.len)).collect();
+                    let chunks = ExtentReader::open(&p, ex).map_err(|e| e.to_string())?;
+                    let chunks = chunks.map(|c| c.map_err(|e| e.to_string()));
+                    write_ranges(&mut w, disk, size, &ranges, chunks, zero_gaps)?;
+                }
+            }
+        }
+        // No fsync: this file only serves to resume a cut transfer. After a host crash the
+        // persistent bitmaps are untrustworthy anyway (resynchronization), so durability here
+        // would buy nothing; the replica makes the log durable before acknowledging it (I1).
+        let (summary, bw) = w.finish_into_inner().map_err(|e| e.to_string())?;
+        bw.into_inner().map_err(|e| e.to_string())?;
+        tracing::info!(target: "vmrepl::replication", seq, bytes = summary.encoded_bytes, ms = t0.elapsed().as_millis() as u64, "log built");
+        Ok(summary.encoded_bytes)
+    })
+    .await
+    .map_err(|e| CycleError::Other(e.to_string()))
+    .and_then(|r| r.map_err(|e| CycleError::Other(format!("cannot encode log {seq}: {e}"))));
+    if let Some(g) = growth {
+        g.send_modify(|g| g.done = Some(built.is_ok()));
+    }
+    built
+}
+
+/// How many reads a pulled disk keeps in flight.
+pub(crate) const PULL_WINDOW: usize = 16;
+/// How long one NBD read or write may block before the cycle gives up.
+pub(crate) const PULL_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Writes a pulled disk into the log, reading it over NBD as of the cycle's point in time: the
+/// changed ranges of a delta export, or the ranges holding data of a full-copy export (see
+/// [`write_ranges`] for `zero_gaps`). Holes within what is read come out as zero records.
+pub(crate) fn pull_disk<W: std::io::Write>(
+    w: &mut LogWriter<W>,
+    disk: u16,
+    size: u64,
+    x: &vmrepl_tracking::NbdExport,
+    zero_gaps: bool,
+) -> Result<(), String> {
+    let mut c =
+        vmrepl_tracking::NbdClient::connect(&x.socket, &x.name, Some(&x.context), PULL_IO_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+    let ranges = if x.delta() {
+        c.dirty_ranges()
+    } else {
+        c.data_ranges()
+    }
+    .map_err(|e| e.to_string())?;
+    let mut reader =
+        vmrepl_tracking::NbdRangeReader::new(c, &ranges, vmrepl_tracking::MAX_CHUNK, PULL_WINDOW);
+    let chunks = reader.by_ref().map(|c| c.map_err(|e| e.to_string()));
+    write_ranges(w, disk, size, &ranges, chunks, zero_gaps)?;
+    reader.finish();
+    Ok(())
+}
+
+/// Writes the chunks read from `ranges` of a disk (in order) into the log; with `zero_gaps`
+/// every range between them, up to the disk's `size`, becomes a zero record in its place, so
+/// that the log describes the whole disk and its records stay in order.
+pub(crate) fn write_ranges<W: std::io::Write>(
+    w: &mut LogWriter<W>,
+    disk: u16,
+    size: u64,
+    ranges: &[(u64, u64)],
+    chunks: impl Iterator<Item = Result<vmrepl_tracking::Chunk, String>>,
+    zero_gaps: bool,
+) -> Result<(), String> {
+    let mut gaps: std::collections::VecDeque<(u64, u64)> = std::collections::VecDeque::new();
+    if zero_gaps {
+        let mut at = 0;
+        for &(o, l) in ranges.iter().chain([(size, 0)].iter()) {
+            if o > at {
+                gaps.push_back((at, o - at));
+            }
+            at = at.max(o + l);
+        }
+    }
+    let mut gap_before = |w: &mut LogWriter<W>, upto: u64| -> Result<(), String> {
+        while let Some(&(o, l)) = gaps.front() {
+            if o >= upto {
+                break;
+            }
+            gaps.pop_front();
+            w.write_zero(disk, o, l).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    };
+    for chunk in chunks {
+        let c = chunk?;
+        gap_before(w, c.offset)?;
+        match c.data {
+            ChunkData::Data(buf) => w.write_data(disk, c.offset, &buf),
+            ChunkData::Zero(len) => w.write_zero(disk, c.offset, len),
+        }
+        .map_err(|e| e.to_string())?;
+    }
+    gap_before(w, u64::MAX)
+}
+
+/// [`write_differing`] for a pulled full copy: every block is read over NBD (1 MiB reads in
+/// flight) and compared with the replica's digest.
+pub(crate) fn write_differing_pulled<W: std::io::Write>(
+    w: &mut LogWriter<W>,
+    disk: u16,
+    size: u64,
+    x: &vmrepl_tracking::NbdExport,
+    bs: u64,
+    theirs: &[[u8; 32]],
+) -> Result<u64, String> {
+    let c = vmrepl_tracking::NbdClient::connect(&x.socket, &x.name, None, PULL_IO_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    let reader = vmrepl_tracking::NbdRangeReader::new(
+        c,
+        &[(0, size)],
+        vmrepl_tracking::MAX_CHUNK,
+        PULL_WINDOW,
+    );
+    let mut chunks = reader.peekable();
+    compare_blocks(w, disk, size, bs, theirs, |start, buf| {
+        let end = start + buf.len() as u64;
+        // The chunks of this block (reads are block-aligned), or the error that stops them.
+        while let Some(c) = chunks.next_if(|c| c.as_ref().map_or(true, |c| c.offset < end)) {
+            let c = c.map_err(|e| e.to_string())?;
+            if let ChunkData::Data(d) = c.data {
+                let at = (c.offset - start) as usize;
+                buf[at..at + d.len()].copy_from_slice(&d);
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Hands the encoded log to the sender in chunks (the writer's buffer, at most 1 MiB), waiting
+/// while the sender is 4 chunks behind; fails once the sender has stopped.
+pub(crate) struct Pipe {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+}
+
+impl std::io::Write for Pipe {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tx.blocking_send(buf.to_vec()).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the sender stopped")
+        })?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A writer that reports every byte it has written (progress, and the end of the log).
+/// A log file of its own: a leftover of an earlier attempt is replaced, and the new file is
+/// created 0600 (an export holds the whole of every disk), refusing a symbolic link.
+pub(crate) fn new_log_file(path: &Path) -> Result<std::fs::File, String> {
+    let _ = std::fs::remove_file(path);
+    crate::fsutil::create_private_new(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))
+}
+
+/// Passes writes through and hashes what was written.
+pub(crate) struct Hashing {
+    inner: std::fs::File,
+    hasher: Arc<Mutex<blake3::Hasher>>,
+}
+
+impl std::io::Write for Hashing {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+pub(crate) struct Tally {
+    inner: Box<dyn std::io::Write + Send>,
+    growth: Option<Arc<tokio::sync::watch::Sender<LogGrowth>>>,
+}
+
+impl std::io::Write for Tally {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if let Some(g) = &self.growth {
+            g.send_modify(|g| g.written += n as u64);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_gaps_go_between_the_ranges_read_so_that_records_stay_in_order() {
+        const K: u64 = 1024;
+        let header = LogHeader {
+            vm_id: Uuid::nil(),
+            sequence: 2,
+            base_sequence: 1,
+            timestamp_unix_ms: 1,
+            kind: LogKind::Resync,
+            consistency: vmrepl_log::Consistency::Crash,
+            compression: Compression::None,
+            disks: vec![DiskInfo {
+                id: "disk0".into(),
+                virtual_size: 256 * K,
+            }],
+        };
+        let mut w = LogWriter::new(Vec::new(), header).unwrap();
+        let ranges = [(64 * K, 64 * K), (192 * K, 32 * K)];
+        let chunks = [(64 * K, 7u8), (192 * K, 9u8)].map(|(o, b)| {
+            Ok(vmrepl_tracking::Chunk {
+                offset: o,
+                data: ChunkData::Data(vec![b; if o == 64 * K { 64 * K } else { 32 * K } as usize]),
+            })
+        });
+        write_ranges(&mut w, 0, 256 * K, &ranges, chunks.into_iter(), true).unwrap();
+        let (_, bytes) = w.finish_into_inner().unwrap();
+        let shape: Vec<(u64, u32, bool)> = vmrepl_log::LogReader::new(&bytes[..])
+            .unwrap()
+            .map(|r| {
+                let r = r.unwrap();
+                (
+                    r.offset,
+                    r.len(),
+                    matches!(r.content, vmrepl_log::Content::Zero(_)),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (0, 64 * 1024, true),
+                (64 * K, 64 * 1024, false),
+                (128 * K, 64 * 1024, true),
+                (192 * K, 32 * 1024, false),
+                (224 * K, 32 * 1024, true),
+            ]
+        );
+    }
+
+    #[test]
+    fn replica_digests_decode_only_when_block_size_count_and_hex_fit() {
+        use crate::peer::proto::DiskDigests;
+        let size = 3 << 20; // three 1 MiB blocks
+        let ds = [[1u8; 32], [2u8; 32], [0xab; 32]];
+        let sizes = vec![("disk0".to_string(), size)];
+        let got = decode_digests(vec![DiskDigests::new("disk0".into(), 1 << 20, &ds)], &sizes);
+        assert_eq!(got["disk0"], (1 << 20, ds.to_vec()));
+        // Another block size, a short list, text that is not hex, an unknown disk: left out,
+        // so those disks are sent whole.
+        let mut not_hex = DiskDigests::new("disk0".into(), 1 << 20, &ds);
+        not_hex.digests.replace_range(0..1, "z");
+        for bad in [
+            DiskDigests::new("disk0".into(), 2 << 20, &ds),
+            DiskDigests::new("disk0".into(), 1 << 20, &ds[..2]),
+            not_hex,
+            DiskDigests::new("disk9".into(), 1 << 20, &ds),
+        ] {
+            assert!(
+                decode_digests(vec![bad.clone()], &sizes).is_empty(),
+                "{bad:?}"
+            );
+        }
+    }
+}

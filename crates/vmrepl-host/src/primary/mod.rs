@@ -1,0 +1,79 @@
+//! Primary-side replication: relationships, the per-VM scheduler and one cycle, top-down.
+//!
+//! ```text
+//! enable ──► WaitingForInitialReplication ──(initial log 1 acked)──► Replicating
+//!                 ▲                                                   │  ▲
+//!                 │ failure: bitmaps removed, retried                 │  │ resume
+//!                 │                                                   ▼  │
+//!                 │                                                 Suspended (pause)
+//!                 │
+//!   tracking cannot be trusted / replica refused a log as out of order
+//!                 ──► ResynchronizationRequired
+//! ```
+//!
+//! One cycle (for the relationship's recording bitmap N, last acknowledged log N):
+//! 1. take the VM's operation lock (no start/stop while a cycle runs); reach its block nodes
+//!    through the running QEMU, or through qemu-storage-daemon when the VM is off;
+//! 2. if a built log N+1 is still waiting (a transfer was cut), resume it from what the
+//!    replica holds durably; else one QMP transaction freezes bitmap N, starts N+1 and
+//!    copies the dirty clusters of every disk (and the UEFI vars) into staging images;
+//! 3. encode log N+1 (extents from the staging images, zstd, checksums) into a local file;
+//! 4. send it; the replica acknowledges once it is durable and verified;
+//! 5. only then drop bitmap N (I1). Any failure before the acknowledgement merges bitmap N
+//!    back into N+1, so the next cycle carries the changes.
+
+use crate::db::now_ms;
+use crate::host::Host;
+use crate::peer::client::{LogGrowth, PeerClient};
+use crate::peer::proto::{PeerRequest, PeerResponse, PointPolicy, RefusalCode, Resume};
+use rusqlite::{params, OptionalExtension};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use uuid::Uuid;
+use vmrepl_log::{Compression, DiskInfo, LogHeader, LogKind, LogWriter};
+use vmrepl_tracking::{ChunkData, ExtentReader, RelTag, Staging};
+use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::replication::{
+    Health, InitialReplication, Progress, ReplicationSettings, ReplicationState, ReplicationStats,
+    ReplicationStatus, Role,
+};
+use vmrepl_types::{Generation, VmDefinition, VmName};
+
+/// Hyper-V's default monitoring window for health and statistics.
+pub const MONITORING_WINDOW_MS: u64 = 12 * 3600 * 1000;
+
+/// In-memory state of the running relationships.
+#[derive(Default)]
+pub struct Runtime {
+    rels: Mutex<HashMap<Uuid, Arc<RelRuntime>>>,
+}
+
+/// One relationship's live handles.
+#[derive(Default)]
+pub struct RelRuntime {
+    wake: tokio::sync::Notify,
+    progress: Mutex<Option<Progress>>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+mod cycle;
+mod enable;
+mod endpoint;
+mod log_build;
+mod ops;
+mod relationships;
+mod run;
+mod scheduler;
+mod status;
+
+pub(crate) use cycle::*;
+pub use enable::*;
+pub(crate) use endpoint::*;
+pub(crate) use log_build::*;
+pub use ops::*;
+pub use relationships::*;
+pub(crate) use run::*;
+pub use scheduler::*;
+pub use status::*;

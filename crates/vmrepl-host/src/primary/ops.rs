@@ -1,0 +1,175 @@
+//! Operator actions on a relationship: pause, replicate now, resume (with or without a
+//! resynchronization) and remove.
+
+use super::*;
+
+/// Pauses (Suspend-VMReplication): no cycles until resumed; tracking continues.
+pub fn pause(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
+    let vm = d.vmm.show(name)?.definition;
+    let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
+    if rel.state == ReplicationState::SyncedReplicationComplete {
+        return Err(ApiError::new(
+            ErrorCode::WrongState,
+            format!("VM {name} is prepared for a planned failover; `vmrepl failover cancel {name}` ends that first."),
+        ));
+    }
+    if rel.state == ReplicationState::Suspended {
+        return Ok(format!("Replication of {name} is already paused."));
+    }
+    set_state(d, vm.uuid, ReplicationState::Suspended, None);
+    wake(d, vm.uuid);
+    Ok(format!(
+        "Replication of {name} paused; changes are still tracked and go out when it resumes."
+    ))
+}
+
+/// Replicates now, outside the schedule (and counts no missed cycle); with `app_consistent`
+/// the guest is frozen through its agent for the point. Says which point was made.
+pub async fn now(d: &Arc<Host>, name: &VmName, app_consistent: bool) -> Result<String, ApiError> {
+    let vm = d.vmm.show(name)?.definition;
+    let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
+    if rel.state != ReplicationState::Replicating {
+        return Err(ApiError::new(
+            ErrorCode::WrongState,
+            format!("Replication of {name} is {}; replicating now needs it replicating (initial replication done, not paused, no resynchronization pending).", rel.state),
+        ));
+    }
+    let consistency = if app_consistent {
+        vmrepl_log::Consistency::AppConsistent
+    } else {
+        vmrepl_log::Consistency::Crash
+    };
+    let (seq, freeze) = replicate_now(d, vm.uuid, consistency).await.map_err(|e| {
+        ApiError::new(
+            ErrorCode::Peer,
+            format!("Replicating {name} now failed: {e}"),
+        )
+    })?;
+    let kind = match (app_consistent, freeze) {
+        (false, _) => "a crash-consistent point".to_string(),
+        (true, Some(Ok(_))) => "an app-consistent point (the guest was frozen)".to_string(),
+        (true, Some(Err(why))) => why,
+        (true, None) => {
+            "a crash-consistent point: the VM is off, its disks were at rest".to_string()
+        }
+    };
+    Ok(format!(
+        "Log {seq} of {name} is on {}: {}.",
+        rel.replica_name,
+        kind.trim_end_matches('.')
+    ))
+}
+
+/// Resumes a paused relationship, or resynchronizes one (Resume-VMReplication -Resynchronize).
+pub fn resume(d: &Arc<Host>, name: &VmName, resynchronize: bool) -> Result<String, ApiError> {
+    let vm = d.vmm.show(name)?.definition;
+    let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
+    if resynchronize {
+        let ok = rel.acked_seq > 0
+            && matches!(
+                rel.state,
+                ReplicationState::ResynchronizationRequired
+                    | ReplicationState::Suspended
+                    | ReplicationState::Resynchronizing
+            );
+        if !ok {
+            return Err(ApiError::new(
+                ErrorCode::WrongState,
+                format!("Replication of {name} is {}; resynchronization is for a relationship that requires it (or is paused) after its initial replication.", rel.state),
+            ));
+        }
+        set_state(d, vm.uuid, ReplicationState::Resynchronizing, None);
+        wake(d, vm.uuid);
+        return Ok(format!("Resynchronization of {name} started; `vmrepl replication status {name}` shows its progress."));
+    }
+    if rel.state != ReplicationState::Suspended {
+        return Err(ApiError::new(
+            ErrorCode::WrongState,
+            format!("Replication of {name} is {}, not paused.", rel.state),
+        ));
+    }
+    let st = if rel.acked_seq == 0 {
+        ReplicationState::WaitingForInitialReplication
+    } else {
+        ReplicationState::Replicating
+    };
+    set_state(d, vm.uuid, st, None);
+    wake(d, vm.uuid);
+    Ok(format!("Replication of {name} resumed."))
+}
+
+/// Removes the relationship on this side (Remove-VMReplication); the replica is told too,
+/// and keeps its data unless `delete_replica`.
+pub async fn remove(
+    d: &Arc<Host>,
+    name: &VmName,
+    delete_replica: bool,
+) -> Result<String, ApiError> {
+    let vm = d.vmm.show(name)?.definition;
+    let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
+    stop_scheduler(d, vm.uuid);
+    let _op = d.vmm.op_lock(vm.uuid).await;
+    let replica_note = match connect(d, &rel.settings).await {
+        Ok((mut c, _)) => match c
+            .request(&PeerRequest::RemoveReplica {
+                vm_uuid: vm.uuid,
+                delete: delete_replica,
+            })
+            .await
+        {
+            Ok(PeerResponse::Ok) if delete_replica => format!(
+                "the replica on {} was removed, and its data deleted if that host allows it \
+                 (`replication server set --allow-remote-delete` there; by default its admin \
+                 keeps it)",
+                rel.replica_name
+            ),
+            Ok(PeerResponse::Ok) => format!(
+                "the replica on {} was removed and its data kept",
+                rel.replica_name
+            ),
+            Ok(other) => format!("the replica server answered {other:?}; remove it there too"),
+            Err(e) => format!(
+                "the replica server could not be told ({e}); run `replication remove` there too"
+            ),
+        },
+        Err(e) => {
+            format!("the replica server is unreachable ({e}); run `replication remove` there too")
+        }
+    };
+    // Change tracking ends with the relationship: a bitmap left behind records every write.
+    let tracking_note = match end_tracking(d, &vm, &rel).await {
+        Ok(()) => String::new(),
+        Err(e) => format!("; its change-tracking bitmaps could not be removed ({e})"),
+    };
+    let db = d.db();
+    let _ = db.conn().execute(
+        "DELETE FROM relationships WHERE vm_uuid = ?1",
+        params![vm.uuid.to_string()],
+    );
+    let _ = db.event(Some(vm.uuid), "replication removed");
+    Ok(format!(
+        "Replication of {name} removed; {replica_note}{tracking_note}."
+    ))
+}
+
+/// Removes every bitmap (and leftover staging) of `rel` from the VM's replicated disks, through
+/// its QEMU or qemu-storage-daemon. The caller holds the VM's operation lock.
+pub(crate) async fn end_tracking(
+    d: &Host,
+    vm: &VmDefinition,
+    rel: &Relationship,
+) -> Result<(), String> {
+    let tag = RelTag::from_uuid(&rel.rel_id);
+    let nodes: Vec<String> = replicated_disks(vm, &rel.settings)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let ep = Endpoint::open(d, vm, &nodes, None).await?;
+    let r = vmrepl_tracking::stop_tracking(ep.qmp(), tag, &nodes, Some(&d.dd.staging())).await;
+    ep.close().await;
+    r.map_err(|e| e.to_string())
+}
+
+pub(crate) fn not_enabled(name: &VmName) -> ApiError {
+    ApiError::new(ErrorCode::NotFound, format!("Replication is not enabled for VM {name}; enable it with `vmrepl replication enable {name} --replica-server HOST:PORT`."))
+}

@@ -1,0 +1,293 @@
+//! One cycle, top-down: lock, endpoint, freeze (app-consistent points), the cycle itself,
+//! and what its outcome records.
+
+use super::*;
+
+pub(crate) fn log_path(d: &Host, rel: RelTag, seq: u64) -> PathBuf {
+    d.dd.staging()
+        .join(format!("{}-{seq}.vmrlog", rel.as_str()))
+}
+
+/// One cycle, top-down.
+/// How freezing the guest for an app-consistent point went: the file systems frozen, or why
+/// it could not be done.
+pub(crate) type Freeze = Result<u64, String>;
+
+/// One cycle, top-down. Returns how freezing the guest went, when the cycle tried.
+pub(crate) async fn run_cycle(
+    d: &Arc<Host>,
+    vm_uuid: Uuid,
+    rt: &RelRuntime,
+    consistency: vmrepl_log::Consistency,
+) -> Result<Option<Freeze>, String> {
+    let _op = d.vmm.op_lock(vm_uuid).await;
+    if rt.stop.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok(None);
+    }
+    let Some(rel) = load(d, vm_uuid) else {
+        return Ok(None);
+    };
+    if rel.state == ReplicationState::SyncedReplicationComplete {
+        // Prepared for a planned failover: nothing moves until it is cancelled.
+        return Ok(None);
+    }
+    let vm = d
+        .vmm
+        .definition(vm_uuid)
+        .ok_or_else(|| "the VM no longer exists".to_string())?;
+    let tag = RelTag::from_uuid(&rel.rel_id);
+    let disks = replicated_disks(&vm, &rel.settings);
+    let nodes: Vec<String> = disks.iter().map(|(n, _)| n.clone()).collect();
+    let vars = (vm.generation == Generation::Uefi && vm.nvram.is_some())
+        .then_some(vmrepl_tracking::VARS_NODE);
+    let start = now_ms();
+    let initial = matches!(
+        rel.state,
+        ReplicationState::WaitingForInitialReplication
+            | ReplicationState::ReadyForInitialReplication
+    );
+    let resync = rel.state == ReplicationState::Resynchronizing;
+    let kind = if initial {
+        "initial"
+    } else if resync {
+        "resync"
+    } else {
+        "delta"
+    };
+    let fail = |msg: String, network: bool| {
+        record_cycle(
+            d,
+            vm_uuid,
+            rel.acked_seq + 1,
+            kind,
+            start,
+            0,
+            if network {
+                "network-failure"
+            } else {
+                "failure"
+            },
+            Some(&msg),
+        );
+        let st = if initial {
+            rel.state
+        } else if resync {
+            ReplicationState::ResynchronizationRequired
+        } else {
+            ReplicationState::Replicating
+        };
+        set_state(d, vm_uuid, st, Some(&msg));
+        msg
+    };
+    let (client, _theirs) = match connect(d, &rel.settings).await {
+        Ok(c) => c,
+        Err(e) => {
+            return Err(fail(
+                format!(
+                    "cannot reach the replica server {}: {e}",
+                    rel.settings.replica_server
+                ),
+                true,
+            ))
+        }
+    };
+    let exported = initial
+        && matches!(rel.settings.initial, InitialReplication::Export { .. })
+        && last_marked_ms(d, vm_uuid, rel.created_ms, Marked::Exported).is_some();
+    if exported {
+        // The initial copy went out on external media: wait until the replica imported it.
+        // Bitmap 1 has recorded every change since the export's point in time.
+        return await_import(d, vm_uuid, &rel, client)
+            .await
+            .map(|()| None)
+            .map_err(|e| fail(e, false));
+    }
+    let endpoint = match Endpoint::open(d, &vm, &nodes, vars).await {
+        Ok(e) => e,
+        Err(e) => return Err(fail(e, false)),
+    };
+    let mut cycle = Cycle {
+        d,
+        rel: &rel,
+        vm: &vm,
+        client,
+        endpoint: &endpoint,
+        tag,
+        disks,
+        vars,
+        staging: Staging::new(d.dd.staging()),
+        rt,
+        consistency,
+        app_freeze: None,
+    };
+    let result = if initial {
+        cycle.initial().await
+    } else if resync {
+        cycle.resync().await.map(Done::acked)
+    } else {
+        cycle.delta().await.map(Done::acked)
+    };
+    let app_freeze = cycle.app_freeze.take();
+    drop(cycle);
+    endpoint.close().await;
+    let outcome = match result {
+        Ok(Done::Exported { bytes }) => {
+            // Log 1 is on the media, not acknowledged: the replica has yet to import it.
+            record_cycle(d, vm_uuid, 1, "export", start, bytes, "ok", None);
+            set_state(
+                d,
+                vm_uuid,
+                ReplicationState::WaitingForInitialReplication,
+                None,
+            );
+            if let InitialReplication::Export { folder } = &rel.settings.initial {
+                set_note(d, vm_uuid, Some(&format!(
+                    "The initial copy was exported to {}; import it on {} with `vmrepl replication import {} --from FILE`.",
+                    export_file(folder, &vm.name).display(),
+                    rel.replica_name,
+                    vm.name
+                )));
+            }
+            Ok(())
+        }
+        Ok(Done::Acked { seq, bytes }) => {
+            record_cycle(d, vm_uuid, seq, kind, start, bytes, "ok", None);
+            record_success(d, vm_uuid, seq, ReplicationState::Replicating);
+            Ok(())
+        }
+        Err(CycleError::Resync(m)) => {
+            record_cycle(
+                d,
+                vm_uuid,
+                rel.acked_seq + 1,
+                kind,
+                start,
+                0,
+                "failure",
+                Some(&m),
+            );
+            set_state(
+                d,
+                vm_uuid,
+                ReplicationState::ResynchronizationRequired,
+                Some(&m),
+            );
+            Err(m)
+        }
+        Err(CycleError::Network(m)) => Err(fail(m, true)),
+        Err(CycleError::Other(m)) => Err(fail(m, false)),
+    };
+    if let Some(freeze) = &app_freeze {
+        record_freeze(d, vm_uuid, start, freeze);
+    }
+    outcome.map(|()| app_freeze)
+}
+
+/// After an export: asks the replica whether it imported log 1; once it has, the relationship
+/// replicates (bitmap 1 has recorded since the export's point in time).
+pub(crate) async fn await_import(
+    d: &Host,
+    vm: Uuid,
+    rel: &Relationship,
+    mut client: PeerClient,
+) -> Result<(), String> {
+    let start = now_ms();
+    match client
+        .call(&PeerRequest::ReplicaState { vm_uuid: vm })
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        PeerResponse::ReplicaState { last_applied, .. } if last_applied >= 1 => {
+            record_cycle(d, vm, 1, "import", start, 0, "ok", None);
+            record_success(d, vm, 1, ReplicationState::Replicating);
+            set_note(d, vm, None);
+            let _ = d.db().event(
+                Some(vm),
+                &format!(
+                    "{} imported the initial copy; replicating",
+                    rel.replica_name
+                ),
+            );
+            Ok(())
+        }
+        PeerResponse::ReplicaState { .. } => Ok(()),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// Hyper-V's app-consistent schedule: a replicating VM that runs gets an app-consistent
+/// point when none was tried for `hours` (the first one right after initial replication).
+pub(crate) fn app_consistent_due(
+    settings: &ReplicationSettings,
+    state: ReplicationState,
+    running: bool,
+    last_attempt_ms: Option<u64>,
+    now_ms: u64,
+) -> bool {
+    let Some(hours) = settings.app_consistent_hours else {
+        return false;
+    };
+    state == ReplicationState::Replicating
+        && running
+        && last_attempt_ms
+            .map(|t| now_ms.saturating_sub(t) >= u64::from(hours) * 3_600_000)
+            .unwrap_or(true)
+}
+
+/// How long the guest agent may take to freeze (it runs the guest's freeze hooks first).
+pub(crate) const FREEZE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long connecting and each other agent command may take.
+pub(crate) const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Thaws a guest frozen for an app-consistent point: at once, and again on failure.
+pub(crate) async fn thaw_guest(d: &Host, vm: Uuid, qga: vmrepl_qemu::Qga) {
+    let qga = qga.with_timeout(AGENT_TIMEOUT);
+    let mut last = String::new();
+    for _ in 0..3 {
+        match qga.fsfreeze_thaw().await {
+            Ok(_) => return,
+            Err(e) => {
+                last = e.to_string();
+                let _ = qga.sync().await;
+            }
+        }
+    }
+    let msg = format!("The guest could not be thawed after an app-consistent point ({last}); it may still be frozen: thaw it from the guest console (fsfreeze --unfreeze) or restart the VM.");
+    tracing::error!(target: "vmrepl::replication", %vm, "{msg}");
+    let _ = d.db().event(Some(vm), &msg);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_app_consistent_point_is_due_every_n_hours_for_a_running_replicating_vm() {
+        let mut s = default_settings("127.0.0.2:7443");
+        let h = 3_600_000;
+        let now = 100 * h;
+        let rep = ReplicationState::Replicating;
+        assert!(
+            !app_consistent_due(&s, rep, true, None, now),
+            "off by default"
+        );
+        s.app_consistent_hours = Some(2);
+        assert!(
+            app_consistent_due(&s, rep, true, None, now),
+            "first one at once"
+        );
+        assert!(!app_consistent_due(&s, rep, true, Some(now - h), now));
+        assert!(app_consistent_due(&s, rep, true, Some(now - 2 * h), now));
+        assert!(
+            !app_consistent_due(&s, rep, false, None, now),
+            "a VM that is off has no guest to freeze"
+        );
+        for st in [
+            ReplicationState::WaitingForInitialReplication,
+            ReplicationState::Resynchronizing,
+            ReplicationState::Suspended,
+        ] {
+            assert!(!app_consistent_due(&s, st, true, None, now), "{st:?}");
+        }
+    }
+}

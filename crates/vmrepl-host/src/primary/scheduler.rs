@@ -1,0 +1,137 @@
+//! The per-relationship scheduler: one task per relationship that waits for its frequency
+//! (or a wake-up) and runs one cycle, counting missed cycles.
+
+use super::*;
+
+/// Ends a relationship's scheduler (a cycle in flight finishes; none starts after it).
+pub(crate) fn stop_scheduler(d: &Host, vm: Uuid) {
+    if let Some(rt) = crate::host::unpoisoned(&d.repl.rels).remove(&vm) {
+        rt.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        rt.wake.notify_one();
+    }
+}
+
+/// Runs cycles now, outside the schedule, until one built and shipped a fresh log of every
+/// change so far (a cut transfer waiting to resume is finished first). Used by a planned
+/// failover's prepare with `Consistency::Planned`. Returns the acknowledged sequence and, for
+/// an app-consistent point, how freezing the guest went.
+pub(crate) async fn replicate_now(
+    d: &Arc<Host>,
+    vm: Uuid,
+    consistency: vmrepl_log::Consistency,
+) -> Result<(u64, Option<Freeze>), String> {
+    let rt = crate::host::unpoisoned(&d.repl.rels)
+        .get(&vm)
+        .cloned()
+        .unwrap_or_default();
+    for _ in 0..3 {
+        let rel = load(d, vm).ok_or("replication was removed")?;
+        let waiting = log_path(d, RelTag::from_uuid(&rel.rel_id), rel.acked_seq + 1).exists();
+        let freeze = run_cycle(d, vm, &rt, consistency).await?;
+        *crate::host::unpoisoned(&rt.progress) = None;
+        if !waiting {
+            return Ok((load(d, vm).map(|r| r.acked_seq).unwrap_or_default(), freeze));
+        }
+    }
+    Err("a cut transfer kept failing to resume".into())
+}
+
+/// Starts the scheduler of every stored relationship (daemon start).
+pub fn start_all(d: &Arc<Host>) {
+    for vm in all_vm_uuids(d) {
+        spawn(d, vm);
+    }
+}
+
+pub(crate) fn spawn(d: &Arc<Host>, vm: Uuid) {
+    let rt = Arc::new(RelRuntime::default());
+    crate::host::unpoisoned(&d.repl.rels).insert(vm, rt.clone());
+    let d = d.clone();
+    tokio::spawn(async move { scheduler(d, vm, rt).await });
+}
+
+pub(crate) async fn scheduler(d: Arc<Host>, vm: Uuid, rt: Arc<RelRuntime>) {
+    let mut last_start: Option<u64> = None;
+    loop {
+        if rt.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let Some(rel) = load(&d, vm) else { return };
+        let freq_ms = u64::from(rel.settings.frequency_secs) * 1000;
+        let wait_ms = match rel.state {
+            ReplicationState::Suspended
+            | ReplicationState::ResynchronizationRequired
+            | ReplicationState::SyncedReplicationComplete => u64::MAX,
+            ReplicationState::ReadyForInitialReplication => match rel.settings.initial {
+                InitialReplication::NetworkAt { unix_secs } => {
+                    (unix_secs * 1000).saturating_sub(now_ms())
+                }
+                _ => 0,
+            },
+            ReplicationState::WaitingForInitialReplication => {
+                // Retry a failed initial copy after one interval.
+                if last_start.is_some() {
+                    freq_ms
+                } else {
+                    0
+                }
+            }
+            _ => last_start
+                .map(|s| (s + freq_ms).saturating_sub(now_ms()))
+                .unwrap_or(0),
+        };
+        if wait_ms > 0 {
+            let sleep = Duration::from_millis(wait_ms.min(3_600_000));
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                // Pause, resume or remove: look again. A resumed relationship replicates at
+                // once, and the time it spent paused is not counted as missed cycles.
+                _ = rt.wake.notified() => { last_start = None; continue; }
+            }
+            if wait_ms > 3_600_000 {
+                continue;
+            }
+        }
+        if let Some(prev) = last_start {
+            // Hyper-V counts a cycle as missed when the log could not go out within its interval.
+            let late = now_ms().saturating_sub(prev);
+            let missed = late / freq_ms.max(1);
+            for _ in 1..missed {
+                record_cycle(
+                    &d,
+                    vm,
+                    rel.acked_seq + 1,
+                    "delta",
+                    now_ms(),
+                    0,
+                    "missed",
+                    None,
+                );
+            }
+        }
+        let start = now_ms();
+        last_start = Some(start);
+        let running = d.vmm.live_process(vm).await.is_some();
+        let consistency = if app_consistent_due(
+            &rel.settings,
+            rel.state,
+            running,
+            last_marked_ms(&d, vm, rel.created_ms, Marked::AppFreezeTried),
+            start,
+        ) {
+            vmrepl_log::Consistency::AppConsistent
+        } else {
+            vmrepl_log::Consistency::Crash
+        };
+        if let Err(e) = run_cycle(&d, vm, &rt, consistency).await {
+            tracing::warn!(target: "vmrepl::replication", %vm, "cycle failed: {e}");
+        }
+        *crate::host::unpoisoned(&rt.progress) = None;
+    }
+}
+
+pub(crate) fn wake(d: &Host, vm: Uuid) {
+    if let Some(rt) = crate::host::unpoisoned(&d.repl.rels).get(&vm) {
+        rt.wake.notify_one();
+    }
+}

@@ -1,0 +1,268 @@
+//! Status, statistics and health of the primary's relationships, by Hyper-V's rules.
+
+use super::*;
+
+/// Hyper-V's statistics over the monitoring window, counting only this relationship's cycles
+/// (a VM that failed over and back has had several) and only what crossed the network: an
+/// initial copy exported to media and imported on the replica is recorded, but it is not a
+/// replication cycle (no bytes sent, no latency).
+pub(crate) fn stats(d: &Host, vm: Uuid, rel_created_ms: u64) -> ReplicationStats {
+    let since = now_ms()
+        .saturating_sub(MONITORING_WINDOW_MS)
+        .max(rel_created_ms) as i64;
+    let db = d.db();
+    let mut s = ReplicationStats::default();
+    let mut lat_total = 0.0;
+    if let Ok(mut st) = db.conn().prepare(
+        "SELECT outcome, bytes, duration_ms, start_ms, app_freeze_ok FROM cycles WHERE vm_uuid = ?1 AND start_ms >= ?2 AND kind NOT IN ('export', 'import')",
+    ) {
+        let rows = st.query_map(params![vm.to_string(), since], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?, r.get::<_, Option<bool>>(4)?))
+        });
+        if let Ok(rows) = rows {
+            for (outcome, bytes, dur, start, frozen) in rows.flatten() {
+                if frozen == Some(false) {
+                    s.app_consistent_failure_count += 1;
+                }
+                match outcome.as_str() {
+                    "ok" => {
+                        s.success_count += 1;
+                        s.total_bytes += bytes as u64;
+                        s.max_bytes = s.max_bytes.max(bytes as u64);
+                        let secs = dur as f64 / 1000.0;
+                        lat_total += secs;
+                        s.max_latency_secs = s.max_latency_secs.max(secs);
+                        s.last_replication_unix = Some((start as u64 + dur as u64) / 1000);
+                    }
+                    "missed" => s.miss_count += 1,
+                    "network-failure" => {
+                        s.failure_count += 1;
+                        s.network_failure_count += 1;
+                    }
+                    _ => s.failure_count += 1,
+                }
+            }
+        }
+    }
+    if s.success_count > 0 {
+        s.avg_latency_secs = lat_total / s.success_count as f64;
+    }
+    s
+}
+
+/// Health by Hyper-V's rules, with a sentence per finding.
+pub fn health(
+    rel: &Relationship,
+    stats: &ReplicationStats,
+    last_cycle_failed: bool,
+) -> (Health, Vec<String>) {
+    let mut crit = Vec::new();
+    let mut warn = Vec::new();
+    match rel.state {
+        ReplicationState::ResynchronizationRequired => crit.push(format!(
+            "Resynchronization is required: {}",
+            rel.last_error
+                .clone()
+                .unwrap_or_else(|| "change tracking cannot be trusted".into())
+        )),
+        ReplicationState::Error => crit.push("Replication is in an error state.".into()),
+        ReplicationState::Suspended => warn.push("Replication is paused on the primary.".into()),
+        ReplicationState::Resynchronizing => warn.push("Resynchronization is in progress.".into()),
+        ReplicationState::WaitingForInitialReplication
+        | ReplicationState::ReadyForInitialReplication
+        | ReplicationState::InitialReplicationInProgress => {
+            warn.push("Initial replication is not complete.".into())
+        }
+        _ => {}
+    }
+    if last_cycle_failed && rel.state != ReplicationState::ResynchronizationRequired {
+        crit.push(format!(
+            "The primary cannot send changes to the replica: {}",
+            rel.last_error.clone().unwrap_or_default()
+        ));
+    }
+    let total = stats.success_count + stats.miss_count + stats.failure_count;
+    if total >= 5 && stats.miss_count * 5 > total {
+        warn.push(format!(
+            "More than 20 percent of replication cycles have been missed ({} of {}).",
+            stats.miss_count, total
+        ));
+    }
+    let since = rel.last_success_ms.unwrap_or(rel.created_ms);
+    if now_ms().saturating_sub(since) > 3_600_000 {
+        warn.push("The replica is behind the primary by more than an hour.".into());
+    }
+    if !crit.is_empty() {
+        crit.extend(warn);
+        (Health::Critical, crit)
+    } else if !warn.is_empty() {
+        (Health::Warning, warn)
+    } else {
+        (Health::Normal, vec![])
+    }
+}
+
+/// Status of one or all relationships on this host (primary side).
+pub fn statuses(d: &Host) -> Vec<ReplicationStatus> {
+    let mut out = Vec::new();
+    for vm in all_vm_uuids(d) {
+        let Some(rel) = load(d, vm) else { continue };
+        let Some(def) = d.vmm.definition(vm) else {
+            continue;
+        };
+        let st = stats(d, vm, rel.created_ms);
+        let last_failed = {
+            let db = d.db();
+            db.conn()
+                .query_row(
+                    "SELECT outcome FROM cycles WHERE vm_uuid = ?1 AND outcome != 'missed' ORDER BY id DESC LIMIT 1",
+                    params![vm.to_string()],
+                    |r| r.get::<_, String>(0),
+                )
+                .map(|o| o != "ok")
+                .unwrap_or(false)
+        };
+        let (health, details) = health(&rel, &st, last_failed);
+        let progress = crate::host::unpoisoned(&d.repl.rels)
+            .get(&vm)
+            .and_then(|r| crate::host::unpoisoned(&r.progress).clone());
+        let host = d.cfg().host_name.clone();
+        out.push(ReplicationStatus {
+            vm: def.name.clone(),
+            vm_uuid: vm,
+            role: Role::Primary,
+            state: rel.state,
+            health,
+            health_details: details,
+            primary_host: host,
+            replica_host: format!("{} ({})", rel.replica_name, rel.settings.replica_server),
+            frequency_secs: Some(rel.settings.frequency_secs),
+            app_consistent_hours: rel.settings.app_consistent_hours,
+            last_sequence: rel.acked_seq,
+            waiting_on: match rel.state {
+                ReplicationState::Suspended => Some("resume (replication is paused)".into()),
+                ReplicationState::ResynchronizationRequired => Some("a resynchronization".into()),
+                _ => None,
+            },
+            last_error: rel.last_error.clone(),
+            note: rel.note.clone(),
+            progress,
+            stats: st,
+        });
+    }
+    out
+}
+
+/// Replication settings from the CLI's defaults.
+pub fn default_settings(replica_server: &str) -> ReplicationSettings {
+    ReplicationSettings {
+        replica_server: replica_server.to_string(),
+        replica_host_name: None,
+        frequency_secs: ReplicationSettings::DEFAULT_FREQUENCY,
+        recovery_points: 0,
+        recovery_point_interval_secs: 3600,
+        app_consistent_hours: None,
+        compression: true,
+        exclude_disks: vec![],
+        initial: InitialReplication::NetworkNow,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel(state: ReplicationState) -> Relationship {
+        Relationship {
+            vm_uuid: Uuid::new_v4(),
+            rel_id: Uuid::new_v4(),
+            settings: default_settings("h:1"),
+            replica_name: "h".into(),
+            state,
+            acked_seq: 3,
+            last_error: Some("boom".into()),
+            created_ms: now_ms(),
+            last_success_ms: Some(now_ms()),
+            note: None,
+        }
+    }
+
+    #[test]
+    fn a_healthy_replicating_relationship_is_normal() {
+        let (h, d) = health(
+            &rel(ReplicationState::Replicating),
+            &ReplicationStats::default(),
+            false,
+        );
+        assert_eq!(h, Health::Normal, "{d:?}");
+    }
+
+    #[test]
+    fn resync_required_and_send_failures_are_critical() {
+        let (h, _) = health(
+            &rel(ReplicationState::ResynchronizationRequired),
+            &ReplicationStats::default(),
+            false,
+        );
+        assert_eq!(h, Health::Critical);
+        let (h, d) = health(
+            &rel(ReplicationState::Replicating),
+            &ReplicationStats::default(),
+            true,
+        );
+        assert_eq!(h, Health::Critical);
+        assert!(d[0].contains("cannot send"), "{d:?}");
+    }
+
+    #[test]
+    fn pause_on_the_primary_and_incomplete_initial_replication_are_warnings() {
+        assert_eq!(
+            health(
+                &rel(ReplicationState::Suspended),
+                &ReplicationStats::default(),
+                false
+            )
+            .0,
+            Health::Warning
+        );
+        assert_eq!(
+            health(
+                &rel(ReplicationState::WaitingForInitialReplication),
+                &ReplicationStats::default(),
+                false
+            )
+            .0,
+            Health::Warning
+        );
+    }
+
+    #[test]
+    fn more_than_a_fifth_of_cycles_missed_is_a_warning() {
+        let st = ReplicationStats {
+            success_count: 7,
+            miss_count: 3,
+            ..Default::default()
+        };
+        let (h, d) = health(&rel(ReplicationState::Replicating), &st, false);
+        assert_eq!(h, Health::Warning);
+        assert!(d[0].contains("20 percent"));
+        let st = ReplicationStats {
+            success_count: 9,
+            miss_count: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            health(&rel(ReplicationState::Replicating), &st, false).0,
+            Health::Normal
+        );
+    }
+
+    #[test]
+    fn a_replica_behind_by_more_than_an_hour_is_a_warning() {
+        let mut r = rel(ReplicationState::Replicating);
+        r.last_success_ms = Some(now_ms() - 2 * 3_600_000);
+        let (h, d) = health(&r, &ReplicationStats::default(), false);
+        assert_eq!(h, Health::Warning);
+        assert!(d[0].contains("more than an hour"));
+    }
+}
