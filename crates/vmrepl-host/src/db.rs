@@ -75,7 +75,7 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE replicas ADD COLUMN failover TEXT;
      ALTER TABLE replicas ADD COLUMN test_failover TEXT;
      ALTER TABLE relationships ADD COLUMN note TEXT;",
-    // 5: app-consistent points (see `crate::replication`): per cycle whether the guest was
+    // 5: app-consistent points (see `crate::primary`): per cycle whether the guest was
     // frozen through its agent (1), could not be (0, reason in app_freeze_error) or was not
     // asked (NULL).
     "ALTER TABLE cycles ADD COLUMN app_freeze_ok INTEGER;

@@ -10,11 +10,13 @@
 use crate::config::HostConfig;
 use crate::datadir::DataDir;
 use crate::db::Db;
+use crate::locks::{unpoisoned, ReplicaLocks};
 use crate::vmm::Vmm;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLockReadGuard, RwLockWriteGuard};
+use uuid::Uuid;
 use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::replication::Progress;
 
 /// The running host.
 pub struct Host {
@@ -24,7 +26,7 @@ pub struct Host {
     pub db: Arc<Mutex<Db>>,
     pub vmm: Arc<Vmm>,
     /// The primary role's running relationships (scheduler handles, progress).
-    pub repl: crate::primary::Runtime,
+    pub repl: Runtime,
     /// Per-replica-VM locks and receive slots.
     pub(crate) replica_locks: ReplicaLocks,
     /// The peer listener, kept to rebuild its TLS configuration when the trust changes.
@@ -33,35 +35,18 @@ pub struct Host {
     pub(crate) stop: tokio::sync::Notify,
 }
 
-/// Locks `m`, recovering it if a holder panicked: the host's one lock policy.
-pub(crate) fn unpoisoned<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-type LockMap = Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>;
-
-/// The per-folder mutexes of the replica VMs this host keeps.
+/// In-memory state of the running relationships.
 #[derive(Default)]
-pub(crate) struct ReplicaLocks {
-    locks: LockMap,
-    slots: LockMap,
+pub struct Runtime {
+    pub(crate) rels: Mutex<HashMap<Uuid, Arc<RelRuntime>>>,
 }
 
-impl ReplicaLocks {
-    /// The mutex that serializes everything touching one replica VM's folder (receive, apply,
-    /// remove, failover).
-    pub(crate) fn vm(&self, vm_dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
-        let mut g = unpoisoned(&self.locks);
-        g.entry(vm_dir.to_path_buf()).or_default().clone()
-    }
-
-    /// The slot a log transfer of one replica VM holds while it receives: one transfer per VM
-    /// at a time, without the VM's lock, so that a primary that stalls mid-log blocks no
-    /// failover.
-    pub(crate) fn receive_slot(&self, vm_dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
-        let mut g = unpoisoned(&self.slots);
-        g.entry(vm_dir.to_path_buf()).or_default().clone()
-    }
+/// One relationship's live handles.
+#[derive(Default)]
+pub struct RelRuntime {
+    pub(crate) wake: tokio::sync::Notify,
+    pub(crate) progress: Mutex<Option<Progress>>,
+    pub(crate) stop: std::sync::atomic::AtomicBool,
 }
 
 impl Host {

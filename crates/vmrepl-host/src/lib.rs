@@ -18,6 +18,7 @@ pub mod failover;
 pub mod fsutil;
 pub mod host;
 pub mod init;
+pub mod locks;
 pub mod mgmt;
 pub mod peer;
 pub mod primary;

@@ -130,14 +130,14 @@ impl Vmm {
         &self.caps
     }
 
-    /// The database, locked (see [`crate::host::unpoisoned`] for the lock policy).
+    /// The database, locked (see [`crate::locks::unpoisoned`] for the lock policy).
     fn db(&self) -> std::sync::MutexGuard<'_, crate::db::Db> {
-        crate::host::unpoisoned(&self.db)
+        crate::locks::unpoisoned(&self.db)
     }
 
     /// Takes the VM's operation lock (held by lifecycle verbs and replication cycles).
     pub async fn op_lock(&self, uuid: Uuid) -> tokio::sync::OwnedMutexGuard<()> {
-        let m = crate::host::unpoisoned(&self.ops)
+        let m = crate::locks::unpoisoned(&self.ops)
             .entry(uuid)
             .or_default()
             .clone();
@@ -154,7 +154,7 @@ impl Vmm {
     }
 
     fn row(&self, name: &VmName) -> Result<VmRow, ApiError> {
-        crate::host::unpoisoned(&self.db)
+        crate::locks::unpoisoned(&self.db)
             .vm_by_name(name.as_str())
             .map_err(db_err)?
             .ok_or_else(|| {

@@ -479,7 +479,7 @@ impl<'a> Cycle<'a> {
         let watch = rx.clone();
         let progress = |done: u64| {
             let secs = t0.elapsed().as_secs_f64().max(0.001);
-            *crate::host::unpoisoned(&rt.progress) = Some(Progress {
+            *crate::locks::unpoisoned(&rt.progress) = Some(Progress {
                 what: what.to_string(),
                 bytes_done: done,
                 bytes_total: watch.borrow().written.max(done),
@@ -555,7 +555,7 @@ impl<'a> Cycle<'a> {
         let rt = self.rt;
         let progress = |done: u64| {
             let secs = t0.elapsed().as_secs_f64().max(0.001);
-            *crate::host::unpoisoned(&rt.progress) = Some(Progress {
+            *crate::locks::unpoisoned(&rt.progress) = Some(Progress {
                 what: what.to_string(),
                 bytes_done: from + done,
                 bytes_total: total,

@@ -23,7 +23,7 @@
 //!    back into N+1, so the next cycle carries the changes.
 
 use crate::db::now_ms;
-use crate::host::Host;
+use crate::host::{Host, RelRuntime};
 use crate::peer::client::{LogGrowth, PeerClient};
 use crate::peer::proto::{PeerRequest, PeerResponse, PointPolicy, RefusalCode, Resume};
 use rusqlite::{params, OptionalExtension};
@@ -43,20 +43,6 @@ use vmrepl_types::{Generation, VmDefinition, VmName};
 
 /// Hyper-V's default monitoring window for health and statistics.
 pub const MONITORING_WINDOW_MS: u64 = 12 * 3600 * 1000;
-
-/// In-memory state of the running relationships.
-#[derive(Default)]
-pub struct Runtime {
-    rels: Mutex<HashMap<Uuid, Arc<RelRuntime>>>,
-}
-
-/// One relationship's live handles.
-#[derive(Default)]
-pub struct RelRuntime {
-    wake: tokio::sync::Notify,
-    progress: Mutex<Option<Progress>>,
-    stop: std::sync::atomic::AtomicBool,
-}
 
 mod cycle;
 mod enable;

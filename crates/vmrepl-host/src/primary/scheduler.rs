@@ -5,7 +5,7 @@ use super::*;
 
 /// Ends a relationship's scheduler (a cycle in flight finishes; none starts after it).
 pub(crate) fn stop_scheduler(d: &Host, vm: Uuid) {
-    if let Some(rt) = crate::host::unpoisoned(&d.repl.rels).remove(&vm) {
+    if let Some(rt) = crate::locks::unpoisoned(&d.repl.rels).remove(&vm) {
         rt.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         rt.wake.notify_one();
     }
@@ -20,7 +20,7 @@ pub(crate) async fn replicate_now(
     vm: Uuid,
     consistency: vmrepl_log::Consistency,
 ) -> Result<(u64, Option<Freeze>), String> {
-    let rt = crate::host::unpoisoned(&d.repl.rels)
+    let rt = crate::locks::unpoisoned(&d.repl.rels)
         .get(&vm)
         .cloned()
         .unwrap_or_default();
@@ -28,7 +28,7 @@ pub(crate) async fn replicate_now(
         let rel = load(d, vm).ok_or("replication was removed")?;
         let waiting = log_path(d, RelTag::from_uuid(&rel.rel_id), rel.acked_seq + 1).exists();
         let freeze = run_cycle(d, vm, &rt, consistency).await?;
-        *crate::host::unpoisoned(&rt.progress) = None;
+        *crate::locks::unpoisoned(&rt.progress) = None;
         if !waiting {
             return Ok((load(d, vm).map(|r| r.acked_seq).unwrap_or_default(), freeze));
         }
@@ -45,7 +45,7 @@ pub fn start_all(d: &Arc<Host>) {
 
 pub(crate) fn spawn(d: &Arc<Host>, vm: Uuid) {
     let rt = Arc::new(RelRuntime::default());
-    crate::host::unpoisoned(&d.repl.rels).insert(vm, rt.clone());
+    crate::locks::unpoisoned(&d.repl.rels).insert(vm, rt.clone());
     let d = d.clone();
     tokio::spawn(async move { scheduler(d, vm, rt).await });
 }
@@ -126,12 +126,12 @@ pub(crate) async fn scheduler(d: Arc<Host>, vm: Uuid, rt: Arc<RelRuntime>) {
         if let Err(e) = run_cycle(&d, vm, &rt, consistency).await {
             tracing::warn!(target: "vmrepl::replication", %vm, "cycle failed: {e}");
         }
-        *crate::host::unpoisoned(&rt.progress) = None;
+        *crate::locks::unpoisoned(&rt.progress) = None;
     }
 }
 
 pub(crate) fn wake(d: &Host, vm: Uuid) {
-    if let Some(rt) = crate::host::unpoisoned(&d.repl.rels).get(&vm) {
+    if let Some(rt) = crate::locks::unpoisoned(&d.repl.rels).get(&vm) {
         rt.wake.notify_one();
     }
 }

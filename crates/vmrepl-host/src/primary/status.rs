@@ -123,9 +123,9 @@ pub fn statuses(d: &Host) -> Vec<ReplicationStatus> {
                 .unwrap_or(false)
         };
         let (health, details) = health(&rel, &st, last_failed);
-        let progress = crate::host::unpoisoned(&d.repl.rels)
+        let progress = crate::locks::unpoisoned(&d.repl.rels)
             .get(&vm)
-            .and_then(|r| crate::host::unpoisoned(&r.progress).clone());
+            .and_then(|r| crate::locks::unpoisoned(&r.progress).clone());
         let host = d.cfg().host_name.clone();
         out.push(ReplicationStatus {
             vm: def.name.clone(),

@@ -1,0 +1,123 @@
+//! Test failover: a throw-away VM on an overlay over a recovery point, on its own test
+//! network, while replication goes on; stop-test deletes it.
+
+use super::*;
+
+/// Test failover: a VM "NAME - Test" on throwaway overlays of a point, adapters not connected
+/// unless a test network is given. Replication goes on; the point stays until it is stopped.
+pub async fn test(
+    d: &Arc<Host>,
+    name: &VmName,
+    point: Option<u64>,
+    test_network: Option<NicMode>,
+) -> Result<String, ApiError> {
+    let row = replica::named(d, name)?;
+    if let Some(t) = &row.test_failover {
+        return Err(ApiError::new(
+            ErrorCode::AlreadyExists,
+            format!("A test failover of {name} runs already as VM {:?}; stop it with `vmrepl failover stop-test {name}` first.", t.name),
+        ));
+    }
+    if row.failover.is_some() {
+        return Err(ApiError::new(
+            ErrorCode::WrongState,
+            format!("VM {name} has failed over; test failover is for a replica."),
+        ));
+    }
+    if row.last_applied == 0 {
+        return Err(ApiError::new(
+            ErrorCode::WrongState,
+            format!("Initial replication of {name} is not complete; there is no point to test."),
+        ));
+    }
+    check_runnable(d, &row.definition)?;
+    let test_name = VmName::new(&vmrepl_types::name::with_suffix(&row.name, " - Test"))
+        .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
+    let uuid = Uuid::new_v4();
+    let lock = d.replica_locks.vm(&replica::vm_dir(&row));
+    let _g = lock.lock().await;
+    if let Err(e) = replica::apply_and_record(d, &row).await {
+        // Only an explicit older point may be tested while the newest state is not whole.
+        if point.is_none_or(|p| p > row.last_applied) {
+            return Err(unapplied(name, e));
+        }
+    }
+    let dir = d.vmm.default_storage().join(uuid.to_string());
+    let ov = overlays(&row, point, dir.clone()).await?;
+    let mut def = on_overlay(&row.definition, &ov);
+    def.name = test_name.clone();
+    def.uuid = uuid;
+    if let Err(e) = boot_here(&row, &mut def, &dir) {
+        remove_files(&def);
+        let _ = std::fs::remove_dir(&dir);
+        return Err(e);
+    }
+    let nets = {
+        let db = d.db();
+        replica::networks(&db, &row)
+    };
+    def.nics = def
+        .nics
+        .iter()
+        .enumerate()
+        .map(|(i, _)| NicDef {
+            mac: crate::vmm::mac_for(uuid, i),
+            mode: test_network
+                .clone()
+                .or_else(|| nets.get(i).map(|n| n.test.clone()))
+                .unwrap_or(NicMode::NotConnected),
+        })
+        .collect();
+    let def_nics_connected = def.nics.iter().any(|n| n.mode != NicMode::NotConnected);
+    if let Err(e) = d.vmm.register(&def) {
+        remove_files(&def);
+        let _ = std::fs::remove_dir(&dir);
+        return Err(e);
+    }
+    let t = TestFailover {
+        vm_uuid: uuid,
+        name: test_name.as_str().to_string(),
+        point_seq: ov.point.seq,
+    };
+    let db = d.db();
+    replica::set_test_failover(&db, row.vm_uuid, Some(&t)).map_err(internal)?;
+    let _ = db.event(
+        Some(row.vm_uuid),
+        &format!("test failover to point {} as {:?}", t.point_seq, t.name),
+    );
+    Ok(format!(
+        "Test VM {:?} created from point {} of {name}; its network adapters are {}. Start it with `vmrepl vm start {:?}`; `vmrepl failover stop-test {name}` deletes it and everything it wrote. Replication goes on meanwhile.",
+        t.name,
+        t.point_seq,
+        if def_nics_connected { "on the test network" } else { "not connected" },
+        t.name
+    ))
+}
+
+/// Stops a test failover: the test VM and everything it wrote are deleted.
+pub async fn stop_test(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
+    let row = replica::named(d, name)?;
+    let Some(t) = row.test_failover.clone() else {
+        return Err(ApiError::new(
+            ErrorCode::WrongState,
+            format!("No test failover of {name} runs."),
+        ));
+    };
+    let test_name = VmName::new(&t.name).map_err(internal)?;
+    if d.vmm.show(&test_name).is_ok() {
+        if d.vmm.live_process(t.vm_uuid).await.is_some() {
+            d.vmm.stop(&test_name).await?;
+        }
+        d.vmm.delete(&test_name, false).await?;
+    }
+    let _ = std::fs::remove_dir(d.vmm.default_storage().join(t.vm_uuid.to_string()));
+    let db = d.db();
+    replica::set_test_failover(&db, row.vm_uuid, None).map_err(internal)?;
+    let _ = db.event(Some(row.vm_uuid), "test failover stopped");
+    Ok(format!(
+        "Test failover of {name} stopped; VM {:?} and what it wrote are deleted.",
+        t.name
+    ))
+}
+
+// ------------------------------------------------------------------ reverse replication
