@@ -95,7 +95,7 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
         peer_listener.clone(),
     ));
     let server = tokio::spawn(mgmt::serve(listener, d.clone()));
-    let peer = tokio::spawn(crate::peer::server::serve(peer_listener, d.clone()));
+    let peer = tokio::spawn(crate::peer_server::serve(peer_listener, d.clone()));
     crate::replica::recover(&d).await;
     crate::primary::start_all(&d);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

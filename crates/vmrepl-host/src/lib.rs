@@ -21,6 +21,7 @@ pub mod init;
 pub mod locks;
 pub mod mgmt;
 pub mod peer;
+pub mod peer_server;
 pub mod primary;
 pub mod replica;
 pub mod vmm;

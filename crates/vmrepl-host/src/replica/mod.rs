@@ -1,7 +1,7 @@
 //! The replica side: replica VMs this host keeps for primaries, their durable rows (table
 //! `replicas`, migration 3), applying received logs to the store, recovery points, status.
 //!
-//! The peer server ([`crate::peer::server`]) receives and verifies logs; this module applies
+//! The peer server ([`crate::peer_server`]) receives and verifies logs; this module applies
 //! them. A replica VM's storage is `<grant storage>/<vm uuid>` (never its name, I5), managed by
 //! `vmrepl_store`.
 //!

@@ -1,0 +1,339 @@
+//! The replica VM's lifecycle as a primary drives it: create (empty, from an existing copy,
+//! or by reverse replication), its state and block digests, and removal.
+
+use super::*;
+
+/// The old primary's side of reverse replication (see `crate::failover`).
+pub(super) async fn reverse_replica(
+    daemon: &Arc<Host>,
+    peer: &str,
+    vm: VmDefinition,
+    (relationship, old_relationship): (Uuid, Option<Uuid>),
+    policy: PointPolicy,
+    base_seq: u64,
+    primary_server: Option<String>,
+) -> Result<PeerResponse, Refusal> {
+    let grant = authorize(daemon)?;
+    check_policy(&policy)?;
+    if let Some(row) = existing_replica(daemon, peer, &grant, vm.uuid, relationship)? {
+        return Ok(PeerResponse::Reversed {
+            delta: row.last_applied == base_seq && base_seq > 0,
+            resync: false,
+            full_copy_reason: None,
+        });
+    }
+    check_definition(daemon, &vm)?;
+    let base = crate::failover::take_over_as_replica(
+        daemon,
+        peer,
+        &vm,
+        old_relationship,
+        &grant.storage,
+        base_seq,
+    )
+    .await
+    .map_err(|(c, m)| refuse(c, m))?;
+    use crate::failover::TakeOver;
+    let adopted = match &base {
+        TakeOver::Common => Some(base_seq),
+        TakeOver::Diverged(_) => Some(0),
+        TakeOver::Nothing(_) => None,
+    };
+    create_replica(
+        daemon,
+        peer,
+        &grant,
+        vm,
+        relationship,
+        policy,
+        primary_server,
+        adopted,
+    )
+    .await?;
+    Ok(match base {
+        TakeOver::Common => PeerResponse::Reversed {
+            delta: true,
+            resync: false,
+            full_copy_reason: None,
+        },
+        TakeOver::Diverged(reason) => PeerResponse::Reversed {
+            delta: false,
+            resync: true,
+            full_copy_reason: Some(reason),
+        },
+        TakeOver::Nothing(reason) => PeerResponse::Reversed {
+            delta: false,
+            resync: false,
+            full_copy_reason: Some(reason),
+        },
+    })
+}
+
+/// Initial replication from an existing copy: the stopped VM of the same name on this host
+/// (restored from a backup, say) becomes the replica at sequence 0, once its generation and
+/// disks are checked to match; the primary then sends only the blocks that differ.
+pub(super) async fn from_existing_copy(
+    daemon: &Arc<Host>,
+    peer: &str,
+    vm: VmDefinition,
+    relationship: Uuid,
+    policy: PointPolicy,
+    primary_server: Option<String>,
+) -> Result<PeerResponse, Refusal> {
+    let grant = authorize(daemon)?;
+    check_policy(&policy)?;
+    if existing_replica(daemon, peer, &grant, vm.uuid, relationship)?.is_some() {
+        return Ok(PeerResponse::Ok); // the copy was taken already
+    }
+    check_definition(daemon, &vm)?;
+    replica::adopt_existing_copy(daemon, peer, &vm, &grant.storage)
+        .await
+        .map_err(|(c, m)| refuse(c, m))?;
+    create_replica(
+        daemon,
+        peer,
+        &grant,
+        vm,
+        relationship,
+        policy,
+        primary_server,
+        Some(0),
+    )
+    .await
+}
+
+/// Creates a replica VM for an authorized peer; with `adopted` the store exists already
+/// (this host's disks were adopted at that sequence: reverse replication, or an existing
+/// copy) and only the row is recorded.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn create_replica(
+    daemon: &Arc<Host>,
+    peer: &str,
+    grant: &Grant,
+    vm: VmDefinition,
+    relationship: Uuid,
+    policy: PointPolicy,
+    primary_server: Option<String>,
+    adopted: Option<u64>,
+) -> Result<PeerResponse, Refusal> {
+    check_policy(&policy)?;
+    {
+        let db = daemon.db();
+        if let Ok(Some(_)) = db.vm_by_uuid(vm.uuid) {
+            return Err(refuse(
+                RefusalCode::Conflict,
+                format!(
+                    "VM {} exists on this host as a VM of its own; it cannot also be a replica",
+                    vm.uuid
+                ),
+            ));
+        }
+    }
+    if existing_replica(daemon, peer, grant, vm.uuid, relationship)?.is_some() {
+        return Ok(PeerResponse::Ok);
+    }
+    if adopted.is_none() {
+        check_vm(daemon, &vm, grant)?;
+    }
+    let root = grant.storage.clone();
+    let def =
+        serde_json::to_value(&vm).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+    let disks: Vec<(String, u64)> = vm
+        .disks
+        .iter()
+        .map(|d| (d.id.clone(), d.size_bytes))
+        .collect();
+    let uuid = vm.uuid;
+    let dir = vmrepl_store::ReplicaStore::vm_dir(&root, uuid);
+    let lock = daemon.replica_locks.vm(&dir);
+    let _g = lock.lock().await;
+    let created = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        if adopted.is_some() {
+            return Ok(());
+        }
+        crate::fsutil::create_private_dir_all(&root)
+            .map_err(|e| format!("cannot create the storage folder {}: {e}", root.display()))?;
+        let ds: Vec<(&str, u64)> = disks.iter().map(|(i, s)| (i.as_str(), *s)).collect();
+        vmrepl_store::ReplicaStore::create(&root, uuid, &def, &ds)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+    created.map_err(|e| refuse(RefusalCode::Internal, e))?;
+    let row = ReplicaRow {
+        vm_uuid: uuid,
+        name: vm.name.as_str().to_string(),
+        primary_host: peer.to_string(),
+        trust_group: grant.trust_group.clone(),
+        storage_root: grant.storage.clone(),
+        relationship,
+        definition: vm,
+        policy,
+        state: if adopted.is_some() {
+            ReplicationState::Replicating
+        } else {
+            ReplicationState::WaitingForInitialReplication
+        },
+        last_applied: adopted.unwrap_or(0),
+        created_ms: now_ms(),
+        last_receive_ms: None,
+        last_apply_ms: None,
+        last_point_ms: None,
+        bytes_received: 0,
+        logs_received: 0,
+        last_error: None,
+        primary_server,
+        failover: None,
+        test_failover: None,
+    };
+    let db = daemon.db();
+    let mut row = row;
+    row.name = replica::unique_name(&db, &row.name, uuid)
+        .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+    replica::insert(&db, &row).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+    let _ = db.event(
+        Some(uuid),
+        &format!("replica of {} created for primary {peer}", row.name),
+    );
+    tracing::info!(target: T, peer, vm = %uuid, name = %row.name, dir = %dir.display(), "replica created");
+    Ok(PeerResponse::Ok)
+}
+
+pub(super) async fn replica_state(
+    daemon: &Arc<Host>,
+    peer: &str,
+    vm_uuid: Uuid,
+) -> Result<PeerResponse, Refusal> {
+    let grant = authorize(daemon)?;
+    let row = own_replica(daemon, peer, &grant, vm_uuid)?;
+    if row.failover.is_some() {
+        return Ok(PeerResponse::ReplicaState {
+            last_applied: row.last_applied,
+            partial: None,
+            points: Vec::new(),
+            failed_over: true,
+            boot: Vec::new(),
+        });
+    }
+    let lock = daemon.replica_locks.vm(&replica::vm_dir(&row));
+    let _g = lock.lock().await;
+    // Apply what is durable first, so that last_applied is accurate (errors are recorded).
+    let _ = replica::apply_and_record(daemon, &row).await;
+    let root = row.storage_root.clone();
+    let boot = replica::boot_files(&replica::vm_dir(&row));
+    // A partial log is a resume point only once nobody writes it any more: while a transfer
+    // still holds the receive slot (one cut without a close, say, until its frame deadline),
+    // its prefix is still growing.
+    let slot = daemon.replica_locks.receive_slot(&replica::vm_dir(&row));
+    let receiving = slot.try_lock().is_err();
+    tokio::task::spawn_blocking(move || -> Result<PeerResponse, Refusal> {
+        let vm = vmrepl_store::ReplicaStore::open(&root, vm_uuid)
+            .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+        let last = vm.last_applied();
+        let next = vm.partial_log_path(last + 1);
+        let partial = match std::fs::File::open(&next) {
+            Ok(_) if receiving => None,
+            Ok(f) => match vmrepl_log::scan_valid_prefix(std::io::BufReader::new(f)) {
+                Ok(p) if p.bytes > 0 => Some((
+                    last + 1,
+                    Resume {
+                        records: p.records,
+                        bytes: p.bytes,
+                    },
+                )),
+                _ => None,
+            },
+            Err(_) => None,
+        };
+        let points = vm
+            .points()
+            .into_iter()
+            .filter(|p| p.kind == vmrepl_store::PointKind::Frozen)
+            .map(|p| (p.seq, p.unix_ms))
+            .collect();
+        Ok(PeerResponse::ReplicaState {
+            last_applied: last,
+            partial,
+            points,
+            failed_over: false,
+            boot,
+        })
+    })
+    .await
+    .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?
+}
+
+pub(super) async fn block_digests(
+    daemon: &Arc<Host>,
+    peer: &str,
+    vm_uuid: Uuid,
+) -> Result<PeerResponse, Refusal> {
+    let row = live_replica(daemon, peer, vm_uuid)?;
+    let lock = daemon.replica_locks.vm(&replica::vm_dir(&row));
+    let _g = lock.lock().await;
+    let _ = replica::apply_and_record(daemon, &row).await;
+    let root = row.storage_root.clone();
+    tokio::task::spawn_blocking(move || -> Result<PeerResponse, Refusal> {
+        let vm = vmrepl_store::ReplicaStore::open(&root, vm_uuid)
+            .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+        let mut disks = Vec::new();
+        for (id, _) in vm.disks() {
+            let (block_size, ds) = vm
+                .block_digests(&id)
+                .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+            disks.push(crate::peer::proto::DiskDigests::new(id, block_size, &ds));
+        }
+        Ok(PeerResponse::BlockDigests { disks })
+    })
+    .await
+    .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?
+}
+
+pub(super) async fn remove_replica(
+    daemon: &Arc<Host>,
+    peer: &str,
+    vm_uuid: Uuid,
+    delete: bool,
+) -> Result<PeerResponse, Refusal> {
+    let row = live_replica(daemon, peer, vm_uuid)?;
+    // A primary deletes the replica's data only where this host allows it: by default the
+    // disaster-recovery copy outlives a primary that is told (or tricked) to drop it.
+    let delete = delete
+        && daemon
+            .cfg
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .replica_server
+            .allow_remote_delete;
+    let dir = replica::vm_dir(&row);
+    let lock = daemon.replica_locks.vm(&dir);
+    let _g = lock.lock().await;
+    {
+        let db = daemon.db();
+        replica::delete(&db, vm_uuid).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+        let _ = db.event(
+            Some(vm_uuid),
+            &format!(
+                "replica of {} removed by {peer}{}",
+                row.name,
+                if delete {
+                    ", data deleted".to_string()
+                } else {
+                    format!(", data kept in {}", dir.display())
+                }
+            ),
+        );
+    }
+    if delete {
+        let root = row.storage_root.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            vmrepl_store::ReplicaStore::destroy(&root, vm_uuid)
+        })
+        .await;
+        if let Ok(Err(e)) = r {
+            tracing::warn!(target: T, dir = %dir.display(), "cannot delete the replica's data: {e}");
+        }
+    }
+    Ok(PeerResponse::Ok)
+}

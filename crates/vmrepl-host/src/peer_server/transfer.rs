@@ -1,0 +1,585 @@
+//! The data plane: boot files and logs arrive as frames, go to the spool while a verifier
+//! thread checks them, and are acknowledged only once durable and verified (I4).
+
+use super::*;
+
+/// Receives a boot file of a replica VM into its store (`boot/`), verified by size and
+/// BLAKE3 before it replaces the one kept there. No lock is held while the bytes arrive.
+pub(super) async fn put_boot_file(
+    daemon: &Arc<Host>,
+    peer: &str,
+    framed: &mut Conn,
+    vm_uuid: Uuid,
+    file: crate::peer::proto::BootFile,
+    (size, digest): (u64, String),
+) -> Result<Option<PeerResponse>, FrameError> {
+    let wanted = live_replica(daemon, peer, vm_uuid).and_then(|r| {
+        if size > crate::peer::proto::MAX_BOOT_FILE_BYTES {
+            Err(refuse(
+                RefusalCode::BadRequest,
+                format!(
+                    "a boot file of {size} bytes is larger than the {} bytes a replica keeps",
+                    crate::peer::proto::MAX_BOOT_FILE_BYTES
+                ),
+            ))
+        } else if r.definition.kernel.is_none() {
+            Err(refuse(
+                RefusalCode::BadRequest,
+                format!(
+                    "VM {} does not boot a kernel directly; it has no boot files",
+                    r.name
+                ),
+            ))
+        } else {
+            Ok(r)
+        }
+    });
+    let row = match wanted {
+        Ok(r) => r,
+        Err(r) => {
+            drain(framed).await?;
+            return Ok(Some(r.into()));
+        }
+    };
+    let boot = replica::vm_dir(&row).join("boot");
+    let tmp = boot.join(format!("{}.{}.tmp", file.file_name(), Uuid::new_v4()));
+    let created = crate::fsutil::create_private_dir_all(&boot).and(
+        tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .await,
+    );
+    let mut out = match created {
+        Ok(f) => f,
+        Err(e) => {
+            drain(framed).await?;
+            return Ok(Some(
+                refuse(RefusalCode::Internal, format!("{}: {e}", tmp.display())).into(),
+            ));
+        }
+    };
+    let mut hasher = blake3::Hasher::new();
+    let mut got = 0u64;
+    let mut failure: Option<Refusal> = None;
+    loop {
+        let data = match framed.read_frame().await {
+            Ok(Frame::Data(d)) => d,
+            Ok(Frame::Control(_)) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(FrameError::UnexpectedKind {
+                    expected: frame::FrameKind::Data,
+                    got: frame::FrameKind::Control,
+                    len: 0,
+                });
+            }
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e);
+            }
+        };
+        if data.is_empty() {
+            break;
+        }
+        if failure.is_some() {
+            continue;
+        }
+        got += data.len() as u64;
+        if got > size {
+            failure = Some(refuse(
+                RefusalCode::BadRequest,
+                format!("the boot file is longer than the {size} bytes announced"),
+            ));
+            continue;
+        }
+        hasher.update(&data);
+        if let Err(e) = out.write_all(&data).await {
+            failure = Some(refuse(
+                RefusalCode::Internal,
+                format!("cannot write {}: {e}", tmp.display()),
+            ));
+        }
+    }
+    let synced = out.sync_all().await;
+    drop(out);
+    let hex = hasher.finalize().to_hex().to_string();
+    let failure = failure.or_else(|| {
+        if got != size || !hex.eq_ignore_ascii_case(&digest) {
+            Some(refuse(
+                RefusalCode::BadLog,
+                format!(
+                    "the {} of {} arrived with {got} bytes and digest {hex}, not the {size} bytes \
+                     and digest {digest} announced; discarded",
+                    file.file_name(),
+                    row.name
+                ),
+            ))
+        } else {
+            synced
+                .err()
+                .map(|e| refuse(RefusalCode::Internal, format!("{}: {e}", tmp.display())))
+        }
+    });
+    if let Some(f) = failure {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Ok(Some(f.into()));
+    }
+    let lock = daemon.replica_locks.vm(&replica::vm_dir(&row));
+    let _g = lock.lock().await;
+    let placed = replica::place_boot_file(&boot, file, &tmp, &hex);
+    if let Err(e) = placed {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Ok(Some(refuse(RefusalCode::Internal, e).into()));
+    }
+    tracing::info!(target: T, peer, vm = %vm_uuid, file = file.file_name(), bytes = size, "boot file kept");
+    Ok(Some(PeerResponse::Ok))
+}
+
+/// Reads and discards Data frames up to the empty one.
+pub(super) async fn drain(framed: &mut Conn) -> Result<(), FrameError> {
+    loop {
+        match framed.read_frame().await? {
+            Frame::Data(d) if d.is_empty() => return Ok(()),
+            Frame::Data(_) => {}
+            Frame::Control(_) => {
+                return Err(FrameError::UnexpectedKind {
+                    expected: frame::FrameKind::Data,
+                    got: frame::FrameKind::Control,
+                    len: 0,
+                })
+            }
+        }
+    }
+}
+
+/// Largest log accepted for a VM: its disks' total size plus 1/8 for record overhead, plus
+/// room for the NVRAM and the header.
+pub(super) fn size_cap(row: &ReplicaRow) -> u64 {
+    let total: u64 = row.definition.disks.iter().map(|d| d.size_bytes).sum();
+    total
+        .saturating_add(total / 8)
+        .saturating_add(crate::peer::proto::MAX_NVRAM_BYTES)
+        .saturating_add(1 << 20)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn send_log(
+    daemon: &Arc<Host>,
+    peer: &str,
+    framed: &mut Conn,
+    vm_uuid: Uuid,
+    seq: u64,
+    base: u64,
+    resume: Option<Resume>,
+) -> Result<Option<PeerResponse>, FrameError> {
+    let row = match live_replica(daemon, peer, vm_uuid) {
+        Ok(r) => r,
+        Err(r) => {
+            drain(framed).await?;
+            return Ok(Some(r.into()));
+        }
+    };
+    let dir = replica::vm_dir(&row);
+    let lock = daemon.replica_locks.vm(&dir);
+    // Logs received before but not applied (an apply that failed) go first. The VM's lock is
+    // held for local work only, never while this host waits on the network (the frames below
+    // arrive with no lock held), so a primary that stalls mid-log blocks no failover.
+    let applied = {
+        let _g = lock.lock().await;
+        replica::apply_and_record(daemon, &row).await
+    };
+    let last = match applied {
+        Ok(l) => l,
+        Err(e) => {
+            drain(framed).await?;
+            let code = if e.is_disk_full() {
+                RefusalCode::DiskFull
+            } else {
+                RefusalCode::Internal
+            };
+            return Ok(Some(
+                refuse(
+                    code,
+                    format!("the replica of {} cannot apply its logs: {e}", row.name),
+                )
+                .into(),
+            ));
+        }
+    };
+    if seq <= last {
+        drain(framed).await?;
+        tracing::info!(target: T, peer, vm = %vm_uuid, seq, last_applied = last, "log already applied; acknowledged again");
+        return Ok(Some(PeerResponse::LogAck {
+            sequence: seq,
+            bytes: 0,
+        }));
+    }
+    if base != last {
+        drain(framed).await?;
+        let msg = format!(
+            "replica of {} has applied {last}, log {seq} builds on {base}; resynchronization \
+             required",
+            row.name
+        );
+        let db = daemon.db();
+        let _ = replica::record_error(
+            &db,
+            vm_uuid,
+            ReplicationState::ResynchronizationRequired,
+            &msg,
+        );
+        return Ok(Some(refuse(RefusalCode::OutOfOrder, msg).into()));
+    }
+    // One transfer per VM at a time. A transfer cut without a close holds its slot only until
+    // its next frame is overdue (`Framed`'s deadline); the primary resumes after that.
+    let slot = daemon.replica_locks.receive_slot(&dir);
+    let Ok(_receiving) = slot.try_lock() else {
+        drain(framed).await?;
+        return Ok(Some(
+            refuse(
+                RefusalCode::Internal,
+                format!(
+                    "another transfer of a log of {} is still in progress here; it ends when it \
+                     completes or its connection times out ({} s), then send again",
+                    row.name,
+                    framed.timeout().as_secs()
+                ),
+            )
+            .into(),
+        ));
+    };
+    let path = vmrepl_store::spool::partial_path(&dir, seq);
+    let t0 = std::time::Instant::now();
+    let (received, verified) = match receive(framed, &row, &path, resume).await? {
+        Ok(x) => x,
+        Err(r) => return Ok(Some(r.into())),
+    };
+    let receive_ms = t0.elapsed().as_millis() as u64;
+    let g = lock.lock().await;
+    // The replica may have failed over, or been removed, while the log arrived.
+    let current = live_replica(daemon, peer, vm_uuid).and_then(|r| {
+        if r.relationship != row.relationship {
+            Err(refuse(
+                RefusalCode::Conflict,
+                format!(
+                    "the replica of {} was replaced while log {seq} arrived",
+                    r.name
+                ),
+            ))
+        } else {
+            Ok(r)
+        }
+    });
+    let row = match current {
+        Ok(r) => r,
+        Err(r) => {
+            let _ = tokio::fs::remove_file(&path).await;
+            return Ok(Some(r.into()));
+        }
+    };
+    // Verified whole (I4) and durable under its verified name (I1) before the acknowledgement.
+    match replica::accept_spooled(&row, seq, base, None, Some(verified)).await {
+        Ok(()) => {}
+        Err(replica::Unaccepted::Bad(reason)) => {
+            return Ok(Some(
+                refuse(
+                    RefusalCode::BadLog,
+                    format!(
+                        "log {seq} of {} failed verification and was discarded: {reason}",
+                        row.name
+                    ),
+                )
+                .into(),
+            ))
+        }
+        Err(replica::Unaccepted::NotDurable(e)) => {
+            return Ok(Some(
+                refuse(
+                    RefusalCode::Internal,
+                    format!("cannot make log {seq} of {} durable: {e}", row.name),
+                )
+                .into(),
+            ))
+        }
+    }
+    {
+        let db = daemon.db();
+        let _ = replica::record_received(&db, vm_uuid, received);
+    }
+    drop(g);
+    tracing::info!(target: T, peer, vm = %vm_uuid, seq, bytes = received, receive_ms,
+        accept_ms = t0.elapsed().as_millis() as u64 - receive_ms, "log durable and verified");
+    framed
+        .write_control(&PeerResponse::LogAck {
+            sequence: seq,
+            bytes: received,
+        })
+        .await?;
+    // Apply now; the next log of this VM waits for it at its start (the VM's lock).
+    let _g = lock.lock().await;
+    let _ = replica::apply_verified(daemon, &row, seq).await;
+    Ok(None)
+}
+
+/// Feeds received bytes to a verifier on a blocking thread: a [`std::io::Read`] over a channel
+/// of frames, so the log is checked whole while it arrives instead of re-read afterwards.
+pub(super) struct Incoming {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl std::io::Read for Incoming {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.blocking_recv() {
+                Some(v) => {
+                    self.cur = v;
+                    self.pos = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Starts verifying log `path` as it is received: the `held` bytes already in the file (a
+/// resumed transfer) first, then whatever is sent on the returned channel until it closes.
+pub(super) fn start_verifier(
+    path: &Path,
+    held: u64,
+) -> (
+    tokio::sync::mpsc::Sender<Vec<u8>>,
+    tokio::task::JoinHandle<replica::Verified>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let path = path.to_path_buf();
+    let task = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let incoming = Incoming {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+        };
+        // The received frames are in memory already: only the file prefix needs a buffer.
+        let prefix: Box<dyn Read + Send> = if held > 0 {
+            Box::new(std::io::BufReader::new(
+                std::fs::File::open(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?
+                    .take(held),
+            ))
+        } else {
+            Box::new(std::io::empty())
+        };
+        vmrepl_log::verify_reader(prefix.chain(incoming))
+            .map(|(h, _)| h)
+            .map_err(|e| e.to_string())
+    });
+    (tx, task)
+}
+
+/// Receives the Data frames of a log into its partial spool file `path` (fresh, or appended to
+/// a partial file cut to `resume.bytes`), verifying it on the way. Returns the file's size and
+/// the verification's outcome. A refusal has drained the frames already. The file is fsynced
+/// here; [`vmrepl_store::spool::accept`] gives it its verified name after verification.
+pub(super) async fn receive(
+    framed: &mut Conn,
+    row: &ReplicaRow,
+    path: &PathBuf,
+    resume: Option<Resume>,
+) -> Result<Result<(u64, replica::Verified), Refusal>, FrameError> {
+    let cap = size_cap(row);
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let opened: Result<(tokio::fs::File, u64), Refusal> = async {
+        match resume {
+            Some(r) => {
+                let p = path.clone();
+                let held = tokio::task::spawn_blocking(move || {
+                    std::fs::File::open(&p)
+                        .map_err(|e| e.to_string())
+                        .and_then(|f| {
+                            vmrepl_log::scan_valid_prefix(std::io::BufReader::new(f))
+                                .map_err(|e| e.to_string())
+                        })
+                        .map(|v| v.bytes)
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+                match held {
+                    Ok(b) if b >= r.bytes && r.bytes > 0 => {}
+                    Ok(b) => {
+                        return Err(refuse(
+                            RefusalCode::BadRequest,
+                            format!(
+                            "cannot resume log at byte {}: the replica holds {b} valid bytes of \
+                                 it; ask ReplicaState again",
+                            r.bytes
+                        ),
+                        ))
+                    }
+                    Err(e) => {
+                        return Err(refuse(
+                            RefusalCode::BadRequest,
+                            format!("cannot resume: no partial log here ({e}); send it whole"),
+                        ))
+                    }
+                }
+                let f = tokio::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .await
+                    .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+                f.set_len(r.bytes)
+                    .await
+                    .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+                let mut f = f;
+                use tokio::io::AsyncSeekExt;
+                f.seek(std::io::SeekFrom::Start(r.bytes))
+                    .await
+                    .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+                Ok((f, r.bytes))
+            }
+            None => tokio::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(path)
+                .await
+                .map(|f| (f, 0))
+                .map_err(|e| refuse(RefusalCode::Internal, format!("{}: {e}", path.display()))),
+        }
+    }
+    .await;
+    let (mut file, mut size) = match opened {
+        Ok(x) => x,
+        Err(r) => {
+            drain(framed).await?;
+            return Ok(Err(r));
+        }
+    };
+    let (verify_tx, verifier) = start_verifier(path, size);
+    let mut writeback = vmrepl_store::EarlyWriteback::new(path);
+    let mut verify_tx = Some(verify_tx);
+    let mut failure: Option<Refusal> = None;
+    let mut since_check = u64::MAX;
+    loop {
+        let frame = match framed.read_frame().await {
+            Ok(f) => f,
+            Err(e) => {
+                // A cut transfer: keep what arrived for a resume.
+                let _ = file.sync_all().await;
+                return Err(e);
+            }
+        };
+        let data = match frame {
+            Frame::Data(d) => d,
+            Frame::Control(_) => {
+                let _ = file.sync_all().await;
+                return Err(FrameError::UnexpectedKind {
+                    expected: frame::FrameKind::Data,
+                    got: frame::FrameKind::Control,
+                    len: 0,
+                });
+            }
+        };
+        if data.is_empty() {
+            break;
+        }
+        if failure.is_some() {
+            continue;
+        }
+        let n = data.len() as u64;
+        if size + n > cap {
+            failure = Some(refuse(
+                RefusalCode::BadLog,
+                format!(
+                    "log is larger than {cap} bytes, more than VM {} can need; refused",
+                    row.name
+                ),
+            ));
+            continue;
+        }
+        if since_check >= 64 << 20 {
+            since_check = 0;
+            let free = free_bytes(&dir).unwrap_or(u64::MAX);
+            let needed = (64u64 << 20).saturating_add(vmrepl_store::SPACE_HEADROOM);
+            if free < needed {
+                failure = Some(refuse(
+                    RefusalCode::DiskFull,
+                    format!(
+                        "{}: needed {needed} bytes, free {free} bytes on the replica storage",
+                        path.display()
+                    ),
+                ));
+                continue;
+            }
+        }
+        if let Err(e) = file.write_all(&data).await {
+            failure = Some(if vmrepl_store::spool::is_no_space(&e) {
+                refuse(
+                    RefusalCode::DiskFull,
+                    format!(
+                        "{}: needed {n} more bytes, free {} bytes",
+                        path.display(),
+                        free_bytes(&dir).unwrap_or(0)
+                    ),
+                )
+            } else {
+                refuse(
+                    RefusalCode::Internal,
+                    format!("cannot write {}: {e}", path.display()),
+                )
+            });
+            continue;
+        }
+        size += n;
+        since_check += n;
+        writeback.wrote(n);
+        if let Some(tx) = &verify_tx {
+            if tx.send(data).await.is_err() {
+                // The verifier stopped: the log is bad; its error comes out below.
+                verify_tx = None;
+            }
+        }
+    }
+    drop(verify_tx);
+    let verified = verifier
+        .await
+        .unwrap_or_else(|e| Err(format!("the verifier failed: {e}")));
+    // Durable through the descriptor that wrote it, and no early write-back failed: a
+    // write-back error is reported once only, so an fsync on another descriptor could succeed
+    // for bytes that are not on disk (I1). `spool::accept` relies on this.
+    let early = tokio::task::spawn_blocking(move || writeback.finish())
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    let flushed = match (file.flush().await, early) {
+        (Ok(()), Ok(())) => file.sync_all().await,
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    };
+    if let Some(f) = failure {
+        if f.code == RefusalCode::BadLog {
+            let _ = tokio::fs::remove_file(path).await;
+        }
+        return Ok(Err(f));
+    }
+    if let Err(e) = flushed {
+        let code = if vmrepl_store::spool::is_no_space(&e) {
+            RefusalCode::DiskFull
+        } else {
+            RefusalCode::Internal
+        };
+        return Ok(Err(refuse(
+            code,
+            format!(
+                "cannot make {} durable: {e}; nothing was acknowledged",
+                path.display()
+            ),
+        )));
+    }
+    Ok(Ok((size, verified)))
+}
