@@ -112,7 +112,7 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
                 // SIGHUP: reread the trusted CAs and the revocation list.
                 match d.reload_trust() {
                     Ok(m) => tracing::info!(target: "vmrepl::daemon", "SIGHUP: {m}"),
-                    Err(e) => tracing::warn!(target: "vmrepl::daemon", "SIGHUP: {}", e.message),
+                    Err(e) => tracing::warn!(target: "vmrepl::daemon", "SIGHUP: {}", e.to_api().message),
                 }
             }
         }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod datadir;
 pub mod db;
+pub mod error;
 pub mod failover;
 pub mod fsutil;
 pub mod host;

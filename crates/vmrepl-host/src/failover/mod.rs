@@ -21,6 +21,7 @@
 //!
 //! Failback is the same planned failover in the other direction.
 
+use crate::error::HostError;
 use crate::host::Host;
 use crate::peer::client::PeerClient;
 use crate::peer::proto::{PeerRequest, PeerResponse, RefusalCode};
@@ -53,13 +54,13 @@ fn store_err(e: StoreError) -> ApiError {
 
 /// The replica row of the VM called `name` on this host.
 /// The recovery points of a replica VM, oldest first, the latest state last.
-pub async fn points(d: &Arc<Host>, name: &VmName) -> Result<Vec<RecoveryPointInfo>, ApiError> {
+pub async fn points(d: &Arc<Host>, name: &VmName) -> Result<Vec<RecoveryPointInfo>, HostError> {
     let row = replica::named(d, name)?;
     if row.state == ReplicationState::FailedOver {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("VM {name} has failed over and its recovery points were dropped."),
-        ));
+        )));
     }
     let lock = d.replica_locks.vm(&replica::vm_dir(&row));
     let _g = lock.lock().await;

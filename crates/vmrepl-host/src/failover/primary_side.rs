@@ -2,10 +2,11 @@
 //! cancel; and the answers the old primary gives the replica (`primary_state`).
 
 use super::*;
+use crate::error::HostError;
 
 /// Planned failover, step 1 on the primary: the VM must be off; it is locked against starting,
 /// its last changes are shipped as a planned point, and replication waits.
-pub async fn prepare(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
+pub async fn prepare(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
     let vm = d.vmm.show(name)?.definition;
     let rel = primary::load(d, vm.uuid).ok_or_else(|| {
         ApiError::new(
@@ -22,10 +23,10 @@ pub async fn prepare(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
         }
         ReplicationState::Replicating => {}
         s => {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::WrongState,
                 format!("Replication of {name} is {s}; a planned failover needs it replicating (resume it or let initial replication finish first)."),
-            ))
+            )))
         }
     }
     d.vmm.set_failover_lock(vm.uuid, true).await?;
@@ -50,16 +51,16 @@ pub async fn prepare(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
                     .unwrap_or_default(),
             };
             let _ = d.vmm.set_failover_lock(vm.uuid, false).await;
-            Err(ApiError::new(
+            Err(HostError::Api(ApiError::new(
                 ErrorCode::Peer,
                 format!("The last changes of {name} could not be sent to {}: {why}. Nothing changed; the VM can still start here.", rel.replica_name),
-            ))
+            )))
         }
     }
 }
 
 /// Cancels a prepare (on the primary) or a failover waiting for completion (on the replica).
-pub async fn cancel(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
+pub async fn cancel(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
     let prepared = d
         .vmm
         .show(name)
@@ -67,10 +68,10 @@ pub async fn cancel(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
         .and_then(|v| primary::load(d, v.definition.uuid));
     if let Some(rel) = prepared {
         if rel.state != ReplicationState::SyncedReplicationComplete {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::WrongState,
                 format!("VM {name} is not prepared for a failover (replication is {}); there is nothing to cancel.", rel.state),
-            ));
+            )));
         }
         // If the replica already failed over, the VM lives there now (I6).
         if let Ok((mut c, _)) = primary::connect(d, &rel.settings).await {
@@ -82,10 +83,10 @@ pub async fn cancel(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
                 })
                 .await
             {
-                return Err(ApiError::new(
+                return Err(HostError::Api(ApiError::new(
                     ErrorCode::WrongState,
                     format!("{} has already failed VM {name} over; it runs there now. Fail back instead of cancelling.", rel.replica_name),
-                ));
+                )));
             }
         }
         d.vmm.set_failover_lock(rel.vm_uuid, false).await?;
@@ -97,16 +98,16 @@ pub async fn cancel(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
     }
     let row = replica::named(d, name)?;
     let Some(f) = row.failover.clone() else {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("VM {name} has not failed over; there is nothing to cancel."),
-        ));
+        )));
     };
     if row.state != ReplicationState::FailedOverWaitingCompletion {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("The failover of {name} is complete and cannot be cancelled any more."),
-        ));
+        )));
     }
     if d.vmm.live_process(row.vm_uuid).await.is_some() {
         d.vmm.stop(name).await?;

@@ -3,6 +3,7 @@
 //! base where they match the failover point (no full copy).
 
 use super::*;
+use crate::error::HostError;
 
 /// After a failover, replicates the VM back to the old primary (which must authorize this
 /// host). Only the changes since the failover go when the old primary prepared the VM at the
@@ -11,21 +12,21 @@ pub async fn reverse(
     d: &Arc<Host>,
     name: &VmName,
     settings: ReplicationSettings,
-) -> Result<String, ApiError> {
+) -> Result<String, HostError> {
     let row = replica::named(d, name)?;
     let f = match (&row.failover, row.state) {
         (Some(f), ReplicationState::FailedOver) => f.clone(),
         (Some(_), _) => {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::WrongState,
                 format!("Complete the failover of {name} first (`vmrepl failover complete {name}`)."),
-            ))
+            )))
         }
         (None, _) => {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::WrongState,
                 format!("VM {name} has not failed over to this host; reverse replication follows a failover."),
-            ))
+            )))
         }
     };
     let mut settings = settings;
@@ -84,16 +85,16 @@ pub async fn reverse(
             } else {
                 String::new()
             };
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::Peer,
                 format!("{} refused to become the replica of {name}: {message}.{hint} Nothing was changed.", theirs.host_name),
-            ));
+            )));
         }
         other => {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::Peer,
                 format!("Unexpected answer from {}: {other:?}", theirs.host_name),
-            ))
+            )))
         }
     };
     if let Err(e) = primary::send_boot_files(&mut client, &def, &[]).await {
@@ -296,7 +297,7 @@ pub async fn take_over_as_replica(
     d.vmm
         .set_failover_lock(vm.uuid, true)
         .await
-        .map_err(|e| (RefusalCode::VmRunning, e.message))?;
+        .map_err(|e| (RefusalCode::VmRunning, e.to_api().message))?;
     let op = d.vmm.op_lock(vm.uuid).await;
     // Tracking of the old relationship ends here (its bitmaps would record forever).
     primary::end_tracking(d, &local, &rel).await.map_err(|e| {
@@ -318,7 +319,7 @@ pub async fn take_over_as_replica(
     d.vmm
         .delete(&local.name, false)
         .await
-        .map_err(|e| internal(e.message))?;
+        .map_err(|e| internal(e.to_api().message))?;
     Ok(outcome)
 }
 

@@ -2,6 +2,7 @@
 //! network, while replication goes on; stop-test deletes it.
 
 use super::*;
+use crate::error::HostError;
 
 /// Test failover: a VM "NAME - Test" on throwaway overlays of a point, adapters not connected
 /// unless a test network is given. Replication goes on; the point stays until it is stopped.
@@ -10,25 +11,25 @@ pub async fn test(
     name: &VmName,
     point: Option<u64>,
     test_network: Option<NicMode>,
-) -> Result<String, ApiError> {
+) -> Result<String, HostError> {
     let row = replica::named(d, name)?;
     if let Some(t) = &row.test_failover {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::AlreadyExists,
             format!("A test failover of {name} runs already as VM {:?}; stop it with `vmrepl failover stop-test {name}` first.", t.name),
-        ));
+        )));
     }
     if row.failover.is_some() {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("VM {name} has failed over; test failover is for a replica."),
-        ));
+        )));
     }
     if row.last_applied == 0 {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("Initial replication of {name} is not complete; there is no point to test."),
-        ));
+        )));
     }
     check_runnable(d, &row.definition)?;
     let test_name = VmName::new(&vmrepl_types::name::with_suffix(&row.name, " - Test"))
@@ -39,7 +40,7 @@ pub async fn test(
     if let Err(e) = replica::apply_and_record(d, &row).await {
         // Only an explicit older point may be tested while the newest state is not whole.
         if point.is_none_or(|p| p > row.last_applied) {
-            return Err(unapplied(name, e));
+            return Err(HostError::Api(unapplied(name, e)));
         }
     }
     let dir = d.vmm.default_storage().join(uuid.to_string());
@@ -95,13 +96,13 @@ pub async fn test(
 }
 
 /// Stops a test failover: the test VM and everything it wrote are deleted.
-pub async fn stop_test(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
+pub async fn stop_test(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
     let row = replica::named(d, name)?;
     let Some(t) = row.test_failover.clone() else {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("No test failover of {name} runs."),
-        ));
+        )));
     };
     let test_name = VmName::new(&t.name).map_err(internal)?;
     if d.vmm.show(&test_name).is_ok() {

@@ -2,16 +2,17 @@
 //! resynchronization) and remove.
 
 use super::*;
+use crate::error::HostError;
 
 /// Pauses (Suspend-VMReplication): no cycles until resumed; tracking continues.
-pub fn pause(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
+pub fn pause(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
     let vm = d.vmm.show(name)?.definition;
     let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
     if rel.state == ReplicationState::SyncedReplicationComplete {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("VM {name} is prepared for a planned failover; `vmrepl failover cancel {name}` ends that first."),
-        ));
+        )));
     }
     if rel.state == ReplicationState::Suspended {
         return Ok(format!("Replication of {name} is already paused."));
@@ -25,14 +26,14 @@ pub fn pause(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
 
 /// Replicates now, outside the schedule (and counts no missed cycle); with `app_consistent`
 /// the guest is frozen through its agent for the point. Says which point was made.
-pub async fn now(d: &Arc<Host>, name: &VmName, app_consistent: bool) -> Result<String, ApiError> {
+pub async fn now(d: &Arc<Host>, name: &VmName, app_consistent: bool) -> Result<String, HostError> {
     let vm = d.vmm.show(name)?.definition;
     let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
     if rel.state != ReplicationState::Replicating {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("Replication of {name} is {}; replicating now needs it replicating (initial replication done, not paused, no resynchronization pending).", rel.state),
-        ));
+        )));
     }
     let consistency = if app_consistent {
         vmrepl_log::Consistency::AppConsistent
@@ -61,7 +62,7 @@ pub async fn now(d: &Arc<Host>, name: &VmName, app_consistent: bool) -> Result<S
 }
 
 /// Resumes a paused relationship, or resynchronizes one (Resume-VMReplication -Resynchronize).
-pub fn resume(d: &Arc<Host>, name: &VmName, resynchronize: bool) -> Result<String, ApiError> {
+pub fn resume(d: &Arc<Host>, name: &VmName, resynchronize: bool) -> Result<String, HostError> {
     let vm = d.vmm.show(name)?.definition;
     let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
     if resynchronize {
@@ -73,20 +74,20 @@ pub fn resume(d: &Arc<Host>, name: &VmName, resynchronize: bool) -> Result<Strin
                     | ReplicationState::Resynchronizing
             );
         if !ok {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::WrongState,
                 format!("Replication of {name} is {}; resynchronization is for a relationship that requires it (or is paused) after its initial replication.", rel.state),
-            ));
+            )));
         }
         set_state(d, vm.uuid, ReplicationState::Resynchronizing, None);
         wake(d, vm.uuid);
         return Ok(format!("Resynchronization of {name} started; `vmrepl replication status {name}` shows its progress."));
     }
     if rel.state != ReplicationState::Suspended {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("Replication of {name} is {}, not paused.", rel.state),
-        ));
+        )));
     }
     let st = if rel.acked_seq == 0 {
         ReplicationState::WaitingForInitialReplication
@@ -104,7 +105,7 @@ pub async fn remove(
     d: &Arc<Host>,
     name: &VmName,
     delete_replica: bool,
-) -> Result<String, ApiError> {
+) -> Result<String, HostError> {
     let vm = d.vmm.show(name)?.definition;
     let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
     stop_scheduler(d, vm.uuid);
@@ -170,6 +171,8 @@ pub(crate) async fn end_tracking(
     r.map_err(|e| e.to_string())
 }
 
-pub(crate) fn not_enabled(name: &VmName) -> ApiError {
-    ApiError::new(ErrorCode::NotFound, format!("Replication is not enabled for VM {name}; enable it with `vmrepl replication enable {name} --replica-server HOST:PORT`."))
+pub(crate) fn not_enabled(name: &VmName) -> HostError {
+    HostError::NotEnabled {
+        vm: name.to_string(),
+    }
 }

@@ -2,6 +2,7 @@
 //! cycles, successes, notes and app-consistent freezes.
 
 use super::*;
+use crate::error::HostError;
 
 /// A relationship as stored.
 #[derive(Debug, Clone)]
@@ -122,7 +123,7 @@ pub(crate) fn insert(
     state: ReplicationState,
     acked_seq: u64,
     note: Option<&str>,
-) -> Result<(), ApiError> {
+) -> Result<(), HostError> {
     let db = d.db();
     db.conn()
         .execute(

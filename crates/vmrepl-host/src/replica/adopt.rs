@@ -2,6 +2,7 @@
 //! existing copy the admin designated, and the disks of an old primary taking over as replica.
 
 use super::*;
+use crate::error::HostError;
 
 /// Whether a VM with this uuid runs on this host (a normal VM in the `vms` table).
 pub fn vm_running(daemon: &Host, vm_uuid: Uuid) -> bool {
@@ -100,7 +101,7 @@ pub fn accept_copy(
     name: &vmrepl_types::VmName,
     primary: &str,
     withdraw: bool,
-) -> Result<String, ApiError> {
+) -> Result<String, HostError> {
     let primary = vmrepl_transport::authz::normalize_host_name(primary).map_err(|e| {
         ApiError::new(
             ErrorCode::InvalidInput,
@@ -131,10 +132,10 @@ pub fn accept_copy(
         });
     }
     if replicated {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("VM {name} is itself replicated; remove its replication first (`vmrepl replication remove {name}`)."),
-        ));
+        )));
     }
     db.conn()
         .execute(
@@ -235,7 +236,7 @@ pub async fn adopt_existing_copy(
     d.vmm
         .set_failover_lock(local.uuid, true)
         .await
-        .map_err(|e| (RefusalCode::VmRunning, e.message))?;
+        .map_err(|e| (RefusalCode::VmRunning, e.to_api().message))?;
     if let Err(e) = adopt_disks(&local, vm, storage_root, 0).await {
         // Nothing was taken: the copy stays a VM of this host, free to start again.
         let _ = d.vmm.set_failover_lock(local.uuid, false).await;
@@ -249,7 +250,7 @@ pub async fn adopt_existing_copy(
     d.vmm
         .delete(&vm.name, true)
         .await
-        .map_err(|e| (RefusalCode::Internal, e.message))?;
+        .map_err(|e| (RefusalCode::Internal, e.to_api().message))?;
     for x in local.disks.iter().filter(|x| vm.disk(&x.id).is_some()) {
         let _ = std::fs::remove_file(&x.path);
     }
@@ -278,14 +279,14 @@ pub async fn import_initial(
     d: &Arc<Host>,
     name: &vmrepl_types::VmName,
     from: &Path,
-) -> Result<String, ApiError> {
+) -> Result<String, HostError> {
     let e = |code: ErrorCode, m: String| ApiError::new(code, m);
     let row = named(d, name)?;
     if row.failover.is_some() {
-        return Err(e(
+        return Err(HostError::Api(e(
             ErrorCode::WrongState,
             format!("The replica of {name} has failed over; it takes no initial copy."),
-        ));
+        )));
     }
     let file = if from.is_dir() {
         from.join(format!("{name}.vmrlog"))
@@ -313,21 +314,21 @@ pub async fn import_initial(
         )
     })?;
     if last >= 1 {
-        return Err(e(
+        return Err(HostError::Api(e(
             ErrorCode::WrongState,
             format!("The replica of {name} already holds its initial copy (log {last} applied); nothing was imported."),
-        ));
+        )));
     }
     let free = vmrepl_store::spool::free_bytes(&dir).unwrap_or(u64::MAX);
     if free < size.saturating_add(vmrepl_store::SPACE_HEADROOM) {
-        return Err(e(
+        return Err(HostError::Api(e(
             ErrorCode::Internal,
             format!(
                 "The replica storage {} has {free} bytes free; importing {} needs {size} bytes and more to apply it. Free some space and import again.",
                 dir.display(),
                 file.display()
             ),
-        ));
+        )));
     }
     let unusable = |why: String| {
         e(
@@ -356,13 +357,13 @@ pub async fn import_initial(
             })
     };
     if let Err(why) = authorized {
-        return Err(e(
+        return Err(HostError::Api(e(
             ErrorCode::WrongState,
             format!(
                 "The primary {} of {name} is not authorized on this host any more ({why}); nothing was imported. Authorize it again (`vmrepl replication server authorize`) or remove the replica.",
                 row.primary_host
             ),
-        ));
+        )));
     }
     // Only the very file the primary announced (over TLS) is imported: media can be altered
     // or forged on the way, and a forged log can be valid.
@@ -410,12 +411,12 @@ pub async fn import_initial(
     // From here on exactly as a log that came over the network.
     match accept_spooled(&row, 1, 0, Some(vmrepl_log::LogKind::Initial), None).await {
         Ok(()) => {}
-        Err(Unaccepted::Bad(why)) => return Err(unusable(why)),
+        Err(Unaccepted::Bad(why)) => return Err(HostError::Api(unusable(why))),
         Err(Unaccepted::NotDurable(why)) => {
-            return Err(e(
+            return Err(HostError::Api(e(
                 ErrorCode::Internal,
                 format!("The initial copy of {name} could not be made durable: {why}."),
-            ))
+            )))
         }
     }
     {

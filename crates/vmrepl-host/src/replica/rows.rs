@@ -2,6 +2,7 @@
 //! the bookkeeping of received and applied logs, failovers and test failovers.
 
 use super::*;
+use crate::error::HostError;
 
 /// One replica VM as recorded on this host.
 #[derive(Debug, Clone)]
@@ -212,7 +213,7 @@ pub fn by_name(db: &Db, name: &str) -> rusqlite::Result<Option<ReplicaRow>> {
 
 /// The replica VM named `name` on this host, or an error that says where replica-side
 /// commands run.
-pub(crate) fn named(d: &Host, name: &vmrepl_types::VmName) -> Result<ReplicaRow, ApiError> {
+pub(crate) fn named(d: &Host, name: &vmrepl_types::VmName) -> Result<ReplicaRow, HostError> {
     let db = d.db();
     let sql = |e: rusqlite::Error| ApiError::new(ErrorCode::Internal, e.to_string());
     let found = match by_name(&db, name.as_str()).map_err(sql)? {
@@ -228,6 +229,7 @@ pub(crate) fn named(d: &Host, name: &vmrepl_types::VmName) -> Result<ReplicaRow,
                 ErrorCode::NotFound,
                 format!("This host keeps no replica of a VM named {name}; failover and import run on the replica server. `vmrepl replication status` lists what this host replicates."),
             )
+            .into()
         })
 }
 

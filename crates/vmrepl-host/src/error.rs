@@ -1,0 +1,96 @@
+//! The host's errors, typed, and their one mapping to the management API's error codes.
+//!
+//! Every flow (primary, replica, failover, VM manager, host settings) returns [`HostError`].
+//! A variant keeps the error it came from as its `source`, so a database failure stays a
+//! database failure on its way up instead of reading as "replication not enabled". The
+//! management dispatcher turns a `HostError` into an [`ApiError`] once, in
+//! [`HostError::to_api`]: the code comes from the variant, the sentence is the message followed
+//! by its chain of causes.
+//!
+//! Messages are sentences that name the values; they never repeat their source (the chain is
+//! appended once, at the edge).
+
+use crate::db::DbError;
+use crate::peer::client::PeerError;
+use vmrepl_types::api::{ApiError, ErrorCode};
+
+/// What can go wrong in a flow of this host.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The VM has no replication relationship on this host.
+    #[error(
+        "Replication is not enabled for VM {vm} on this host; enable it with `vmrepl replication \
+         enable {vm} --replica-server HOST:PORT`."
+    )]
+    NotEnabled { vm: String },
+    /// The state database failed.
+    #[error("The state database failed while {doing}")]
+    Db {
+        doing: String,
+        #[source]
+        source: DbError,
+    },
+    /// The replica server could not be reached or refused.
+    #[error("The replica server {server} could not be asked to {doing}")]
+    Peer {
+        server: String,
+        doing: String,
+        #[source]
+        source: PeerError,
+    },
+    /// A refusal or failure already classified with its code and sentence (the VM manager's
+    /// checks, the host settings' validation, and flows that build their sentence themselves).
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+impl HostError {
+    /// A database failure while `doing` something.
+    pub fn db(doing: impl Into<String>) -> impl FnOnce(DbError) -> HostError {
+        let doing = doing.into();
+        move |source| HostError::Db { doing, source }
+    }
+
+    /// The stable API code of this error: the one place a host error meets the API.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            HostError::NotEnabled { .. } => ErrorCode::NotFound,
+            HostError::Db { .. } => ErrorCode::Internal,
+            HostError::Peer { source, .. } => match source {
+                PeerError::Io { .. } => ErrorCode::Io,
+                _ => ErrorCode::Peer,
+            },
+            HostError::Api(e) => e.code,
+        }
+    }
+
+    /// The error as the management API answers it: its code, and its message followed by
+    /// each cause in turn.
+    pub fn to_api(&self) -> ApiError {
+        if let HostError::Api(e) = self {
+            return e.clone();
+        }
+        let mut message = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !message.contains(&text) {
+                message = format!("{}: {text}", message.trim_end_matches('.'));
+            }
+            cause = c.source();
+        }
+        ApiError::new(self.code(), message)
+    }
+}
+
+impl From<HostError> for ApiError {
+    fn from(e: HostError) -> Self {
+        e.to_api()
+    }
+}
+
+impl From<&HostError> for ApiError {
+    fn from(e: &HostError) -> Self {
+        e.to_api()
+    }
+}
