@@ -4,6 +4,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
+use vmrepl_types::replication::{ReplicationState, Role};
 use vmrepl_types::{VmDefinition, VmRunState};
 
 /// The schema version this build writes.
@@ -93,6 +94,19 @@ const MIGRATIONS: &[&str] = &[
         vm_uuid TEXT PRIMARY KEY,
         networks TEXT NOT NULL
      );",
+    // 8: every replication state transition (see `crate::lifecycle`), per VM and role: the
+    // states as their wire names, the event's stable name and, when known, its cause.
+    "CREATE TABLE transitions (
+        id INTEGER PRIMARY KEY,
+        at_ms INTEGER NOT NULL,
+        vm_uuid TEXT NOT NULL,
+        role TEXT NOT NULL,
+        from_state TEXT NOT NULL,
+        to_state TEXT NOT NULL,
+        event TEXT NOT NULL,
+        cause TEXT
+     );
+     CREATE INDEX transitions_vm ON transitions (vm_uuid, id);",
 ];
 
 /// Database errors.
@@ -122,6 +136,22 @@ pub struct VmRow {
     pub state: VmRunState,
     pub pid: Option<u32>,
     pub note: Option<String>,
+}
+
+/// One recorded state transition of a replication relationship (see `crate::lifecycle`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransitionRow {
+    pub id: i64,
+    /// When it was recorded, Unix milliseconds.
+    pub at_ms: u64,
+    pub vm: Uuid,
+    pub role: Role,
+    pub from: ReplicationState,
+    pub to: ReplicationState,
+    /// The event's stable name (`lifecycle::PrimaryEvent::name`, `ReplicaEvent::name`).
+    pub event: String,
+    /// Why, when the caller knew (an error message, a reason).
+    pub cause: Option<String>,
 }
 
 /// The host's database.
@@ -236,6 +266,79 @@ impl Db {
         )?;
         Ok(())
     }
+
+    /// Records a state transition of the relationship of `vm` in `role`.
+    pub fn record_transition(
+        &self,
+        vm: Uuid,
+        role: Role,
+        from: ReplicationState,
+        to: ReplicationState,
+        event: &str,
+        cause: Option<&str>,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT INTO transitions (at_ms, vm_uuid, role, from_state, to_state, event, cause) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                now_ms() as i64,
+                vm.to_string(),
+                vmrepl_types::wire_name(&role),
+                vmrepl_types::wire_name(&from),
+                vmrepl_types::wire_name(&to),
+                event,
+                cause
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The last `limit` recorded transitions, newest first: of `vm`, or of every VM.
+    pub fn transitions(
+        &self,
+        vm: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<TransitionRow>, DbError> {
+        let mut st = self.conn.prepare(
+            "SELECT id, at_ms, vm_uuid, role, from_state, to_state, event, cause FROM transitions \
+             WHERE ?1 IS NULL OR vm_uuid = ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = st.query_map(
+            params![
+                vm.map(|u| u.to_string()),
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ],
+            row_to_transition,
+        )?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(r??);
+        }
+        Ok(out)
+    }
+}
+
+fn row_to_transition(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<TransitionRow, DbError>> {
+    let id: i64 = r.get(0)?;
+    let at_ms: i64 = r.get(1)?;
+    let texts: [String; 5] = [r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?];
+    let cause: Option<String> = r.get(7)?;
+    let [vm, role, from, to, event] = texts;
+    Ok((|| {
+        let wire = |what: &str, s: &str| {
+            DbError::Corrupt(format!("unknown {what} {s:?} in transition {id}"))
+        };
+        Ok(TransitionRow {
+            id,
+            at_ms: at_ms as u64,
+            vm: vm.parse().map_err(|_| wire("VM id", &vm))?,
+            role: vmrepl_types::from_wire_name(&role).ok_or_else(|| wire("role", &role))?,
+            from: vmrepl_types::from_wire_name(&from).ok_or_else(|| wire("state", &from))?,
+            to: vmrepl_types::from_wire_name(&to).ok_or_else(|| wire("state", &to))?,
+            event,
+            cause,
+        })
+    })())
 }
 
 fn row_to_vm(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRow, DbError>> {
@@ -301,6 +404,107 @@ mod tests {
         assert_eq!(row.state, VmRunState::Running);
         assert_eq!(row.pid, Some(42));
         assert_eq!(db.list_vms().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn transitions_are_recorded_and_read_back_newest_first_per_vm() {
+        use vmrepl_types::replication::{ReplicationState as S, Role};
+        let d = tempfile::tempdir().unwrap();
+        let db = Db::open(&d.path().join("s.db")).unwrap();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        assert!(db.transitions(None, 10).unwrap().is_empty());
+        db.record_transition(
+            a,
+            Role::Primary,
+            S::NotEnabled,
+            S::WaitingForInitialReplication,
+            "enabled",
+            None,
+        )
+        .unwrap();
+        db.record_transition(
+            b,
+            Role::Replica,
+            S::NotEnabled,
+            S::Replicating,
+            "replica-created",
+            None,
+        )
+        .unwrap();
+        db.record_transition(
+            a,
+            Role::Primary,
+            S::Replicating,
+            S::ResynchronizationRequired,
+            "tracking-lost",
+            Some("bitmap 4 on node disk0 is inconsistent"),
+        )
+        .unwrap();
+        let all = db.transitions(None, 10).unwrap();
+        assert_eq!(
+            all.iter().map(|t| t.event.as_str()).collect::<Vec<_>>(),
+            ["tracking-lost", "replica-created", "enabled"]
+        );
+        let of_a = db.transitions(Some(a), 10).unwrap();
+        assert_eq!(of_a.len(), 2);
+        let last = &of_a[0];
+        assert_eq!(
+            (last.vm, last.role, last.from, last.to),
+            (
+                a,
+                Role::Primary,
+                S::Replicating,
+                S::ResynchronizationRequired
+            )
+        );
+        assert_eq!(
+            last.cause.as_deref(),
+            Some("bitmap 4 on node disk0 is inconsistent")
+        );
+        assert!(last.at_ms > 0 && last.id > of_a[1].id);
+        assert_eq!(db.transitions(Some(a), 1).unwrap(), vec![last.clone()]);
+        assert_eq!(db.transitions(Some(b), 10).unwrap()[0].role, Role::Replica);
+        // The states are stored as their wire names, readable without vmrepl.
+        let stored: String = db
+            .conn()
+            .query_row(
+                "SELECT to_state FROM transitions WHERE id = ?1",
+                [last.id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(stored, "resynchronization-required");
+        // A state this build does not know is reported, not guessed.
+        db.conn()
+            .execute(
+                "UPDATE transitions SET from_state = 'sideways' WHERE id = ?1",
+                [last.id],
+            )
+            .unwrap();
+        assert!(
+            matches!(db.transitions(Some(a), 10), Err(DbError::Corrupt(m)) if m.contains("sideways"))
+        );
+    }
+
+    #[test]
+    fn a_version_7_database_gains_the_transitions_table_and_keeps_its_data() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s.db");
+        {
+            let db = Db::open(&p).unwrap();
+            db.insert_vm(&def("old")).unwrap();
+            db.conn()
+                .execute_batch("DROP TABLE transitions; PRAGMA user_version = 7;")
+                .unwrap();
+        }
+        let db = Db::open(&p).unwrap();
+        let v: i64 = db
+            .conn()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!((v, SCHEMA_VERSION), (8, 8));
+        assert!(db.vm_by_name("old").unwrap().is_some());
+        assert!(db.transitions(None, 5).unwrap().is_empty());
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod failover;
 pub mod fsutil;
 pub mod host;
 pub mod init;
+pub mod lifecycle;
 pub mod locks;
 pub mod mgmt;
 pub mod peer;
