@@ -209,7 +209,7 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
         },
         Request::ReplicationStatus { name } => {
             // Primary-side relationships and replica VMs alike, by VM name.
-            let mut relationships = crate::primary::statuses(host);
+            let mut relationships = crate::primary::statuses(host)?;
             relationships.extend(crate::replica::statuses(host));
             if let Some(n) = &name {
                 relationships.retain(|r| r.vm == *n);

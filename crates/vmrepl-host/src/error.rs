@@ -10,7 +10,8 @@
 //! Messages are sentences that name the values; they never repeat their source (the chain is
 //! appended once, at the edge).
 
-use crate::db::DbError;
+use crate::db::{ChangeError, DbError};
+use crate::lifecycle::Refusal;
 use crate::peer::client::PeerError;
 use vmrepl_types::api::{ApiError, ErrorCode};
 
@@ -23,6 +24,9 @@ pub enum HostError {
          enable {vm} --replica-server HOST:PORT`."
     )]
     NotEnabled { vm: String },
+    /// The relationship's state does not allow what was asked (its state machine refused).
+    #[error(transparent)]
+    WrongState(#[from] Refusal),
     /// The state database failed.
     #[error("The state database failed while {doing}")]
     Db {
@@ -55,6 +59,7 @@ impl HostError {
     pub fn code(&self) -> ErrorCode {
         match self {
             HostError::NotEnabled { .. } => ErrorCode::NotFound,
+            HostError::WrongState(_) => ErrorCode::WrongState,
             HostError::Db { .. } => ErrorCode::Internal,
             HostError::Peer { source, .. } => match source {
                 PeerError::Io { .. } => ErrorCode::Io,
@@ -80,6 +85,19 @@ impl HostError {
             cause = c.source();
         }
         ApiError::new(self.code(), message)
+    }
+}
+
+impl From<ChangeError> for HostError {
+    fn from(e: ChangeError) -> Self {
+        match e {
+            ChangeError::Refused(r) => HostError::WrongState(r),
+            ChangeError::Missing { vm } => HostError::NotEnabled { vm: vm.to_string() },
+            ChangeError::Db(source) => HostError::Db {
+                doing: "recording a state change".into(),
+                source,
+            },
+        }
     }
 }
 

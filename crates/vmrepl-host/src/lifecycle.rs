@@ -518,6 +518,7 @@ const P_PREPARED: &str = "the VM is prepared for a planned failover and nothing 
 const P_PREPARED_NO_CYCLE: &str = "no cycle runs while the VM is prepared for a planned failover; cancel the prepare (`failover cancel`) to replicate again.";
 const P_PAUSED: &str = "replication of this VM is paused; resume it first (`replication resume`).";
 const P_NEEDS_RESYNC: &str = "replication of this VM needs a resynchronization and sends nothing until then; start it with `replication resume --resynchronize`.";
+const P_NEEDS_RESYNC_NOT_PAUSED: &str = "replication of this VM is not paused: it needs a resynchronization, which `replication resume --resynchronize` starts.";
 const P_NO_CYCLE_IN_RESYNC_REQUIRED: &str = "no cycle runs while resynchronization is required, so none can end; start one with `replication resume --resynchronize`.";
 const P_RESYNCING: &str = "a resynchronization of this VM is running and goes on by itself; wait until it is done (`replication status` shows its progress).";
 const P_IN_ERROR: &str = "replication of this VM is in error; pause it (`replication pause`) and resume it, or resume it with `--resynchronize`.";
@@ -767,10 +768,10 @@ pub fn on_primary(
             E::ResynchronizationRequested => Ok(S::Resynchronizing),
             E::ReverseReplicationAccepted | E::Removed => Ok(S::NotEnabled),
             E::Enabled { .. } | E::ReverseReplicationStarted { .. } => no(P_ALREADY),
-            E::InitialReplicationStarted
-            | E::Paused
-            | E::Resumed { .. }
-            | E::PreparedForFailover => no(P_NEEDS_RESYNC),
+            E::InitialReplicationStarted | E::Paused | E::PreparedForFailover => {
+                no(P_NEEDS_RESYNC)
+            }
+            E::Resumed { .. } => no(P_NEEDS_RESYNC_NOT_PAUSED),
             E::InitialCopyExported => no(P_NOT_EXPORTING),
             E::InitialCopyImported => no(P_NO_IMPORT),
             E::CycleAcknowledged { .. } => no(P_NO_CYCLE_IN_RESYNC_REQUIRED),

@@ -3,12 +3,13 @@
 
 use super::*;
 use crate::error::HostError;
+use crate::lifecycle::PrimaryEvent;
 
 /// Planned failover, step 1 on the primary: the VM must be off; it is locked against starting,
 /// its last changes are shipped as a planned point, and replication waits.
 pub async fn prepare(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
     let vm = d.vmm.show(name)?.definition;
-    let rel = primary::load(d, vm.uuid).ok_or_else(|| {
+    let rel = primary::load(d, vm.uuid)?.ok_or_else(|| {
         ApiError::new(
             ErrorCode::NotFound,
             format!("VM {name} is not replicated from this host, so there is nothing to prepare; on a replica server use `vmrepl failover start`."),
@@ -21,23 +22,17 @@ pub async fn prepare(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> 
                 rel.acked_seq
             ))
         }
-        ReplicationState::Replicating => {}
         s => {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::WrongState,
-                format!("Replication of {name} is {s}; a planned failover needs it replicating (resume it or let initial replication finish first)."),
-            )))
+            crate::lifecycle::on_primary(s, &PrimaryEvent::PreparedForFailover)?;
         }
     }
     d.vmm.set_failover_lock(vm.uuid, true).await?;
     match primary::replicate_now(d, vm.uuid, vmrepl_log::Consistency::Planned).await {
-        Ok((seq, _)) if primary::load(d, vm.uuid).is_some_and(|r| r.last_error.is_none()) => {
-            primary::set_state(
-                d,
-                vm.uuid,
-                ReplicationState::SyncedReplicationComplete,
-                None,
-            );
+        Ok((seq, _)) if primary::load(d, vm.uuid)?.is_some_and(|r| r.last_error.is_none()) => {
+            if let Err(e) = primary::change(d, vm.uuid, PrimaryEvent::PreparedForFailover, None) {
+                let _ = d.vmm.set_failover_lock(vm.uuid, false).await;
+                return Err(e);
+            }
             Ok(format!(
                 "VM {name} is prepared for a planned failover: its last changes (log {seq}) are on {} and it cannot be started here. Next, on {}: `vmrepl failover start {name}`.",
                 rel.replica_name, rel.replica_name
@@ -46,7 +41,7 @@ pub async fn prepare(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> 
         res => {
             let why = match res {
                 Err(e) => e,
-                Ok(_) => primary::load(d, vm.uuid)
+                Ok(_) => primary::load(d, vm.uuid)?
                     .and_then(|r| r.last_error)
                     .unwrap_or_default(),
             };
@@ -61,18 +56,12 @@ pub async fn prepare(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> 
 
 /// Cancels a prepare (on the primary) or a failover waiting for completion (on the replica).
 pub async fn cancel(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
-    let prepared = d
-        .vmm
-        .show(name)
-        .ok()
-        .and_then(|v| primary::load(d, v.definition.uuid));
+    let prepared = match d.vmm.show(name) {
+        Ok(v) => primary::load(d, v.definition.uuid)?,
+        Err(_) => None,
+    };
     if let Some(rel) = prepared {
-        if rel.state != ReplicationState::SyncedReplicationComplete {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::WrongState,
-                format!("VM {name} is not prepared for a failover (replication is {}); there is nothing to cancel.", rel.state),
-            )));
-        }
+        crate::lifecycle::on_primary(rel.state, &PrimaryEvent::PrepareCancelled)?;
         // If the replica already failed over, the VM lives there now (I6).
         if let Ok((mut c, _)) = primary::connect(d, &rel.settings).await {
             if let Ok(PeerResponse::ReplicaState {
@@ -90,7 +79,7 @@ pub async fn cancel(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
             }
         }
         d.vmm.set_failover_lock(rel.vm_uuid, false).await?;
-        primary::set_state(d, rel.vm_uuid, ReplicationState::Replicating, None);
+        primary::change(d, rel.vm_uuid, PrimaryEvent::PrepareCancelled, None)?;
         primary::wake(d, rel.vm_uuid);
         return Ok(format!(
             "Planned failover of {name} cancelled; the VM can start here and replication goes on."
@@ -114,7 +103,7 @@ pub async fn cancel(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
     }
     d.vmm.delete(name, false).await?;
     let db = d.db();
-    replica::set_failover(&db, row.vm_uuid, None, ReplicationState::Replicating)
+    db.set_replica_failover(row.vm_uuid, None, ReplicationState::Replicating)
         .map_err(internal)?;
     let _ = db.event(
         Some(row.vm_uuid),
@@ -131,6 +120,7 @@ pub async fn cancel(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
 /// `PrimaryState`: answered only to the host this one replicates the VM to.
 pub fn primary_state(d: &Host, peer: &str, vm_uuid: Uuid) -> Result<PeerResponse, Refusal> {
     let rel = primary::load(d, vm_uuid)
+        .map_err(|e| (RefusalCode::Internal, e.to_string()))?
         .filter(|r| r.replica_name.eq_ignore_ascii_case(peer))
         .ok_or_else(|| {
             (

@@ -3,7 +3,9 @@
 //! base where they match the failover point (no full copy).
 
 use super::*;
+use crate::db::NewRelationship;
 use crate::error::HostError;
+use crate::lifecycle::{PrimaryEvent, ReverseStart};
 
 /// After a failover, replicates the VM back to the old primary (which must authorize this
 /// host). Only the changes since the failover go when the old primary prepared the VM at the
@@ -100,12 +102,12 @@ pub async fn reverse(
     if let Err(e) = primary::send_boot_files(&mut client, &def, &[]).await {
         tracing::warn!(target: "vmrepl::failover", vm = %name, "boot files not sent yet: {e}");
     }
-    let (state, acked) = if delta {
-        (ReplicationState::Replicating, f.point_seq)
+    let (start, acked) = if delta {
+        (ReverseStart::CommonPoint, f.point_seq)
     } else if resync {
-        (ReplicationState::Resynchronizing, 0)
+        (ReverseStart::Resynchronize, 0)
     } else {
-        (ReplicationState::WaitingForInitialReplication, 0)
+        (ReverseStart::FullCopy, 0)
     };
     let note = reason.as_ref().map(|r| {
         if resync {
@@ -119,17 +121,19 @@ pub async fn reverse(
     });
     primary::insert(
         d,
-        row.vm_uuid,
-        f.relationship,
-        &settings,
-        &theirs.host_name,
-        state,
-        acked,
-        note.as_deref(),
+        NewRelationship {
+            vm: row.vm_uuid,
+            rel_id: f.relationship,
+            settings: &settings,
+            replica_name: &theirs.host_name,
+            acked_seq: acked,
+            note: note.as_deref(),
+        },
+        PrimaryEvent::ReverseReplicationStarted { start },
     )?;
     {
         let db = d.db();
-        replica::delete(&db, row.vm_uuid).map_err(internal)?;
+        db.delete_replica(row.vm_uuid).map_err(internal)?;
     }
     primary::spawn(d, row.vm_uuid);
     Ok(if delta {
@@ -217,7 +221,9 @@ pub fn may_take_over(
             ),
         )
     };
-    let rel = primary::load(d, vm_uuid).ok_or_else(refused)?;
+    let rel = primary::load(d, vm_uuid)
+        .map_err(|e| (RefusalCode::Internal, e.to_string()))?
+        .ok_or_else(refused)?;
     let to_peer = vmrepl_transport::authz::normalize_host_name(&rel.replica_name)
         .ok()
         .zip(vmrepl_transport::authz::normalize_host_name(peer).ok())
@@ -312,7 +318,8 @@ pub async fn take_over_as_replica(
                 "cannot adopt this host's disks as the replica: {e}"
             ))
         })?;
-    primary::delete_row(d, vm.uuid);
+    primary::end(d, vm.uuid, PrimaryEvent::ReverseReplicationAccepted)
+        .map_err(|e| internal(e.to_string()))?;
     drop(op);
     // The VM now lives on the peer: drop it here (with the adoption its data lives on as the
     // replica's base, through the store's own links).

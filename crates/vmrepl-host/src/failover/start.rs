@@ -281,7 +281,8 @@ pub async fn start(
     };
     {
         let db = d.db();
-        replica::set_failover(&db, row.vm_uuid, Some(&record), state).map_err(internal)?;
+        db.set_replica_failover(row.vm_uuid, Some(&record), state)
+            .map_err(internal)?;
         let _ = db.event(
             Some(row.vm_uuid),
             &format!(
@@ -362,8 +363,7 @@ pub async fn complete(d: &Arc<Host>, name: &VmName) -> Result<String, HostError>
     let _g = lock.lock().await;
     drop_store(&row).await;
     let db = d.db();
-    replica::set_failover(
-        &db,
+    db.set_replica_failover(
         row.vm_uuid,
         row.failover.as_ref(),
         ReplicationState::FailedOver,

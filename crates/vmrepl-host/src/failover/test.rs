@@ -81,7 +81,8 @@ pub async fn test(
         point_seq: ov.point.seq,
     };
     let db = d.db();
-    replica::set_test_failover(&db, row.vm_uuid, Some(&t)).map_err(internal)?;
+    db.set_test_failover(row.vm_uuid, Some(&t))
+        .map_err(internal)?;
     let _ = db.event(
         Some(row.vm_uuid),
         &format!("test failover to point {} as {:?}", t.point_seq, t.name),
@@ -113,7 +114,7 @@ pub async fn stop_test(d: &Arc<Host>, name: &VmName) -> Result<String, HostError
     }
     let _ = std::fs::remove_dir(d.vmm.default_storage().join(t.vm_uuid.to_string()));
     let db = d.db();
-    replica::set_test_failover(&db, row.vm_uuid, None).map_err(internal)?;
+    db.set_test_failover(row.vm_uuid, None).map_err(internal)?;
     let _ = db.event(Some(row.vm_uuid), "test failover stopped");
     Ok(format!(
         "Test failover of {name} stopped; VM {:?} and what it wrote are deleted.",

@@ -51,7 +51,8 @@ pub(super) fn authorize(daemon: &Host) -> Result<Grant, Refusal> {
 
 pub(super) fn lookup(daemon: &Host, vm_uuid: Uuid) -> Result<Option<ReplicaRow>, Refusal> {
     let db = daemon.db();
-    replica::get(&db, vm_uuid).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))
+    db.replica(vm_uuid)
+        .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))
 }
 
 /// The replica of `vm_uuid`, if the (authorized) primary may act on it.

@@ -285,7 +285,7 @@ async fn handle(
             .and_then(|g| own_replica(daemon, peer, &g, vm_uuid))
             .and_then(|_| {
                 let db = daemon.db();
-                replica::set_policy(&db, vm_uuid, &policy)
+                db.set_replica_policy(vm_uuid, &policy)
                     .map(|()| PeerResponse::Ok)
                     .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))
             }),

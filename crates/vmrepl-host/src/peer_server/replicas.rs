@@ -189,9 +189,11 @@ pub(super) async fn create_replica(
     };
     let db = daemon.db();
     let mut row = row;
-    row.name = replica::unique_name(&db, &row.name, uuid)
+    row.name = db
+        .unique_replica_name(&row.name, uuid)
         .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
-    replica::insert(&db, &row).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+    db.insert_replica(&row)
+        .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
     let _ = db.event(
         Some(uuid),
         &format!("replica of {} created for primary {peer}", row.name),
@@ -311,7 +313,8 @@ pub(super) async fn remove_replica(
     let _g = lock.lock().await;
     {
         let db = daemon.db();
-        replica::delete(&db, vm_uuid).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+        db.delete_replica(vm_uuid)
+            .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
         let _ = db.event(
             Some(vm_uuid),
             &format!(

@@ -222,12 +222,7 @@ pub(super) async fn send_log(
             row.name
         );
         let db = daemon.db();
-        let _ = replica::record_error(
-            &db,
-            vm_uuid,
-            ReplicationState::ResynchronizationRequired,
-            &msg,
-        );
+        let _ = db.record_replica_error(vm_uuid, ReplicationState::ResynchronizationRequired, &msg);
         return Ok(Some(refuse(RefusalCode::OutOfOrder, msg).into()));
     }
     // One transfer per VM at a time. A transfer cut without a close holds its slot only until
@@ -304,7 +299,7 @@ pub(super) async fn send_log(
     }
     {
         let db = daemon.db();
-        let _ = replica::record_received(&db, vm_uuid, received);
+        let _ = db.record_received(vm_uuid, received);
     }
     drop(g);
     tracing::info!(target: T, peer, vm = %vm_uuid, seq, bytes = received, receive_ms,

@@ -17,6 +17,11 @@ impl Done {
     }
 }
 
+/// How a cycle's error starts when the replica refused its log as out of order.
+pub(crate) const OUT_OF_ORDER: &str = "the replica refused the log as out of order";
+/// How a cycle's error starts when the replica holds another log than this host expects.
+pub(crate) const REPLICA_ELSEWHERE: &str = "the replica has applied log";
+
 pub(crate) enum CycleError {
     Network(String),
     Resync(String),
@@ -29,9 +34,7 @@ pub(crate) fn classify(e: crate::peer::client::PeerError) -> CycleError {
         PeerError::Refused {
             code: RefusalCode::OutOfOrder,
             message,
-        } => CycleError::Resync(format!(
-            "the replica refused the log as out of order: {message}"
-        )),
+        } => CycleError::Resync(format!("{OUT_OF_ORDER}: {message}")),
         PeerError::Connect { .. } => CycleError::Network(e.to_string()),
         other => CycleError::Other(other.to_string()),
     }
@@ -98,12 +101,13 @@ impl<'a> Cycle<'a> {
     /// The initial copy: log 1, the whole of every disk as of one instant, with bitmap 1
     /// recording from that instant on.
     pub(crate) async fn initial(&mut self) -> Result<Done, CycleError> {
-        set_state(
+        change(
             self.d,
             self.vm.uuid,
-            ReplicationState::InitialReplicationInProgress,
+            crate::lifecycle::PrimaryEvent::InitialReplicationStarted,
             None,
-        );
+        )
+        .map_err(|e| CycleError::Other(e.to_string()))?;
         let (qmp, tag) = (self.endpoint.qmp(), self.tag);
         // Start clean: no bitmap of this relationship may linger from an earlier attempt.
         vmrepl_tracking::stop_tracking(qmp, tag, &self.nodes(), Some(self.staging.dir.as_path()))
@@ -191,13 +195,9 @@ impl<'a> Cycle<'a> {
         match res {
             Ok(done) => Ok(done),
             Err(e) => {
+                // The cycle's failure (raised by the caller) takes the relationship back to
+                // waiting for initial replication.
                 let _ = vmrepl_tracking::stop_tracking(qmp, tag, &self.nodes(), None).await;
-                set_state(
-                    self.d,
-                    self.vm.uuid,
-                    ReplicationState::WaitingForInitialReplication,
-                    None,
-                );
                 Err(e)
             }
         }
@@ -309,7 +309,7 @@ impl<'a> Cycle<'a> {
             };
         if replica_applied != n {
             return Err(CycleError::Resync(format!(
-                "the replica has applied log {replica_applied} but this host expected {n}"
+                "{REPLICA_ELSEWHERE} {replica_applied} but this host expected {n}"
             )));
         }
         let frozen = self.freeze_guest().await;

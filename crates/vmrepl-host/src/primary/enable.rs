@@ -2,7 +2,9 @@
 //! of the VM, boot files, and the export folder of an initial copy sent out of band.
 
 use super::*;
+use crate::db::NewRelationship;
 use crate::error::HostError;
+use crate::lifecycle::PrimaryEvent;
 
 /// Splits `host:port` and gives the name the replica's certificate must carry.
 pub(crate) fn replica_target(s: &ReplicationSettings) -> Result<(String, String), HostError> {
@@ -75,7 +77,7 @@ pub async fn enable(
         )
     })?;
     let vm = d.vmm.show(name)?.definition;
-    if load(d, vm.uuid).is_some() {
+    if load(d, vm.uuid)?.is_some() {
         return Err(HostError::Api(ApiError::new(
             ErrorCode::AlreadyExists,
             format!("Replication is already enabled for VM {name}; `vmrepl replication status {name}` shows it, `replication remove` removes it."),
@@ -169,28 +171,25 @@ pub async fn enable(
     }
     // An existing copy on the replica is brought to this VM's state by block compare: the
     // resynchronization algorithm, from sequence 0.
-    let (state, note) = match &settings.initial {
-        InitialReplication::NetworkAt { .. } => {
-            (ReplicationState::ReadyForInitialReplication, None)
-        }
-        InitialReplication::ExistingCopy => (
-            ReplicationState::Resynchronizing,
-            Some(format!(
-                "Initial replication from the existing copy on {}: only the blocks that differ are sent.",
-                theirs.host_name
-            )),
-        ),
-        _ => (ReplicationState::WaitingForInitialReplication, None),
-    };
+    let note = matches!(settings.initial, InitialReplication::ExistingCopy).then(|| {
+        format!(
+            "Initial replication from the existing copy on {}: only the blocks that differ are sent.",
+            theirs.host_name
+        )
+    });
     insert(
         d,
-        vm.uuid,
-        rel_id,
-        &settings,
-        &theirs.host_name,
-        state,
-        0,
-        note.as_deref(),
+        NewRelationship {
+            vm: vm.uuid,
+            rel_id,
+            settings: &settings,
+            replica_name: &theirs.host_name,
+            acked_seq: 0,
+            note: note.as_deref(),
+        },
+        PrimaryEvent::Enabled {
+            initial: (&settings.initial).into(),
+        },
     )?;
     spawn(d, vm.uuid);
     Ok(format!(

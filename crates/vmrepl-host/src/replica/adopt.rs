@@ -110,7 +110,11 @@ pub fn accept_copy(
     })?;
     let vm = d.vmm.show(name)?;
     let uuid = vm.definition.uuid;
-    let replicated = crate::primary::load(d, uuid).is_some();
+    let replicated = d
+        .db()
+        .relationship(uuid)
+        .map_err(HostError::db("reading the relationships"))?
+        .is_some();
     let db = d.db();
     let sql = |e: rusqlite::Error| ApiError::new(ErrorCode::Internal, e.to_string());
     if withdraw {
@@ -215,7 +219,11 @@ pub async fn adopt_existing_copy(
 ) -> Result<(), (RefusalCode, String)> {
     let host = d.cfg().host_name.clone();
     let local = designated_copy(d, peer, vm)?;
-    if crate::primary::load(d, local.uuid).is_some() {
+    if d.db()
+        .relationship(local.uuid)
+        .map_err(|e| (RefusalCode::Internal, e.to_string()))?
+        .is_some()
+    {
         return Err((
             RefusalCode::Conflict,
             format!(
@@ -421,7 +429,7 @@ pub async fn import_initial(
     }
     {
         let db = d.db();
-        let _ = record_received(&db, row.vm_uuid, size);
+        let _ = db.record_received(row.vm_uuid, size);
         let _ = db.event(
             Some(row.vm_uuid),
             &format!("initial copy of {name} imported from {}", file.display()),

@@ -322,14 +322,14 @@ pub(crate) async fn apply_with(
             } else {
                 ReplicationState::Replicating
             };
-            if let Err(e) = record_applied(&db, uuid, last, frozen, None, state) {
+            if let Err(e) = db.record_applied(uuid, last, frozen, None, state) {
                 tracing::error!(target: "vmrepl::replica", vm = %uuid, "cannot record: {e}");
             }
             Ok(last)
         }
         Err(e) => {
             tracing::error!(target: "vmrepl::replica", vm = %uuid, "apply failed: {e}");
-            let _ = record_error(&db, uuid, e.state(), &e.to_string());
+            let _ = db.record_replica_error(uuid, e.state(), &e.to_string());
             Err(e)
         }
     }
@@ -340,7 +340,7 @@ pub(crate) async fn apply_with(
 pub async fn recover(daemon: &Arc<Host>) {
     let rows = {
         let db = daemon.db();
-        list(&db).unwrap_or_else(|e| {
+        db.replicas().unwrap_or_else(|e| {
             tracing::error!(target: "vmrepl::replica", "cannot list replicas: {e}");
             Vec::new()
         })

@@ -9,9 +9,10 @@
 //! but not applied (a crash during apply is repaired by applying the same log again, I3).
 
 use crate::db::{now_ms, Db};
+pub use crate::db::{FailoverRecord, ReplicaRow, TestFailover};
 use crate::host::Host;
 use crate::peer::proto::{PointPolicy, RefusalCode, MAX_NVRAM_BYTES, NVRAM_DISK_ID};
-use rusqlite::{params, OptionalExtension};
+use rusqlite::params;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use uuid::Uuid;
@@ -24,14 +25,14 @@ use vmrepl_types::VmDefinition;
 
 mod adopt;
 mod apply;
+mod lookup;
 mod networks;
 mod receive;
-mod rows;
 mod status;
 
 pub use adopt::*;
 pub use apply::*;
+pub(crate) use lookup::*;
 pub use networks::*;
 pub use receive::*;
-pub use rows::*;
 pub use status::*;

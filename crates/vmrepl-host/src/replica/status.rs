@@ -66,7 +66,7 @@ pub(crate) fn failover_note(r: &ReplicaRow) -> Option<String> {
 pub fn statuses(daemon: &Host) -> Vec<ReplicationStatus> {
     let rows = {
         let db = daemon.db();
-        list(&db).unwrap_or_default()
+        db.replicas().unwrap_or_default()
     };
     let me = daemon
         .cfg

@@ -1,0 +1,310 @@
+//! The replica VMs this host keeps (table `replicas`, migration 3, and their networks,
+//! migration 7): read, insert, delete and the bookkeeping of received and applied logs,
+//! failovers and test failovers.
+
+use super::{now_ms, Db, DbError};
+use crate::peer::proto::PointPolicy;
+use rusqlite::{params, OptionalExtension};
+use std::path::PathBuf;
+use uuid::Uuid;
+use vmrepl_types::replication::ReplicationState;
+use vmrepl_types::VmDefinition;
+
+/// One replica VM as recorded on this host.
+#[derive(Debug, Clone)]
+pub struct ReplicaRow {
+    pub vm_uuid: Uuid,
+    pub name: String,
+    pub primary_host: String,
+    pub trust_group: String,
+    /// The storage folder the grant named; the VM's folder is `<storage_root>/<uuid>`.
+    pub storage_root: PathBuf,
+    pub relationship: Uuid,
+    pub definition: VmDefinition,
+    pub policy: PointPolicy,
+    pub state: ReplicationState,
+    pub last_applied: u64,
+    pub created_ms: u64,
+    pub last_receive_ms: Option<u64>,
+    pub last_apply_ms: Option<u64>,
+    pub last_point_ms: Option<u64>,
+    pub bytes_received: u64,
+    pub logs_received: u64,
+    pub last_error: Option<String>,
+    /// The primary's peer address (`host:port`), if it told us.
+    pub primary_server: Option<String>,
+    /// Set once the replica failed over.
+    pub failover: Option<FailoverRecord>,
+    /// Set while a test failover runs.
+    pub test_failover: Option<TestFailover>,
+}
+
+/// A failover of a replica VM, kept until the replica is removed or reversed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FailoverRecord {
+    /// The recovery point the VM was failed over to.
+    pub point_seq: u64,
+    pub point_unix_ms: i64,
+    /// Planned (the primary prepared, no data lost) or not.
+    pub planned: bool,
+    /// The relationship reverse replication will use; its recording bitmap was added on the
+    /// failed-over VM's disks before their first boot.
+    pub relationship: Uuid,
+}
+
+/// A running test failover.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TestFailover {
+    pub vm_uuid: Uuid,
+    pub name: String,
+    pub point_seq: u64,
+}
+
+pub(crate) fn corrupt(e: impl std::fmt::Display) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(e.to_string().into())
+}
+
+pub(crate) const COLS: &str =
+    "vm_uuid, name, primary_host, trust_group, storage_root, relationship, \
+    definition, policy, state, last_applied, created_ms, last_receive_ms, last_apply_ms, \
+    last_point_ms, bytes_received, logs_received, last_error, primary_server, failover, \
+    test_failover";
+
+pub(crate) fn json_col<T: serde::de::DeserializeOwned>(
+    v: Option<String>,
+) -> rusqlite::Result<Option<T>> {
+    v.map(|t| serde_json::from_str(&t).map_err(corrupt))
+        .transpose()
+}
+
+pub(crate) fn to_json_col<T: serde::Serialize>(v: Option<&T>) -> rusqlite::Result<Option<String>> {
+    v.map(|t| serde_json::to_string(t).map_err(corrupt))
+        .transpose()
+}
+
+pub(crate) fn row_to_replica(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReplicaRow> {
+    let uuid: String = r.get(0)?;
+    let rel: String = r.get(5)?;
+    let def: String = r.get(6)?;
+    let pol: String = r.get(7)?;
+    let state: String = r.get(8)?;
+    let root: String = r.get(4)?;
+    Ok(ReplicaRow {
+        vm_uuid: uuid.parse().map_err(corrupt)?,
+        name: r.get(1)?,
+        primary_host: r.get(2)?,
+        trust_group: r.get(3)?,
+        storage_root: PathBuf::from(root),
+        relationship: rel.parse().map_err(corrupt)?,
+        definition: serde_json::from_str(&def).map_err(corrupt)?,
+        policy: serde_json::from_str(&pol).map_err(corrupt)?,
+        state: vmrepl_types::from_wire_name(&state).unwrap_or(ReplicationState::Error),
+        last_applied: r.get::<_, i64>(9)? as u64,
+        created_ms: r.get::<_, i64>(10)? as u64,
+        last_receive_ms: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
+        last_apply_ms: r.get::<_, Option<i64>>(12)?.map(|v| v as u64),
+        last_point_ms: r.get::<_, Option<i64>>(13)?.map(|v| v as u64),
+        bytes_received: r.get::<_, i64>(14)? as u64,
+        logs_received: r.get::<_, i64>(15)? as u64,
+        last_error: r.get(16)?,
+        primary_server: r.get(17)?,
+        failover: json_col(r.get(18)?)?,
+        test_failover: json_col(r.get(19)?)?,
+    })
+}
+
+impl Db {
+    /// The replica row of a VM, if this host keeps a replica of it.
+    pub fn replica(&self, vm_uuid: Uuid) -> Result<Option<ReplicaRow>, DbError> {
+        self.conn
+            .query_row(
+                &format!("SELECT {COLS} FROM replicas WHERE vm_uuid = ?1"),
+                params![vm_uuid.to_string()],
+                row_to_replica,
+            )
+            .optional()
+            .map_err(DbError::from)
+    }
+
+    /// Every replica row, by name.
+    pub fn replicas(&self) -> Result<Vec<ReplicaRow>, DbError> {
+        let mut st = self
+            .conn
+            .prepare(&format!("SELECT {COLS} FROM replicas ORDER BY name"))?;
+        let rows = st.query_map([], row_to_replica)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Records a new replica.
+    pub fn insert_replica(&self, r: &ReplicaRow) -> Result<(), DbError> {
+        self.conn.execute(
+            &format!(
+                "INSERT INTO replicas ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, \
+                 ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
+            ),
+            params![
+                r.vm_uuid.to_string(),
+                r.name,
+                r.primary_host,
+                r.trust_group,
+                r.storage_root.to_string_lossy(),
+                r.relationship.to_string(),
+                serde_json::to_string(&r.definition).map_err(corrupt)?,
+                serde_json::to_string(&r.policy).map_err(corrupt)?,
+                vmrepl_types::wire_name(&r.state),
+                r.last_applied as i64,
+                r.created_ms as i64,
+                r.last_receive_ms.map(|v| v as i64),
+                r.last_apply_ms.map(|v| v as i64),
+                r.last_point_ms.map(|v| v as i64),
+                r.bytes_received as i64,
+                r.logs_received as i64,
+                r.last_error,
+                r.primary_server,
+                to_json_col(r.failover.as_ref())?,
+                to_json_col(r.test_failover.as_ref())?,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Drops a replica's row (and its network settings).
+    pub fn delete_replica(&self, vm_uuid: Uuid) -> Result<(), DbError> {
+        self.conn.execute(
+            "DELETE FROM replicas WHERE vm_uuid = ?1",
+            params![vm_uuid.to_string()],
+        )?;
+        self.conn.execute(
+            "DELETE FROM replica_networks WHERE vm_uuid = ?1",
+            params![vm_uuid.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Records (or clears) a failover and the state it leaves the replica in.
+    pub fn set_replica_failover(
+        &self,
+        vm_uuid: Uuid,
+        f: Option<&FailoverRecord>,
+        state: ReplicationState,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "UPDATE replicas SET failover = ?2, state = ?3, last_error = NULL WHERE vm_uuid = ?1",
+            params![
+                vm_uuid.to_string(),
+                to_json_col(f)?,
+                vmrepl_types::wire_name(&state)
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Records (or clears) a running test failover.
+    pub fn set_test_failover(
+        &self,
+        vm_uuid: Uuid,
+        t: Option<&TestFailover>,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "UPDATE replicas SET test_failover = ?2 WHERE vm_uuid = ?1",
+            params![vm_uuid.to_string(), to_json_col(t)?],
+        )?;
+        Ok(())
+    }
+
+    /// The replica row of the VM with this name.
+    pub fn replica_named(&self, name: &str) -> Result<Option<ReplicaRow>, DbError> {
+        self.conn
+            .query_row(
+                &format!("SELECT {COLS} FROM replicas WHERE name = ?1"),
+                params![name],
+                row_to_replica,
+            )
+            .optional()
+            .map_err(DbError::from)
+    }
+
+    /// The name a new replica of `uuid` gets on this host: the primary's name `wanted` when no
+    /// other replica and no VM of this host has it, else `wanted-2`, `wanted-3`, ... (shortened to
+    /// fit). Names are unique per replica host whatever the primaries call their VMs, so one
+    /// primary cannot take the name another's VM (or a local VM) answers to.
+    pub fn unique_replica_name(&self, wanted: &str, uuid: Uuid) -> Result<String, DbError> {
+        let taken = |n: &str| -> Result<bool, DbError> {
+            let replica = self.replica_named(n)?.is_some_and(|r| r.vm_uuid != uuid);
+            let local = self.vm_by_name(n).ok().flatten().is_some();
+            Ok(replica || local)
+        };
+        if !taken(wanted)? {
+            return Ok(wanted.to_string());
+        }
+        for i in 2..1000u32 {
+            let candidate = vmrepl_types::name::with_suffix(wanted, &format!("-{i}"));
+            if !taken(&candidate)? {
+                return Ok(candidate);
+            }
+        }
+        Ok(uuid.to_string())
+    }
+
+    /// Updates the recovery-point policy.
+    pub fn set_replica_policy(&self, vm_uuid: Uuid, p: &PointPolicy) -> Result<(), DbError> {
+        self.conn.execute(
+            "UPDATE replicas SET policy = ?2 WHERE vm_uuid = ?1",
+            params![
+                vm_uuid.to_string(),
+                serde_json::to_string(p).map_err(corrupt)?
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Records a received (durable, verified) log.
+    pub fn record_received(&self, vm_uuid: Uuid, bytes: u64) -> Result<(), DbError> {
+        self.conn.execute(
+            "UPDATE replicas SET last_receive_ms = ?2, bytes_received = bytes_received + ?3, \
+             logs_received = logs_received + 1 WHERE vm_uuid = ?1",
+            params![vm_uuid.to_string(), now_ms() as i64, bytes as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Records the outcome of applying: the last applied sequence and state, or an error.
+    pub fn record_applied(
+        &self,
+        vm_uuid: Uuid,
+        last_applied: u64,
+        point_frozen: bool,
+        error: Option<&str>,
+        state: ReplicationState,
+    ) -> Result<(), DbError> {
+        let now = now_ms() as i64;
+        self.conn.execute(
+            "UPDATE replicas SET last_applied = ?2, state = ?3, last_error = ?4, \
+             last_apply_ms = CASE WHEN ?4 IS NULL THEN ?5 ELSE last_apply_ms END, \
+             last_point_ms = CASE WHEN ?6 THEN ?5 ELSE last_point_ms END WHERE vm_uuid = ?1",
+            params![
+                vm_uuid.to_string(),
+                last_applied as i64,
+                vmrepl_types::wire_name(&state),
+                error,
+                now,
+                point_frozen
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Records an error (and a state) without touching the rest.
+    pub fn record_replica_error(
+        &self,
+        vm_uuid: Uuid,
+        state: ReplicationState,
+        error: &str,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "UPDATE replicas SET state = ?2, last_error = ?3 WHERE vm_uuid = ?1",
+            params![vm_uuid.to_string(), vmrepl_types::wire_name(&state), error],
+        )?;
+        Ok(())
+    }
+}
