@@ -2,12 +2,13 @@
 //! migration 7): read, insert, delete and the bookkeeping of received and applied logs,
 //! failovers and test failovers.
 
-use super::{now_ms, Db, DbError};
+use super::{now_ms, ChangeError, Db, DbError, Transition};
+use crate::lifecycle::{on_replica, ReplicaEvent};
 use crate::peer::proto::PointPolicy;
 use rusqlite::{params, OptionalExtension};
 use std::path::PathBuf;
 use uuid::Uuid;
-use vmrepl_types::replication::ReplicationState;
+use vmrepl_types::replication::{ReplicationState, Role};
 use vmrepl_types::VmDefinition;
 
 /// One replica VM as recorded on this host.
@@ -113,6 +114,19 @@ pub(crate) fn row_to_replica(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReplicaR
     })
 }
 
+/// What a replica's state change also writes.
+#[derive(Debug, Clone, Copy)]
+pub enum ReplicaUpdate<'a> {
+    None,
+    /// An apply pass: the last applied sequence, and whether it made a new recovery point.
+    Applied {
+        last: u64,
+        new_point: bool,
+    },
+    /// The failover record (set at a failover, cleared when it is cancelled).
+    Failover(Option<&'a FailoverRecord>),
+}
+
 impl Db {
     /// The replica row of a VM, if this host keeps a replica of it.
     pub fn replica(&self, vm_uuid: Uuid) -> Result<Option<ReplicaRow>, DbError> {
@@ -135,9 +149,16 @@ impl Db {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Records a new replica.
-    pub fn insert_replica(&self, r: &ReplicaRow) -> Result<(), DbError> {
-        self.conn.execute(
+    /// Records a new replica, in the state `event` gives it (see [`on_replica`]).
+    pub fn insert_replica(
+        &self,
+        r: &ReplicaRow,
+        event: &ReplicaEvent,
+    ) -> Result<Transition, ChangeError> {
+        let from = ReplicationState::NotEnabled;
+        let to = on_replica(from, event)?;
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute(
             &format!(
                 "INSERT INTO replicas ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, \
                  ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
@@ -165,7 +186,9 @@ impl Db {
                 to_json_col(r.test_failover.as_ref())?,
             ],
         )?;
-        Ok(())
+        self.record_transition(r.vm_uuid, Role::Replica, from, to, event.name(), None)?;
+        tx.commit()?;
+        Ok(Transition { from, to })
     }
 
     /// Drops a replica's row (and its network settings).
@@ -177,24 +200,6 @@ impl Db {
         self.conn.execute(
             "DELETE FROM replica_networks WHERE vm_uuid = ?1",
             params![vm_uuid.to_string()],
-        )?;
-        Ok(())
-    }
-
-    /// Records (or clears) a failover and the state it leaves the replica in.
-    pub fn set_replica_failover(
-        &self,
-        vm_uuid: Uuid,
-        f: Option<&FailoverRecord>,
-        state: ReplicationState,
-    ) -> Result<(), DbError> {
-        self.conn.execute(
-            "UPDATE replicas SET failover = ?2, state = ?3, last_error = NULL WHERE vm_uuid = ?1",
-            params![
-                vm_uuid.to_string(),
-                to_json_col(f)?,
-                vmrepl_types::wire_name(&state)
-            ],
         )?;
         Ok(())
     }
@@ -268,43 +273,77 @@ impl Db {
         Ok(())
     }
 
-    /// Records the outcome of applying: the last applied sequence and state, or an error.
-    pub fn record_applied(
+    /// Applies `event` to the replica of `vm_uuid` (the one way its state changes): the state
+    /// machine ([`on_replica`]) decides, and the state, its error and the transition with its
+    /// `cause` are written in one transaction. `applied` records an apply pass (the last
+    /// applied sequence, and whether it made a new recovery point); `failover` sets or clears
+    /// the failover record.
+    pub fn change_replica(
         &self,
         vm_uuid: Uuid,
-        last_applied: u64,
-        point_frozen: bool,
-        error: Option<&str>,
-        state: ReplicationState,
-    ) -> Result<(), DbError> {
-        let now = now_ms() as i64;
-        self.conn.execute(
-            "UPDATE replicas SET last_applied = ?2, state = ?3, last_error = ?4, \
-             last_apply_ms = CASE WHEN ?4 IS NULL THEN ?5 ELSE last_apply_ms END, \
-             last_point_ms = CASE WHEN ?6 THEN ?5 ELSE last_point_ms END WHERE vm_uuid = ?1",
-            params![
-                vm_uuid.to_string(),
-                last_applied as i64,
-                vmrepl_types::wire_name(&state),
-                error,
-                now,
-                point_frozen
-            ],
+        event: &ReplicaEvent,
+        cause: Option<&str>,
+        update: ReplicaUpdate<'_>,
+    ) -> Result<Transition, ChangeError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let state: Option<String> = tx
+            .query_row(
+                "SELECT state FROM replicas WHERE vm_uuid = ?1",
+                params![vm_uuid.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(state) = state else {
+            return Err(ChangeError::Missing { vm: vm_uuid });
+        };
+        let from = vmrepl_types::from_wire_name(&state).unwrap_or(ReplicationState::Error);
+        let to = on_replica(from, event)?;
+        let id = vm_uuid.to_string();
+        tx.execute(
+            "UPDATE replicas SET state = ?2 WHERE vm_uuid = ?1",
+            params![id, vmrepl_types::wire_name(&to)],
         )?;
-        Ok(())
-    }
-
-    /// Records an error (and a state) without touching the rest.
-    pub fn record_replica_error(
-        &self,
-        vm_uuid: Uuid,
-        state: ReplicationState,
-        error: &str,
-    ) -> Result<(), DbError> {
-        self.conn.execute(
-            "UPDATE replicas SET state = ?2, last_error = ?3 WHERE vm_uuid = ?1",
-            params![vm_uuid.to_string(), vmrepl_types::wire_name(&state), error],
-        )?;
-        Ok(())
+        match event {
+            ReplicaEvent::ApplyFailed { .. } | ReplicaEvent::OutOfOrderRefused => {
+                tx.execute(
+                    "UPDATE replicas SET last_error = ?2 WHERE vm_uuid = ?1",
+                    params![id, cause],
+                )?;
+            }
+            ReplicaEvent::TestFailoverStarted | ReplicaEvent::TestFailoverStopped => {}
+            _ => {
+                tx.execute(
+                    "UPDATE replicas SET last_error = NULL WHERE vm_uuid = ?1",
+                    params![id],
+                )?;
+            }
+        }
+        match update {
+            ReplicaUpdate::None => {}
+            ReplicaUpdate::Applied { last, new_point } => {
+                let now = now_ms() as i64;
+                tx.execute(
+                    "UPDATE replicas SET last_applied = ?2, last_apply_ms = ?3, \
+                     last_point_ms = CASE WHEN ?4 THEN ?3 ELSE last_point_ms END WHERE vm_uuid = ?1",
+                    params![id, last as i64, now, new_point],
+                )?;
+            }
+            ReplicaUpdate::Failover(f) => {
+                tx.execute(
+                    "UPDATE replicas SET failover = ?2 WHERE vm_uuid = ?1",
+                    params![id, to_json_col(f)?],
+                )?;
+            }
+        }
+        if to == ReplicationState::NotEnabled {
+            tx.execute("DELETE FROM replicas WHERE vm_uuid = ?1", params![id])?;
+            tx.execute(
+                "DELETE FROM replica_networks WHERE vm_uuid = ?1",
+                params![id],
+            )?;
+        }
+        self.record_transition(vm_uuid, Role::Replica, from, to, event.name(), cause)?;
+        tx.commit()?;
+        Ok(Transition { from, to })
     }
 }

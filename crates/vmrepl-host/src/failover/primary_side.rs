@@ -2,8 +2,9 @@
 //! cancel; and the answers the old primary gives the replica (`primary_state`).
 
 use super::*;
+use crate::db::ReplicaUpdate;
 use crate::error::HostError;
-use crate::lifecycle::PrimaryEvent;
+use crate::lifecycle::{PrimaryEvent, ReplicaEvent};
 
 /// Planned failover, step 1 on the primary: the VM must be off; it is locked against starting,
 /// its last changes are shipped as a planned point, and replication waits.
@@ -103,8 +104,14 @@ pub async fn cancel(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
     }
     d.vmm.delete(name, false).await?;
     let db = d.db();
-    db.set_replica_failover(row.vm_uuid, None, ReplicationState::Replicating)
-        .map_err(internal)?;
+    replica::change(
+        &db,
+        row.vm_uuid,
+        ReplicaEvent::FailoverCancelled,
+        None,
+        ReplicaUpdate::Failover(None),
+    )
+    .map_err(HostError::from)?;
     let _ = db.event(
         Some(row.vm_uuid),
         &format!("failover to point {} cancelled", f.point_seq),

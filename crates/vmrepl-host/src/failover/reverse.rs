@@ -5,7 +5,7 @@
 use super::*;
 use crate::db::NewRelationship;
 use crate::error::HostError;
-use crate::lifecycle::{PrimaryEvent, ReverseStart};
+use crate::lifecycle::{PrimaryEvent, ReplicaEvent, ReverseStart};
 
 /// After a failover, replicates the VM back to the old primary (which must authorize this
 /// host). Only the changes since the failover go when the old primary prepared the VM at the
@@ -133,7 +133,14 @@ pub async fn reverse(
     )?;
     {
         let db = d.db();
-        db.delete_replica(row.vm_uuid).map_err(internal)?;
+        replica::change(
+            &db,
+            row.vm_uuid,
+            ReplicaEvent::ReverseReplicationStarted,
+            None,
+            crate::db::ReplicaUpdate::None,
+        )
+        .map_err(HostError::from)?;
     }
     primary::spawn(d, row.vm_uuid);
     Ok(if delta {

@@ -3,7 +3,9 @@
 //! first boot (I2) so reverse replication sends only what changed.
 
 use super::*;
+use crate::db::ReplicaUpdate;
 use crate::error::HostError;
+use crate::lifecycle::ReplicaEvent;
 
 /// What the primary says before a failover.
 pub(crate) enum PrimaryView {
@@ -230,6 +232,18 @@ pub async fn start(
             )));
         }
     }
+    // The replica's state after that apply pass decides whether this failover may start.
+    let state = d
+        .db()
+        .replica(row.vm_uuid)
+        .map_err(HostError::db("reading the replica"))?
+        .map_or(row.state, |r| r.state);
+    crate::lifecycle::on_replica(
+        state,
+        &ReplicaEvent::FailoverStarted {
+            planned: prepared.is_some(),
+        },
+    )?;
     let rel_id = Uuid::new_v4();
     let vm_dir = d.vmm.default_storage().join(row.vm_uuid.to_string());
     let ov = overlays(&row, point, vm_dir.clone()).await?;
@@ -274,15 +288,16 @@ pub async fn start(
         relationship: rel_id,
     };
     drop(ov);
-    let state = if planned {
-        ReplicationState::FailedOver
-    } else {
-        ReplicationState::FailedOverWaitingCompletion
-    };
     {
         let db = d.db();
-        db.set_replica_failover(row.vm_uuid, Some(&record), state)
-            .map_err(internal)?;
+        replica::change(
+            &db,
+            row.vm_uuid,
+            ReplicaEvent::FailoverStarted { planned },
+            None,
+            ReplicaUpdate::Failover(Some(&record)),
+        )
+        .map_err(HostError::from)?;
         let _ = db.event(
             Some(row.vm_uuid),
             &format!(
@@ -363,12 +378,14 @@ pub async fn complete(d: &Arc<Host>, name: &VmName) -> Result<String, HostError>
     let _g = lock.lock().await;
     drop_store(&row).await;
     let db = d.db();
-    db.set_replica_failover(
+    replica::change(
+        &db,
         row.vm_uuid,
-        row.failover.as_ref(),
-        ReplicationState::FailedOver,
+        ReplicaEvent::FailoverCompleted,
+        None,
+        ReplicaUpdate::None,
     )
-    .map_err(internal)?;
+    .map_err(HostError::from)?;
     let _ = db.event(
         Some(row.vm_uuid),
         "failover completed; other recovery points dropped",

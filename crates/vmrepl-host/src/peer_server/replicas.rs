@@ -2,6 +2,7 @@
 //! or by reverse replication), its state and block digests, and removal.
 
 use super::*;
+use crate::lifecycle::ReplicaEvent;
 
 /// The old primary's side of reverse replication (see `crate::failover`).
 pub(super) async fn reverse_replica(
@@ -192,7 +193,8 @@ pub(super) async fn create_replica(
     row.name = db
         .unique_replica_name(&row.name, uuid)
         .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
-    db.insert_replica(&row)
+    let holds_point = adopted.is_some_and(|seq| seq > 0);
+    db.insert_replica(&row, &ReplicaEvent::ReplicaCreated { holds_point })
         .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
     let _ = db.event(
         Some(uuid),
@@ -313,8 +315,14 @@ pub(super) async fn remove_replica(
     let _g = lock.lock().await;
     {
         let db = daemon.db();
-        db.delete_replica(vm_uuid)
-            .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+        replica::change(
+            &db,
+            vm_uuid,
+            ReplicaEvent::Removed,
+            None,
+            crate::db::ReplicaUpdate::None,
+        )
+        .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
         let _ = db.event(
             Some(vm_uuid),
             &format!(

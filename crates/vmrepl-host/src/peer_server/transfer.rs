@@ -222,7 +222,13 @@ pub(super) async fn send_log(
             row.name
         );
         let db = daemon.db();
-        let _ = db.record_replica_error(vm_uuid, ReplicationState::ResynchronizationRequired, &msg);
+        let _ = replica::change(
+            &db,
+            vm_uuid,
+            crate::lifecycle::ReplicaEvent::OutOfOrderRefused,
+            Some(&msg),
+            crate::db::ReplicaUpdate::None,
+        );
         return Ok(Some(refuse(RefusalCode::OutOfOrder, msg).into()));
     }
     // One transfer per VM at a time. A transfer cut without a close holds its slot only until

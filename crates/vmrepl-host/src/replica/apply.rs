@@ -2,6 +2,8 @@
 //! the policy asks for; at daemon start, re-applying what was received but not applied (I3).
 
 use super::*;
+use crate::db::ReplicaUpdate;
+use crate::lifecycle::ReplicaEvent;
 
 /// The folder of a replica VM.
 pub fn vm_dir(row: &ReplicaRow) -> PathBuf {
@@ -289,7 +291,7 @@ pub(crate) async fn apply_with(
     let policy = row.policy;
     let last_point_ms = row.last_point_ms;
     let test_point = row.test_failover.as_ref().map(|t| t.point_seq);
-    let res = tokio::task::spawn_blocking(move || -> Result<(u64, bool), ApplyError> {
+    let res = tokio::task::spawn_blocking(move || -> Result<(u64, bool, bool), ApplyError> {
         let mut vm = ReplicaStore::open(&root, uuid)?;
         // A running test failover pins its point (and everything below) against pruning.
         let _pins: Vec<vmrepl_store::PointLock> = test_point
@@ -310,26 +312,33 @@ pub(crate) async fn apply_with(
             }
             _ => false,
         };
-        applied.map(|_| (vm.last_applied(), frozen))
+        applied.map(|list| (vm.last_applied(), frozen, !list.is_empty()))
     })
     .await
     .map_err(|e| ApplyError::Task(e.to_string()))?;
     let db = daemon.db();
     match res {
-        Ok((last, frozen)) => {
-            let state = if last == 0 {
-                ReplicationState::WaitingForInitialReplication
+        Ok((last, frozen, any)) => {
+            let event = if any {
+                ReplicaEvent::LogApplied
             } else {
-                ReplicationState::Replicating
+                ReplicaEvent::NoLogPending {
+                    initial_done: last > 0,
+                }
             };
-            if let Err(e) = db.record_applied(uuid, last, frozen, None, state) {
-                tracing::error!(target: "vmrepl::replica", vm = %uuid, "cannot record: {e}");
-            }
+            let update = ReplicaUpdate::Applied {
+                last,
+                new_point: frozen,
+            };
+            let _ = change(&db, uuid, event, None, update);
             Ok(last)
         }
         Err(e) => {
             tracing::error!(target: "vmrepl::replica", vm = %uuid, "apply failed: {e}");
-            let _ = db.record_replica_error(uuid, e.state(), &e.to_string());
+            let event = ReplicaEvent::ApplyFailed {
+                needs_resync: e.state() == ReplicationState::ResynchronizationRequired,
+            };
+            let _ = change(&db, uuid, event, Some(&e.to_string()), ReplicaUpdate::None);
             Err(e)
         }
     }

@@ -28,6 +28,7 @@ mod apply;
 mod lookup;
 mod networks;
 mod receive;
+mod state;
 mod status;
 
 pub use adopt::*;
@@ -35,4 +36,5 @@ pub use apply::*;
 pub(crate) use lookup::*;
 pub use networks::*;
 pub use receive::*;
+pub(crate) use state::*;
 pub use status::*;
