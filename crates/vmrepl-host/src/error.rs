@@ -112,3 +112,53 @@ impl From<&HostError> for ApiError {
         e.to_api()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmrepl_types::replication::ReplicationState;
+
+    #[test]
+    fn each_variant_maps_to_its_api_code_once() {
+        let not = HostError::NotEnabled { vm: "web".into() };
+        assert_eq!(not.to_api().code, ErrorCode::NotFound);
+        assert!(not.to_api().message.contains("replication enable web"));
+        let refused = crate::lifecycle::on_primary(
+            ReplicationState::Replicating,
+            &crate::lifecycle::PrimaryEvent::Resumed { initial_done: true },
+        )
+        .unwrap_err();
+        let e = HostError::from(refused);
+        assert_eq!(e.to_api().code, ErrorCode::WrongState);
+        assert!(
+            e.to_api().message.contains("not paused"),
+            "{}",
+            e.to_api().message
+        );
+        let api = ApiError::new(ErrorCode::Unsupported, "This host cannot run pc-q35-9.0.");
+        assert_eq!(ApiError::from(HostError::from(api.clone())), api);
+    }
+
+    #[test]
+    fn a_database_failure_keeps_its_cause_and_prints_it_once() {
+        let e = HostError::db("reading the relationships")(DbError::Corrupt("bad row".into()));
+        assert!(std::error::Error::source(&e).is_some());
+        let api = e.to_api();
+        assert_eq!(api.code, ErrorCode::Internal);
+        assert_eq!(api.message.matches("bad row").count(), 1, "{}", api.message);
+        assert!(
+            api.message
+                .starts_with("The state database failed while reading"),
+            "{}",
+            api.message
+        );
+    }
+
+    #[test]
+    fn a_missing_relationship_in_a_change_reads_as_not_enabled() {
+        let vm = uuid::Uuid::new_v4();
+        let e = HostError::from(ChangeError::Missing { vm });
+        assert_eq!(e.code(), ErrorCode::NotFound);
+        assert!(e.to_string().contains(&vm.to_string()));
+    }
+}

@@ -173,3 +173,110 @@ impl Db {
         o.as_deref().map(outcome_of).transpose()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open() -> (tempfile::TempDir, Db) {
+        let d = tempfile::tempdir().unwrap();
+        let db = Db::open(&d.path().join("s.db")).unwrap();
+        (d, db)
+    }
+
+    fn record(db: &Db, vm: Uuid, kind: RecordedKind, start_ms: u64, outcome: CycleOutcome) {
+        db.record_cycle(&CycleRecord {
+            vm,
+            seq: 2,
+            kind,
+            start_ms,
+            bytes: 4096,
+            outcome,
+            error: None,
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn kinds_and_outcomes_keep_the_wire_names_older_databases_hold() {
+        use vmrepl_types::wire_name;
+        assert_eq!(wire_name(&RecordedKind::Export), "export");
+        assert_eq!(wire_name(&RecordedKind::Delta), "delta");
+        assert_eq!(wire_name(&CycleOutcome::NetworkFailure), "network-failure");
+        assert_eq!(wire_name(&CycleOutcome::Ok), "ok");
+        assert_eq!(wire_name(&CycleOutcome::Missed), "missed");
+    }
+
+    #[test]
+    fn statistics_read_replication_cycles_only_not_the_export_and_import_of_a_copy() {
+        let (_d, db) = open();
+        let vm = Uuid::new_v4();
+        record(&db, vm, RecordedKind::Export, 1_000, CycleOutcome::Ok);
+        record(&db, vm, RecordedKind::Import, 2_000, CycleOutcome::Ok);
+        record(&db, vm, RecordedKind::Delta, 3_000, CycleOutcome::Missed);
+        record(
+            &db,
+            vm,
+            RecordedKind::Delta,
+            4_000,
+            CycleOutcome::NetworkFailure,
+        );
+        let c = db.cycles_since(vm, 0).unwrap();
+        let outcomes: Vec<_> = c.iter().map(|c| c.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [CycleOutcome::Missed, CycleOutcome::NetworkFailure]
+        );
+        assert!(db.cycles_since(vm, 3_500).unwrap().len() == 1);
+        assert!(db.cycles_since(Uuid::new_v4(), 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_last_outcome_skips_missed_cycles() {
+        let (_d, db) = open();
+        let vm = Uuid::new_v4();
+        assert_eq!(db.last_outcome(vm).unwrap(), None);
+        record(&db, vm, RecordedKind::Delta, 1_000, CycleOutcome::Failure);
+        record(&db, vm, RecordedKind::Delta, 2_000, CycleOutcome::Missed);
+        assert_eq!(db.last_outcome(vm).unwrap(), Some(CycleOutcome::Failure));
+        record(&db, vm, RecordedKind::Delta, 3_000, CycleOutcome::Ok);
+        assert_eq!(db.last_outcome(vm).unwrap(), Some(CycleOutcome::Ok));
+    }
+
+    #[test]
+    fn an_export_and_an_app_consistent_attempt_are_found_again() {
+        let (_d, db) = open();
+        let vm = Uuid::new_v4();
+        assert_eq!(db.last_marked_ms(vm, 0, Marked::Exported).unwrap(), None);
+        record(&db, vm, RecordedKind::Export, 5_000, CycleOutcome::Ok);
+        record(&db, vm, RecordedKind::Delta, 6_000, CycleOutcome::Ok);
+        db.record_freeze(vm, 6_000, &Err("no guest agent".into()))
+            .unwrap();
+        assert_eq!(
+            db.last_marked_ms(vm, 0, Marked::Exported).unwrap(),
+            Some(5_000)
+        );
+        assert_eq!(
+            db.last_marked_ms(vm, 5_500, Marked::Exported).unwrap(),
+            None
+        );
+        assert_eq!(
+            db.last_marked_ms(vm, 0, Marked::AppFreezeTried).unwrap(),
+            Some(6_000)
+        );
+        let c = db.cycles_since(vm, 0).unwrap();
+        assert_eq!(c[0].app_freeze_ok, Some(false));
+    }
+
+    #[test]
+    fn an_unknown_outcome_is_a_damaged_record_not_a_success() {
+        let (_d, db) = open();
+        let vm = Uuid::new_v4();
+        record(&db, vm, RecordedKind::Delta, 1_000, CycleOutcome::Ok);
+        db.conn
+            .execute("UPDATE cycles SET outcome = 'maybe'", [])
+            .unwrap();
+        assert!(matches!(db.cycles_since(vm, 0), Err(DbError::Corrupt(_))));
+        assert!(matches!(db.last_outcome(vm), Err(DbError::Corrupt(_))));
+    }
+}

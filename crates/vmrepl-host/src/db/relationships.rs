@@ -252,3 +252,208 @@ impl Db {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::{CycleKind, InitialMethod};
+    use ReplicationState as S;
+
+    fn settings() -> ReplicationSettings {
+        crate::primary::default_settings("replica.example:7443")
+    }
+
+    fn enabled(db: &Db, initial: InitialMethod) -> Uuid {
+        let vm = Uuid::new_v4();
+        let s = settings();
+        db.insert_relationship(
+            NewRelationship {
+                vm,
+                rel_id: Uuid::new_v4(),
+                settings: &s,
+                replica_name: "replica.example",
+                acked_seq: 0,
+                note: None,
+            },
+            &PrimaryEvent::Enabled { initial },
+            None,
+        )
+        .unwrap();
+        vm
+    }
+
+    fn open() -> (tempfile::TempDir, Db) {
+        let d = tempfile::tempdir().unwrap();
+        let db = Db::open(&d.path().join("s.db")).unwrap();
+        (d, db)
+    }
+
+    #[test]
+    fn enabling_records_the_state_the_initial_method_gives_and_the_transition() {
+        let (_d, db) = open();
+        let now = enabled(&db, InitialMethod::Network);
+        let later = enabled(&db, InitialMethod::Scheduled);
+        let copy = enabled(&db, InitialMethod::ExistingCopy);
+        let state = |vm| db.relationship(vm).unwrap().unwrap().state;
+        assert_eq!(state(now), S::WaitingForInitialReplication);
+        assert_eq!(state(later), S::ReadyForInitialReplication);
+        assert_eq!(state(copy), S::Resynchronizing);
+        let t = db.transitions(Some(now), 10).unwrap();
+        assert_eq!(t.len(), 1);
+        assert_eq!(
+            (t[0].from, t[0].to),
+            (S::NotEnabled, S::WaitingForInitialReplication)
+        );
+        assert_eq!(t[0].event, "enabled");
+    }
+
+    #[test]
+    fn an_acknowledged_cycle_moves_the_sequence_and_clears_the_error_in_one_change() {
+        let (_d, db) = open();
+        let vm = enabled(&db, InitialMethod::Network);
+        db.change_primary(vm, &PrimaryEvent::InitialReplicationStarted, None, None)
+            .unwrap();
+        let failed = PrimaryEvent::CycleFailed {
+            kind: CycleKind::Initial,
+        };
+        db.change_primary(vm, &failed, Some("the replica server is unreachable"), None)
+            .unwrap();
+        let r = db.relationship(vm).unwrap().unwrap();
+        assert_eq!(r.state, S::WaitingForInitialReplication);
+        assert_eq!(
+            r.last_error.as_deref(),
+            Some("the replica server is unreachable")
+        );
+        db.change_primary(vm, &PrimaryEvent::InitialReplicationStarted, None, None)
+            .unwrap();
+        let ack = PrimaryEvent::CycleAcknowledged {
+            kind: CycleKind::Initial,
+        };
+        let t = db.change_primary(vm, &ack, None, Some(1)).unwrap();
+        assert_eq!(
+            t,
+            Transition {
+                from: S::InitialReplicationInProgress,
+                to: S::Replicating
+            }
+        );
+        let r = db.relationship(vm).unwrap().unwrap();
+        assert_eq!(
+            (r.state, r.acked_seq, r.last_error),
+            (S::Replicating, 1, None)
+        );
+        assert!(r.last_success_ms.is_some());
+        // Every step is on record, newest first, with its cause.
+        let t = db.transitions(Some(vm), 10).unwrap();
+        let events: Vec<_> = t.iter().rev().map(|t| t.event.as_str()).collect();
+        assert_eq!(
+            events,
+            [
+                "enabled",
+                "initial-replication-started",
+                "cycle-failed",
+                "initial-replication-started",
+                "cycle-acknowledged"
+            ]
+        );
+        assert_eq!(
+            t[2].cause.as_deref(),
+            Some("the replica server is unreachable")
+        );
+    }
+
+    #[test]
+    fn a_refused_event_changes_nothing_and_records_nothing() {
+        let (_d, db) = open();
+        let vm = enabled(&db, InitialMethod::Network);
+        let before = db.transitions(Some(vm), 10).unwrap().len();
+        let e = db
+            .change_primary(vm, &PrimaryEvent::ResynchronizationRequested, None, None)
+            .unwrap_err();
+        assert!(matches!(e, ChangeError::Refused(_)), "{e}");
+        assert!(
+            e.to_string().contains("Waiting for initial replication"),
+            "{e}"
+        );
+        assert_eq!(
+            db.relationship(vm).unwrap().unwrap().state,
+            S::WaitingForInitialReplication
+        );
+        assert_eq!(db.transitions(Some(vm), 10).unwrap().len(), before);
+    }
+
+    #[test]
+    fn a_change_to_a_vm_without_a_relationship_says_so() {
+        let (_d, db) = open();
+        let vm = Uuid::new_v4();
+        let e = db
+            .change_primary(vm, &PrimaryEvent::Paused, None, None)
+            .unwrap_err();
+        assert!(
+            matches!(e, ChangeError::Missing { vm: v } if v == vm),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn removal_deletes_the_row_and_keeps_the_transition() {
+        let (_d, db) = open();
+        let vm = enabled(&db, InitialMethod::Network);
+        let t = db
+            .change_primary(vm, &PrimaryEvent::Removed, None, None)
+            .unwrap();
+        assert_eq!(t.to, S::NotEnabled);
+        assert!(db.relationship(vm).unwrap().is_none());
+        assert_eq!(db.transitions(Some(vm), 1).unwrap()[0].event, "removed");
+    }
+
+    #[test]
+    fn a_daemon_restart_keeps_the_last_error_and_restarts_a_cut_initial_copy() {
+        let (_d, db) = open();
+        let vm = enabled(&db, InitialMethod::Network);
+        db.change_primary(vm, &PrimaryEvent::InitialReplicationStarted, None, None)
+            .unwrap();
+        db.conn
+            .execute(
+                "UPDATE relationships SET last_error = 'earlier' WHERE vm_uuid = ?1",
+                params![vm.to_string()],
+            )
+            .unwrap();
+        db.change_primary(vm, &PrimaryEvent::DaemonRestarted, None, None)
+            .unwrap();
+        let r = db.relationship(vm).unwrap().unwrap();
+        assert_eq!(r.state, S::WaitingForInitialReplication);
+        assert_eq!(r.last_error.as_deref(), Some("earlier"));
+    }
+
+    #[test]
+    fn an_unknown_stored_state_reads_as_error_and_can_still_be_removed() {
+        let (_d, db) = open();
+        let vm = enabled(&db, InitialMethod::Network);
+        db.conn
+            .execute(
+                "UPDATE relationships SET state = 'from-the-future' WHERE vm_uuid = ?1",
+                params![vm.to_string()],
+            )
+            .unwrap();
+        assert_eq!(db.relationship(vm).unwrap().unwrap().state, S::Error);
+        db.change_primary(vm, &PrimaryEvent::Removed, None, None)
+            .unwrap();
+        assert!(db.relationships().unwrap().is_empty());
+    }
+
+    #[test]
+    fn unreadable_settings_are_reported_as_a_damaged_database_not_as_no_relationship() {
+        let (_d, db) = open();
+        let vm = enabled(&db, InitialMethod::Network);
+        db.conn
+            .execute(
+                "UPDATE relationships SET settings = '{' WHERE vm_uuid = ?1",
+                params![vm.to_string()],
+            )
+            .unwrap();
+        let e = db.relationship(vm).unwrap_err();
+        assert!(matches!(e, DbError::Corrupt(_)), "{e}");
+        assert!(e.to_string().contains(&vm.to_string()), "{e}");
+    }
+}

@@ -172,7 +172,7 @@ impl Db {
                 r.relationship.to_string(),
                 serde_json::to_string(&r.definition).map_err(corrupt)?,
                 serde_json::to_string(&r.policy).map_err(corrupt)?,
-                vmrepl_types::wire_name(&r.state),
+                vmrepl_types::wire_name(&to),
                 r.last_applied as i64,
                 r.created_ms as i64,
                 r.last_receive_ms.map(|v| v as i64),
@@ -345,5 +345,209 @@ impl Db {
         self.record_transition(vm_uuid, Role::Replica, from, to, event.name(), cause)?;
         tx.commit()?;
         Ok(Transition { from, to })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ReplicationState as S;
+
+    fn open() -> (tempfile::TempDir, Db) {
+        let d = tempfile::tempdir().unwrap();
+        let db = Db::open(&d.path().join("s.db")).unwrap();
+        (d, db)
+    }
+
+    fn row(name: &str) -> ReplicaRow {
+        let def = crate::replica::tests::def(&[("disk0", 1 << 20)]);
+        ReplicaRow {
+            vm_uuid: Uuid::new_v4(),
+            name: name.into(),
+            primary_host: "primary.example".into(),
+            trust_group: "DEFAULT".into(),
+            storage_root: "/srv/replicas".into(),
+            relationship: Uuid::new_v4(),
+            definition: def,
+            policy: PointPolicy {
+                keep: 0,
+                interval_secs: 3600,
+            },
+            // Whatever the caller puts here, the creation event decides.
+            state: S::Replicating,
+            last_applied: 0,
+            created_ms: 1,
+            last_receive_ms: None,
+            last_apply_ms: None,
+            last_point_ms: None,
+            bytes_received: 0,
+            logs_received: 0,
+            last_error: None,
+            primary_server: None,
+            failover: None,
+            test_failover: None,
+        }
+    }
+
+    fn created(db: &Db, name: &str) -> Uuid {
+        let r = row(name);
+        db.insert_replica(&r, &ReplicaEvent::ReplicaCreated { holds_point: false })
+            .unwrap();
+        r.vm_uuid
+    }
+
+    #[test]
+    fn a_new_replica_waits_for_its_initial_copy_unless_it_holds_a_point() {
+        let (_d, db) = open();
+        let empty = created(&db, "a");
+        assert_eq!(
+            db.replica(empty).unwrap().unwrap().state,
+            S::WaitingForInitialReplication
+        );
+        let adopted = row("b");
+        db.insert_replica(
+            &adopted,
+            &ReplicaEvent::ReplicaCreated { holds_point: true },
+        )
+        .unwrap();
+        assert_eq!(
+            db.replica(adopted.vm_uuid).unwrap().unwrap().state,
+            S::Replicating
+        );
+        assert_eq!(
+            db.transitions(Some(empty), 5).unwrap()[0].event,
+            "replica-created"
+        );
+    }
+
+    #[test]
+    fn an_apply_pass_records_the_sequence_and_a_point_and_only_an_applied_log_clears_resync() {
+        let (_d, db) = open();
+        let vm = created(&db, "a");
+        let applied = ReplicaUpdate::Applied {
+            last: 1,
+            new_point: true,
+        };
+        db.change_replica(vm, &ReplicaEvent::LogApplied, None, applied)
+            .unwrap();
+        let r = db.replica(vm).unwrap().unwrap();
+        assert_eq!((r.state, r.last_applied), (S::Replicating, 1));
+        assert!(r.last_apply_ms.is_some() && r.last_point_ms.is_some());
+        let why = "log 3 builds on 1";
+        db.change_replica(
+            vm,
+            &ReplicaEvent::OutOfOrderRefused,
+            Some(why),
+            ReplicaUpdate::None,
+        )
+        .unwrap();
+        let r = db.replica(vm).unwrap().unwrap();
+        assert_eq!(r.state, S::ResynchronizationRequired);
+        assert_eq!(r.last_error.as_deref(), Some(why));
+        // An apply pass that found nothing proves nothing.
+        let nothing = ReplicaEvent::NoLogPending { initial_done: true };
+        db.change_replica(vm, &nothing, None, ReplicaUpdate::None)
+            .unwrap();
+        assert_eq!(
+            db.replica(vm).unwrap().unwrap().state,
+            S::ResynchronizationRequired
+        );
+        // The primary's resynchronization log does.
+        let again = ReplicaUpdate::Applied {
+            last: 2,
+            new_point: false,
+        };
+        db.change_replica(vm, &ReplicaEvent::LogApplied, None, again)
+            .unwrap();
+        let r = db.replica(vm).unwrap().unwrap();
+        assert_eq!(
+            (r.state, r.last_applied, r.last_error),
+            (S::Replicating, 2, None)
+        );
+    }
+
+    #[test]
+    fn a_failover_record_is_kept_and_cleared_with_the_state_and_a_failed_over_replica_takes_no_log()
+    {
+        let (_d, db) = open();
+        let vm = created(&db, "a");
+        let applied = ReplicaUpdate::Applied {
+            last: 4,
+            new_point: true,
+        };
+        db.change_replica(vm, &ReplicaEvent::LogApplied, None, applied)
+            .unwrap();
+        let f = FailoverRecord {
+            point_seq: 4,
+            point_unix_ms: 9,
+            planned: false,
+            relationship: Uuid::new_v4(),
+        };
+        let start = ReplicaEvent::FailoverStarted { planned: false };
+        db.change_replica(vm, &start, None, ReplicaUpdate::Failover(Some(&f)))
+            .unwrap();
+        let r = db.replica(vm).unwrap().unwrap();
+        assert_eq!(r.state, S::FailedOverWaitingCompletion);
+        assert_eq!(r.failover, Some(f));
+        let e = db
+            .change_replica(vm, &ReplicaEvent::LogApplied, None, ReplicaUpdate::None)
+            .unwrap_err();
+        assert!(matches!(e, ChangeError::Refused(_)), "{e}");
+        db.change_replica(
+            vm,
+            &ReplicaEvent::FailoverCancelled,
+            None,
+            ReplicaUpdate::Failover(None),
+        )
+        .unwrap();
+        let r = db.replica(vm).unwrap().unwrap();
+        assert_eq!((r.state, r.failover), (S::Replicating, None));
+    }
+
+    #[test]
+    fn removal_drops_the_row_and_its_networks_and_is_refused_after_a_failover() {
+        let (_d, db) = open();
+        let vm = created(&db, "a");
+        db.conn
+            .execute(
+                "INSERT INTO replica_networks (vm_uuid, networks) VALUES (?1, '[]')",
+                params![vm.to_string()],
+            )
+            .unwrap();
+        db.change_replica(vm, &ReplicaEvent::Removed, None, ReplicaUpdate::None)
+            .unwrap();
+        assert!(db.replica(vm).unwrap().is_none());
+        let n: i64 = db
+            .conn
+            .query_row("SELECT COUNT(*) FROM replica_networks", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0);
+        let other = created(&db, "b");
+        let applied = ReplicaUpdate::Applied {
+            last: 1,
+            new_point: true,
+        };
+        db.change_replica(other, &ReplicaEvent::LogApplied, None, applied)
+            .unwrap();
+        db.change_replica(
+            other,
+            &ReplicaEvent::FailoverStarted { planned: true },
+            None,
+            ReplicaUpdate::None,
+        )
+        .unwrap();
+        assert!(db
+            .change_replica(other, &ReplicaEvent::Removed, None, ReplicaUpdate::None)
+            .is_err());
+        assert!(db.replica(other).unwrap().is_some());
+    }
+
+    #[test]
+    fn replica_names_stay_unique_per_host_whatever_the_primaries_call_their_vms() {
+        let (_d, db) = open();
+        created(&db, "web");
+        let newcomer = Uuid::new_v4();
+        assert_eq!(db.unique_replica_name("web", newcomer).unwrap(), "web-2");
+        assert_eq!(db.unique_replica_name("db", newcomer).unwrap(), "db");
     }
 }
