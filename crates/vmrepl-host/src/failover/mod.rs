@@ -23,20 +23,13 @@
 
 use crate::error::HostError;
 use crate::host::Host;
-use crate::peer::client::PeerClient;
-use crate::peer::proto::{PeerRequest, PeerResponse, RefusalCode};
-use crate::primary;
-use crate::replica::{self, FailoverRecord, ReplicaRow, TestFailover};
-use std::path::{Path, PathBuf};
+use crate::replica::{self};
 use std::sync::Arc;
 use std::time::Duration;
-use uuid::Uuid;
-use vmrepl_store::{PointRef, ReplicaStore, StoreError};
-use vmrepl_tracking::RelTag;
+use vmrepl_store::{ReplicaStore, StoreError};
 use vmrepl_types::api::{ApiError, ErrorCode};
-use vmrepl_types::replication::{RecoveryPointInfo, ReplicationSettings, ReplicationState};
-use vmrepl_types::vm::{NicDef, NicMode};
-use vmrepl_types::{VmDefinition, VmName};
+use vmrepl_types::replication::{RecoveryPointInfo, ReplicationState};
+use vmrepl_types::VmName;
 
 /// How long streaming a failed-over VM's disks off its recovery point may take.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(6 * 3600);

@@ -1,10 +1,19 @@
 //! The primary's half of a planned failover: prepare (VM off, final log sent, locked) and
 //! cancel; and the answers the old primary gives the replica (`primary_state`).
 
-use super::*;
 use crate::db::ReplicaUpdate;
 use crate::error::HostError;
+use crate::failover::Refusal;
+use crate::host::Host;
 use crate::lifecycle::{PrimaryEvent, ReplicaEvent};
+use crate::peer::proto::{PeerRequest, PeerResponse, RefusalCode};
+use crate::primary;
+use crate::replica::{self};
+use std::sync::Arc;
+use uuid::Uuid;
+use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::replication::ReplicationState;
+use vmrepl_types::VmName;
 
 /// Planned failover, step 1 on the primary: the VM must be off; it is locked against starting,
 /// its last changes are shipped as a planned point, and replication waits.

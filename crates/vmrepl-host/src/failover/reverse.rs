@@ -2,10 +2,19 @@
 //! relationship, and the old primary takes over as its replica, keeping its disks as the
 //! base where they match the failover point (no full copy).
 
-use super::*;
 use crate::db::NewRelationship;
 use crate::error::HostError;
+use crate::host::Host;
 use crate::lifecycle::{PrimaryEvent, ReplicaEvent, ReverseStart};
+use crate::peer::proto::{PeerRequest, PeerResponse, RefusalCode};
+use crate::primary;
+use crate::replica::{self};
+use std::path::Path;
+use std::sync::Arc;
+use uuid::Uuid;
+use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::replication::{ReplicationSettings, ReplicationState};
+use vmrepl_types::{VmDefinition, VmName};
 
 /// After a failover, replicates the VM back to the old primary (which must authorize this
 /// host). Only the changes since the failover go when the old primary prepared the VM at the

@@ -2,10 +2,26 @@
 //! cancel. The VM boots from an overlay over the point; its disks are tracked before the
 //! first boot (I2) so reverse replication sends only what changed.
 
-use super::*;
 use crate::db::ReplicaUpdate;
 use crate::error::HostError;
+use crate::failover::internal;
+use crate::failover::store_err;
+use crate::failover::STREAM_TIMEOUT;
+use crate::host::Host;
 use crate::lifecycle::ReplicaEvent;
+use crate::peer::client::PeerClient;
+use crate::peer::proto::{PeerRequest, PeerResponse};
+use crate::primary;
+use crate::replica::{self, FailoverRecord, ReplicaRow};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use uuid::Uuid;
+use vmrepl_store::{PointRef, ReplicaStore, StoreError};
+use vmrepl_tracking::RelTag;
+use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::replication::ReplicationState;
+use vmrepl_types::vm::NicMode;
+use vmrepl_types::{VmDefinition, VmName};
 
 /// What the primary says before a failover.
 pub(crate) enum PrimaryView {

@@ -1,8 +1,21 @@
 //! Test failover: a throw-away VM on an overlay over a recovery point, on its own test
 //! network, while replication goes on; stop-test deletes it.
 
-use super::*;
 use crate::error::HostError;
+use crate::failover::boot_here;
+use crate::failover::check_runnable;
+use crate::failover::internal;
+use crate::failover::on_overlay;
+use crate::failover::overlays;
+use crate::failover::remove_files;
+use crate::failover::unapplied;
+use crate::host::Host;
+use crate::replica::{self, TestFailover};
+use std::sync::Arc;
+use uuid::Uuid;
+use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::vm::{NicDef, NicMode};
+use vmrepl_types::VmName;
 
 /// Test failover: a VM "NAME - Test" on throwaway overlays of a point, adapters not connected
 /// unless a test network is given. Replication goes on; the point stays until it is stopped.

@@ -2,7 +2,16 @@
 //! entry (its verified certificate name, issuer and pin), and a request about a replica VM
 //! must come from the primary that owns it; what a primary sends must fit this host.
 
-use super::*;
+use super::Refusal;
+use crate::host::Host;
+use crate::peer::proto::{PointPolicy, RefusalCode, NVRAM_DISK_ID};
+use crate::peer_server::refuse;
+use crate::peer_server::PEER;
+use crate::replica::ReplicaRow;
+use std::path::Path;
+use uuid::Uuid;
+use vmrepl_transport::authz::{Authorization, Grant};
+use vmrepl_types::VmDefinition;
 
 /// Longest recovery-point interval a primary may ask for (a week).
 pub(super) const MAX_POINT_INTERVAL_SECS: u32 = 7 * 86400;

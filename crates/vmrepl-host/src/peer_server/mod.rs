@@ -8,21 +8,12 @@
 //! logged with the peer host and the reason. Nothing received touches a replica image before it
 //! is durable and verified (I4); see [`crate::replica`] for applying.
 
-use crate::db::now_ms;
 use crate::host::Host;
-use crate::peer::proto::{
-    PeerRequest, PeerResponse, PointPolicy, RefusalCode, Resume, NVRAM_DISK_ID,
-};
-use crate::replica::{self, ReplicaRow};
-use std::path::{Path, PathBuf};
+use crate::peer::proto::{PeerRequest, PeerResponse, RefusalCode};
+use crate::replica::{self};
 use std::sync::Arc;
-use tokio::io::AsyncWriteExt;
-use uuid::Uuid;
-use vmrepl_transport::authz::{Authorization, Grant};
-use vmrepl_transport::frame::{self, Frame, FrameError, Framed};
+use vmrepl_transport::frame::{self, FrameError, Framed};
 use vmrepl_transport::tls::{PeerIdentity, TlsStream};
-use vmrepl_types::replication::ReplicationState;
-use vmrepl_types::VmDefinition;
 const T: &str = "vmrepl::peer";
 
 /// Serves peer connections until the task is aborted.

@@ -1,8 +1,26 @@
 //! The replica VM's lifecycle as a primary drives it: create (empty, from an existing copy,
 //! or by reverse replication), its state and block digests, and removal.
 
-use super::*;
+use super::Refusal;
+use crate::db::now_ms;
+use crate::host::Host;
 use crate::lifecycle::ReplicaEvent;
+use crate::peer::proto::{PeerResponse, PointPolicy, RefusalCode, Resume};
+use crate::peer_server::authorize;
+use crate::peer_server::check_definition;
+use crate::peer_server::check_policy;
+use crate::peer_server::check_vm;
+use crate::peer_server::existing_replica;
+use crate::peer_server::live_replica;
+use crate::peer_server::own_replica;
+use crate::peer_server::refuse;
+use crate::peer_server::T;
+use crate::replica::{self, ReplicaRow};
+use std::sync::Arc;
+use uuid::Uuid;
+use vmrepl_transport::authz::Grant;
+use vmrepl_types::replication::ReplicationState;
+use vmrepl_types::VmDefinition;
 
 /// The old primary's side of reverse replication (see `crate::failover`).
 pub(super) async fn reverse_replica(

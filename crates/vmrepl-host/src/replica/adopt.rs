@@ -1,8 +1,22 @@
 //! Disks a replica did not receive as logs: an initial copy imported from an export, an
 //! existing copy the admin designated, and the disks of an old primary taking over as replica.
 
-use super::*;
+use crate::db::now_ms;
+use crate::db::ReplicaRow;
 use crate::error::HostError;
+use crate::host::Host;
+use crate::peer::proto::RefusalCode;
+use crate::replica::accept_spooled;
+use crate::replica::apply_and_record;
+use crate::replica::named;
+use crate::replica::vm_dir;
+use crate::replica::Unaccepted;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use uuid::Uuid;
+use vmrepl_store::ReplicaStore;
+use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::VmDefinition;
 
 /// Whether a VM with this uuid runs on this host (a normal VM in the `vms` table).
 pub fn vm_running(daemon: &Host, vm_uuid: Uuid) -> bool {

@@ -1,9 +1,18 @@
 //! Applying verified logs to the replica store, in order, and keeping the recovery points
 //! the policy asks for; at daemon start, re-applying what was received but not applied (I3).
 
-use super::*;
+use crate::db::now_ms;
+use crate::db::ReplicaRow;
 use crate::db::ReplicaUpdate;
+use crate::host::Host;
 use crate::lifecycle::ReplicaEvent;
+use crate::peer::proto::{PointPolicy, MAX_NVRAM_BYTES, NVRAM_DISK_ID};
+use crate::replica::change;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use uuid::Uuid;
+use vmrepl_store::{ReplicaStore, ReplicaVm, StoreError};
+use vmrepl_types::replication::{Consistency, ReplicationState};
 
 /// The folder of a replica VM.
 pub fn vm_dir(row: &ReplicaRow) -> PathBuf {

@@ -1,7 +1,10 @@
 //! Finding a replica VM by the name (or UUID) an operator gives.
 
-use super::*;
+use crate::db::ReplicaRow;
 use crate::error::HostError;
+use crate::host::Host;
+use uuid::Uuid;
+use vmrepl_types::api::{ApiError, ErrorCode};
 
 /// The replica VM named `name` on this host, or an error that says where replica-side
 /// commands run.

@@ -8,20 +8,7 @@
 //! At daemon start call [`recover`]: it re-applies every durable, verified log that was received
 //! but not applied (a crash during apply is repaired by applying the same log again, I3).
 
-use crate::db::{now_ms, Db};
 pub use crate::db::{FailoverRecord, ReplicaRow, TestFailover};
-use crate::host::Host;
-use crate::peer::proto::{PointPolicy, RefusalCode, MAX_NVRAM_BYTES, NVRAM_DISK_ID};
-use rusqlite::params;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use uuid::Uuid;
-use vmrepl_store::{ReplicaStore, ReplicaVm, StoreError};
-use vmrepl_types::api::{ApiError, ErrorCode};
-use vmrepl_types::replication::{
-    Consistency, Health, ReplicationState, ReplicationStats, ReplicationStatus, Role,
-};
-use vmrepl_types::VmDefinition;
 
 mod adopt;
 mod apply;

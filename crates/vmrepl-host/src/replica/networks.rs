@@ -1,8 +1,13 @@
 //! The networks a replica VM's adapters join when it fails over or runs a test failover
 //! (`vmrepl replication network`).
 
-use super::*;
+use crate::db::Db;
+use crate::db::ReplicaRow;
 use crate::error::HostError;
+use crate::host::Host;
+use crate::replica::named;
+use rusqlite::params;
+use vmrepl_types::api::{ApiError, ErrorCode};
 
 /// The networks each adapter of a replica joins on failover and test failover, as this
 /// host's admin set them; an adapter nobody set is not connected.

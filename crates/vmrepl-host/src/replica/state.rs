@@ -2,9 +2,10 @@
 //! [`crate::db::Db::change_replica`], which asks the state machine
 //! ([`crate::lifecycle::on_replica`]) and records the transition with its cause.
 
-use super::*;
+use crate::db::Db;
 use crate::db::{ChangeError, ReplicaUpdate, Transition};
 use crate::lifecycle::ReplicaEvent;
+use uuid::Uuid;
 
 /// Applies `event` to the replica of `vm` (the one way its state changes), logging the change.
 pub(crate) fn change(

@@ -1,6 +1,11 @@
 //! Status and health of the replica VMs this host keeps, by Hyper-V's rules.
 
-use super::*;
+use crate::db::now_ms;
+use crate::db::ReplicaRow;
+use crate::host::Host;
+use vmrepl_types::replication::{
+    Health, ReplicationState, ReplicationStats, ReplicationStatus, Role,
+};
 
 /// How long without a received log before a replica's health is Warning (Hyper-V: 1 h).
 pub const RECEIVE_WARNING_MS: u64 = 3600 * 1000;

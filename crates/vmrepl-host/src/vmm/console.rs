@@ -1,8 +1,12 @@
 //! The VM console: the serial log a VM writes, read from its tail and rotated when it
 //! grows past its limit.
 
-use super::*;
 use crate::error::HostError;
+use crate::vmm::Vmm;
+use std::path::PathBuf;
+use std::time::Duration;
+use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::VmName;
 
 /// What `vm console` returns without `--tail`: the last 64 KiB of the serial log.
 pub const CONSOLE_TAIL_DEFAULT: u64 = 64 << 10;

@@ -1,8 +1,17 @@
 //! Defining VMs: machine types this QEMU runs, storage folders, and creating a VM with its
 //! disks and firmware files.
 
-use super::*;
 use crate::error::HostError;
+use crate::vmm::db_err;
+use crate::vmm::Vmm;
+use crate::vmm::MAX_DISKS;
+use std::path::PathBuf;
+use uuid::Uuid;
+use vmrepl_types::api::{ApiError, CreateVm, DiskSpec, ErrorCode, VmSummary};
+use vmrepl_types::vm::FirmwareVariantId;
+use vmrepl_types::{
+    ConfigVersion, DirectKernel, DiskDef, Generation, NicDef, VmDefinition, VmName,
+};
 
 impl Vmm {
     /// Resolves a machine type request to a versioned name this host's QEMU runs.

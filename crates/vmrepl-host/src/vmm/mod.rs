@@ -10,17 +10,12 @@ use crate::datadir::DataDir;
 use crate::db::{Db, VmRow};
 use crate::error::HostError;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use uuid::Uuid;
 use vmrepl_qemu::process::QemuProcess;
-use vmrepl_types::api::{ApiError, CreateVm, DiskSpec, ErrorCode, VmSummary};
-use vmrepl_types::vm::FirmwareVariantId;
-use vmrepl_types::{
-    ConfigVersion, DirectKernel, DiskDef, Generation, HostInfo, NicDef, VmDefinition, VmName,
-    VmRunState,
-};
+use vmrepl_types::api::{ApiError, ErrorCode, VmSummary};
+use vmrepl_types::{HostInfo, VmDefinition, VmName, VmRunState};
 
 /// Most disks a VM may have.
 pub const MAX_DISKS: usize = 16;
