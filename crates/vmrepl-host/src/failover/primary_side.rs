@@ -136,10 +136,10 @@ pub async fn cancel(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
 /// `PrimaryState`: answered only to the host this one replicates the VM to.
 pub fn primary_state(d: &Host, peer: &str, vm_uuid: Uuid) -> Result<PeerResponse, Refusal> {
     let rel = primary::load(d, vm_uuid)
-        .map_err(|e| (RefusalCode::Internal, e.to_string()))?
+        .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?
         .filter(|r| r.replica_name.eq_ignore_ascii_case(peer))
         .ok_or_else(|| {
-            (
+            Refusal::new(
                 RefusalCode::UnknownVm,
                 format!("this host does not replicate VM {vm_uuid} to {peer}"),
             )

@@ -171,7 +171,7 @@ pub async fn reverse(
 
 // ------------------------------------------------------------------ peer side
 
-pub(crate) type Refusal = (RefusalCode, String);
+pub(crate) use crate::peer::proto::Refusal;
 
 /// Decides whether this host's copy of `vm` is the common base at `base_seq` for `peer`.
 pub fn common_base(
@@ -227,7 +227,7 @@ pub fn may_take_over(
     relationship: Option<Uuid>,
 ) -> Result<primary::Relationship, Refusal> {
     let refused = || {
-        (
+        Refusal::new(
             RefusalCode::NotAuthorized,
             format!(
                 "VM {vm_uuid} exists on this host but is not replicated to {peer} under \
@@ -238,7 +238,7 @@ pub fn may_take_over(
         )
     };
     let rel = primary::load(d, vm_uuid)
-        .map_err(|e| (RefusalCode::Internal, e.to_string()))?
+        .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?
         .ok_or_else(refused)?;
     let to_peer = vmrepl_transport::authz::normalize_host_name(&rel.replica_name)
         .ok()
@@ -284,7 +284,7 @@ pub async fn take_over_as_replica(
     };
     let rel = may_take_over(d, peer, vm.uuid, relationship)?;
     if replica::vm_running(d, vm.uuid) {
-        return Err((
+        return Err(Refusal::new(
             RefusalCode::VmRunning,
             format!(
                 "VM {} runs on this host; it cannot become a replica while it runs",
@@ -302,7 +302,7 @@ pub async fn take_over_as_replica(
         Err(why) if same_disks => (TakeOver::Diverged(why), 0),
         Err(why) => {
             // Never delete this host's disks because a peer asked: its admin decides.
-            return Err((
+            return Err(Refusal::new(
                 RefusalCode::Incompatible,
                 format!(
                     "VM {} on this host has other disks than the failed-over VM ({why}), so it \
@@ -313,13 +313,13 @@ pub async fn take_over_as_replica(
             ));
         }
     };
-    let internal = |e: String| (RefusalCode::Internal, e);
+    let internal = |e: String| Refusal::new(RefusalCode::Internal, e);
     // No cycle of the old relationship may run from here on, and nobody may start the VM.
     primary::stop_scheduler(d, vm.uuid);
     d.vmm
         .set_failover_lock(vm.uuid, true)
         .await
-        .map_err(|e| (RefusalCode::VmRunning, e.to_api().message))?;
+        .map_err(|e| Refusal::new(RefusalCode::VmRunning, e.to_api().message))?;
     let op = d.vmm.op_lock(vm.uuid).await;
     // Tracking of the old relationship ends here (its bitmaps would record forever).
     primary::end_tracking(d, &local, &rel).await.map_err(|e| {

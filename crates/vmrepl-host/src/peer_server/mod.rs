@@ -49,25 +49,10 @@ pub async fn serve(listener: Arc<vmrepl_transport::tls::Listener>, daemon: Arc<H
     }
 }
 
-struct Refusal {
-    code: RefusalCode,
-    message: String,
-}
+pub(crate) use crate::peer::proto::Refusal;
 
 fn refuse(code: RefusalCode, message: impl Into<String>) -> Refusal {
-    Refusal {
-        code,
-        message: message.into(),
-    }
-}
-
-impl From<Refusal> for PeerResponse {
-    fn from(r: Refusal) -> Self {
-        PeerResponse::Refused {
-            code: r.code,
-            message: r.message,
-        }
-    }
+    Refusal::new(code, message)
 }
 
 type Conn = Framed<TlsStream>;
@@ -217,7 +202,7 @@ async fn handle(
         PeerRequest::Hello { .. } => unreachable!("handled by the caller"),
         PeerRequest::BlockDigests { vm_uuid } => block_digests(daemon, peer, vm_uuid).await,
         PeerRequest::PrimaryState { vm_uuid } => {
-            crate::failover::primary_state(daemon, peer, vm_uuid).map_err(|(c, m)| refuse(c, m))
+            crate::failover::primary_state(daemon, peer, vm_uuid)
         }
         PeerRequest::ReverseReplica {
             vm,

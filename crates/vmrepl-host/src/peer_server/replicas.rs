@@ -50,8 +50,7 @@ pub(super) async fn reverse_replica(
         &grant.storage,
         base_seq,
     )
-    .await
-    .map_err(|(c, m)| refuse(c, m))?;
+    .await?;
     use crate::failover::TakeOver;
     let adopted = match &base {
         TakeOver::Common => Some(base_seq),
@@ -105,9 +104,7 @@ pub(super) async fn from_existing_copy(
         return Ok(PeerResponse::Ok); // the copy was taken already
     }
     check_definition(daemon, &vm)?;
-    replica::adopt_existing_copy(daemon, peer, &vm, &grant.storage)
-        .await
-        .map_err(|(c, m)| refuse(c, m))?;
+    replica::adopt_existing_copy(daemon, peer, &vm, &grant.storage).await?;
     create_replica(
         daemon,
         peer,

@@ -5,7 +5,7 @@ use crate::db::now_ms;
 use crate::db::ReplicaRow;
 use crate::error::HostError;
 use crate::host::Host;
-use crate::peer::proto::RefusalCode;
+use crate::peer::proto::{Refusal, RefusalCode};
 use crate::replica::accept_spooled;
 use crate::replica::apply_and_record;
 use crate::replica::named;
@@ -180,11 +180,11 @@ pub(crate) fn designated_copy(
     d: &Host,
     peer: &str,
     vm: &VmDefinition,
-) -> Result<VmDefinition, (RefusalCode, String)> {
+) -> Result<VmDefinition, Refusal> {
     let host = d.cfg().host_name.clone();
     let peer_norm = vmrepl_transport::authz::normalize_host_name(peer).unwrap_or_default();
     let refused = || {
-        (
+        Refusal::new(
             RefusalCode::NotAuthorized,
             format!(
                 "no VM on {host} is designated as the existing copy of {} for {peer}; the admin \
@@ -210,7 +210,7 @@ pub(crate) fn designated_copy(
         return Err(refused());
     }
     if !local.state.is_stopped() {
-        return Err((
+        return Err(Refusal::new(
             RefusalCode::VmRunning,
             format!(
                 "the existing copy {} on {host} is {}; shut it down first",
@@ -230,15 +230,15 @@ pub async fn adopt_existing_copy(
     peer: &str,
     vm: &VmDefinition,
     storage_root: &Path,
-) -> Result<(), (RefusalCode, String)> {
+) -> Result<(), Refusal> {
     let host = d.cfg().host_name.clone();
     let local = designated_copy(d, peer, vm)?;
     if d.db()
         .relationship(local.uuid)
-        .map_err(|e| (RefusalCode::Internal, e.to_string()))?
+        .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?
         .is_some()
     {
-        return Err((
+        return Err(Refusal::new(
             RefusalCode::Conflict,
             format!(
                 "VM {} on {host} is itself replicated; remove its replication before using it as an existing copy",
@@ -247,7 +247,7 @@ pub async fn adopt_existing_copy(
         ));
     }
     if let Some(why) = existing_copy_mismatch(&local, vm) {
-        return Err((
+        return Err(Refusal::new(
             RefusalCode::Incompatible,
             format!(
                 "VM {} on {host} cannot be the existing copy: {why}",
@@ -258,11 +258,11 @@ pub async fn adopt_existing_copy(
     d.vmm
         .set_failover_lock(local.uuid, true)
         .await
-        .map_err(|e| (RefusalCode::VmRunning, e.to_api().message))?;
+        .map_err(|e| Refusal::new(RefusalCode::VmRunning, e.to_api().message))?;
     if let Err(e) = adopt_disks(&local, vm, storage_root, 0).await {
         // Nothing was taken: the copy stays a VM of this host, free to start again.
         let _ = d.vmm.set_failover_lock(local.uuid, false).await;
-        return Err((
+        return Err(Refusal::new(
             RefusalCode::Internal,
             format!("cannot take the disks of {} as the replica: {e}", vm.name),
         ));
@@ -272,7 +272,7 @@ pub async fn adopt_existing_copy(
     d.vmm
         .delete(&vm.name, true)
         .await
-        .map_err(|e| (RefusalCode::Internal, e.to_api().message))?;
+        .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_api().message))?;
     for x in local.disks.iter().filter(|x| vm.disk(&x.id).is_some()) {
         let _ = std::fs::remove_file(&x.path);
     }
