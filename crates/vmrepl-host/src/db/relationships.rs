@@ -260,7 +260,7 @@ mod tests {
     use ReplicationState as S;
 
     fn settings() -> ReplicationSettings {
-        crate::primary::default_settings("replica.example:7443")
+        vmrepl_types::replication::ReplicationSettings::new("replica.example:7443")
     }
 
     fn enabled(db: &Db, initial: InitialMethod) -> Uuid {

@@ -355,7 +355,7 @@ mod tests {
         primary::Relationship {
             vm_uuid: Uuid::new_v4(),
             rel_id: Uuid::new_v4(),
-            settings: primary::default_settings("h:1"),
+            settings: vmrepl_types::replication::ReplicationSettings::new("h:1"),
             replica_name: "h".into(),
             state,
             acked_seq: seq,

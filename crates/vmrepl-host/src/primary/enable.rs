@@ -356,9 +356,9 @@ mod tests {
 
     #[test]
     fn replica_targets_need_a_port_and_default_to_the_host_part_as_name() {
-        let s = default_settings("hostb.example:7443");
+        let s = ReplicationSettings::new("hostb.example:7443");
         assert_eq!(replica_target(&s).unwrap().1, "hostb.example");
-        assert!(replica_target(&default_settings("nohost")).is_err());
-        assert!(replica_target(&default_settings("h:xx")).is_err());
+        assert!(replica_target(&ReplicationSettings::new("nohost")).is_err());
+        assert!(replica_target(&ReplicationSettings::new("h:xx")).is_err());
     }
 }

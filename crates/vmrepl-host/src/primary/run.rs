@@ -297,7 +297,7 @@ mod tests {
 
     #[test]
     fn an_app_consistent_point_is_due_every_n_hours_for_a_running_replicating_vm() {
-        let mut s = default_settings("127.0.0.2:7443");
+        let mut s = ReplicationSettings::new("127.0.0.2:7443");
         let h = 3_600_000;
         let now = 100 * h;
         let rep = ReplicationState::Replicating;

@@ -151,21 +151,6 @@ pub fn statuses(d: &Host) -> Result<Vec<ReplicationStatus>, HostError> {
     Ok(out)
 }
 
-/// Replication settings from the CLI's defaults.
-pub fn default_settings(replica_server: &str) -> ReplicationSettings {
-    ReplicationSettings {
-        replica_server: replica_server.to_string(),
-        replica_host_name: None,
-        frequency_secs: ReplicationSettings::DEFAULT_FREQUENCY,
-        recovery_points: 0,
-        recovery_point_interval_secs: 3600,
-        app_consistent_hours: None,
-        compression: true,
-        exclude_disks: vec![],
-        initial: InitialReplication::NetworkNow,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,7 +159,7 @@ mod tests {
         Relationship {
             vm_uuid: Uuid::new_v4(),
             rel_id: Uuid::new_v4(),
-            settings: default_settings("h:1"),
+            settings: ReplicationSettings::new("h:1"),
             replica_name: "h".into(),
             state,
             acked_seq: 3,
