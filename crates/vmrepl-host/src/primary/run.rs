@@ -4,8 +4,7 @@
 use super::*;
 
 pub(crate) fn log_path(d: &Host, rel: RelTag, seq: u64) -> PathBuf {
-    d.dd.staging()
-        .join(format!("{}-{seq}.vmrlog", rel.as_str()))
+    log_file(&d.dd.staging(), rel, seq)
 }
 
 /// One cycle, top-down.
@@ -107,21 +106,36 @@ pub(crate) async fn run_cycle(
         Err(e) => return Err(fail(e, false)),
     };
     let mut cycle = Cycle {
-        d,
         rel: &rel,
         vm: &vm,
         client,
         endpoint: &endpoint,
+        guest: VmAgent { d, vm: vm_uuid },
         tag,
         disks,
         vars,
         staging: Staging::new(d.dd.staging()),
-        rt,
+        progress: &rt.progress,
         consistency,
         app_freeze: None,
     };
     let result = if initial {
-        cycle.initial().await
+        set_state(
+            d,
+            vm_uuid,
+            ReplicationState::InitialReplicationInProgress,
+            None,
+        );
+        let r = cycle.initial().await;
+        if r.is_err() {
+            set_state(
+                d,
+                vm_uuid,
+                ReplicationState::WaitingForInitialReplication,
+                None,
+            );
+        }
+        r
     } else if resync {
         cycle.resync().await.map(Done::acked)
     } else {
