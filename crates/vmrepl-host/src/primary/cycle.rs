@@ -4,6 +4,7 @@
 use super::*;
 
 /// What a successful cycle achieved.
+#[derive(Debug)]
 pub(crate) enum Done {
     /// Log `seq` is durable on the replica; `bytes` of it went over the network.
     Acked { seq: u64, bytes: u64 },
@@ -17,6 +18,7 @@ impl Done {
     }
 }
 
+#[derive(Debug)]
 pub(crate) enum CycleError {
     Network(String),
     Resync(String),

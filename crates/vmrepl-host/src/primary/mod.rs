@@ -55,6 +55,11 @@ mod run;
 mod scheduler;
 mod status;
 
+#[cfg(test)]
+mod cycle_tests;
+#[cfg(test)]
+mod fakes;
+
 pub(crate) use cycle::*;
 pub use enable::*;
 pub(crate) use endpoint::*;
