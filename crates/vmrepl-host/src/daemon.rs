@@ -112,7 +112,7 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
                 // SIGHUP: reread the trusted CAs and the revocation list.
                 match d.reload_trust() {
                     Ok(m) => tracing::info!(target: "vmrepl::daemon", "SIGHUP: {m}"),
-                    Err(e) => tracing::warn!(target: "vmrepl::daemon", "SIGHUP: {}", e.message),
+                    Err(e) => tracing::warn!(target: "vmrepl::daemon", "SIGHUP: {}", e.to_api().message),
                 }
             }
         }
@@ -209,7 +209,7 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
         },
         Request::ReplicationStatus { name } => {
             // Primary-side relationships and replica VMs alike, by VM name.
-            let mut relationships = crate::primary::statuses(host);
+            let mut relationships = crate::primary::statuses(host)?;
             relationships.extend(crate::replica::statuses(host));
             if let Some(n) = &name {
                 relationships.retain(|r| r.vm == *n);

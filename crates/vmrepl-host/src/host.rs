@@ -10,6 +10,7 @@
 use crate::config::HostConfig;
 use crate::datadir::DataDir;
 use crate::db::Db;
+use crate::error::HostError;
 use crate::locks::{unpoisoned, ReplicaLocks};
 use crate::vmm::Vmm;
 use std::collections::HashMap;
@@ -96,7 +97,7 @@ impl Host {
     pub(crate) fn change_replica_server(
         &self,
         c: vmrepl_types::api::ReplicaServerChange,
-    ) -> Result<vmrepl_types::replication::ReplicaServerSettings, ApiError> {
+    ) -> Result<vmrepl_types::replication::ReplicaServerSettings, HostError> {
         let mut cfg = self.cfg_mut();
         let mut next = cfg.clone();
         let rs = &mut next.replica_server;
@@ -111,10 +112,10 @@ impl Host {
         }
         if let Some(p) = c.default_storage {
             if !p.is_absolute() {
-                return Err(ApiError::new(
+                return Err(HostError::Api(ApiError::new(
                     ErrorCode::InvalidInput,
                     format!("Storage folder {} is not an absolute path.", p.display()),
-                ));
+                )));
             }
             rs.default_storage = Some(p);
         }
@@ -125,19 +126,19 @@ impl Host {
             entry.issuer = checked.issuer;
             entry.pin = checked.pin;
             if !entry.storage.is_absolute() {
-                return Err(ApiError::new(
+                return Err(HostError::Api(ApiError::new(
                     ErrorCode::InvalidInput,
                     format!(
                         "Storage folder {} is not an absolute path.",
                         entry.storage.display()
                     ),
-                ));
+                )));
             }
             if entry.trust_group.trim().is_empty() {
-                return Err(ApiError::new(
+                return Err(HostError::Api(ApiError::new(
                     ErrorCode::InvalidInput,
                     "The trust group is empty; name one (for example DEFAULT).",
-                ));
+                )));
             }
             rs.entries
                 .retain(|e| !e.primary.eq_ignore_ascii_case(&entry.primary));
@@ -147,10 +148,10 @@ impl Host {
             let before = rs.entries.len();
             rs.entries.retain(|e| !e.primary.eq_ignore_ascii_case(&p));
             if rs.entries.len() == before {
-                return Err(ApiError::new(
+                return Err(HostError::Api(ApiError::new(
                     ErrorCode::NotFound,
                     format!("There is no authorization entry for {p:?}."),
-                ));
+                )));
             }
         }
         for s in rs
@@ -176,7 +177,7 @@ impl Host {
 
     /// Rereads the trusted CAs (`tls/`) and the revocation list (config.toml) and puts them in
     /// force for new connections, in and out, without a restart.
-    pub(crate) fn reload_trust(&self) -> Result<String, ApiError> {
+    pub(crate) fn reload_trust(&self) -> Result<String, HostError> {
         self.identity
             .reload_trust(&crate::init::trusted_cas(&self.dd))
             .map_err(|e| {
@@ -235,17 +236,17 @@ impl Host {
         fingerprint: &str,
         reason: Option<String>,
         subject: Option<String>,
-    ) -> Result<String, ApiError> {
+    ) -> Result<String, HostError> {
         let fp = vmrepl_transport::cert::normalize_fingerprint(fingerprint)
             .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e))?;
         if fp == self.identity.fingerprint() {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::InvalidInput,
                 format!(
                     "{fp} is this host's own certificate; to retire it, issue this host a new \
                      certificate and revoke the old one on its peers"
                 ),
-            ));
+            )));
         }
         let mut cfg = self.cfg_mut();
         let mut next = cfg.clone();

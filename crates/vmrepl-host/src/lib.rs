@@ -1,23 +1,27 @@
-//! The vmrepl host: the daemon behind the CLI.
+//! The vmrepl host: the daemon behind the CLI, and the replication engine.
 //!
-//! * [`datadir`]: the host's data folder and the one-daemon-per-folder lock.
-//! * [`config`]: the TOML configuration (parse → validate → save atomically).
-//! * [`db`]: durable state in SQLite.
-//! * [`mgmt`]: the local management API (JSON lines over a Unix socket).
-//! * [`init`]: `host init` and certificate chores.
-//! * [`vmm`]: VM definition and supervision through the QEMU wrapper.
-//! * [`daemon`]: wiring and request dispatch.
-//! * [`peer`]: the peer API between hosts (mutual TLS).
-//! * [`replica`]: the replica side: replica VMs, applying received logs, recovery points.
+//! Read top-down (docs/design/architecture.md has the map and its rules):
+//! * [`daemon`]: boots the host and maps each management request to a flow; nothing imports it.
+//! * [`host`]: the context every flow receives ([`host::Host`]); it imports no flow.
+//! * [`primary`], [`replica`], [`failover`]: the flows of each role; `primary/run.rs` reads one
+//!   replication cycle top-down.
+//! * [`peer_server`]: the replica server's front door; [`peer`]: the wire (messages, client).
+//! * [`lifecycle`]: the relationship state machines, one per role; [`db`]: every table behind
+//!   typed repositories, and the only writer of a relationship's state.
+//! * [`error`]: the flows' typed error and its one mapping to API codes.
+//! * [`vmm`]: VM definitions and QEMU supervision; [`mgmt`]: the management socket;
+//!   [`config`], [`datadir`], [`init`], [`locks`], [`fsutil`]: the host's files and locks.
 
 pub mod config;
 pub mod daemon;
 pub mod datadir;
 pub mod db;
+pub mod error;
 pub mod failover;
 pub mod fsutil;
 pub mod host;
 pub mod init;
+pub mod lifecycle;
 pub mod locks;
 pub mod mgmt;
 pub mod peer;

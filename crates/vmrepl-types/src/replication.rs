@@ -47,6 +47,22 @@ impl ReplicationSettings {
     pub const MIN_FREQUENCY: u32 = 5;
     pub const MAX_RECOVERY_POINTS: u32 = 24;
 
+    /// The settings `replication enable` starts from, as Hyper-V's defaults: every 5 minutes,
+    /// the latest point only, compressed, every disk, initial replication over the network now.
+    pub fn new(replica_server: &str) -> Self {
+        ReplicationSettings {
+            replica_server: replica_server.to_string(),
+            replica_host_name: None,
+            frequency_secs: Self::DEFAULT_FREQUENCY,
+            recovery_points: 0,
+            recovery_point_interval_secs: 3600,
+            app_consistent_hours: None,
+            compression: true,
+            exclude_disks: vec![],
+            initial: InitialReplication::NetworkNow,
+        }
+    }
+
     /// Checks ranges; the error names the field, the value and the allowed range.
     pub fn validate(&self) -> Result<(), String> {
         if self.frequency_secs < Self::MIN_FREQUENCY || self.frequency_secs > 3600 {

@@ -723,7 +723,7 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
 impl SettingsArgs {
     fn into_settings(self, replica_server: &str) -> vmrepl_types::replication::ReplicationSettings {
         use vmrepl_types::replication::InitialReplication;
-        let mut settings = vmrepl_host::primary::default_settings(replica_server);
+        let mut settings = vmrepl_types::replication::ReplicationSettings::new(replica_server);
         settings.replica_host_name = self.replica_name;
         settings.frequency_secs = self.frequency;
         settings.recovery_points = self.recovery_points;

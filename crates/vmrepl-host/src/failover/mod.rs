@@ -21,21 +21,15 @@
 //!
 //! Failback is the same planned failover in the other direction.
 
+use crate::error::HostError;
 use crate::host::Host;
-use crate::peer::client::PeerClient;
-use crate::peer::proto::{PeerRequest, PeerResponse, RefusalCode};
-use crate::primary;
-use crate::replica::{self, FailoverRecord, ReplicaRow, TestFailover};
-use std::path::{Path, PathBuf};
+use crate::replica::{self};
 use std::sync::Arc;
 use std::time::Duration;
-use uuid::Uuid;
-use vmrepl_store::{PointRef, ReplicaStore, StoreError};
-use vmrepl_tracking::RelTag;
+use vmrepl_store::{ReplicaStore, StoreError};
 use vmrepl_types::api::{ApiError, ErrorCode};
-use vmrepl_types::replication::{RecoveryPointInfo, ReplicationSettings, ReplicationState};
-use vmrepl_types::vm::{NicDef, NicMode};
-use vmrepl_types::{VmDefinition, VmName};
+use vmrepl_types::replication::{RecoveryPointInfo, ReplicationState};
+use vmrepl_types::VmName;
 
 /// How long streaming a failed-over VM's disks off its recovery point may take.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
@@ -53,13 +47,13 @@ fn store_err(e: StoreError) -> ApiError {
 
 /// The replica row of the VM called `name` on this host.
 /// The recovery points of a replica VM, oldest first, the latest state last.
-pub async fn points(d: &Arc<Host>, name: &VmName) -> Result<Vec<RecoveryPointInfo>, ApiError> {
+pub async fn points(d: &Arc<Host>, name: &VmName) -> Result<Vec<RecoveryPointInfo>, HostError> {
     let row = replica::named(d, name)?;
     if row.state == ReplicationState::FailedOver {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("VM {name} has failed over and its recovery points were dropped."),
-        ));
+        )));
     }
     let lock = d.replica_locks.vm(&replica::vm_dir(&row));
     let _g = lock.lock().await;

@@ -1,13 +1,25 @@
 //! The primary's half of a planned failover: prepare (VM off, final log sent, locked) and
 //! cancel; and the answers the old primary gives the replica (`primary_state`).
 
-use super::*;
+use crate::db::ReplicaUpdate;
+use crate::error::HostError;
+use crate::failover::Refusal;
+use crate::host::Host;
+use crate::lifecycle::{PrimaryEvent, ReplicaEvent};
+use crate::peer::proto::{PeerRequest, PeerResponse, RefusalCode};
+use crate::primary;
+use crate::replica::{self};
+use std::sync::Arc;
+use uuid::Uuid;
+use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::replication::ReplicationState;
+use vmrepl_types::VmName;
 
 /// Planned failover, step 1 on the primary: the VM must be off; it is locked against starting,
 /// its last changes are shipped as a planned point, and replication waits.
-pub async fn prepare(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
+pub async fn prepare(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
     let vm = d.vmm.show(name)?.definition;
-    let rel = primary::load(d, vm.uuid).ok_or_else(|| {
+    let rel = primary::load(d, vm.uuid)?.ok_or_else(|| {
         ApiError::new(
             ErrorCode::NotFound,
             format!("VM {name} is not replicated from this host, so there is nothing to prepare; on a replica server use `vmrepl failover start`."),
@@ -20,23 +32,17 @@ pub async fn prepare(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
                 rel.acked_seq
             ))
         }
-        ReplicationState::Replicating => {}
         s => {
-            return Err(ApiError::new(
-                ErrorCode::WrongState,
-                format!("Replication of {name} is {s}; a planned failover needs it replicating (resume it or let initial replication finish first)."),
-            ))
+            crate::lifecycle::on_primary(s, &PrimaryEvent::PreparedForFailover)?;
         }
     }
     d.vmm.set_failover_lock(vm.uuid, true).await?;
     match primary::replicate_now(d, vm.uuid, vmrepl_log::Consistency::Planned).await {
-        Ok((seq, _)) if primary::load(d, vm.uuid).is_some_and(|r| r.last_error.is_none()) => {
-            primary::set_state(
-                d,
-                vm.uuid,
-                ReplicationState::SyncedReplicationComplete,
-                None,
-            );
+        Ok((seq, _)) if primary::load(d, vm.uuid)?.is_some_and(|r| r.last_error.is_none()) => {
+            if let Err(e) = primary::change(d, vm.uuid, PrimaryEvent::PreparedForFailover, None) {
+                let _ = d.vmm.set_failover_lock(vm.uuid, false).await;
+                return Err(e);
+            }
             Ok(format!(
                 "VM {name} is prepared for a planned failover: its last changes (log {seq}) are on {} and it cannot be started here. Next, on {}: `vmrepl failover start {name}`.",
                 rel.replica_name, rel.replica_name
@@ -45,33 +51,27 @@ pub async fn prepare(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
         res => {
             let why = match res {
                 Err(e) => e,
-                Ok(_) => primary::load(d, vm.uuid)
+                Ok(_) => primary::load(d, vm.uuid)?
                     .and_then(|r| r.last_error)
                     .unwrap_or_default(),
             };
             let _ = d.vmm.set_failover_lock(vm.uuid, false).await;
-            Err(ApiError::new(
+            Err(HostError::Api(ApiError::new(
                 ErrorCode::Peer,
                 format!("The last changes of {name} could not be sent to {}: {why}. Nothing changed; the VM can still start here.", rel.replica_name),
-            ))
+            )))
         }
     }
 }
 
 /// Cancels a prepare (on the primary) or a failover waiting for completion (on the replica).
-pub async fn cancel(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
-    let prepared = d
-        .vmm
-        .show(name)
-        .ok()
-        .and_then(|v| primary::load(d, v.definition.uuid));
+pub async fn cancel(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
+    let prepared = match d.vmm.show(name) {
+        Ok(v) => primary::load(d, v.definition.uuid)?,
+        Err(_) => None,
+    };
     if let Some(rel) = prepared {
-        if rel.state != ReplicationState::SyncedReplicationComplete {
-            return Err(ApiError::new(
-                ErrorCode::WrongState,
-                format!("VM {name} is not prepared for a failover (replication is {}); there is nothing to cancel.", rel.state),
-            ));
-        }
+        crate::lifecycle::on_primary(rel.state, &PrimaryEvent::PrepareCancelled)?;
         // If the replica already failed over, the VM lives there now (I6).
         if let Ok((mut c, _)) = primary::connect(d, &rel.settings).await {
             if let Ok(PeerResponse::ReplicaState {
@@ -82,14 +82,14 @@ pub async fn cancel(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
                 })
                 .await
             {
-                return Err(ApiError::new(
+                return Err(HostError::Api(ApiError::new(
                     ErrorCode::WrongState,
                     format!("{} has already failed VM {name} over; it runs there now. Fail back instead of cancelling.", rel.replica_name),
-                ));
+                )));
             }
         }
         d.vmm.set_failover_lock(rel.vm_uuid, false).await?;
-        primary::set_state(d, rel.vm_uuid, ReplicationState::Replicating, None);
+        primary::change(d, rel.vm_uuid, PrimaryEvent::PrepareCancelled, None)?;
         primary::wake(d, rel.vm_uuid);
         return Ok(format!(
             "Planned failover of {name} cancelled; the VM can start here and replication goes on."
@@ -97,24 +97,30 @@ pub async fn cancel(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
     }
     let row = replica::named(d, name)?;
     let Some(f) = row.failover.clone() else {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("VM {name} has not failed over; there is nothing to cancel."),
-        ));
+        )));
     };
     if row.state != ReplicationState::FailedOverWaitingCompletion {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("The failover of {name} is complete and cannot be cancelled any more."),
-        ));
+        )));
     }
     if d.vmm.live_process(row.vm_uuid).await.is_some() {
         d.vmm.stop(name).await?;
     }
     d.vmm.delete(name, false).await?;
     let db = d.db();
-    replica::set_failover(&db, row.vm_uuid, None, ReplicationState::Replicating)
-        .map_err(internal)?;
+    replica::change(
+        &db,
+        row.vm_uuid,
+        ReplicaEvent::FailoverCancelled,
+        None,
+        ReplicaUpdate::Failover(None),
+    )
+    .map_err(HostError::from)?;
     let _ = db.event(
         Some(row.vm_uuid),
         &format!("failover to point {} cancelled", f.point_seq),
@@ -130,9 +136,10 @@ pub async fn cancel(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
 /// `PrimaryState`: answered only to the host this one replicates the VM to.
 pub fn primary_state(d: &Host, peer: &str, vm_uuid: Uuid) -> Result<PeerResponse, Refusal> {
     let rel = primary::load(d, vm_uuid)
+        .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?
         .filter(|r| r.replica_name.eq_ignore_ascii_case(peer))
         .ok_or_else(|| {
-            (
+            Refusal::new(
                 RefusalCode::UnknownVm,
                 format!("this host does not replicate VM {vm_uuid} to {peer}"),
             )

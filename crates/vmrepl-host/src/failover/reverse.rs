@@ -2,7 +2,19 @@
 //! relationship, and the old primary takes over as its replica, keeping its disks as the
 //! base where they match the failover point (no full copy).
 
-use super::*;
+use crate::db::NewRelationship;
+use crate::error::HostError;
+use crate::host::Host;
+use crate::lifecycle::{PrimaryEvent, ReplicaEvent, ReverseStart};
+use crate::peer::proto::{PeerRequest, PeerResponse, RefusalCode};
+use crate::primary;
+use crate::replica::{self};
+use std::path::Path;
+use std::sync::Arc;
+use uuid::Uuid;
+use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::replication::{ReplicationSettings, ReplicationState};
+use vmrepl_types::{VmDefinition, VmName};
 
 /// After a failover, replicates the VM back to the old primary (which must authorize this
 /// host). Only the changes since the failover go when the old primary prepared the VM at the
@@ -11,21 +23,21 @@ pub async fn reverse(
     d: &Arc<Host>,
     name: &VmName,
     settings: ReplicationSettings,
-) -> Result<String, ApiError> {
+) -> Result<String, HostError> {
     let row = replica::named(d, name)?;
     let f = match (&row.failover, row.state) {
         (Some(f), ReplicationState::FailedOver) => f.clone(),
         (Some(_), _) => {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::WrongState,
                 format!("Complete the failover of {name} first (`vmrepl failover complete {name}`)."),
-            ))
+            )))
         }
         (None, _) => {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::WrongState,
                 format!("VM {name} has not failed over to this host; reverse replication follows a failover."),
-            ))
+            )))
         }
     };
     let mut settings = settings;
@@ -84,27 +96,27 @@ pub async fn reverse(
             } else {
                 String::new()
             };
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::Peer,
                 format!("{} refused to become the replica of {name}: {message}.{hint} Nothing was changed.", theirs.host_name),
-            ));
+            )));
         }
         other => {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::Peer,
                 format!("Unexpected answer from {}: {other:?}", theirs.host_name),
-            ))
+            )))
         }
     };
     if let Err(e) = primary::send_boot_files(&mut client, &def, &[]).await {
         tracing::warn!(target: "vmrepl::failover", vm = %name, "boot files not sent yet: {e}");
     }
-    let (state, acked) = if delta {
-        (ReplicationState::Replicating, f.point_seq)
+    let (start, acked) = if delta {
+        (ReverseStart::CommonPoint, f.point_seq)
     } else if resync {
-        (ReplicationState::Resynchronizing, 0)
+        (ReverseStart::Resynchronize, 0)
     } else {
-        (ReplicationState::WaitingForInitialReplication, 0)
+        (ReverseStart::FullCopy, 0)
     };
     let note = reason.as_ref().map(|r| {
         if resync {
@@ -118,17 +130,26 @@ pub async fn reverse(
     });
     primary::insert(
         d,
-        row.vm_uuid,
-        f.relationship,
-        &settings,
-        &theirs.host_name,
-        state,
-        acked,
-        note.as_deref(),
+        NewRelationship {
+            vm: row.vm_uuid,
+            rel_id: f.relationship,
+            settings: &settings,
+            replica_name: &theirs.host_name,
+            acked_seq: acked,
+            note: note.as_deref(),
+        },
+        PrimaryEvent::ReverseReplicationStarted { start },
     )?;
     {
         let db = d.db();
-        replica::delete(&db, row.vm_uuid).map_err(internal)?;
+        replica::change(
+            &db,
+            row.vm_uuid,
+            ReplicaEvent::ReverseReplicationStarted,
+            None,
+            crate::db::ReplicaUpdate::None,
+        )
+        .map_err(HostError::from)?;
     }
     primary::spawn(d, row.vm_uuid);
     Ok(if delta {
@@ -150,7 +171,7 @@ pub async fn reverse(
 
 // ------------------------------------------------------------------ peer side
 
-pub(crate) type Refusal = (RefusalCode, String);
+pub(crate) use crate::peer::proto::Refusal;
 
 /// Decides whether this host's copy of `vm` is the common base at `base_seq` for `peer`.
 pub fn common_base(
@@ -206,7 +227,7 @@ pub fn may_take_over(
     relationship: Option<Uuid>,
 ) -> Result<primary::Relationship, Refusal> {
     let refused = || {
-        (
+        Refusal::new(
             RefusalCode::NotAuthorized,
             format!(
                 "VM {vm_uuid} exists on this host but is not replicated to {peer} under \
@@ -216,7 +237,9 @@ pub fn may_take_over(
             ),
         )
     };
-    let rel = primary::load(d, vm_uuid).ok_or_else(refused)?;
+    let rel = primary::load(d, vm_uuid)
+        .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?
+        .ok_or_else(refused)?;
     let to_peer = vmrepl_transport::authz::normalize_host_name(&rel.replica_name)
         .ok()
         .zip(vmrepl_transport::authz::normalize_host_name(peer).ok())
@@ -261,7 +284,7 @@ pub async fn take_over_as_replica(
     };
     let rel = may_take_over(d, peer, vm.uuid, relationship)?;
     if replica::vm_running(d, vm.uuid) {
-        return Err((
+        return Err(Refusal::new(
             RefusalCode::VmRunning,
             format!(
                 "VM {} runs on this host; it cannot become a replica while it runs",
@@ -279,7 +302,7 @@ pub async fn take_over_as_replica(
         Err(why) if same_disks => (TakeOver::Diverged(why), 0),
         Err(why) => {
             // Never delete this host's disks because a peer asked: its admin decides.
-            return Err((
+            return Err(Refusal::new(
                 RefusalCode::Incompatible,
                 format!(
                     "VM {} on this host has other disks than the failed-over VM ({why}), so it \
@@ -290,13 +313,13 @@ pub async fn take_over_as_replica(
             ));
         }
     };
-    let internal = |e: String| (RefusalCode::Internal, e);
+    let internal = |e: String| Refusal::new(RefusalCode::Internal, e);
     // No cycle of the old relationship may run from here on, and nobody may start the VM.
     primary::stop_scheduler(d, vm.uuid);
     d.vmm
         .set_failover_lock(vm.uuid, true)
         .await
-        .map_err(|e| (RefusalCode::VmRunning, e.message))?;
+        .map_err(|e| Refusal::new(RefusalCode::VmRunning, e.to_api().message))?;
     let op = d.vmm.op_lock(vm.uuid).await;
     // Tracking of the old relationship ends here (its bitmaps would record forever).
     primary::end_tracking(d, &local, &rel).await.map_err(|e| {
@@ -311,14 +334,15 @@ pub async fn take_over_as_replica(
                 "cannot adopt this host's disks as the replica: {e}"
             ))
         })?;
-    primary::delete_row(d, vm.uuid);
+    primary::end(d, vm.uuid, PrimaryEvent::ReverseReplicationAccepted)
+        .map_err(|e| internal(e.to_string()))?;
     drop(op);
     // The VM now lives on the peer: drop it here (with the adoption its data lives on as the
     // replica's base, through the store's own links).
     d.vmm
         .delete(&local.name, false)
         .await
-        .map_err(|e| internal(e.message))?;
+        .map_err(|e| internal(e.to_api().message))?;
     Ok(outcome)
 }
 
@@ -331,7 +355,7 @@ mod tests {
         primary::Relationship {
             vm_uuid: Uuid::new_v4(),
             rel_id: Uuid::new_v4(),
-            settings: primary::default_settings("h:1"),
+            settings: vmrepl_types::replication::ReplicationSettings::new("h:1"),
             replica_name: "h".into(),
             state,
             acked_seq: seq,

@@ -2,7 +2,26 @@
 //! cancel. The VM boots from an overlay over the point; its disks are tracked before the
 //! first boot (I2) so reverse replication sends only what changed.
 
-use super::*;
+use crate::db::ReplicaUpdate;
+use crate::error::HostError;
+use crate::failover::internal;
+use crate::failover::store_err;
+use crate::failover::STREAM_TIMEOUT;
+use crate::host::Host;
+use crate::lifecycle::ReplicaEvent;
+use crate::peer::client::PeerClient;
+use crate::peer::proto::{PeerRequest, PeerResponse};
+use crate::primary;
+use crate::replica::{self, FailoverRecord, ReplicaRow};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use uuid::Uuid;
+use vmrepl_store::{PointRef, ReplicaStore, StoreError};
+use vmrepl_tracking::RelTag;
+use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::replication::ReplicationState;
+use vmrepl_types::vm::NicMode;
+use vmrepl_types::{VmDefinition, VmName};
 
 /// What the primary says before a failover.
 pub(crate) enum PrimaryView {
@@ -44,7 +63,7 @@ pub(crate) async fn ask_primary(d: &Host, row: &ReplicaRow) -> PrimaryView {
 }
 
 /// I7: this host must run the VM exactly as it is.
-pub(crate) fn check_runnable(d: &Host, def: &VmDefinition) -> Result<(), ApiError> {
+pub(crate) fn check_runnable(d: &Host, def: &VmDefinition) -> Result<(), HostError> {
     d.vmm.caps().check_runs(def).map_err(|why| {
         ApiError::new(
             ErrorCode::Unsupported,
@@ -54,6 +73,7 @@ pub(crate) fn check_runnable(d: &Host, def: &VmDefinition) -> Result<(), ApiErro
                 def.name
             ),
         )
+        .into()
     })
 }
 
@@ -64,23 +84,23 @@ pub(crate) fn boot_here(
     row: &ReplicaRow,
     def: &mut VmDefinition,
     dir: &Path,
-) -> Result<(), ApiError> {
+) -> Result<(), HostError> {
     use crate::peer::proto::BootFile;
     let Some(k) = def.kernel.as_mut() else {
         return Ok(());
     };
     let held = replica::vm_dir(row).join("boot");
-    let copy = |file: BootFile| -> Result<PathBuf, ApiError> {
+    let copy = |file: BootFile| -> Result<PathBuf, HostError> {
         let src = held.join(file.file_name());
         let dest = dir.join(file.file_name());
         if !src.is_file() {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::WrongState,
                 format!(
                     "VM {} boots a kernel directly, and the primary {} has not sent its {} yet (it does with its next cycle); retry then. Nothing was changed.",
                     row.name, row.primary_host, file.file_name()
                 ),
-            ));
+            )));
         }
         std::fs::copy(&src, &dest).map_err(|e| {
             ApiError::new(
@@ -114,7 +134,7 @@ pub(crate) async fn overlays(
     row: &ReplicaRow,
     point: Option<u64>,
     dest: PathBuf,
-) -> Result<vmrepl_store::Overlay, ApiError> {
+) -> Result<vmrepl_store::Overlay, HostError> {
     let root = row.storage_root.clone();
     let uuid = row.vm_uuid;
     tokio::task::spawn_blocking(move || -> Result<vmrepl_store::Overlay, StoreError> {
@@ -129,6 +149,7 @@ pub(crate) async fn overlays(
     .await
     .map_err(internal)?
     .map_err(store_err)
+    .map_err(HostError::from)
 }
 
 /// The definition of a VM built on overlays: same VM (machine type, firmware, generation
@@ -147,7 +168,7 @@ pub(crate) fn on_overlay(def: &VmDefinition, ov: &vmrepl_store::Overlay) -> VmDe
 /// Runs `f` on every disk of `def`, reached like a replication cycle reaches them: through the
 /// VM's QEMU if it runs, through qemu-storage-daemon otherwise. The caller holds the VM's
 /// operation lock (or the VM is not registered yet).
-pub(crate) async fn on_disks<F, Fut>(d: &Host, def: &VmDefinition, f: F) -> Result<(), ApiError>
+pub(crate) async fn on_disks<F, Fut>(d: &Host, def: &VmDefinition, f: F) -> Result<(), HostError>
 where
     F: FnOnce(vmrepl_qemu::QmpClient, Vec<String>) -> Fut,
     Fut: std::future::Future<Output = Result<(), vmrepl_tracking::TrackingError>>,
@@ -158,7 +179,7 @@ where
         .map_err(|e| ApiError::new(ErrorCode::Qemu, e))?;
     let r = f(ep.qmp().clone(), ids).await;
     ep.close().await;
-    r.map_err(|e| ApiError::new(ErrorCode::Qemu, e.to_string()))
+    Ok(r.map_err(|e| ApiError::new(ErrorCode::Qemu, e.to_string()))?)
 }
 
 /// Fails a replica VM over (on the replica server). Planned when the primary prepared it.
@@ -168,34 +189,34 @@ pub async fn start(
     point: Option<u64>,
     (start_vm, risk_split_brain): (bool, bool),
     network: Option<NicMode>,
-) -> Result<String, ApiError> {
+) -> Result<String, HostError> {
     let row = replica::named(d, name)?;
     if let Some(f) = &row.failover {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("VM {name} has already failed over to point {}; complete or cancel that failover first.", f.point_seq),
-        ));
+        )));
     }
     if row.last_applied == 0 {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("Initial replication of {name} is not complete; there is no recovery point to fail over to."),
-        ));
+        )));
     }
     check_runnable(d, &row.definition)?;
     // I6: one host at a time.
     let prepared = match ask_primary(d, &row).await {
         PrimaryView::Answered { running: true, .. } if !risk_split_brain => {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::WrongState,
                 format!("VM {name} is running on the primary {}. Shut it down there and run `vmrepl failover prepare {name}` for a planned failover; nothing was changed.", row.primary_host),
-            ))
+            )))
         }
         PrimaryView::Unreachable(why) if !risk_split_brain => {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::Peer,
                 format!("The primary {} cannot be asked whether VM {name} runs there ({why}). If that host is lost, repeat with --risk-split-brain: two running copies of the VM would diverge. Nothing was changed.", row.primary_host),
-            ))
+            )))
         }
         PrimaryView::Answered { prepared_seq, .. } => prepared_seq,
         PrimaryView::Unreachable(_) => None,
@@ -211,22 +232,34 @@ pub async fn start(
             tracing::warn!(target: "vmrepl::failover", vm = %row.vm_uuid, "failing over to point {point:?} although the newest log cannot be applied: {e}");
             row.last_applied
         }
-        Err(e) => return Err(unapplied(name, e)),
+        Err(e) => return Err(HostError::Api(unapplied(name, e))),
     };
     if let Some(s) = prepared {
         if last != s {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::WrongState,
                 format!("The primary prepared {name} at log {s} but this replica holds log {last}; wait for the primary to finish sending and retry. Nothing was changed."),
-            ));
+            )));
         }
         if point.is_some_and(|p| p != s) {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::InvalidInput,
                 format!("A planned failover goes to the prepared point {s}; drop --point."),
-            ));
+            )));
         }
     }
+    // The replica's state after that apply pass decides whether this failover may start.
+    let state = d
+        .db()
+        .replica(row.vm_uuid)
+        .map_err(HostError::db("reading the replica"))?
+        .map_or(row.state, |r| r.state);
+    crate::lifecycle::on_replica(
+        state,
+        &ReplicaEvent::FailoverStarted {
+            planned: prepared.is_some(),
+        },
+    )?;
     let rel_id = Uuid::new_v4();
     let vm_dir = d.vmm.default_storage().join(row.vm_uuid.to_string());
     let ov = overlays(&row, point, vm_dir.clone()).await?;
@@ -271,14 +304,16 @@ pub async fn start(
         relationship: rel_id,
     };
     drop(ov);
-    let state = if planned {
-        ReplicationState::FailedOver
-    } else {
-        ReplicationState::FailedOverWaitingCompletion
-    };
     {
         let db = d.db();
-        replica::set_failover(&db, row.vm_uuid, Some(&record), state).map_err(internal)?;
+        replica::change(
+            &db,
+            row.vm_uuid,
+            ReplicaEvent::FailoverStarted { planned },
+            None,
+            ReplicaUpdate::Failover(Some(&record)),
+        )
+        .map_err(HostError::from)?;
         let _ = db.event(
             Some(row.vm_uuid),
             &format!(
@@ -329,16 +364,16 @@ pub(crate) async fn drop_store(row: &ReplicaRow) {
 
 /// Completes an unplanned failover: the VM's disks leave the recovery point (streamed into
 /// their own images, live if it runs) and the other points are dropped for good.
-pub async fn complete(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
+pub async fn complete(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
     let row = replica::named(d, name)?;
     match (&row.failover, row.state) {
         (Some(_), ReplicationState::FailedOverWaitingCompletion) => {}
         (Some(_), _) => return Ok(format!("The failover of {name} is already complete.")),
         (None, _) => {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::WrongState,
                 format!("VM {name} has not failed over; there is nothing to complete (`vmrepl failover start {name}` first)."),
-            ))
+            )))
         }
     }
     let def = d.vmm.definition(row.vm_uuid).ok_or_else(|| {
@@ -359,13 +394,14 @@ pub async fn complete(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> 
     let _g = lock.lock().await;
     drop_store(&row).await;
     let db = d.db();
-    replica::set_failover(
+    replica::change(
         &db,
         row.vm_uuid,
-        row.failover.as_ref(),
-        ReplicationState::FailedOver,
+        ReplicaEvent::FailoverCompleted,
+        None,
+        ReplicaUpdate::None,
     )
-    .map_err(internal)?;
+    .map_err(HostError::from)?;
     let _ = db.event(
         Some(row.vm_uuid),
         "failover completed; other recovery points dropped",

@@ -1,7 +1,21 @@
 //! Test failover: a throw-away VM on an overlay over a recovery point, on its own test
 //! network, while replication goes on; stop-test deletes it.
 
-use super::*;
+use crate::error::HostError;
+use crate::failover::boot_here;
+use crate::failover::check_runnable;
+use crate::failover::internal;
+use crate::failover::on_overlay;
+use crate::failover::overlays;
+use crate::failover::remove_files;
+use crate::failover::unapplied;
+use crate::host::Host;
+use crate::replica::{self, TestFailover};
+use std::sync::Arc;
+use uuid::Uuid;
+use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::vm::{NicDef, NicMode};
+use vmrepl_types::VmName;
 
 /// Test failover: a VM "NAME - Test" on throwaway overlays of a point, adapters not connected
 /// unless a test network is given. Replication goes on; the point stays until it is stopped.
@@ -10,25 +24,25 @@ pub async fn test(
     name: &VmName,
     point: Option<u64>,
     test_network: Option<NicMode>,
-) -> Result<String, ApiError> {
+) -> Result<String, HostError> {
     let row = replica::named(d, name)?;
     if let Some(t) = &row.test_failover {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::AlreadyExists,
             format!("A test failover of {name} runs already as VM {:?}; stop it with `vmrepl failover stop-test {name}` first.", t.name),
-        ));
+        )));
     }
     if row.failover.is_some() {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("VM {name} has failed over; test failover is for a replica."),
-        ));
+        )));
     }
     if row.last_applied == 0 {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("Initial replication of {name} is not complete; there is no point to test."),
-        ));
+        )));
     }
     check_runnable(d, &row.definition)?;
     let test_name = VmName::new(&vmrepl_types::name::with_suffix(&row.name, " - Test"))
@@ -39,7 +53,7 @@ pub async fn test(
     if let Err(e) = replica::apply_and_record(d, &row).await {
         // Only an explicit older point may be tested while the newest state is not whole.
         if point.is_none_or(|p| p > row.last_applied) {
-            return Err(unapplied(name, e));
+            return Err(HostError::Api(unapplied(name, e)));
         }
     }
     let dir = d.vmm.default_storage().join(uuid.to_string());
@@ -80,7 +94,8 @@ pub async fn test(
         point_seq: ov.point.seq,
     };
     let db = d.db();
-    replica::set_test_failover(&db, row.vm_uuid, Some(&t)).map_err(internal)?;
+    db.set_test_failover(row.vm_uuid, Some(&t))
+        .map_err(internal)?;
     let _ = db.event(
         Some(row.vm_uuid),
         &format!("test failover to point {} as {:?}", t.point_seq, t.name),
@@ -95,13 +110,13 @@ pub async fn test(
 }
 
 /// Stops a test failover: the test VM and everything it wrote are deleted.
-pub async fn stop_test(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
+pub async fn stop_test(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
     let row = replica::named(d, name)?;
     let Some(t) = row.test_failover.clone() else {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("No test failover of {name} runs."),
-        ));
+        )));
     };
     let test_name = VmName::new(&t.name).map_err(internal)?;
     if d.vmm.show(&test_name).is_ok() {
@@ -112,7 +127,7 @@ pub async fn stop_test(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError>
     }
     let _ = std::fs::remove_dir(d.vmm.default_storage().join(t.vm_uuid.to_string()));
     let db = d.db();
-    replica::set_test_failover(&db, row.vm_uuid, None).map_err(internal)?;
+    db.set_test_failover(row.vm_uuid, None).map_err(internal)?;
     let _ = db.event(Some(row.vm_uuid), "test failover stopped");
     Ok(format!(
         "Test failover of {name} stopped; VM {:?} and what it wrote are deleted.",

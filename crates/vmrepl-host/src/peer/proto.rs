@@ -76,6 +76,32 @@ pub struct PointPolicy {
     pub interval_secs: u32,
 }
 
+/// A replica server's refusal of a request: its code and a sentence for the primary's admin.
+/// Flows that answer peers return it; the peer server sends it as [`PeerResponse::Refused`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: RefusalCode,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: RefusalCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Refusal> for PeerResponse {
+    fn from(r: Refusal) -> Self {
+        PeerResponse::Refused {
+            code: r.code,
+            message: r.message,
+        }
+    }
+}
+
 /// A request from a primary (the TLS client) to a replica server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]

@@ -2,7 +2,16 @@
 //! entry (its verified certificate name, issuer and pin), and a request about a replica VM
 //! must come from the primary that owns it; what a primary sends must fit this host.
 
-use super::*;
+use super::Refusal;
+use crate::host::Host;
+use crate::peer::proto::{PointPolicy, RefusalCode, NVRAM_DISK_ID};
+use crate::peer_server::refuse;
+use crate::peer_server::PEER;
+use crate::replica::ReplicaRow;
+use std::path::Path;
+use uuid::Uuid;
+use vmrepl_transport::authz::{Authorization, Grant};
+use vmrepl_types::VmDefinition;
 
 /// Longest recovery-point interval a primary may ask for (a week).
 pub(super) const MAX_POINT_INTERVAL_SECS: u32 = 7 * 86400;
@@ -51,7 +60,8 @@ pub(super) fn authorize(daemon: &Host) -> Result<Grant, Refusal> {
 
 pub(super) fn lookup(daemon: &Host, vm_uuid: Uuid) -> Result<Option<ReplicaRow>, Refusal> {
     let db = daemon.db();
-    replica::get(&db, vm_uuid).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))
+    db.replica(vm_uuid)
+        .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))
 }
 
 /// The replica of `vm_uuid`, if the (authorized) primary may act on it.

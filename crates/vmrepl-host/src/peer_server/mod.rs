@@ -8,21 +8,12 @@
 //! logged with the peer host and the reason. Nothing received touches a replica image before it
 //! is durable and verified (I4); see [`crate::replica`] for applying.
 
-use crate::db::now_ms;
 use crate::host::Host;
-use crate::peer::proto::{
-    PeerRequest, PeerResponse, PointPolicy, RefusalCode, Resume, NVRAM_DISK_ID,
-};
-use crate::replica::{self, ReplicaRow};
-use std::path::{Path, PathBuf};
+use crate::peer::proto::{PeerRequest, PeerResponse, RefusalCode};
+use crate::replica::{self};
 use std::sync::Arc;
-use tokio::io::AsyncWriteExt;
-use uuid::Uuid;
-use vmrepl_transport::authz::{Authorization, Grant};
-use vmrepl_transport::frame::{self, Frame, FrameError, Framed};
+use vmrepl_transport::frame::{self, FrameError, Framed};
 use vmrepl_transport::tls::{PeerIdentity, TlsStream};
-use vmrepl_types::replication::ReplicationState;
-use vmrepl_types::VmDefinition;
 const T: &str = "vmrepl::peer";
 
 /// Serves peer connections until the task is aborted.
@@ -58,25 +49,10 @@ pub async fn serve(listener: Arc<vmrepl_transport::tls::Listener>, daemon: Arc<H
     }
 }
 
-struct Refusal {
-    code: RefusalCode,
-    message: String,
-}
+pub(crate) use crate::peer::proto::Refusal;
 
 fn refuse(code: RefusalCode, message: impl Into<String>) -> Refusal {
-    Refusal {
-        code,
-        message: message.into(),
-    }
-}
-
-impl From<Refusal> for PeerResponse {
-    fn from(r: Refusal) -> Self {
-        PeerResponse::Refused {
-            code: r.code,
-            message: r.message,
-        }
-    }
+    Refusal::new(code, message)
 }
 
 type Conn = Framed<TlsStream>;
@@ -226,7 +202,7 @@ async fn handle(
         PeerRequest::Hello { .. } => unreachable!("handled by the caller"),
         PeerRequest::BlockDigests { vm_uuid } => block_digests(daemon, peer, vm_uuid).await,
         PeerRequest::PrimaryState { vm_uuid } => {
-            crate::failover::primary_state(daemon, peer, vm_uuid).map_err(|(c, m)| refuse(c, m))
+            crate::failover::primary_state(daemon, peer, vm_uuid)
         }
         PeerRequest::ReverseReplica {
             vm,
@@ -285,7 +261,7 @@ async fn handle(
             .and_then(|g| own_replica(daemon, peer, &g, vm_uuid))
             .and_then(|_| {
                 let db = daemon.db();
-                replica::set_policy(&db, vm_uuid, &policy)
+                db.set_replica_policy(vm_uuid, &policy)
                     .map(|()| PeerResponse::Ok)
                     .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))
             }),

@@ -1,7 +1,26 @@
 //! The replica VM's lifecycle as a primary drives it: create (empty, from an existing copy,
 //! or by reverse replication), its state and block digests, and removal.
 
-use super::*;
+use super::Refusal;
+use crate::db::now_ms;
+use crate::host::Host;
+use crate::lifecycle::ReplicaEvent;
+use crate::peer::proto::{PeerResponse, PointPolicy, RefusalCode, Resume};
+use crate::peer_server::authorize;
+use crate::peer_server::check_definition;
+use crate::peer_server::check_policy;
+use crate::peer_server::check_vm;
+use crate::peer_server::existing_replica;
+use crate::peer_server::live_replica;
+use crate::peer_server::own_replica;
+use crate::peer_server::refuse;
+use crate::peer_server::T;
+use crate::replica::{self, ReplicaRow};
+use std::sync::Arc;
+use uuid::Uuid;
+use vmrepl_transport::authz::Grant;
+use vmrepl_types::replication::ReplicationState;
+use vmrepl_types::VmDefinition;
 
 /// The old primary's side of reverse replication (see `crate::failover`).
 pub(super) async fn reverse_replica(
@@ -31,8 +50,7 @@ pub(super) async fn reverse_replica(
         &grant.storage,
         base_seq,
     )
-    .await
-    .map_err(|(c, m)| refuse(c, m))?;
+    .await?;
     use crate::failover::TakeOver;
     let adopted = match &base {
         TakeOver::Common => Some(base_seq),
@@ -86,9 +104,7 @@ pub(super) async fn from_existing_copy(
         return Ok(PeerResponse::Ok); // the copy was taken already
     }
     check_definition(daemon, &vm)?;
-    replica::adopt_existing_copy(daemon, peer, &vm, &grant.storage)
-        .await
-        .map_err(|(c, m)| refuse(c, m))?;
+    replica::adopt_existing_copy(daemon, peer, &vm, &grant.storage).await?;
     create_replica(
         daemon,
         peer,
@@ -189,9 +205,12 @@ pub(super) async fn create_replica(
     };
     let db = daemon.db();
     let mut row = row;
-    row.name = replica::unique_name(&db, &row.name, uuid)
+    row.name = db
+        .unique_replica_name(&row.name, uuid)
         .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
-    replica::insert(&db, &row).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+    let holds_point = adopted.is_some_and(|seq| seq > 0);
+    db.insert_replica(&row, &ReplicaEvent::ReplicaCreated { holds_point })
+        .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
     let _ = db.event(
         Some(uuid),
         &format!("replica of {} created for primary {peer}", row.name),
@@ -311,7 +330,14 @@ pub(super) async fn remove_replica(
     let _g = lock.lock().await;
     {
         let db = daemon.db();
-        replica::delete(&db, vm_uuid).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+        replica::change(
+            &db,
+            vm_uuid,
+            ReplicaEvent::Removed,
+            None,
+            crate::db::ReplicaUpdate::None,
+        )
+        .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
         let _ = db.event(
             Some(vm_uuid),
             &format!(

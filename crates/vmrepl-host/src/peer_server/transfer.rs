@@ -1,7 +1,20 @@
 //! The data plane: boot files and logs arrive as frames, go to the spool while a verifier
 //! thread checks them, and are acknowledged only once durable and verified (I4).
 
-use super::*;
+use super::Refusal;
+use crate::host::Host;
+use crate::peer::proto::{PeerResponse, RefusalCode, Resume};
+use crate::peer_server::free_bytes;
+use crate::peer_server::live_replica;
+use crate::peer_server::refuse;
+use crate::peer_server::Conn;
+use crate::peer_server::T;
+use crate::replica::{self, ReplicaRow};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use uuid::Uuid;
+use vmrepl_transport::frame::{self, Frame, FrameError};
 
 /// Receives a boot file of a replica VM into its store (`boot/`), verified by size and
 /// BLAKE3 before it replaces the one kept there. No lock is held while the bytes arrive.
@@ -222,11 +235,12 @@ pub(super) async fn send_log(
             row.name
         );
         let db = daemon.db();
-        let _ = replica::record_error(
+        let _ = replica::change(
             &db,
             vm_uuid,
-            ReplicationState::ResynchronizationRequired,
-            &msg,
+            crate::lifecycle::ReplicaEvent::OutOfOrderRefused,
+            Some(&msg),
+            crate::db::ReplicaUpdate::None,
         );
         return Ok(Some(refuse(RefusalCode::OutOfOrder, msg).into()));
     }
@@ -304,7 +318,7 @@ pub(super) async fn send_log(
     }
     {
         let db = daemon.db();
-        let _ = replica::record_received(&db, vm_uuid, received);
+        let _ = db.record_received(vm_uuid, received);
     }
     drop(g);
     tracing::info!(target: T, peer, vm = %vm_uuid, seq, bytes = received, receive_ms,

@@ -18,6 +18,11 @@ impl Done {
     }
 }
 
+/// How a cycle's error starts when the replica refused its log as out of order.
+pub(crate) const OUT_OF_ORDER: &str = "the replica refused the log as out of order";
+/// How a cycle's error starts when the replica holds another log than this host expects.
+pub(crate) const REPLICA_ELSEWHERE: &str = "the replica has applied log";
+
 #[derive(Debug)]
 pub(crate) enum CycleError {
     Network(String),
@@ -31,9 +36,7 @@ pub(crate) fn classify(e: crate::peer::client::PeerError) -> CycleError {
         PeerError::Refused {
             code: RefusalCode::OutOfOrder,
             message,
-        } => CycleError::Resync(format!(
-            "the replica refused the log as out of order: {message}"
-        )),
+        } => CycleError::Resync(format!("{OUT_OF_ORDER}: {message}")),
         PeerError::Connect { .. } => CycleError::Network(e.to_string()),
         other => CycleError::Other(other.to_string()),
     }
@@ -115,8 +118,8 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
     }
 
     /// The initial copy: log 1, the whole of every disk as of one instant, with bitmap 1
-    /// recording from that instant on. (The caller records the relationship's state: in
-    /// progress before, waiting again after a failure.)
+    /// recording from that instant on. (The caller raises the relationship's events: the
+    /// initial replication started before, the cycle's failure after.)
     pub(crate) async fn initial(&mut self) -> Result<Done, CycleError> {
         let (nodes, tag) = (self.endpoint, self.tag);
         // Start clean: no bitmap of this relationship may linger from an earlier attempt.
@@ -204,6 +207,8 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
         match res {
             Ok(done) => Ok(done),
             Err(e) => {
+                // The cycle's failure (raised by the caller) takes the relationship back to
+                // waiting for initial replication.
                 let _ = nodes.stop_tracking(tag, &self.nodes(), None).await;
                 Err(e)
             }
@@ -307,7 +312,7 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
         };
         if replica_applied != n {
             return Err(CycleError::Resync(format!(
-                "the replica has applied log {replica_applied} but this host expected {n}"
+                "{REPLICA_ELSEWHERE} {replica_applied} but this host expected {n}"
             )));
         }
         let frozen = self.freeze_guest().await;

@@ -2,9 +2,12 @@
 //! of the VM, boot files, and the export folder of an initial copy sent out of band.
 
 use super::*;
+use crate::db::NewRelationship;
+use crate::error::HostError;
+use crate::lifecycle::PrimaryEvent;
 
 /// Splits `host:port` and gives the name the replica's certificate must carry.
-pub(crate) fn replica_target(s: &ReplicationSettings) -> Result<(String, String), ApiError> {
+pub(crate) fn replica_target(s: &ReplicationSettings) -> Result<(String, String), HostError> {
     let (host, port) = s.replica_server.rsplit_once(':').ok_or_else(|| {
         ApiError::new(
             ErrorCode::InvalidInput,
@@ -31,7 +34,7 @@ pub(crate) async fn connect(
     d: &Host,
     s: &ReplicationSettings,
 ) -> Result<(PeerClient, vmrepl_types::HostInfo), String> {
-    let (addr, name) = replica_target(s).map_err(|e| e.message)?;
+    let (addr, name) = replica_target(s).map_err(|e| e.to_api().message)?;
     PeerClient::connect(&d.identity, d.vmm.caps(), &addr, &name)
         .await
         .map_err(|e| e.to_string())
@@ -66,7 +69,7 @@ pub async fn enable(
     d: &Arc<Host>,
     name: &VmName,
     settings: ReplicationSettings,
-) -> Result<String, ApiError> {
+) -> Result<String, HostError> {
     settings.validate().map_err(|m| {
         ApiError::new(
             ErrorCode::InvalidInput,
@@ -74,15 +77,15 @@ pub async fn enable(
         )
     })?;
     let vm = d.vmm.show(name)?.definition;
-    if load(d, vm.uuid).is_some() {
-        return Err(ApiError::new(
+    if load(d, vm.uuid)?.is_some() {
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::AlreadyExists,
             format!("Replication is already enabled for VM {name}; `vmrepl replication status {name}` shows it, `replication remove` removes it."),
-        ));
+        )));
     }
     for x in &settings.exclude_disks {
         if vm.disk(x).is_none() {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::InvalidInput,
                 format!(
                     "VM {name} has no disk {x:?} to exclude; its disks are {}.",
@@ -92,24 +95,24 @@ pub async fn enable(
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
-            ));
+            )));
         }
     }
     if replicated_disks(&vm, &settings).is_empty() {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::InvalidInput,
             format!("VM {name} would replicate no disk; exclude fewer."),
-        ));
+        )));
     }
     match &settings.initial {
         InitialReplication::NetworkNow => {}
         InitialReplication::NetworkAt { unix_secs } => {
             let now = now_ms() / 1000;
             if *unix_secs > now + 7 * 86400 {
-                return Err(ApiError::new(
+                return Err(HostError::Api(ApiError::new(
                     ErrorCode::InvalidInput,
                     "Initial replication can be scheduled at most 7 days ahead (as in Hyper-V).",
-                ));
+                )));
             }
         }
         InitialReplication::Export { folder } => check_export_folder(folder)?,
@@ -117,20 +120,20 @@ pub async fn enable(
     }
     let (mut client, theirs) = reach_replica(d, &settings, &vm).await?;
     let replica_vm = replica_view(&vm, &settings);
-    let ask = |r: PeerResponse, what: &str| -> Result<(), ApiError> {
+    let ask = |r: PeerResponse, what: &str| -> Result<(), HostError> {
         match r {
             PeerResponse::Ok => Ok(()),
-            PeerResponse::Refused { message, .. } => Err(ApiError::new(
+            PeerResponse::Refused { message, .. } => Err(HostError::Api(ApiError::new(
                 ErrorCode::Peer,
                 format!(
                     "The replica server {} refused to {what}: {message}",
                     theirs.host_name
                 ),
-            )),
-            other => Err(ApiError::new(
+            ))),
+            other => Err(HostError::Api(ApiError::new(
                 ErrorCode::Peer,
                 format!("Unexpected answer from the replica server: {other:?}"),
-            )),
+            ))),
         }
     };
     let r = client
@@ -168,28 +171,25 @@ pub async fn enable(
     }
     // An existing copy on the replica is brought to this VM's state by block compare: the
     // resynchronization algorithm, from sequence 0.
-    let (state, note) = match &settings.initial {
-        InitialReplication::NetworkAt { .. } => {
-            (ReplicationState::ReadyForInitialReplication, None)
-        }
-        InitialReplication::ExistingCopy => (
-            ReplicationState::Resynchronizing,
-            Some(format!(
-                "Initial replication from the existing copy on {}: only the blocks that differ are sent.",
-                theirs.host_name
-            )),
-        ),
-        _ => (ReplicationState::WaitingForInitialReplication, None),
-    };
+    let note = matches!(settings.initial, InitialReplication::ExistingCopy).then(|| {
+        format!(
+            "Initial replication from the existing copy on {}: only the blocks that differ are sent.",
+            theirs.host_name
+        )
+    });
     insert(
         d,
-        vm.uuid,
-        rel_id,
-        &settings,
-        &theirs.host_name,
-        state,
-        0,
-        note.as_deref(),
+        NewRelationship {
+            vm: vm.uuid,
+            rel_id,
+            settings: &settings,
+            replica_name: &theirs.host_name,
+            acked_seq: 0,
+            note: note.as_deref(),
+        },
+        PrimaryEvent::Enabled {
+            initial: (&settings.initial).into(),
+        },
     )?;
     spawn(d, vm.uuid);
     Ok(format!(
@@ -220,7 +220,7 @@ pub(crate) async fn reach_replica(
     d: &Host,
     settings: &ReplicationSettings,
     vm: &VmDefinition,
-) -> Result<(PeerClient, vmrepl_types::HostInfo), ApiError> {
+) -> Result<(PeerClient, vmrepl_types::HostInfo), HostError> {
     let (client, theirs) = connect(d, settings).await.map_err(|e| {
         ApiError::new(
             ErrorCode::Peer,
@@ -325,19 +325,19 @@ pub fn export_file(folder: &Path, name: &VmName) -> PathBuf {
 }
 
 /// An export folder must be an existing, writable directory given by an absolute path.
-pub(crate) fn check_export_folder(folder: &Path) -> Result<(), ApiError> {
+pub(crate) fn check_export_folder(folder: &Path) -> Result<(), HostError> {
     let bad = |why: String| ApiError::new(ErrorCode::InvalidInput, why);
     if !folder.is_absolute() {
-        return Err(bad(format!(
+        return Err(HostError::Api(bad(format!(
             "The export folder {} is not an absolute path.",
             folder.display()
-        )));
+        ))));
     }
     if !folder.is_dir() {
-        return Err(bad(format!(
+        return Err(HostError::Api(bad(format!(
             "The export folder {} does not exist or is not a folder; create it (for example on the external disk) first.",
             folder.display()
-        )));
+        ))));
     }
     let probe = folder.join(format!(".vmrepl-probe-{}", std::process::id()));
     std::fs::write(&probe, b"").map_err(|e| {
@@ -356,9 +356,9 @@ mod tests {
 
     #[test]
     fn replica_targets_need_a_port_and_default_to_the_host_part_as_name() {
-        let s = default_settings("hostb.example:7443");
+        let s = ReplicationSettings::new("hostb.example:7443");
         assert_eq!(replica_target(&s).unwrap().1, "hostb.example");
-        assert!(replica_target(&default_settings("nohost")).is_err());
-        assert!(replica_target(&default_settings("h:xx")).is_err());
+        assert!(replica_target(&ReplicationSettings::new("nohost")).is_err());
+        assert!(replica_target(&ReplicationSettings::new("h:xx")).is_err());
     }
 }

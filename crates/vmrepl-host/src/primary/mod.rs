@@ -26,7 +26,6 @@ use crate::db::now_ms;
 use crate::host::{Host, RelRuntime};
 use crate::peer::client::{LogGrowth, PeerClient};
 use crate::peer::proto::{PeerRequest, PeerResponse, PointPolicy, RefusalCode, Resume};
-use rusqlite::{params, OptionalExtension};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

@@ -2,21 +2,17 @@
 //! resynchronization) and remove.
 
 use super::*;
+use crate::error::HostError;
+use crate::lifecycle::PrimaryEvent;
 
 /// Pauses (Suspend-VMReplication): no cycles until resumed; tracking continues.
-pub fn pause(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
+pub fn pause(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
     let vm = d.vmm.show(name)?.definition;
-    let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
-    if rel.state == ReplicationState::SyncedReplicationComplete {
-        return Err(ApiError::new(
-            ErrorCode::WrongState,
-            format!("VM {name} is prepared for a planned failover; `vmrepl failover cancel {name}` ends that first."),
-        ));
-    }
+    let rel = load(d, vm.uuid)?.ok_or_else(|| not_enabled(name))?;
     if rel.state == ReplicationState::Suspended {
         return Ok(format!("Replication of {name} is already paused."));
     }
-    set_state(d, vm.uuid, ReplicationState::Suspended, None);
+    change(d, vm.uuid, PrimaryEvent::Paused, None)?;
     wake(d, vm.uuid);
     Ok(format!(
         "Replication of {name} paused; changes are still tracked and go out when it resumes."
@@ -25,14 +21,14 @@ pub fn pause(d: &Arc<Host>, name: &VmName) -> Result<String, ApiError> {
 
 /// Replicates now, outside the schedule (and counts no missed cycle); with `app_consistent`
 /// the guest is frozen through its agent for the point. Says which point was made.
-pub async fn now(d: &Arc<Host>, name: &VmName, app_consistent: bool) -> Result<String, ApiError> {
+pub async fn now(d: &Arc<Host>, name: &VmName, app_consistent: bool) -> Result<String, HostError> {
     let vm = d.vmm.show(name)?.definition;
-    let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
+    let rel = load(d, vm.uuid)?.ok_or_else(|| not_enabled(name))?;
     if rel.state != ReplicationState::Replicating {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("Replication of {name} is {}; replicating now needs it replicating (initial replication done, not paused, no resynchronization pending).", rel.state),
-        ));
+        )));
     }
     let consistency = if app_consistent {
         vmrepl_log::Consistency::AppConsistent
@@ -61,39 +57,16 @@ pub async fn now(d: &Arc<Host>, name: &VmName, app_consistent: bool) -> Result<S
 }
 
 /// Resumes a paused relationship, or resynchronizes one (Resume-VMReplication -Resynchronize).
-pub fn resume(d: &Arc<Host>, name: &VmName, resynchronize: bool) -> Result<String, ApiError> {
+pub fn resume(d: &Arc<Host>, name: &VmName, resynchronize: bool) -> Result<String, HostError> {
     let vm = d.vmm.show(name)?.definition;
-    let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
+    let rel = load(d, vm.uuid)?.ok_or_else(|| not_enabled(name))?;
     if resynchronize {
-        let ok = rel.acked_seq > 0
-            && matches!(
-                rel.state,
-                ReplicationState::ResynchronizationRequired
-                    | ReplicationState::Suspended
-                    | ReplicationState::Resynchronizing
-            );
-        if !ok {
-            return Err(ApiError::new(
-                ErrorCode::WrongState,
-                format!("Replication of {name} is {}; resynchronization is for a relationship that requires it (or is paused) after its initial replication.", rel.state),
-            ));
-        }
-        set_state(d, vm.uuid, ReplicationState::Resynchronizing, None);
+        change(d, vm.uuid, PrimaryEvent::ResynchronizationRequested, None)?;
         wake(d, vm.uuid);
         return Ok(format!("Resynchronization of {name} started; `vmrepl replication status {name}` shows its progress."));
     }
-    if rel.state != ReplicationState::Suspended {
-        return Err(ApiError::new(
-            ErrorCode::WrongState,
-            format!("Replication of {name} is {}, not paused.", rel.state),
-        ));
-    }
-    let st = if rel.acked_seq == 0 {
-        ReplicationState::WaitingForInitialReplication
-    } else {
-        ReplicationState::Replicating
-    };
-    set_state(d, vm.uuid, st, None);
+    let initial_done = rel.acked_seq > 0;
+    change(d, vm.uuid, PrimaryEvent::Resumed { initial_done }, None)?;
     wake(d, vm.uuid);
     Ok(format!("Replication of {name} resumed."))
 }
@@ -104,9 +77,11 @@ pub async fn remove(
     d: &Arc<Host>,
     name: &VmName,
     delete_replica: bool,
-) -> Result<String, ApiError> {
+) -> Result<String, HostError> {
     let vm = d.vmm.show(name)?.definition;
-    let rel = load(d, vm.uuid).ok_or_else(|| not_enabled(name))?;
+    let rel = load(d, vm.uuid)?.ok_or_else(|| not_enabled(name))?;
+    // Asked of the state machine before anything is undone (the row goes at the end).
+    crate::lifecycle::on_primary(rel.state, &PrimaryEvent::Removed)?;
     stop_scheduler(d, vm.uuid);
     let _op = d.vmm.op_lock(vm.uuid).await;
     let replica_note = match connect(d, &rel.settings).await {
@@ -141,12 +116,7 @@ pub async fn remove(
         Ok(()) => String::new(),
         Err(e) => format!("; its change-tracking bitmaps could not be removed ({e})"),
     };
-    let db = d.db();
-    let _ = db.conn().execute(
-        "DELETE FROM relationships WHERE vm_uuid = ?1",
-        params![vm.uuid.to_string()],
-    );
-    let _ = db.event(Some(vm.uuid), "replication removed");
+    end(d, vm.uuid, PrimaryEvent::Removed)?;
     Ok(format!(
         "Replication of {name} removed; {replica_note}{tracking_note}."
     ))
@@ -170,6 +140,8 @@ pub(crate) async fn end_tracking(
     r.map_err(|e| e.to_string())
 }
 
-pub(crate) fn not_enabled(name: &VmName) -> ApiError {
-    ApiError::new(ErrorCode::NotFound, format!("Replication is not enabled for VM {name}; enable it with `vmrepl replication enable {name} --replica-server HOST:PORT`."))
+pub(crate) fn not_enabled(name: &VmName) -> HostError {
+    HostError::NotEnabled {
+        vm: name.to_string(),
+    }
 }

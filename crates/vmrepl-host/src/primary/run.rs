@@ -2,6 +2,18 @@
 //! and what its outcome records.
 
 use super::*;
+use crate::db::CycleRecord;
+use crate::lifecycle::{CycleKind, PrimaryEvent};
+
+/// The event a cycle that found resynchronization required raises: the replica refused the
+/// log as out of order, or this host's change tracking cannot be trusted.
+fn resync_event(message: &str) -> PrimaryEvent {
+    if message.starts_with(OUT_OF_ORDER) || message.starts_with(REPLICA_ELSEWHERE) {
+        PrimaryEvent::OutOfOrderRefused
+    } else {
+        PrimaryEvent::TrackingLost
+    }
+}
 
 pub(crate) fn log_path(d: &Host, rel: RelTag, seq: u64) -> PathBuf {
     log_file(&d.dd.staging(), rel, seq)
@@ -23,7 +35,7 @@ pub(crate) async fn run_cycle(
     if rt.stop.load(std::sync::atomic::Ordering::SeqCst) {
         return Ok(None);
     }
-    let Some(rel) = load(d, vm_uuid) else {
+    let Some(rel) = load(d, vm_uuid).map_err(|e| e.to_string())? else {
         return Ok(None);
     };
     if rel.state == ReplicationState::SyncedReplicationComplete {
@@ -47,35 +59,47 @@ pub(crate) async fn run_cycle(
     );
     let resync = rel.state == ReplicationState::Resynchronizing;
     let kind = if initial {
-        "initial"
+        CycleKind::Initial
     } else if resync {
-        "resync"
+        CycleKind::Resync
     } else {
-        "delta"
+        CycleKind::Delta
     };
+    let recorded = match kind {
+        CycleKind::Initial => RecordedKind::Initial,
+        CycleKind::Resync => RecordedKind::Resync,
+        CycleKind::Delta => RecordedKind::Delta,
+    };
+    fn cycle_record<'e>(
+        (vm, start): (Uuid, u64),
+        seq: u64,
+        kind: RecordedKind,
+        bytes: u64,
+        outcome: CycleOutcome,
+        error: Option<&'e str>,
+    ) -> CycleRecord<'e> {
+        CycleRecord {
+            vm,
+            seq,
+            kind,
+            start_ms: start,
+            bytes,
+            outcome,
+            error,
+        }
+    }
+    let me = (vm_uuid, start);
     let fail = |msg: String, network: bool| {
+        let outcome = if network {
+            CycleOutcome::NetworkFailure
+        } else {
+            CycleOutcome::Failure
+        };
         record_cycle(
             d,
-            vm_uuid,
-            rel.acked_seq + 1,
-            kind,
-            start,
-            0,
-            if network {
-                "network-failure"
-            } else {
-                "failure"
-            },
-            Some(&msg),
+            cycle_record(me, rel.acked_seq + 1, recorded, 0, outcome, Some(&msg)),
         );
-        let st = if initial {
-            rel.state
-        } else if resync {
-            ReplicationState::ResynchronizationRequired
-        } else {
-            ReplicationState::Replicating
-        };
-        set_state(d, vm_uuid, st, Some(&msg));
+        happened(d, vm_uuid, PrimaryEvent::CycleFailed { kind }, Some(&msg));
         msg
     };
     let (client, _theirs) = match connect(d, &rel.settings).await {
@@ -92,7 +116,9 @@ pub(crate) async fn run_cycle(
     };
     let exported = initial
         && matches!(rel.settings.initial, InitialReplication::Export { .. })
-        && last_marked_ms(d, vm_uuid, rel.created_ms, Marked::Exported).is_some();
+        && last_marked_ms(d, vm_uuid, rel.created_ms, Marked::Exported)
+            .map_err(|e| fail(e.to_string(), false))?
+            .is_some();
     if exported {
         // The initial copy went out on external media: wait until the replica imported it.
         // Bitmap 1 has recorded every change since the export's point in time.
@@ -120,22 +146,12 @@ pub(crate) async fn run_cycle(
         app_freeze: None,
     };
     let result = if initial {
-        set_state(
-            d,
-            vm_uuid,
-            ReplicationState::InitialReplicationInProgress,
-            None,
-        );
-        let r = cycle.initial().await;
-        if r.is_err() {
-            set_state(
-                d,
-                vm_uuid,
-                ReplicationState::WaitingForInitialReplication,
-                None,
-            );
+        // The state machine takes the relationship to "in progress" before anything is
+        // staged; the cycle's failure (below) takes it back to waiting.
+        match change(d, vm_uuid, PrimaryEvent::InitialReplicationStarted, None) {
+            Ok(_) => cycle.initial().await,
+            Err(e) => Err(CycleError::Other(e.to_string())),
         }
-        r
     } else if resync {
         cycle.resync().await.map(Done::acked)
     } else {
@@ -147,13 +163,11 @@ pub(crate) async fn run_cycle(
     let outcome = match result {
         Ok(Done::Exported { bytes }) => {
             // Log 1 is on the media, not acknowledged: the replica has yet to import it.
-            record_cycle(d, vm_uuid, 1, "export", start, bytes, "ok", None);
-            set_state(
+            record_cycle(
                 d,
-                vm_uuid,
-                ReplicationState::WaitingForInitialReplication,
-                None,
+                cycle_record(me, 1, RecordedKind::Export, bytes, CycleOutcome::Ok, None),
             );
+            happened(d, vm_uuid, PrimaryEvent::InitialCopyExported, None);
             if let InitialReplication::Export { folder } = &rel.settings.initial {
                 set_note(d, vm_uuid, Some(&format!(
                     "The initial copy was exported to {}; import it on {} with `vmrepl replication import {} --from FILE`.",
@@ -165,27 +179,26 @@ pub(crate) async fn run_cycle(
             Ok(())
         }
         Ok(Done::Acked { seq, bytes }) => {
-            record_cycle(d, vm_uuid, seq, kind, start, bytes, "ok", None);
-            record_success(d, vm_uuid, seq, ReplicationState::Replicating);
+            record_cycle(
+                d,
+                cycle_record(me, seq, recorded, bytes, CycleOutcome::Ok, None),
+            );
+            let _ = acknowledged(d, vm_uuid, PrimaryEvent::CycleAcknowledged { kind }, seq);
             Ok(())
         }
         Err(CycleError::Resync(m)) => {
             record_cycle(
                 d,
-                vm_uuid,
-                rel.acked_seq + 1,
-                kind,
-                start,
-                0,
-                "failure",
-                Some(&m),
+                cycle_record(
+                    me,
+                    rel.acked_seq + 1,
+                    recorded,
+                    0,
+                    CycleOutcome::Failure,
+                    Some(&m),
+                ),
             );
-            set_state(
-                d,
-                vm_uuid,
-                ReplicationState::ResynchronizationRequired,
-                Some(&m),
-            );
+            happened(d, vm_uuid, resync_event(&m), Some(&m));
             Err(m)
         }
         Err(CycleError::Network(m)) => Err(fail(m, true)),
@@ -212,8 +225,19 @@ pub(crate) async fn await_import(
         .map_err(|e| e.to_string())?
     {
         PeerResponse::ReplicaState { last_applied, .. } if last_applied >= 1 => {
-            record_cycle(d, vm, 1, "import", start, 0, "ok", None);
-            record_success(d, vm, 1, ReplicationState::Replicating);
+            record_cycle(
+                d,
+                CycleRecord {
+                    vm,
+                    seq: 1,
+                    kind: RecordedKind::Import,
+                    start_ms: start,
+                    bytes: 0,
+                    outcome: CycleOutcome::Ok,
+                    error: None,
+                },
+            );
+            acknowledged(d, vm, PrimaryEvent::InitialCopyImported, 1).map_err(|e| e.to_string())?;
             set_note(d, vm, None);
             let _ = d.db().event(
                 Some(vm),
@@ -277,7 +301,7 @@ mod tests {
 
     #[test]
     fn an_app_consistent_point_is_due_every_n_hours_for_a_running_replicating_vm() {
-        let mut s = default_settings("127.0.0.2:7443");
+        let mut s = ReplicationSettings::new("127.0.0.2:7443");
         let h = 3_600_000;
         let now = 100 * h;
         let rep = ReplicationState::Replicating;

@@ -25,21 +25,39 @@ pub(crate) async fn replicate_now(
         .cloned()
         .unwrap_or_default();
     for _ in 0..3 {
-        let rel = load(d, vm).ok_or("replication was removed")?;
+        let rel = load(d, vm)
+            .map_err(|e| e.to_string())?
+            .ok_or("replication was removed")?;
         let waiting = log_path(d, RelTag::from_uuid(&rel.rel_id), rel.acked_seq + 1).exists();
         let freeze = run_cycle(d, vm, &rt, consistency).await?;
         *crate::locks::unpoisoned(&rt.progress) = None;
         if !waiting {
-            return Ok((load(d, vm).map(|r| r.acked_seq).unwrap_or_default(), freeze));
+            let acked = load(d, vm).map_err(|e| e.to_string())?;
+            return Ok((acked.map(|r| r.acked_seq).unwrap_or_default(), freeze));
         }
     }
     Err("a cut transfer kept failing to resume".into())
 }
 
-/// Starts the scheduler of every stored relationship (daemon start).
+/// Starts the scheduler of every stored relationship (daemon start). A cycle that was running
+/// when the daemon stopped did not finish: the restart is an event of each relationship
+/// (an initial copy that was cut starts over).
 pub fn start_all(d: &Arc<Host>) {
-    for vm in all_vm_uuids(d) {
-        spawn(d, vm);
+    let rels = match all(d) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(target: "vmrepl::replication", "no relationship is started: {e}");
+            return;
+        }
+    };
+    for rel in rels {
+        happened(
+            d,
+            rel.vm_uuid,
+            crate::lifecycle::PrimaryEvent::DaemonRestarted,
+            None,
+        );
+        spawn(d, rel.vm_uuid);
     }
 }
 
@@ -56,7 +74,16 @@ pub(crate) async fn scheduler(d: Arc<Host>, vm: Uuid, rt: Arc<RelRuntime>) {
         if rt.stop.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        let Some(rel) = load(&d, vm) else { return };
+        let rel = match load(&d, vm) {
+            Ok(Some(rel)) => rel,
+            Ok(None) => return,
+            Err(e) => {
+                // The database failed: the relationship is still there, try again later.
+                tracing::error!(target: "vmrepl::replication", %vm, "{e}");
+                let _ = tokio::time::timeout(Duration::from_secs(5), rt.wake.notified()).await;
+                continue;
+            }
+        };
         let freq_ms = u64::from(rel.settings.frequency_secs) * 1000;
         let wait_ms = match rel.state {
             ReplicationState::Suspended
@@ -99,13 +126,15 @@ pub(crate) async fn scheduler(d: Arc<Host>, vm: Uuid, rt: Arc<RelRuntime>) {
             for _ in 1..missed {
                 record_cycle(
                     &d,
-                    vm,
-                    rel.acked_seq + 1,
-                    "delta",
-                    now_ms(),
-                    0,
-                    "missed",
-                    None,
+                    crate::db::CycleRecord {
+                        vm,
+                        seq: rel.acked_seq + 1,
+                        kind: RecordedKind::Delta,
+                        start_ms: now_ms(),
+                        bytes: 0,
+                        outcome: CycleOutcome::Missed,
+                        error: None,
+                    },
                 );
             }
         }
@@ -116,7 +145,10 @@ pub(crate) async fn scheduler(d: Arc<Host>, vm: Uuid, rt: Arc<RelRuntime>) {
             &rel.settings,
             rel.state,
             running,
-            last_marked_ms(&d, vm, rel.created_ms, Marked::AppFreezeTried),
+            last_marked_ms(&d, vm, rel.created_ms, Marked::AppFreezeTried).unwrap_or_else(|e| {
+                tracing::warn!(target: "vmrepl::replication", %vm, "{e}");
+                None
+            }),
             start,
         ) {
             vmrepl_log::Consistency::AppConsistent

@@ -1,47 +1,51 @@
 //! Status, statistics and health of the primary's relationships, by Hyper-V's rules.
 
 use super::*;
+use crate::error::HostError;
 
 /// Hyper-V's statistics over the monitoring window, counting only this relationship's cycles
 /// (a VM that failed over and back has had several) and only what crossed the network: an
 /// initial copy exported to media and imported on the replica is recorded, but it is not a
 /// replication cycle (no bytes sent, no latency).
-pub(crate) fn stats(d: &Host, vm: Uuid, rel_created_ms: u64) -> ReplicationStats {
+pub(crate) fn stats(
+    d: &Host,
+    vm: Uuid,
+    rel_created_ms: u64,
+) -> Result<ReplicationStats, HostError> {
     let since = now_ms()
         .saturating_sub(MONITORING_WINDOW_MS)
-        .max(rel_created_ms) as i64;
-    let db = d.db();
+        .max(rel_created_ms);
+    let cycles = d
+        .db()
+        .cycles_since(vm, since)
+        .map_err(HostError::db("reading the cycle record"))?;
+    Ok(stats_of(&cycles))
+}
+
+/// Hyper-V's statistics of these cycles.
+pub(crate) fn stats_of(cycles: &[crate::db::CycleSample]) -> ReplicationStats {
     let mut s = ReplicationStats::default();
     let mut lat_total = 0.0;
-    if let Ok(mut st) = db.conn().prepare(
-        "SELECT outcome, bytes, duration_ms, start_ms, app_freeze_ok FROM cycles WHERE vm_uuid = ?1 AND start_ms >= ?2 AND kind NOT IN ('export', 'import')",
-    ) {
-        let rows = st.query_map(params![vm.to_string(), since], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?, r.get::<_, Option<bool>>(4)?))
-        });
-        if let Ok(rows) = rows {
-            for (outcome, bytes, dur, start, frozen) in rows.flatten() {
-                if frozen == Some(false) {
-                    s.app_consistent_failure_count += 1;
-                }
-                match outcome.as_str() {
-                    "ok" => {
-                        s.success_count += 1;
-                        s.total_bytes += bytes as u64;
-                        s.max_bytes = s.max_bytes.max(bytes as u64);
-                        let secs = dur as f64 / 1000.0;
-                        lat_total += secs;
-                        s.max_latency_secs = s.max_latency_secs.max(secs);
-                        s.last_replication_unix = Some((start as u64 + dur as u64) / 1000);
-                    }
-                    "missed" => s.miss_count += 1,
-                    "network-failure" => {
-                        s.failure_count += 1;
-                        s.network_failure_count += 1;
-                    }
-                    _ => s.failure_count += 1,
-                }
+    for c in cycles {
+        if c.app_freeze_ok == Some(false) {
+            s.app_consistent_failure_count += 1;
+        }
+        match c.outcome {
+            CycleOutcome::Ok => {
+                s.success_count += 1;
+                s.total_bytes += c.bytes;
+                s.max_bytes = s.max_bytes.max(c.bytes);
+                let secs = c.duration_ms as f64 / 1000.0;
+                lat_total += secs;
+                s.max_latency_secs = s.max_latency_secs.max(secs);
+                s.last_replication_unix = Some((c.start_ms + c.duration_ms) / 1000);
             }
+            CycleOutcome::Missed => s.miss_count += 1,
+            CycleOutcome::NetworkFailure => {
+                s.failure_count += 1;
+                s.network_failure_count += 1;
+            }
+            CycleOutcome::Failure => s.failure_count += 1,
         }
     }
     if s.success_count > 0 {
@@ -103,25 +107,19 @@ pub fn health(
 }
 
 /// Status of one or all relationships on this host (primary side).
-pub fn statuses(d: &Host) -> Vec<ReplicationStatus> {
+pub fn statuses(d: &Host) -> Result<Vec<ReplicationStatus>, HostError> {
     let mut out = Vec::new();
-    for vm in all_vm_uuids(d) {
-        let Some(rel) = load(d, vm) else { continue };
+    for rel in all(d)? {
+        let vm = rel.vm_uuid;
         let Some(def) = d.vmm.definition(vm) else {
             continue;
         };
-        let st = stats(d, vm, rel.created_ms);
-        let last_failed = {
-            let db = d.db();
-            db.conn()
-                .query_row(
-                    "SELECT outcome FROM cycles WHERE vm_uuid = ?1 AND outcome != 'missed' ORDER BY id DESC LIMIT 1",
-                    params![vm.to_string()],
-                    |r| r.get::<_, String>(0),
-                )
-                .map(|o| o != "ok")
-                .unwrap_or(false)
-        };
+        let st = stats(d, vm, rel.created_ms)?;
+        let last_failed = d
+            .db()
+            .last_outcome(vm)
+            .map_err(HostError::db("reading the cycle record"))?
+            .is_some_and(|o| o != CycleOutcome::Ok);
         let (health, details) = health(&rel, &st, last_failed);
         let progress = crate::locks::unpoisoned(&d.repl.rels)
             .get(&vm)
@@ -150,22 +148,7 @@ pub fn statuses(d: &Host) -> Vec<ReplicationStatus> {
             stats: st,
         });
     }
-    out
-}
-
-/// Replication settings from the CLI's defaults.
-pub fn default_settings(replica_server: &str) -> ReplicationSettings {
-    ReplicationSettings {
-        replica_server: replica_server.to_string(),
-        replica_host_name: None,
-        frequency_secs: ReplicationSettings::DEFAULT_FREQUENCY,
-        recovery_points: 0,
-        recovery_point_interval_secs: 3600,
-        app_consistent_hours: None,
-        compression: true,
-        exclude_disks: vec![],
-        initial: InitialReplication::NetworkNow,
-    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -176,7 +159,7 @@ mod tests {
         Relationship {
             vm_uuid: Uuid::new_v4(),
             rel_id: Uuid::new_v4(),
-            settings: default_settings("h:1"),
+            settings: ReplicationSettings::new("h:1"),
             replica_name: "h".into(),
             state,
             acked_seq: 3,

@@ -1,7 +1,22 @@
 //! Disks a replica did not receive as logs: an initial copy imported from an export, an
 //! existing copy the admin designated, and the disks of an old primary taking over as replica.
 
-use super::*;
+use crate::db::now_ms;
+use crate::db::ReplicaRow;
+use crate::error::HostError;
+use crate::host::Host;
+use crate::peer::proto::{Refusal, RefusalCode};
+use crate::replica::accept_spooled;
+use crate::replica::apply_and_record;
+use crate::replica::named;
+use crate::replica::vm_dir;
+use crate::replica::Unaccepted;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use uuid::Uuid;
+use vmrepl_store::ReplicaStore;
+use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::VmDefinition;
 
 /// Whether a VM with this uuid runs on this host (a normal VM in the `vms` table).
 pub fn vm_running(daemon: &Host, vm_uuid: Uuid) -> bool {
@@ -100,7 +115,7 @@ pub fn accept_copy(
     name: &vmrepl_types::VmName,
     primary: &str,
     withdraw: bool,
-) -> Result<String, ApiError> {
+) -> Result<String, HostError> {
     let primary = vmrepl_transport::authz::normalize_host_name(primary).map_err(|e| {
         ApiError::new(
             ErrorCode::InvalidInput,
@@ -109,7 +124,11 @@ pub fn accept_copy(
     })?;
     let vm = d.vmm.show(name)?;
     let uuid = vm.definition.uuid;
-    let replicated = crate::primary::load(d, uuid).is_some();
+    let replicated = d
+        .db()
+        .relationship(uuid)
+        .map_err(HostError::db("reading the relationships"))?
+        .is_some();
     let db = d.db();
     let sql = |e: rusqlite::Error| ApiError::new(ErrorCode::Internal, e.to_string());
     if withdraw {
@@ -131,10 +150,10 @@ pub fn accept_copy(
         });
     }
     if replicated {
-        return Err(ApiError::new(
+        return Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("VM {name} is itself replicated; remove its replication first (`vmrepl replication remove {name}`)."),
-        ));
+        )));
     }
     db.conn()
         .execute(
@@ -161,11 +180,11 @@ pub(crate) fn designated_copy(
     d: &Host,
     peer: &str,
     vm: &VmDefinition,
-) -> Result<VmDefinition, (RefusalCode, String)> {
+) -> Result<VmDefinition, Refusal> {
     let host = d.cfg().host_name.clone();
     let peer_norm = vmrepl_transport::authz::normalize_host_name(peer).unwrap_or_default();
     let refused = || {
-        (
+        Refusal::new(
             RefusalCode::NotAuthorized,
             format!(
                 "no VM on {host} is designated as the existing copy of {} for {peer}; the admin \
@@ -191,7 +210,7 @@ pub(crate) fn designated_copy(
         return Err(refused());
     }
     if !local.state.is_stopped() {
-        return Err((
+        return Err(Refusal::new(
             RefusalCode::VmRunning,
             format!(
                 "the existing copy {} on {host} is {}; shut it down first",
@@ -211,11 +230,15 @@ pub async fn adopt_existing_copy(
     peer: &str,
     vm: &VmDefinition,
     storage_root: &Path,
-) -> Result<(), (RefusalCode, String)> {
+) -> Result<(), Refusal> {
     let host = d.cfg().host_name.clone();
     let local = designated_copy(d, peer, vm)?;
-    if crate::primary::load(d, local.uuid).is_some() {
-        return Err((
+    if d.db()
+        .relationship(local.uuid)
+        .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?
+        .is_some()
+    {
+        return Err(Refusal::new(
             RefusalCode::Conflict,
             format!(
                 "VM {} on {host} is itself replicated; remove its replication before using it as an existing copy",
@@ -224,7 +247,7 @@ pub async fn adopt_existing_copy(
         ));
     }
     if let Some(why) = existing_copy_mismatch(&local, vm) {
-        return Err((
+        return Err(Refusal::new(
             RefusalCode::Incompatible,
             format!(
                 "VM {} on {host} cannot be the existing copy: {why}",
@@ -235,11 +258,11 @@ pub async fn adopt_existing_copy(
     d.vmm
         .set_failover_lock(local.uuid, true)
         .await
-        .map_err(|e| (RefusalCode::VmRunning, e.message))?;
+        .map_err(|e| Refusal::new(RefusalCode::VmRunning, e.to_api().message))?;
     if let Err(e) = adopt_disks(&local, vm, storage_root, 0).await {
         // Nothing was taken: the copy stays a VM of this host, free to start again.
         let _ = d.vmm.set_failover_lock(local.uuid, false).await;
-        return Err((
+        return Err(Refusal::new(
             RefusalCode::Internal,
             format!("cannot take the disks of {} as the replica: {e}", vm.name),
         ));
@@ -249,7 +272,7 @@ pub async fn adopt_existing_copy(
     d.vmm
         .delete(&vm.name, true)
         .await
-        .map_err(|e| (RefusalCode::Internal, e.message))?;
+        .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_api().message))?;
     for x in local.disks.iter().filter(|x| vm.disk(&x.id).is_some()) {
         let _ = std::fs::remove_file(&x.path);
     }
@@ -278,14 +301,14 @@ pub async fn import_initial(
     d: &Arc<Host>,
     name: &vmrepl_types::VmName,
     from: &Path,
-) -> Result<String, ApiError> {
+) -> Result<String, HostError> {
     let e = |code: ErrorCode, m: String| ApiError::new(code, m);
     let row = named(d, name)?;
     if row.failover.is_some() {
-        return Err(e(
+        return Err(HostError::Api(e(
             ErrorCode::WrongState,
             format!("The replica of {name} has failed over; it takes no initial copy."),
-        ));
+        )));
     }
     let file = if from.is_dir() {
         from.join(format!("{name}.vmrlog"))
@@ -313,21 +336,21 @@ pub async fn import_initial(
         )
     })?;
     if last >= 1 {
-        return Err(e(
+        return Err(HostError::Api(e(
             ErrorCode::WrongState,
             format!("The replica of {name} already holds its initial copy (log {last} applied); nothing was imported."),
-        ));
+        )));
     }
     let free = vmrepl_store::spool::free_bytes(&dir).unwrap_or(u64::MAX);
     if free < size.saturating_add(vmrepl_store::SPACE_HEADROOM) {
-        return Err(e(
+        return Err(HostError::Api(e(
             ErrorCode::Internal,
             format!(
                 "The replica storage {} has {free} bytes free; importing {} needs {size} bytes and more to apply it. Free some space and import again.",
                 dir.display(),
                 file.display()
             ),
-        ));
+        )));
     }
     let unusable = |why: String| {
         e(
@@ -356,13 +379,13 @@ pub async fn import_initial(
             })
     };
     if let Err(why) = authorized {
-        return Err(e(
+        return Err(HostError::Api(e(
             ErrorCode::WrongState,
             format!(
                 "The primary {} of {name} is not authorized on this host any more ({why}); nothing was imported. Authorize it again (`vmrepl replication server authorize`) or remove the replica.",
                 row.primary_host
             ),
-        ));
+        )));
     }
     // Only the very file the primary announced (over TLS) is imported: media can be altered
     // or forged on the way, and a forged log can be valid.
@@ -410,17 +433,17 @@ pub async fn import_initial(
     // From here on exactly as a log that came over the network.
     match accept_spooled(&row, 1, 0, Some(vmrepl_log::LogKind::Initial), None).await {
         Ok(()) => {}
-        Err(Unaccepted::Bad(why)) => return Err(unusable(why)),
+        Err(Unaccepted::Bad(why)) => return Err(HostError::Api(unusable(why))),
         Err(Unaccepted::NotDurable(why)) => {
-            return Err(e(
+            return Err(HostError::Api(e(
                 ErrorCode::Internal,
                 format!("The initial copy of {name} could not be made durable: {why}."),
-            ))
+            )))
         }
     }
     {
         let db = d.db();
-        let _ = record_received(&db, row.vm_uuid, size);
+        let _ = db.record_received(row.vm_uuid, size);
         let _ = db.event(
             Some(row.vm_uuid),
             &format!("initial copy of {name} imported from {}", file.display()),

@@ -1,7 +1,18 @@
 //! Applying verified logs to the replica store, in order, and keeping the recovery points
 //! the policy asks for; at daemon start, re-applying what was received but not applied (I3).
 
-use super::*;
+use crate::db::now_ms;
+use crate::db::ReplicaRow;
+use crate::db::ReplicaUpdate;
+use crate::host::Host;
+use crate::lifecycle::ReplicaEvent;
+use crate::peer::proto::{PointPolicy, MAX_NVRAM_BYTES, NVRAM_DISK_ID};
+use crate::replica::change;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use uuid::Uuid;
+use vmrepl_store::{ReplicaStore, ReplicaVm, StoreError};
+use vmrepl_types::replication::{Consistency, ReplicationState};
 
 /// The folder of a replica VM.
 pub fn vm_dir(row: &ReplicaRow) -> PathBuf {
@@ -289,7 +300,7 @@ pub(crate) async fn apply_with(
     let policy = row.policy;
     let last_point_ms = row.last_point_ms;
     let test_point = row.test_failover.as_ref().map(|t| t.point_seq);
-    let res = tokio::task::spawn_blocking(move || -> Result<(u64, bool), ApplyError> {
+    let res = tokio::task::spawn_blocking(move || -> Result<(u64, bool, bool), ApplyError> {
         let mut vm = ReplicaStore::open(&root, uuid)?;
         // A running test failover pins its point (and everything below) against pruning.
         let _pins: Vec<vmrepl_store::PointLock> = test_point
@@ -310,26 +321,33 @@ pub(crate) async fn apply_with(
             }
             _ => false,
         };
-        applied.map(|_| (vm.last_applied(), frozen))
+        applied.map(|list| (vm.last_applied(), frozen, !list.is_empty()))
     })
     .await
     .map_err(|e| ApplyError::Task(e.to_string()))?;
     let db = daemon.db();
     match res {
-        Ok((last, frozen)) => {
-            let state = if last == 0 {
-                ReplicationState::WaitingForInitialReplication
+        Ok((last, frozen, any)) => {
+            let event = if any {
+                ReplicaEvent::LogApplied
             } else {
-                ReplicationState::Replicating
+                ReplicaEvent::NoLogPending {
+                    initial_done: last > 0,
+                }
             };
-            if let Err(e) = record_applied(&db, uuid, last, frozen, None, state) {
-                tracing::error!(target: "vmrepl::replica", vm = %uuid, "cannot record: {e}");
-            }
+            let update = ReplicaUpdate::Applied {
+                last,
+                new_point: frozen,
+            };
+            let _ = change(&db, uuid, event, None, update);
             Ok(last)
         }
         Err(e) => {
             tracing::error!(target: "vmrepl::replica", vm = %uuid, "apply failed: {e}");
-            let _ = record_error(&db, uuid, e.state(), &e.to_string());
+            let event = ReplicaEvent::ApplyFailed {
+                needs_resync: e.state() == ReplicationState::ResynchronizationRequired,
+            };
+            let _ = change(&db, uuid, event, Some(&e.to_string()), ReplicaUpdate::None);
             Err(e)
         }
     }
@@ -340,7 +358,7 @@ pub(crate) async fn apply_with(
 pub async fn recover(daemon: &Arc<Host>) {
     let rows = {
         let db = daemon.db();
-        list(&db).unwrap_or_else(|e| {
+        db.replicas().unwrap_or_else(|e| {
             tracing::error!(target: "vmrepl::replica", "cannot list replicas: {e}");
             Vec::new()
         })

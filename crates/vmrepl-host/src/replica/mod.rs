@@ -8,30 +8,20 @@
 //! At daemon start call [`recover`]: it re-applies every durable, verified log that was received
 //! but not applied (a crash during apply is repaired by applying the same log again, I3).
 
-use crate::db::{now_ms, Db};
-use crate::host::Host;
-use crate::peer::proto::{PointPolicy, RefusalCode, MAX_NVRAM_BYTES, NVRAM_DISK_ID};
-use rusqlite::{params, OptionalExtension};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use uuid::Uuid;
-use vmrepl_store::{ReplicaStore, ReplicaVm, StoreError};
-use vmrepl_types::api::{ApiError, ErrorCode};
-use vmrepl_types::replication::{
-    Consistency, Health, ReplicationState, ReplicationStats, ReplicationStatus, Role,
-};
-use vmrepl_types::VmDefinition;
+pub use crate::db::{FailoverRecord, ReplicaRow, TestFailover};
 
 mod adopt;
 mod apply;
+mod lookup;
 mod networks;
 mod receive;
-mod rows;
+mod state;
 mod status;
 
 pub use adopt::*;
 pub use apply::*;
+pub(crate) use lookup::*;
 pub use networks::*;
 pub use receive::*;
-pub use rows::*;
+pub(crate) use state::*;
 pub use status::*;

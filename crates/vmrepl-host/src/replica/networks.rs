@@ -1,7 +1,13 @@
 //! The networks a replica VM's adapters join when it fails over or runs a test failover
 //! (`vmrepl replication network`).
 
-use super::*;
+use crate::db::Db;
+use crate::db::ReplicaRow;
+use crate::error::HostError;
+use crate::host::Host;
+use crate::replica::named;
+use rusqlite::params;
+use vmrepl_types::api::{ApiError, ErrorCode};
 
 /// The networks each adapter of a replica joins on failover and test failover, as this
 /// host's admin set them; an adapter nobody set is not connected.
@@ -40,20 +46,20 @@ pub fn set_networks(
     adapter: Option<usize>,
     failover: Option<vmrepl_types::NicMode>,
     test: Option<vmrepl_types::NicMode>,
-) -> Result<Vec<vmrepl_types::api::AdapterNetwork>, ApiError> {
+) -> Result<Vec<vmrepl_types::api::AdapterNetwork>, HostError> {
     let row = named(d, name)?;
     let db = d.db();
     let mut nets = networks(&db, &row);
     if let Some(a) = adapter {
         if a >= nets.len() {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::InvalidInput,
                 format!(
                     "VM {name} has {} network adapters (0 to {}); there is no adapter {a}.",
                     nets.len(),
                     nets.len().saturating_sub(1)
                 ),
-            ));
+            )));
         }
     }
     if failover.is_none() && test.is_none() {

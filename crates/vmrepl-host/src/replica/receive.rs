@@ -1,7 +1,10 @@
 //! What arrives from the primary before it is applied: spooled logs accepted once verified,
 //! and the boot files (UEFI variables) with their digests.
 
-use super::*;
+use crate::db::ReplicaRow;
+use crate::replica::check_header;
+use crate::replica::vm_dir;
+use std::path::Path;
 
 /// Why a spooled log was not accepted.
 #[derive(Debug)]

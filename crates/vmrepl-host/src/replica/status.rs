@@ -1,6 +1,11 @@
 //! Status and health of the replica VMs this host keeps, by Hyper-V's rules.
 
-use super::*;
+use crate::db::now_ms;
+use crate::db::ReplicaRow;
+use crate::host::Host;
+use vmrepl_types::replication::{
+    Health, ReplicationState, ReplicationStats, ReplicationStatus, Role,
+};
 
 /// How long without a received log before a replica's health is Warning (Hyper-V: 1 h).
 pub const RECEIVE_WARNING_MS: u64 = 3600 * 1000;
@@ -66,7 +71,7 @@ pub(crate) fn failover_note(r: &ReplicaRow) -> Option<String> {
 pub fn statuses(daemon: &Host) -> Vec<ReplicationStatus> {
     let rows = {
         let db = daemon.db();
-        list(&db).unwrap_or_default()
+        db.replicas().unwrap_or_default()
     };
     let me = daemon
         .cfg

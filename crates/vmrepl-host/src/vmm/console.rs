@@ -1,7 +1,12 @@
 //! The VM console: the serial log a VM writes, read from its tail and rotated when it
 //! grows past its limit.
 
-use super::*;
+use crate::error::HostError;
+use crate::vmm::Vmm;
+use std::path::PathBuf;
+use std::time::Duration;
+use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::VmName;
 
 /// What `vm console` returns without `--tail`: the last 64 KiB of the serial log.
 pub const CONSOLE_TAIL_DEFAULT: u64 = 64 << 10;
@@ -65,13 +70,13 @@ pub fn rotate_serial_log(log: &std::path::Path, over: u64, keep: u64) -> std::io
 impl Vmm {
     /// The last `tail` bytes of the serial console log of the current run (default
     /// [`CONSOLE_TAIL_DEFAULT`], at most [`CONSOLE_TAIL_MAX`]). Only those bytes are read.
-    pub fn console(&self, name: &VmName, tail: Option<u64>) -> Result<String, ApiError> {
+    pub fn console(&self, name: &VmName, tail: Option<u64>) -> Result<String, HostError> {
         let tail = tail.unwrap_or(CONSOLE_TAIL_DEFAULT);
         if tail > CONSOLE_TAIL_MAX {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::InvalidInput,
                 format!("--tail {tail} is more than the limit of {CONSOLE_TAIL_MAX} bytes (16 MiB); ask for less (older output is in serial.log.1 in the VM's run folder)."),
-            ));
+            )));
         }
         let row = self.row(name)?;
         let p = self.run_paths(row.definition.uuid).serial_log;

@@ -1,11 +1,21 @@
 //! Defining VMs: machine types this QEMU runs, storage folders, and creating a VM with its
 //! disks and firmware files.
 
-use super::*;
+use crate::error::HostError;
+use crate::vmm::db_err;
+use crate::vmm::Vmm;
+use crate::vmm::MAX_DISKS;
+use std::path::PathBuf;
+use uuid::Uuid;
+use vmrepl_types::api::{ApiError, CreateVm, DiskSpec, ErrorCode, VmSummary};
+use vmrepl_types::vm::FirmwareVariantId;
+use vmrepl_types::{
+    ConfigVersion, DirectKernel, DiskDef, Generation, NicDef, VmDefinition, VmName,
+};
 
 impl Vmm {
     /// Resolves a machine type request to a versioned name this host's QEMU runs.
-    pub fn resolve_machine(&self, gen: Generation, req: Option<&str>) -> Result<String, ApiError> {
+    pub fn resolve_machine(&self, gen: Generation, req: Option<&str>) -> Result<String, HostError> {
         let wanted = req.unwrap_or(match gen {
             Generation::Bios => "pc",
             Generation::Uefi => "q35",
@@ -19,7 +29,7 @@ impl Vmm {
                 .iter()
                 .filter(|m| m.starts_with(gen.machine_family()))
                 .collect();
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::Unsupported,
                 format!(
                     "Machine type {wanted:?} is unknown to this host's QEMU {}; use one of: {}",
@@ -30,21 +40,21 @@ impl Vmm {
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
-            ));
+            )));
         }
         // Either PC chipset runs either firmware; other boards (microvm, isapc) run neither.
         if !(resolved.starts_with("pc-i440fx") || resolved.starts_with("pc-q35")) {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::Unsupported,
                 format!(
                     "Machine type {resolved} is not a PC machine type; use pc-i440fx-* or pc-q35-*"
                 ),
-            ));
+            )));
         }
         Ok(resolved)
     }
 
-    fn storage_folder(&self, folder: Option<&PathBuf>) -> Result<PathBuf, ApiError> {
+    fn storage_folder(&self, folder: Option<&PathBuf>) -> Result<PathBuf, HostError> {
         match folder {
             None => Ok(self.cfg.storage[0].clone()),
             Some(f) => {
@@ -58,14 +68,14 @@ impl Vmm {
                 if ok {
                     Ok(n.expect("checked"))
                 } else {
-                    Err(ApiError::new(
+                    Err(HostError::Api(ApiError::new(
                         ErrorCode::InvalidInput,
                         format!(
                             "Folder {} is not one of this host's storage folders ({}); add it to `storage` in config.toml or pick one of those.",
                             f.display(),
                             self.cfg.storage.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
                         ),
-                    ))
+                    )))
                 }
             }
         }
@@ -73,7 +83,7 @@ impl Vmm {
 
     /// Defines a VM: validates everything first, then creates disks and NVRAM, then records it.
     /// On any failure, what was created is removed again.
-    pub async fn create(&self, c: CreateVm) -> Result<VmSummary, ApiError> {
+    pub async fn create(&self, c: CreateVm) -> Result<VmSummary, HostError> {
         let name = VmName::new(&c.name)
             .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
         if self
@@ -82,34 +92,34 @@ impl Vmm {
             .map_err(db_err)?
             .is_some()
         {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::AlreadyExists,
                 format!("A VM named {name:?} already exists on this host; pick another name or delete it first."),
-            ));
+            )));
         }
         if c.vcpus == 0 || c.vcpus > 64 {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::InvalidInput,
                 format!("{} vCPUs asked; use 1 to 64.", c.vcpus),
-            ));
+            )));
         }
         if c.memory_mib < 32 || c.memory_mib > 1 << 20 {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::InvalidInput,
                 format!("{} MiB of memory asked; use 32 MiB to 1 TiB.", c.memory_mib),
-            ));
+            )));
         }
         if c.disks.len() > MAX_DISKS {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::InvalidInput,
                 format!(
                     "{} disks asked; a VM has at most {MAX_DISKS}.",
                     c.disks.len()
                 ),
-            ));
+            )));
         }
         if c.secure_boot && c.generation == Generation::Bios {
-            return Err(ApiError::new(ErrorCode::InvalidInput, "Secure Boot needs a generation 2 (UEFI) VM; drop --secure-boot or use --generation 2."));
+            return Err(HostError::Api(ApiError::new(ErrorCode::InvalidInput, "Secure Boot needs a generation 2 (UEFI) VM; drop --secure-boot or use --generation 2.")));
         }
         let firmware = vmrepl_types::api::firmware_for(c.generation, c.secure_boot);
         let fw = self.caps.firmware(firmware).cloned().ok_or_else(|| {
@@ -121,20 +131,20 @@ impl Vmm {
         })?;
         let machine_type = self.resolve_machine(c.generation, c.machine_type.as_deref())?;
         if firmware == FirmwareVariantId::Ovmf4mSecureBoot && !machine_type.starts_with("pc-q35") {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::InvalidInput,
                 "Secure Boot needs the q35 machine type.",
-            ));
+            )));
         }
         let kernel = match (&c.kernel, &c.initrd, &c.cmdline) {
             (None, None, None) => None,
             (Some(k), initrd, cmdline) => {
                 for p in std::iter::once(k).chain(initrd.iter()) {
                     if !p.is_file() {
-                        return Err(ApiError::new(
+                        return Err(HostError::Api(ApiError::new(
                             ErrorCode::InvalidInput,
                             format!("Kernel boot file {} does not exist.", p.display()),
-                        ));
+                        )));
                     }
                 }
                 Some(DirectKernel {
@@ -144,10 +154,10 @@ impl Vmm {
                 })
             }
             _ => {
-                return Err(ApiError::new(
+                return Err(HostError::Api(ApiError::new(
                     ErrorCode::InvalidInput,
                     "--initrd and --cmdline need --kernel.",
-                ))
+                )))
             }
         };
         for spec in &c.disks {
@@ -155,16 +165,16 @@ impl Vmm {
                 DiskSpec::New { size_bytes, folder } => {
                     self.storage_folder(folder.as_ref())?;
                     if *size_bytes < 1 << 20 || *size_bytes % 512 != 0 {
-                        return Err(ApiError::new(ErrorCode::InvalidInput, format!("Disk size {size_bytes} bytes is not a multiple of 512 of at least 1 MiB.")));
+                        return Err(HostError::Api(ApiError::new(ErrorCode::InvalidInput, format!("Disk size {size_bytes} bytes is not a multiple of 512 of at least 1 MiB."))));
                     }
                 }
                 DiskSpec::Import { source, folder } => {
                     self.storage_folder(folder.as_ref())?;
                     if !source.is_file() {
-                        return Err(ApiError::new(
+                        return Err(HostError::Api(ApiError::new(
                             ErrorCode::InvalidInput,
                             format!("Image to import {} does not exist.", source.display()),
-                        ));
+                        )));
                     }
                 }
             }
@@ -222,7 +232,7 @@ impl Vmm {
         c: &CreateVm,
         fw: &vmrepl_types::FirmwareVariant,
         created: &mut Vec<PathBuf>,
-    ) -> Result<(Vec<DiskDef>, Option<PathBuf>), ApiError> {
+    ) -> Result<(Vec<DiskDef>, Option<PathBuf>), HostError> {
         let mut disks = Vec::new();
         for (i, spec) in c.disks.iter().enumerate() {
             let id = format!("disk{i}");
@@ -286,7 +296,10 @@ impl Vmm {
 
 /// Creates a VM's folder in a storage folder unless it exists, recording it for the clean-up
 /// of a failed create.
-pub(super) fn vm_folder(dir: &std::path::Path, created: &mut Vec<PathBuf>) -> Result<(), ApiError> {
+pub(super) fn vm_folder(
+    dir: &std::path::Path,
+    created: &mut Vec<PathBuf>,
+) -> Result<(), HostError> {
     if !dir.exists() {
         crate::fsutil::create_private_dir_all(dir).map_err(|e| {
             ApiError::new(
@@ -300,12 +313,13 @@ pub(super) fn vm_folder(dir: &std::path::Path, created: &mut Vec<PathBuf>) -> Re
 }
 
 /// Makes a VM file readable by its owner only (disk images hold the guest's data).
-pub(super) fn owner_only(p: &std::path::Path) -> Result<(), ApiError> {
+pub(super) fn owner_only(p: &std::path::Path) -> Result<(), HostError> {
     crate::fsutil::make_owner_only(p).map_err(|e| {
         ApiError::new(
             ErrorCode::Io,
             format!("Cannot make {} owner-only (mode 0600): {e}", p.display()),
         )
+        .into()
     })
 }
 

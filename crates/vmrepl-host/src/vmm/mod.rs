@@ -8,18 +8,14 @@
 use crate::config::HostConfig;
 use crate::datadir::DataDir;
 use crate::db::{Db, VmRow};
+use crate::error::HostError;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use uuid::Uuid;
 use vmrepl_qemu::process::QemuProcess;
-use vmrepl_types::api::{ApiError, CreateVm, DiskSpec, ErrorCode, VmSummary};
-use vmrepl_types::vm::FirmwareVariantId;
-use vmrepl_types::{
-    ConfigVersion, DirectKernel, DiskDef, Generation, HostInfo, NicDef, VmDefinition, VmName,
-    VmRunState,
-};
+use vmrepl_types::api::{ApiError, ErrorCode, VmSummary};
+use vmrepl_types::{HostInfo, VmDefinition, VmName, VmRunState};
 
 /// Most disks a VM may have.
 pub const MAX_DISKS: usize = 16;
@@ -97,7 +93,7 @@ impl Vmm {
             .map(|r| r.definition)
     }
 
-    fn row(&self, name: &VmName) -> Result<VmRow, ApiError> {
+    fn row(&self, name: &VmName) -> Result<VmRow, HostError> {
         crate::locks::unpoisoned(&self.db)
             .vm_by_name(name.as_str())
             .map_err(db_err)?
@@ -106,6 +102,7 @@ impl Vmm {
                     ErrorCode::NotFound,
                     format!("There is no VM named {name:?} on this host; `vmrepl vm list` shows the VMs here."),
                 )
+                .into()
             })
     }
 
@@ -119,12 +116,12 @@ impl Vmm {
         }
     }
 
-    pub fn list(&self) -> Result<Vec<VmSummary>, ApiError> {
+    pub fn list(&self) -> Result<Vec<VmSummary>, HostError> {
         let rows = self.db().list_vms().map_err(db_err)?;
         Ok(rows.into_iter().map(|r| self.summary(r)).collect())
     }
 
-    pub fn show(&self, name: &VmName) -> Result<VmSummary, ApiError> {
+    pub fn show(&self, name: &VmName) -> Result<VmSummary, HostError> {
         Ok(self.summary(self.row(name)?))
     }
 
@@ -147,7 +144,7 @@ impl Vmm {
     }
 
     /// Starts a VM.
-    pub async fn start(self: &Arc<Self>, name: &VmName) -> Result<VmSummary, ApiError> {
+    pub async fn start(self: &Arc<Self>, name: &VmName) -> Result<VmSummary, HostError> {
         let uuid = self.row(name)?.definition.uuid;
         let _op = self.op_lock(uuid).await;
         let row = self.row(name)?;
@@ -155,17 +152,20 @@ impl Vmm {
         match row.state {
             VmRunState::Off | VmRunState::Crashed => {}
             VmRunState::LockedForFailover => {
-                return Err(ApiError::new(
+                return Err(HostError::Api(ApiError::new(
                     ErrorCode::WrongState,
                     format!("VM {name} is locked: it was prepared for a planned failover and now runs on the replica. Cancel the failover, or fail back, to run it here."),
-                ))
+                )))
             }
             s => {
-                return Err(ApiError::new(ErrorCode::WrongState, format!("VM {name} is {s}; it can only be started when it is off.")))
+                return Err(HostError::Api(ApiError::new(ErrorCode::WrongState, format!("VM {name} is {s}; it can only be started when it is off."))))
             }
         }
         if let Some(i) = self.caps.can_run(&def).first() {
-            return Err(ApiError::new(ErrorCode::Unsupported, i.to_string()));
+            return Err(HostError::Api(ApiError::new(
+                ErrorCode::Unsupported,
+                i.to_string(),
+            )));
         }
         let fw = self
             .caps
@@ -194,10 +194,10 @@ impl Vmm {
             Ok(p) => Arc::new(p),
             Err(e) => {
                 self.set_state(def.uuid, VmRunState::Off, None, Some("start failed"));
-                return Err(ApiError::new(
+                return Err(HostError::Api(ApiError::new(
                     ErrorCode::Qemu,
                     format!("QEMU did not start VM {name}: {e}"),
-                ));
+                )));
             }
         };
         for step in &cmd.startup {
@@ -208,13 +208,13 @@ impl Vmm {
             {
                 proc.kill();
                 self.set_state(def.uuid, VmRunState::Off, None, Some("start failed"));
-                return Err(ApiError::new(
+                return Err(HostError::Api(ApiError::new(
                     ErrorCode::Qemu,
                     format!(
                         "QEMU for VM {name} refused start-up step {}: {e}",
                         step.execute
                     ),
-                ));
+                )));
             }
         }
         let pid = proc.pid() as u32;
@@ -371,18 +371,18 @@ impl Vmm {
         name: &VmName,
         timeout: Duration,
         force: bool,
-    ) -> Result<VmSummary, ApiError> {
+    ) -> Result<VmSummary, HostError> {
         let row = self.row(name)?;
         let uuid = row.definition.uuid;
         let _op = self.op_lock(uuid).await;
         let Some((pid, proc, expected)) = self.live_handle(uuid).await else {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::WrongState,
                 format!(
                     "VM {name} is {}; only a running VM can be shut down.",
                     row.state
                 ),
-            ));
+            )));
         };
         expected.store(true, std::sync::atomic::Ordering::SeqCst);
         self.set_state(uuid, VmRunState::ShuttingDown, Some(pid), None);
@@ -411,22 +411,22 @@ impl Vmm {
             Some(pid),
             Some("guest ignored the shutdown request"),
         );
-        Err(ApiError::new(
+        Err(HostError::Api(ApiError::new(
             ErrorCode::WrongState,
             format!("VM {name} did not shut down within {} s (the guest may not handle the ACPI power button). Retry with a longer --timeout, or add --force to stop it hard.", timeout.as_secs()),
-        ))
+        )))
     }
 
     /// Hard stop: QEMU quits at once (disk caches and bitmaps are still flushed by QEMU).
-    pub async fn stop(&self, name: &VmName) -> Result<VmSummary, ApiError> {
+    pub async fn stop(&self, name: &VmName) -> Result<VmSummary, HostError> {
         let row = self.row(name)?;
         let uuid = row.definition.uuid;
         let _op = self.op_lock(uuid).await;
         let Some((pid, proc, expected)) = self.live_handle(uuid).await else {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::WrongState,
                 format!("VM {name} is {}; it is not running.", row.state),
-            ));
+            )));
         };
         expected.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = proc.quit(Duration::from_secs(15)).await;
@@ -438,15 +438,15 @@ impl Vmm {
     }
 
     /// Deletes a VM that is off.
-    pub async fn delete(&self, name: &VmName, keep_disks: bool) -> Result<String, ApiError> {
+    pub async fn delete(&self, name: &VmName, keep_disks: bool) -> Result<String, HostError> {
         let _op = self.op_lock(self.row(name)?.definition.uuid).await;
         let row = self.row(name)?;
         let def = &row.definition;
         if !row.state.is_stopped() {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::WrongState,
                 format!("VM {name} is {}; shut it down or stop it first.", row.state),
-            ));
+            )));
         }
         if !keep_disks {
             for d in &def.disks {
@@ -500,22 +500,22 @@ impl Vmm {
 
     /// Records a VM whose disks already exist (a failover or test failover builds them), off.
     /// Refuses a name or UUID that is taken.
-    pub fn register(&self, def: &VmDefinition) -> Result<(), ApiError> {
+    pub fn register(&self, def: &VmDefinition) -> Result<(), HostError> {
         let db = self.db();
         if db.vm_by_name(def.name.as_str()).map_err(db_err)?.is_some() {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::AlreadyExists,
                 format!("A VM named {:?} already exists on this host; rename or delete it first (nothing was changed).", def.name.as_str()),
-            ));
+            )));
         }
         if db.vm_by_uuid(def.uuid).map_err(db_err)?.is_some() {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::AlreadyExists,
                 format!(
                     "VM {} already exists on this host (nothing was changed).",
                     def.uuid
                 ),
-            ));
+            )));
         }
         db.insert_vm(def).map_err(db_err)?;
         let _ = db.event(Some(def.uuid), &format!("VM {} registered", def.name));
@@ -524,7 +524,7 @@ impl Vmm {
 
     /// Locks a VM that is off against starting (planned failover prepare), or unlocks it.
     /// Takes the operation lock, so no start can slip in between the check and the lock.
-    pub async fn set_failover_lock(&self, uuid: Uuid, locked: bool) -> Result<(), ApiError> {
+    pub async fn set_failover_lock(&self, uuid: Uuid, locked: bool) -> Result<(), HostError> {
         let _op = self.op_lock(uuid).await;
         let row = self
             .db()
@@ -537,13 +537,13 @@ impl Vmm {
             matches!(row.state, VmRunState::LockedForFailover | VmRunState::Off)
         };
         if !ok {
-            return Err(ApiError::new(
+            return Err(HostError::Api(ApiError::new(
                 ErrorCode::WrongState,
                 format!(
                     "VM {} is {}; a planned failover needs it shut down (`vmrepl vm shutdown {}`), so that no write is lost.",
                     row.definition.name, row.state, row.definition.name
                 ),
-            ));
+            )));
         }
         let st = if locked {
             VmRunState::LockedForFailover

@@ -93,7 +93,7 @@ pub(crate) fn relationship(vm: &VmDefinition, state: ReplicationState, acked: u6
     Relationship {
         vm_uuid: vm.uuid,
         rel_id: Uuid::new_v4(),
-        settings: default_settings("replica.test:7443"),
+        settings: ReplicationSettings::new("replica.test:7443"),
         replica_name: "replica.test".into(),
         state,
         acked_seq: acked,

@@ -6,6 +6,16 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 use vmrepl_types::{VmDefinition, VmRunState};
 
+mod cycles;
+mod relationships;
+mod replicas;
+mod transitions;
+
+pub use cycles::*;
+pub use relationships::*;
+pub use replicas::*;
+pub use transitions::*;
+
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
@@ -93,6 +103,19 @@ const MIGRATIONS: &[&str] = &[
         vm_uuid TEXT PRIMARY KEY,
         networks TEXT NOT NULL
      );",
+    // 8: every replication state transition (see `crate::lifecycle`), per VM and role: the
+    // states as their wire names, the event's stable name and, when known, its cause.
+    "CREATE TABLE transitions (
+        id INTEGER PRIMARY KEY,
+        at_ms INTEGER NOT NULL,
+        vm_uuid TEXT NOT NULL,
+        role TEXT NOT NULL,
+        from_state TEXT NOT NULL,
+        to_state TEXT NOT NULL,
+        event TEXT NOT NULL,
+        cause TEXT
+     );
+     CREATE INDEX transitions_vm ON transitions (vm_uuid, id);",
 ];
 
 /// Database errors.
@@ -126,7 +149,7 @@ pub struct VmRow {
 
 /// The host's database.
 pub struct Db {
-    conn: Connection,
+    pub(super) conn: Connection,
 }
 
 impl Db {
@@ -301,6 +324,107 @@ mod tests {
         assert_eq!(row.state, VmRunState::Running);
         assert_eq!(row.pid, Some(42));
         assert_eq!(db.list_vms().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn transitions_are_recorded_and_read_back_newest_first_per_vm() {
+        use vmrepl_types::replication::{ReplicationState as S, Role};
+        let d = tempfile::tempdir().unwrap();
+        let db = Db::open(&d.path().join("s.db")).unwrap();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        assert!(db.transitions(None, 10).unwrap().is_empty());
+        db.record_transition(
+            a,
+            Role::Primary,
+            S::NotEnabled,
+            S::WaitingForInitialReplication,
+            "enabled",
+            None,
+        )
+        .unwrap();
+        db.record_transition(
+            b,
+            Role::Replica,
+            S::NotEnabled,
+            S::Replicating,
+            "replica-created",
+            None,
+        )
+        .unwrap();
+        db.record_transition(
+            a,
+            Role::Primary,
+            S::Replicating,
+            S::ResynchronizationRequired,
+            "tracking-lost",
+            Some("bitmap 4 on node disk0 is inconsistent"),
+        )
+        .unwrap();
+        let all = db.transitions(None, 10).unwrap();
+        assert_eq!(
+            all.iter().map(|t| t.event.as_str()).collect::<Vec<_>>(),
+            ["tracking-lost", "replica-created", "enabled"]
+        );
+        let of_a = db.transitions(Some(a), 10).unwrap();
+        assert_eq!(of_a.len(), 2);
+        let last = &of_a[0];
+        assert_eq!(
+            (last.vm, last.role, last.from, last.to),
+            (
+                a,
+                Role::Primary,
+                S::Replicating,
+                S::ResynchronizationRequired
+            )
+        );
+        assert_eq!(
+            last.cause.as_deref(),
+            Some("bitmap 4 on node disk0 is inconsistent")
+        );
+        assert!(last.at_ms > 0 && last.id > of_a[1].id);
+        assert_eq!(db.transitions(Some(a), 1).unwrap(), vec![last.clone()]);
+        assert_eq!(db.transitions(Some(b), 10).unwrap()[0].role, Role::Replica);
+        // The states are stored as their wire names, readable without vmrepl.
+        let stored: String = db
+            .conn()
+            .query_row(
+                "SELECT to_state FROM transitions WHERE id = ?1",
+                [last.id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(stored, "resynchronization-required");
+        // A state this build does not know is reported, not guessed.
+        db.conn()
+            .execute(
+                "UPDATE transitions SET from_state = 'sideways' WHERE id = ?1",
+                [last.id],
+            )
+            .unwrap();
+        assert!(
+            matches!(db.transitions(Some(a), 10), Err(DbError::Corrupt(m)) if m.contains("sideways"))
+        );
+    }
+
+    #[test]
+    fn a_version_7_database_gains_the_transitions_table_and_keeps_its_data() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s.db");
+        {
+            let db = Db::open(&p).unwrap();
+            db.insert_vm(&def("old")).unwrap();
+            db.conn()
+                .execute_batch("DROP TABLE transitions; PRAGMA user_version = 7;")
+                .unwrap();
+        }
+        let db = Db::open(&p).unwrap();
+        let v: i64 = db
+            .conn()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!((v, SCHEMA_VERSION), (8, 8));
+        assert!(db.vm_by_name("old").unwrap().is_some());
+        assert!(db.transitions(None, 5).unwrap().is_empty());
     }
 
     #[test]

@@ -1,0 +1,164 @@
+//! The host's errors, typed, and their one mapping to the management API's error codes.
+//!
+//! Every flow (primary, replica, failover, VM manager, host settings) returns [`HostError`].
+//! A variant keeps the error it came from as its `source`, so a database failure stays a
+//! database failure on its way up instead of reading as "replication not enabled". The
+//! management dispatcher turns a `HostError` into an [`ApiError`] once, in
+//! [`HostError::to_api`]: the code comes from the variant, the sentence is the message followed
+//! by its chain of causes.
+//!
+//! Messages are sentences that name the values; they never repeat their source (the chain is
+//! appended once, at the edge).
+
+use crate::db::{ChangeError, DbError};
+use crate::lifecycle::Refusal;
+use crate::peer::client::PeerError;
+use vmrepl_types::api::{ApiError, ErrorCode};
+
+/// What can go wrong in a flow of this host.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The VM has no replication relationship on this host.
+    #[error(
+        "Replication is not enabled for VM {vm} on this host; enable it with `vmrepl replication \
+         enable {vm} --replica-server HOST:PORT`."
+    )]
+    NotEnabled { vm: String },
+    /// The relationship's state does not allow what was asked (its state machine refused).
+    #[error(transparent)]
+    WrongState(#[from] Refusal),
+    /// The state database failed.
+    #[error("The state database failed while {doing}")]
+    Db {
+        doing: String,
+        #[source]
+        source: DbError,
+    },
+    /// The replica server could not be reached or refused.
+    #[error("The replica server {server} could not be asked to {doing}")]
+    Peer {
+        server: String,
+        doing: String,
+        #[source]
+        source: PeerError,
+    },
+    /// A refusal or failure already classified with its code and sentence (the VM manager's
+    /// checks, the host settings' validation, and flows that build their sentence themselves).
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+impl HostError {
+    /// A database failure while `doing` something.
+    pub fn db(doing: impl Into<String>) -> impl FnOnce(DbError) -> HostError {
+        let doing = doing.into();
+        move |source| HostError::Db { doing, source }
+    }
+
+    /// The stable API code of this error: the one place a host error meets the API.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            HostError::NotEnabled { .. } => ErrorCode::NotFound,
+            HostError::WrongState(_) => ErrorCode::WrongState,
+            HostError::Db { .. } => ErrorCode::Internal,
+            HostError::Peer { source, .. } => match source {
+                PeerError::Io { .. } => ErrorCode::Io,
+                _ => ErrorCode::Peer,
+            },
+            HostError::Api(e) => e.code,
+        }
+    }
+
+    /// The error as the management API answers it: its code, and its message followed by
+    /// each cause in turn.
+    pub fn to_api(&self) -> ApiError {
+        if let HostError::Api(e) = self {
+            return e.clone();
+        }
+        let mut message = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !message.contains(&text) {
+                message = format!("{}: {text}", message.trim_end_matches('.'));
+            }
+            cause = c.source();
+        }
+        ApiError::new(self.code(), message)
+    }
+}
+
+impl From<ChangeError> for HostError {
+    fn from(e: ChangeError) -> Self {
+        match e {
+            ChangeError::Refused(r) => HostError::WrongState(r),
+            ChangeError::Missing { vm } => HostError::NotEnabled { vm: vm.to_string() },
+            ChangeError::Db(source) => HostError::Db {
+                doing: "recording a state change".into(),
+                source,
+            },
+        }
+    }
+}
+
+impl From<HostError> for ApiError {
+    fn from(e: HostError) -> Self {
+        e.to_api()
+    }
+}
+
+impl From<&HostError> for ApiError {
+    fn from(e: &HostError) -> Self {
+        e.to_api()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmrepl_types::replication::ReplicationState;
+
+    #[test]
+    fn each_variant_maps_to_its_api_code_once() {
+        let not = HostError::NotEnabled { vm: "web".into() };
+        assert_eq!(not.to_api().code, ErrorCode::NotFound);
+        assert!(not.to_api().message.contains("replication enable web"));
+        let refused = crate::lifecycle::on_primary(
+            ReplicationState::Replicating,
+            &crate::lifecycle::PrimaryEvent::Resumed { initial_done: true },
+        )
+        .unwrap_err();
+        let e = HostError::from(refused);
+        assert_eq!(e.to_api().code, ErrorCode::WrongState);
+        assert!(
+            e.to_api().message.contains("not paused"),
+            "{}",
+            e.to_api().message
+        );
+        let api = ApiError::new(ErrorCode::Unsupported, "This host cannot run pc-q35-9.0.");
+        assert_eq!(ApiError::from(HostError::from(api.clone())), api);
+    }
+
+    #[test]
+    fn a_database_failure_keeps_its_cause_and_prints_it_once() {
+        let e = HostError::db("reading the relationships")(DbError::Corrupt("bad row".into()));
+        assert!(std::error::Error::source(&e).is_some());
+        let api = e.to_api();
+        assert_eq!(api.code, ErrorCode::Internal);
+        assert_eq!(api.message.matches("bad row").count(), 1, "{}", api.message);
+        assert!(
+            api.message
+                .starts_with("The state database failed while reading"),
+            "{}",
+            api.message
+        );
+    }
+
+    #[test]
+    fn a_missing_relationship_in_a_change_reads_as_not_enabled() {
+        let vm = uuid::Uuid::new_v4();
+        let e = HostError::from(ChangeError::Missing { vm });
+        assert_eq!(e.code(), ErrorCode::NotFound);
+        assert!(e.to_string().contains(&vm.to_string()));
+    }
+}
