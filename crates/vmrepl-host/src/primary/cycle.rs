@@ -4,6 +4,7 @@
 use super::*;
 
 /// What a successful cycle achieved.
+#[derive(Debug)]
 pub(crate) enum Done {
     /// Log `seq` is durable on the replica; `bytes` of it went over the network.
     Acked { seq: u64, bytes: u64 },
@@ -22,6 +23,7 @@ pub(crate) const OUT_OF_ORDER: &str = "the replica refused the log as out of ord
 /// How a cycle's error starts when the replica holds another log than this host expects.
 pub(crate) const REPLICA_ELSEWHERE: &str = "the replica has applied log";
 
+#[derive(Debug)]
 pub(crate) enum CycleError {
     Network(String),
     Resync(String),
@@ -40,21 +42,34 @@ pub(crate) fn classify(e: crate::peer::client::PeerError) -> CycleError {
     }
 }
 
+/// Where a log `seq` of relationship `rel` is kept while its transfer waits to be resumed: in
+/// the staging folder `dir`.
+pub(crate) fn log_file(dir: &Path, rel: RelTag, seq: u64) -> PathBuf {
+    dir.join(format!("{}-{seq}.vmrlog", rel.as_str()))
+}
+
 /// Everything one cycle works with: the relationship, the VM and its replicated disks, the
-/// peer connection and the QMP endpoint that reaches the disks.
-pub(crate) struct Cycle<'a> {
-    pub(crate) d: &'a Arc<Host>,
+/// peer connection, the endpoint that reaches the disks and the VM's guest agent.
+///
+/// The replica, the block nodes and the guest agent are reached through the traits of
+/// [`super::ports`]; production uses [`PeerClient`], [`Endpoint`] and [`VmAgent`], the unit
+/// tests scripted fakes.
+pub(crate) struct Cycle<'a, P = PeerClient, N = Endpoint, G = VmAgent<'a>> {
     pub(crate) rel: &'a Relationship,
     pub(crate) vm: &'a VmDefinition,
-    pub(crate) client: PeerClient,
+    pub(crate) client: P,
     /// The VM's running QEMU, or the storage daemon that holds its disks while it is off.
-    pub(crate) endpoint: &'a Endpoint,
+    pub(crate) endpoint: &'a N,
+    /// The guest agent that freezes a running guest for an app-consistent point.
+    pub(crate) guest: G,
     pub(crate) tag: RelTag,
     /// Replicated disks as (node, size).
     pub(crate) disks: Vec<(String, u64)>,
     pub(crate) vars: Option<&'a str>,
+    /// The staging folder (with the logs kept for a resume, [`log_file`]) and its settings.
     pub(crate) staging: Staging,
-    pub(crate) rt: &'a RelRuntime,
+    /// Where the transfer's progress is published for `status`.
+    pub(crate) progress: &'a Mutex<Option<Progress>>,
     /// What the log's point in time is (crash-consistent, app-consistent when the guest
     /// could be frozen, or planned for a failover).
     pub(crate) consistency: vmrepl_log::Consistency,
@@ -62,9 +77,14 @@ pub(crate) struct Cycle<'a> {
     pub(crate) app_freeze: Option<Result<u64, String>>,
 }
 
-impl<'a> Cycle<'a> {
+impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
     fn nodes(&self) -> Vec<&str> {
         self.disks.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// Where log `seq` is kept for a resume.
+    fn log_path(&self, seq: u64) -> PathBuf {
+        log_file(&self.staging.dir, self.tag, seq)
     }
 
     /// What the replica holds: its last applied log and a partial transfer to resume. A replica
@@ -72,9 +92,7 @@ impl<'a> Cycle<'a> {
     async fn replica_state(&mut self) -> Result<(u64, Option<(u64, Resume)>), CycleError> {
         match self
             .client
-            .call(&PeerRequest::ReplicaState {
-                vm_uuid: self.vm.uuid,
-            })
+            .replica_state(self.vm.uuid)
             .await
             .map_err(classify)?
         {
@@ -89,7 +107,8 @@ impl<'a> Cycle<'a> {
                 boot,
                 ..
             } => {
-                send_boot_files(&mut self.client, self.vm, &boot)
+                self.client
+                    .send_boot_files(self.vm, &boot)
                     .await
                     .map_err(CycleError::Other)?;
                 Ok((last_applied, partial))
@@ -99,21 +118,17 @@ impl<'a> Cycle<'a> {
     }
 
     /// The initial copy: log 1, the whole of every disk as of one instant, with bitmap 1
-    /// recording from that instant on.
+    /// recording from that instant on. (The caller raises the relationship's events: the
+    /// initial replication started before, the cycle's failure after.)
     pub(crate) async fn initial(&mut self) -> Result<Done, CycleError> {
-        change(
-            self.d,
-            self.vm.uuid,
-            crate::lifecycle::PrimaryEvent::InitialReplicationStarted,
-            None,
-        )
-        .map_err(|e| CycleError::Other(e.to_string()))?;
-        let (qmp, tag) = (self.endpoint.qmp(), self.tag);
+        let (nodes, tag) = (self.endpoint, self.tag);
         // Start clean: no bitmap of this relationship may linger from an earlier attempt.
-        vmrepl_tracking::stop_tracking(qmp, tag, &self.nodes(), Some(self.staging.dir.as_path()))
+        nodes
+            .stop_tracking(tag, &self.nodes(), Some(self.staging.dir.as_path()))
             .await
             .map_err(|e| CycleError::Other(format!("cannot reset change tracking: {e}")))?;
-        let h = vmrepl_tracking::begin_full(qmp, tag, &self.disks, 1, &self.staging, self.vars)
+        let h = nodes
+            .begin_full(tag, &self.disks, 1, &self.staging, self.vars)
             .await
             .map_err(|e| CycleError::Other(format!("cannot stage the initial copy: {e}")))?;
         let export = match &self.rel.settings.initial {
@@ -122,7 +137,7 @@ impl<'a> Cycle<'a> {
         };
         let path = match &export {
             Some(f) => f.with_extension("vmrlog.partial"),
-            None => log_path(self.d, tag, 1),
+            None => self.log_path(1),
         };
         let res = async {
             match &export {
@@ -132,6 +147,7 @@ impl<'a> Cycle<'a> {
                     let total = build_log(
                         self.spec(),
                         &h,
+                        &nodes.reader(),
                         LogOut::Export(path.clone(), hasher.clone()),
                         (1, 0),
                         LogKind::Initial,
@@ -159,11 +175,7 @@ impl<'a> Cycle<'a> {
                         .to_string();
                     match self
                         .client
-                        .call(&PeerRequest::ExpectImport {
-                            vm_uuid: self.vm.uuid,
-                            bytes,
-                            blake3,
-                        })
+                        .expect_import(self.vm.uuid, bytes, blake3)
                         .await
                         .map_err(classify)?
                     {
@@ -197,7 +209,7 @@ impl<'a> Cycle<'a> {
             Err(e) => {
                 // The cycle's failure (raised by the caller) takes the relationship back to
                 // waiting for initial replication.
-                let _ = vmrepl_tracking::stop_tracking(qmp, tag, &self.nodes(), None).await;
+                let _ = nodes.stop_tracking(tag, &self.nodes(), None).await;
                 Err(e)
             }
         }
@@ -209,31 +221,24 @@ impl<'a> Cycle<'a> {
     /// `l` it makes the replica equal to the primary, and deltas follow. The recovery points
     /// the replica kept stay as they were.
     pub(crate) async fn resync(&mut self) -> Result<(u64, u64), CycleError> {
-        let (qmp, tag) = (self.endpoint.qmp(), self.tag);
+        let (nodes, tag) = (self.endpoint, self.tag);
         let (l, _) = self.replica_state().await?;
         // The replica's digests of its state `l` (a replica that cannot give them gets every
         // block).
-        let digests = match self
-            .client
-            .call_within(
-                &PeerRequest::BlockDigests {
-                    vm_uuid: self.vm.uuid,
-                },
-                crate::peer::client::ANSWER_TO_DIGESTS,
-            )
-            .await
-        {
+        let digests = match self.client.block_digests(self.vm.uuid).await {
             Ok(PeerResponse::BlockDigests { disks }) => decode_digests(disks, &self.disks),
             _ => Digests::new(),
         };
         let staging = self.staging.dir.clone();
-        vmrepl_tracking::stop_tracking(qmp, tag, &self.nodes(), Some(staging.as_path()))
+        nodes
+            .stop_tracking(tag, &self.nodes(), Some(staging.as_path()))
             .await
             .map_err(|e| CycleError::Other(format!("cannot reset change tracking: {e}")))?;
-        let h = vmrepl_tracking::begin_full(qmp, tag, &self.disks, l + 1, &self.staging, self.vars)
+        let h = nodes
+            .begin_full(tag, &self.disks, l + 1, &self.staging, self.vars)
             .await
             .map_err(|e| CycleError::Other(format!("cannot stage the resynchronization: {e}")))?;
-        let path = log_path(self.d, tag, l + 1);
+        let path = self.log_path(l + 1);
         let res = async {
             let (built, sent) = self
                 .build_and_send(
@@ -254,7 +259,7 @@ impl<'a> Cycle<'a> {
         match res {
             Ok(bytes) => Ok((l + 1, bytes)),
             Err(e) => {
-                let _ = vmrepl_tracking::stop_tracking(qmp, tag, &self.nodes(), None).await;
+                let _ = nodes.stop_tracking(tag, &self.nodes(), None).await;
                 Err(e)
             }
         }
@@ -262,10 +267,10 @@ impl<'a> Cycle<'a> {
 
     /// A delta: log n+1 from bitmap n, or the rest of a log n+1 whose transfer was cut.
     pub(crate) async fn delta(&mut self) -> Result<(u64, u64), CycleError> {
-        let (qmp, tag) = (self.endpoint.qmp(), self.tag);
+        let (nodes, tag) = (self.endpoint, self.tag);
         let n = self.rel.acked_seq;
         let next = n + 1;
-        let path = log_path(self.d, tag, next);
+        let path = self.log_path(next);
         let (replica_applied, partial) = self.replica_state().await?;
         if path.exists() {
             // A built log is waiting: its transfer was cut. Its bitmap is the frozen one (if a
@@ -274,7 +279,7 @@ impl<'a> Cycle<'a> {
             if replica_applied >= next {
                 // The acknowledgement was lost but the replica has it: finish the cycle.
                 if let Some(f) = frozen {
-                    let _ = vmrepl_tracking::commit_cycle(qmp, tag, &self.nodes(), f).await;
+                    let _ = nodes.commit_cycle(tag, &self.nodes(), f).await;
                 }
                 let _ = std::fs::remove_file(&path);
                 return Ok((next, 0));
@@ -291,22 +296,20 @@ impl<'a> Cycle<'a> {
         // bitmap into the next one, so the recording bitmap can be ahead of log n. At most one
         // cycle is in flight, so a frozen bitmap is always that of log n+1.
         let staging = self.staging.dir.as_path();
-        let bitmap =
-            match vmrepl_tracking::reconcile(qmp, tag, &self.nodes(), Some(staging), |_| {
-                replica_applied > n
-            })
+        let bitmap = match nodes
+            .reconcile(tag, &self.nodes(), Some(staging), |_| replica_applied > n)
             .await
-            {
-                Ok(vmrepl_tracking::ReconcileOutcome::Ready { recording, .. }) => recording,
-                Ok(vmrepl_tracking::ReconcileOutcome::ResyncRequired { reason }) => {
-                    return Err(CycleError::Resync(reason))
-                }
-                Err(e) => {
-                    return Err(CycleError::Other(format!(
-                        "cannot check change tracking: {e}"
-                    )))
-                }
-            };
+        {
+            Ok(vmrepl_tracking::ReconcileOutcome::Ready { recording, .. }) => recording,
+            Ok(vmrepl_tracking::ReconcileOutcome::ResyncRequired { reason }) => {
+                return Err(CycleError::Resync(reason))
+            }
+            Err(e) => {
+                return Err(CycleError::Other(format!(
+                    "cannot check change tracking: {e}"
+                )))
+            }
+        };
         if replica_applied != n {
             return Err(CycleError::Resync(format!(
                 "{REPLICA_ELSEWHERE} {replica_applied} but this host expected {n}"
@@ -314,8 +317,7 @@ impl<'a> Cycle<'a> {
         }
         let frozen = self.freeze_guest().await;
         let (on_point, point) = tokio::sync::oneshot::channel();
-        let begin = vmrepl_tracking::begin_cycle(
-            qmp,
+        let begin = nodes.begin_cycle(
             tag,
             &self.disks,
             bitmap,
@@ -325,11 +327,11 @@ impl<'a> Cycle<'a> {
         );
         // Thaw a frozen guest the moment the transaction has taken the point (or failed),
         // while the backup jobs go on copying.
-        let (d, vm) = (self.d, self.vm.uuid);
+        let guest = &self.guest;
         let thaw = async move {
-            if let Some(qga) = frozen {
+            if let Some(f) = frozen {
                 let _ = point.await;
-                thaw_guest(d, vm, qga).await;
+                guest.thaw(f).await;
             }
         };
         let h = tokio::join!(begin, thaw).0.map_err(|e| {
@@ -344,7 +346,7 @@ impl<'a> Cycle<'a> {
             .await;
         let _ = h.remove_files();
         if let Err(e) = built {
-            let _ = vmrepl_tracking::rollback_cycle(qmp, tag, &self.nodes(), bitmap).await;
+            let _ = nodes.rollback_cycle(tag, &self.nodes(), bitmap).await;
             let _ = std::fs::remove_file(&path);
             return Err(e);
         }
@@ -353,7 +355,9 @@ impl<'a> Cycle<'a> {
 
     /// The relationship's frozen bitmap, if any (that of a log whose transfer was cut).
     async fn frozen_bitmap(&self) -> Option<u64> {
-        let owned = vmrepl_tracking::list_owned(self.endpoint.qmp(), self.tag, &self.nodes())
+        let owned = self
+            .endpoint
+            .list_owned(self.tag, &self.nodes())
             .await
             .ok()?;
         owned
@@ -368,34 +372,18 @@ impl<'a> Cycle<'a> {
     /// be thawed. A VM that is off has nothing to freeze, and its point stays crash-consistent;
     /// a running guest that cannot be frozen gives a crash-consistent point too, and the
     /// failure is recorded (Hyper-V's count of app-consistent failures).
-    async fn freeze_guest(&mut self) -> Option<vmrepl_qemu::Qga> {
+    async fn freeze_guest(&mut self) -> Option<G::Frozen> {
         if self.consistency != vmrepl_log::Consistency::AppConsistent {
             return None;
         }
-        if !matches!(self.endpoint, Endpoint::Live(_)) {
+        if !self.endpoint.live() {
             self.consistency = vmrepl_log::Consistency::Crash;
             return None;
         }
-        let sock =
-            vmrepl_qemu::cmdline::RunPaths::in_dir(&self.d.dd.run_dir(self.vm.uuid)).qga_sock;
-        let attempt = async {
-            let qga = vmrepl_qemu::Qga::connect(&sock, AGENT_TIMEOUT)
-                .await
-                .map_err(|e| e.to_string())?
-                .with_timeout(FREEZE_TIMEOUT);
-            match qga.fsfreeze_freeze().await {
-                Ok(n) => Ok((qga, n)),
-                Err(e) => {
-                    // A freeze that timed out may still complete in the guest: thaw anyway.
-                    thaw_guest(self.d, self.vm.uuid, qga).await;
-                    Err(e.to_string())
-                }
-            }
-        };
-        match attempt.await {
-            Ok((qga, n)) => {
+        match self.guest.freeze().await {
+            Ok((frozen, n)) => {
                 self.app_freeze = Some(Ok(n));
-                Some(qga)
+                Some(frozen)
             }
             Err(e) => {
                 self.consistency = vmrepl_log::Consistency::Crash;
@@ -418,11 +406,12 @@ impl<'a> Cycle<'a> {
         bitmap: Option<u64>,
         sent: Result<u64, CycleError>,
     ) -> Result<(u64, u64), CycleError> {
-        let (qmp, tag) = (self.endpoint.qmp(), self.tag);
+        let (nodes, tag) = (self.endpoint, self.tag);
         match sent {
             Ok(bytes) => {
                 if let Some(b) = bitmap {
-                    vmrepl_tracking::commit_cycle(qmp, tag, &self.nodes(), b)
+                    nodes
+                        .commit_cycle(tag, &self.nodes(), b)
                         .await
                         .map_err(|e| CycleError::Other(e.to_string()))?;
                 }
@@ -432,7 +421,7 @@ impl<'a> Cycle<'a> {
             Err(CycleError::Network(m)) => Err(CycleError::Network(m)),
             Err(e) => {
                 if let Some(b) = bitmap {
-                    let _ = vmrepl_tracking::rollback_cycle(qmp, tag, &self.nodes(), b).await;
+                    let _ = nodes.rollback_cycle(tag, &self.nodes(), b).await;
                 }
                 let _ = std::fs::remove_file(path);
                 Err(e)
@@ -465,9 +454,11 @@ impl<'a> Cycle<'a> {
         let (tx, rx) = tokio::sync::watch::channel(LogGrowth::default());
         let (chunks_tx, chunks) = tokio::sync::mpsc::channel(4);
         let spec = self.spec();
+        let reader = self.endpoint.reader();
         let build = build_log(
             spec,
             h,
+            &reader,
             LogOut::Stream(chunks_tx),
             (seq, base),
             kind,
@@ -475,11 +466,11 @@ impl<'a> Cycle<'a> {
             Some(tx),
         );
         let t0 = std::time::Instant::now();
-        let rt = self.rt;
+        let sink = self.progress;
         let watch = rx.clone();
         let progress = |done: u64| {
             let secs = t0.elapsed().as_secs_f64().max(0.001);
-            *crate::locks::unpoisoned(&rt.progress) = Some(Progress {
+            *crate::locks::unpoisoned(sink) = Some(Progress {
                 what: what.to_string(),
                 bytes_done: done,
                 bytes_total: watch.borrow().written.max(done),
@@ -504,6 +495,7 @@ impl<'a> Cycle<'a> {
             let kept = build_log(
                 spec,
                 h,
+                &reader,
                 LogOut::File(path.to_path_buf()),
                 (seq, base),
                 kind,
@@ -535,7 +527,7 @@ impl<'a> Cycle<'a> {
     /// Pull mode: the point in time is in the log now; let QEMU drop it (the frozen bitmap
     /// stays until the replica acknowledges the log).
     async fn release(&self, h: &vmrepl_tracking::CycleHandle, seq: u64) {
-        if let Err(e) = vmrepl_tracking::release_exports(self.endpoint.qmp(), h).await {
+        if let Err(e) = self.endpoint.release_exports(h).await {
             tracing::warn!(target: "vmrepl::replication", seq, error = %e, "cannot release the NBD exports");
         }
     }
@@ -552,10 +544,10 @@ impl<'a> Cycle<'a> {
     ) -> Result<u64, CycleError> {
         let from = resume.map(|r| r.bytes).unwrap_or(0);
         let t0 = std::time::Instant::now();
-        let rt = self.rt;
+        let sink = self.progress;
         let progress = |done: u64| {
             let secs = t0.elapsed().as_secs_f64().max(0.001);
-            *crate::locks::unpoisoned(&rt.progress) = Some(Progress {
+            *crate::locks::unpoisoned(sink) = Some(Progress {
                 what: what.to_string(),
                 bytes_done: from + done,
                 bytes_total: total,

@@ -95,8 +95,6 @@ pub(crate) fn compare_blocks<W: std::io::Write>(
     Ok(differing)
 }
 
-/// Encodes the staged images into log `seq` at `path`; returns its size.
-#[allow(clippy::too_many_arguments)]
 /// Where [`build_log`] puts the encoded log.
 pub(crate) enum LogOut {
     /// A file (created or truncated).
@@ -108,9 +106,17 @@ pub(crate) enum LogOut {
     Stream(tokio::sync::mpsc::Sender<Vec<u8>>),
 }
 
+/// What [`build_log`] writes a log into, behind the encoder: a buffer over the destination
+/// that counts what was written.
+pub(crate) type LogSink = std::io::BufWriter<Tally>;
+
+/// Encodes the point in time `h` (read through `reader`) into log `seq` on `base`, into `out`;
+/// returns its size. With the replica's digests, a disk carries only the blocks that differ.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn build_log(
     (vm, rel, consistency): (&VmDefinition, &Relationship, vmrepl_log::Consistency),
     h: &vmrepl_tracking::CycleHandle,
+    reader: &Arc<dyn PointReader>,
     out: LogOut,
     (seq, base): (u64, u64),
     kind: LogKind,
@@ -118,37 +124,22 @@ pub(crate) async fn build_log(
     growth: Option<tokio::sync::watch::Sender<LogGrowth>>,
 ) -> Result<u64, CycleError> {
     let digests = replica_digests.cloned().unwrap_or_default();
-    type Image = (String, u64, PathBuf, Option<vmrepl_tracking::NbdExport>);
-    let mut images: Vec<Image> = h
+    // The images as the log lists them: the disks, then the UEFI vars as the NVRAM disk.
+    let ids: Vec<(String, u64)> = h
         .disks
         .iter()
-        .map(|i| (i.node.clone(), i.size, i.path.clone(), i.export.clone()))
+        .map(|i| (i.node.clone(), i.size))
+        .chain(
+            h.vars
+                .iter()
+                .map(|v| (crate::peer::proto::NVRAM_DISK_ID.to_string(), v.size)),
+        )
         .collect();
-    if let Some(v) = &h.vars {
-        images.push((
-            crate::peer::proto::NVRAM_DISK_ID.to_string(),
-            v.size,
-            v.path.clone(),
-            None,
-        ));
-    }
-    let mapped = tokio::task::spawn_blocking(move || {
-        images
-            .into_iter()
-            .map(|(id, size, p, export)| {
-                if export.is_some() {
-                    // Pulled: the changed ranges come from the export's bitmap context.
-                    return Ok((id, size, p, export, Vec::new()));
-                }
-                let ex = vmrepl_tracking::extents(&p).map_err(|e| {
-                    CycleError::Other(format!("cannot map staging image {}: {e}", p.display()))
-                })?;
-                Ok((id, size, p, None, ex))
-            })
-            .collect::<Result<Vec<_>, CycleError>>()
-    })
-    .await
-    .map_err(|e| CycleError::Other(e.to_string()))??;
+    let (point, open) = (h.clone(), reader.clone());
+    let images = tokio::task::spawn_blocking(move || open.open(&point))
+        .await
+        .map_err(|e| CycleError::Other(e.to_string()))??;
+    debug_assert_eq!(images.len(), ids.len(), "one image read per image staged");
     let header = LogHeader {
         vm_id: vm.uuid,
         sequence: seq,
@@ -161,9 +152,9 @@ pub(crate) async fn build_log(
         } else {
             Compression::None
         },
-        disks: mapped
+        disks: ids
             .iter()
-            .map(|(id, size, _, _, _)| DiskInfo {
+            .map(|(id, size)| DiskInfo {
                 id: id.clone(),
                 virtual_size: *size,
             })
@@ -186,27 +177,18 @@ pub(crate) async fn build_log(
         let f = Tally { inner, growth: tally };
         let mut w = LogWriter::new(std::io::BufWriter::with_capacity(1 << 20, f), header)
             .map_err(|e| e.to_string())?;
-        for (i, (id, size, p, export, ex)) in mapped.into_iter().enumerate() {
+        for (i, ((id, size), mut image)) in ids.into_iter().zip(images).enumerate() {
             let disk = i as u16;
             // A full resync leaves nothing out: ranges without data are sent as zeroes, or
             // the replica would keep whatever it held there.
             let zero_gaps = kind == LogKind::Resync && id != crate::peer::proto::NVRAM_DISK_ID;
-            match (digests.get(&id), export) {
+            match digests.get(&id) {
                 // Resynchronization by compare: only the blocks whose digest differs.
-                (Some((bs, theirs)), x) => {
-                    let sent = match x {
-                        Some(x) => write_differing_pulled(&mut w, disk, size, &x, *bs, theirs)?,
-                        None => write_differing(&mut w, disk, size, &p, &ex, *bs, theirs)?,
-                    };
+                Some((bs, theirs)) => {
+                    let sent = image.write_differing(&mut w, disk, size, *bs, theirs)?;
                     tracing::info!(target: "vmrepl::replication", disk = %id, blocks = theirs.len(), differing = sent, "resynchronization compare");
                 }
-                (None, Some(x)) => pull_disk(&mut w, disk, size, &x, zero_gaps)?,
-                (None, None) => {
-                    let ranges: Vec<(u64, u64)> = ex.iter().map(|e| (e.offset, e.len)).collect();
-                    let chunks = ExtentReader::open(&p, ex).map_err(|e| e.to_string())?;
-                    let chunks = chunks.map(|c| c.map_err(|e| e.to_string()));
-                    write_ranges(&mut w, disk, size, &ranges, chunks, zero_gaps)?;
-                }
+                None => image.write_ranges(&mut w, disk, size, zero_gaps)?,
             }
         }
         // No fsync: this file only serves to resume a cut transfer. After a host crash the
@@ -352,7 +334,6 @@ impl std::io::Write for Pipe {
     }
 }
 
-/// A writer that reports every byte it has written (progress, and the end of the log).
 /// A log file of its own: a leftover of an earlier attempt is replaced, and the new file is
 /// created 0600 (an export holds the whole of every disk), refusing a symbolic link.
 pub(crate) fn new_log_file(path: &Path) -> Result<std::fs::File, String> {
@@ -381,6 +362,7 @@ impl std::io::Write for Hashing {
     }
 }
 
+/// A writer that reports every byte it has written (progress, and the end of the log).
 pub(crate) struct Tally {
     inner: Box<dyn std::io::Write + Send>,
     growth: Option<Arc<tokio::sync::watch::Sender<LogGrowth>>>,

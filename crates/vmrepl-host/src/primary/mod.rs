@@ -48,16 +48,23 @@ mod enable;
 mod endpoint;
 mod log_build;
 mod ops;
+mod ports;
 mod relationships;
 mod run;
 mod scheduler;
 mod status;
+
+#[cfg(test)]
+mod cycle_tests;
+#[cfg(test)]
+mod fakes;
 
 pub(crate) use cycle::*;
 pub use enable::*;
 pub(crate) use endpoint::*;
 pub(crate) use log_build::*;
 pub use ops::*;
+pub(crate) use ports::*;
 pub use relationships::*;
 pub(crate) use run::*;
 pub use scheduler::*;

@@ -16,8 +16,7 @@ fn resync_event(message: &str) -> PrimaryEvent {
 }
 
 pub(crate) fn log_path(d: &Host, rel: RelTag, seq: u64) -> PathBuf {
-    d.dd.staging()
-        .join(format!("{}-{seq}.vmrlog", rel.as_str()))
+    log_file(&d.dd.staging(), rel, seq)
 }
 
 /// One cycle, top-down.
@@ -133,21 +132,26 @@ pub(crate) async fn run_cycle(
         Err(e) => return Err(fail(e, false)),
     };
     let mut cycle = Cycle {
-        d,
         rel: &rel,
         vm: &vm,
         client,
         endpoint: &endpoint,
+        guest: VmAgent { d, vm: vm_uuid },
         tag,
         disks,
         vars,
         staging: Staging::new(d.dd.staging()),
-        rt,
+        progress: &rt.progress,
         consistency,
         app_freeze: None,
     };
     let result = if initial {
-        cycle.initial().await
+        // The state machine takes the relationship to "in progress" before anything is
+        // staged; the cycle's failure (below) takes it back to waiting.
+        match change(d, vm_uuid, PrimaryEvent::InitialReplicationStarted, None) {
+            Ok(_) => cycle.initial().await,
+            Err(e) => Err(CycleError::Other(e.to_string())),
+        }
     } else if resync {
         cycle.resync().await.map(Done::acked)
     } else {
