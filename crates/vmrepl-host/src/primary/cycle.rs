@@ -18,15 +18,18 @@ impl Done {
     }
 }
 
-/// How a cycle's error starts when the replica refused its log as out of order.
-pub(crate) const OUT_OF_ORDER: &str = "the replica refused the log as out of order";
-/// How a cycle's error starts when the replica holds another log than this host expects.
-pub(crate) const REPLICA_ELSEWHERE: &str = "the replica has applied log";
-
+/// Why a cycle failed, by what happens next: a network failure is retried at the next cycle;
+/// the two that need a resynchronization say which event the relationship takes
+/// ([`crate::lifecycle::PrimaryEvent::OutOfOrderRefused`], `TrackingLost`); anything else is
+/// retried too.
 #[derive(Debug)]
 pub(crate) enum CycleError {
+    /// The replica server could not be reached or the connection was lost.
     Network(String),
-    Resync(String),
+    /// The replica refused the log as out of order, or holds another log than expected.
+    OutOfOrder(String),
+    /// This host's change tracking cannot be trusted (a bitmap lost or inconsistent).
+    TrackingLost(String),
     Other(String),
 }
 
@@ -36,7 +39,9 @@ pub(crate) fn classify(e: crate::peer::client::PeerError) -> CycleError {
         PeerError::Refused {
             code: RefusalCode::OutOfOrder,
             message,
-        } => CycleError::Resync(format!("{OUT_OF_ORDER}: {message}")),
+        } => CycleError::OutOfOrder(format!(
+            "the replica refused the log as out of order: {message}"
+        )),
         PeerError::Connect { .. } => CycleError::Network(e.to_string()),
         other => CycleError::Other(other.to_string()),
     }
@@ -302,7 +307,7 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
         {
             Ok(vmrepl_tracking::ReconcileOutcome::Ready { recording, .. }) => recording,
             Ok(vmrepl_tracking::ReconcileOutcome::ResyncRequired { reason }) => {
-                return Err(CycleError::Resync(reason))
+                return Err(CycleError::TrackingLost(reason))
             }
             Err(e) => {
                 return Err(CycleError::Other(format!(
@@ -311,8 +316,8 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
             }
         };
         if replica_applied != n {
-            return Err(CycleError::Resync(format!(
-                "{REPLICA_ELSEWHERE} {replica_applied} but this host expected {n}"
+            return Err(CycleError::OutOfOrder(format!(
+                "the replica has applied log {replica_applied} but this host expected {n}"
             )));
         }
         let frozen = self.freeze_guest().await;
@@ -336,7 +341,7 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
         };
         let h = tokio::join!(begin, thaw).0.map_err(|e| {
             if e.needs_resync() {
-                CycleError::Resync(e.to_string())
+                CycleError::TrackingLost(e.to_string())
             } else {
                 CycleError::Other(format!("cannot stage the changes: {e}"))
             }

@@ -5,16 +5,6 @@ use super::*;
 use crate::db::CycleRecord;
 use crate::lifecycle::{CycleKind, PrimaryEvent};
 
-/// The event a cycle that found resynchronization required raises: the replica refused the
-/// log as out of order, or this host's change tracking cannot be trusted.
-fn resync_event(message: &str) -> PrimaryEvent {
-    if message.starts_with(OUT_OF_ORDER) || message.starts_with(REPLICA_ELSEWHERE) {
-        PrimaryEvent::OutOfOrderRefused
-    } else {
-        PrimaryEvent::TrackingLost
-    }
-}
-
 pub(crate) fn log_path(d: &Host, rel: RelTag, seq: u64) -> PathBuf {
     log_file(&d.dd.staging(), rel, seq)
 }
@@ -160,6 +150,23 @@ pub(crate) async fn run_cycle(
     let app_freeze = cycle.app_freeze.take();
     drop(cycle);
     endpoint.close().await;
+    // The replica refused the log, or this host's tracking cannot be trusted: the relationship
+    // needs a resynchronization (the state machine decides from which state).
+    let needs_resync = |event: PrimaryEvent, m: String| {
+        record_cycle(
+            d,
+            cycle_record(
+                me,
+                rel.acked_seq + 1,
+                recorded,
+                0,
+                CycleOutcome::Failure,
+                Some(&m),
+            ),
+        );
+        happened(d, vm_uuid, event, Some(&m));
+        m
+    };
     let outcome = match result {
         Ok(Done::Exported { bytes }) => {
             // Log 1 is on the media, not acknowledged: the replica has yet to import it.
@@ -186,21 +193,8 @@ pub(crate) async fn run_cycle(
             let _ = acknowledged(d, vm_uuid, PrimaryEvent::CycleAcknowledged { kind }, seq);
             Ok(())
         }
-        Err(CycleError::Resync(m)) => {
-            record_cycle(
-                d,
-                cycle_record(
-                    me,
-                    rel.acked_seq + 1,
-                    recorded,
-                    0,
-                    CycleOutcome::Failure,
-                    Some(&m),
-                ),
-            );
-            happened(d, vm_uuid, resync_event(&m), Some(&m));
-            Err(m)
-        }
+        Err(CycleError::OutOfOrder(m)) => Err(needs_resync(PrimaryEvent::OutOfOrderRefused, m)),
+        Err(CycleError::TrackingLost(m)) => Err(needs_resync(PrimaryEvent::TrackingLost, m)),
         Err(CycleError::Network(m)) => Err(fail(m, true)),
         Err(CycleError::Other(m)) => Err(fail(m, false)),
     };

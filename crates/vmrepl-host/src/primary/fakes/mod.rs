@@ -124,7 +124,7 @@ pub(crate) struct Rig {
 pub(crate) fn class(e: &CycleError) -> (&'static str, &str) {
     match e {
         CycleError::Network(m) => ("network", m),
-        CycleError::Resync(m) => ("resync", m),
+        CycleError::OutOfOrder(m) | CycleError::TrackingLost(m) => ("resync", m),
         CycleError::Other(m) => ("other", m),
     }
 }
