@@ -1,7 +1,25 @@
 //! The cycle engine: initial copy, resynchronization and delta, each sent to the replica and
 //! settled against the bitmaps (I1: a bitmap is dropped only after the replica acknowledged).
 
-use super::*;
+use crate::peer::client::{LogGrowth, PeerClient};
+use crate::peer::proto::{PeerResponse, RefusalCode, Resume};
+use crate::primary::build_log;
+use crate::primary::decode_digests;
+use crate::primary::export_file;
+use crate::primary::BlockNodes;
+use crate::primary::Digests;
+use crate::primary::Endpoint;
+use crate::primary::GuestAgent;
+use crate::primary::LogOut;
+use crate::primary::Relationship;
+use crate::primary::ReplicaPeer;
+use crate::primary::VmAgent;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use vmrepl_log::LogKind;
+use vmrepl_tracking::{RelTag, Staging};
+use vmrepl_types::replication::{InitialReplication, Progress};
+use vmrepl_types::VmDefinition;
 
 /// What a successful cycle achieved.
 #[derive(Debug)]

@@ -2,9 +2,15 @@
 //! the guest agent (`fakes.rs`): no QEMU, no network, no root.
 
 use super::fakes::*;
-use super::*;
 use crate::peer::client::PeerError;
+use crate::peer::proto::{PeerResponse, RefusalCode, Resume};
+use crate::primary::acked;
+use crate::primary::classify;
+use crate::primary::export_file;
+use crate::primary::Done;
+use vmrepl_log::{Compression, LogKind};
 use vmrepl_tracking::TrackingError;
+use vmrepl_types::replication::{InitialReplication, ReplicationState};
 
 const MIB: u64 = 1 << 20;
 const DISK: (&str, u64) = ("disk0", 4 * MIB);

@@ -1,10 +1,23 @@
 //! Enabling replication of a VM: settings, reaching the replica server, the replica's view
 //! of the VM, boot files, and the export folder of an initial copy sent out of band.
 
-use super::*;
+use crate::db::now_ms;
 use crate::db::NewRelationship;
 use crate::error::HostError;
+use crate::host::Host;
 use crate::lifecycle::PrimaryEvent;
+use crate::peer::client::PeerClient;
+use crate::peer::proto::{PeerRequest, PeerResponse, PointPolicy};
+use crate::primary::insert;
+use crate::primary::load;
+use crate::primary::spawn;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
+use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::replication::{InitialReplication, ReplicationSettings};
+use vmrepl_types::{VmDefinition, VmName};
 
 /// Splits `host:port` and gives the name the replica's certificate must carry.
 pub(crate) fn replica_target(s: &ReplicationSettings) -> Result<(String, String), HostError> {

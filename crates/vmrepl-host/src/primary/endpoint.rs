@@ -1,7 +1,10 @@
 //! Where a cycle reaches the VM's block nodes: the running QEMU, or qemu-storage-daemon
 //! when the VM is off.
 
-use super::*;
+use crate::host::Host;
+use std::path::PathBuf;
+use std::sync::Arc;
+use vmrepl_types::VmDefinition;
 
 /// Where a cycle reaches the VM's block nodes.
 pub(crate) enum Endpoint {

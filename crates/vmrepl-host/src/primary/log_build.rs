@@ -1,7 +1,15 @@
 //! Building a log: pulling dirty extents over NBD (or comparing blocks with the replica's
 //! digests) and encoding them, streamed to the sender.
 
-use super::*;
+use crate::peer::client::LogGrowth;
+use crate::primary::CycleError;
+use crate::primary::PointReader;
+use crate::primary::Relationship;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use vmrepl_log::{Compression, DiskInfo, LogHeader, LogKind, LogWriter};
+use vmrepl_tracking::ChunkData;
+use vmrepl_types::VmDefinition;
 
 /// The replica's block digests per disk id: (block size, one digest per block).
 pub(crate) type Digests = std::collections::HashMap<String, (u64, Vec<[u8; 32]>)>;
@@ -384,6 +392,7 @@ impl std::io::Write for Tally {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use uuid::Uuid;
 
     #[test]
     fn zero_gaps_go_between_the_ranges_read_so_that_records_stay_in_order() {

@@ -22,24 +22,6 @@
 //! 5. only then drop bitmap N (I1). Any failure before the acknowledgement merges bitmap N
 //!    back into N+1, so the next cycle carries the changes.
 
-use crate::db::now_ms;
-use crate::host::{Host, RelRuntime};
-use crate::peer::client::{LogGrowth, PeerClient};
-use crate::peer::proto::{PeerRequest, PeerResponse, PointPolicy, RefusalCode, Resume};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use uuid::Uuid;
-use vmrepl_log::{Compression, DiskInfo, LogHeader, LogKind, LogWriter};
-use vmrepl_tracking::{ChunkData, ExtentReader, RelTag, Staging};
-use vmrepl_types::api::{ApiError, ErrorCode};
-use vmrepl_types::replication::{
-    Health, InitialReplication, Progress, ReplicationSettings, ReplicationState, ReplicationStats,
-    ReplicationStatus, Role,
-};
-use vmrepl_types::{Generation, VmDefinition, VmName};
-
 /// Hyper-V's default monitoring window for health and statistics.
 pub const MONITORING_WINDOW_MS: u64 = 12 * 3600 * 1000;
 

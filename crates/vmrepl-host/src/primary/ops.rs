@@ -1,9 +1,25 @@
 //! Operator actions on a relationship: pause, replicate now, resume (with or without a
 //! resynchronization) and remove.
 
-use super::*;
 use crate::error::HostError;
+use crate::host::Host;
 use crate::lifecycle::PrimaryEvent;
+use crate::peer::proto::{PeerRequest, PeerResponse};
+use crate::primary::change;
+use crate::primary::connect;
+use crate::primary::end;
+use crate::primary::load;
+use crate::primary::replicate_now;
+use crate::primary::replicated_disks;
+use crate::primary::stop_scheduler;
+use crate::primary::wake;
+use crate::primary::Endpoint;
+use crate::primary::Relationship;
+use std::sync::Arc;
+use vmrepl_tracking::RelTag;
+use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::replication::ReplicationState;
+use vmrepl_types::{VmDefinition, VmName};
 
 /// Pauses (Suspend-VMReplication): no cycles until resumed; tracking continues.
 pub fn pause(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {

@@ -13,11 +13,29 @@
 //! The methods mirror the calls the engine made before the seams existed, one for one, so
 //! that production behaves exactly as it did.
 
-use super::*;
+use crate::host::Host;
 use crate::peer::client::PeerError;
+use crate::peer::client::{LogGrowth, PeerClient};
 use crate::peer::proto::BootFile;
+use crate::peer::proto::{PeerRequest, PeerResponse, Resume};
+use crate::primary::pull_disk;
+use crate::primary::thaw_guest;
+use crate::primary::write_differing;
+use crate::primary::write_differing_pulled;
+use crate::primary::write_ranges;
+use crate::primary::CycleError;
+use crate::primary::Endpoint;
+use crate::primary::LogSink;
+use crate::primary::AGENT_TIMEOUT;
+use crate::primary::FREEZE_TIMEOUT;
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use uuid::Uuid;
+use vmrepl_log::LogWriter;
 use vmrepl_tracking::{CycleHandle, OwnedBitmap, PointSignal, ReconcileOutcome, TrackingError};
+use vmrepl_tracking::{ExtentReader, RelTag, Staging};
+use vmrepl_types::VmDefinition;
 
 /// What a cycle asks of the replica server of its VM.
 ///

@@ -2,11 +2,13 @@
 //! change, through the persistence layer ([`crate::db`]) and the state machine
 //! ([`crate::lifecycle::on_primary`]). Nothing else writes a relationship's state.
 
-use super::*;
 use crate::db::{ChangeError, CycleRecord, NewRelationship, Transition};
 pub use crate::db::{CycleOutcome, Marked, RecordedKind, Relationship};
 use crate::error::HostError;
+use crate::host::Host;
 use crate::lifecycle::PrimaryEvent;
+use crate::primary::stop_scheduler;
+use uuid::Uuid;
 
 /// The relationship of `vm`, if this host replicates it.
 pub(crate) fn load(d: &Host, vm: Uuid) -> Result<Option<Relationship>, HostError> {

@@ -1,9 +1,40 @@
 //! One cycle, top-down: lock, endpoint, freeze (app-consistent points), the cycle itself,
 //! and what its outcome records.
 
-use super::*;
+use crate::db::now_ms;
 use crate::db::CycleRecord;
+use crate::host::{Host, RelRuntime};
 use crate::lifecycle::{CycleKind, PrimaryEvent};
+use crate::peer::client::PeerClient;
+use crate::peer::proto::{PeerRequest, PeerResponse};
+use crate::primary::acknowledged;
+use crate::primary::change;
+use crate::primary::connect;
+use crate::primary::export_file;
+use crate::primary::happened;
+use crate::primary::last_marked_ms;
+use crate::primary::load;
+use crate::primary::log_file;
+use crate::primary::record_cycle;
+use crate::primary::record_freeze;
+use crate::primary::replicated_disks;
+use crate::primary::set_note;
+use crate::primary::Cycle;
+use crate::primary::CycleError;
+use crate::primary::CycleOutcome;
+use crate::primary::Done;
+use crate::primary::Endpoint;
+use crate::primary::Marked;
+use crate::primary::RecordedKind;
+use crate::primary::Relationship;
+use crate::primary::VmAgent;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+use vmrepl_tracking::{RelTag, Staging};
+use vmrepl_types::replication::{InitialReplication, ReplicationSettings, ReplicationState};
+use vmrepl_types::Generation;
 
 pub(crate) fn log_path(d: &Host, rel: RelTag, seq: u64) -> PathBuf {
     log_file(&d.dd.staging(), rel, seq)

@@ -1,7 +1,25 @@
 //! The per-relationship scheduler: one task per relationship that waits for its frequency
 //! (or a wake-up) and runs one cycle, counting missed cycles.
 
-use super::*;
+use crate::db::now_ms;
+use crate::host::{Host, RelRuntime};
+use crate::primary::all;
+use crate::primary::app_consistent_due;
+use crate::primary::happened;
+use crate::primary::last_marked_ms;
+use crate::primary::load;
+use crate::primary::log_path;
+use crate::primary::record_cycle;
+use crate::primary::run_cycle;
+use crate::primary::CycleOutcome;
+use crate::primary::Freeze;
+use crate::primary::Marked;
+use crate::primary::RecordedKind;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+use vmrepl_tracking::RelTag;
+use vmrepl_types::replication::{InitialReplication, ReplicationState};
 
 /// Ends a relationship's scheduler (a cycle in flight finishes; none starts after it).
 pub(crate) fn stop_scheduler(d: &Host, vm: Uuid) {

@@ -1,7 +1,16 @@
 //! Status, statistics and health of the primary's relationships, by Hyper-V's rules.
 
-use super::*;
+use crate::db::now_ms;
 use crate::error::HostError;
+use crate::host::Host;
+use crate::primary::all;
+use crate::primary::CycleOutcome;
+use crate::primary::Relationship;
+use crate::primary::MONITORING_WINDOW_MS;
+use uuid::Uuid;
+use vmrepl_types::replication::{
+    Health, ReplicationState, ReplicationStats, ReplicationStatus, Role,
+};
 
 /// Hyper-V's statistics over the monitoring window, counting only this relationship's cycles
 /// (a VM that failed over and back has had several) and only what crossed the network: an
@@ -154,6 +163,7 @@ pub fn statuses(d: &Host) -> Result<Vec<ReplicationStatus>, HostError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmrepl_types::replication::ReplicationSettings;
 
     fn rel(state: ReplicationState) -> Relationship {
         Relationship {

@@ -16,7 +16,13 @@
 //! All three write to one [`Journal`], so a test can check the order of events across seams.
 
 use super::*;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
 use vmrepl_tracking::TrackingError;
+use vmrepl_tracking::{RelTag, Staging};
+use vmrepl_types::replication::{Progress, ReplicationSettings, ReplicationState};
+use vmrepl_types::{Generation, VmDefinition, VmName};
 
 mod nodes;
 mod replica;

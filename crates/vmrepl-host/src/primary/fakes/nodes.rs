@@ -3,9 +3,13 @@
 
 use super::*;
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use vmrepl_log::LogWriter;
 use vmrepl_tracking::{
     Chunk, CycleHandle, CycleKind, OwnedBitmap, PointSignal, ReconcileOutcome, StagedImage,
 };
+use vmrepl_tracking::{ChunkData, RelTag, Staging};
 
 /// A tracking call the engine made, as [`FakeNodes`] recorded it.
 #[derive(Debug, Clone, PartialEq, Eq)]

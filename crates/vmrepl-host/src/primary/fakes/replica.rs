@@ -1,9 +1,16 @@
 //! The replica server's side: its rules for a log, its faults, and the disks it applies to.
 
 use super::*;
+use crate::peer::client::LogGrowth;
 use crate::peer::client::PeerError;
 use crate::peer::proto::{BootFile, DiskDigests};
+use crate::peer::proto::{PeerResponse, RefusalCode, Resume};
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
+use vmrepl_log::LogHeader;
+use vmrepl_types::VmDefinition;
 
 /// The replica server's side of one replica VM.
 pub(crate) struct ReplicaSide {
