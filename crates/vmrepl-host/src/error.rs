@@ -35,7 +35,7 @@ pub enum HostError {
         source: DbError,
     },
     /// The replica server could not be reached or refused.
-    #[error("The replica server {server} could not be asked to {doing}")]
+    #[error("Cannot reach the replica server {server} to {doing}. Nothing was changed.")]
     Peer {
         server: String,
         doing: String,
@@ -80,7 +80,11 @@ impl HostError {
         while let Some(c) = cause {
             let text = c.to_string();
             if !message.contains(&text) {
-                message = format!("{}: {text}", message.trim_end_matches('.'));
+                message = if message.ends_with('.') {
+                    format!("{message} Cause: {text}")
+                } else {
+                    format!("{message}: {text}")
+                };
             }
             cause = c.source();
         }
@@ -160,5 +164,27 @@ mod tests {
         let e = HostError::from(ChangeError::Missing { vm });
         assert_eq!(e.code(), ErrorCode::NotFound);
         assert!(e.to_string().contains(&vm.to_string()));
+    }
+
+    #[test]
+    fn an_unreachable_replica_server_is_a_peer_error_that_names_the_server_and_the_cause() {
+        let source = PeerError::Connect {
+            host: "hostb".into(),
+            addr: "127.0.0.2:7443".into(),
+            detail: "connection refused".into(),
+        };
+        let e = HostError::Peer {
+            server: "hostb:7443".into(),
+            doing: "replicate VM web".into(),
+            source,
+        };
+        let api = e.to_api();
+        assert_eq!(api.code, ErrorCode::Peer);
+        assert!(api.message.starts_with("Cannot reach the replica server hostb:7443 to replicate VM web. Nothing was changed."), "{}", api.message);
+        assert!(
+            api.message.contains("connection refused"),
+            "{}",
+            api.message
+        );
     }
 }

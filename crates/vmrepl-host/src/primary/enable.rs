@@ -234,15 +234,14 @@ pub(crate) async fn reach_replica(
     settings: &ReplicationSettings,
     vm: &VmDefinition,
 ) -> Result<(PeerClient, vmrepl_types::HostInfo), HostError> {
-    let (client, theirs) = connect(d, settings).await.map_err(|e| {
-        ApiError::new(
-            ErrorCode::Peer,
-            format!(
-                "Cannot reach the replica server {}: {e}. Nothing was changed.",
-                settings.replica_server
-            ),
-        )
-    })?;
+    let (addr, name) = replica_target(settings)?;
+    let (client, theirs) = PeerClient::connect(&d.identity, d.vmm.caps(), &addr, &name)
+        .await
+        .map_err(|source| HostError::Peer {
+            server: settings.replica_server.clone(),
+            doing: format!("replicate VM {}", vm.name),
+            source,
+        })?;
     theirs.check_runs(vm).map_err(|why| {
         ApiError::new(
             ErrorCode::Unsupported,
