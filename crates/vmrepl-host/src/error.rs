@@ -75,21 +75,27 @@ impl HostError {
         if let HostError::Api(e) = self {
             return e.clone();
         }
-        let mut message = self.to_string();
-        let mut cause = std::error::Error::source(self);
-        while let Some(c) = cause {
-            let text = c.to_string();
-            if !message.contains(&text) {
-                message = if message.ends_with('.') {
-                    format!("{message} Cause: {text}")
-                } else {
-                    format!("{message}: {text}")
-                };
-            }
-            cause = c.source();
-        }
-        ApiError::new(self.code(), message)
+        ApiError::new(self.code(), sentence(self))
     }
+}
+
+/// The API sentence of an error: its message followed by each cause in turn (a cause whose
+/// text the sentence already holds is not repeated).
+pub(crate) fn sentence(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !message.contains(&text) {
+            message = if message.ends_with('.') {
+                format!("{message} Cause: {text}")
+            } else {
+                format!("{message}: {text}")
+            };
+        }
+        cause = c.source();
+    }
+    message
 }
 
 impl From<ChangeError> for HostError {
