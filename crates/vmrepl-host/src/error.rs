@@ -1,6 +1,7 @@
 //! The host's errors, typed, and their one mapping to the management API's error codes.
 //!
-//! Every flow (primary, replica, failover, VM manager, host settings) returns [`HostError`].
+//! Every flow (primary, replica, failover, VM manager, host settings) returns [`HostError`];
+//! the VM manager's own methods return a [`VmError`], which `?` makes a [`HostError::Vm`].
 //! A variant keeps the error it came from as its `source`, so a database failure stays a
 //! database failure on its way up instead of reading as "replication not enabled". The
 //! management dispatcher turns a `HostError` into an [`ApiError`] once, in
@@ -13,6 +14,7 @@
 use crate::db::{ChangeError, DbError};
 use crate::lifecycle::Refusal;
 use crate::peer::client::PeerError;
+use crate::vmm::VmError;
 use vmrepl_types::api::{ApiError, ErrorCode};
 
 /// What can go wrong in a flow of this host.
@@ -42,8 +44,11 @@ pub enum HostError {
         #[source]
         source: PeerError,
     },
-    /// A refusal or failure already classified with its code and sentence (the VM manager's
-    /// checks, the host settings' validation, and flows that build their sentence themselves).
+    /// The VM manager refused or failed (its own error carries the code).
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// A refusal or failure already classified with its code and sentence (the host settings'
+    /// validation, and flows that build their sentence themselves).
     #[error(transparent)]
     Api(#[from] ApiError),
 }
@@ -65,6 +70,7 @@ impl HostError {
                 PeerError::Io { .. } => ErrorCode::Io,
                 _ => ErrorCode::Peer,
             },
+            HostError::Vm(e) => e.code(),
             HostError::Api(e) => e.code,
         }
     }
@@ -108,6 +114,12 @@ impl From<ChangeError> for HostError {
                 source,
             },
         }
+    }
+}
+
+impl From<VmError> for ApiError {
+    fn from(e: VmError) -> Self {
+        HostError::from(e).to_api()
     }
 }
 

@@ -1,11 +1,9 @@
 //! The VM console: the serial log a VM writes, read from its tail and rotated when it
 //! grows past its limit.
 
-use crate::error::HostError;
-use crate::vmm::Vmm;
+use crate::vmm::{VmError, Vmm};
 use std::path::PathBuf;
 use std::time::Duration;
-use vmrepl_types::api::{ApiError, ErrorCode};
 use vmrepl_types::VmName;
 
 /// What `vm console` returns without `--tail`: the last 64 KiB of the serial log.
@@ -70,21 +68,19 @@ pub fn rotate_serial_log(log: &std::path::Path, over: u64, keep: u64) -> std::io
 impl Vmm {
     /// The last `tail` bytes of the serial console log of the current run (default
     /// [`CONSOLE_TAIL_DEFAULT`], at most [`CONSOLE_TAIL_MAX`]). Only those bytes are read.
-    pub fn console(&self, name: &VmName, tail: Option<u64>) -> Result<String, HostError> {
+    pub fn console(&self, name: &VmName, tail: Option<u64>) -> Result<String, VmError> {
         let tail = tail.unwrap_or(CONSOLE_TAIL_DEFAULT);
         if tail > CONSOLE_TAIL_MAX {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::InvalidInput,
-                format!("--tail {tail} is more than the limit of {CONSOLE_TAIL_MAX} bytes (16 MiB); ask for less (older output is in serial.log.1 in the VM's run folder)."),
-            )));
+            return Err(VmError::TailTooLong {
+                tail,
+                max: CONSOLE_TAIL_MAX,
+            });
         }
         let row = self.row(name)?;
         let p = self.run_paths(row.definition.uuid).serial_log;
-        let data = read_tail(&p, tail).map_err(|e| {
-            ApiError::new(
-                ErrorCode::Io,
-                format!("Cannot read the serial log {}: {e}", p.display()),
-            )
+        let data = read_tail(&p, tail).map_err(|source| VmError::SerialLog {
+            path: p.clone(),
+            source,
         })?;
         Ok(String::from_utf8_lossy(&data).into_owned())
     }

@@ -1,13 +1,12 @@
 //! Defining VMs: machine types this QEMU runs, storage folders, and creating a VM with its
 //! disks and firmware files.
 
-use crate::error::HostError;
-use crate::vmm::db_err;
+use crate::vmm::VmError;
 use crate::vmm::Vmm;
 use crate::vmm::MAX_DISKS;
 use std::path::PathBuf;
 use uuid::Uuid;
-use vmrepl_types::api::{ApiError, CreateVm, DiskSpec, ErrorCode, VmSummary};
+use vmrepl_types::api::{CreateVm, DiskSpec, VmSummary};
 use vmrepl_types::vm::FirmwareVariantId;
 use vmrepl_types::{
     ConfigVersion, DirectKernel, DiskDef, Generation, NicDef, VmDefinition, VmName,
@@ -15,7 +14,7 @@ use vmrepl_types::{
 
 impl Vmm {
     /// Resolves a machine type request to a versioned name this host's QEMU runs.
-    pub fn resolve_machine(&self, gen: Generation, req: Option<&str>) -> Result<String, HostError> {
+    pub fn resolve_machine(&self, gen: Generation, req: Option<&str>) -> Result<String, VmError> {
         let wanted = req.unwrap_or(match gen {
             Generation::Bios => "pc",
             Generation::Uefi => "q35",
@@ -23,38 +22,26 @@ impl Vmm {
         let resolved = vmrepl_qemu::caps::resolve_machine_alias(&self.machines, wanted)
             .unwrap_or_else(|| wanted.to_string());
         if !self.caps.has_machine_type(&resolved) {
-            let family: Vec<&String> = self
-                .caps
-                .machine_types
-                .iter()
-                .filter(|m| m.starts_with(gen.machine_family()))
-                .collect();
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::Unsupported,
-                format!(
-                    "Machine type {wanted:?} is unknown to this host's QEMU {}; use one of: {}",
-                    self.caps.qemu_version,
-                    family
-                        .iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            )));
+            return Err(VmError::UnknownMachineType {
+                wanted: wanted.to_string(),
+                qemu: self.caps.qemu_version.clone(),
+                family: self
+                    .caps
+                    .machine_types
+                    .iter()
+                    .filter(|m| m.starts_with(gen.machine_family()))
+                    .cloned()
+                    .collect(),
+            });
         }
         // Either PC chipset runs either firmware; other boards (microvm, isapc) run neither.
         if !(resolved.starts_with("pc-i440fx") || resolved.starts_with("pc-q35")) {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::Unsupported,
-                format!(
-                    "Machine type {resolved} is not a PC machine type; use pc-i440fx-* or pc-q35-*"
-                ),
-            )));
+            return Err(VmError::NotAPcMachineType { machine: resolved });
         }
         Ok(resolved)
     }
 
-    fn storage_folder(&self, folder: Option<&PathBuf>) -> Result<PathBuf, HostError> {
+    fn storage_folder(&self, folder: Option<&PathBuf>) -> Result<PathBuf, VmError> {
         match folder {
             None => Ok(self.cfg.storage[0].clone()),
             Some(f) => {
@@ -68,14 +55,10 @@ impl Vmm {
                 if ok {
                     Ok(n.expect("checked"))
                 } else {
-                    Err(HostError::Api(ApiError::new(
-                        ErrorCode::InvalidInput,
-                        format!(
-                            "Folder {} is not one of this host's storage folders ({}); add it to `storage` in config.toml or pick one of those.",
-                            f.display(),
-                            self.cfg.storage.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-                        ),
-                    )))
+                    Err(VmError::NotAStorageFolder {
+                        folder: f.clone(),
+                        storage: self.cfg.storage.clone(),
+                    })
                 }
             }
         }
@@ -83,68 +66,50 @@ impl Vmm {
 
     /// Defines a VM: validates everything first, then creates disks and NVRAM, then records it.
     /// On any failure, what was created is removed again.
-    pub async fn create(&self, c: CreateVm) -> Result<VmSummary, HostError> {
-        let name = VmName::new(&c.name)
-            .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
-        if self
-            .db()
-            .vm_by_name(name.as_str())
-            .map_err(db_err)?
-            .is_some()
-        {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::AlreadyExists,
-                format!("A VM named {name:?} already exists on this host; pick another name or delete it first."),
-            )));
+    pub async fn create(&self, c: CreateVm) -> Result<VmSummary, VmError> {
+        let name = VmName::new(&c.name)?;
+        if self.db().vm_by_name(name.as_str())?.is_some() {
+            return Err(VmError::AlreadyExists { name });
         }
         if c.vcpus == 0 || c.vcpus > 64 {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::InvalidInput,
-                format!("{} vCPUs asked; use 1 to 64.", c.vcpus),
-            )));
+            return Err(VmError::Vcpus { vcpus: c.vcpus });
         }
         if c.memory_mib < 32 || c.memory_mib > 1 << 20 {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::InvalidInput,
-                format!("{} MiB of memory asked; use 32 MiB to 1 TiB.", c.memory_mib),
-            )));
+            return Err(VmError::Memory { mib: c.memory_mib });
         }
         if c.disks.len() > MAX_DISKS {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::InvalidInput,
-                format!(
-                    "{} disks asked; a VM has at most {MAX_DISKS}.",
-                    c.disks.len()
-                ),
-            )));
+            return Err(VmError::TooManyDisks {
+                count: c.disks.len(),
+                max: MAX_DISKS,
+            });
         }
         if c.secure_boot && c.generation == Generation::Bios {
-            return Err(HostError::Api(ApiError::new(ErrorCode::InvalidInput, "Secure Boot needs a generation 2 (UEFI) VM; drop --secure-boot or use --generation 2.")));
+            return Err(VmError::SecureBootNeedsUefi);
         }
         let firmware = vmrepl_types::api::firmware_for(c.generation, c.secure_boot);
-        let fw = self.caps.firmware(firmware).cloned().ok_or_else(|| {
-            let pkg = if firmware == FirmwareVariantId::Seabios { "seabios" } else { "ovmf" };
-            ApiError::new(
-                ErrorCode::Unsupported,
-                format!("This host has no {firmware} firmware, which a generation {} VM needs; install it (apt-get install {pkg}) and restart the daemon.", c.generation),
-            )
-        })?;
+        let fw = self
+            .caps
+            .firmware(firmware)
+            .cloned()
+            .ok_or_else(|| VmError::NoFirmware {
+                firmware,
+                generation: c.generation,
+                package: if firmware == FirmwareVariantId::Seabios {
+                    "seabios"
+                } else {
+                    "ovmf"
+                },
+            })?;
         let machine_type = self.resolve_machine(c.generation, c.machine_type.as_deref())?;
         if firmware == FirmwareVariantId::Ovmf4mSecureBoot && !machine_type.starts_with("pc-q35") {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::InvalidInput,
-                "Secure Boot needs the q35 machine type.",
-            )));
+            return Err(VmError::SecureBootNeedsQ35);
         }
         let kernel = match (&c.kernel, &c.initrd, &c.cmdline) {
             (None, None, None) => None,
             (Some(k), initrd, cmdline) => {
                 for p in std::iter::once(k).chain(initrd.iter()) {
                     if !p.is_file() {
-                        return Err(HostError::Api(ApiError::new(
-                            ErrorCode::InvalidInput,
-                            format!("Kernel boot file {} does not exist.", p.display()),
-                        )));
+                        return Err(VmError::NoBootFile { path: p.clone() });
                     }
                 }
                 Some(DirectKernel {
@@ -153,28 +118,22 @@ impl Vmm {
                     cmdline: cmdline.clone().unwrap_or_default(),
                 })
             }
-            _ => {
-                return Err(HostError::Api(ApiError::new(
-                    ErrorCode::InvalidInput,
-                    "--initrd and --cmdline need --kernel.",
-                )))
-            }
+            _ => return Err(VmError::BootOptionsWithoutKernel),
         };
         for spec in &c.disks {
             match spec {
                 DiskSpec::New { size_bytes, folder } => {
                     self.storage_folder(folder.as_ref())?;
                     if *size_bytes < 1 << 20 || *size_bytes % 512 != 0 {
-                        return Err(HostError::Api(ApiError::new(ErrorCode::InvalidInput, format!("Disk size {size_bytes} bytes is not a multiple of 512 of at least 1 MiB."))));
+                        return Err(VmError::DiskSize { bytes: *size_bytes });
                     }
                 }
                 DiskSpec::Import { source, folder } => {
                     self.storage_folder(folder.as_ref())?;
                     if !source.is_file() {
-                        return Err(HostError::Api(ApiError::new(
-                            ErrorCode::InvalidInput,
-                            format!("Image to import {} does not exist.", source.display()),
-                        )));
+                        return Err(VmError::NoImage {
+                            path: source.clone(),
+                        });
                     }
                 }
             }
@@ -220,9 +179,9 @@ impl Vmm {
             nvram,
         };
         let db = self.db();
-        db.insert_vm(&def).map_err(db_err)?;
+        db.insert_vm(&def)?;
         let _ = db.event(Some(uuid), &format!("VM {} created", def.name));
-        let row = db.vm_by_uuid(uuid).map_err(db_err)?.expect("just inserted");
+        let row = db.vm_by_uuid(uuid)?.expect("just inserted");
         Ok(self.summary(row))
     }
 
@@ -232,7 +191,7 @@ impl Vmm {
         c: &CreateVm,
         fw: &vmrepl_types::FirmwareVariant,
         created: &mut Vec<PathBuf>,
-    ) -> Result<(Vec<DiskDef>, Option<PathBuf>), HostError> {
+    ) -> Result<(Vec<DiskDef>, Option<PathBuf>), VmError> {
         let mut disks = Vec::new();
         for (i, spec) in c.disks.iter().enumerate() {
             let id = format!("disk{i}");
@@ -248,8 +207,7 @@ impl Vmm {
                 DiskSpec::New { size_bytes, .. } => {
                     vmrepl_qemu::img::QemuImg::default()
                         .create(&path, *size_bytes, &Default::default())
-                        .await
-                        .map_err(|e| ApiError::new(ErrorCode::Qemu, e.to_string()))?;
+                        .await?;
                     created.push(path.clone());
                     owner_only(&path)?;
                     *size_bytes
@@ -257,14 +215,12 @@ impl Vmm {
                 DiskSpec::Import { source, .. } => {
                     vmrepl_qemu::img::QemuImg::default()
                         .convert(source, None, &path)
-                        .await
-                        .map_err(|e| ApiError::new(ErrorCode::Qemu, e.to_string()))?;
+                        .await?;
                     created.push(path.clone());
                     owner_only(&path)?;
                     vmrepl_qemu::img::QemuImg::default()
                         .info(&path)
-                        .await
-                        .map_err(|e| ApiError::new(ErrorCode::Qemu, e.to_string()))?
+                        .await?
                         .virtual_size
                 }
             };
@@ -279,11 +235,9 @@ impl Vmm {
                 let dir = self.cfg.storage[0].join(uuid.to_string());
                 vm_folder(&dir, created)?;
                 let p = dir.join("nvram.fd");
-                crate::fsutil::copy_private(tpl, &p).map_err(|e| {
-                    ApiError::new(
-                        ErrorCode::Io,
-                        format!("Cannot copy the NVRAM template {}: {e}", tpl.display()),
-                    )
+                crate::fsutil::copy_private(tpl, &p).map_err(|source| VmError::NvramTemplate {
+                    path: tpl.clone(),
+                    source,
                 })?;
                 created.push(p.clone());
                 Some(p)
@@ -296,16 +250,11 @@ impl Vmm {
 
 /// Creates a VM's folder in a storage folder unless it exists, recording it for the clean-up
 /// of a failed create.
-pub(super) fn vm_folder(
-    dir: &std::path::Path,
-    created: &mut Vec<PathBuf>,
-) -> Result<(), HostError> {
+pub(super) fn vm_folder(dir: &std::path::Path, created: &mut Vec<PathBuf>) -> Result<(), VmError> {
     if !dir.exists() {
-        crate::fsutil::create_private_dir_all(dir).map_err(|e| {
-            ApiError::new(
-                ErrorCode::Io,
-                format!("Cannot create {}: {e}", dir.display()),
-            )
+        crate::fsutil::create_private_dir_all(dir).map_err(|source| VmError::StorageFolder {
+            path: dir.to_path_buf(),
+            source,
         })?;
         created.push(dir.to_path_buf());
     }
@@ -313,13 +262,10 @@ pub(super) fn vm_folder(
 }
 
 /// Makes a VM file readable by its owner only (disk images hold the guest's data).
-pub(super) fn owner_only(p: &std::path::Path) -> Result<(), HostError> {
-    crate::fsutil::make_owner_only(p).map_err(|e| {
-        ApiError::new(
-            ErrorCode::Io,
-            format!("Cannot make {} owner-only (mode 0600): {e}", p.display()),
-        )
-        .into()
+pub(super) fn owner_only(p: &std::path::Path) -> Result<(), VmError> {
+    crate::fsutil::make_owner_only(p).map_err(|source| VmError::OwnerOnly {
+        path: p.to_path_buf(),
+        source,
     })
 }
 

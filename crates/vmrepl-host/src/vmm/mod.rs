@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use uuid::Uuid;
 use vmrepl_qemu::process::QemuProcess;
-use vmrepl_types::api::{ApiError, ErrorCode, VmSummary};
+use vmrepl_types::api::VmSummary;
 use vmrepl_types::{HostInfo, VmDefinition, VmName, VmRunState};
 
 /// Most disks a VM may have.
@@ -39,10 +39,6 @@ pub struct Vmm {
     live: tokio::sync::Mutex<HashMap<Uuid, Live>>,
     /// Per-VM operation locks: start/stop/delete and replication cycles never overlap.
     ops: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-fn db_err(e: crate::db::DbError) -> ApiError {
-    ApiError::new(ErrorCode::Internal, e.to_string())
 }
 
 impl Vmm {
@@ -93,17 +89,10 @@ impl Vmm {
             .map(|r| r.definition)
     }
 
-    fn row(&self, name: &VmName) -> Result<VmRow, HostError> {
-        crate::locks::unpoisoned(&self.db)
-            .vm_by_name(name.as_str())
-            .map_err(db_err)?
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::NotFound,
-                    format!("There is no VM named {name:?} on this host; `vmrepl vm list` shows the VMs here."),
-                )
-                .into()
-            })
+    fn row(&self, name: &VmName) -> Result<VmRow, VmError> {
+        self.db()
+            .vm_by_name(name.as_str())?
+            .ok_or_else(|| VmError::NoSuchVm { name: name.clone() })
     }
 
     fn summary(&self, r: VmRow) -> VmSummary {
@@ -116,12 +105,12 @@ impl Vmm {
         }
     }
 
-    pub fn list(&self) -> Result<Vec<VmSummary>, HostError> {
-        let rows = self.db().list_vms().map_err(db_err)?;
+    pub fn list(&self) -> Result<Vec<VmSummary>, VmError> {
+        let rows = self.db().list_vms()?;
         Ok(rows.into_iter().map(|r| self.summary(r)).collect())
     }
 
-    pub fn show(&self, name: &VmName) -> Result<VmSummary, HostError> {
+    pub fn show(&self, name: &VmName) -> Result<VmSummary, VmError> {
         Ok(self.summary(self.row(name)?))
     }
 
@@ -144,7 +133,7 @@ impl Vmm {
     }
 
     /// Starts a VM.
-    pub async fn start(self: &Arc<Self>, name: &VmName) -> Result<VmSummary, HostError> {
+    pub async fn start(self: &Arc<Self>, name: &VmName) -> Result<VmSummary, VmError> {
         let uuid = self.row(name)?.definition.uuid;
         let _op = self.op_lock(uuid).await;
         let row = self.row(name)?;
@@ -152,20 +141,17 @@ impl Vmm {
         match row.state {
             VmRunState::Off | VmRunState::Crashed => {}
             VmRunState::LockedForFailover => {
-                return Err(HostError::Api(ApiError::new(
-                    ErrorCode::WrongState,
-                    format!("VM {name} is locked: it was prepared for a planned failover and now runs on the replica. Cancel the failover, or fail back, to run it here."),
-                )))
+                return Err(VmError::LockedForFailover { name: name.clone() })
             }
-            s => {
-                return Err(HostError::Api(ApiError::new(ErrorCode::WrongState, format!("VM {name} is {s}; it can only be started when it is off."))))
+            state => {
+                return Err(VmError::NotOff {
+                    name: name.clone(),
+                    state,
+                })
             }
         }
-        if let Some(i) = self.caps.can_run(&def).first() {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::Unsupported,
-                i.to_string(),
-            )));
+        if let Some(i) = self.caps.can_run(&def).into_iter().next() {
+            return Err(VmError::Incompatible(i));
         }
         let fw = self
             .caps
@@ -173,11 +159,9 @@ impl Vmm {
             .cloned()
             .expect("checked by can_run");
         let run_dir = self.dd.run_dir(def.uuid);
-        crate::fsutil::create_private_dir_all(&run_dir).map_err(|e| {
-            ApiError::new(
-                ErrorCode::Io,
-                format!("Cannot create the run folder {}: {e}", run_dir.display()),
-            )
+        crate::fsutil::create_private_dir_all(&run_dir).map_err(|source| VmError::RunFolder {
+            path: run_dir.clone(),
+            source,
         })?;
         let paths = self.run_paths(def.uuid);
         // The previous run's log (at most its last SERIAL_LOG_MAX bytes) becomes serial.log.1.
@@ -185,36 +169,33 @@ impl Vmm {
             tracing::warn!(target: "vmrepl::vmm", path = %paths.serial_log.display(), "cannot rotate the serial log: {e}");
             let _ = std::fs::remove_file(&paths.serial_log);
         }
-        let cmd = vmrepl_qemu::cmdline::build_command(&def, &fw, &paths, self.accel)
-            .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
+        let cmd = vmrepl_qemu::cmdline::build_command(&def, &fw, &paths, self.accel)?;
         self.set_state(def.uuid, VmRunState::Starting, None, None);
         let opts =
             vmrepl_qemu::process::SpawnOptions::new(run_dir.join("qemu.stderr"), &paths.qmp_sock);
         let proc = match QemuProcess::spawn(&self.cfg.qemu_binary, &cmd.argv, &opts).await {
             Ok(p) => Arc::new(p),
-            Err(e) => {
+            Err(source) => {
                 self.set_state(def.uuid, VmRunState::Off, None, Some("start failed"));
-                return Err(HostError::Api(ApiError::new(
-                    ErrorCode::Qemu,
-                    format!("QEMU did not start VM {name}: {e}"),
-                )));
+                return Err(VmError::Start {
+                    name: name.clone(),
+                    source: Box::new(source),
+                });
             }
         };
         for step in &cmd.startup {
-            if let Err(e) = proc
+            if let Err(source) = proc
                 .qmp()
                 .execute(&step.execute, step.arguments.clone())
                 .await
             {
                 proc.kill();
                 self.set_state(def.uuid, VmRunState::Off, None, Some("start failed"));
-                return Err(HostError::Api(ApiError::new(
-                    ErrorCode::Qemu,
-                    format!(
-                        "QEMU for VM {name} refused start-up step {}: {e}",
-                        step.execute
-                    ),
-                )));
+                return Err(VmError::StartupStep {
+                    name: name.clone(),
+                    step: step.execute.clone(),
+                    source: Box::new(source),
+                });
             }
         }
         let pid = proc.pid() as u32;
@@ -371,18 +352,15 @@ impl Vmm {
         name: &VmName,
         timeout: Duration,
         force: bool,
-    ) -> Result<VmSummary, HostError> {
+    ) -> Result<VmSummary, VmError> {
         let row = self.row(name)?;
         let uuid = row.definition.uuid;
         let _op = self.op_lock(uuid).await;
         let Some((pid, proc, expected)) = self.live_handle(uuid).await else {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::WrongState,
-                format!(
-                    "VM {name} is {}; only a running VM can be shut down.",
-                    row.state
-                ),
-            )));
+            return Err(VmError::NotRunningToShutDown {
+                name: name.clone(),
+                state: row.state,
+            });
         };
         expected.store(true, std::sync::atomic::Ordering::SeqCst);
         self.set_state(uuid, VmRunState::ShuttingDown, Some(pid), None);
@@ -411,22 +389,22 @@ impl Vmm {
             Some(pid),
             Some("guest ignored the shutdown request"),
         );
-        Err(HostError::Api(ApiError::new(
-            ErrorCode::WrongState,
-            format!("VM {name} did not shut down within {} s (the guest may not handle the ACPI power button). Retry with a longer --timeout, or add --force to stop it hard.", timeout.as_secs()),
-        )))
+        Err(VmError::ShutdownTimedOut {
+            name: name.clone(),
+            secs: timeout.as_secs(),
+        })
     }
 
     /// Hard stop: QEMU quits at once (disk caches and bitmaps are still flushed by QEMU).
-    pub async fn stop(&self, name: &VmName) -> Result<VmSummary, HostError> {
+    pub async fn stop(&self, name: &VmName) -> Result<VmSummary, VmError> {
         let row = self.row(name)?;
         let uuid = row.definition.uuid;
         let _op = self.op_lock(uuid).await;
         let Some((pid, proc, expected)) = self.live_handle(uuid).await else {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::WrongState,
-                format!("VM {name} is {}; it is not running.", row.state),
-            )));
+            return Err(VmError::NotRunning {
+                name: name.clone(),
+                state: row.state,
+            });
         };
         expected.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = proc.quit(Duration::from_secs(15)).await;
@@ -438,24 +416,22 @@ impl Vmm {
     }
 
     /// Deletes a VM that is off.
-    pub async fn delete(&self, name: &VmName, keep_disks: bool) -> Result<String, HostError> {
+    pub async fn delete(&self, name: &VmName, keep_disks: bool) -> Result<String, VmError> {
         let _op = self.op_lock(self.row(name)?.definition.uuid).await;
         let row = self.row(name)?;
         let def = &row.definition;
         if !row.state.is_stopped() {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::WrongState,
-                format!("VM {name} is {}; shut it down or stop it first.", row.state),
-            )));
+            return Err(VmError::Running {
+                name: name.clone(),
+                state: row.state,
+            });
         }
         if !keep_disks {
             for d in &def.disks {
                 if d.path.exists() {
-                    std::fs::remove_file(&d.path).map_err(|e| {
-                        ApiError::new(
-                            ErrorCode::Io,
-                            format!("Cannot delete disk {}: {e}", d.path.display()),
-                        )
+                    std::fs::remove_file(&d.path).map_err(|source| VmError::DeleteDisk {
+                        path: d.path.clone(),
+                        source,
                     })?;
                 }
                 if let Some(parent) = d.path.parent() {
@@ -477,7 +453,7 @@ impl Vmm {
         }
         let _ = std::fs::remove_dir_all(self.dd.run_dir(def.uuid));
         let db = self.db();
-        db.delete_vm(def.uuid).map_err(db_err)?;
+        db.delete_vm(def.uuid)?;
         let _ = db.event(Some(def.uuid), &format!("VM {name} deleted"));
         Ok(if keep_disks {
             format!(
@@ -500,50 +476,43 @@ impl Vmm {
 
     /// Records a VM whose disks already exist (a failover or test failover builds them), off.
     /// Refuses a name or UUID that is taken.
+    ///
+    /// Returns a [`HostError`] (a [`HostError::Vm`]) because the failover flows chain it with
+    /// their own steps; the error inside is a [`VmError`].
     pub fn register(&self, def: &VmDefinition) -> Result<(), HostError> {
+        Ok(self.insert_built(def)?)
+    }
+
+    fn insert_built(&self, def: &VmDefinition) -> Result<(), VmError> {
         let db = self.db();
-        if db.vm_by_name(def.name.as_str()).map_err(db_err)?.is_some() {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::AlreadyExists,
-                format!("A VM named {:?} already exists on this host; rename or delete it first (nothing was changed).", def.name.as_str()),
-            )));
+        if db.vm_by_name(def.name.as_str())?.is_some() {
+            return Err(VmError::NameTaken {
+                name: def.name.as_str().to_string(),
+            });
         }
-        if db.vm_by_uuid(def.uuid).map_err(db_err)?.is_some() {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::AlreadyExists,
-                format!(
-                    "VM {} already exists on this host (nothing was changed).",
-                    def.uuid
-                ),
-            )));
+        if db.vm_by_uuid(def.uuid)?.is_some() {
+            return Err(VmError::UuidTaken { uuid: def.uuid });
         }
-        db.insert_vm(def).map_err(db_err)?;
+        db.insert_vm(def)?;
         let _ = db.event(Some(def.uuid), &format!("VM {} registered", def.name));
         Ok(())
     }
 
     /// Locks a VM that is off against starting (planned failover prepare), or unlocks it.
     /// Takes the operation lock, so no start can slip in between the check and the lock.
-    pub async fn set_failover_lock(&self, uuid: Uuid, locked: bool) -> Result<(), HostError> {
+    pub async fn set_failover_lock(&self, uuid: Uuid, locked: bool) -> Result<(), VmError> {
         let _op = self.op_lock(uuid).await;
-        let row = self
-            .db()
-            .vm_by_uuid(uuid)
-            .map_err(db_err)?
-            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("VM {uuid} is gone.")))?;
+        let row = self.db().vm_by_uuid(uuid)?.ok_or(VmError::Gone { uuid })?;
         let ok = if locked {
             row.state.is_stopped()
         } else {
             matches!(row.state, VmRunState::LockedForFailover | VmRunState::Off)
         };
         if !ok {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::WrongState,
-                format!(
-                    "VM {} is {}; a planned failover needs it shut down (`vmrepl vm shutdown {}`), so that no write is lost.",
-                    row.definition.name, row.state, row.definition.name
-                ),
-            )));
+            return Err(VmError::NotShutDownForFailover {
+                name: row.definition.name,
+                state: row.state,
+            });
         }
         let st = if locked {
             VmRunState::LockedForFailover
@@ -557,6 +526,8 @@ impl Vmm {
 
 mod console;
 mod define;
+mod error;
 
 pub(crate) use console::*;
 pub(crate) use define::*;
+pub use error::VmError;
