@@ -12,6 +12,7 @@
 //! appended once, at the edge).
 
 use crate::db::{ChangeError, DbError};
+use crate::host::SettingsError;
 use crate::lifecycle::Refusal;
 use crate::peer::client::PeerError;
 use crate::vmm::VmError;
@@ -47,8 +48,11 @@ pub enum HostError {
     /// The VM manager refused or failed (its own error carries the code).
     #[error(transparent)]
     Vm(#[from] VmError),
-    /// A refusal or failure already classified with its code and sentence (the host settings'
-    /// validation, and flows that build their sentence themselves).
+    /// A change to the host's own settings was refused or failed.
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    /// A refusal or failure already classified with its code and sentence (flows that build
+    /// their sentence themselves).
     #[error(transparent)]
     Api(#[from] ApiError),
 }
@@ -71,6 +75,7 @@ impl HostError {
                 _ => ErrorCode::Peer,
             },
             HostError::Vm(e) => e.code(),
+            HostError::Settings(e) => e.code(),
             HostError::Api(e) => e.code,
         }
     }
@@ -119,6 +124,12 @@ impl From<ChangeError> for HostError {
 
 impl From<VmError> for ApiError {
     fn from(e: VmError) -> Self {
+        HostError::from(e).to_api()
+    }
+}
+
+impl From<SettingsError> for ApiError {
+    fn from(e: SettingsError) -> Self {
         HostError::from(e).to_api()
     }
 }

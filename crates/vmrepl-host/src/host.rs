@@ -5,17 +5,19 @@
 //! no flow: the primary, replica and failover modules and both front doors (the management
 //! dispatcher in [`crate::daemon`] and the peer server) depend on it, never the other way.
 //! Besides the context it carries the host's own settings (replica server, trust,
-//! revocations), which change the configuration and nothing else.
+//! revocations), which change the configuration and nothing else; they fail with a
+//! [`SettingsError`].
 
-use crate::config::HostConfig;
+use crate::config::{ConfigError, HostConfig};
 use crate::datadir::DataDir;
 use crate::db::Db;
-use crate::error::HostError;
 use crate::locks::{unpoisoned, ReplicaLocks};
 use crate::vmm::Vmm;
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, RwLockReadGuard, RwLockWriteGuard};
 use uuid::Uuid;
+use vmrepl_transport::{AuthzError, PkiError, TlsError};
 use vmrepl_types::api::{ApiError, ErrorCode};
 use vmrepl_types::replication::Progress;
 
@@ -97,7 +99,7 @@ impl Host {
     pub(crate) fn change_replica_server(
         &self,
         c: vmrepl_types::api::ReplicaServerChange,
-    ) -> Result<vmrepl_types::replication::ReplicaServerSettings, HostError> {
+    ) -> Result<vmrepl_types::replication::ReplicaServerSettings, SettingsError> {
         let mut cfg = self.cfg_mut();
         let mut next = cfg.clone();
         let rs = &mut next.replica_server;
@@ -112,33 +114,22 @@ impl Host {
         }
         if let Some(p) = c.default_storage {
             if !p.is_absolute() {
-                return Err(HostError::Api(ApiError::new(
-                    ErrorCode::InvalidInput,
-                    format!("Storage folder {} is not an absolute path.", p.display()),
-                )));
+                return Err(SettingsError::RelativeStorage { path: p });
             }
             rs.default_storage = Some(p);
         }
         if let Some(mut entry) = c.add_entry {
-            let checked = vmrepl_transport::authz::AuthzEntry::try_from(&entry)
-                .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
+            let checked = vmrepl_transport::authz::AuthzEntry::try_from(&entry)?;
             // Stored in the canonical form (upper-case hex, no colons), as shown and logged.
             entry.issuer = checked.issuer;
             entry.pin = checked.pin;
             if !entry.storage.is_absolute() {
-                return Err(HostError::Api(ApiError::new(
-                    ErrorCode::InvalidInput,
-                    format!(
-                        "Storage folder {} is not an absolute path.",
-                        entry.storage.display()
-                    ),
-                )));
+                return Err(SettingsError::RelativeStorage {
+                    path: entry.storage,
+                });
             }
             if entry.trust_group.trim().is_empty() {
-                return Err(HostError::Api(ApiError::new(
-                    ErrorCode::InvalidInput,
-                    "The trust group is empty; name one (for example DEFAULT).",
-                )));
+                return Err(SettingsError::EmptyTrustGroup);
             }
             rs.entries
                 .retain(|e| !e.primary.eq_ignore_ascii_case(&entry.primary));
@@ -148,10 +139,7 @@ impl Host {
             let before = rs.entries.len();
             rs.entries.retain(|e| !e.primary.eq_ignore_ascii_case(&p));
             if rs.entries.len() == before {
-                return Err(HostError::Api(ApiError::new(
-                    ErrorCode::NotFound,
-                    format!("There is no authorization entry for {p:?}."),
-                )));
+                return Err(SettingsError::NoEntry { primary: p });
             }
         }
         for s in rs
@@ -159,17 +147,15 @@ impl Host {
             .iter()
             .chain(rs.entries.iter().map(|e| &e.storage))
         {
-            crate::fsutil::create_private_dir_all(s).map_err(|e| {
-                ApiError::new(
-                    ErrorCode::Io,
-                    format!("Cannot create storage folder {}: {e}", s.display()),
-                )
+            crate::fsutil::create_private_dir_all(s).map_err(|source| {
+                SettingsError::StorageFolder {
+                    path: s.clone(),
+                    source,
+                }
             })?;
         }
-        next.validate()
-            .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
-        next.save(&self.dd.config())
-            .map_err(|e| ApiError::new(ErrorCode::Io, e.to_string()))?;
+        next.validate().map_err(SettingsError::Invalid)?;
+        next.save(&self.dd.config()).map_err(SettingsError::Save)?;
         let out = next.replica_server.clone();
         *cfg = next;
         Ok(out)
@@ -177,18 +163,11 @@ impl Host {
 
     /// Rereads the trusted CAs (`tls/`) and the revocation list (config.toml) and puts them in
     /// force for new connections, in and out, without a restart.
-    pub(crate) fn reload_trust(&self) -> Result<String, HostError> {
+    pub(crate) fn reload_trust(&self) -> Result<String, SettingsError> {
         self.identity
             .reload_trust(&crate::init::trusted_cas(&self.dd))
-            .map_err(|e| {
-                ApiError::new(
-                    ErrorCode::InvalidInput,
-                    format!("{e}; the trusted CAs in force are unchanged"),
-                )
-            })?;
-        self.peer_listener
-            .reload()
-            .map_err(|e| ApiError::new(ErrorCode::Io, e.to_string()))?;
+            .map_err(SettingsError::Trust)?;
+        self.peer_listener.reload()?;
         let revoked = match HostConfig::load(&self.dd.config()) {
             Ok(cfg) => {
                 let mut current = self.cfg_mut();
@@ -236,29 +215,164 @@ impl Host {
         fingerprint: &str,
         reason: Option<String>,
         subject: Option<String>,
-    ) -> Result<String, HostError> {
+    ) -> Result<String, SettingsError> {
         let fp = vmrepl_transport::cert::normalize_fingerprint(fingerprint)
-            .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e))?;
+            .map_err(|reason| SettingsError::Fingerprint { reason })?;
         if fp == self.identity.fingerprint() {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::InvalidInput,
-                format!(
-                    "{fp} is this host's own certificate; to retire it, issue this host a new \
-                     certificate and revoke the old one on its peers"
-                ),
-            )));
+            return Err(SettingsError::OwnCertificate { fingerprint: fp });
         }
         let mut cfg = self.cfg_mut();
         let mut next = cfg.clone();
         crate::config::add_revocation(&mut next, &fp, reason, subject);
-        next.validate()
-            .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
-        next.save(&self.dd.config())
-            .map_err(|e| ApiError::new(ErrorCode::Io, e.to_string()))?;
+        next.validate().map_err(SettingsError::Invalid)?;
+        next.save(&self.dd.config()).map_err(SettingsError::Save)?;
         self.identity
             .set_revoked(next.revoked_certs.iter().map(|r| &r.fingerprint));
         tracing::warn!(target: "vmrepl::daemon", fingerprint = %fp, "revoked a peer certificate");
         *cfg = next;
         Ok(fp)
+    }
+}
+
+/// What can go wrong changing this host's own settings (replica server, trust, revocations).
+/// Nothing is changed when one of these is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// A storage folder given as a relative path.
+    #[error("Storage folder {} is not an absolute path.", path.display())]
+    RelativeStorage { path: PathBuf },
+    /// An authorization entry whose primary pattern, issuer or pin is refused.
+    #[error(transparent)]
+    Entry(#[from] AuthzError),
+    /// An authorization entry with an empty trust group.
+    #[error("The trust group is empty; name one (for example DEFAULT).")]
+    EmptyTrustGroup,
+    /// Removing an authorization entry that does not exist.
+    #[error("There is no authorization entry for {primary:?}.")]
+    NoEntry { primary: String },
+    /// A storage folder cannot be created.
+    #[error("Cannot create storage folder {}", path.display())]
+    StorageFolder {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The changed configuration does not validate.
+    #[error(transparent)]
+    Invalid(ConfigError),
+    /// The changed configuration cannot be saved.
+    #[error(transparent)]
+    Save(ConfigError),
+    /// The trusted CAs cannot be reread. The sentence starts with the cause and says what
+    /// stays in force after it, so the cause is in the message (the API sentence does not
+    /// repeat it) as well as the source.
+    #[error("{0}; the trusted CAs in force are unchanged")]
+    Trust(#[source] PkiError),
+    /// The peer listener cannot be rebuilt with the reread trust.
+    #[error(transparent)]
+    Listener(#[from] TlsError),
+    /// A fingerprint that cannot be read.
+    #[error("{reason}")]
+    Fingerprint { reason: String },
+    /// Revoking this host's own certificate.
+    #[error(
+        "{fingerprint} is this host's own certificate; to retire it, issue this host a new \
+         certificate and revoke the old one on its peers"
+    )]
+    OwnCertificate { fingerprint: String },
+}
+
+impl SettingsError {
+    /// The stable API code of this error.
+    pub fn code(&self) -> ErrorCode {
+        use SettingsError::*;
+        match self {
+            RelativeStorage { .. }
+            | Entry(_)
+            | EmptyTrustGroup
+            | Invalid(_)
+            | Trust(_)
+            | Fingerprint { .. }
+            | OwnCertificate { .. } => ErrorCode::InvalidInput,
+            NoEntry { .. } => ErrorCode::NotFound,
+            StorageFolder { .. } | Save(_) | Listener(_) => ErrorCode::Io,
+        }
+    }
+
+    /// The error as the management API answers it (as [`crate::error::HostError::to_api`]
+    /// does for a [`crate::error::HostError::Settings`]).
+    pub fn to_api(&self) -> ApiError {
+        ApiError::new(self.code(), crate::error::sentence(self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::HostError;
+
+    #[test]
+    fn each_kind_of_settings_failure_maps_to_its_api_code_through_host_error() {
+        let cases = [
+            (
+                SettingsError::RelativeStorage { path: "vms".into() },
+                ErrorCode::InvalidInput,
+            ),
+            (
+                SettingsError::NoEntry {
+                    primary: "hosta".into(),
+                },
+                ErrorCode::NotFound,
+            ),
+            (
+                SettingsError::Save(ConfigError::Write {
+                    path: "/var/lib/vmrepl/config.toml".into(),
+                    source: std::io::ErrorKind::PermissionDenied.into(),
+                }),
+                ErrorCode::Io,
+            ),
+            (
+                SettingsError::Invalid(ConfigError::Invalid("no storage".into())),
+                ErrorCode::InvalidInput,
+            ),
+        ];
+        for (e, code) in cases {
+            assert_eq!(e.code(), code, "{e}");
+            let api = e.to_api();
+            let host = HostError::from(e);
+            assert_eq!(host.code(), code);
+            assert_eq!(host.to_api(), api, "the two ways to the API agree");
+        }
+    }
+
+    #[test]
+    fn a_storage_folder_that_cannot_be_created_keeps_its_cause_and_names_it_once() {
+        let source = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let cause = source.to_string();
+        let e = SettingsError::StorageFolder {
+            path: "/srv/replicas".into(),
+            source,
+        };
+        assert!(std::error::Error::source(&e).is_some());
+        let api = HostError::from(e).to_api();
+        assert_eq!(api.code, ErrorCode::Io);
+        assert_eq!(
+            api.message,
+            format!("Cannot create storage folder /srv/replicas: {cause}")
+        );
+    }
+
+    #[test]
+    fn unreadable_trust_says_the_cas_in_force_are_unchanged_after_its_cause_once() {
+        let source = PkiError::HostName(AuthzError::InvalidPattern {
+            pattern: "*".into(),
+            reason: "too wide".into(),
+        });
+        let before = format!("{source}; the trusted CAs in force are unchanged");
+        let e = SettingsError::Trust(source);
+        assert!(std::error::Error::source(&e).is_some());
+        let api = e.to_api();
+        assert_eq!(api.code, ErrorCode::InvalidInput);
+        assert_eq!(api.message, before);
     }
 }
