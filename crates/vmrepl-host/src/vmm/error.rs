@@ -25,14 +25,14 @@ use vmrepl_types::{Generation, NameError, VmName, VmRunState};
 pub enum VmError {
     // --- Which VM ---
     /// No VM has this name here.
-    #[error("There is no VM named {name:?} on this host; `vmrepl vm list` shows the VMs here.")]
+    #[error("There is no VM named \"{name}\" on this host; `vmrepl vm list` shows the VMs here.")]
     NoSuchVm { name: VmName },
     /// The VM with this UUID went away (deleted meanwhile).
     #[error("VM {uuid} is gone.")]
     Gone { uuid: Uuid },
     /// `vm create` with a name that is taken.
     #[error(
-        "A VM named {name:?} already exists on this host; pick another name or delete it first."
+        "A VM named \"{name}\" already exists on this host; pick another name or delete it first."
     )]
     AlreadyExists { name: VmName },
     /// Registering a built VM (failover, test failover) whose name is taken.
