@@ -11,6 +11,7 @@
 //! appended once, at the edge).
 
 use crate::db::{ChangeError, DbError};
+use crate::failover::FailoverError;
 use crate::lifecycle::Refusal;
 use crate::peer::client::PeerError;
 use vmrepl_types::api::{ApiError, ErrorCode};
@@ -42,6 +43,9 @@ pub enum HostError {
         #[source]
         source: PeerError,
     },
+    /// A failover flow (prepare, start, complete, cancel, test, reverse) failed.
+    #[error(transparent)]
+    Failover(#[from] FailoverError),
     /// A refusal or failure already classified with its code and sentence (the VM manager's
     /// checks, the host settings' validation, and flows that build their sentence themselves).
     #[error(transparent)]
@@ -65,6 +69,7 @@ impl HostError {
                 PeerError::Io { .. } => ErrorCode::Io,
                 _ => ErrorCode::Peer,
             },
+            HostError::Failover(e) => e.code(),
             HostError::Api(e) => e.code,
         }
     }
