@@ -14,6 +14,7 @@ use crate::db::{ChangeError, DbError};
 use crate::failover::FailoverError;
 use crate::lifecycle::Refusal;
 use crate::peer::client::PeerError;
+use crate::primary::EnableError;
 use vmrepl_types::api::{ApiError, ErrorCode};
 
 /// What can go wrong in a flow of this host.
@@ -46,6 +47,9 @@ pub enum HostError {
     /// A failover flow (prepare, start, complete, cancel, test, reverse) failed.
     #[error(transparent)]
     Failover(#[from] FailoverError),
+    /// Enabling replication of a VM failed (settings, disks, export folder, the replica's answer).
+    #[error(transparent)]
+    Enable(#[from] EnableError),
     /// A refusal or failure already classified with its code and sentence (the VM manager's
     /// checks, the host settings' validation, and flows that build their sentence themselves).
     #[error(transparent)]
@@ -70,6 +74,7 @@ impl HostError {
                 _ => ErrorCode::Peer,
             },
             HostError::Failover(e) => e.code(),
+            HostError::Enable(e) => e.code(),
             HostError::Api(e) => e.code,
         }
     }
