@@ -12,9 +12,11 @@
 //! appended once, at the edge).
 
 use crate::db::{ChangeError, DbError};
+use crate::failover::FailoverError;
 use crate::host::SettingsError;
 use crate::lifecycle::Refusal;
 use crate::peer::client::PeerError;
+use crate::primary::EnableError;
 use crate::vmm::VmError;
 use vmrepl_types::api::{ApiError, ErrorCode};
 
@@ -51,6 +53,12 @@ pub enum HostError {
     /// A change to the host's own settings was refused or failed.
     #[error(transparent)]
     Settings(#[from] SettingsError),
+    /// A failover flow (prepare, start, complete, cancel, test, reverse) failed.
+    #[error(transparent)]
+    Failover(#[from] FailoverError),
+    /// Enabling replication of a VM failed (settings, disks, export folder, the replica's answer).
+    #[error(transparent)]
+    Enable(#[from] EnableError),
     /// A refusal or failure already classified with its code and sentence (flows that build
     /// their sentence themselves).
     #[error(transparent)]
@@ -76,6 +84,8 @@ impl HostError {
             },
             HostError::Vm(e) => e.code(),
             HostError::Settings(e) => e.code(),
+            HostError::Failover(e) => e.code(),
+            HostError::Enable(e) => e.code(),
             HostError::Api(e) => e.code,
         }
     }

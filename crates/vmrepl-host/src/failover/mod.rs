@@ -26,42 +26,30 @@ use crate::host::Host;
 use crate::replica::{self};
 use std::sync::Arc;
 use std::time::Duration;
-use vmrepl_store::{ReplicaStore, StoreError};
-use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_store::ReplicaStore;
 use vmrepl_types::replication::{RecoveryPointInfo, ReplicationState};
 use vmrepl_types::VmName;
 
 /// How long streaming a failed-over VM's disks off its recovery point may take.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(ErrorCode::Internal, e.to_string())
-}
-
-fn store_err(e: StoreError) -> ApiError {
-    match e {
-        StoreError::NoSuchPoint { .. } => ApiError::new(ErrorCode::InvalidInput, format!("{e}.")),
-        other => ApiError::new(ErrorCode::Io, other.to_string()),
-    }
-}
-
 /// The replica row of the VM called `name` on this host.
 /// The recovery points of a replica VM, oldest first, the latest state last.
 pub async fn points(d: &Arc<Host>, name: &VmName) -> Result<Vec<RecoveryPointInfo>, HostError> {
     let row = replica::named(d, name)?;
     if row.state == ReplicationState::FailedOver {
-        return Err(HostError::Api(ApiError::new(
-            ErrorCode::WrongState,
-            format!("VM {name} has failed over and its recovery points were dropped."),
-        )));
+        return Err(FailoverError::PointsDropped {
+            vm: name.to_string(),
+        }
+        .into());
     }
     let lock = d.replica_locks.vm(&replica::vm_dir(&row));
     let _g = lock.lock().await;
     let root = row.storage_root.clone();
     let pts = tokio::task::spawn_blocking(move || ReplicaStore::open(&root, row.vm_uuid))
         .await
-        .map_err(internal)?
-        .map_err(store_err)?
+        .map_err(FailoverError::Task)?
+        .map_err(FailoverError::from)?
         .points();
     Ok(pts
         .into_iter()
@@ -76,11 +64,13 @@ pub async fn points(d: &Arc<Host>, name: &VmName) -> Result<Vec<RecoveryPointInf
 
 // ------------------------------------------------------------------ primary: prepare, cancel
 
+mod error;
 mod primary_side;
 mod reverse;
 mod start;
 mod test;
 
+pub use error::FailoverError;
 pub use primary_side::*;
 pub use reverse::*;
 pub use start::*;

@@ -3,7 +3,7 @@
 
 use crate::db::ReplicaUpdate;
 use crate::error::HostError;
-use crate::failover::Refusal;
+use crate::failover::{FailoverError, Refusal};
 use crate::host::Host;
 use crate::lifecycle::{PrimaryEvent, ReplicaEvent};
 use crate::peer::proto::{PeerRequest, PeerResponse, RefusalCode};
@@ -11,7 +11,6 @@ use crate::primary;
 use crate::replica::{self};
 use std::sync::Arc;
 use uuid::Uuid;
-use vmrepl_types::api::{ApiError, ErrorCode};
 use vmrepl_types::replication::ReplicationState;
 use vmrepl_types::VmName;
 
@@ -19,11 +18,8 @@ use vmrepl_types::VmName;
 /// its last changes are shipped as a planned point, and replication waits.
 pub async fn prepare(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
     let vm = d.vmm.show(name)?.definition;
-    let rel = primary::load(d, vm.uuid)?.ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::NotFound,
-            format!("VM {name} is not replicated from this host, so there is nothing to prepare; on a replica server use `vmrepl failover start`."),
-        )
+    let rel = primary::load(d, vm.uuid)?.ok_or_else(|| FailoverError::NothingToPrepare {
+        vm: name.to_string(),
     })?;
     match rel.state {
         ReplicationState::SyncedReplicationComplete => {
@@ -56,10 +52,12 @@ pub async fn prepare(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> 
                     .unwrap_or_default(),
             };
             let _ = d.vmm.set_failover_lock(vm.uuid, false).await;
-            Err(HostError::Api(ApiError::new(
-                ErrorCode::Peer,
-                format!("The last changes of {name} could not be sent to {}: {why}. Nothing changed; the VM can still start here.", rel.replica_name),
-            )))
+            Err(FailoverError::LastChangesNotSent {
+                vm: name.to_string(),
+                replica: rel.replica_name,
+                why,
+            }
+            .into())
         }
     }
 }
@@ -82,10 +80,11 @@ pub async fn cancel(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
                 })
                 .await
             {
-                return Err(HostError::Api(ApiError::new(
-                    ErrorCode::WrongState,
-                    format!("{} has already failed VM {name} over; it runs there now. Fail back instead of cancelling.", rel.replica_name),
-                )));
+                return Err(FailoverError::AlreadyRunsOnReplica {
+                    vm: name.to_string(),
+                    replica: rel.replica_name,
+                }
+                .into());
             }
         }
         d.vmm.set_failover_lock(rel.vm_uuid, false).await?;
@@ -97,16 +96,16 @@ pub async fn cancel(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
     }
     let row = replica::named(d, name)?;
     let Some(f) = row.failover.clone() else {
-        return Err(HostError::Api(ApiError::new(
-            ErrorCode::WrongState,
-            format!("VM {name} has not failed over; there is nothing to cancel."),
-        )));
+        return Err(FailoverError::NothingToCancel {
+            vm: name.to_string(),
+        }
+        .into());
     };
     if row.state != ReplicationState::FailedOverWaitingCompletion {
-        return Err(HostError::Api(ApiError::new(
-            ErrorCode::WrongState,
-            format!("The failover of {name} is complete and cannot be cancelled any more."),
-        )));
+        return Err(FailoverError::AlreadyComplete {
+            vm: name.to_string(),
+        }
+        .into());
     }
     if d.vmm.live_process(row.vm_uuid).await.is_some() {
         d.vmm.stop(name).await?;

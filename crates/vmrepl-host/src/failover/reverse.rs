@@ -4,6 +4,7 @@
 
 use crate::db::NewRelationship;
 use crate::error::HostError;
+use crate::failover::FailoverError;
 use crate::host::Host;
 use crate::lifecycle::{PrimaryEvent, ReplicaEvent, ReverseStart};
 use crate::peer::proto::{PeerRequest, PeerResponse, RefusalCode};
@@ -12,7 +13,6 @@ use crate::replica::{self};
 use std::path::Path;
 use std::sync::Arc;
 use uuid::Uuid;
-use vmrepl_types::api::{ApiError, ErrorCode};
 use vmrepl_types::replication::{ReplicationSettings, ReplicationState};
 use vmrepl_types::{VmDefinition, VmName};
 
@@ -28,43 +28,40 @@ pub async fn reverse(
     let f = match (&row.failover, row.state) {
         (Some(f), ReplicationState::FailedOver) => f.clone(),
         (Some(_), _) => {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::WrongState,
-                format!("Complete the failover of {name} first (`vmrepl failover complete {name}`)."),
-            )))
+            return Err(FailoverError::CompleteFirst {
+                vm: name.to_string(),
+            }
+            .into())
         }
         (None, _) => {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::WrongState,
-                format!("VM {name} has not failed over to this host; reverse replication follows a failover."),
-            )))
+            return Err(FailoverError::NotFailedOver {
+                vm: name.to_string(),
+            }
+            .into())
         }
     };
     let mut settings = settings;
     if settings.replica_server.is_empty() {
         // Back to where the old primary said it listens, under the name its certificate has.
-        settings.replica_server = row.primary_server.clone().ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::InvalidInput,
-                format!("The old primary {} never said where it listens; give --replica-server HOST:PORT.", row.primary_host),
-            )
-        })?;
+        settings.replica_server =
+            row.primary_server
+                .clone()
+                .ok_or_else(|| FailoverError::NoPrimaryAddress {
+                    primary: row.primary_host.clone(),
+                })?;
         settings
             .replica_host_name
             .get_or_insert_with(|| row.primary_host.clone());
     }
-    settings.validate().map_err(|m| {
-        ApiError::new(
-            ErrorCode::InvalidInput,
-            format!("Invalid replication settings: {m}."),
-        )
-    })?;
-    let def = d.vmm.definition(row.vm_uuid).ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::NotFound,
-            format!("The failed-over VM {name} is gone."),
-        )
-    })?;
+    settings
+        .validate()
+        .map_err(|why| FailoverError::InvalidSettings { why })?;
+    let def = d
+        .vmm
+        .definition(row.vm_uuid)
+        .ok_or_else(|| FailoverError::VmGone {
+            vm: name.to_string(),
+        })?;
     let (mut client, theirs) = primary::reach_replica(d, &settings, &def).await?;
     let replica_vm = primary::replica_view(&def, &settings);
     let policy = primary::point_policy(&settings);
@@ -79,7 +76,7 @@ pub async fn reverse(
             old_relationship: Some(row.relationship),
         })
         .await
-        .map_err(|e| ApiError::new(ErrorCode::Peer, format!("{e}. Nothing was changed.")))?;
+        .map_err(|source| FailoverError::ReverseRequest { source })?;
     let (delta, resync, reason) = match answer {
         PeerResponse::Reversed {
             delta,
@@ -87,25 +84,21 @@ pub async fn reverse(
             full_copy_reason,
         } => (delta, resync, full_copy_reason),
         PeerResponse::Refused { message, code } => {
-            let hint = if code == RefusalCode::NotAuthorized || code == RefusalCode::Disabled {
-                format!(
-                    " On {}, enable its replica server and authorize this host ({}).",
-                    theirs.host_name,
-                    d.vmm.caps().host_name
-                )
-            } else {
-                String::new()
-            };
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::Peer,
-                format!("{} refused to become the replica of {name}: {message}.{hint} Nothing was changed.", theirs.host_name),
-            )));
+            return Err(FailoverError::ReverseRefused {
+                vm: name.to_string(),
+                replica: theirs.host_name,
+                message,
+                code,
+                this_host: d.vmm.caps().host_name.clone(),
+            }
+            .into());
         }
         other => {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::Peer,
-                format!("Unexpected answer from {}: {other:?}", theirs.host_name),
-            )))
+            return Err(FailoverError::UnexpectedAnswer {
+                from: theirs.host_name,
+                answer: format!("{other:?}"),
+            }
+            .into())
         }
     };
     if let Err(e) = primary::send_boot_files(&mut client, &def, &[]).await {

@@ -4,8 +4,7 @@
 
 use crate::db::ReplicaUpdate;
 use crate::error::HostError;
-use crate::failover::internal;
-use crate::failover::store_err;
+use crate::failover::FailoverError;
 use crate::failover::STREAM_TIMEOUT;
 use crate::host::Host;
 use crate::lifecycle::ReplicaEvent;
@@ -18,7 +17,6 @@ use std::sync::Arc;
 use uuid::Uuid;
 use vmrepl_store::{PointRef, ReplicaStore, StoreError};
 use vmrepl_tracking::RelTag;
-use vmrepl_types::api::{ApiError, ErrorCode};
 use vmrepl_types::replication::ReplicationState;
 use vmrepl_types::vm::NicMode;
 use vmrepl_types::{VmDefinition, VmName};
@@ -65,14 +63,11 @@ pub(crate) async fn ask_primary(d: &Host, row: &ReplicaRow) -> PrimaryView {
 /// I7: this host must run the VM exactly as it is.
 pub(crate) fn check_runnable(d: &Host, def: &VmDefinition) -> Result<(), HostError> {
     d.vmm.caps().check_runs(def).map_err(|why| {
-        ApiError::new(
-            ErrorCode::Unsupported,
-            format!(
-                "This host ({}) cannot run VM {}: {why}. Nothing was changed.",
-                d.vmm.caps().host_name,
-                def.name
-            ),
-        )
+        FailoverError::CannotRunHere {
+            host: d.vmm.caps().host_name.clone(),
+            vm: def.name.to_string(),
+            why,
+        }
         .into()
     })
 }
@@ -94,20 +89,21 @@ pub(crate) fn boot_here(
         let src = held.join(file.file_name());
         let dest = dir.join(file.file_name());
         if !src.is_file() {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::WrongState,
-                format!(
-                    "VM {} boots a kernel directly, and the primary {} has not sent its {} yet (it does with its next cycle); retry then. Nothing was changed.",
-                    row.name, row.primary_host, file.file_name()
-                ),
-            )));
+            return Err(FailoverError::BootFileMissing {
+                vm: row.name.clone(),
+                primary: row.primary_host.clone(),
+                file: file.file_name(),
+            }
+            .into());
         }
-        std::fs::copy(&src, &dest).map_err(|e| {
-            ApiError::new(
-                ErrorCode::Io,
-                format!("Cannot copy {} to {}: {e}", src.display(), dest.display()),
-            )
-        })?;
+        if let Err(source) = std::fs::copy(&src, &dest) {
+            return Err(FailoverError::CopyBootFile {
+                from: src,
+                to: dest,
+                source,
+            }
+            .into());
+        }
         Ok(dest)
     };
     k.kernel = copy(BootFile::Kernel)?;
@@ -115,18 +111,6 @@ pub(crate) fn boot_here(
         k.initrd = Some(copy(BootFile::Initrd)?);
     }
     Ok(())
-}
-
-/// A failover that needs the newest state while the replica cannot apply its last log.
-pub(crate) fn unapplied(name: &VmName, e: replica::ApplyError) -> ApiError {
-    ApiError::new(
-        ErrorCode::Io,
-        format!(
-            "The replica of {name} cannot apply its received logs: {e}. Its newest state is not \
-             whole; choose an older recovery point with --point SEQ (`vmrepl replication points \
-             {name}` lists them). Nothing was changed."
-        ),
-    )
 }
 
 /// Makes overlays of `point` in `dest` under the replica's lock; returns them and the point.
@@ -147,9 +131,8 @@ pub(crate) async fn overlays(
         vm.overlay_for(p, &dest)
     })
     .await
-    .map_err(internal)?
-    .map_err(store_err)
-    .map_err(HostError::from)
+    .map_err(FailoverError::Task)?
+    .map_err(|e| FailoverError::from(e).into())
 }
 
 /// The definition of a VM built on overlays: same VM (machine type, firmware, generation
@@ -176,10 +159,10 @@ where
     let ids: Vec<String> = def.disks.iter().map(|x| x.id.clone()).collect();
     let ep = primary::Endpoint::open(d, def, &ids, None)
         .await
-        .map_err(|e| ApiError::new(ErrorCode::Qemu, e))?;
+        .map_err(|why| FailoverError::OpenDisks { why })?;
     let r = f(ep.qmp().clone(), ids).await;
     ep.close().await;
-    Ok(r.map_err(|e| ApiError::new(ErrorCode::Qemu, e.to_string()))?)
+    Ok(r.map_err(FailoverError::Tracking)?)
 }
 
 /// Fails a replica VM over (on the replica server). Planned when the primary prepared it.
@@ -192,31 +175,35 @@ pub async fn start(
 ) -> Result<String, HostError> {
     let row = replica::named(d, name)?;
     if let Some(f) = &row.failover {
-        return Err(HostError::Api(ApiError::new(
-            ErrorCode::WrongState,
-            format!("VM {name} has already failed over to point {}; complete or cancel that failover first.", f.point_seq),
-        )));
+        return Err(FailoverError::AlreadyFailedOver {
+            vm: name.to_string(),
+            seq: f.point_seq,
+        }
+        .into());
     }
     if row.last_applied == 0 {
-        return Err(HostError::Api(ApiError::new(
-            ErrorCode::WrongState,
-            format!("Initial replication of {name} is not complete; there is no recovery point to fail over to."),
-        )));
+        return Err(FailoverError::NoPointYet {
+            vm: name.to_string(),
+        }
+        .into());
     }
     check_runnable(d, &row.definition)?;
     // I6: one host at a time.
     let prepared = match ask_primary(d, &row).await {
         PrimaryView::Answered { running: true, .. } if !risk_split_brain => {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::WrongState,
-                format!("VM {name} is running on the primary {}. Shut it down there and run `vmrepl failover prepare {name}` for a planned failover; nothing was changed.", row.primary_host),
-            )))
+            return Err(FailoverError::RunningOnPrimary {
+                vm: name.to_string(),
+                primary: row.primary_host.clone(),
+            }
+            .into())
         }
         PrimaryView::Unreachable(why) if !risk_split_brain => {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::Peer,
-                format!("The primary {} cannot be asked whether VM {name} runs there ({why}). If that host is lost, repeat with --risk-split-brain: two running copies of the VM would diverge. Nothing was changed.", row.primary_host),
-            )))
+            return Err(FailoverError::PrimaryUnreachable {
+                vm: name.to_string(),
+                primary: row.primary_host.clone(),
+                why,
+            }
+            .into())
         }
         PrimaryView::Answered { prepared_seq, .. } => prepared_seq,
         PrimaryView::Unreachable(_) => None,
@@ -232,20 +219,25 @@ pub async fn start(
             tracing::warn!(target: "vmrepl::failover", vm = %row.vm_uuid, "failing over to point {point:?} although the newest log cannot be applied: {e}");
             row.last_applied
         }
-        Err(e) => return Err(HostError::Api(unapplied(name, e))),
+        Err(source) => {
+            return Err(FailoverError::Unapplied {
+                vm: name.to_string(),
+                source,
+            }
+            .into())
+        }
     };
     if let Some(s) = prepared {
         if last != s {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::WrongState,
-                format!("The primary prepared {name} at log {s} but this replica holds log {last}; wait for the primary to finish sending and retry. Nothing was changed."),
-            )));
+            return Err(FailoverError::PreparedAtOtherPoint {
+                vm: name.to_string(),
+                prepared: s,
+                held: last,
+            }
+            .into());
         }
         if point.is_some_and(|p| p != s) {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::InvalidInput,
-                format!("A planned failover goes to the prepared point {s}; drop --point."),
-            )));
+            return Err(FailoverError::PlannedToOtherPoint { prepared: s }.into());
         }
     }
     // The replica's state after that apply pass decides whether this failover may start.
@@ -265,7 +257,7 @@ pub async fn start(
     let ov = overlays(&row, point, vm_dir.clone()).await?;
     let mut def = on_overlay(&row.definition, &ov);
     // The replica's own name on this host (unique here; the primary's name where it was free).
-    def.name = VmName::new(&row.name).map_err(internal)?;
+    def.name = VmName::new(&row.name).map_err(FailoverError::StoredName)?;
     // What the failed-over VM touches is this host's choice, not the primary's: its own copy
     // of the boot files, and adapters connected as this host's admin says (not connected by
     // default), never the primary's tap or bridge names.
@@ -370,18 +362,18 @@ pub async fn complete(d: &Arc<Host>, name: &VmName) -> Result<String, HostError>
         (Some(_), ReplicationState::FailedOverWaitingCompletion) => {}
         (Some(_), _) => return Ok(format!("The failover of {name} is already complete.")),
         (None, _) => {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::WrongState,
-                format!("VM {name} has not failed over; there is nothing to complete (`vmrepl failover start {name}` first)."),
-            )))
+            return Err(FailoverError::NothingToComplete {
+                vm: name.to_string(),
+            }
+            .into())
         }
     }
-    let def = d.vmm.definition(row.vm_uuid).ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::NotFound,
-            format!("The failed-over VM {name} is gone."),
-        )
-    })?;
+    let def = d
+        .vmm
+        .definition(row.vm_uuid)
+        .ok_or_else(|| FailoverError::VmGone {
+            vm: name.to_string(),
+        })?;
     {
         let _op = d.vmm.op_lock(row.vm_uuid).await;
         // Live through the VM's QEMU if it runs: the guest keeps writing meanwhile.

@@ -4,16 +4,14 @@
 use crate::error::HostError;
 use crate::failover::boot_here;
 use crate::failover::check_runnable;
-use crate::failover::internal;
 use crate::failover::on_overlay;
 use crate::failover::overlays;
 use crate::failover::remove_files;
-use crate::failover::unapplied;
+use crate::failover::FailoverError;
 use crate::host::Host;
 use crate::replica::{self, TestFailover};
 use std::sync::Arc;
 use uuid::Uuid;
-use vmrepl_types::api::{ApiError, ErrorCode};
 use vmrepl_types::vm::{NicDef, NicMode};
 use vmrepl_types::VmName;
 
@@ -27,33 +25,38 @@ pub async fn test(
 ) -> Result<String, HostError> {
     let row = replica::named(d, name)?;
     if let Some(t) = &row.test_failover {
-        return Err(HostError::Api(ApiError::new(
-            ErrorCode::AlreadyExists,
-            format!("A test failover of {name} runs already as VM {:?}; stop it with `vmrepl failover stop-test {name}` first.", t.name),
-        )));
+        return Err(FailoverError::TestRunning {
+            vm: name.to_string(),
+            test_vm: t.name.clone(),
+        }
+        .into());
     }
     if row.failover.is_some() {
-        return Err(HostError::Api(ApiError::new(
-            ErrorCode::WrongState,
-            format!("VM {name} has failed over; test failover is for a replica."),
-        )));
+        return Err(FailoverError::TestOfFailedOver {
+            vm: name.to_string(),
+        }
+        .into());
     }
     if row.last_applied == 0 {
-        return Err(HostError::Api(ApiError::new(
-            ErrorCode::WrongState,
-            format!("Initial replication of {name} is not complete; there is no point to test."),
-        )));
+        return Err(FailoverError::NoPointToTest {
+            vm: name.to_string(),
+        }
+        .into());
     }
     check_runnable(d, &row.definition)?;
     let test_name = VmName::new(&vmrepl_types::name::with_suffix(&row.name, " - Test"))
-        .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
+        .map_err(FailoverError::TestName)?;
     let uuid = Uuid::new_v4();
     let lock = d.replica_locks.vm(&replica::vm_dir(&row));
     let _g = lock.lock().await;
     if let Err(e) = replica::apply_and_record(d, &row).await {
         // Only an explicit older point may be tested while the newest state is not whole.
         if point.is_none_or(|p| p > row.last_applied) {
-            return Err(HostError::Api(unapplied(name, e)));
+            return Err(FailoverError::Unapplied {
+                vm: name.to_string(),
+                source: e,
+            }
+            .into());
         }
     }
     let dir = d.vmm.default_storage().join(uuid.to_string());
@@ -95,7 +98,7 @@ pub async fn test(
     };
     let db = d.db();
     db.set_test_failover(row.vm_uuid, Some(&t))
-        .map_err(internal)?;
+        .map_err(FailoverError::RecordTest)?;
     let _ = db.event(
         Some(row.vm_uuid),
         &format!("test failover to point {} as {:?}", t.point_seq, t.name),
@@ -113,12 +116,12 @@ pub async fn test(
 pub async fn stop_test(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
     let row = replica::named(d, name)?;
     let Some(t) = row.test_failover.clone() else {
-        return Err(HostError::Api(ApiError::new(
-            ErrorCode::WrongState,
-            format!("No test failover of {name} runs."),
-        )));
+        return Err(FailoverError::NoTestRunning {
+            vm: name.to_string(),
+        }
+        .into());
     };
-    let test_name = VmName::new(&t.name).map_err(internal)?;
+    let test_name = VmName::new(&t.name).map_err(FailoverError::StoredName)?;
     if d.vmm.show(&test_name).is_ok() {
         if d.vmm.live_process(t.vm_uuid).await.is_some() {
             d.vmm.stop(&test_name).await?;
@@ -127,7 +130,8 @@ pub async fn stop_test(d: &Arc<Host>, name: &VmName) -> Result<String, HostError
     }
     let _ = std::fs::remove_dir(d.vmm.default_storage().join(t.vm_uuid.to_string()));
     let db = d.db();
-    db.set_test_failover(row.vm_uuid, None).map_err(internal)?;
+    db.set_test_failover(row.vm_uuid, None)
+        .map_err(FailoverError::RecordTest)?;
     let _ = db.event(Some(row.vm_uuid), "test failover stopped");
     Ok(format!(
         "Test failover of {name} stopped; VM {:?} and what it wrote are deleted.",

@@ -11,30 +11,24 @@ use crate::peer::proto::{PeerRequest, PeerResponse, PointPolicy};
 use crate::primary::insert;
 use crate::primary::load;
 use crate::primary::spawn;
+use crate::primary::{BootFileError, EnableError};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
-use vmrepl_types::api::{ApiError, ErrorCode};
 use vmrepl_types::replication::{InitialReplication, ReplicationSettings};
 use vmrepl_types::{VmDefinition, VmName};
 
 /// Splits `host:port` and gives the name the replica's certificate must carry.
-pub(crate) fn replica_target(s: &ReplicationSettings) -> Result<(String, String), HostError> {
-    let (host, port) = s.replica_server.rsplit_once(':').ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::InvalidInput,
-            format!(
-                "Replica server {:?} is not HOST:PORT (for example hostb.example.org:7443).",
-                s.replica_server
-            ),
-        )
-    })?;
-    port.parse::<u16>().map_err(|_| {
-        ApiError::new(
-            ErrorCode::InvalidInput,
-            format!("Port {port:?} of the replica server is not a number."),
-        )
+pub(crate) fn replica_target(s: &ReplicationSettings) -> Result<(String, String), EnableError> {
+    let (host, port) =
+        s.replica_server
+            .rsplit_once(':')
+            .ok_or_else(|| EnableError::NotHostPort {
+                server: s.replica_server.clone(),
+            })?;
+    port.parse::<u16>().map_err(|_| EnableError::BadPort {
+        port: port.to_string(),
     })?;
     let name = s
         .replica_host_name
@@ -47,7 +41,7 @@ pub(crate) async fn connect(
     d: &Host,
     s: &ReplicationSettings,
 ) -> Result<(PeerClient, vmrepl_types::HostInfo), String> {
-    let (addr, name) = replica_target(s).map_err(|e| e.to_api().message)?;
+    let (addr, name) = replica_target(s).map_err(|e| e.to_string())?;
     PeerClient::connect(&d.identity, d.vmm.caps(), &addr, &name)
         .await
         .map_err(|e| e.to_string())
@@ -83,49 +77,43 @@ pub async fn enable(
     name: &VmName,
     settings: ReplicationSettings,
 ) -> Result<String, HostError> {
-    settings.validate().map_err(|m| {
-        ApiError::new(
-            ErrorCode::InvalidInput,
-            format!("Invalid replication settings: {m}."),
-        )
-    })?;
+    settings
+        .validate()
+        .map_err(|why| EnableError::InvalidSettings { why })?;
     let vm = d.vmm.show(name)?.definition;
     if load(d, vm.uuid)?.is_some() {
-        return Err(HostError::Api(ApiError::new(
-            ErrorCode::AlreadyExists,
-            format!("Replication is already enabled for VM {name}; `vmrepl replication status {name}` shows it, `replication remove` removes it."),
-        )));
+        return Err(EnableError::AlreadyEnabled {
+            vm: name.to_string(),
+        }
+        .into());
     }
     for x in &settings.exclude_disks {
         if vm.disk(x).is_none() {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::InvalidInput,
-                format!(
-                    "VM {name} has no disk {x:?} to exclude; its disks are {}.",
-                    vm.disks
-                        .iter()
-                        .map(|d| d.id.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            )));
+            return Err(EnableError::NoSuchDisk {
+                vm: name.to_string(),
+                disk: x.clone(),
+                disks: vm
+                    .disks
+                    .iter()
+                    .map(|d| d.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+            .into());
         }
     }
     if replicated_disks(&vm, &settings).is_empty() {
-        return Err(HostError::Api(ApiError::new(
-            ErrorCode::InvalidInput,
-            format!("VM {name} would replicate no disk; exclude fewer."),
-        )));
+        return Err(EnableError::NoDiskLeft {
+            vm: name.to_string(),
+        }
+        .into());
     }
     match &settings.initial {
         InitialReplication::NetworkNow => {}
         InitialReplication::NetworkAt { unix_secs } => {
             let now = now_ms() / 1000;
             if *unix_secs > now + 7 * 86400 {
-                return Err(HostError::Api(ApiError::new(
-                    ErrorCode::InvalidInput,
-                    "Initial replication can be scheduled at most 7 days ahead (as in Hyper-V).",
-                )));
+                return Err(EnableError::ScheduledTooFar.into());
             }
         }
         InitialReplication::Export { folder } => check_export_folder(folder)?,
@@ -133,20 +121,17 @@ pub async fn enable(
     }
     let (mut client, theirs) = reach_replica(d, &settings, &vm).await?;
     let replica_vm = replica_view(&vm, &settings);
-    let ask = |r: PeerResponse, what: &str| -> Result<(), HostError> {
+    let ask = |r: PeerResponse, what: &'static str| -> Result<(), EnableError> {
         match r {
             PeerResponse::Ok => Ok(()),
-            PeerResponse::Refused { message, .. } => Err(HostError::Api(ApiError::new(
-                ErrorCode::Peer,
-                format!(
-                    "The replica server {} refused to {what}: {message}",
-                    theirs.host_name
-                ),
-            ))),
-            other => Err(HostError::Api(ApiError::new(
-                ErrorCode::Peer,
-                format!("Unexpected answer from the replica server: {other:?}"),
-            ))),
+            PeerResponse::Refused { message, .. } => Err(EnableError::Refused {
+                replica: theirs.host_name.clone(),
+                what,
+                message,
+            }),
+            other => Err(EnableError::UnexpectedAnswer {
+                answer: format!("{other:?}"),
+            }),
         }
     };
     let r = client
@@ -154,7 +139,7 @@ pub async fn enable(
             vm: Box::new(replica_vm.clone()),
         })
         .await
-        .map_err(|e| ApiError::new(ErrorCode::Peer, e.to_string()))?;
+        .map_err(EnableError::Request)?;
     ask(r, "host this VM")?;
     let rel_id = Uuid::new_v4();
     let policy = point_policy(&settings);
@@ -169,7 +154,7 @@ pub async fn enable(
             existing_copy,
         })
         .await
-        .map_err(|e| ApiError::new(ErrorCode::Peer, e.to_string()))?;
+        .map_err(EnableError::Request)?;
     ask(
         r,
         if existing_copy {
@@ -242,15 +227,13 @@ pub(crate) async fn reach_replica(
             doing: format!("replicate VM {}", vm.name),
             source,
         })?;
-    theirs.check_runs(vm).map_err(|why| {
-        ApiError::new(
-            ErrorCode::Unsupported,
-            format!(
-                "The replica server {} cannot run VM {}: {why}. Nothing was changed.",
-                theirs.host_name, vm.name
-            ),
-        )
-    })?;
+    theirs
+        .check_runs(vm)
+        .map_err(|why| EnableError::ReplicaCannotRun {
+            replica: theirs.host_name.clone(),
+            vm: vm.name.to_string(),
+            why,
+        })?;
     Ok((client, theirs))
 }
 
@@ -262,7 +245,7 @@ pub(crate) async fn send_boot_files(
     client: &mut PeerClient,
     vm: &VmDefinition,
     held: &[(crate::peer::proto::BootFile, String)],
-) -> Result<(), String> {
+) -> Result<(), BootFileError> {
     use crate::peer::proto::BootFile;
     let Some(k) = &vm.kernel else {
         return Ok(());
@@ -276,13 +259,11 @@ pub(crate) async fn send_boot_files(
         let p = path.clone();
         let sum = tokio::task::spawn_blocking(move || boot_file_digest(&p))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| {
-                format!(
-                    "cannot read the {} {}: {e}",
-                    file.file_name(),
-                    path.display()
-                )
+            .map_err(BootFileError::Task)?
+            .map_err(|source| BootFileError::Read {
+                file: file.file_name(),
+                path: path.clone(),
+                source,
             })?;
         if held
             .iter()
@@ -293,16 +274,16 @@ pub(crate) async fn send_boot_files(
         match client
             .put_boot_file(vm.uuid, file, path, sum)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(BootFileError::Send)?
         {
             PeerResponse::Ok => {
                 tracing::info!(target: "vmrepl::replication", vm = %vm.name, file = file.file_name(), "boot file sent to the replica");
             }
             other => {
-                return Err(format!(
-                    "the replica did not keep the {}: {other:?}",
-                    file.file_name()
-                ))
+                return Err(BootFileError::NotKept {
+                    file: file.file_name(),
+                    answer: format!("{other:?}"),
+                })
             }
         }
     }
@@ -337,26 +318,21 @@ pub fn export_file(folder: &Path, name: &VmName) -> PathBuf {
 }
 
 /// An export folder must be an existing, writable directory given by an absolute path.
-pub(crate) fn check_export_folder(folder: &Path) -> Result<(), HostError> {
-    let bad = |why: String| ApiError::new(ErrorCode::InvalidInput, why);
+pub(crate) fn check_export_folder(folder: &Path) -> Result<(), EnableError> {
     if !folder.is_absolute() {
-        return Err(HostError::Api(bad(format!(
-            "The export folder {} is not an absolute path.",
-            folder.display()
-        ))));
+        return Err(EnableError::ExportNotAbsolute {
+            folder: folder.to_path_buf(),
+        });
     }
     if !folder.is_dir() {
-        return Err(HostError::Api(bad(format!(
-            "The export folder {} does not exist or is not a folder; create it (for example on the external disk) first.",
-            folder.display()
-        ))));
+        return Err(EnableError::ExportNotAFolder {
+            folder: folder.to_path_buf(),
+        });
     }
     let probe = folder.join(format!(".vmrepl-probe-{}", std::process::id()));
-    std::fs::write(&probe, b"").map_err(|e| {
-        bad(format!(
-            "This host cannot write into the export folder {}: {e}.",
-            folder.display()
-        ))
+    std::fs::write(&probe, b"").map_err(|source| EnableError::ExportNotWritable {
+        folder: folder.to_path_buf(),
+        source,
     })?;
     let _ = std::fs::remove_file(&probe);
     Ok(())

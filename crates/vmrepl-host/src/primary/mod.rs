@@ -27,6 +27,7 @@ pub const MONITORING_WINDOW_MS: u64 = 12 * 3600 * 1000;
 
 mod cycle;
 mod enable;
+mod enable_error;
 mod endpoint;
 mod log_build;
 mod ops;
@@ -43,6 +44,7 @@ mod fakes;
 
 pub(crate) use cycle::*;
 pub use enable::*;
+pub use enable_error::{BootFileError, EnableError};
 pub(crate) use endpoint::*;
 pub(crate) use log_build::*;
 pub use ops::*;

@@ -247,7 +247,9 @@ impl ReplicaPeer for PeerClient {
         vm: &VmDefinition,
         held: &[(BootFile, String)],
     ) -> Result<(), String> {
-        super::send_boot_files(self, vm, held).await
+        super::send_boot_files(self, vm, held)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn send_log_stream(
