@@ -17,6 +17,7 @@ use crate::host::SettingsError;
 use crate::lifecycle::Refusal;
 use crate::peer::client::PeerError;
 use crate::primary::EnableError;
+use crate::replica::ReplicaError;
 use crate::vmm::VmError;
 use vmrepl_types::api::{ApiError, ErrorCode};
 
@@ -59,6 +60,9 @@ pub enum HostError {
     /// Enabling replication of a VM failed (settings, disks, export folder, the replica's answer).
     #[error(transparent)]
     Enable(#[from] EnableError),
+    /// A replica-side command (import, accept-copy, networks) was refused or failed.
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
     /// A refusal or failure already classified with its code and sentence (flows that build
     /// their sentence themselves).
     #[error(transparent)]
@@ -86,6 +90,7 @@ impl HostError {
             HostError::Settings(e) => e.code(),
             HostError::Failover(e) => e.code(),
             HostError::Enable(e) => e.code(),
+            HostError::Replica(e) => e.code(),
             HostError::Api(e) => e.code,
         }
     }

@@ -273,6 +273,79 @@ impl Db {
         Ok(())
     }
 
+    /// The networks this host's admin set for a replica's adapters (`replication network`),
+    /// as stored; an adapter not listed is not connected.
+    pub fn replica_networks(
+        &self,
+        vm_uuid: Uuid,
+    ) -> Result<Vec<vmrepl_types::api::AdapterNetwork>, DbError> {
+        let json: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT networks FROM replica_networks WHERE vm_uuid = ?1",
+                params![vm_uuid.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        json.map(|t| {
+            serde_json::from_str(&t).map_err(|e| {
+                DbError::Corrupt(format!(
+                    "the networks of replica {vm_uuid} are unreadable: {e}"
+                ))
+            })
+        })
+        .transpose()
+        .map(Option::unwrap_or_default)
+    }
+
+    /// Stores the networks of a replica's adapters.
+    pub fn set_replica_networks(
+        &self,
+        vm_uuid: Uuid,
+        nets: &[vmrepl_types::api::AdapterNetwork],
+    ) -> Result<(), DbError> {
+        let json = serde_json::to_string(nets).map_err(|e| DbError::Corrupt(e.to_string()))?;
+        self.conn.execute(
+            "INSERT INTO replica_networks (vm_uuid, networks) VALUES (?1, ?2) \
+             ON CONFLICT (vm_uuid) DO UPDATE SET networks = excluded.networks",
+            params![vm_uuid.to_string(), json],
+        )?;
+        Ok(())
+    }
+
+    /// Designates the local VM `vm_uuid` as the existing copy `primary` may adopt (table
+    /// `accepted_copies`, migration 6).
+    pub fn accept_copy(&self, vm_uuid: Uuid, primary: &str) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT INTO accepted_copies (vm_uuid, primary_host, created_ms) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (vm_uuid) DO UPDATE SET primary_host = excluded.primary_host, \
+             created_ms = excluded.created_ms",
+            params![vm_uuid.to_string(), primary, now_ms() as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Withdraws a designation; whether there was one.
+    pub fn withdraw_copy(&self, vm_uuid: Uuid) -> Result<bool, DbError> {
+        let n = self.conn.execute(
+            "DELETE FROM accepted_copies WHERE vm_uuid = ?1",
+            params![vm_uuid.to_string()],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// The primary the local VM `vm_uuid` is designated for as an existing copy, if any.
+    pub fn accepted_copy(&self, vm_uuid: Uuid) -> Result<Option<String>, DbError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT primary_host FROM accepted_copies WHERE vm_uuid = ?1",
+                params![vm_uuid.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     /// Applies `event` to the replica of `vm_uuid` (the one way its state changes): the state
     /// machine ([`on_replica`]) decides, and the state, its error and the transition with its
     /// `cause` are written in one transaction. `applied` records an apply pass (the last

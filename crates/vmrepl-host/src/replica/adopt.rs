@@ -10,12 +10,12 @@ use crate::replica::accept_spooled;
 use crate::replica::apply_and_record;
 use crate::replica::named;
 use crate::replica::vm_dir;
+use crate::replica::ReplicaError;
 use crate::replica::Unaccepted;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use uuid::Uuid;
 use vmrepl_store::ReplicaStore;
-use vmrepl_types::api::{ApiError, ErrorCode};
 use vmrepl_types::VmDefinition;
 
 /// Whether a VM with this uuid runs on this host (a normal VM in the `vms` table).
@@ -117,10 +117,10 @@ pub fn accept_copy(
     withdraw: bool,
 ) -> Result<String, HostError> {
     let primary = vmrepl_transport::authz::normalize_host_name(primary).map_err(|e| {
-        ApiError::new(
-            ErrorCode::InvalidInput,
-            format!("{primary:?} is not a host name: {e}."),
-        )
+        ReplicaError::NotAHostName {
+            primary: primary.to_string(),
+            reason: e.to_string(),
+        }
     })?;
     let vm = d.vmm.show(name)?;
     let uuid = vm.definition.uuid;
@@ -130,16 +130,11 @@ pub fn accept_copy(
         .map_err(HostError::db("reading the relationships"))?
         .is_some();
     let db = d.db();
-    let sql = |e: rusqlite::Error| ApiError::new(ErrorCode::Internal, e.to_string());
     if withdraw {
-        let n = db
-            .conn()
-            .execute(
-                "DELETE FROM accepted_copies WHERE vm_uuid = ?1",
-                [uuid.to_string()],
-            )
-            .map_err(sql)?;
-        return Ok(if n == 0 {
+        let had = db
+            .withdraw_copy(uuid)
+            .map_err(HostError::db("withdrawing an existing copy"))?;
+        return Ok(if !had {
             format!("VM {name} was not designated as an existing copy; nothing changed.")
         } else {
             let _ = db.event(
@@ -150,18 +145,13 @@ pub fn accept_copy(
         });
     }
     if replicated {
-        return Err(HostError::Api(ApiError::new(
-            ErrorCode::WrongState,
-            format!("VM {name} is itself replicated; remove its replication first (`vmrepl replication remove {name}`)."),
-        )));
+        return Err(ReplicaError::ItselfReplicated {
+            vm: name.to_string(),
+        }
+        .into());
     }
-    db.conn()
-        .execute(
-            "INSERT INTO accepted_copies (vm_uuid, primary_host, created_ms) VALUES (?1, ?2, ?3)
-             ON CONFLICT (vm_uuid) DO UPDATE SET primary_host = excluded.primary_host, created_ms = excluded.created_ms",
-            rusqlite::params![uuid.to_string(), primary, now_ms() as i64],
-        )
-        .map_err(sql)?;
+    db.accept_copy(uuid, &primary)
+        .map_err(HostError::db("designating an existing copy"))?;
     let _ = db.event(
         Some(uuid),
         &format!("{name} designated as the existing copy for primary {primary}"),
@@ -197,14 +187,9 @@ pub(crate) fn designated_copy(
     let local = d.vmm.show(&vm.name).map_err(|_| refused())?;
     let uuid = local.definition.uuid;
     let designated: Option<String> = {
-        let db = d.db();
-        db.conn()
-            .query_row(
-                "SELECT primary_host FROM accepted_copies WHERE vm_uuid = ?1",
-                [uuid.to_string()],
-                |r| r.get(0),
-            )
-            .ok()
+        d.db()
+            .accepted_copy(uuid)
+            .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?
     };
     if designated.as_deref() != Some(peer_norm.as_str()) || peer_norm.is_empty() {
         return Err(refused());
@@ -280,11 +265,7 @@ pub async fn adopt_existing_copy(
         let _ = std::fs::remove_file(n);
     }
     {
-        let db = d.db();
-        let _ = db.conn().execute(
-            "DELETE FROM accepted_copies WHERE vm_uuid = ?1",
-            [local.uuid.to_string()],
-        );
+        let _ = d.db().withdraw_copy(local.uuid);
     }
     tracing::info!(target: "vmrepl::replica", vm = %vm.uuid, name = %vm.name, peer, "existing copy adopted at sequence 0");
     Ok(())
@@ -302,13 +283,10 @@ pub async fn import_initial(
     name: &vmrepl_types::VmName,
     from: &Path,
 ) -> Result<String, HostError> {
-    let e = |code: ErrorCode, m: String| ApiError::new(code, m);
+    let vm = name.to_string();
     let row = named(d, name)?;
     if row.failover.is_some() {
-        return Err(HostError::Api(e(
-            ErrorCode::WrongState,
-            format!("The replica of {name} has failed over; it takes no initial copy."),
-        )));
+        return Err(ReplicaError::FailedOver { vm }.into());
     }
     let file = if from.is_dir() {
         from.join(format!("{name}.vmrlog"))
@@ -316,50 +294,37 @@ pub async fn import_initial(
         from.to_path_buf()
     };
     let size = std::fs::metadata(&file)
-        .map_err(|x| {
-            e(
-                ErrorCode::NotFound,
-                format!(
-                    "Cannot read the exported initial copy {}: {x}.",
-                    file.display()
-                ),
-            )
+        .map_err(|source| ReplicaError::UnreadableExport {
+            file: file.clone(),
+            source,
         })?
         .len();
     let dir = vm_dir(&row);
     let lock = d.replica_locks.vm(&dir);
     let _g = lock.lock().await;
-    let last = apply_and_record(d, &row).await.map_err(|x| {
-        e(
-            ErrorCode::Internal,
-            format!("The replica of {name} cannot apply its logs: {x}"),
-        )
-    })?;
+    let last = apply_and_record(d, &row)
+        .await
+        .map_err(|source| ReplicaError::CannotApply {
+            vm: vm.clone(),
+            source,
+        })?;
     if last >= 1 {
-        return Err(HostError::Api(e(
-            ErrorCode::WrongState,
-            format!("The replica of {name} already holds its initial copy (log {last} applied); nothing was imported."),
-        )));
+        return Err(ReplicaError::AlreadyHoldsCopy { vm, last }.into());
     }
     let free = vmrepl_store::spool::free_bytes(&dir).unwrap_or(u64::MAX);
     if free < size.saturating_add(vmrepl_store::SPACE_HEADROOM) {
-        return Err(HostError::Api(e(
-            ErrorCode::Internal,
-            format!(
-                "The replica storage {} has {free} bytes free; importing {} needs {size} bytes and more to apply it. Free some space and import again.",
-                dir.display(),
-                file.display()
-            ),
-        )));
+        return Err(ReplicaError::NoSpace {
+            dir,
+            file,
+            free,
+            size,
+        }
+        .into());
     }
-    let unusable = |why: String| {
-        e(
-            ErrorCode::InvalidInput,
-            format!(
-                "{} is not a usable initial copy of {name}: {why}. Nothing was changed; export it again on the primary if it is damaged.",
-                file.display()
-            ),
-        )
+    let unusable = |why: String| ReplicaError::Unusable {
+        file: file.clone(),
+        vm: vm.clone(),
+        why,
     };
     // The primary must still be authorized here, in the replica's trust group (an entry
     // revoked since the export takes its media with it). Its certificate was checked, pins
@@ -379,27 +344,21 @@ pub async fn import_initial(
             })
     };
     if let Err(why) = authorized {
-        return Err(HostError::Api(e(
-            ErrorCode::WrongState,
-            format!(
-                "The primary {} of {name} is not authorized on this host any more ({why}); nothing was imported. Authorize it again (`vmrepl replication server authorize`) or remove the replica.",
-                row.primary_host
-            ),
-        )));
+        return Err(ReplicaError::PrimaryNotAuthorized {
+            primary: row.primary_host.clone(),
+            vm,
+            why,
+        }
+        .into());
     }
     // Only the very file the primary announced (over TLS) is imported: media can be altered
     // or forged on the way, and a forged log can be valid.
     let expected: ExpectedImport = std::fs::read(expected_import_path(&row))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
-        .ok_or_else(|| {
-            e(
-                ErrorCode::WrongState,
-                format!(
-                    "The primary {} has not announced an exported initial copy of {name}; it does when it writes the export (with `--initial-export`). Nothing was imported.",
-                    row.primary_host
-                ),
-            )
+        .ok_or_else(|| ReplicaError::NotAnnounced {
+            primary: row.primary_host.clone(),
+            vm: vm.clone(),
         })?;
     let (src, partial) = (file.clone(), vmrepl_store::spool::partial_path(&dir, 1));
     let primary = row.primary_host.clone();
@@ -428,18 +387,16 @@ pub async fn import_initial(
         copied
     })
     .await
-    .map_err(|x| e(ErrorCode::Internal, x.to_string()))?
+    .map_err(|source| ReplicaError::ImportTask {
+        vm: vm.clone(),
+        source,
+    })?
     .map_err(unusable)?;
     // From here on exactly as a log that came over the network.
     match accept_spooled(&row, 1, 0, Some(vmrepl_log::LogKind::Initial), None).await {
         Ok(()) => {}
-        Err(Unaccepted::Bad(why)) => return Err(HostError::Api(unusable(why))),
-        Err(Unaccepted::NotDurable(why)) => {
-            return Err(HostError::Api(e(
-                ErrorCode::Internal,
-                format!("The initial copy of {name} could not be made durable: {why}."),
-            )))
-        }
+        Err(Unaccepted::Bad(why)) => return Err(unusable(why).into()),
+        Err(Unaccepted::NotDurable(why)) => return Err(ReplicaError::NotDurable { vm, why }.into()),
     }
     {
         let db = d.db();
@@ -451,7 +408,10 @@ pub async fn import_initial(
     }
     let applied = apply_and_record(d, &row)
         .await
-        .map_err(|x| e(ErrorCode::Internal, format!("The initial copy of {name} was imported but could not be applied yet: {x}. It is kept and applied again at the next log or daemon start.")))?;
+        .map_err(|source| ReplicaError::AppliedLater {
+            vm: vm.clone(),
+            source,
+        })?;
     Ok(format!(
         "Initial copy of {name} imported from {} ({} MiB); log {applied} applied. The primary {} continues with the changes since the export at its next cycle.",
         file.display(),

@@ -3,14 +3,14 @@
 use crate::db::ReplicaRow;
 use crate::error::HostError;
 use crate::host::Host;
+use crate::replica::ReplicaError;
 use uuid::Uuid;
-use vmrepl_types::api::{ApiError, ErrorCode};
 
 /// The replica VM named `name` on this host, or an error that says where replica-side
 /// commands run.
 pub(crate) fn named(d: &Host, name: &vmrepl_types::VmName) -> Result<ReplicaRow, HostError> {
     let db = d.db();
-    let sql = |e: crate::db::DbError| ApiError::new(ErrorCode::Internal, e.to_string());
+    let sql = |e| HostError::db("finding a replica")(e);
     let found = match db.replica_named(name.as_str()).map_err(sql)? {
         Some(r) => Some(r),
         // Every replica-side command also takes the VM's UUID.
@@ -20,10 +20,9 @@ pub(crate) fn named(d: &Host, name: &vmrepl_types::VmName) -> Result<ReplicaRow,
         },
     };
     found.ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::NotFound,
-                format!("This host keeps no replica of a VM named {name}; failover and import run on the replica server. `vmrepl replication status` lists what this host replicates."),
-            )
-            .into()
-        })
+        ReplicaError::NoSuchReplica {
+            name: name.to_string(),
+        }
+        .into()
+    })
 }

@@ -12,6 +12,7 @@ pub use crate::db::{FailoverRecord, ReplicaRow, TestFailover};
 
 mod adopt;
 mod apply;
+mod error;
 mod lookup;
 mod networks;
 mod receive;
@@ -20,6 +21,7 @@ mod status;
 
 pub use adopt::*;
 pub use apply::*;
+pub use error::ReplicaError;
 pub(crate) use lookup::*;
 pub use networks::*;
 pub use receive::*;

@@ -6,23 +6,17 @@ use crate::db::ReplicaRow;
 use crate::error::HostError;
 use crate::host::Host;
 use crate::replica::named;
-use rusqlite::params;
-use vmrepl_types::api::{ApiError, ErrorCode};
+use crate::replica::ReplicaError;
 
 /// The networks each adapter of a replica joins on failover and test failover, as this
 /// host's admin set them; an adapter nobody set is not connected.
 pub fn networks(db: &Db, row: &ReplicaRow) -> Vec<vmrepl_types::api::AdapterNetwork> {
     use vmrepl_types::NicMode;
-    let stored: Vec<vmrepl_types::api::AdapterNetwork> = db
-        .conn()
-        .query_row(
-            "SELECT networks FROM replica_networks WHERE vm_uuid = ?1",
-            params![row.vm_uuid.to_string()],
-            |r| r.get::<_, String>(0),
-        )
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
+    // A damaged value reads as no setting (not connected), and says so in the log.
+    let stored = db.replica_networks(row.vm_uuid).unwrap_or_else(|e| {
+        tracing::warn!(target: "vmrepl::replica", vm = %row.vm_uuid, "{e}");
+        Vec::new()
+    });
     row.definition
         .nics
         .iter()
@@ -52,14 +46,12 @@ pub fn set_networks(
     let mut nets = networks(&db, &row);
     if let Some(a) = adapter {
         if a >= nets.len() {
-            return Err(HostError::Api(ApiError::new(
-                ErrorCode::InvalidInput,
-                format!(
-                    "VM {name} has {} network adapters (0 to {}); there is no adapter {a}.",
-                    nets.len(),
-                    nets.len().saturating_sub(1)
-                ),
-            )));
+            return Err(ReplicaError::NoSuchAdapter {
+                vm: name.to_string(),
+                count: nets.len(),
+                adapter: a,
+            }
+            .into());
         }
     }
     if failover.is_none() && test.is_none() {
@@ -76,15 +68,8 @@ pub fn set_networks(
             n.test = t.clone();
         }
     }
-    let json = serde_json::to_string(&nets)
-        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-    db.conn()
-        .execute(
-            "INSERT INTO replica_networks (vm_uuid, networks) VALUES (?1, ?2)
-             ON CONFLICT (vm_uuid) DO UPDATE SET networks = excluded.networks",
-            params![row.vm_uuid.to_string(), json],
-        )
-        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+    db.set_replica_networks(row.vm_uuid, &nets)
+        .map_err(HostError::db("saving the failover networks"))?;
     let _ = db.event(
         Some(row.vm_uuid),
         &format!("failover networks of {name} changed"),
