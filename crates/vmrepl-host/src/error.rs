@@ -30,6 +30,16 @@ pub enum HostError {
          enable {vm} --replica-server HOST:PORT`."
     )]
     NotEnabled { vm: String },
+    /// `replication now` asked of a relationship that is not replicating (not a state change,
+    /// so not the state machine's refusal).
+    #[error("Replication of {vm} is {state}; replicating now needs it replicating (initial replication done, not paused, no resynchronization pending).")]
+    NotReplicating {
+        vm: String,
+        state: vmrepl_types::replication::ReplicationState,
+    },
+    /// `replication now` ran a cycle and it failed (the cycle's own sentence).
+    #[error("Replicating {vm} now failed: {why}")]
+    ReplicateNowFailed { vm: String, why: String },
     /// The relationship's state does not allow what was asked (its state machine refused).
     #[error(transparent)]
     WrongState(#[from] Refusal),
@@ -63,10 +73,6 @@ pub enum HostError {
     /// A replica-side command (import, accept-copy, networks) was refused or failed.
     #[error(transparent)]
     Replica(#[from] ReplicaError),
-    /// A refusal or failure already classified with its code and sentence (flows that build
-    /// their sentence themselves).
-    #[error(transparent)]
-    Api(#[from] ApiError),
 }
 
 impl HostError {
@@ -80,7 +86,8 @@ impl HostError {
     pub fn code(&self) -> ErrorCode {
         match self {
             HostError::NotEnabled { .. } => ErrorCode::NotFound,
-            HostError::WrongState(_) => ErrorCode::WrongState,
+            HostError::WrongState(_) | HostError::NotReplicating { .. } => ErrorCode::WrongState,
+            HostError::ReplicateNowFailed { .. } => ErrorCode::Peer,
             HostError::Db { .. } => ErrorCode::Internal,
             HostError::Peer { source, .. } => match source {
                 PeerError::Io { .. } => ErrorCode::Io,
@@ -91,16 +98,12 @@ impl HostError {
             HostError::Failover(e) => e.code(),
             HostError::Enable(e) => e.code(),
             HostError::Replica(e) => e.code(),
-            HostError::Api(e) => e.code,
         }
     }
 
     /// The error as the management API answers it: its code, and its message followed by
     /// each cause in turn.
     pub fn to_api(&self) -> ApiError {
-        if let HostError::Api(e) = self {
-            return e.clone();
-        }
         ApiError::new(self.code(), sentence(self))
     }
 }
@@ -183,8 +186,11 @@ mod tests {
             "{}",
             e.to_api().message
         );
-        let api = ApiError::new(ErrorCode::Unsupported, "This host cannot run pc-q35-9.0.");
-        assert_eq!(ApiError::from(HostError::from(api.clone())), api);
+        let vm = HostError::from(crate::vmm::VmError::NoSuchVm {
+            name: vmrepl_types::VmName::new("web").unwrap(),
+        });
+        assert_eq!(ApiError::from(&vm).code, ErrorCode::NotFound);
+        assert!(ApiError::from(vm).message.contains("no VM named \"web\""));
     }
 
     #[test]

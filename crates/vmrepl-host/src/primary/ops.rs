@@ -17,7 +17,6 @@ use crate::primary::Endpoint;
 use crate::primary::Relationship;
 use std::sync::Arc;
 use vmrepl_tracking::RelTag;
-use vmrepl_types::api::{ApiError, ErrorCode};
 use vmrepl_types::replication::ReplicationState;
 use vmrepl_types::{VmDefinition, VmName};
 
@@ -41,22 +40,22 @@ pub async fn now(d: &Arc<Host>, name: &VmName, app_consistent: bool) -> Result<S
     let vm = d.vmm.show(name)?.definition;
     let rel = load(d, vm.uuid)?.ok_or_else(|| not_enabled(name))?;
     if rel.state != ReplicationState::Replicating {
-        return Err(HostError::Api(ApiError::new(
-            ErrorCode::WrongState,
-            format!("Replication of {name} is {}; replicating now needs it replicating (initial replication done, not paused, no resynchronization pending).", rel.state),
-        )));
+        return Err(HostError::NotReplicating {
+            vm: name.to_string(),
+            state: rel.state,
+        });
     }
     let consistency = if app_consistent {
         vmrepl_log::Consistency::AppConsistent
     } else {
         vmrepl_log::Consistency::Crash
     };
-    let (seq, freeze) = replicate_now(d, vm.uuid, consistency).await.map_err(|e| {
-        ApiError::new(
-            ErrorCode::Peer,
-            format!("Replicating {name} now failed: {e}"),
-        )
-    })?;
+    let (seq, freeze) = replicate_now(d, vm.uuid, consistency)
+        .await
+        .map_err(|why| HostError::ReplicateNowFailed {
+            vm: name.to_string(),
+            why,
+        })?;
     let kind = match (app_consistent, freeze) {
         (false, _) => "a crash-consistent point".to_string(),
         (true, Some(Ok(_))) => "an app-consistent point (the guest was frozen)".to_string(),
