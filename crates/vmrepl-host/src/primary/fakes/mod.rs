@@ -22,7 +22,7 @@ use uuid::Uuid;
 use vmrepl_tracking::TrackingError;
 use vmrepl_tracking::{RelTag, Staging};
 use vmrepl_types::replication::{Progress, ReplicationSettings, ReplicationState};
-use vmrepl_types::{Generation, VmDefinition, VmName};
+use vmrepl_types::VmDefinition;
 
 mod nodes;
 mod replica;
@@ -70,28 +70,7 @@ pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {
 
 /// A generation 1 VM with these disks (id, size).
 pub(crate) fn vm(disks: &[(&str, u64)]) -> VmDefinition {
-    use vmrepl_types::vm::{ConfigVersion, DiskDef, FirmwareVariantId};
-    VmDefinition {
-        name: VmName::new("app").unwrap(),
-        uuid: Uuid::new_v4(),
-        generation: Generation::Bios,
-        firmware: FirmwareVariantId::Seabios,
-        machine_type: "pc-i440fx-7.2".into(),
-        config_version: ConfigVersion::CURRENT,
-        vcpus: 1,
-        memory_mib: 128,
-        disks: disks
-            .iter()
-            .map(|(id, size)| DiskDef {
-                id: id.to_string(),
-                path: PathBuf::from(format!("/srv/{id}.qcow2")),
-                size_bytes: *size,
-            })
-            .collect(),
-        nics: vec![],
-        kernel: None,
-        nvram: None,
-    }
+    crate::replica::tests::def(disks)
 }
 
 /// A relationship of `vm` in `state`, with log `acked` acknowledged.
