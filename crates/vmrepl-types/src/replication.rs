@@ -21,6 +21,107 @@ pub enum InitialReplication {
     ExistingCopy,
 }
 
+/// When a relationship whose changes cannot be tracked any more (resynchronization required)
+/// is resynchronized: Hyper-V's "Resynchronization" setting of a replicated VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "mode", rename_all = "kebab-case")]
+pub enum ResyncPolicy {
+    /// At once (after the cycle that found it, one interval later at most).
+    #[default]
+    Automatic,
+    /// Only inside a daily window, in minutes after midnight UTC; the window may wrap midnight
+    /// (18:30-06:00 is `start_minute` 1110, `end_minute` 360).
+    Window { start_minute: u16, end_minute: u16 },
+    /// Only when an operator runs `replication resume --resynchronize`.
+    Manual,
+}
+
+impl ResyncPolicy {
+    const DAY_MINUTES: u64 = 24 * 60;
+
+    /// Parses `automatic`, `manual` or a window `HH:MM-HH:MM` (UTC).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "automatic" | "auto" => return Ok(ResyncPolicy::Automatic),
+            "manual" => return Ok(ResyncPolicy::Manual),
+            _ => {}
+        }
+        let bad = || {
+            format!(
+                "resynchronization policy {s:?} is not automatic, manual or a daily window \
+                 HH:MM-HH:MM in UTC (for example 18:30-06:00)"
+            )
+        };
+        let minute = |t: &str| -> Option<u16> {
+            let (h, m) = t.trim().split_once(':')?;
+            let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+            (h < 24 && m < 60).then_some(h * 60 + m)
+        };
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let (start_minute, end_minute) = (minute(a).ok_or_else(bad)?, minute(b).ok_or_else(bad)?);
+        if start_minute == end_minute {
+            return Err(format!(
+                "the resynchronization window {s:?} starts when it ends; give a window of at \
+                 least a minute, or `automatic`"
+            ));
+        }
+        Ok(ResyncPolicy::Window {
+            start_minute,
+            end_minute,
+        })
+    }
+
+    /// How long, from `now_unix_ms`, until a resynchronization may start: `Some(0)` now,
+    /// `None` never by itself (manual).
+    pub fn wait_ms(&self, now_unix_ms: u64) -> Option<u64> {
+        match *self {
+            ResyncPolicy::Automatic => Some(0),
+            ResyncPolicy::Manual => None,
+            ResyncPolicy::Window {
+                start_minute,
+                end_minute,
+            } => {
+                let day_ms = Self::DAY_MINUTES * 60_000;
+                let into_day = now_unix_ms % day_ms;
+                let (start, end) = (
+                    u64::from(start_minute) * 60_000,
+                    u64::from(end_minute) * 60_000,
+                );
+                let inside = if start < end {
+                    (start..end).contains(&into_day)
+                } else {
+                    into_day >= start || into_day < end
+                };
+                Some(if inside {
+                    0
+                } else {
+                    (start + day_ms - into_day) % day_ms
+                })
+            }
+        }
+    }
+}
+
+impl fmt::Display for ResyncPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ResyncPolicy::Automatic => f.write_str("automatic"),
+            ResyncPolicy::Manual => f.write_str("manual"),
+            ResyncPolicy::Window {
+                start_minute,
+                end_minute,
+            } => write!(
+                f,
+                "daily {:02}:{:02}-{:02}:{:02} UTC",
+                start_minute / 60,
+                start_minute % 60,
+                end_minute / 60,
+                end_minute % 60
+            ),
+        }
+    }
+}
+
 /// Per-VM replication settings (Hyper-V's Enable-VMReplication parameters).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicationSettings {
@@ -40,6 +141,9 @@ pub struct ReplicationSettings {
     /// Disk ids not replicated.
     pub exclude_disks: Vec<String>,
     pub initial: InitialReplication,
+    /// When a resynchronization starts once one is required (default: automatically).
+    #[serde(default)]
+    pub resync: ResyncPolicy,
 }
 
 impl ReplicationSettings {
@@ -60,6 +164,7 @@ impl ReplicationSettings {
             compression: true,
             exclude_disks: vec![],
             initial: InitialReplication::NetworkNow,
+            resync: ResyncPolicy::Automatic,
         }
     }
 
@@ -271,6 +376,9 @@ pub struct ReplicationStatus {
     /// App-consistent points every N hours (primary side), if asked.
     #[serde(default)]
     pub app_consistent_hours: Option<u32>,
+    /// When a required resynchronization starts (primary side).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync: Option<ResyncPolicy>,
     pub last_sequence: u64,
     pub waiting_on: Option<String>,
     pub last_error: Option<String>,
@@ -285,6 +393,58 @@ pub struct ReplicationStatus {
 mod tests {
     use super::*;
 
+    #[test]
+    fn resync_policies_parse_from_what_an_admin_types_and_print_back() {
+        assert_eq!(
+            ResyncPolicy::parse("automatic"),
+            Ok(ResyncPolicy::Automatic)
+        );
+        assert_eq!(ResyncPolicy::parse("manual"), Ok(ResyncPolicy::Manual));
+        let w = ResyncPolicy::parse("18:30-06:00").unwrap();
+        assert_eq!(
+            w,
+            ResyncPolicy::Window {
+                start_minute: 18 * 60 + 30,
+                end_minute: 6 * 60
+            }
+        );
+        assert_eq!(w.to_string(), "daily 18:30-06:00 UTC");
+        for bad in [
+            "sometimes",
+            "25:00-01:00",
+            "18:30",
+            "10:00-10:00",
+            "1:60-2:00",
+        ] {
+            assert!(ResyncPolicy::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_resync_window_opens_inside_its_hours_and_otherwise_says_how_long_until_it_does() {
+        const MIN: u64 = 60_000;
+        let day = 24 * 60 * MIN;
+        let at = |h: u64, m: u64| 20_000 * day + (h * 60 + m) * MIN;
+        let night = ResyncPolicy::parse("18:30-06:00").unwrap();
+        assert_eq!(night.wait_ms(at(23, 0)), Some(0));
+        assert_eq!(night.wait_ms(at(5, 59)), Some(0));
+        assert_eq!(night.wait_ms(at(6, 0)), Some((12 * 60 + 30) * MIN));
+        assert_eq!(night.wait_ms(at(18, 29)), Some(MIN));
+        let lunch = ResyncPolicy::parse("12:00-13:00").unwrap();
+        assert_eq!(lunch.wait_ms(at(12, 30)), Some(0));
+        assert_eq!(lunch.wait_ms(at(13, 0)), Some(23 * 60 * MIN));
+        assert_eq!(ResyncPolicy::Automatic.wait_ms(at(3, 0)), Some(0));
+        assert_eq!(ResyncPolicy::Manual.wait_ms(at(3, 0)), None);
+    }
+
+    #[test]
+    fn settings_stored_before_the_resync_policy_existed_read_as_automatic() {
+        let mut v = serde_json::to_value(ReplicationSettings::new("h:1")).unwrap();
+        v.as_object_mut().unwrap().remove("resync");
+        let s: ReplicationSettings = serde_json::from_value(v).unwrap();
+        assert_eq!(s.resync, ResyncPolicy::Automatic);
+    }
+
     fn settings() -> ReplicationSettings {
         ReplicationSettings {
             replica_server: "127.0.0.2:7443".into(),
@@ -296,6 +456,7 @@ mod tests {
             compression: true,
             exclude_disks: vec![],
             initial: InitialReplication::NetworkNow,
+            resync: ResyncPolicy::Automatic,
         }
     }
 

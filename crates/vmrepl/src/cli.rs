@@ -285,6 +285,11 @@ pub struct SettingsArgs {
     /// to be carried to the replica server and imported there with `replication import`.
     #[arg(long, conflicts_with = "initial_existing_copy")]
     pub initial_export: Option<PathBuf>,
+    /// When a resynchronization starts once one is required (change tracking lost, a log
+    /// refused as out of order): `automatic` (default), `manual` (only with `replication
+    /// resume --resynchronize`), or a daily window `HH:MM-HH:MM` in UTC such as 18:30-06:00.
+    #[arg(long, default_value = "automatic", value_parser = vmrepl_types::replication::ResyncPolicy::parse)]
+    pub resync: vmrepl_types::replication::ResyncPolicy,
     /// Initial replication from a copy of the VM that already exists on the replica server
     /// (registered there with `replication import-copy`): only the blocks that differ are sent.
     #[arg(long)]
@@ -731,6 +736,7 @@ impl SettingsArgs {
         settings.compression = !self.no_compression;
         settings.exclude_disks = self.exclude_disk;
         settings.app_consistent_hours = self.app_consistent_hours;
+        settings.resync = self.resync;
         if let Some(t) = self.initial_at {
             settings.initial = InitialReplication::NetworkAt { unix_secs: t };
         }

@@ -265,6 +265,9 @@ fn replication(rs: &[ReplicationStatus]) {
         if let Some(f) = r.frequency_secs {
             println!("Frequency:       {f} s");
         }
+        if let Some(p) = r.resync {
+            println!("Resynchronize:   {p}");
+        }
         if let Some(h) = r.app_consistent_hours {
             println!(
                 "App-consistent:  every {h} h; {} point(s) could not freeze the guest",

@@ -135,7 +135,15 @@ fn after_qemu_is_killed_replication_requires_a_resync_and_resynchronizing_makes_
     create_guest_vm(&a, "db", "1", &["16M"], "writeloop:vda:64:200");
     a.ok(&["vm", "start", "db"]);
     a.wait_console("db", "VMREPL WROTE", Duration::from_secs(120));
-    enable_ok(&a, &b, "db", "hostb.test", &["--frequency", "5"]);
+    // Manual: the relationship waits in "resynchronization required" for the operator (the
+    // default, automatic, is the next test).
+    enable_ok(
+        &a,
+        &b,
+        "db",
+        "hostb.test",
+        &["--frequency", "5", "--resync", "manual"],
+    );
     a.ok(&["replication", "status", "db", "--watch", "--for", "180"]);
     // QEMU dies without saving its bitmaps: tracking can no longer be trusted.
     let pid = a.vm_pid("db").unwrap();
@@ -185,6 +193,48 @@ fn after_qemu_is_killed_replication_requires_a_resync_and_resynchronizing_makes_
     let s = status(&a, "db");
     assert_eq!(s["state"], "replicating", "{s}");
     assert!(s["last_error"].is_null(), "{s}");
+}
+
+#[test]
+fn after_qemu_is_killed_the_default_policy_resynchronizes_by_itself_and_the_replica_is_equal_again()
+{
+    let _s = serial();
+    let (a, b, store) = pair("127.0.0.31", "127.0.0.32", "lab");
+    create_guest_vm(&a, "web", "1", &["16M"], "writeloop:vda:64:200");
+    a.ok(&["vm", "start", "web"]);
+    a.wait_console("web", "VMREPL WROTE", Duration::from_secs(120));
+    enable_ok(&a, &b, "web", "hostb.test", &["--frequency", "5"]);
+    a.ok(&["replication", "status", "web", "--watch", "--for", "180"]);
+    let s = status(&a, "web");
+    assert_eq!(s["resync"]["mode"], "automatic", "{s}");
+    let before = acked(&a, "web");
+    let pid = a.vm_pid("web").unwrap();
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    a.wait_state("web", "crashed", Duration::from_secs(30));
+    // No operator action from here on. The bitmaps died with QEMU, so no delta can be
+    // acknowledged any more: a newer sequence means the resynchronization ran.
+    wait_until(
+        "replicating again by itself",
+        Duration::from_secs(180),
+        || {
+            let s = status(&a, "web");
+            s["state"] == "replicating" && s["last_sequence"].as_u64().unwrap() > before
+        },
+    );
+    let log = std::fs::read_to_string(a.data().join("daemon.log")).unwrap_or_default();
+    assert!(
+        log.contains("resynchronization started by itself"),
+        "{}",
+        a.log_tail()
+    );
+    // The replica's latest state is the primary's disk, block for block.
+    let replica = replica_image(&store, &a, "web", 0, "top.qcow2");
+    same_content(&disk_path(&a, "web", 0), &replica).unwrap();
+    let s = status(&a, "web");
+    assert_eq!(s["health"], "normal", "{s}");
 }
 
 #[test]

@@ -5,6 +5,7 @@ use crate::db::now_ms;
 use crate::host::{Host, RelRuntime};
 use crate::primary::all;
 use crate::primary::app_consistent_due;
+use crate::primary::change;
 use crate::primary::happened;
 use crate::primary::last_marked_ms;
 use crate::primary::load;
@@ -57,6 +58,35 @@ pub(crate) async fn replicate_now(
     Err("a cut transfer kept failing to resume".into())
 }
 
+/// The relationship of `vm` needs a resynchronization and its policy allows one now: asks for it
+/// (the state machine moves it to Resynchronizing), unless the state moved meanwhile. Says
+/// whether the cycle that follows is that resynchronization.
+async fn start_resync_by_policy(d: &Host, vm: Uuid) -> bool {
+    let rel = match load(d, vm) {
+        Ok(Some(rel)) if rel.state == ReplicationState::ResynchronizationRequired => rel,
+        _ => return false,
+    };
+    let cause = format!(
+        "started by itself (resynchronization policy: {})",
+        rel.settings.resync
+    );
+    match change(
+        d,
+        vm,
+        crate::lifecycle::PrimaryEvent::ResynchronizationRequested,
+        Some(&cause),
+    ) {
+        Ok(_) => {
+            tracing::info!(target: "vmrepl::replication", %vm, "resynchronization {cause}");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(target: "vmrepl::replication", %vm, "{e}");
+            false
+        }
+    }
+}
+
 /// Starts the scheduler of every stored relationship (daemon start). A cycle that was running
 /// when the daemon stopped did not finish: the restart is an event of each relationship
 /// (an initial copy that was cut starts over).
@@ -104,9 +134,20 @@ pub(crate) async fn scheduler(d: Arc<Host>, vm: Uuid, rt: Arc<RelRuntime>) {
         };
         let freq_ms = u64::from(rel.settings.frequency_secs) * 1000;
         let wait_ms = match rel.state {
-            ReplicationState::Suspended
-            | ReplicationState::ResynchronizationRequired
-            | ReplicationState::SyncedReplicationComplete => u64::MAX,
+            ReplicationState::Suspended | ReplicationState::SyncedReplicationComplete => u64::MAX,
+            // Self-healing: the relationship's policy says when a required resynchronization
+            // starts by itself; at least one interval after the cycle that found it, so that
+            // one that keeps failing does not run in a loop.
+            ReplicationState::ResynchronizationRequired => {
+                match rel.settings.resync.wait_ms(now_ms()) {
+                    None => u64::MAX,
+                    Some(policy) => policy.max(
+                        last_start
+                            .map(|s| (s + freq_ms).saturating_sub(now_ms()))
+                            .unwrap_or(0),
+                    ),
+                }
+            }
             ReplicationState::ReadyForInitialReplication => match rel.settings.initial {
                 InitialReplication::NetworkAt { unix_secs } => {
                     (unix_secs * 1000).saturating_sub(now_ms())
@@ -136,6 +177,13 @@ pub(crate) async fn scheduler(d: Arc<Host>, vm: Uuid, rt: Arc<RelRuntime>) {
             if wait_ms > 3_600_000 {
                 continue;
             }
+        }
+        if rel.state == ReplicationState::ResynchronizationRequired
+            && !start_resync_by_policy(&d, vm).await
+        {
+            // The state moved meanwhile, or the database failed: look again shortly.
+            let _ = tokio::time::timeout(Duration::from_secs(5), rt.wake.notified()).await;
+            continue;
         }
         if let Some(prev) = last_start {
             // Hyper-V counts a cycle as missed when the log could not go out within its interval.

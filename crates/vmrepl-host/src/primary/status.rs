@@ -144,6 +144,7 @@ pub fn statuses(d: &Host) -> Result<Vec<ReplicationStatus>, HostError> {
             primary_host: host,
             replica_host: format!("{} ({})", rel.replica_name, rel.settings.replica_server),
             frequency_secs: Some(rel.settings.frequency_secs),
+            resync: Some(rel.settings.resync),
             app_consistent_hours: rel.settings.app_consistent_hours,
             last_sequence: rel.acked_seq,
             waiting_on: match rel.state {

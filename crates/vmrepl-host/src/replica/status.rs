@@ -94,6 +94,7 @@ pub fn statuses(daemon: &Host) -> Vec<ReplicationStatus> {
                 primary_host: r.primary_host.clone(),
                 replica_host: me.clone(),
                 frequency_secs: None,
+                resync: None,
                 app_consistent_hours: None,
                 last_sequence: r.last_applied,
                 waiting_on: None,
