@@ -115,6 +115,12 @@ pub enum Request {
     ReplicationPause {
         name: VmName,
     },
+    /// Changes a relationship's settings in place (Set-VMReplication); a field left out stays.
+    ReplicationSet {
+        name: VmName,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resync: Option<crate::replication::ResyncPolicy>,
+    },
     ReplicationResume {
         name: VmName,
         /// Resynchronize (Resume-VMReplication -Resynchronize): recopy what the replica may

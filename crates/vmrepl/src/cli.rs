@@ -72,6 +72,14 @@ pub enum ReplCmd {
     },
     /// Pause replication of a VM (changes are still tracked).
     Pause { name: String },
+    /// Change a relationship's settings in place (Set-VMReplication).
+    Set {
+        name: String,
+        /// When a required resynchronization starts: automatic, manual, or a daily window
+        /// HH:MM-HH:MM in UTC.
+        #[arg(long, value_parser = vmrepl_types::replication::ResyncPolicy::parse)]
+        resync: Option<vmrepl_types::replication::ResyncPolicy>,
+    },
     /// On the replica server: import an initial copy exported to external media.
     Import {
         name: String,
@@ -695,6 +703,10 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
         }
         ReplCmd::Pause { name } => Request::ReplicationPause {
             name: vm_name(&name)?,
+        },
+        ReplCmd::Set { name, resync } => Request::ReplicationSet {
+            name: vm_name(&name)?,
+            resync,
         },
         ReplCmd::Import { name, from } => Request::ReplicationImport {
             name: vm_name(&name)?,

@@ -207,6 +207,13 @@ fn after_qemu_is_killed_the_default_policy_resynchronizes_by_itself_and_the_repl
     a.ok(&["replication", "status", "web", "--watch", "--for", "180"]);
     let s = status(&a, "web");
     assert_eq!(s["resync"]["mode"], "automatic", "{s}");
+    // The policy can be changed in place (Set-VMReplication), and a bad one is refused.
+    let out = a.ok(&["replication", "set", "web", "--resync", "18:30-06:00"]);
+    assert!(out.contains("daily 18:30-06:00 UTC"), "{out}");
+    assert_eq!(status(&a, "web")["resync"]["mode"], "window");
+    let e = a.fails(&["replication", "set", "web", "--resync", "sometimes"]);
+    assert!(e.contains("HH:MM-HH:MM"), "{e}");
+    a.ok(&["replication", "set", "web", "--resync", "automatic"]);
     let before = acked(&a, "web");
     let pid = a.vm_pid("web").unwrap();
     std::process::Command::new("kill")

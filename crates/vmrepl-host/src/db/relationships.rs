@@ -243,6 +243,22 @@ impl Db {
         Ok(Transition { from, to })
     }
 
+    /// Stores a relationship's changed settings.
+    pub fn set_relationship_settings(
+        &self,
+        vm: Uuid,
+        settings: &ReplicationSettings,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "UPDATE relationships SET settings = ?2 WHERE vm_uuid = ?1",
+            params![
+                vm.to_string(),
+                serde_json::to_string(settings).map_err(|e| DbError::Corrupt(e.to_string()))?
+            ],
+        )?;
+        Ok(())
+    }
+
     /// Sets or clears a relationship's remark.
     pub fn set_relationship_note(&self, vm: Uuid, note: Option<&str>) -> Result<(), DbError> {
         self.conn.execute(

@@ -34,6 +34,35 @@ pub fn pause(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
     ))
 }
 
+/// Changes a relationship's settings in place (Set-VMReplication): for now its
+/// resynchronization policy, in force from the scheduler's next look.
+pub fn set(
+    d: &Arc<Host>,
+    name: &VmName,
+    resync: Option<vmrepl_types::replication::ResyncPolicy>,
+) -> Result<String, HostError> {
+    let vm = d.vmm.show(name)?.definition;
+    let mut rel = load(d, vm.uuid)?.ok_or_else(|| not_enabled(name))?;
+    let Some(policy) = resync else {
+        return Ok(format!(
+            "Nothing to change for {name}; its resynchronization policy is {}.",
+            rel.settings.resync
+        ));
+    };
+    rel.settings.resync = policy;
+    d.db()
+        .set_relationship_settings(vm.uuid, &rel.settings)
+        .map_err(HostError::db("saving the relationship's settings"))?;
+    let _ = d.db().event(
+        Some(vm.uuid),
+        &format!("resynchronization policy set to {policy}"),
+    );
+    wake(d, vm.uuid);
+    Ok(format!(
+        "The resynchronization policy of {name} is now {policy}."
+    ))
+}
+
 /// Replicates now, outside the schedule (and counts no missed cycle); with `app_consistent`
 /// the guest is frozen through its agent for the point. Says which point was made.
 pub async fn now(d: &Arc<Host>, name: &VmName, app_consistent: bool) -> Result<String, HostError> {
