@@ -358,6 +358,19 @@ pub struct Progress {
     pub bytes_done: u64,
     pub bytes_total: u64,
     pub rate_bytes_per_sec: f64,
+    /// A resynchronization by compare: the blocks found different so far (the bytes are the
+    /// bytes compared, of every disk's size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks_differing: Option<u64>,
+}
+
+impl Progress {
+    /// Seconds left at the current rate, when it can be told.
+    pub fn eta_secs(&self) -> Option<u64> {
+        (self.rate_bytes_per_sec > 0.0 && self.bytes_total > self.bytes_done).then(|| {
+            ((self.bytes_total - self.bytes_done) as f64 / self.rate_bytes_per_sec).ceil() as u64
+        })
+    }
 }
 
 /// One relationship's status, the unit `vmrepl replication status` renders.
@@ -392,6 +405,20 @@ pub struct ReplicationStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_tells_the_seconds_left_at_its_rate_once_it_has_one() {
+        let mut p = Progress {
+            what: "resynchronization: comparing with the replica".into(),
+            bytes_done: 100 << 20,
+            bytes_total: 400 << 20,
+            rate_bytes_per_sec: (50 << 20) as f64,
+            blocks_differing: Some(3),
+        };
+        assert_eq!(p.eta_secs(), Some(6));
+        p.rate_bytes_per_sec = 0.0;
+        assert_eq!(p.eta_secs(), None);
+    }
 
     #[test]
     fn resync_policies_parse_from_what_an_admin_types_and_print_back() {

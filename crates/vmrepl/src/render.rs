@@ -301,6 +301,12 @@ fn replication(rs: &[ReplicationStatus]) {
                 p.rate_bytes_per_sec / (1u64 << 20) as f64,
                 p.what
             );
+            if let Some(n) = p.blocks_differing {
+                println!("                 {n} block(s) differ so far");
+            }
+            if let Some(eta) = p.eta_secs() {
+                println!("                 about {eta} s left");
+            }
         }
         let s = &r.stats;
         println!(

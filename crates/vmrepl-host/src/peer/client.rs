@@ -35,6 +35,11 @@ pub const DATA_CHUNK: usize = 1024 * 1024;
 pub struct LogGrowth {
     pub written: u64,
     pub done: Option<bool>,
+    /// A resynchronization by compare: bytes compared so far, of `compare_total`, and how many
+    /// blocks differed.
+    pub compared: u64,
+    pub compare_total: u64,
+    pub differing_blocks: u64,
 }
 
 /// Why talking to a replica server failed.

@@ -491,20 +491,46 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
         let t0 = std::time::Instant::now();
         let sink = self.progress;
         let watch = rx.clone();
+        // A resynchronization by compare shows how far the compare is (identical stretches
+        // send nothing, so it is published as the encoder moves, not as bytes go out).
+        let compare = |g: &LogGrowth| {
+            let secs = t0.elapsed().as_secs_f64().max(0.001);
+            *crate::locks::unpoisoned(sink) = Some(Progress {
+                what: format!("{what}: comparing with the replica"),
+                bytes_done: g.compared,
+                bytes_total: g.compare_total,
+                rate_bytes_per_sec: g.compared as f64 / secs,
+                blocks_differing: Some(g.differing_blocks),
+            });
+        };
         let progress = |done: u64| {
+            let g = *watch.borrow();
+            if g.compare_total > 0 {
+                return compare(&g);
+            }
             let secs = t0.elapsed().as_secs_f64().max(0.001);
             *crate::locks::unpoisoned(sink) = Some(Progress {
                 what: what.to_string(),
                 bytes_done: done,
-                bytes_total: watch.borrow().written.max(done),
+                bytes_total: g.written.max(done),
                 rate_bytes_per_sec: done as f64 / secs,
+                blocks_differing: None,
             });
+        };
+        let mut encoder = rx.clone();
+        let compare_progress = async {
+            while encoder.changed().await.is_ok() {
+                let g = *encoder.borrow_and_update();
+                if g.compare_total > 0 {
+                    compare(&g);
+                }
+            }
         };
         let uuid = self.vm.uuid;
         let send = self
             .client
             .send_log_stream(uuid, (seq, base), chunks, rx, progress);
-        let (built, sent) = tokio::join!(build, send);
+        let (built, sent, ()) = tokio::join!(build, send, compare_progress);
         tracing::info!(target: "vmrepl::replication", seq, ms = t0.elapsed().as_millis() as u64, "log built, sent and acknowledged");
         let sent = match (&built, sent) {
             // A cut transfer stops the encoder too (it has nowhere to write): the network
@@ -575,6 +601,7 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
                 bytes_done: from + done,
                 bytes_total: total,
                 rate_bytes_per_sec: done as f64 / secs,
+                blocks_differing: None,
             });
         };
         let r = self

@@ -822,6 +822,31 @@ async fn a_resync_sends_only_the_blocks_whose_digest_differs() {
 }
 
 #[tokio::test]
+async fn a_resync_by_compare_reports_every_byte_compared_and_the_blocks_that_differed() {
+    let mut rig = Rig::replicating(&[DISK], 5, 7);
+    for b in 0..3 {
+        rig.nodes.write("disk0", b * MIB, &noise(b, MIB as usize));
+    }
+    {
+        let mut r = rig.replica.state();
+        r.disks = rig.nodes.state().disks.clone();
+        let d = r.disks.get_mut("disk0").unwrap();
+        d[(2 * MIB + 1) as usize] ^= 0x01; // one byte off in block 2
+    }
+    assert_eq!(rig.resync().await.unwrap().0, 6);
+    let p = rig
+        .progress
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("progress was published");
+    assert!(p.what.contains("comparing"), "{p:?}");
+    assert_eq!((p.bytes_done, p.bytes_total), (DISK.1, DISK.1), "{p:?}");
+    assert_eq!(p.blocks_differing, Some(1), "{p:?}");
+    assert_eq!(p.eta_secs(), None, "nothing is left to compare");
+}
+
+#[tokio::test]
 async fn a_replica_without_digests_gets_every_block_with_the_gaps_as_zeroes() {
     let mut rig = Rig::replicating(&[DISK], 2, 3);
     write(&rig, 1, &[4, 5, 40]);

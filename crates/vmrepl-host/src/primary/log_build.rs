@@ -43,14 +43,14 @@ pub(crate) fn write_differing<W: std::io::Write>(
     w: &mut LogWriter<W>,
     disk: u16,
     size: u64,
-    staging: &Path,
-    ex: &[vmrepl_tracking::Extent],
+    (staging, ex): (&Path, &[vmrepl_tracking::Extent]),
     bs: u64,
     theirs: &[[u8; 32]],
+    report: &mut dyn FnMut(u64, bool),
 ) -> Result<u64, String> {
     let f = std::fs::File::open(staging).map_err(|e| format!("{}: {e}", staging.display()))?;
     let mut first = 0usize;
-    compare_blocks(w, disk, size, bs, theirs, |start, buf| {
+    compare_blocks(w, disk, size, bs, theirs, report, |start, buf| {
         let end = start + buf.len() as u64;
         while first < ex.len() && ex[first].offset + ex[first].len <= start {
             first += 1;
@@ -79,6 +79,7 @@ pub(crate) fn compare_blocks<W: std::io::Write>(
     size: u64,
     bs: u64,
     theirs: &[[u8; 32]],
+    report: &mut dyn FnMut(u64, bool),
     mut fill: impl FnMut(u64, &mut [u8]) -> Result<(), String>,
 ) -> Result<u64, String> {
     let mut buf = vec![0u8; bs as usize];
@@ -90,8 +91,10 @@ pub(crate) fn compare_blocks<W: std::io::Write>(
         buf[..len].fill(0);
         fill(start, &mut buf[..len])?;
         if blake3::hash(&buf[..len]).as_bytes() == digest {
+            report(len as u64, false);
             continue;
         }
+        report(len as u64, true);
         differing += 1;
         if buf[..len].iter().all(|x| *x == 0) {
             w.write_zero(disk, start, len as u64)
@@ -170,6 +173,16 @@ pub(crate) async fn build_log(
     };
     let growth = growth.map(Arc::new);
     let tally = growth.clone();
+    let compared = growth.clone();
+    if let Some(g) = &growth {
+        // A resynchronization by compare reads every disk the replica gave digests of.
+        let total: u64 = ids
+            .iter()
+            .filter(|(id, _)| digests.contains_key(id))
+            .map(|(_, size)| size)
+            .sum();
+        g.send_modify(|g| g.compare_total = total);
+    }
     let built = tokio::task::spawn_blocking(move || -> Result<u64, String> {
         let t0 = std::time::Instant::now();
         let inner: Box<dyn std::io::Write + Send> = match out {
@@ -193,7 +206,16 @@ pub(crate) async fn build_log(
             match digests.get(&id) {
                 // Resynchronization by compare: only the blocks whose digest differs.
                 Some((bs, theirs)) => {
-                    let sent = image.write_differing(&mut w, disk, size, *bs, theirs)?;
+                    let mut report = |bytes: u64, differs: bool| {
+                        if let Some(g) = &compared {
+                            g.send_modify(|g| {
+                                g.compared += bytes;
+                                g.differing_blocks += u64::from(differs);
+                            });
+                        }
+                    };
+                    let sent =
+                        image.write_differing(&mut w, disk, size, *bs, theirs, &mut report)?;
                     tracing::info!(target: "vmrepl::replication", disk = %id, blocks = theirs.len(), differing = sent, "resynchronization compare");
                 }
                 None => image.write_ranges(&mut w, disk, size, zero_gaps)?,
@@ -300,6 +322,7 @@ pub(crate) fn write_differing_pulled<W: std::io::Write>(
     x: &vmrepl_tracking::NbdExport,
     bs: u64,
     theirs: &[[u8; 32]],
+    report: &mut dyn FnMut(u64, bool),
 ) -> Result<u64, String> {
     let c = vmrepl_tracking::NbdClient::connect(&x.socket, &x.name, None, PULL_IO_TIMEOUT)
         .map_err(|e| e.to_string())?;
@@ -310,7 +333,7 @@ pub(crate) fn write_differing_pulled<W: std::io::Write>(
         PULL_WINDOW,
     );
     let mut chunks = reader.peekable();
-    compare_blocks(w, disk, size, bs, theirs, |start, buf| {
+    compare_blocks(w, disk, size, bs, theirs, report, |start, buf| {
         let end = start + buf.len() as u64;
         // The chunks of this block (reads are block-aligned), or the error that stops them.
         while let Some(c) = chunks.next_if(|c| c.as_ref().map_or(true, |c| c.offset < end)) {

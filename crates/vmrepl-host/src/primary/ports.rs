@@ -191,7 +191,8 @@ pub(crate) trait PointImage: Send {
     ) -> Result<(), String>;
 
     /// Writes the blocks (of `bs` bytes) whose digest differs from the replica's `theirs`
-    /// (see [`compare_blocks`]); returns how many.
+    /// (see [`compare_blocks`]); returns how many. `report` hears of every block compared:
+    /// its bytes, and whether it differed.
     fn write_differing(
         &mut self,
         w: &mut LogWriter<LogSink>,
@@ -199,6 +200,7 @@ pub(crate) trait PointImage: Send {
         size: u64,
         bs: u64,
         theirs: &[[u8; 32]],
+        report: &mut dyn FnMut(u64, bool),
     ) -> Result<u64, String>;
 }
 
@@ -405,8 +407,9 @@ impl PointImage for Pulled {
         size: u64,
         bs: u64,
         theirs: &[[u8; 32]],
+        report: &mut dyn FnMut(u64, bool),
     ) -> Result<u64, String> {
-        write_differing_pulled(w, disk, size, &self.0, bs, theirs)
+        write_differing_pulled(w, disk, size, &self.0, bs, theirs, report)
     }
 }
 
@@ -438,8 +441,9 @@ impl PointImage for Staged {
         size: u64,
         bs: u64,
         theirs: &[[u8; 32]],
+        report: &mut dyn FnMut(u64, bool),
     ) -> Result<u64, String> {
-        write_differing(w, disk, size, &self.path, &self.ex, bs, theirs)
+        write_differing(w, disk, size, (&self.path, &self.ex), bs, theirs, report)
     }
 }
 

@@ -557,10 +557,11 @@ impl PointImage for FakeImage {
         size: u64,
         bs: u64,
         theirs: &[[u8; 32]],
+        report: &mut dyn FnMut(u64, bool),
     ) -> Result<u64, String> {
         self.check()?;
         let data = &self.data;
-        compare_blocks(w, disk, size, bs, theirs, |start, buf| {
+        compare_blocks(w, disk, size, bs, theirs, report, |start, buf| {
             buf.copy_from_slice(&data[start as usize..start as usize + buf.len()]);
             Ok(())
         })
