@@ -50,6 +50,8 @@ pub enum ProcessError {
     Qmp(#[from] QmpError),
     #[error("QEMU (pid {pid}) did not exit within {secs} s")]
     ExitTimeout { pid: i32, secs: u64 },
+    #[error("QEMU (pid {pid}) did not become ready within {secs} s (no {what}); it may be stuck")]
+    NotReady { pid: i32, what: String, secs: u64 },
 }
 
 /// How to spawn QEMU.

@@ -106,6 +106,35 @@ pub fn build_argv(
     Ok(a)
 }
 
+/// Waits until qemu-storage-daemon `pid` has written `pidfile` (it is ready for clients), or it
+/// exits, or `timeout` passes.
+async fn wait_for_pidfile(
+    pidfile: &Path,
+    pid: i32,
+    exit: &mut watch::Receiver<Option<String>>,
+    timeout: Duration,
+) -> Result<(), ProcessError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        // The file is created, then its pid written: a whole line is the signal.
+        if std::fs::read_to_string(pidfile).is_ok_and(|t| t.trim() == pid.to_string()) {
+            return Ok(());
+        }
+        if exit.borrow().is_some() {
+            // Let the caller report the exit with the daemon's own message.
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ProcessError::NotReady {
+                pid,
+                what: format!("its pid file {}", pidfile.display()),
+                secs: timeout.as_secs(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 impl StorageDaemon {
     /// Starts qemu-storage-daemon on `disks` with its QMP monitor at `qmp_sock`; its stderr
     /// goes to `stderr_log`.
@@ -116,10 +145,28 @@ impl StorageDaemon {
         stderr_log: &Path,
         timeout: Duration,
     ) -> Result<StorageDaemon, StorageDaemonError> {
-        let argv = build_argv(disks, qmp_sock, None)?;
+        // qemu-storage-daemon writes its pid file once its chardevs and block nodes exist and
+        // before it serves connections (documented in its manual, "do not change this
+        // ordering"). A QMP client that connects earlier can get the greeting and then no
+        // answer at all (seen with QEMU 7.2, about one start in a few hundred), and killing
+        // that daemon leaves the images' bitmaps marked in use. So: wait for the pid file.
+        let pidfile = qmp_sock.with_extension("pid");
+        let argv = build_argv(disks, qmp_sock, Some(&pidfile))?;
         let _ = std::fs::remove_file(qmp_sock);
+        let _ = std::fs::remove_file(&pidfile);
         let (pid, mut exit) = process::spawn_child(binary, &argv, stderr_log, false)?;
-        match process::connect_spawned(pid, &mut exit, qmp_sock, stderr_log, timeout).await {
+        let started = std::time::Instant::now();
+        let ready = wait_for_pidfile(&pidfile, pid, &mut exit, timeout).await;
+        let remaining = timeout
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_secs(1));
+        let connected = match ready {
+            Ok(()) => {
+                process::connect_spawned(pid, &mut exit, qmp_sock, stderr_log, remaining).await
+            }
+            Err(e) => Err(e),
+        };
+        match connected {
             Ok(qmp) => Ok(StorageDaemon {
                 pid,
                 qmp,
