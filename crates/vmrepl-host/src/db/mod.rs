@@ -179,11 +179,6 @@ impl Db {
         Ok(Db { conn })
     }
 
-    /// The raw connection, for modules that own their own tables.
-    pub fn conn(&self) -> &Connection {
-        &self.conn
-    }
-
     pub fn insert_vm(&self, def: &VmDefinition) -> Result<(), DbError> {
         self.conn.execute(
             "INSERT INTO vms (uuid, name, definition, state) VALUES (?1, ?2, ?3, ?4)",
@@ -386,7 +381,7 @@ mod tests {
         assert_eq!(db.transitions(Some(b), 10).unwrap()[0].role, Role::Replica);
         // The states are stored as their wire names, readable without vmrepl.
         let stored: String = db
-            .conn()
+            .conn
             .query_row(
                 "SELECT to_state FROM transitions WHERE id = ?1",
                 [last.id],
@@ -395,7 +390,7 @@ mod tests {
             .unwrap();
         assert_eq!(stored, "resynchronization-required");
         // A state this build does not know is reported, not guessed.
-        db.conn()
+        db.conn
             .execute(
                 "UPDATE transitions SET from_state = 'sideways' WHERE id = ?1",
                 [last.id],
@@ -413,13 +408,13 @@ mod tests {
         {
             let db = Db::open(&p).unwrap();
             db.insert_vm(&def("old")).unwrap();
-            db.conn()
+            db.conn
                 .execute_batch("DROP TABLE transitions; PRAGMA user_version = 7;")
                 .unwrap();
         }
         let db = Db::open(&p).unwrap();
         let v: i64 = db
-            .conn()
+            .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!((v, SCHEMA_VERSION), (8, 8));
@@ -437,7 +432,7 @@ mod tests {
         }
         let db = Db::open(&p).unwrap();
         assert!(db.vm_by_name("keep").unwrap().is_some());
-        db.conn().pragma_update(None, "user_version", 99).unwrap();
+        db.conn.pragma_update(None, "user_version", 99).unwrap();
         drop(db);
         assert!(matches!(
             Db::open(&p),

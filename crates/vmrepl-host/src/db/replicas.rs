@@ -191,19 +191,6 @@ impl Db {
         Ok(Transition { from, to })
     }
 
-    /// Drops a replica's row (and its network settings).
-    pub fn delete_replica(&self, vm_uuid: Uuid) -> Result<(), DbError> {
-        self.conn.execute(
-            "DELETE FROM replicas WHERE vm_uuid = ?1",
-            params![vm_uuid.to_string()],
-        )?;
-        self.conn.execute(
-            "DELETE FROM replica_networks WHERE vm_uuid = ?1",
-            params![vm_uuid.to_string()],
-        )?;
-        Ok(())
-    }
-
     /// Records (or clears) a running test failover.
     pub fn set_test_failover(
         &self,
