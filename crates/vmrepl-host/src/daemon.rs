@@ -5,6 +5,7 @@
 use crate::config::HostConfig;
 use crate::datadir::DataDir;
 use crate::db::Db;
+use crate::error::ApiAnswer;
 use crate::host::Host;
 use crate::mgmt::{self, Handler};
 use crate::vmm::Vmm;

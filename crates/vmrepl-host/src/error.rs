@@ -81,9 +81,11 @@ impl HostError {
         let doing = doing.into();
         move |source| HostError::Db { doing, source }
     }
+}
 
+impl ApiAnswer for HostError {
     /// The stable API code of this error: the one place a host error meets the API.
-    pub fn code(&self) -> ErrorCode {
+    fn code(&self) -> ErrorCode {
         match self {
             HostError::NotEnabled { .. } => ErrorCode::NotFound,
             HostError::WrongState(_) | HostError::NotReplicating { .. } => ErrorCode::WrongState,
@@ -100,10 +102,20 @@ impl HostError {
             HostError::Replica(e) => e.code(),
         }
     }
+}
+
+/// An error that answers the management API: its stable code, and (the same for every one)
+/// the answer itself, the code with [`sentence`].
+pub trait ApiAnswer: std::error::Error + 'static {
+    /// The stable API code of this error.
+    fn code(&self) -> ErrorCode;
 
     /// The error as the management API answers it: its code, and its message followed by
     /// each cause in turn.
-    pub fn to_api(&self) -> ApiError {
+    fn to_api(&self) -> ApiError
+    where
+        Self: Sized,
+    {
         ApiError::new(self.code(), sentence(self))
     }
 }

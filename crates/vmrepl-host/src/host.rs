@@ -11,6 +11,7 @@
 use crate::config::{ConfigError, HostConfig};
 use crate::datadir::DataDir;
 use crate::db::Db;
+use crate::error::ApiAnswer;
 use crate::locks::{unpoisoned, ReplicaLocks};
 use crate::vmm::Vmm;
 use std::collections::HashMap;
@@ -18,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, RwLockReadGuard, RwLockWriteGuard};
 use uuid::Uuid;
 use vmrepl_transport::{AuthzError, PkiError, TlsError};
-use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::api::ErrorCode;
 use vmrepl_types::replication::Progress;
 
 /// The running host.
@@ -282,9 +283,9 @@ pub enum SettingsError {
     OwnCertificate { fingerprint: String },
 }
 
-impl SettingsError {
+impl ApiAnswer for SettingsError {
     /// The stable API code of this error.
-    pub fn code(&self) -> ErrorCode {
+    fn code(&self) -> ErrorCode {
         use SettingsError::*;
         match self {
             RelativeStorage { .. }
@@ -297,12 +298,6 @@ impl SettingsError {
             NoEntry { .. } => ErrorCode::NotFound,
             StorageFolder { .. } | Save(_) | Listener(_) => ErrorCode::Io,
         }
-    }
-
-    /// The error as the management API answers it (as [`crate::error::HostError::to_api`]
-    /// does for a [`crate::error::HostError::Settings`]).
-    pub fn to_api(&self) -> ApiError {
-        ApiError::new(self.code(), crate::error::sentence(self))
     }
 }
 

@@ -8,6 +8,7 @@
 //! named there (the chain then skips it, as the sentence already holds it), so the sentences
 //! read as they always did.
 
+use crate::error::ApiAnswer;
 use crate::peer::client::PeerError;
 use crate::peer::proto::RefusalCode;
 use crate::replica::ApplyError;
@@ -203,9 +204,9 @@ impl From<StoreError> for FailoverError {
     }
 }
 
-impl FailoverError {
+impl ApiAnswer for FailoverError {
     /// The stable API code of this error.
-    pub fn code(&self) -> ErrorCode {
+    fn code(&self) -> ErrorCode {
         use FailoverError::*;
         match self {
             NothingToPrepare { .. } | VmGone { .. } => ErrorCode::NotFound,

@@ -3,6 +3,7 @@
 //! base where they match the failover point (no full copy).
 
 use crate::db::NewRelationship;
+use crate::error::ApiAnswer;
 use crate::error::HostError;
 use crate::failover::FailoverError;
 use crate::host::Host;

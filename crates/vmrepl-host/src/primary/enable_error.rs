@@ -6,6 +6,7 @@
 //! (a cause inside a sentence is named there, and the chain then skips it). A replica server
 //! that cannot be reached at all is [`crate::error::HostError::Peer`], shared with reverse.
 
+use crate::error::ApiAnswer;
 use crate::peer::client::PeerError;
 use std::path::PathBuf;
 use vmrepl_types::api::ErrorCode;
@@ -97,9 +98,9 @@ pub enum BootFileError {
     NotKept { file: &'static str, answer: String },
 }
 
-impl EnableError {
+impl ApiAnswer for EnableError {
     /// The stable API code of this error.
-    pub fn code(&self) -> ErrorCode {
+    fn code(&self) -> ErrorCode {
         use EnableError::*;
         match self {
             NotHostPort { .. }

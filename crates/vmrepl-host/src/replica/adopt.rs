@@ -3,6 +3,7 @@
 
 use crate::db::now_ms;
 use crate::db::ReplicaRow;
+use crate::error::ApiAnswer;
 use crate::error::HostError;
 use crate::host::Host;
 use crate::peer::proto::{Refusal, RefusalCode};

@@ -2,9 +2,9 @@
 //! `replication server accept-copy`, `replication network`, and finding a replica by name).
 
 use super::ApplyError;
-use crate::error::sentence;
+use crate::error::ApiAnswer;
 use std::path::PathBuf;
-use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::api::ErrorCode;
 
 /// A replica-side command's error; the API code comes from [`ReplicaError::code`].
 #[derive(Debug, thiserror::Error)]
@@ -74,9 +74,9 @@ pub enum ReplicaError {
     },
 }
 
-impl ReplicaError {
+impl ApiAnswer for ReplicaError {
     /// The stable API code of this error.
-    pub fn code(&self) -> ErrorCode {
+    fn code(&self) -> ErrorCode {
         use ReplicaError::*;
         match self {
             NoSuchReplica { .. } | UnreadableExport { .. } => ErrorCode::NotFound,
@@ -92,11 +92,6 @@ impl ReplicaError {
             | ImportTask { .. }
             | AppliedLater { .. } => ErrorCode::Internal,
         }
-    }
-
-    /// The error as the management API answers it.
-    pub fn to_api(&self) -> ApiError {
-        ApiError::new(self.code(), sentence(self))
     }
 }
 

@@ -9,13 +9,14 @@
 //! transparently.
 
 use crate::db::DbError;
+use crate::error::ApiAnswer;
 use std::path::PathBuf;
 use uuid::Uuid;
 use vmrepl_qemu::cmdline::CmdlineError;
 use vmrepl_qemu::img::ImgError;
 use vmrepl_qemu::process::ProcessError;
 use vmrepl_qemu::qmp::QmpError;
-use vmrepl_types::api::{ApiError, ErrorCode};
+use vmrepl_types::api::ErrorCode;
 use vmrepl_types::caps::Incompatibility;
 use vmrepl_types::vm::FirmwareVariantId;
 use vmrepl_types::{Generation, NameError, VmName, VmRunState};
@@ -210,15 +211,9 @@ pub enum VmError {
     Db(#[from] DbError),
 }
 
-impl VmError {
-    /// The error as the management API answers it (as [`crate::error::HostError::to_api`]
-    /// does for a [`crate::error::HostError::Vm`]).
-    pub fn to_api(&self) -> ApiError {
-        ApiError::new(self.code(), crate::error::sentence(self))
-    }
-
+impl ApiAnswer for VmError {
     /// The stable API code of this error.
-    pub fn code(&self) -> ErrorCode {
+    fn code(&self) -> ErrorCode {
         use VmError::*;
         match self {
             NoSuchVm { .. } | Gone { .. } => ErrorCode::NotFound,
