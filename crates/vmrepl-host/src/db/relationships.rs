@@ -4,7 +4,7 @@
 //! in the same transaction.
 
 use super::{now_ms, Db, DbError};
-use crate::lifecycle::{on_primary, PrimaryEvent, Refusal};
+use crate::lifecycle::{on_primary, LastError, PrimaryEvent, Refusal};
 use rusqlite::{params, OptionalExtension};
 use uuid::Uuid;
 use vmrepl_types::replication::{ReplicationSettings, ReplicationState, Role};
@@ -98,23 +98,6 @@ fn row_to_relationship(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Relatio
             note,
         })
     })())
-}
-
-/// What a primary event writes into `last_error`: a failure's cause, nothing after anything
-/// else, and the restart of the daemon leaves it as it was.
-enum ErrorColumn<'a> {
-    Set(Option<&'a str>),
-    Keep,
-}
-
-fn error_column<'a>(event: &PrimaryEvent, cause: Option<&'a str>) -> ErrorColumn<'a> {
-    match event {
-        PrimaryEvent::CycleFailed { .. }
-        | PrimaryEvent::TrackingLost
-        | PrimaryEvent::OutOfOrderRefused => ErrorColumn::Set(cause),
-        PrimaryEvent::DaemonRestarted => ErrorColumn::Keep,
-        _ => ErrorColumn::Set(None),
-    }
 }
 
 impl Db {
@@ -218,7 +201,12 @@ impl Db {
                 params![vm.to_string(), vmrepl_types::wire_name(&to)],
             )?;
         }
-        if let ErrorColumn::Set(e) = error_column(event, cause) {
+        let error = match event.last_error() {
+            LastError::Cause => Some(cause),
+            LastError::Clear => Some(None),
+            LastError::Keep => None,
+        };
+        if let Some(e) = error {
             tx.execute(
                 "UPDATE relationships SET last_error = ?2 WHERE vm_uuid = ?1",
                 params![vm.to_string(), e],

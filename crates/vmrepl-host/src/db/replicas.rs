@@ -3,7 +3,7 @@
 //! failovers and test failovers.
 
 use super::{now_ms, ChangeError, Db, DbError, Transition};
-use crate::lifecycle::{on_replica, ReplicaEvent};
+use crate::lifecycle::{on_replica, LastError, ReplicaEvent};
 use crate::peer::proto::PointPolicy;
 use rusqlite::{params, OptionalExtension};
 use std::path::PathBuf;
@@ -363,20 +363,16 @@ impl Db {
             "UPDATE replicas SET state = ?2 WHERE vm_uuid = ?1",
             params![id, vmrepl_types::wire_name(&to)],
         )?;
-        match event {
-            ReplicaEvent::ApplyFailed { .. } | ReplicaEvent::OutOfOrderRefused => {
-                tx.execute(
-                    "UPDATE replicas SET last_error = ?2 WHERE vm_uuid = ?1",
-                    params![id, cause],
-                )?;
-            }
-            ReplicaEvent::TestFailoverStarted | ReplicaEvent::TestFailoverStopped => {}
-            _ => {
-                tx.execute(
-                    "UPDATE replicas SET last_error = NULL WHERE vm_uuid = ?1",
-                    params![id],
-                )?;
-            }
+        let error = match event.last_error() {
+            LastError::Cause => Some(cause),
+            LastError::Clear => Some(None),
+            LastError::Keep => None,
+        };
+        if let Some(e) = error {
+            tx.execute(
+                "UPDATE replicas SET last_error = ?2 WHERE vm_uuid = ?1",
+                params![id, e],
+            )?;
         }
         match update {
             ReplicaUpdate::None => {}

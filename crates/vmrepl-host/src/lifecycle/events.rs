@@ -395,3 +395,55 @@ impl fmt::Display for ReplicaEvent {
         f.write_str(&self.describe())
     }
 }
+
+/// What an event does to the relationship's `last_error`: a failure records its cause, the
+/// events that leave the state's story unchanged keep it, every other event clears it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LastError {
+    Cause,
+    Keep,
+    Clear,
+}
+
+impl PrimaryEvent {
+    /// What this event does to `last_error` (see [`LastError`]).
+    pub fn last_error(&self) -> LastError {
+        use PrimaryEvent as E;
+        match self {
+            E::CycleFailed { .. } | E::TrackingLost | E::OutOfOrderRefused => LastError::Cause,
+            E::DaemonRestarted => LastError::Keep,
+            E::Enabled { .. }
+            | E::InitialReplicationStarted
+            | E::InitialCopyExported
+            | E::InitialCopyImported
+            | E::CycleAcknowledged { .. }
+            | E::Paused
+            | E::Resumed { .. }
+            | E::ResynchronizationRequested
+            | E::PreparedForFailover
+            | E::PrepareCancelled
+            | E::ReverseReplicationStarted { .. }
+            | E::ReverseReplicationAccepted
+            | E::Removed => LastError::Clear,
+        }
+    }
+}
+
+impl ReplicaEvent {
+    /// What this event does to `last_error` (see [`LastError`]).
+    pub fn last_error(&self) -> LastError {
+        use ReplicaEvent as E;
+        match self {
+            E::ApplyFailed { .. } | E::OutOfOrderRefused => LastError::Cause,
+            E::TestFailoverStarted | E::TestFailoverStopped => LastError::Keep,
+            E::ReplicaCreated { .. }
+            | E::LogApplied
+            | E::NoLogPending { .. }
+            | E::FailoverStarted { .. }
+            | E::FailoverCompleted
+            | E::FailoverCancelled
+            | E::ReverseReplicationStarted
+            | E::Removed => LastError::Clear,
+        }
+    }
+}

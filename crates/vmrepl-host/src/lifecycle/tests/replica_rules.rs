@@ -217,3 +217,33 @@ fn creating_a_replica_twice_is_refused() {
         }
     }
 }
+
+#[test]
+fn only_failures_record_a_cause_and_only_a_daemon_restart_or_a_test_failover_keeps_the_last_one() {
+    for e in PrimaryEvent::every() {
+        let failure = matches!(
+            e,
+            PrimaryEvent::CycleFailed { .. }
+                | PrimaryEvent::TrackingLost
+                | PrimaryEvent::OutOfOrderRefused
+        );
+        let want = if failure {
+            LastError::Cause
+        } else if e == PrimaryEvent::DaemonRestarted {
+            LastError::Keep
+        } else {
+            LastError::Clear
+        };
+        assert_eq!(e.last_error(), want, "{}", e.name());
+    }
+    for e in ReplicaEvent::every() {
+        let want = match e {
+            ReplicaEvent::ApplyFailed { .. } | ReplicaEvent::OutOfOrderRefused => LastError::Cause,
+            ReplicaEvent::TestFailoverStarted | ReplicaEvent::TestFailoverStopped => {
+                LastError::Keep
+            }
+            _ => LastError::Clear,
+        };
+        assert_eq!(e.last_error(), want, "{}", e.name());
+    }
+}
