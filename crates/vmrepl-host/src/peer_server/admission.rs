@@ -21,7 +21,7 @@ pub(super) const MAX_VCPUS: u32 = 288;
 pub(super) const MAX_MEMORY_MIB: u64 = 4 << 20;
 
 pub(super) fn server_enabled(daemon: &Host) -> Result<Authorization, Refusal> {
-    let cfg = daemon.cfg.read().unwrap_or_else(|p| p.into_inner());
+    let cfg = daemon.cfg();
     if !cfg.replica_server.enabled {
         return Err(refuse(
             RefusalCode::Disabled,

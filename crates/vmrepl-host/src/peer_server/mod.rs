@@ -91,12 +91,7 @@ async fn connection(
     };
     let mut greeted = false;
     loop {
-        let idle = daemon
-            .cfg
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .peer_limits
-            .idle_timeout();
+        let idle = daemon.cfg().peer_limits.idle_timeout();
         // Between requests the idle deadline applies; within one, the frame deadline.
         let usual = framed.timeout();
         framed.set_timeout(idle);

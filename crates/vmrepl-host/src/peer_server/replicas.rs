@@ -318,13 +318,7 @@ pub(super) async fn remove_replica(
     let row = live_replica(daemon, peer, vm_uuid)?;
     // A primary deletes the replica's data only where this host allows it: by default the
     // disaster-recovery copy outlives a primary that is told (or tricked) to drop it.
-    let delete = delete
-        && daemon
-            .cfg
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .replica_server
-            .allow_remote_delete;
+    let delete = delete && daemon.cfg().replica_server.allow_remote_delete;
     let dir = replica::vm_dir(&row);
     let lock = daemon.replica_locks.vm(&dir);
     let _g = lock.lock().await;

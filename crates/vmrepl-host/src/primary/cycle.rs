@@ -190,9 +190,7 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
                     let bytes = std::fs::metadata(f)
                         .map_err(|e| CycleError::Other(format!("{}: {e}", f.display())))?
                         .len();
-                    let blake3 = hasher
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
+                    let blake3 = crate::locks::unpoisoned(&hasher)
                         .finalize()
                         .to_hex()
                         .to_string();

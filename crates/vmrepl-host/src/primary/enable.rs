@@ -298,7 +298,7 @@ pub(crate) fn boot_file_digest(path: &Path) -> std::io::Result<(u64, String)> {
     let meta = std::fs::metadata(path)?;
     let (len, mtime) = (meta.len(), meta.modified()?);
     let seen = SEEN.get_or_init(Default::default);
-    if let Some((l, m, h)) = seen.lock().unwrap_or_else(|p| p.into_inner()).get(path) {
+    if let Some((l, m, h)) = crate::locks::unpoisoned(seen).get(path) {
         if *l == len && *m == mtime {
             return Ok((len, h.clone()));
         }
@@ -306,9 +306,7 @@ pub(crate) fn boot_file_digest(path: &Path) -> std::io::Result<(u64, String)> {
     let mut hasher = blake3::Hasher::new();
     hasher.update_reader(std::fs::File::open(path)?)?;
     let hex = hasher.finalize().to_hex().to_string();
-    seen.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(path.to_path_buf(), (len, mtime, hex.clone()));
+    crate::locks::unpoisoned(seen).insert(path.to_path_buf(), (len, mtime, hex.clone()));
     Ok((len, hex))
 }
 

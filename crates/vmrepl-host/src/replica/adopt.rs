@@ -331,7 +331,7 @@ pub async fn import_initial(
     // revoked since the export takes its media with it). Its certificate was checked, pins
     // included, when it announced the export below.
     let authorized = {
-        let cfg = d.cfg.read().unwrap_or_else(|p| p.into_inner());
+        let cfg = d.cfg();
         vmrepl_transport::authz::Authorization::try_from(&cfg.replica_server)
             .map_err(|x| x.to_string())
             .and_then(|a| match a.authorize(&row.primary_host) {

@@ -73,11 +73,7 @@ pub fn statuses(daemon: &Host) -> Vec<ReplicationStatus> {
         let db = daemon.db();
         db.replicas().unwrap_or_default()
     };
-    let me = daemon
-        .cfg
-        .read()
-        .map(|c| c.host_name.clone())
-        .unwrap_or_default();
+    let me = daemon.cfg().host_name.clone();
     let now = now_ms();
     rows.into_iter()
         .map(|r| {
