@@ -52,6 +52,11 @@ pub enum LogKind {
     Delta,
     /// Blocks that differed in a checksum compare (resynchronization).
     Resync,
+    /// One range of a resynchronization done in parts: the blocks of that range that differed
+    /// in a checksum compare. It leaves the replica's latest state incomplete (not a point in
+    /// time) until a log of another kind follows; the parts already applied survive a cut, so
+    /// the resynchronization continues where it stopped.
+    ResyncPart,
 }
 
 impl LogKind {
@@ -60,6 +65,7 @@ impl LogKind {
             LogKind::Initial => 1,
             LogKind::Delta => 2,
             LogKind::Resync => 3,
+            LogKind::ResyncPart => 4,
         }
     }
     fn from_code(c: u8) -> Option<Self> {
@@ -67,6 +73,7 @@ impl LogKind {
             1 => LogKind::Initial,
             2 => LogKind::Delta,
             3 => LogKind::Resync,
+            4 => LogKind::ResyncPart,
             _ => return None,
         })
     }

@@ -890,3 +890,23 @@ fn a_reader_trusting_verified_content_decodes_the_same_and_still_catches_every_b
         }
     }
 }
+
+#[test]
+fn every_log_kind_survives_encoding_and_decoding() {
+    for kind in [
+        LogKind::Initial,
+        LogKind::Delta,
+        LogKind::Resync,
+        LogKind::ResyncPart,
+    ] {
+        let mut h = header(Compression::None);
+        h.kind = kind;
+        if kind == LogKind::Initial {
+            h.base_sequence = 0;
+        }
+        let w = LogWriter::new(Vec::new(), h).unwrap();
+        let (_, bytes) = w.finish_into_inner().unwrap();
+        let r = vmrepl_log::LogReader::new(&bytes[..]).unwrap();
+        assert_eq!(r.header().kind, kind);
+    }
+}

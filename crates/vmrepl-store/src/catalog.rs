@@ -64,6 +64,11 @@ pub(crate) struct Catalog {
     /// Frozen points, oldest first.
     pub points: Vec<PointEntry>,
     pub journal: Option<Journal>,
+    /// Set while a resynchronization in parts runs: the last applied log before its first
+    /// part. The latest state is not a whole point until a log that is not a part commits.
+    /// Left out of the document when unset, so catalogs without it keep their checksum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_since: Option<u64>,
     /// BLAKE3 (hex) of this document serialized with `checksum` set to "".
     #[serde(default)]
     pub checksum: String,

@@ -106,6 +106,9 @@ pub enum StoreError {
     #[error("The newest state of this replica holds part of log {seq}, whose apply did not finish; it is not a whole point. Use an older recovery point, or let the log be applied again (or the primary resynchronize).")]
     TornLatest { seq: u64 },
 
+    #[error("This replica is being resynchronized in parts since log {since} (applied up to log {seq}); its newest state mixes old and new blocks and is not a whole point until the resynchronization ends. Use a recovery point from before it (the newest one was kept for this).")]
+    ResyncInProgress { since: u64, seq: u64 },
+
     #[error("Sequence {seq} is already frozen as a recovery point; nothing to do.")]
     AlreadyFrozen { seq: u64 },
 

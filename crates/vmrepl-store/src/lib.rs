@@ -58,6 +58,14 @@
 //! rolled forward by [`ReplicaStore::open`] (every step is idempotent). Leftover layer files that
 //! no catalog entry names are removed at open.
 //!
+//! **Resynchronization in parts.** A log of kind `ResyncPart` is committed with
+//! [`ApplyTxn::commit_part`]: durable like any other, but the catalog's `resync_since` (the last
+//! applied log before the first part) says the latest state mixes old and new blocks. While it is
+//! set the latest state is not offered as a point ([`ReplicaVm::points`]) and cannot be frozen
+//! ([`StoreError::ResyncInProgress`]); the frozen points below stay as they are. The next log
+//! that is not a part commits with [`ApplyTxn::commit`], which clears it.
+//! [`ReplicaVm::range_digests`] gives the digests of one range of a disk for the compare.
+//!
 //! ## Recovery points and locks
 //!
 //! [`ReplicaVm::freeze_point`] renames `top.qcow2` to `rp-<seq>.qcow2` (read-only) in every disk
@@ -110,7 +118,8 @@ pub use catalog::CATALOG_VERSION;
 pub use error::{Result, StoreError};
 pub use store::{
     block_size, validate_disk_id, ApplyTxn, Begin, Flattened, Overlay, PointKind, PointLock,
-    PointRef, PruneReport, RecoveryPoint, ReplicaStore, ReplicaVm, SPACE_HEADROOM,
+    PointRef, PruneReport, RecoveryPoint, ReplicaStore, ReplicaVm, MAX_DIGEST_BLOCK,
+    SPACE_HEADROOM,
 };
 pub use vmrepl_types::replication::Consistency;
 pub use writeback::{EarlyWriteback, WRITEBACK_EVERY};

@@ -309,6 +309,7 @@ impl ReplicaStore {
             },
             points: Vec::new(),
             journal: None,
+            resync_since: None,
             checksum: String::new(),
         };
         cat.store(&partial.join(STATE))?;
@@ -377,6 +378,11 @@ fn create_top(ddir: &Path, backing: &str, size: u64) -> Result<()> {
         .map_err(|e| StoreError::io("rename into place", ddir.join(TOP), e))?;
     fsutil::sync_dir(ddir)
 }
+
+/// The largest block [`ReplicaVm::range_digests`] hashes on its own.
+pub const MAX_DIGEST_BLOCK: u64 = 16 << 20;
+/// How much [`ReplicaVm::range_digests`] reads at a time.
+const DIGEST_WINDOW: u64 = 4 << 20;
 
 /// The block size of [`ReplicaVm::block_digests`] for a disk of `size` bytes: 1 MiB, or larger
 /// so that a disk has at most 65536 blocks.
@@ -719,16 +725,30 @@ impl ReplicaVm {
         }
     }
 
+    /// While a resynchronization in parts runs: the last applied log before its first part
+    /// (the latest state mixes old and new blocks until it ends, see
+    /// [`StoreError::ResyncInProgress`]).
+    pub fn resyncing(&self) -> Option<u64> {
+        self.cat.resync_since
+    }
+
     fn whole_latest(&self) -> Result<()> {
-        match self.torn() {
-            Some(seq) => Err(StoreError::TornLatest { seq }),
+        if let Some(seq) = self.torn() {
+            return Err(StoreError::TornLatest { seq });
+        }
+        match self.cat.resync_since {
+            Some(since) => Err(StoreError::ResyncInProgress {
+                since,
+                seq: self.cat.last_applied,
+            }),
             None => Ok(()),
         }
     }
 
     /// Frozen points (oldest first) followed by the latest applied state ([`PointKind::Latest`];
     /// it may have the same `seq` as the newest frozen point). The latest state is left out
-    /// while it is torn ([`ReplicaVm::torn`]): only whole points are ever offered.
+    /// while it is torn ([`ReplicaVm::torn`]) or in the middle of a resynchronization in parts
+    /// ([`ReplicaVm::resyncing`]): only whole points are ever offered.
     pub fn points(&self) -> Vec<RecoveryPoint> {
         let mut v: Vec<RecoveryPoint> = self
             .cat
@@ -741,7 +761,7 @@ impl ReplicaVm {
                 kind: PointKind::Frozen,
             })
             .collect();
-        if self.torn().is_none() {
+        if self.whole_latest().is_ok() {
             v.push(self.latest_point());
         }
         v
@@ -1068,6 +1088,66 @@ impl ReplicaVm {
         Ok((bs, out))
     }
 
+    /// BLAKE3 digests of the latest state of disk `disk` from `offset` for `len` bytes, one
+    /// per `bs` bytes (the last block may be short at the end of the disk), read through the
+    /// verified chain: what a resynchronization in parts compares one range of the disk with.
+    /// `offset` must be a multiple of `bs` and the range inside the disk. Stretches that read as
+    /// zeros in every layer are not read (their digest is known), so a sparse disk costs
+    /// little.
+    pub fn range_digests(
+        &self,
+        disk: &str,
+        offset: u64,
+        len: u64,
+        bs: u64,
+    ) -> Result<Vec<[u8; 32]>> {
+        let size = self.disk_size(disk)?;
+        let bad = || StoreError::OutOfBounds {
+            disk: disk.to_string(),
+            offset,
+            len,
+            size,
+        };
+        if !(4096..=MAX_DIGEST_BLOCK).contains(&bs) || !offset.is_multiple_of(bs) {
+            return Err(bad());
+        }
+        let end = offset
+            .checked_add(len)
+            .filter(|e| *e <= size)
+            .ok_or_else(bad)?;
+        let layers = self.chain_layers(PointRef::Latest)?;
+        let ddir = self.disk_dir(disk);
+        let acc = chain::open_chain(&ddir, &layers, false, size)?;
+        // Read in windows of whole blocks; a window that maps to zeros is not read.
+        let window = (DIGEST_WINDOW / bs).max(1) * bs;
+        let zero_block = *blake3::hash(&vec![0u8; bs as usize]).as_bytes();
+        let mut buf = vec![0u8; window as usize];
+        let mut out = Vec::with_capacity(len.div_ceil(bs) as usize);
+        let mut at = offset;
+        while at < end {
+            let n = window.min(end - at);
+            let zeros = matches!(
+                acc.get_mapping_sync(at, n),
+                Ok((imago::Mapping::Zero { .. }, l)) if l >= n
+            );
+            if !zeros {
+                acc.read(&mut buf[..n as usize], at)
+                    .map_err(|e| StoreError::io("read", ddir.join(TOP), e))?;
+            }
+            for block in buf[..n as usize].chunks(bs as usize) {
+                out.push(if zeros && block.len() as u64 == bs {
+                    zero_block
+                } else if zeros {
+                    *blake3::hash(&vec![0u8; block.len()]).as_bytes()
+                } else {
+                    *blake3::hash(block).as_bytes()
+                });
+            }
+            at += n;
+        }
+        Ok(out)
+    }
+
     /// The NVRAM of a point, if the VM has one.
     pub fn point_nvram_path(&self, point: PointRef) -> Result<Option<PathBuf>> {
         let p = match point {
@@ -1284,8 +1364,20 @@ impl ApplyTxn<'_> {
     }
 
     /// Makes the log durable as applied: flush and fsync every written layer, write the NVRAM,
-    /// then record `seq` atomically in `state.json`, and drop the spooled log file.
-    pub fn commit(mut self, point_unix_ms: i64, consistency: Consistency) -> Result<()> {
+    /// then record `seq` atomically in `state.json`, and drop the spooled log file. The latest
+    /// state becomes the whole point `point_unix_ms` (a resynchronization in parts ends here).
+    pub fn commit(self, point_unix_ms: i64, consistency: Consistency) -> Result<()> {
+        self.finish(Some((point_unix_ms, consistency)))
+    }
+
+    /// [`ApplyTxn::commit`] for one part of a resynchronization in parts
+    /// ([`vmrepl_log::LogKind::ResyncPart`]): durable the same way, but the latest state stays
+    /// incomplete ([`ReplicaVm::resyncing`]) until a log that is not a part commits.
+    pub fn commit_part(self) -> Result<()> {
+        self.finish(None)
+    }
+
+    fn finish(mut self, point: Option<(i64, Consistency)>) -> Result<()> {
         for (disk, wb) in self.writeback.iter_mut() {
             let path = self.vm.disk_dir(disk).join(TOP);
             wb.finish().map_err(|e| fsutil::write_error(&path, 0, e))?;
@@ -1302,12 +1394,21 @@ impl ApplyTxn<'_> {
         }
         let seq = self.seq;
         let vm = &mut *self.vm;
+        let before = vm.cat.last_applied;
         vm.cat.last_applied = seq;
         if matches!(vm.cat.journal, Some(Journal::Apply { .. })) {
             vm.cat.journal = None;
         }
-        vm.cat.last_applied_unix_ms = point_unix_ms;
-        vm.cat.last_applied_consistency = consistency;
+        match point {
+            Some((point_unix_ms, consistency)) => {
+                vm.cat.last_applied_unix_ms = point_unix_ms;
+                vm.cat.last_applied_consistency = consistency;
+                vm.cat.resync_since = None;
+            }
+            None => {
+                vm.cat.resync_since.get_or_insert(before);
+            }
+        }
         if let Err(e) = vm.save() {
             // Keep memory equal to disk: reload what is durable.
             if let Ok(c) = Catalog::load(&vm.state_path()) {
@@ -1316,7 +1417,7 @@ impl ApplyTxn<'_> {
             return Err(e);
         }
         let _ = fs::remove_file(vm.store_log_path(seq));
-        tracing::info!(vm = %vm.cat.vm_uuid, seq, bytes = self.bytes, "log applied");
+        tracing::info!(vm = %vm.cat.vm_uuid, seq, bytes = self.bytes, part = point.is_none(), "log applied");
         Ok(())
     }
 
@@ -1357,6 +1458,82 @@ mod tests {
         t.write("a", 0, &[3; 512]).unwrap();
         t.commit(3, Consistency::Crash).unwrap();
         vm
+    }
+
+    #[test]
+    fn a_resynchronization_in_parts_hides_the_latest_state_until_a_whole_log_ends_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("s");
+        let mut vm = vm_with_data(&root);
+        let uuid = vm.vm_uuid();
+        let before: Vec<u64> = vm.points().iter().map(|p| p.seq).collect();
+        assert_eq!(
+            before,
+            vec![1, 2, 3],
+            "two frozen points and the latest state"
+        );
+        // Two parts: each durable, neither a point.
+        for seq in 4..=5u64 {
+            let Begin::Apply(mut t) = vm.begin_apply(seq, seq - 1).unwrap() else {
+                panic!()
+            };
+            t.write("a", (seq - 4) * (2 << 20), &[seq as u8; 65536])
+                .unwrap();
+            t.commit_part().unwrap();
+            assert_eq!(vm.resyncing(), Some(3), "since the last whole state");
+            assert_eq!(vm.last_applied(), seq);
+            let seqs: Vec<u64> = vm.points().iter().map(|p| p.seq).collect();
+            assert_eq!(seqs, vec![1, 2], "only the frozen points are offered");
+        }
+        // It survives a reopen, and nothing may treat the mixed state as a point.
+        let mut vm = ReplicaStore::open(&root, uuid).unwrap();
+        assert_eq!(vm.resyncing(), Some(3));
+        assert!(matches!(
+            vm.freeze_point(5, 5, Consistency::Crash),
+            Err(StoreError::ResyncInProgress { since: 3, seq: 5 })
+        ));
+        assert!(matches!(
+            vm.overlay_for(PointRef::Latest, &tmp.path().join("o")),
+            Err(StoreError::ResyncInProgress { .. })
+        ));
+        // The digests of a range see the parts applied so far.
+        let d = vm.range_digests("a", 0, 4 << 20, 65536).unwrap();
+        assert_eq!(d.len(), 64);
+        assert_eq!(d[0], *blake3::hash(&[4u8; 65536]).as_bytes());
+        assert_eq!(d[32], *blake3::hash(&[5u8; 65536]).as_bytes());
+        let zero = *blake3::hash(&[0u8; 65536]).as_bytes();
+        assert_eq!(d[63], zero, "never written: zeros, not read");
+        // A log that is not a part ends it: the latest state is a point again.
+        let Begin::Apply(t) = vm.begin_apply(6, 5).unwrap() else {
+            panic!()
+        };
+        t.commit(6, Consistency::Crash).unwrap();
+        assert_eq!(vm.resyncing(), None);
+        let seqs: Vec<u64> = vm.points().iter().map(|p| p.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 6]);
+        vm.freeze_point(6, 6, Consistency::Crash).unwrap();
+    }
+
+    #[test]
+    fn range_digests_refuse_ranges_outside_the_disk_and_misaligned_starts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vm = vm_with_data(&tmp.path().join("s"));
+        for (off, len, bs) in [
+            (0, (4 << 20) + 1, 65536),
+            (4096, 65536, 65536),
+            (0, 65536, 1),
+            (0, 65536, MAX_DIGEST_BLOCK * 2),
+            (u64::MAX - 10, 20, 65536),
+        ] {
+            assert!(
+                matches!(
+                    vm.range_digests("a", off, len, bs),
+                    Err(StoreError::OutOfBounds { .. })
+                ),
+                "{off} {len} {bs}"
+            );
+        }
+        assert!(vm.range_digests("zz", 0, 65536, 65536).is_err());
     }
 
     #[test]
