@@ -116,6 +116,9 @@ const MIGRATIONS: &[&str] = &[
         cause TEXT
      );
      CREATE INDEX transitions_vm ON transitions (vm_uuid, id);",
+    // 9: a resynchronization in parts under way (JSON `ResyncSweep`), so that it continues
+    // where it stopped.
+    "ALTER TABLE relationships ADD COLUMN resync_sweep TEXT;",
 ];
 
 /// Database errors.
@@ -402,14 +405,17 @@ mod tests {
     }
 
     #[test]
-    fn a_version_7_database_gains_the_transitions_table_and_keeps_its_data() {
+    fn a_version_7_database_gains_the_later_tables_and_keeps_its_data() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("s.db");
         {
             let db = Db::open(&p).unwrap();
             db.insert_vm(&def("old")).unwrap();
             db.conn
-                .execute_batch("DROP TABLE transitions; PRAGMA user_version = 7;")
+                .execute_batch(
+                    "DROP TABLE transitions; ALTER TABLE relationships DROP COLUMN resync_sweep; \
+                     PRAGMA user_version = 7;",
+                )
                 .unwrap();
         }
         let db = Db::open(&p).unwrap();
@@ -417,9 +423,53 @@ mod tests {
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!((v, SCHEMA_VERSION), (8, 8));
+        assert_eq!(v, SCHEMA_VERSION);
         assert!(db.vm_by_name("old").unwrap().is_some());
         assert!(db.transitions(None, 5).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_resynchronization_in_parts_is_remembered_until_tracking_is_lost() {
+        use crate::lifecycle::{InitialMethod, PrimaryEvent};
+        let d = tempfile::tempdir().unwrap();
+        let db = Db::open(&d.path().join("s.db")).unwrap();
+        let vm = Uuid::new_v4();
+        let settings = vmrepl_types::replication::ReplicationSettings::new("127.0.0.2:7443");
+        let new = NewRelationship {
+            vm,
+            rel_id: Uuid::new_v4(),
+            settings: &settings,
+            replica_name: "b",
+            acked_seq: 0,
+            note: None,
+        };
+        db.insert_relationship(
+            new,
+            &PrimaryEvent::Enabled {
+                initial: InitialMethod::Network,
+            },
+            None,
+        )
+        .unwrap();
+        assert_eq!(db.relationship(vm).unwrap().unwrap().resync_sweep, None);
+        let sweep = ResyncSweep {
+            base: 7,
+            parts: 16,
+            range_bytes: 256 << 20,
+            started_ms: 1,
+        };
+        db.set_resync_sweep(vm, Some(&sweep)).unwrap();
+        assert_eq!(
+            db.relationship(vm).unwrap().unwrap().resync_sweep,
+            Some(sweep)
+        );
+        db.change_primary(vm, &PrimaryEvent::TrackingLost, Some("killed"), None)
+            .unwrap();
+        assert_eq!(
+            db.relationship(vm).unwrap().unwrap().resync_sweep,
+            None,
+            "what the parts were compared with can no longer be vouched for"
+        );
     }
 
     #[test]

@@ -25,6 +25,25 @@ pub struct Relationship {
     /// where an exported initial copy waits to be imported, or that an existing copy is being
     /// reconciled.
     pub note: Option<String>,
+    /// A resynchronization in parts under way, if any.
+    pub resync_sweep: Option<ResyncSweep>,
+}
+
+/// A resynchronization in parts under way (`primary::resync`): the disks are compared range
+/// by range, each range one log (a part) that the replica acknowledges. Recorded when it
+/// starts, so that after a cut (a daemon restart, a lost link, a reboot) it continues from
+/// the replica's last applied part, as long as change tracking held since it started; a
+/// relationship whose tracking is lost forgets it ([`Db::change_primary`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResyncSweep {
+    /// The replica's last applied log when it started: part `i` (from 0) is log `base + 1 + i`.
+    pub base: u64,
+    /// How many parts.
+    pub parts: u64,
+    /// The size of the ranges the disks are cut into.
+    pub range_bytes: u64,
+    /// When it started (Unix ms).
+    pub started_ms: u64,
 }
 
 /// A relationship about to be recorded (enable, or reverse replication after a failover,
@@ -66,7 +85,7 @@ impl From<rusqlite::Error> for ChangeError {
 }
 
 const REL_COLS: &str = "vm_uuid, rel_id, settings, replica_name, state, acked_seq, last_error, \
-                        created_ms, last_success_ms, note";
+                        created_ms, last_success_ms, note, resync_sweep";
 
 fn row_to_relationship(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Relationship, DbError>> {
     let texts: [String; 5] = [r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?];
@@ -75,6 +94,7 @@ fn row_to_relationship(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Relatio
     let created: i64 = r.get(7)?;
     let success: Option<i64> = r.get(8)?;
     let note: Option<String> = r.get(9)?;
+    let sweep: Option<String> = r.get(10)?;
     let [vm, rel, settings, replica_name, state] = texts;
     Ok((|| {
         let bad = |what: &str, v: &str| {
@@ -96,6 +116,8 @@ fn row_to_relationship(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Relatio
             created_ms: created as u64,
             last_success_ms: success.map(|v| v as u64),
             note,
+            // An unreadable record only costs the resynchronization its head start.
+            resync_sweep: sweep.and_then(|j| serde_json::from_str(&j).ok()),
         })
     })())
 }
@@ -212,6 +234,17 @@ impl Db {
                 params![vm.to_string(), e],
             )?;
         }
+        if matches!(
+            event,
+            PrimaryEvent::TrackingLost | PrimaryEvent::OutOfOrderRefused
+        ) {
+            // What the parts already sent were compared with can no longer be vouched for:
+            // the next resynchronization starts from the first range.
+            tx.execute(
+                "UPDATE relationships SET resync_sweep = NULL WHERE vm_uuid = ?1",
+                params![vm.to_string()],
+            )?;
+        }
         if let Some(seq) = acked {
             tx.execute(
                 "UPDATE relationships SET acked_seq = ?2, last_success_ms = ?3 WHERE vm_uuid = ?1",
@@ -243,6 +276,19 @@ impl Db {
                 vm.to_string(),
                 serde_json::to_string(settings).map_err(|e| DbError::Corrupt(e.to_string()))?
             ],
+        )?;
+        Ok(())
+    }
+
+    /// Records (or clears) the resynchronization in parts under way.
+    pub fn set_resync_sweep(&self, vm: Uuid, sweep: Option<&ResyncSweep>) -> Result<(), DbError> {
+        let json = sweep
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| DbError::Corrupt(e.to_string()))?;
+        self.conn.execute(
+            "UPDATE relationships SET resync_sweep = ?2 WHERE vm_uuid = ?1",
+            params![vm.to_string(), json],
         )?;
         Ok(())
     }

@@ -357,6 +357,7 @@ mod tests {
             created_ms: 0,
             last_success_ms: None,
             note: None,
+            resync_sweep: None,
         }
     }
 

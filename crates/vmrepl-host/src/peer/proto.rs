@@ -158,6 +158,10 @@ pub enum PeerRequest {
     /// Digests of the replica's latest state, per block of every disk (resynchronization by
     /// compare: the primary then sends only the blocks that differ).
     BlockDigests { vm_uuid: Uuid },
+    /// Digests of one range of one disk of the replica's latest state (a resynchronization in
+    /// parts compares the disks range by range). Replicas of releases before it refuse the
+    /// request as malformed, and the primary falls back to `BlockDigests`.
+    RangeDigests { vm_uuid: Uuid, range: DigestRange },
     /// Asked by the replica of a VM before a failover: does the VM run on your side (the
     /// one-host-at-a-time guard, I6), and was it prepared for a planned failover?
     PrimaryState { vm_uuid: Uuid },
@@ -210,6 +214,15 @@ pub enum RefusalCode {
     VmRunning,
     /// Anything else on the replica side.
     Internal,
+}
+
+/// One range of one disk, digested per `block_size` bytes (`PeerRequest::RangeDigests`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestRange {
+    pub disk: String,
+    pub offset: u64,
+    pub len: u64,
+    pub block_size: u64,
 }
 
 /// The digests of one replica disk (see `PeerRequest::BlockDigests`).
@@ -283,6 +296,10 @@ pub enum PeerResponse {
     /// Per disk: the block size and the BLAKE3 digests of its blocks, hex, concatenated.
     BlockDigests {
         disks: Vec<DiskDigests>,
+    },
+    /// The digests of the range asked for (`PeerRequest::RangeDigests`).
+    RangeDigests {
+        digests: DiskDigests,
     },
     /// Answer to `ReverseReplica`: whether the old primary's disks became the replica's base.
     Reversed {

@@ -196,6 +196,9 @@ async fn handle(
     let r = match req {
         PeerRequest::Hello { .. } => unreachable!("handled by the caller"),
         PeerRequest::BlockDigests { vm_uuid } => block_digests(daemon, peer, vm_uuid).await,
+        PeerRequest::RangeDigests { vm_uuid, range } => {
+            range_digests(daemon, peer, vm_uuid, range).await
+        }
         PeerRequest::PrimaryState { vm_uuid } => {
             crate::failover::primary_state(daemon, peer, vm_uuid)
         }

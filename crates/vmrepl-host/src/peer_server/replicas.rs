@@ -309,6 +309,40 @@ pub(super) async fn block_digests(
     .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?
 }
 
+/// `RangeDigests`: the digests of one range of one disk of the replica's latest state (with
+/// every received log applied first), for one part of a resynchronization in parts.
+pub(super) async fn range_digests(
+    daemon: &Arc<Host>,
+    peer: &str,
+    vm_uuid: Uuid,
+    r: crate::peer::proto::DigestRange,
+) -> Result<PeerResponse, Refusal> {
+    let row = live_replica(daemon, peer, vm_uuid)?;
+    let lock = daemon.replica_locks.vm(&replica::vm_dir(&row));
+    let _g = lock.lock().await;
+    let _ = replica::apply_and_record(daemon, &row).await;
+    let root = row.storage_root.clone();
+    tokio::task::spawn_blocking(move || -> Result<PeerResponse, Refusal> {
+        let vm = vmrepl_store::ReplicaStore::open(&root, vm_uuid)
+            .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+        let ds = vm
+            .range_digests(&r.disk, r.offset, r.len, r.block_size)
+            .map_err(|e| match e {
+                vmrepl_store::StoreError::OutOfBounds { .. }
+                | vmrepl_store::StoreError::UnknownDisk { .. }
+                | vmrepl_store::StoreError::InvalidDiskId { .. } => {
+                    refuse(RefusalCode::BadRequest, e.to_string())
+                }
+                e => refuse(RefusalCode::Internal, e.to_string()),
+            })?;
+        Ok(PeerResponse::RangeDigests {
+            digests: crate::peer::proto::DiskDigests::new(r.disk, r.block_size, &ds),
+        })
+    })
+    .await
+    .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?
+}
+
 pub(super) async fn remove_replica(
     daemon: &Arc<Host>,
     peer: &str,

@@ -178,6 +178,7 @@ mod tests {
             created_ms: now_ms(),
             last_success_ms: Some(now_ms()),
             note: None,
+            resync_sweep: None,
         }
     }
 

@@ -157,6 +157,10 @@ pub fn apply_log(vm: &mut ReplicaVm, path: &Path, verified: bool) -> Result<Appl
         consistency: consistency(h.consistency),
     };
     vm.check_space(len)?;
+    let part = h.kind == vmrepl_log::LogKind::ResyncPart;
+    if part {
+        keep_whole_latest(vm)?;
+    }
     let mut txn = match vm.begin_apply(h.sequence, h.base_sequence)? {
         vmrepl_store::Begin::AlreadyApplied { .. } => {
             return Ok(Applied {
@@ -196,8 +200,38 @@ pub fn apply_log(vm: &mut ReplicaVm, path: &Path, verified: bool) -> Result<Appl
     if let Some(nv) = nvram {
         txn.set_nvram(&nv);
     }
-    txn.commit(out.unix_ms, out.consistency)?;
+    if part {
+        txn.commit_part()?;
+    } else {
+        txn.commit(out.unix_ms, out.consistency)?;
+    }
     Ok(out)
+}
+
+/// Before the first part of a resynchronization in parts: the latest state is whole, and the
+/// parts will leave it mixed until the resynchronization ends, so it is frozen as a recovery
+/// point first (whatever the policy says; the policy prunes it afterwards). A failover during
+/// the resynchronization then still has the newest whole state to start from.
+fn keep_whole_latest(vm: &mut ReplicaVm) -> Result<(), StoreError> {
+    if vm.resyncing().is_some() || vm.torn().is_some() || vm.last_applied() == 0 {
+        return Ok(());
+    }
+    let Some(latest) = vm
+        .points()
+        .into_iter()
+        .find(|p| p.kind == vmrepl_store::PointKind::Latest)
+    else {
+        return Ok(());
+    };
+    let frozen = vm
+        .points()
+        .iter()
+        .any(|p| p.kind == vmrepl_store::PointKind::Frozen && p.seq == latest.seq);
+    if !frozen {
+        vm.freeze_point(latest.seq, latest.unix_ms, latest.consistency)?;
+        tracing::info!(target: "vmrepl::replica", vm = %vm.vm_uuid(), seq = latest.seq, "the whole state before a resynchronization in parts is kept as a recovery point");
+    }
+    Ok(())
 }
 
 /// Applies every pending log of `vm` in order (blocking). Pending logs were verified whole
@@ -242,6 +276,11 @@ pub fn points_after_apply(
     policy: &PointPolicy,
     last_point_ms: Option<u64>,
 ) -> Result<bool, StoreError> {
+    if vm.resyncing().is_some() {
+        // In the middle of a resynchronization in parts: no whole state to freeze, and the
+        // points from before it stay until it ends.
+        return Ok(false);
+    }
     if policy.keep == 0 {
         // Only the latest point is kept.
         vm.prune(0)?;

@@ -86,6 +86,7 @@ pub(crate) fn relationship(vm: &VmDefinition, state: ReplicationState, acked: u6
         created_ms: 1,
         last_success_ms: None,
         note: None,
+        resync_sweep: None,
     }
 }
 
