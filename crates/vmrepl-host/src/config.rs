@@ -61,6 +61,11 @@ pub struct HostConfig {
     /// (`vmrepl host revoke-cert`; `[[revoked_certs]]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub revoked_certs: Vec<RevokedCert>,
+    /// The size (MiB) of the ranges a resynchronization compares and sends as one part, each
+    /// acknowledged on its own (a cut resynchronization continues from the last one). Unset:
+    /// 256 MiB, more when the disks hold over 256 GiB together (about 1024 parts at most).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_range_mib: Option<u64>,
 }
 
 /// Limits and timeouts of the peer listener (review M1). Every field has a default, so a
@@ -139,6 +144,7 @@ impl HostConfig {
             replica_server: ReplicaServerSettings::default(),
             peer_limits: PeerLimits::default(),
             revoked_certs: Vec::new(),
+            resync_range_mib: None,
         }
     }
 

@@ -371,6 +371,32 @@ pub async fn begin_cycle<N: AsRef<str>>(
     .await
 }
 
+/// Stages a point in time of every disk as a full copy, as [`begin_full`] does, but leaves
+/// the bitmaps alone: a resynchronization in parts that continues after a cut reads its
+/// remaining ranges from a new point while the bitmap it started goes on recording (the
+/// changes since then are sent after the last range). `seq` only names the staging files.
+pub async fn begin_point<N: AsRef<str>>(
+    qmp: &QmpClient,
+    rel: RelTag,
+    disks: &[(N, u64)],
+    seq: u64,
+    staging: &Staging,
+) -> Result<CycleHandle, TrackingError> {
+    validate(disks, None)?;
+    run_cycle(
+        qmp,
+        rel,
+        disks,
+        seq,
+        staging,
+        None,
+        CycleKind::Full,
+        Vec::new(),
+        None,
+    )
+    .await
+}
+
 /// Stages a full copy of every disk for initial replication or resync, and starts bitmap
 /// `seq0` at the same instant: one transaction {add bitmap seq0 (persistent),
 /// `blockdev-backup sync=full`} per disk (plus the vars copy). Changes after the copy's

@@ -4,7 +4,6 @@
 use crate::peer::client::{LogGrowth, PeerClient};
 use crate::peer::proto::{PeerResponse, RefusalCode, Resume};
 use crate::primary::build_log;
-use crate::primary::decode_digests;
 use crate::primary::export_file;
 use crate::primary::BlockNodes;
 use crate::primary::Digests;
@@ -13,6 +12,7 @@ use crate::primary::GuestAgent;
 use crate::primary::LogOut;
 use crate::primary::Relationship;
 use crate::primary::ReplicaPeer;
+use crate::primary::SweepRecord;
 use crate::primary::VmAgent;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -98,21 +98,28 @@ pub(crate) struct Cycle<'a, P = PeerClient, N = Endpoint, G = VmAgent<'a>> {
     pub(crate) consistency: vmrepl_log::Consistency,
     /// For an app-consistent attempt: the filesystems the agent froze, or why it could not.
     pub(crate) app_freeze: Option<Result<u64, String>>,
+    /// The size of the ranges a resynchronization compares as one part (None: by disk size,
+    /// see [`super::resync::Plan`]).
+    pub(crate) resync_range: Option<u64>,
+    /// Where a resynchronization in parts records how far it got.
+    pub(crate) sweeps: &'a (dyn SweepRecord + Sync),
 }
 
 impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
-    fn nodes(&self) -> Vec<&str> {
+    pub(crate) fn nodes(&self) -> Vec<&str> {
         self.disks.iter().map(|(n, _)| n.as_str()).collect()
     }
 
     /// Where log `seq` is kept for a resume.
-    fn log_path(&self, seq: u64) -> PathBuf {
+    pub(crate) fn log_path(&self, seq: u64) -> PathBuf {
         log_file(&self.staging.dir, self.tag, seq)
     }
 
     /// What the replica holds: its last applied log and a partial transfer to resume. A replica
     /// that failed over takes no more logs, so the cycle stops before anything is staged.
-    async fn replica_state(&mut self) -> Result<(u64, Option<(u64, Resume)>), CycleError> {
+    pub(crate) async fn replica_state(
+        &mut self,
+    ) -> Result<(u64, Option<(u64, Resume)>), CycleError> {
         match self
             .client
             .replica_state(self.vm.uuid)
@@ -236,60 +243,15 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
         }
     }
 
-    /// Resynchronization: the replica's latest state `l` may differ from the primary anywhere,
-    /// so tracking restarts (bitmap l+1 from one instant) and log l+1 on base l carries every
-    /// block of that instant, with the unallocated ranges as explicit zeros: applied on top of
-    /// `l` it makes the replica equal to the primary, and deltas follow. The recovery points
-    /// the replica kept stay as they were.
-    pub(crate) async fn resync(&mut self) -> Result<(u64, u64), CycleError> {
-        let (nodes, tag) = (self.endpoint, self.tag);
-        let (l, _) = self.replica_state().await?;
-        // The replica's digests of its state `l` (a replica that cannot give them gets every
-        // block).
-        let digests = match self.client.block_digests(self.vm.uuid).await {
-            Ok(PeerResponse::BlockDigests { disks }) => decode_digests(disks, &self.disks),
-            _ => Digests::new(),
-        };
-        let staging = self.staging.dir.clone();
-        nodes
-            .stop_tracking(tag, &self.nodes(), Some(staging.as_path()))
-            .await
-            .map_err(|e| CycleError::Other(format!("cannot reset change tracking: {e}")))?;
-        let h = nodes
-            .begin_full(tag, &self.disks, l + 1, &self.staging, self.vars)
-            .await
-            .map_err(|e| CycleError::Other(format!("cannot stage the resynchronization: {e}")))?;
-        let path = self.log_path(l + 1);
-        let res = async {
-            let (built, sent) = self
-                .build_and_send(
-                    &h,
-                    &path,
-                    (l + 1, l),
-                    LogKind::Resync,
-                    Some(&digests),
-                    "resynchronization",
-                )
-                .await;
-            built?;
-            sent
-        }
-        .await;
-        let _ = h.remove_files();
-        let _ = std::fs::remove_file(&path);
-        match res {
-            Ok(bytes) => Ok((l + 1, bytes)),
-            Err(e) => {
-                let _ = nodes.stop_tracking(tag, &self.nodes(), None).await;
-                Err(e)
-            }
-        }
-    }
-
     /// A delta: log n+1 from bitmap n, or the rest of a log n+1 whose transfer was cut.
     pub(crate) async fn delta(&mut self) -> Result<(u64, u64), CycleError> {
+        self.delta_on(self.rel.acked_seq).await
+    }
+
+    /// A delta on log `n`, the replica's last: log n+1 from the recording bitmap (the last
+    /// step of a resynchronization in parts too).
+    pub(crate) async fn delta_on(&mut self, n: u64) -> Result<(u64, u64), CycleError> {
         let (nodes, tag) = (self.endpoint, self.tag);
-        let n = self.rel.acked_seq;
         let next = n + 1;
         let path = self.log_path(next);
         let (replica_applied, partial) = self.replica_state().await?;
@@ -463,7 +425,7 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
     /// that file. Returns the build's outcome (the log's size) and the transfer's (the bytes
     /// sent once the replica acknowledged it). A build that fails abandons the transfer.
     /// (Initial copies and resynchronizations start over instead, so they keep nothing.)
-    async fn build_and_send(
+    pub(crate) async fn build_and_send(
         &mut self,
         h: &vmrepl_tracking::CycleHandle,
         path: &Path,

@@ -51,23 +51,61 @@ pub(crate) fn write_differing<W: std::io::Write>(
     let f = std::fs::File::open(staging).map_err(|e| format!("{}: {e}", staging.display()))?;
     let mut first = 0usize;
     compare_blocks(w, disk, size, bs, theirs, report, |start, buf| {
-        let end = start + buf.len() as u64;
-        while first < ex.len() && ex[first].offset + ex[first].len <= start {
-            first += 1;
-        }
-        for e in ex[first..].iter().take_while(|e| e.offset < end) {
-            if let vmrepl_tracking::ExtentKind::Data { file_offset } = e.kind {
-                let (s, t) = (e.offset.max(start), (e.offset + e.len).min(end));
-                vmrepl_tracking::read_extent(
-                    &f,
-                    file_offset + (s - e.offset),
-                    &mut buf[(s - start) as usize..(t - start) as usize],
-                )
-                .map_err(|e| format!("{}: {e}", staging.display()))?;
-            }
-        }
-        Ok(())
+        fill_from_extents((&f, staging), ex, &mut first, start, buf)
     })
+}
+
+/// Reads `[start, start + buf.len())` of a staged image into `buf` (zeroed by the caller):
+/// the data extents it maps, the rest stays zeros. `first` remembers the first extent that
+/// may still matter, for reads made in order.
+pub(crate) fn fill_from_extents(
+    (f, path): (&std::fs::File, &Path),
+    ex: &[vmrepl_tracking::Extent],
+    first: &mut usize,
+    start: u64,
+    buf: &mut [u8],
+) -> Result<(), String> {
+    let end = start + buf.len() as u64;
+    while *first < ex.len() && ex[*first].offset + ex[*first].len <= start {
+        *first += 1;
+    }
+    for e in ex[*first..].iter().take_while(|e| e.offset < end) {
+        if let vmrepl_tracking::ExtentKind::Data { file_offset } = e.kind {
+            let (s, t) = (e.offset.max(start), (e.offset + e.len).min(end));
+            vmrepl_tracking::read_extent(
+                f,
+                file_offset + (s - e.offset),
+                &mut buf[(s - start) as usize..(t - start) as usize],
+            )
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads the block ranges `blocks` (in order) of a staged image in pieces of at most 1 MiB,
+/// as chunks for [`write_chunks`] or [`BlockHasher`].
+pub(crate) fn staged_chunks<'a>(
+    (f, path): (&'a std::fs::File, &'a Path),
+    ex: &'a [vmrepl_tracking::Extent],
+    blocks: &'a [(u64, u64)],
+) -> impl Iterator<Item = Result<vmrepl_tracking::Chunk, String>> + 'a {
+    let mut first = 0usize;
+    blocks
+        .iter()
+        .flat_map(|&(o, l)| {
+            (o..o + l)
+                .step_by(vmrepl_tracking::MAX_CHUNK)
+                .map(move |at| (at, (o + l - at).min(vmrepl_tracking::MAX_CHUNK as u64)))
+        })
+        .map(move |(at, n)| {
+            let mut buf = vec![0u8; n as usize];
+            fill_from_extents((f, path), ex, &mut first, at, &mut buf)?;
+            Ok(vmrepl_tracking::Chunk {
+                offset: at,
+                data: ChunkData::Data(buf),
+            })
+        })
 }
 
 /// Compares every block of a disk (`fill` puts block `start` into a zeroed buffer) with the
@@ -345,6 +383,234 @@ pub(crate) fn write_differing_pulled<W: std::io::Write>(
         }
         Ok(())
     })
+}
+
+/// Digests a range of a disk block by block from the pieces read of it, in order and of any
+/// size or alignment (an NBD reply may split a read at a hole); the blocks no piece touches
+/// read as zeros. What the primary compares with the replica's `RangeDigests`.
+pub(crate) struct BlockHasher {
+    offset: u64,
+    len: u64,
+    bs: u64,
+    out: Vec<[u8; 32]>,
+    /// The block being filled, and its bytes.
+    cur: Option<usize>,
+    buf: Vec<u8>,
+}
+
+impl BlockHasher {
+    /// For `[offset, offset + len)` in blocks of `bs` bytes (the last may be short).
+    pub(crate) fn new(offset: u64, len: u64, bs: u64) -> BlockHasher {
+        let full = *blake3::hash(&vec![0u8; bs as usize]).as_bytes();
+        let n = len.div_ceil(bs);
+        let out = (0..n)
+            .map(|k| match bs.min(len - k * bs) {
+                b if b == bs => full,
+                b => *blake3::hash(&vec![0u8; b as usize]).as_bytes(),
+            })
+            .collect();
+        BlockHasher {
+            offset,
+            len,
+            bs,
+            out,
+            cur: None,
+            buf: vec![0u8; bs as usize],
+        }
+    }
+
+    fn block_len(&self, k: usize) -> usize {
+        self.bs.min(self.len - k as u64 * self.bs) as usize
+    }
+
+    fn flush(&mut self) {
+        if let Some(k) = self.cur.take() {
+            let n = self.block_len(k);
+            self.out[k] = *blake3::hash(&self.buf[..n]).as_bytes();
+        }
+    }
+
+    /// `n` bytes at disk offset `at`: `data`, or zeros when None.
+    pub(crate) fn put(&mut self, at: u64, data: Option<&[u8]>, n: u64) -> Result<(), String> {
+        let end = self.offset + self.len;
+        if at < self.offset || at.saturating_add(n) > end {
+            return Err(format!(
+                "read {n} bytes at {at}, outside the range {}+{} being compared",
+                self.offset, self.len
+            ));
+        }
+        let mut p = at;
+        while p < at + n {
+            let k = ((p - self.offset) / self.bs) as usize;
+            if self.cur != Some(k) {
+                self.flush();
+                self.cur = Some(k);
+                let bl = self.block_len(k);
+                self.buf[..bl].fill(0);
+            }
+            let in_block = (p - self.offset) % self.bs;
+            let take = (self.bs - in_block).min(at + n - p);
+            if let Some(d) = data {
+                let from = (p - at) as usize;
+                self.buf[in_block as usize..(in_block + take) as usize]
+                    .copy_from_slice(&d[from..from + take as usize]);
+            } else {
+                self.buf[in_block as usize..(in_block + take) as usize].fill(0);
+            }
+            p += take;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn finish(mut self) -> Vec<[u8; 32]> {
+        self.flush();
+        self.out
+    }
+}
+
+/// The ranges to read for the digests of `[offset, offset + len)`: the ranges holding data
+/// that meet it, widened to whole blocks of `bs` (the last ends with the range) and merged.
+pub(crate) fn reads_for(data: &[(u64, u64)], offset: u64, len: u64, bs: u64) -> Vec<(u64, u64)> {
+    let end = offset + len;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(o, l) in data {
+        let (s, e) = (o.max(offset), (o + l).min(end));
+        if s >= e {
+            continue;
+        }
+        let s = offset + (s - offset) / bs * bs;
+        let e = (offset + (e - offset).div_ceil(bs) * bs).min(end);
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 >= s => last.1 = last.1.max(e - last.0),
+            _ => out.push((s, e - s)),
+        }
+    }
+    out
+}
+
+/// The blocks of `[offset, offset + len)` whose digests differ, as (offset, length) ranges,
+/// adjacent ones merged; None when the two lists do not have one digest per block.
+pub(crate) fn differing_blocks(
+    offset: u64,
+    len: u64,
+    bs: u64,
+    ours: &[[u8; 32]],
+    theirs: &[[u8; 32]],
+) -> Option<(Vec<(u64, u64)>, u64)> {
+    if ours.len() != theirs.len() || ours.len() as u64 != len.div_ceil(bs) {
+        return None;
+    }
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut count = 0;
+    for (k, (a, b)) in ours.iter().zip(theirs).enumerate() {
+        if a == b {
+            continue;
+        }
+        count += 1;
+        let at = offset + k as u64 * bs;
+        let n = bs.min(offset + len - at);
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 == at => last.1 += n,
+            _ => out.push((at, n)),
+        }
+    }
+    Some((out, count))
+}
+
+/// Writes the chunks read of some blocks into the log as disk `disk`: all-zero data as zero
+/// records (they cost nothing on the wire).
+pub(crate) fn write_chunks<W: std::io::Write>(
+    w: &mut LogWriter<W>,
+    disk: u16,
+    chunks: impl Iterator<Item = Result<vmrepl_tracking::Chunk, String>>,
+) -> Result<(), String> {
+    for c in chunks {
+        let c = c?;
+        match c.data {
+            ChunkData::Data(b) if b.iter().all(|x| *x == 0) => {
+                w.write_zero(disk, c.offset, b.len() as u64)
+            }
+            ChunkData::Data(b) => w.write_data(disk, c.offset, &b),
+            ChunkData::Zero(n) => w.write_zero(disk, c.offset, n),
+        }
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Encodes one part of a resynchronization in parts: log `seq` on `base` (kind
+/// [`LogKind::ResyncPart`]) with the `blocks` of disk number `disk` read from `image` as of
+/// the point `h`, streamed into `out`. Gives the image back with the log's size.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn build_part(
+    (vm, rel): (&VmDefinition, &Relationship),
+    h: &vmrepl_tracking::CycleHandle,
+    mut image: Box<dyn crate::primary::PointImage>,
+    disk: u16,
+    blocks: Vec<(u64, u64)>,
+    (seq, base): (u64, u64),
+    out: LogOut,
+    growth: tokio::sync::watch::Sender<LogGrowth>,
+) -> (
+    Option<Box<dyn crate::primary::PointImage>>,
+    Result<u64, CycleError>,
+) {
+    let header = LogHeader {
+        vm_id: vm.uuid,
+        sequence: seq,
+        base_sequence: base,
+        timestamp_unix_ms: h.point_in_time_ms,
+        kind: LogKind::ResyncPart,
+        consistency: vmrepl_log::Consistency::Crash,
+        compression: if rel.settings.compression {
+            Compression::Zstd
+        } else {
+            Compression::None
+        },
+        disks: h
+            .disks
+            .iter()
+            .map(|i| DiskInfo {
+                id: i.node.clone(),
+                virtual_size: i.size,
+            })
+            .collect(),
+    };
+    let growth = Arc::new(growth);
+    let tally = Some(growth.clone());
+    let built = tokio::task::spawn_blocking(move || {
+        let r = (|| -> Result<u64, String> {
+            let inner: Box<dyn std::io::Write + Send> = match out {
+                LogOut::File(path) => Box::new(new_log_file(&path)?),
+                LogOut::Export(path, hasher) => Box::new(Hashing {
+                    inner: new_log_file(&path)?,
+                    hasher,
+                }),
+                LogOut::Stream(tx) => Box::new(Pipe { tx }),
+            };
+            let f = Tally {
+                inner,
+                growth: tally,
+            };
+            let mut w = LogWriter::new(std::io::BufWriter::with_capacity(1 << 20, f), header)
+                .map_err(|e| e.to_string())?;
+            image.write_blocks(&mut w, disk, &blocks)?;
+            let (summary, bw) = w.finish_into_inner().map_err(|e| e.to_string())?;
+            bw.into_inner().map_err(|e| e.to_string())?;
+            Ok(summary.encoded_bytes)
+        })();
+        (image, r)
+    })
+    .await;
+    let (image, r) = match built {
+        Ok((i, r)) => (
+            Some(i),
+            r.map_err(|e| CycleError::Other(format!("cannot encode log {seq}: {e}"))),
+        ),
+        Err(e) => (None, Err(CycleError::Other(e.to_string()))),
+    };
+    growth.send_modify(|g| g.done = Some(r.is_ok()));
+    (image, r)
 }
 
 /// Hands the encoded log to the sender in chunks (the writer's buffer, at most 1 MiB), waiting

@@ -33,6 +33,7 @@ mod log_build;
 mod ops;
 mod ports;
 mod relationships;
+mod resync;
 mod run;
 mod scheduler;
 mod status;

@@ -28,11 +28,15 @@ use crate::primary::Endpoint;
 use crate::primary::LogSink;
 use crate::primary::AGENT_TIMEOUT;
 use crate::primary::FREEZE_TIMEOUT;
+use crate::primary::{
+    reads_for, staged_chunks, write_chunks, BlockHasher, PULL_IO_TIMEOUT, PULL_WINDOW,
+};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use uuid::Uuid;
 use vmrepl_log::LogWriter;
+use vmrepl_tracking::ChunkData;
 use vmrepl_tracking::{CycleHandle, OwnedBitmap, PointSignal, ReconcileOutcome, TrackingError};
 use vmrepl_tracking::{ExtentReader, RelTag, Staging};
 use vmrepl_types::VmDefinition;
@@ -49,6 +53,14 @@ pub(crate) trait ReplicaPeer {
     /// `BlockDigests`: the digests of every block of the replica's latest state, for a
     /// resynchronization by compare (a whole-disk read there: a long deadline).
     async fn block_digests(&mut self, vm_uuid: Uuid) -> Result<PeerResponse, PeerError>;
+
+    /// `RangeDigests`: the digests of one range of one disk of the replica's latest state,
+    /// for one part of a resynchronization in parts.
+    async fn range_digests(
+        &mut self,
+        vm_uuid: Uuid,
+        range: crate::peer::proto::DigestRange,
+    ) -> Result<PeerResponse, PeerError>;
 
     /// `ExpectImport`: the size and BLAKE3 digest (hex) of an initial copy exported to media.
     async fn expect_import(
@@ -90,6 +102,28 @@ pub(crate) trait ReplicaPeer {
     ) -> Result<PeerResponse, PeerError>;
 }
 
+/// Where a resynchronization in parts records how far it got (the relationship's row), so
+/// that it continues after a cut ([`crate::db::ResyncSweep`]).
+pub(crate) trait SweepRecord: Sync {
+    /// Records the sweep under way, or that none is.
+    fn record(&self, sweep: Option<&crate::db::ResyncSweep>) -> Result<(), String>;
+}
+
+/// The relationship's row in this host's database.
+pub(crate) struct DbSweeps<'a> {
+    pub(crate) d: &'a Host,
+    pub(crate) vm: Uuid,
+}
+
+impl SweepRecord for DbSweeps<'_> {
+    fn record(&self, sweep: Option<&crate::db::ResyncSweep>) -> Result<(), String> {
+        self.d
+            .db()
+            .set_resync_sweep(self.vm, sweep)
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Where a cycle reaches the VM's block nodes, and the change tracking it does there (the
 /// bitmap protocol of `vmrepl-tracking`, I1 and I2).
 pub(crate) trait BlockNodes {
@@ -128,6 +162,16 @@ pub(crate) trait BlockNodes {
         seq0: u64,
         staging: &Staging,
         vars: Option<&str>,
+    ) -> Result<CycleHandle, TrackingError>;
+
+    /// [`vmrepl_tracking::begin_point`]: a point in time of every disk, read as a full copy,
+    /// with the bitmaps left alone (a resynchronization in parts that continues).
+    async fn begin_point(
+        &self,
+        tag: RelTag,
+        disks: &[(String, u64)],
+        seq: u64,
+        staging: &Staging,
     ) -> Result<CycleHandle, TrackingError>;
 
     /// [`vmrepl_tracking::commit_cycle`]: drops frozen bitmap `seq` (only after the replica's
@@ -190,6 +234,20 @@ pub(crate) trait PointImage: Send {
         zero_gaps: bool,
     ) -> Result<(), String>;
 
+    /// The BLAKE3 digests of `[offset, offset + len)` per `bs` bytes as of the point in time
+    /// (a resynchronization in parts compares them with the replica's), reading only the
+    /// stretches that hold data.
+    fn range_digests(&mut self, offset: u64, len: u64, bs: u64) -> Result<Vec<[u8; 32]>, String>;
+
+    /// Writes the byte ranges `blocks` (in order) of the point in time into the log as disk
+    /// `disk`, all-zero stretches as zero records.
+    fn write_blocks(
+        &mut self,
+        w: &mut LogWriter<LogSink>,
+        disk: u16,
+        blocks: &[(u64, u64)],
+    ) -> Result<(), String>;
+
     /// Writes the blocks (of `bs` bytes) whose digest differs from the replica's `theirs`
     /// (see [`compare_blocks`]); returns how many. `report` hears of every block compared:
     /// its bytes, and whether it differed.
@@ -225,6 +283,18 @@ impl ReplicaPeer for PeerClient {
     async fn block_digests(&mut self, vm_uuid: Uuid) -> Result<PeerResponse, PeerError> {
         self.call_within(
             &PeerRequest::BlockDigests { vm_uuid },
+            crate::peer::client::ANSWER_TO_DIGESTS,
+        )
+        .await
+    }
+
+    async fn range_digests(
+        &mut self,
+        vm_uuid: Uuid,
+        range: crate::peer::proto::DigestRange,
+    ) -> Result<PeerResponse, PeerError> {
+        self.call_within(
+            &PeerRequest::RangeDigests { vm_uuid, range },
             crate::peer::client::ANSWER_TO_DIGESTS,
         )
         .await
@@ -315,6 +385,16 @@ impl BlockNodes for Endpoint {
         vmrepl_tracking::begin_full(self.qmp(), tag, disks, seq0, staging, vars).await
     }
 
+    async fn begin_point(
+        &self,
+        tag: RelTag,
+        disks: &[(String, u64)],
+        seq: u64,
+        staging: &Staging,
+    ) -> Result<CycleHandle, TrackingError> {
+        vmrepl_tracking::begin_point(self.qmp(), tag, disks, seq, staging).await
+    }
+
     async fn commit_cycle(
         &self,
         tag: RelTag,
@@ -369,7 +449,10 @@ impl PointReader for StagedPoint {
             .map(|i| -> Result<Box<dyn PointImage>, CycleError> {
                 if let Some(x) = &i.export {
                     // Pulled: the changed ranges come from the export's bitmap context.
-                    return Ok(Box::new(Pulled(x.clone())));
+                    return Ok(Box::new(Pulled {
+                        x: x.clone(),
+                        data: None,
+                    }));
                 }
                 let ex = vmrepl_tracking::extents(&i.path).map_err(|e| {
                     CycleError::Other(format!(
@@ -387,9 +470,76 @@ impl PointReader for StagedPoint {
 }
 
 /// A disk read over the NBD export of its fleecing node.
-struct Pulled(vmrepl_tracking::NbdExport);
+struct Pulled {
+    x: vmrepl_tracking::NbdExport,
+    /// The ranges holding data at the point in time, once asked (they do not change).
+    data: Option<Vec<(u64, u64)>>,
+}
+
+impl Pulled {
+    fn connect(&self, context: bool) -> Result<vmrepl_tracking::NbdClient, String> {
+        let ctx = context.then_some(self.x.context.as_str());
+        vmrepl_tracking::NbdClient::connect(&self.x.socket, &self.x.name, ctx, PULL_IO_TIMEOUT)
+            .map_err(|e| e.to_string())
+    }
+}
 
 impl PointImage for Pulled {
+    fn range_digests(&mut self, offset: u64, len: u64, bs: u64) -> Result<Vec<[u8; 32]>, String> {
+        let mut c = self.connect(!self.x.delta())?;
+        let data = match &self.data {
+            Some(d) => d.clone(),
+            None if self.x.delta() => vec![(0, c.size())],
+            None => {
+                let d = c.data_ranges().map_err(|e| e.to_string())?;
+                self.data = Some(d.clone());
+                d
+            }
+        };
+        let reads = reads_for(&data, offset, len, bs);
+        let mut h = BlockHasher::new(offset, len, bs);
+        let mut reader = vmrepl_tracking::NbdRangeReader::new(
+            c,
+            &reads,
+            vmrepl_tracking::MAX_CHUNK,
+            PULL_WINDOW,
+        );
+        for chunk in reader.by_ref() {
+            let c = chunk.map_err(|e| e.to_string())?;
+            match c.data {
+                ChunkData::Data(d) => h.put(c.offset, Some(&d), d.len() as u64)?,
+                ChunkData::Zero(n) => h.put(c.offset, None, n)?,
+            }
+        }
+        reader.finish();
+        Ok(h.finish())
+    }
+
+    fn write_blocks(
+        &mut self,
+        w: &mut LogWriter<LogSink>,
+        disk: u16,
+        blocks: &[(u64, u64)],
+    ) -> Result<(), String> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let c = self.connect(false)?;
+        let mut reader = vmrepl_tracking::NbdRangeReader::new(
+            c,
+            blocks,
+            vmrepl_tracking::MAX_CHUNK,
+            PULL_WINDOW,
+        );
+        write_chunks(
+            w,
+            disk,
+            reader.by_ref().map(|c| c.map_err(|e| e.to_string())),
+        )?;
+        reader.finish();
+        Ok(())
+    }
+
     fn write_ranges(
         &mut self,
         w: &mut LogWriter<LogSink>,
@@ -397,7 +547,7 @@ impl PointImage for Pulled {
         size: u64,
         zero_gaps: bool,
     ) -> Result<(), String> {
-        pull_disk(w, disk, size, &self.0, zero_gaps)
+        pull_disk(w, disk, size, &self.x, zero_gaps)
     }
 
     fn write_differing(
@@ -409,7 +559,7 @@ impl PointImage for Pulled {
         theirs: &[[u8; 32]],
         report: &mut dyn FnMut(u64, bool),
     ) -> Result<u64, String> {
-        write_differing_pulled(w, disk, size, &self.0, bs, theirs, report)
+        write_differing_pulled(w, disk, size, &self.x, bs, theirs, report)
     }
 }
 
@@ -420,6 +570,39 @@ struct Staged {
 }
 
 impl PointImage for Staged {
+    fn range_digests(&mut self, offset: u64, len: u64, bs: u64) -> Result<Vec<[u8; 32]>, String> {
+        let f =
+            std::fs::File::open(&self.path).map_err(|e| format!("{}: {e}", self.path.display()))?;
+        let end = offset + len;
+        let data: Vec<(u64, u64)> = self
+            .ex
+            .iter()
+            .filter(|e| matches!(e.kind, vmrepl_tracking::ExtentKind::Data { .. }))
+            .map(|e| (e.offset, e.len))
+            .collect();
+        let reads = reads_for(&data, offset, len, bs);
+        let mut h = BlockHasher::new(offset, len, bs);
+        for chunk in staged_chunks((&f, &self.path), &self.ex, &reads) {
+            let c = chunk?;
+            if let ChunkData::Data(d) = c.data {
+                h.put(c.offset, Some(&d), d.len() as u64)?;
+            }
+        }
+        debug_assert!(end >= offset);
+        Ok(h.finish())
+    }
+
+    fn write_blocks(
+        &mut self,
+        w: &mut LogWriter<LogSink>,
+        disk: u16,
+        blocks: &[(u64, u64)],
+    ) -> Result<(), String> {
+        let f =
+            std::fs::File::open(&self.path).map_err(|e| format!("{}: {e}", self.path.display()))?;
+        write_chunks(w, disk, staged_chunks((&f, &self.path), &self.ex, blocks))
+    }
+
     fn write_ranges(
         &mut self,
         w: &mut LogWriter<LogSink>,

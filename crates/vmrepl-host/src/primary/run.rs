@@ -22,6 +22,7 @@ use crate::primary::set_note;
 use crate::primary::Cycle;
 use crate::primary::CycleError;
 use crate::primary::CycleOutcome;
+use crate::primary::DbSweeps;
 use crate::primary::Done;
 use crate::primary::Endpoint;
 use crate::primary::Marked;
@@ -152,6 +153,8 @@ pub(crate) async fn run_cycle(
         Ok(e) => e,
         Err(e) => return Err(fail(e, false)),
     };
+    let sweeps = DbSweeps { d, vm: vm_uuid };
+    let resync_range = d.cfg().resync_range_mib.map(|m| m << 20);
     let mut cycle = Cycle {
         rel: &rel,
         vm: &vm,
@@ -165,6 +168,8 @@ pub(crate) async fn run_cycle(
         progress: &rt.progress,
         consistency,
         app_freeze: None,
+        resync_range,
+        sweeps: &sweeps,
     };
     let result = if initial {
         // The state machine takes the relationship to "in progress" before anything is

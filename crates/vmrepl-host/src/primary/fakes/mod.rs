@@ -104,6 +104,21 @@ pub(crate) struct Rig {
     /// The UEFI vars node, for a generation 2 VM.
     pub(crate) vars: Option<&'static str>,
     pub(crate) consistency: vmrepl_log::Consistency,
+    /// The relationship row's record of a resynchronization in parts.
+    pub(crate) sweeps: FakeSweeps,
+    /// The size of a resynchronization's ranges (None: by disk size).
+    pub(crate) resync_range: Option<u64>,
+}
+
+/// The relationship row's record of a resynchronization in parts, in memory.
+#[derive(Clone, Default)]
+pub(crate) struct FakeSweeps(pub(crate) Arc<Mutex<Option<crate::db::ResyncSweep>>>);
+
+impl SweepRecord for FakeSweeps {
+    fn record(&self, sweep: Option<&crate::db::ResyncSweep>) -> Result<(), String> {
+        *self.0.lock().unwrap() = sweep.copied();
+        Ok(())
+    }
 }
 
 /// Which step of a cycle a [`CycleError`] is: "network", "resync" or "other", and its message.
@@ -135,6 +150,8 @@ impl Rig {
             progress: Mutex::new(None),
             vars: None,
             consistency: vmrepl_log::Consistency::Crash,
+            sweeps: FakeSweeps::default(),
+            resync_range: None,
         }
     }
 
@@ -162,6 +179,8 @@ impl Rig {
             progress: &self.progress,
             consistency: self.consistency,
             app_freeze: None,
+            resync_range: self.resync_range,
+            sweeps: &self.sweeps,
         }
     }
 
@@ -176,6 +195,8 @@ impl Rig {
 
     /// A resynchronization; its acknowledged log becomes the relationship's.
     pub(crate) async fn resync(&mut self) -> Result<(u64, u64), CycleError> {
+        // As the daemon does, the relationship is read again before each cycle.
+        self.rel.resync_sweep = *self.sweeps.0.lock().unwrap();
         let r = self.cycle().resync().await;
         if let Ok((seq, _)) = r {
             self.rel.acked_seq = seq;

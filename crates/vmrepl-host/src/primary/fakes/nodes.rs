@@ -20,6 +20,7 @@ pub(crate) enum Op {
     },
     BeginCycle(u64),
     BeginFull(u64),
+    BeginPoint(u64),
     Commit(u64),
     Rollback(u64),
     StopTracking,
@@ -380,6 +381,25 @@ impl BlockNodes for FakeNodes {
         Ok(h)
     }
 
+    async fn begin_point(
+        &self,
+        tag: RelTag,
+        disks: &[(String, u64)],
+        seq: u64,
+        staging: &Staging,
+    ) -> Result<CycleHandle, TrackingError> {
+        let mut s = self.state();
+        s.ops.push(Op::BeginPoint(seq));
+        if let Some(fail) = s.fail_begin.take() {
+            return Err(fail());
+        }
+        let h = FakeNodes::stage(&mut s, tag, disks, seq, CycleKind::Full, staging, None);
+        drop(s);
+        self.journal
+            .push(format!("nodes: a point in time taken ({seq} names it)"));
+        Ok(h)
+    }
+
     async fn commit_cycle(
         &self,
         _tag: RelTag,
@@ -527,6 +547,34 @@ impl FakeImage {
 }
 
 impl PointImage for FakeImage {
+    fn range_digests(&mut self, offset: u64, len: u64, bs: u64) -> Result<Vec<[u8; 32]>, String> {
+        self.check()?;
+        let mut h = BlockHasher::new(offset, len, bs);
+        h.put(
+            offset,
+            Some(&self.data[offset as usize..(offset + len) as usize]),
+            len,
+        )?;
+        Ok(h.finish())
+    }
+
+    fn write_blocks(
+        &mut self,
+        w: &mut LogWriter<LogSink>,
+        disk: u16,
+        blocks: &[(u64, u64)],
+    ) -> Result<(), String> {
+        self.check()?;
+        let data = &self.data;
+        let chunks = blocks.iter().map(|&(o, l)| {
+            Ok(Chunk {
+                offset: o,
+                data: ChunkData::Data(data[o as usize..(o + l) as usize].to_vec()),
+            })
+        });
+        write_chunks(w, disk, chunks)
+    }
+
     fn write_ranges(
         &mut self,
         w: &mut LogWriter<LogSink>,

@@ -25,6 +25,11 @@ pub(crate) struct ReplicaSide {
     pub(crate) disks: BTreeMap<String, Vec<u8>>,
     /// Answers `BlockDigests` (else refuses it).
     pub(crate) gives_digests: bool,
+    /// Answers `RangeDigests` (else refuses it as a replica of an older release does).
+    pub(crate) gives_range_digests: bool,
+    /// `RangeDigests` requests (numbered from 1) from this one on find the link cut.
+    pub(crate) digests_lost_from: Option<usize>,
+    range_digests_asked: usize,
     /// The boot files it holds.
     pub(crate) boot: Vec<(BootFile, String)>,
     /// Every request, in order.
@@ -80,6 +85,9 @@ impl FakeReplica {
                 logs: BTreeMap::new(),
                 disks: BTreeMap::new(),
                 gives_digests: true,
+                gives_range_digests: true,
+                digests_lost_from: None,
+                range_digests_asked: 0,
                 boot: Vec::new(),
                 requests: Vec::new(),
                 expected_import: None,
@@ -297,6 +305,41 @@ impl ReplicaPeer for FakeReplica {
             })
             .collect();
         Ok(PeerResponse::BlockDigests { disks })
+    }
+
+    async fn range_digests(
+        &mut self,
+        _vm_uuid: Uuid,
+        r: crate::peer::proto::DigestRange,
+    ) -> Result<PeerResponse, PeerError> {
+        let mut s = self.state();
+        s.requests
+            .push(format!("range-digests {} {}+{}", r.disk, r.offset, r.len));
+        s.range_digests_asked += 1;
+        if s.unreachable
+            || s.digests_lost_from
+                .is_some_and(|n| s.range_digests_asked >= n)
+        {
+            return Err(lost());
+        }
+        if !s.gives_range_digests {
+            return Err(PeerError::Refused {
+                code: RefusalCode::BadRequest,
+                message: "unknown variant `range-digests`".into(),
+            });
+        }
+        let data = s.disks.get(&r.disk).cloned().unwrap_or_default();
+        let mut range = vec![0u8; r.len as usize];
+        let from = (r.offset as usize).min(data.len());
+        let to = ((r.offset + r.len) as usize).min(data.len());
+        range[..to - from].copy_from_slice(&data[from..to]);
+        let ds: Vec<[u8; 32]> = range
+            .chunks(r.block_size as usize)
+            .map(|b| *blake3::hash(b).as_bytes())
+            .collect();
+        Ok(PeerResponse::RangeDigests {
+            digests: DiskDigests::new(r.disk, r.block_size, &ds),
+        })
     }
 
     async fn expect_import(

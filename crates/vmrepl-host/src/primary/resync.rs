@@ -1,0 +1,496 @@
+//! Resynchronization: bringing a replica whose latest state may differ from the primary's
+//! anywhere back to it, sending only the blocks that differ.
+//!
+//! **In parts** (replicas that answer `RangeDigests`), read top-down in [`Cycle::resync`]:
+//!
+//! 1. *Start.* Change tracking restarts: one transaction starts a recording bitmap and takes a
+//!    point in time `P` of every disk ([`BlockNodes::begin_full`]). The disks are cut into
+//!    ranges ([`Plan`]); the sweep is recorded in the relationship's row ([`ResyncSweep`]).
+//! 2. *Each range `i`* (in disk order): the replica digests the range of its latest state in
+//!    64 KiB blocks while the primary digests the same range of `P`: both sides read it once,
+//!    at the same time, and the primary reads only what holds data. The blocks whose digests
+//!    differ are read again and sent as log `base + 1 + i` of kind `ResyncPart`, which the
+//!    replica acknowledges once durable (and applies as a part: its latest state is not a
+//!    point until the end, and the newest whole state before the first part stays as a
+//!    recovery point).
+//! 3. *End.* An ordinary delta from the bitmap started at `P` (every block written since,
+//!    at a new instant `P'`) makes the replica equal to the primary at `P'`: a whole point
+//!    again. The relationship replicates.
+//!
+//! **A cut sweep continues.** A daemon restart, a lost link or a reboot stops it after some
+//! parts were acknowledged. The next attempt finds the sweep recorded and the replica's last
+//! applied part, checks that change tracking held (one recording bitmap, saved cleanly), takes
+//! a new point `P2` without touching the bitmap ([`BlockNodes::begin_point`]) and goes on with
+//! the next range. The ranges done before the cut were compared as of `P`; whatever changed in
+//! them since is in the bitmap and goes out with the final delta. When tracking was lost
+//! (QEMU killed, a disk edited while the VM was off) the record is forgotten and the sweep
+//! starts from the first range; it still sends only what differs.
+//!
+//! **Replicas of older releases** refuse `RangeDigests`; they get the whole-disk compare in
+//! one log ([`Cycle::resync_whole`]), which starts over when cut.
+
+use crate::db::now_ms;
+use crate::db::ResyncSweep;
+use crate::peer::client::{LogGrowth, PeerError};
+use crate::peer::proto::{DigestRange, PeerResponse, RefusalCode};
+use crate::primary::build_part;
+use crate::primary::classify;
+use crate::primary::decode_digests;
+use crate::primary::differing_blocks;
+use crate::primary::BlockNodes;
+use crate::primary::Cycle;
+use crate::primary::CycleError;
+use crate::primary::Digests;
+use crate::primary::GuestAgent;
+use crate::primary::LogOut;
+use crate::primary::PointImage;
+use crate::primary::ReplicaPeer;
+use vmrepl_log::LogKind;
+use vmrepl_tracking::{CycleHandle, ReconcileOutcome};
+use vmrepl_types::replication::Progress;
+
+/// The block a resynchronization compares and sends: the granularity of the bitmaps, so one
+/// changed guest block costs one block on the wire.
+pub(crate) const RESYNC_BLOCK: u64 = 64 * 1024;
+/// The smallest range one part covers by default.
+pub(crate) const MIN_RANGE: u64 = 256 << 20;
+/// About how many parts a resynchronization has at most by default (larger disks get larger
+/// ranges).
+pub(crate) const MAX_PARTS: u64 = 1024;
+
+/// One range of one disk: a part of a resynchronization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Range {
+    /// The disk's index in the cycle's disks.
+    pub(crate) disk: usize,
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+}
+
+/// How the disks are cut into ranges, one part each, in disk order. Deterministic: the same
+/// disks and range size give the same plan, which is how a sweep that continues finds its place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Plan {
+    pub(crate) range_bytes: u64,
+    pub(crate) ranges: Vec<Range>,
+}
+
+impl Plan {
+    /// The plan for `disks` (id, size): ranges of `range_bytes` (rounded up to whole blocks),
+    /// or by default 256 MiB, larger when the disks hold more than 256 GiB together.
+    pub(crate) fn new(disks: &[(String, u64)], range_bytes: Option<u64>) -> Plan {
+        let total: u64 = disks.iter().map(|(_, s)| *s).sum();
+        let range_bytes = match range_bytes {
+            Some(r) => r.max(1).div_ceil(RESYNC_BLOCK) * RESYNC_BLOCK,
+            None => total.div_ceil(MAX_PARTS).next_power_of_two().max(MIN_RANGE),
+        };
+        let mut ranges = Vec::new();
+        for (disk, (_, size)) in disks.iter().enumerate() {
+            let mut offset = 0;
+            while offset < *size {
+                let len = range_bytes.min(size - offset);
+                ranges.push(Range { disk, offset, len });
+                offset += len;
+            }
+        }
+        Plan {
+            range_bytes,
+            ranges,
+        }
+    }
+
+    fn parts(&self) -> u64 {
+        self.ranges.len() as u64
+    }
+
+    /// Whether a recorded sweep was made with this plan, and the replica's last applied log
+    /// `l` is one of its parts (or the log before the first): then it continues at part
+    /// `l - base`.
+    pub(crate) fn continues(&self, s: &ResyncSweep, l: u64) -> Option<u64> {
+        (s.parts == self.parts()
+            && s.range_bytes == self.range_bytes
+            && s.base <= l
+            && l <= s.base + s.parts)
+            .then(|| l - s.base)
+    }
+}
+
+/// Where a sweep starts: the replica's log before its first part, the part to do next, and
+/// the point in time to read (None when every part is done and only the final delta is left).
+struct Start {
+    base: u64,
+    next: u64,
+    point: Option<CycleHandle>,
+}
+
+/// Why a sweep stopped.
+enum SweepError {
+    /// The replica does not answer `RangeDigests` (an older release).
+    OldReplica,
+    Cycle(CycleError),
+}
+
+impl From<CycleError> for SweepError {
+    fn from(e: CycleError) -> Self {
+        SweepError::Cycle(e)
+    }
+}
+
+impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
+    /// A resynchronization (see the module docs): returns the last log the replica
+    /// acknowledged (the final delta's) and the bytes sent.
+    pub(crate) async fn resync(&mut self) -> Result<(u64, u64), CycleError> {
+        let (l, _) = self.replica_state().await?;
+        let plan = Plan::new(&self.disks, self.resync_range);
+        if let Some(s) = self.rel.resync_sweep {
+            if l == s.base + s.parts + 1 && plan.continues(&s, s.base + s.parts).is_some() {
+                // The final delta was acknowledged, but its end was not recorded.
+                self.record_sweep(None)?;
+                return Ok((l, 0));
+            }
+        }
+        let start = self.start_sweep(&plan, l).await?;
+        let (base, parts) = (start.base, plan.parts());
+        let swept = match start.point {
+            Some(h) => {
+                let r = self.sweep(&plan, base, start.next, &h).await;
+                self.release_point(&h).await;
+                r
+            }
+            None => Ok(0),
+        };
+        let sent = match swept {
+            Ok(bytes) => bytes,
+            Err(SweepError::OldReplica) => {
+                tracing::info!(target: "vmrepl::replication", vm = %self.vm.uuid, "the replica compares whole disks only (an older release)");
+                self.record_sweep(None)?;
+                return self.resync_whole().await;
+            }
+            Err(SweepError::Cycle(e)) => return Err(e),
+        };
+        // The final delta: whatever was written since the sweep's point in time.
+        let (seq, more) = self.delta_on(base + parts).await?;
+        self.record_sweep(None)?;
+        Ok((seq, sent + more))
+    }
+
+    /// Continues the recorded sweep when it still can, or starts a new one.
+    async fn start_sweep(&mut self, plan: &Plan, l: u64) -> Result<Start, CycleError> {
+        let (nodes, tag) = (self.endpoint, self.tag);
+        let staging = self.staging.dir.clone();
+        if let Some(next) = self.rel.resync_sweep.and_then(|s| plan.continues(&s, l)) {
+            let base = l - next;
+            // Tracking must have held since the sweep began: the bitmap it started, alone and
+            // saved cleanly (a frozen one of a cut final delta is merged back into it).
+            match nodes
+                .reconcile(tag, &self.nodes(), Some(&staging), |_| false)
+                .await
+            {
+                Ok(ReconcileOutcome::Ready { recording, .. }) => {
+                    tracing::info!(target: "vmrepl::replication", vm = %self.vm.uuid, part = next + 1, parts = plan.parts(), "the resynchronization continues where it stopped");
+                    if next == plan.parts() {
+                        return Ok(Start {
+                            base,
+                            next,
+                            point: None,
+                        });
+                    }
+                    let h = nodes
+                        .begin_point(tag, &self.disks, recording, &self.staging)
+                        .await
+                        .map_err(|e| {
+                            CycleError::Other(format!(
+                                "cannot take a point in time to continue the resynchronization: {e}"
+                            ))
+                        })?;
+                    return Ok(Start {
+                        base,
+                        next,
+                        point: Some(h),
+                    });
+                }
+                Ok(ReconcileOutcome::ResyncRequired { reason }) => {
+                    tracing::info!(target: "vmrepl::replication", vm = %self.vm.uuid, %reason, "the resynchronization starts again from the first range: change tracking did not hold");
+                }
+                Err(e) => {
+                    return Err(CycleError::Other(format!(
+                        "cannot check change tracking: {e}"
+                    )))
+                }
+            }
+        }
+        nodes
+            .stop_tracking(tag, &self.nodes(), Some(staging.as_path()))
+            .await
+            .map_err(|e| CycleError::Other(format!("cannot reset change tracking: {e}")))?;
+        let h = nodes
+            .begin_full(tag, &self.disks, l + 1, &self.staging, None)
+            .await
+            .map_err(|e| CycleError::Other(format!("cannot stage the resynchronization: {e}")))?;
+        let sweep = ResyncSweep {
+            base: l,
+            parts: plan.parts(),
+            range_bytes: plan.range_bytes,
+            started_ms: now_ms(),
+        };
+        if let Err(e) = self.record_sweep(Some(&sweep)) {
+            self.release_point(&h).await;
+            let _ = nodes.stop_tracking(tag, &self.nodes(), None).await;
+            return Err(e);
+        }
+        Ok(Start {
+            base: l,
+            next: 0,
+            point: Some(h),
+        })
+    }
+
+    /// Compares and sends parts `next..` of the plan from the point `h`; returns the bytes
+    /// sent.
+    async fn sweep(
+        &mut self,
+        plan: &Plan,
+        base: u64,
+        next: u64,
+        h: &CycleHandle,
+    ) -> Result<u64, SweepError> {
+        let reader = self.endpoint.reader();
+        let point = h.clone();
+        let images = tokio::task::spawn_blocking(move || reader.open(&point))
+            .await
+            .map_err(|e| CycleError::Other(e.to_string()))??;
+        let mut images: Vec<Option<Box<dyn PointImage>>> = images.into_iter().map(Some).collect();
+        let total: u64 = self.disks.iter().map(|(_, s)| *s).sum();
+        let mut compared: u64 = plan.ranges[..next as usize].iter().map(|r| r.len).sum();
+        let (mut sent, mut differing) = (0u64, 0u64);
+        let t0 = std::time::Instant::now();
+        let from = compared;
+        for (i, r) in plan.ranges.iter().enumerate().skip(next as usize) {
+            let (id, _) = self.disks[r.disk].clone();
+            let image = images[r.disk]
+                .take()
+                .ok_or_else(|| CycleError::Other(format!("the image of disk {id} was lost")))?;
+            // Both sides digest the range at the same time.
+            let (offset, len) = (r.offset, r.len);
+            let ours = tokio::task::spawn_blocking(move || {
+                let mut image = image;
+                let d = image.range_digests(offset, len, RESYNC_BLOCK);
+                (image, d)
+            });
+            let range = DigestRange {
+                disk: id.clone(),
+                offset,
+                len,
+                block_size: RESYNC_BLOCK,
+            };
+            let theirs = self.client.range_digests(self.vm.uuid, range);
+            let (ours, theirs) = tokio::join!(ours, theirs);
+            let (image, ours) = ours.map_err(|e| CycleError::Other(e.to_string()))?;
+            let ours = ours.map_err(|e| {
+                CycleError::Other(format!("cannot read disk {id} at {offset}: {e}"))
+            })?;
+            let theirs = match theirs {
+                Ok(PeerResponse::RangeDigests { digests }) => digests.decode(),
+                Err(PeerError::Refused {
+                    code: RefusalCode::BadRequest,
+                    ..
+                }) if i as u64 == next && next == 0 => return Err(SweepError::OldReplica),
+                Err(e) => return Err(classify(e).into()),
+                Ok(other) => {
+                    return Err(CycleError::Other(format!(
+                        "unexpected answer to the digests of disk {id} at {offset}: {other:?}"
+                    ))
+                    .into())
+                }
+            };
+            let (blocks, count) = theirs
+                .and_then(|t| differing_blocks(offset, len, RESYNC_BLOCK, &ours, &t))
+                .ok_or_else(|| {
+                    CycleError::Other(format!(
+                        "the replica's digests of disk {id} at {offset} do not fit the range"
+                    ))
+                })?;
+            // The part: the differing blocks, as log base + 1 + i.
+            let seq = base + 1 + i as u64;
+            let (image, bytes) = self.send_part(h, image, r.disk, blocks, seq).await;
+            images[r.disk] = image;
+            sent += bytes?;
+            compared += len;
+            differing += count;
+            let secs = t0.elapsed().as_secs_f64().max(0.001);
+            *crate::locks::unpoisoned(self.progress) = Some(Progress {
+                what: format!(
+                    "resynchronization: comparing with the replica (part {} of {})",
+                    i + 1,
+                    plan.parts()
+                ),
+                bytes_done: compared,
+                bytes_total: total,
+                rate_bytes_per_sec: (compared - from) as f64 / secs,
+                blocks_differing: Some(differing),
+            });
+            tracing::info!(target: "vmrepl::replication", vm = %self.vm.uuid, part = i + 1, parts = plan.parts(), disk = %id, offset, differing = count, "resynchronization part acknowledged");
+        }
+        Ok(sent)
+    }
+
+    /// Encodes part `seq` (the `blocks` of disk number `disk`) while it is sent; returns the
+    /// image and the bytes sent once the replica acknowledged it.
+    async fn send_part(
+        &mut self,
+        h: &CycleHandle,
+        image: Box<dyn PointImage>,
+        disk: usize,
+        blocks: Vec<(u64, u64)>,
+        seq: u64,
+    ) -> (Option<Box<dyn PointImage>>, Result<u64, CycleError>) {
+        let (tx, rx) = tokio::sync::watch::channel(LogGrowth::default());
+        let (chunks_tx, chunks) = tokio::sync::mpsc::channel(4);
+        let build = build_part(
+            (self.vm, self.rel),
+            h,
+            image,
+            disk as u16,
+            blocks,
+            (seq, seq - 1),
+            LogOut::Stream(chunks_tx),
+            tx,
+        );
+        let send = self
+            .client
+            .send_log_stream(self.vm.uuid, (seq, seq - 1), chunks, rx, |_| {});
+        let ((image, built), sent) = tokio::join!(build, send);
+        let sent = match (&built, sent) {
+            (_, Err(e)) => Err(classify(e)),
+            (Err(_), Ok(_)) => Err(CycleError::Other(format!(
+                "part {seq} of the resynchronization could not be built"
+            ))),
+            (Ok(total), Ok(r)) => crate::primary::acked(r, seq, *total),
+        };
+        (image, built.and(sent))
+    }
+
+    /// Lets the endpoint drop a point in time read for the sweep, and its staging files.
+    async fn release_point(&self, h: &CycleHandle) {
+        if let Err(e) = self.endpoint.release_exports(h).await {
+            tracing::warn!(target: "vmrepl::replication", seq = h.seq, error = %e, "cannot release the NBD exports");
+        }
+        let _ = h.remove_files();
+    }
+
+    fn record_sweep(&self, sweep: Option<&ResyncSweep>) -> Result<(), CycleError> {
+        self.sweeps.record(sweep).map_err(|e| {
+            CycleError::Other(format!(
+                "cannot record the resynchronization's progress: {e}"
+            ))
+        })
+    }
+
+    /// The whole-disk compare, for replicas that do not compare by range: the replica's
+    /// digests of its state `l` per block of every disk; tracking restarts (bitmap l+1 from
+    /// one instant) and log l+1 on base l carries every block of that instant that differs,
+    /// the unallocated ranges included as zeros: applied on top of `l` it makes the replica
+    /// equal to the primary, and deltas follow. The recovery points the replica kept stay.
+    pub(crate) async fn resync_whole(&mut self) -> Result<(u64, u64), CycleError> {
+        let (nodes, tag) = (self.endpoint, self.tag);
+        let (l, _) = self.replica_state().await?;
+        // The replica's digests of its state `l` (a replica that cannot give them gets every
+        // block).
+        let digests = match self.client.block_digests(self.vm.uuid).await {
+            Ok(PeerResponse::BlockDigests { disks }) => decode_digests(disks, &self.disks),
+            _ => Digests::new(),
+        };
+        let staging = self.staging.dir.clone();
+        nodes
+            .stop_tracking(tag, &self.nodes(), Some(staging.as_path()))
+            .await
+            .map_err(|e| CycleError::Other(format!("cannot reset change tracking: {e}")))?;
+        let h = nodes
+            .begin_full(tag, &self.disks, l + 1, &self.staging, self.vars)
+            .await
+            .map_err(|e| CycleError::Other(format!("cannot stage the resynchronization: {e}")))?;
+        let path = self.log_path(l + 1);
+        let res = async {
+            let (built, sent) = self
+                .build_and_send(
+                    &h,
+                    &path,
+                    (l + 1, l),
+                    LogKind::Resync,
+                    Some(&digests),
+                    "resynchronization",
+                )
+                .await;
+            built?;
+            sent
+        }
+        .await;
+        let _ = h.remove_files();
+        let _ = std::fs::remove_file(&path);
+        match res {
+            Ok(bytes) => Ok((l + 1, bytes)),
+            Err(e) => {
+                let _ = nodes.stop_tracking(tag, &self.nodes(), None).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disks(sizes: &[u64]) -> Vec<(String, u64)> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("d{i}"), *s))
+            .collect()
+    }
+
+    #[test]
+    fn a_plan_cuts_each_disk_into_ranges_in_order_and_larger_disks_get_larger_ranges() {
+        const M: u64 = 1 << 20;
+        let p = Plan::new(&disks(&[600 * M, 100 * M]), None);
+        assert_eq!(p.range_bytes, MIN_RANGE);
+        let shape: Vec<(usize, u64, u64)> =
+            p.ranges.iter().map(|r| (r.disk, r.offset, r.len)).collect();
+        assert_eq!(
+            shape,
+            vec![
+                (0, 0, 256 * M),
+                (0, 256 * M, 256 * M),
+                (0, 512 * M, 88 * M),
+                (1, 0, 100 * M)
+            ]
+        );
+        // 2 TiB: about 1024 parts of 2 GiB, not 8192 of 256 MiB.
+        let big = Plan::new(&disks(&[2 << 40]), None);
+        assert_eq!(big.range_bytes, 2 << 30);
+        assert_eq!(big.ranges.len(), 1024);
+        // A set size is rounded up to whole blocks.
+        let set = Plan::new(&disks(&[10 * M]), Some(3 * M + 1));
+        assert_eq!(set.range_bytes, 3 * M + RESYNC_BLOCK);
+        assert_eq!(set.ranges.len(), 4);
+        assert!(Plan::new(&disks(&[0]), None).ranges.is_empty());
+    }
+
+    #[test]
+    fn a_recorded_sweep_continues_only_with_the_same_plan_and_a_replica_inside_it() {
+        let p = Plan::new(&disks(&[1 << 30]), None); // 4 parts
+        let s = ResyncSweep {
+            base: 10,
+            parts: 4,
+            range_bytes: MIN_RANGE,
+            started_ms: 0,
+        };
+        assert_eq!(p.continues(&s, 10), Some(0), "no part applied yet");
+        assert_eq!(p.continues(&s, 12), Some(2));
+        assert_eq!(p.continues(&s, 14), Some(4), "only the final delta is left");
+        assert_eq!(p.continues(&s, 15), None, "the replica is past the sweep");
+        assert_eq!(p.continues(&s, 9), None, "the replica is behind the sweep");
+        let other = Plan::new(&disks(&[2 << 30]), None);
+        assert_eq!(other.continues(&s, 12), None, "the disks changed");
+    }
+}
