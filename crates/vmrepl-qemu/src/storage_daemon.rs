@@ -135,6 +135,61 @@ async fn wait_for_pidfile(
     }
 }
 
+/// Stops a qemu-storage-daemon that an earlier run left behind on the same pid file (its
+/// owner was killed, so nobody told it to quit): it still holds the images' write locks, and
+/// a new one could not open them. Only a process that is qemu-storage-daemon and names this
+/// very pid file on its command line is touched (pids are reused). It gets SIGTERM, on which
+/// it closes the images cleanly and saves their persistent bitmaps, and SIGKILL only if it
+/// has not gone within `timeout`.
+async fn stop_leftover(pidfile: &Path, timeout: Duration) {
+    let Some(pid) = std::fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        .filter(|p| *p > 1)
+    else {
+        return;
+    };
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let Ok(cmd) = std::fs::read(proc_dir.join("cmdline")) else {
+        return;
+    };
+    let args: Vec<String> = cmd
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let ours = args
+        .first()
+        .is_some_and(|a| a.ends_with("qemu-storage-daemon"))
+        && args.iter().any(|a| Path::new(a) == pidfile);
+    if !ours {
+        return;
+    }
+    tracing::warn!(target: "vmrepl::qemu", pid, pidfile = %pidfile.display(), "a storage daemon an earlier run left behind still holds the disks; stopping it");
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    let gone = || {
+        std::fs::read_to_string(proc_dir.join("stat"))
+            .map(|st| {
+                st.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
+    };
+    let started = std::time::Instant::now();
+    while !gone() {
+        if started.elapsed() > timeout {
+            tracing::warn!(target: "vmrepl::qemu", pid, "the leftover storage daemon did not stop; killing it");
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            let killed = std::time::Instant::now();
+            while !gone() && killed.elapsed() < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 impl StorageDaemon {
     /// Starts qemu-storage-daemon on `disks` with its QMP monitor at `qmp_sock`; its stderr
     /// goes to `stderr_log`.
@@ -152,6 +207,7 @@ impl StorageDaemon {
         // that daemon leaves the images' bitmaps marked in use. So: wait for the pid file.
         let pidfile = qmp_sock.with_extension("pid");
         let argv = build_argv(disks, qmp_sock, Some(&pidfile))?;
+        stop_leftover(&pidfile, timeout).await;
         let _ = std::fs::remove_file(qmp_sock);
         let _ = std::fs::remove_file(&pidfile);
         let (pid, mut exit) = process::spawn_child(binary, &argv, stderr_log, false)?;

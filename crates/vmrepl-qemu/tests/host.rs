@@ -152,3 +152,58 @@ async fn storage_daemon_start_failure_carries_its_message() {
     .unwrap_err();
     assert!(e.to_string().contains("missing.qcow2"), "{e}");
 }
+
+#[tokio::test]
+async fn a_storage_daemon_left_behind_by_a_killed_owner_is_stopped_cleanly_by_the_next_start() {
+    init_logs();
+    let d = tempfile::tempdir().unwrap();
+    let img = QemuImg::default();
+    let disk = d.path().join("disk0.qcow2");
+    img.create(&disk, 16 << 20, &CreateOpts::default())
+        .await
+        .unwrap();
+    let disks = [SdDisk {
+        id: "disk0".into(),
+        path: disk.clone(),
+        read_only: false,
+        format: Default::default(),
+    }];
+    let (sock, log) = (d.path().join("qsd.sock"), d.path().join("qsd.log"));
+    let qsd = Path::new("qemu-storage-daemon");
+    let first = StorageDaemon::start(qsd, &disks, &sock, &log, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let _g1 = KillGuard(first.pid());
+    first
+        .qmp()
+        .execute(
+            "block-dirty-bitmap-add",
+            json!({"node": "disk0", "name": "kept", "persistent": true}),
+        )
+        .await
+        .unwrap();
+    let old = first.pid();
+    // Its owner dies without a word: nothing tells it to quit, and it keeps the write lock.
+    std::mem::forget(first);
+    let second = StorageDaemon::start(qsd, &disks, &sock, &log, Duration::from_secs(30))
+        .await
+        .expect("the leftover is stopped and the images open again");
+    let _g2 = KillGuard(second.pid());
+    assert_ne!(second.pid(), old);
+    assert!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(old), None).is_err()
+            || std::fs::read_to_string(format!("/proc/{old}/stat"))
+                .is_ok_and(|s| s.contains(") Z")),
+        "the leftover is gone"
+    );
+    let bitmaps = second
+        .qmp()
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .await
+        .unwrap();
+    assert!(
+        bitmaps.to_string().contains("\"kept\""),
+        "it saved its bitmaps on the way out (SIGTERM, not SIGKILL): {bitmaps}"
+    );
+    second.quit(Duration::from_secs(30)).await.unwrap();
+}

@@ -1,0 +1,328 @@
+//! End to end: a resynchronization in parts, cut by a lost link or by a crash of the primary's
+//! daemon, continues from the last range the replica acknowledged, sends only the blocks that
+//! differ, and leaves the replica equal to the primary. Two hosts on loopback addresses, real
+//! TLS, real qemu-storage-daemon and qemu-img.
+
+mod common;
+use common::*;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+/// A link towards a replica server that carries at most `rate` bytes per second towards it
+/// (a slow WAN link), and can be cut: what a test needs to stop a transfer part way.
+struct SlowLink {
+    addr: std::net::SocketAddr,
+    rate: Arc<AtomicU64>,
+    cut: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl SlowLink {
+    fn start(ip: &str, target: std::net::SocketAddr, rate: u64) -> SlowLink {
+        let l = std::net::TcpListener::bind((ip, 0)).unwrap();
+        let addr = l.local_addr().unwrap();
+        let (rate, cut, stop) = (
+            Arc::new(AtomicU64::new(rate)),
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (r, c, s) = (rate.clone(), cut.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = conn else { continue };
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: the link is down
+                }
+                let Ok(server) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (r, cut) = (r.clone(), c.clone());
+                std::thread::spawn(move || {
+                    let (mut from, mut to) = (client, server);
+                    let mut buf = vec![0u8; 16 << 10];
+                    let t0 = std::time::Instant::now();
+                    let mut sent = 0u64;
+                    loop {
+                        let n = match std::io::Read::read(&mut from, &mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if cut.load(Ordering::SeqCst)
+                            || std::io::Write::write_all(&mut to, &buf[..n]).is_err()
+                        {
+                            break;
+                        }
+                        sent += n as u64;
+                        // Hold the pace: never ahead of `rate` bytes per second.
+                        let due = Duration::from_secs_f64(
+                            sent as f64 / r.load(Ordering::SeqCst).max(1) as f64,
+                        );
+                        if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+                let cut = c.clone();
+                std::thread::spawn(move || {
+                    let (mut from, mut to) = (s2, c2);
+                    let mut buf = vec![0u8; 16 << 10];
+                    loop {
+                        let n = match std::io::Read::read(&mut from, &mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if cut.load(Ordering::SeqCst)
+                            || std::io::Write::write_all(&mut to, &buf[..n]).is_err()
+                        {
+                            break;
+                        }
+                    }
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        SlowLink {
+            addr,
+            rate,
+            cut,
+            stop,
+        }
+    }
+
+    /// Down: open connections break at their next byte and new ones are dropped.
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+    }
+
+    fn restore(&self, rate: u64) {
+        self.rate.store(rate, Ordering::SeqCst);
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for SlowLink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.cut.store(true, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(self.addr);
+    }
+}
+
+/// `bytes` of incompressible data, the same for the same seed.
+fn random(bytes: usize, seed: u64) -> Vec<u8> {
+    let mut out = vec![0u8; bytes];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
+    for c in out.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// Writes `data` at `offset` of a qcow2 image with qemu-io (the VM is off).
+fn qemu_io_write(h: &Host, disk: &std::path::Path, offset: u64, data: &[u8]) {
+    let file = h.data().join(format!("w-{offset}.bin"));
+    std::fs::write(&file, data).unwrap();
+    let w = format!("write -q -s {} {offset} {}", file.display(), data.len());
+    let st = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", &w])
+        .arg(disk)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::remove_file(file).unwrap();
+}
+
+/// A pair whose primary resynchronizes in ranges of 4 MiB (`resync_range_mib`), with a VM
+/// `db` (64 MiB disk, off) replicating every 5 s to the replica through `via` (or directly).
+fn replicating_pair(
+    a_ip: &str,
+    b_ip: &str,
+    via: Option<&dyn Fn(std::net::SocketAddr) -> std::net::SocketAddr>,
+) -> (Host, Host, std::path::PathBuf, std::path::PathBuf) {
+    let (mut a, b, store) = pair(a_ip, b_ip, "lab");
+    a.stop_daemon();
+    let cfg = a.data().join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("resync_range_mib = 4\n{text}")).unwrap();
+    a.start();
+    a.ok(&["vm", "create", "db", "--generation", "1", "--disk", "64M"]);
+    let disk = disk_path(&a, "db", 0);
+    let target: std::net::SocketAddr = format!("{}:{}", b.ip, b.port).parse().unwrap();
+    let server = via.map(|f| f(target)).unwrap_or(target).to_string();
+    let o = enable_via(
+        &a,
+        &server,
+        "db",
+        "hostb.test",
+        &["--frequency", "5", "--recovery-points", "2"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_until("the initial copy", Duration::from_secs(60), || {
+        acked(&a, "db") >= 1
+    });
+    (a, b, store, disk)
+}
+
+/// The replica's last applied log.
+fn replica_seq(b: &Host) -> u64 {
+    b.json(&["replication", "status", "db"])["relationships"][0]["last_sequence"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// How often the primary's log says a resynchronization continued where it stopped.
+fn continued(a: &Host) -> usize {
+    std::fs::read_to_string(a.data().join("daemon.log"))
+        .unwrap_or_default()
+        .matches("the resynchronization continues where it stopped")
+        .count()
+}
+
+#[test]
+fn a_resynchronization_cut_by_a_lost_link_continues_from_the_last_acknowledged_range() {
+    let _s = serial();
+    let slow: std::cell::RefCell<Option<SlowLink>> = Default::default();
+    let via = |target| {
+        let link = SlowLink::start("127.0.0.73", target, 1 << 30);
+        let addr = link.addr;
+        *slow.borrow_mut() = Some(link);
+        addr
+    };
+    let (a, b, store, disk) = replicating_pair("127.0.0.71", "127.0.0.72", Some(&via));
+    let link = slow.borrow_mut().take().unwrap();
+    // 24 MiB of new data in ranges 2 to 7 of 16, then a resynchronization by compare over a
+    // link of 4 MiB/s: about six seconds of parts.
+    a.ok(&["replication", "pause", "db"]);
+    qemu_io_write(&a, &disk, 8 * MIB, &random(24 << 20, 1));
+    let before = replica_seq(&b);
+    link.restore(4 << 20);
+    a.ok(&["replication", "resume", "db", "--resynchronize"]);
+    wait_until("two parts acknowledged", Duration::from_secs(120), || {
+        replica_seq(&b) >= before + 4
+    });
+    link.cut();
+    let cut_at = replica_seq(&b);
+    wait_until("the cut noticed", Duration::from_secs(120), || {
+        status(&a, "db")["state"] == "resynchronization-required"
+    });
+    assert!(
+        replica_seq(&b) < before + 16,
+        "the link went down before the last range"
+    );
+    // The link comes back; the default policy resumes by itself and continues.
+    link.restore(1 << 30);
+    wait_until("replicating again", Duration::from_secs(180), || {
+        status(&a, "db")["state"] == "replicating"
+    });
+    assert_eq!(continued(&a), 1, "{}", a.log_tail());
+    let r = b.json(&["replication", "status", "db"]);
+    let seq = r["relationships"][0]["last_sequence"].as_u64().unwrap();
+    assert_eq!(
+        seq,
+        before + 16 + 1,
+        "16 parts, each sent once, and the final delta: {r}"
+    );
+    assert!(cut_at > before, "parts were applied before the cut");
+    let top = replica_image(&store, &a, "db", 0, "top.qcow2");
+    same_content(&disk, &top).unwrap();
+    let s = status(&a, "db");
+    assert_eq!(s["health"], "normal", "{s}");
+}
+
+#[test]
+fn a_resynchronization_cut_by_a_crash_of_the_primary_daemon_continues_after_it_restarts() {
+    let _s = serial();
+    let slow: std::cell::RefCell<Option<SlowLink>> = Default::default();
+    let via = |target| {
+        let link = SlowLink::start("127.0.0.76", target, 1 << 30);
+        let addr = link.addr;
+        *slow.borrow_mut() = Some(link);
+        addr
+    };
+    let (mut a, b, store, disk) = replicating_pair("127.0.0.74", "127.0.0.75", Some(&via));
+    let link = slow.borrow_mut().take().unwrap();
+    a.ok(&["replication", "pause", "db"]);
+    qemu_io_write(&a, &disk, 4 * MIB, &random(16 << 20, 2));
+    qemu_io_write(&a, &disk, 40 * MIB, &random(8 << 20, 3));
+    let before = replica_seq(&b);
+    let sent_before = status(&a, "db")["stats"]["total_bytes"].as_u64().unwrap();
+    link.restore(4 << 20);
+    a.ok(&["replication", "resume", "db", "--resynchronize"]);
+    wait_until("three parts acknowledged", Duration::from_secs(120), || {
+        replica_seq(&b) >= before + 3
+    });
+    kill_daemon(&a);
+    assert!(replica_seq(&b) < before + 16);
+    link.restore(1 << 30);
+    a.start();
+    let t0 = std::time::Instant::now();
+    while status(&a, "db")["state"] != "replicating" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "not replicating again after the restart: {}\n{}",
+            status(&a, "db"),
+            a.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(continued(&a), 1, "{}", a.log_tail());
+    assert_eq!(replica_seq(&b), before + 17);
+    // The ranges acknowledged before the crash are not sent again: of the 24 MiB that
+    // differ, at least one 4 MiB range went before it.
+    let sent = status(&a, "db")["stats"]["total_bytes"].as_u64().unwrap() - sent_before;
+    assert!(
+        sent > 0 && sent <= 21 * MIB,
+        "after the restart only the rest was sent: {sent} bytes"
+    );
+    let top = replica_image(&store, &a, "db", 0, "top.qcow2");
+    same_content(&disk, &top).unwrap();
+}
+
+/// `kill -9` of the host's daemon (found by its data folder on its command line).
+fn kill_daemon(h: &Host) {
+    let data = h.data().to_string_lossy().into_owned();
+    let mut killed = 0;
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == &data) && args.iter().any(|a| a == "daemon") {
+            let st = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .unwrap();
+            assert!(st.success());
+            killed += 1;
+        }
+    }
+    assert_eq!(killed, 1, "one daemon of {data} runs");
+    wait_until(
+        "the daemon's lock released",
+        Duration::from_secs(15),
+        || {
+            std::fs::File::open(h.data().join("daemon.lock"))
+                .map(|f| f.try_lock().is_ok())
+                .unwrap_or(true)
+        },
+    );
+}
