@@ -105,6 +105,10 @@ pub enum ReplicaEvent {
     ReplicaCreated { holds_point: bool },
     /// One or more received logs were applied: the replica is at a recovery point.
     LogApplied,
+    /// An apply pass left the replica in the middle of a resynchronization in parts: parts
+    /// were applied (or are all it holds since the last whole state), so its latest state is
+    /// not a point until the resynchronization ends; the recovery points from before stay.
+    ResyncPartApplied,
     /// An apply pass found no received log waiting (at daemon start, before a failover, when
     /// the primary asks what this host holds). `initial_done`: a log was applied before.
     NoLogPending { initial_done: bool },
@@ -281,6 +285,7 @@ impl ReplicaEvent {
         match self {
             E::ReplicaCreated { .. } => "replica-created",
             E::LogApplied => "log-applied",
+            E::ResyncPartApplied => "resync-part-applied",
             E::NoLogPending { .. } => "no-log-pending",
             E::ApplyFailed { .. } => "apply-failed",
             E::OutOfOrderRefused => "out-of-order-refused",
@@ -300,6 +305,7 @@ impl ReplicaEvent {
         match self {
             E::ReplicaCreated { .. } => "Creating the replica",
             E::LogApplied => "Applying a log",
+            E::ResyncPartApplied => "Applying a part of a resynchronization",
             E::NoLogPending { .. } => "Recording an apply pass with no log waiting",
             E::ApplyFailed { .. } => "Recording a failed apply",
             E::OutOfOrderRefused => "Refusing a log as out of order",
@@ -324,6 +330,10 @@ impl ReplicaEvent {
             }
             E::ReplicaCreated { holds_point: false } => "replica created".into(),
             E::LogApplied => "a log was applied".into(),
+            E::ResyncPartApplied => {
+                "a part of a resynchronization was applied; the replica is a point again once it ends"
+                    .into()
+            }
             E::NoLogPending { .. } => "no received log waits to be applied".into(),
             E::ApplyFailed { needs_resync: true } => {
                 "a log could not be applied; resynchronization is required".into()
@@ -350,6 +360,7 @@ impl ReplicaEvent {
             E::ReplicaCreated { holds_point: false },
             E::ReplicaCreated { holds_point: true },
             E::LogApplied,
+            E::ResyncPartApplied,
             E::NoLogPending { initial_done: true },
             E::NoLogPending {
                 initial_done: false,
@@ -438,6 +449,7 @@ impl ReplicaEvent {
             E::TestFailoverStarted | E::TestFailoverStopped => LastError::Keep,
             E::ReplicaCreated { .. }
             | E::LogApplied
+            | E::ResyncPartApplied
             | E::NoLogPending { .. }
             | E::FailoverStarted { .. }
             | E::FailoverCompleted

@@ -66,9 +66,9 @@ pub fn primary_states() -> &'static [ReplicationState] {
 }
 
 /// The states a replica can be in. A replica is never ready for, nor in the middle of, initial
-/// replication (the primary drives it), never prepared for a planned failover, never paused
-/// (vmrepl has no pause on the replica) and never resynchronizing (only the primary knows a
-/// resynchronization runs; the replica applies its log like any other).
+/// replication (the primary drives it), never prepared for a planned failover and never
+/// paused (vmrepl has no pause on the replica). It is resynchronizing between the parts of a
+/// resynchronization in parts, when its latest state is not a point.
 pub fn replica_states() -> &'static [ReplicationState] {
     use ReplicationState as S;
     &[
@@ -79,6 +79,7 @@ pub fn replica_states() -> &'static [ReplicationState] {
         S::FailedOver,
         S::Error,
         S::ResynchronizationRequired,
+        S::Resynchronizing,
     ]
 }
 

@@ -44,6 +44,7 @@ pub fn on_replica(
             E::ReplicaCreated { holds_point: true } => Ok(S::Replicating),
             E::ReplicaCreated { holds_point: false } => Ok(S::WaitingForInitialReplication),
             E::LogApplied
+            | E::ResyncPartApplied
             | E::NoLogPending { .. }
             | E::ApplyFailed { .. }
             | E::OutOfOrderRefused
@@ -58,6 +59,8 @@ pub fn on_replica(
 
         S::WaitingForInitialReplication => match event {
             E::LogApplied => Ok(S::Replicating),
+            // A copy adopted at sequence 0 being brought up to date: not a point until it ends.
+            E::ResyncPartApplied => Ok(state),
             E::NoLogPending { initial_done } => Ok(settled(*initial_done)),
             E::ApplyFailed { needs_resync: true } | E::OutOfOrderRefused => {
                 Ok(S::ResynchronizationRequired)
@@ -75,6 +78,7 @@ pub fn on_replica(
 
         S::Replicating => match event {
             E::LogApplied => Ok(state),
+            E::ResyncPartApplied => Ok(S::Resynchronizing),
             E::NoLogPending { initial_done } => Ok(settled(*initial_done)),
             E::ApplyFailed { needs_resync: true } | E::OutOfOrderRefused => {
                 Ok(S::ResynchronizationRequired)
@@ -93,6 +97,7 @@ pub fn on_replica(
 
         S::Error => match event {
             E::LogApplied => Ok(S::Replicating),
+            E::ResyncPartApplied => Ok(S::Resynchronizing),
             E::NoLogPending { initial_done } => Ok(settled(*initial_done)),
             E::ApplyFailed { needs_resync: true } | E::OutOfOrderRefused => {
                 Ok(S::ResynchronizationRequired)
@@ -114,6 +119,7 @@ pub fn on_replica(
             // A log that applies in order proves the chain whole again (the primary's
             // resynchronization); an apply pass that found nothing proves nothing.
             E::LogApplied => Ok(S::Replicating),
+            E::ResyncPartApplied => Ok(S::Resynchronizing),
             E::NoLogPending { .. } | E::ApplyFailed { .. } | E::OutOfOrderRefused => Ok(state),
             // Hyper-V allows an unplanned failover while resynchronization is required.
             E::FailoverStarted { planned: false } => Ok(S::FailedOverWaitingCompletion),
@@ -131,6 +137,7 @@ pub fn on_replica(
             E::TestFailoverStopped => Ok(state),
             E::ReplicaCreated { .. } => no(R_ALREADY),
             E::LogApplied
+            | E::ResyncPartApplied
             | E::NoLogPending { .. }
             | E::ApplyFailed { .. }
             | E::OutOfOrderRefused => no(R_FAILED_OVER_NO_LOGS),
@@ -145,6 +152,7 @@ pub fn on_replica(
             E::ReverseReplicationStarted => Ok(S::NotEnabled),
             E::ReplicaCreated { .. } => no(R_ALREADY),
             E::LogApplied
+            | E::ResyncPartApplied
             | E::NoLogPending { .. }
             | E::ApplyFailed { .. }
             | E::OutOfOrderRefused => no(R_FAILED_OVER_NO_LOGS),
@@ -154,15 +162,37 @@ pub fn on_replica(
             E::Removed => no("the replica failed over, so its primary no longer owns it; reverse replication (`replication reverse`) replaces the relationship."),
         },
 
+        S::Resynchronizing => match event {
+            // The log after the last part makes the latest state whole again.
+            E::LogApplied => Ok(S::Replicating),
+            E::ResyncPartApplied => Ok(state),
+            E::NoLogPending { initial_done } => Ok(settled(*initial_done)),
+            E::ApplyFailed { needs_resync: true } | E::OutOfOrderRefused => {
+                Ok(S::ResynchronizationRequired)
+            }
+            E::ApplyFailed {
+                needs_resync: false,
+            } => Ok(S::Error),
+            // To a recovery point from before the resynchronization (the newest whole state
+            // was kept as one when it began).
+            E::FailoverStarted { planned: false } => Ok(S::FailedOverWaitingCompletion),
+            E::TestFailoverStarted | E::TestFailoverStopped => Ok(state),
+            E::Removed => Ok(S::NotEnabled),
+            E::ReplicaCreated { .. } => no(R_ALREADY),
+            E::FailoverStarted { planned: true } => no("a resynchronization of this replica is under way, so it does not hold the prepared point; let it finish, or fail over to a point from before it with `--point`."),
+            E::FailoverCompleted | E::FailoverCancelled => no(R_NOT_FAILED_OVER),
+            E::ReverseReplicationStarted => no("the VM has not failed over to this host; reverse replication follows a failover (`failover start`)."),
+        },
+
         S::ReadyForInitialReplication
         | S::InitialReplicationInProgress
         | S::SyncedReplicationComplete
-        | S::Suspended
-        | S::Resynchronizing => match event {
+        | S::Suspended => match event {
             // Whatever the damage, the primary can always drop the replica.
             E::Removed => Ok(S::NotEnabled),
             E::ReplicaCreated { .. }
             | E::LogApplied
+            | E::ResyncPartApplied
             | E::NoLogPending { .. }
             | E::ApplyFailed { .. }
             | E::OutOfOrderRefused

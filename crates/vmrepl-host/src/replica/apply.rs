@@ -339,7 +339,7 @@ pub(crate) async fn apply_with(
     let policy = row.policy;
     let last_point_ms = row.last_point_ms;
     let test_point = row.test_failover.as_ref().map(|t| t.point_seq);
-    let res = tokio::task::spawn_blocking(move || -> Result<(u64, bool, bool), ApplyError> {
+    let res = tokio::task::spawn_blocking(move || -> Result<(u64, bool, bool, bool), ApplyError> {
         let mut vm = ReplicaStore::open(&root, uuid)?;
         // A running test failover pins its point (and everything below) against pruning.
         let _pins: Vec<vmrepl_store::PointLock> = test_point
@@ -360,14 +360,23 @@ pub(crate) async fn apply_with(
             }
             _ => false,
         };
-        applied.map(|list| (vm.last_applied(), frozen, !list.is_empty()))
+        applied.map(|list| {
+            (
+                vm.last_applied(),
+                frozen,
+                !list.is_empty(),
+                vm.resyncing().is_some(),
+            )
+        })
     })
     .await
     .map_err(|e| ApplyError::Task(e.to_string()))?;
     let db = daemon.db();
     match res {
-        Ok((last, frozen, any)) => {
-            let event = if any {
+        Ok((last, frozen, any, resyncing)) => {
+            let event = if resyncing {
+                ReplicaEvent::ResyncPartApplied
+            } else if any {
                 ReplicaEvent::LogApplied
             } else {
                 ReplicaEvent::NoLogPending {

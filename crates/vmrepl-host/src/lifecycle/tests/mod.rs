@@ -123,18 +123,19 @@ pub(super) const REPLICA_TABLE: &[&str] = &[
     //                                   NE RI WI IP RE SC FW FO SU ER RR RS
     "replica-created(empty)              WI -- -- -- -- -- -- -- -- -- -- --",
     "replica-created(at-point)           RE -- -- -- -- -- -- -- -- -- -- --",
-    "log-applied                         -- -- RE -- RE -- -- -- -- RE RE --",
-    "no-log-pending(initial-done)        -- -- RE -- RE -- -- -- -- RE RR --",
-    "no-log-pending(no-log-yet)          -- -- WI -- WI -- -- -- -- WI RR --",
-    "apply-failed(needs-resync)          -- -- RR -- RR -- -- -- -- RR RR --",
-    "apply-failed(retried)               -- -- ER -- ER -- -- -- -- ER RR --",
-    "out-of-order-refused                -- -- RR -- RR -- -- -- -- RR RR --",
+    "log-applied                         -- -- RE -- RE -- -- -- -- RE RE RE",
+    "resync-part-applied                 -- -- WI -- RS -- -- -- -- RS RS RS",
+    "no-log-pending(initial-done)        -- -- RE -- RE -- -- -- -- RE RR RE",
+    "no-log-pending(no-log-yet)          -- -- WI -- WI -- -- -- -- WI RR WI",
+    "apply-failed(needs-resync)          -- -- RR -- RR -- -- -- -- RR RR RR",
+    "apply-failed(retried)               -- -- ER -- ER -- -- -- -- ER RR ER",
+    "out-of-order-refused                -- -- RR -- RR -- -- -- -- RR RR RR",
     "failover-started(planned)           -- -- -- -- FO -- -- -- -- -- -- --",
-    "failover-started(unplanned)         -- -- -- -- FW -- -- -- -- FW FW --",
+    "failover-started(unplanned)         -- -- -- -- FW -- -- -- -- FW FW FW",
     "failover-completed                  -- -- -- -- -- -- FO FO -- -- -- --",
     "failover-cancelled                  -- -- -- -- -- -- RE -- -- -- -- --",
-    "test-failover-started               -- -- -- -- RE -- -- -- -- ER RR --",
-    "test-failover-stopped               -- -- WI -- RE -- FW FO -- ER RR --",
+    "test-failover-started               -- -- -- -- RE -- -- -- -- ER RR RS",
+    "test-failover-stopped               -- -- WI -- RE -- FW FO -- ER RR RS",
     "reverse-replication-started         -- -- -- -- -- -- -- NE -- -- -- --",
     "removed                             -- NE NE NE NE NE -- -- NE NE NE NE",
 ];
@@ -244,6 +245,7 @@ pub(super) fn replica_variant(e: &ReplicaEvent) -> usize {
     match e {
         E::ReplicaCreated { .. } => 0,
         E::LogApplied => 1,
+        E::ResyncPartApplied => 12,
         E::NoLogPending { .. } => 2,
         E::ApplyFailed { .. } => 3,
         E::OutOfOrderRefused => 4,
@@ -266,7 +268,7 @@ pub(super) fn every_event_variant_and_payload_is_listed_once() {
     assert_eq!(p.len(), PRIMARY_TABLE.len());
     let r = ReplicaEvent::every();
     let variants: HashSet<usize> = r.iter().map(replica_variant).collect();
-    assert_eq!(variants, (0..12).collect());
+    assert_eq!(variants, (0..13).collect());
     assert_eq!(r.iter().collect::<HashSet<_>>().len(), r.len());
     assert_eq!(r.len(), REPLICA_TABLE.len());
 }
@@ -305,6 +307,7 @@ pub(super) fn event_names_are_the_stable_kebab_case_ones_recorded_in_the_databas
         [
             "replica-created",
             "log-applied",
+            "resync-part-applied",
             "no-log-pending",
             "apply-failed",
             "out-of-order-refused",
