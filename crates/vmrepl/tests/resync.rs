@@ -222,6 +222,19 @@ fn a_resynchronization_cut_by_a_lost_link_continues_from_the_last_acknowledged_r
         replica_seq(&b) < before + 16,
         "the link went down before the last range"
     );
+    // Between parts the replica says so, and offers only whole points: the one it kept from
+    // before the resynchronization among them.
+    let r = b.json(&["replication", "status", "db"]);
+    assert_eq!(r["relationships"][0]["state"], "resynchronizing", "{r}");
+    let points = b.json(&["replication", "points", "db"]);
+    let seqs: Vec<u64> = points["points"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{points}"))
+        .iter()
+        .filter_map(|p| p["seq"].as_u64())
+        .collect();
+    assert!(seqs.contains(&before), "{points}");
+    assert!(seqs.iter().all(|s| *s <= before), "{points}");
     // The link comes back; the default policy resumes by itself and continues.
     link.restore(1 << 30);
     wait_until("replicating again", Duration::from_secs(180), || {
