@@ -119,7 +119,7 @@ pub use error::{Result, StoreError};
 pub use store::{
     block_size, validate_disk_id, ApplyTxn, Begin, Flattened, Overlay, PointKind, PointLock,
     PointRef, PruneReport, RecoveryPoint, ReplicaStore, ReplicaVm, MAX_DIGEST_BLOCK,
-    SPACE_HEADROOM,
+    MAX_RANGE_DIGESTS, SPACE_HEADROOM,
 };
 pub use vmrepl_types::replication::Consistency;
 pub use writeback::{EarlyWriteback, WRITEBACK_EVERY};

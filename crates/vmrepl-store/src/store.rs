@@ -381,6 +381,9 @@ fn create_top(ddir: &Path, backing: &str, size: u64) -> Result<()> {
 
 /// The largest block [`ReplicaVm::range_digests`] hashes on its own.
 pub const MAX_DIGEST_BLOCK: u64 = 16 << 20;
+/// The most digests one [`ReplicaVm::range_digests`] call gives (4 GiB in 64 KiB blocks): an
+/// answer stays a few MiB, whoever asks.
+pub const MAX_RANGE_DIGESTS: u64 = 65536;
 /// How much [`ReplicaVm::range_digests`] reads at a time.
 const DIGEST_WINDOW: u64 = 4 << 20;
 
@@ -1108,7 +1111,10 @@ impl ReplicaVm {
             len,
             size,
         };
-        if !(4096..=MAX_DIGEST_BLOCK).contains(&bs) || !offset.is_multiple_of(bs) {
+        if !(4096..=MAX_DIGEST_BLOCK).contains(&bs)
+            || !offset.is_multiple_of(bs)
+            || len.div_ceil(bs) > MAX_RANGE_DIGESTS
+        {
             return Err(bad());
         }
         let end = offset
@@ -1534,6 +1540,22 @@ mod tests {
             );
         }
         assert!(vm.range_digests("zz", 0, 65536, 65536).is_err());
+        // At most 65536 digests per answer, whoever asks.
+        let big = ReplicaStore::create(
+            &tmp.path().join("big"),
+            Uuid::new_v4(),
+            &serde_json::json!({}),
+            &[("a", 512 << 20)],
+        )
+        .unwrap();
+        let d = big
+            .range_digests("a", 0, MAX_RANGE_DIGESTS * 4096, 4096)
+            .unwrap();
+        assert_eq!(d.len() as u64, MAX_RANGE_DIGESTS);
+        assert!(matches!(
+            big.range_digests("a", 0, (MAX_RANGE_DIGESTS + 1) * 4096, 4096),
+            Err(StoreError::OutOfBounds { .. })
+        ));
     }
 
     #[test]

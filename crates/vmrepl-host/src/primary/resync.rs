@@ -55,7 +55,7 @@ pub(crate) const RESYNC_BLOCK: u64 = 64 * 1024;
 /// The smallest range one part covers by default.
 pub(crate) const MIN_RANGE: u64 = 256 << 20;
 /// About how many parts a resynchronization has at most by default (larger disks get larger
-/// ranges).
+/// ranges, up to 4 GiB: the most digests a replica gives in one answer).
 pub(crate) const MAX_PARTS: u64 = 1024;
 
 /// One range of one disk: a part of a resynchronization.
@@ -83,7 +83,8 @@ impl Plan {
         let range_bytes = match range_bytes {
             Some(r) => r.max(1).div_ceil(RESYNC_BLOCK) * RESYNC_BLOCK,
             None => total.div_ceil(MAX_PARTS).next_power_of_two().max(MIN_RANGE),
-        };
+        }
+        .min(vmrepl_store::MAX_RANGE_DIGESTS * RESYNC_BLOCK);
         let mut ranges = Vec::new();
         for (disk, (_, size)) in disks.iter().enumerate() {
             let mut offset = 0;
@@ -469,6 +470,10 @@ mod tests {
         let big = Plan::new(&disks(&[2 << 40]), None);
         assert_eq!(big.range_bytes, 2 << 30);
         assert_eq!(big.ranges.len(), 1024);
+        // 16 TiB: ranges of 4 GiB at most, as many digests as a replica gives in one answer.
+        let huge = Plan::new(&disks(&[16 << 40]), None);
+        assert_eq!(huge.range_bytes, 4 << 30);
+        assert_eq!(huge.ranges.len(), 4096);
         // A set size is rounded up to whole blocks.
         let set = Plan::new(&disks(&[10 * M]), Some(3 * M + 1));
         assert_eq!(set.range_bytes, 3 * M + RESYNC_BLOCK);
