@@ -170,6 +170,11 @@ impl Vmm {
             let _ = std::fs::remove_file(&paths.serial_log);
         }
         let cmd = vmrepl_qemu::cmdline::build_command(&def, &fw, &paths, self.accel)?;
+        // A disk changed while the VM was off, outside vmrepl, is caught before QEMU opens it
+        // (the relationship then requires a resynchronization); QEMU owns the files from here.
+        if let Err(e) = crate::fingerprint::before_open(&self.db(), &def) {
+            tracing::error!(target: "vmrepl::vmm", uuid = %def.uuid, "cannot compare the disk files with their fingerprints: {e}");
+        }
         self.set_state(def.uuid, VmRunState::Starting, None, None);
         let opts =
             vmrepl_qemu::process::SpawnOptions::new(run_dir.join("qemu.stderr"), &paths.qmp_sock);
@@ -245,6 +250,13 @@ impl Vmm {
             while vmrepl_qemu::process::is_alive(pid as i32) && std::time::Instant::now() < deadline
             {
                 tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // QEMU closed the disk files: what they look like now is what the next open
+            // compares with (a crash is caught by the bitmaps' in-use flag meanwhile).
+            if !vmrepl_qemu::process::is_alive(pid as i32) {
+                if let Some(def) = me.definition(uuid) {
+                    crate::fingerprint::after_close(&me.db(), &def);
+                }
             }
             let asked = expected.load(std::sync::atomic::Ordering::SeqCst);
             if asked || guest_shutdown {
