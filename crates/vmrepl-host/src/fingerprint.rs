@@ -17,8 +17,11 @@
 //! updates them) costs a resynchronization too, which sends only the blocks that differ. The
 //! status-change time cannot be set back by any tool (`touch`, `cp -p` and `rsync -a` restore
 //! the modification time, not it), so a restore that preserves times is caught as well. A
-//! missing fingerprint (the first start after enabling, after an upgrade, or after QEMU exited
-//! while the daemon was not running) is not a mismatch.
+//! missing fingerprint (the first start after enabling, after an upgrade) is not a mismatch.
+//! A QEMU that exited while the daemon was not running (a host shut down with its VMs
+//! running) left its files unrecorded, and they may have been restored before the daemon came
+//! back: a relationship that relies on tracking requires a resynchronization then too
+//! ([`exited_unobserved`]).
 //!
 //! This is a base module: it reaches the database and the state machine, no flow.
 
@@ -179,11 +182,7 @@ fn check(
     rel: &Relationship,
     stored: &[crate::db::StoredFingerprint],
 ) -> Result<Option<String>, DbError> {
-    let exported = rel.state == ReplicationState::WaitingForInitialReplication
-        && db
-            .last_marked_ms(vm.uuid, rel.created_ms, Marked::Exported)?
-            .is_some();
-    if !tracking_matters(rel.state, exported) {
+    if !relies_on_tracking(db, vm.uuid, rel)? {
         return Ok(None);
     }
     let mut causes = Vec::new();
@@ -214,16 +213,56 @@ fn check(
     if causes.is_empty() {
         return Ok(None);
     }
-    let cause = causes.join(". ");
-    tracing::warn!(target: LOG_TARGET, vm = %vm.uuid, "{cause}");
-    match db.change_primary(vm.uuid, &PrimaryEvent::TrackingLost, Some(&cause), None) {
+    Ok(lost(db, vm.uuid, causes.join(". ")))
+}
+
+/// The sentence that says the QEMU of VM `vm` went away while the daemon was not running.
+pub fn unobserved_cause(vm: &str) -> String {
+    format!(
+        "the QEMU of VM {vm} exited while the vmrepl daemon was not running, so vmrepl could \
+         not record its disk files as QEMU left them and cannot tell whether they were \
+         changed since (a restore, an edit); the relationship needs a resynchronization, \
+         which compares the disks block by block and sends only the blocks that differ \
+         (shut VMs down through vmrepl before stopping it to avoid this)"
+    )
+}
+
+/// Called when the daemon starts and finds that the QEMU of `vm` exited while it was not
+/// running: nothing recorded the disk files as QEMU left them, so whatever happened to them
+/// since is unknown. When the relationship relies on tracking, it takes
+/// [`PrimaryEvent::TrackingLost`] with [`unobserved_cause`]; returns that cause then.
+pub fn exited_unobserved(db: &Db, vm: &VmDefinition) -> Result<Option<String>, DbError> {
+    db.forget_disk_fingerprints(vm.uuid)?;
+    let Some(rel) = db.relationship(vm.uuid)? else {
+        return Ok(None);
+    };
+    if !relies_on_tracking(db, vm.uuid, &rel)? {
+        return Ok(None);
+    }
+    Ok(lost(db, vm.uuid, unobserved_cause(vm.name.as_str())))
+}
+
+/// Whether `rel` relies on its bitmaps now ([`tracking_matters`], with whether an initial
+/// copy went out on external media).
+fn relies_on_tracking(db: &Db, vm: Uuid, rel: &Relationship) -> Result<bool, DbError> {
+    let exported = rel.state == ReplicationState::WaitingForInitialReplication
+        && db
+            .last_marked_ms(vm, rel.created_ms, Marked::Exported)?
+            .is_some();
+    Ok(tracking_matters(rel.state, exported))
+}
+
+/// Raises [`PrimaryEvent::TrackingLost`] with `cause`; returns the cause when it was recorded.
+fn lost(db: &Db, vm: Uuid, cause: String) -> Option<String> {
+    tracing::warn!(target: LOG_TARGET, %vm, "{cause}");
+    match db.change_primary(vm, &PrimaryEvent::TrackingLost, Some(&cause), None) {
         Ok(t) => {
-            tracing::info!(target: LOG_TARGET, vm = %vm.uuid, from = %t.from, to = %t.to, "state changed");
-            Ok(Some(cause))
+            tracing::info!(target: LOG_TARGET, %vm, from = %t.from, to = %t.to, "state changed");
+            Some(cause)
         }
         Err(e) => {
-            tracing::warn!(target: LOG_TARGET, vm = %vm.uuid, "cannot record that tracking was lost: {e}");
-            Ok(None)
+            tracing::warn!(target: LOG_TARGET, %vm, "cannot record that tracking was lost: {e}");
+            None
         }
     }
 }
@@ -565,5 +604,37 @@ mod tests {
         let rel = db.relationship(vm.uuid).unwrap().unwrap();
         assert_eq!(rel.state, ReplicationState::WaitingForInitialReplication);
         assert!(db.disk_fingerprints(vm.uuid).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_qemu_that_exited_while_the_daemon_was_down_makes_a_relationship_that_relies_on_tracking_require_a_resynchronization(
+    ) {
+        use crate::lifecycle::{InitialMethod, ReverseStart};
+        let d = tempfile::tempdir().unwrap();
+        let (db, vm) = host_with(
+            d.path(),
+            &[PrimaryEvent::ReverseReplicationStarted {
+                start: ReverseStart::CommonPoint,
+            }],
+        );
+        after_close(&db, &vm);
+        let cause = exited_unobserved(&db, &vm).unwrap().expect("declared lost");
+        assert!(
+            cause.starts_with("the QEMU of VM web exited while the vmrepl daemon was not running"),
+            "{cause}"
+        );
+        assert!(db.disk_fingerprints(vm.uuid).unwrap().is_empty());
+        let rel = db.relationship(vm.uuid).unwrap().unwrap();
+        assert_eq!(rel.state, ReplicationState::ResynchronizationRequired);
+        assert_eq!(rel.last_error.as_deref(), Some(cause.as_str()));
+        // Before the initial copy it reads everything anyway.
+        let e = tempfile::tempdir().unwrap();
+        let (db, vm) = host_with(
+            e.path(),
+            &[PrimaryEvent::Enabled {
+                initial: InitialMethod::Network,
+            }],
+        );
+        assert_eq!(exited_unobserved(&db, &vm).unwrap(), None);
     }
 }

@@ -316,12 +316,20 @@ impl Vmm {
                     self.set_state(uuid, VmRunState::Running, Some(p.pid() as u32), None);
                     self.watch(uuid, p).await;
                 }
-                None => self.set_state(
-                    uuid,
-                    VmRunState::Crashed,
-                    None,
-                    Some("QEMU exited while the daemon was not running"),
-                ),
+                None => {
+                    // Nobody recorded the disk files as QEMU left them, and they may have
+                    // been changed since: a relationship that relies on tracking resyncs.
+                    if let Err(e) = crate::fingerprint::exited_unobserved(&self.db(), &r.definition)
+                    {
+                        tracing::error!(target: "vmrepl::vmm", %uuid, "cannot record that the disks are unknown: {e}");
+                    }
+                    self.set_state(
+                        uuid,
+                        VmRunState::Crashed,
+                        None,
+                        Some("QEMU exited while the daemon was not running"),
+                    )
+                }
             }
         }
     }
