@@ -25,11 +25,12 @@
 //!
 //! This is a base module: it reaches the database and the state machine, no flow.
 
-use crate::db::{Db, DbError, DiskFingerprint, Marked, Relationship};
+use crate::db::{Db, DbError, DiskFingerprint, Marked, Relationship, StoredFingerprint};
 use crate::lifecycle::PrimaryEvent;
 use std::path::Path;
 use uuid::Uuid;
 use vmrepl_types::replication::ReplicationState;
+use vmrepl_types::vm::DiskDef;
 use vmrepl_types::VmDefinition;
 
 /// Where this module logs.
@@ -180,17 +181,28 @@ fn check(
     db: &Db,
     vm: &VmDefinition,
     rel: &Relationship,
-    stored: &[crate::db::StoredFingerprint],
+    stored: &[StoredFingerprint],
 ) -> Result<Option<String>, DbError> {
     if !relies_on_tracking(db, vm.uuid, rel)? {
         return Ok(None);
     }
+    let causes = changed(vm, stored, |d| !rel.settings.exclude_disks.contains(&d.id));
+    if causes.is_empty() {
+        return Ok(None);
+    }
+    Ok(lost(db, vm.uuid, causes.join(". ")))
+}
+
+/// The causes ([`cause`]) of the disks of `vm` that `keep` selects and that differ from the
+/// fingerprint recorded for them in `stored`. A disk without one, or whose file cannot be
+/// read (opening it fails too, and says why), has none.
+fn changed(
+    vm: &VmDefinition,
+    stored: &[StoredFingerprint],
+    keep: impl Fn(&DiskDef) -> bool,
+) -> Vec<String> {
     let mut causes = Vec::new();
-    for disk in vm
-        .disks
-        .iter()
-        .filter(|d| !rel.settings.exclude_disks.contains(&d.id))
-    {
+    for disk in vm.disks.iter().filter(|d| keep(d)) {
         let Some(rec) = stored
             .iter()
             .find(|s| s.disk_id == disk.id && s.path == disk.path)
@@ -204,16 +216,20 @@ fn check(
                     causes.push(cause(vm.name.as_str(), &disk.path, &changes));
                 }
             }
-            // Opening it fails too, and says why; nothing to compare.
             Err(e) => {
                 tracing::warn!(target: LOG_TARGET, vm = %vm.uuid, path = %disk.path.display(), "cannot read the disk file's fingerprint: {e}")
             }
         }
     }
-    if causes.is_empty() {
-        return Ok(None);
-    }
-    Ok(lost(db, vm.uuid, causes.join(". ")))
+    causes
+}
+
+/// Whether a disk of `vm` (which is off) was changed outside vmrepl since vmrepl last closed
+/// it: the causes, joined. Nothing is raised or forgotten (the old primary of a planned
+/// failover asks this before it offers its disks as the common base of a reverse).
+pub fn changed_since_closed(db: &Db, vm: &VmDefinition) -> Result<Option<String>, DbError> {
+    let causes = changed(vm, &db.disk_fingerprints(vm.uuid)?, |_| true);
+    Ok((!causes.is_empty()).then(|| causes.join(". ")))
 }
 
 /// The sentence that says the QEMU of VM `vm` went away while the daemon was not running.
@@ -636,5 +652,38 @@ mod tests {
             }],
         );
         assert_eq!(exited_unobserved(&db, &vm).unwrap(), None);
+    }
+
+    #[test]
+    fn a_disk_changed_since_vmrepl_closed_it_is_named_without_raising_or_forgetting_anything() {
+        use crate::lifecycle::ReverseStart;
+        let d = tempfile::tempdir().unwrap();
+        let (db, vm) = host_with(
+            d.path(),
+            &[PrimaryEvent::ReverseReplicationStarted {
+                start: ReverseStart::CommonPoint,
+            }],
+        );
+        assert_eq!(
+            changed_since_closed(&db, &vm).unwrap(),
+            None,
+            "none recorded"
+        );
+        after_close(&db, &vm);
+        assert_eq!(changed_since_closed(&db, &vm).unwrap(), None, "untouched");
+        later();
+        // Even a disk excluded from replication counts: the whole copy is the common base.
+        std::fs::write(&vm.disks[1].path, vec![9u8; 4096]).unwrap();
+        let why = changed_since_closed(&db, &vm).unwrap().expect("changed");
+        assert!(
+            why.contains(&format!(
+                "the disk {} of VM web",
+                vm.disks[1].path.display()
+            )),
+            "{why}"
+        );
+        assert_eq!(db.disk_fingerprints(vm.uuid).unwrap().len(), 2);
+        let rel = db.relationship(vm.uuid).unwrap().unwrap();
+        assert_eq!(rel.state, ReplicationState::Replicating);
     }
 }

@@ -321,3 +321,54 @@ fn a_disk_edited_after_its_qemu_exited_while_the_primary_daemon_was_stopped_is_r
     just_after_a_cycle(&a);
     same_content(&disk, &replica).unwrap();
 }
+
+#[test]
+fn an_old_primary_disk_edited_after_a_planned_failover_is_resynchronized_by_compare_when_replication_is_reversed(
+) {
+    let _s = serial();
+    // .92 and .93 again: the tests of this file run one at a time.
+    let (a, b, _) = pair("127.0.0.92", "127.0.0.93", "DEFAULT");
+    let store_a = a.data().join("replicas-from-b");
+    serve_replicas_for(&a, "hostb.test", &store_a);
+    create_guest_vm(&a, "web", "1", &["16M"], "writeloop:vda:64:200");
+    a.ok(&["vm", "start", "web"]);
+    a.wait_console("web", "VMREPL WROTE", Duration::from_secs(120));
+    enable_ok(&a, &b, "web", "hostb.test", &["--frequency", "5"]);
+    a.ok(&["replication", "status", "web", "--watch", "--for", "180"]);
+    a.ok(&["vm", "shutdown", "web", "--timeout", "90"]);
+    a.ok(&["failover", "prepare", "web"]);
+    // Prepared: every write is on the replica. Then the old primary's disk is edited behind
+    // vmrepl's back, so it is no longer the failover point.
+    let disk_a = disk_path(&a, "web", 0);
+    let (_, host_off) = first_data_extent(&disk_a, 65536);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk_a)
+            .unwrap();
+        f.write_all_at(&[0xa5; 65536], host_off).unwrap();
+        f.sync_all().unwrap();
+    }
+    b.ok(&["failover", "start", "web"]);
+    let out = b.ok(&["replication", "reverse", "web", "--frequency", "5"]);
+    assert!(
+        out.contains("resynchronized by block compare")
+            && out.contains(&format!(
+                "the disk {} of VM web was modified while the VM was off",
+                disk_a.display()
+            )),
+        "{out}"
+    );
+    wait_until(
+        "the reverse resynchronized",
+        Duration::from_secs(180),
+        || {
+            let s = status(&b, "web");
+            s["state"] == "replicating" && s["last_sequence"].as_u64().unwrap() > 0
+        },
+    );
+    // A's copy, now the replica, is B's disk again: the edit did not survive.
+    let replica_a = replica_image(&store_a, &b, "web", 0, "top.qcow2");
+    same_content(&disk_path(&b, "web", 0), &replica_a).unwrap();
+}
