@@ -181,6 +181,8 @@ impl Vmm {
         let proc = match QemuProcess::spawn(&self.cfg.qemu_binary, &cmd.argv, &opts).await {
             Ok(p) => Arc::new(p),
             Err(source) => {
+                // QEMU never held the files: they are as they were checked.
+                crate::fingerprint::after_close(&self.db(), &def);
                 self.set_state(def.uuid, VmRunState::Off, None, Some("start failed"));
                 return Err(VmError::Start {
                     name: name.clone(),
@@ -195,6 +197,16 @@ impl Vmm {
                 .await
             {
                 proc.kill();
+                // It goes unwatched: once it is gone, what it left is what the next open
+                // compares with (a bitmap it left in use tells the next cycle by itself).
+                let pid = proc.pid();
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while vmrepl_qemu::process::is_alive(pid) && std::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if !vmrepl_qemu::process::is_alive(pid) {
+                    crate::fingerprint::after_close(&self.db(), &def);
+                }
                 self.set_state(def.uuid, VmRunState::Off, None, Some("start failed"));
                 return Err(VmError::StartupStep {
                     name: name.clone(),
