@@ -139,6 +139,19 @@ pub fn cause(vm: &str, path: &Path, changes: &[Change]) -> String {
     )
 }
 
+/// The sentence that says the disk `path` of VM `vm` was replaced by another file (`change`,
+/// a [`Change::Replaced`]) while QEMU had it open, and what vmrepl does about it.
+pub fn cause_while_open(vm: &str, path: &Path, change: &Change) -> String {
+    format!(
+        "the disk {} of VM {vm} was replaced while QEMU had it open, outside vmrepl ({change}; \
+         QEMU went on writing to the file it had opened, and the new one is what the VM \
+         will see); change tracking cannot see such a change, so the relationship needs a \
+         resynchronization, which compares the disks block by block and sends only the \
+         blocks that differ",
+        path.display()
+    )
+}
+
 /// Whether the relationship, in `state`, relies on its bitmaps for the changes since the last
 /// acknowledged log (`exported`: an initial copy went out on external media and bitmap 1
 /// records since). An initial copy or a resynchronization reads every block anyway, so
@@ -160,20 +173,24 @@ pub fn tracking_matters(state: ReplicationState, exported: bool) -> bool {
 }
 
 /// Called before vmrepl opens the disks of `vm` (VM start, qemu-storage-daemon for a cycle),
-/// with the VM's operation lock held: compares each replicated disk with its fingerprint,
-/// raises [`PrimaryEvent::TrackingLost`] with the cause when one was changed and the
-/// relationship relies on tracking, then forgets the fingerprints (vmrepl owns the files until
-/// it closes them and records new ones). Returns the cause when tracking was declared lost.
+/// with the VM's operation lock held: compares each replicated disk with the fingerprint
+/// recorded when vmrepl last closed it, and raises [`PrimaryEvent::TrackingLost`] with the
+/// cause when one was changed and the relationship relies on tracking. Then records each
+/// file as it is opened ([`after_close`] checks that the same file is there when vmrepl
+/// closes it). Returns the cause when tracking was declared lost.
 pub fn before_open(db: &Db, vm: &VmDefinition) -> Result<Option<String>, DbError> {
-    let stored = db.disk_fingerprints(vm.uuid)?;
-    if stored.is_empty() {
-        return Ok(None);
-    }
+    // A fingerprint taken at an open that was never followed by a close (the daemon died
+    // meanwhile) says nothing of the file now: unknown, not a mismatch.
+    let stored: Vec<StoredFingerprint> = db
+        .disk_fingerprints(vm.uuid)?
+        .into_iter()
+        .filter(|s| !s.opened)
+        .collect();
     let raised = match db.relationship(vm.uuid)? {
-        Some(rel) => check(db, vm, &rel, &stored)?,
-        None => None,
+        Some(rel) if !stored.is_empty() => check(db, vm, &rel, &stored)?,
+        _ => None,
     };
-    db.forget_disk_fingerprints(vm.uuid)?;
+    record(db, vm, true);
     Ok(raised)
 }
 
@@ -228,7 +245,9 @@ fn changed(
 /// it: the causes, joined. Nothing is raised or forgotten (the old primary of a planned
 /// failover asks this before it offers its disks as the common base of a reverse).
 pub fn changed_since_closed(db: &Db, vm: &VmDefinition) -> Result<Option<String>, DbError> {
-    let causes = changed(vm, &db.disk_fingerprints(vm.uuid)?, |_| true);
+    let mut stored = db.disk_fingerprints(vm.uuid)?;
+    stored.retain(|s| !s.opened);
+    let causes = changed(vm, &stored, |_| true);
     Ok((!causes.is_empty()).then(|| causes.join(". ")))
 }
 
@@ -284,24 +303,68 @@ fn lost(db: &Db, vm: Uuid, cause: String) -> Option<String> {
 }
 
 /// Called when vmrepl has closed the disks of `vm` (its QEMU is gone, qemu-storage-daemon
-/// quit): records every disk file's fingerprint. A file that cannot be read gets none.
+/// quit): a replicated disk file that is another file than the one opened (moved or renamed
+/// over it meanwhile) raises [`PrimaryEvent::TrackingLost`] when the relationship relies on
+/// tracking; then every disk file's fingerprint is recorded for the next open. A file that
+/// cannot be read gets none.
 pub fn after_close(db: &Db, vm: &VmDefinition) {
+    if let Err(e) = replaced_while_open(db, vm) {
+        tracing::warn!(target: LOG_TARGET, vm = %vm.uuid, "cannot compare the disk files with the ones opened: {e}");
+    }
+    record(db, vm, false);
+}
+
+/// The replicated disks of `vm` that are other files now than when vmrepl opened them.
+fn replaced_while_open(db: &Db, vm: &VmDefinition) -> Result<Option<String>, DbError> {
+    let opened: Vec<StoredFingerprint> = db
+        .disk_fingerprints(vm.uuid)?
+        .into_iter()
+        .filter(|s| s.opened)
+        .collect();
+    if opened.is_empty() {
+        return Ok(None);
+    }
+    let Some(rel) = db.relationship(vm.uuid)? else {
+        return Ok(None);
+    };
+    if !relies_on_tracking(db, vm.uuid, &rel)? {
+        return Ok(None);
+    }
+    let mut causes = Vec::new();
+    for disk in vm
+        .disks
+        .iter()
+        .filter(|d| !rel.settings.exclude_disks.contains(&d.id))
+    {
+        let (Some(rec), Ok(now)) = (
+            opened
+                .iter()
+                .find(|s| s.disk_id == disk.id && s.path == disk.path),
+            of(&disk.path),
+        ) else {
+            continue;
+        };
+        // QEMU itself changes size and times; only another file at the path tells.
+        if let Some(c @ Change::Replaced { .. }) = judge(Some(&rec.fingerprint), &now).first() {
+            causes.push(cause_while_open(vm.name.as_str(), &disk.path, c));
+        }
+    }
+    if causes.is_empty() {
+        return Ok(None);
+    }
+    Ok(lost(db, vm.uuid, causes.join(". ")))
+}
+
+/// Records every disk file of `vm` as it is now, as `opened` by vmrepl or closed.
+fn record(db: &Db, vm: &VmDefinition, opened: bool) {
     for disk in &vm.disks {
         let r = of(&disk.path).map_err(|e| e.to_string()).and_then(|f| {
-            db.record_disk_fingerprint(vm.uuid, &disk.id, &disk.path, &f)
+            db.record_disk_fingerprint(vm.uuid, &disk.id, &disk.path, &f, opened)
                 .map_err(|e| e.to_string())
         });
         if let Err(e) = r {
-            tracing::warn!(target: LOG_TARGET, vm = %vm.uuid, path = %disk.path.display(), "cannot record the disk file's fingerprint (a change while the VM is off may then go unnoticed by it): {e}");
+            tracing::warn!(target: LOG_TARGET, vm = %vm.uuid, path = %disk.path.display(), "cannot record the disk file's fingerprint (a change made outside vmrepl may then go unnoticed): {e}");
         }
-    }
-}
-
-/// Forgets the fingerprints of `vm`, logging a failure (its files are opened by someone
-/// vmrepl watches).
-pub fn forget(db: &Db, vm: Uuid) {
-    if let Err(e) = db.forget_disk_fingerprints(vm) {
-        tracing::warn!(target: LOG_TARGET, %vm, "cannot forget the disk files' fingerprints: {e}");
     }
 }
 
@@ -572,9 +635,13 @@ mod tests {
         assert_eq!(before_open(&db, &vm).unwrap(), None);
         after_close(&db, &vm);
         assert_eq!(db.disk_fingerprints(vm.uuid).unwrap().len(), 2);
-        // Untouched: trusted, and the fingerprints are forgotten while vmrepl holds the files.
+        // Untouched: trusted, and the files are recorded as opened while vmrepl holds them.
         assert_eq!(before_open(&db, &vm).unwrap(), None);
-        assert!(db.disk_fingerprints(vm.uuid).unwrap().is_empty());
+        assert!(db
+            .disk_fingerprints(vm.uuid)
+            .unwrap()
+            .iter()
+            .all(|s| s.opened));
         after_close(&db, &vm);
         later();
         // The excluded disk changes: nothing to resynchronize.
@@ -601,7 +668,7 @@ mod tests {
             (t.event.as_str(), t.cause.as_deref()),
             ("tracking-lost", Some(cause.as_str()))
         );
-        // Caught once: the next open finds nothing recorded.
+        // Caught once: the next open finds only what the last one recorded as opened.
         assert_eq!(before_open(&db, &vm).unwrap(), None);
     }
 
@@ -619,7 +686,6 @@ mod tests {
         assert_eq!(before_open(&db, &vm).unwrap(), None);
         let rel = db.relationship(vm.uuid).unwrap().unwrap();
         assert_eq!(rel.state, ReplicationState::WaitingForInitialReplication);
-        assert!(db.disk_fingerprints(vm.uuid).unwrap().is_empty());
     }
 
     #[test]
@@ -685,5 +751,69 @@ mod tests {
         assert_eq!(db.disk_fingerprints(vm.uuid).unwrap().len(), 2);
         let rel = db.relationship(vm.uuid).unwrap().unwrap();
         assert_eq!(rel.state, ReplicationState::Replicating);
+    }
+
+    #[test]
+    fn a_disk_file_replaced_while_qemu_had_it_open_is_caught_when_vmrepl_closes_it() {
+        use crate::lifecycle::ReverseStart;
+        let d = tempfile::tempdir().unwrap();
+        let (db, vm) = host_with(
+            d.path(),
+            &[PrimaryEvent::ReverseReplicationStarted {
+                start: ReverseStart::CommonPoint,
+            }],
+        );
+        // QEMU writes the file it holds: sizes and times change, the file stays.
+        assert_eq!(before_open(&db, &vm).unwrap(), None);
+        later();
+        std::fs::write(&vm.disks[0].path, vec![3u8; 8192]).unwrap();
+        after_close(&db, &vm);
+        let rel = db.relationship(vm.uuid).unwrap().unwrap();
+        assert_eq!(rel.state, ReplicationState::Replicating);
+        assert!(db
+            .disk_fingerprints(vm.uuid)
+            .unwrap()
+            .iter()
+            .all(|s| !s.opened));
+        // Another file is moved over it while it is open (a restore into a running VM).
+        assert_eq!(before_open(&db, &vm).unwrap(), None);
+        let other = d.path().join("restored.qcow2");
+        std::fs::write(&other, vec![4u8; 4096]).unwrap();
+        std::fs::rename(&other, &vm.disks[0].path).unwrap();
+        after_close(&db, &vm);
+        let rel = db.relationship(vm.uuid).unwrap().unwrap();
+        assert_eq!(rel.state, ReplicationState::ResynchronizationRequired);
+        let cause = rel.last_error.unwrap();
+        assert!(
+            cause.starts_with(&format!(
+                "the disk {} of VM web was replaced while QEMU had it open",
+                vm.disks[0].path.display()
+            )) && cause.contains("it is another file now"),
+            "{cause}"
+        );
+        // The next open starts from the file as it is now.
+        assert_eq!(before_open(&db, &vm).unwrap(), None);
+    }
+
+    #[test]
+    fn an_open_that_was_never_closed_says_nothing_of_the_file_at_the_next_open() {
+        use crate::lifecycle::ReverseStart;
+        let d = tempfile::tempdir().unwrap();
+        let (db, vm) = host_with(
+            d.path(),
+            &[PrimaryEvent::ReverseReplicationStarted {
+                start: ReverseStart::CommonPoint,
+            }],
+        );
+        // The daemon died while qemu-storage-daemon held the files; they changed since.
+        assert_eq!(before_open(&db, &vm).unwrap(), None);
+        later();
+        std::fs::write(&vm.disks[0].path, vec![5u8; 8192]).unwrap();
+        assert_eq!(before_open(&db, &vm).unwrap(), None);
+        assert_eq!(
+            db.relationship(vm.uuid).unwrap().unwrap().state,
+            ReplicationState::Replicating,
+            "the bitmaps' in-use flag tells the next cycle instead"
+        );
     }
 }

@@ -372,3 +372,43 @@ fn an_old_primary_disk_edited_after_a_planned_failover_is_resynchronized_by_comp
     let replica_a = replica_image(&store_a, &b, "web", 0, "top.qcow2");
     same_content(&disk_path(&b, "web", 0), &replica_a).unwrap();
 }
+
+#[test]
+fn a_backup_moved_over_the_disk_of_a_running_vm_is_caught_when_the_vm_shuts_down_and_resynchronized_by_itself(
+) {
+    let _s = serial();
+    // .94 and .95 again: the tests of this file run one at a time.
+    let (a, b, store) = pair("127.0.0.94", "127.0.0.95", "lab");
+    replicating_then_off(&a, &b);
+    let disk = disk_path(&a, "web", 0);
+    let replica = replica_image(&store, &a, "web", 0, "top.qcow2");
+    // A backup taken while the VM is off: its bitmaps are consistent, only older.
+    let backup = a.data().join("web-0.backup.qcow2");
+    let st = std::process::Command::new("cp")
+        .args(["--sparse=always"])
+        .arg(&disk)
+        .arg(&backup)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    a.ok(&["vm", "start", "web"]);
+    a.wait_console("web", "VMREPL WROTE", Duration::from_secs(120));
+    just_after_a_cycle(&a);
+    let seq = just_after_a_cycle(&a);
+    // Restored into the running VM: moved over the disk path while QEMU holds the old file.
+    std::fs::rename(&backup, &disk).unwrap();
+    a.ok(&["vm", "shutdown", "web", "--timeout", "90"]);
+    let needle = format!(
+        "the disk {} of VM web was replaced while QEMU had it open",
+        disk.display()
+    );
+    wait_until("the replacement named", Duration::from_secs(30), || {
+        std::fs::read_to_string(a.data().join("daemon.log"))
+            .unwrap_or_default()
+            .contains(&needle)
+    });
+    resynchronized_by_itself(&a, seq);
+    just_after_a_cycle(&a);
+    same_content(&disk, &replica).unwrap();
+    assert_eq!(status(&a, "web")["health"], "normal");
+}

@@ -1,6 +1,7 @@
 //! The `disk_fingerprints` table (migration 9): what each disk file of a VM looked like when
 //! vmrepl last closed it (see `crate::fingerprint`), so that a change made while the VM was off
-//! and outside vmrepl is caught before the file is opened again.
+//! and outside vmrepl is caught before the file is opened again; and, while vmrepl has it open,
+//! what it was when opened, so that a file put in its place meanwhile is caught at the close.
 
 use super::{now_ms, Db, DbError};
 use rusqlite::params;
@@ -26,23 +27,28 @@ pub struct StoredFingerprint {
     /// The disk file it was taken of.
     pub path: PathBuf,
     pub fingerprint: DiskFingerprint,
+    /// Taken when vmrepl opened the file (QEMU or qemu-storage-daemon holds it now), not when
+    /// it closed it.
+    pub opened: bool,
     /// When it was recorded, Unix milliseconds.
     pub recorded_ms: u64,
 }
 
 impl Db {
-    /// Records (or replaces) the fingerprint of disk `disk_id` of `vm`, taken of `path`.
+    /// Records (or replaces) the fingerprint of disk `disk_id` of `vm`, taken of `path` when
+    /// vmrepl `opened` it (else when it closed it).
     pub fn record_disk_fingerprint(
         &self,
         vm: Uuid,
         disk_id: &str,
         path: &std::path::Path,
         f: &DiskFingerprint,
+        opened: bool,
     ) -> Result<(), DbError> {
         self.conn.execute(
             "INSERT OR REPLACE INTO disk_fingerprints \
-             (vm_uuid, disk_id, path, dev, ino, size, mtime_ns, ctime_ns, recorded_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             (vm_uuid, disk_id, path, dev, ino, size, mtime_ns, ctime_ns, recorded_ms, opened) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 vm.to_string(),
                 disk_id,
@@ -52,7 +58,8 @@ impl Db {
                 f.size as i64,
                 f.mtime_ns,
                 f.ctime_ns,
-                now_ms() as i64
+                now_ms() as i64,
+                opened
             ],
         )?;
         Ok(())
@@ -61,7 +68,7 @@ impl Db {
     /// The recorded fingerprints of the disks of `vm`, by disk id.
     pub fn disk_fingerprints(&self, vm: Uuid) -> Result<Vec<StoredFingerprint>, DbError> {
         let mut st = self.conn.prepare(
-            "SELECT disk_id, path, dev, ino, size, mtime_ns, ctime_ns, recorded_ms \
+            "SELECT disk_id, path, dev, ino, size, mtime_ns, ctime_ns, recorded_ms, opened \
              FROM disk_fingerprints WHERE vm_uuid = ?1 ORDER BY disk_id",
         )?;
         let rows = st.query_map(params![vm.to_string()], |r| {
@@ -76,6 +83,7 @@ impl Db {
                     ctime_ns: r.get(6)?,
                 },
                 recorded_ms: r.get::<_, i64>(7)? as u64,
+                opened: r.get(8)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -110,15 +118,19 @@ mod tests {
             ctime_ns: 1_700_000_001_000_000_001,
         };
         let p = std::path::Path::new("/vms/a-0.qcow2");
-        db.record_disk_fingerprint(a, "disk0", p, &f).unwrap();
-        db.record_disk_fingerprint(b, "disk0", p, &f).unwrap();
+        db.record_disk_fingerprint(a, "disk0", p, &f, false)
+            .unwrap();
+        db.record_disk_fingerprint(b, "disk0", p, &f, false)
+            .unwrap();
         let g = DiskFingerprint { size: 7, ..f };
-        db.record_disk_fingerprint(a, "disk0", p, &g).unwrap();
+        db.record_disk_fingerprint(a, "disk0", p, &g, true).unwrap();
         let got = db.disk_fingerprints(a).unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].disk_id, "disk0");
         assert_eq!(got[0].path, p);
+        assert!(got[0].opened);
         assert_eq!(got[0].fingerprint, g, "u64 fields survive the i64 columns");
+        assert!(!db.disk_fingerprints(b).unwrap()[0].opened);
         db.forget_disk_fingerprints(a).unwrap();
         assert!(db.disk_fingerprints(a).unwrap().is_empty());
         assert_eq!(db.disk_fingerprints(b).unwrap()[0].fingerprint, f);

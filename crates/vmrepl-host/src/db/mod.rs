@@ -118,8 +118,9 @@ const MIGRATIONS: &[&str] = &[
         cause TEXT
      );
      CREATE INDEX transitions_vm ON transitions (vm_uuid, id);",
-    // 9: what each disk file of a VM looked like when vmrepl last closed it (see
-    // `crate::fingerprint`): a change made while the VM was off is caught before the next open.
+    // 9: what each disk file of a VM looked like when vmrepl last closed it, or opened it
+    // (see `crate::fingerprint`): a change made while the VM was off is caught before the next
+    // open, a file put in place of an open one at the close.
     "CREATE TABLE disk_fingerprints (
         vm_uuid TEXT NOT NULL,
         disk_id TEXT NOT NULL,
@@ -130,6 +131,7 @@ const MIGRATIONS: &[&str] = &[
         mtime_ns INTEGER NOT NULL,
         ctime_ns INTEGER NOT NULL,
         recorded_ms INTEGER NOT NULL,
+        opened INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (vm_uuid, disk_id)
      );",
 ];
