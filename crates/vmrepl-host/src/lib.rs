@@ -18,6 +18,7 @@ pub mod datadir;
 pub mod db;
 pub mod error;
 pub mod failover;
+pub mod fingerprint;
 pub mod fsutil;
 pub mod host;
 pub mod init;

@@ -7,11 +7,13 @@ use uuid::Uuid;
 use vmrepl_types::{VmDefinition, VmRunState};
 
 mod cycles;
+mod fingerprints;
 mod relationships;
 mod replicas;
 mod transitions;
 
 pub use cycles::*;
+pub use fingerprints::*;
 pub use relationships::*;
 pub use replicas::*;
 pub use transitions::*;
@@ -116,7 +118,23 @@ const MIGRATIONS: &[&str] = &[
         cause TEXT
      );
      CREATE INDEX transitions_vm ON transitions (vm_uuid, id);",
-    // 9: a resynchronization in parts under way (JSON `ResyncSweep`), so that it continues
+    // 9: what each disk file of a VM looked like when vmrepl last closed it, or opened it
+    // (see `crate::fingerprint`): a change made while the VM was off is caught before the next
+    // open, a file put in place of an open one at the close.
+    "CREATE TABLE disk_fingerprints (
+        vm_uuid TEXT NOT NULL,
+        disk_id TEXT NOT NULL,
+        path TEXT NOT NULL,
+        dev INTEGER NOT NULL,
+        ino INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        ctime_ns INTEGER NOT NULL,
+        recorded_ms INTEGER NOT NULL,
+        opened INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (vm_uuid, disk_id)
+     );",
+    // 10: a resynchronization in parts under way (JSON `ResyncSweep`), so that it continues
     // where it stopped.
     "ALTER TABLE relationships ADD COLUMN resync_sweep TEXT;",
 ];
@@ -212,7 +230,7 @@ impl Db {
     pub fn delete_vm(&self, uuid: Uuid) -> Result<(), DbError> {
         self.conn
             .execute("DELETE FROM vms WHERE uuid = ?1", params![uuid.to_string()])?;
-        Ok(())
+        self.forget_disk_fingerprints(uuid)
     }
 
     pub fn vm_by_name(&self, name: &str) -> Result<Option<VmRow>, DbError> {
@@ -413,7 +431,8 @@ mod tests {
             db.insert_vm(&def("old")).unwrap();
             db.conn
                 .execute_batch(
-                    "DROP TABLE transitions; ALTER TABLE relationships DROP COLUMN resync_sweep; \
+                    "DROP TABLE transitions; DROP TABLE disk_fingerprints; \
+                     ALTER TABLE relationships DROP COLUMN resync_sweep; \
                      PRAGMA user_version = 7;",
                 )
                 .unwrap();
@@ -470,6 +489,31 @@ mod tests {
             None,
             "what the parts were compared with can no longer be vouched for"
         );
+    }
+
+    #[test]
+    fn a_version_8_database_gains_the_disk_fingerprints_and_has_none_recorded() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s.db");
+        let old = def("old");
+        {
+            let db = Db::open(&p).unwrap();
+            db.insert_vm(&old).unwrap();
+            db.conn
+                .execute_batch(
+                    "DROP TABLE disk_fingerprints; \
+                     ALTER TABLE relationships DROP COLUMN resync_sweep; PRAGMA user_version = 8;",
+                )
+                .unwrap();
+        }
+        let db = Db::open(&p).unwrap();
+        let v: i64 = db
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        // After an upgrade no disk has a fingerprint: that is "unknown", never a mismatch.
+        assert!(db.disk_fingerprints(old.uuid).unwrap().is_empty());
     }
 
     #[test]

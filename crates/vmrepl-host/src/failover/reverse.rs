@@ -291,10 +291,15 @@ pub async fn take_over_as_replica(
         .iter()
         .map(|x| (x.id.as_str(), x.size_bytes))
         .eq(vm.disks.iter().map(|x| (x.id.as_str(), x.size_bytes)));
-    let (outcome, adopt_at) = match common_base(&local, &rel, vm, base_seq) {
-        Ok(()) => (TakeOver::Common, base_seq),
-        Err(why) if same_disks => (TakeOver::Diverged(why), 0),
-        Err(why) => {
+    // A copy changed outside vmrepl since the prepare shut it down is no common base, even
+    // with every log acknowledged: it may differ anywhere.
+    let changed = crate::fingerprint::changed_since_closed(&d.db(), &local)
+        .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?;
+    let (outcome, adopt_at) = match (common_base(&local, &rel, vm, base_seq), changed) {
+        (Ok(()), None) => (TakeOver::Common, base_seq),
+        (Ok(()), Some(why)) => (TakeOver::Diverged(why), 0),
+        (Err(why), _) if same_disks => (TakeOver::Diverged(why), 0),
+        (Err(why), _) => {
             // Never delete this host's disks because a peer asked: its admin decides.
             return Err(Refusal::new(
                 RefusalCode::Incompatible,

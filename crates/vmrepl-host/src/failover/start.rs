@@ -157,9 +157,9 @@ where
     Fut: std::future::Future<Output = Result<(), vmrepl_tracking::TrackingError>>,
 {
     let ids: Vec<String> = def.disks.iter().map(|x| x.id.clone()).collect();
-    let ep = primary::Endpoint::open(d, def, &ids, None)
+    let ep = primary::Endpoint::open_anyway(d, def, &ids, None)
         .await
-        .map_err(|why| FailoverError::OpenDisks { why })?;
+        .map_err(|e| FailoverError::OpenDisks { why: e.to_string() })?;
     let r = f(ep.qmp().clone(), ids).await;
     ep.close().await;
     Ok(r.map_err(FailoverError::Tracking)?)

@@ -178,7 +178,7 @@ pub(crate) async fn end_tracking(
         .into_iter()
         .map(|(n, _)| n)
         .collect();
-    let ep = Endpoint::open(d, vm, &nodes, None).await?;
+    let ep = Endpoint::open_anyway(d, vm, &nodes, None).await?;
     let r = vmrepl_tracking::stop_tracking(ep.qmp(), tag, &nodes, Some(&d.dd.staging())).await;
     ep.close().await;
     r.map_err(|e| e.to_string())

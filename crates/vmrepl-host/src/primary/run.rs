@@ -25,6 +25,7 @@ use crate::primary::CycleOutcome;
 use crate::primary::DbSweeps;
 use crate::primary::Done;
 use crate::primary::Endpoint;
+use crate::primary::EndpointError;
 use crate::primary::Marked;
 use crate::primary::RecordedKind;
 use crate::primary::Relationship;
@@ -151,7 +152,23 @@ pub(crate) async fn run_cycle(
     }
     let endpoint = match Endpoint::open(d, &vm, &nodes, vars).await {
         Ok(e) => e,
-        Err(e) => return Err(fail(e, false)),
+        // A disk was changed while the VM was off: the relationship took the lost-tracking
+        // event with this cause already; the cycle is recorded as what found it.
+        Err(EndpointError::ChangedWhileOff { cause }) => {
+            record_cycle(
+                d,
+                cycle_record(
+                    me,
+                    rel.acked_seq + 1,
+                    recorded,
+                    0,
+                    CycleOutcome::Failure,
+                    Some(&cause),
+                ),
+            );
+            return Err(cause);
+        }
+        Err(e) => return Err(fail(e.to_string(), false)),
     };
     let sweeps = DbSweeps { d, vm: vm_uuid };
     let resync_range = d.cfg().resync_range_mib.map(|m| m << 20);

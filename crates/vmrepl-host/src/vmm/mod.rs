@@ -170,12 +170,19 @@ impl Vmm {
             let _ = std::fs::remove_file(&paths.serial_log);
         }
         let cmd = vmrepl_qemu::cmdline::build_command(&def, &fw, &paths, self.accel)?;
+        // A disk changed while the VM was off, outside vmrepl, is caught before QEMU opens it
+        // (the relationship then requires a resynchronization); QEMU owns the files from here.
+        if let Err(e) = crate::fingerprint::before_open(&self.db(), &def) {
+            tracing::error!(target: "vmrepl::vmm", uuid = %def.uuid, "cannot compare the disk files with their fingerprints: {e}");
+        }
         self.set_state(def.uuid, VmRunState::Starting, None, None);
         let opts =
             vmrepl_qemu::process::SpawnOptions::new(run_dir.join("qemu.stderr"), &paths.qmp_sock);
         let proc = match QemuProcess::spawn(&self.cfg.qemu_binary, &cmd.argv, &opts).await {
             Ok(p) => Arc::new(p),
             Err(source) => {
+                // QEMU never held the files: they are as they were checked.
+                crate::fingerprint::after_close(&self.db(), &def);
                 self.set_state(def.uuid, VmRunState::Off, None, Some("start failed"));
                 return Err(VmError::Start {
                     name: name.clone(),
@@ -190,6 +197,16 @@ impl Vmm {
                 .await
             {
                 proc.kill();
+                // It goes unwatched: once it is gone, what it left is what the next open
+                // compares with (a bitmap it left in use tells the next cycle by itself).
+                let pid = proc.pid();
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while vmrepl_qemu::process::is_alive(pid) && std::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if !vmrepl_qemu::process::is_alive(pid) {
+                    crate::fingerprint::after_close(&self.db(), &def);
+                }
                 self.set_state(def.uuid, VmRunState::Off, None, Some("start failed"));
                 return Err(VmError::StartupStep {
                     name: name.clone(),
@@ -245,6 +262,13 @@ impl Vmm {
             while vmrepl_qemu::process::is_alive(pid as i32) && std::time::Instant::now() < deadline
             {
                 tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // QEMU closed the disk files: what they look like now is what the next open
+            // compares with (a crash is caught by the bitmaps' in-use flag meanwhile).
+            if !vmrepl_qemu::process::is_alive(pid as i32) {
+                if let Some(def) = me.definition(uuid) {
+                    crate::fingerprint::after_close(&me.db(), &def);
+                }
             }
             let asked = expected.load(std::sync::atomic::Ordering::SeqCst);
             if asked || guest_shutdown {
@@ -304,12 +328,20 @@ impl Vmm {
                     self.set_state(uuid, VmRunState::Running, Some(p.pid() as u32), None);
                     self.watch(uuid, p).await;
                 }
-                None => self.set_state(
-                    uuid,
-                    VmRunState::Crashed,
-                    None,
-                    Some("QEMU exited while the daemon was not running"),
-                ),
+                None => {
+                    // Nobody recorded the disk files as QEMU left them, and they may have
+                    // been changed since: a relationship that relies on tracking resyncs.
+                    if let Err(e) = crate::fingerprint::exited_unobserved(&self.db(), &r.definition)
+                    {
+                        tracing::error!(target: "vmrepl::vmm", %uuid, "cannot record that the disks are unknown: {e}");
+                    }
+                    self.set_state(
+                        uuid,
+                        VmRunState::Crashed,
+                        None,
+                        Some("QEMU exited while the daemon was not running"),
+                    )
+                }
             }
         }
     }
