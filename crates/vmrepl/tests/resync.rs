@@ -226,6 +226,7 @@ fn a_resynchronization_cut_by_a_lost_link_continues_from_the_last_acknowledged_r
     // before the resynchronization among them.
     let r = b.json(&["replication", "status", "db"]);
     assert_eq!(r["relationships"][0]["state"], "resynchronizing", "{r}");
+    assert_eq!(r["relationships"][0]["health"], "warning", "{r}");
     let points = b.json(&["replication", "points", "db"]);
     let seqs: Vec<u64> = points["points"]
         .as_array()

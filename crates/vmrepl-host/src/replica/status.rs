@@ -24,6 +24,13 @@ pub(crate) fn health(r: &ReplicaRow, now: u64) -> (Health, Vec<String>) {
                 r.last_error.as_deref().unwrap_or("see the host log")
             ));
         }
+        ReplicationState::Resynchronizing => {
+            h = Health::Warning;
+            details.push(format!(
+                "A resynchronization of {} is in progress: until it ends, its newest whole recovery point is the one from before it.",
+                r.name
+            ));
+        }
         _ => {}
     }
     if r.last_applied == 0 {
