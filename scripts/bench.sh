@@ -119,6 +119,7 @@ ratio() { python3 -c "print(f'{$1 / $2:.1f}')"; }
 met() { python3 -c "print('yes' if ($1) else '**no**')"; }
 SUMMARY=() # the final table's rows
 
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "== setting up two hosts and a ${GIB} GiB disk of random data in $W"
 two_hosts hosta.bench hostb.bench bench >/dev/null
 head -c "${GIB}G" /dev/urandom >"$W/random.raw"
@@ -403,7 +404,8 @@ printf '| vmrepl: resynchronization (log kind %s, replica %s) | %.3f s (%.3f s u
 printf '| peak memory (VmHWM) of the primary / replica daemon, %s GiB disks | | %s / %s MiB |\n' "$GIB" "$HWM_A" "$HWM_B"
 printf '| peak memory (VmHWM) of the primary / replica daemon, sparse %s GiB disk | | %s / %s MiB |\n' "$HUGE_GIB" "$HWM64_A" "$HWM64_B"
 echo
-echo "Against the peers (issue 13), ${GIB} GiB disks, one run on $(hostname) at $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD):"
+echo "Against the peers (issue 13), ${GIB} GiB disks, one run on $(hostname) at $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' with local changes'),"
+echo "load average (1, 5, 15 min) $LOAD_START at the start and $(cut -d' ' -f1-3 /proc/loadavg) at the end (a busy machine makes every time longer):"
 echo
 echo "| case | vmrepl | peer in the same run | ratio | target | met |"
 echo "|---|---|---|---|---|---|"
