@@ -4,7 +4,7 @@
 # qemu-storage-daemon / QEMU, the release build). Prints a table per case and a summary table
 # with each case's target at the end. docs/benchmarks.md says what each case does.
 #
-#   ./scripts/bench.sh                          # 4 GiB disks, 3 rounds per cache condition
+#   ./scripts/bench.sh                          # 4 GiB disks, 3 rounds per cache condition and change size
 #   VMREPL_BENCH_GIB=1 VMREPL_BENCH_ROUNDS=1 ./scripts/bench.sh   # a quick check
 #   VMREPL_BENCH_GUEST_SECS=30 ./scripts/bench.sh   # shorter guest throughput windows (default 90 s,
 #                                                   # three replication cycles; keep it a multiple of 30)
