@@ -362,6 +362,7 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
                 CycleError::Other(format!("cannot stage the changes: {e}"))
             }
         })?;
+        crate::faults::crash_point(crate::faults::CrashPoint::PrimaryAfterTransaction);
         let (built, sent) = self
             .build_and_send(&h, &path, (next, n), LogKind::Delta, None, "delta")
             .await;
@@ -430,6 +431,7 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
         let (nodes, tag) = (self.endpoint, self.tag);
         match sent {
             Ok(bytes) => {
+                crate::faults::crash_point(crate::faults::CrashPoint::PrimaryAfterAck);
                 if let Some(b) = bitmap {
                     nodes
                         .commit_cycle(tag, &self.nodes(), b)

@@ -196,6 +196,7 @@ pub fn apply_log(vm: &mut ReplicaVm, path: &Path, verified: bool) -> Result<Appl
     if let Some(nv) = nvram {
         txn.set_nvram(&nv);
     }
+    crate::faults::crash_point(crate::faults::CrashPoint::ReplicaApplying);
     txn.commit(out.unix_ms, out.consistency)?;
     Ok(out)
 }
