@@ -331,6 +331,11 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
                 )))
             }
         };
+        if replica_applied == next {
+            // The replica made log n+1 durable, but this host died before it recorded the
+            // acknowledgement: the reconcile above released its frozen bitmap; the cycle is done.
+            return Ok((next, 0));
+        }
         if replica_applied != n {
             return Err(CycleError::OutOfOrder(format!(
                 "the replica has applied log {replica_applied} but this host expected {n}"
