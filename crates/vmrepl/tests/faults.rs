@@ -47,6 +47,10 @@ struct Scene {
     blocks: u32,
     /// The highest acknowledged sequence seen so far: it must never go back.
     acked_max: u64,
+    /// Health may stay "warning" for one reason only: cycles missed while the fault lasted,
+    /// which Hyper-V's rule counts over its 12 h window (in a test of a minute or two, an
+    /// outage of a few intervals is more than 20 % of the cycles).
+    missed_ok: bool,
 }
 
 /// The guest's workload: `blocks` blocks per disk, `ms` ms between generations.
@@ -72,6 +76,7 @@ impl Scene {
             store,
             blocks,
             acked_max: 0,
+            missed_ok: false,
         }
     }
 
@@ -106,6 +111,18 @@ impl Scene {
             s["state"] == "replicating" && s["last_sequence"].as_u64().unwrap_or(0) >= 3
         });
         self.acked();
+    }
+
+    /// Health "normal", or (with `missed_ok`) "warning" for missed cycles alone.
+    fn healthy(&self, s: &serde_json::Value) -> bool {
+        let only_missed = s["health"] == "warning"
+            && s["health_details"].as_array().is_some_and(|d| {
+                d.len() == 1
+                    && d[0]
+                        .as_str()
+                        .is_some_and(|m| m.contains("cycles have been missed"))
+            });
+        s["health"] == "normal" || (self.missed_ok && only_missed)
     }
 
     /// The primary's acknowledged sequence, checked never to go back (I1).
@@ -165,7 +182,7 @@ impl Scene {
                 self.acked_max
             );
             self.acked_max = seq;
-            if s["state"] == "replicating" && s["health"] == "normal" && seq >= target {
+            if s["state"] == "replicating" && self.healthy(&s) && seq >= target {
                 break;
             }
             assert!(
@@ -252,7 +269,7 @@ impl Scene {
         }
         let s = status(&self.a, VM);
         assert_eq!(s["state"], "replicating", "{s}");
-        assert_eq!(s["health"], "normal", "{s}");
+        assert!(self.healthy(&s), "{s}");
     }
 }
 
@@ -600,6 +617,7 @@ fn the_link_cut_mid_transfer_in_a_network_namespace_and_restored_heals_by_itself
     });
     assert_eq!(s.acked(), cut_at, "a log was acknowledged over a cut link");
     ns.link(true);
+    s.missed_ok = true;
     s.healed(&before, "link cut and restored");
     s.points_are_instants(&before);
     s.ends_equal();
