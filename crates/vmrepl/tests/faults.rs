@@ -224,14 +224,20 @@ impl Scene {
     /// after the fault (sequence `> before.acked + 1`: the log in flight at the fault may
     /// predate it) hold at least the generation the guest reported durable before it.
     fn points_are_instants(&self, before: &Before) -> usize {
-        let pts = self.b.json(&["replication", "points", VM])["points"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|p| p["latest"] == false)
-            .map(|p| p["seq"].as_u64().unwrap())
-            .collect::<Vec<_>>();
-        assert!(!pts.is_empty(), "the replica exposes no recovery point");
+        let points = || {
+            self.b.json(&["replication", "points", VM])["points"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|p| p["latest"] == false)
+                .map(|p| p["seq"].as_u64().unwrap())
+                .collect::<Vec<_>>()
+        };
+        // Points are frozen every 5 s of the primary's time as logs arrive.
+        wait_until("a recovery point taken after the fault", T, || {
+            points().iter().any(|s| *s > before.acked + 1)
+        });
+        let pts = points();
         let mut after = 0;
         for seq in &pts {
             let layer =
@@ -249,6 +255,10 @@ impl Scene {
                 );
             }
         }
+        eprintln!(
+            "{} recovery points checked, {after} of them taken after the fault",
+            pts.len()
+        );
         after
     }
 
@@ -321,7 +331,8 @@ fn the_check_of_one_instant_rejects_disks_of_different_instants() {
 /// Restarts `h`'s daemon with `VMREPL_CRASH_AT=point` and waits until it aborts there.
 fn crash_at(h: &mut Host, point: &str) {
     h.stop_daemon();
-    h.start_with(&[], &[("VMREPL_CRASH_AT", point)]);
+    // The point may come before the daemon answered its start: then the start says it ended.
+    let _ = h.try_start_with(&[], &[("VMREPL_CRASH_AT", point)]);
     h.wait_daemon_gone(T);
     let log = std::fs::read_to_string(h.data().join("daemon.log")).unwrap_or_default();
     assert!(

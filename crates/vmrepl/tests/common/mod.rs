@@ -157,6 +157,17 @@ impl Host {
     /// Starts the daemon through `wrapper` (e.g. `ip netns exec NS`, empty for none) with
     /// `env` added to its environment; returns its pid.
     pub fn start_with(&mut self, wrapper: &[&str], env: &[(&str, &str)]) -> u32 {
+        self.try_start_with(wrapper, env)
+            .unwrap_or_else(|e| panic!("the daemon of {} did not start: {e}", self.name))
+    }
+
+    /// [`Host::start_with`] for a daemon that may end before it answers (one asked to crash
+    /// early): returns what the start printed when it did not answer.
+    pub fn try_start_with(
+        &mut self,
+        wrapper: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<u32, String> {
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -173,23 +184,23 @@ impl Host {
         }
         let o = cmd.output().expect("run vmrepl daemon");
         let out = String::from_utf8_lossy(&o.stdout).into_owned();
-        assert!(
-            o.status.success(),
-            "the daemon of {} did not start: {out}{}\n{}",
-            self.name,
-            String::from_utf8_lossy(&o.stderr),
-            self.log_tail()
-        );
+        if !o.status.success() {
+            return Err(format!(
+                "{out}{}\n{}",
+                String::from_utf8_lossy(&o.stderr),
+                self.log_tail()
+            ));
+        }
         // "daemon started (pid N), log: ..."
         let pid = out
             .split("(pid ")
             .nth(1)
             .and_then(|r| r.split(')').next())
             .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no pid in {out:?}"));
+            .ok_or_else(|| format!("no pid in {out:?}"))?;
         self.started = true;
         self.pid = Some(pid);
-        pid
+        Ok(pid)
     }
 
     /// The pid of the daemon this harness started, if it runs.
