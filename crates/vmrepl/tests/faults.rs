@@ -559,6 +559,29 @@ impl Netns {
         ns
     }
 
+    /// Limits what this side sends to the namespace to `rate` (tc's units, e.g. `24mbit`).
+    fn throttle(&self, rate: &str) {
+        let o = Command::new("tc")
+            .args([
+                "qdisc",
+                "replace",
+                "dev",
+                &self.outer,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+            ])
+            .args(["burst", "64kb", "latency", "500ms"])
+            .output()
+            .expect("run tc");
+        assert!(
+            o.status.success(),
+            "tc failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
     fn link(&self, up: bool) {
         ip(&["link", "set", &self.outer, if up { "up" } else { "down" }]);
     }
@@ -613,6 +636,8 @@ fn the_link_cut_mid_transfer_in_a_network_namespace_and_restored_heals_by_itself
     serve_replicas_for(&b, "hosta.test", &store);
     let mut s = Scene::with(a, b, store, 2048, 200);
     s.replicate(None);
+    // A 16 MiB log then takes seconds on the link, so that the cut lands inside one.
+    ns.throttle("24mbit");
     let before = s.before_fault();
     // Cut the link while a log is on its way.
     wait_until("a transfer in flight", T, || {
