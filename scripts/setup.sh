@@ -29,6 +29,9 @@ PLAIN_PKGS="ovmf seabios busybox-static cpio zstd rsync gcc libc6-dev python3"
 # guest/smoke.sh talks to the agent with python3.
 QGA_LIB_PKGS="libglib2.0-0 libnuma1 libudev1 liburing2"
 PLAIN_PKGS="$PLAIN_PKGS $QGA_LIB_PKGS"
+# The fault matrix (scripts/faults.sh) runs a daemon under libfaketime (a clock jump) and one
+# inside a network namespace (ip netns, veth).
+PLAIN_PKGS="$PLAIN_PKGS libfaketime iproute2"
 QEMU_PINNED="qemu-utils qemu-block-extra qemu-system-common" # same version as qemu-system-x86
 
 installed_version() { # pkg -> version if fully installed, else empty

@@ -11,6 +11,7 @@
 //! * [`error`]: the flows' typed error and its one mapping to API codes.
 //! * [`vmm`]: VM definitions and QEMU supervision; [`mgmt`]: the management socket;
 //!   [`config`], [`datadir`], [`init`], [`locks`], [`fsutil`]: the host's files and locks.
+//! * [`faults`]: test-only crash points (`VMREPL_CRASH_AT`) for the fault matrix.
 
 pub mod config;
 pub mod daemon;
@@ -18,6 +19,7 @@ pub mod datadir;
 pub mod db;
 pub mod error;
 pub mod failover;
+pub mod faults;
 pub mod fingerprint;
 pub mod fsutil;
 pub mod host;

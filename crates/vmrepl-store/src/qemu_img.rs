@@ -50,3 +50,26 @@ pub(crate) fn create_qcow2(
     args.extend([path.into(), size.to_string().into()]);
     run(cwd, args).map(drop)
 }
+
+/// `qemu-img check -r all` of the qcow2 layer `name` in folder `dir`, opened without its
+/// backing chain (a layer's metadata is checked on its own, and no file named in its header is
+/// opened, I5). Repairs what a process killed in the middle of writing the layer left behind:
+/// clusters referenced by the mapping but not counted as allocated, or counted but unused, so
+/// that the next allocation cannot hand out a cluster that is still in use.
+pub(crate) fn repair_layer(dir: &Path, name: &str) -> Result<String> {
+    let spec = serde_json::json!({
+        "driver": "qcow2",
+        "file": { "driver": "file", "filename": name },
+        "backing": null,
+    });
+    run(
+        Some(dir),
+        [
+            OsString::from("check"),
+            "-q".into(),
+            "-r".into(),
+            "all".into(),
+            format!("json:{spec}").into(),
+        ],
+    )
+}

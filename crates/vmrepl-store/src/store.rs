@@ -1041,9 +1041,17 @@ impl ReplicaVm {
                 self.finish_prune(seq)?;
             }
             Some(Journal::Apply { seq }) => {
-                // Not repairable here: the log is in the spool (or gone); the host applies it
-                // again, and until then the latest state is not offered as a point.
-                tracing::warn!(vm = %self.cat.vm_uuid, seq, "the newest layer holds part of a log whose apply did not finish");
+                // The log itself is in the spool (or gone): the host applies it again, and
+                // until then the latest state is not offered as a point. The layer's qcow2
+                // metadata, though, may be half written (a mapping whose cluster is not
+                // counted as allocated): repaired first, or the next apply would allocate
+                // that cluster a second time and corrupt the layer and every point frozen
+                // from it.
+                tracing::warn!(vm = %self.cat.vm_uuid, seq, "the newest layer holds part of a log whose apply did not finish; checking its metadata");
+                for d in &self.cat.disks {
+                    let ddir = self.disk_dir(&d.id);
+                    qemu_img::repair_layer(&ddir, TOP)?;
+                }
             }
             None => {}
         }

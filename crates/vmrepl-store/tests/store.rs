@@ -975,3 +975,52 @@ fn a_store_can_be_built_in_the_folder_that_holds_the_vm_s_own_disks() {
     .unwrap_err();
     assert!(matches!(e, StoreError::AlreadyExists { .. }), "{e}");
 }
+
+#[test]
+fn a_process_killed_mid_apply_leaves_a_layer_whose_metadata_is_repaired_before_the_log_is_applied_again(
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut vm = new_vm(tmp.path());
+    apply(&mut vm, 1, 0, &log1());
+    vm.freeze_point(1, 1, Consistency::Crash).unwrap();
+    std::fs::write(vm.partial_log_path(2), b"log two").unwrap();
+    vmrepl_store::spool::accept(vm.dir(), 2).unwrap();
+    {
+        let Begin::Apply(mut t) = vm.begin_apply(2, 1).unwrap() else {
+            panic!()
+        };
+        for e in &log2() {
+            match e {
+                Ext::Data(d, o, b) => t.write(d, *o, b).unwrap(),
+                Ext::Zero(d, o, n) => t.write_zeroes(d, *o, *n).unwrap(),
+            }
+        }
+        // Killed: no destructor runs, nothing cached is flushed (what `kill -9` leaves).
+        std::mem::forget(t);
+    }
+    let uuid = vm.vm_uuid();
+    std::mem::forget(vm);
+    let mut vm = ReplicaStore::open(tmp.path(), uuid).unwrap();
+    assert_eq!(vm.last_applied(), 1);
+    apply(&mut vm, 2, 1, &log2());
+    // The re-applied layer is sound qcow2 (no cluster allocated twice) ...
+    let top = vm.dir().join("disks/a/top.qcow2");
+    let spec = format!(
+        r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{}"}},"backing":null}}"#,
+        top.display()
+    );
+    let check = qemu_img(&["check", &spec]);
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // ... and holds what the two logs wrote, also once frozen as a point.
+    let mut want = empty_bufs();
+    expect(&mut want, &log1());
+    expect(&mut want, &log2());
+    assert_point(&vm, PointRef::Latest, &want, tmp.path());
+    vm.freeze_point(2, 2, Consistency::Crash).unwrap();
+    assert_point(&vm, PointRef::Frozen(2), &want, tmp.path());
+}

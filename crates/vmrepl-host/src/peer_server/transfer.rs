@@ -321,6 +321,7 @@ pub(super) async fn send_log(
         let _ = db.record_received(vm_uuid, received);
     }
     drop(g);
+    crate::faults::crash_point(crate::faults::CrashPoint::ReplicaBeforeAck);
     tracing::info!(target: T, peer, vm = %vm_uuid, seq, bytes = received, receive_ms,
         accept_ms = t0.elapsed().as_millis() as u64 - receive_ms, "log durable and verified");
     framed
@@ -553,6 +554,7 @@ pub(super) async fn receive(
         }
         size += n;
         since_check += n;
+        crate::faults::crash_point(crate::faults::CrashPoint::ReplicaReceiving);
         writeback.wrote(n);
         if let Some(tx) = &verify_tx {
             if tx.send(data).await.is_err() {

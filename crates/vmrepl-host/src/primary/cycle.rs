@@ -293,6 +293,11 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
                 )))
             }
         };
+        if replica_applied == next {
+            // The replica made log n+1 durable, but this host died before it recorded the
+            // acknowledgement: the reconcile above released its frozen bitmap; the cycle is done.
+            return Ok((next, 0));
+        }
         if replica_applied != n {
             return Err(CycleError::OutOfOrder(format!(
                 "the replica has applied log {replica_applied} but this host expected {n}"
@@ -324,6 +329,7 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
                 CycleError::Other(format!("cannot stage the changes: {e}"))
             }
         })?;
+        crate::faults::crash_point(crate::faults::CrashPoint::PrimaryAfterTransaction);
         let (built, sent) = self
             .build_and_send(&h, &path, (next, n), LogKind::Delta, None, "delta")
             .await;
@@ -392,6 +398,7 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
         let (nodes, tag) = (self.endpoint, self.tag);
         match sent {
             Ok(bytes) => {
+                crate::faults::crash_point(crate::faults::CrashPoint::PrimaryAfterAck);
                 if let Some(b) = bitmap {
                     nodes
                         .commit_cycle(tag, &self.nodes(), b)

@@ -17,7 +17,7 @@ use crate::primary::Freeze;
 use crate::primary::Marked;
 use crate::primary::RecordedKind;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use uuid::Uuid;
 use vmrepl_tracking::RelTag;
 use vmrepl_types::replication::{InitialReplication, ReplicationState};
@@ -116,8 +116,24 @@ pub(crate) fn spawn(d: &Arc<Host>, vm: Uuid) {
     tokio::spawn(async move { scheduler(d, vm, rt).await });
 }
 
+/// How long until the next cycle of frequency `freq` is due, the last having started at
+/// `last` (none yet: at once). Measured on the monotonic clock: a jump of the wall clock
+/// neither stalls replication (a jump back) nor hurries it (a jump ahead).
+fn due_in(last: Option<Instant>, freq: Duration, now: Instant) -> Duration {
+    last.map(|s| (s + freq).saturating_duration_since(now))
+        .unwrap_or(Duration::ZERO)
+}
+
+/// How many cycles of frequency `freq` were missed between a cycle that started at `prev`
+/// and one that starts at `now` (Hyper-V: the log could not go out within its interval), on
+/// the monotonic clock, so that a wall-clock jump is not counted as missed cycles.
+fn missed_between(prev: Instant, now: Instant, freq: Duration) -> u64 {
+    let late = now.saturating_duration_since(prev).as_millis() as u64;
+    (late / (freq.as_millis() as u64).max(1)).saturating_sub(1)
+}
+
 pub(crate) async fn scheduler(d: Arc<Host>, vm: Uuid, rt: Arc<RelRuntime>) {
-    let mut last_start: Option<u64> = None;
+    let mut last_start: Option<Instant> = None;
     loop {
         if rt.stop.load(std::sync::atomic::Ordering::SeqCst) {
             return;
@@ -132,7 +148,8 @@ pub(crate) async fn scheduler(d: Arc<Host>, vm: Uuid, rt: Arc<RelRuntime>) {
                 continue;
             }
         };
-        let freq_ms = u64::from(rel.settings.frequency_secs) * 1000;
+        let freq = Duration::from_secs(u64::from(rel.settings.frequency_secs));
+        let freq_ms = freq.as_millis() as u64;
         let wait_ms = match rel.state {
             ReplicationState::Suspended | ReplicationState::SyncedReplicationComplete => u64::MAX,
             // Self-healing: the relationship's policy says when a required resynchronization
@@ -141,11 +158,9 @@ pub(crate) async fn scheduler(d: Arc<Host>, vm: Uuid, rt: Arc<RelRuntime>) {
             ReplicationState::ResynchronizationRequired => {
                 match rel.settings.resync.wait_ms(now_ms()) {
                     None => u64::MAX,
-                    Some(policy) => policy.max(
-                        last_start
-                            .map(|s| (s + freq_ms).saturating_sub(now_ms()))
-                            .unwrap_or(0),
-                    ),
+                    Some(policy) => {
+                        policy.max(due_in(last_start, freq, Instant::now()).as_millis() as u64)
+                    }
                 }
             }
             ReplicationState::ReadyForInitialReplication => match rel.settings.initial {
@@ -162,9 +177,7 @@ pub(crate) async fn scheduler(d: Arc<Host>, vm: Uuid, rt: Arc<RelRuntime>) {
                     0
                 }
             }
-            _ => last_start
-                .map(|s| (s + freq_ms).saturating_sub(now_ms()))
-                .unwrap_or(0),
+            _ => due_in(last_start, freq, Instant::now()).as_millis() as u64,
         };
         if wait_ms > 0 {
             let sleep = Duration::from_millis(wait_ms.min(3_600_000));
@@ -187,9 +200,7 @@ pub(crate) async fn scheduler(d: Arc<Host>, vm: Uuid, rt: Arc<RelRuntime>) {
         }
         if let Some(prev) = last_start {
             // Hyper-V counts a cycle as missed when the log could not go out within its interval.
-            let late = now_ms().saturating_sub(prev);
-            let missed = late / freq_ms.max(1);
-            for _ in 1..missed {
+            for _ in 0..missed_between(prev, Instant::now(), freq) {
                 record_cycle(
                     &d,
                     crate::db::CycleRecord {
@@ -205,7 +216,7 @@ pub(crate) async fn scheduler(d: Arc<Host>, vm: Uuid, rt: Arc<RelRuntime>) {
             }
         }
         let start = now_ms();
-        last_start = Some(start);
+        last_start = Some(Instant::now());
         let running = d.vmm.live_process(vm).await.is_some();
         let consistency = if app_consistent_due(
             &rel.settings,
@@ -231,5 +242,42 @@ pub(crate) async fn scheduler(d: Arc<Host>, vm: Uuid, rt: Arc<RelRuntime>) {
 pub(crate) fn wake(d: &Host, vm: Uuid) {
     if let Some(rt) = crate::locks::unpoisoned(&d.repl.rels).get(&vm) {
         rt.wake.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_cycle_is_due_one_frequency_after_the_last_started_on_the_monotonic_clock() {
+        let f = Duration::from_secs(5);
+        let t0 = Instant::now();
+        assert_eq!(
+            due_in(None, f, t0),
+            Duration::ZERO,
+            "the first cycle runs at once"
+        );
+        assert_eq!(due_in(Some(t0), f, t0), f);
+        assert_eq!(
+            due_in(Some(t0), f, t0 + Duration::from_secs(2)),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            due_in(Some(t0), f, t0 + Duration::from_secs(9)),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn only_whole_intervals_past_the_first_count_as_missed_cycles() {
+        let f = Duration::from_secs(5);
+        let t0 = Instant::now();
+        assert_eq!(missed_between(t0, t0 + Duration::from_secs(4), f), 0);
+        assert_eq!(missed_between(t0, t0 + Duration::from_secs(9), f), 0);
+        assert_eq!(missed_between(t0, t0 + Duration::from_secs(10), f), 1);
+        assert_eq!(missed_between(t0, t0 + Duration::from_secs(26), f), 4);
+        // A clock that went back (never the monotonic one, but saturate all the same).
+        assert_eq!(missed_between(t0 + Duration::from_secs(60), t0, f), 0);
     }
 }

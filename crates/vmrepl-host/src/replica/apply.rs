@@ -200,6 +200,7 @@ pub fn apply_log(vm: &mut ReplicaVm, path: &Path, verified: bool) -> Result<Appl
     if let Some(nv) = nvram {
         txn.set_nvram(&nv);
     }
+    crate::faults::crash_point(crate::faults::CrashPoint::ReplicaApplying);
     if part {
         txn.commit_part()?;
     } else {

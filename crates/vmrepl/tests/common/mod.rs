@@ -60,6 +60,8 @@ pub struct Host {
     pub port: u16,
     pub dir: tempfile::TempDir,
     started: bool,
+    /// The daemon's pid, when this harness started it.
+    pid: Option<u32>,
 }
 
 impl Host {
@@ -70,17 +72,23 @@ impl Host {
 
     /// Creates a host on `ip` with more `host init` arguments.
     pub fn init_with(name: &str, ip: &str, extra: &[&str]) -> Host {
+        Host::init_at(name, ip, free_port(ip), extra)
+    }
+
+    /// Creates a host that listens on `ip:port` (an address this network namespace may not
+    /// have: the daemon may run in another one).
+    pub fn init_at(name: &str, ip: &str, port: u16, extra: &[&str]) -> Host {
         let dir = tempfile::Builder::new()
             .prefix("vmrepl-e2e-")
             .tempdir()
             .unwrap();
-        let port = free_port(ip);
         let h = Host {
             name: name.to_string(),
             ip: ip.to_string(),
             port,
             dir,
             started: false,
+            pid: None,
         };
         let listen = format!("{ip}:{port}");
         let mut args = vec![
@@ -143,8 +151,92 @@ impl Host {
     }
 
     pub fn start(&mut self) {
-        self.ok(&["daemon", "--background"]);
+        self.start_with(&[], &[]);
+    }
+
+    /// Starts the daemon through `wrapper` (e.g. `ip netns exec NS`, empty for none) with
+    /// `env` added to its environment; returns its pid.
+    pub fn start_with(&mut self, wrapper: &[&str], env: &[(&str, &str)]) -> u32 {
+        self.try_start_with(wrapper, env)
+            .unwrap_or_else(|e| panic!("the daemon of {} did not start: {e}", self.name))
+    }
+
+    /// [`Host::start_with`] for a daemon that may end before it answers (one asked to crash
+    /// early): returns what the start printed when it did not answer.
+    pub fn try_start_with(
+        &mut self,
+        wrapper: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<u32, String> {
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        cmd.arg("--data")
+            .arg(self.data())
+            .args(["daemon", "--background"]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let o = cmd.output().expect("run vmrepl daemon");
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        if !o.status.success() {
+            return Err(format!(
+                "{out}{}\n{}",
+                String::from_utf8_lossy(&o.stderr),
+                self.log_tail()
+            ));
+        }
+        // "daemon started (pid N), log: ..."
+        let pid = out
+            .split("(pid ")
+            .nth(1)
+            .and_then(|r| r.split(')').next())
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| format!("no pid in {out:?}"))?;
         self.started = true;
+        self.pid = Some(pid);
+        Ok(pid)
+    }
+
+    /// The pid of the daemon this harness started, if it runs.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    /// Sends SIGKILL to the daemon (a crash: nothing is flushed or closed) without waiting.
+    pub fn kill_daemon_now(&mut self) {
+        let pid = self
+            .pid
+            .take()
+            .expect("the daemon was started by this harness");
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        self.started = false;
+    }
+
+    /// Waits until the daemon is gone (its lock released), after a kill or a crash.
+    pub fn wait_daemon_gone(&mut self, timeout: Duration) {
+        wait_until(
+            &format!("the daemon of {} gone", self.name),
+            timeout,
+            || {
+                std::fs::File::open(self.data().join("daemon.lock"))
+                    .map(|f| f.try_lock().is_ok())
+                    .unwrap_or(true)
+            },
+        );
+        self.started = false;
+        self.pid = None;
+    }
+
+    /// `kill -9` of the daemon, then waits until it is gone.
+    pub fn kill_daemon(&mut self) {
+        self.kill_daemon_now();
+        self.wait_daemon_gone(Duration::from_secs(15));
     }
 
     pub fn stop_daemon(&mut self) {
@@ -159,6 +251,7 @@ impl Host {
                 .unwrap_or(true)
         });
         self.started = false;
+        self.pid = None;
     }
 
     pub fn log_tail(&self) -> String {
