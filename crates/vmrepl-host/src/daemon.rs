@@ -165,6 +165,9 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
         Request::VmDelete { name, keep_disks } => Response::Ok {
             message: vmm.delete(&name, keep_disks).await?,
         },
+        Request::VmTrustDisks { name } => Response::Ok {
+            message: vmm.trust_disks(&name).await?,
+        },
         Request::VmConsole { name, tail_bytes } => Response::Console {
             text: vmm.console(&name, tail_bytes)?,
         },

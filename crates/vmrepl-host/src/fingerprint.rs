@@ -360,6 +360,22 @@ fn replaced_while_open(db: &Db, vm: &VmDefinition) -> Result<Option<String>, DbE
     Ok(lost(db, vm.uuid, causes.join(". ")))
 }
 
+/// `vmrepl vm trust-disks`: the admin says the disk files of `vm` (off) were changed only by
+/// tools that kept its persistent dirty bitmaps (`qemu-io`, `qemu-nbd` with the bitmaps
+/// loaded), so they are recorded as if vmrepl had just closed them. A wrong word here is a
+/// silent divergence of the replica, so the event log keeps it.
+pub fn trust(db: &Db, vm: &VmDefinition) {
+    record(db, vm, false);
+    tracing::warn!(target: LOG_TARGET, vm = %vm.uuid, "the admin declared the disk files as they are now trusted (changed only by tools that kept the bitmaps)");
+    let _ = db.event(
+        Some(vm.uuid),
+        &format!(
+            "the disks of {} were taken as they are now (vm trust-disks): changes made while it was off rely on its change-tracking bitmaps",
+            vm.name
+        ),
+    );
+}
+
 /// Records every disk file of `vm` as it is now, as `opened` by vmrepl or closed.
 fn record(db: &Db, vm: &VmDefinition, opened: bool) {
     for disk in &vm.disks {

@@ -98,6 +98,12 @@ pub enum Request {
         name: VmName,
         keep_disks: bool,
     },
+    /// The disks of a VM that is off were changed only by tools that kept its persistent
+    /// dirty bitmaps (`qemu-io`, `qemu-nbd` with the bitmaps loaded): vmrepl takes them as they
+    /// are now, and a change made while the VM was off does not require a resynchronization.
+    VmTrustDisks {
+        name: VmName,
+    },
     VmConsole {
         name: VmName,
         tail_bytes: Option<u64>,

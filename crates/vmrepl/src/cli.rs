@@ -400,6 +400,10 @@ pub enum VmCmd {
         #[arg(long)]
         keep_disks: bool,
     },
+    /// For a VM that is off: its disks were changed only by tools that kept its change-tracking
+    /// bitmaps (qemu-io, qemu-nbd with the bitmaps loaded); take them as they are, with no
+    /// resynchronization. Any other change (a restore, dd, qemu-img convert) needs one.
+    TrustDisks { name: String },
     /// Print the VM's serial console log.
     Console {
         name: String,
@@ -581,6 +585,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 VmCmd::Delete { name, keep_disks } => Request::VmDelete {
                     name: vm_name(&name)?,
                     keep_disks,
+                },
+                VmCmd::TrustDisks { name } => Request::VmTrustDisks {
+                    name: vm_name(&name)?,
                 },
                 VmCmd::Console { name, tail } => Request::VmConsole {
                     name: vm_name(&name)?,

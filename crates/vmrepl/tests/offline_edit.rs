@@ -412,3 +412,39 @@ fn a_backup_moved_over_the_disk_of_a_running_vm_is_caught_when_the_vm_shuts_down
     same_content(&disk, &replica).unwrap();
     assert_eq!(status(&a, "web")["health"], "normal");
 }
+
+#[test]
+fn an_edit_by_a_tool_that_kept_the_bitmaps_declared_with_trust_disks_goes_out_as_a_delta() {
+    let _s = serial();
+    let (a, b, store) = pair("127.0.0.131", "127.0.0.132", "lab");
+    a.ok(&["vm", "create", "db", "--generation", "1", "--disk", "32M"]);
+    enable_ok(&a, &b, "db", "hostb.test", &["--frequency", "5"]);
+    wait_until("the initial copy", Duration::from_secs(60), || {
+        acked(&a, "db") >= 1
+    });
+    let disk = disk_path(&a, "db", 0);
+    a.ok(&["replication", "pause", "db"]);
+    let st = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -q -P 0x3c 4M 64k"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let said = a.ok(&["vm", "trust-disks", "db"]);
+    assert!(said.contains("taken as they are now"), "{said}");
+    let seq = acked(&a, "db");
+    a.ok(&["replication", "resume", "db"]);
+    wait_until("the next delta", Duration::from_secs(60), || {
+        acked(&a, "db") > seq
+    });
+    let log = std::fs::read_to_string(a.data().join("daemon.log")).unwrap_or_default();
+    assert!(
+        !log.contains("was modified while the VM was off")
+            && !log.contains("resynchronization started"),
+        "{}",
+        a.log_tail()
+    );
+    assert_eq!(status(&a, "db")["state"], "replicating");
+    let replica = replica_image(&store, &a, "db", 0, "top.qcow2");
+    same_content(&disk, &replica).unwrap();
+}

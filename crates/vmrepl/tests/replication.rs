@@ -284,6 +284,8 @@ fn a_delta_cut_mid_transfer_is_resumed_by_the_next_cycle_and_nothing_is_lost() {
         .status()
         .unwrap();
     assert!(st.success());
+    // qemu-io kept the bitmaps (else the edit would be taken for one made behind vmrepl's back).
+    a.ok(&["vm", "trust-disks", "db"]);
 
     // The next cycle's transfer is cut after 8 MiB; the one after resumes it.
     let seq = acked(&a, "db");
@@ -359,6 +361,9 @@ fn a_full_replica_disk_refuses_the_delta_and_replication_recovers_by_itself_once
     // beside the headroom the replica keeps.
     let filler = store.join("filler");
     std::fs::write(&filler, vec![1u8; 120 << 20]).unwrap();
+    // Written while replication is paused, so that no cycle opens the disk meanwhile; qemu-io
+    // kept the bitmaps (else the edit would be taken for one made behind vmrepl's back).
+    a.ok(&["replication", "pause", "db"]);
     let w = "write -q -P 0x5c 8M 24M";
     let st = std::process::Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", w])
@@ -366,6 +371,8 @@ fn a_full_replica_disk_refuses_the_delta_and_replication_recovers_by_itself_once
         .status()
         .unwrap();
     assert!(st.success());
+    a.ok(&["vm", "trust-disks", "db"]);
+    a.ok(&["replication", "resume", "db"]);
     wait_until(
         "the replica refusing for lack of room",
         Duration::from_secs(60),

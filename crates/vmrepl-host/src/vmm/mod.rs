@@ -447,6 +447,24 @@ impl Vmm {
         self.show(name)
     }
 
+    /// Takes the disk files of a VM that is off as they are now (see
+    /// [`crate::fingerprint::trust`]): the admin says that whatever changed them kept the
+    /// persistent dirty bitmaps, so no resynchronization is needed for it.
+    pub async fn trust_disks(&self, name: &VmName) -> Result<String, VmError> {
+        let _op = self.op_lock(self.row(name)?.definition.uuid).await;
+        let row = self.row(name)?;
+        if !row.state.is_stopped() {
+            return Err(VmError::Running {
+                name: name.clone(),
+                state: row.state,
+            });
+        }
+        crate::fingerprint::trust(&self.db(), &row.definition);
+        Ok(format!(
+            "The disks of {name} are taken as they are now: changes made to them while it was off are left to its change-tracking bitmaps, with no resynchronization.\n"
+        ))
+    }
+
     /// Deletes a VM that is off.
     pub async fn delete(&self, name: &VmName, keep_disks: bool) -> Result<String, VmError> {
         let _op = self.op_lock(self.row(name)?.definition.uuid).await;
