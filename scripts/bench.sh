@@ -226,10 +226,14 @@ cold data "$DISK" "$W/b/replicas/$UUID"
 RS_MODE=$COLD
 # The writes are tracked, but a resynchronization ignores the bitmaps: it compares the disks.
 a replication resume big --resynchronize >/dev/null
+# It is done when the primary records it: one log per range of the disk (parts), then a
+# final delta, so its last log is some sequences on.
 wait_seq a big "$seq_no"
-wait_seq b big "$seq_no"
-read -r RS_CYCLE RS_ACK < <(cycle_ms "$UUID" "$seq_no")
-RS_KIND=$(python3 -c "import sqlite3,sys; print(sqlite3.connect('file:$W/a/state.db?mode=ro', uri=True).execute('SELECT kind FROM cycles WHERE vm_uuid=? AND seq=? AND outcome=\"ok\"', ('$UUID', $seq_no)).fetchone()[0])")
+rs_seq=$(seq_of a big)
+wait_seq b big "$rs_seq"
+read -r RS_CYCLE RS_ACK < <(cycle_ms "$UUID" "$rs_seq")
+RS_PARTS=$((rs_seq - seq_no))
+RS_KIND=$(python3 -c "import sqlite3,sys; print(sqlite3.connect('file:$W/a/state.db?mode=ro', uri=True).execute('SELECT kind FROM cycles WHERE vm_uuid=? AND seq=? AND outcome=\"ok\"', ('$UUID', $rs_seq)).fetchone()[0])")
 RS_BYTES=$(($(sent_of big) - before))
 RS_DIFF=$((CHANGED * 65536))
 qemu-img compare -q -U "$DISK" "$REPLICA" && RS_SAME=identical || RS_SAME=DIFFERENT
@@ -240,7 +244,8 @@ SUMMARY+=("$(printf '| resync, %s GiB disk, 1 %% of 64 KiB blocks differing (%s 
   "$GIB" "$CHANGED" "$RS_MODE" "$(sec "$RS_CYCLE")" "$RS_RSYNC" "$(ratio "$RS_RSYNC" "$(sec "$RS_CYCLE")")" "$(met "$RS_RSYNC / ($RS_CYCLE / 1000) >= 3")")")
 SUMMARY+=("$(printf '| resync, same: bytes on the wire | %s MiB | differing blocks: %s MiB (rsync literal data: %s MiB) | %sx the differing blocks | <= 1.2x | %s |' \
   "$(mib "$RS_BYTES")" "$(mib "$RS_DIFF")" "$(mib "$RS_LITERAL")" "$(ratio "$RS_BYTES" "$RS_DIFF")" "$(met "$RS_BYTES <= 1.2 * $RS_DIFF")")")
-seq_no=$((seq_no + 1))
+echo "resynchronization: $RS_PARTS logs ($((RS_PARTS - 1)) parts and the final delta), kind of the last: $RS_KIND"
+seq_no=$((rs_seq + 1))
 
 echo "== initial replication of a sparse ${GIB} GiB disk holding 64 MiB"
 a vm create sparse --generation 1 --memory 128 --disk "${GIB}G" >/dev/null
