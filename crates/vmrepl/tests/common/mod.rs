@@ -320,6 +320,20 @@ impl Drop for Host {
         if self.started {
             let _ = self.run(&["stop"]);
         }
+        // A storage daemon a killed daemon left behind (its own daemon stops the ones it runs).
+        if let Ok(list) = std::fs::read_dir(self.data().join("run")) {
+            let mine = self.data().to_string_lossy().into_owned();
+            for e in list.flatten() {
+                let Ok(pid) = std::fs::read_to_string(e.path().join("offline/qsd.pid")) else {
+                    continue;
+                };
+                let pid = pid.trim().to_string();
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmd).contains(&mine) {
+                    let _ = Command::new("kill").arg("-9").arg(&pid).status();
+                }
+            }
+        }
         // VMREPL_KEEP_FAILED=1 keeps a failed test's data folders (daemon.log, images).
         if std::thread::panicking() && std::env::var_os("VMREPL_KEEP_FAILED").is_some() {
             let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
