@@ -19,12 +19,8 @@
 
 mod common;
 use common::*;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const VM: &str = "app";
@@ -721,118 +717,4 @@ fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
-}
-
-// ------------------------------------------------------------------ the fault proxy
-
-/// A TCP forwarder between a primary and a replica server (real TLS passes through it) that
-/// can slow the way towards the server to `throttle` bytes per second, flip one byte of it,
-/// and counts what it forwarded. It stands in for a slow or damaging network.
-struct FaultProxy {
-    addr: SocketAddr,
-    rate: Arc<AtomicU64>,
-    flip_at: Arc<AtomicU64>,
-    flips: Arc<AtomicUsize>,
-    forwarded: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-}
-
-impl FaultProxy {
-    /// Listens on `ip` (a port the OS gives) and forwards to `target`.
-    fn start(ip: &str, target: SocketAddr) -> FaultProxy {
-        let l = TcpListener::bind((ip, 0)).unwrap();
-        let p = FaultProxy {
-            addr: l.local_addr().unwrap(),
-            rate: Arc::default(),
-            flip_at: Arc::default(),
-            flips: Arc::default(),
-            forwarded: Arc::default(),
-            stop: Arc::default(),
-        };
-        let (rate, flip_at, flips, fwd, stop) = (
-            p.rate.clone(),
-            p.flip_at.clone(),
-            p.flips.clone(),
-            p.forwarded.clone(),
-            p.stop.clone(),
-        );
-        std::thread::spawn(move || {
-            for c in l.incoming() {
-                if stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(client) = c else { continue };
-                let Ok(server) = TcpStream::connect(target) else {
-                    continue;
-                };
-                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let (rate, flip_at, flips, fwd) =
-                    (rate.clone(), flip_at.clone(), flips.clone(), fwd.clone());
-                std::thread::spawn(move || {
-                    let (mut from, mut to) = (client, server);
-                    let mut buf = vec![0u8; 16 << 10];
-                    loop {
-                        let n = match from.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        let r = rate.load(Ordering::SeqCst);
-                        if r > 0 {
-                            std::thread::sleep(Duration::from_secs_f64(n as f64 / r as f64));
-                        }
-                        let total = fwd.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
-                        let at = flip_at.load(Ordering::SeqCst);
-                        if at > 0 && total >= at {
-                            flip_at.store(0, Ordering::SeqCst);
-                            flips.fetch_add(1, Ordering::SeqCst);
-                            buf[n / 2] ^= 0x5a;
-                        }
-                        if to.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                    let _ = from.shutdown(std::net::Shutdown::Both);
-                    let _ = to.shutdown(std::net::Shutdown::Both);
-                });
-                std::thread::spawn(move || {
-                    let (mut from, mut to) = (s2, c2);
-                    let _ = std::io::copy(&mut from, &mut to);
-                    let _ = from.shutdown(std::net::Shutdown::Both);
-                    let _ = to.shutdown(std::net::Shutdown::Both);
-                });
-            }
-        });
-        p
-    }
-
-    /// Limits the way towards the server to `bytes_per_sec` (0: no limit).
-    fn throttle(&self, bytes_per_sec: u64) {
-        self.rate.store(bytes_per_sec, Ordering::SeqCst);
-    }
-
-    /// Flips one byte of the stream towards the server once `bytes` more went through.
-    fn flip_after(&self, bytes: u64) {
-        let now = self.forwarded.load(Ordering::SeqCst);
-        self.flip_at.store(now + bytes.max(1), Ordering::SeqCst);
-    }
-
-    fn flips(&self) -> usize {
-        self.flips.load(Ordering::SeqCst)
-    }
-
-    /// Waits until `bytes` more went towards the server.
-    fn wait_forwarded(&self, bytes: u64, timeout: Duration) {
-        let from = self.forwarded.load(Ordering::SeqCst);
-        wait_until("bytes through the proxy", timeout, || {
-            self.forwarded.load(Ordering::SeqCst) >= from + bytes
-        });
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.rate.store(0, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr);
-    }
 }

@@ -5,118 +5,9 @@
 
 mod common;
 use common::*;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
-
-/// A link towards a replica server that carries at most `rate` bytes per second towards it
-/// (a slow WAN link), and can be cut: what a test needs to stop a transfer part way.
-struct SlowLink {
-    addr: std::net::SocketAddr,
-    rate: Arc<AtomicU64>,
-    cut: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-}
-
-impl SlowLink {
-    fn start(ip: &str, target: std::net::SocketAddr, rate: u64) -> SlowLink {
-        let l = std::net::TcpListener::bind((ip, 0)).unwrap();
-        let addr = l.local_addr().unwrap();
-        let (rate, cut, stop) = (
-            Arc::new(AtomicU64::new(rate)),
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicBool::new(false)),
-        );
-        let (r, c, s) = (rate.clone(), cut.clone(), stop.clone());
-        std::thread::spawn(move || {
-            for conn in l.incoming() {
-                if s.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(client) = conn else { continue };
-                if c.load(Ordering::SeqCst) {
-                    continue; // dropped: the link is down
-                }
-                let Ok(server) = std::net::TcpStream::connect(target) else {
-                    continue;
-                };
-                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let (r, cut) = (r.clone(), c.clone());
-                std::thread::spawn(move || {
-                    let (mut from, mut to) = (client, server);
-                    let mut buf = vec![0u8; 16 << 10];
-                    let t0 = std::time::Instant::now();
-                    let mut sent = 0u64;
-                    loop {
-                        let n = match std::io::Read::read(&mut from, &mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        if cut.load(Ordering::SeqCst)
-                            || std::io::Write::write_all(&mut to, &buf[..n]).is_err()
-                        {
-                            break;
-                        }
-                        sent += n as u64;
-                        // Hold the pace: never ahead of `rate` bytes per second.
-                        let due = Duration::from_secs_f64(
-                            sent as f64 / r.load(Ordering::SeqCst).max(1) as f64,
-                        );
-                        if let Some(wait) = due.checked_sub(t0.elapsed()) {
-                            std::thread::sleep(wait);
-                        }
-                    }
-                    let _ = from.shutdown(std::net::Shutdown::Both);
-                    let _ = to.shutdown(std::net::Shutdown::Both);
-                });
-                let cut = c.clone();
-                std::thread::spawn(move || {
-                    let (mut from, mut to) = (s2, c2);
-                    let mut buf = vec![0u8; 16 << 10];
-                    loop {
-                        let n = match std::io::Read::read(&mut from, &mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        if cut.load(Ordering::SeqCst)
-                            || std::io::Write::write_all(&mut to, &buf[..n]).is_err()
-                        {
-                            break;
-                        }
-                    }
-                    let _ = from.shutdown(std::net::Shutdown::Both);
-                    let _ = to.shutdown(std::net::Shutdown::Both);
-                });
-            }
-        });
-        SlowLink {
-            addr,
-            rate,
-            cut,
-            stop,
-        }
-    }
-
-    /// Down: open connections break at their next byte and new ones are dropped.
-    fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-    }
-
-    fn restore(&self, rate: u64) {
-        self.rate.store(rate, Ordering::SeqCst);
-        self.cut.store(false, Ordering::SeqCst);
-    }
-}
-
-impl Drop for SlowLink {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.cut.store(true, Ordering::SeqCst);
-        let _ = std::net::TcpStream::connect(self.addr);
-    }
-}
 
 /// `bytes` of incompressible data, the same for the same seed.
 fn random(bytes: usize, seed: u64) -> Vec<u8> {
@@ -194,9 +85,9 @@ fn continued(a: &Host) -> usize {
 #[test]
 fn a_resynchronization_cut_by_a_lost_link_continues_from_the_last_acknowledged_range() {
     let _s = serial();
-    let slow: std::cell::RefCell<Option<SlowLink>> = Default::default();
+    let slow: std::cell::RefCell<Option<FaultProxy>> = Default::default();
     let via = |target| {
-        let link = SlowLink::start("127.0.0.73", target, 1 << 30);
+        let link = FaultProxy::start("127.0.0.73", target);
         let addr = link.addr;
         *slow.borrow_mut() = Some(link);
         addr
@@ -208,7 +99,7 @@ fn a_resynchronization_cut_by_a_lost_link_continues_from_the_last_acknowledged_r
     a.ok(&["replication", "pause", "db"]);
     qemu_io_write(&a, &disk, 8 * MIB, &random(24 << 20, 1));
     let before = replica_seq(&b);
-    link.restore(4 << 20);
+    link.throttle(4 << 20);
     a.ok(&["replication", "resume", "db", "--resynchronize"]);
     wait_until("two parts acknowledged", Duration::from_secs(120), || {
         replica_seq(&b) >= before + 4
@@ -237,7 +128,8 @@ fn a_resynchronization_cut_by_a_lost_link_continues_from_the_last_acknowledged_r
     assert!(seqs.contains(&before), "{points}");
     assert!(seqs.iter().all(|s| *s <= before), "{points}");
     // The link comes back; the default policy resumes by itself and continues.
-    link.restore(1 << 30);
+    link.throttle(0);
+    link.restore();
     wait_until("replicating again", Duration::from_secs(180), || {
         status(&a, "db")["state"] == "replicating"
     });
@@ -259,9 +151,9 @@ fn a_resynchronization_cut_by_a_lost_link_continues_from_the_last_acknowledged_r
 #[test]
 fn a_resynchronization_cut_by_a_crash_of_the_primary_daemon_continues_after_it_restarts() {
     let _s = serial();
-    let slow: std::cell::RefCell<Option<SlowLink>> = Default::default();
+    let slow: std::cell::RefCell<Option<FaultProxy>> = Default::default();
     let via = |target| {
-        let link = SlowLink::start("127.0.0.76", target, 1 << 30);
+        let link = FaultProxy::start("127.0.0.76", target);
         let addr = link.addr;
         *slow.borrow_mut() = Some(link);
         addr
@@ -273,14 +165,14 @@ fn a_resynchronization_cut_by_a_crash_of_the_primary_daemon_continues_after_it_r
     qemu_io_write(&a, &disk, 40 * MIB, &random(8 << 20, 3));
     let before = replica_seq(&b);
     let sent_before = status(&a, "db")["stats"]["total_bytes"].as_u64().unwrap();
-    link.restore(4 << 20);
+    link.throttle(4 << 20);
     a.ok(&["replication", "resume", "db", "--resynchronize"]);
     wait_until("three parts acknowledged", Duration::from_secs(120), || {
         replica_seq(&b) >= before + 3
     });
-    kill_daemon(&a);
+    a.kill_daemon();
     assert!(replica_seq(&b) < before + 16);
-    link.restore(1 << 30);
+    link.throttle(0);
     a.start();
     let t0 = std::time::Instant::now();
     while status(&a, "db")["state"] != "replicating" {
@@ -303,40 +195,4 @@ fn a_resynchronization_cut_by_a_crash_of_the_primary_daemon_continues_after_it_r
     );
     let top = replica_image(&store, &a, "db", 0, "top.qcow2");
     same_content(&disk, &top).unwrap();
-}
-
-/// `kill -9` of the host's daemon (found by its data folder on its command line).
-fn kill_daemon(h: &Host) {
-    let data = h.data().to_string_lossy().into_owned();
-    let mut killed = 0;
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmd
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if args.iter().any(|a| a == &data) && args.iter().any(|a| a == "daemon") {
-            let st = std::process::Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .status()
-                .unwrap();
-            assert!(st.success());
-            killed += 1;
-        }
-    }
-    assert_eq!(killed, 1, "one daemon of {data} runs");
-    wait_until(
-        "the daemon's lock released",
-        Duration::from_secs(15),
-        || {
-            std::fs::File::open(h.data().join("daemon.lock"))
-                .map(|f| f.try_lock().is_ok())
-                .unwrap_or(true)
-        },
-    );
 }

@@ -542,7 +542,7 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
 
     /// Pull mode: the point in time is in the log now; let QEMU drop it (the frozen bitmap
     /// stays until the replica acknowledges the log).
-    async fn release(&self, h: &vmrepl_tracking::CycleHandle, seq: u64) {
+    pub(crate) async fn release(&self, h: &vmrepl_tracking::CycleHandle, seq: u64) {
         if let Err(e) = self.endpoint.release_exports(h).await {
             tracing::warn!(target: "vmrepl::replication", seq, error = %e, "cannot release the NBD exports");
         }

@@ -373,9 +373,7 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
 
     /// Lets the endpoint drop a point in time read for the sweep, and its staging files.
     async fn release_point(&self, h: &CycleHandle) {
-        if let Err(e) = self.endpoint.release_exports(h).await {
-            tracing::warn!(target: "vmrepl::replication", seq = h.seq, error = %e, "cannot release the NBD exports");
-        }
+        self.release(h, h.seq).await;
         let _ = h.remove_files();
     }
 

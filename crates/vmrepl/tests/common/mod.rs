@@ -4,8 +4,12 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The vmrepl binary under test.
@@ -718,5 +722,149 @@ impl Drop for CuttingProxy {
         // Wake the accept loop so that it sees the stop flag and ends.
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = std::net::TcpStream::connect(self.addr);
+    }
+}
+
+/// A TCP forwarder between a primary and a replica server (real TLS passes through it) that
+/// can slow the way towards the server to `throttle` bytes per second, flip one byte of it,
+/// take the link down and up again, and counts what it forwarded. It stands in for a slow,
+/// damaging or lost network.
+pub struct FaultProxy {
+    pub addr: SocketAddr,
+    down: Arc<AtomicBool>,
+    rate: Arc<AtomicU64>,
+    flip_at: Arc<AtomicU64>,
+    flips: Arc<AtomicUsize>,
+    forwarded: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FaultProxy {
+    /// Listens on `ip` (a port the OS gives) and forwards to `target`.
+    pub fn start(ip: &str, target: SocketAddr) -> FaultProxy {
+        let l = TcpListener::bind((ip, 0)).unwrap();
+        let p = FaultProxy {
+            addr: l.local_addr().unwrap(),
+            down: Arc::default(),
+            rate: Arc::default(),
+            flip_at: Arc::default(),
+            flips: Arc::default(),
+            forwarded: Arc::default(),
+            stop: Arc::default(),
+        };
+        let (down, rate, flip_at, flips, fwd, stop) = (
+            p.down.clone(),
+            p.rate.clone(),
+            p.flip_at.clone(),
+            p.flips.clone(),
+            p.forwarded.clone(),
+            p.stop.clone(),
+        );
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = c else { continue };
+                if down.load(Ordering::SeqCst) {
+                    continue; // dropped: the link is down
+                }
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (rate, flip_at, flips, fwd) =
+                    (rate.clone(), flip_at.clone(), flips.clone(), fwd.clone());
+                let (down1, down2) = (down.clone(), down.clone());
+                std::thread::spawn(move || {
+                    let (mut from, mut to) = (client, server);
+                    let mut buf = vec![0u8; 16 << 10];
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if down1.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let r = rate.load(Ordering::SeqCst);
+                        if r > 0 {
+                            std::thread::sleep(Duration::from_secs_f64(n as f64 / r as f64));
+                        }
+                        let total = fwd.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+                        let at = flip_at.load(Ordering::SeqCst);
+                        if at > 0 && total >= at {
+                            flip_at.store(0, Ordering::SeqCst);
+                            flips.fetch_add(1, Ordering::SeqCst);
+                            buf[n / 2] ^= 0x5a;
+                        }
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+                std::thread::spawn(move || {
+                    let (mut from, mut to) = (s2, c2);
+                    let mut buf = vec![0u8; 16 << 10];
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if down2.load(Ordering::SeqCst) || to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        p
+    }
+
+    /// Limits the way towards the server to `bytes_per_sec` (0: no limit).
+    pub fn throttle(&self, bytes_per_sec: u64) {
+        self.rate.store(bytes_per_sec, Ordering::SeqCst);
+    }
+
+    /// Flips one byte of the stream towards the server once `bytes` more went through.
+    pub fn flip_after(&self, bytes: u64) {
+        let now = self.forwarded.load(Ordering::SeqCst);
+        self.flip_at.store(now + bytes.max(1), Ordering::SeqCst);
+    }
+
+    pub fn flips(&self) -> usize {
+        self.flips.load(Ordering::SeqCst)
+    }
+
+    /// Takes the link down: open connections break at their next byte in either direction,
+    /// new ones are dropped.
+    pub fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+    }
+
+    /// Brings the link back up.
+    pub fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+
+    /// Waits until `bytes` more went towards the server.
+    pub fn wait_forwarded(&self, bytes: u64, timeout: Duration) {
+        let from = self.forwarded.load(Ordering::SeqCst);
+        wait_until("bytes through the proxy", timeout, || {
+            self.forwarded.load(Ordering::SeqCst) >= from + bytes
+        });
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.down.store(true, Ordering::SeqCst);
+        self.rate.store(0, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
     }
 }
