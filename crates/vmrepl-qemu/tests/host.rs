@@ -77,12 +77,10 @@ async fn kvm_probe_gives_a_verdict_within_its_timeout() {
     assert!(!h.kvm_usable && h.kvm_reason.unwrap().contains("/nonexistent/kvm"));
 }
 
-#[tokio::test]
-async fn storage_daemon_adds_a_bitmap_that_persists_after_quit() {
-    init_logs();
-    let d = tempfile::tempdir().unwrap();
+/// A 16 MiB qcow2 `disk0.qcow2` in `dir`, as the one disk a storage daemon opens.
+async fn one_disk(dir: &Path) -> (QemuImg, std::path::PathBuf, [SdDisk; 1]) {
     let img = QemuImg::default();
-    let disk = d.path().join("disk0.qcow2");
+    let disk = dir.join("disk0.qcow2");
     img.create(&disk, 16 << 20, &CreateOpts::default())
         .await
         .unwrap();
@@ -92,6 +90,14 @@ async fn storage_daemon_adds_a_bitmap_that_persists_after_quit() {
         read_only: false,
         format: Default::default(),
     }];
+    (img, disk, disks)
+}
+
+#[tokio::test]
+async fn storage_daemon_adds_a_bitmap_that_persists_after_quit() {
+    init_logs();
+    let d = tempfile::tempdir().unwrap();
+    let (img, disk, disks) = one_disk(d.path()).await;
     let sd = StorageDaemon::start(
         Path::new("qemu-storage-daemon"),
         &disks,
@@ -157,17 +163,7 @@ async fn storage_daemon_start_failure_carries_its_message() {
 async fn a_storage_daemon_left_behind_by_a_killed_owner_is_stopped_cleanly_by_the_next_start() {
     init_logs();
     let d = tempfile::tempdir().unwrap();
-    let img = QemuImg::default();
-    let disk = d.path().join("disk0.qcow2");
-    img.create(&disk, 16 << 20, &CreateOpts::default())
-        .await
-        .unwrap();
-    let disks = [SdDisk {
-        id: "disk0".into(),
-        path: disk.clone(),
-        read_only: false,
-        format: Default::default(),
-    }];
+    let (_, _, disks) = one_disk(d.path()).await;
     let (sock, log) = (d.path().join("qsd.sock"), d.path().join("qsd.log"));
     let qsd = Path::new("qemu-storage-daemon");
     let first = StorageDaemon::start(qsd, &disks, &sock, &log, Duration::from_secs(30))

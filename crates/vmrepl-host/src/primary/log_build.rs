@@ -462,6 +462,14 @@ impl BlockHasher {
         Ok(())
     }
 
+    /// A chunk read of the range: its data, or the zeros it stands for.
+    pub(crate) fn put_chunk(&mut self, c: &vmrepl_tracking::Chunk) -> Result<(), String> {
+        match &c.data {
+            ChunkData::Data(d) => self.put(c.offset, Some(d), d.len() as u64),
+            ChunkData::Zero(n) => self.put(c.offset, None, *n),
+        }
+    }
+
     pub(crate) fn finish(mut self) -> Vec<[u8; 32]> {
         self.flush();
         self.out
@@ -540,7 +548,8 @@ pub(crate) fn write_chunks<W: std::io::Write>(
 
 /// Encodes one part of a resynchronization in parts: log `seq` on `base` (kind
 /// [`LogKind::ResyncPart`]) with the `blocks` of disk number `disk` read from `image` as of
-/// the point `h`, streamed into `out`. Gives the image back with the log's size.
+/// the point `h`, streamed to the sender on `out` (a part is never kept: a cut one is
+/// compared again). Gives the image back with the log's size.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn build_part(
     (vm, rel): (&VmDefinition, &Relationship),
@@ -549,7 +558,7 @@ pub(crate) async fn build_part(
     disk: u16,
     blocks: Vec<(u64, u64)>,
     (seq, base): (u64, u64),
-    out: LogOut,
+    out: tokio::sync::mpsc::Sender<Vec<u8>>,
     growth: tokio::sync::watch::Sender<LogGrowth>,
 ) -> (
     Option<Box<dyn crate::primary::PointImage>>,
@@ -580,16 +589,8 @@ pub(crate) async fn build_part(
     let tally = Some(growth.clone());
     let built = tokio::task::spawn_blocking(move || {
         let r = (|| -> Result<u64, String> {
-            let inner: Box<dyn std::io::Write + Send> = match out {
-                LogOut::File(path) => Box::new(new_log_file(&path)?),
-                LogOut::Export(path, hasher) => Box::new(Hashing {
-                    inner: new_log_file(&path)?,
-                    hasher,
-                }),
-                LogOut::Stream(tx) => Box::new(Pipe { tx }),
-            };
             let f = Tally {
-                inner,
+                inner: Box::new(Pipe { tx: out }),
                 growth: tally,
             };
             let mut w = LogWriter::new(std::io::BufWriter::with_capacity(1 << 20, f), header)

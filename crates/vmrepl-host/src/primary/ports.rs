@@ -36,7 +36,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use uuid::Uuid;
 use vmrepl_log::LogWriter;
-use vmrepl_tracking::ChunkData;
 use vmrepl_tracking::{CycleHandle, OwnedBitmap, PointSignal, ReconcileOutcome, TrackingError};
 use vmrepl_tracking::{ExtentReader, RelTag, Staging};
 use vmrepl_types::VmDefinition;
@@ -505,11 +504,7 @@ impl PointImage for Pulled {
             PULL_WINDOW,
         );
         for chunk in reader.by_ref() {
-            let c = chunk.map_err(|e| e.to_string())?;
-            match c.data {
-                ChunkData::Data(d) => h.put(c.offset, Some(&d), d.len() as u64)?,
-                ChunkData::Zero(n) => h.put(c.offset, None, n)?,
-            }
+            h.put_chunk(&chunk.map_err(|e| e.to_string())?)?;
         }
         reader.finish();
         Ok(h.finish())
@@ -573,7 +568,6 @@ impl PointImage for Staged {
     fn range_digests(&mut self, offset: u64, len: u64, bs: u64) -> Result<Vec<[u8; 32]>, String> {
         let f =
             std::fs::File::open(&self.path).map_err(|e| format!("{}: {e}", self.path.display()))?;
-        let end = offset + len;
         let data: Vec<(u64, u64)> = self
             .ex
             .iter()
@@ -583,12 +577,8 @@ impl PointImage for Staged {
         let reads = reads_for(&data, offset, len, bs);
         let mut h = BlockHasher::new(offset, len, bs);
         for chunk in staged_chunks((&f, &self.path), &self.ex, &reads) {
-            let c = chunk?;
-            if let ChunkData::Data(d) = c.data {
-                h.put(c.offset, Some(&d), d.len() as u64)?;
-            }
+            h.put_chunk(&chunk?)?;
         }
-        debug_assert!(end >= offset);
         Ok(h.finish())
     }
 

@@ -42,7 +42,6 @@ use crate::primary::Cycle;
 use crate::primary::CycleError;
 use crate::primary::Digests;
 use crate::primary::GuestAgent;
-use crate::primary::LogOut;
 use crate::primary::PointImage;
 use crate::primary::ReplicaPeer;
 use vmrepl_log::LogKind;
@@ -354,7 +353,7 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
             disk as u16,
             blocks,
             (seq, seq - 1),
-            LogOut::Stream(chunks_tx),
+            chunks_tx,
             tx,
         );
         let send = self
