@@ -118,8 +118,8 @@ pub use catalog::CATALOG_VERSION;
 pub use error::{Result, StoreError};
 pub use store::{
     block_size, validate_disk_id, ApplyTxn, Begin, Flattened, Overlay, PointKind, PointLock,
-    PointRef, PruneReport, RecoveryPoint, ReplicaStore, ReplicaVm, MAX_DIGEST_BLOCK,
-    MAX_RANGE_DIGESTS, SPACE_HEADROOM,
+    PointRef, PruneReport, RecoveryPoint, ReplicaStore, ReplicaVm, BULK_APPLY_BYTES,
+    MAX_DIGEST_BLOCK, MAX_RANGE_DIGESTS, SPACE_HEADROOM,
 };
 pub use vmrepl_types::replication::Consistency;
 pub use writeback::{EarlyWriteback, WRITEBACK_EVERY};

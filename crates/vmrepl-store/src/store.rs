@@ -469,6 +469,48 @@ fn set_readonly(path: &Path, ro: bool) -> Result<()> {
         .map_err(|e| StoreError::io("change permissions of", path, e))
 }
 
+/// Whether merging the oldest point's `layer` into `base.qcow2` is cheaper the other way round:
+/// the layer made standalone and renamed to the base. True when the layer holds more data
+/// than the base (a replica kept without extra points after an initial copy holds everything
+/// in one layer above an empty base), and when a merge done that way was cut after the layer
+/// lost its backing file.
+fn becomes_base(ddir: &Path, layer: &str) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let lp = ddir.join(layer);
+    if chain::header_backing(&lp)?.is_none() {
+        return Ok(true);
+    }
+    let allocated = |p: &Path| {
+        fs::metadata(p)
+            .map(|m| m.blocks() * 512)
+            .map_err(|e| StoreError::io("read the size of", p, e))
+    };
+    Ok(allocated(&lp)? > allocated(&ddir.join(BASE))?)
+}
+
+/// The first half of [`becomes_base`]'s merge. Every step leaves a consistent chain: the layer
+/// first takes in the base's data it does not cover and drops its backing file (`qemu-img
+/// rebase` in safe mode onto nothing), then a second name for it replaces `base.qcow2`
+/// atomically. The layer above still names the layer's old name until the caller rebases it
+/// onto the base; the old name is removed as a leftover afterwards. Idempotent.
+fn make_base(ddir: &Path, layer: &str) -> Result<()> {
+    let lp = ddir.join(layer);
+    if chain::header_backing(&lp)?.is_some() {
+        set_readonly(&lp, false)?;
+        qemu_img::run(Some(ddir), ["rebase", "-q", "-f", "qcow2", "-b", "", layer])?;
+        fs::File::open(&lp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| StoreError::io("fsync", &lp, e))?;
+        set_readonly(&lp, true)?;
+    }
+    let tmp = ddir.join(format!("{BASE}.{layer}.tmp"));
+    let _ = fs::remove_file(&tmp);
+    fs::hard_link(&lp, &tmp).map_err(|e| StoreError::io("link", &tmp, e))?;
+    let base = ddir.join(BASE);
+    fs::rename(&tmp, &base).map_err(|e| StoreError::io("rename", &base, e))?;
+    fsutil::sync_dir(ddir)
+}
+
 fn copy_durable(from: &Path, to: &Path) -> Result<()> {
     let bytes = fs::read(from).map_err(|e| StoreError::io("read", from, e))?;
     fsutil::write_atomic(to, &bytes)
@@ -715,10 +757,36 @@ impl ReplicaVm {
             nvram: None,
             bytes: 0,
             write_time: std::time::Duration::ZERO,
+            direct: false,
         }))
     }
 
     // ---------------------------------------------------------------- points
+
+    /// Whether this replica has applied nothing yet and keeps no point: its latest state is
+    /// empty, or holds part of an initial copy that did not finish.
+    pub fn awaits_initial_copy(&self) -> bool {
+        self.cat.last_applied == 0 && self.cat.points.is_empty()
+    }
+
+    /// Empties the latest state of a replica that [awaits its initial
+    /// copy](ReplicaVm::awaits_initial_copy), before a new initial copy is applied: whatever an
+    /// earlier, unfinished one left in the top layers is dropped (a new copy comes from a new
+    /// point in time and need not cover the same blocks). Each disk's top layer is created anew
+    /// over the base; a no-op otherwise.
+    pub fn restart_initial_copy(&mut self) -> Result<()> {
+        if !self.awaits_initial_copy() {
+            return Ok(());
+        }
+        for d in self.cat.disks.clone() {
+            create_top(&self.disk_dir(&d.id), BASE, d.size_bytes)?;
+        }
+        if self.cat.journal.is_some() {
+            self.cat.journal = None;
+            self.save()?;
+        }
+        Ok(())
+    }
 
     /// The log whose apply started but did not finish, if any: the top layer may hold part
     /// of it, so the latest state is not a whole point (see [`StoreError::TornLatest`]).
@@ -931,12 +999,27 @@ impl ReplicaVm {
             if let Some(pos) = layers.iter().position(|l| *l == upper) {
                 layers.truncate(pos + 1);
             }
+            if idx == 0 && chain::header_backing(&ddir.join(&layer))?.is_none() {
+                // A merge into the base cut after the layer dropped its backing file
+                // ([`make_base`]): the chain starts at the layer now.
+                layers.remove(0);
+            }
             drop(chain::open_chain(&ddir, &layers, false, d.size_bytes)?);
             let upper_ro = upper != TOP;
             if upper_ro {
                 set_readonly(&upper_path, false)?;
             }
-            if idx == 0 {
+            if idx == 0 && becomes_base(&ddir, &layer)? {
+                // The layer holds more than the base: the base's few clusters go up into the
+                // layer, and the layer takes the base's name, instead of copying the layer down.
+                make_base(&ddir, &layer)?;
+                qemu_img::run(
+                    Some(&ddir),
+                    [
+                        "rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", BASE, &upper,
+                    ],
+                )?;
+            } else if idx == 0 {
                 set_readonly(&ddir.join(BASE), false)?;
                 qemu_img::run(Some(&ddir), ["commit", "-q", "-d", "-f", "qcow2", &layer])?;
                 set_readonly(&ddir.join(BASE), true)?;
@@ -1315,9 +1398,23 @@ pub struct ApplyTxn<'a> {
     bytes: u64,
     /// Time spent in the layers' writes (for the per-phase timing logged at commit).
     write_time: std::time::Duration,
+    /// Write the top layers with direct I/O ([`ApplyTxn::bulk`]).
+    direct: bool,
 }
 
+/// From this many bytes of log on, an apply writes with direct I/O ([`ApplyTxn::bulk`]).
+pub const BULK_APPLY_BYTES: u64 = 256 << 20;
+
 impl ApplyTxn<'_> {
+    /// Marks a large apply (a log of at least [`BULK_APPLY_BYTES`], such as an initial copy):
+    /// the top layers are written with direct I/O, past the page cache. On this kind of host
+    /// copying gigabytes into the page cache costs more CPU than the rest of the apply, and the
+    /// data is not read back soon; small applies stay buffered (one fsync at the commit).
+    /// Call before the first write.
+    pub fn bulk(&mut self, log_bytes: u64) {
+        self.direct = log_bytes >= BULK_APPLY_BYTES;
+    }
+
     /// The log sequence being applied.
     pub fn seq(&self) -> u64 {
         self.seq
@@ -1341,7 +1438,12 @@ impl ApplyTxn<'_> {
         if !self.open.contains_key(disk) {
             let size = self.vm.disk_size(disk)?;
             let layers = self.vm.chain_layers(PointRef::Latest)?;
-            let acc = chain::open_chain(&self.vm.disk_dir(disk), &layers, true, size)?;
+            let acc = chain::open_chain_with(
+                &self.vm.disk_dir(disk),
+                &layers,
+                (true, self.direct),
+                size,
+            )?;
             // Before the first write: the top layer may be torn from here until the commit.
             if self.vm.torn() != Some(self.seq) {
                 self.vm.cat.journal = Some(Journal::Apply { seq: self.seq });
@@ -1716,6 +1818,49 @@ mod tests {
         for (d, p) in vm.point_image_paths(PointRef::Frozen(3)).unwrap() {
             let r = &before.disks.iter().find(|(id, _)| *id == d).unwrap().1;
             assert!(same(&p, r), "disk {d}");
+        }
+    }
+
+    #[test]
+    fn a_point_larger_than_the_base_becomes_the_base_and_a_cut_merge_rolls_forward() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let mut vm = vm_with_data(tmp.path());
+        let ref2 = vm
+            .flatten_point(PointRef::Frozen(2), &tmp.path().join("r2"))
+            .unwrap();
+        let refl = vm
+            .flatten_point(PointRef::Latest, &tmp.path().join("rl"))
+            .unwrap();
+        let a = vm.disk_dir("a");
+        let b = vm.disk_dir("b");
+        // The base is empty and point 1 holds the data: the merge renames instead of copying.
+        assert!(becomes_base(&a, "rp-1.qcow2").unwrap());
+        let layer_inode = |d: &Path| fs::metadata(d.join("rp-1.qcow2")).unwrap().ino();
+        let (ino_a, ino_b) = (layer_inode(&a), layer_inode(&b));
+        vm.cat.journal = Some(Journal::Prune { seq: 1 });
+        vm.save().unwrap();
+        // Cut after disk a's layer took the base's name, before the layer above was rebased
+        // and before disk b was touched.
+        make_base(&a, "rp-1.qcow2").unwrap();
+        assert_eq!(fs::metadata(a.join(BASE)).unwrap().ino(), ino_a);
+        let uuid = vm.vm_uuid();
+        drop(vm);
+        let vm = ReplicaStore::open(tmp.path(), uuid).unwrap();
+        assert_eq!(
+            vm.points().iter().map(|p| p.seq).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        for (point, r) in [(PointRef::Frozen(2), &ref2), (PointRef::Latest, &refl)] {
+            for (d, p) in vm.point_image_paths(point).unwrap() {
+                let want = &r.disks.iter().find(|(id, _)| *id == d).unwrap().1;
+                assert!(same(&p, want), "disk {d} of {point:?}");
+            }
+        }
+        for (dir, ino) in [(&a, ino_a), (&b, ino_b)] {
+            assert!(!dir.join("rp-1.qcow2").exists());
+            assert_eq!(fs::metadata(dir.join(BASE)).unwrap().ino(), ino);
+            assert_eq!(chain::header_backing(&dir.join(BASE)).unwrap(), None);
         }
     }
 

@@ -304,6 +304,7 @@ async fn handle(
 
 mod admission;
 mod replicas;
+mod spool_file;
 mod transfer;
 
 use admission::*;

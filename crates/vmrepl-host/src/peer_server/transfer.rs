@@ -1,6 +1,7 @@
 //! The data plane: boot files and logs arrive as frames, go to the spool while a verifier
 //! thread checks them, and are acknowledged only once durable and verified (I4).
 
+use super::spool_file::SpoolFile;
 use super::Refusal;
 use crate::host::Host;
 use crate::peer::proto::{PeerResponse, RefusalCode, Resume};
@@ -264,10 +265,13 @@ pub(super) async fn send_log(
     };
     let path = vmrepl_store::spool::partial_path(&dir, seq);
     let t0 = std::time::Instant::now();
-    let (received, verified) = match receive(framed, &row, &path, resume).await? {
-        Ok(x) => x,
-        Err(r) => return Ok(Some(r.into())),
-    };
+    // The initial copy of a replica that holds nothing yet is applied while it arrives.
+    let initial = base == 0 && last == 0;
+    let (received, (verified, streamed)) =
+        match receive(framed, &row, &path, resume, initial).await? {
+            Ok(x) => x,
+            Err(r) => return Ok(Some(r.into())),
+        };
     let receive_ms = t0.elapsed().as_millis() as u64;
     let g = lock.lock().await;
     // The replica may have failed over, or been removed, while the log arrived.
@@ -332,7 +336,7 @@ pub(super) async fn send_log(
         .await?;
     // Apply now; the next log of this VM waits for it at its start (the VM's lock).
     let _g = lock.lock().await;
-    let _ = replica::apply_verified(daemon, &row, seq).await;
+    let _ = replica::apply_verified(daemon, &row, seq, streamed).await;
     Ok(None)
 }
 
@@ -362,14 +366,21 @@ impl std::io::Read for Incoming {
     }
 }
 
+/// What the verifier of a received log found: whether it verified whole, and its apply when
+/// it was an initial copy applied as it arrived ([`replica::verify_and_apply_initial`]).
+pub(super) type Checked = (replica::Verified, Option<replica::Applied>);
+
 /// Starts verifying log `path` as it is received: the `held` bytes already in the file (a
 /// resumed transfer) first, then whatever is sent on the returned channel until it closes.
+/// With `initial` (the replica's storage root and VM), a replica that has applied nothing yet
+/// also applies an initial copy on the way.
 pub(super) fn start_verifier(
     path: &Path,
     held: u64,
+    initial: Option<(PathBuf, Uuid)>,
 ) -> (
     tokio::sync::mpsc::Sender<Vec<u8>>,
-    tokio::task::JoinHandle<replica::Verified>,
+    tokio::task::JoinHandle<Checked>,
 ) {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let path = path.to_path_buf();
@@ -382,17 +393,24 @@ pub(super) fn start_verifier(
         };
         // The received frames are in memory already: only the file prefix needs a buffer.
         let prefix: Box<dyn Read + Send> = if held > 0 {
-            Box::new(std::io::BufReader::new(
-                std::fs::File::open(&path)
-                    .map_err(|e| format!("{}: {e}", path.display()))?
-                    .take(held),
-            ))
+            match std::fs::File::open(&path) {
+                Ok(f) => Box::new(std::io::BufReader::new(f.take(held))),
+                Err(e) => return (Err(format!("{}: {e}", path.display())), None),
+            }
         } else {
             Box::new(std::io::empty())
         };
-        vmrepl_log::verify_reader(prefix.chain(incoming))
-            .map(|(h, _)| h)
-            .map_err(|e| e.to_string())
+        match initial {
+            Some((root, vm)) => {
+                replica::verify_and_apply_initial(&root, vm, prefix.chain(incoming))
+            }
+            None => (
+                vmrepl_log::verify_reader(prefix.chain(incoming))
+                    .map(|(h, _)| h)
+                    .map_err(|e| e.to_string()),
+                None,
+            ),
+        }
     });
     (tx, task)
 }
@@ -406,10 +424,11 @@ pub(super) async fn receive(
     row: &ReplicaRow,
     path: &PathBuf,
     resume: Option<Resume>,
-) -> Result<Result<(u64, replica::Verified), Refusal>, FrameError> {
+    initial: bool,
+) -> Result<Result<(u64, Checked), Refusal>, FrameError> {
     let cap = size_cap(row);
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let opened: Result<(tokio::fs::File, u64), Refusal> = async {
+    let opened: Result<(SpoolFile, u64), Refusal> = async {
         match resume {
             Some(r) => {
                 let p = path.clone();
@@ -456,14 +475,9 @@ pub(super) async fn receive(
                 f.seek(std::io::SeekFrom::Start(r.bytes))
                     .await
                     .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
-                Ok((f, r.bytes))
+                Ok((SpoolFile::buffered(f, path), r.bytes))
             }
-            None => tokio::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(path)
+            None => SpoolFile::create(path)
                 .await
                 .map(|f| (f, 0))
                 .map_err(|e| refuse(RefusalCode::Internal, format!("{}: {e}", path.display()))),
@@ -477,8 +491,11 @@ pub(super) async fn receive(
             return Ok(Err(r));
         }
     };
-    let (verify_tx, verifier) = start_verifier(path, size);
-    let mut writeback = vmrepl_store::EarlyWriteback::new(path);
+    let (verify_tx, verifier) = start_verifier(
+        path,
+        size,
+        initial.then(|| (row.storage_root.clone(), row.vm_uuid)),
+    );
     let mut verify_tx = Some(verify_tx);
     let mut failure: Option<Refusal> = None;
     let mut since_check = u64::MAX;
@@ -487,14 +504,14 @@ pub(super) async fn receive(
             Ok(f) => f,
             Err(e) => {
                 // A cut transfer: keep what arrived for a resume.
-                let _ = file.sync_all().await;
+                let _ = file.finish().await;
                 return Err(e);
             }
         };
         let data = match frame {
             Frame::Data(d) => d,
             Frame::Control(_) => {
-                let _ = file.sync_all().await;
+                let _ = file.finish().await;
                 return Err(FrameError::UnexpectedKind {
                     expected: frame::FrameKind::Data,
                     got: frame::FrameKind::Control,
@@ -555,7 +572,6 @@ pub(super) async fn receive(
         size += n;
         since_check += n;
         crate::faults::crash_point(crate::faults::CrashPoint::ReplicaReceiving);
-        writeback.wrote(n);
         if let Some(tx) = &verify_tx {
             if tx.send(data).await.is_err() {
                 // The verifier stopped: the log is bad; its error comes out below.
@@ -564,19 +580,12 @@ pub(super) async fn receive(
         }
     }
     drop(verify_tx);
-    let verified = verifier
+    let checked = verifier
         .await
-        .unwrap_or_else(|e| Err(format!("the verifier failed: {e}")));
-    // Durable through the descriptor that wrote it, and no early write-back failed: a
-    // write-back error is reported once only, so an fsync on another descriptor could succeed
-    // for bytes that are not on disk (I1). `spool::accept` relies on this.
-    let early = tokio::task::spawn_blocking(move || writeback.finish())
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-    let flushed = match (file.flush().await, early) {
-        (Ok(()), Ok(())) => file.sync_all().await,
-        (Err(e), _) | (_, Err(e)) => Err(e),
-    };
+        .unwrap_or_else(|e| (Err(format!("the verifier failed: {e}")), None));
+    // Durable through the descriptors that wrote it ([`SpoolFile::finish`]); `spool::accept`
+    // relies on this (I1).
+    let flushed = file.finish().await;
     if let Some(f) = failure {
         if f.code == RefusalCode::BadLog {
             let _ = tokio::fs::remove_file(path).await;
@@ -597,5 +606,5 @@ pub(super) async fn receive(
             ),
         )));
     }
-    Ok(Ok((size, verified)))
+    Ok(Ok((size, checked)))
 }

@@ -141,12 +141,81 @@ pub fn apply_log(vm: &mut ReplicaVm, path: &Path, verified: bool) -> Result<Appl
     let f = std::fs::File::open(path).map_err(|e| lerr(e.to_string()))?;
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let buffered = std::io::BufReader::with_capacity(256 * 1024, f);
-    let mut reader = if verified {
+    let reader = if verified {
         vmrepl_log::LogReader::verified_before(buffered)
     } else {
         vmrepl_log::LogReader::new(buffered)
     }
     .map_err(|e| derr(e.to_string()))?;
+    let mut reader = reader;
+    apply_records(vm, &mut reader, len, &derr)
+}
+
+/// Verifies a log while it arrives (`input`) and, when it is the initial copy of a replica
+/// that has applied nothing yet (a full log on base 0), applies it at the same time, so the
+/// replica does not read gigabytes back from its spool afterwards. Records are written only
+/// once their own checksum verified; the apply commits only when the whole log verified. A
+/// log that turns out bad leaves an unfinished apply behind, which the next initial copy
+/// clears first ([`ReplicaVm::restart_initial_copy`]); a store that fails (a full disk) stops
+/// the apply but not the verification, and the log is applied from the spool later as usual.
+/// Returns the verification's outcome and the apply, if it was done here.
+pub fn verify_and_apply_initial<R: std::io::Read>(
+    root: &Path,
+    vm_uuid: Uuid,
+    input: R,
+) -> (super::Verified, Option<Applied>) {
+    let mut reader = match vmrepl_log::LogReader::new(input) {
+        Ok(r) => r,
+        Err(e) => return (Err(e.to_string()), None),
+    };
+    let h = reader.header().clone();
+    let store = (h.kind == vmrepl_log::LogKind::Initial && h.base_sequence == 0 && h.sequence == 1)
+        .then(|| ReplicaStore::open(root, vm_uuid).ok())
+        .flatten()
+        .filter(|vm| vm.awaits_initial_copy() && vm.pending_logs().is_ok_and(|l| l.is_empty()));
+    let Some(mut vm) = store else {
+        return (
+            reader.verify_rest().map(|_| h).map_err(|e| e.to_string()),
+            None,
+        );
+    };
+    let bad = std::cell::RefCell::new(None::<String>);
+    let derr = |reason: String| {
+        *bad.borrow_mut() = Some(reason.clone());
+        ApplyError::Log {
+            path: root.to_path_buf(),
+            reason,
+        }
+    };
+    let applied = vm
+        .restart_initial_copy()
+        .map_err(ApplyError::from)
+        .and_then(|()| apply_records(&mut vm, &mut reader, vmrepl_store::BULK_APPLY_BYTES, &derr));
+    match applied {
+        Ok(a) => (Ok(h), Some(a)),
+        Err(_) if bad.borrow().is_some() => (Err(bad.into_inner().unwrap_or_default()), None),
+        Err(e) => {
+            tracing::warn!(target: "vmrepl::replica", vm = %vm_uuid, "the initial copy is not applied as it arrives ({e}); it is applied once received");
+            // Verify the rest: every record, then the trailer.
+            loop {
+                match reader.next_record() {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return (Ok(h), None),
+                    Err(e) => return (Err(e.to_string()), None),
+                }
+            }
+        }
+    }
+}
+
+/// Applies the records of the log `reader` reads (`len` bytes, for the space check and the
+/// choice of direct I/O). An error of the log's content is `derr`'s.
+fn apply_records<R: std::io::Read>(
+    vm: &mut ReplicaVm,
+    reader: &mut vmrepl_log::LogReader<R>,
+    len: u64,
+    derr: &dyn Fn(String) -> ApplyError,
+) -> Result<Applied, ApplyError> {
     let h = reader.header().clone();
     let disks = vm.disks();
     check_header(&h, vm.vm_uuid(), h.sequence, h.base_sequence, &disks).map_err(derr)?;
@@ -170,6 +239,7 @@ pub fn apply_log(vm: &mut ReplicaVm, path: &Path, verified: bool) -> Result<Appl
         }
         vmrepl_store::Begin::Apply(txn) => txn,
     };
+    txn.bulk(len);
     let mut nvram: Option<Vec<u8>> = None;
     while let Some(rec) = reader.next_record().map_err(|e| derr(e.to_string()))? {
         let Some(d) = h.disks.get(usize::from(rec.disk_index)) else {
@@ -317,23 +387,27 @@ pub fn points_after_apply(
 /// Opens the store, applies pending logs, manages points and updates the row. Blocking part
 /// run under the VM's lock. Returns the last applied sequence.
 pub async fn apply_and_record(daemon: &Arc<Host>, row: &ReplicaRow) -> Result<u64, ApplyError> {
-    apply_with(daemon, row, None).await
+    apply_with(daemon, row, None, None).await
 }
 
 /// [`apply_and_record`] right after log `seq` was verified whole on its way in: that log's
 /// content checksums are not computed a second time ([`vmrepl_log::LogReader::verified_before`]).
+/// `streamed` is that log's apply when it was done while it arrived
+/// ([`verify_and_apply_initial`]): it is recorded like one applied here.
 pub async fn apply_verified(
     daemon: &Arc<Host>,
     row: &ReplicaRow,
     seq: u64,
+    streamed: Option<Applied>,
 ) -> Result<u64, ApplyError> {
-    apply_with(daemon, row, Some(seq)).await
+    apply_with(daemon, row, Some(seq), streamed).await
 }
 
 pub(crate) async fn apply_with(
     daemon: &Arc<Host>,
     row: &ReplicaRow,
     verified: Option<u64>,
+    streamed: Option<Applied>,
 ) -> Result<u64, ApplyError> {
     let root = row.storage_root.clone();
     let uuid = row.vm_uuid;
@@ -347,7 +421,12 @@ pub(crate) async fn apply_with(
             .iter()
             .filter_map(|s| vm.lock_point(*s).ok())
             .collect();
-        let applied = apply_pending(&mut vm, verified);
+        let applied = apply_pending(&mut vm, verified).map(|mut list| {
+            if let Some(a) = streamed.filter(|a| list.is_empty() && a.seq == vm.last_applied()) {
+                list.push(a);
+            }
+            list
+        });
         let frozen = match &applied {
             Ok(list) if !list.is_empty() => {
                 let last = list[list.len() - 1];
