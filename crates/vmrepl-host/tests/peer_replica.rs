@@ -533,6 +533,57 @@ async fn a_corrupt_log_is_refused_and_nothing_is_applied() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_initial_copy_refused_half_way_leaves_nothing_the_next_initial_copy_keeps() {
+    let env = replica(|_, _| {}).await;
+    let (mut c, theirs) = client(&env, PRIMARY).await;
+    let uuid = Uuid::new_v4();
+    assert_eq!(create(&mut c, &theirs, uuid).await, PeerResponse::Ok);
+    // The replica applies an initial copy while it arrives: the first records of this one are
+    // written before a flipped byte in its last record is found.
+    let first = write_log(
+        env.tmp.path(),
+        uuid,
+        1,
+        0,
+        DISK,
+        &[
+            W::Data(0, pattern(1, 64 * 1024)),
+            W::Data(128 * 1024, pattern(2, 64 * 1024)),
+            W::Data(256 * 1024, pattern(3, 64 * 1024)),
+        ],
+    );
+    let mut bytes = std::fs::read(&first).unwrap();
+    let at = bytes.len() - 64 * 1024 / 2;
+    bytes[at] ^= 0x01;
+    let bad = env.tmp.path().join("bad-initial.vlog");
+    std::fs::write(&bad, &bytes).unwrap();
+    let (code, msg) = refused(&send(&mut c, uuid, 1, 0, &bad).await);
+    assert_eq!(code, RefusalCode::BadLog, "{msg}");
+    assert_eq!(state(&mut c, uuid).await.0, 0);
+    // A new initial copy (a new point in time) covers other blocks only: what the refused one
+    // wrote must not survive under it.
+    let second = write_log(
+        env.tmp.path(),
+        uuid,
+        1,
+        0,
+        DISK,
+        &[W::Data(512 * 1024, pattern(4, 64 * 1024))],
+    );
+    assert!(matches!(
+        send(&mut c, uuid, 1, 0, &second).await,
+        PeerResponse::LogAck { sequence: 1, .. }
+    ));
+    assert_eq!(state(&mut c, uuid).await.0, 1);
+    let mut want = vec![0u8; DISK as usize];
+    want[512 * 1024..576 * 1024].copy_from_slice(&pattern(4, 64 * 1024));
+    assert!(
+        latest_raw(&env, uuid).await == want,
+        "the replica keeps blocks of the refused copy"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logs_that_do_not_fit_the_replica_are_refused() {
     let env = replica(|_, _| {}).await;
     let (mut c, theirs) = client(&env, PRIMARY).await;

@@ -266,7 +266,7 @@ pub(super) async fn send_log(
     let path = vmrepl_store::spool::partial_path(&dir, seq);
     let t0 = std::time::Instant::now();
     // The initial copy of a replica that holds nothing yet is applied while it arrives.
-    let initial = base == 0 && last == 0;
+    let initial = (base == 0 && last == 0).then_some(seq);
     let (received, (verified, streamed)) =
         match receive(framed, &row, &path, resume, initial).await? {
             Ok(x) => x,
@@ -377,7 +377,7 @@ pub(super) type Checked = (replica::Verified, Option<replica::Applied>);
 pub(super) fn start_verifier(
     path: &Path,
     held: u64,
-    initial: Option<(PathBuf, Uuid)>,
+    initial: Option<(PathBuf, Uuid, u64)>,
 ) -> (
     tokio::sync::mpsc::Sender<Vec<u8>>,
     tokio::task::JoinHandle<Checked>,
@@ -401,8 +401,8 @@ pub(super) fn start_verifier(
             Box::new(std::io::empty())
         };
         match initial {
-            Some((root, vm)) => {
-                replica::verify_and_apply_initial(&root, vm, prefix.chain(incoming))
+            Some((root, vm, seq)) => {
+                replica::verify_and_apply_initial(&root, vm, seq, prefix.chain(incoming))
             }
             None => (
                 vmrepl_log::verify_reader(prefix.chain(incoming))
@@ -424,7 +424,7 @@ pub(super) async fn receive(
     row: &ReplicaRow,
     path: &PathBuf,
     resume: Option<Resume>,
-    initial: bool,
+    initial: Option<u64>,
 ) -> Result<Result<(u64, Checked), Refusal>, FrameError> {
     let cap = size_cap(row);
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -494,7 +494,7 @@ pub(super) async fn receive(
     let (verify_tx, verifier) = start_verifier(
         path,
         size,
-        initial.then(|| (row.storage_root.clone(), row.vm_uuid)),
+        initial.map(|seq| (row.storage_root.clone(), row.vm_uuid, seq)),
     );
     let mut verify_tx = Some(verify_tx);
     let mut failure: Option<Refusal> = None;

@@ -159,9 +159,12 @@ pub fn apply_log(vm: &mut ReplicaVm, path: &Path, verified: bool) -> Result<Appl
 /// clears first ([`ReplicaVm::restart_initial_copy`]); a store that fails (a full disk) stops
 /// the apply but not the verification, and the log is applied from the spool later as usual.
 /// Returns the verification's outcome and the apply, if it was done here.
+/// `seq` is the sequence the log was announced with: only log 1 on base 0 of this VM is an
+/// initial copy, whatever its header claims.
 pub fn verify_and_apply_initial<R: std::io::Read>(
     root: &Path,
     vm_uuid: Uuid,
+    seq: u64,
     input: R,
 ) -> (super::Verified, Option<Applied>) {
     let mut reader = match vmrepl_log::LogReader::new(input) {
@@ -169,7 +172,9 @@ pub fn verify_and_apply_initial<R: std::io::Read>(
         Err(e) => return (Err(e.to_string()), None),
     };
     let h = reader.header().clone();
-    let store = (h.kind == vmrepl_log::LogKind::Initial && h.base_sequence == 0 && h.sequence == 1)
+    let store = (h.kind == vmrepl_log::LogKind::Initial
+        && h.vm_id == vm_uuid
+        && (seq, h.sequence, h.base_sequence) == (1, 1, 0))
         .then(|| ReplicaStore::open(root, vm_uuid).ok())
         .flatten()
         .filter(|vm| vm.awaits_initial_copy() && vm.pending_logs().is_ok_and(|l| l.is_empty()));
