@@ -283,8 +283,16 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
                 len,
                 block_size: RESYNC_BLOCK,
             };
-            let theirs = self.client.range_digests(self.vm.uuid, range);
-            let (ours, theirs) = tokio::join!(ours, theirs);
+            let t_digest = std::time::Instant::now();
+            let theirs = async {
+                let r = self.client.range_digests(self.vm.uuid, range).await;
+                (r, t_digest.elapsed())
+            };
+            let ours = async {
+                let r = ours.await;
+                (r, t_digest.elapsed())
+            };
+            let ((ours, ours_t), (theirs, theirs_t)) = tokio::join!(ours, theirs);
             let (image, ours) = ours.map_err(|e| CycleError::Other(e.to_string()))?;
             let ours = ours.map_err(|e| {
                 CycleError::Other(format!("cannot read disk {id} at {offset}: {e}"))
@@ -312,7 +320,9 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
                 })?;
             // The part: the differing blocks, as log base + 1 + i.
             let seq = base + 1 + i as u64;
+            let t_send = std::time::Instant::now();
             let (image, bytes) = self.send_part(h, image, r.disk, blocks, seq).await;
+            let send_t = t_send.elapsed();
             images[r.disk] = image;
             sent += bytes?;
             compared += len;
@@ -329,7 +339,9 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
                 rate_bytes_per_sec: (compared - from) as f64 / secs,
                 blocks_differing: Some(differing),
             });
-            tracing::info!(target: "vmrepl::replication", vm = %self.vm.uuid, part = i + 1, parts = plan.parts(), disk = %id, offset, differing = count, "resynchronization part acknowledged");
+            tracing::info!(target: "vmrepl::replication", vm = %self.vm.uuid, part = i + 1, parts = plan.parts(), disk = %id, offset, differing = count,
+                digest_ms = ours_t.as_millis() as u64, replica_digest_ms = theirs_t.as_millis() as u64, send_ms = send_t.as_millis() as u64,
+                "resynchronization part acknowledged");
         }
         Ok(sent)
     }
