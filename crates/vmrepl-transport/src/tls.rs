@@ -63,15 +63,29 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Unanswered probes before the kernel drops the connection.
 pub const KEEPALIVE_RETRIES: u32 = 3;
 
+/// How long data sent on a peer socket may stay unacknowledged by the other
+/// side's kernel before the connection is dropped (`TCP_USER_TIMEOUT`). A link
+/// that dies in the middle of a transfer (a cable pulled, a route gone, no reset
+/// ever arrives) then fails the transfer after this long, not after the 120 s
+/// frame deadline: keepalive probes are not sent while data is in flight. A
+/// working link acknowledges within round trips, however slow the replica is
+/// to answer (its kernel acknowledges).
+pub const UNACKED_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Turns on TCP keepalive ([`KEEPALIVE_IDLE`], [`KEEPALIVE_INTERVAL`],
-/// [`KEEPALIVE_RETRIES`]) on a peer socket. Best effort: a failure is logged.
+/// [`KEEPALIVE_RETRIES`]) and [`UNACKED_TIMEOUT`] on a peer socket. Best
+/// effort: a failure is logged.
 pub fn set_keepalive(tcp: &TcpStream) {
     let ka = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_RETRIES);
-    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+    let sock = socket2::SockRef::from(tcp);
+    if let Err(e) = sock.set_tcp_keepalive(&ka) {
         tracing::debug!("cannot turn on TCP keepalive: {e}");
+    }
+    if let Err(e) = sock.set_tcp_user_timeout(Some(UNACKED_TIMEOUT)) {
+        tracing::debug!("cannot set TCP_USER_TIMEOUT: {e}");
     }
 }
 
@@ -1049,6 +1063,20 @@ impl Incoming {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_peer_socket_gets_keepalive_and_a_limit_on_unacknowledged_data() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (c, _) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let c = c.unwrap();
+        let sock = socket2::SockRef::from(&c);
+        assert!(!sock.keepalive().unwrap());
+        set_keepalive(&c);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(UNACKED_TIMEOUT));
+    }
 
     fn summary(not_before: OffsetDateTime, not_after: OffsetDateTime) -> CertSummary {
         CertSummary {
