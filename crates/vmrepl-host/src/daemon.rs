@@ -226,6 +226,14 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
             }
             Response::Replication { relationships }
         }
+        Request::Events {
+            vm,
+            since_ms,
+            after_id,
+            limit,
+        } => Response::Events {
+            events: events(host, vm.as_ref(), since_ms, after_id, limit)?,
+        },
         Request::ReplicationPause { name } => Response::Ok {
             message: crate::primary::pause(host, &name)?,
         },
@@ -306,4 +314,67 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
             message: crate::replica::accept_copy(host, &name, &primary, withdraw)?,
         },
     })
+}
+
+/// The journal for `vmrepl events`, with VM names (this host's VMs and replica VMs) and this
+/// host's name filled in. A VM filter names a VM this host knows, by name or UUID.
+fn events(
+    host: &Arc<Host>,
+    vm: Option<&vmrepl_types::name::VmName>,
+    since_ms: Option<u64>,
+    after_id: Option<i64>,
+    limit: Option<u32>,
+) -> Result<Vec<vmrepl_types::api::EventRecord>, ApiError> {
+    let db = host.db();
+    let internal = |e: crate::db::DbError| ApiError::new(ErrorCode::Internal, e.to_string());
+    let mut names: std::collections::HashMap<uuid::Uuid, String> = db
+        .list_vms()
+        .map_err(internal)?
+        .into_iter()
+        .map(|v| (v.definition.uuid, v.definition.name.to_string()))
+        .collect();
+    for r in db.replicas().map_err(internal)? {
+        names.entry(r.vm_uuid).or_insert(r.name.to_string());
+    }
+    let filter = match vm {
+        None => None,
+        Some(n) => {
+            let wanted = n.as_str();
+            let found = names
+                .iter()
+                .find(|(u, name)| name.as_str() == wanted || u.to_string() == wanted)
+                .map(|(u, _)| *u)
+                .or_else(|| uuid::Uuid::parse_str(wanted).ok());
+            match found {
+                Some(u) => Some(u),
+                None => {
+                    return Err(ApiError::new(
+                        ErrorCode::NotFound,
+                        format!(
+                            "No VM {wanted} on this host (neither one of its VMs nor a replica); \
+                             `vmrepl vm list` and `vmrepl replication status` show the names."
+                        ),
+                    ))
+                }
+            }
+        }
+    };
+    let limit = limit.unwrap_or(200).clamp(1, 10_000) as usize;
+    let rows = db
+        .events(filter, since_ms, after_id, limit)
+        .map_err(internal)?;
+    let host_name = host.cfg().host_name.clone();
+    Ok(rows
+        .into_iter()
+        .map(|r| vmrepl_types::api::EventRecord {
+            id: r.id,
+            unix_ms: r.unix_ms,
+            code: r.code,
+            severity: r.severity,
+            vm: r.vm.and_then(|u| names.get(&u).cloned()),
+            vm_uuid: r.vm,
+            host: host_name.clone(),
+            message: r.message,
+        })
+        .collect())
 }

@@ -155,6 +155,19 @@ pub enum Request {
     RecoveryPoints {
         name: VmName,
     },
+    /// The host's event journal, oldest first: of one VM (`vm`), from a time on (`since_ms`,
+    /// Unix milliseconds) or after an event already seen (`after_id`, for following), at most
+    /// `limit` (the newest ones; default 200).
+    Events {
+        #[serde(default)]
+        vm: Option<VmName>,
+        #[serde(default)]
+        since_ms: Option<u64>,
+        #[serde(default)]
+        after_id: Option<i64>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
     /// Replica server: the networks a replica VM's adapters join when it fails over and when
     /// it is test-failed-over (all adapters, or only `adapter`); unset fields stay. With no
     /// change, shows them.
@@ -297,7 +310,59 @@ pub enum Response {
         vm: VmName,
         adapters: Vec<AdapterNetwork>,
     },
+    Events {
+        events: Vec<EventRecord>,
+    },
     Error(ApiError),
+}
+
+/// How serious an event is: `error` for what makes a relationship Critical or stops it,
+/// `warning` for what needs a look, `info` for the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    Warning,
+    Error,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Severity> {
+        match s {
+            "info" => Some(Severity::Info),
+            "warning" => Some(Severity::Warning),
+            "error" => Some(Severity::Error),
+            _ => None,
+        }
+    }
+}
+
+/// One entry of a host's event journal: every replication state change, and notes such as a
+/// VM created or a replica's networks set. `code` is stable across releases
+/// (`docs/events.md` lists them), for alerting and scripts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Increasing on this host; `events --follow` asks for those after the last it saw.
+    pub id: i64,
+    pub unix_ms: u64,
+    pub code: u32,
+    pub severity: Severity,
+    #[serde(default)]
+    pub vm_uuid: Option<uuid::Uuid>,
+    /// The VM's name on this host, when it still has one.
+    #[serde(default)]
+    pub vm: Option<String>,
+    /// The host that recorded it (this host's name).
+    pub host: String,
+    pub message: String,
 }
 
 /// A refusal, with a stable code for scripts and a sentence for people.

@@ -50,6 +50,23 @@ pub enum Cmd {
     Failover(FailoverCmd),
     /// Stop the daemon (running VMs keep running; it reattaches at next start).
     Stop,
+    /// The host's event journal: every replication state change (with a stable code and a
+    /// severity) and notes, oldest first.
+    Events {
+        /// Only this VM's (a VM or replica VM of this host, by name or UUID).
+        #[arg(long)]
+        vm: Option<String>,
+        /// Only from this time on: a duration back from now (`90s`, `30m`, `12h`, `7d`), a UTC
+        /// time (`2026-12-06T04:30:00Z`, `2026-12-06 04:30`) or Unix milliseconds.
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many (the newest).
+        #[arg(long, default_value_t = 200)]
+        limit: u32,
+        /// Keep printing new events as they are recorded (until interrupted).
+        #[arg(long)]
+        follow: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -560,6 +577,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Cmd::Replication(r) => replication(&dd, args.json, r),
         Cmd::Failover(f) => failover(&dd, args.json, f),
         Cmd::Stop => call(&dd, args.json, Request::Shutdown),
+        Cmd::Events {
+            vm,
+            since,
+            limit,
+            follow,
+        } => events(&dd, args.json, vm, since, limit, follow),
         Cmd::Vm(v) => {
             let req = match v {
                 VmCmd::Create(c) => Request::VmCreate(create_request(c)?),
@@ -921,6 +944,111 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// `vmrepl events`: one request, or with `follow` one every second for what is new.
+fn events(
+    dd: &DataDir,
+    json: bool,
+    vm: Option<String>,
+    since: Option<String>,
+    limit: u32,
+    follow: bool,
+) -> Result<ExitCode> {
+    let vm = vm.map(|v| vm_name(&v)).transpose()?;
+    let since_ms = since.map(|s| parse_since(&s, now_unix_ms())).transpose()?;
+    if !follow {
+        return call(
+            dd,
+            json,
+            Request::Events {
+                vm,
+                since_ms,
+                after_id: None,
+                limit: Some(limit),
+            },
+        );
+    }
+    dd.require_host()?;
+    let rt = runtime()?;
+    let mut after: Option<i64> = None;
+    loop {
+        let req = Request::Events {
+            vm: vm.clone(),
+            since_ms,
+            after_id: after,
+            limit: Some(if after.is_some() { 10_000 } else { limit }),
+        };
+        let resp = rt.block_on(async {
+            let mut c = Client::connect(dd.root(), &dd.socket()).await?;
+            c.call(&req).await
+        })?;
+        match &resp {
+            Response::Events { events } => {
+                for e in events {
+                    if json {
+                        println!("{}", serde_json::to_string(e)?);
+                    } else {
+                        crate::render::event_line(e);
+                    }
+                    after = Some(e.id);
+                }
+                if after.is_none() {
+                    after = Some(0);
+                }
+                use std::io::Write;
+                std::io::stdout().flush()?;
+            }
+            other => return Ok(crate::render::response(other)),
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `--since`: a duration back from `now_ms` (`90s`, `30m`, `12h`, `7d`), a UTC time
+/// (`2026-12-06T04:30:00Z`, `2026-12-06 04:30[:00]`) or Unix milliseconds.
+pub fn parse_since(s: &str, now_ms: u64) -> Result<u64> {
+    let t = s.trim();
+    if let Some((n, unit)) = t
+        .find(|c: char| !c.is_ascii_digit())
+        .filter(|i| *i > 0)
+        .map(|i| t.split_at(i))
+    {
+        let secs_per = match unit {
+            "s" => Some(1u64),
+            "m" => Some(60),
+            "h" => Some(3600),
+            "d" => Some(86_400),
+            _ => None,
+        };
+        if let (Some(per), Ok(n)) = (secs_per, n.parse::<u64>()) {
+            return Ok(now_ms.saturating_sub(n.saturating_mul(per).saturating_mul(1000)));
+        }
+    }
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return t.parse::<u64>().map_err(|e| anyhow!("--since {t}: {e}"));
+    }
+    let iso = t.trim_end_matches('Z').replace('T', " ");
+    let with_secs = if iso.len() == 16 {
+        format!("{iso}:00")
+    } else {
+        iso
+    };
+    let fmt = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+    match time::PrimitiveDateTime::parse(&with_secs, &fmt) {
+        Ok(p) => Ok((p.assume_utc().unix_timestamp_nanos() / 1_000_000).max(0) as u64),
+        Err(_) => bail!(
+            "--since {t:?} is not a time: give a duration back from now (90s, 30m, 12h, 7d), \
+             a UTC time (2026-12-06T04:30:00Z or \"2026-12-06 04:30\") or Unix milliseconds"
+        ),
+    }
+}
+
 /// Sends one request to the daemon and renders the answer.
 pub fn call(dd: &DataDir, json: bool, req: Request) -> Result<ExitCode> {
     dd.require_host()?;
@@ -1044,6 +1172,20 @@ fn tail_file(p: &Path, n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn since_takes_durations_back_utc_times_and_unix_milliseconds() {
+        let now = 1_765_000_000_000; // 2025-12-06 05:46:40 UTC
+        assert_eq!(parse_since("90s", now).unwrap(), now - 90_000);
+        assert_eq!(parse_since("30m", now).unwrap(), now - 1_800_000);
+        assert_eq!(parse_since("12h", now).unwrap(), now - 43_200_000);
+        assert_eq!(parse_since("7d", now).unwrap(), now - 604_800_000);
+        assert_eq!(parse_since("1765000000000", now).unwrap(), now);
+        assert_eq!(parse_since("2025-12-06T05:46:40Z", now).unwrap(), now);
+        assert_eq!(parse_since("2025-12-06 05:46", now).unwrap(), now - 40_000);
+        let e = parse_since("last tuesday", now).unwrap_err().to_string();
+        assert!(e.contains("is not a time") && e.contains("12h"), "{e}");
+    }
 
     #[test]
     fn sizes_parse_with_binary_units() {

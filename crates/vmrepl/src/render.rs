@@ -114,6 +114,14 @@ pub fn response(r: &Response) -> ExitCode {
                 );
             }
         }
+        Response::Events { events } => {
+            if events.is_empty() {
+                println!("No events.");
+            }
+            for e in events {
+                event_line(e);
+            }
+        }
         Response::Error(e) => {
             eprintln!("error: {}", e.message);
             return exit_code(e.code);
@@ -320,6 +328,18 @@ fn replication(rs: &[ReplicationStatus]) {
         );
         println!();
     }
+}
+
+/// One journal entry on one line: time (UTC), severity, code, VM, message.
+pub fn event_line(e: &vmrepl_types::api::EventRecord) {
+    println!(
+        "{}  {:<7}  {}  {:<16}  {}",
+        utc(e.unix_ms as i64),
+        e.severity.as_str(),
+        e.code,
+        e.vm.as_deref().unwrap_or("-"),
+        printable(&e.message)
+    );
 }
 
 /// A Unix time in milliseconds as `2026-11-25 23:55:57.123`.

@@ -4,6 +4,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
+use vmrepl_types::api::Severity;
 use vmrepl_types::{VmDefinition, VmRunState};
 
 mod cycles;
@@ -137,7 +138,23 @@ const MIGRATIONS: &[&str] = &[
     // 10: a resynchronization in parts under way (JSON `ResyncSweep`), so that it continues
     // where it stopped.
     "ALTER TABLE relationships ADD COLUMN resync_sweep TEXT;",
+    // 11: the event journal gets stable codes and severities (`crate::lifecycle::codes`);
+    // older entries are notes.
+    "ALTER TABLE events ADD COLUMN code INTEGER NOT NULL DEFAULT 9000;
+     ALTER TABLE events ADD COLUMN severity TEXT NOT NULL DEFAULT 'info';
+     CREATE INDEX events_vm ON events (vm, id);",
 ];
+
+/// One entry of the event journal (see [`Db::events`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    pub id: i64,
+    pub unix_ms: u64,
+    pub vm: Option<Uuid>,
+    pub code: u32,
+    pub severity: Severity,
+    pub message: String,
+}
 
 /// Database errors.
 #[derive(Debug, thiserror::Error)]
@@ -267,13 +284,69 @@ impl Db {
         Ok(out)
     }
 
-    /// Appends to the event journal.
+    /// Appends a note to the event journal (code [`crate::lifecycle::codes::NOTE`], info).
     pub fn event(&self, vm: Option<Uuid>, message: &str) -> Result<(), DbError> {
+        self.event_coded(vm, crate::lifecycle::codes::NOTE, Severity::Info, message)
+    }
+
+    /// Appends an event with its code and severity to the journal.
+    pub fn event_coded(
+        &self,
+        vm: Option<Uuid>,
+        code: u32,
+        severity: Severity,
+        message: &str,
+    ) -> Result<(), DbError> {
         self.conn.execute(
-            "INSERT INTO events (unix_ms, vm, message) VALUES (?1, ?2, ?3)",
-            params![now_ms() as i64, vm.map(|u| u.to_string()), message],
+            "INSERT INTO events (unix_ms, vm, message, code, severity) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                now_ms() as i64,
+                vm.map(|u| u.to_string()),
+                message,
+                code,
+                severity.as_str()
+            ],
         )?;
         Ok(())
+    }
+
+    /// Journal entries, oldest first: of `vm` (or all), from `since_ms` on, after event id
+    /// `after_id`; the newest `limit` of those.
+    pub fn events(
+        &self,
+        vm: Option<Uuid>,
+        since_ms: Option<u64>,
+        after_id: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<EventRow>, DbError> {
+        let mut st = self.conn.prepare(
+            "SELECT id, unix_ms, vm, message, code, severity FROM events \
+             WHERE (?1 IS NULL OR vm = ?1) AND unix_ms >= ?2 AND id > ?3 \
+             ORDER BY id DESC LIMIT ?4",
+        )?;
+        let rows = st.query_map(
+            params![
+                vm.map(|u| u.to_string()),
+                since_ms.map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX)),
+                after_id.unwrap_or(0),
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ],
+            |r| {
+                let vm: Option<String> = r.get(2)?;
+                let severity: String = r.get(5)?;
+                Ok(EventRow {
+                    id: r.get(0)?,
+                    unix_ms: r.get::<_, i64>(1)?.max(0) as u64,
+                    vm: vm.and_then(|v| Uuid::parse_str(&v).ok()),
+                    message: r.get(3)?,
+                    code: r.get(4)?,
+                    severity: Severity::parse(&severity).unwrap_or(Severity::Info),
+                })
+            },
+        )?;
+        let mut out = rows.collect::<Result<Vec<_>, _>>()?;
+        out.reverse();
+        Ok(out)
     }
 }
 
@@ -433,6 +506,8 @@ mod tests {
                 .execute_batch(
                     "DROP TABLE transitions; DROP TABLE disk_fingerprints; \
                      ALTER TABLE relationships DROP COLUMN resync_sweep; \
+                     DROP INDEX events_vm; ALTER TABLE events DROP COLUMN code; \
+                     ALTER TABLE events DROP COLUMN severity; \
                      PRAGMA user_version = 7;",
                 )
                 .unwrap();
@@ -502,7 +577,11 @@ mod tests {
             db.conn
                 .execute_batch(
                     "DROP TABLE disk_fingerprints; \
-                     ALTER TABLE relationships DROP COLUMN resync_sweep; PRAGMA user_version = 8;",
+                     ALTER TABLE relationships DROP COLUMN resync_sweep; \
+                     DROP INDEX events_vm; ALTER TABLE events DROP COLUMN code; \
+                     ALTER TABLE events DROP COLUMN severity; \
+                     INSERT INTO events (unix_ms, vm, message) VALUES (5, NULL, 'from before'); \
+                     PRAGMA user_version = 8;",
                 )
                 .unwrap();
         }
@@ -514,6 +593,73 @@ mod tests {
         assert_eq!(v, SCHEMA_VERSION);
         // After an upgrade no disk has a fingerprint: that is "unknown", never a mismatch.
         assert!(db.disk_fingerprints(old.uuid).unwrap().is_empty());
+        // Journal entries from before codes existed read back as notes.
+        let ev = db.events(None, None, None, 100).unwrap();
+        let before = ev.iter().find(|e| e.message == "from before").unwrap();
+        assert_eq!(
+            (before.code, before.severity),
+            (crate::lifecycle::codes::NOTE, Severity::Info)
+        );
+    }
+
+    #[test]
+    fn a_transition_is_journaled_with_its_code_and_the_journal_filters_by_vm_time_and_id() {
+        let d = tempfile::tempdir().unwrap();
+        let db = Db::open(&d.path().join("s.db")).unwrap();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        use vmrepl_types::replication::{ReplicationState as S, Role};
+        db.record_transition(
+            a,
+            Role::Primary,
+            S::Replicating,
+            S::ResynchronizationRequired,
+            "tracking-lost",
+            Some("QEMU was killed"),
+        )
+        .unwrap();
+        db.record_transition(
+            b,
+            Role::Replica,
+            S::NotEnabled,
+            S::WaitingForInitialReplication,
+            "replica-created",
+            None,
+        )
+        .unwrap();
+        db.event(Some(a), "a note").unwrap();
+        let all = db.events(None, None, None, 100).unwrap();
+        assert_eq!(all.len(), 3);
+        assert!(all.windows(2).all(|w| w[0].id < w[1].id));
+        let lost = &all[0];
+        assert_eq!(
+            (lost.code, lost.severity, lost.vm),
+            (1007, Severity::Error, Some(a))
+        );
+        assert!(
+            lost.message.contains("tracking-lost") && lost.message.contains("QEMU was killed"),
+            "{}",
+            lost.message
+        );
+        assert_eq!(all[1].code, 2001);
+        let of_a = db.events(Some(a), None, None, 100).unwrap();
+        assert_eq!(
+            of_a.iter().map(|e| e.code).collect::<Vec<_>>(),
+            vec![1007, crate::lifecycle::codes::NOTE]
+        );
+        assert_eq!(
+            db.events(None, None, Some(all[1].id), 100).unwrap().len(),
+            1
+        );
+        assert!(db
+            .events(None, Some(u64::MAX / 2), None, 100)
+            .unwrap()
+            .is_empty());
+        // The newest `limit`, still oldest first.
+        let last2 = db.events(None, None, None, 2).unwrap();
+        assert_eq!(
+            last2.iter().map(|e| e.id).collect::<Vec<_>>(),
+            vec![all[1].id, all[2].id]
+        );
     }
 
     #[test]

@@ -252,14 +252,6 @@ impl Db {
             )?;
         }
         self.record_transition(vm, Role::Primary, from, to, event.name(), cause)?;
-        self.event(
-            Some(vm),
-            &format!(
-                "replication {to} ({}){}",
-                event.describe(),
-                cause.map(|e| format!(": {e}")).unwrap_or_default()
-            ),
-        )?;
         tx.commit()?;
         Ok(Transition { from, to })
     }

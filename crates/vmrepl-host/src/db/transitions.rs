@@ -33,6 +33,22 @@ impl Db {
         event: &str,
         cause: Option<&str>,
     ) -> Result<(), DbError> {
+        // The journal gets it too, with the event's stable code and severity.
+        let (code, severity) = crate::lifecycle::codes::code_of(role, event);
+        let side = match role {
+            Role::Primary => "replication",
+            Role::Replica | Role::TestReplica => "replica",
+        };
+        let message = if from == to {
+            format!("{side} {to} ({event})")
+        } else {
+            format!("{side} {from} -> {to} ({event})")
+        };
+        let message = match cause {
+            Some(c) => format!("{message}: {c}"),
+            None => message,
+        };
+        self.event_coded(Some(vm), code, severity, &message)?;
         self.conn.execute(
             "INSERT INTO transitions (at_ms, vm_uuid, role, from_state, to_state, event, cause) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",

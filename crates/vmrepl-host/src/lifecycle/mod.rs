@@ -36,6 +36,7 @@
 
 use vmrepl_types::replication::{ReplicationState, Role};
 
+pub mod codes;
 mod events;
 mod primary;
 mod replica;

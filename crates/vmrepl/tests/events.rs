@@ -1,0 +1,132 @@
+//! End to end: the event journal (`vmrepl events`) of two real daemons on loopback addresses,
+//! as a VM that is shut down is replicated, paused and resumed: state changes with their
+//! stable codes and severities on both hosts, the filters, `--follow`, and a daemon log in
+//! plain text.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(120);
+
+fn events(h: &Host, args: &[&str]) -> Vec<Value> {
+    let mut a = vec!["events"];
+    a.extend_from_slice(args);
+    h.json(&a)["events"].as_array().cloned().unwrap_or_default()
+}
+
+fn codes(ev: &[Value]) -> Vec<u64> {
+    ev.iter().map(|e| e["code"].as_u64().unwrap()).collect()
+}
+
+#[test]
+fn every_state_change_is_an_event_with_a_stable_code_that_can_be_filtered_and_followed() {
+    let (a, b, _store) = pair("127.0.0.151", "127.0.0.152", "events");
+    a.ok(&[
+        "vm",
+        "create",
+        "app",
+        "--generation",
+        "1",
+        "--memory",
+        "128",
+        "--disk",
+        "64M",
+    ]);
+    enable_ok(&a, &b, "app", "hostb.test", &["--frequency", "30"]);
+    wait_until("the initial copy acknowledged", T, || acked(&a, "app") >= 1);
+    wait_until("the replica applied it", T, || acked(&b, "app") >= 1);
+
+    // The primary: enabled, initial replication started, the cycle acknowledged.
+    let ev = events(&a, &["--vm", "app"]);
+    let c = codes(&ev);
+    for want in [1001, 1002, 1005] {
+        assert!(c.contains(&want), "code {want} missing from {ev:#?}");
+    }
+    let ids: Vec<i64> = ev.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "not oldest first: {ids:?}"
+    );
+    for e in &ev {
+        assert_eq!(e["host"], "hosta.test");
+        assert_eq!(e["vm"], "app");
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    // The replica server: the replica created, then the log applied.
+    let evb = events(&b, &["--vm", "app"]);
+    let cb = codes(&evb);
+    assert!(cb.contains(&2001) && cb.contains(&2002), "{evb:#?}");
+    assert!(evb.iter().all(|e| e["host"] == "hostb.test"));
+
+    // Following: a pause made after it started shows up, as a warning.
+    let mut follow = Command::new(env!("CARGO_BIN_EXE_vmrepl"))
+        .arg("--data")
+        .arg(a.data())
+        .args([
+            "--json", "events", "--follow", "--vm", "app", "--since", "10s",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run events --follow");
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let out = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    a.ok(&["replication", "pause", "app"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let paused = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(v) if v["code"] == 1009 => break v,
+            Ok(_) => {}
+            Err(e) => {
+                let _ = follow.kill();
+                panic!("`events --follow` did not show the pause within 30 s: {e}");
+            }
+        }
+    };
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert_eq!(paused["severity"], "warning");
+    a.ok(&["replication", "resume", "app"]);
+    wait_until("the resume recorded", T, || {
+        codes(&events(&a, &["--vm", "app"])).contains(&1010)
+    });
+
+    // Filters: a time to come gives nothing; the limit keeps the newest.
+    assert!(events(&a, &["--since", "2099-01-01T00:00:00Z"]).is_empty());
+    let all = events(&a, &["--vm", "app"]);
+    let newest = events(&a, &["--vm", "app", "--limit", "1"]);
+    assert_eq!(newest.len(), 1);
+    assert!(newest[0]["id"].as_i64() >= all.last().unwrap()["id"].as_i64());
+    // Unknown VMs and unreadable times are refused with what to do.
+    let msg = a.fails(&["events", "--vm", "nosuch"]);
+    assert!(msg.contains("No VM nosuch"), "{msg}");
+    let msg = a.fails(&["events", "--since", "yesterday-ish"]);
+    assert!(msg.contains("is not a time"), "{msg}");
+    // People get one line per event.
+    let text = a.ok(&["events", "--vm", "app"]);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("1009") && l.contains("warning")),
+        "{text}"
+    );
+
+    // The daemon's log file is plain text.
+    let log = std::fs::read_to_string(a.data().join("daemon.log")).unwrap();
+    assert!(
+        !log.is_empty() && !log.contains('\u{1b}'),
+        "colour codes in daemon.log"
+    );
+}
