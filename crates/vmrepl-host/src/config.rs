@@ -66,6 +66,14 @@ pub struct HostConfig {
     /// 256 MiB, more when the disks hold over 256 GiB together (about 1024 parts at most).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync_range_mib: Option<u64>,
+    /// Address of the Prometheus metrics page (`GET /metrics`, plain HTTP, not authenticated:
+    /// keep it on loopback or a management network). Empty: off.
+    #[serde(default = "default_metrics")]
+    pub metrics: String,
+}
+
+fn default_metrics() -> String {
+    crate::metrics::DEFAULT_LISTEN.to_string()
 }
 
 /// Limits and timeouts of the peer listener (review M1). Every field has a default, so a
@@ -145,6 +153,7 @@ impl HostConfig {
             peer_limits: PeerLimits::default(),
             revoked_certs: Vec::new(),
             resync_range_mib: None,
+            metrics: default_metrics(),
         }
     }
 
@@ -176,6 +185,13 @@ impl HostConfig {
                 self.listen
             ))
         })?;
+        if !self.metrics.is_empty() && self.metrics.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "metrics address {:?} is not IP:PORT (for example {}; \"\" serves no metrics)",
+                self.metrics,
+                crate::metrics::DEFAULT_LISTEN
+            )));
+        }
         if self.storage.is_empty() {
             return Err(ConfigError::Invalid(
                 "no storage folder is configured; add at least one to `storage`".into(),

@@ -95,6 +95,14 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
         vmm,
         peer_listener.clone(),
     ));
+    let metrics_addr = d.cfg().metrics.clone();
+    let metrics = match crate::metrics::bind(&metrics_addr).await {
+        Some((l, url)) => {
+            let _ = d.metrics_url.set(url);
+            Some(tokio::spawn(crate::metrics::serve(l, d.clone())))
+        }
+        None => None,
+    };
     let server = tokio::spawn(mgmt::serve(listener, d.clone()));
     let peer = tokio::spawn(crate::peer_server::serve(peer_listener, d.clone()));
     crate::replica::recover(&d).await;
@@ -120,6 +128,9 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
     }
     server.abort();
     peer.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     let _ = std::fs::remove_file(dd.socket());
     tracing::info!(target: "vmrepl::daemon", "stopped; running VMs keep running");
     Ok(())
@@ -147,6 +158,7 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
                 .iter()
                 .filter_map(|p| vmrepl_qemu::caps::storage_info(p).ok())
                 .collect();
+            info.metrics_url = host.metrics_url.get().cloned();
             Response::HostInfo(Box::new(info))
         }
         Request::VmCreate(c) => Response::Vm(Box::new(vmm.create(c).await?)),

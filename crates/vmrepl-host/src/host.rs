@@ -37,6 +37,8 @@ pub struct Host {
     pub(crate) peer_listener: Arc<vmrepl_transport::tls::Listener>,
     /// Notified to stop the daemon.
     pub(crate) stop: tokio::sync::Notify,
+    /// Where the metrics page is served, once bound (`host info` reports it).
+    pub(crate) metrics_url: std::sync::OnceLock<String>,
 }
 
 /// In-memory state of the running relationships.
@@ -73,6 +75,7 @@ impl Host {
             replica_locks: Default::default(),
             peer_listener,
             stop: tokio::sync::Notify::new(),
+            metrics_url: std::sync::OnceLock::new(),
         }
     }
 

@@ -20,6 +20,8 @@ pub struct InitOptions {
     /// Extra CA certificates to trust.
     pub trust: Vec<PathBuf>,
     pub qemu_binary: Option<PathBuf>,
+    /// The metrics page's address (`config.toml`'s `metrics`; empty: none).
+    pub metrics: String,
 }
 
 /// What `host init` made.
@@ -126,6 +128,7 @@ pub fn init_host(dd: &DataDir, o: InitOptions) -> Result<InitReport, InitError> 
     if let Some(q) = o.qemu_binary {
         cfg.qemu_binary = q;
     }
+    cfg.metrics = o.metrics;
     cfg.validate()?;
     dd.create_skeleton()?;
     for s in &storage {
@@ -264,6 +267,7 @@ mod tests {
                 cert: None,
                 trust: vec![],
                 qemu_binary: None,
+                metrics: String::new(),
             },
         )
         .unwrap();
@@ -307,6 +311,7 @@ mod tests {
                 cert: Some((out.join("host.pem"), out.join("host-key.pem"))),
                 trust: vec![out.join("ca.pem")],
                 qemu_binary: None,
+                metrics: String::new(),
             },
         )
         .unwrap();

@@ -26,6 +26,7 @@ pub mod host;
 pub mod init;
 pub mod lifecycle;
 pub mod locks;
+pub mod metrics;
 pub mod mgmt;
 pub mod peer;
 pub mod peer_server;

@@ -383,6 +383,7 @@ pub async fn probe(opts: &ProbeOptions) -> Result<HostProbe, CapsError> {
         kvm_reason,
         config_versions: (ConfigVersion::OLDEST, ConfigVersion::CURRENT),
         storage,
+        metrics_url: None,
     };
     Ok(HostProbe { info, machines })
 }
@@ -461,6 +462,7 @@ mod tests {
             kvm_reason: Some("it hangs".into()),
             config_versions: (ConfigVersion::OLDEST, ConfigVersion::CURRENT),
             storage: vec![],
+            metrics_url: None,
         };
         assert_eq!(resolve_accel(Accel::Auto, &h).unwrap(), ResolvedAccel::Tcg);
         let e = resolve_accel(Accel::Kvm, &h).unwrap_err().to_string();

@@ -40,6 +40,10 @@ pub struct HostInfo {
     /// VM configuration versions this host can run (oldest, newest).
     pub config_versions: (ConfigVersion, ConfigVersion),
     pub storage: Vec<StorageFolderInfo>,
+    /// Where this host serves its Prometheus metrics (`vmrepl host info` only; not sent to
+    /// peers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_url: Option<String>,
 }
 
 /// Why a host cannot run a VM.

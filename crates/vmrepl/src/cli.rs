@@ -387,6 +387,10 @@ pub struct InitArgs {
     /// QEMU system emulator to use.
     #[arg(long)]
     pub qemu: Option<PathBuf>,
+    /// Where to serve the Prometheus metrics page (`HOST:PORT`, plain HTTP, unauthenticated;
+    /// port 0 lets the system choose, `host info` shows the URL; "" for none).
+    #[arg(long, default_value = vmrepl_host::metrics::DEFAULT_LISTEN)]
+    pub metrics: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -516,6 +520,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 cert: a.cert.zip(a.key),
                 trust: a.trust,
                 qemu_binary: a.qemu,
+                metrics: a.metrics,
             };
             let report = vmrepl_host::init::init_host(&dd, opts)?;
             if args.json {

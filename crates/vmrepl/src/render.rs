@@ -172,6 +172,12 @@ fn host_info(h: &HostInfo) {
     );
     println!("QEMU:                {}", h.qemu_version);
     println!(
+        "Metrics:             {}",
+        h.metrics_url
+            .as_deref()
+            .unwrap_or("not served (see `metrics` in config.toml)")
+    );
+    println!(
         "KVM:                 {}",
         if h.kvm_usable {
             "usable".to_string()

@@ -123,10 +123,56 @@ fn every_state_change_is_an_event_with_a_stable_code_that_can_be_filtered_and_fo
         "{text}"
     );
 
+    // The metrics page, where `host info` says it is, tells the same.
+    let url = a.json(&["host", "info"])["metrics_url"]
+        .as_str()
+        .expect("a metrics URL")
+        .to_string();
+    let page = http_get(&url);
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let labels = r#"vm="app",vm_uuid=""#;
+    let line = |name: &str| {
+        page.lines()
+            .find(|l| {
+                l.starts_with(&format!("{name}{{"))
+                    && l.contains(labels)
+                    && l.contains(r#"role="primary""#)
+            })
+            .unwrap_or_else(|| panic!("no {name} for app in:\n{page}"))
+            .to_string()
+    };
+    assert!(line("vmrepl_health").ends_with(" 0"), "{page}");
+    assert!(
+        line("vmrepl_last_sequence")
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    assert!(page.contains(r#"outcome="ok"}"#), "{page}");
+    assert!(page.contains("vmrepl_up{host=\"hosta.test\"} 1"), "{page}");
+    let other = http_get(&url.replace("/metrics", "/other"));
+    assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+
     // The daemon's log file is plain text.
     let log = std::fs::read_to_string(a.data().join("daemon.log")).unwrap();
     assert!(
         !log.is_empty() && !log.contains('\u{1b}'),
         "colour codes in daemon.log"
     );
+}
+
+/// A plain HTTP GET of `url` (`http://IP:PORT/PATH`): the whole answer, head and body.
+fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    let (addr, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut c = std::net::TcpStream::connect(addr).expect("connect to the metrics page");
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(c, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).expect("read the answer");
+    out
 }

@@ -48,7 +48,10 @@ impl Db {
             Some(c) => format!("{message}: {c}"),
             None => message,
         };
-        self.event_coded(Some(vm), code, severity, &message)?;
+        // An apply pass that found nothing and changed nothing is not news.
+        if !(from == to && event == "no-log-pending") {
+            self.event_coded(Some(vm), code, severity, &message)?;
+        }
         self.conn.execute(
             "INSERT INTO transitions (at_ms, vm_uuid, role, from_state, to_state, event, cause) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",

@@ -63,6 +63,7 @@ impl ReplicaHost {
                 cert: Some(self.cert.clone()),
                 trust: self.trust.clone(),
                 qemu_binary: None,
+                metrics: String::new(),
             },
         )
         .unwrap();

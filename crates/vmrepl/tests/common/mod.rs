@@ -95,8 +95,19 @@ impl Host {
             pid: None,
         };
         let listen = format!("{ip}:{port}");
+        // The metrics page on a port the system picks (`host info` tells which).
+        let metrics = format!("{ip}:0");
         let mut args = vec![
-            "host", "init", "--name", name, "--listen", &listen, "--accel", "tcg",
+            "host",
+            "init",
+            "--name",
+            name,
+            "--listen",
+            &listen,
+            "--accel",
+            "tcg",
+            "--metrics",
+            &metrics,
         ];
         args.extend_from_slice(extra);
         h.ok(&args);
