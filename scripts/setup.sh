@@ -32,6 +32,8 @@ PLAIN_PKGS="$PLAIN_PKGS $QGA_LIB_PKGS"
 # The fault matrix (scripts/faults.sh) runs a daemon under libfaketime (a clock jump) and one
 # inside a network namespace (ip netns, veth).
 PLAIN_PKGS="$PLAIN_PKGS libfaketime iproute2"
+# `vmrepl doctor`'s test drops a port with a firewall rule (nft) inside a network namespace.
+PLAIN_PKGS="$PLAIN_PKGS nftables"
 QEMU_PINNED="qemu-utils qemu-block-extra qemu-system-common" # same version as qemu-system-x86
 
 installed_version() { # pkg -> version if fully installed, else empty

@@ -238,6 +238,13 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
             }
             Response::Replication { relationships }
         }
+        Request::Doctor {
+            replica_server,
+            replica_name,
+            vm,
+        } => Response::Doctor {
+            findings: crate::doctor::run(host, replica_server, replica_name, vm.as_ref()).await?,
+        },
         Request::Events {
             vm,
             since_ms,

@@ -17,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod datadir;
 pub mod db;
+pub mod doctor;
 pub mod error;
 pub mod failover;
 pub mod faults;

@@ -155,6 +155,19 @@ pub enum Request {
     RecoveryPoints {
         name: VmName,
     },
+    /// `vmrepl doctor`: checks that each name a cause and a fix. With `replica_server`
+    /// (`HOST:PORT`, its certificate naming `replica_name` or HOST): whether this host can
+    /// replicate there (before enabling, like Test-VMReplicationConnection), for `vm` or every
+    /// VM of this host. With `vm` alone: that VM's relationship, from either side. With
+    /// neither: this host, and every replica server its VMs replicate to.
+    Doctor {
+        #[serde(default)]
+        replica_server: Option<String>,
+        #[serde(default)]
+        replica_name: Option<String>,
+        #[serde(default)]
+        vm: Option<VmName>,
+    },
     /// The host's event journal, oldest first: of one VM (`vm`), from a time on (`since_ms`,
     /// Unix milliseconds) or after an event already seen (`after_id`, for following), at most
     /// `limit` (the newest ones; default 200).
@@ -313,6 +326,9 @@ pub enum Response {
     Events {
         events: Vec<EventRecord>,
     },
+    Doctor {
+        findings: Vec<Finding>,
+    },
     Error(ApiError),
 }
 
@@ -428,4 +444,25 @@ mod tests {
         let e = serde_json::from_str::<Request>(r#"{"op":"vm-start","name":"../../etc"}"#);
         assert!(e.is_err());
     }
+}
+
+/// The outcome of one `vmrepl doctor` check: `fail` blocks replication, `warning` deserves a
+/// look, `ok` is fine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FindingStatus {
+    Ok,
+    Warning,
+    Fail,
+}
+
+/// One `vmrepl doctor` check: what was checked, how it went, why, and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finding {
+    /// A short stable name: `resolve`, `tcp`, `tls`, `authorization`, `can-run:VM`, ...
+    pub check: String,
+    pub status: FindingStatus,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
 }

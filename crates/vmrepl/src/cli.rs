@@ -50,6 +50,20 @@ pub enum Cmd {
     Failover(FailoverCmd),
     /// Stop the daemon (running VMs keep running; it reattaches at next start).
     Stop,
+    /// Find what keeps replication from working, each finding with its cause and fix: this
+    /// host and the replica servers its VMs use; a VM's relationship (from either side); or,
+    /// before enabling, a replica server (like Test-VMReplicationConnection). Exits 0 when
+    /// nothing blocks replication, 1 when something does.
+    Doctor {
+        /// A VM: its relationship (or, with --replica-server, only this VM).
+        vm: Option<String>,
+        /// A replica server to check, HOST:PORT (nothing is created there).
+        #[arg(long)]
+        replica_server: Option<String>,
+        /// The name in the replica server's certificate, when HOST is not it.
+        #[arg(long)]
+        replica_name: Option<String>,
+    },
     /// The host's event journal: every replication state change (with a stable code and a
     /// severity) and notes, oldest first.
     Events {
@@ -588,6 +602,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
             limit,
             follow,
         } => events(&dd, args.json, vm, since, limit, follow),
+        Cmd::Doctor {
+            vm,
+            replica_server,
+            replica_name,
+        } => doctor(&dd, args.json, vm, replica_server, replica_name),
         Cmd::Vm(v) => {
             let req = match v {
                 VmCmd::Create(c) => Request::VmCreate(create_request(c)?),
@@ -947,6 +966,45 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("starting the async runtime")
+}
+
+/// `vmrepl doctor`: the findings, and exit 1 when one of them blocks replication.
+fn doctor(
+    dd: &DataDir,
+    json: bool,
+    vm: Option<String>,
+    replica_server: Option<String>,
+    replica_name: Option<String>,
+) -> Result<ExitCode> {
+    dd.require_host()?;
+    let req = Request::Doctor {
+        vm: vm.map(|v| vm_name(&v)).transpose()?,
+        replica_server,
+        replica_name,
+    };
+    let resp = runtime()?.block_on(async {
+        let mut c = Client::connect(dd.root(), &dd.socket()).await?;
+        c.call(&req).await
+    })?;
+    let Response::Doctor { findings } = &resp else {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&resp)?);
+        }
+        return Ok(crate::render::response(&resp));
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&resp)?);
+    } else {
+        crate::render::findings(findings);
+    }
+    let blocked = findings
+        .iter()
+        .any(|f| f.status == vmrepl_types::api::FindingStatus::Fail);
+    Ok(if blocked {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// `vmrepl events`: one request, or with `follow` one every second for what is new.

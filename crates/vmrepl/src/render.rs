@@ -114,6 +114,7 @@ pub fn response(r: &Response) -> ExitCode {
                 );
             }
         }
+        Response::Doctor { findings: f } => findings(f),
         Response::Events { events } => {
             if events.is_empty() {
                 println!("No events.");
@@ -334,6 +335,34 @@ fn replication(rs: &[ReplicationStatus]) {
         );
         println!();
     }
+}
+
+/// `vmrepl doctor`'s findings: status, check, what was found, and the fix under it.
+pub fn findings(list: &[vmrepl_types::api::Finding]) {
+    use vmrepl_types::api::FindingStatus as S;
+    for f in list {
+        let status = match f.status {
+            S::Ok => "ok",
+            S::Warning => "WARNING",
+            S::Fail => "FAIL",
+        };
+        println!("{status:<7}  {:<16}  {}", f.check, printable(&f.message));
+        if let Some(fix) = &f.fix {
+            if f.status != S::Ok {
+                println!("{:<7}  {:<16}  fix: {}", "", "", printable(fix));
+            }
+        }
+    }
+    let fails = list.iter().filter(|f| f.status == S::Fail).count();
+    let warnings = list.iter().filter(|f| f.status == S::Warning).count();
+    println!(
+        "{}",
+        match (fails, warnings) {
+            (0, 0) => "Nothing blocks replication.".to_string(),
+            (0, w) => format!("Nothing blocks replication; {w} warning(s)."),
+            (n, _) => format!("{n} finding(s) block replication."),
+        }
+    );
 }
 
 /// One journal entry on one line: time (UTC), severity, code, VM, message.

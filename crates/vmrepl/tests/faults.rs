@@ -20,7 +20,6 @@
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const VM: &str = "app";
@@ -517,94 +516,6 @@ fn a_byte_flipped_in_transit_is_rejected_by_tls_and_the_cycle_is_retried() {
     );
     s.points_are_instants(&before);
     s.ends_equal();
-}
-
-/// A network namespace with a veth pair to this one, deleted when dropped.
-struct Netns {
-    name: String,
-    /// The veth end in this namespace.
-    outer: String,
-}
-
-impl Netns {
-    /// `vmrt-<tag>` with `outer_ip/30` here and `inner_ip/30` inside.
-    fn create(tag: &str, outer_ip: &str, inner_ip: &str) -> Netns {
-        let name = format!("vmrt-{tag}");
-        let outer = format!("vmrt-{tag}o");
-        let inner = format!("vmrt-{tag}i");
-        let ns = Netns {
-            name: name.clone(),
-            outer: outer.clone(),
-        };
-        // Leftovers of a run that was killed before its guards ran.
-        ns.delete();
-        ip(&["netns", "add", &name]);
-        ip(&[
-            "link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &name,
-        ]);
-        ip(&["addr", "add", &format!("{outer_ip}/30"), "dev", &outer]);
-        ip(&["link", "set", &outer, "up"]);
-        let inside = |args: &[&str]| {
-            let mut v = vec!["netns", "exec", &name, "ip"];
-            v.extend_from_slice(args);
-            ip(&v);
-        };
-        inside(&["addr", "add", &format!("{inner_ip}/30"), "dev", &inner]);
-        inside(&["link", "set", &inner, "up"]);
-        inside(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Limits what this side sends to the namespace to `rate` (tc's units, e.g. `24mbit`).
-    fn throttle(&self, rate: &str) {
-        let o = Command::new("tc")
-            .args([
-                "qdisc",
-                "replace",
-                "dev",
-                &self.outer,
-                "root",
-                "tbf",
-                "rate",
-                rate,
-            ])
-            .args(["burst", "64kb", "latency", "500ms"])
-            .output()
-            .expect("run tc");
-        assert!(
-            o.status.success(),
-            "tc failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-
-    fn link(&self, up: bool) {
-        ip(&["link", "set", &self.outer, if up { "up" } else { "down" }]);
-    }
-
-    fn delete(&self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.outer])
-            .output();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        self.delete();
-    }
-}
-
-fn ip(args: &[&str]) {
-    let o = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        o.status.success(),
-        "ip {args:?} failed (the fault matrix runs as root): {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 #[test]

@@ -57,7 +57,7 @@ pub(crate) fn replicated_disks(vm: &VmDefinition, s: &ReplicationSettings) -> Ve
 }
 
 /// The VM as its replica keeps it: without the excluded disks.
-pub(crate) fn replica_view(vm: &VmDefinition, s: &ReplicationSettings) -> VmDefinition {
+pub fn replica_view(vm: &VmDefinition, s: &ReplicationSettings) -> VmDefinition {
     let mut out = vm.clone();
     out.disks.retain(|x| !s.exclude_disks.contains(&x.id));
     out

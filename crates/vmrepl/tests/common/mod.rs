@@ -879,3 +879,121 @@ impl Drop for FaultProxy {
         let _ = TcpStream::connect(self.addr);
     }
 }
+
+/// A network namespace with a veth pair to this one, deleted when dropped.
+pub struct Netns {
+    pub name: String,
+    /// The veth end in this namespace.
+    outer: String,
+}
+
+impl Netns {
+    /// `vmrt-<tag>` with `outer_ip/30` here and `inner_ip/30` inside.
+    pub fn create(tag: &str, outer_ip: &str, inner_ip: &str) -> Netns {
+        let name = format!("vmrt-{tag}");
+        let outer = format!("vmrt-{tag}o");
+        let inner = format!("vmrt-{tag}i");
+        let ns = Netns {
+            name: name.clone(),
+            outer: outer.clone(),
+        };
+        // Leftovers of a run that was killed before its guards ran.
+        ns.delete();
+        ip(&["netns", "add", &name]);
+        ip(&[
+            "link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &name,
+        ]);
+        ip(&["addr", "add", &format!("{outer_ip}/30"), "dev", &outer]);
+        ip(&["link", "set", &outer, "up"]);
+        let inside = |args: &[&str]| {
+            let mut v = vec!["netns", "exec", &name, "ip"];
+            v.extend_from_slice(args);
+            ip(&v);
+        };
+        inside(&["addr", "add", &format!("{inner_ip}/30"), "dev", &inner]);
+        inside(&["link", "set", &inner, "up"]);
+        inside(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Limits what this side sends to the namespace to `rate` (tc's units, e.g. `24mbit`).
+    pub fn throttle(&self, rate: &str) {
+        let o = Command::new("tc")
+            .args([
+                "qdisc",
+                "replace",
+                "dev",
+                &self.outer,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+            ])
+            .args(["burst", "64kb", "latency", "500ms"])
+            .output()
+            .expect("run tc");
+        assert!(
+            o.status.success(),
+            "tc failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    pub fn link(&self, up: bool) {
+        ip(&["link", "set", &self.outer, if up { "up" } else { "down" }]);
+    }
+
+    /// Inside the namespace, a firewall rule (nft) that silently drops TCP to `port`
+    /// (`None`: no rule).
+    pub fn drop_tcp(&self, port: Option<u16>) {
+        let nft = |script: &str| {
+            let o = Command::new("ip")
+                .args(["netns", "exec", &self.name, "nft", "-f", "-"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .and_then(|mut c| {
+                    use std::io::Write;
+                    c.stdin.take().unwrap().write_all(script.as_bytes())?;
+                    c.wait_with_output()
+                })
+                .expect("run nft (apt-get install nftables)");
+            assert!(
+                o.status.success(),
+                "nft failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        nft("flush ruleset\n");
+        if let Some(p) = port {
+            nft(&format!(
+                "table inet vmrt {{\n  chain input {{\n    type filter hook input priority 0;\n    tcp dport {p} drop\n  }}\n}}\n"
+            ));
+        }
+    }
+
+    fn delete(&self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.outer])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        self.delete();
+    }
+}
+
+pub fn ip(args: &[&str]) {
+    let o = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        o.status.success(),
+        "ip {args:?} failed (the fault matrix runs as root): {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
