@@ -70,6 +70,14 @@ pub struct HostConfig {
     /// keep it on loopback or a management network). Empty: off.
     #[serde(default = "default_metrics")]
     pub metrics: String,
+    /// Hours of history health and statistics look at (Hyper-V's monitoring window, 12 by
+    /// default; 1 to 168).
+    #[serde(default = "default_window_hours")]
+    pub monitoring_window_hours: u32,
+}
+
+fn default_window_hours() -> u32 {
+    12
 }
 
 fn default_metrics() -> String {
@@ -154,6 +162,7 @@ impl HostConfig {
             revoked_certs: Vec::new(),
             resync_range_mib: None,
             metrics: default_metrics(),
+            monitoring_window_hours: default_window_hours(),
         }
     }
 
@@ -185,6 +194,13 @@ impl HostConfig {
                 self.listen
             ))
         })?;
+        if !(1..=168).contains(&self.monitoring_window_hours) {
+            return Err(ConfigError::Invalid(format!(
+                "monitoring_window_hours is {}; give 1 to 168 (hours of history health and \
+                 statistics look at; Hyper-V uses 12)",
+                self.monitoring_window_hours
+            )));
+        }
         if !self.metrics.is_empty() && self.metrics.parse::<std::net::SocketAddr>().is_err() {
             return Err(ConfigError::Invalid(format!(
                 "metrics address {:?} is not IP:PORT (for example {}; \"\" serves no metrics)",
@@ -318,6 +334,24 @@ mod tests {
         let mut c = sample();
         c.listen = "nowhere".into();
         assert!(c.validate().unwrap_err().to_string().contains("IP:PORT"));
+    }
+
+    #[test]
+    fn a_bad_metrics_address_and_window_are_refused_with_what_to_give() {
+        let mut c = sample();
+        c.metrics = "localhost".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("metrics") && e.contains("IP:PORT"), "{e}");
+        c.metrics = String::new();
+        assert!(c.validate().is_ok(), "an empty address turns the page off");
+        c.monitoring_window_hours = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("1 to 168"), "{e}");
+        // A config written before these settings existed gets their defaults.
+        let old = "host_name = \"h.example\"\nlisten = \"127.0.0.1:7443\"\nstorage = [\"/srv\"]\n";
+        let c = HostConfig::parse(old, Path::new("c.toml")).unwrap();
+        assert_eq!(c.metrics, crate::metrics::DEFAULT_LISTEN);
+        assert_eq!(c.monitoring_window_hours, 12);
     }
 
     #[test]

@@ -253,6 +253,28 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
         } => Response::Events {
             events: events(host, vm.as_ref(), since_ms, after_id, limit)?,
         },
+        Request::ReplicationMeasure { name, reset } => {
+            let mut relationships = crate::primary::statuses(host)?;
+            relationships.extend(crate::replica::statuses(host));
+            relationships.retain(|r| r.vm == name);
+            let Some(found) = relationships.first() else {
+                return Err(ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("Replication is not enabled for VM {name} on this host."),
+                ));
+            };
+            if reset {
+                let db = host.db();
+                db.reset_stats(found.vm_uuid)
+                    .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+                let _ = db.event(Some(found.vm_uuid), "replication statistics reset");
+                drop(db);
+                relationships = crate::primary::statuses(host)?;
+                relationships.extend(crate::replica::statuses(host));
+                relationships.retain(|r| r.vm == name);
+            }
+            Response::Measure { relationships }
+        }
         Request::ReplicationPause { name } => Response::Ok {
             message: crate::primary::pause(host, &name)?,
         },

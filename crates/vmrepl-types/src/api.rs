@@ -155,6 +155,13 @@ pub enum Request {
     RecoveryPoints {
         name: VmName,
     },
+    /// Measure-VMReplication: a relationship's statistics over the monitoring window, on
+    /// either side; `reset` starts the window anew (the primary's figures).
+    ReplicationMeasure {
+        name: VmName,
+        #[serde(default)]
+        reset: bool,
+    },
     /// `vmrepl doctor`: checks that each name a cause and a fix. With `replica_server`
     /// (`HOST:PORT`, its certificate naming `replica_name` or HOST): whether this host can
     /// replicate there (before enabling, like Test-VMReplicationConnection), for `vm` or every
@@ -328,6 +335,10 @@ pub enum Response {
     },
     Doctor {
         findings: Vec<Finding>,
+    },
+    /// `replication measure`: the same status, shown as Measure-VMReplication does.
+    Measure {
+        relationships: Vec<ReplicationStatus>,
     },
     Error(ApiError),
 }

@@ -349,6 +349,12 @@ pub struct ReplicationStats {
     pub max_latency_secs: f64,
     pub last_replication_unix: Option<u64>,
     pub pending_bytes: u64,
+    /// The monitoring window these figures cover (Unix seconds): from the later of its
+    /// length ago, the relationship's start and the last `replication measure --reset`, to now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_from_unix: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_to_unix: Option<u64>,
 }
 
 /// Progress of a transfer in flight.

@@ -101,6 +101,14 @@ pub enum ReplCmd {
         #[arg(long = "for", default_value_t = 600)]
         watch_for: u64,
     },
+    /// A relationship's statistics over the monitoring window (Measure-VMReplication):
+    /// sizes, latencies, cycles by outcome, the last successful cycle and points.
+    Measure {
+        name: String,
+        /// Start the statistics anew from now (Reset-VMReplicationStatistics).
+        #[arg(long)]
+        reset: bool,
+    },
     /// Pause replication of a VM (changes are still tracked).
     Pause { name: String },
     /// Change a relationship's settings in place (Set-VMReplication).
@@ -744,6 +752,16 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
             failover,
             test,
         },
+        ReplCmd::Measure { name, reset } => {
+            return call(
+                dd,
+                json,
+                Request::ReplicationMeasure {
+                    name: vm_name(&name)?,
+                    reset,
+                },
+            )
+        }
         ReplCmd::Status {
             name,
             watch,

@@ -115,6 +115,7 @@ pub fn response(r: &Response) -> ExitCode {
             }
         }
         Response::Doctor { findings: f } => findings(f),
+        Response::Measure { relationships } => relationships.iter().for_each(measure),
         Response::Events { events } => {
             if events.is_empty() {
                 println!("No events.");
@@ -335,6 +336,48 @@ fn replication(rs: &[ReplicationStatus]) {
         );
         println!();
     }
+}
+
+/// One relationship's statistics, laid out as Measure-VMReplication shows them.
+fn measure(r: &ReplicationStatus) {
+    let s = &r.stats;
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / 1_048_576.0);
+    let when = |t: Option<u64>| {
+        t.map(|t| utc(t as i64 * 1000))
+            .unwrap_or_else(|| "never".into())
+    };
+    let cycles = s.success_count.max(1);
+    println!("VM:                   {} ({:?})", r.vm, r.role);
+    println!("State:                {}", r.state);
+    println!("Health:               {:?}", r.health);
+    for d in &r.health_details {
+        println!("                      {d}");
+    }
+    println!("Primary server:       {}", r.primary_host);
+    println!("Replica server:       {}", r.replica_host);
+    println!(
+        "Monitoring window:    {} to {}",
+        when(s.window_from_unix),
+        when(s.window_to_unix)
+    );
+    println!("Average size:         {}", mib(s.total_bytes / cycles));
+    println!("Maximum size:         {}", mib(s.max_bytes));
+    println!("Average latency:      {:.1} s", s.avg_latency_secs);
+    println!("Maximum latency:      {:.1} s", s.max_latency_secs);
+    println!(
+        "Cycles:               {} successful, {} missed, {} failed ({} network failures)",
+        s.success_count, s.miss_count, s.failure_count, s.network_failure_count
+    );
+    if s.app_consistent_failure_count > 0 {
+        println!(
+            "App-consistent:       {} points could not freeze the guest",
+            s.app_consistent_failure_count
+        );
+    }
+    println!("Pending size:         {}", mib(s.pending_bytes));
+    println!("Last successful:      {}", when(s.last_replication_unix));
+    println!("Last sequence:        {}", r.last_sequence);
+    println!();
 }
 
 /// `vmrepl doctor`'s findings: status, check, what was found, and the fix under it.

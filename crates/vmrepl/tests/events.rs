@@ -123,6 +123,34 @@ fn every_state_change_is_an_event_with_a_stable_code_that_can_be_filtered_and_fo
         "{text}"
     );
 
+    // Measure-VMReplication: the window's statistics, then started anew.
+    let m = a.json(&["replication", "measure", "app"]);
+    assert_eq!(m["kind"], "measure", "{m}");
+    let st = &m["relationships"][0]["stats"];
+    assert!(st["success_count"].as_u64().unwrap() >= 1, "{m}");
+    let (from, to) = (
+        st["window_from_unix"].as_u64().unwrap(),
+        st["window_to_unix"].as_u64().unwrap(),
+    );
+    assert!(from <= to && to - from <= 12 * 3600, "{m}");
+    let text = a.ok(&["replication", "measure", "app"]);
+    assert!(
+        text.contains("Monitoring window:") && text.contains("Average latency:"),
+        "{text}"
+    );
+    let m = a.json(&["replication", "measure", "app", "--reset"]);
+    let st = &m["relationships"][0]["stats"];
+    assert_eq!(st["success_count"], 0, "{m}");
+    assert!(st["window_from_unix"].as_u64().unwrap() >= to, "{m}");
+    assert!(
+        events(&a, &["--vm", "app"])
+            .iter()
+            .any(|e| e["message"] == "replication statistics reset"),
+        "the reset is not in the journal"
+    );
+    let b_m = b.json(&["replication", "measure", "app"]);
+    assert_eq!(b_m["relationships"][0]["role"], "replica", "{b_m}");
+
     // The metrics page, where `host info` says it is, tells the same.
     let url = a.json(&["host", "info"])["metrics_url"]
         .as_str()

@@ -143,6 +143,11 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE events ADD COLUMN code INTEGER NOT NULL DEFAULT 9000;
      ALTER TABLE events ADD COLUMN severity TEXT NOT NULL DEFAULT 'info';
      CREATE INDEX events_vm ON events (vm, id);",
+    // 12: when `replication measure --reset` last started a relationship's statistics anew.
+    "CREATE TABLE stats_resets (
+        vm_uuid TEXT PRIMARY KEY,
+        reset_ms INTEGER NOT NULL
+     );",
 ];
 
 /// One entry of the event journal (see [`Db::events`]).
@@ -282,6 +287,29 @@ impl Db {
             out.push(r??);
         }
         Ok(out)
+    }
+
+    /// `replication measure --reset`: the statistics of `vm` start anew now.
+    pub fn reset_stats(&self, vm: Uuid) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT INTO stats_resets (vm_uuid, reset_ms) VALUES (?1, ?2) \
+             ON CONFLICT (vm_uuid) DO UPDATE SET reset_ms = excluded.reset_ms",
+            params![vm.to_string(), now_ms() as i64],
+        )?;
+        Ok(())
+    }
+
+    /// When the statistics of `vm` were last reset, if ever.
+    pub fn stats_reset(&self, vm: Uuid) -> Result<Option<u64>, DbError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT reset_ms FROM stats_resets WHERE vm_uuid = ?1",
+                params![vm.to_string()],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .map(|v| v.max(0) as u64))
     }
 
     /// Appends a note to the event journal (code [`crate::lifecycle::codes::NOTE`], info).
@@ -507,7 +535,7 @@ mod tests {
                     "DROP TABLE transitions; DROP TABLE disk_fingerprints; \
                      ALTER TABLE relationships DROP COLUMN resync_sweep; \
                      DROP INDEX events_vm; ALTER TABLE events DROP COLUMN code; \
-                     ALTER TABLE events DROP COLUMN severity; \
+                     ALTER TABLE events DROP COLUMN severity; DROP TABLE stats_resets; \
                      PRAGMA user_version = 7;",
                 )
                 .unwrap();
@@ -579,7 +607,7 @@ mod tests {
                     "DROP TABLE disk_fingerprints; \
                      ALTER TABLE relationships DROP COLUMN resync_sweep; \
                      DROP INDEX events_vm; ALTER TABLE events DROP COLUMN code; \
-                     ALTER TABLE events DROP COLUMN severity; \
+                     ALTER TABLE events DROP COLUMN severity; DROP TABLE stats_resets; \
                      INSERT INTO events (unix_ms, vm, message) VALUES (5, NULL, 'from before'); \
                      PRAGMA user_version = 8;",
                 )

@@ -21,14 +21,24 @@ pub(crate) fn stats(
     vm: Uuid,
     rel_created_ms: u64,
 ) -> Result<ReplicationStats, HostError> {
-    let since = now_ms()
-        .saturating_sub(MONITORING_WINDOW_MS)
-        .max(rel_created_ms);
-    let cycles = d
-        .db()
+    let window_ms = u64::from(d.cfg().monitoring_window_hours) * 3600 * 1000;
+    let now = now_ms();
+    let db = d.db();
+    let reset = db
+        .stats_reset(vm)
+        .map_err(HostError::db("reading the statistics' reset"))?
+        .unwrap_or(0);
+    let since = now
+        .saturating_sub(window_ms.max(1).min(MONITORING_WINDOW_MS * 14))
+        .max(rel_created_ms)
+        .max(reset);
+    let cycles = db
         .cycles_since(vm, since)
         .map_err(HostError::db("reading the cycle record"))?;
-    Ok(stats_of(&cycles))
+    let mut s = stats_of(&cycles);
+    s.window_from_unix = Some(since / 1000);
+    s.window_to_unix = Some(now / 1000);
+    Ok(s)
 }
 
 /// Hyper-V's statistics of these cycles.
