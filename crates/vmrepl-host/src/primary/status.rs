@@ -29,7 +29,7 @@ pub(crate) fn stats(
         .map_err(HostError::db("reading the statistics' reset"))?
         .unwrap_or(0);
     let since = now
-        .saturating_sub(window_ms.max(1).min(MONITORING_WINDOW_MS * 14))
+        .saturating_sub(window_ms.clamp(1, MONITORING_WINDOW_MS * 14))
         .max(rel_created_ms)
         .max(reset);
     let cycles = db
