@@ -53,6 +53,8 @@ pub struct RelRuntime {
     pub(crate) wake: tokio::sync::Notify,
     pub(crate) progress: Mutex<Option<Progress>>,
     pub(crate) stop: std::sync::atomic::AtomicBool,
+    /// The health last journaled (None: not looked at yet since the daemon started).
+    pub(crate) last_health: Mutex<Option<vmrepl_types::replication::Health>>,
 }
 
 impl Host {

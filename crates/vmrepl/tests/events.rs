@@ -204,3 +204,47 @@ fn http_get(url: &str) -> String {
     c.read_to_string(&mut out).expect("read the answer");
     out
 }
+
+#[test]
+fn health_goes_critical_while_the_replica_server_is_down_and_back_to_normal_with_an_event_each() {
+    let (a, mut b, _store) = pair("127.0.0.156", "127.0.0.157", "health");
+    a.ok(&[
+        "vm",
+        "create",
+        "app",
+        "--generation",
+        "1",
+        "--memory",
+        "128",
+        "--disk",
+        "64M",
+    ]);
+    enable_ok(&a, &b, "app", "hostb.test", &["--frequency", "5"]);
+    wait_until("replicating and Normal", T, || {
+        let s = status(&a, "app");
+        s["state"] == "replicating" && s["health"] == "normal"
+    });
+    b.ok(&["stop"]);
+    // The next cycle cannot reach the replica server: Critical, with the reason.
+    wait_until("health Critical journaled", T, || {
+        codes(&events(&a, &["--vm", "app"])).contains(&1103)
+    });
+    let s = status(&a, "app");
+    assert_eq!(s["health"], "critical", "{s}");
+    let why = s["health_details"].to_string();
+    assert!(why.contains("cannot send"), "{why}");
+    let ev = events(&a, &["--vm", "app"]);
+    let crit = ev.iter().find(|e| e["code"] == 1103).unwrap();
+    assert_eq!(crit["severity"], "error");
+    assert!(
+        crit["message"].as_str().unwrap().contains("cannot send"),
+        "{crit}"
+    );
+    // The replica server back: the next cycle succeeds and health is Normal again.
+    b.start();
+    wait_until("health Normal journaled", T, || {
+        let c = codes(&events(&a, &["--vm", "app"]));
+        c.iter().rposition(|x| *x == 1101) > c.iter().rposition(|x| *x == 1103)
+    });
+    assert_eq!(status(&a, "app")["health"], "normal");
+}

@@ -54,6 +54,17 @@ pub const REPLICA: &[(&str, u32, Severity)] = &[
     ("removed", 2013, I),
 ];
 
+/// A primary relationship's health changed (journaled after a cycle): 1101 back to Normal,
+/// 1102 Warning, 1103 Critical.
+pub fn health_code(h: vmrepl_types::replication::Health) -> (u32, Severity) {
+    use vmrepl_types::replication::Health;
+    match h {
+        Health::Normal | Health::NotApplicable => (1101, Severity::Info),
+        Health::Warning => (1102, Severity::Warning),
+        Health::Critical => (1103, Severity::Error),
+    }
+}
+
 /// The code and severity of the state-machine event `name` of `role`.
 pub fn code_of(role: Role, name: &str) -> (u32, Severity) {
     let (table, other) = match role {
@@ -132,6 +143,17 @@ mod tests {
             codes.sort_unstable();
             codes.dedup();
             assert_eq!(codes.len(), table.len(), "a code is used twice");
+        }
+        for h in [
+            vmrepl_types::replication::Health::Normal,
+            vmrepl_types::replication::Health::Warning,
+            vmrepl_types::replication::Health::Critical,
+        ] {
+            let (c, _) = health_code(h);
+            assert!(
+                PRIMARY.iter().all(|(_, p, _)| *p != c),
+                "health code {c} taken"
+            );
         }
         // A few pinned, as a reminder that these numbers are an interface.
         assert_eq!(code_of(Role::Primary, "enabled"), (1001, Severity::Info));

@@ -90,6 +90,46 @@ pub(crate) fn record_cycle(d: &Host, c: CycleRecord<'_>) {
     if let Err(e) = d.db().record_cycle(&c) {
         tracing::error!(target: "vmrepl::replication", vm = %c.vm, "cannot record a cycle: {e}");
     }
+    note_health(d, c.vm);
+}
+
+/// After a cycle: journals the relationship's health when it changed (codes 1101-1103, with
+/// the reasons), so that `vmrepl events` shows when replication became Critical and when it
+/// came back. The first look after the daemon starts says something only when it is not
+/// Normal.
+pub(crate) fn note_health(d: &Host, vm: Uuid) {
+    use vmrepl_types::replication::Health;
+    let Some(rt) = crate::locks::unpoisoned(&d.repl.rels).get(&vm).cloned() else {
+        return;
+    };
+    let Some(st) = crate::primary::statuses(d)
+        .ok()
+        .and_then(|all| all.into_iter().find(|s| s.vm_uuid == vm))
+    else {
+        return;
+    };
+    let before = {
+        let mut last = crate::locks::unpoisoned(&rt.last_health);
+        let before = *last;
+        *last = Some(st.health);
+        before
+    };
+    if before == Some(st.health) || (before.is_none() && st.health == Health::Normal) {
+        return;
+    }
+    let (code, severity) = crate::lifecycle::codes::health_code(st.health);
+    let reasons = if st.health_details.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", st.health_details.join(" "))
+    };
+    let msg = format!(
+        "health {} -> {:?}{reasons}",
+        before.map_or("unknown".to_string(), |h| format!("{h:?}")),
+        st.health
+    );
+    tracing::info!(target: "vmrepl::replication", %vm, "{msg}");
+    let _ = d.db().event_coded(Some(vm), code, severity, &msg);
 }
 
 /// When the last cycle of `vm` since `since_ms` (the relationship's creation) that is
