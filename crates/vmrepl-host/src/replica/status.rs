@@ -10,10 +10,47 @@ use vmrepl_types::replication::{
 /// How long without a received log before a replica's health is Warning (Hyper-V: 1 h).
 pub const RECEIVE_WARNING_MS: u64 = 3600 * 1000;
 
+/// Below this share of its folder free, a replica's storage is nearly full (Warning).
+pub const STORAGE_WARNING_PERCENT: u64 = 10;
+/// ... or below this many bytes free, whatever the share.
+pub const STORAGE_WARNING_BYTES: u64 = 2 << 30;
+
 /// Health of a replica per Hyper-V's replica-side rules, with the sentences that explain it.
-pub(crate) fn health(r: &ReplicaRow, now: u64) -> (Health, Vec<String>) {
+/// `storage` is the replica storage folder's (free, total) bytes, when known.
+pub(crate) fn health(
+    r: &ReplicaRow,
+    now: u64,
+    storage: Option<(u64, u64)>,
+) -> (Health, Vec<String>) {
     let mut details = Vec::new();
     let mut h = Health::Normal;
+    let failed_over = matches!(
+        r.state,
+        ReplicationState::FailedOver | ReplicationState::FailedOverWaitingCompletion
+    );
+    if failed_over {
+        h = Health::Warning;
+        details.push(format!(
+            "{} failed over to this host, and replication was not reversed: its changes are \
+             replicated nowhere. Run `vmrepl replication reverse {}` once the old primary is back \
+             (or enable replication to another host).",
+            r.name, r.name
+        ));
+    }
+    if let Some((free, total)) = storage {
+        if free < STORAGE_WARNING_BYTES
+            || free.saturating_mul(100) < total * STORAGE_WARNING_PERCENT
+        {
+            h = h.max(Health::Warning);
+            details.push(format!(
+                "The replica storage {} is nearly full: {} MiB free of {} MiB. Free space there \
+                 or authorize the primary into another folder before logs stop being accepted.",
+                r.storage_root.display(),
+                free >> 20,
+                total >> 20
+            ));
+        }
+    }
     match r.state {
         ReplicationState::Error | ReplicationState::ResynchronizationRequired => {
             h = Health::Critical;
@@ -41,7 +78,7 @@ pub(crate) fn health(r: &ReplicaRow, now: u64) -> (Health, Vec<String>) {
         ));
     }
     let last = r.last_receive_ms.unwrap_or(r.created_ms);
-    if now.saturating_sub(last) > RECEIVE_WARNING_MS {
+    if !failed_over && now.saturating_sub(last) > RECEIVE_WARNING_MS {
         h = h.max(Health::Warning);
         details.push(format!(
             "Replica virtual machine '{}' has received nothing from {} for more than an hour.",
@@ -84,7 +121,10 @@ pub fn statuses(daemon: &Host) -> Vec<ReplicationStatus> {
     let now = now_ms();
     rows.into_iter()
         .map(|r| {
-            let (health, health_details) = health(&r, now);
+            let storage = vmrepl_qemu::caps::storage_info(&r.storage_root)
+                .ok()
+                .map(|i| (i.free_bytes, i.total_bytes));
+            let (health, health_details) = health(&r, now, storage);
             ReplicationStatus {
                 // Its name on this host (unique here), which replica-side commands take.
                 vm: vmrepl_types::VmName::new(&r.name)
@@ -113,4 +153,84 @@ pub fn statuses(daemon: &Host) -> Vec<ReplicationStatus> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(state: ReplicationState) -> ReplicaRow {
+        let def = crate::replica::tests::def(&[("disk0", 1 << 20)]);
+        ReplicaRow {
+            vm_uuid: uuid::Uuid::new_v4(),
+            name: "web".into(),
+            primary_host: "primary.example".into(),
+            trust_group: "DEFAULT".into(),
+            storage_root: "/srv/replicas".into(),
+            relationship: uuid::Uuid::new_v4(),
+            definition: def,
+            policy: crate::peer::proto::PointPolicy {
+                keep: 0,
+                interval_secs: 3600,
+            },
+            state,
+            last_applied: 5,
+            created_ms: 1,
+            last_receive_ms: Some(1_000),
+            last_apply_ms: None,
+            last_point_ms: None,
+            bytes_received: 0,
+            logs_received: 0,
+            last_error: None,
+            primary_server: None,
+            failover: None,
+            test_failover: None,
+        }
+    }
+
+    #[test]
+    fn a_failover_not_followed_by_reverse_replication_is_a_warning_that_says_what_to_run() {
+        let (h, d) = health(&row(ReplicationState::Replicating), 2_000, None);
+        assert_eq!(h, Health::Normal, "{d:?}");
+        let (h, d) = health(
+            &row(ReplicationState::FailedOver),
+            10 * RECEIVE_WARNING_MS,
+            None,
+        );
+        assert_eq!(h, Health::Warning);
+        assert_eq!(
+            d.len(),
+            1,
+            "the receive rule does not apply after a failover: {d:?}"
+        );
+        assert!(d[0].contains("replication reverse web"), "{d:?}");
+    }
+
+    #[test]
+    fn a_nearly_full_replica_storage_is_a_warning_with_the_figures() {
+        let total = 100u64 << 30;
+        let (h, _) = health(
+            &row(ReplicationState::Replicating),
+            2_000,
+            Some((50 << 30, total)),
+        );
+        assert_eq!(h, Health::Normal);
+        let (h, d) = health(
+            &row(ReplicationState::Replicating),
+            2_000,
+            Some((5 << 30, total)),
+        );
+        assert_eq!(h, Health::Warning);
+        assert!(
+            d[0].contains("nearly full") && d[0].contains("5120 MiB free"),
+            "{d:?}"
+        );
+        // Small folders: under 2 GiB free is nearly full whatever the share.
+        let (h, _) = health(
+            &row(ReplicationState::Replicating),
+            2_000,
+            Some((1 << 30, 4 << 30)),
+        );
+        assert_eq!(h, Health::Warning);
+    }
 }
