@@ -69,6 +69,7 @@ pub async fn run(
                 None => vms.clone(),
             };
             let name = replica_name.unwrap_or_else(|| host_part(&server).to_string());
+            out.push(own_certificate(host));
             out.extend(towards(host, &server, &name, &chosen).await);
         }
         (None, Some(n)) => out.extend(relationship(host, n, &vms).await?),
@@ -128,13 +129,12 @@ fn primary_target(host: &Arc<Host>, vm: Uuid) -> Option<(String, String)> {
     Some((rel.settings.replica_server.clone(), name))
 }
 
-/// This host's own settings: certificate, storage, QEMU, metrics.
-fn this_host(host: &Arc<Host>) -> Vec<Finding> {
-    let mut out = Vec::new();
+/// This host's own certificate: expired (every peer refuses it), ending soon, or fine.
+fn own_certificate(host: &Arc<Host>) -> Finding {
     let cert = host.identity.summary();
     let left = cert.not_after - time::OffsetDateTime::now_utc();
     if left.is_negative() {
-        out.push(fail(
+        fail(
             "certificate",
             format!(
                 "this host's certificate ({}) expired on {}",
@@ -144,9 +144,9 @@ fn this_host(host: &Arc<Host>) -> Vec<Finding> {
             "issue a new one (`vmrepl host issue-cert` on the CA host, then `host init --cert` \
              with it) and restart the daemon; every peer refuses an expired certificate"
                 .into(),
-        ));
+        )
     } else if left.whole_days() < CERT_WARN_DAYS {
-        out.push(warn(
+        warn(
             "certificate",
             format!(
                 "this host's certificate ends in {} days ({})",
@@ -154,17 +154,22 @@ fn this_host(host: &Arc<Host>) -> Vec<Finding> {
                 cert.not_after.date()
             ),
             "renew it before it ends: replication stops the day it expires",
-        ));
+        )
     } else {
-        out.push(ok(
+        ok(
             "certificate",
             format!(
                 "this host's certificate names {} and is valid until {}",
                 host.identity.host_name(),
                 cert.not_after.date()
             ),
-        ));
+        )
     }
+}
+
+/// This host's own settings: certificate, storage, QEMU, metrics.
+fn this_host(host: &Arc<Host>) -> Vec<Finding> {
+    let mut out = vec![own_certificate(host)];
     let caps = host.vmm.caps();
     for s in host.cfg().storage.clone() {
         match vmrepl_qemu::caps::storage_info(&s) {

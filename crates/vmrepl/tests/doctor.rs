@@ -200,3 +200,114 @@ fn doctor_names_a_dropped_port_a_stopped_daemon_an_unauthorized_host_and_a_forei
     assert!(text.contains("block replication"), "{text}");
     drop(ns);
 }
+
+#[test]
+fn doctor_names_an_expired_certificate() {
+    let (mut a, b, _store) = pair("127.0.0.158", "127.0.0.159", "doctor");
+    // The primary's clock goes 1000 days ahead while its daemon runs: its own certificate and
+    // the replica server's (a little over two years each) are past their end from where it stands.
+    let clock = a.data().join("faketime");
+    std::fs::write(&clock, "+0\n").unwrap();
+    a.stop_daemon();
+    let env = faketime_env(&clock);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    a.start_with(&[], &env);
+    std::fs::write(&clock, "+86400000\n").unwrap(); // 1000 days
+    let server = format!("{}:{}", b.ip, b.port);
+    let check = [
+        "--replica-server",
+        server.as_str(),
+        "--replica-name",
+        "hostb.test",
+    ];
+    let mut last = Vec::new();
+    wait_until(
+        "the daemon's clock 1000 days ahead",
+        Duration::from_secs(30),
+        || {
+            last = doctor(&a, &check).0;
+            status_of(&last, "certificate") == "fail"
+        },
+    );
+    let own = finding(&last, "certificate");
+    assert!(
+        own["message"].as_str().unwrap().contains("expired"),
+        "{own}"
+    );
+    let tls = finding(&last, "tls");
+    assert_eq!(tls["status"], "fail", "{last:#?}");
+    assert!(
+        tls["message"].as_str().unwrap().contains("expired"),
+        "{tls}"
+    );
+}
+
+#[test]
+fn doctor_names_a_machine_type_the_replica_cannot_run_and_a_full_storage_folder() {
+    let _s = serial();
+    let tools = tempfile::tempdir().unwrap();
+    let older = older_qemu(
+        tools.path(),
+        "qemu-7.1-like",
+        &["pc-i440fx-7.2", "pc-q35-7.2"],
+        "pc-i440fx-7.1",
+    );
+    let (a, mut b, _store) = pair("127.0.0.165", "127.0.0.166", "doctor");
+    a.ok(&[
+        "vm",
+        "create",
+        "app",
+        "--generation",
+        "1",
+        "--memory",
+        "128",
+        "--disk",
+        "64M",
+    ]);
+    let server = format!("{}:{}", b.ip, b.port);
+    let check = [
+        "--replica-server",
+        server.as_str(),
+        "--replica-name",
+        "hostb.test",
+    ];
+    // A replica storage folder with 16 MiB of room, for a VM of 64 MiB.
+    let small = b.data().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m,mode=0700", "vmrepl-test"])
+        .arg(&small)
+        .status()
+        .expect("run mount");
+    assert!(mounted.success(), "mounting a tmpfs needs root");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    authorize(&b, "hosta.test", &small, "doctor");
+    let (fs, passed) = doctor(&a, &check);
+    assert!(!passed);
+    let vm = finding(&fs, "vm:app");
+    assert_eq!(vm["status"], "fail", "{fs:#?}");
+    assert!(vm["message"].as_str().unwrap().contains("free"), "{vm}");
+    // Room again, but the replica server's QEMU lacks the VM's machine type.
+    authorize(
+        &b,
+        "hosta.test",
+        &b.data().join("replicas-from-a"),
+        "doctor",
+    );
+    switch_qemu(&mut b, &older);
+    let (fs, passed) = doctor(&a, &check);
+    assert!(!passed);
+    let vm = finding(&fs, "vm:app");
+    assert_eq!(vm["status"], "fail", "{fs:#?}");
+    let msg = vm["message"].as_str().unwrap();
+    assert!(
+        msg.contains("pc-i440fx-7.2") && msg.contains("cannot run"),
+        "{msg}"
+    );
+}

@@ -570,22 +570,6 @@ fn the_link_cut_mid_transfer_in_a_network_namespace_and_restored_heals_by_itself
 
 // ------------------------------------------------------------------ the clock
 
-/// Runs the primary's daemon under libfaketime, its wall clock offset by what `file` says
-/// (re-read every second); its monotonic clock stays true.
-fn faketime_env(file: &Path) -> Vec<(String, String)> {
-    let lib = ["/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("libfaketime is not installed; run ./scripts/setup.sh");
-    vec![
-        ("LD_PRELOAD".into(), lib.into()),
-        ("FAKETIME_TIMESTAMP_FILE".into(), file.display().to_string()),
-        ("FAKETIME_CACHE_DURATION".into(), "1".into()),
-        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
-        ("FAKETIME_DONT_RESET".into(), "1".into()),
-    ]
-}
-
 #[test]
 #[ignore = "slow fault case: scripts/faults.sh runs it"]
 fn a_clock_jump_on_the_primary_forward_then_back_neither_stalls_replication_nor_counts_missed_cycles(

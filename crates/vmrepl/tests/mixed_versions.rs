@@ -14,41 +14,11 @@ use std::time::Duration;
 const WORK: &str = "check:vda:64,writeloop:vda:64:300";
 const T: Duration = Duration::from_secs(180);
 
-/// A QEMU that lacks `hidden` machine types; aliases fall back to `alias_to`.
-fn older_qemu(dir: &Path, name: &str, hidden: &[&str], alias_to: &str) -> PathBuf {
-    let p = dir.join(name);
-    let del: String = hidden
-        .iter()
-        .map(|m| format!("/^{} /d;", m.replace('.', "\\.")))
-        .collect();
-    let script = format!(
-        "#!/bin/sh\n# vmrepl test: the real QEMU without {hidden:?}\nfor a in \"$@\"; do\n  if [ \"$a\" = help ]; then\n    qemu-system-x86_64 \"$@\" | sed -e '{del}' -e 's/(alias of pc-i440fx-[0-9.]*)/(alias of {alias_to})/' -e 's/ (default)//'\n    exit 0\n  fi\ndone\nexec qemu-system-x86_64 \"$@\"\n"
-    );
-    std::fs::write(&p, script).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    p
-}
-
 fn machine(h: &Host, vm: &str) -> String {
     h.json(&["vm", "show", vm])["definition"]["machine_type"]
         .as_str()
         .unwrap()
         .to_string()
-}
-
-/// Points `h`'s configuration at another QEMU and restarts its daemon.
-fn switch_qemu(h: &mut Host, qemu: &Path) {
-    h.stop_daemon();
-    let cfg = h.data().join("config.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    let text: String = text
-        .lines()
-        .filter(|l| !l.starts_with("qemu_binary"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    let text = format!("qemu_binary = {:?}\n{text}", qemu.display().to_string());
-    std::fs::write(&cfg, text).unwrap();
-    h.start();
 }
 
 #[test]

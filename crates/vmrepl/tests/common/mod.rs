@@ -997,3 +997,50 @@ pub fn ip(args: &[&str]) {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// The environment that runs a daemon under libfaketime, its wall clock offset by what `file` says
+/// (re-read every second); its monotonic clock stays true.
+pub fn faketime_env(file: &Path) -> Vec<(String, String)> {
+    let lib = ["/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("libfaketime is not installed; run ./scripts/setup.sh");
+    vec![
+        ("LD_PRELOAD".into(), lib.into()),
+        ("FAKETIME_TIMESTAMP_FILE".into(), file.display().to_string()),
+        ("FAKETIME_CACHE_DURATION".into(), "1".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ("FAKETIME_DONT_RESET".into(), "1".into()),
+    ]
+}
+
+/// A QEMU that lacks `hidden` machine types; aliases fall back to `alias_to`.
+pub fn older_qemu(dir: &Path, name: &str, hidden: &[&str], alias_to: &str) -> PathBuf {
+    let p = dir.join(name);
+    let del: String = hidden
+        .iter()
+        .map(|m| format!("/^{} /d;", m.replace('.', "\\.")))
+        .collect();
+    let script = format!(
+        "#!/bin/sh\n# vmrepl test: the real QEMU without {hidden:?}\nfor a in \"$@\"; do\n  if [ \"$a\" = help ]; then\n    qemu-system-x86_64 \"$@\" | sed -e '{del}' -e 's/(alias of pc-i440fx-[0-9.]*)/(alias of {alias_to})/' -e 's/ (default)//'\n    exit 0\n  fi\ndone\nexec qemu-system-x86_64 \"$@\"\n"
+    );
+    std::fs::write(&p, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// Points `h`'s configuration at another QEMU and restarts its daemon.
+pub fn switch_qemu(h: &mut Host, qemu: &Path) {
+    h.stop_daemon();
+    let cfg = h.data().join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text: String = text
+        .lines()
+        .filter(|l| !l.starts_with("qemu_binary"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let text = format!("qemu_binary = {:?}\n{text}", qemu.display().to_string());
+    std::fs::write(&cfg, text).unwrap();
+    h.start();
+}
