@@ -7,8 +7,6 @@
 
 mod common;
 use common::*;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const WORK: &str = "check:vda:64,writeloop:vda:64:300";
