@@ -198,6 +198,12 @@ impl FrameError {
     pub fn is_closed(&self) -> bool {
         matches!(self, FrameError::Closed)
     }
+
+    /// The peer went away without TLS's close_notify (it dropped the connection when done):
+    /// between requests, that is an ordinary end, not an error worth a warning.
+    pub fn is_closed_abruptly(&self) -> bool {
+        matches!(self, FrameError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof)
+    }
 }
 
 /// Reads exactly `buf.len()` bytes; `Ok(n < len)` means end of stream after `n`.
@@ -424,6 +430,15 @@ mod tests {
     struct Hello {
         host: String,
         n: u32,
+    }
+
+    #[test]
+    fn a_peer_gone_without_close_notify_is_told_from_other_errors() {
+        let eof = FrameError::Io(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+        assert!(eof.is_closed_abruptly() && !eof.is_closed());
+        let reset = FrameError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(!reset.is_closed_abruptly());
+        assert!(FrameError::Closed.is_closed() && !FrameError::Closed.is_closed_abruptly());
     }
 
     #[tokio::test]

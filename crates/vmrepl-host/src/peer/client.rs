@@ -47,8 +47,8 @@ pub struct LogGrowth {
 pub enum PeerError {
     /// Network: unreachable, refused, timed out, or the connection was lost.
     #[error(
-        "cannot talk to the replica server {host} at {addr}: {detail}; check that the replica's \
-         daemon runs and its port is open"
+        "cannot talk to the replica server {host} at {addr}: {detail}{}",
+        connect_hint(detail)
     )]
     Connect {
         host: String,
@@ -71,6 +71,15 @@ pub enum PeerError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// The hint of [`PeerError::Connect`], unless the detail gives one already (each hint once).
+fn connect_hint(detail: &str) -> &'static str {
+    if detail.contains("check that") {
+        ""
+    } else {
+        "; check that the replica's daemon runs and its port is open"
+    }
 }
 
 impl PeerError {
@@ -402,5 +411,26 @@ fn frame_err(host: &str, addr: &str, e: FrameError) -> PeerError {
             host: host.to_string(),
             detail: other.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connect_error_states_its_hint_once() {
+        let e = PeerError::Connect {
+            host: "hostb".into(),
+            addr: "10.0.0.2:7443".into(),
+            detail: "refused; check that the vmrepl daemon runs there".into(),
+        };
+        assert_eq!(e.to_string().matches("check that").count(), 1, "{e}");
+        let e = PeerError::Connect {
+            host: "hostb".into(),
+            addr: "10.0.0.2:7443".into(),
+            detail: "the connection was lost".into(),
+        };
+        assert!(e.to_string().ends_with("its port is open"), "{e}");
     }
 }

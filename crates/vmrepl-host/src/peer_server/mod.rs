@@ -100,6 +100,10 @@ async fn connection(
         let frame = match next {
             Ok(f) => f,
             Err(e) if e.is_closed() => return,
+            Err(e) if e.is_closed_abruptly() => {
+                tracing::debug!(target: T, peer = %host, "connection closed without close_notify");
+                return;
+            }
             Err(e) if !matches!(e, FrameError::TimedOut { .. }) => {
                 tracing::warn!(target: T, peer = %host, "connection ended: {e}");
                 return;
