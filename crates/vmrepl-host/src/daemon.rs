@@ -225,7 +225,7 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
         },
         Request::ReplicationStatus { name } => {
             // Primary-side relationships and replica VMs alike, by VM name.
-            let mut relationships = crate::primary::statuses(host)?;
+            let mut relationships = crate::primary::statuses_with_pending(host).await?;
             relationships.extend(crate::replica::statuses(host));
             if let Some(n) = &name {
                 relationships.retain(|r| r.vm == *n);
@@ -254,7 +254,7 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
             events: events(host, vm.as_ref(), since_ms, after_id, limit)?,
         },
         Request::ReplicationMeasure { name, reset } => {
-            let mut relationships = crate::primary::statuses(host)?;
+            let mut relationships = crate::primary::statuses_with_pending(host).await?;
             relationships.extend(crate::replica::statuses(host));
             relationships.retain(|r| r.vm == name);
             let Some(found) = relationships.first() else {
@@ -264,12 +264,14 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
                 ));
             };
             if reset {
-                let db = host.db();
-                db.reset_stats(found.vm_uuid)
-                    .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-                let _ = db.event(Some(found.vm_uuid), "replication statistics reset");
-                drop(db);
-                relationships = crate::primary::statuses(host)?;
+                let vm = found.vm_uuid;
+                {
+                    let db = host.db();
+                    db.reset_stats(vm)
+                        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+                    let _ = db.event(Some(vm), "replication statistics reset");
+                }
+                relationships = crate::primary::statuses_with_pending(host).await?;
                 relationships.extend(crate::replica::statuses(host));
                 relationships.retain(|r| r.vm == name);
             }

@@ -197,7 +197,7 @@ pub async fn serve(listener: TcpListener, host: Arc<Host>) {
             let mut parts = line.split_whitespace();
             let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             let (status, body) = if method == "GET" && (path == "/metrics" || path == "/") {
-                ("200 OK", page(&host))
+                ("200 OK", page(&host).await)
             } else {
                 (
                     "404 Not Found",
@@ -214,8 +214,10 @@ pub async fn serve(listener: TcpListener, host: Arc<Host>) {
     }
 }
 
-fn page(host: &Arc<Host>) -> String {
-    let mut statuses = crate::primary::statuses(host).unwrap_or_default();
+async fn page(host: &Arc<Host>) -> String {
+    let mut statuses = crate::primary::statuses_with_pending(host)
+        .await
+        .unwrap_or_default();
     statuses.extend(crate::replica::statuses(host));
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -110,6 +110,13 @@ fn a_guest_without_an_agent_gets_a_crash_consistent_point_and_the_failure_is_cou
     wait_until("replicating", T, || {
         status(&a, "legacy")["state"] == "replicating"
     });
+    // Between cycles the guest's writes are pending, as QEMU's recording bitmap counts them.
+    wait_until("pending bytes counted", T, || {
+        a.json(&["replication", "measure", "legacy"])["relationships"][0]["stats"]["pending_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    });
     let msg = a.ok(&["replication", "now", "legacy", "--app-consistent"]);
     assert!(msg.contains("could not be frozen"), "{msg}");
     assert!(msg.contains("crash-consistent"), "{msg}");

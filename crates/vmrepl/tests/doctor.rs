@@ -273,20 +273,7 @@ fn doctor_names_a_machine_type_the_replica_cannot_run_and_a_full_storage_folder(
     ];
     // A replica storage folder with 16 MiB of room, for a VM of 64 MiB.
     let small = b.data().join("small");
-    std::fs::create_dir_all(&small).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m,mode=0700", "vmrepl-test"])
-        .arg(&small)
-        .status()
-        .expect("run mount");
-    assert!(mounted.success(), "mounting a tmpfs needs root");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
+    let _fs = Tmpfs::mount(&small, "16m");
     authorize(&b, "hosta.test", &small, "doctor");
     let (fs, passed) = doctor(&a, &check);
     assert!(!passed);

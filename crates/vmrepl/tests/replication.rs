@@ -313,30 +313,6 @@ fn a_delta_cut_mid_transfer_is_resumed_by_the_next_cycle_and_nothing_is_lost() {
 }
 
 /// Unmounts the tmpfs at `0` when dropped, even when the test fails.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(dir).unwrap();
-        let opt = format!("size={size}");
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &opt, "tmpfs"])
-            .arg(dir)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mounting a tmpfs needs root");
-        Tmpfs(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
 
 #[test]
 fn a_full_replica_disk_refuses_the_delta_and_replication_recovers_by_itself_once_there_is_room() {

@@ -125,6 +125,41 @@ pub fn health(
     }
 }
 
+/// Bytes changed since the last acknowledged log, as QEMU's recording bitmaps count them
+/// (cluster-granular, so an upper bound): for a running VM. A VM that is off changes nothing
+/// (until it runs again) and its bitmaps sit in its image files, so it gets None, as does a
+/// relationship between cycles of a resynchronization.
+pub async fn pending_bytes(d: &Host, vm: Uuid) -> Option<u64> {
+    let rel = crate::primary::load(d, vm).ok().flatten()?;
+    let def = d.vmm.definition(vm)?;
+    let proc = d.vmm.live_process(vm).await?;
+    let nodes: Vec<String> = crate::primary::replicated_disks(&def, &rel.settings)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let tag = vmrepl_tracking::RelTag::from_uuid(&rel.rel_id);
+    let owned = vmrepl_tracking::list_owned(proc.qmp(), tag, &nodes)
+        .await
+        .ok()?;
+    Some(
+        owned
+            .values()
+            .flat_map(|bs| bs.iter().filter(|b| b.recording).map(|b| b.count))
+            .sum(),
+    )
+}
+
+/// [`statuses`] with the pending bytes of running VMs filled in ([`pending_bytes`]).
+pub async fn statuses_with_pending(d: &Host) -> Result<Vec<ReplicationStatus>, HostError> {
+    let mut all = statuses(d)?;
+    for s in &mut all {
+        if let Some(p) = pending_bytes(d, s.vm_uuid).await {
+            s.stats.pending_bytes = p;
+        }
+    }
+    Ok(all)
+}
+
 /// Status of one or all relationships on this host (primary side).
 pub fn statuses(d: &Host) -> Result<Vec<ReplicationStatus>, HostError> {
     let mut out = Vec::new();

@@ -1044,3 +1044,29 @@ pub fn switch_qemu(h: &mut Host, qemu: &Path) {
     std::fs::write(&cfg, text).unwrap();
     h.start();
 }
+
+/// A tmpfs of `size` mounted on a folder for the test (root only), unmounted when dropped.
+pub struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let opt = format!("size={size}");
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &opt, "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a tmpfs needs root");
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
