@@ -584,6 +584,45 @@ async fn towards(host: &Arc<Host>, server: &str, name: &str, vms: &[VmDefinition
                 "check the replica server's daemon log".into(),
             )),
         }
+        if !replicating {
+            out.extend(existing_copy(&mut client, &who, vm).await);
+        }
     }
     out
+}
+
+/// A VM that the replica server's admin designated as the existing copy of `vm` for this
+/// host (`--initial-existing-copy`): whether it could become the replica. Nothing is said
+/// when none is designated, or when the replica server is of a release that cannot tell.
+async fn existing_copy(client: &mut PeerClient, who: &str, vm: &VmDefinition) -> Option<Finding> {
+    let check = format!("existing-copy:{}", vm.name);
+    let settings = vmrepl_types::replication::ReplicationSettings::new("doctor:0");
+    let answer = client
+        .request(&PeerRequest::CheckExistingCopy {
+            vm: Box::new(crate::primary::replica_view(vm, &settings)),
+        })
+        .await
+        .ok()?;
+    match answer {
+        PeerResponse::Ok => Some(ok(
+            &check,
+            format!(
+                "the VM designated on {who} as the existing copy of {} matches it (generation {}, \
+                 disks); `replication enable --initial-existing-copy` can start from it",
+                vm.name, vm.generation
+            ),
+        )),
+        PeerResponse::Refused {
+            code: RefusalCode::NotAuthorized | RefusalCode::BadRequest,
+            ..
+        } => None,
+        PeerResponse::Refused { message, .. } => Some(fail(
+            &check,
+            format!("{who} has a copy of {} that cannot become its replica: {message}", vm.name),
+            "give the copy the VM's generation (BIOS or UEFI) and disks, or replicate over the \
+             network instead (without --initial-existing-copy)"
+                .into(),
+        )),
+        _ => None,
+    }
 }

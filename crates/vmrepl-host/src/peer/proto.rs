@@ -110,6 +110,10 @@ pub enum PeerRequest {
     Hello { host_info: Box<HostInfo> },
     /// Can this replica server host this VM? (authorization, capabilities, room)
     CheckReplica { vm: Box<VmDefinition> },
+    /// Could the VM designated here as the existing copy of this VM become its replica (same
+    /// generation and disks, stopped, not replicated)? Asked by `vmrepl doctor`; releases before
+    /// it refuse the request as malformed.
+    CheckExistingCopy { vm: Box<VmDefinition> },
     /// Create the replica VM (idempotent for the same primary and relationship).
     CreateReplica {
         vm: Box<VmDefinition>,

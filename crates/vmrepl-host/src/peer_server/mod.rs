@@ -228,6 +228,10 @@ async fn handle(
         PeerRequest::CheckReplica { vm } => {
             authorize(daemon).and_then(|g| check_vm(daemon, &vm, &g).map(|()| PeerResponse::Ok))
         }
+        PeerRequest::CheckExistingCopy { vm } => authorize(daemon).and_then(|_| {
+            check_definition(daemon, &vm)?;
+            replica::check_existing_copy(daemon, peer, &vm).map(|_| PeerResponse::Ok)
+        }),
         PeerRequest::CreateReplica {
             vm,
             relationship,

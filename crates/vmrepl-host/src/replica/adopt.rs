@@ -211,12 +211,10 @@ pub(crate) fn designated_copy(
 /// designated by this host's admin for `peer`, becomes the base of `vm`'s replica store at
 /// sequence 0 and is no longer a VM of its own. Only its replicated disks are taken; any
 /// other disk stays where it is.
-pub async fn adopt_existing_copy(
-    d: &Arc<Host>,
-    peer: &str,
-    vm: &VmDefinition,
-    storage_root: &Path,
-) -> Result<(), Refusal> {
+/// Whether the VM designated on this host as the existing copy of `vm` for `peer` could become
+/// its replica: designated, stopped, not replicated itself, and the same generation and disks.
+/// Returns that copy. What `vmrepl doctor` asks before an `--initial-existing-copy`.
+pub fn check_existing_copy(d: &Host, peer: &str, vm: &VmDefinition) -> Result<VmDefinition, Refusal> {
     let host = d.cfg().host_name.clone();
     let local = designated_copy(d, peer, vm)?;
     if d.db()
@@ -241,6 +239,16 @@ pub async fn adopt_existing_copy(
             ),
         ));
     }
+    Ok(local)
+}
+
+pub async fn adopt_existing_copy(
+    d: &Arc<Host>,
+    peer: &str,
+    vm: &VmDefinition,
+    storage_root: &Path,
+) -> Result<(), Refusal> {
+    let local = check_existing_copy(d, peer, vm)?;
     d.vmm
         .set_failover_lock(local.uuid, true)
         .await
