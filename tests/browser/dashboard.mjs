@@ -50,6 +50,7 @@ try {
   check(events > 0, `recent events are listed (${events})`);
   check((await page.locator(`[data-testid="lag-chart"][data-vm="${vm}"]`).count()) === 1, "the lag chart is drawn as SVG");
   check((await page.locator(`[data-testid="lag-chart"][data-vm="${vm}"] path`).count()) >= 1, "the lag chart has its lines");
+  check((await page.locator(`[data-testid="lag-chart"][data-vm="${vm}"] [data-testid="lag-line"]`).count()) === 1, "the lag line is drawn");
   check((await page.locator(`[data-testid="stats-vm"][data-vm="${vm}"]`).count()) >= 1, "the statistics block shows the VM");
 
   // It refreshes by itself: the "updated" time moves on without a reload.

@@ -52,6 +52,8 @@ fn the_dashboard_shows_a_replicated_vm_in_a_browser_and_turns_away_one_without_t
     ]);
     enable_ok(&a, &b, "app", "hostb.test", &["--frequency", "5"]);
     wait_until("the initial copy acknowledged", T, || acked(&a, "app") >= 1);
+    // A few cycles for the chart to draw.
+    wait_until("three cycles acknowledged", T, || acked(&a, "app") >= 3);
 
     let info = a.json(&["host", "info"]);
     assert!(

@@ -121,7 +121,12 @@ pub fn overview(host: &Arc<Host>) -> Overview {
             state: v.state,
             generation: v.definition.generation.into(),
             memory_mib: v.definition.memory_mib,
-            replication: v.replication,
+            replication: v.replication.or_else(|| {
+                relationships
+                    .iter()
+                    .find(|r| r.vm_uuid == v.definition.uuid)
+                    .map(|r| vmrepl_types::wire_name(&r.role))
+            }),
             note: v.note,
         })
         .collect();
