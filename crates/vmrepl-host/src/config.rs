@@ -353,6 +353,19 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_dashboard_address_is_refused_an_empty_one_is_off_and_old_configs_get_the_default() {
+        let mut c = sample();
+        c.dashboard = "localhost:9470".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("dashboard") && e.contains("IP:PORT"), "{e}");
+        c.dashboard = String::new();
+        assert!(c.validate().is_ok());
+        let old = "host_name = \"h.example\"\nlisten = \"127.0.0.1:7443\"\nstorage = [\"/srv\"]\n";
+        let c = HostConfig::parse(old, Path::new("c.toml")).unwrap();
+        assert_eq!(c.dashboard, crate::dashboard::DEFAULT_LISTEN);
+    }
+
+    #[test]
     fn a_bad_metrics_address_and_window_are_refused_with_what_to_give() {
         let mut c = sample();
         c.metrics = "localhost".into();

@@ -203,7 +203,7 @@ mod tests {
             vms: vec![VmEntry {
                 name: "app".into(),
                 uuid: Uuid::nil(),
-                state: VmRunState::Stopped,
+                state: VmRunState::Off,
                 generation: 1,
                 memory_mib: 128,
                 replication: Some("primary".into()),
@@ -233,7 +233,7 @@ mod tests {
         assert_eq!(v["host"]["name"], "hv1");
         assert_eq!(v["host"]["qemu"], "7.2.0");
         assert_eq!(v["vms"][0]["name"], "app");
-        assert_eq!(v["vms"][0]["state"], "stopped");
+        assert_eq!(v["vms"][0]["state"], "off");
         assert_eq!(v["history"][0]["role"], "primary");
         let p = &v["history"][0]["points"][0];
         for k in ["t_ms", "lag_secs", "latency_secs", "bytes", "ok"] {

@@ -613,6 +613,80 @@ mod tests {
         assert!(UNAUTHORIZED_TEXT.contains("`vmrepl dashboard`"));
     }
 
+    /// A TLS handshake with the dashboard's configuration: whether the server saw a verified
+    /// client certificate (`Err` when the handshake failed).
+    async fn handshake(
+        server: rustls::ServerConfig,
+        ca_pem: &str,
+        client: Option<&vmrepl_transport::pki::IssuedCert>,
+    ) -> Result<bool, String> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let srv = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
+            let mut b = [0u8; 1];
+            let _ = tls.read(&mut b).await;
+            Ok::<bool, String>(tls.get_ref().1.peer_certificates().is_some())
+        });
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let b = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let cfg = match client {
+            Some(c) => {
+                let chain = CertificateDer::pem_slice_iter(c.cert_pem.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap();
+                let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).unwrap();
+                b.with_client_auth_cert(chain, key).unwrap()
+            }
+            None => b.with_no_client_auth(),
+        };
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("dash.test").unwrap();
+        if let Ok(mut tls) = connector.connect(name, tcp).await {
+            let _ = tls.write_all(b"x").await;
+            let _ = tls.flush().await;
+        }
+        srv.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_client_certificate_from_the_hosts_ca_counts_none_is_optional_a_foreign_one_fails() {
+        use vmrepl_transport::pki::Ca;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::create(&dir.path().join("ca"), "dash CA").unwrap();
+        let foreign = Ca::create(&dir.path().join("foreign"), "other CA").unwrap();
+        let day = Duration::from_secs(86_400);
+        let host = ca.issue_host("dash.test", day).unwrap();
+        let (cert, key) = (dir.path().join("host.pem"), dir.path().join("host-key.pem"));
+        host.write(&cert, &key).unwrap();
+        let config = || server_config(&cert, &key, Some(&ca.cert_path())).unwrap();
+        let admin = ca.issue_host("admin.test", day).unwrap();
+        let stranger = foreign.issue_host("admin.test", day).unwrap();
+        assert_eq!(
+            handshake(config(), ca.cert_pem(), Some(&admin)).await,
+            Ok(true)
+        );
+        assert_eq!(handshake(config(), ca.cert_pem(), None).await, Ok(false));
+        assert!(handshake(config(), ca.cert_pem(), Some(&stranger))
+            .await
+            .is_err());
+        // Without a CA of its own, the dashboard asks for no certificate: the token it is.
+        let no_ca = server_config(&cert, &key, None).unwrap();
+        assert_eq!(handshake(no_ca, ca.cert_pem(), None).await, Ok(false));
+        let e = server_config(&dir.path().join("missing.pem"), &key, None).unwrap_err();
+        assert!(e.to_string().contains("missing.pem"), "{e}");
+    }
+
     #[test]
     fn the_token_file_is_made_private_once_kept_and_rotated() {
         use std::os::unix::fs::PermissionsExt as _;
