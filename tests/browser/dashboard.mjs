@@ -21,6 +21,12 @@ function check(cond, what) {
   console.log("ok: " + what);
 }
 
+// Never hang the test suite: give up after two minutes.
+setTimeout(() => {
+  console.error("the browser test timed out");
+  process.exit(1);
+}, 120000).unref();
+
 const browser = await chromium.launch({
   executablePath,
   headless: true,
@@ -68,6 +74,31 @@ try {
   check(true, `it refreshed by itself (${(await updated.innerText()).trim()})`);
   await page.screenshot({ path: shot, fullPage: true });
   console.log("screenshot: " + shot);
+
+  // How a troubled relationship looks: the same page fed a copy of the JSON in which the
+  // relationship is Critical with reasons and a resynchronization is half done.
+  await page.route("**/api/overview", async (route) => {
+    const resp = await route.fetch();
+    const o = await resp.json();
+    for (const r of o.relationships) {
+      r.health = "critical";
+      r.health_details = ["Resynchronization is required.", "No cycle succeeded for 30 minutes."];
+      r.progress = { what: "resynchronization: comparing with the replica", bytes_done: 32 << 20, bytes_total: 64 << 20, rate_bytes_per_sec: 1 << 20 };
+    }
+    await route.fulfill({ response: resp, json: o });
+  });
+  const badge = row.locator('[data-testid="rel-health"]').first();
+  await page.waitForFunction(
+    (vm) => document.querySelector(`[data-testid="relationship"][data-vm="${vm}"] [data-testid="rel-health"]`)?.textContent === "critical",
+    vm,
+    { timeout: 20000 },
+  );
+  check((await badge.getAttribute("class")).includes("critical"), "a Critical health is colored as such");
+  const reasons = await row.locator('[data-testid="health-reasons"] li').allInnerTexts();
+  check(reasons.includes("Resynchronization is required."), `the health's reasons are listed (${reasons.join(" / ")})`);
+  const bar = row.locator('[data-testid="progress"] [role="progressbar"]');
+  check((await bar.getAttribute("aria-valuenow")) === "50", "the resynchronization's progress bar shows 50 %");
+  await page.unroute("**/api/overview");
 
   // A browser without the token (no cookie) is turned away, with what to run.
   const stranger = await browser.newContext({ ignoreHTTPSErrors: true });
