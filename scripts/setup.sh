@@ -34,6 +34,11 @@ PLAIN_PKGS="$PLAIN_PKGS $QGA_LIB_PKGS"
 PLAIN_PKGS="$PLAIN_PKGS libfaketime iproute2"
 # `vmrepl doctor`'s test drops a port with a firewall rule (nft) inside a network namespace.
 PLAIN_PKGS="$PLAIN_PKGS nftables"
+# The dashboard's browser test (crates/vmrepl/tests/dashboard.rs) drives Debian's chromium with
+# playwright-core (pinned in tests/browser/package-lock.json, installed by `npm ci` below) on node.
+PLAIN_PKGS="$PLAIN_PKGS chromium nodejs"
+# npm: Debian's package, unless node came with its own (NodeSource's nodejs bundles it).
+command -v npm >/dev/null 2>&1 || PLAIN_PKGS="$PLAIN_PKGS npm"
 QEMU_PINNED="qemu-utils qemu-block-extra qemu-system-common" # same version as qemu-system-x86
 
 installed_version() { # pkg -> version if fully installed, else empty
@@ -79,6 +84,24 @@ else
     ready || die "packages still not consistent after install"
     log "packages ok (qemu $(installed_version qemu-system-x86))"
 fi
+
+# The browser test's node modules (playwright-core only; it uses the chromium installed above).
+BROWSER_DIR="$REPO/tests/browser"
+pw_version() { # package.json -> its version, or empty
+    [ -f "$1" ] && node -p "require('$1').version" 2>/dev/null || true
+}
+want=$(cd "$BROWSER_DIR" && node -p 'require("./package-lock.json").packages["node_modules/playwright-core"].version')
+have=$(pw_version "$BROWSER_DIR/node_modules/playwright-core/package.json")
+if [ -n "$have" ] && [ "$have" = "$want" ]; then
+    log "playwright-core $have ok"
+else
+    log "npm ci in tests/browser (playwright-core $want)"
+    (cd "$BROWSER_DIR" && npm ci --no-audit --no-fund >/tmp/vmrepl-setup-npm.log 2>&1) || {
+        tail -n 30 /tmp/vmrepl-setup-npm.log >&2
+        die "npm ci failed in $BROWSER_DIR (full log: /tmp/vmrepl-setup-npm.log)"
+    }
+fi
+log "$(chromium --version 2>/dev/null | head -n1), node $(node --version)"
 
 # versions as the tools report them
 log "$(qemu-system-x86_64 --version | head -n1)"

@@ -24,8 +24,8 @@ trap cleanup EXIT
 # two_hosts NAME_A NAME_B TRUST_GROUP: creates both hosts, lets each trust the other's
 # built-in CA, starts both daemons, and makes b a replica server authorizing a.
 two_hosts() {
-  a host init --name "$1" --listen "$A_IP:$A_PORT" --accel tcg --metrics "$A_IP:0"
-  b host init --name "$2" --listen "$B_IP:$B_PORT" --accel tcg --metrics "$B_IP:0"
+  a host init --name "$1" --listen "$A_IP:$A_PORT" --accel tcg --metrics "$A_IP:0" --dashboard "$A_IP:0"
+  b host init --name "$2" --listen "$B_IP:$B_PORT" --accel tcg --metrics "$B_IP:0" --dashboard "$B_IP:0"
   a host trust "$W/b/tls/ca.pem"
   b host trust "$W/a/tls/ca.pem"
   local h out

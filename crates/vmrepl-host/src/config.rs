@@ -70,6 +70,10 @@ pub struct HostConfig {
     /// keep it on loopback or a management network). Empty: off.
     #[serde(default = "default_metrics")]
     pub metrics: String,
+    /// Address of the web dashboard (HTTPS with the host's certificate; a client certificate
+    /// from a trusted CA or the token `vmrepl dashboard` prints). Empty: off.
+    #[serde(default = "default_dashboard")]
+    pub dashboard: String,
     /// Hours of history health and statistics look at (Hyper-V's monitoring window, 12 by
     /// default; 1 to 168).
     #[serde(default = "default_window_hours")]
@@ -82,6 +86,10 @@ fn default_window_hours() -> u32 {
 
 fn default_metrics() -> String {
     crate::metrics::DEFAULT_LISTEN.to_string()
+}
+
+fn default_dashboard() -> String {
+    crate::dashboard::DEFAULT_LISTEN.to_string()
 }
 
 /// Limits and timeouts of the peer listener (review M1). Every field has a default, so a
@@ -162,6 +170,7 @@ impl HostConfig {
             revoked_certs: Vec::new(),
             resync_range_mib: None,
             metrics: default_metrics(),
+            dashboard: default_dashboard(),
             monitoring_window_hours: default_window_hours(),
         }
     }
@@ -206,6 +215,13 @@ impl HostConfig {
                 "metrics address {:?} is not IP:PORT (for example {}; \"\" serves no metrics)",
                 self.metrics,
                 crate::metrics::DEFAULT_LISTEN
+            )));
+        }
+        if !self.dashboard.is_empty() && self.dashboard.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "dashboard address {:?} is not IP:PORT (for example {}; \"\" serves no dashboard)",
+                self.dashboard,
+                crate::dashboard::DEFAULT_LISTEN
             )));
         }
         if self.storage.is_empty() {
@@ -334,6 +350,19 @@ mod tests {
         let mut c = sample();
         c.listen = "nowhere".into();
         assert!(c.validate().unwrap_err().to_string().contains("IP:PORT"));
+    }
+
+    #[test]
+    fn a_bad_dashboard_address_is_refused_an_empty_one_is_off_and_old_configs_get_the_default() {
+        let mut c = sample();
+        c.dashboard = "localhost:9470".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("dashboard") && e.contains("IP:PORT"), "{e}");
+        c.dashboard = String::new();
+        assert!(c.validate().is_ok());
+        let old = "host_name = \"h.example\"\nlisten = \"127.0.0.1:7443\"\nstorage = [\"/srv\"]\n";
+        let c = HostConfig::parse(old, Path::new("c.toml")).unwrap();
+        assert_eq!(c.dashboard, crate::dashboard::DEFAULT_LISTEN);
     }
 
     #[test]

@@ -103,6 +103,7 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
         }
         None => None,
     };
+    let dashboard = crate::dashboard::start(&d).await;
     let server = tokio::spawn(mgmt::serve(listener, d.clone()));
     let peer = tokio::spawn(crate::peer_server::serve(peer_listener, d.clone()));
     crate::replica::recover(&d).await;
@@ -130,6 +131,9 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
     peer.abort();
     if let Some(m) = metrics {
         m.abort();
+    }
+    if let Some(t) = dashboard {
+        t.abort();
     }
     let _ = std::fs::remove_file(dd.socket());
     tracing::info!(target: "vmrepl::daemon", "stopped; running VMs keep running");
@@ -159,6 +163,7 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
                 .filter_map(|p| vmrepl_qemu::caps::storage_info(p).ok())
                 .collect();
             info.metrics_url = host.metrics_url.get().cloned();
+            info.dashboard_url = host.dashboard_url.get().cloned();
             Response::HostInfo(Box::new(info))
         }
         Request::VmCreate(c) => Response::Vm(Box::new(vmm.create(c).await?)),
@@ -361,7 +366,7 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
 
 /// The journal for `vmrepl events`, with VM names (this host's VMs and replica VMs) and this
 /// host's name filled in. A VM filter names a VM this host knows, by name or UUID.
-fn events(
+pub(crate) fn events(
     host: &Arc<Host>,
     vm: Option<&vmrepl_types::name::VmName>,
     since_ms: Option<u64>,

@@ -39,6 +39,8 @@ pub struct Host {
     pub(crate) stop: tokio::sync::Notify,
     /// Where the metrics page is served, once bound (`host info` reports it).
     pub(crate) metrics_url: std::sync::OnceLock<String>,
+    /// Where the dashboard is served, once bound (`host info` reports it).
+    pub(crate) dashboard_url: std::sync::OnceLock<String>,
 }
 
 /// In-memory state of the running relationships.
@@ -78,6 +80,7 @@ impl Host {
             peer_listener,
             stop: tokio::sync::Notify::new(),
             metrics_url: std::sync::OnceLock::new(),
+            dashboard_url: std::sync::OnceLock::new(),
         }
     }
 

@@ -22,6 +22,8 @@ pub struct InitOptions {
     pub qemu_binary: Option<PathBuf>,
     /// The metrics page's address (`config.toml`'s `metrics`; empty: none).
     pub metrics: String,
+    /// The web dashboard's address (`config.toml`'s `dashboard`; empty: none).
+    pub dashboard: String,
 }
 
 /// What `host init` made.
@@ -129,6 +131,7 @@ pub fn init_host(dd: &DataDir, o: InitOptions) -> Result<InitReport, InitError> 
         cfg.qemu_binary = q;
     }
     cfg.metrics = o.metrics;
+    cfg.dashboard = o.dashboard;
     cfg.validate()?;
     dd.create_skeleton()?;
     for s in &storage {
@@ -268,6 +271,7 @@ mod tests {
                 trust: vec![],
                 qemu_binary: None,
                 metrics: String::new(),
+                dashboard: String::new(),
             },
         )
         .unwrap();
@@ -312,6 +316,7 @@ mod tests {
                 trust: vec![out.join("ca.pem")],
                 qemu_binary: None,
                 metrics: String::new(),
+                dashboard: String::new(),
             },
         )
         .unwrap();

@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod dashboard;
 pub mod datadir;
 pub mod db;
 pub mod doctor;

@@ -44,6 +44,9 @@ pub struct HostInfo {
     /// peers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_url: Option<String>,
+    /// Where this host serves its web dashboard (`vmrepl host info` only; not sent to peers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dashboard_url: Option<String>,
 }
 
 /// Why a host cannot run a VM.

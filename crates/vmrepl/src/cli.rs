@@ -81,6 +81,12 @@ pub enum Cmd {
         #[arg(long)]
         follow: bool,
     },
+    /// Print the web dashboard's URL with its sign-in token (docs/dashboard.md).
+    Dashboard {
+        /// Make a new token first (signs out every browser that used the old one).
+        #[arg(long)]
+        rotate: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -413,6 +419,10 @@ pub struct InitArgs {
     /// port 0 lets the system choose, `host info` shows the URL; "" for none).
     #[arg(long, default_value = vmrepl_host::metrics::DEFAULT_LISTEN)]
     pub metrics: String,
+    /// Where to serve the web dashboard (`HOST:PORT`, HTTPS; `vmrepl dashboard` prints its
+    /// URL with the token; port 0 lets the system choose; "" for none).
+    #[arg(long, default_value = vmrepl_host::dashboard::DEFAULT_LISTEN)]
+    pub dashboard: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -543,6 +553,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 trust: a.trust,
                 qemu_binary: a.qemu,
                 metrics: a.metrics,
+                dashboard: a.dashboard,
             };
             let report = vmrepl_host::init::init_host(&dd, opts)?;
             if args.json {
@@ -615,6 +626,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             replica_server,
             replica_name,
         } => doctor(&dd, args.json, vm, replica_server, replica_name),
+        Cmd::Dashboard { rotate } => crate::dashboard::run(&dd, args.json, rotate),
         Cmd::Vm(v) => {
             let req = match v {
                 VmCmd::Create(c) => Request::VmCreate(create_request(c)?),

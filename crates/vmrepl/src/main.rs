@@ -3,6 +3,7 @@
 //! renders the answer. Host creation (`host init`) works without a daemon.
 
 mod cli;
+mod dashboard;
 mod render;
 
 use clap::Parser;

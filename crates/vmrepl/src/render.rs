@@ -180,6 +180,12 @@ fn host_info(h: &HostInfo) {
             .unwrap_or("not served (see `metrics` in config.toml)")
     );
     println!(
+        "Dashboard:           {}",
+        h.dashboard_url
+            .as_deref()
+            .unwrap_or("not served (see `dashboard` in config.toml)")
+    );
+    println!(
         "KVM:                 {}",
         if h.kvm_usable {
             "usable".to_string()

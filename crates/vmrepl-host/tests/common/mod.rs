@@ -64,6 +64,7 @@ impl ReplicaHost {
                 trust: self.trust.clone(),
                 qemu_binary: None,
                 metrics: String::new(),
+                dashboard: String::new(),
             },
         )
         .unwrap();

@@ -97,6 +97,8 @@ impl Host {
         let listen = format!("{ip}:{port}");
         // The metrics page on a port the system picks (`host info` tells which).
         let metrics = format!("{ip}:0");
+        // The dashboard likewise (`vmrepl dashboard` prints its URL).
+        let dashboard = format!("{ip}:0");
         let mut args = vec![
             "host",
             "init",
@@ -108,6 +110,8 @@ impl Host {
             "tcg",
             "--metrics",
             &metrics,
+            "--dashboard",
+            &dashboard,
         ];
         args.extend_from_slice(extra);
         h.ok(&args);
