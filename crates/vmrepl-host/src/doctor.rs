@@ -618,7 +618,10 @@ async fn existing_copy(client: &mut PeerClient, who: &str, vm: &VmDefinition) ->
         } => None,
         PeerResponse::Refused { message, .. } => Some(fail(
             &check,
-            format!("{who} has a copy of {} that cannot become its replica: {message}", vm.name),
+            format!(
+                "{who} has a copy of {} that cannot become its replica: {message}",
+                vm.name
+            ),
             "give the copy the VM's generation (BIOS or UEFI) and disks, or replicate over the \
              network instead (without --initial-existing-copy)"
                 .into(),

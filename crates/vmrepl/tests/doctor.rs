@@ -274,16 +274,32 @@ fn doctor_names_a_machine_type_the_replica_cannot_run_and_a_full_storage_folder(
     // The replica server's admin designated a copy of "app" there (for
     // --initial-existing-copy), but a UEFI one: the generations differ.
     b.ok(&[
-        "vm", "create", "app", "--generation", "2", "--memory", "128", "--disk", "64M",
+        "vm",
+        "create",
+        "app",
+        "--generation",
+        "2",
+        "--memory",
+        "128",
+        "--disk",
+        "64M",
     ]);
     b.ok(&[
-        "replication", "server", "accept-copy", "app", "--primary", "hosta.test",
+        "replication",
+        "server",
+        "accept-copy",
+        "app",
+        "--primary",
+        "hosta.test",
     ]);
     let (fs, passed) = doctor(&a, &check);
     assert!(!passed);
     let copy = finding(&fs, "existing-copy:app");
     assert_eq!(copy["status"], "fail", "{fs:#?}");
-    assert!(copy["message"].as_str().unwrap().contains("generation"), "{copy}");
+    assert!(
+        copy["message"].as_str().unwrap().contains("generation"),
+        "{copy}"
+    );
     b.ok(&["vm", "delete", "app"]);
     // A replica storage folder with 16 MiB of room, for a VM of 64 MiB.
     let small = b.data().join("small");

@@ -214,7 +214,11 @@ pub(crate) fn designated_copy(
 /// Whether the VM designated on this host as the existing copy of `vm` for `peer` could become
 /// its replica: designated, stopped, not replicated itself, and the same generation and disks.
 /// Returns that copy. What `vmrepl doctor` asks before an `--initial-existing-copy`.
-pub fn check_existing_copy(d: &Host, peer: &str, vm: &VmDefinition) -> Result<VmDefinition, Refusal> {
+pub fn check_existing_copy(
+    d: &Host,
+    peer: &str,
+    vm: &VmDefinition,
+) -> Result<VmDefinition, Refusal> {
     let host = d.cfg().host_name.clone();
     let local = designated_copy(d, peer, vm)?;
     if d.db()
