@@ -20,6 +20,8 @@ use vmrepl_types::VmDefinition;
 pub const TCP_DEADLINE: Duration = Duration::from_secs(5);
 /// How long the handshake and hello may take.
 const TLS_DEADLINE: Duration = Duration::from_secs(15);
+/// Clocks further apart than this are a warning.
+const CLOCK_WARN_SECS: u64 = 60;
 /// A certificate that ends sooner than this is a warning.
 const CERT_WARN_DAYS: i64 = 30;
 
@@ -484,24 +486,55 @@ async fn towards(host: &Arc<Host>, server: &str, name: &str, vms: &[VmDefinition
             client.version()
         ),
     ));
-    // Authorization: asking for a VM nobody replicates is answered "unknown VM" only once the
-    // primary passed the replica server's authorization.
-    match client
-        .request(&PeerRequest::ReplicaState {
-            vm_uuid: Uuid::nil(),
-        })
-        .await
-    {
-        Ok(PeerResponse::Refused {
-            code: RefusalCode::UnknownVm,
-            ..
+    // Clocks: vmrepl's correctness does not depend on them (sequences order everything), but
+    // recovery point times, health's "behind by an hour" and certificates' validity do.
+    if let Some(theirs_ms) = theirs.now_unix_ms {
+        let ours = crate::db::now_ms();
+        let skew = ours.abs_diff(theirs_ms) / 1000;
+        if skew > CLOCK_WARN_SECS {
+            out.push(warn(
+                "clock",
+                format!(
+                    "{who}'s clock is {skew} s {} this host's",
+                    if theirs_ms > ours {
+                        "ahead of"
+                    } else {
+                        "behind"
+                    }
+                ),
+                "run NTP (systemd-timesyncd or chrony) on both hosts: recovery point times, \
+                 health and certificate validity read wrong across hosts otherwise",
+            ));
+        } else {
+            out.push(ok(
+                "clock",
+                format!("{who}'s clock is within {CLOCK_WARN_SECS} s of this host's"),
+            ));
+        }
+    }
+    // Authorization: where the replica server would keep this host's replicas.
+    match client.request(&PeerRequest::MyGrant).await {
+        Ok(PeerResponse::Granted {
+            storage,
+            trust_group,
+            free_bytes,
         }) => out.push(ok(
             "authorization",
             format!(
-                "{who} authorizes this host ({}) as a primary",
-                host.identity.host_name()
+                "{who} authorizes this host ({}) as a primary: replicas go to {} ({}), trust \
+                 group {trust_group}",
+                host.identity.host_name(),
+                storage.display(),
+                free_bytes.map_or("free space unknown".to_string(), |f| format!(
+                    "{} GiB free",
+                    f >> 30
+                ))
             ),
         )),
+        Ok(PeerResponse::Refused {
+            code: RefusalCode::BadRequest,
+            ..
+        }) => out.extend(authorized_old(host, &mut client, &who).await),
         Ok(PeerResponse::Refused { message, .. }) => {
             out.push(fail(
                 "authorization",
@@ -527,6 +560,12 @@ async fn towards(host: &Arc<Host>, server: &str, name: &str, vms: &[VmDefinition
             ));
             return out;
         }
+    }
+    if out
+        .last()
+        .is_some_and(|f| f.check == "authorization" && f.status == FindingStatus::Fail)
+    {
+        return out;
     }
     for vm in vms {
         let check = format!("vm:{}", vm.name);
@@ -625,6 +664,38 @@ async fn existing_copy(client: &mut PeerClient, who: &str, vm: &VmDefinition) ->
             "give the copy the VM's generation (BIOS or UEFI) and disks, or replicate over the \
              network instead (without --initial-existing-copy)"
                 .into(),
+        )),
+        _ => None,
+    }
+}
+
+/// Authorization as a replica server of an earlier release can tell it: asking for a VM
+/// nobody replicates is answered "unknown VM" only once the primary passed authorization.
+async fn authorized_old(host: &Arc<Host>, client: &mut PeerClient, who: &str) -> Option<Finding> {
+    match client
+        .request(&PeerRequest::ReplicaState {
+            vm_uuid: Uuid::nil(),
+        })
+        .await
+    {
+        Ok(PeerResponse::Refused {
+            code: RefusalCode::UnknownVm,
+            ..
+        }) => Some(ok(
+            "authorization",
+            format!(
+                "{who} authorizes this host ({}) as a primary",
+                host.identity.host_name()
+            ),
+        )),
+        Ok(PeerResponse::Refused { message, .. }) => Some(fail(
+            "authorization",
+            format!("{who} does not take replicas from this host: {message}"),
+            format!(
+                "on the replica server: `vmrepl replication server authorize --primary {} \
+                 --storage DIR`",
+                host.identity.host_name()
+            ),
         )),
         _ => None,
     }

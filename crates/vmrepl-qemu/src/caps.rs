@@ -384,6 +384,7 @@ pub async fn probe(opts: &ProbeOptions) -> Result<HostProbe, CapsError> {
         config_versions: (ConfigVersion::OLDEST, ConfigVersion::CURRENT),
         storage,
         metrics_url: None,
+        now_unix_ms: None,
         dashboard_url: None,
     };
     Ok(HostProbe { info, machines })
@@ -464,6 +465,7 @@ mod tests {
             config_versions: (ConfigVersion::OLDEST, ConfigVersion::CURRENT),
             storage: vec![],
             metrics_url: None,
+            now_unix_ms: None,
             dashboard_url: None,
         };
         assert_eq!(resolve_accel(Accel::Auto, &h).unwrap(), ResolvedAccel::Tcg);

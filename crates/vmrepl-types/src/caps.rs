@@ -44,6 +44,9 @@ pub struct HostInfo {
     /// peers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_url: Option<String>,
+    /// The host's clock when it answered (Unix milliseconds), in the peer Hello only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub now_unix_ms: Option<u64>,
     /// Where this host serves its web dashboard (`vmrepl host info` only; not sent to peers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dashboard_url: Option<String>,

@@ -355,6 +355,9 @@ pub struct ReplicationStats {
     pub window_from_unix: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_to_unix: Option<u64>,
+    /// When the last app-consistent point of the window was acknowledged (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_app_consistent_unix: Option<u64>,
 }
 
 /// Progress of a transfer in flight.

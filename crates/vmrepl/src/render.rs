@@ -382,6 +382,7 @@ fn measure(r: &ReplicationStatus) {
     }
     println!("Pending size:         {}", mib(s.pending_bytes));
     println!("Last successful:      {}", when(s.last_replication_unix));
+    println!("Last app-consistent:  {}", when(s.last_app_consistent_unix));
     println!("Last sequence:        {}", r.last_sequence);
     println!();
 }

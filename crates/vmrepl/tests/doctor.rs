@@ -81,9 +81,26 @@ fn doctor_names_a_dropped_port_a_stopped_daemon_an_unauthorized_host_and_a_forei
 
     // Before enabling: every step passes.
     let (fs, passed) = doctor(&a, &check);
-    for c in ["resolve", "tcp", "tls", "authorization", "vm:app"] {
+    for c in [
+        "certificate",
+        "resolve",
+        "tcp",
+        "tls",
+        "clock",
+        "authorization",
+        "vm:app",
+    ] {
         assert_eq!(status_of(&fs, c), "ok", "{fs:#?}");
     }
+    // Which folder the replicas would go to, and the room there.
+    let auth = finding(&fs, "authorization")["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        auth.contains("replicas-from-a") && auth.contains("free"),
+        "{auth}"
+    );
     assert!(passed, "{fs:#?}");
 
     // A firewall rule on the replica server drops its port: told apart from a refusal.

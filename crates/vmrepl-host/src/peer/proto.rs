@@ -110,6 +110,10 @@ pub enum PeerRequest {
     Hello { host_info: Box<HostInfo> },
     /// Can this replica server host this VM? (authorization, capabilities, room)
     CheckReplica { vm: Box<VmDefinition> },
+    /// Where would this replica server keep this primary's replicas? (authorization: its
+    /// storage folder, free space and trust group). Asked by `vmrepl doctor`; releases before
+    /// it refuse the request as malformed.
+    MyGrant,
     /// Could the VM designated here as the existing copy of this VM become its replica (same
     /// generation and disks, stopped, not replicated)? Asked by `vmrepl doctor`; releases before
     /// it refuse the request as malformed.
@@ -273,6 +277,12 @@ pub enum PeerResponse {
         host_info: Box<HostInfo>,
     },
     Ok,
+    /// The answer to `MyGrant`.
+    Granted {
+        storage: std::path::PathBuf,
+        trust_group: String,
+        free_bytes: Option<u64>,
+    },
     ReplicaState {
         /// Last applied (and acknowledged) sequence; 0 = nothing yet.
         last_applied: u64,

@@ -133,8 +133,11 @@ async fn connection(
             (false, PeerRequest::Hello { host_info }) => {
                 greeted = true;
                 tracing::info!(target: T, peer = %host, qemu = %host_info.qemu_version, "hello");
+                let mut info = daemon.vmm.caps().clone();
+                // The peer compares clocks with it (`vmrepl doctor`).
+                info.now_unix_ms = Some(crate::db::now_ms());
                 Some(PeerResponse::Hello {
-                    host_info: Box::new(daemon.vmm.caps().clone()),
+                    host_info: Box::new(info),
                 })
             }
             (false, _) => Some(
@@ -228,6 +231,11 @@ async fn handle(
         PeerRequest::CheckReplica { vm } => {
             authorize(daemon).and_then(|g| check_vm(daemon, &vm, &g).map(|()| PeerResponse::Ok))
         }
+        PeerRequest::MyGrant => authorize(daemon).map(|g| PeerResponse::Granted {
+            free_bytes: free_bytes(&g.storage),
+            storage: g.storage,
+            trust_group: g.trust_group,
+        }),
         PeerRequest::CheckExistingCopy { vm } => authorize(daemon).and_then(|_| {
             check_definition(daemon, &vm)?;
             replica::check_existing_copy(daemon, peer, &vm).map(|_| PeerResponse::Ok)

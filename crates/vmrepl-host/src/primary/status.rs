@@ -58,6 +58,9 @@ pub(crate) fn stats_of(cycles: &[crate::db::CycleSample]) -> ReplicationStats {
                 lat_total += secs;
                 s.max_latency_secs = s.max_latency_secs.max(secs);
                 s.last_replication_unix = Some((c.start_ms + c.duration_ms) / 1000);
+                if c.app_freeze_ok == Some(true) {
+                    s.last_app_consistent_unix = s.last_replication_unix;
+                }
             }
             CycleOutcome::Missed => s.miss_count += 1,
             CycleOutcome::NetworkFailure => {
@@ -225,6 +228,40 @@ mod tests {
             note: None,
             resync_sweep: None,
         }
+    }
+
+    #[test]
+    fn statistics_count_outcomes_sizes_latencies_and_the_last_app_consistent_point() {
+        use crate::db::CycleSample;
+        let c = |outcome, bytes, start_ms, app_freeze_ok| CycleSample {
+            outcome,
+            bytes,
+            duration_ms: 2000,
+            start_ms,
+            app_freeze_ok,
+        };
+        let s = stats_of(&[
+            c(CycleOutcome::Ok, 100, 10_000, Some(true)),
+            c(CycleOutcome::Ok, 300, 20_000, None),
+            c(CycleOutcome::Missed, 0, 30_000, None),
+            c(CycleOutcome::NetworkFailure, 0, 40_000, None),
+            c(CycleOutcome::Ok, 200, 50_000, Some(false)),
+        ]);
+        assert_eq!(
+            (
+                s.success_count,
+                s.miss_count,
+                s.failure_count,
+                s.network_failure_count
+            ),
+            (3, 1, 1, 1)
+        );
+        assert_eq!((s.total_bytes, s.max_bytes), (600, 300));
+        assert_eq!((s.avg_latency_secs, s.max_latency_secs), (2.0, 2.0));
+        assert_eq!(s.last_replication_unix, Some(52));
+        // The last point whose guest was frozen, not the last attempt.
+        assert_eq!(s.last_app_consistent_unix, Some(12));
+        assert_eq!(s.app_consistent_failure_count, 1);
     }
 
     #[test]
