@@ -358,6 +358,9 @@ pub struct ReplicationStats {
     /// When the last app-consistent point of the window was acknowledged (Unix seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_app_consistent_unix: Option<u64>,
+    /// When the last test failover of this replica started (Unix seconds; replica side).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_test_failover_unix: Option<u64>,
 }
 
 /// Progress of a transfer in flight.

@@ -383,6 +383,9 @@ fn measure(r: &ReplicationStatus) {
     println!("Pending size:         {}", mib(s.pending_bytes));
     println!("Last successful:      {}", when(s.last_replication_unix));
     println!("Last app-consistent:  {}", when(s.last_app_consistent_unix));
+    if r.role != vmrepl_types::replication::Role::Primary {
+        println!("Last test failover:   {}", when(s.last_test_failover_unix));
+    }
     println!("Last sequence:        {}", r.last_sequence);
     println!();
 }

@@ -372,6 +372,14 @@ fn test_failover_runs_beside_replication_pins_its_point_and_leaves_nothing_behin
     assert!(out.contains("not connected"), "{out}");
     let e = b.fails(&["failover", "test", "app"]);
     assert!(e.contains("runs already"), "{e}");
+    // Measure-VMReplication on the replica shows when the last test failover started.
+    let m = b.json(&["replication", "measure", "app"]);
+    assert!(
+        m["relationships"][0]["stats"]["last_test_failover_unix"]
+            .as_u64()
+            .is_some(),
+        "{m}"
+    );
     let test_vm = b.json(&["vm", "show", "app - Test"]);
     assert_eq!(
         test_vm["definition"]["nics"][0]["mode"], "not-connected",

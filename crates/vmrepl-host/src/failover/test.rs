@@ -99,10 +99,19 @@ pub async fn test(
     let db = d.db();
     db.set_test_failover(row.vm_uuid, Some(&t))
         .map_err(FailoverError::RecordTest)?;
-    let _ = db.event(
-        Some(row.vm_uuid),
-        &format!("test failover to point {} as {:?}", t.point_seq, t.name),
-    );
+    // Journaled as the replica's event (its state stays), which `replication measure` reads.
+    let cause = format!("test failover to point {} as {:?}", t.point_seq, t.name);
+    if crate::replica::change(
+        &db,
+        row.vm_uuid,
+        crate::lifecycle::ReplicaEvent::TestFailoverStarted,
+        Some(&cause),
+        crate::db::ReplicaUpdate::None,
+    )
+    .is_err()
+    {
+        let _ = db.event(Some(row.vm_uuid), &cause);
+    }
     Ok(format!(
         "Test VM {:?} created from point {} of {name}; its network adapters are {}. Start it with `vmrepl vm start {:?}`; `vmrepl failover stop-test {name}` deletes it and everything it wrote. Replication goes on meanwhile.",
         t.name,
@@ -132,7 +141,17 @@ pub async fn stop_test(d: &Arc<Host>, name: &VmName) -> Result<String, HostError
     let db = d.db();
     db.set_test_failover(row.vm_uuid, None)
         .map_err(FailoverError::RecordTest)?;
-    let _ = db.event(Some(row.vm_uuid), "test failover stopped");
+    if crate::replica::change(
+        &db,
+        row.vm_uuid,
+        crate::lifecycle::ReplicaEvent::TestFailoverStopped,
+        Some(&format!("test VM {:?} deleted", t.name)),
+        crate::db::ReplicaUpdate::None,
+    )
+    .is_err()
+    {
+        let _ = db.event(Some(row.vm_uuid), "test failover stopped");
+    }
     Ok(format!(
         "Test failover of {name} stopped; VM {:?} and what it wrote are deleted.",
         t.name

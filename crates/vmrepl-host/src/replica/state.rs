@@ -18,16 +18,8 @@ pub(crate) fn change(
     let t = db.change_replica(vm, &event, cause, update);
     match &t {
         Ok(t) if t.from != t.to => {
+            // The journal has it already (`Db::record_transition`).
             tracing::info!(target: "vmrepl::replica", %vm, event = event.name(), from = %t.from, to = %t.to, "state changed");
-            let _ = db.event(
-                Some(vm),
-                &format!(
-                    "replica {} ({}){}",
-                    t.to,
-                    event.describe(),
-                    cause.map(|c| format!(": {c}")).unwrap_or_default()
-                ),
-            );
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(target: "vmrepl::replica", %vm, event = event.name(), "{e}"),

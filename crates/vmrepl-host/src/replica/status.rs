@@ -111,6 +111,16 @@ pub(crate) fn failover_note(r: &ReplicaRow) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join("; "))
 }
 
+/// When the last test failover of replica `vm` started, from its recorded transitions.
+fn last_test_failover(daemon: &Host, vm: uuid::Uuid) -> Option<u64> {
+    let db = daemon.db();
+    db.transitions(Some(vm), 1000)
+        .ok()?
+        .into_iter()
+        .find(|t| t.event == "test-failover-started")
+        .map(|t| t.at_ms / 1000)
+}
+
 /// The status of every replica VM on this host.
 pub fn statuses(daemon: &Host) -> Vec<ReplicationStatus> {
     let rows = {
@@ -148,6 +158,7 @@ pub fn statuses(daemon: &Host) -> Vec<ReplicationStatus> {
                     success_count: r.logs_received,
                     total_bytes: r.bytes_received,
                     last_replication_unix: r.last_receive_ms.map(|m| m / 1000),
+                    last_test_failover_unix: last_test_failover(daemon, r.vm_uuid),
                     ..Default::default()
                 },
             }
