@@ -206,7 +206,8 @@ fn http_get(url: &str) -> String {
 }
 
 #[test]
-fn health_goes_critical_while_the_replica_server_is_down_and_back_to_normal_with_an_event_each() {
+fn health_goes_warning_then_critical_while_the_replica_server_is_down_and_back_to_normal_with_an_event_each(
+) {
     let (a, mut b, _store) = pair("127.0.0.156", "127.0.0.157", "health");
     a.ok(&[
         "vm",
@@ -224,11 +225,29 @@ fn health_goes_critical_while_the_replica_server_is_down_and_back_to_normal_with
         let s = status(&a, "app");
         s["state"] == "replicating" && s["health"] == "normal"
     });
+    let mark = events(&a, &["--vm", "app"]).last().unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let health_since = |h: &Host| -> Vec<u64> {
+        events(h, &["--vm", "app"])
+            .iter()
+            .filter(|e| e["id"].as_i64().unwrap() > mark)
+            .map(|e| e["code"].as_u64().unwrap())
+            .filter(|c| (1101..=1103).contains(c))
+            .collect()
+    };
     b.ok(&["stop"]);
-    // The next cycle cannot reach the replica server: Critical, with the reason.
+    // The next cycle cannot reach the replica server: Warning (the next one retries), then,
+    // failing again, Critical, each with the reason.
     wait_until("health Critical journaled", T, || {
-        codes(&events(&a, &["--vm", "app"])).contains(&1103)
+        health_since(&a).contains(&1103)
     });
+    let seen = health_since(&a);
+    assert!(
+        seen.len() >= 2 && seen[..2] == [1102, 1103],
+        "Warning, then Critical: {seen:?} in {:#?}",
+        events(&a, &["--vm", "app"])
+    );
     let s = status(&a, "app");
     assert_eq!(s["health"], "critical", "{s}");
     let why = s["health_details"].to_string();

@@ -360,8 +360,13 @@ fn a_full_replica_disk_refuses_the_delta_and_replication_recovers_by_itself_once
         },
     );
     assert_eq!(acked(&a, "db"), seq, "nothing was acknowledged");
+    // One failed cycle is a Warning; the next failure makes it Critical.
+    wait_until(
+        "two failed cycles: Critical",
+        Duration::from_secs(60),
+        || status(&a, "db")["health"] == "critical",
+    );
     let s = status(&a, "db");
-    assert_eq!(s["health"], "critical", "{s}");
     assert_ne!(s["state"], "resynchronization-required", "{s}");
     // Room is made: the next cycles carry every change, no resynchronization needed.
     std::fs::remove_file(&filler).unwrap();

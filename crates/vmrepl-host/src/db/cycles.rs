@@ -172,6 +172,25 @@ impl Db {
             .optional()?;
         o.as_deref().map(outcome_of).transpose()
     }
+
+    /// How many of the last cycles of `vm` (missed ones aside) failed in a row, up to `max`.
+    pub fn failed_in_a_row(&self, vm: Uuid, max: u32) -> Result<u32, DbError> {
+        let mut st = self.conn.prepare(
+            "SELECT outcome FROM cycles WHERE vm_uuid = ?1 AND outcome != 'missed' \
+             ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![vm.to_string(), i64::from(max)], |r| {
+            r.get::<_, String>(0)
+        })?;
+        let mut n = 0;
+        for r in rows {
+            if outcome_of(&r?)? == CycleOutcome::Ok {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
 }
 
 #[cfg(test)]

@@ -90,13 +90,12 @@ pub(crate) fn record_cycle(d: &Host, c: CycleRecord<'_>) {
     if let Err(e) = d.db().record_cycle(&c) {
         tracing::error!(target: "vmrepl::replication", vm = %c.vm, "cannot record a cycle: {e}");
     }
-    note_health(d, c.vm);
 }
 
-/// After a cycle: journals the relationship's health when it changed (codes 1101-1103, with
-/// the reasons), so that `vmrepl events` shows when replication became Critical and when it
-/// came back. The first look after the daemon starts says something only when it is not
-/// Normal.
+/// After a cycle (its record and its state change): journals the relationship's health when
+/// it changed (codes 1101-1103, with the reasons), so that `vmrepl events` shows when
+/// replication became Critical and when it came back. The first look after the daemon starts
+/// says something only when it is not Normal.
 pub(crate) fn note_health(d: &Host, vm: Uuid) {
     use vmrepl_types::replication::Health;
     let Some(rt) = crate::locks::unpoisoned(&d.repl.rels).get(&vm).cloned() else {

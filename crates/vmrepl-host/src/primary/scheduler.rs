@@ -235,6 +235,7 @@ pub(crate) async fn scheduler(d: Arc<Host>, vm: Uuid, rt: Arc<RelRuntime>) {
         if let Err(e) = run_cycle(&d, vm, &rt, consistency).await {
             tracing::warn!(target: "vmrepl::replication", %vm, "cycle failed: {e}");
         }
+        crate::primary::note_health(&d, vm);
         *crate::locks::unpoisoned(&rt.progress) = None;
     }
 }

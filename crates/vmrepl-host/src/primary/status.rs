@@ -76,11 +76,13 @@ pub(crate) fn stats_of(cycles: &[crate::db::CycleSample]) -> ReplicationStats {
     s
 }
 
-/// Health by Hyper-V's rules, with a sentence per finding.
+/// Health by Hyper-V's rules, with a sentence per finding. `failed_in_a_row`: the last cycles
+/// that failed one after the other: one is a Warning (the next cycle retries), two or more mean
+/// the primary cannot send, Critical.
 pub fn health(
     rel: &Relationship,
     stats: &ReplicationStats,
-    last_cycle_failed: bool,
+    failed_in_a_row: u32,
 ) -> (Health, Vec<String>) {
     let mut crit = Vec::new();
     let mut warn = Vec::new();
@@ -101,9 +103,15 @@ pub fn health(
         }
         _ => {}
     }
-    if last_cycle_failed && rel.state != ReplicationState::ResynchronizationRequired {
+    if failed_in_a_row >= 2 && rel.state != ReplicationState::ResynchronizationRequired {
         crit.push(format!(
-            "The primary cannot send changes to the replica: {}",
+            "The primary cannot send changes to the replica ({failed_in_a_row} cycles failed in a \
+             row): {}",
+            rel.last_error.clone().unwrap_or_default()
+        ));
+    } else if failed_in_a_row == 1 && rel.state != ReplicationState::ResynchronizationRequired {
+        warn.push(format!(
+            "The last cycle failed; the next one retries: {}",
             rel.last_error.clone().unwrap_or_default()
         ));
     }
@@ -172,12 +180,11 @@ pub fn statuses(d: &Host) -> Result<Vec<ReplicationStatus>, HostError> {
             continue;
         };
         let st = stats(d, vm, rel.created_ms)?;
-        let last_failed = d
+        let failed = d
             .db()
-            .last_outcome(vm)
-            .map_err(HostError::db("reading the cycle record"))?
-            .is_some_and(|o| o != CycleOutcome::Ok);
-        let (health, details) = health(&rel, &st, last_failed);
+            .failed_in_a_row(vm, 2)
+            .map_err(HostError::db("reading the cycle record"))?;
+        let (health, details) = health(&rel, &st, failed);
         let progress = crate::locks::unpoisoned(&d.repl.rels)
             .get(&vm)
             .and_then(|r| crate::locks::unpoisoned(&r.progress).clone());
@@ -269,7 +276,7 @@ mod tests {
         let (h, d) = health(
             &rel(ReplicationState::Replicating),
             &ReplicationStats::default(),
-            false,
+            0,
         );
         assert_eq!(h, Health::Normal, "{d:?}");
     }
@@ -279,16 +286,28 @@ mod tests {
         let (h, _) = health(
             &rel(ReplicationState::ResynchronizationRequired),
             &ReplicationStats::default(),
-            false,
+            0,
         );
         assert_eq!(h, Health::Critical);
+        // One failed cycle is a Warning: the next one retries.
         let (h, d) = health(
             &rel(ReplicationState::Replicating),
             &ReplicationStats::default(),
-            true,
+            1,
+        );
+        assert_eq!(h, Health::Warning);
+        assert!(d[0].contains("retries") && d[0].contains("boom"), "{d:?}");
+        // Two in a row: the primary cannot send.
+        let (h, d) = health(
+            &rel(ReplicationState::Replicating),
+            &ReplicationStats::default(),
+            2,
         );
         assert_eq!(h, Health::Critical);
-        assert!(d[0].contains("cannot send"), "{d:?}");
+        assert!(
+            d[0].contains("cannot send") && d[0].contains("2 cycles"),
+            "{d:?}"
+        );
     }
 
     #[test]
@@ -297,7 +316,7 @@ mod tests {
             health(
                 &rel(ReplicationState::Suspended),
                 &ReplicationStats::default(),
-                false
+                0
             )
             .0,
             Health::Warning
@@ -306,7 +325,7 @@ mod tests {
             health(
                 &rel(ReplicationState::WaitingForInitialReplication),
                 &ReplicationStats::default(),
-                false
+                0
             )
             .0,
             Health::Warning
@@ -320,7 +339,7 @@ mod tests {
             miss_count: 3,
             ..Default::default()
         };
-        let (h, d) = health(&rel(ReplicationState::Replicating), &st, false);
+        let (h, d) = health(&rel(ReplicationState::Replicating), &st, 0);
         assert_eq!(h, Health::Warning);
         assert!(d[0].contains("20 percent"));
         let st = ReplicationStats {
@@ -329,7 +348,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            health(&rel(ReplicationState::Replicating), &st, false).0,
+            health(&rel(ReplicationState::Replicating), &st, 0).0,
             Health::Normal
         );
     }
@@ -338,7 +357,7 @@ mod tests {
     fn a_replica_behind_by_more_than_an_hour_is_a_warning() {
         let mut r = rel(ReplicationState::Replicating);
         r.last_success_ms = Some(now_ms() - 2 * 3_600_000);
-        let (h, d) = health(&r, &ReplicationStats::default(), false);
+        let (h, d) = health(&r, &ReplicationStats::default(), 0);
         assert_eq!(h, Health::Warning);
         assert!(d[0].contains("more than an hour"));
     }
