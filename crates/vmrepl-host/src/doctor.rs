@@ -518,11 +518,12 @@ async fn towards(host: &Arc<Host>, server: &str, name: &str, vms: &[VmDefinition
             storage,
             trust_group,
             free_bytes,
+            entry,
         }) => out.push(ok(
             "authorization",
             format!(
-                "{who} authorizes this host ({}) as a primary: replicas go to {} ({}), trust \
-                 group {trust_group}",
+                "{who} authorizes this host ({}) as a primary by its entry {entry:?}: replicas go \
+                 to {} ({}), trust group {trust_group}",
                 host.identity.host_name(),
                 storage.display(),
                 free_bytes.map_or("free space unknown".to_string(), |f| format!(

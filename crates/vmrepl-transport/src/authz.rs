@@ -295,6 +295,10 @@ pub struct Grant {
     /// The primary's trust group: a replica VM accepts replication only from
     /// primaries of the trust group it was created under.
     pub trust_group: String,
+    /// The authorization entry that granted it: its host-name pattern, or
+    /// "any trusted primary" when the server allows any.
+    #[serde(default)]
+    pub entry: String,
 }
 
 /// The replica server's authorization settings.
@@ -389,6 +393,7 @@ impl Authorization {
             return Ok(Grant {
                 storage: e.storage.clone(),
                 trust_group: e.trust_group.clone(),
+                entry: e.pattern.to_string(),
             });
         }
         if self.allow_any {
@@ -396,6 +401,7 @@ impl Authorization {
                 return Ok(Grant {
                     storage: storage.clone(),
                     trust_group: DEFAULT_TRUST_GROUP.to_string(),
+                    entry: "any trusted primary".to_string(),
                 });
             }
         }

@@ -98,7 +98,9 @@ fn doctor_names_a_dropped_port_a_stopped_daemon_an_unauthorized_host_and_a_forei
         .unwrap()
         .to_string();
     assert!(
-        auth.contains("replicas-from-a") && auth.contains("free"),
+        auth.contains("replicas-from-a")
+            && auth.contains("free")
+            && auth.contains("\"hosta.test\""),
         "{auth}"
     );
     assert!(passed, "{fs:#?}");

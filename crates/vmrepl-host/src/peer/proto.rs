@@ -282,6 +282,9 @@ pub enum PeerResponse {
         storage: std::path::PathBuf,
         trust_group: String,
         free_bytes: Option<u64>,
+        /// The authorization entry that matched (its host-name pattern).
+        #[serde(default)]
+        entry: String,
     },
     ReplicaState {
         /// Last applied (and acknowledged) sequence; 0 = nothing yet.

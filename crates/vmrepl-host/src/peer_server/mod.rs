@@ -235,6 +235,7 @@ async fn handle(
             free_bytes: free_bytes(&g.storage),
             storage: g.storage,
             trust_group: g.trust_group,
+            entry: g.entry,
         }),
         PeerRequest::CheckExistingCopy { vm } => authorize(daemon).and_then(|_| {
             check_definition(daemon, &vm)?;
