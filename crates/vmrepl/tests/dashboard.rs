@@ -39,17 +39,7 @@ fn the_dashboard_shows_a_replicated_vm_in_a_browser_and_turns_away_one_without_t
         browser.display()
     );
     let (a, b, _store) = pair("127.0.0.161", "127.0.0.162", "dashboard");
-    a.ok(&[
-        "vm",
-        "create",
-        "app",
-        "--generation",
-        "1",
-        "--memory",
-        "128",
-        "--disk",
-        "64M",
-    ]);
+    create_small_vm(&a, "app");
     enable_ok(&a, &b, "app", "hostb.test", &["--frequency", "5"]);
     wait_until("the initial copy acknowledged", T, || acked(&a, "app") >= 1);
     // A few cycles for the chart to draw.

@@ -60,17 +60,7 @@ fn doctor_names_a_dropped_port_a_stopped_daemon_an_unauthorized_host_and_a_forei
     b.start_with(&["ip", "netns", "exec", &ns.name], &[]);
     let store = b.data().join("replicas-from-a");
     serve_replicas_for(&b, "hosta.test", &store);
-    a.ok(&[
-        "vm",
-        "create",
-        "app",
-        "--generation",
-        "1",
-        "--memory",
-        "128",
-        "--disk",
-        "64M",
-    ]);
+    create_small_vm(&a, "app");
     let server = format!("10.213.14.2:{port}");
     let check = [
         "--replica-server",
@@ -272,17 +262,7 @@ fn doctor_names_a_machine_type_the_replica_cannot_run_and_a_full_storage_folder(
         "pc-i440fx-7.1",
     );
     let (a, mut b, _store) = pair("127.0.0.165", "127.0.0.166", "doctor");
-    a.ok(&[
-        "vm",
-        "create",
-        "app",
-        "--generation",
-        "1",
-        "--memory",
-        "128",
-        "--disk",
-        "64M",
-    ]);
+    create_small_vm(&a, "app");
     let server = format!("{}:{}", b.ip, b.port);
     let check = [
         "--replica-server",

@@ -25,17 +25,7 @@ fn codes(ev: &[Value]) -> Vec<u64> {
 #[test]
 fn every_state_change_is_an_event_with_a_stable_code_that_can_be_filtered_and_followed() {
     let (a, b, _store) = pair("127.0.0.151", "127.0.0.152", "events");
-    a.ok(&[
-        "vm",
-        "create",
-        "app",
-        "--generation",
-        "1",
-        "--memory",
-        "128",
-        "--disk",
-        "64M",
-    ]);
+    create_small_vm(&a, "app");
     enable_ok(&a, &b, "app", "hostb.test", &["--frequency", "30"]);
     wait_until("the initial copy acknowledged", T, || acked(&a, "app") >= 1);
     wait_until("the replica applied it", T, || acked(&b, "app") >= 1);
@@ -209,17 +199,7 @@ fn http_get(url: &str) -> String {
 fn health_goes_warning_then_critical_while_the_replica_server_is_down_and_back_to_normal_with_an_event_each(
 ) {
     let (a, mut b, _store) = pair("127.0.0.156", "127.0.0.157", "health");
-    a.ok(&[
-        "vm",
-        "create",
-        "app",
-        "--generation",
-        "1",
-        "--memory",
-        "128",
-        "--disk",
-        "64M",
-    ]);
+    create_small_vm(&a, "app");
     enable_ok(&a, &b, "app", "hostb.test", &["--frequency", "5"]);
     wait_until("replicating and Normal", T, || {
         let s = status(&a, "app");

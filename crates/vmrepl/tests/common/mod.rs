@@ -1074,3 +1074,19 @@ impl Drop for Tmpfs {
             .status();
     }
 }
+
+/// A VM that is off, generation 1, 128 MiB, with one empty 64 MiB disk: enough to replicate
+/// without booting anything.
+pub fn create_small_vm(h: &Host, name: &str) {
+    h.ok(&[
+        "vm",
+        "create",
+        name,
+        "--generation",
+        "1",
+        "--memory",
+        "128",
+        "--disk",
+        "64M",
+    ]);
+}
