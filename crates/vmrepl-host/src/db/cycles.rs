@@ -159,20 +159,6 @@ impl Db {
         Ok(out)
     }
 
-    /// How the last cycle of `vm` that ran (not a missed one) ended.
-    pub fn last_outcome(&self, vm: Uuid) -> Result<Option<CycleOutcome>, DbError> {
-        let o: Option<String> = self
-            .conn
-            .query_row(
-                "SELECT outcome FROM cycles WHERE vm_uuid = ?1 AND outcome != 'missed' \
-                 ORDER BY id DESC LIMIT 1",
-                params![vm.to_string()],
-                |r| r.get(0),
-            )
-            .optional()?;
-        o.as_deref().map(outcome_of).transpose()
-    }
-
     /// How many of the last cycles of `vm` (missed ones aside) failed in a row, up to `max`.
     pub fn failed_in_a_row(&self, vm: Uuid, max: u32) -> Result<u32, DbError> {
         let mut st = self.conn.prepare(
@@ -251,15 +237,29 @@ mod tests {
     }
 
     #[test]
-    fn the_last_outcome_skips_missed_cycles() {
+    fn failures_in_a_row_skip_missed_cycles_and_end_at_a_success() {
         let (_d, db) = open();
         let vm = Uuid::new_v4();
-        assert_eq!(db.last_outcome(vm).unwrap(), None);
+        assert_eq!(db.failed_in_a_row(vm, 2).unwrap(), 0);
         record(&db, vm, RecordedKind::Delta, 1_000, CycleOutcome::Failure);
         record(&db, vm, RecordedKind::Delta, 2_000, CycleOutcome::Missed);
-        assert_eq!(db.last_outcome(vm).unwrap(), Some(CycleOutcome::Failure));
+        assert_eq!(db.failed_in_a_row(vm, 2).unwrap(), 1);
+        record(
+            &db,
+            vm,
+            RecordedKind::Delta,
+            2_500,
+            CycleOutcome::NetworkFailure,
+        );
+        record(&db, vm, RecordedKind::Delta, 2_600, CycleOutcome::Failure);
+        assert_eq!(
+            db.failed_in_a_row(vm, 2).unwrap(),
+            2,
+            "counted up to the limit"
+        );
+        assert_eq!(db.failed_in_a_row(vm, 5).unwrap(), 3);
         record(&db, vm, RecordedKind::Delta, 3_000, CycleOutcome::Ok);
-        assert_eq!(db.last_outcome(vm).unwrap(), Some(CycleOutcome::Ok));
+        assert_eq!(db.failed_in_a_row(vm, 2).unwrap(), 0);
     }
 
     #[test]
@@ -296,6 +296,9 @@ mod tests {
             .execute("UPDATE cycles SET outcome = 'maybe'", [])
             .unwrap();
         assert!(matches!(db.cycles_since(vm, 0), Err(DbError::Corrupt(_))));
-        assert!(matches!(db.last_outcome(vm), Err(DbError::Corrupt(_))));
+        assert!(matches!(
+            db.failed_in_a_row(vm, 2),
+            Err(DbError::Corrupt(_))
+        ));
     }
 }
