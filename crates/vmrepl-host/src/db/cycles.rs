@@ -2,7 +2,7 @@
 //! relationship, missed cycles included, which statistics and health are computed from.
 
 use super::{now_ms, Db, DbError};
-use rusqlite::{params, OptionalExtension};
+use rusqlite::params;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 

@@ -22,9 +22,6 @@
 //! 5. only then drop bitmap N (I1). Any failure before the acknowledgement merges bitmap N
 //!    back into N+1, so the next cycle carries the changes.
 
-/// Hyper-V's default monitoring window for health and statistics.
-pub const MONITORING_WINDOW_MS: u64 = 12 * 3600 * 1000;
-
 mod cycle;
 mod enable;
 mod enable_error;

@@ -101,9 +101,10 @@ pub(crate) fn note_health(d: &Host, vm: Uuid) {
     let Some(rt) = crate::locks::unpoisoned(&d.repl.rels).get(&vm).cloned() else {
         return;
     };
-    let Some(st) = crate::primary::statuses(d)
+    let Some(st) = load(d, vm)
         .ok()
-        .and_then(|all| all.into_iter().find(|s| s.vm_uuid == vm))
+        .flatten()
+        .and_then(|rel| crate::primary::status_of(d, &rel).ok().flatten())
     else {
         return;
     };

@@ -6,7 +6,6 @@ use crate::host::Host;
 use crate::primary::all;
 use crate::primary::CycleOutcome;
 use crate::primary::Relationship;
-use crate::primary::MONITORING_WINDOW_MS;
 use uuid::Uuid;
 use vmrepl_types::replication::{
     Health, ReplicationState, ReplicationStats, ReplicationStatus, Role,
@@ -28,10 +27,7 @@ pub(crate) fn stats(
         .stats_reset(vm)
         .map_err(HostError::db("reading the statistics' reset"))?
         .unwrap_or(0);
-    let since = now
-        .saturating_sub(window_ms.clamp(1, MONITORING_WINDOW_MS * 14))
-        .max(rel_created_ms)
-        .max(reset);
+    let since = now.saturating_sub(window_ms).max(rel_created_ms).max(reset);
     let cycles = db
         .cycles_since(vm, since)
         .map_err(HostError::db("reading the cycle record"))?;
@@ -171,49 +167,54 @@ pub async fn statuses_with_pending(d: &Host) -> Result<Vec<ReplicationStatus>, H
     Ok(all)
 }
 
-/// Status of one or all relationships on this host (primary side).
+/// Status of every relationship on this host (primary side).
 pub fn statuses(d: &Host) -> Result<Vec<ReplicationStatus>, HostError> {
     let mut out = Vec::new();
     for rel in all(d)? {
-        let vm = rel.vm_uuid;
-        let Some(def) = d.vmm.definition(vm) else {
-            continue;
-        };
-        let st = stats(d, vm, rel.created_ms)?;
-        let failed = d
-            .db()
-            .failed_in_a_row(vm, 2)
-            .map_err(HostError::db("reading the cycle record"))?;
-        let (health, details) = health(&rel, &st, failed);
-        let progress = crate::locks::unpoisoned(&d.repl.rels)
-            .get(&vm)
-            .and_then(|r| crate::locks::unpoisoned(&r.progress).clone());
-        let host = d.cfg().host_name.clone();
-        out.push(ReplicationStatus {
-            vm: def.name.clone(),
-            vm_uuid: vm,
-            role: Role::Primary,
-            state: rel.state,
-            health,
-            health_details: details,
-            primary_host: host,
-            replica_host: format!("{} ({})", rel.replica_name, rel.settings.replica_server),
-            frequency_secs: Some(rel.settings.frequency_secs),
-            resync: Some(rel.settings.resync),
-            app_consistent_hours: rel.settings.app_consistent_hours,
-            last_sequence: rel.acked_seq,
-            waiting_on: match rel.state {
-                ReplicationState::Suspended => Some("resume (replication is paused)".into()),
-                ReplicationState::ResynchronizationRequired => Some("a resynchronization".into()),
-                _ => None,
-            },
-            last_error: rel.last_error.clone(),
-            note: rel.note.clone(),
-            progress,
-            stats: st,
-        });
+        out.extend(status_of(d, &rel)?);
     }
     Ok(out)
+}
+
+/// Status of one relationship; None when its VM is gone.
+pub fn status_of(d: &Host, rel: &Relationship) -> Result<Option<ReplicationStatus>, HostError> {
+    let vm = rel.vm_uuid;
+    let Some(def) = d.vmm.definition(vm) else {
+        return Ok(None);
+    };
+    let st = stats(d, vm, rel.created_ms)?;
+    let failed = d
+        .db()
+        .failed_in_a_row(vm, 2)
+        .map_err(HostError::db("reading the cycle record"))?;
+    let (health, details) = health(rel, &st, failed);
+    let progress = crate::locks::unpoisoned(&d.repl.rels)
+        .get(&vm)
+        .and_then(|r| crate::locks::unpoisoned(&r.progress).clone());
+    let host = d.cfg().host_name.clone();
+    Ok(Some(ReplicationStatus {
+        vm: def.name.clone(),
+        vm_uuid: vm,
+        role: Role::Primary,
+        state: rel.state,
+        health,
+        health_details: details,
+        primary_host: host,
+        replica_host: format!("{} ({})", rel.replica_name, rel.settings.replica_server),
+        frequency_secs: Some(rel.settings.frequency_secs),
+        resync: Some(rel.settings.resync),
+        app_consistent_hours: rel.settings.app_consistent_hours,
+        last_sequence: rel.acked_seq,
+        waiting_on: match rel.state {
+            ReplicationState::Suspended => Some("resume (replication is paused)".into()),
+            ReplicationState::ResynchronizationRequired => Some("a resynchronization".into()),
+            _ => None,
+        },
+        last_error: rel.last_error.clone(),
+        note: rel.note.clone(),
+        progress,
+        stats: st,
+    }))
 }
 
 #[cfg(test)]
