@@ -500,6 +500,9 @@ mod tests {
         );
         assert!(last.at_ms > 0 && last.id > of_a[1].id);
         assert_eq!(db.transitions(Some(a), 1).unwrap(), vec![last.clone()]);
+        assert_eq!(db.last_event_ms(a, &last.event).unwrap(), Some(last.at_ms));
+        assert_eq!(db.last_event_ms(a, "never-raised").unwrap(), None);
+        assert_eq!(db.last_event_ms(Uuid::new_v4(), &last.event).unwrap(), None);
         assert_eq!(db.transitions(Some(b), 10).unwrap()[0].role, Role::Replica);
         // The states are stored as their wire names, readable without vmrepl.
         let stored: String = db

@@ -68,6 +68,21 @@ impl Db {
         Ok(())
     }
 
+    /// When event `event` was last recorded for `vm` (Unix milliseconds), if ever.
+    pub fn last_event_ms(&self, vm: Uuid, event: &str) -> Result<Option<u64>, DbError> {
+        use rusqlite::OptionalExtension;
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT at_ms FROM transitions WHERE vm_uuid = ?1 AND event = ?2 \
+                 ORDER BY id DESC LIMIT 1",
+                params![vm.to_string(), event],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .map(|v| v.max(0) as u64))
+    }
+
     /// The last `limit` recorded transitions, newest first: of `vm`, or of every VM.
     pub fn transitions(
         &self,

@@ -114,11 +114,13 @@ pub(crate) fn failover_note(r: &ReplicaRow) -> Option<String> {
 /// When the last test failover of replica `vm` started, from its recorded transitions.
 fn last_test_failover(daemon: &Host, vm: uuid::Uuid) -> Option<u64> {
     let db = daemon.db();
-    db.transitions(Some(vm), 1000)
-        .ok()?
-        .into_iter()
-        .find(|t| t.event == "test-failover-started")
-        .map(|t| t.at_ms / 1000)
+    db.last_event_ms(
+        vm,
+        crate::lifecycle::ReplicaEvent::TestFailoverStarted.name(),
+    )
+    .ok()
+    .flatten()
+    .map(|ms| ms / 1000)
 }
 
 /// The status of every replica VM on this host.
