@@ -270,20 +270,27 @@ fn vm_list(vms: &[VmSummary]) {
     }
 }
 
+/// The lines `replication status` and `measure` both start a relationship with: the VM and
+/// its role, state, health with its reasons, and both servers; labels padded to `width`.
+fn relationship_head(r: &ReplicationStatus, width: usize) {
+    let line = |label: &str, value: String| println!("{:<width$}{value}", format!("{label}:"));
+    line("VM", format!("{} ({:?})", r.vm, r.role));
+    line("State", r.state.to_string());
+    line("Health", format!("{:?}", r.health));
+    for d in &r.health_details {
+        println!("{:<width$}{d}", "");
+    }
+    line("Primary server", r.primary_host.clone());
+    line("Replica server", r.replica_host.clone());
+}
+
 fn replication(rs: &[ReplicationStatus]) {
     if rs.is_empty() {
         println!("No VM on this host is replicating.");
         return;
     }
     for r in rs {
-        println!("VM:              {} ({:?})", r.vm, r.role);
-        println!("State:           {}", r.state);
-        println!("Health:          {:?}", r.health);
-        for d in &r.health_details {
-            println!("                 {d}");
-        }
-        println!("Primary server:  {}", r.primary_host);
-        println!("Replica server:  {}", r.replica_host);
+        relationship_head(r, 17);
         if let Some(f) = r.frequency_secs {
             println!("Frequency:       {f} s");
         }
@@ -353,14 +360,7 @@ fn measure(r: &ReplicationStatus) {
             .unwrap_or_else(|| "never".into())
     };
     let cycles = s.success_count.max(1);
-    println!("VM:                   {} ({:?})", r.vm, r.role);
-    println!("State:                {}", r.state);
-    println!("Health:               {:?}", r.health);
-    for d in &r.health_details {
-        println!("                      {d}");
-    }
-    println!("Primary server:       {}", r.primary_host);
-    println!("Replica server:       {}", r.replica_host);
+    relationship_head(r, 22);
     println!(
         "Monitoring window:    {} to {}",
         when(s.window_from_unix),
