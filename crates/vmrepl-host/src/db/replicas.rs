@@ -407,42 +407,13 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replica::tests::row;
     use ReplicationState as S;
 
     fn open() -> (tempfile::TempDir, Db) {
         let d = tempfile::tempdir().unwrap();
         let db = Db::open(&d.path().join("s.db")).unwrap();
         (d, db)
-    }
-
-    fn row(name: &str) -> ReplicaRow {
-        let def = crate::replica::tests::def(&[("disk0", 1 << 20)]);
-        ReplicaRow {
-            vm_uuid: Uuid::new_v4(),
-            name: name.into(),
-            primary_host: "primary.example".into(),
-            trust_group: "DEFAULT".into(),
-            storage_root: "/srv/replicas".into(),
-            relationship: Uuid::new_v4(),
-            definition: def,
-            policy: PointPolicy {
-                keep: 0,
-                interval_secs: 3600,
-            },
-            // Whatever the caller puts here, the creation event decides.
-            state: S::Replicating,
-            last_applied: 0,
-            created_ms: 1,
-            last_receive_ms: None,
-            last_apply_ms: None,
-            last_point_ms: None,
-            bytes_received: 0,
-            logs_received: 0,
-            last_error: None,
-            primary_server: None,
-            failover: None,
-            test_failover: None,
-        }
     }
 
     fn created(db: &Db, name: &str) -> Uuid {

@@ -467,6 +467,37 @@ pub(crate) mod tests {
     use vmrepl_types::vm::{ConfigVersion, DiskDef, FirmwareVariantId, Generation};
     use vmrepl_types::VmName;
 
+    /// A replica row of VM `name` ([`def`], one 1 MiB disk), replicating, nothing applied.
+    pub(crate) fn row(name: &str) -> crate::db::ReplicaRow {
+        let def = def(&[("disk0", 1 << 20)]);
+        crate::db::ReplicaRow {
+            vm_uuid: Uuid::new_v4(),
+            name: name.into(),
+            primary_host: "primary.example".into(),
+            trust_group: "DEFAULT".into(),
+            storage_root: "/srv/replicas".into(),
+            relationship: Uuid::new_v4(),
+            definition: def,
+            policy: crate::peer::proto::PointPolicy {
+                keep: 0,
+                interval_secs: 3600,
+            },
+            // Whatever the caller puts here, the creation event decides.
+            state: vmrepl_types::replication::ReplicationState::Replicating,
+            last_applied: 0,
+            created_ms: 1,
+            last_receive_ms: None,
+            last_apply_ms: None,
+            last_point_ms: None,
+            bytes_received: 0,
+            logs_received: 0,
+            last_error: None,
+            primary_server: None,
+            failover: None,
+            test_failover: None,
+        }
+    }
+
     /// A generation 1 VM with these disks (id, size).
     pub(crate) fn def(disks: &[(&str, u64)]) -> VmDefinition {
         VmDefinition {

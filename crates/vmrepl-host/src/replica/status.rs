@@ -173,32 +173,11 @@ mod tests {
     use super::*;
 
     fn row(state: ReplicationState) -> ReplicaRow {
-        let def = crate::replica::tests::def(&[("disk0", 1 << 20)]);
-        ReplicaRow {
-            vm_uuid: uuid::Uuid::new_v4(),
-            name: "web".into(),
-            primary_host: "primary.example".into(),
-            trust_group: "DEFAULT".into(),
-            storage_root: "/srv/replicas".into(),
-            relationship: uuid::Uuid::new_v4(),
-            definition: def,
-            policy: crate::peer::proto::PointPolicy {
-                keep: 0,
-                interval_secs: 3600,
-            },
-            state,
-            last_applied: 5,
-            created_ms: 1,
-            last_receive_ms: Some(1_000),
-            last_apply_ms: None,
-            last_point_ms: None,
-            bytes_received: 0,
-            logs_received: 0,
-            last_error: None,
-            primary_server: None,
-            failover: None,
-            test_failover: None,
-        }
+        let mut r = crate::replica::tests::row("web");
+        r.state = state;
+        r.last_applied = 5;
+        r.last_receive_ms = Some(1_000);
+        r
     }
 
     #[test]
