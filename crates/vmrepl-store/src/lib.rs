@@ -15,6 +15,9 @@
 //!   disks/<disk-id>/base.qcow2         qcow2 v3 (compat=1.1), oldest data, read-only
 //!   disks/<disk-id>/rp-<seq>.qcow2     frozen recovery point layers, read-only, oldest first
 //!   disks/<disk-id>/top.qcow2          the in-progress layer: logs are applied here
+//!   disks/<disk-id>/digests.map        BLAKE3 of each 64 KiB block of the latest state, kept by
+//!                                      every apply (see the digest_map module): a
+//!                                      resynchronization compares without reading the replica
 //! ```
 //!
 //! Chain per disk: `base.qcow2 ← rp-<s1>.qcow2 ← … ← rp-<sn>.qcow2 ← top.qcow2`. Each header names
@@ -107,6 +110,7 @@
 
 mod catalog;
 mod chain;
+mod digest_map;
 mod error;
 mod fsutil;
 mod qemu_img;

@@ -2,6 +2,7 @@
 
 use crate::catalog::{Catalog, DiskEntry, Journal, PointEntry, CATALOG_VERSION};
 use crate::chain;
+use crate::digest_map::{DigestMap, MAP_BLOCK};
 use crate::error::{Result, StoreError};
 use crate::fsutil;
 use crate::qemu_img;
@@ -749,6 +750,7 @@ impl ReplicaVm {
             });
         }
         tracing::debug!(vm = %self.cat.vm_uuid, seq, "apply begins");
+        let whole_before = self.torn().is_none();
         Ok(Begin::Apply(ApplyTxn {
             vm: self,
             seq,
@@ -758,6 +760,8 @@ impl ReplicaVm {
             bytes: 0,
             write_time: std::time::Duration::ZERO,
             direct: false,
+            digests: BTreeMap::new(),
+            whole_before,
         }))
     }
 
@@ -779,7 +783,9 @@ impl ReplicaVm {
             return Ok(());
         }
         for d in self.cat.disks.clone() {
-            create_top(&self.disk_dir(&d.id), BASE, d.size_bytes)?;
+            let ddir = self.disk_dir(&d.id);
+            DigestMap::remove(&ddir);
+            create_top(&ddir, BASE, d.size_bytes)?;
         }
         if self.cat.journal.is_some() {
             self.cat.journal = None;
@@ -1216,34 +1222,107 @@ impl ReplicaVm {
         let layers = self.chain_layers(PointRef::Latest)?;
         let ddir = self.disk_dir(disk);
         let acc = chain::open_chain(&ddir, &layers, false, size)?;
-        // Read in windows of whole blocks; a window that maps to zeros is not read.
-        let window = (DIGEST_WINDOW / bs).max(1) * bs;
-        let zero_block = *blake3::hash(&vec![0u8; bs as usize]).as_bytes();
-        let mut buf = vec![0u8; window as usize];
-        let mut out = Vec::with_capacity(len.div_ceil(bs) as usize);
-        let mut at = offset;
-        while at < end {
-            let n = window.min(end - at);
-            let zeros = matches!(
-                acc.get_mapping_sync(at, n),
-                Ok((imago::Mapping::Zero { .. }, l)) if l >= n
-            );
-            if !zeros {
-                acc.read(&mut buf[..n as usize], at)
-                    .map_err(|e| StoreError::io("read", ddir.join(TOP), e))?;
+        // Blocks of the map's size on a whole state: what the map knows is not read, what it
+        // does not know is read once and remembered.
+        if bs == MAP_BLOCK && self.torn().is_none() && len > 0 {
+            let map = match DigestMap::open_valid(&ddir, size, self.cat.last_applied) {
+                Some(m) => Some(m),
+                None => DigestMap::fresh(&ddir, size, self.cat.last_applied)
+                    .map_err(|e| tracing::warn!(disk, "cannot start a digest map: {e}"))
+                    .ok(),
+            };
+            if let Some(map) = map {
+                return self.digests_through_map(&acc, &map, (disk, offset, end));
             }
-            for block in buf[..n as usize].chunks(bs as usize) {
-                out.push(if zeros && block.len() as u64 == bs {
-                    zero_block
-                } else if zeros {
-                    *blake3::hash(&vec![0u8; block.len()]).as_bytes()
-                } else {
-                    *blake3::hash(block).as_bytes()
-                });
-            }
-            at += n;
         }
+        let mut out = Vec::with_capacity(len.div_ceil(bs) as usize);
+        read_digests(&acc, (&ddir, offset, end), bs, &mut out)?;
         Ok(out)
+    }
+
+    /// [`ReplicaVm::range_digests`] in map blocks with the disk's digest map: the blocks it
+    /// does not know are read (in runs), and their digests written to it.
+    fn digests_through_map(
+        &self,
+        acc: &SyncFormatAccess<File>,
+        map: &DigestMap,
+        (disk, offset, end): (&str, u64, u64),
+    ) -> Result<Vec<[u8; 32]>> {
+        let ddir = self.disk_dir(disk);
+        let first = offset / MAP_BLOCK;
+        let n = (end - offset).div_ceil(MAP_BLOCK);
+        let map_err = |e: std::io::Error| StoreError::io("read", map.path(), e);
+        let mut out = map.read(first, n).map_err(map_err)?;
+        let mut learned = BTreeMap::new();
+        let mut k = 0u64;
+        while k < n {
+            if out[k as usize] != crate::digest_map::UNKNOWN {
+                k += 1;
+                continue;
+            }
+            let run = k;
+            while k < n && out[k as usize] == crate::digest_map::UNKNOWN {
+                k += 1;
+            }
+            let (from, to) = (
+                (first + run) * MAP_BLOCK,
+                ((first + k) * MAP_BLOCK).min(end),
+            );
+            let mut got = Vec::with_capacity((k - run) as usize);
+            read_digests(acc, (&ddir, from, to), MAP_BLOCK, &mut got)?;
+            for (i, d) in got.into_iter().enumerate() {
+                out[run as usize + i] = d;
+                learned.insert(first + run + i as u64, d);
+            }
+        }
+        if !learned.is_empty() {
+            if let Err(e) = map.write(&learned) {
+                tracing::warn!(map = %map.path().display(), "cannot remember digests: {e}; the map is dropped");
+                DigestMap::remove(&ddir);
+            }
+        }
+        tracing::debug!(
+            disk,
+            offset,
+            blocks = n,
+            read = learned.len(),
+            "range digests"
+        );
+        Ok(out)
+    }
+
+    /// After the commit of an apply that started from sequence `before`: every disk's digest
+    /// map moves to the new sequence with the digests of the blocks this apply wrote
+    /// (`written`). A map that did not describe `before`, or a state that was torn when the
+    /// apply began (`whole_before` false), gets a fresh map knowing only those blocks. A
+    /// failure drops the map: it costs a later comparison reads, never a wrong digest.
+    fn carry_digest_maps(
+        &self,
+        before: u64,
+        whole_before: bool,
+        mut written: BTreeMap<String, crate::digest_map::Pending>,
+    ) {
+        for d in &self.cat.disks {
+            let ddir = self.disk_dir(&d.id);
+            let pending = written.remove(&d.id).unwrap_or_default();
+            let r = (|| -> std::io::Result<()> {
+                let map = match whole_before
+                    .then(|| DigestMap::open_valid(&ddir, d.size_bytes, before))
+                    .flatten()
+                {
+                    Some(m) => m,
+                    None => DigestMap::fresh(&ddir, d.size_bytes, before)?,
+                };
+                if !pending.blocks.is_empty() {
+                    map.write(&pending.blocks)?;
+                }
+                map.stamp(self.cat.last_applied)
+            })();
+            if let Err(e) = r {
+                tracing::warn!(disk = %d.id, "cannot keep the digest map: {e}; it is dropped, and a later comparison reads the disk instead");
+                DigestMap::remove(&ddir);
+            }
+        }
     }
 
     /// The NVRAM of a point, if the VM has one.
@@ -1362,6 +1441,43 @@ impl ReplicaVm {
 /// Applied logs from this size on are released on a helper thread (see [`drop_applied_log`]).
 const RELEASE_IN_BACKGROUND_FROM: u64 = 16 << 20;
 
+/// Appends the BLAKE3 digest of every `bs`-byte block of `[offset, end)` of the chain `acc`
+/// to `out` (the last block may be short), reading in windows of whole blocks; a window that
+/// maps to zeros in every layer is not read (its digest is known).
+fn read_digests(
+    acc: &SyncFormatAccess<File>,
+    (ddir, offset, end): (&Path, u64, u64),
+    bs: u64,
+    out: &mut Vec<[u8; 32]>,
+) -> Result<()> {
+    let window = (DIGEST_WINDOW / bs).max(1) * bs;
+    let zero_block = *blake3::hash(&vec![0u8; bs as usize]).as_bytes();
+    let mut buf = vec![0u8; window.min(end - offset) as usize];
+    let mut at = offset;
+    while at < end {
+        let n = window.min(end - at);
+        let zeros = matches!(
+            acc.get_mapping_sync(at, n),
+            Ok((imago::Mapping::Zero { .. }, l)) if l >= n
+        );
+        if !zeros {
+            acc.read(&mut buf[..n as usize], at)
+                .map_err(|e| StoreError::io("read", ddir.join(TOP), e))?;
+        }
+        for block in buf[..n as usize].chunks(bs as usize) {
+            out.push(if zeros && block.len() as u64 == bs {
+                zero_block
+            } else if zeros {
+                *blake3::hash(&vec![0u8; block.len()]).as_bytes()
+            } else {
+                *blake3::hash(block).as_bytes()
+            });
+        }
+        at += n;
+    }
+    Ok(())
+}
+
 /// Removes the applied log `path` from the spool. The unlink is quick, but a large file's
 /// blocks and page cache are freed only when its last descriptor closes, and that costs about
 /// 0.2 s per GiB on the development machine: the apply's reader would pay it when it closes the
@@ -1400,6 +1516,11 @@ pub struct ApplyTxn<'a> {
     write_time: std::time::Duration,
     /// Write the top layers with direct I/O ([`ApplyTxn::bulk`]).
     direct: bool,
+    /// Per written disk: the digests of the blocks written, for its digest map.
+    digests: BTreeMap<String, crate::digest_map::Pending>,
+    /// Whether the latest state was whole when the apply began: only then may the digest
+    /// maps be carried on (a torn state may differ from what they say anywhere).
+    whole_before: bool,
 }
 
 /// From this many bytes of log on, an apply writes with direct I/O ([`ApplyTxn::bulk`]).
@@ -1420,6 +1541,7 @@ impl ApplyTxn<'_> {
         self.seq
     }
 
+    /// Checks a write's bounds; returns the disk's size.
     fn check(&self, disk: &str, offset: u64, len: u64) -> Result<u64> {
         validate_disk_id(disk)?;
         let size = self.vm.disk_size(disk)?;
@@ -1474,7 +1596,7 @@ impl ApplyTxn<'_> {
     /// Writes `data` at `offset` of disk `disk` (bounds-checked before anything is written).
     pub fn write(&mut self, disk: &str, offset: u64, data: &[u8]) -> Result<()> {
         let len = data.len() as u64;
-        self.check(disk, offset, len)?;
+        let size = self.check(disk, offset, len)?;
         if data.is_empty() {
             return Ok(());
         }
@@ -1491,18 +1613,27 @@ impl ApplyTxn<'_> {
         if let Some(wb) = self.writeback.get_mut(disk) {
             wb.wrote(len);
         }
+        self.digests
+            .entry(disk.to_string())
+            .or_default()
+            .wrote(size, offset, data);
         Ok(())
     }
 
     /// Writes an explicit zero range: the clusters become zero clusters in the top layer and
     /// shadow any older data below them.
     pub fn write_zeroes(&mut self, disk: &str, offset: u64, len: u64) -> Result<()> {
-        self.check(disk, offset, len)?;
+        let size = self.check(disk, offset, len)?;
         if len == 0 {
             return Ok(());
         }
         let r = self.access(disk)?.write_zeroes(offset, len);
-        r.map_err(|e| self.map_write_err(disk, len, e))
+        r.map_err(|e| self.map_write_err(disk, len, e))?;
+        self.digests
+            .entry(disk.to_string())
+            .or_default()
+            .zeroed(size, offset, len);
+        Ok(())
     }
 
     /// Sets the VM's NVRAM (UEFI variable store) as of this log. Written at commit.
@@ -1565,12 +1696,16 @@ impl ApplyTxn<'_> {
             }
             return Err(e);
         }
+        let t_maps = std::time::Instant::now();
+        vm.carry_digest_maps(before, self.whole_before, std::mem::take(&mut self.digests));
+        let maps_ms = t_maps.elapsed().as_millis() as u64;
         let t1 = std::time::Instant::now();
         drop_applied_log(&vm.store_log_path(seq), RELEASE_IN_BACKGROUND_FROM);
         // write_ms: in the layers' writes (the rest of an apply is reading the log);
-        // sync_ms: making the layers durable; drop_ms: removing the applied log.
+        // sync_ms: making the layers durable; maps_ms: carrying the digest maps on;
+        // drop_ms: removing the applied log.
         tracing::info!(vm = %vm.cat.vm_uuid, seq, bytes = self.bytes, part = point.is_none(),
-            write_ms = self.write_time.as_millis() as u64, sync_ms,
+            write_ms = self.write_time.as_millis() as u64, sync_ms, maps_ms,
             drop_ms = t1.elapsed().as_millis() as u64, "log applied");
         Ok(())
     }
@@ -1774,6 +1909,96 @@ mod tests {
         assert_eq!(vm.torn(), None);
         assert_eq!(vm.points().last().unwrap().kind, PointKind::Latest);
         assert_eq!(vm.points().last().unwrap().seq, 4);
+    }
+
+    #[test]
+    fn the_digest_map_answers_as_reading_would_and_is_not_trusted_after_a_torn_apply_or_a_lost_stamp(
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("s");
+        let mut vm = vm_with_data(&root);
+        let size = 4u64 << 20;
+        let ddir = vm.disk_dir("a");
+        // The applies kept the map: log 2 wrote block 2 of disk a whole, block 3 in part.
+        let map = DigestMap::open_valid(&ddir, size, 3).expect("a map for log 3");
+        let known = map.read(0, 64).unwrap();
+        assert_ne!(known[2], crate::digest_map::UNKNOWN);
+        assert_eq!(known[3], crate::digest_map::UNKNOWN);
+        drop(map);
+        let with_map = vm.range_digests("a", 0, size, MAP_BLOCK).unwrap();
+        // The same answer by reading every block.
+        let read_all = |vm: &ReplicaVm| {
+            let acc = chain::open_chain(
+                &ddir,
+                &vm.chain_layers(PointRef::Latest).unwrap(),
+                false,
+                size,
+            )
+            .unwrap();
+            let mut out = Vec::new();
+            read_digests(&acc, (&ddir, 0, size), MAP_BLOCK, &mut out).unwrap();
+            out
+        };
+        assert_eq!(with_map, read_all(&vm));
+        // Once asked, the map knows every block; it is what answers (a planted digest shows).
+        let map = DigestMap::open_valid(&ddir, size, 3).unwrap();
+        assert!(map
+            .read(0, 64)
+            .unwrap()
+            .iter()
+            .all(|d| *d != crate::digest_map::UNKNOWN));
+        let planted: BTreeMap<u64, [u8; 32]> = [(5, [9u8; 32])].into();
+        map.write(&planted).unwrap();
+        drop(map);
+        assert_eq!(
+            vm.range_digests("a", 0, size, MAP_BLOCK).unwrap()[5],
+            [9u8; 32]
+        );
+        // A torn apply: the map is not used while the state is torn, nor carried on after.
+        let Begin::Apply(mut t) = vm.begin_apply(4, 3).unwrap() else {
+            panic!()
+        };
+        t.write("a", 5 * MAP_BLOCK, &[4; 100]).unwrap();
+        t.abort();
+        assert_eq!(
+            vm.range_digests("a", 0, size, MAP_BLOCK).unwrap(),
+            read_all(&vm)
+        );
+        let Begin::Apply(mut t) = vm.begin_apply(4, 3).unwrap() else {
+            panic!()
+        };
+        t.write("a", 5 * MAP_BLOCK, &[4; 100]).unwrap();
+        t.write("a", 8 * MAP_BLOCK, &[4; MAP_BLOCK as usize])
+            .unwrap();
+        t.commit(4, Consistency::Crash).unwrap();
+        let map = DigestMap::open_valid(&ddir, size, 4).expect("a fresh map for log 4");
+        let fresh = map.read(0, 64).unwrap();
+        drop(map);
+        assert_eq!(
+            fresh
+                .iter()
+                .filter(|d| **d != crate::digest_map::UNKNOWN)
+                .count(),
+            1
+        );
+        assert_eq!(fresh[8], *blake3::hash(&[4; MAP_BLOCK as usize]).as_bytes());
+        assert_eq!(
+            vm.range_digests("a", 0, size, MAP_BLOCK).unwrap(),
+            read_all(&vm)
+        );
+        // A map stamped for the log before (a crash between the commit and the stamp) is not
+        // used, and is replaced.
+        let stale = DigestMap::fresh(&ddir, size, 3).unwrap();
+        stale.write(&planted).unwrap();
+        drop(stale);
+        assert_eq!(
+            vm.range_digests("a", 0, size, MAP_BLOCK).unwrap(),
+            read_all(&vm)
+        );
+        assert!(DigestMap::open_valid(&ddir, size, 4).is_some());
+        // Other block sizes are read as before.
+        let small = vm.range_digests("a", 0, 1 << 20, 4096).unwrap();
+        assert_eq!(small.len(), 256);
     }
 
     fn vm_uuid_of(root: &Path) -> Uuid {
