@@ -246,7 +246,9 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
     }
 
     /// Compares and sends parts `next..` of the plan from the point `h`; returns the bytes
-    /// sent.
+    /// sent. The primary digests range `i + 1` while part `i` is sent and the replica is asked
+    /// for its digests of range `i + 1` (one image of the point for digesting, another for
+    /// reading the differing blocks), so its disk is read without pauses.
     async fn sweep(
         &mut self,
         plan: &Plan,
@@ -254,29 +256,34 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
         next: u64,
         h: &CycleHandle,
     ) -> Result<u64, SweepError> {
-        let reader = self.endpoint.reader();
-        let point = h.clone();
-        let images = tokio::task::spawn_blocking(move || reader.open(&point))
-            .await
-            .map_err(|e| CycleError::Other(e.to_string()))??;
-        let mut images: Vec<Option<Box<dyn PointImage>>> = images.into_iter().map(Some).collect();
+        let open = || {
+            let (reader, point) = (self.endpoint.reader(), h.clone());
+            async move {
+                tokio::task::spawn_blocking(move || reader.open(&point))
+                    .await
+                    .map_err(|e| CycleError::Other(e.to_string()))?
+                    .map(|v| v.into_iter().map(Some).collect::<Vec<_>>())
+            }
+        };
+        let mut digesting = open().await?;
+        let mut sending = open().await?;
         let total: u64 = self.disks.iter().map(|(_, s)| *s).sum();
         let mut compared: u64 = plan.ranges[..next as usize].iter().map(|r| r.len).sum();
         let (mut sent, mut differing) = (0u64, 0u64);
         let t0 = std::time::Instant::now();
         let from = compared;
+        let mut ours_next = match plan.ranges.get(next as usize) {
+            Some(r) => Some(self.digest_ours(&mut digesting, r)?),
+            None => None,
+        };
         for (i, r) in plan.ranges.iter().enumerate().skip(next as usize) {
             let (id, _) = self.disks[r.disk].clone();
-            let image = images[r.disk]
-                .take()
-                .ok_or_else(|| CycleError::Other(format!("the image of disk {id} was lost")))?;
-            // Both sides digest the range at the same time.
             let (offset, len) = (r.offset, r.len);
-            let ours = tokio::task::spawn_blocking(move || {
-                let mut image = image;
-                let d = image.range_digests(offset, len, RESYNC_BLOCK);
-                (image, d)
-            });
+            let ours = ours_next.take().ok_or_else(|| {
+                CycleError::Other(format!(
+                    "the digests of disk {id} at {offset} were not started"
+                ))
+            })?;
             let range = DigestRange {
                 disk: id.clone(),
                 offset,
@@ -284,19 +291,17 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
                 block_size: RESYNC_BLOCK,
             };
             let t_digest = std::time::Instant::now();
-            let theirs = async {
-                let r = self.client.range_digests(self.vm.uuid, range).await;
-                (r, t_digest.elapsed())
-            };
-            let ours = async {
-                let r = ours.await;
-                (r, t_digest.elapsed())
-            };
-            let ((ours, ours_t), (theirs, theirs_t)) = tokio::join!(ours, theirs);
-            let (image, ours) = ours.map_err(|e| CycleError::Other(e.to_string()))?;
+            let theirs = self.client.range_digests(self.vm.uuid, range).await;
+            let theirs_t = t_digest.elapsed();
+            let (image, ours, ours_t) = ours.await.map_err(|e| CycleError::Other(e.to_string()))?;
+            digesting[r.disk] = Some(image);
             let ours = ours.map_err(|e| {
                 CycleError::Other(format!("cannot read disk {id} at {offset}: {e}"))
             })?;
+            // The next range is digested while this part goes out.
+            if let Some(r2) = plan.ranges.get(i + 1) {
+                ours_next = Some(self.digest_ours(&mut digesting, r2)?);
+            }
             let theirs = match theirs {
                 Ok(PeerResponse::RangeDigests { digests }) => digests.decode(),
                 Err(PeerError::Refused {
@@ -320,10 +325,13 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
                 })?;
             // The part: the differing blocks, as log base + 1 + i.
             let seq = base + 1 + i as u64;
+            let image = sending[r.disk]
+                .take()
+                .ok_or_else(|| CycleError::Other(format!("the image of disk {id} was lost")))?;
             let t_send = std::time::Instant::now();
             let (image, bytes) = self.send_part(h, image, r.disk, blocks, seq).await;
             let send_t = t_send.elapsed();
-            images[r.disk] = image;
+            sending[r.disk] = image;
             sent += bytes?;
             compared += len;
             differing += count;
@@ -344,6 +352,33 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
                 "resynchronization part acknowledged");
         }
         Ok(sent)
+    }
+
+    /// Starts digesting range `r` of the point on a blocking thread, with the image of its
+    /// disk taken from `images` (the task gives it back with the digests and the time taken).
+    #[allow(clippy::type_complexity)]
+    fn digest_ours(
+        &self,
+        images: &mut [Option<Box<dyn PointImage>>],
+        r: &Range,
+    ) -> Result<
+        tokio::task::JoinHandle<(
+            Box<dyn PointImage>,
+            Result<Vec<[u8; 32]>, String>,
+            std::time::Duration,
+        )>,
+        CycleError,
+    > {
+        let (id, _) = &self.disks[r.disk];
+        let mut image = images[r.disk]
+            .take()
+            .ok_or_else(|| CycleError::Other(format!("the image of disk {id} was lost")))?;
+        let (offset, len) = (r.offset, r.len);
+        Ok(tokio::task::spawn_blocking(move || {
+            let t = std::time::Instant::now();
+            let d = image.range_digests(offset, len, RESYNC_BLOCK);
+            (image, d, t.elapsed())
+        }))
     }
 
     /// Encodes part `seq` (the `blocks` of disk number `disk`) while it is sent; returns the
