@@ -285,8 +285,8 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
         Request::ReplicationPause { name } => Response::Ok {
             message: crate::primary::pause(host, &name)?,
         },
-        Request::ReplicationSet { name, resync } => Response::Ok {
-            message: crate::primary::set(host, &name, resync)?,
+        Request::ReplicationSet { name, change } => Response::Ok {
+            message: crate::primary::set(host, &name, change).await?,
         },
         Request::ReplicationResume {
             name,

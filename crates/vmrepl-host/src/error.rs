@@ -37,6 +37,15 @@ pub enum HostError {
         vm: String,
         state: vmrepl_types::replication::ReplicationState,
     },
+    /// `replication set --replica-server`: the old replica was removed but the new one could
+    /// not be enabled.
+    #[error("Replication of {vm} to {old} was removed, but enabling it to {new} failed: {why} Enable it again with `vmrepl replication enable {vm} --replica-server HOST:PORT`.")]
+    RepointFailed {
+        vm: String,
+        old: String,
+        new: String,
+        why: String,
+    },
     /// `replication now` ran a cycle and it failed (the cycle's own sentence).
     #[error("Replicating {vm} now failed: {why}")]
     ReplicateNowFailed { vm: String, why: String },
@@ -89,7 +98,9 @@ impl ApiAnswer for HostError {
         match self {
             HostError::NotEnabled { .. } => ErrorCode::NotFound,
             HostError::WrongState(_) | HostError::NotReplicating { .. } => ErrorCode::WrongState,
-            HostError::ReplicateNowFailed { .. } => ErrorCode::Peer,
+            HostError::ReplicateNowFailed { .. } | HostError::RepointFailed { .. } => {
+                ErrorCode::Peer
+            }
             HostError::Db { .. } => ErrorCode::Internal,
             HostError::Peer { source, .. } => match source {
                 PeerError::Io { .. } => ErrorCode::Io,

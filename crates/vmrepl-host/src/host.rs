@@ -57,6 +57,10 @@ pub struct RelRuntime {
     pub(crate) stop: std::sync::atomic::AtomicBool,
     /// The health last journaled (None: not looked at yet since the daemon started).
     pub(crate) last_health: Mutex<Option<vmrepl_types::replication::Health>>,
+    /// Whether the replica was told the relationship's recovery-point policy since the daemon
+    /// started (or since `replication set` changed it and could not tell it at once): the
+    /// next cycle tells it when not.
+    pub(crate) policy_sent: std::sync::atomic::AtomicBool,
 }
 
 impl Host {

@@ -124,8 +124,8 @@ pub enum Request {
     /// Changes a relationship's settings in place (Set-VMReplication); a field left out stays.
     ReplicationSet {
         name: VmName,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        resync: Option<crate::replication::ResyncPolicy>,
+        #[serde(flatten)]
+        change: crate::replication::SettingsChange,
     },
     ReplicationResume {
         name: VmName,

@@ -144,6 +144,9 @@ pub struct ReplicationSettings {
     /// When a resynchronization starts once one is required (default: automatically).
     #[serde(default)]
     pub resync: ResyncPolicy,
+    /// Most bytes per second this relationship sends (None: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_limit: Option<u64>,
 }
 
 impl ReplicationSettings {
@@ -165,6 +168,7 @@ impl ReplicationSettings {
             exclude_disks: vec![],
             initial: InitialReplication::NetworkNow,
             resync: ResyncPolicy::Automatic,
+            bandwidth_limit: None,
         }
     }
 
@@ -198,7 +202,176 @@ impl ReplicationSettings {
                 return Err("app-consistent points need at least one additional recovery point (as in Hyper-V)".into());
             }
         }
+        if let Some(b) = self.bandwidth_limit {
+            if b < MIN_BANDWIDTH {
+                return Err(format!(
+                    "a bandwidth limit of {b} bytes/s is too low to replicate; give at least 64K (or 0 for no limit)"
+                ));
+            }
+        }
         Ok(())
+    }
+}
+
+/// The lowest bandwidth limit a relationship takes (64 KiB/s).
+pub const MIN_BANDWIDTH: u64 = 64 * 1024;
+
+/// Parses a rate such as `50M`, `800K`, `1G` or `123456` (bytes per second, powers of 1024);
+/// `0`, `none` or `off` is no limit (None).
+pub fn parse_bandwidth(s: &str) -> Result<Option<u64>, String> {
+    let t = s.trim();
+    if matches!(t.to_ascii_lowercase().as_str(), "0" | "none" | "off") {
+        return Ok(None);
+    }
+    let t = t
+        .trim_end_matches("/s")
+        .trim_end_matches(['B', 'b'])
+        .trim_end_matches('i');
+    let (num, mult) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .map(Some)
+        .ok_or_else(|| {
+            format!(
+                "{s:?} is not a rate; give bytes per second such as 50M, 800K or 0 for no limit"
+            )
+        })
+}
+
+/// What `replication set` changes in a relationship (Set-VMReplication); a field left out
+/// stays as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettingsChange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_secs: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_points: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_point_interval_secs: Option<u32>,
+    /// App-consistent points every N hours; 0 turns them off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_consistent_hours: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync: Option<ResyncPolicy>,
+    /// Bytes per second; 0 removes the limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_limit: Option<u64>,
+    /// A new replica server (HOST:PORT): the replica starts over there with a new initial copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_server: Option<String>,
+    /// The new replica server's name as its certificate gives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_host_name: Option<String>,
+    /// The disks not replicated, as a whole new list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude_disks: Option<Vec<String>>,
+}
+
+impl SettingsChange {
+    /// `s` with this change, validated, and a phrase per setting that changed value.
+    pub fn apply(
+        &self,
+        s: &ReplicationSettings,
+    ) -> Result<(ReplicationSettings, Vec<String>), String> {
+        let mut n = s.clone();
+        if let Some(v) = self.frequency_secs {
+            n.frequency_secs = v;
+        }
+        if let Some(v) = self.recovery_points {
+            n.recovery_points = v;
+        }
+        if let Some(v) = self.recovery_point_interval_secs {
+            n.recovery_point_interval_secs = v;
+        }
+        if let Some(v) = self.app_consistent_hours {
+            n.app_consistent_hours = (v > 0).then_some(v);
+        }
+        if let Some(v) = self.compression {
+            n.compression = v;
+        }
+        if let Some(v) = self.resync {
+            n.resync = v;
+        }
+        if let Some(v) = self.bandwidth_limit {
+            n.bandwidth_limit = (v > 0).then_some(v);
+        }
+        if let Some(v) = &self.replica_server {
+            n.replica_server = v.clone();
+            n.replica_host_name = self.replica_host_name.clone();
+        } else if let Some(v) = &self.replica_host_name {
+            n.replica_host_name = Some(v.clone());
+        }
+        if let Some(v) = &self.exclude_disks {
+            let mut v = v.clone();
+            v.sort();
+            v.dedup();
+            n.exclude_disks = v;
+        }
+        n.validate()?;
+        let rate =
+            |b: Option<u64>| b.map_or("no limit".to_string(), |b| format!("{} KiB/s", b / 1024));
+        let mut what = Vec::new();
+        let mut note = |changed: bool, text: String| {
+            if changed {
+                what.push(text)
+            }
+        };
+        note(
+            s.frequency_secs != n.frequency_secs,
+            format!("frequency {} s", n.frequency_secs),
+        );
+        note(
+            s.recovery_points != n.recovery_points,
+            format!("{} additional recovery points", n.recovery_points),
+        );
+        note(
+            s.recovery_point_interval_secs != n.recovery_point_interval_secs,
+            format!(
+                "a recovery point every {} s",
+                n.recovery_point_interval_secs
+            ),
+        );
+        note(
+            s.app_consistent_hours != n.app_consistent_hours,
+            match n.app_consistent_hours {
+                Some(h) => format!("an app-consistent point every {h} h"),
+                None => "no app-consistent points".into(),
+            },
+        );
+        note(
+            s.compression != n.compression,
+            format!("compression {}", if n.compression { "on" } else { "off" }),
+        );
+        note(
+            s.resync != n.resync,
+            format!("resynchronization {}", n.resync),
+        );
+        note(
+            s.bandwidth_limit != n.bandwidth_limit,
+            format!("bandwidth {}", rate(n.bandwidth_limit)),
+        );
+        note(
+            s.replica_server != n.replica_server || s.replica_host_name != n.replica_host_name,
+            format!("replica server {}", n.replica_server),
+        );
+        note(
+            s.exclude_disks != n.exclude_disks,
+            if n.exclude_disks.is_empty() {
+                "every disk replicated".into()
+            } else {
+                format!("disks not replicated: {}", n.exclude_disks.join(", "))
+            },
+        );
+        Ok((n, what))
     }
 }
 
@@ -404,6 +577,18 @@ pub struct ReplicationStatus {
     /// When a required resynchronization starts (primary side).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync: Option<ResyncPolicy>,
+    /// Additional recovery points kept, and seconds between them (the replica's policy as it
+    /// was told, on either side).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_points: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_point_interval_secs: Option<u32>,
+    /// Whether logs are compressed (primary side).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<bool>,
+    /// The bandwidth limit in bytes per second (primary side), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_limit: Option<u64>,
     pub last_sequence: u64,
     pub waiting_on: Option<String>,
     pub last_error: Option<String>,
@@ -416,6 +601,66 @@ pub struct ReplicationStatus {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_settings_change_keeps_what_it_leaves_out_names_what_it_changes_and_is_validated() {
+        let s = ReplicationSettings::new("b:7443");
+        let c = SettingsChange {
+            frequency_secs: Some(30),
+            recovery_points: Some(4),
+            bandwidth_limit: Some(1 << 20),
+            ..Default::default()
+        };
+        let (n, what) = c.apply(&s).unwrap();
+        assert_eq!((n.frequency_secs, n.recovery_points), (30, 4));
+        assert_eq!(n.bandwidth_limit, Some(1 << 20));
+        assert_eq!(n.compression, s.compression);
+        assert_eq!(n.replica_server, "b:7443");
+        assert_eq!(
+            what,
+            vec![
+                "frequency 30 s",
+                "4 additional recovery points",
+                "bandwidth 1024 KiB/s"
+            ]
+        );
+        // Nothing that differs: nothing named.
+        assert!(c.apply(&n).unwrap().1.is_empty());
+        // 0 turns a limit and app-consistent points off.
+        let off = SettingsChange {
+            bandwidth_limit: Some(0),
+            app_consistent_hours: Some(0),
+            ..Default::default()
+        };
+        let (n2, _) = off.apply(&n).unwrap();
+        assert_eq!((n2.bandwidth_limit, n2.app_consistent_hours), (None, None));
+        // The result is validated as a whole.
+        let bad = SettingsChange {
+            app_consistent_hours: Some(2),
+            ..Default::default()
+        };
+        assert!(bad.apply(&s).unwrap_err().contains("recovery point"));
+        let slow = SettingsChange {
+            bandwidth_limit: Some(1000),
+            ..Default::default()
+        };
+        assert!(slow.apply(&s).unwrap_err().contains("64K"));
+        // An old request with only the resynchronization policy still reads.
+        let old: SettingsChange = serde_json::from_str(r#"{"resync":{"mode":"manual"}}"#).unwrap();
+        assert_eq!(old.resync, Some(ResyncPolicy::Manual));
+    }
+
+    #[test]
+    fn bandwidth_is_given_in_bytes_per_second_with_binary_suffixes() {
+        assert_eq!(parse_bandwidth("50M"), Ok(Some(50 << 20)));
+        assert_eq!(parse_bandwidth("800K"), Ok(Some(800 << 10)));
+        assert_eq!(parse_bandwidth("1GiB/s"), Ok(Some(1 << 30)));
+        assert_eq!(parse_bandwidth("123456"), Ok(Some(123456)));
+        assert_eq!(parse_bandwidth("0"), Ok(None));
+        assert_eq!(parse_bandwidth("off"), Ok(None));
+        assert!(parse_bandwidth("fast").unwrap_err().contains("50M"));
+    }
+
     use super::*;
 
     #[test]
@@ -496,6 +741,7 @@ mod tests {
             exclude_disks: vec![],
             initial: InitialReplication::NetworkNow,
             resync: ResyncPolicy::Automatic,
+            bandwidth_limit: None,
         }
     }
 

@@ -117,14 +117,9 @@ pub enum ReplCmd {
     },
     /// Pause replication of a VM (changes are still tracked).
     Pause { name: String },
-    /// Change a relationship's settings in place (Set-VMReplication).
-    Set {
-        name: String,
-        /// When a required resynchronization starts: automatic, manual, or a daily window
-        /// HH:MM-HH:MM in UTC.
-        #[arg(long, value_parser = vmrepl_types::replication::ResyncPolicy::parse)]
-        resync: Option<vmrepl_types::replication::ResyncPolicy>,
-    },
+    /// Change a relationship's settings in place (Set-VMReplication): in force from the next
+    /// cycle, without a new initial copy (except a new replica server, which needs one).
+    Set(SetArgs),
     /// On the replica server: import an initial copy exported to external media.
     Import {
         name: String,
@@ -306,6 +301,54 @@ pub struct ReverseArgs {
     pub settings: SettingsArgs,
 }
 
+/// What `replication set` changes; each option left out stays as it is.
+#[derive(ClapArgs, Debug)]
+pub struct SetArgs {
+    pub name: String,
+    /// Seconds between replication cycles: 30, 300 or 900 (or any value from 5).
+    #[arg(long)]
+    pub frequency: Option<u32>,
+    /// Additional recovery points to keep (0 to 24).
+    #[arg(long)]
+    pub recovery_points: Option<u32>,
+    /// Seconds between recovery points.
+    #[arg(long)]
+    pub point_interval: Option<u32>,
+    /// An app-consistent point every N hours (1 to 12); 0 turns them off.
+    #[arg(long)]
+    pub app_consistent_hours: Option<u32>,
+    /// Compression of the logs sent: on or off.
+    #[arg(long, value_parser = on_off)]
+    pub compression: Option<bool>,
+    /// When a required resynchronization starts: automatic, manual, or a daily window
+    /// HH:MM-HH:MM in UTC.
+    #[arg(long, value_parser = vmrepl_types::replication::ResyncPolicy::parse)]
+    pub resync: Option<vmrepl_types::replication::ResyncPolicy>,
+    /// Most bytes per second this relationship sends, such as 50M or 800K; 0 for no limit.
+    #[arg(long, value_parser = rate)]
+    pub bandwidth: Option<u64>,
+    /// Move the replica to another replica server, HOST:PORT (a new initial copy there; the
+    /// old replica is told and keeps its data).
+    #[arg(long)]
+    pub replica_server: Option<String>,
+    /// The replica server's host name as its certificate names it (default: HOST).
+    #[arg(long)]
+    pub replica_name: Option<String>,
+}
+
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{s:?}: give on or off")),
+    }
+}
+
+/// A rate in bytes per second (50M, 800K, 0 for none), as 0 for none.
+fn rate(s: &str) -> Result<u64, String> {
+    vmrepl_types::replication::parse_bandwidth(s).map(|r| r.unwrap_or(0))
+}
+
 /// Per-VM replication settings (Enable-VMReplication's parameters).
 #[derive(ClapArgs, Debug)]
 pub struct SettingsArgs {
@@ -347,6 +390,9 @@ pub struct SettingsArgs {
     /// (registered there with `replication import-copy`): only the blocks that differ are sent.
     #[arg(long)]
     pub initial_existing_copy: bool,
+    /// Most bytes per second this relationship sends, such as 50M or 800K (default: no limit).
+    #[arg(long, value_parser = rate)]
+    pub bandwidth: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -788,9 +834,20 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
         ReplCmd::Pause { name } => Request::ReplicationPause {
             name: vm_name(&name)?,
         },
-        ReplCmd::Set { name, resync } => Request::ReplicationSet {
-            name: vm_name(&name)?,
-            resync,
+        ReplCmd::Set(a) => Request::ReplicationSet {
+            name: vm_name(&a.name)?,
+            change: vmrepl_types::replication::SettingsChange {
+                frequency_secs: a.frequency,
+                recovery_points: a.recovery_points,
+                recovery_point_interval_secs: a.point_interval,
+                app_consistent_hours: a.app_consistent_hours,
+                compression: a.compression,
+                resync: a.resync,
+                bandwidth_limit: a.bandwidth,
+                replica_server: a.replica_server,
+                replica_host_name: a.replica_name,
+                exclude_disks: None,
+            },
         },
         ReplCmd::Import { name, from } => Request::ReplicationImport {
             name: vm_name(&name)?,
@@ -833,6 +890,7 @@ impl SettingsArgs {
         settings.exclude_disks = self.exclude_disk;
         settings.app_consistent_hours = self.app_consistent_hours;
         settings.resync = self.resync;
+        settings.bandwidth_limit = self.bandwidth.filter(|b| *b > 0);
         if let Some(t) = self.initial_at {
             settings.initial = InitialReplication::NetworkAt { unix_secs: t };
         }

@@ -297,6 +297,20 @@ fn replication(rs: &[ReplicationStatus]) {
         if let Some(p) = r.resync {
             println!("Resynchronize:   {p}");
         }
+        if let (Some(k), Some(i)) = (r.recovery_points, r.recovery_point_interval_secs) {
+            println!("Recovery points: {k} additional, one every {i} s");
+        }
+        if let Some(c) = r.compression {
+            println!(
+                "Compression:     {}; bandwidth {}",
+                if c { "on" } else { "off" },
+                r.bandwidth_limit
+                    .map_or("not limited".to_string(), |b| format!(
+                        "at most {} KiB/s",
+                        b / 1024
+                    ))
+            );
+        }
         if let Some(h) = r.app_consistent_hours {
             println!(
                 "App-consistent:  every {h} h; {} point(s) could not freeze the guest",

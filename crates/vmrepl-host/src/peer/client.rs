@@ -95,6 +95,56 @@ pub struct PeerClient {
     peer: PeerIdentity,
     host: String,
     addr: String,
+    /// The relationship's bandwidth limit, when it has one.
+    pacer: Option<Pacer>,
+}
+
+/// Paces a transfer to `rate` bytes per second: after each frame the sender waits until the
+/// bytes sent since the transfer began are due at that rate. A new transfer starts afresh, so
+/// the time between cycles earns no burst.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pacer {
+    rate: u64,
+    start: tokio::time::Instant,
+    sent: u64,
+}
+
+impl Pacer {
+    pub(crate) fn new(rate: u64) -> Pacer {
+        Pacer {
+            rate: rate.max(1),
+            start: tokio::time::Instant::now(),
+            sent: 0,
+        }
+    }
+
+    fn restart(&mut self) {
+        self.start = tokio::time::Instant::now();
+        self.sent = 0;
+    }
+
+    /// When `n` more bytes may be considered sent.
+    pub(crate) fn due_after(&mut self, n: u64) -> tokio::time::Instant {
+        self.sent += n;
+        self.start + std::time::Duration::from_secs_f64(self.sent as f64 / self.rate as f64)
+    }
+}
+
+#[cfg(test)]
+mod pacer_tests {
+    use super::Pacer;
+    use std::time::Duration;
+
+    #[test]
+    fn a_pacer_makes_bytes_due_at_its_rate_from_the_start_of_the_transfer() {
+        let mut p = Pacer::new(1 << 20);
+        let t0 = p.start;
+        assert_eq!(p.due_after(512 << 10) - t0, Duration::from_millis(500));
+        assert_eq!(p.due_after(512 << 10) - t0, Duration::from_secs(1));
+        p.restart();
+        assert_eq!(p.sent, 0, "a new transfer earns no burst from the old one");
+        assert_eq!(Pacer::new(0).rate, 1);
+    }
 }
 
 impl std::fmt::Debug for PeerClient {
@@ -121,6 +171,39 @@ fn tls_err(host: &str, addr: &str, e: TlsError) -> PeerError {
 }
 
 impl PeerClient {
+    /// Limits the logs this connection sends to `rate` bytes per second (None: no limit).
+    pub fn set_rate_limit(&mut self, rate: Option<u64>) {
+        self.pacer = rate.map(Pacer::new);
+    }
+
+    /// Writes one Data frame, at the pace of the bandwidth limit if there is one.
+    /// Frames are cut to a tenth of a second's worth (16 KiB at least), so a slow link is
+    /// fed evenly rather than in bursts of a whole frame.
+    async fn write_paced(&mut self, data: &[u8]) -> Result<(), PeerError> {
+        let Some(rate) = self.pacer.map(|p| p.rate) else {
+            return match self.framed.write_data(data).await {
+                Ok(()) => Ok(()),
+                Err(e) => Err(self.ferr(e)),
+            };
+        };
+        let piece = ((rate / 10) as usize).clamp(16 << 10, DATA_CHUNK);
+        for part in data.chunks(piece) {
+            if let Err(e) = self.framed.write_data(part).await {
+                return Err(self.ferr(e));
+            }
+            if let Some(p) = self.pacer.as_mut() {
+                tokio::time::sleep_until(p.due_after(part.len() as u64)).await;
+            }
+        }
+        Ok(())
+    }
+
+    fn restart_pacer(&mut self) {
+        if let Some(p) = self.pacer.as_mut() {
+            p.restart();
+        }
+    }
+
     /// Connects to the replica server `expected_host` at `addr` (host:port), checks its
     /// certificate names `expected_host`, negotiates the protocol version and exchanges Hello.
     /// Returns the connection and the replica's [`HostInfo`].
@@ -141,6 +224,7 @@ impl PeerClient {
             peer,
             host: expected_host.to_string(),
             addr: addr.to_string(),
+            pacer: None,
         };
         let hello = PeerRequest::Hello {
             host_info: Box::new(my_info.clone()),
@@ -208,12 +292,11 @@ impl PeerClient {
         if let Err(e) = self.framed.write_control(&req).await {
             return Err(self.ferr(e));
         }
+        self.restart_pacer();
         let mut sent = 0u64;
         while let Some(chunk) = chunks.recv().await {
             for part in chunk.chunks(DATA_CHUNK) {
-                if let Err(e) = self.framed.write_data(part).await {
-                    return Err(self.ferr(e));
-                }
+                self.write_paced(part).await?;
             }
             sent += chunk.len() as u64;
             progress(sent);
@@ -320,6 +403,7 @@ impl PeerClient {
         if let Err(e) = self.framed.write_control(req).await {
             return Err(self.ferr(e));
         }
+        self.restart_pacer();
         let mut buf = vec![0u8; DATA_CHUNK];
         let mut sent = 0u64;
         loop {
@@ -335,9 +419,7 @@ impl PeerClient {
             if n == 0 {
                 break;
             }
-            if let Err(e) = self.framed.write_data(&buf[..n]).await {
-                return Err(self.ferr(e));
-            }
+            self.write_paced(&buf[..n]).await?;
             sent += n as u64;
             progress(sent);
         }

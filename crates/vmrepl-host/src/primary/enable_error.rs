@@ -23,6 +23,9 @@ pub enum EnableError {
     /// The replication settings are not valid (`why`: which and how).
     #[error("Invalid replication settings: {why}.")]
     InvalidSettings { why: String },
+    /// `replication set` asked to change which disks replicate.
+    #[error("Changing which disks of {vm} replicate is not done in place yet: run `vmrepl replication remove {vm}` and `vmrepl replication enable {vm} ... --exclude-disk ...` (a new initial copy).")]
+    DisksInPlace { vm: String },
     /// The VM is replicated already.
     #[error("Replication is already enabled for VM {vm}; `vmrepl replication status {vm}` shows it, `replication remove` removes it.")]
     AlreadyEnabled { vm: String },
@@ -112,6 +115,7 @@ impl ApiAnswer for EnableError {
             | ExportNotAbsolute { .. }
             | ExportNotAFolder { .. }
             | ExportNotWritable { .. } => ErrorCode::InvalidInput,
+            DisksInPlace { .. } => ErrorCode::Unsupported,
             AlreadyEnabled { .. } => ErrorCode::AlreadyExists,
             ReplicaCannotRun { .. } => ErrorCode::Unsupported,
             Request(_) | Refused { .. } | UnexpectedAnswer { .. } => ErrorCode::Peer,

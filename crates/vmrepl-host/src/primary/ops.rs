@@ -15,9 +15,10 @@ use crate::primary::stop_scheduler;
 use crate::primary::wake;
 use crate::primary::Endpoint;
 use crate::primary::Relationship;
+use crate::primary::{point_policy, EnableError};
 use std::sync::Arc;
 use vmrepl_tracking::RelTag;
-use vmrepl_types::replication::ReplicationState;
+use vmrepl_types::replication::{ReplicationSettings, ReplicationState, SettingsChange};
 use vmrepl_types::{VmDefinition, VmName};
 
 /// Pauses (Suspend-VMReplication): no cycles until resumed; tracking continues.
@@ -34,33 +35,127 @@ pub fn pause(d: &Arc<Host>, name: &VmName) -> Result<String, HostError> {
     ))
 }
 
-/// Changes a relationship's settings in place (Set-VMReplication): for now its
-/// resynchronization policy, in force from the scheduler's next look.
-pub fn set(
+/// Changes a relationship's settings in place (Set-VMReplication). Frequency, compression,
+/// the resynchronization policy and the bandwidth limit are in force from the next cycle;
+/// the recovery-point policy is told to the replica at once (or by the next cycle when it
+/// cannot be reached now). A new replica server is a new relationship: the old replica is
+/// told and keeps its data, the new one gets a new initial copy.
+pub async fn set(
     d: &Arc<Host>,
     name: &VmName,
-    resync: Option<vmrepl_types::replication::ResyncPolicy>,
+    change: SettingsChange,
 ) -> Result<String, HostError> {
     let vm = d.vmm.show(name)?.definition;
-    let mut rel = load(d, vm.uuid)?.ok_or_else(|| not_enabled(name))?;
-    let Some(policy) = resync else {
+    let rel = load(d, vm.uuid)?.ok_or_else(|| not_enabled(name))?;
+    let (next, what) = change
+        .apply(&rel.settings)
+        .map_err(|why| EnableError::InvalidSettings { why })?;
+    if what.is_empty() {
         return Ok(format!(
-            "Nothing to change for {name}; its resynchronization policy is {}.",
-            rel.settings.resync
+            "Nothing to change for {name}: every setting given has that value already."
         ));
-    };
-    rel.settings.resync = policy;
+    }
+    if next.exclude_disks != rel.settings.exclude_disks {
+        return Err(EnableError::DisksInPlace {
+            vm: name.to_string(),
+        }
+        .into());
+    }
+    if next.replica_server != rel.settings.replica_server
+        || next.replica_host_name != rel.settings.replica_host_name
+    {
+        return repoint(d, name, &vm, &rel, next).await;
+    }
     d.db()
-        .set_relationship_settings(vm.uuid, &rel.settings)
+        .set_relationship_settings(vm.uuid, &next)
         .map_err(HostError::db("saving the relationship's settings"))?;
+    let summary = what.join(", ");
     let _ = d.db().event(
         Some(vm.uuid),
-        &format!("resynchronization policy set to {policy}"),
+        &format!("replication settings changed: {summary}"),
     );
+    let mut note = String::new();
+    if point_policy(&next) != point_policy(&rel.settings) {
+        let rt = runtime(d, vm.uuid);
+        rt.policy_sent
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        match connect(d, &next).await {
+            Ok((mut c, _)) => {
+                crate::primary::tell_policy(&rt, &mut c, vm.uuid, &next).await;
+            }
+            Err(e) => {
+                tracing::info!(target: "vmrepl::replication", vm = %vm.uuid, "the replica server is not reachable now ({e})")
+            }
+        }
+        if !rt.policy_sent.load(std::sync::atomic::Ordering::SeqCst) {
+            note = format!(
+                " The replica server {} could not be told the recovery-point policy now; the next cycle tells it.",
+                rel.replica_name
+            );
+        }
+    }
     wake(d, vm.uuid);
     Ok(format!(
-        "The resynchronization policy of {name} is now {policy}."
+        "Replication of {name} changed: {summary}; in force from the next cycle, without a new initial copy.{note}"
     ))
+}
+
+/// The runtime of a relationship (its scheduler's, or a fresh one when none runs).
+fn runtime(d: &Host, vm: uuid::Uuid) -> Arc<crate::host::RelRuntime> {
+    crate::locks::unpoisoned(&d.repl.rels)
+        .get(&vm)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// `set` with a new replica server: it must be able to host the VM before anything changes;
+/// then the old replica is told (and keeps its data) and replication starts over there.
+async fn repoint(
+    d: &Arc<Host>,
+    name: &VmName,
+    vm: &VmDefinition,
+    rel: &Relationship,
+    next: ReplicationSettings,
+) -> Result<String, HostError> {
+    let (addr, peer_name) = crate::primary::replica_target(&next)?;
+    let (mut c, theirs) =
+        crate::peer::client::PeerClient::connect(&d.identity, d.vmm.caps(), &addr, &peer_name)
+            .await
+            .map_err(|source| HostError::Peer {
+                server: next.replica_server.clone(),
+                doing: "move the replica there".into(),
+                source,
+            })?;
+    let r = c
+        .request(&PeerRequest::CheckReplica {
+            vm: Box::new(crate::primary::replica_view(vm, &next)),
+        })
+        .await
+        .map_err(EnableError::Request)?;
+    if let PeerResponse::Refused { message, .. } = r {
+        return Err(EnableError::ReplicaCannotRun {
+            replica: theirs.host_name,
+            vm: name.to_string(),
+            why: message,
+        }
+        .into());
+    }
+    drop(c);
+    let mut next = next;
+    next.initial = vmrepl_types::replication::InitialReplication::NetworkNow;
+    let removed = remove(d, name, false).await?;
+    match crate::primary::enable(d, name, next.clone()).await {
+        Ok(enabled) => Ok(format!(
+            "The replica server of {name} changed from {} to {}: this needs a new initial copy there. {removed} {enabled}",
+            rel.replica_name, theirs.host_name
+        )),
+        Err(e) => Err(HostError::RepointFailed {
+            vm: name.to_string(),
+            old: rel.replica_name.clone(),
+            new: next.replica_server.clone(),
+            why: e.to_string(),
+        }),
+    }
 }
 
 /// Replicates now, outside the schedule (and counts no missed cycle); with `app_consistent`

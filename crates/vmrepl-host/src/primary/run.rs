@@ -125,7 +125,7 @@ pub(crate) async fn run_cycle(
         happened(d, vm_uuid, PrimaryEvent::CycleFailed { kind }, Some(&msg));
         msg
     };
-    let (client, _theirs) = match connect(d, &rel.settings).await {
+    let (mut client, _theirs) = match connect(d, &rel.settings).await {
         Ok(c) => c,
         Err(e) => {
             return Err(fail(
@@ -137,6 +137,8 @@ pub(crate) async fn run_cycle(
             ))
         }
     };
+    client.set_rate_limit(rel.settings.bandwidth_limit);
+    tell_policy(rt, &mut client, vm_uuid, &rel.settings).await;
     let exported = initial
         && matches!(rel.settings.initial, InitialReplication::Export { .. })
         && last_marked_ms(d, vm_uuid, rel.created_ms, Marked::Exported)
@@ -340,6 +342,31 @@ pub(crate) async fn thaw_guest(d: &Host, vm: Uuid, qga: vmrepl_qemu::Qga) {
     let msg = format!("The guest could not be thawed after an app-consistent point ({last}); it may still be frozen: thaw it from the guest console (fsfreeze --unfreeze) or restart the VM.");
     tracing::error!(target: "vmrepl::replication", %vm, "{msg}");
     let _ = d.db().event(Some(vm), &msg);
+}
+
+/// Tells the replica the relationship's recovery-point policy when it was not told since the
+/// daemon started or since `replication set` changed it; a refusal or a lost connection is
+/// tried again at the next cycle.
+pub(crate) async fn tell_policy(
+    rt: &RelRuntime,
+    client: &mut crate::peer::client::PeerClient,
+    vm_uuid: Uuid,
+    s: &vmrepl_types::replication::ReplicationSettings,
+) {
+    use std::sync::atomic::Ordering;
+    if rt.policy_sent.load(Ordering::SeqCst) {
+        return;
+    }
+    let req = crate::peer::proto::PeerRequest::SetPolicy {
+        vm_uuid,
+        policy: crate::primary::point_policy(s),
+    };
+    match client.request(&req).await {
+        Ok(crate::peer::proto::PeerResponse::Ok) => rt.policy_sent.store(true, Ordering::SeqCst),
+        other => {
+            tracing::warn!(target: "vmrepl::replication", vm = %vm_uuid, "the replica was not told the recovery-point policy ({other:?}); the next cycle tries again")
+        }
+    }
 }
 
 #[cfg(test)]

@@ -204,6 +204,10 @@ pub fn status_of(d: &Host, rel: &Relationship) -> Result<Option<ReplicationStatu
         frequency_secs: Some(rel.settings.frequency_secs),
         resync: Some(rel.settings.resync),
         app_consistent_hours: rel.settings.app_consistent_hours,
+        recovery_points: Some(rel.settings.recovery_points),
+        recovery_point_interval_secs: Some(rel.settings.recovery_point_interval_secs),
+        compression: Some(rel.settings.compression),
+        bandwidth_limit: rel.settings.bandwidth_limit,
         last_sequence: rel.acked_seq,
         waiting_on: match rel.state {
             ReplicationState::Suspended => Some("resume (replication is paused)".into()),

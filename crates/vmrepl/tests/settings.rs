@@ -1,0 +1,237 @@
+//! End to end: `replication set` (Set-VMReplication) changes a relationship in place: the
+//! frequency, the recovery points the replica keeps, compression and a bandwidth limit take
+//! effect from the next cycle without a new initial copy; a new replica server moves the
+//! replica there with a new initial copy. Real daemons, TLS and qemu-storage-daemon.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+/// Writes `mib` MiB of incompressible data at 8 MiB into disk 0 of the stopped VM `vm` with
+/// qemu-io, while replication is paused, and tells vmrepl the bitmaps were kept.
+fn write_random(a: &Host, vm: &str, mib: usize) {
+    let file = a.data().join("random.bin");
+    let mut bytes = vec![0u8; mib << 20];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for c in bytes.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(&file, &bytes).unwrap();
+    let w = format!("write -q -s {} 8M {mib}M", file.display());
+    let st = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", &w])
+        .arg(disk_path(a, vm, 0))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    a.ok(&["vm", "trust-disks", vm]);
+}
+
+fn frozen_points(b: &Host, vm: &str) -> usize {
+    b.json(&["replication", "points", vm])["points"]
+        .as_array()
+        .map(|p| p.iter().filter(|p| p["latest"] == false).count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn replication_set_changes_frequency_points_compression_and_bandwidth_in_place() {
+    let _s = serial();
+    let (a, b, store) = pair("127.0.0.191", "127.0.0.192", "set");
+    create_small_vm(&a, "db");
+    enable_ok(&a, &b, "db", "hostb.test", &["--frequency", "300"]);
+    wait_until("the initial copy", Duration::from_secs(60), || {
+        acked(&a, "db") >= 1
+    });
+    let initial_bytes = status(&a, "db")["stats"]["total_bytes"].as_u64().unwrap();
+
+    let out = a.ok(&[
+        "replication",
+        "set",
+        "db",
+        "--frequency",
+        "5",
+        "--recovery-points",
+        "2",
+        "--point-interval",
+        "5",
+        "--compression",
+        "off",
+        "--bandwidth",
+        "1M",
+    ]);
+    for said in [
+        "frequency 5 s",
+        "2 additional recovery points",
+        "compression off",
+        "bandwidth 1024 KiB/s",
+        "without a new initial copy",
+    ] {
+        assert!(out.contains(said), "{said:?} not in {out}");
+    }
+    let s = status(&a, "db");
+    assert_eq!(s["frequency_secs"], 5, "{s}");
+    assert_eq!(s["compression"], false, "{s}");
+    assert_eq!(s["bandwidth_limit"], 1 << 20, "{s}");
+    // The replica was told its new policy at once.
+    let r = status(&b, "db");
+    assert_eq!(r["recovery_points"], 2, "{r}");
+    assert_eq!(r["recovery_point_interval_secs"], 5, "{r}");
+
+    // Cycles now come every 5 s (at 300 s none would in this time), and the replica keeps
+    // points.
+    let seq = acked(&a, "db");
+    wait_until(
+        "two cycles at the new frequency",
+        Duration::from_secs(60),
+        || acked(&a, "db") >= seq + 2,
+    );
+    wait_until(
+        "recovery points on the replica",
+        Duration::from_secs(60),
+        || frozen_points(&b, "db") >= 2,
+    );
+
+    // 3 MiB of incompressible data under a limit of 1 MiB/s: its cycle takes 3 s at least.
+    a.ok(&["replication", "pause", "db"]);
+    write_random(&a, "db", 3);
+    let seq = acked(&a, "db");
+    a.ok(&["replication", "measure", "db", "--reset"]);
+    a.ok(&["replication", "resume", "db"]);
+    wait_until("the paced cycle", Duration::from_secs(60), || {
+        acked(&a, "db") > seq
+    });
+    let m = a.json(&["replication", "measure", "db"])["relationships"][0]["stats"].clone();
+    let slowest = m["max_latency_secs"].as_f64().unwrap();
+    assert!(
+        slowest >= 2.8,
+        "3 MiB at 1 MiB/s went out in {slowest} s: {m}"
+    );
+    let top = replica_image(&store, &a, "db", 0, "top.qcow2");
+    same_content(&disk_path(&a, "db", 0), &top).unwrap();
+
+    let out = a.ok(&[
+        "replication",
+        "set",
+        "db",
+        "--bandwidth",
+        "0",
+        "--compression",
+        "on",
+    ]);
+    assert!(out.contains("bandwidth no limit"), "{out}");
+    assert!(status(&a, "db")["bandwidth_limit"].is_null());
+    let out = a.ok(&["replication", "set", "db", "--frequency", "5"]);
+    assert!(out.contains("Nothing to change"), "{out}");
+    // Refusals name the setting and what to give; nothing changes.
+    let e = a.fails(&["replication", "set", "db", "--frequency", "2"]);
+    assert!(e.contains("out of range") && e.contains("300"), "{e}");
+    let e = a.fails(&[
+        "replication",
+        "set",
+        "db",
+        "--recovery-points",
+        "0",
+        "--app-consistent-hours",
+        "3",
+    ]);
+    assert!(e.contains("recovery point"), "{e}");
+    let e = a.fails(&["replication", "set", "db", "--bandwidth", "fast"]);
+    assert!(e.contains("50M"), "{e}");
+    assert_eq!(status(&a, "db")["frequency_secs"], 5);
+    // No initial copy again: every byte since was a delta.
+    let s = status(&a, "db");
+    assert_eq!(s["state"], "replicating", "{s}");
+    assert!(
+        s["stats"]["total_bytes"].as_u64().unwrap() < initial_bytes + (8 << 20),
+        "{s}"
+    );
+}
+
+#[test]
+fn replication_set_to_another_replica_server_moves_the_replica_there_with_a_new_initial_copy() {
+    let _s = serial();
+    let (a, b, b_store) = pair("127.0.0.193", "127.0.0.194", "set");
+    let mut c = Host::init("hostc.test", "127.0.0.195");
+    a.ok(&[
+        "host",
+        "trust",
+        c.data().join("tls/ca.pem").to_str().unwrap(),
+    ]);
+    c.ok(&[
+        "host",
+        "trust",
+        a.data().join("tls/ca.pem").to_str().unwrap(),
+    ]);
+    c.start();
+    c.ok(&["replication", "server", "set", "--enable"]);
+    let c_store = c.data().join("replicas-from-a");
+    authorize(&c, "hosta.test", &c_store, "set");
+    create_small_vm(&a, "db");
+    enable_ok(&a, &b, "db", "hostb.test", &["--frequency", "5"]);
+    wait_until("the initial copy to b", Duration::from_secs(60), || {
+        acked(&a, "db") >= 1
+    });
+
+    // A server that cannot take it: refused before anything changes.
+    let e = a.fails(&[
+        "replication",
+        "set",
+        "db",
+        "--replica-server",
+        &format!("127.0.0.196:{}", free_port("127.0.0.196")),
+        "--replica-name",
+        "nobody.test",
+    ]);
+    assert!(e.contains("Nothing was changed"), "{e}");
+    assert!(status(&a, "db")["replica_host"]
+        .as_str()
+        .unwrap()
+        .contains("hostb.test"));
+
+    let out = a.ok(&[
+        "replication",
+        "set",
+        "db",
+        "--replica-server",
+        &format!("{}:{}", c.ip, c.port),
+        "--replica-name",
+        "hostc.test",
+    ]);
+    assert!(out.contains("new initial copy"), "{out}");
+    assert!(
+        out.contains("kept"),
+        "the old replica keeps its data: {out}"
+    );
+    wait_until("the initial copy to c", Duration::from_secs(60), || {
+        let s = status(&a, "db");
+        s["replica_host"]
+            .as_str()
+            .unwrap_or("")
+            .contains("hostc.test")
+            && s["last_sequence"].as_u64().unwrap_or(0) >= 1
+    });
+    let s = status(&a, "db");
+    assert_eq!(s["frequency_secs"], 5, "the other settings stay: {s}");
+    let top = replica_image(&c_store, &a, "db", 0, "top.qcow2");
+    wait_until("the replica on c equal", Duration::from_secs(60), || {
+        same_content(&disk_path(&a, "db", 0), &top).is_ok()
+    });
+    // The old replica was told, and its data is still there.
+    let uuid = a.json(&["vm", "show", "db"])["definition"]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(b_store.join(&uuid).exists());
+    let r = b.json(&["replication", "status"]);
+    let left: Vec<_> = r["relationships"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["vm_uuid"] == uuid.as_str() && x["state"] != "removed")
+        .collect();
+    assert!(left.is_empty(), "b still replicates it: {r}");
+}
