@@ -167,8 +167,10 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
             Response::HostInfo(Box::new(info))
         }
         Request::VmCreate(c) => Response::Vm(Box::new(vmm.create(c).await?)),
-        Request::VmList => Response::VmList { vms: vmm.list()? },
-        Request::VmShow { name } => Response::Vm(Box::new(vmm.show(&name)?)),
+        Request::VmList => Response::VmList {
+            vms: crate::inventory::list(host)?,
+        },
+        Request::VmShow { name } => Response::Vm(Box::new(crate::inventory::show(host, &name)?)),
         Request::VmStart { name } => Response::Vm(Box::new(vmm.start(&name).await?)),
         Request::VmShutdown {
             name,
@@ -233,7 +235,7 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
             let mut relationships = crate::primary::statuses_with_pending(host).await?;
             relationships.extend(crate::replica::statuses(host));
             if let Some(n) = &name {
-                relationships.retain(|r| r.vm == *n);
+                relationships.retain(|r| r.vm == *n || r.vm_uuid.to_string() == n.as_str());
                 if relationships.is_empty() {
                     return Err(ApiError::new(
                         ErrorCode::NotFound,
@@ -278,7 +280,7 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
                 }
                 relationships = crate::primary::statuses_with_pending(host).await?;
                 relationships.extend(crate::replica::statuses(host));
-                relationships.retain(|r| r.vm == name);
+                relationships.retain(|r| r.vm == name || r.vm_uuid.to_string() == name.as_str());
             }
             Response::Measure { relationships }
         }
@@ -307,7 +309,16 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
             name,
             delete_replica,
         } => Response::Ok {
-            message: crate::primary::remove(host, &name, delete_replica).await?,
+            message: match crate::primary::remove(host, &name, delete_replica).await {
+                // Not a primary of this host: a replica kept here, removed on this side.
+                Err(
+                    crate::error::HostError::NotEnabled { .. }
+                    | crate::error::HostError::Vm(crate::vmm::VmError::NoSuchVm { .. }),
+                ) if crate::replica::named(host, &name).is_ok() => {
+                    crate::replica::remove_here(host, &name, delete_replica).await?
+                }
+                r => r?,
+            },
         },
         Request::RecoveryPoints { name } => Response::RecoveryPoints {
             points: crate::failover::points(host, &name).await?,

@@ -26,6 +26,7 @@ pub mod fingerprint;
 pub mod fsutil;
 pub mod host;
 pub mod init;
+pub mod inventory;
 pub mod lifecycle;
 pub mod locks;
 pub mod metrics;

@@ -115,8 +115,11 @@ pub enum ReplCmd {
         #[arg(long)]
         reset: bool,
     },
-    /// Pause replication of a VM (changes are still tracked).
-    Pause { name: String },
+    /// Pause replication of one or more VMs (changes are still tracked).
+    Pause {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Change a relationship's settings in place (Set-VMReplication): in force from the next
     /// cycle, without a new initial copy (except a new replica server, which needs one).
     Set(SetArgs),
@@ -129,23 +132,27 @@ pub enum ReplCmd {
     },
     /// Replicate now, outside the schedule.
     Now {
-        name: String,
+        #[arg(required = true)]
+        names: Vec<String>,
         /// Freeze the guest through the QEMU guest agent for this point (falls back to a
         /// crash-consistent point, and says so, when the guest cannot be frozen).
         #[arg(long)]
         app_consistent: bool,
     },
-    /// Resume a paused replication.
+    /// Resume paused replication of one or more VMs.
     Resume {
-        name: String,
+        #[arg(required = true)]
+        names: Vec<String>,
         /// Resynchronize a relationship that needs it ("Resynchronization required"):
         /// the disks are copied again at one instant and deltas flow from there.
         #[arg(long)]
         resynchronize: bool,
     },
-    /// Remove replication of a VM (the replica keeps its data unless --delete-replica).
+    /// Remove replication of one or more VMs (the replica keeps its data unless
+    /// --delete-replica). On the replica server it removes the replica kept there.
     Remove {
-        name: String,
+        #[arg(required = true)]
+        names: Vec<String>,
         #[arg(long)]
         delete_replica: bool,
     },
@@ -283,7 +290,9 @@ pub enum ServerCmd {
 
 #[derive(ClapArgs, Debug)]
 pub struct EnableArgs {
-    pub name: String,
+    /// One or more VMs (each gets the same settings).
+    #[arg(required = true)]
+    pub names: Vec<String>,
     /// The replica server, HOST:PORT.
     #[arg(long)]
     pub replica_server: String,
@@ -304,7 +313,9 @@ pub struct ReverseArgs {
 /// What `replication set` changes; each option left out stays as it is.
 #[derive(ClapArgs, Debug)]
 pub struct SetArgs {
-    pub name: String,
+    /// One or more VMs.
+    #[arg(required = true)]
+    pub names: Vec<String>,
     /// Seconds between replication cycles: 30, 300 or 900 (or any value from 5).
     #[arg(long)]
     pub frequency: Option<u32>,
@@ -786,10 +797,13 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
                 ..Default::default()
             })
         }
-        ReplCmd::Enable(a) => Request::ReplicationEnable {
-            name: vm_name(&a.name)?,
-            settings: a.settings.into_settings(&a.replica_server),
-        },
+        ReplCmd::Enable(a) => {
+            let settings = a.settings.into_settings(&a.replica_server);
+            return each(dd, json, &a.names, |name| Request::ReplicationEnable {
+                name,
+                settings: settings.clone(),
+            });
+        }
         ReplCmd::Reverse(a) => Request::ReplicationReverse {
             name: vm_name(&a.name)?,
             settings: a
@@ -831,12 +845,11 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
             }
             Request::ReplicationStatus { name }
         }
-        ReplCmd::Pause { name } => Request::ReplicationPause {
-            name: vm_name(&name)?,
-        },
-        ReplCmd::Set(a) => Request::ReplicationSet {
-            name: vm_name(&a.name)?,
-            change: vmrepl_types::replication::SettingsChange {
+        ReplCmd::Pause { names } => {
+            return each(dd, json, &names, |name| Request::ReplicationPause { name })
+        }
+        ReplCmd::Set(a) => {
+            let change = vmrepl_types::replication::SettingsChange {
                 frequency_secs: a.frequency,
                 recovery_points: a.recovery_points,
                 recovery_point_interval_secs: a.point_interval,
@@ -847,35 +860,67 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
                 replica_server: a.replica_server,
                 replica_host_name: a.replica_name,
                 exclude_disks: None,
-            },
-        },
+            };
+            return each(dd, json, &a.names, |name| Request::ReplicationSet {
+                name,
+                change: change.clone(),
+            });
+        }
         ReplCmd::Import { name, from } => Request::ReplicationImport {
             name: vm_name(&name)?,
             from: std::path::absolute(&from)?,
         },
         ReplCmd::Now {
-            name,
+            names,
             app_consistent,
-        } => Request::ReplicationNow {
-            name: vm_name(&name)?,
-            app_consistent,
-        },
+        } => {
+            return each(dd, json, &names, |name| Request::ReplicationNow {
+                name,
+                app_consistent,
+            })
+        }
         ReplCmd::Resume {
-            name,
+            names,
             resynchronize,
-        } => Request::ReplicationResume {
-            name: vm_name(&name)?,
-            resynchronize,
-        },
+        } => {
+            return each(dd, json, &names, |name| Request::ReplicationResume {
+                name,
+                resynchronize,
+            })
+        }
         ReplCmd::Remove {
-            name,
+            names,
             delete_replica,
-        } => Request::ReplicationRemove {
-            name: vm_name(&name)?,
-            delete_replica,
-        },
+        } => {
+            return each(dd, json, &names, |name| Request::ReplicationRemove {
+                name,
+                delete_replica,
+            })
+        }
     };
     call(dd, json, req)
+}
+
+/// Sends one request per VM of `names`, in order, each answered as it comes; a VM that fails
+/// does not stop the others. The exit code is the first failure's (0 when all succeeded).
+fn each(
+    dd: &DataDir,
+    json: bool,
+    names: &[String],
+    req: impl Fn(VmName) -> Request,
+) -> Result<ExitCode> {
+    let names = names
+        .iter()
+        .map(|n| vm_name(n))
+        .collect::<Result<Vec<_>>>()?;
+    let mut code = ExitCode::SUCCESS;
+    for name in names {
+        let c = call(dd, json, req(name))?;
+        if code == ExitCode::SUCCESS {
+            code = c;
+        }
+    }
+    Ok(code)
 }
 
 impl SettingsArgs {

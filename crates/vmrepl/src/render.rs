@@ -255,17 +255,18 @@ fn vm(v: &VmSummary) {
 
 fn vm_list(vms: &[VmSummary]) {
     println!(
-        "{:<24} {:<20} {:<4} {:<16} {:<8}",
+        "{:<24} {:<20} {:<4} {:<16} {:<8} ROLE",
         "NAME", "STATE", "GEN", "MACHINE", "PID"
     );
     for v in vms {
         println!(
-            "{:<24} {:<20} {:<4} {:<16} {:<8}",
+            "{:<24} {:<20} {:<4} {:<16} {:<8} {}",
             v.definition.name.as_str(),
             v.state.to_string(),
             v.definition.generation.number(),
             v.definition.machine_type,
-            v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+            v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            v.replication.as_deref().unwrap_or("-")
         );
     }
 }

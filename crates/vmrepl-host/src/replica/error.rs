@@ -21,6 +21,12 @@ pub enum ReplicaError {
         count: usize,
         adapter: usize,
     },
+    #[error("The replica of {vm} was removed, but its data in {} could not be deleted: {why}. Delete that folder by hand.", dir.display())]
+    CannotDelete {
+        vm: String,
+        dir: PathBuf,
+        why: String,
+    },
     #[error("The replica of {vm} has failed over; it takes no initial copy.")]
     FailedOver { vm: String },
     #[error("Cannot read the exported initial copy {}", file.display())]
@@ -91,6 +97,7 @@ impl ApiAnswer for ReplicaError {
             | NotDurable { .. }
             | ImportTask { .. }
             | AppliedLater { .. } => ErrorCode::Internal,
+            CannotDelete { .. } => ErrorCode::Io,
         }
     }
 }

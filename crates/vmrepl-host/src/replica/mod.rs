@@ -16,6 +16,7 @@ mod error;
 mod lookup;
 mod networks;
 mod receive;
+mod remove;
 mod state;
 mod status;
 
@@ -25,5 +26,6 @@ pub use error::ReplicaError;
 pub(crate) use lookup::*;
 pub use networks::*;
 pub use receive::*;
+pub use remove::*;
 pub(crate) use state::*;
 pub use status::*;

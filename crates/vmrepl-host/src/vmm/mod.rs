@@ -89,10 +89,17 @@ impl Vmm {
             .map(|r| r.definition)
     }
 
+    /// The VM named `name`, or whose UUID it is (every VM command takes either).
     fn row(&self, name: &VmName) -> Result<VmRow, VmError> {
-        self.db()
-            .vm_by_name(name.as_str())?
-            .ok_or_else(|| VmError::NoSuchVm { name: name.clone() })
+        let db = self.db();
+        let by_uuid = || match name.as_str().parse::<Uuid>() {
+            Ok(u) => db.vm_by_uuid(u),
+            Err(_) => Ok(None),
+        };
+        match db.vm_by_name(name.as_str())? {
+            Some(r) => Ok(r),
+            None => by_uuid()?.ok_or_else(|| VmError::NoSuchVm { name: name.clone() }),
+        }
     }
 
     fn summary(&self, r: VmRow) -> VmSummary {
