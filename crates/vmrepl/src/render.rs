@@ -444,6 +444,10 @@ fn utc(unix_ms: i64) -> String {
 /// Prints what `host init` made.
 pub fn init_report(r: &vmrepl_host::init::InitReport) {
     println!("Created host {} in {}", r.host_name, r.data.display());
+    println!(
+        "  config:       {} (yours: vmrepl reads it, never rewrites it)",
+        r.config.display()
+    );
     println!("  peer API:     {}", r.listen);
     println!("  certificate:  {} ({})", r.cert.display(), r.cert_source);
     println!(
@@ -454,8 +458,13 @@ pub fn init_report(r: &vmrepl_host::init::InitReport) {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let config = if r.config_given {
+        format!(" --config {}", r.config.display())
+    } else {
+        String::new()
+    };
     println!(
-        "Start it with: vmrepl --data {} daemon --background",
+        "Start it with: vmrepl --data {}{config} daemon --background",
         r.data.display()
     );
 }
