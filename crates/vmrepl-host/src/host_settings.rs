@@ -203,17 +203,22 @@ pub enum OfflineError {
     NotRevoked { fingerprint: String },
 }
 
-/// Opens the host's database and its settings (importing them from the configuration file the
-/// first time, as the daemon does), for a change made while the daemon is stopped.
-fn offline(dd: &DataDir) -> Result<(Db, Loaded), OfflineError> {
+/// Opens the host's database and its settings, for a change made while the daemon is stopped.
+/// The configuration file is read only when the database holds no settings yet (they are
+/// imported from it then, as the daemon does), so a command that does not name the file still
+/// works once the daemon has started once.
+fn offline(dd: &DataDir) -> Result<(Db, HostSettings), OfflineError> {
+    let db = Db::open(&dd.db())?;
+    if let Some(s) = db.host_settings()? {
+        return Ok((db, s));
+    }
     let config = dd.config();
     let (_, file) = HostConfig::load_with_file_settings(&config)?;
-    let db = Db::open(&dd.db())?;
     let loaded = load(&db, dd, &config, &file)?;
-    for w in &loaded.ignored {
-        tracing::warn!(target: "vmrepl::daemon", "{w}");
+    if let Some(first) = &loaded.first {
+        tracing::info!(target: "vmrepl::daemon", "{first}");
     }
-    Ok((db, loaded))
+    Ok((db, loaded.settings))
 }
 
 /// `host revoke-cert` while the daemon is stopped: stored in the database, in force from the
@@ -224,8 +229,8 @@ pub fn revoke_offline(
     reason: Option<String>,
     subject: Option<String>,
 ) -> Result<PathBuf, OfflineError> {
-    let (db, loaded) = offline(dd)?;
-    let mut list = loaded.settings.revoked_certs;
+    let (db, settings) = offline(dd)?;
+    let mut list = settings.revoked_certs;
     add_revocation(&mut list, fingerprint, reason, subject);
     db.store_revoked_certs(&list)?;
     Ok(dd.db())
@@ -233,8 +238,8 @@ pub fn revoke_offline(
 
 /// `host unrevoke-cert` while the daemon is stopped. Returns the database's path.
 pub fn unrevoke_offline(dd: &DataDir, fingerprint: &str) -> Result<PathBuf, OfflineError> {
-    let (db, loaded) = offline(dd)?;
-    let mut list = loaded.settings.revoked_certs;
+    let (db, settings) = offline(dd)?;
+    let mut list = settings.revoked_certs;
     if !remove_revocation(&mut list, fingerprint) {
         return Err(OfflineError::NotRevoked {
             fingerprint: fingerprint.to_string(),
@@ -363,6 +368,39 @@ mod tests {
         // A file without those sections is not reported.
         let l = load(&db, &dd, cfg, &FileSettings::default()).unwrap();
         assert!(l.ignored.is_empty());
+    }
+
+    #[test]
+    fn without_a_daemon_a_revocation_imports_the_file_first_and_then_needs_it_no_more() {
+        let (_d, dd, db) = host();
+        let mut cfg = HostConfig::new("h.example", "127.0.0.1:7443", vec!["/srv".into()]);
+        cfg.revoked_certs.push(revoked('A'));
+        cfg.save(&dd.config()).unwrap();
+        let text = std::fs::read(dd.config()).unwrap();
+        let b = "B".repeat(64);
+        revoke_offline(&dd, &b, Some("stolen".into()), None).unwrap();
+        let s = db.host_settings().unwrap().unwrap();
+        let fps: Vec<&str> = s
+            .revoked_certs
+            .iter()
+            .map(|r| r.fingerprint.as_str())
+            .collect();
+        assert_eq!(fps, ["A".repeat(64), b.clone()]);
+        assert_eq!(
+            std::fs::read(dd.config()).unwrap(),
+            text,
+            "the file is not written"
+        );
+        assert_eq!(db.events(None, None, None, 10).unwrap().len(), 1);
+
+        // The file is needed no more (a command that does not name it, e.g. --config unset).
+        let elsewhere = DataDir::new(dd.root()).with_config(Path::new("/nonexistent/x.toml"));
+        unrevoke_offline(&elsewhere, &"A".repeat(64)).unwrap();
+        let e = unrevoke_offline(&elsewhere, &"A".repeat(64)).unwrap_err();
+        assert!(matches!(e, OfflineError::NotRevoked { .. }), "{e}");
+        let s = db.host_settings().unwrap().unwrap();
+        assert_eq!(s.revoked_certs.len(), 1);
+        assert_eq!(s.revoked_certs[0].reason.as_deref(), Some("stolen"));
     }
 
     #[test]
