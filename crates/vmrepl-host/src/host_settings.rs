@@ -21,17 +21,10 @@
 
 use crate::config::{ConfigError, FileSettings, HostConfig};
 use crate::datadir::DataDir;
+pub use crate::db::HostSettings;
 use crate::db::{Db, DbError};
-use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use vmrepl_types::replication::{ReplicaServerSettings, RevokedCert};
-
-/// The settings commands change, as stored.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostSettings {
-    pub replica_server: ReplicaServerSettings,
-    pub revoked_certs: Vec<RevokedCert>,
-}
 
 impl HostSettings {
     /// A new host's: the replica server off, replicas of any primary (once allowed) in

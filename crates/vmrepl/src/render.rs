@@ -177,13 +177,13 @@ fn host_info(h: &HostInfo) {
         "Metrics:             {}",
         h.metrics_url
             .as_deref()
-            .unwrap_or("not served (see `metrics` in config.toml)")
+            .unwrap_or("not served (see `metrics` in the configuration file)")
     );
     println!(
         "Dashboard:           {}",
         h.dashboard_url
             .as_deref()
-            .unwrap_or("not served (see `dashboard` in config.toml)")
+            .unwrap_or("not served (see `dashboard` in the configuration file)")
     );
     println!(
         "KVM:                 {}",

@@ -3,11 +3,17 @@
 //! named by `format`. A row in a format this release does not know is refused, not guessed.
 
 use super::{now_ms, Db, DbError};
-use crate::host_settings::HostSettings;
 use rusqlite::{params, OptionalExtension};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vmrepl_types::replication::{ReplicaServerSettings, RevokedCert};
+
+/// The settings commands change, as stored (`crate::host_settings` has what uses them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostSettings {
+    pub replica_server: ReplicaServerSettings,
+    pub revoked_certs: Vec<RevokedCert>,
+}
 
 /// The shape of the JSON this release writes (and the newest it reads).
 pub const HOST_SETTINGS_FORMAT: i64 = 1;
