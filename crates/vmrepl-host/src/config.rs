@@ -1,4 +1,9 @@
-//! The host's TOML configuration: parse, validate, save atomically.
+//! The host's TOML configuration file: parse, validate, and write it once (`host init`).
+//!
+//! The file is the admin's (`--config FILE`, by default `DATA/config.toml`; see
+//! `docs/configuration.md`): the daemon reads it and never writes it. The settings commands
+//! change at run time (replica server, revoked certificates) live in the state database
+//! ([`crate::host_settings`]); [`HostConfig`] carries them in force, filled from there.
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -13,7 +18,7 @@ pub const DEFAULT_PEER_PORT: u16 = 7443;
 /// Errors reading or checking the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("Cannot read the host configuration {path}: {source}. Run `vmrepl host init` to create a host here.")]
+    #[error("Cannot read the host configuration {path}: {source}. Name the right file with --config, or run `vmrepl host init` to create a host.")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -29,7 +34,13 @@ pub enum ConfigError {
     },
 }
 
-/// A host's configuration (`config.toml` in its data folder).
+/// A host's configuration: the file's keys, plus the settings commands change
+/// (`replica_server`, `revoked_certs`) as they are in force.
+///
+/// Those two are filled from the state database by the daemon
+/// ([`crate::host_settings::HostSettings::apply`]). In the file they are only read once, when
+/// the database holds no host settings yet (a host made before they moved there, or one
+/// prepared by a script before its first start): they are imported then, and ignored after.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostConfig {
@@ -51,14 +62,15 @@ pub struct HostConfig {
     /// Folder holding SeaBIOS (`bios-256k.bin`).
     #[serde(default = "default_seabios_dir")]
     pub seabios_dir: PathBuf,
-    /// Replica server settings.
-    #[serde(default)]
+    /// Replica server settings in force (kept in the state database; see the type's doc).
+    /// Written to the file only when set, by a program preparing a host before its first start.
+    #[serde(default, skip_serializing_if = "is_default")]
     pub replica_server: ReplicaServerSettings,
     /// Limits and timeouts of the peer listener (`[peer_limits]`).
     #[serde(default)]
     pub peer_limits: PeerLimits,
     /// Peer certificates refused at every handshake, inbound and outbound
-    /// (`vmrepl host revoke-cert`; `[[revoked_certs]]`).
+    /// (`vmrepl host revoke-cert`), in force (kept in the state database; see the type's doc).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub revoked_certs: Vec<RevokedCert>,
     /// The size (MiB) of the ranges a resynchronization compares and sends as one part, each
@@ -78,6 +90,20 @@ pub struct HostConfig {
     /// default; 1 to 168).
     #[serde(default = "default_window_hours")]
     pub monitoring_window_hours: u32,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// What the configuration file says of the settings commands change, section by section
+/// (None: the file has no such section). See [`crate::host_settings`] for when they count.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct FileSettings {
+    #[serde(default)]
+    pub replica_server: Option<ReplicaServerSettings>,
+    #[serde(default)]
+    pub revoked_certs: Option<Vec<RevokedCert>>,
 }
 
 fn default_window_hours() -> u32 {
@@ -187,11 +213,21 @@ impl HostConfig {
 
     /// Loads `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Ok(Self::load_with_file_settings(path)?.0)
+    }
+
+    /// Loads `path`, and says which of the settings commands change it has sections for.
+    pub fn load_with_file_settings(path: &Path) -> Result<(Self, FileSettings), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text, path)
+        let cfg = Self::parse(&text, path)?;
+        let file: FileSettings = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Ok((cfg, file))
     }
 
     /// Cross-field checks.
@@ -270,7 +306,8 @@ impl HostConfig {
         Ok(())
     }
 
-    /// Writes the configuration atomically (temp file, fsync, rename).
+    /// Writes the configuration atomically (temp file, fsync, rename). Only `host init` (and
+    /// programs preparing a host) do: the daemon never writes the file.
     pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
         let text = toml::to_string_pretty(self).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         crate::fsutil::write_atomic(path, text.as_bytes()).map_err(|source| ConfigError::Write {
@@ -292,36 +329,6 @@ impl HostConfig {
     }
 }
 
-/// Adds `fingerprint` (canonical form) to the revocation list, or updates its reason and
-/// subject when it is there already.
-pub fn add_revocation(
-    cfg: &mut HostConfig,
-    fingerprint: &str,
-    reason: Option<String>,
-    subject: Option<String>,
-) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    match cfg
-        .revoked_certs
-        .iter_mut()
-        .find(|r| r.fingerprint == fingerprint)
-    {
-        Some(r) => {
-            r.reason = reason.or(r.reason.take());
-            r.subject = subject.or(r.subject.take());
-        }
-        None => cfg.revoked_certs.push(RevokedCert {
-            fingerprint: fingerprint.to_string(),
-            reason,
-            subject,
-            revoked_at_unix: now,
-        }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,6 +343,38 @@ mod tests {
         let p = d.path().join("config.toml");
         sample().save(&p).unwrap();
         assert_eq!(HostConfig::load(&p).unwrap(), sample());
+    }
+
+    #[test]
+    fn the_file_says_which_settings_commands_change_it_holds_and_a_new_one_holds_none() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("vmrepl.toml");
+        sample().save(&p).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(!text.contains("replica_server") && !text.contains("revoked_certs"));
+        let (_, f) = HostConfig::load_with_file_settings(&p).unwrap();
+        assert_eq!(f, FileSettings::default());
+
+        // A host prepared by a script (or made by an older release) holds them: read, so
+        // that they can be imported once.
+        let fp = "AB".repeat(32);
+        std::fs::write(
+            &p,
+            format!(
+                "# the admin's comment\n{text}\n[replica_server]\nenabled = true\n\
+                 allow_any = false\nentries = []\n\n[[revoked_certs]]\nfingerprint = \"{fp}\"\n"
+            ),
+        )
+        .unwrap();
+        let (cfg, f) = HostConfig::load_with_file_settings(&p).unwrap();
+        assert!(f.replica_server.as_ref().unwrap().enabled);
+        assert_eq!(f.revoked_certs.as_ref().unwrap()[0].fingerprint, fp);
+        assert_eq!(cfg.replica_server, f.replica_server.unwrap());
+        let mut prepared = sample();
+        prepared.replica_server.enabled = true;
+        prepared.save(&p).unwrap();
+        let (_, f) = HostConfig::load_with_file_settings(&p).unwrap();
+        assert!(f.replica_server.unwrap().enabled);
     }
 
     #[test]

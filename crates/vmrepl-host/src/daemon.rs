@@ -46,8 +46,21 @@ pub fn run_foreground(dd: &DataDir) -> Result<(), DaemonError> {
 pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
     dd.require_host()?;
     let _lock = dd.lock()?;
-    let cfg = HostConfig::load(&dd.config())?;
-    let db = Arc::new(Mutex::new(Db::open(&dd.db())?));
+    let config = dd.config();
+    let (mut cfg, file) = HostConfig::load_with_file_settings(&config)?;
+    let db = Db::open(&dd.db())?;
+    // The settings commands change are the database's (imported from the file the first
+    // time); the file is only read.
+    let settings = crate::host_settings::load(&db, &dd, &config, &file)?;
+    if let Some(first) = &settings.first {
+        tracing::info!(target: "vmrepl::daemon", "{first}");
+    }
+    for w in &settings.ignored {
+        tracing::warn!(target: "vmrepl::daemon", "{w}");
+    }
+    settings.settings.apply(&mut cfg);
+    cfg.validate()?;
+    let db = Arc::new(Mutex::new(db));
     let mut opts =
         vmrepl_qemu::caps::ProbeOptions::new(&cfg.qemu_binary, cfg.storage.clone(), cfg.accel);
     opts.ovmf_dir = cfg.ovmf_dir.clone();
@@ -59,7 +72,7 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
     let caps = probe.info.clone();
     let accel = vmrepl_qemu::caps::resolve_accel(cfg.accel, &caps)
         .map_err(|e| DaemonError::Caps(e.to_string()))?;
-    tracing::info!(target: "vmrepl::daemon", host = %cfg.host_name, qemu = %caps.qemu_version, ?accel, "starting");
+    tracing::info!(target: "vmrepl::daemon", host = %cfg.host_name, config = %config.display(), qemu = %caps.qemu_version, ?accel, "starting");
     let vmm = Vmm::new(
         dd.clone(),
         cfg.clone(),
@@ -119,7 +132,7 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
             _ = hup.recv() => {
-                // SIGHUP: reread the trusted CAs and the revocation list.
+                // SIGHUP: reread the trusted CAs and the revocation list (the database's).
                 match d.reload_trust() {
                     Ok(m) => tracing::info!(target: "vmrepl::daemon", "SIGHUP: {m}"),
                     Err(e) => tracing::warn!(target: "vmrepl::daemon", "SIGHUP: {}", e.to_api().message),
@@ -224,6 +237,16 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
                     "revoked the certificate {fp}: refused at every handshake from now on, \
                      in and out (connections already open are not cut; restart the daemon \
                      to end them)"
+                ),
+            }
+        }
+        Request::HostUnrevokeCert { fingerprint } => {
+            let fp = host.unrevoke_cert(&fingerprint)?;
+            Response::Ok {
+                message: format!(
+                    "the certificate {fp} is no longer revoked: accepted again from the next \
+                     handshake (when its CA is trusted and, on a replica server, its host is \
+                     authorized)"
                 ),
             }
         }

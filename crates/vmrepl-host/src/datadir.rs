@@ -3,8 +3,9 @@
 //!
 //! ```text
 //! DATA/
-//!   config.toml      host configuration (TOML)
-//!   state.db         durable state (SQLite)
+//!   config.toml      host configuration (TOML), unless --config names another file
+//!   state.db         durable state (SQLite), with the settings commands change
+//!                    (replica server, revoked certificates)
 //!   mgmt.sock        local management API (mode 0600)
 //!   daemon.lock      held by the running daemon (one daemon per folder)
 //!   daemon.log       the daemon's log when started in the background
@@ -17,6 +18,10 @@
 //! ```
 //!
 //! Folders are 0700 and files 0600 (docs/security.md, "File modes and local access", lists each kind).
+//!
+//! The configuration file is the admin's and the daemon never writes it: `--config FILE` when
+//! given, else `DATA/config.toml` ([`DataDir::locate`] has the rule; a packaged host uses
+//! `/etc/vmrepl/vmrepl.toml`).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -27,10 +32,12 @@ use uuid::Uuid;
 pub enum DataDirError {
     #[error("Another vmrepl daemon already runs on the data folder {path} (it holds {lock}). Stop it first, or give this daemon its own folder with --data.")]
     AlreadyRunning { path: PathBuf, lock: PathBuf },
-    #[error("The data folder {path} is not a vmrepl host (no config.toml). Create one with `vmrepl --data {path} host init --name HOST --listen IP:PORT`.")]
-    NotAHost { path: PathBuf },
+    #[error("The data folder {path} is not a vmrepl host (it has no state.db, and there is no configuration file {config}). Create one with `vmrepl --data {path} host init --name HOST --listen IP:PORT`, or name the host's configuration with --config.")]
+    NotAHost { path: PathBuf, config: PathBuf },
     #[error("The data folder {path} already holds a host; refusing to overwrite it. Pick another folder or delete this one.")]
     AlreadyAHost { path: PathBuf },
+    #[error("The configuration file {path} exists already; refusing to overwrite it (it is the admin's). Name another file with --config, or move this one away first.")]
+    ConfigExists { path: PathBuf },
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -38,10 +45,19 @@ pub enum DataDirError {
     },
 }
 
-/// Paths inside a host's data folder.
+/// The data folder when none is given.
+pub const DEFAULT_DATA: &str = "/var/lib/vmrepl";
+
+/// The configuration file of a packaged host, used when neither `--config` nor `--data` is
+/// given and the default data folder holds no `config.toml`.
+pub const SYSTEM_CONFIG: &str = "/etc/vmrepl/vmrepl.toml";
+
+/// Paths inside a host's data folder, and where its configuration file is.
 #[derive(Debug, Clone)]
 pub struct DataDir {
     root: PathBuf,
+    /// The configuration file when it is not `root/config.toml` (`--config`).
+    config: Option<PathBuf>,
 }
 
 impl DataDir {
@@ -56,14 +72,46 @@ impl DataDir {
         };
         DataDir {
             root: crate::fsutil::normalize(&root).unwrap_or(root),
+            config: None,
+        }
+    }
+
+    /// The same folder with its configuration in `file` instead of `config.toml` inside it.
+    pub fn with_config(mut self, file: &Path) -> Self {
+        self.config = Some(std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf()));
+        self
+    }
+
+    /// The data folder and configuration file a command names: `data` (`--data` or
+    /// `VMREPL_DATA`), by default [`DEFAULT_DATA`]; the configuration file `config` (`--config`
+    /// or `VMREPL_CONFIG`) when given, else `DATA/config.toml` when the data folder was given or
+    /// holds one, else [`SYSTEM_CONFIG`] (a packaged host).
+    pub fn locate(data: Option<&Path>, config: Option<&Path>) -> Self {
+        Self::locate_with(data, config, Path::new(SYSTEM_CONFIG))
+    }
+
+    fn locate_with(data: Option<&Path>, config: Option<&Path>, system: &Path) -> Self {
+        let dd = DataDir::new(data.unwrap_or(Path::new(DEFAULT_DATA)));
+        match config {
+            Some(c) => dd.with_config(c),
+            None if data.is_some() || dd.config().exists() => dd,
+            None => dd.with_config(system),
         }
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
+    /// The configuration file (the admin's; read, never written, by the daemon).
     pub fn config(&self) -> PathBuf {
-        self.root.join("config.toml")
+        self.config
+            .clone()
+            .unwrap_or_else(|| self.root.join("config.toml"))
+    }
+
+    /// Whether the configuration file was named apart from the data folder (`--config`).
+    pub fn config_given(&self) -> bool {
+        self.config.is_some()
     }
     pub fn db(&self) -> PathBuf {
         self.root.join("state.db")
@@ -93,9 +141,10 @@ impl DataDir {
         self.root.join("replica")
     }
 
-    /// Whether a host exists here.
+    /// Whether a host exists here: its configuration file, or its state database (a command
+    /// that only talks to the daemon does not need to be told where the configuration is).
     pub fn is_host(&self) -> bool {
-        self.config().exists()
+        self.config().exists() || self.db().exists()
     }
 
     /// Errors unless a host exists here.
@@ -105,6 +154,7 @@ impl DataDir {
         } else {
             Err(DataDirError::NotAHost {
                 path: self.root.clone(),
+                config: self.config(),
             })
         }
     }
@@ -171,6 +221,43 @@ mod tests {
         let e = dd.lock().unwrap_err();
         assert!(matches!(e, DataDirError::AlreadyRunning { .. }));
         assert!(e.to_string().contains("--data"));
+    }
+
+    #[test]
+    fn the_config_is_the_named_file_else_in_the_data_folder_else_the_system_one() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("data");
+        let system = d.path().join("etc/vmrepl.toml");
+        let named = d.path().join("mine.toml");
+        // --config wins, with or without --data.
+        let dd = DataDir::locate_with(Some(&data), Some(&named), &system);
+        assert_eq!((dd.root(), dd.config()), (data.as_path(), named.clone()));
+        assert!(dd.config_given());
+        // --data alone: DATA/config.toml, as always, whether or not it exists yet.
+        let dd = DataDir::locate_with(Some(&data), None, &system);
+        assert_eq!(dd.config(), data.join("config.toml"));
+        assert!(!dd.config_given());
+        // Neither: the default data folder's config.toml when it has one, else the system
+        // file (this machine's /var/lib/vmrepl decides which; both are named).
+        let dd = DataDir::locate_with(None, None, &system);
+        assert_eq!(dd.root(), Path::new(DEFAULT_DATA));
+        let own = Path::new(DEFAULT_DATA).join("config.toml");
+        let expected = if own.exists() { own } else { system };
+        assert_eq!(dd.config(), expected);
+    }
+
+    #[test]
+    fn a_folder_is_a_host_by_its_config_or_its_database_and_the_refusal_names_both() {
+        let d = tempfile::tempdir().unwrap();
+        let elsewhere = d.path().join("vmrepl.toml");
+        let dd = DataDir::new(d.path()).with_config(&elsewhere);
+        let e = dd.require_host().unwrap_err().to_string();
+        assert!(e.contains("vmrepl.toml") && e.contains("--config"), "{e}");
+        std::fs::write(dd.db(), b"").unwrap();
+        dd.require_host().unwrap();
+        std::fs::remove_file(dd.db()).unwrap();
+        std::fs::write(&elsewhere, b"").unwrap();
+        dd.require_host().unwrap();
     }
 
     #[test]

@@ -199,8 +199,10 @@ fn this_host(host: &Arc<Host>) -> Vec<Finding> {
             Err(e) => out.push(fail(
                 "storage",
                 format!("storage folder {} cannot be read: {e}", s.display()),
-                "create it or fix its permissions, or remove it from `storage` in config.toml"
-                    .into(),
+                format!(
+                    "create it or fix its permissions, or remove it from `storage` in {}",
+                    host.dd.config().display()
+                ),
             )),
         }
     }
@@ -229,7 +231,10 @@ fn this_host(host: &Arc<Host>) -> Vec<Finding> {
         None => out.push(warn(
             "metrics",
             "no metrics page is served".into(),
-            "set `metrics` in config.toml to a free IP:PORT (see docs/metrics.md)",
+            &format!(
+                "set `metrics` in {} to a free IP:PORT (see docs/metrics.md)",
+                host.dd.config().display()
+            ),
         )),
     }
     out
@@ -388,7 +393,7 @@ async fn reach(server: &str, who: &str) -> (Vec<Finding>, bool) {
                 ),
                 format!(
                     "start the vmrepl daemon on {who} (`vmrepl daemon --background`), or check \
-                     that `listen` in its config.toml is {server}"
+                     that `listen` in its configuration file is {server}"
                 ),
             ));
             (out, false)

@@ -5,12 +5,13 @@
 //! no flow: the primary, replica and failover modules and both front doors (the management
 //! dispatcher in [`crate::daemon`] and the peer server) depend on it, never the other way.
 //! Besides the context it carries the host's own settings (replica server, trust,
-//! revocations), which change the configuration and nothing else; they fail with a
+//! revocations): a change is stored in the state database (never in the configuration file,
+//! which is the admin's; see [`crate::host_settings`]) and then put in force; it fails with a
 //! [`SettingsError`].
 
 use crate::config::{ConfigError, HostConfig};
 use crate::datadir::DataDir;
-use crate::db::Db;
+use crate::db::{Db, DbError};
 use crate::error::ApiAnswer;
 use crate::locks::{unpoisoned, ReplicaLocks};
 use crate::vmm::Vmm;
@@ -20,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLockReadGuard, RwLockWriteGuard};
 use uuid::Uuid;
 use vmrepl_transport::{AuthzError, PkiError, TlsError};
 use vmrepl_types::api::ErrorCode;
-use vmrepl_types::replication::Progress;
+use vmrepl_types::replication::{Progress, RevokedCert};
 
 /// The running host.
 pub struct Host {
@@ -41,6 +42,9 @@ pub struct Host {
     pub(crate) metrics_url: std::sync::OnceLock<String>,
     /// Where the dashboard is served, once bound (`host info` reports it).
     pub(crate) dashboard_url: std::sync::OnceLock<String>,
+    /// Held while a change of the host's settings is stored and put in force, so that two
+    /// changes do not both start from the same settings.
+    settings_change: Mutex<()>,
 }
 
 /// In-memory state of the running relationships.
@@ -85,6 +89,7 @@ impl Host {
             stop: tokio::sync::Notify::new(),
             metrics_url: std::sync::OnceLock::new(),
             dashboard_url: std::sync::OnceLock::new(),
+            settings_change: Mutex::new(()),
         }
     }
 
@@ -103,18 +108,18 @@ impl Host {
         self.cfg.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The configuration in force, for a change that is saved before it is put in force.
+    /// The configuration in force, for a change that is stored before it is put in force.
     pub(crate) fn cfg_mut(&self) -> RwLockWriteGuard<'_, HostConfig> {
         self.cfg.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Applies a change to the replica server settings and saves the configuration.
+    /// Applies a change to the replica server settings: stored in the database, then in force.
     pub(crate) fn change_replica_server(
         &self,
         c: vmrepl_types::api::ReplicaServerChange,
     ) -> Result<vmrepl_types::replication::ReplicaServerSettings, SettingsError> {
-        let mut cfg = self.cfg_mut();
-        let mut next = cfg.clone();
+        let _one = unpoisoned(&self.settings_change);
+        let mut next = self.cfg().clone();
         let rs = &mut next.replica_server;
         if let Some(e) = c.enabled {
             rs.enabled = e;
@@ -168,25 +173,30 @@ impl Host {
             })?;
         }
         next.validate().map_err(SettingsError::Invalid)?;
-        next.save(&self.dd.config()).map_err(SettingsError::Save)?;
+        self.db()
+            .store_replica_server(&next.replica_server)
+            .map_err(SettingsError::Store)?;
         let out = next.replica_server.clone();
-        *cfg = next;
+        self.cfg_mut().replica_server = next.replica_server;
         Ok(out)
     }
 
-    /// Rereads the trusted CAs (`tls/`) and the revocation list (config.toml) and puts them in
-    /// force for new connections, in and out, without a restart.
+    /// Rereads the trusted CAs (`tls/`) and the revocation list (the state database) and puts
+    /// them in force for new connections, in and out, without a restart. The answer also says
+    /// when the configuration file holds revocations that are not in force (ignored there).
     pub(crate) fn reload_trust(&self) -> Result<String, SettingsError> {
+        let _one = unpoisoned(&self.settings_change);
         self.identity
             .reload_trust(&crate::init::trusted_cas(&self.dd))
             .map_err(SettingsError::Trust)?;
         self.peer_listener.reload()?;
-        let revoked = match HostConfig::load(&self.dd.config()) {
-            Ok(cfg) => {
-                let mut current = self.cfg_mut();
-                current.revoked_certs = cfg.revoked_certs;
-                current.revoked_certs.clone()
+        let stored = self.db().host_settings();
+        let revoked = match stored {
+            Ok(Some(s)) => {
+                self.cfg_mut().revoked_certs = s.revoked_certs;
+                self.cfg().revoked_certs.clone()
             }
+            Ok(None) => self.cfg().revoked_certs.clone(),
             Err(e) => {
                 tracing::warn!(target: "vmrepl::daemon", "cannot reread the revocation list: {e}");
                 self.cfg().revoked_certs.clone()
@@ -194,12 +204,29 @@ impl Host {
         };
         self.identity
             .set_revoked(revoked.iter().map(|r| &r.fingerprint));
-        Ok(format!(
+        let mut msg = format!(
             "trusting {} CA(s) ({}); {} revoked certificate(s); new connections use them",
             self.identity.trusted_ca_names().len(),
             self.identity.trusted_ca_names().join("; "),
             revoked.len()
-        ))
+        );
+        let config = self.dd.config();
+        if let Ok((_, file)) = HostConfig::load_with_file_settings(&config) {
+            let in_force = crate::host_settings::HostSettings {
+                replica_server: self.cfg().replica_server.clone(),
+                revoked_certs: revoked,
+            };
+            let file = crate::config::FileSettings {
+                replica_server: None,
+                ..file
+            };
+            for w in crate::host_settings::ignored(&config, &file, &in_force) {
+                tracing::warn!(target: "vmrepl::daemon", "{w}");
+                msg.push_str(". Note: ");
+                msg.push_str(w.trim_end_matches('.'));
+            }
+        }
+        Ok(msg)
     }
 
     /// This host's certificate, trusted CAs and revocations.
@@ -221,8 +248,8 @@ impl Host {
         }
     }
 
-    /// Adds a certificate to the revocation list: saved in the configuration and in force
-    /// for the next handshake. Returns the canonical fingerprint.
+    /// Adds a certificate to the revocation list: stored in the database and in force for the
+    /// next handshake. Returns the canonical fingerprint.
     pub(crate) fn revoke_cert(
         &self,
         fingerprint: &str,
@@ -234,16 +261,41 @@ impl Host {
         if fp == self.identity.fingerprint() {
             return Err(SettingsError::OwnCertificate { fingerprint: fp });
         }
-        let mut cfg = self.cfg_mut();
-        let mut next = cfg.clone();
-        crate::config::add_revocation(&mut next, &fp, reason, subject);
-        next.validate().map_err(SettingsError::Invalid)?;
-        next.save(&self.dd.config()).map_err(SettingsError::Save)?;
-        self.identity
-            .set_revoked(next.revoked_certs.iter().map(|r| &r.fingerprint));
+        let _one = unpoisoned(&self.settings_change);
+        let mut next = self.cfg().revoked_certs.clone();
+        crate::host_settings::add_revocation(&mut next, &fp, reason, subject);
+        self.put_revocations(next)?;
         tracing::warn!(target: "vmrepl::daemon", fingerprint = %fp, "revoked a peer certificate");
-        *cfg = next;
         Ok(fp)
+    }
+
+    /// Takes a certificate off the revocation list (revoked by mistake): stored in the
+    /// database and in force for the next handshake. Returns the canonical fingerprint.
+    pub(crate) fn unrevoke_cert(&self, fingerprint: &str) -> Result<String, SettingsError> {
+        let fp = vmrepl_transport::cert::normalize_fingerprint(fingerprint)
+            .map_err(|reason| SettingsError::Fingerprint { reason })?;
+        let _one = unpoisoned(&self.settings_change);
+        let mut next = self.cfg().revoked_certs.clone();
+        if !crate::host_settings::remove_revocation(&mut next, &fp) {
+            return Err(SettingsError::NotRevoked { fingerprint: fp });
+        }
+        self.put_revocations(next)?;
+        tracing::warn!(target: "vmrepl::daemon", fingerprint = %fp, "took a peer certificate off the revocation list");
+        Ok(fp)
+    }
+
+    /// Stores the revocation list and puts it in force (the caller holds `settings_change`).
+    fn put_revocations(&self, next: Vec<RevokedCert>) -> Result<(), SettingsError> {
+        let mut check = self.cfg().clone();
+        check.revoked_certs = next;
+        check.validate().map_err(SettingsError::Invalid)?;
+        self.db()
+            .store_revoked_certs(&check.revoked_certs)
+            .map_err(SettingsError::Store)?;
+        self.identity
+            .set_revoked(check.revoked_certs.iter().map(|r| &r.fingerprint));
+        self.cfg_mut().revoked_certs = check.revoked_certs;
+        Ok(())
     }
 }
 
@@ -263,6 +315,12 @@ pub enum SettingsError {
     /// Removing an authorization entry that does not exist.
     #[error("There is no authorization entry for {primary:?}.")]
     NoEntry { primary: String },
+    /// Taking a certificate off the revocation list that is not on it.
+    #[error(
+        "The certificate {fingerprint} is not revoked on this host; `vmrepl host info` lists \
+         the revoked ones."
+    )]
+    NotRevoked { fingerprint: String },
     /// A storage folder cannot be created.
     #[error("Cannot create storage folder {}", path.display())]
     StorageFolder {
@@ -273,9 +331,9 @@ pub enum SettingsError {
     /// The changed configuration does not validate.
     #[error(transparent)]
     Invalid(ConfigError),
-    /// The changed configuration cannot be saved.
-    #[error(transparent)]
-    Save(ConfigError),
+    /// The changed settings cannot be stored in the state database.
+    #[error("The changed settings could not be stored in the state database, so nothing was changed: {0}")]
+    Store(#[source] DbError),
     /// The trusted CAs cannot be reread. The sentence starts with the cause and says what
     /// stays in force after it, so the cause is in the message (the API sentence does not
     /// repeat it) as well as the source.
@@ -307,8 +365,9 @@ impl ApiAnswer for SettingsError {
             | Trust(_)
             | Fingerprint { .. }
             | OwnCertificate { .. } => ErrorCode::InvalidInput,
-            NoEntry { .. } => ErrorCode::NotFound,
-            StorageFolder { .. } | Save(_) | Listener(_) => ErrorCode::Io,
+            NoEntry { .. } | NotRevoked { .. } => ErrorCode::NotFound,
+            StorageFolder { .. } | Listener(_) => ErrorCode::Io,
+            Store(_) => ErrorCode::Internal,
         }
     }
 }
@@ -332,11 +391,14 @@ mod tests {
                 ErrorCode::NotFound,
             ),
             (
-                SettingsError::Save(ConfigError::Write {
-                    path: "/var/lib/vmrepl/config.toml".into(),
-                    source: std::io::ErrorKind::PermissionDenied.into(),
-                }),
-                ErrorCode::Io,
+                SettingsError::Store(DbError::Corrupt("bad row".into())),
+                ErrorCode::Internal,
+            ),
+            (
+                SettingsError::NotRevoked {
+                    fingerprint: "AB".repeat(32),
+                },
+                ErrorCode::NotFound,
             ),
             (
                 SettingsError::Invalid(ConfigError::Invalid("no storage".into())),

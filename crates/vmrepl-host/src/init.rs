@@ -20,9 +20,9 @@ pub struct InitOptions {
     /// Extra CA certificates to trust.
     pub trust: Vec<PathBuf>,
     pub qemu_binary: Option<PathBuf>,
-    /// The metrics page's address (`config.toml`'s `metrics`; empty: none).
+    /// The metrics page's address (the configuration's `metrics`; empty: none).
     pub metrics: String,
-    /// The web dashboard's address (`config.toml`'s `dashboard`; empty: none).
+    /// The web dashboard's address (the configuration's `dashboard`; empty: none).
     pub dashboard: String,
 }
 
@@ -31,6 +31,10 @@ pub struct InitOptions {
 pub struct InitReport {
     pub host_name: String,
     pub data: PathBuf,
+    /// The configuration file written (the admin's from now on; vmrepl never rewrites it).
+    pub config: PathBuf,
+    /// Whether it is outside the data folder (commands name it with `--config`).
+    pub config_given: bool,
     pub listen: String,
     pub cert: PathBuf,
     pub cert_source: String,
@@ -108,13 +112,19 @@ pub fn trusted_cas(dd: &DataDir) -> Vec<PathBuf> {
     out
 }
 
-/// Creates a host in `dd`.
+/// Creates a host in `dd`, its configuration file written once at `dd.config()`. The replica
+/// server settings and revocations are not in the file: the daemon keeps them in the state
+/// database from its first start (`crate::host_settings`).
 pub fn init_host(dd: &DataDir, o: InitOptions) -> Result<InitReport, InitError> {
-    if dd.is_host() {
+    let config = dd.config();
+    if dd.db().exists() || (!dd.config_given() && config.exists()) {
         return Err(DataDirError::AlreadyAHost {
             path: dd.root().to_path_buf(),
         }
         .into());
+    }
+    if config.exists() {
+        return Err(DataDirError::ConfigExists { path: config }.into());
     }
     let storage = if o.storage.is_empty() {
         vec![dd.default_storage()]
@@ -126,13 +136,17 @@ pub fn init_host(dd: &DataDir, o: InitOptions) -> Result<InitReport, InitError> 
     };
     let mut cfg = HostConfig::new(&o.host_name, &o.listen, storage.clone());
     cfg.accel = o.accel;
-    cfg.replica_server.default_storage = Some(dd.default_replica_storage());
     if let Some(q) = o.qemu_binary {
         cfg.qemu_binary = q;
     }
     cfg.metrics = o.metrics;
     cfg.dashboard = o.dashboard;
     cfg.validate()?;
+    if let Some(parent) = config.parent() {
+        // A packaged host's /etc/vmrepl; made first, so a folder that cannot be made stops
+        // the creation before anything is written.
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
     dd.create_skeleton()?;
     for s in &storage {
         crate::fsutil::create_private_dir_all(s).map_err(io(s))?;
@@ -162,10 +176,12 @@ pub fn init_host(dd: &DataDir, o: InitOptions) -> Result<InitReport, InitError> 
     };
     Db::open(&dd.db())?;
     // The config is written last: its presence marks a complete host.
-    cfg.save(&dd.config())?;
+    cfg.save(&config)?;
     Ok(InitReport {
         host_name: o.host_name,
         data: dd.root().to_path_buf(),
+        config,
+        config_given: dd.config_given(),
         listen: o.listen,
         cert: tp.host_cert,
         cert_source,
@@ -276,6 +292,48 @@ mod tests {
         )
         .unwrap();
         dd
+    }
+
+    fn options(name: &str) -> InitOptions {
+        InitOptions {
+            host_name: name.into(),
+            listen: "127.0.0.1:7443".into(),
+            storage: vec![],
+            accel: Accel::Tcg,
+            cert: None,
+            trust: vec![],
+            qemu_binary: None,
+            metrics: String::new(),
+            dashboard: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_config_named_apart_is_written_once_without_the_settings_commands_change() {
+        let t = tempfile::tempdir().unwrap();
+        let file = t.path().join("etc/vmrepl/vmrepl.toml");
+        let dd = DataDir::new(&t.path().join("data")).with_config(&file);
+        let r = init_host(&dd, options("hv1.example.org")).unwrap();
+        assert_eq!(r.config, file);
+        assert!(r.config_given);
+        assert!(!dd.root().join("config.toml").exists());
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.contains("host_name = \"hv1.example.org\""), "{text}");
+        assert!(
+            !text.contains("replica_server") && !text.contains("revoked_certs"),
+            "kept in the database, not the file:\n{text}"
+        );
+        // Another host may not take the file over, nor this data folder.
+        let other = DataDir::new(&t.path().join("other")).with_config(&file);
+        let e = init_host(&other, options("hv2.example.org")).unwrap_err();
+        assert!(
+            e.to_string().contains("vmrepl.toml") && e.to_string().contains("exists already"),
+            "{e}"
+        );
+        assert!(!other.root().exists(), "refused before anything was made");
+        let again = DataDir::new(dd.root()).with_config(&t.path().join("new.toml"));
+        let e = init_host(&again, options("hv1.example.org")).unwrap_err();
+        assert!(e.to_string().contains("already holds a host"), "{e}");
     }
 
     #[test]

@@ -10,7 +10,9 @@
 //!   typed repositories, and the only writer of a relationship's state.
 //! * [`error`]: the flows' typed error and its one mapping to API codes.
 //! * [`vmm`]: VM definitions and QEMU supervision; [`mgmt`]: the management socket;
-//!   [`config`], [`datadir`], [`init`], [`locks`], [`fsutil`]: the host's files and locks.
+//!   [`config`], [`datadir`], [`init`], [`locks`], [`fsutil`]: the host's files and locks;
+//!   [`host_settings`]: the settings commands change, kept in the database (the configuration
+//!   file is the admin's and never written by the daemon).
 //! * [`faults`]: test-only crash points (`VMREPL_CRASH_AT`) for the fault matrix.
 
 pub mod config;
@@ -25,6 +27,7 @@ pub mod faults;
 pub mod fingerprint;
 pub mod fsutil;
 pub mod host;
+pub mod host_settings;
 pub mod init;
 pub mod inventory;
 pub mod lifecycle;

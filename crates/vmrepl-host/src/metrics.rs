@@ -1,6 +1,6 @@
 //! Prometheus metrics: the status of every relationship on this host (primary and replica
 //! side) in the text exposition format, served over plain HTTP at `GET /metrics` on the
-//! address `metrics` in `config.toml` (loopback by default; `docs/metrics.md` lists the
+//! address `metrics` in the configuration file (loopback by default; `docs/metrics.md` lists the
 //! metrics, a Grafana-ready set and example alert rules).
 //!
 //! The page is made from the same [`ReplicationStatus`] values `vmrepl replication status`
@@ -163,7 +163,7 @@ pub async fn bind(addr: &str) -> Option<(TcpListener, String)> {
             Some((l, url))
         }
         Err(e) => {
-            tracing::warn!(target: "vmrepl::daemon", "cannot serve metrics on {addr}: {e}; set another address as `metrics` in config.toml (\"\" turns them off)");
+            tracing::warn!(target: "vmrepl::daemon", "cannot serve metrics on {addr}: {e}; set another address as `metrics` in the configuration file (\"\" turns them off)");
             None
         }
     }

@@ -220,7 +220,8 @@ fn tiny_log(dir: &Path, uuid: Uuid) -> PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_revoked_certificate_is_refused_at_the_handshake_while_another_hosts_works() {
+async fn a_revoked_certificate_is_refused_at_the_handshake_while_another_hosts_works_until_unrevoked(
+) {
     let env = replica(|env| {
         issue(env.tmp.path(), &env.ca1, PRIMARY, PRIMARY);
         issue(env.tmp.path(), &env.ca1, OTHER, OTHER);
@@ -244,19 +245,28 @@ async fn a_revoked_certificate_is_refused_at_the_handshake_while_another_hosts_w
     .await;
     assert!(matches!(r, Response::Ok { .. }), "{r:?}");
 
-    // In force at once, without a restart, and kept in config.toml.
+    // In force at once, without a restart, and kept in the state database (the configuration
+    // file is the admin's: not written).
     let Err(err) = connect(&env, &primary).await else {
         panic!("a revoked certificate was admitted")
     };
     assert!(matches!(err, PeerError::Tls(_)), "{err}");
     assert!(err.to_string().contains("revoked"), "{err}");
-    let cfg = HostConfig::load(&env.dd.config()).unwrap();
-    assert_eq!(cfg.revoked_certs.len(), 1);
-    assert_eq!(cfg.revoked_certs[0].fingerprint, primary.fingerprint());
+    let stored = vmrepl_host::db::Db::open(&env.dd.db())
+        .unwrap()
+        .host_settings()
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.revoked_certs.len(), 1);
+    assert_eq!(stored.revoked_certs[0].fingerprint, primary.fingerprint());
     assert_eq!(
-        cfg.revoked_certs[0].reason.as_deref(),
+        stored.revoked_certs[0].reason.as_deref(),
         Some("decommissioned")
     );
+    assert!(HostConfig::load(&env.dd.config())
+        .unwrap()
+        .revoked_certs
+        .is_empty());
 
     let mut other = connect(&env, &identity(&env, OTHER)).await.unwrap();
     assert_eq!(ask(&mut other).await.0, RefusalCode::UnknownVm);
@@ -274,6 +284,20 @@ async fn a_revoked_certificate_is_refused_at_the_handshake_while_another_hosts_w
         .trusted_cas
         .iter()
         .any(|t| t.fingerprint == env.ca2.summary().fingerprint_sha256));
+
+    // Revoked by mistake: taken off the list, admitted again at once; a second time is
+    // refused as not found.
+    let unrevoke = Request::HostUnrevokeCert {
+        fingerprint: primary.fingerprint().to_string(),
+    };
+    let r = mgmt(&env, unrevoke.clone()).await;
+    assert!(matches!(r, Response::Ok { .. }), "{r:?}");
+    let mut again = connect(&env, &primary).await.unwrap();
+    assert_eq!(ask(&mut again).await.0, RefusalCode::UnknownVm);
+    let Response::Error(e) = mgmt(&env, unrevoke).await else {
+        panic!("expected a refusal")
+    };
+    assert_eq!(e.code, vmrepl_types::api::ErrorCode::NotFound, "{e:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -263,8 +263,8 @@ pub enum CertProblem {
     BadSignature { subject: String, issuer: String },
     #[error(
         "the certificate {subject} (SHA-256 {fingerprint}) is revoked on this host (`vmrepl host \
-         revoke-cert`); issue that host a new certificate, or remove the fingerprint from \
-         `revoked_certs` in config.toml if it was revoked by mistake"
+         revoke-cert`); issue that host a new certificate, or run `vmrepl host unrevoke-cert \
+         {fingerprint}` if it was revoked by mistake"
     )]
     Revoked {
         subject: String,

@@ -76,6 +76,10 @@ pub enum Request {
         #[serde(default)]
         subject: Option<String>,
     },
+    /// Take the peer certificate with this SHA-256 fingerprint off the revocation list.
+    HostUnrevokeCert {
+        fingerprint: String,
+    },
     Ping,
     VmCreate(CreateVm),
     VmList,

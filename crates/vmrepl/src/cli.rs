@@ -13,14 +13,15 @@ use vmrepl_types::{Accel, Generation, NicMode, VmName};
 #[derive(Parser, Debug)]
 #[command(name = "vmrepl", version, about, long_about = None)]
 pub struct Args {
-    /// The host's data folder (one per host; several hosts can share a machine).
-    #[arg(
-        long,
-        global = true,
-        env = "VMREPL_DATA",
-        default_value = "/var/lib/vmrepl"
-    )]
-    pub data: PathBuf,
+    /// The host's data folder (one per host; several hosts can share a machine)
+    /// [default: /var/lib/vmrepl].
+    #[arg(long, global = true, env = "VMREPL_DATA")]
+    pub data: Option<PathBuf>,
+    /// The host's configuration file, the admin's (vmrepl never rewrites it) [default:
+    /// DATA/config.toml; without --data, /etc/vmrepl/vmrepl.toml unless /var/lib/vmrepl has a
+    /// config.toml]. See docs/configuration.md.
+    #[arg(long, global = true, env = "VMREPL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Print answers as JSON.
     #[arg(long, global = true)]
     pub json: bool,
@@ -431,7 +432,7 @@ pub enum HostCmd {
         ca: PathBuf,
     },
     /// Refuse a peer certificate at every handshake, inbound and outbound (a denylist kept in
-    /// config.toml). Takes effect at once if the daemon runs, else when it starts.
+    /// the state database). Takes effect at once if the daemon runs, else when it starts.
     #[command(group = clap::ArgGroup::new("which").required(true))]
     RevokeCert {
         /// SHA-256 fingerprint of the certificate (hex, colons allowed).
@@ -443,6 +444,12 @@ pub enum HostCmd {
         /// Why (kept with the entry).
         #[arg(long)]
         reason: Option<String>,
+    },
+    /// Take a peer certificate off the revocation list (revoked by mistake). Takes effect at
+    /// once if the daemon runs, else when it starts.
+    UnrevokeCert {
+        /// SHA-256 fingerprint of the certificate (hex, colons allowed).
+        fingerprint: String,
     },
 }
 
@@ -598,7 +605,7 @@ fn vm_name(s: &str) -> Result<VmName> {
 
 /// Runs the parsed command.
 pub fn run(args: Args) -> Result<ExitCode> {
-    let dd = DataDir::new(&args.data);
+    let dd = DataDir::locate(args.data.as_deref(), args.config.as_deref());
     match args.cmd {
         Cmd::Host(HostCmd::Init(a)) => {
             let opts = vmrepl_host::init::InitOptions {
@@ -652,6 +659,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
             cert,
             reason,
         }) => revoke_cert(&dd, args.json, fingerprint, cert, reason),
+        Cmd::Host(HostCmd::UnrevokeCert { fingerprint }) => {
+            unrevoke_cert(&dd, args.json, &fingerprint)
+        }
         Cmd::Daemon { background } => {
             dd.require_host()?;
             if background {
@@ -1266,7 +1276,7 @@ pub fn call(dd: &DataDir, json: bool, req: Request) -> Result<ExitCode> {
 }
 
 /// `host revoke-cert`: through the daemon when it runs (in force at once), else straight into
-/// config.toml (in force when the daemon starts).
+/// the state database (in force when the daemon starts).
 fn revoke_cert(
     dd: &DataDir,
     json: bool,
@@ -1295,15 +1305,30 @@ fn revoke_cert(
     if daemon.is_ok() {
         return call(dd, json, req);
     }
-    let path = dd.config();
-    let mut cfg = vmrepl_host::config::HostConfig::load(&path)?;
-    vmrepl_host::config::add_revocation(&mut cfg, &fp, reason, subject);
-    cfg.validate()?;
-    cfg.save(&path)?;
+    let db = vmrepl_host::host_settings::revoke_offline(dd, &fp, reason, subject)?;
     println!(
         "revoked the certificate {fp} in {} (the daemon is not running; it refuses the \
          certificate from its next start)",
-        path.display()
+        db.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `host unrevoke-cert`: through the daemon when it runs, else straight into the state database.
+fn unrevoke_cert(dd: &DataDir, json: bool, fingerprint: &str) -> Result<ExitCode> {
+    dd.require_host()?;
+    let fp = vmrepl_transport::cert::normalize_fingerprint(fingerprint).map_err(|e| anyhow!(e))?;
+    if runtime()?
+        .block_on(Client::connect(dd.root(), &dd.socket()))
+        .is_ok()
+    {
+        return call(dd, json, Request::HostUnrevokeCert { fingerprint: fp });
+    }
+    let db = vmrepl_host::host_settings::unrevoke_offline(dd, &fp)?;
+    println!(
+        "the certificate {fp} is no longer revoked in {} (the daemon is not running; it \
+         accepts the certificate again from its next start)",
+        db.display()
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -1316,9 +1341,11 @@ fn start_background(dd: &DataDir) -> Result<ExitCode> {
         .open(dd.log_file())
         .with_context(|| format!("opening {}", dd.log_file().display()))?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("--data")
-        .arg(dd.root())
-        .arg("daemon")
+    cmd.arg("--data").arg(dd.root());
+    if dd.config_given() {
+        cmd.arg("--config").arg(dd.config());
+    }
+    cmd.arg("daemon")
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);

@@ -45,7 +45,7 @@ pub fn run(dd: &DataDir, json: bool, rotate: bool) -> Result<ExitCode> {
     };
     let Some(base) = info.dashboard_url.as_deref() else {
         bail!(
-            "the daemon serves no dashboard; set `dashboard` in config.toml (for example \"{}\") and restart it",
+            "the daemon serves no dashboard; set `dashboard` in the configuration file (for example \"{}\") and restart it",
             vmrepl_host::dashboard::DEFAULT_LISTEN
         );
     };

@@ -177,13 +177,13 @@ fn host_info(h: &HostInfo) {
         "Metrics:             {}",
         h.metrics_url
             .as_deref()
-            .unwrap_or("not served (see `metrics` in config.toml)")
+            .unwrap_or("not served (see `metrics` in the configuration file)")
     );
     println!(
         "Dashboard:           {}",
         h.dashboard_url
             .as_deref()
-            .unwrap_or("not served (see `dashboard` in config.toml)")
+            .unwrap_or("not served (see `dashboard` in the configuration file)")
     );
     println!(
         "KVM:                 {}",
@@ -459,6 +459,10 @@ fn utc(unix_ms: i64) -> String {
 /// Prints what `host init` made.
 pub fn init_report(r: &vmrepl_host::init::InitReport) {
     println!("Created host {} in {}", r.host_name, r.data.display());
+    println!(
+        "  config:       {} (yours: vmrepl reads it, never rewrites it)",
+        r.config.display()
+    );
     println!("  peer API:     {}", r.listen);
     println!("  certificate:  {} ({})", r.cert.display(), r.cert_source);
     println!(
@@ -469,8 +473,13 @@ pub fn init_report(r: &vmrepl_host::init::InitReport) {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let config = if r.config_given {
+        format!(" --config {}", r.config.display())
+    } else {
+        String::new()
+    };
     println!(
-        "Start it with: vmrepl --data {} daemon --background",
+        "Start it with: vmrepl --data {}{config} daemon --background",
         r.data.display()
     );
 }

@@ -36,7 +36,9 @@ fn revocations_and_scoped_entries_are_kept_in_canonical_form_and_shown() {
     let gone = issued.join("host.pem");
     let gone_fp = fingerprint(&gone);
 
-    // Without a daemon: written into config.toml.
+    // Without a daemon: written into the state database (the configuration file is the
+    // admin's and stays as it is).
+    let config_before = std::fs::read(a.data().join("config.toml")).unwrap();
     let out = a.ok(&[
         "host",
         "revoke-cert",
@@ -118,4 +120,8 @@ fn revocations_and_scoped_entries_are_kept_in_canonical_form_and_shown() {
         "{human}"
     );
     assert!(human.contains("decommissioned"), "{human}");
+    assert_eq!(
+        std::fs::read(a.data().join("config.toml")).unwrap(),
+        config_before
+    );
 }

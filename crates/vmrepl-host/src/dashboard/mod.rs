@@ -1,5 +1,5 @@
 //! The web dashboard: one HTML page and its JSON (`GET /api/overview`), served over HTTPS with
-//! the host's certificate on the address `dashboard` in `config.toml` (`docs/dashboard.md`).
+//! the host's certificate on the address `dashboard` in the configuration file (`docs/dashboard.md`).
 //!
 //! Who may look: a browser that shows a client certificate issued by this host's CA (verified
 //! in the TLS handshake), or one that knows the token in `DATA/dashboard.token`
@@ -400,7 +400,7 @@ pub async fn start(host: &Arc<Host>) -> Option<tokio::task::JoinHandle<()>> {
         return None;
     }
     let warn = |what: String| {
-        tracing::warn!(target: "vmrepl::daemon", "cannot serve the dashboard on {addr}: {what}; set another address as `dashboard` in config.toml (\"\" turns it off)");
+        tracing::warn!(target: "vmrepl::daemon", "cannot serve the dashboard on {addr}: {what}; set another address as `dashboard` in the configuration file (\"\" turns it off)");
     };
     let tp = crate::init::tls_paths(&host.dd);
     let ca = tp.ca_cert.exists().then_some(tp.ca_cert.as_path());

@@ -9,12 +9,14 @@ use vmrepl_types::{VmDefinition, VmRunState};
 
 mod cycles;
 mod fingerprints;
+mod host_settings;
 mod relationships;
 mod replicas;
 mod transitions;
 
 pub use cycles::*;
 pub use fingerprints::*;
+pub use host_settings::*;
 pub use relationships::*;
 pub use replicas::*;
 pub use transitions::*;
@@ -148,6 +150,15 @@ const MIGRATIONS: &[&str] = &[
         vm_uuid TEXT PRIMARY KEY,
         reset_ms INTEGER NOT NULL
      );",
+    // 13: the host's own settings that commands change (see `crate::host_settings`): one row
+    // per setting (`replica_server`, `revoked_certs`), its value as JSON in the shape `format`
+    // names. The configuration file is the admin's and the daemon never writes it.
+    "CREATE TABLE host_settings (
+        name TEXT PRIMARY KEY,
+        format INTEGER NOT NULL,
+        value TEXT NOT NULL,
+        changed_ms INTEGER NOT NULL
+     );",
 ];
 
 /// One entry of the event journal (see [`Db::events`]).
@@ -179,6 +190,8 @@ pub enum DbError {
     Sql(#[from] rusqlite::Error),
     #[error("A stored VM definition could not be read ({0}); the database may be damaged.")]
     Corrupt(String),
+    #[error("The host setting {name} in the state database cannot be read: {reason}.")]
+    Setting { name: String, reason: String },
 }
 
 /// A VM row.
@@ -539,7 +552,7 @@ mod tests {
                      ALTER TABLE relationships DROP COLUMN resync_sweep; \
                      DROP INDEX events_vm; ALTER TABLE events DROP COLUMN code; \
                      ALTER TABLE events DROP COLUMN severity; DROP TABLE stats_resets; \
-                     PRAGMA user_version = 7;",
+                     DROP TABLE host_settings; PRAGMA user_version = 7;",
                 )
                 .unwrap();
         }
@@ -611,6 +624,7 @@ mod tests {
                      ALTER TABLE relationships DROP COLUMN resync_sweep; \
                      DROP INDEX events_vm; ALTER TABLE events DROP COLUMN code; \
                      ALTER TABLE events DROP COLUMN severity; DROP TABLE stats_resets; \
+                     DROP TABLE host_settings; \
                      INSERT INTO events (unix_ms, vm, message) VALUES (5, NULL, 'from before'); \
                      PRAGMA user_version = 8;",
                 )
@@ -624,6 +638,8 @@ mod tests {
         assert_eq!(v, SCHEMA_VERSION);
         // After an upgrade no disk has a fingerprint: that is "unknown", never a mismatch.
         assert!(db.disk_fingerprints(old.uuid).unwrap().is_empty());
+        // Nor host settings: the daemon imports them from the configuration file at its start.
+        assert_eq!(db.host_settings().unwrap(), None);
         // Journal entries from before codes existed read back as notes.
         let ev = db.events(None, None, None, 100).unwrap();
         let before = ev.iter().find(|e| e.message == "from before").unwrap();

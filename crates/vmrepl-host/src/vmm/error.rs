@@ -101,7 +101,7 @@ pub enum VmError {
     NoImage { path: PathBuf },
     /// A folder asked for that is not one of the configured storage folders.
     #[error(
-        "Folder {} is not one of this host's storage folders ({}); add it to `storage` in config.toml or pick one of those.",
+        "Folder {} is not one of this host's storage folders ({}); add it to `storage` in the configuration file or pick one of those.",
         folder.display(),
         join_paths(storage)
     )]
@@ -365,7 +365,7 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "Folder /tmp/x is not one of this host's storage folders (/srv/a, /srv/b); add it to \
-             `storage` in config.toml or pick one of those."
+             `storage` in the configuration file or pick one of those."
         );
     }
 }
