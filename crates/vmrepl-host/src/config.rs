@@ -48,6 +48,12 @@ pub struct HostConfig {
     pub host_name: String,
     /// Address the peer API (mutual TLS) listens on, e.g. `127.0.0.2:7443`.
     pub listen: String,
+    /// Where other hosts reach this host's peer API, `HOST:PORT` (a DNS name or an address):
+    /// what this host tells a replica server so that it can call back (failover checks,
+    /// reverse replication). Unset: the listen address, unless that is a wildcard such as
+    /// `0.0.0.0`, which no other host can dial.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
     /// QEMU accelerator preference.
     #[serde(default)]
     pub accel: Accel,
@@ -180,12 +186,42 @@ fn default_seabios_dir() -> PathBuf {
     PathBuf::from("/usr/share/seabios")
 }
 
+/// Checks `HOST:PORT` (a name, an IPv4 address, or `[IPv6]`); says what is wrong.
+fn check_host_port(s: &str) -> Result<(), String> {
+    let (host, port) = s.rsplit_once(':').ok_or("is not HOST:PORT")?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or("has no port number")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/') {
+        return Err("has no host".into());
+    }
+    Ok(())
+}
+
 impl HostConfig {
+    /// Where other hosts reach this host's peer API: `advertise`, else the listen address
+    /// when it is not a wildcard. Err: a sentence saying what to set.
+    pub fn advertised(&self) -> Result<String, String> {
+        if let Some(a) = &self.advertise {
+            return Ok(a.clone());
+        }
+        match self.listen.parse::<std::net::SocketAddr>() {
+            Ok(sa) if sa.ip().is_unspecified() => Err(format!(
+                "this host listens on {}, an address no other host can dial back; set `advertise = \"HOST:PORT\"` in the configuration file (or `host init --advertise`) to where the replica server reaches this host",
+                self.listen
+            )),
+            _ => Ok(self.listen.clone()),
+        }
+    }
+
     /// A new configuration with defaults.
     pub fn new(host_name: &str, listen: &str, storage: Vec<PathBuf>) -> Self {
         HostConfig {
             host_name: host_name.to_string(),
             listen: listen.to_string(),
+            advertise: None,
             accel: Accel::Auto,
             storage,
             qemu_binary: default_qemu(),
@@ -239,6 +275,13 @@ impl HostConfig {
                 self.listen
             ))
         })?;
+        if let Some(a) = &self.advertise {
+            check_host_port(a).map_err(|why| {
+                ConfigError::Invalid(format!(
+                    "advertise address {a:?} {why}; give HOST:PORT where other hosts reach this one (for example hosta.example.org:{DEFAULT_PEER_PORT})"
+                ))
+            })?;
+        }
         if !(1..=168).contains(&self.monitoring_window_hours) {
             return Err(ConfigError::Invalid(format!(
                 "monitoring_window_hours is {}; give 1 to 168 (hours of history health and \
@@ -331,6 +374,30 @@ impl HostConfig {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_advertised_address_is_the_listen_address_unless_that_is_a_wildcard() {
+        let mut c = HostConfig::new("a.example.org", "127.0.0.2:7443", vec!["/s".into()]);
+        assert_eq!(c.advertised().unwrap(), "127.0.0.2:7443");
+        c.listen = "0.0.0.0:7443".into();
+        let e = c.advertised().unwrap_err();
+        assert!(e.contains("0.0.0.0:7443") && e.contains("advertise"), "{e}");
+        c.listen = "[::]:7443".into();
+        assert!(c.advertised().is_err());
+        c.advertise = Some("hosta.example.org:7443".into());
+        assert_eq!(c.advertised().unwrap(), "hosta.example.org:7443");
+        assert!(c.validate().is_ok());
+        for bad in ["hosta.example.org", "hosta:0", ":7443", "a b:1"] {
+            c.advertise = Some(bad.into());
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.contains("advertise") && e.contains("HOST:PORT"),
+                "{bad}: {e}"
+            );
+        }
+        c.advertise = Some("[fd00::1]:7443".into());
+        assert!(c.validate().is_ok());
+    }
     use super::*;
 
     fn sample() -> HostConfig {

@@ -13,6 +13,8 @@ use vmrepl_types::Accel;
 pub struct InitOptions {
     pub host_name: String,
     pub listen: String,
+    /// Where other hosts reach this one (HOST:PORT), when not the listen address.
+    pub advertise: Option<String>,
     pub storage: Vec<PathBuf>,
     pub accel: Accel,
     /// Existing certificate and key (PEM) instead of the built-in CA.
@@ -141,6 +143,7 @@ pub fn init_host(dd: &DataDir, o: InitOptions) -> Result<InitReport, InitError> 
     }
     cfg.metrics = o.metrics;
     cfg.dashboard = o.dashboard;
+    cfg.advertise = o.advertise;
     cfg.validate()?;
     if let Some(parent) = config.parent() {
         // A packaged host's /etc/vmrepl; made first, so a folder that cannot be made stops
@@ -281,6 +284,7 @@ mod tests {
             InitOptions {
                 host_name: "hv1.example.org".into(),
                 listen: "127.0.0.1:7443".into(),
+                advertise: None,
                 storage: vec![],
                 accel: Accel::Tcg,
                 cert: None,
@@ -298,6 +302,7 @@ mod tests {
         InitOptions {
             host_name: name.into(),
             listen: "127.0.0.1:7443".into(),
+            advertise: None,
             storage: vec![],
             accel: Accel::Tcg,
             cert: None,
@@ -368,6 +373,7 @@ mod tests {
             InitOptions {
                 host_name: "hv2.example.org".into(),
                 listen: "127.0.0.1:7444".into(),
+                advertise: None,
                 storage: vec![],
                 accel: Accel::Tcg,
                 cert: Some((out.join("host.pem"), out.join("host-key.pem"))),

@@ -461,6 +461,10 @@ pub struct InitArgs {
     /// Address for the peer API, e.g. 127.0.0.2:7443.
     #[arg(long)]
     pub listen: String,
+    /// Where other hosts reach this one, HOST:PORT (default: --listen; required in effect
+    /// when --listen is a wildcard such as 0.0.0.0:7443).
+    #[arg(long)]
+    pub advertise: Option<String>,
     /// Storage folder for VM disks (repeatable; default DATA/storage).
     #[arg(long)]
     pub storage: Vec<PathBuf>,
@@ -611,6 +615,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             let opts = vmrepl_host::init::InitOptions {
                 host_name: a.name,
                 listen: a.listen,
+                advertise: a.advertise,
                 storage: a.storage,
                 accel: a.accel,
                 cert: a.cert.zip(a.key),

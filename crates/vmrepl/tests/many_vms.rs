@@ -146,3 +146,42 @@ fn three_vms_replicate_at_once_two_of_them_in_opposite_directions_between_the_sa
     assert!(out.contains("removed"), "{out}");
     assert_eq!(role_of(&a, "db"), "-");
 }
+
+#[test]
+fn a_primary_listening_on_a_wildcard_address_must_advertise_where_it_is_reached() {
+    let _s = serial();
+    let (mut a, b, _store) = pair("127.0.0.199", "127.0.0.200", "many");
+    // a listens on every address of the machine: the replica server cannot dial 0.0.0.0.
+    a.stop_daemon();
+    let cfg = a.data().join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let port = free_port("0.0.0.0");
+    let text = text.replace(
+        &format!("listen = \"127.0.0.199:{}\"", a.port),
+        &format!("listen = \"0.0.0.0:{port}\""),
+    );
+    assert!(text.contains("0.0.0.0"), "{text}");
+    std::fs::write(&cfg, &text).unwrap();
+    a.port = port;
+    a.start();
+    create_small_vm(&a, "app");
+    let e = refused(enable(&a, &b, "app", "hostb.test", &[]));
+    assert!(
+        e.contains("0.0.0.0") && e.contains("advertise") && e.contains("Nothing was changed"),
+        "{e}"
+    );
+    assert!(a.run(&["replication", "status", "app"]).status.code() != Some(0));
+    // The admin says where a is reached (a name resolved by DNS would do as well).
+    a.stop_daemon();
+    std::fs::write(&cfg, format!("advertise = \"127.0.0.199:{port}\"\n{text}")).unwrap();
+    a.start();
+    enable_ok(&a, &b, "app", "hostb.test", &["--frequency", "5"]);
+    wait_until("the initial copy", T, || acked(&a, "app") >= 1);
+    // The replica server reaches the primary back where it said.
+    let findings = b.json(&["doctor", "app"]);
+    let text = findings.to_string();
+    assert!(
+        text.contains(&format!("TCP port {port} of 127.0.0.199 answers")),
+        "the replica server does not dial the advertised address: {findings}"
+    );
+}

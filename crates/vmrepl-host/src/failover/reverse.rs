@@ -66,7 +66,10 @@ pub async fn reverse(
     let (mut client, theirs) = primary::reach_replica(d, &settings, &def).await?;
     let replica_vm = primary::replica_view(&def, &settings);
     let policy = primary::point_policy(&settings);
-    let my_addr = d.cfg().listen.clone();
+    let my_addr = d
+        .cfg()
+        .advertised()
+        .map_err(|why| crate::primary::EnableError::NoAdvertisedAddress { why })?;
     let answer = client
         .request(&PeerRequest::ReverseReplica {
             vm: Box::new(replica_vm),

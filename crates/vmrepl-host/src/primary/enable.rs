@@ -143,7 +143,10 @@ pub async fn enable(
     ask(r, "host this VM")?;
     let rel_id = Uuid::new_v4();
     let policy = point_policy(&settings);
-    let my_addr = d.cfg().listen.clone();
+    let my_addr = d
+        .cfg()
+        .advertised()
+        .map_err(|why| crate::primary::EnableError::NoAdvertisedAddress { why })?;
     let existing_copy = settings.initial == InitialReplication::ExistingCopy;
     let r = client
         .request(&PeerRequest::CreateReplica {

@@ -23,6 +23,11 @@ pub enum EnableError {
     /// The replication settings are not valid (`why`: which and how).
     #[error("Invalid replication settings: {why}.")]
     InvalidSettings { why: String },
+    /// This host has no address the replica server can call back (`why`: what to set).
+    #[error(
+        "Cannot tell the replica server where to reach this host: {why}. Nothing was changed."
+    )]
+    NoAdvertisedAddress { why: String },
     /// `replication set` asked to change which disks replicate.
     #[error("Changing which disks of {vm} replicate is not done in place yet: run `vmrepl replication remove {vm}` and `vmrepl replication enable {vm} ... --exclude-disk ...` (a new initial copy).")]
     DisksInPlace { vm: String },
@@ -116,6 +121,7 @@ impl ApiAnswer for EnableError {
             | ExportNotAFolder { .. }
             | ExportNotWritable { .. } => ErrorCode::InvalidInput,
             DisksInPlace { .. } => ErrorCode::Unsupported,
+            NoAdvertisedAddress { .. } => ErrorCode::InvalidInput,
             AlreadyEnabled { .. } => ErrorCode::AlreadyExists,
             ReplicaCannotRun { .. } => ErrorCode::Unsupported,
             Request(_) | Refused { .. } | UnexpectedAnswer { .. } => ErrorCode::Peer,
