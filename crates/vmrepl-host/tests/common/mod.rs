@@ -58,6 +58,7 @@ impl ReplicaHost {
             InitOptions {
                 host_name: self.name.clone(),
                 listen: addr.clone(),
+                advertise: None,
                 storage: vec![],
                 accel: vmrepl_types::Accel::Tcg,
                 cert: Some(self.cert.clone()),
