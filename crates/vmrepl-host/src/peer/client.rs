@@ -42,14 +42,13 @@ pub struct LogGrowth {
     pub differing_blocks: u64,
 }
 
-/// Why talking to a replica server failed.
+/// Why talking to another host failed. The client is a primary talking to its replica server,
+/// or a replica server asking its primary before a failover: messages name the host, not a
+/// role that may be the wrong one.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
     /// Network: unreachable, refused, timed out, or the connection was lost.
-    #[error(
-        "cannot talk to the replica server {host} at {addr}: {detail}{}",
-        connect_hint(detail)
-    )]
+    #[error("cannot talk to {host} at {addr}: {detail}{}", connect_hint(detail))]
     Connect {
         host: String,
         addr: String,
@@ -58,8 +57,8 @@ pub enum PeerError {
     /// Certificates (ours refused, theirs not acceptable, handshake problems).
     #[error("{0}")]
     Tls(String),
-    /// The replica server answered with a refusal.
-    #[error("the replica server refused: {message}")]
+    /// The other host answered with a refusal.
+    #[error("the other host refused: {message}")]
     Refused { code: RefusalCode, message: String },
     /// The peer said something we did not expect.
     #[error("protocol error with {host}: {detail}")]
@@ -78,7 +77,7 @@ fn connect_hint(detail: &str) -> &'static str {
     if detail.contains("check that") {
         ""
     } else {
-        "; check that the replica's daemon runs and its port is open"
+        "; check that the vmrepl daemon there runs and its port is open"
     }
 }
 
