@@ -197,6 +197,18 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
         Request::VmDelete { name, keep_disks } => Response::Ok {
             message: vmm.delete(&name, keep_disks).await?,
         },
+        Request::VmSet {
+            name,
+            vcpus,
+            memory_mib,
+        } => {
+            let message = vmm.set(&name, vcpus, memory_mib)?;
+            if let Ok(def) = vmm.show(&name).map(|v| v.definition) {
+                // A replicated VM: its next cycle carries the change to the replica.
+                crate::primary::wake(host, def.uuid);
+            }
+            Response::Ok { message }
+        }
         Request::VmTrustDisks { name } => Response::Ok {
             message: vmm.trust_disks(&name).await?,
         },

@@ -65,6 +65,9 @@ pub struct RelRuntime {
     /// started (or since `replication set` changed it and could not tell it at once): the
     /// next cycle tells it when not.
     pub(crate) policy_sent: std::sync::atomic::AtomicBool,
+    /// The digest of the VM definition the replica was last given (None: not since the
+    /// daemon started): a cycle gives it the current one when they differ.
+    pub(crate) definition_sent: Mutex<Option<[u8; 32]>>,
 }
 
 impl Host {

@@ -108,6 +108,15 @@ pub enum Request {
     VmTrustDisks {
         name: VmName,
     },
+    /// Set-VM: the vCPUs and memory of a VM, from its next start (its replica learns them
+    /// with the next cycle).
+    VmSet {
+        name: VmName,
+        #[serde(default)]
+        vcpus: Option<u32>,
+        #[serde(default)]
+        memory_mib: Option<u64>,
+    },
     VmConsole {
         name: VmName,
         tail_bytes: Option<u64>,

@@ -525,6 +525,17 @@ pub enum VmCmd {
     /// bitmaps (qemu-io, qemu-nbd with the bitmaps loaded); take them as they are, with no
     /// resynchronization. Any other change (a restore, dd, qemu-img convert) needs one.
     TrustDisks { name: String },
+    /// Change a VM's vCPUs and memory (Set-VM), in force from its next start; a replicated
+    /// VM's replica gets the change with the next cycle, so a failover starts it as it is now.
+    Set {
+        name: String,
+        /// Virtual CPUs (1 to 64).
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Memory in MiB (32 to 1048576).
+        #[arg(long)]
+        memory: Option<u64>,
+    },
     /// Print the VM's serial console log.
     Console {
         name: String,
@@ -727,6 +738,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 },
                 VmCmd::TrustDisks { name } => Request::VmTrustDisks {
                     name: vm_name(&name)?,
+                },
+                VmCmd::Set { name, cpus, memory } => Request::VmSet {
+                    name: vm_name(&name)?,
+                    vcpus: cpus,
+                    memory_mib: memory,
                 },
                 VmCmd::Console { name, tail } => Request::VmConsole {
                     name: vm_name(&name)?,

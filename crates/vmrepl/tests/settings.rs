@@ -235,3 +235,33 @@ fn replication_set_to_another_replica_server_moves_the_replica_there_with_a_new_
         .collect();
     assert!(left.is_empty(), "b still replicates it: {r}");
 }
+
+#[test]
+fn vm_set_reaches_the_replica_with_the_next_cycle_and_a_failover_starts_the_vm_as_it_is_now() {
+    let _s = serial();
+    let (a, b, _store) = pair("127.0.0.201", "127.0.0.202", "set");
+    create_small_vm(&a, "db");
+    enable_ok(&a, &b, "db", "hostb.test", &["--frequency", "5"]);
+    wait_until("the initial copy", Duration::from_secs(60), || {
+        acked(&a, "db") >= 1
+    });
+    let before = b.json(&["vm", "show", "db"])["definition"].clone();
+    assert_eq!(before["memory_mib"], 128, "{before}");
+    let out = a.ok(&["vm", "set", "db", "--cpus", "2", "--memory", "256"]);
+    assert!(out.contains("2 vCPUs, 256 MiB"), "{out}");
+    let e = a.fails(&["vm", "set", "db", "--cpus", "65"]);
+    assert!(e.contains("1 to 64"), "{e}");
+    // The replica's copy of the definition follows with the next cycle.
+    wait_until("the replica's definition", Duration::from_secs(60), || {
+        let d = b.json(&["vm", "show", "db"])["definition"].clone();
+        d["vcpus"] == 2 && d["memory_mib"] == 256
+    });
+    // A failover there defines the VM as it is now.
+    b.ok(&["failover", "start", "db"]);
+    let d = b.json(&["vm", "show", "db"])["definition"].clone();
+    assert_eq!(
+        (d["vcpus"].clone(), d["memory_mib"].clone()),
+        (2.into(), 256.into()),
+        "{d}"
+    );
+}

@@ -235,6 +235,18 @@ impl Db {
         Ok(Db { conn })
     }
 
+    /// Replaces a VM's definition (same UUID and name).
+    pub fn set_vm_definition(&self, def: &VmDefinition) -> Result<(), DbError> {
+        self.conn.execute(
+            "UPDATE vms SET definition = ?2 WHERE uuid = ?1",
+            params![
+                def.uuid.to_string(),
+                serde_json::to_string(def).map_err(|e| DbError::Corrupt(e.to_string()))?
+            ],
+        )?;
+        Ok(())
+    }
+
     pub fn insert_vm(&self, def: &VmDefinition) -> Result<(), DbError> {
         self.conn.execute(
             "INSERT INTO vms (uuid, name, definition, state) VALUES (?1, ?2, ?3, ?4)",

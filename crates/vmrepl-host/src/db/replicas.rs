@@ -238,6 +238,18 @@ impl Db {
         Ok(uuid.to_string())
     }
 
+    /// Replaces a replica VM's definition (its primary changed the VM).
+    pub fn set_replica_definition(&self, vm_uuid: Uuid, def: &VmDefinition) -> Result<(), DbError> {
+        self.conn.execute(
+            "UPDATE replicas SET definition = ?2 WHERE vm_uuid = ?1",
+            params![
+                vm_uuid.to_string(),
+                serde_json::to_string(def).map_err(corrupt)?
+            ],
+        )?;
+        Ok(())
+    }
+
     /// Updates the recovery-point policy.
     pub fn set_replica_policy(&self, vm_uuid: Uuid, p: &PointPolicy) -> Result<(), DbError> {
         self.conn.execute(

@@ -161,6 +161,10 @@ pub enum PeerRequest {
     },
     /// Update the recovery-point policy.
     SetPolicy { vm_uuid: Uuid, policy: PointPolicy },
+    /// The primary changed the VM (vCPUs, memory, adapters, ...): the replica keeps the new
+    /// definition, so that a failover starts the VM as it is now. Its disks must be the same.
+    /// Releases before it refuse the request as malformed.
+    UpdateDefinition { vm: Box<VmDefinition> },
     /// Remove the replica relationship; the replica VM's data is kept unless `delete`.
     RemoveReplica { vm_uuid: Uuid, delete: bool },
     /// Digests of the replica's latest state, per block of every disk (resynchronization by

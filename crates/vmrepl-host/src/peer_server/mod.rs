@@ -271,6 +271,7 @@ async fn handle(
             existing_copy: true,
         } => from_existing_copy(daemon, peer, *vm, relationship, policy, primary_server).await,
         PeerRequest::ReplicaState { vm_uuid } => replica_state(daemon, peer, vm_uuid).await,
+        PeerRequest::UpdateDefinition { vm } => update_definition(daemon, peer, *vm).await,
         PeerRequest::SetPolicy { vm_uuid, policy } => authorize(daemon)
             .and_then(|g| check_policy(&policy).map(|()| g))
             .and_then(|g| own_replica(daemon, peer, &g, vm_uuid))

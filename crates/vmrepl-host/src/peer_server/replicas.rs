@@ -219,6 +219,68 @@ pub(super) async fn create_replica(
     Ok(PeerResponse::Ok)
 }
 
+/// `UpdateDefinition`: the primary's VM changed. Its replica keeps the new definition when
+/// this host can still run it (I7) and its disks are the ones replicated; its name here stays.
+pub(super) async fn update_definition(
+    daemon: &Arc<Host>,
+    peer: &str,
+    vm: VmDefinition,
+) -> Result<PeerResponse, Refusal> {
+    let row = live_replica(daemon, peer, vm.uuid)?;
+    let disks = |d: &VmDefinition| -> Vec<(String, u64)> {
+        d.disks
+            .iter()
+            .map(|x| (x.id.clone(), x.size_bytes))
+            .collect()
+    };
+    if disks(&vm) != disks(&row.definition) {
+        return Err(refuse(
+            RefusalCode::BadRequest,
+            format!(
+                "the disks of VM {} changed ({:?} replicated, {:?} now); a replica takes new or resized disks only with a new initial copy",
+                vm.name,
+                disks(&row.definition),
+                disks(&vm)
+            ),
+        ));
+    }
+    if vm.generation != row.definition.generation || vm.machine_type != row.definition.machine_type
+    {
+        return Err(refuse(
+            RefusalCode::BadRequest,
+            format!(
+                "VM {} changed its generation or machine type, which a VM never does",
+                vm.name
+            ),
+        ));
+    }
+    check_definition(daemon, &vm)?;
+    let dir = replica::vm_dir(&row);
+    let lock = daemon.replica_locks.vm(&dir);
+    let _g = lock.lock().await;
+    let def =
+        serde_json::to_value(&vm).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+    let (root, uuid) = (row.storage_root.clone(), vm.uuid);
+    tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let mut store = vmrepl_store::ReplicaStore::open(&root, uuid).map_err(|e| e.to_string())?;
+        store.set_vm_definition(&def).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?
+    .map_err(|e| refuse(RefusalCode::Internal, e))?;
+    let db = daemon.db();
+    db.set_replica_definition(uuid, &vm)
+        .map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
+    let _ = db.event(
+        Some(uuid),
+        &format!(
+            "replica of {} now has the primary's definition: {} vCPUs, {} MiB of memory, {} adapter(s)",
+            row.name, vm.vcpus, vm.memory_mib, vm.nics.len()
+        ),
+    );
+    Ok(PeerResponse::Ok)
+}
+
 pub(super) async fn replica_state(
     daemon: &Arc<Host>,
     peer: &str,

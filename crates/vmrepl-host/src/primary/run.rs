@@ -139,6 +139,25 @@ pub(crate) async fn run_cycle(
     };
     client.set_rate_limit(rel.settings.bandwidth_limit);
     tell_policy(rt, &mut client, vm_uuid, &rel.settings).await;
+    if tell_definition(rt, &mut client, &vm, &rel.settings)
+        .await
+        .map_err(|e| fail(e, false))?
+    {
+        // An older replica closes the connection after a request it does not know.
+        client = match connect(d, &rel.settings).await {
+            Ok((c, _)) => c,
+            Err(e) => {
+                return Err(fail(
+                    format!(
+                        "cannot reach the replica server {}: {e}",
+                        rel.settings.replica_server
+                    ),
+                    true,
+                ))
+            }
+        };
+        client.set_rate_limit(rel.settings.bandwidth_limit);
+    }
     let exported = initial
         && matches!(rel.settings.initial, InitialReplication::Export { .. })
         && last_marked_ms(d, vm_uuid, rel.created_ms, Marked::Exported)
@@ -342,6 +361,48 @@ pub(crate) async fn thaw_guest(d: &Host, vm: Uuid, qga: vmrepl_qemu::Qga) {
     let msg = format!("The guest could not be thawed after an app-consistent point ({last}); it may still be frozen: thaw it from the guest console (fsfreeze --unfreeze) or restart the VM.");
     tracing::error!(target: "vmrepl::replication", %vm, "{msg}");
     let _ = d.db().event(Some(vm), &msg);
+}
+
+/// Gives the replica the VM's current definition (as the replica keeps it) when it changed
+/// since the replica was last given it, so that a failover starts the VM as it is now. A
+/// replica of an older release does not know the request: it keeps the definition it was
+/// created with (said once per daemon start). Err: the replica refused the new definition
+/// (it cannot run the VM as it is now), which fails the cycle with its reason.
+pub(crate) async fn tell_definition(
+    rt: &RelRuntime,
+    client: &mut crate::peer::client::PeerClient,
+    vm: &vmrepl_types::VmDefinition,
+    s: &vmrepl_types::replication::ReplicationSettings,
+) -> Result<bool, String> {
+    let view = crate::primary::replica_view(vm, s);
+    let digest = *blake3::hash(&serde_json::to_vec(&view).unwrap_or_default()).as_bytes();
+    if *crate::locks::unpoisoned(&rt.definition_sent) == Some(digest) {
+        return Ok(false);
+    }
+    let mut reconnect = false;
+    let req = crate::peer::proto::PeerRequest::UpdateDefinition { vm: Box::new(view) };
+    match client.request(&req).await {
+        Ok(crate::peer::proto::PeerResponse::Ok) => {}
+        Err(crate::peer::client::PeerError::Refused {
+            code: crate::peer::proto::RefusalCode::BadRequest,
+            message,
+        }) if message.contains("closing the connection") => {
+            tracing::info!(target: "vmrepl::replication", vm = %vm.uuid, "the replica server is of an older release and keeps the VM definition it was created with");
+            reconnect = true;
+        }
+        Err(e) => {
+            return Err(format!(
+                "the replica server did not take the VM's changed definition: {e}"
+            ))
+        }
+        Ok(other) => {
+            return Err(format!(
+                "unexpected answer to the VM's definition: {other:?}"
+            ))
+        }
+    }
+    *crate::locks::unpoisoned(&rt.definition_sent) = Some(digest);
+    Ok(reconnect)
 }
 
 /// Tells the replica the relationship's recovery-point policy when it was not told since the

@@ -454,6 +454,46 @@ impl Vmm {
         self.show(name)
     }
 
+    /// Changes the vCPUs and memory of a VM (Set-VM): in force from its next start; a
+    /// replicated VM's replica is told with the next cycle. Says what changed.
+    pub fn set(
+        &self,
+        name: &VmName,
+        vcpus: Option<u32>,
+        memory_mib: Option<u64>,
+    ) -> Result<String, VmError> {
+        let row = self.row(name)?;
+        let mut def = row.definition.clone();
+        if let Some(v) = vcpus {
+            if v == 0 || v > 64 {
+                return Err(VmError::Vcpus { vcpus: v });
+            }
+            def.vcpus = v;
+        }
+        if let Some(m) = memory_mib {
+            if !(32..=1 << 20).contains(&m) {
+                return Err(VmError::Memory { mib: m });
+            }
+            def.memory_mib = m;
+        }
+        if def == row.definition {
+            return Ok(format!(
+                "Nothing to change for VM {name}: {} vCPUs, {} MiB.",
+                def.vcpus, def.memory_mib
+            ));
+        }
+        let db = self.db();
+        db.set_vm_definition(&def)?;
+        let said = format!("{} vCPUs, {} MiB of memory", def.vcpus, def.memory_mib);
+        let _ = db.event(Some(def.uuid), &format!("VM set to {said}"));
+        let when = if row.state == VmRunState::Off {
+            "from its next start"
+        } else {
+            "from its next start (it runs now with the old values)"
+        };
+        Ok(format!("VM {name} now has {said}, {when}."))
+    }
+
     /// Takes the disk files of a VM that is off as they are now (see
     /// [`crate::fingerprint::trust`]): the admin says that whatever changed them kept the
     /// persistent dirty bitmaps, so no resynchronization is needed for it.
