@@ -11,6 +11,7 @@
 //! * [`error`]: the flows' typed error and its one mapping to API codes.
 //! * [`vmm`]: VM definitions and QEMU supervision; [`mgmt`]: the management socket;
 //!   [`config`], [`datadir`], [`init`], [`locks`], [`fsutil`]: the host's files and locks.
+//! * [`sd_notify`]: systemd's readiness, watchdog and stopping notifications.
 //! * [`faults`]: test-only crash points (`VMREPL_CRASH_AT`) for the fault matrix.
 
 pub mod config;
@@ -34,4 +35,5 @@ pub mod peer;
 pub mod peer_server;
 pub mod primary;
 pub mod replica;
+pub mod sd_notify;
 pub mod vmm;
