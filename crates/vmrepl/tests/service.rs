@@ -325,3 +325,73 @@ fn the_binary_prints_completions_and_writes_manual_pages_that_man_reads() {
         }
     }
 }
+
+#[test]
+fn the_shipped_unit_runs_the_real_daemon_command_as_a_notify_service_that_leaves_vms_at_stop() {
+    let unit = std::fs::read_to_string(repo().join("packaging/vmrepl.service")).unwrap();
+    let lines: Vec<&str> = unit
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    for want in [
+        "Type=notify",
+        "NotifyAccess=main",
+        "KillMode=process",
+        "WatchdogSec=60",
+        "Restart=on-failure",
+        "WantedBy=multi-user.target",
+    ] {
+        assert!(lines.contains(&want), "{want} missing from the unit");
+    }
+    for absent in [
+        "PrivateDevices=",
+        "MemoryDenyWriteExecute=",
+        "DeviceAllow=",
+        "PrivateTmp=",
+    ] {
+        assert!(
+            !lines.iter().any(|l| l.starts_with(absent)),
+            "{absent} would break QEMU, KVM or imports"
+        );
+    }
+    let exec = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap();
+    let argv: Vec<&str> = exec.split_whitespace().collect();
+    assert_eq!(argv[0], "/usr/bin/vmrepl");
+    // The binary under test accepts the very arguments (`--help` after them parses them all).
+    let o = Command::new(bin())
+        .args(&argv[1..])
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{exec}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // It names the CLI's default data folder, so `vmrepl` commands reach the service, and
+    // the service waits for that folder's host.
+    let data = argv[argv.iter().position(|a| *a == "--data").unwrap() + 1];
+    assert_eq!(data, "/var/lib/vmrepl");
+    let condition = format!(
+        "ConditionPathExists={}",
+        vmrepl_host::datadir::DataDir::new(std::path::Path::new(data))
+            .config()
+            .display()
+    );
+    assert!(lines.contains(&condition.as_str()), "{condition} missing");
+}
+
+#[test]
+fn the_example_configuration_is_a_valid_host_configuration_with_the_defaults() {
+    use vmrepl_host::config::HostConfig;
+    let path = repo().join("packaging/vmrepl.toml");
+    let cfg = HostConfig::parse(&std::fs::read_to_string(&path).unwrap(), &path)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut defaults = HostConfig::new(&cfg.host_name, &cfg.listen, cfg.storage.clone());
+    defaults.replica_server.default_storage = Some("/srv/vms/replica".into());
+    assert_eq!(cfg, defaults, "the example shows every default as it is");
+}
