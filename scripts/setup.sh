@@ -39,6 +39,9 @@ PLAIN_PKGS="$PLAIN_PKGS nftables"
 PLAIN_PKGS="$PLAIN_PKGS chromium nodejs"
 # npm: Debian's package, unless node came with its own (NodeSource's nodejs bundles it).
 command -v npm >/dev/null 2>&1 || PLAIN_PKGS="$PLAIN_PKGS npm"
+# The package test (scripts/test-package.sh): cargo-deb finds the binary's library
+# dependencies with dpkg-shlibdeps and strips it with objcopy; the test reads its build id.
+PLAIN_PKGS="$PLAIN_PKGS dpkg-dev binutils"
 QEMU_PINNED="qemu-utils qemu-block-extra qemu-system-common" # same version as qemu-system-x86
 
 installed_version() { # pkg -> version if fully installed, else empty

@@ -44,6 +44,14 @@ pub fn run_foreground(dd: &DataDir) -> Result<(), DaemonError> {
 
 /// Runs the daemon on the current runtime.
 pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
+    // Under systemd (Type=notify): READY=1 once serving, the watchdog, STOPPING=1 at the end.
+    let notifier = match crate::sd_notify::Notifier::from_env() {
+        Ok(n) => n.map(Arc::new),
+        Err(e) => {
+            tracing::warn!(target: "vmrepl::daemon", "{e}");
+            None
+        }
+    };
     dd.require_host()?;
     let _lock = dd.lock()?;
     let config = dd.config();
@@ -126,6 +134,16 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(DaemonError::Runtime)?;
     tracing::info!(target: "vmrepl::daemon", socket = %dd.socket().display(), "ready");
+    let watchdog = notifier.as_ref().and_then(|n| {
+        let cfg = d.cfg();
+        n.ready(&format!(
+            "serving host {}: peers on {}, management socket {}",
+            cfg.host_name,
+            cfg.listen,
+            dd.socket().display()
+        ));
+        n.spawn_watchdog()
+    });
     loop {
         tokio::select! {
             _ = d.stop.notified() => break,
@@ -139,6 +157,12 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
                 }
             }
         }
+    }
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    if let Some(n) = &notifier {
+        n.stopping("stopping; running VMs keep running");
     }
     server.abort();
     peer.abort();

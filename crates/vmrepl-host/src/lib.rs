@@ -13,6 +13,7 @@
 //!   [`config`], [`datadir`], [`init`], [`locks`], [`fsutil`]: the host's files and locks;
 //!   [`host_settings`]: the settings commands change, kept in the database (the configuration
 //!   file is the admin's and never written by the daemon).
+//! * [`sd_notify`]: systemd's readiness, watchdog and stopping notifications.
 //! * [`faults`]: test-only crash points (`VMREPL_CRASH_AT`) for the fault matrix.
 
 pub mod config;
@@ -38,4 +39,5 @@ pub mod peer;
 pub mod peer_server;
 pub mod primary;
 pub mod replica;
+pub mod sd_notify;
 pub mod vmm;

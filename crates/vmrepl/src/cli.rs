@@ -88,6 +88,18 @@ pub enum Cmd {
         #[arg(long)]
         rotate: bool,
     },
+    /// Print a completion script for SHELL to stdout (the .deb installs those of bash, zsh
+    /// and fish), e.g. `vmrepl completions bash > /etc/bash_completion.d/vmrepl`.
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages into DIR: vmrepl.1 and one per subcommand (vmrepl-vm.1, ...).
+    #[command(hide = true)]
+    Man {
+        /// The folder to write them into (created when missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -710,6 +722,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
             replica_name,
         } => doctor(&dd, args.json, vm, replica_server, replica_name),
         Cmd::Dashboard { rotate } => crate::dashboard::run(&dd, args.json, rotate),
+        Cmd::Completions { shell } => {
+            crate::generate::completions(shell, &mut std::io::stdout().lock())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man { dir } => {
+            for page in crate::generate::man_pages(&dir)? {
+                println!("wrote {}", page.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Vm(v) => {
             let req = match v {
                 VmCmd::Create(c) => Request::VmCreate(create_request(c)?),

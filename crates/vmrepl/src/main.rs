@@ -4,6 +4,7 @@
 
 mod cli;
 mod dashboard;
+mod generate;
 mod render;
 
 use clap::Parser;
