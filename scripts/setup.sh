@@ -228,10 +228,14 @@ apt_lists_ok() { # the guest build downloads the kernel and qemu-guest-agent: ap
     apt-cache show "$VMREPL_KERNEL_META" >/dev/null 2>&1 || { log "apt lists lack $VMREPL_KERNEL_META"; return 1; }
     apt-cache show qemu-guest-agent >/dev/null 2>&1 || { log "apt lists lack qemu-guest-agent"; return 1; }
 }
+apt_words() { # what apt-get install gets: the QEMU pins, then the missing packages
+    echo "$QEMU_ARGS${QEMU_ARGS:+${MISSING:+ }}$MISSING"
+}
 APT_INSTALL="apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends --allow-downgrades"
 
 if [ "$DRY_RUN" = 1 ]; then
-    log "packages: $(echo $QEMU_PKG $QEMU_PINNED $PLAIN_PKGS | tr ' ' '\n' | sort | tr '\n' ' ' | sed 's/ $//')"
+    # shellcheck disable=SC2086 # the lists are words
+    log "packages: $(printf '%s\n' $QEMU_PKG $QEMU_PINNED $PLAIN_PKGS | sort | tr '\n' ' ' | sed 's/ $//')"
     [ -z "$SKIPPED" ] || log "skipped: $SKIPPED"
     log "guest kernel: $VMREPL_KERNEL_META"
     qemu_plan || die "$QEMU_ERR"
@@ -240,8 +244,7 @@ if [ "$DRY_RUN" = 1 ]; then
     if [ -z "$MISSING$QEMU_ARGS" ] && [ "${VMREPL_SETUP_FORCE:-0}" != 1 ]; then
         log "would run: nothing (every package is installed)"
     else
-        # shellcheck disable=SC2086
-        log "would run: $APT_INSTALL $(echo $QEMU_ARGS $MISSING)"
+        log "would run: $APT_INSTALL $(apt_words)"
     fi
     log "would run: scripts/toolchain.sh, npm ci in tests/browser, guest/build.sh"
     log "dry run: nothing changed"
@@ -259,8 +262,7 @@ else
     log "qemu: $QEMU_WHY"
     plan_missing
     if [ -n "$MISSING$QEMU_ARGS" ]; then
-        # shellcheck disable=SC2086
-        log "installing: $(echo $QEMU_ARGS $MISSING)"
+        log "installing: $(apt_words)"
         # shellcheck disable=SC2086
         $APT_INSTALL $QEMU_ARGS $MISSING >/tmp/vmrepl-setup-apt.log 2>&1 || {
             tail -n 30 /tmp/vmrepl-setup-apt.log >&2
