@@ -60,7 +60,7 @@ if [ -n "$KPKG" ]; then
     DEB=$(ls "$CACHE/dl/${KPKG}"_*.deb 2>/dev/null | head -n1 || true)
     if [ -z "$DEB" ]; then
         log "downloading $KPKG"
-        rm -f "$CACHE"/dl/linux-image-*.deb
+        rm -f "$CACHE"/dl/linux-image-*.deb "$CACHE"/dl/linux-modules-*.deb
         download "$KPKG"
         DEB=$(ls "$CACHE/dl/${KPKG}"_*.deb 2>/dev/null | head -n1 || true)
     fi
@@ -72,10 +72,27 @@ if [ -z "$DEB" ]; then
     log "using cached $(basename "$DEB")"
 fi
 dpkg -x "$DEB" "$WORK/kpkg"
-KVER=$(ls "$WORK/kpkg/lib/modules" | head -n1)
-VMLINUZ="$WORK/kpkg/boot/vmlinuz-$KVER"
-[ -f "$VMLINUZ" ] || { echo "guest: no vmlinuz in $DEB" >&2; exit 1; }
-MODDIR="$WORK/kpkg/lib/modules/$KVER"
+VMLINUZ=$(ls "$WORK"/kpkg/boot/vmlinuz-* 2>/dev/null | head -n1 || true)
+[ -n "$VMLINUZ" ] || { echo "guest: no vmlinuz in $DEB" >&2; exit 1; }
+KVER=${VMLINUZ##*/vmlinuz-}
+# The modules and the config: in the image package under lib/modules (Debian 12) or
+# usr/lib/modules (Debian 13, after the move to /usr); Ubuntu's image package holds only the
+# kernel, its modules and config are in linux-modules-KVER (downloaded beside it).
+moddir() { for d in "$WORK/kpkg/lib/modules/$KVER" "$WORK/kpkg/usr/lib/modules/$KVER"; do [ -d "$d" ] && echo "$d" && return; done; }
+if [ -z "$(moddir)" ]; then
+    MPKG="linux-modules-$KVER"
+    MDEB=$(ls "$CACHE/dl/${MPKG}"_*.deb 2>/dev/null | head -n1 || true)
+    if [ -z "$MDEB" ]; then
+        log "downloading $MPKG"
+        download "$MPKG"
+        MDEB=$(ls "$CACHE/dl/${MPKG}"_*.deb 2>/dev/null | head -n1 || true)
+    fi
+    [ -n "$MDEB" ] || { echo "guest: $DEB has no modules and $MPKG cannot be downloaded" >&2; exit 1; }
+    dpkg -x "$MDEB" "$WORK/kpkg"
+fi
+MODDIR=$(moddir)
+[ -n "$MODDIR" ] || { echo "guest: no modules folder for $KVER in the kernel packages" >&2; exit 1; }
+KCONFIG="$WORK/kpkg/boot/config-$KVER"
 log "kernel $KVER"
 
 # --- guest agent: qemu-ga from its .deb (downloaded once into dl/), libraries from the host ---
@@ -199,7 +216,7 @@ log "packing initramfs"
 
 # --- install outputs atomically-ish (each file renamed into place) ---
 cp "$VMLINUZ" "$WORK/vmlinuz"
-cp "$WORK/kpkg/boot/config-$KVER" "$CACHE/kernel-config"
+if [ -f "$KCONFIG" ]; then cp "$KCONFIG" "$CACHE/kernel-config"; else rm -f "$CACHE/kernel-config"; fi
 for f in $OUTPUTS; do mv -f "$WORK/$f" "$CACHE/$f"; done
 echo "$KVER" >"$CACHE/kernel-version"
 echo "$QGA_VER" >"$CACHE/qga-version"

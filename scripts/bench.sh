@@ -19,6 +19,8 @@
 # from disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The pinned Rust toolchain (rust-toolchain.toml) before any cargo command: scripts/toolchain.sh.
+. scripts/toolchain.sh
 ./scripts/setup.sh >/dev/null
 cargo build --release --quiet -p vmrepl
 B="$(realpath "${CARGO_TARGET_DIR:-target}")/release/vmrepl"

@@ -7,6 +7,8 @@
 # failback to the first host, verified again. Everything is cleaned up at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The pinned Rust toolchain (rust-toolchain.toml) before any cargo command: scripts/toolchain.sh.
+. scripts/toolchain.sh
 ./scripts/setup.sh
 echo "== building vmrepl (release)"
 cargo build --release --quiet -p vmrepl

@@ -19,6 +19,8 @@
 # `scripts/faults.sh [FILTER]` runs only the cases whose name contains FILTER.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# The pinned Rust toolchain (rust-toolchain.toml) before any cargo command: scripts/toolchain.sh.
+. scripts/toolchain.sh || exit 1
 ./scripts/setup.sh || exit 1
 mkdir -p .cache
 export VMREPL_CACHE="${VMREPL_CACHE:-$PWD/.cache/guest}"

@@ -10,6 +10,9 @@
 # Exits nonzero when any target crashed. Logs: fuzz/logs/TARGET.log.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
+# cargo-fuzz itself is installed and run by the pinned toolchain (rust-toolchain.toml applies
+# here too), the targets by nightly.
+. ../scripts/toolchain.sh
 
 SECONDS_EACH="${1:-600}"
 shift || true

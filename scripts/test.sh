@@ -9,6 +9,8 @@
 # SQLite). It needs neither root, nor QEMU, nor the test guest, and runs in seconds once built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The pinned Rust toolchain (rust-toolchain.toml) before any cargo command: scripts/toolchain.sh.
+. scripts/toolchain.sh
 if [ "${1:-}" = "--quick" ]; then
     echo "== cargo fmt --check"
     cargo fmt --all -- --check

@@ -62,7 +62,14 @@ pub struct HostConfig {
     /// QEMU system emulator binary.
     #[serde(default = "default_qemu")]
     pub qemu_binary: PathBuf,
-    /// Folder holding OVMF (UEFI) firmware: `OVMF_CODE_4M.fd` and friends.
+    /// Folders of QEMU's firmware descriptors (`*.json`), the most general first; UEFI firmware
+    /// is found through them (docs/install.md, "How firmware is found"). Unset: QEMU's
+    /// `/usr/share/qemu/firmware`, `/etc/qemu/firmware` and `$XDG_CONFIG_HOME/qemu/firmware`.
+    /// Empty: the fixed paths of `ovmf_dir` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware_descriptor_dirs: Option<Vec<PathBuf>>,
+    /// Folder holding OVMF (UEFI) firmware at fixed paths: `OVMF_CODE_4M.fd` and friends, for the
+    /// machine types no firmware descriptor covers.
     #[serde(default = "default_ovmf_dir")]
     pub ovmf_dir: PathBuf,
     /// Folder holding SeaBIOS (`bios-256k.bin`).
@@ -225,6 +232,7 @@ impl HostConfig {
             accel: Accel::Auto,
             storage,
             qemu_binary: default_qemu(),
+            firmware_descriptor_dirs: None,
             ovmf_dir: default_ovmf_dir(),
             seabios_dir: default_seabios_dir(),
             replica_server: ReplicaServerSettings::default(),

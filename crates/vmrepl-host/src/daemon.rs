@@ -71,6 +71,9 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
     let db = Arc::new(Mutex::new(db));
     let mut opts =
         vmrepl_qemu::caps::ProbeOptions::new(&cfg.qemu_binary, cfg.storage.clone(), cfg.accel);
+    if let Some(dirs) = &cfg.firmware_descriptor_dirs {
+        opts.firmware_descriptor_dirs = dirs.clone();
+    }
     opts.ovmf_dir = cfg.ovmf_dir.clone();
     opts.seabios_dir = cfg.seabios_dir.clone();
     opts.host_name = Some(cfg.host_name.clone());

@@ -169,7 +169,58 @@ fn own_certificate(host: &Arc<Host>) -> Finding {
     }
 }
 
-/// This host's own settings: certificate, storage, QEMU, metrics.
+/// Where this host's UEFI firmware comes from: QEMU's firmware descriptors (each variant with
+/// the descriptor file that gives it), the fixed paths of `ovmf_dir` (a warning: no descriptor
+/// fits), or nowhere (generation 2 VMs cannot run here).
+pub(crate) fn firmware_finding(caps: &vmrepl_types::HostInfo) -> Finding {
+    use vmrepl_types::vm::FirmwareVariantId;
+    let uefi: Vec<_> = caps
+        .firmware
+        .iter()
+        .filter(|f| f.id != FirmwareVariantId::Seabios)
+        .collect();
+    if uefi.is_empty() {
+        return warn(
+            "firmware",
+            "no UEFI firmware (OVMF) was found: generation 2 VMs cannot be created or run here"
+                .into(),
+            "install the distribution's ovmf package and restart the daemon",
+        );
+    }
+    let describe = |f: &vmrepl_types::FirmwareVariant| match &f.descriptor {
+        Some(d) => format!("{} from {}", f.id, d.display()),
+        None => format!("{} at {}", f.id, f.code.display()),
+    };
+    let (described, fixed): (Vec<_>, Vec<_>) =
+        uefi.into_iter().partition(|f| f.descriptor.is_some());
+    let list = |v: &[&vmrepl_types::FirmwareVariant]| {
+        v.iter().map(|f| describe(f)).collect::<Vec<_>>().join(", ")
+    };
+    if described.is_empty() {
+        return warn(
+            "firmware",
+            format!(
+                "UEFI firmware comes from fixed paths only ({}): no QEMU firmware descriptor fits",
+                list(&fixed)
+            ),
+            "install the distribution's ovmf package, which ships descriptors in \
+             /usr/share/qemu/firmware, or write one in /etc/qemu/firmware (docs/install.md)",
+        );
+    }
+    let mut message = format!(
+        "UEFI firmware from QEMU's firmware descriptors: {}",
+        list(&described)
+    );
+    if !fixed.is_empty() {
+        message.push_str(&format!(
+            "; for the other machine types, fixed paths: {}",
+            list(&fixed)
+        ));
+    }
+    ok("firmware", message)
+}
+
+/// This host's own settings: certificate, storage, QEMU, firmware, metrics.
 fn this_host(host: &Arc<Host>) -> Vec<Finding> {
     let mut out = vec![own_certificate(host)];
     let caps = host.vmm.caps();
@@ -214,6 +265,7 @@ fn this_host(host: &Arc<Host>) -> Vec<Finding> {
             caps.machine_types.len()
         ),
     ));
+    out.push(firmware_finding(caps));
     if caps.kvm_usable {
         out.push(ok("kvm", "KVM is usable".into()));
     } else {
@@ -704,5 +756,70 @@ async fn authorized_old(host: &Arc<Host>, client: &mut PeerClient, who: &str) ->
             ),
         )),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmrepl_types::vm::FirmwareVariantId;
+    use vmrepl_types::{FirmwareVariant, HostInfo};
+
+    fn caps(firmware: Vec<FirmwareVariant>) -> HostInfo {
+        let mut h: HostInfo = serde_json::from_value(serde_json::json!({
+            "host_name": "h.test", "release": "test", "protocol_versions": [1, 1],
+            "qemu_version": "7.2.0", "machine_types": [], "firmware": [],
+            "kvm_usable": false, "kvm_reason": null,
+            "config_versions": [{"major": 1, "minor": 0}, {"major": 1, "minor": 0}],
+            "storage": [],
+        }))
+        .unwrap();
+        h.firmware = firmware;
+        h
+    }
+
+    #[test]
+    fn the_firmware_finding_names_each_descriptor_and_warns_on_fixed_paths_alone_or_no_ovmf() {
+        let described = FirmwareVariant {
+            id: FirmwareVariantId::Ovmf4m,
+            code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+            vars_template: Some("/usr/share/OVMF/OVMF_VARS_4M.fd".into()),
+            descriptor: Some("/usr/share/qemu/firmware/60-edk2-x86_64.json".into()),
+            machines: vec!["pc-q35-*".into()],
+        };
+        let fixed = FirmwareVariant::fixed(
+            FirmwareVariantId::Ovmf4mSecureBoot,
+            "/usr/share/OVMF/OVMF_CODE_4M.ms.fd".into(),
+            Some("/usr/share/OVMF/OVMF_VARS_4M.ms.fd".into()),
+        );
+        let seabios = FirmwareVariant::fixed(
+            FirmwareVariantId::Seabios,
+            "/usr/share/seabios/bios-256k.bin".into(),
+            None,
+        );
+
+        let f = firmware_finding(&caps(vec![seabios.clone(), described.clone()]));
+        assert_eq!(f.status, FindingStatus::Ok, "{f:?}");
+        assert!(f
+            .message
+            .contains("ovmf-4m from /usr/share/qemu/firmware/60-edk2-x86_64.json"));
+
+        let f = firmware_finding(&caps(vec![described, fixed.clone()]));
+        assert_eq!(f.status, FindingStatus::Ok, "{f:?}");
+        assert!(
+            f.message
+                .contains("fixed paths: ovmf-4m-secure-boot at /usr/share/OVMF/OVMF_CODE_4M.ms.fd"),
+            "{f:?}"
+        );
+
+        let f = firmware_finding(&caps(vec![seabios.clone(), fixed]));
+        assert_eq!(f.status, FindingStatus::Warning, "{f:?}");
+        assert!(f.message.contains("fixed paths only"), "{f:?}");
+        assert!(f.fix.unwrap().contains("/etc/qemu/firmware"));
+
+        let f = firmware_finding(&caps(vec![seabios]));
+        assert_eq!(f.status, FindingStatus::Warning, "{f:?}");
+        assert!(f.message.contains("generation 2 VMs cannot"), "{f:?}");
+        assert!(f.fix.unwrap().contains("ovmf"));
     }
 }

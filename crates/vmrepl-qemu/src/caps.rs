@@ -63,7 +63,11 @@ pub enum CapsError {
 #[derive(Debug, Clone)]
 pub struct ProbeOptions {
     pub qemu_binary: PathBuf,
-    /// Folder holding `OVMF_CODE_4M.fd` and friends.
+    /// Folders of QEMU firmware descriptors, the most general first ([`crate::firmware`]);
+    /// UEFI firmware is looked up there first. Empty: the fixed paths only.
+    pub firmware_descriptor_dirs: Vec<PathBuf>,
+    /// Folder holding `OVMF_CODE_4M.fd` and friends: the fixed paths, used for the machine
+    /// types no firmware descriptor covers.
     pub ovmf_dir: PathBuf,
     /// Folder holding `bios-256k.bin`.
     pub seabios_dir: PathBuf,
@@ -77,7 +81,7 @@ pub struct ProbeOptions {
 }
 
 impl ProbeOptions {
-    /// Debian bookworm paths.
+    /// QEMU's descriptor folders, then Debian's and Ubuntu's fixed paths.
     pub fn new(
         qemu_binary: impl Into<PathBuf>,
         storage_folders: Vec<PathBuf>,
@@ -85,6 +89,7 @@ impl ProbeOptions {
     ) -> ProbeOptions {
         ProbeOptions {
             qemu_binary: qemu_binary.into(),
+            firmware_descriptor_dirs: crate::firmware::default_descriptor_dirs(),
             ovmf_dir: "/usr/share/OVMF".into(),
             seabios_dir: "/usr/share/seabios".into(),
             storage_folders,
@@ -155,16 +160,67 @@ pub fn parse_version(out: &str) -> Option<String> {
     first[i + 8..].split_whitespace().next().map(str::to_string)
 }
 
-/// Firmware variants whose files exist under the given folders.
+/// This host's firmware: SeaBIOS at its fixed path; each UEFI variant from QEMU's firmware
+/// descriptors in `descriptor_dirs` (one entry per fitting descriptor, in priority order, with
+/// its machine types), then from the fixed paths of `ovmf_dir` for any other machine type (left
+/// out when a descriptor already gives the same file). Descriptor files that cannot be read are
+/// logged and skipped.
+pub fn discover_firmware(
+    descriptor_dirs: &[PathBuf],
+    ovmf_dir: &Path,
+    seabios_dir: &Path,
+) -> Vec<FirmwareVariant> {
+    let (descriptors, unreadable) = crate::firmware::load(descriptor_dirs);
+    for u in &unreadable {
+        tracing::warn!(
+            target: crate::LOG_TARGET,
+            path = %u.path.display(),
+            "firmware descriptor skipped, it is not one QEMU's schema describes: {}; fix or remove the file",
+            u.reason
+        );
+    }
+    let fixed = find_firmware(ovmf_dir, seabios_dir);
+    let mut out: Vec<FirmwareVariant> = fixed
+        .iter()
+        .filter(|f| f.id == FirmwareVariantId::Seabios)
+        .cloned()
+        .collect();
+    for id in [
+        FirmwareVariantId::Ovmf4m,
+        FirmwareVariantId::Ovmf4mSecureBoot,
+    ] {
+        let found = crate::firmware::uefi_variants(&descriptors, id);
+        for f in &found {
+            tracing::debug!(
+                target: crate::LOG_TARGET,
+                firmware = %id,
+                descriptor = %f.descriptor.as_deref().unwrap_or(Path::new("")).display(),
+                code = %f.code.display(),
+                machines = ?f.machines,
+                "firmware found through its descriptor"
+            );
+        }
+        let fallback: Vec<FirmwareVariant> = fixed
+            .iter()
+            .filter(|f| f.id == id && !found.iter().any(|d| d.code == f.code))
+            .cloned()
+            .collect();
+        out.extend(found);
+        out.extend(fallback);
+    }
+    out
+}
+
+/// Firmware variants whose files exist under the given folders (the fixed paths).
 pub fn find_firmware(ovmf_dir: &Path, seabios_dir: &Path) -> Vec<FirmwareVariant> {
     let mut out = Vec::new();
     let bios = seabios_dir.join("bios-256k.bin");
     if bios.is_file() {
-        out.push(FirmwareVariant {
-            id: FirmwareVariantId::Seabios,
-            code: bios,
-            vars_template: None,
-        });
+        out.push(FirmwareVariant::fixed(
+            FirmwareVariantId::Seabios,
+            bios,
+            None,
+        ));
     }
     for (id, code, vars) in [
         (
@@ -180,11 +236,7 @@ pub fn find_firmware(ovmf_dir: &Path, seabios_dir: &Path) -> Vec<FirmwareVariant
     ] {
         let (c, v) = (ovmf_dir.join(code), ovmf_dir.join(vars));
         if c.is_file() && v.is_file() {
-            out.push(FirmwareVariant {
-                id,
-                code: c,
-                vars_template: Some(v),
-            });
+            out.push(FirmwareVariant::fixed(id, c, Some(v)));
         }
     }
     out
@@ -337,7 +389,11 @@ pub async fn probe(opts: &ProbeOptions) -> Result<HostProbe, CapsError> {
         output: vout.clone(),
     })?;
     let machines = machine_types(bin).await?;
-    let firmware = find_firmware(&opts.ovmf_dir, &opts.seabios_dir);
+    let firmware = discover_firmware(
+        &opts.firmware_descriptor_dirs,
+        &opts.ovmf_dir,
+        &opts.seabios_dir,
+    );
     let (kvm_usable, kvm_reason) = if opts.accel_pref == Accel::Tcg {
         (
             false,

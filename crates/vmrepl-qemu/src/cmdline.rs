@@ -432,21 +432,19 @@ mod tests {
 
     fn fw(id: FirmwareVariantId) -> FirmwareVariant {
         match id {
-            FirmwareVariantId::Seabios => FirmwareVariant {
+            FirmwareVariantId::Seabios => {
+                FirmwareVariant::fixed(id, "/usr/share/seabios/bios-256k.bin".into(), None)
+            }
+            FirmwareVariantId::Ovmf4m => FirmwareVariant::fixed(
                 id,
-                code: "/usr/share/seabios/bios-256k.bin".into(),
-                vars_template: None,
-            },
-            FirmwareVariantId::Ovmf4m => FirmwareVariant {
+                "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+                Some("/usr/share/OVMF/OVMF_VARS_4M.fd".into()),
+            ),
+            FirmwareVariantId::Ovmf4mSecureBoot => FirmwareVariant::fixed(
                 id,
-                code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
-                vars_template: Some("/usr/share/OVMF/OVMF_VARS_4M.fd".into()),
-            },
-            FirmwareVariantId::Ovmf4mSecureBoot => FirmwareVariant {
-                id,
-                code: "/usr/share/OVMF/OVMF_CODE_4M.ms.fd".into(),
-                vars_template: Some("/usr/share/OVMF/OVMF_VARS_4M.ms.fd".into()),
-            },
+                "/usr/share/OVMF/OVMF_CODE_4M.ms.fd".into(),
+                Some("/usr/share/OVMF/OVMF_VARS_4M.ms.fd".into()),
+            ),
         }
     }
 

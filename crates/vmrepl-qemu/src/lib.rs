@@ -18,10 +18,13 @@
 //!   same node names as a running VM, so the same QMP sequences work offline.
 //! - [`caps`]: probe what this host can run ([`vmrepl_types::HostInfo`]) and resolve the
 //!   accelerator and machine-type aliases.
+//! - [`firmware`]: UEFI firmware found through QEMU's firmware descriptors
+//!   (`/usr/share/qemu/firmware/*.json` and the administrator's and user's overrides).
 
 pub mod caps;
 pub mod cmdline;
 mod exec;
+pub mod firmware;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod img;

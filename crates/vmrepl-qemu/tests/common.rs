@@ -71,11 +71,11 @@ pub async fn small_vm(dir: &Path) -> (VmDefinition, Vec<String>, RunPaths) {
         kernel: None,
         nvram: None,
     };
-    let fw = FirmwareVariant {
-        id: FirmwareVariantId::Seabios,
-        code: "/usr/share/seabios/bios-256k.bin".into(),
-        vars_template: None,
-    };
+    let fw = FirmwareVariant::fixed(
+        FirmwareVariantId::Seabios,
+        "/usr/share/seabios/bios-256k.bin".into(),
+        None,
+    );
     let paths = RunPaths::in_dir(dir);
     let cmd = build_command(&vm, &fw, &paths, ResolvedAccel::Tcg).unwrap();
     (vm, cmd.argv, paths)

@@ -53,7 +53,9 @@ async fn probe_reports_machine_types_firmware_and_storage() {
     assert_eq!(h.storage.len(), 1);
     assert!(h.storage[0].total_bytes >= h.storage[0].free_bytes && h.storage[0].total_bytes > 0);
 
-    // Another firmware folder (an empty one): nothing found, and the probe says so as data.
+    // Another firmware folder (an empty one) and no descriptors: nothing found, and the probe
+    // says so as data.
+    opts.firmware_descriptor_dirs = vec![];
     opts.ovmf_dir = d.path().into();
     opts.seabios_dir = d.path().into();
     assert!(probe(&opts).await.unwrap().info.firmware.is_empty());
@@ -202,4 +204,55 @@ async fn a_storage_daemon_left_behind_by_a_killed_owner_is_stopped_cleanly_by_th
         "it saved its bitmaps on the way out (SIGTERM, not SIGKILL): {bitmaps}"
     );
     second.quit(Duration::from_secs(30)).await.unwrap();
+}
+
+#[test]
+fn the_firmware_descriptors_installed_here_give_both_ovmf_variants_at_the_distribution_paths() {
+    // The ovmf package installs QEMU's firmware descriptors (scripts/setup.sh installs it); on
+    // Debian 12, Debian 13 and Ubuntu 24.04 they name the files of /usr/share/OVMF.
+    let dirs = vmrepl_qemu::firmware::default_descriptor_dirs();
+    let (descs, unreadable) = vmrepl_qemu::firmware::load(&dirs);
+    assert!(unreadable.is_empty(), "{unreadable:?}");
+    assert!(
+        !descs.is_empty(),
+        "no firmware descriptor in {dirs:?}: is the ovmf package installed? (scripts/setup.sh)"
+    );
+    let fw = vmrepl_qemu::caps::discover_firmware(
+        &dirs,
+        Path::new("/usr/share/OVMF"),
+        Path::new("/usr/share/seabios"),
+    );
+    for (id, code, vars) in [
+        (
+            FirmwareVariantId::Ovmf4m,
+            "/usr/share/OVMF/OVMF_CODE_4M.fd",
+            "/usr/share/OVMF/OVMF_VARS_4M.fd",
+        ),
+        (
+            FirmwareVariantId::Ovmf4mSecureBoot,
+            "/usr/share/OVMF/OVMF_CODE_4M.ms.fd",
+            "/usr/share/OVMF/OVMF_VARS_4M.ms.fd",
+        ),
+    ] {
+        let v: Vec<_> = fw.iter().filter(|f| f.id == id).collect();
+        assert_eq!(v.len(), 1, "one entry for {id}: {fw:#?}");
+        let f = v[0];
+        let d = f.descriptor.as_deref().expect("found through a descriptor");
+        assert!(
+            d.starts_with("/usr/share/qemu/firmware"),
+            "{id} from {}",
+            d.display()
+        );
+        assert_eq!(f.code, Path::new(code), "{id}");
+        assert_eq!(f.vars_template.as_deref(), Some(Path::new(vars)), "{id}");
+        assert!(f.runs_on("pc-q35-7.2"), "{id}: {:?}", f.machines);
+        // the same pick for a VM's machine type through the one-descriptor lookup
+        let (p, c, _) = vmrepl_qemu::firmware::select_uefi(&descs, id, "pc-q35-7.2").unwrap();
+        assert_eq!((p, c.as_path()), (d, Path::new(code)));
+    }
+    assert!(
+        fw.iter()
+            .any(|f| f.id == FirmwareVariantId::Ovmf4m && f.runs_on("pc-i440fx-7.2")),
+        "a generation 2 VM on i440fx gets OVMF too: {fw:#?}"
+    );
 }

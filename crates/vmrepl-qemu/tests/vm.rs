@@ -15,11 +15,11 @@ async fn start(dir: &Path) -> (QemuProcess, KillGuard, vmrepl_qemu::RunPaths) {
     let (vm, argv, paths) = small_vm(dir).await;
     let cmd = vmrepl_qemu::cmdline::build_command(
         &vm,
-        &vmrepl_types::FirmwareVariant {
-            id: vm.firmware,
-            code: "/usr/share/seabios/bios-256k.bin".into(),
-            vars_template: None,
-        },
+        &vmrepl_types::FirmwareVariant::fixed(
+            vm.firmware,
+            "/usr/share/seabios/bios-256k.bin".into(),
+            None,
+        ),
         &paths,
         vmrepl_qemu::ResolvedAccel::Tcg,
     )
@@ -229,11 +229,11 @@ async fn uefi_secure_boot_vm_starts_with_pflash_nodes() {
     vm.firmware = vmrepl_types::vm::FirmwareVariantId::Ovmf4mSecureBoot;
     vm.machine_type = "pc-q35-7.2".into();
     vm.nvram = Some(vars);
-    let fw = vmrepl_types::FirmwareVariant {
-        id: vm.firmware,
-        code: "/usr/share/OVMF/OVMF_CODE_4M.ms.fd".into(),
-        vars_template: Some("/usr/share/OVMF/OVMF_VARS_4M.ms.fd".into()),
-    };
+    let fw = vmrepl_types::FirmwareVariant::fixed(
+        vm.firmware,
+        "/usr/share/OVMF/OVMF_CODE_4M.ms.fd".into(),
+        Some("/usr/share/OVMF/OVMF_VARS_4M.ms.fd".into()),
+    );
     let cmd =
         vmrepl_qemu::cmdline::build_command(&vm, &fw, &paths, vmrepl_qemu::ResolvedAccel::Tcg)
             .unwrap();

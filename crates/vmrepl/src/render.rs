@@ -165,6 +165,21 @@ fn revocations(revoked: &[vmrepl_types::replication::RevokedCert]) {
     }
 }
 
+/// Where a firmware entry comes from: its QEMU descriptor and machine types, or a fixed path.
+fn firmware_source(f: &vmrepl_types::FirmwareVariant) -> String {
+    match &f.descriptor {
+        Some(d) => format!(
+            "from descriptor {}, machine types {}",
+            d.display(),
+            f.machines.join(" ")
+        ),
+        None if f.id == vmrepl_types::vm::FirmwareVariantId::Seabios => {
+            "fixed path (seabios_dir)".to_string()
+        }
+        None => "fixed path (ovmf_dir): no firmware descriptor gives it".to_string(),
+    }
+}
+
 fn host_info(h: &HostInfo) {
     println!("Host:                {}", h.host_name);
     println!("vmrepl release:      {}", h.release);
@@ -200,6 +215,7 @@ fn host_info(h: &HostInfo) {
     println!("Firmware:");
     for f in &h.firmware {
         println!("  {:<22} {}", f.id.as_str(), f.code.display());
+        println!("  {:<22} {}", "", firmware_source(f));
     }
     println!("Machine types:       {}", h.machine_types.join(", "));
     println!("Storage:");

@@ -153,7 +153,8 @@ fn bad_input_is_refused_with_the_cause_and_the_fix_and_changes_nothing() {
 #[test]
 fn a_generation_2_vm_is_refused_on_a_host_without_ovmf() {
     let mut h = Host::init("hoste.test", "127.0.0.5");
-    // Point the host's firmware search at an empty folder: it has SeaBIOS nowhere and OVMF nowhere.
+    // Point the host's firmware search at an empty folder, and use no firmware descriptor: it
+    // has SeaBIOS nowhere and OVMF nowhere.
     let cfg_path = h.data().join("config.toml");
     let empty = h.data().join("no-firmware");
     std::fs::create_dir_all(&empty).unwrap();
@@ -164,7 +165,7 @@ fn a_generation_2_vm_is_refused_on_a_host_without_ovmf() {
         .collect::<Vec<_>>()
         .join("\n");
     let e = format!("{:?}", empty.display().to_string());
-    let cfg = format!("ovmf_dir = {e}\nseabios_dir = {e}\n{cfg}\n");
+    let cfg = format!("firmware_descriptor_dirs = []\novmf_dir = {e}\nseabios_dir = {e}\n{cfg}\n");
     std::fs::write(&cfg_path, cfg).unwrap();
     h.start();
     let e = h.fails(&["vm", "create", "uefi", "--generation", "2", "--disk", "8M"]);

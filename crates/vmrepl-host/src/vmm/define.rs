@@ -87,12 +87,15 @@ impl Vmm {
             return Err(VmError::SecureBootNeedsUefi);
         }
         let firmware = vmrepl_types::api::firmware_for(c.generation, c.secure_boot);
+        let machine_type = self.resolve_machine(c.generation, c.machine_type.as_deref())?;
+        // The firmware entry for this machine type: a descriptor's, or the fixed path.
         let fw = self
             .caps
-            .firmware(firmware)
+            .firmware_for(firmware, &machine_type)
             .cloned()
             .ok_or_else(|| VmError::NoFirmware {
                 firmware,
+                machine_type: machine_type.clone(),
                 generation: c.generation,
                 package: if firmware == FirmwareVariantId::Seabios {
                     "seabios"
@@ -100,7 +103,6 @@ impl Vmm {
                     "ovmf"
                 },
             })?;
-        let machine_type = self.resolve_machine(c.generation, c.machine_type.as_deref())?;
         if firmware == FirmwareVariantId::Ovmf4mSecureBoot && !machine_type.starts_with("pc-q35") {
             return Err(VmError::SecureBootNeedsQ35);
         }

@@ -128,9 +128,10 @@ pub enum VmError {
     #[error("Machine type {machine} is not a PC machine type; use pc-i440fx-* or pc-q35-*")]
     NotAPcMachineType { machine: String },
     /// The firmware a generation needs is not installed.
-    #[error("This host has no {firmware} firmware, which a generation {generation} VM needs; install it (apt-get install {package}) and restart the daemon.")]
+    #[error("This host has no {firmware} firmware for machine type {machine_type}, which a generation {generation} VM needs; install it (apt-get install {package}) and restart the daemon.")]
     NoFirmware {
         firmware: FirmwareVariantId,
+        machine_type: String,
         generation: Generation,
         package: &'static str,
     },

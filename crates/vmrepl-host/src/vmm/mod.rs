@@ -162,7 +162,7 @@ impl Vmm {
         }
         let fw = self
             .caps
-            .firmware(def.firmware)
+            .firmware_for(def.firmware, &def.machine_type)
             .cloned()
             .expect("checked by can_run");
         let run_dir = self.dd.run_dir(def.uuid);
