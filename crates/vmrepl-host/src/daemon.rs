@@ -391,8 +391,20 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
             adapter,
             failover,
             test,
+            failover_ip,
+            clear_failover_ip,
         } => Response::ReplicaNetworks {
-            adapters: crate::replica::set_networks(host, &name, adapter, failover, test)?,
+            adapters: crate::replica::set_networks(
+                host,
+                &name,
+                adapter,
+                crate::replica::NetworkChange {
+                    failover,
+                    test,
+                    failover_ip,
+                    clear_failover_ip,
+                },
+            )?,
             vm: name,
         },
         Request::FailoverPrepare { name } => Response::Ok {

@@ -39,7 +39,7 @@ pub use cmdline::{build_command, QemuCommand, RunPaths};
 pub use exec::ExecError;
 pub use img::ImgError;
 pub use process::{is_alive, ProcessError, QemuProcess, SpawnOptions};
-pub use qmp::{Qga, QmpClient, QmpError, QmpEvent};
+pub use qmp::{GuestInterface, Qga, QmpClient, QmpError, QmpEvent};
 pub use storage_daemon::{SdDisk, SdFormat, StorageDaemon, StorageDaemonError};
 
 /// The log target every record of this crate uses.

@@ -603,6 +603,51 @@ pub struct Qga {
     sync_id: AtomicU64,
 }
 
+/// One network interface of a guest, as its agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestInterface {
+    pub name: String,
+    /// Lowercase, colon-separated.
+    pub mac: String,
+    /// `ADDRESS/PREFIX` each.
+    pub addresses: Vec<String>,
+}
+
+/// The interfaces in a `guest-network-get-interfaces` reply (entries without a name skipped).
+pub fn parse_interfaces(v: &Value) -> Vec<GuestInterface> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| {
+                    Some(GuestInterface {
+                        name: i.get("name")?.as_str()?.to_string(),
+                        mac: i
+                            .get("hardware-address")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_ascii_lowercase(),
+                        addresses: i
+                            .get("ip-addresses")
+                            .and_then(Value::as_array)
+                            .map(|xs| {
+                                xs.iter()
+                                    .filter_map(|x| {
+                                        Some(format!(
+                                            "{}/{}",
+                                            x.get("ip-address")?.as_str()?,
+                                            x.get("prefix")?.as_u64()?
+                                        ))
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Drops bytes up to and including the first 0xFF; returns what follows, or None.
 pub fn after_sentinel(buf: &[u8]) -> Option<&[u8]> {
     buf.iter().position(|b| *b == 0xFF).map(|i| &buf[i + 1..])
@@ -750,6 +795,67 @@ impl Qga {
         }
     }
 
+    /// `guest-network-get-interfaces`: each interface's name and hardware address
+    /// (lowercase), with its IP addresses as `ADDRESS/PREFIX`.
+    pub async fn network_interfaces(&self) -> Result<Vec<GuestInterface>, QmpError> {
+        let v = self
+            .execute("guest-network-get-interfaces", Value::Null)
+            .await?;
+        Ok(parse_interfaces(&v))
+    }
+
+    /// Runs `path` with `args` in the guest (`guest-exec`) and waits up to `limit` for it to
+    /// end (`guest-exec-status`); returns its exit code and its standard error.
+    pub async fn exec(
+        &self,
+        path: &str,
+        args: &[&str],
+        limit: Duration,
+    ) -> Result<(i64, String), QmpError> {
+        let v = self
+            .execute(
+                "guest-exec",
+                serde_json::json!({"path": path, "arg": args, "capture-output": true}),
+            )
+            .await?;
+        let pid = v
+            .get("pid")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| QmpError::Agent {
+                path: self.path.clone(),
+                detail: format!("guest-exec gave no pid: {v}"),
+            })?;
+        let start = Instant::now();
+        loop {
+            let st = self
+                .execute("guest-exec-status", serde_json::json!({ "pid": pid }))
+                .await?;
+            if st.get("exited").and_then(Value::as_bool) == Some(true) {
+                let code = st.get("exitcode").and_then(Value::as_i64).unwrap_or(-1);
+                let err = st
+                    .get("err-data")
+                    .and_then(Value::as_str)
+                    .and_then(|b| {
+                        use base64::Engine;
+                        base64::engine::general_purpose::STANDARD.decode(b).ok()
+                    })
+                    .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+                    .unwrap_or_default();
+                return Ok((code, err));
+            }
+            if start.elapsed() > limit {
+                return Err(QmpError::Agent {
+                    path: self.path.clone(),
+                    detail: format!(
+                        "{path} did not end within {} s in the guest",
+                        limit.as_secs()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// `guest-ping`.
     pub async fn ping(&self) -> Result<(), QmpError> {
         self.execute("guest-ping", Value::Null).await.map(|_| ())
@@ -777,6 +883,24 @@ impl Qga {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn guest_interfaces_are_read_with_lowercase_hardware_addresses_and_prefixed_ips() {
+        let v: Value = serde_json::from_str(
+            r#"[{"name":"lo","hardware-address":"00:00:00:00:00:00","ip-addresses":[{"ip-address-type":"ipv4","ip-address":"127.0.0.1","prefix":8}]},
+                {"name":"eth0","hardware-address":"52:54:00:AB:CD:EF","ip-addresses":[{"ip-address-type":"ipv4","ip-address":"10.0.2.15","prefix":24}]},
+                {"hardware-address":"52:54:00:00:00:01"},
+                {"name":"eth1"}]"#,
+        )
+        .unwrap();
+        let ifs = parse_interfaces(&v);
+        assert_eq!(ifs.len(), 3, "{ifs:?}");
+        assert_eq!(ifs[1].mac, "52:54:00:ab:cd:ef");
+        assert_eq!(ifs[1].addresses, vec!["10.0.2.15/24"]);
+        assert_eq!((ifs[2].name.as_str(), ifs[2].addresses.len()), ("eth1", 0));
+        assert!(parse_interfaces(&Value::Null).is_empty());
+    }
+
     use super::*;
     use tokio::net::UnixListener;
 

@@ -212,6 +212,12 @@ pub enum Request {
         failover: Option<crate::vm::NicMode>,
         #[serde(default)]
         test: Option<crate::vm::NicMode>,
+        /// The adapter's failover TCP/IP (needs `adapter`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        failover_ip: Option<FailoverIp>,
+        /// Remove the adapter's failover TCP/IP (the guest keeps its own settings).
+        #[serde(default)]
+        clear_failover_ip: bool,
     },
     /// Primary: ship the last changes of a shut-down VM and lock it (Start-VMFailover -Prepare).
     FailoverPrepare {
@@ -294,6 +300,65 @@ pub struct AdapterNetwork {
     pub mac: String,
     pub failover: crate::vm::NicMode,
     pub test: crate::vm::NicMode,
+    /// The static address the guest gets on this adapter when the VM fails over (Hyper-V's
+    /// failover TCP/IP), set through the QEMU guest agent once it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_ip: Option<FailoverIp>,
+}
+
+/// A failed-over guest adapter's static IP settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverIp {
+    /// Address and prefix length, e.g. `10.0.2.15/24` or `fd00::15/64`.
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
+}
+
+impl FailoverIp {
+    /// Checks every field is an IP address (the address with a prefix length that fits it);
+    /// the error names the field and what to give.
+    pub fn validate(&self) -> Result<(), String> {
+        use std::net::IpAddr;
+        let (ip, prefix) = self.address.split_once('/').ok_or_else(|| {
+            format!(
+                "failover address {:?} has no prefix length; give ADDRESS/PREFIX such as 10.0.0.15/24",
+                self.address
+            )
+        })?;
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|_| format!("failover address {:?} is not an IP address", self.address))?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        match prefix.parse::<u8>() {
+            Ok(p) if p <= max => {}
+            _ => {
+                return Err(format!(
+                    "prefix length {prefix:?} of {} is not 0 to {max}",
+                    self.address
+                ))
+            }
+        }
+        for (what, v) in self
+            .gateway
+            .iter()
+            .map(|g| ("gateway", g))
+            .chain(self.dns.iter().map(|d| ("DNS server", d)))
+        {
+            let a: IpAddr = v
+                .parse()
+                .map_err(|_| format!("{what} {v:?} is not an IP address"))?;
+            if a.is_ipv4() != ip.is_ipv4() {
+                return Err(format!(
+                    "{what} {v} is not of the address family of {}",
+                    self.address
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A change to the replica server settings; unset fields stay as they are.
@@ -450,6 +515,43 @@ pub fn firmware_for(generation: Generation, secure_boot: bool) -> FirmwareVarian
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn failover_ip_settings_must_be_addresses_of_one_family_with_a_prefix() {
+        let ok = FailoverIp {
+            address: "10.0.2.15/24".into(),
+            gateway: Some("10.0.2.2".into()),
+            dns: vec!["10.0.2.3".into()],
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        let with = |address: &str, gateway: Option<&str>| FailoverIp {
+            address: address.into(),
+            gateway: gateway.map(Into::into),
+            dns: vec![],
+        };
+        assert!(with("10.0.2.15", None)
+            .validate()
+            .unwrap_err()
+            .contains("prefix"));
+        assert!(with("10.0.2.15/33", None)
+            .validate()
+            .unwrap_err()
+            .contains("0 to 32"));
+        assert!(with("fd00::1/64", None).validate().is_ok());
+        assert!(with("host/24", None)
+            .validate()
+            .unwrap_err()
+            .contains("not an IP"));
+        assert!(with("10.0.0.1/8", Some("fd00::1"))
+            .validate()
+            .unwrap_err()
+            .contains("family"));
+        assert!(with("10.0.0.1/8", Some("; reboot"))
+            .validate()
+            .unwrap_err()
+            .contains("gateway"));
+    }
+
     use super::*;
 
     #[test]

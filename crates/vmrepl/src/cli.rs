@@ -184,6 +184,19 @@ pub enum ReplCmd {
         /// On test failover: user, none, tap:IF or bridge:BR.
         #[arg(long, value_parser = parse_nic)]
         test: Option<NicMode>,
+        /// Failover TCP/IP of --adapter: the static ADDRESS/PREFIX the guest gets on it when
+        /// the VM fails over (set through the QEMU guest agent).
+        #[arg(long, requires = "adapter")]
+        failover_ip: Option<String>,
+        /// With --failover-ip: the default gateway.
+        #[arg(long, requires = "failover_ip")]
+        gateway: Option<String>,
+        /// With --failover-ip: a DNS server (repeatable).
+        #[arg(long, requires = "failover_ip")]
+        dns: Vec<String>,
+        /// Remove the adapter's failover TCP/IP.
+        #[arg(long, conflicts_with = "failover_ip")]
+        no_failover_ip: bool,
     },
     /// After a failover: replicate the VM back to the old primary (Set-VMReplication -Reverse).
     Reverse(ReverseArgs),
@@ -871,11 +884,21 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
             adapter,
             failover,
             test,
+            failover_ip,
+            gateway,
+            dns,
+            no_failover_ip,
         } => Request::ReplicaNetwork {
             name: vm_name(&name)?,
             adapter,
             failover,
             test,
+            failover_ip: failover_ip.map(|address| vmrepl_types::api::FailoverIp {
+                address,
+                gateway,
+                dns,
+            }),
+            clear_failover_ip: no_failover_ip,
         },
         ReplCmd::Measure { name, reset } => {
             return call(

@@ -101,16 +101,29 @@ pub fn response(r: &Response) -> ExitCode {
         Response::ReplicaNetworks { vm, adapters } => {
             println!("Networks of {vm}'s adapters on this host:");
             println!(
-                "  {:>7}  {:<17}  {:<22}  {:<22}",
+                "  {:>7}  {:<17}  {:<22}  {:<22}  FAILOVER TCP/IP",
                 "ADAPTER", "MAC", "FAILOVER", "TEST FAILOVER"
             );
             for a in adapters {
                 println!(
-                    "  {:>7}  {:<17}  {:<22}  {:<22}",
+                    "  {:>7}  {:<17}  {:<22}  {:<22}  {}",
                     a.adapter,
                     a.mac,
                     nic_text(&a.failover),
-                    nic_text(&a.test)
+                    nic_text(&a.test),
+                    a.failover_ip.as_ref().map_or("-".to_string(), |ip| format!(
+                        "{}{}{}",
+                        ip.address,
+                        ip.gateway
+                            .as_ref()
+                            .map(|g| format!(" via {g}"))
+                            .unwrap_or_default(),
+                        if ip.dns.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" dns {}", ip.dns.join(","))
+                        }
+                    ))
                 );
             }
         }

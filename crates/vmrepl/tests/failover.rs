@@ -469,3 +469,93 @@ fn a_uefi_vm_fails_over_with_its_nvram_and_reverse_replication_carries_it_back()
     });
     assert_eq!(status(&a, "efi")["state"], "replicating");
 }
+
+#[test]
+fn a_failed_over_vm_gets_its_adapters_failover_tcp_ip_through_the_guest_agent() {
+    let _s = serial();
+    let (a, b, _store) = pair("127.0.0.203", "127.0.0.204", "ip");
+    let g = guest();
+    a.ok(&[
+        "vm",
+        "create",
+        "web",
+        "--generation",
+        "1",
+        "--memory",
+        "256",
+        "--kernel",
+        g.kernel.to_str().unwrap(),
+        "--initrd",
+        g.initrd.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 quiet vmrepl.work=idle",
+        "--nic",
+        "user",
+        "--disk",
+        "64M",
+    ]);
+    enable_ok(&a, &b, "web", "hostb.test", &["--frequency", "5"]);
+    wait_until("the initial copy", Duration::from_secs(60), || {
+        acked(&a, "web") >= 1
+    });
+    // The replica host's admin gives adapter 0 its address on this site.
+    let e = b.fails(&[
+        "replication",
+        "network",
+        "web",
+        "--adapter",
+        "0",
+        "--failover-ip",
+        "10.0.2.15",
+    ]);
+    assert!(e.contains("prefix"), "{e}");
+    let e = b.fails(&[
+        "replication",
+        "network",
+        "web",
+        "--adapter",
+        "0",
+        "--failover-ip",
+        "10.0.2.15/24",
+        "--gateway",
+        "fd00::1",
+    ]);
+    assert!(e.contains("family"), "{e}");
+    let out = b.ok(&[
+        "replication",
+        "network",
+        "web",
+        "--adapter",
+        "0",
+        "--failover",
+        "user",
+        "--failover-ip",
+        "10.0.2.15/24",
+        "--gateway",
+        "10.0.2.2",
+        "--dns",
+        "10.0.2.3",
+    ]);
+    assert!(
+        out.contains("10.0.2.15/24 via 10.0.2.2 dns 10.0.2.3"),
+        "{out}"
+    );
+    let out = b.ok(&["failover", "start", "web", "--start"]);
+    assert!(out.contains("failover TCP/IP"), "{out}");
+    // The guest boots, its agent answers, and the address is set and read back from it.
+    let mut last = String::new();
+    wait_until(
+        "the failover TCP/IP outcome",
+        Duration::from_secs(300),
+        || {
+            last = b.ok(&["events", "--vm", "web"]);
+            last.contains("failover TCP/IP")
+        },
+    );
+    assert!(
+        last.contains("failover TCP/IP set in the guest of web: adapter 0 (eth0) has 10.0.2.15/24 via 10.0.2.2, DNS 10.0.2.3"),
+        "{last}\n{}",
+        b.console("web")
+    );
+    b.ok(&["vm", "stop", "web"]);
+}

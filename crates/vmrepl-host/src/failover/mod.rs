@@ -65,6 +65,7 @@ pub async fn points(d: &Arc<Host>, name: &VmName) -> Result<Vec<RecoveryPointInf
 // ------------------------------------------------------------------ primary: prepare, cancel
 
 mod error;
+mod ip;
 mod primary_side;
 mod reverse;
 mod start;

@@ -325,6 +325,18 @@ pub async fn start(
     if start_vm {
         d.vmm.start(&def.name).await?;
         msg.push_str(" The VM is started.");
+        let want: Vec<super::ip::Wanted> = nets
+            .iter()
+            .filter_map(|n| {
+                n.failover_ip
+                    .clone()
+                    .map(|ip| (n.adapter, n.mac.clone(), ip))
+            })
+            .collect();
+        if !want.is_empty() {
+            msg.push_str(" Its failover TCP/IP is set through the guest agent once the guest answers (`vmrepl events --vm` tells the outcome).");
+            super::ip::spawn(d.clone(), row.vm_uuid, name.to_string(), want);
+        }
     }
     Ok(msg)
 }

@@ -27,6 +27,8 @@ pub enum ReplicaError {
         dir: PathBuf,
         why: String,
     },
+    #[error("Invalid failover TCP/IP: {why}.")]
+    BadFailoverIp { why: String },
     #[error("The replica of {vm} has failed over; it takes no initial copy.")]
     FailedOver { vm: String },
     #[error("Cannot read the exported initial copy {}", file.display())]
@@ -86,7 +88,9 @@ impl ApiAnswer for ReplicaError {
         use ReplicaError::*;
         match self {
             NoSuchReplica { .. } | UnreadableExport { .. } => ErrorCode::NotFound,
-            NotAHostName { .. } | NoSuchAdapter { .. } | Unusable { .. } => ErrorCode::InvalidInput,
+            NotAHostName { .. } | NoSuchAdapter { .. } | Unusable { .. } | BadFailoverIp { .. } => {
+                ErrorCode::InvalidInput
+            }
             ItselfReplicated { .. }
             | FailedOver { .. }
             | AlreadyHoldsCopy { .. }

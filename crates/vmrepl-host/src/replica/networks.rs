@@ -28,9 +28,19 @@ pub fn networks(db: &Db, row: &ReplicaRow) -> Vec<vmrepl_types::api::AdapterNetw
                 mac: nic.mac.clone(),
                 failover: s.map_or(NicMode::NotConnected, |a| a.failover.clone()),
                 test: s.map_or(NicMode::NotConnected, |a| a.test.clone()),
+                failover_ip: s.and_then(|a| a.failover_ip.clone()),
             }
         })
         .collect()
+}
+
+/// What `replication network` changes on a replica's adapters; unset fields stay.
+#[derive(Debug, Default)]
+pub struct NetworkChange {
+    pub failover: Option<vmrepl_types::NicMode>,
+    pub test: Option<vmrepl_types::NicMode>,
+    pub failover_ip: Option<vmrepl_types::api::FailoverIp>,
+    pub clear_failover_ip: bool,
 }
 
 /// `replication network`: sets (or shows) the networks of a replica's adapters.
@@ -38,9 +48,24 @@ pub fn set_networks(
     d: &Host,
     name: &vmrepl_types::VmName,
     adapter: Option<usize>,
-    failover: Option<vmrepl_types::NicMode>,
-    test: Option<vmrepl_types::NicMode>,
+    change: NetworkChange,
 ) -> Result<Vec<vmrepl_types::api::AdapterNetwork>, HostError> {
+    let NetworkChange {
+        failover,
+        test,
+        failover_ip,
+        clear_failover_ip,
+    } = change;
+    if let Some(ip) = &failover_ip {
+        ip.validate()
+            .map_err(|why| ReplicaError::BadFailoverIp { why })?;
+        if adapter.is_none() {
+            return Err(ReplicaError::BadFailoverIp {
+                why: "a failover address is for one adapter: give --adapter N".into(),
+            }
+            .into());
+        }
+    }
     let row = named(d, name)?;
     let db = d.db();
     let mut nets = networks(&db, &row);
@@ -54,7 +79,7 @@ pub fn set_networks(
             .into());
         }
     }
-    if failover.is_none() && test.is_none() {
+    if failover.is_none() && test.is_none() && failover_ip.is_none() && !clear_failover_ip {
         return Ok(nets);
     }
     for n in nets
@@ -66,6 +91,12 @@ pub fn set_networks(
         }
         if let Some(t) = &test {
             n.test = t.clone();
+        }
+        if clear_failover_ip {
+            n.failover_ip = None;
+        }
+        if let Some(ip) = &failover_ip {
+            n.failover_ip = Some(ip.clone());
         }
     }
     db.set_replica_networks(row.vm_uuid, &nets)
