@@ -108,7 +108,7 @@ async fn apply(d: &Host, vm: Uuid, want: &[Wanted]) -> Result<Vec<String>, Strin
         let has = now
             .iter()
             .find(|i| i.name == dev)
-            .is_some_and(|i| i.addresses.iter().any(|a| *a == ip.address));
+            .is_some_and(|i| i.addresses.contains(&ip.address));
         if !has {
             return Err(format!(
                 "the guest does not report {} on {dev} afterwards",
