@@ -54,6 +54,14 @@ pub struct HostConfig {
     /// `0.0.0.0`, which no other host can dial.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise: Option<String>,
+    /// The most bytes per second this host sends to replica servers, all relationships
+    /// together (a QoS policy), such as `"100M"`; unset: no host limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_limit: Option<String>,
+    /// The daily window (UTC, `HH:MM-HH:MM`, may wrap midnight) in which `bandwidth_limit`
+    /// holds; unset: always.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_hours: Option<String>,
     /// QEMU accelerator preference.
     #[serde(default)]
     pub accel: Accel,
@@ -223,12 +231,48 @@ impl HostConfig {
         }
     }
 
+    /// The host's bandwidth limit in bytes per second and the window it holds in (None: no
+    /// limit). Err: which key is wrong and what to give.
+    #[allow(clippy::type_complexity)]
+    pub fn host_bandwidth(
+        &self,
+    ) -> Result<Option<(u64, Option<vmrepl_types::replication::ResyncPolicy>)>, String> {
+        let rate = match &self.bandwidth_limit {
+            None => None,
+            Some(r) => vmrepl_types::replication::parse_bandwidth(r)
+                .map_err(|e| format!("bandwidth_limit: {e}"))?,
+        };
+        let window = match &self.bandwidth_hours {
+            None => None,
+            Some(h) => match vmrepl_types::replication::ResyncPolicy::parse(h) {
+                Ok(w @ vmrepl_types::replication::ResyncPolicy::Window { .. }) => Some(w),
+                _ => {
+                    return Err(format!(
+                        "bandwidth_hours {h:?} is not a daily window HH:MM-HH:MM in UTC (for example 08:00-18:00)"
+                    ))
+                }
+            },
+        };
+        if let Some(r) = rate {
+            if r < vmrepl_types::replication::MIN_BANDWIDTH {
+                return Err(format!(
+                    "bandwidth_limit of {r} bytes/s is too low to replicate; give at least 64K"
+                ));
+            }
+        } else if window.is_some() {
+            return Err("bandwidth_hours is set without bandwidth_limit".into());
+        }
+        Ok(rate.map(|r| (r, window)))
+    }
+
     /// A new configuration with defaults.
     pub fn new(host_name: &str, listen: &str, storage: Vec<PathBuf>) -> Self {
         HostConfig {
             host_name: host_name.to_string(),
             listen: listen.to_string(),
             advertise: None,
+            bandwidth_limit: None,
+            bandwidth_hours: None,
             accel: Accel::Auto,
             storage,
             qemu_binary: default_qemu(),
@@ -290,6 +334,7 @@ impl HostConfig {
                 ))
             })?;
         }
+        self.host_bandwidth().map_err(ConfigError::Invalid)?;
         if !(1..=168).contains(&self.monitoring_window_hours) {
             return Err(ConfigError::Invalid(format!(
                 "monitoring_window_hours is {}; give 1 to 168 (hours of history health and \
@@ -382,6 +427,32 @@ impl HostConfig {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_host_bandwidth_limit_is_a_rate_with_an_optional_daily_window() {
+        let mut c = HostConfig::new("a.example.org", "127.0.0.2:7443", vec!["/s".into()]);
+        assert_eq!(c.host_bandwidth(), Ok(None));
+        c.bandwidth_limit = Some("100M".into());
+        assert_eq!(c.host_bandwidth(), Ok(Some((100 << 20, None))));
+        c.bandwidth_hours = Some("08:00-18:00".into());
+        assert!(matches!(c.host_bandwidth(), Ok(Some((_, Some(_))))));
+        c.bandwidth_hours = Some("manual".into());
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("bandwidth_hours"));
+        c.bandwidth_hours = None;
+        c.bandwidth_limit = Some("1K".into());
+        assert!(c.validate().unwrap_err().to_string().contains("64K"));
+        c.bandwidth_limit = None;
+        c.bandwidth_hours = Some("08:00-18:00".into());
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("without bandwidth_limit"));
+    }
 
     #[test]
     fn the_advertised_address_is_the_listen_address_unless_that_is_a_wildcard() {

@@ -30,6 +30,8 @@ pub struct Host {
     pub identity: Arc<vmrepl_transport::pki::HostIdentity>,
     pub db: Arc<Mutex<Db>>,
     pub vmm: Arc<Vmm>,
+    /// The host's bandwidth limit shared by every relationship (`bandwidth_limit`), if any.
+    pub(crate) host_pacer: Option<Arc<crate::peer::client::HostPacer>>,
     /// The primary role's running relationships (scheduler handles, progress).
     pub repl: Runtime,
     /// Per-replica-VM locks and receive slots.
@@ -80,7 +82,13 @@ impl Host {
         vmm: Arc<Vmm>,
         peer_listener: Arc<vmrepl_transport::tls::Listener>,
     ) -> Self {
+        let host_pacer = cfg
+            .host_bandwidth()
+            .ok()
+            .flatten()
+            .map(|(rate, window)| Arc::new(crate::peer::client::HostPacer::new(rate, window)));
         Host {
+            host_pacer,
             dd,
             cfg: std::sync::RwLock::new(cfg),
             identity,

@@ -265,3 +265,66 @@ fn vm_set_reaches_the_replica_with_the_next_cycle_and_a_failover_starts_the_vm_a
         "{d}"
     );
 }
+
+#[test]
+fn a_host_bandwidth_limit_paces_every_relationship_of_the_host() {
+    let _s = serial();
+    let (mut a, b, store) = pair("127.0.0.205", "127.0.0.206", "set");
+    // The admin's QoS policy: 1 MiB/s for everything this host sends, in a window (UTC) of
+    // two hours from the start of this hour.
+    a.stop_daemon();
+    let cfg = a.data().join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let hour = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 3600
+        % 24;
+    std::fs::write(
+        &cfg,
+        format!(
+            "bandwidth_limit = \"1M\"\nbandwidth_hours = \"{hour:02}:00-{:02}:00\"\n{text}",
+            (hour + 2) % 24
+        ),
+    )
+    .unwrap();
+    a.start();
+    create_small_vm(&a, "db");
+    enable_ok(
+        &a,
+        &b,
+        "db",
+        "hostb.test",
+        &["--frequency", "5", "--no-compression"],
+    );
+    wait_until("the initial copy", Duration::from_secs(60), || {
+        acked(&a, "db") >= 1
+    });
+    a.ok(&["replication", "pause", "db"]);
+    write_random(&a, "db", 3);
+    let seq = acked(&a, "db");
+    a.ok(&["replication", "measure", "db", "--reset"]);
+    a.ok(&["replication", "resume", "db"]);
+    wait_until("the paced cycle", Duration::from_secs(60), || {
+        acked(&a, "db") > seq
+    });
+    let m = a.json(&["replication", "measure", "db"])["relationships"][0]["stats"].clone();
+    let slowest = m["max_latency_secs"].as_f64().unwrap();
+    assert!(
+        slowest >= 2.8,
+        "3 MiB under a host limit of 1 MiB/s went out in {slowest} s: {m}"
+    );
+    let top = replica_image(&store, &a, "db", 0, "top.qcow2");
+    same_content(&disk_path(&a, "db", 0), &top).unwrap();
+    // A window that is not a window is refused when the daemon reads the file.
+    a.stop_daemon();
+    std::fs::write(
+        &cfg,
+        format!("bandwidth_limit = \"1M\"\nbandwidth_hours = \"later\"\n{text}"),
+    )
+    .unwrap();
+    let o = a.run(&["daemon"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("bandwidth_hours"), "{e}");
+}

@@ -20,6 +20,7 @@ pub const ANSWER_TO_LOG: Duration = Duration::from_secs(15 * 60);
 
 /// How long a primary waits for the block digests of a replica's disks (read whole).
 pub const ANSWER_TO_DIGESTS: Duration = Duration::from_secs(3600);
+use std::sync::Arc;
 use uuid::Uuid;
 use vmrepl_transport::frame::{self, FrameError, Framed};
 use vmrepl_transport::pki::HostIdentity;
@@ -96,6 +97,53 @@ pub struct PeerClient {
     addr: String,
     /// The relationship's bandwidth limit, when it has one.
     pacer: Option<Pacer>,
+    /// The host's limit, shared by every relationship that sends (when it has one).
+    host_pacer: Option<Arc<HostPacer>>,
+}
+
+/// The host's bandwidth limit (a QoS policy): one pace for every log this host sends, in force
+/// inside its daily window only (UTC; always without one). A pause of over a second starts the
+/// pace afresh, so idle time earns no burst.
+#[derive(Debug)]
+pub struct HostPacer {
+    rate: u64,
+    window: Option<vmrepl_types::replication::ResyncPolicy>,
+    state: std::sync::Mutex<(Option<tokio::time::Instant>, Pacer)>,
+}
+
+impl HostPacer {
+    /// A pace of `rate` bytes per second, inside `window` (a `HH:MM-HH:MM` window) if given.
+    pub fn new(rate: u64, window: Option<vmrepl_types::replication::ResyncPolicy>) -> HostPacer {
+        HostPacer {
+            rate,
+            window,
+            state: std::sync::Mutex::new((None, Pacer::new(rate))),
+        }
+    }
+
+    /// Whether the limit is in force at `now_unix_ms`.
+    pub fn in_force(&self, now_unix_ms: u64) -> bool {
+        self.window
+            .as_ref()
+            .is_none_or(|w| w.wait_ms(now_unix_ms) == Some(0))
+    }
+
+    /// When `n` more bytes may count as sent by this host (now when out of its window).
+    fn due_after(&self, n: u64) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        if !self.in_force(crate::db::now_ms()) {
+            return now;
+        }
+        let mut st = crate::locks::unpoisoned(&self.state);
+        let idle =
+            st.0.is_none_or(|last| now.saturating_duration_since(last) > Duration::from_secs(1));
+        if idle {
+            st.1 = Pacer::new(self.rate);
+        }
+        let due = st.1.due_after(n);
+        st.0 = Some(due.max(now));
+        due
+    }
 }
 
 /// Paces a transfer to `rate` bytes per second: after each frame the sender waits until the
@@ -144,6 +192,21 @@ mod pacer_tests {
         assert_eq!(p.sent, 0, "a new transfer earns no burst from the old one");
         assert_eq!(Pacer::new(0).rate, 1);
     }
+
+    #[test]
+    fn a_host_limit_is_in_force_inside_its_window_only() {
+        use super::HostPacer;
+        use vmrepl_types::replication::ResyncPolicy;
+        let always = HostPacer::new(1 << 20, None);
+        assert!(always.in_force(0));
+        let office = HostPacer::new(1 << 20, Some(ResyncPolicy::parse("08:00-18:00").unwrap()));
+        let at = |h: u64| h * 3_600_000;
+        assert!(office.in_force(at(9)));
+        assert!(!office.in_force(at(20)));
+        let night = HostPacer::new(1 << 20, Some(ResyncPolicy::parse("22:00-06:00").unwrap()));
+        assert!(night.in_force(at(23)) && night.in_force(at(3)));
+        assert!(!night.in_force(at(12)));
+    }
 }
 
 impl std::fmt::Debug for PeerClient {
@@ -175,23 +238,35 @@ impl PeerClient {
         self.pacer = rate.map(Pacer::new);
     }
 
+    /// Also paces the logs this connection sends by the host's limit, shared with others.
+    pub fn set_host_pacer(&mut self, p: Option<Arc<HostPacer>>) {
+        self.host_pacer = p;
+    }
+
     /// Writes one Data frame, at the pace of the bandwidth limit if there is one.
     /// Frames are cut to a tenth of a second's worth (16 KiB at least), so a slow link is
     /// fed evenly rather than in bursts of a whole frame.
     async fn write_paced(&mut self, data: &[u8]) -> Result<(), PeerError> {
-        let Some(rate) = self.pacer.map(|p| p.rate) else {
-            return match self.framed.write_data(data).await {
-                Ok(()) => Ok(()),
-                Err(e) => Err(self.ferr(e)),
-            };
+        let host = self.host_pacer.clone();
+        let rate = match (self.pacer.map(|p| p.rate), host.as_ref().map(|h| h.rate)) {
+            (None, None) => {
+                return match self.framed.write_data(data).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(self.ferr(e)),
+                }
+            }
+            (a, b) => a.into_iter().chain(b).min().unwrap_or(u64::MAX),
         };
         let piece = ((rate / 10) as usize).clamp(16 << 10, DATA_CHUNK);
         for part in data.chunks(piece) {
             if let Err(e) = self.framed.write_data(part).await {
                 return Err(self.ferr(e));
             }
-            if let Some(p) = self.pacer.as_mut() {
-                tokio::time::sleep_until(p.due_after(part.len() as u64)).await;
+            let n = part.len() as u64;
+            let mine = self.pacer.as_mut().map(|p| p.due_after(n));
+            let hosts = host.as_ref().map(|h| h.due_after(n));
+            if let Some(due) = mine.into_iter().chain(hosts).max() {
+                tokio::time::sleep_until(due).await;
             }
         }
         Ok(())
@@ -224,6 +299,7 @@ impl PeerClient {
             host: expected_host.to_string(),
             addr: addr.to_string(),
             pacer: None,
+            host_pacer: None,
         };
         let hello = PeerRequest::Hello {
             host_info: Box::new(my_info.clone()),

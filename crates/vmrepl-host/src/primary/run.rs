@@ -138,6 +138,7 @@ pub(crate) async fn run_cycle(
         }
     };
     client.set_rate_limit(rel.settings.bandwidth_limit);
+    client.set_host_pacer(d.host_pacer.clone());
     tell_policy(rt, &mut client, vm_uuid, &rel.settings).await;
     if tell_definition(rt, &mut client, &vm, &rel.settings)
         .await
@@ -157,6 +158,7 @@ pub(crate) async fn run_cycle(
             }
         };
         client.set_rate_limit(rel.settings.bandwidth_limit);
+        client.set_host_pacer(d.host_pacer.clone());
     }
     let exported = initial
         && matches!(rel.settings.initial, InitialReplication::Export { .. })
