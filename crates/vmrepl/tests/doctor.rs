@@ -182,8 +182,8 @@ fn doctor_names_a_dropped_port_a_stopped_daemon_an_unauthorized_host_and_a_forei
     assert_eq!(tls["status"], "fail", "{fs:#?}");
     assert!(tls["fix"].as_str().unwrap().contains("host trust"), "{tls}");
 
-    // The replica server's daemon stopped: the port refuses at once.
-    b.ok(&["stop"]);
+    // The replica server's daemon stopped (and gone): the port refuses at once.
+    b.stop_daemon();
     let (fs, passed) = doctor(&a, &check);
     assert!(!passed);
     let tcp = finding(&fs, "tcp");
