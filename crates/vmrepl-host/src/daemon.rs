@@ -32,18 +32,34 @@ pub enum DaemonError {
     Peer(String),
 }
 
-/// Runs the daemon in the foreground until asked to stop (request or SIGTERM/SIGINT).
+/// Runs the daemon in the foreground until asked to stop (request or SIGTERM/SIGINT). The
+/// folder's lock is held until the runtime is gone, and with it every socket the daemon
+/// listened on: whoever waits for the lock (a service manager, a script) then finds the ports
+/// closed, not a listener that accepts and resets while the process winds down.
 pub fn run_foreground(dd: &DataDir) -> Result<(), DaemonError> {
+    dd.require_host()?;
+    let lock = dd.lock()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    rt.block_on(run(dd.clone()))
+    let r = rt.block_on(run_locked(dd.clone()));
+    // Drops the tasks the stop aborted, and the listeners they held.
+    rt.shutdown_timeout(std::time::Duration::from_secs(10));
+    drop(lock);
+    r
 }
 
-/// Runs the daemon on the current runtime.
+/// Runs the daemon on the current runtime (it takes the folder's lock itself).
 pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
+    dd.require_host()?;
+    let _lock = dd.lock()?;
+    run_locked(dd).await
+}
+
+/// The daemon, its folder's lock held by the caller.
+async fn run_locked(dd: DataDir) -> Result<(), DaemonError> {
     // Under systemd (Type=notify): READY=1 once serving, the watchdog, STOPPING=1 at the end.
     let notifier = match crate::sd_notify::Notifier::from_env() {
         Ok(n) => n.map(Arc::new),
@@ -52,8 +68,6 @@ pub async fn run(dd: DataDir) -> Result<(), DaemonError> {
             None
         }
     };
-    dd.require_host()?;
-    let _lock = dd.lock()?;
     let config = dd.config();
     let (mut cfg, file) = HostConfig::load_with_file_settings(&config)?;
     let db = Db::open(&dd.db())?;

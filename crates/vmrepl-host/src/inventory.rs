@@ -72,5 +72,6 @@ fn replica_summary(r: &ReplicaRow) -> VmSummary {
         pid: None,
         note: None,
         replication: Some(replica_role(r)),
+        kept_replica: true,
     }
 }

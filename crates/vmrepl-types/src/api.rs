@@ -56,6 +56,9 @@ pub struct VmSummary {
     pub note: Option<String>,
     /// Replication role of this VM on this host, if any.
     pub replication: Option<String>,
+    /// A replica this host keeps for its primary, not a VM of this host (until it fails over).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kept_replica: bool,
 }
 
 /// Everything the management API can be asked.

@@ -187,7 +187,7 @@ fn doctor_names_a_dropped_port_a_stopped_daemon_an_unauthorized_host_and_a_forei
     let (fs, passed) = doctor(&a, &check);
     assert!(!passed);
     let tcp = finding(&fs, "tcp");
-    assert_eq!(tcp["status"], "fail");
+    assert_eq!(tcp["status"], "fail", "{fs:#?}");
     assert!(
         tcp["message"].as_str().unwrap().contains("refused"),
         "{tcp}"

@@ -161,9 +161,7 @@ fn planned_failover_and_failback_keep_every_write_and_reverse_without_a_full_cop
     );
     let ra = status(&a, "app");
     assert_eq!(ra["role"], "replica", "{ra}");
-    assert!(a.json(&["vm", "list"])["vms"]
-        .as_array()
-        .unwrap()
+    assert!(local_vms(&a)
         .iter()
         .all(|v| v["definition"]["name"] != "app"));
 
@@ -250,10 +248,7 @@ fn unplanned_failover_to_an_older_point_cancel_another_point_complete_and_revers
         e.contains("999999") && e.contains(&oldest.to_string()),
         "{e}"
     );
-    assert!(b.json(&["vm", "list"])["vms"]
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert!(local_vms(&b).is_empty());
 
     // An older point first: the guest finds every block intact there.
     let out = b.ok(&[
@@ -271,10 +266,7 @@ fn unplanned_failover_to_an_older_point_cancel_another_point_complete_and_revers
     assert_eq!(status(&b, "app")["state"], "failed-over-waiting-completion");
     // Wrong point: cancel, and the points are as before.
     b.ok(&["failover", "cancel", "app"]);
-    assert!(b.json(&["vm", "list"])["vms"]
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert!(local_vms(&b).is_empty());
     assert_eq!(frozen_points(&b), points);
     b.ok(&[
         "failover",
@@ -345,10 +337,7 @@ fn unplanned_failover_to_an_older_point_cancel_another_point_complete_and_revers
         "the resynchronization sent {resync_bytes} bytes; a full copy was {initial_bytes}"
     );
     assert_eq!(status(&a, "app")["role"], "replica");
-    assert!(a.json(&["vm", "list"])["vms"]
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert!(local_vms(&a).is_empty());
     // With the VM off and one more cycle, the old primary holds exactly the new one's disk.
     b.ok(&["vm", "shutdown", "app", "--timeout", "90"]);
     let off = status(&b, "app")["last_sequence"].as_u64().unwrap();
@@ -412,10 +401,7 @@ fn test_failover_runs_beside_replication_pins_its_point_and_leaves_nothing_behin
     );
     assert_eq!(status(&a, "app")["health"], "normal");
     b.ok(&["failover", "stop-test", "app"]);
-    assert!(b.json(&["vm", "list"])["vms"]
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert!(local_vms(&b).is_empty());
     assert!(!b.data().join("storage").join(&uuid).exists());
     let e = b.fails(&["failover", "stop-test", "app"]);
     assert!(e.contains("No test failover"), "{e}");

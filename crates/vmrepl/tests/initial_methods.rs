@@ -260,7 +260,11 @@ fn a_copy_that_already_exists_on_the_replica_host_is_reconciled_by_block_compare
         &["--frequency", "5", "--initial-existing-copy"],
     );
     // hostb's VM became the replica: it is no longer a VM of its own there.
-    assert!(!b.ok(&["vm", "list"]).contains("app"));
+    assert!(local_vms(&b)
+        .iter()
+        .all(|v| v["definition"]["name"] != "app"));
+    // It is listed as the replica it now is.
+    assert!(b.ok(&["vm", "list"]).contains("replica of app"));
     wait_until("replicating", Duration::from_secs(120), || {
         status(&a, "app")["state"] == "replicating"
     });

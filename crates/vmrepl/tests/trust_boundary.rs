@@ -580,7 +580,7 @@ fn whatever_an_authorized_primary_sends_nothing_outside_its_own_replicas_and_sto
         || status(&b, "cvm")["last_sequence"].as_u64() == Some(c_seq),
     );
     let reference = outside_hosta(&b, &store_a);
-    let b_vms = b.json(&["vm", "list"]);
+    let b_vms = local_vms(&b);
 
     let rt = runtime();
     let work = tempfile::tempdir().unwrap();
@@ -704,7 +704,7 @@ fn whatever_an_authorized_primary_sends_nothing_outside_its_own_replicas_and_sto
             )));
         }
         prop_assert_eq!(
-            &b.json(&["vm", "list"]),
+            &local_vms(&b),
             &b_vms,
             "{:?} changed hostb's VMs",
             ops

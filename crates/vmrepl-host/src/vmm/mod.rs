@@ -109,6 +109,7 @@ impl Vmm {
             pid: r.pid,
             note: r.note,
             replication: None,
+            kept_replica: false,
         }
     }
 

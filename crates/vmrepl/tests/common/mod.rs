@@ -1090,3 +1090,14 @@ pub fn create_small_vm(h: &Host, name: &str) {
         "64M",
     ]);
 }
+
+/// The VMs defined on `h` itself: `vm list` without the replicas it keeps for primaries.
+pub fn local_vms(h: &Host) -> Vec<serde_json::Value> {
+    h.json(&["vm", "list"])["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["kept_replica"] != true)
+        .cloned()
+        .collect()
+}
