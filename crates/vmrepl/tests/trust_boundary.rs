@@ -703,12 +703,7 @@ fn whatever_an_authorized_primary_sends_nothing_outside_its_own_replicas_and_sto
                 "{ops:?} changed files outside hosta's storage folder: {changed:?}"
             )));
         }
-        prop_assert_eq!(
-            &local_vms(&b),
-            &b_vms,
-            "{:?} changed hostb's VMs",
-            ops
-        );
+        prop_assert_eq!(&local_vms(&b), &b_vms, "{:?} changed hostb's VMs", ops);
         prop_assert_eq!(
             status(&b, "cvm")["last_sequence"].as_u64(),
             Some(c_seq),
