@@ -320,6 +320,20 @@ pub struct FailoverIp {
     pub dns: Vec<String>,
 }
 
+impl std::fmt::Display for FailoverIp {
+    /// `10.0.2.15/24 via 10.0.2.2, DNS 10.0.2.3 10.0.2.4`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.address)?;
+        if let Some(g) = &self.gateway {
+            write!(f, " via {g}")?;
+        }
+        if !self.dns.is_empty() {
+            write!(f, ", DNS {}", self.dns.join(" "))?;
+        }
+        Ok(())
+    }
+}
+
 impl FailoverIp {
     /// Checks every field is an IP address (the address with a prefix length that fits it);
     /// the error names the field and what to give.

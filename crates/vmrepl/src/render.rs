@@ -111,19 +111,9 @@ pub fn response(r: &Response) -> ExitCode {
                     a.mac,
                     nic_text(&a.failover),
                     nic_text(&a.test),
-                    a.failover_ip.as_ref().map_or("-".to_string(), |ip| format!(
-                        "{}{}{}",
-                        ip.address,
-                        ip.gateway
-                            .as_ref()
-                            .map(|g| format!(" via {g}"))
-                            .unwrap_or_default(),
-                        if ip.dns.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" dns {}", ip.dns.join(","))
-                        }
-                    ))
+                    a.failover_ip
+                        .as_ref()
+                        .map_or("-".to_string(), |ip| ip.to_string())
                 );
             }
         }

@@ -523,7 +523,7 @@ fn a_failed_over_vm_gets_its_adapters_failover_tcp_ip_through_the_guest_agent() 
         "10.0.2.3",
     ]);
     assert!(
-        out.contains("10.0.2.15/24 via 10.0.2.2 dns 10.0.2.3"),
+        out.contains("10.0.2.15/24 via 10.0.2.2, DNS 10.0.2.3"),
         "{out}"
     );
     let out = b.ok(&["failover", "start", "web", "--start"]);

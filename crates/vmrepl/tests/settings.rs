@@ -30,6 +30,24 @@ fn write_random(a: &Host, vm: &str, mib: usize) {
     a.ok(&["vm", "trust-disks", vm]);
 }
 
+/// Pauses `vm`, writes 3 MiB of incompressible data, resumes, and returns how long the cycle
+/// that carried it took (the slowest since a statistics reset), once the replica (in `store`)
+/// equals the primary.
+fn paced_cycle_secs(a: &Host, store: &std::path::Path, vm: &str) -> f64 {
+    a.ok(&["replication", "pause", vm]);
+    write_random(a, vm, 3);
+    let seq = acked(a, vm);
+    a.ok(&["replication", "measure", vm, "--reset"]);
+    a.ok(&["replication", "resume", vm]);
+    wait_until("the paced cycle", Duration::from_secs(60), || {
+        acked(a, vm) > seq
+    });
+    let m = a.json(&["replication", "measure", vm])["relationships"][0]["stats"].clone();
+    let top = replica_image(store, a, vm, 0, "top.qcow2");
+    same_content(&disk_path(a, vm, 0), &top).unwrap();
+    m["max_latency_secs"].as_f64().unwrap()
+}
+
 fn frozen_points(b: &Host, vm: &str) -> usize {
     b.json(&["replication", "points", vm])["points"]
         .as_array()
@@ -96,22 +114,8 @@ fn replication_set_changes_frequency_points_compression_and_bandwidth_in_place()
     );
 
     // 3 MiB of incompressible data under a limit of 1 MiB/s: its cycle takes 3 s at least.
-    a.ok(&["replication", "pause", "db"]);
-    write_random(&a, "db", 3);
-    let seq = acked(&a, "db");
-    a.ok(&["replication", "measure", "db", "--reset"]);
-    a.ok(&["replication", "resume", "db"]);
-    wait_until("the paced cycle", Duration::from_secs(60), || {
-        acked(&a, "db") > seq
-    });
-    let m = a.json(&["replication", "measure", "db"])["relationships"][0]["stats"].clone();
-    let slowest = m["max_latency_secs"].as_f64().unwrap();
-    assert!(
-        slowest >= 2.8,
-        "3 MiB at 1 MiB/s went out in {slowest} s: {m}"
-    );
-    let top = replica_image(&store, &a, "db", 0, "top.qcow2");
-    same_content(&disk_path(&a, "db", 0), &top).unwrap();
+    let slowest = paced_cycle_secs(&a, &store, "db");
+    assert!(slowest >= 2.8, "3 MiB at 1 MiB/s went out in {slowest} s");
 
     let out = a.ok(&[
         "replication",
@@ -301,22 +305,11 @@ fn a_host_bandwidth_limit_paces_every_relationship_of_the_host() {
     wait_until("the initial copy", Duration::from_secs(60), || {
         acked(&a, "db") >= 1
     });
-    a.ok(&["replication", "pause", "db"]);
-    write_random(&a, "db", 3);
-    let seq = acked(&a, "db");
-    a.ok(&["replication", "measure", "db", "--reset"]);
-    a.ok(&["replication", "resume", "db"]);
-    wait_until("the paced cycle", Duration::from_secs(60), || {
-        acked(&a, "db") > seq
-    });
-    let m = a.json(&["replication", "measure", "db"])["relationships"][0]["stats"].clone();
-    let slowest = m["max_latency_secs"].as_f64().unwrap();
+    let slowest = paced_cycle_secs(&a, &store, "db");
     assert!(
         slowest >= 2.8,
-        "3 MiB under a host limit of 1 MiB/s went out in {slowest} s: {m}"
+        "3 MiB under a host limit of 1 MiB/s went out in {slowest} s"
     );
-    let top = replica_image(&store, &a, "db", 0, "top.qcow2");
-    same_content(&disk_path(&a, "db", 0), &top).unwrap();
     // A window that is not a window is refused when the daemon reads the file.
     a.stop_daemon();
     std::fs::write(

@@ -115,19 +115,7 @@ async fn apply(d: &Host, vm: Uuid, want: &[Wanted]) -> Result<Vec<String>, Strin
                 ip.address
             ));
         }
-        done.push(format!(
-            "adapter {adapter} ({dev}) has {}{}{}",
-            ip.address,
-            ip.gateway
-                .as_ref()
-                .map(|g| format!(" via {g}"))
-                .unwrap_or_default(),
-            if ip.dns.is_empty() {
-                String::new()
-            } else {
-                format!(", DNS {}", ip.dns.join(" "))
-            }
-        ));
+        done.push(format!("adapter {adapter} ({dev}) has {ip}"));
     }
     Ok(done)
 }

@@ -125,40 +125,31 @@ pub(crate) async fn run_cycle(
         happened(d, vm_uuid, PrimaryEvent::CycleFailed { kind }, Some(&msg));
         msg
     };
-    let (mut client, _theirs) = match connect(d, &rel.settings).await {
-        Ok(c) => c,
-        Err(e) => {
-            return Err(fail(
+    // A connection to the replica server, paced by the relationship's and the host's limits.
+    let reach = || async {
+        match connect(d, &rel.settings).await {
+            Ok((mut c, _)) => {
+                c.set_rate_limit(rel.settings.bandwidth_limit);
+                c.set_host_pacer(d.host_pacer.clone());
+                Ok(c)
+            }
+            Err(e) => Err(fail(
                 format!(
                     "cannot reach the replica server {}: {e}",
                     rel.settings.replica_server
                 ),
                 true,
-            ))
+            )),
         }
     };
-    client.set_rate_limit(rel.settings.bandwidth_limit);
-    client.set_host_pacer(d.host_pacer.clone());
+    let mut client = reach().await?;
     tell_policy(rt, &mut client, vm_uuid, &rel.settings).await;
     if tell_definition(rt, &mut client, &vm, &rel.settings)
         .await
         .map_err(|e| fail(e, false))?
     {
         // An older replica closes the connection after a request it does not know.
-        client = match connect(d, &rel.settings).await {
-            Ok((c, _)) => c,
-            Err(e) => {
-                return Err(fail(
-                    format!(
-                        "cannot reach the replica server {}: {e}",
-                        rel.settings.replica_server
-                    ),
-                    true,
-                ))
-            }
-        };
-        client.set_rate_limit(rel.settings.bandwidth_limit);
-        client.set_host_pacer(d.host_pacer.clone());
+        client = reach().await?;
     }
     let exported = initial
         && matches!(rel.settings.initial, InitialReplication::Export { .. })
