@@ -250,6 +250,17 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
             }
             Response::Ok { message }
         }
+        Request::VmDiskResize {
+            name,
+            disk,
+            size_bytes,
+        } => {
+            let message = vmm.resize_disk(&name, &disk, size_bytes).await?;
+            if let Ok(def) = vmm.show(&name).map(|v| v.definition) {
+                crate::primary::wake(host, def.uuid);
+            }
+            Response::Ok { message }
+        }
         Request::VmTrustDisks { name } => Response::Ok {
             message: vmm.trust_disks(&name).await?,
         },

@@ -73,3 +73,20 @@ pub(crate) fn repair_layer(dir: &Path, name: &str) -> Result<String> {
         ],
     )
 }
+
+/// `qemu-img resize` of the qcow2 layer `path` to `size` bytes (growing only; its backing is
+/// a layer of the same folder, opened read-only).
+pub(crate) fn resize(path: &Path, size: u64) -> Result<()> {
+    run(
+        path.parent(),
+        [
+            OsString::from("resize"),
+            "-q".into(),
+            "-f".into(),
+            "qcow2".into(),
+            path.file_name().unwrap_or_default().into(),
+            size.to_string().into(),
+        ],
+    )
+    .map(drop)
+}

@@ -415,6 +415,14 @@ fn adopt_image(src: &Path, dest: &Path, size: u64) -> Result<()> {
         false,
         size,
     )?;
+    // A layer may be smaller than its disk inside a store (a grown disk); an adopted image
+    // must be the disk, exactly.
+    if acc.size() != size {
+        return Err(bad(format!(
+            "its virtual size is {} bytes, the disk is {size}",
+            acc.size()
+        )));
+    }
     drop(acc);
     if fs::hard_link(src, dest).is_err() {
         convert_standalone(src, dest)?;
@@ -792,6 +800,40 @@ impl ReplicaVm {
             self.save()?;
         }
         Ok(())
+    }
+
+    /// Why disk `id` cannot grow to `new_size` now, if it cannot: it must exist, only grow
+    /// (in 512-byte units), and the latest state must be whole (no apply in progress, no
+    /// resynchronization in parts).
+    pub fn grow_disk_check(&self, id: &str, new_size: u64) -> Result<u64> {
+        let old = self.disk_size(id)?;
+        if new_size < old || !new_size.is_multiple_of(512) {
+            return Err(StoreError::BadDiskSize {
+                disk: id.to_string(),
+                size: new_size,
+            });
+        }
+        if let Some(seq) = self.torn() {
+            return Err(StoreError::TornLatest { seq });
+        }
+        Ok(old)
+    }
+
+    /// Grows disk `id` to `new_size` bytes (its primary grew the VM's disk): the top layer is
+    /// resized; the recovery points keep their size (what lies past a layer's end reads as
+    /// zeros). The digest map starts afresh.
+    pub fn grow_disk(&mut self, id: &str, new_size: u64) -> Result<()> {
+        let old = self.grow_disk_check(id, new_size)?;
+        if old == new_size {
+            return Ok(());
+        }
+        let ddir = self.disk_dir(id);
+        qemu_img::resize(&ddir.join(TOP), new_size)?;
+        DigestMap::remove(&ddir);
+        if let Some(d) = self.cat.disks.iter_mut().find(|d| d.id == id) {
+            d.size_bytes = new_size;
+        }
+        self.save()
     }
 
     /// The log whose apply started but did not finish, if any: the top layer may hold part
@@ -1999,6 +2041,42 @@ mod tests {
         // Other block sizes are read as before.
         let small = vm.range_digests("a", 0, 1 << 20, 4096).unwrap();
         assert_eq!(small.len(), 256);
+    }
+
+    #[test]
+    fn a_grown_disk_reads_its_old_blocks_through_smaller_layers_and_zeros_past_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("s");
+        let mut vm = vm_with_data(&root); // disk a: 4 MiB, log 1 wrote [1; 70000] at 64 KiB
+        vm.freeze_point(3, 3, Consistency::Crash).unwrap();
+        vm.grow_disk("a", 8 << 20).unwrap();
+        assert_eq!(vm.disk_size("a").unwrap(), 8 << 20);
+        let Begin::Apply(mut t) = vm.begin_apply(4, 3).unwrap() else {
+            panic!()
+        };
+        t.write("a", 6 << 20, &[9; 4096]).unwrap();
+        t.commit(4, Consistency::Crash).unwrap();
+        let ddir = vm.disk_dir("a");
+        let acc = chain::open_chain(
+            &ddir,
+            &vm.chain_layers(PointRef::Latest).unwrap(),
+            false,
+            8 << 20,
+        )
+        .unwrap();
+        let mut b = vec![0u8; 4096];
+        acc.read(&mut b, 65536).unwrap();
+        assert_eq!(b[0], 1, "an old block through the smaller layers");
+        acc.read(&mut b, 5 << 20).unwrap();
+        assert!(b.iter().all(|x| *x == 0), "past the old end: zeros");
+        acc.read(&mut b, 6 << 20).unwrap();
+        assert_eq!(b[0], 9, "the new block");
+        // The old point is still whole at its old size, and the store reopens.
+        assert!(vm.point_image_paths(PointRef::Frozen(3)).is_ok());
+        drop(vm);
+        let vm = ReplicaStore::open(&root, vm_uuid_of(&root)).unwrap();
+        assert_eq!(vm.disk_size("a").unwrap(), 8 << 20);
+        assert!(vm.grow_disk_check("a", 4 << 20).is_err(), "never shrinks");
     }
 
     fn vm_uuid_of(root: &Path) -> Uuid {

@@ -120,6 +120,12 @@ pub enum Request {
         #[serde(default)]
         memory_mib: Option<u64>,
     },
+    /// Grow a disk of a VM that is off (its replica grows with the next cycle).
+    VmDiskResize {
+        name: VmName,
+        disk: String,
+        size_bytes: u64,
+    },
     VmConsole {
         name: VmName,
         tail_bytes: Option<u64>,

@@ -433,6 +433,17 @@ pub struct SettingsArgs {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum DiskCmd {
+    /// Grow a disk (VM off) to SIZE, such as 20G.
+    Resize {
+        name: String,
+        /// The disk id (disk0, disk1, ...).
+        disk: String,
+        size: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum HostCmd {
     /// Create a host in the data folder: config, TLS identity, database.
     Init(InitArgs),
@@ -550,6 +561,10 @@ pub enum VmCmd {
     /// bitmaps (qemu-io, qemu-nbd with the bitmaps loaded); take them as they are, with no
     /// resynchronization. Any other change (a restore, dd, qemu-img convert) needs one.
     TrustDisks { name: String },
+    /// Disks of a VM: `vm disk resize VM DISK SIZE` grows one (the VM off; a replicated VM's
+    /// replica grows its copy with the next cycle).
+    #[command(subcommand)]
+    Disk(DiskCmd),
     /// Change a VM's vCPUs and memory (Set-VM), in force from its next start; a replicated
     /// VM's replica gets the change with the next cycle, so a failover starts it as it is now.
     Set {
@@ -773,6 +788,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 },
                 VmCmd::TrustDisks { name } => Request::VmTrustDisks {
                     name: vm_name(&name)?,
+                },
+                VmCmd::Disk(DiskCmd::Resize { name, disk, size }) => Request::VmDiskResize {
+                    name: vm_name(&name)?,
+                    disk,
+                    size_bytes: parse_size(&size)?,
                 },
                 VmCmd::Set { name, cpus, memory } => Request::VmSet {
                     name: vm_name(&name)?,

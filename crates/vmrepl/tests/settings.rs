@@ -321,3 +321,53 @@ fn a_host_bandwidth_limit_paces_every_relationship_of_the_host() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("bandwidth_hours"), "{e}");
 }
+
+#[test]
+fn a_disk_grown_on_a_replicated_vm_grows_on_the_replica_with_the_next_cycle_without_a_resync() {
+    let _s = serial();
+    let (a, b, store) = pair("127.0.0.207", "127.0.0.208", "set");
+    create_small_vm(&a, "db");
+    enable_ok(&a, &b, "db", "hostb.test", &["--frequency", "5"]);
+    wait_until("the initial copy", Duration::from_secs(60), || {
+        acked(&a, "db") >= 1
+    });
+    let e = a.fails(&["vm", "disk", "resize", "db", "disk0", "32M"]);
+    assert!(e.contains("only grow"), "{e}");
+    let e = a.fails(&["vm", "disk", "resize", "db", "disk9", "128M"]);
+    assert!(e.contains("disk0"), "{e}");
+    a.ok(&["replication", "pause", "db"]);
+    let out = a.ok(&["vm", "disk", "resize", "db", "disk0", "128M"]);
+    assert!(out.contains("128 MiB"), "{out}");
+    // Data past the old end, written while the VM is off by a tool that keeps the bitmaps.
+    let file = a.data().join("tail.bin");
+    std::fs::write(&file, vec![0x5au8; 3 << 20]).unwrap();
+    let st = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c"])
+        .arg(format!("write -q -s {} 100M 3M", file.display()))
+        .arg(disk_path(&a, "db", 0))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    a.ok(&["vm", "trust-disks", "db"]);
+    let seq = acked(&a, "db");
+    a.ok(&["replication", "resume", "db"]);
+    wait_until("the next cycle", Duration::from_secs(60), || {
+        acked(&a, "db") > seq
+    });
+    let s = status(&a, "db");
+    assert_eq!(s["state"], "replicating", "{s}");
+    let events = a.ok(&["events", "--vm", "db"]);
+    assert!(
+        !events.contains("tracking-lost") && !events.to_lowercase().contains("resynchroniz"),
+        "a grown disk needs no resynchronization: {events}"
+    );
+    assert!(
+        events.contains("disk disk0 grown to 134217728 bytes"),
+        "{events}"
+    );
+    // The replica's copy is the disk as it is now, and so is its definition.
+    let top = replica_image(&store, &a, "db", 0, "top.qcow2");
+    same_content(&disk_path(&a, "db", 0), &top).unwrap();
+    let d = b.json(&["vm", "show", "db"])["definition"]["disks"][0].clone();
+    assert_eq!(d["size_bytes"], 128u64 << 20, "{d}");
+}

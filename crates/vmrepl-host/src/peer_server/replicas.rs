@@ -233,11 +233,24 @@ pub(super) async fn update_definition(
             .map(|x| (x.id.clone(), x.size_bytes))
             .collect()
     };
-    if disks(&vm) != disks(&row.definition) {
+    // Disks may grow (the replica's copy grows with them); anything else is a new copy.
+    let (now, had) = (disks(&vm), disks(&row.definition));
+    let grown: Vec<(String, u64)> = now
+        .iter()
+        .zip(&had)
+        .filter(|((i, n), (j, o))| i == j && n > o)
+        .map(|((i, n), _)| (i.clone(), *n))
+        .collect();
+    let same_ids = now.len() == had.len()
+        && now
+            .iter()
+            .zip(&had)
+            .all(|((i, n), (j, o))| i == j && n >= o);
+    if !same_ids {
         return Err(refuse(
             RefusalCode::BadRequest,
             format!(
-                "the disks of VM {} changed ({:?} replicated, {:?} now); a replica takes new or resized disks only with a new initial copy",
+                "the disks of VM {} changed ({:?} replicated, {:?} now); a replica takes grown disks, but new, removed or smaller ones only with a new initial copy",
                 vm.name,
                 disks(&row.definition),
                 disks(&vm)
@@ -258,11 +271,20 @@ pub(super) async fn update_definition(
     let dir = replica::vm_dir(&row);
     let lock = daemon.replica_locks.vm(&dir);
     let _g = lock.lock().await;
+    if !grown.is_empty() {
+        // Logs received at the old size are applied first.
+        let _ = replica::apply_and_record(daemon, &row).await;
+    }
     let def =
         serde_json::to_value(&vm).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
     let (root, uuid) = (row.storage_root.clone(), vm.uuid);
     tokio::task::spawn_blocking(move || -> Result<(), String> {
         let mut store = vmrepl_store::ReplicaStore::open(&root, uuid).map_err(|e| e.to_string())?;
+        for (id, size) in &grown {
+            store
+                .grow_disk(id, *size)
+                .map_err(|e| format!("cannot grow disk {id}: {e}"))?;
+        }
         store.set_vm_definition(&def).map_err(|e| e.to_string())
     })
     .await

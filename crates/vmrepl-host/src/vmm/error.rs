@@ -70,6 +70,18 @@ pub enum VmError {
     /// The VM name is refused.
     #[error(transparent)]
     Name(#[from] NameError),
+    /// A disk the VM does not have.
+    #[error("VM {vm} has no disk {disk:?}; its disks are {disks}.")]
+    NoSuchDisk {
+        vm: String,
+        disk: String,
+        disks: String,
+    },
+    /// A disk asked to shrink, or to a size that is not whole sectors.
+    #[error(
+        "Disk {disk} is {now} bytes; it can only grow, to a multiple of 512 bytes ({size} asked)."
+    )]
+    Shrink { disk: String, size: u64, now: u64 },
     /// vCPU count out of range.
     #[error("{vcpus} vCPUs asked; use 1 to 64.")]
     Vcpus { vcpus: u32 },
@@ -217,7 +229,8 @@ impl ApiAnswer for VmError {
     fn code(&self) -> ErrorCode {
         use VmError::*;
         match self {
-            NoSuchVm { .. } | Gone { .. } => ErrorCode::NotFound,
+            NoSuchVm { .. } | Gone { .. } | NoSuchDisk { .. } => ErrorCode::NotFound,
+            Shrink { .. } => ErrorCode::InvalidInput,
             AlreadyExists { .. } | NameTaken { .. } | UuidTaken { .. } => ErrorCode::AlreadyExists,
             LockedForFailover { .. }
             | NotOff { .. }

@@ -495,6 +495,84 @@ impl Vmm {
         Ok(format!("VM {name} now has {said}, {when}."))
     }
 
+    /// Grows disk `disk` of a VM that is off to `size` bytes (Resize-VHD). A replicated VM's
+    /// replica grows its copy with the next cycle; its change-tracking bitmaps grow with the
+    /// disk, so no resynchronization follows (vmrepl records the file it resized as its own
+    /// change).
+    pub async fn resize_disk(
+        &self,
+        name: &VmName,
+        disk: &str,
+        size: u64,
+    ) -> Result<String, VmError> {
+        let _op = self.op_lock(self.row(name)?.definition.uuid).await;
+        let row = self.row(name)?;
+        if !row.state.is_stopped() {
+            return Err(VmError::Running {
+                name: name.clone(),
+                state: row.state,
+            });
+        }
+        let mut def = row.definition.clone();
+        let Some(d) = def.disks.iter_mut().find(|d| d.id == disk) else {
+            return Err(VmError::NoSuchDisk {
+                vm: name.to_string(),
+                disk: disk.to_string(),
+                disks: row
+                    .definition
+                    .disks
+                    .iter()
+                    .map(|d| d.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        if size < d.size_bytes || !size.is_multiple_of(512) {
+            return Err(VmError::Shrink {
+                disk: disk.to_string(),
+                size,
+                now: d.size_bytes,
+            });
+        }
+        if size == d.size_bytes {
+            return Ok(format!("Disk {disk} of {name} is {size} bytes already."));
+        }
+        let db = self.db();
+        // A change made behind vmrepl's back is caught first, as at any open.
+        let _ = crate::fingerprint::before_open(&db, &row.definition).map_err(VmError::from)?;
+        let path = d.path.clone();
+        let fmt = if path.extension().is_some_and(|e| e == "raw") {
+            "raw"
+        } else {
+            "qcow2"
+        };
+        let r = vmrepl_qemu::img::QemuImg::default().run_blocking(
+            None,
+            &[
+                std::ffi::OsStr::new("resize"),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                fmt.as_ref(),
+                path.as_os_str(),
+                size.to_string().as_ref(),
+            ],
+        );
+        // The file as vmrepl leaves it, whether or not the resize went through.
+        crate::fingerprint::after_close(&db, &row.definition);
+        r?;
+        d.size_bytes = size;
+        db.set_vm_definition(&def)?;
+        crate::fingerprint::after_close(&db, &def);
+        let _ = db.event(
+            Some(def.uuid),
+            &format!("disk {disk} grown to {size} bytes"),
+        );
+        Ok(format!(
+            "Disk {disk} of {name} is now {} MiB; the guest sees it at its next start, and its replica grows with the next cycle.",
+            size >> 20
+        ))
+    }
+
     /// Takes the disk files of a VM that is off as they are now (see
     /// [`crate::fingerprint::trust`]): the admin says that whatever changed them kept the
     /// persistent dirty bitmaps, so no resynchronization is needed for it.
