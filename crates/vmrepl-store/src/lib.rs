@@ -20,7 +20,10 @@
 //!                                      resynchronization compares without reading the replica
 //! ```
 //!
-//! Chain per disk: `base.qcow2 ← rp-<s1>.qcow2 ← … ← rp-<sn>.qcow2 ← top.qcow2`. Each header names
+//! Chain per disk: `base.qcow2 ← rp-<s1>.qcow2 ← … ← rp-<sn>.qcow2 ← top.qcow2`. A disk that
+//! grew ([`ReplicaVm::grow_disk`]) has layers smaller than the disk below its top: each
+//! recovery point keeps the size the disk had then, and what lies past a layer's end reads as
+//! zeros; no layer is ever larger than the disk. Each header names
 //! its backing by bare file name (same folder), format `qcow2`. Disk ids are `[a-z0-9_-]{1,32}`
 //! and are checked before any path is built ([`validate_disk_id`]).
 //!
