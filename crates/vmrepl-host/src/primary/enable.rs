@@ -119,28 +119,9 @@ pub async fn enable(
         InitialReplication::Export { folder } => check_export_folder(folder)?,
         InitialReplication::ExistingCopy => {}
     }
-    let (mut client, theirs) = reach_replica(d, &settings, &vm).await?;
+    let (mut client, theirs) = check_replica_server(d, &settings, &vm).await?;
     let replica_vm = replica_view(&vm, &settings);
-    let ask = |r: PeerResponse, what: &'static str| -> Result<(), EnableError> {
-        match r {
-            PeerResponse::Ok => Ok(()),
-            PeerResponse::Refused { message, .. } => Err(EnableError::Refused {
-                replica: theirs.host_name.clone(),
-                what,
-                message,
-            }),
-            other => Err(EnableError::UnexpectedAnswer {
-                answer: format!("{other:?}"),
-            }),
-        }
-    };
-    let r = client
-        .request(&PeerRequest::CheckReplica {
-            vm: Box::new(replica_vm.clone()),
-        })
-        .await
-        .map_err(EnableError::Request)?;
-    ask(r, "host this VM")?;
+    let ask = |r: PeerResponse, what: &'static str| answer(&theirs, r, what);
     let rel_id = Uuid::new_v4();
     let policy = point_policy(&settings);
     let my_addr = d
@@ -217,6 +198,44 @@ pub async fn enable(
 
 /// Connects to the replica server `settings` name and checks that its QEMU runs `vm` exactly
 /// as it is (I7), before a relationship is set up towards it (enable, reverse).
+/// The replica server's answer to a step: Ok, or its refusal as the error that names it.
+fn answer(
+    theirs: &vmrepl_types::HostInfo,
+    r: PeerResponse,
+    what: &'static str,
+) -> Result<(), EnableError> {
+    match r {
+        PeerResponse::Ok => Ok(()),
+        PeerResponse::Refused { message, .. } => Err(EnableError::Refused {
+            replica: theirs.host_name.clone(),
+            what,
+            message,
+        }),
+        other => Err(EnableError::UnexpectedAnswer {
+            answer: format!("{other:?}"),
+        }),
+    }
+}
+
+/// Reaches the replica server of `settings` and asks whether it would host `vm` (runs it,
+/// authorizes this host, has room): before anything is created, on enable and when
+/// `replication set` moves a replica there.
+pub(crate) async fn check_replica_server(
+    d: &Host,
+    settings: &ReplicationSettings,
+    vm: &VmDefinition,
+) -> Result<(PeerClient, vmrepl_types::HostInfo), HostError> {
+    let (mut client, theirs) = reach_replica(d, settings, vm).await?;
+    let r = client
+        .request(&PeerRequest::CheckReplica {
+            vm: Box::new(replica_view(vm, settings)),
+        })
+        .await
+        .map_err(EnableError::Request)?;
+    answer(&theirs, r, "host this VM")?;
+    Ok((client, theirs))
+}
+
 pub(crate) async fn reach_replica(
     d: &Host,
     settings: &ReplicationSettings,

@@ -117,30 +117,8 @@ async fn repoint(
     rel: &Relationship,
     next: ReplicationSettings,
 ) -> Result<String, HostError> {
-    let (addr, peer_name) = crate::primary::replica_target(&next)?;
-    let (mut c, theirs) =
-        crate::peer::client::PeerClient::connect(&d.identity, d.vmm.caps(), &addr, &peer_name)
-            .await
-            .map_err(|source| HostError::Peer {
-                server: next.replica_server.clone(),
-                doing: "move the replica there".into(),
-                source,
-            })?;
-    let r = c
-        .request(&PeerRequest::CheckReplica {
-            vm: Box::new(crate::primary::replica_view(vm, &next)),
-        })
-        .await
-        .map_err(EnableError::Request)?;
-    if let PeerResponse::Refused { message, .. } = r {
-        return Err(EnableError::ReplicaCannotRun {
-            replica: theirs.host_name,
-            vm: name.to_string(),
-            why: message,
-        }
-        .into());
-    }
-    drop(c);
+    // Nothing changes unless the new server would host the VM.
+    let (_, theirs) = crate::primary::check_replica_server(d, &next, vm).await?;
     let mut next = next;
     next.initial = vmrepl_types::replication::InitialReplication::NetworkNow;
     let removed = remove(d, name, false).await?;
