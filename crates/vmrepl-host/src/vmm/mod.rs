@@ -72,6 +72,23 @@ impl Vmm {
     }
 
     /// Takes the VM's operation lock (held by lifecycle verbs and replication cycles).
+    /// The VM named `name` under its operation lock, when it is off (Err otherwise): what
+    /// changes to its files start from.
+    async fn stopped(
+        &self,
+        name: &VmName,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, VmRow), VmError> {
+        let op = self.op_lock(self.row(name)?.definition.uuid).await;
+        let row = self.row(name)?;
+        if !row.state.is_stopped() {
+            return Err(VmError::Running {
+                name: name.clone(),
+                state: row.state,
+            });
+        }
+        Ok((op, row))
+    }
+
     pub async fn op_lock(&self, uuid: Uuid) -> tokio::sync::OwnedMutexGuard<()> {
         let m = crate::locks::unpoisoned(&self.ops)
             .entry(uuid)
@@ -505,14 +522,7 @@ impl Vmm {
         disk: &str,
         size: u64,
     ) -> Result<String, VmError> {
-        let _op = self.op_lock(self.row(name)?.definition.uuid).await;
-        let row = self.row(name)?;
-        if !row.state.is_stopped() {
-            return Err(VmError::Running {
-                name: name.clone(),
-                state: row.state,
-            });
-        }
+        let (_op, row) = self.stopped(name).await?;
         let mut def = row.definition.clone();
         let Some(d) = def.disks.iter_mut().find(|d| d.id == disk) else {
             return Err(VmError::NoSuchDisk {
@@ -537,31 +547,21 @@ impl Vmm {
         if size == d.size_bytes {
             return Ok(format!("Disk {disk} of {name} is {size} bytes already."));
         }
-        let db = self.db();
         // A change made behind vmrepl's back is caught first, as at any open.
-        let _ = crate::fingerprint::before_open(&db, &row.definition).map_err(VmError::from)?;
+        crate::fingerprint::before_open(&self.db(), &row.definition)?;
         let path = d.path.clone();
-        let fmt = if path.extension().is_some_and(|e| e == "raw") {
-            "raw"
-        } else {
-            "qcow2"
-        };
-        let r = vmrepl_qemu::img::QemuImg::default().run_blocking(
-            None,
-            &[
-                std::ffi::OsStr::new("resize"),
-                "-q".as_ref(),
-                "-f".as_ref(),
-                fmt.as_ref(),
-                path.as_os_str(),
-                size.to_string().as_ref(),
-            ],
-        );
-        // The file as vmrepl leaves it, whether or not the resize went through.
-        crate::fingerprint::after_close(&db, &row.definition);
-        r?;
+        let resized = vmrepl_qemu::img::QemuImg::default()
+            .resize(&path, size)
+            .await;
+        let db = self.db();
+        if let Err(e) = resized {
+            // The file as vmrepl leaves it.
+            crate::fingerprint::after_close(&db, &row.definition);
+            return Err(e.into());
+        }
         d.size_bytes = size;
         db.set_vm_definition(&def)?;
+        // vmrepl's own change: the grown file is what the next open expects.
         crate::fingerprint::after_close(&db, &def);
         let _ = db.event(
             Some(def.uuid),
@@ -577,14 +577,7 @@ impl Vmm {
     /// [`crate::fingerprint::trust`]): the admin says that whatever changed them kept the
     /// persistent dirty bitmaps, so no resynchronization is needed for it.
     pub async fn trust_disks(&self, name: &VmName) -> Result<String, VmError> {
-        let _op = self.op_lock(self.row(name)?.definition.uuid).await;
-        let row = self.row(name)?;
-        if !row.state.is_stopped() {
-            return Err(VmError::Running {
-                name: name.clone(),
-                state: row.state,
-            });
-        }
+        let (_op, row) = self.stopped(name).await?;
         crate::fingerprint::trust(&self.db(), &row.definition);
         Ok(format!(
             "The disks of {name} are taken as they are now: changes made to them while it was off are left to its change-tracking bitmaps, with no resynchronization.\n"
@@ -593,15 +586,8 @@ impl Vmm {
 
     /// Deletes a VM that is off.
     pub async fn delete(&self, name: &VmName, keep_disks: bool) -> Result<String, VmError> {
-        let _op = self.op_lock(self.row(name)?.definition.uuid).await;
-        let row = self.row(name)?;
+        let (_op, row) = self.stopped(name).await?;
         let def = &row.definition;
-        if !row.state.is_stopped() {
-            return Err(VmError::Running {
-                name: name.clone(),
-                state: row.state,
-            });
-        }
         if !keep_disks {
             for d in &def.disks {
                 if d.path.exists() {
