@@ -146,9 +146,16 @@ fn replication_set_changes_frequency_points_compression_and_bandwidth_in_place()
     let e = a.fails(&["replication", "set", "db", "--bandwidth", "fast"]);
     assert!(e.contains("50M"), "{e}");
     assert_eq!(status(&a, "db")["frequency_secs"], 5);
-    // No initial copy again: every byte since was a delta.
+    // No initial copy again: one initial replication in the journal, every cycle since a
+    // delta.
     let s = status(&a, "db");
     assert_eq!(s["state"], "replicating", "{s}");
+    let events = a.ok(&["events", "--vm", "db"]);
+    assert_eq!(
+        events.matches("initial-replication-started").count(),
+        1,
+        "{events}"
+    );
     assert!(
         s["stats"]["total_bytes"].as_u64().unwrap() < initial_bytes + (8 << 20),
         "{s}"
