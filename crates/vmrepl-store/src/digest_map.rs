@@ -210,7 +210,9 @@ impl Pending {
 
     /// `len` zero bytes were written at `offset`.
     pub(crate) fn zeroed(&mut self, size: u64, offset: u64, len: u64) {
-        let full = *blake3::hash(&[0u8; MAP_BLOCK as usize]).as_bytes();
+        // Hashed once per process: an initial copy writes a zero extent per hole.
+        static FULL: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+        let full = *FULL.get_or_init(|| *blake3::hash(&[0u8; MAP_BLOCK as usize]).as_bytes());
         self.cover(size, offset, len, |_, n| {
             Some(if n == MAP_BLOCK {
                 full
