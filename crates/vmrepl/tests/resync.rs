@@ -37,12 +37,19 @@ fn qemu_io_write(h: &Host, disk: &std::path::Path, offset: u64, data: &[u8]) {
 }
 
 /// A pair whose primary resynchronizes in ranges of 4 MiB (`resync_range_mib`), with a VM
-/// `db` (64 MiB disk, off) replicating every 5 s to the replica through `via` (or directly).
+/// `db` (64 MiB disk, off) replicating every 5 s to the replica through a link on `link_ip`
+/// that the test can throttle and cut.
 fn replicating_pair(
     a_ip: &str,
     b_ip: &str,
-    via: Option<&dyn Fn(std::net::SocketAddr) -> std::net::SocketAddr>,
-) -> (Host, Host, std::path::PathBuf, std::path::PathBuf) {
+    link_ip: &str,
+) -> (
+    Host,
+    Host,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    FaultProxy,
+) {
     let (mut a, b, store) = pair(a_ip, b_ip, "lab");
     a.stop_daemon();
     let cfg = a.data().join("config.toml");
@@ -52,7 +59,8 @@ fn replicating_pair(
     a.ok(&["vm", "create", "db", "--generation", "1", "--disk", "64M"]);
     let disk = disk_path(&a, "db", 0);
     let target: std::net::SocketAddr = format!("{}:{}", b.ip, b.port).parse().unwrap();
-    let server = via.map(|f| f(target)).unwrap_or(target).to_string();
+    let link = FaultProxy::start(link_ip, target);
+    let server = link.addr.to_string();
     let o = enable_via(
         &a,
         &server,
@@ -64,7 +72,7 @@ fn replicating_pair(
     wait_until("the initial copy", Duration::from_secs(60), || {
         acked(&a, "db") >= 1
     });
-    (a, b, store, disk)
+    (a, b, store, disk, link)
 }
 
 /// The replica's last applied log.
@@ -85,15 +93,7 @@ fn continued(a: &Host) -> usize {
 #[test]
 fn a_resynchronization_cut_by_a_lost_link_continues_from_the_last_acknowledged_range() {
     let _s = serial();
-    let slow: std::cell::RefCell<Option<FaultProxy>> = Default::default();
-    let via = |target| {
-        let link = FaultProxy::start("127.0.0.73", target);
-        let addr = link.addr;
-        *slow.borrow_mut() = Some(link);
-        addr
-    };
-    let (a, b, store, disk) = replicating_pair("127.0.0.71", "127.0.0.72", Some(&via));
-    let link = slow.borrow_mut().take().unwrap();
+    let (a, b, store, disk, link) = replicating_pair("127.0.0.71", "127.0.0.72", "127.0.0.73");
     // 24 MiB of new data in ranges 2 to 7 of 16, then a resynchronization by compare over a
     // link of 4 MiB/s: about six seconds of parts.
     a.ok(&["replication", "pause", "db"]);
@@ -151,15 +151,7 @@ fn a_resynchronization_cut_by_a_lost_link_continues_from_the_last_acknowledged_r
 #[test]
 fn a_resynchronization_cut_by_a_crash_of_the_primary_daemon_continues_after_it_restarts() {
     let _s = serial();
-    let slow: std::cell::RefCell<Option<FaultProxy>> = Default::default();
-    let via = |target| {
-        let link = FaultProxy::start("127.0.0.76", target);
-        let addr = link.addr;
-        *slow.borrow_mut() = Some(link);
-        addr
-    };
-    let (mut a, b, store, disk) = replicating_pair("127.0.0.74", "127.0.0.75", Some(&via));
-    let link = slow.borrow_mut().take().unwrap();
+    let (mut a, b, store, disk, link) = replicating_pair("127.0.0.74", "127.0.0.75", "127.0.0.76");
     a.ok(&["replication", "pause", "db"]);
     qemu_io_write(&a, &disk, 4 * MIB, &random(16 << 20, 2));
     qemu_io_write(&a, &disk, 40 * MIB, &random(8 << 20, 3));
@@ -203,15 +195,8 @@ fn a_resynchronization_cut_by_a_restart_of_both_hosts_continues_where_it_stopped
     // sweep (the VM is off; its storage daemon saves the recording bitmap as it stops), then
     // started again.
     let _s = serial();
-    let slow: std::cell::RefCell<Option<FaultProxy>> = Default::default();
-    let via = |target| {
-        let link = FaultProxy::start("127.0.0.169", target);
-        let addr = link.addr;
-        *slow.borrow_mut() = Some(link);
-        addr
-    };
-    let (mut a, mut b, store, disk) = replicating_pair("127.0.0.167", "127.0.0.168", Some(&via));
-    let link = slow.borrow_mut().take().unwrap();
+    let (mut a, mut b, store, disk, link) =
+        replicating_pair("127.0.0.167", "127.0.0.168", "127.0.0.169");
     a.ok(&["replication", "pause", "db"]);
     qemu_io_write(&a, &disk, 8 * MIB, &random(16 << 20, 4));
     let before = replica_seq(&b);
