@@ -45,7 +45,7 @@ pub use format::{
     MAX_DISK_ID_LEN, MAX_HEADER_LEN, MAX_ZERO_EXTENT,
 };
 pub use reader::{
-    scan_valid_prefix, verify, verify_reader, Content, ContentRef, LogReader, Record, RecordRef,
-    ValidPrefix,
+    peek_header, scan_valid_prefix, verify, verify_reader, Content, ContentRef, LogReader, Record,
+    RecordRef, ValidPrefix,
 };
 pub use writer::{LogWriter, ResumePoint, DEFAULT_ZSTD_LEVEL};

@@ -625,6 +625,17 @@ pub fn verify_reader<R: Read>(r: R) -> Result<(LogHeader, Summary), LogError> {
     Ok((header, summary))
 }
 
+/// The log header at the start of `bytes`, once they hold all of it: `None` while more bytes
+/// are needed, else the header or why it is not valid. A receiver reads it ahead of a log's
+/// records to decide where the log goes.
+pub fn peek_header(bytes: &[u8]) -> Option<Result<LogHeader, LogError>> {
+    match LogReader::new(bytes) {
+        Ok(r) => Some(Ok(r.header)),
+        Err(LogError::Truncated { .. }) => None,
+        Err(e) => Some(Err(e)),
+    }
+}
+
 /// Verifies the log file at `path` completely: the summary, or the first error.
 pub fn verify(path: &Path) -> Result<(LogHeader, Summary), LogError> {
     let f = std::fs::File::open(path).map_err(|source| LogError::Open {

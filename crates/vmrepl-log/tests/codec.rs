@@ -910,3 +910,15 @@ fn every_log_kind_survives_encoding_and_decoding() {
         assert_eq!(r.header().kind, kind);
     }
 }
+
+#[test]
+fn a_header_is_peeked_only_once_all_of_it_is_there() {
+    let (bytes, _) = encode(Compression::None, &small_extents());
+    let hlen = header_len(&bytes);
+    assert!(peek_header(&bytes[..10]).is_none());
+    assert!(peek_header(&bytes[..hlen - 1]).is_none());
+    let want = header(Compression::None);
+    assert_eq!(peek_header(&bytes[..hlen]).unwrap().unwrap(), want);
+    assert_eq!(peek_header(&bytes).unwrap().unwrap(), want);
+    assert!(peek_header(b"not a log, and long enough").unwrap().is_err());
+}

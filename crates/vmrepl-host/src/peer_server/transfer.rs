@@ -265,13 +265,18 @@ pub(super) async fn send_log(
     };
     let path = vmrepl_store::spool::partial_path(&dir, seq);
     let t0 = std::time::Instant::now();
-    // The initial copy of a replica that holds nothing yet is applied while it arrives.
-    let initial = (base == 0 && last == 0).then_some(seq);
-    let (received, (verified, streamed)) =
-        match receive(framed, &row, &path, resume, initial).await? {
-            Ok(x) => x,
+    // The initial copy of a replica that holds nothing yet is applied in place as it arrives.
+    let how = receive_mode(framed, &row, (seq, base, last), resume).await?;
+    let (received, verified, streamed) = match how {
+        Mode::InPlace { ahead } => match receive_in_place(framed, &row, seq, ahead).await? {
+            Ok((n, h, a)) => (n, Some(Ok(h)), Some(a)),
             Err(r) => return Ok(Some(r.into())),
-        };
+        },
+        Mode::Spool { ahead } => match receive(framed, &row, &path, resume, ahead).await? {
+            Ok((n, verified)) => (n, Some(verified), None),
+            Err(r) => return Ok(Some(r.into())),
+        },
+    };
     let receive_ms = t0.elapsed().as_millis() as u64;
     let g = lock.lock().await;
     // The replica may have failed over, or been removed, while the log arrived.
@@ -295,8 +300,13 @@ pub(super) async fn send_log(
             return Ok(Some(r.into()));
         }
     };
-    // Verified whole (I4) and durable under its verified name (I1) before the acknowledgement.
-    match replica::accept_spooled(&row, seq, base, None, Some(verified)).await {
+    // Verified whole (I4) and durable under its verified name (I1) before the acknowledgement;
+    // an initial copy applied in place is verified whole and committed already.
+    let accepted = match (streamed, verified) {
+        (Some(_), _) => Ok(()),
+        (None, verified) => replica::accept_spooled(&row, seq, base, None, verified).await,
+    };
+    match accepted {
         Ok(()) => {}
         Err(replica::Unaccepted::Bad(reason)) => {
             return Ok(Some(
@@ -348,6 +358,16 @@ pub(super) struct Incoming {
     pos: usize,
 }
 
+impl Incoming {
+    pub(super) fn new(rx: tokio::sync::mpsc::Receiver<Vec<u8>>) -> Incoming {
+        Incoming {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
 impl std::io::Read for Incoming {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.pos == self.cur.len() {
@@ -366,53 +386,252 @@ impl std::io::Read for Incoming {
     }
 }
 
-/// What the verifier of a received log found: whether it verified whole, and its apply when
-/// it was an initial copy applied as it arrived ([`replica::verify_and_apply_initial`]).
-pub(super) type Checked = (replica::Verified, Option<replica::Applied>);
-
 /// Starts verifying log `path` as it is received: the `held` bytes already in the file (a
 /// resumed transfer) first, then whatever is sent on the returned channel until it closes.
-/// With `initial` (the replica's storage root and VM), a replica that has applied nothing yet
-/// also applies an initial copy on the way.
 pub(super) fn start_verifier(
     path: &Path,
     held: u64,
-    initial: Option<(PathBuf, Uuid, u64)>,
 ) -> (
     tokio::sync::mpsc::Sender<Vec<u8>>,
-    tokio::task::JoinHandle<Checked>,
+    tokio::task::JoinHandle<replica::Verified>,
 ) {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let path = path.to_path_buf();
     let task = tokio::task::spawn_blocking(move || {
         use std::io::Read;
-        let incoming = Incoming {
-            rx,
-            cur: Vec::new(),
-            pos: 0,
-        };
+        let incoming = Incoming::new(rx);
         // The received frames are in memory already: only the file prefix needs a buffer.
         let prefix: Box<dyn Read + Send> = if held > 0 {
             match std::fs::File::open(&path) {
                 Ok(f) => Box::new(std::io::BufReader::new(f.take(held))),
-                Err(e) => return (Err(format!("{}: {e}", path.display())), None),
+                Err(e) => return Err(format!("{}: {e}", path.display())),
             }
         } else {
             Box::new(std::io::empty())
         };
-        match initial {
-            Some((root, vm, seq)) => {
-                replica::verify_and_apply_initial(&root, vm, seq, prefix.chain(incoming))
-            }
-            None => (
-                vmrepl_log::verify_reader(prefix.chain(incoming))
-                    .map(|(h, _)| h)
-                    .map_err(|e| e.to_string()),
-                None,
-            ),
-        }
+        vmrepl_log::verify_reader(prefix.chain(incoming))
+            .map(|(h, _)| h)
+            .map_err(|e| e.to_string())
     });
     (tx, task)
+}
+
+/// How a log is received.
+pub(super) enum Mode {
+    /// Into its spool file, verified on the way, applied once acknowledged.
+    Spool { ahead: Ahead },
+    /// An initial copy applied in place as it arrives ([`replica::apply_initial_in_place`]).
+    InPlace { ahead: Ahead },
+}
+
+/// Data frames read ahead of the receive loop (to see the log's header), in order.
+pub(super) type Ahead = std::collections::VecDeque<Vec<u8>>;
+
+/// Chooses how log `seq` on `base` is received. Log 1 on 0, sent whole to a replica that
+/// awaits its initial copy with nothing received, is applied in place when its header (read
+/// ahead from the first frames) says it is that initial copy; everything else goes to the
+/// spool (a resumed transfer too: it continues a partial spool file).
+async fn receive_mode(
+    framed: &mut Conn,
+    row: &ReplicaRow,
+    (seq, base, last): (u64, u64, u64),
+    resume: Option<Resume>,
+) -> Result<Mode, FrameError> {
+    let candidate = resume.is_none() && (seq, base, last) == (1, 0, 0) && {
+        let (root, uuid) = (row.storage_root.clone(), row.vm_uuid);
+        tokio::task::spawn_blocking(move || replica::applies_in_place(&root, uuid))
+            .await
+            .unwrap_or(false)
+    };
+    let mut ahead = Ahead::new();
+    if !candidate {
+        return Ok(Mode::Spool { ahead });
+    }
+    let mut head = Vec::new();
+    let header = loop {
+        let data = next_data(framed, &mut ahead).await?;
+        let end = data.is_empty();
+        if head.len() <= vmrepl_log::MAX_HEADER_LEN as usize {
+            head.extend_from_slice(&data);
+        }
+        ahead.push_back(data);
+        if end {
+            break None;
+        }
+        match vmrepl_log::peek_header(&head) {
+            Some(h) => break h.ok(),
+            None if head.len() > vmrepl_log::MAX_HEADER_LEN as usize => break None,
+            None => {}
+        }
+    };
+    let initial = header.is_some_and(|h| {
+        h.kind == vmrepl_log::LogKind::Initial
+            && (h.sequence, h.base_sequence) == (1, 0)
+            && h.vm_id == row.vm_uuid
+    });
+    if initial {
+        // Nothing of an earlier, cut transfer of this log is resumed: drop its partial file.
+        let dir = replica::vm_dir(row);
+        let _ = tokio::fs::remove_file(vmrepl_store::spool::partial_path(&dir, seq)).await;
+        return Ok(Mode::InPlace { ahead });
+    }
+    Ok(Mode::Spool { ahead })
+}
+
+/// The next Data frame: one read ahead, else the connection's.
+async fn next_data(framed: &mut Conn, ahead: &mut Ahead) -> Result<Vec<u8>, FrameError> {
+    if let Some(d) = ahead.pop_front() {
+        return Ok(d);
+    }
+    match framed.read_frame().await? {
+        Frame::Data(d) => Ok(d),
+        Frame::Control(_) => Err(FrameError::UnexpectedKind {
+            expected: frame::FrameKind::Data,
+            got: frame::FrameKind::Control,
+            len: 0,
+        }),
+    }
+}
+
+/// The checks every received piece of a log passes before it is kept: the log stays within
+/// what the VM can need, and the replica storage keeps room (looked at every 64 MiB).
+struct Room<'a> {
+    row: &'a ReplicaRow,
+    cap: u64,
+    /// Where the bytes go (the spool file, or the replica's folder), for the messages.
+    place: &'a Path,
+    dir: &'a Path,
+    since_check: u64,
+}
+
+impl<'a> Room<'a> {
+    fn new(row: &'a ReplicaRow, place: &'a Path, dir: &'a Path) -> Room<'a> {
+        Room {
+            row,
+            cap: size_cap(row),
+            place,
+            dir,
+            since_check: u64::MAX,
+        }
+    }
+
+    /// Whether `n` more bytes after `size` may be kept; the refusal otherwise.
+    fn admit(&mut self, size: u64, n: u64) -> Result<(), Refusal> {
+        if size + n > self.cap {
+            return Err(refuse(
+                RefusalCode::BadLog,
+                format!(
+                    "log is larger than {} bytes, more than VM {} can need; refused",
+                    self.cap, self.row.name
+                ),
+            ));
+        }
+        if self.since_check >= 64 << 20 {
+            self.since_check = 0;
+            let free = free_bytes(self.dir).unwrap_or(u64::MAX);
+            let needed = (64u64 << 20).saturating_add(vmrepl_store::SPACE_HEADROOM);
+            if free < needed {
+                return Err(refuse(
+                    RefusalCode::DiskFull,
+                    format!(
+                        "{}: needed {needed} bytes, free {free} bytes on the replica storage",
+                        self.place.display()
+                    ),
+                ));
+            }
+        }
+        self.since_check += n;
+        Ok(())
+    }
+}
+
+/// Receives an initial copy applied in place as it arrives (see [`Mode::InPlace`]). Returns the
+/// bytes received and the log, verified whole and committed, or a refusal (the frames drained).
+/// A cut connection returns its error once the apply stopped (what it wrote is cleared by the
+/// next initial copy).
+async fn receive_in_place(
+    framed: &mut Conn,
+    row: &ReplicaRow,
+    seq: u64,
+    mut ahead: Ahead,
+) -> Result<Result<(u64, vmrepl_log::LogHeader, replica::Applied), Refusal>, FrameError> {
+    let dir = replica::vm_dir(row);
+    let mut room = Room::new(row, &dir, &dir);
+    let mut size = 0u64;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let applier = {
+        let (root, uuid) = (row.storage_root.clone(), row.vm_uuid);
+        tokio::task::spawn_blocking(move || {
+            replica::apply_initial_in_place(&root, uuid, Incoming::new(rx))
+        })
+    };
+    let mut tx = Some(tx);
+    let mut failure: Option<Refusal> = None;
+    loop {
+        let data = match next_data(framed, &mut ahead).await {
+            Ok(d) => d,
+            Err(e) => {
+                // A cut transfer: the slot is free once the applier stopped.
+                drop(tx);
+                let _ = applier.await;
+                return Err(e);
+            }
+        };
+        if data.is_empty() {
+            break;
+        }
+        if failure.is_some() {
+            continue;
+        }
+        let n = data.len() as u64;
+        if let Err(r) = room.admit(size, n) {
+            failure = Some(r);
+            // The applier stops at the end of what it got (its outcome is not used).
+            tx = None;
+            continue;
+        }
+        size += n;
+        crate::faults::crash_point(crate::faults::CrashPoint::ReplicaReceiving);
+        if let Some(t) = &tx {
+            if t.send(data).await.is_err() {
+                // The applier stopped: its outcome says why.
+                tx = None;
+            }
+        }
+    }
+    drop(tx);
+    let outcome = applier.await;
+    let bad = |reason: String| {
+        refuse(
+            RefusalCode::BadLog,
+            format!(
+                "log {seq} of {} failed verification and was discarded: {reason}",
+                row.name
+            ),
+        )
+    };
+    let refusal = match (failure, outcome) {
+        (Some(f), _) => f,
+        (None, Ok(replica::InPlace::Applied(h, a))) => return Ok(Ok((size, h, a))),
+        (None, Ok(replica::InPlace::Bad(reason))) => bad(reason),
+        (None, Ok(replica::InPlace::Store(e))) => refuse(
+            if e.is_disk_full() {
+                RefusalCode::DiskFull
+            } else {
+                RefusalCode::Internal
+            },
+            format!(
+                "the initial copy of {} could not be applied as it arrived: {e}; nothing was \
+                 acknowledged, and the primary sends a new initial copy",
+                row.name
+            ),
+        ),
+        (None, Err(e)) => refuse(
+            RefusalCode::Internal,
+            format!("the apply of the initial copy of {} failed: {e}", row.name),
+        ),
+    };
+    Ok(Err(refusal))
 }
 
 /// Receives the Data frames of a log into its partial spool file `path` (fresh, or appended to
@@ -424,9 +643,8 @@ pub(super) async fn receive(
     row: &ReplicaRow,
     path: &PathBuf,
     resume: Option<Resume>,
-    initial: Option<u64>,
-) -> Result<Result<(u64, Checked), Refusal>, FrameError> {
-    let cap = size_cap(row);
+    mut ahead: Ahead,
+) -> Result<Result<(u64, replica::Verified), Refusal>, FrameError> {
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let opened: Result<(SpoolFile, u64), Refusal> = async {
         match resume {
@@ -491,32 +709,17 @@ pub(super) async fn receive(
             return Ok(Err(r));
         }
     };
-    let (verify_tx, verifier) = start_verifier(
-        path,
-        size,
-        initial.map(|seq| (row.storage_root.clone(), row.vm_uuid, seq)),
-    );
+    let (verify_tx, verifier) = start_verifier(path, size);
     let mut verify_tx = Some(verify_tx);
     let mut failure: Option<Refusal> = None;
-    let mut since_check = u64::MAX;
+    let mut room = Room::new(row, path, &dir);
     loop {
-        let frame = match framed.read_frame().await {
-            Ok(f) => f,
+        let data = match next_data(framed, &mut ahead).await {
+            Ok(d) => d,
             Err(e) => {
                 // A cut transfer: keep what arrived for a resume.
                 let _ = file.finish().await;
                 return Err(e);
-            }
-        };
-        let data = match frame {
-            Frame::Data(d) => d,
-            Frame::Control(_) => {
-                let _ = file.finish().await;
-                return Err(FrameError::UnexpectedKind {
-                    expected: frame::FrameKind::Data,
-                    got: frame::FrameKind::Control,
-                    len: 0,
-                });
             }
         };
         if data.is_empty() {
@@ -526,30 +729,9 @@ pub(super) async fn receive(
             continue;
         }
         let n = data.len() as u64;
-        if size + n > cap {
-            failure = Some(refuse(
-                RefusalCode::BadLog,
-                format!(
-                    "log is larger than {cap} bytes, more than VM {} can need; refused",
-                    row.name
-                ),
-            ));
+        if let Err(r) = room.admit(size, n) {
+            failure = Some(r);
             continue;
-        }
-        if since_check >= 64 << 20 {
-            since_check = 0;
-            let free = free_bytes(&dir).unwrap_or(u64::MAX);
-            let needed = (64u64 << 20).saturating_add(vmrepl_store::SPACE_HEADROOM);
-            if free < needed {
-                failure = Some(refuse(
-                    RefusalCode::DiskFull,
-                    format!(
-                        "{}: needed {needed} bytes, free {free} bytes on the replica storage",
-                        path.display()
-                    ),
-                ));
-                continue;
-            }
         }
         if let Err(e) = file.write_all(&data).await {
             failure = Some(if vmrepl_store::spool::is_no_space(&e) {
@@ -570,7 +752,6 @@ pub(super) async fn receive(
             continue;
         }
         size += n;
-        since_check += n;
         crate::faults::crash_point(crate::faults::CrashPoint::ReplicaReceiving);
         if let Some(tx) = &verify_tx {
             if tx.send(data).await.is_err() {
@@ -582,7 +763,7 @@ pub(super) async fn receive(
     drop(verify_tx);
     let checked = verifier
         .await
-        .unwrap_or_else(|e| (Err(format!("the verifier failed: {e}")), None));
+        .unwrap_or_else(|e| Err(format!("the verifier failed: {e}")));
     // Durable through the descriptors that wrote it ([`SpoolFile::finish`]); `spool::accept`
     // relies on this (I1).
     let flushed = file.finish().await;

@@ -148,77 +148,117 @@ pub fn apply_log(vm: &mut ReplicaVm, path: &Path, verified: bool) -> Result<Appl
     }
     .map_err(|e| derr(e.to_string()))?;
     let mut reader = reader;
-    apply_records(vm, &mut reader, len, &derr)
+    apply_records(
+        vm,
+        &mut reader,
+        Sizes {
+            space: len,
+            log: len,
+        },
+        &derr,
+    )
 }
 
-/// Verifies a log while it arrives (`input`) and, when it is the initial copy of a replica
-/// that has applied nothing yet (a full log on base 0), applies it at the same time, so the
-/// replica does not read gigabytes back from its spool afterwards. Records are written only
-/// once their own checksum verified; the apply commits only when the whole log verified. A
-/// log that turns out bad leaves an unfinished apply behind, which the next initial copy
-/// clears first ([`ReplicaVm::restart_initial_copy`]); a store that fails (a full disk) stops
-/// the apply but not the verification, and the log is applied from the spool later as usual.
-/// Returns the verification's outcome and the apply, if it was done here.
-/// `seq` is the sequence the log was announced with: only log 1 on base 0 of this VM is an
-/// initial copy, whatever its header claims.
-pub fn verify_and_apply_initial<R: std::io::Read>(
-    root: &Path,
-    vm_uuid: Uuid,
-    seq: u64,
-    input: R,
-) -> (super::Verified, Option<Applied>) {
+/// What applying an initial copy in place as it arrives ([`apply_initial_in_place`]) came to.
+#[derive(Debug)]
+pub enum InPlace {
+    /// Verified whole and committed: durable, so it may be acknowledged (I1, I4).
+    Applied(vmrepl_log::LogHeader, Applied),
+    /// The log is not valid (a check of its own, its header against the replica, or it ends
+    /// early): nothing of it counts.
+    Bad(String),
+    /// The store failed (a full disk).
+    Store(ApplyError),
+}
+
+/// Whether the replica under `root` awaits its initial copy with nothing received before it,
+/// so that one arriving is applied in place as it arrives ([`apply_initial_in_place`]).
+pub fn applies_in_place(root: &Path, vm_uuid: Uuid) -> bool {
+    ReplicaStore::open(root, vm_uuid)
+        .is_ok_and(|vm| vm.awaits_initial_copy() && vm.pending_logs().is_ok_and(|l| l.is_empty()))
+}
+
+/// Applies an initial copy straight into the replica's images while it arrives (`input`), so
+/// that its bytes are written once, not to the spool and then again into the images.
+///
+/// * Each record is written only once its own checksums verified; the apply commits (durable,
+///   recorded as log 1) only once the whole log verified: its trailer's counts and digest
+///   cover every record (I4). So the acknowledgement that follows finds the log durable (I1).
+/// * Until the commit the images hold an unfinished apply that no point shows (the store's
+///   apply journal). A log that turns out bad, a cut transfer or a crash leave it behind, and
+///   the next initial copy clears it first ([`ReplicaVm::restart_initial_copy`]): an initial
+///   copy is never resumed, the primary sends a new one from a new point in time.
+/// * Only an initial copy (log 1 on 0, of this VM) is applied this way; anything else is bad.
+pub fn apply_initial_in_place<R: std::io::Read>(root: &Path, vm_uuid: Uuid, input: R) -> InPlace {
+    let mut vm = match ReplicaStore::open(root, vm_uuid) {
+        Ok(vm) => vm,
+        Err(e) => return InPlace::Store(e.into()),
+    };
     let mut reader = match vmrepl_log::LogReader::new(input) {
         Ok(r) => r,
-        Err(e) => return (Err(e.to_string()), None),
+        Err(e) => return InPlace::Bad(e.to_string()),
     };
     let h = reader.header().clone();
-    let store = (h.kind == vmrepl_log::LogKind::Initial
-        && h.vm_id == vm_uuid
-        && (seq, h.sequence, h.base_sequence) == (1, 1, 0))
-        .then(|| ReplicaStore::open(root, vm_uuid).ok())
-        .flatten()
-        .filter(|vm| vm.awaits_initial_copy() && vm.pending_logs().is_ok_and(|l| l.is_empty()));
-    let Some(mut vm) = store else {
-        return (
-            reader.verify_rest().map(|_| h).map_err(|e| e.to_string()),
-            None,
-        );
-    };
+    if h.kind != vmrepl_log::LogKind::Initial
+        || (h.sequence, h.base_sequence) != (1, 0)
+        || h.vm_id != vm_uuid
+    {
+        return InPlace::Bad(format!(
+            "an initial copy (log 1 on 0 of VM {vm_uuid}) was expected; this is a {:?} log {} \
+             on {} of VM {}",
+            h.kind, h.sequence, h.base_sequence, h.vm_id
+        ));
+    }
+    if !vm.awaits_initial_copy() {
+        return InPlace::Store(ApplyError::Log {
+            path: vm_dir_of(root, vm_uuid),
+            reason: "the replica holds a recovery point already; an initial copy is not \
+                     applied over it"
+                .into(),
+        });
+    }
+    if let Err(e) = vm.restart_initial_copy() {
+        return InPlace::Store(e.into());
+    }
     let bad = std::cell::RefCell::new(None::<String>);
     let derr = |reason: String| {
         *bad.borrow_mut() = Some(reason.clone());
         ApplyError::Log {
-            path: root.to_path_buf(),
+            path: vm_dir_of(root, vm_uuid),
             reason,
         }
     };
-    let applied = vm
-        .restart_initial_copy()
-        .map_err(ApplyError::from)
-        .and_then(|()| apply_records(&mut vm, &mut reader, vmrepl_store::BULK_APPLY_BYTES, &derr));
-    match applied {
-        Ok(a) => (Ok(h), Some(a)),
-        Err(_) if bad.borrow().is_some() => (Err(bad.into_inner().unwrap_or_default()), None),
-        Err(e) => {
-            tracing::warn!(target: "vmrepl::replica", vm = %vm_uuid, "the initial copy is not applied as it arrives ({e}); it is applied once received");
-            // Verify the rest: every record, then the trailer.
-            loop {
-                match reader.next_record() {
-                    Ok(Some(_)) => {}
-                    Ok(None) => return (Ok(h), None),
-                    Err(e) => return (Err(e.to_string()), None),
-                }
-            }
-        }
+    // The length is unknown before the end: the receive loop watches the free space as the
+    // bytes arrive (and a write that finds the disk full fails as such), so no space is
+    // asked for up front; the images are written as for a large log.
+    let size = Sizes {
+        space: 0,
+        log: vmrepl_store::BULK_APPLY_BYTES,
+    };
+    match apply_records(&mut vm, &mut reader, size, &derr) {
+        Ok(a) => InPlace::Applied(h, a),
+        Err(_) if bad.borrow().is_some() => InPlace::Bad(bad.into_inner().unwrap_or_default()),
+        Err(e) => InPlace::Store(e),
     }
 }
 
-/// Applies the records of the log `reader` reads (`len` bytes, for the space check and the
-/// choice of direct I/O). An error of the log's content is `derr`'s.
+fn vm_dir_of(root: &Path, vm_uuid: Uuid) -> PathBuf {
+    ReplicaStore::vm_dir(root, vm_uuid)
+}
+
+/// The sizes an apply plans with: the space it needs on the replica storage, and the log's
+/// length (which chooses direct I/O, see [`vmrepl_store::ApplyTxn::bulk`]).
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    space: u64,
+    log: u64,
+}
+
+/// Applies the records of the log `reader` reads. An error of the log's content is `derr`'s.
 fn apply_records<R: std::io::Read>(
     vm: &mut ReplicaVm,
     reader: &mut vmrepl_log::LogReader<R>,
-    len: u64,
+    size: Sizes,
     derr: &dyn Fn(String) -> ApplyError,
 ) -> Result<Applied, ApplyError> {
     let h = reader.header().clone();
@@ -230,7 +270,7 @@ fn apply_records<R: std::io::Read>(
         unix_ms: h.timestamp_unix_ms as i64,
         consistency: consistency(h.consistency),
     };
-    vm.check_space(len)?;
+    vm.check_space(size.space)?;
     let part = h.kind == vmrepl_log::LogKind::ResyncPart;
     if part {
         keep_whole_latest(vm)?;
@@ -244,7 +284,7 @@ fn apply_records<R: std::io::Read>(
         }
         vmrepl_store::Begin::Apply(txn) => txn,
     };
-    txn.bulk(len);
+    txn.bulk(size.log);
     let mut nvram: Option<Vec<u8>> = None;
     while let Some(rec) = reader.next_record().map_err(|e| derr(e.to_string()))? {
         let Some(d) = h.disks.get(usize::from(rec.disk_index)) else {
