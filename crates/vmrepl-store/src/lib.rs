@@ -111,6 +111,7 @@
 //!
 //! Every `qemu-img` call is logged with its duration through `tracing`.
 
+mod bulk_write;
 mod catalog;
 mod chain;
 mod digest_map;

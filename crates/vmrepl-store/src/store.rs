@@ -770,6 +770,8 @@ impl ReplicaVm {
             direct: false,
             digests: BTreeMap::new(),
             whole_before,
+            bulk: None,
+            direct_files: BTreeMap::new(),
         }))
     }
 
@@ -1563,7 +1565,16 @@ pub struct ApplyTxn<'a> {
     /// Whether the latest state was whole when the apply began: only then may the digest
     /// maps be carried on (a torn state may differ from what they say anywhere).
     whole_before: bool,
+    /// A large apply's data writes, on a helper thread ([`crate::bulk_write`]).
+    bulk: Option<Box<crate::bulk_write::BulkWriter>>,
+    /// Per written disk: its top layer opened for direct writes (`None`: the file system
+    /// refuses direct I/O, so imago writes it).
+    direct_files: BTreeMap<String, Option<Arc<fs::File>>>,
 }
+
+/// The cluster size of the layers the store creates (`qemu-img create`'s default): a write of
+/// whole clusters maps to whole clusters of the top layer.
+const LAYER_CLUSTER: u64 = 64 << 10;
 
 /// From this many bytes of log on, an apply writes with direct I/O ([`ApplyTxn::bulk`]).
 pub const BULK_APPLY_BYTES: u64 = 256 << 20;
@@ -1635,6 +1646,72 @@ impl ApplyTxn<'_> {
         }
     }
 
+    /// The top layer of `disk` opened for direct writes, once per apply; `None` when the file
+    /// system refuses direct I/O.
+    fn direct_file(&mut self, disk: &str) -> std::io::Result<Option<Arc<fs::File>>> {
+        if let Some(f) = self.direct_files.get(disk) {
+            return Ok(f.clone());
+        }
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.vm.disk_dir(disk).join(TOP);
+        let f = match fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+            .open(&path)
+        {
+            Ok(f) => Some(Arc::new(f)),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => None,
+            Err(e) => return Err(e),
+        };
+        self.direct_files.insert(disk.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// A large apply's write of whole clusters: the clusters are mapped here (imago keeps the
+    /// qcow2 metadata) and the data is queued for the writer thread. False when it does not
+    /// apply (not a large apply, not whole clusters, no direct I/O); imago writes it then.
+    /// The disk's layers are open already ([`ApplyTxn::access`]).
+    fn write_beside(&mut self, disk: &str, offset: u64, data: &[u8]) -> std::io::Result<bool> {
+        let len = data.len() as u64;
+        if !Self::beside_fits(self.direct, offset, len) || !self.open.contains_key(disk) {
+            return Ok(false);
+        }
+        let Some(file) = self.direct_file(disk)? else {
+            return Ok(false);
+        };
+        if self.bulk.is_none() {
+            self.bulk = Some(Box::new(crate::bulk_write::BulkWriter::new()?));
+        }
+        let (acc, bulk) = (&self.open[disk], self.bulk.as_mut().expect("set above"));
+        let mut done = 0u64;
+        while done < len {
+            let (_, at, n) = acc.ensure_data_mapping(offset + done, len - done, true)?;
+            let n = n.min(len - done);
+            if n == 0 {
+                return Err(std::io::Error::other("imago mapped no bytes"));
+            }
+            let piece = &data[done as usize..(done + n) as usize];
+            if !crate::bulk_write::BulkWriter::fits(at, piece) {
+                // Not expected for whole clusters; imago writes the rest.
+                bulk.drain()?;
+                acc.write(&data[done as usize..], offset + done)?;
+                return Ok(true);
+            }
+            bulk.submit(&file, at, piece)?;
+            done += n;
+        }
+        Ok(true)
+    }
+
+    /// Whether a write of `len` bytes at `offset` goes to the writer thread: a large apply's
+    /// whole clusters, at most one buffer.
+    fn beside_fits(direct: bool, offset: u64, len: u64) -> bool {
+        direct
+            && offset.is_multiple_of(LAYER_CLUSTER)
+            && len.is_multiple_of(LAYER_CLUSTER)
+            && len <= crate::bulk_write::BUF as u64
+    }
+
     /// Writes `data` at `offset` of disk `disk` (bounds-checked before anything is written).
     pub fn write(&mut self, disk: &str, offset: u64, data: &[u8]) -> Result<()> {
         let len = data.len() as u64;
@@ -1643,6 +1720,27 @@ impl ApplyTxn<'_> {
             return Ok(());
         }
         let t0 = std::time::Instant::now();
+        if Self::beside_fits(self.direct, offset, len) {
+            self.access(disk)?;
+        }
+        let beside = match self.write_beside(disk, offset, data) {
+            Ok(b) => b,
+            Err(e) => return Err(self.map_write_err(disk, len, e)),
+        };
+        if beside {
+            self.write_time += t0.elapsed();
+            self.bytes += len;
+            self.digests
+                .entry(disk.to_string())
+                .or_default()
+                .wrote(size, offset, data);
+            return Ok(());
+        }
+        // An imago write must not race a queued write of the same layer.
+        if let Some(b) = self.bulk.as_mut() {
+            let r = b.drain();
+            r.map_err(|e| self.map_write_err(disk, len, e))?;
+        }
         let r = self.access(disk)?.write(data, offset);
         self.write_time += t0.elapsed();
         r.map_err(|e| self.map_write_err(disk, len, e))?;
@@ -1699,6 +1797,12 @@ impl ApplyTxn<'_> {
 
     fn finish(mut self, point: Option<(i64, Consistency)>) -> Result<()> {
         let t0 = std::time::Instant::now();
+        if let Some(mut b) = self.bulk.take() {
+            if let Err(e) = b.drain() {
+                let disk = self.direct_files.keys().next().cloned().unwrap_or_default();
+                return Err(self.map_write_err(&disk, 0, e));
+            }
+        }
         for (disk, wb) in self.writeback.iter_mut() {
             let path = self.vm.disk_dir(disk).join(TOP);
             wb.finish().map_err(|e| fsutil::write_error(&path, 0, e))?;
