@@ -142,6 +142,11 @@ pub(crate) fn spawn_child(
     })?;
     let mut cmd = tokio::process::Command::new(binary);
     cmd.args(argv).stdin(Stdio::null()).stdout(log).stderr(log2);
+    // QEMU allocates a bounce buffer per block request; above glibc's mmap threshold each one is
+    // a fresh mapping, faulted in page by page and unmapped again. Serving a whole-disk read
+    // over NBD that way cost a quarter of the machine's CPU (`docs/benchmarks.md`); from the
+    // heap the buffers are reused. The variable changes nothing else.
+    cmd.env("MALLOC_MMAP_THRESHOLD_", (32u32 << 20).to_string());
     if own_group {
         cmd.process_group(0);
     }
