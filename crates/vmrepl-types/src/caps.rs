@@ -276,6 +276,24 @@ impl HostInfo {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_host_info_without_features_an_older_release_sends_has_none() {
+        let old = serde_json::json!({
+            "host_name": "old.test", "release": "0.9", "protocol_versions": [1, 1],
+            "qemu_version": "7.2.0", "machine_types": [], "firmware": [],
+            "kvm_usable": false, "kvm_reason": null,
+            "config_versions": [{"major": 1, "minor": 0}, {"major": 1, "minor": 0}],
+            "storage": [],
+        });
+        let h: HostInfo = serde_json::from_value(old).unwrap();
+        assert!(!h.has_feature(FEATURE_DISK_SET));
+        let mut new = h.clone();
+        new.features = FEATURES.iter().map(|f| f.to_string()).collect();
+        let back: HostInfo = serde_json::from_value(serde_json::to_value(&new).unwrap()).unwrap();
+        assert!(back.has_feature(FEATURE_DISK_SET));
+    }
+
     use super::*;
 
     #[test]

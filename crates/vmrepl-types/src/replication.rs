@@ -680,6 +680,55 @@ pub struct ReplicationStatus {
 mod tests {
 
     #[test]
+    fn including_a_new_disk_queues_its_own_copy_and_excluding_one_forgets_it() {
+        let mut s = ReplicationSettings::new("b:7443");
+        // `vm disk add` on a replicated VM: excluded, and noted as new.
+        s.exclude_disks = vec!["disk1".into(), "disk2".into()];
+        s.new_disks = vec!["disk2".into()];
+        let inc = SettingsChange {
+            include_disk: vec!["disk2".into()],
+            ..Default::default()
+        };
+        let (n, what) = inc.apply(&s).unwrap();
+        assert_eq!(n.exclude_disks, ["disk1"]);
+        assert!(n.new_disks.is_empty());
+        assert_eq!(n.disks_awaiting_copy, ["disk2"]);
+        assert_eq!(what.len(), 1, "{what:?}");
+        assert!(
+            what[0].contains("disk disk2 replicated from the next cycle"),
+            "{what:?}"
+        );
+        // Including a disk that replicates already changes nothing.
+        let (again, what) = inc.apply(&n).unwrap();
+        assert_eq!(again, n);
+        assert!(what.is_empty(), "{what:?}");
+        // Excluding it before its copy went out forgets the copy.
+        let exc = SettingsChange {
+            exclude_disk: vec!["disk2".into()],
+            ..Default::default()
+        };
+        let (m, what) = exc.apply(&n).unwrap();
+        assert_eq!(m.exclude_disks, ["disk1", "disk2"]);
+        assert!(m.disks_awaiting_copy.is_empty());
+        assert!(
+            what[0].contains("disk disk2 no longer replicated"),
+            "{what:?}"
+        );
+        // Both at once is refused by name.
+        let both = SettingsChange {
+            include_disk: vec!["disk1".into()],
+            exclude_disk: vec!["disk1".into()],
+            ..Default::default()
+        };
+        assert!(both.apply(&s).unwrap_err().contains("disk1 is both"));
+        // Settings stored before these fields read as empty lists.
+        let old = serde_json::to_value(ReplicationSettings::new("b:7443")).unwrap();
+        assert!(old.get("new_disks").is_none());
+        let back: ReplicationSettings = serde_json::from_value(old).unwrap();
+        assert!(back.new_disks.is_empty() && back.disks_awaiting_copy.is_empty());
+    }
+
+    #[test]
     fn a_settings_change_keeps_what_it_leaves_out_names_what_it_changes_and_is_validated() {
         let s = ReplicationSettings::new("b:7443");
         let c = SettingsChange {
