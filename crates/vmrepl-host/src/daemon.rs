@@ -250,6 +250,26 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Result<Response, ApiError> 
             }
             Response::Ok { message }
         }
+        Request::VmDiskAdd {
+            name,
+            size_bytes,
+            storage,
+        } => {
+            let (id, path) = vmm.add_disk(&name, size_bytes, storage.as_ref()).await?;
+            let def = vmm.show(&name)?.definition;
+            let replicated = crate::primary::new_disk_added(host, &def, &id)?;
+            let mut message = format!(
+                "Disk {id} ({} MiB) added to {name} at {}; the guest sees it at its next start.",
+                size_bytes >> 20,
+                path.display()
+            );
+            if replicated {
+                message.push_str(&format!(
+                    " {name} is replicated: like Hyper-V, a new disk is not replicated until you include it with `vmrepl replication set {name} --include-disk {id}` (its own initial copy then goes with the next cycle)."
+                ));
+            }
+            Response::Ok { message }
+        }
         Request::VmDiskResize {
             name,
             disk,

@@ -235,6 +235,7 @@ mod tests {
 
     fn status(vm: &str, role: Role, health: Health) -> ReplicationStatus {
         ReplicationStatus {
+            warnings: vec![],
             vm: VmName::new(vm).unwrap(),
             vm_uuid: uuid::Uuid::nil(),
             role,

@@ -442,6 +442,10 @@ pub async fn probe(opts: &ProbeOptions) -> Result<HostProbe, CapsError> {
         metrics_url: None,
         now_unix_ms: None,
         dashboard_url: None,
+        features: vmrepl_types::caps::FEATURES
+            .iter()
+            .map(|f| f.to_string())
+            .collect(),
     };
     Ok(HostProbe { info, machines })
 }
@@ -523,6 +527,7 @@ mod tests {
             metrics_url: None,
             now_unix_ms: None,
             dashboard_url: None,
+            features: vec![],
         };
         assert_eq!(resolve_accel(Accel::Auto, &h).unwrap(), ResolvedAccel::Tcg);
         let e = resolve_accel(Accel::Kvm, &h).unwrap_err().to_string();

@@ -50,7 +50,7 @@ pub enum StoreError {
     #[error("The catalog {path} cannot be trusted ({reason}); restore it from a backup or resynchronize the replica from the primary.")]
     CatalogCorrupt { path: PathBuf, reason: String },
 
-    #[error("The catalog {path} has format version {found}, but this vmrepl reads version {supported} only; run the vmrepl release that wrote it or a newer one.")]
+    #[error("The catalog {path} has format version {found}, but this vmrepl reads versions 1 to {supported}; run the vmrepl release that wrote it or a newer one.")]
     CatalogVersion {
         path: PathBuf,
         found: u32,
@@ -99,6 +99,9 @@ pub enum StoreError {
 
     #[error("There is no frozen recovery point with sequence {seq}; the points are {known}. Pick one of them.")]
     NoSuchPoint { seq: u64, known: String },
+
+    #[error("Cannot remove disk {disk:?} from this replica: recovery point {seq}, which has it, is in use (a test failover runs on it). Stop the test failover first, then exclude the disk again.")]
+    DiskInUse { disk: String, seq: u64 },
 
     #[error("Cannot freeze sequence {seq} as a recovery point: the last applied sequence is {last_applied}; only the latest applied state can be frozen.")]
     FreezeNotLatest { seq: u64, last_applied: u64 },

@@ -27,11 +27,27 @@
 //! its backing by bare file name (same folder), format `qcow2`. Disk ids are `[a-z0-9_-]{1,32}`
 //! and are checked before any path is built ([`validate_disk_id`]).
 //!
-//! `state.json` holds: format `version` (1), the VM UUID, the disks and their sizes, the last
-//! applied sequence with its time and consistency, the frozen points (`seq`, `unix_ms`,
-//! `consistency`, `layer`, whether it has NVRAM), a `journal` entry for a freeze or prune in
+//! `state.json` holds: format `version` (2), the VM UUID, the disks and their sizes (a disk
+//! not yet carried by a log is `pending`), the last applied sequence with its time and
+//! consistency, the frozen points (`seq`, `unix_ms`, `consistency`, `layer`, whether it has
+//! NVRAM, and the `disks` it has a layer in), a `journal` entry for a freeze or prune in
 //! progress, and `checksum`: BLAKE3 of the document serialized with an empty checksum. A catalog
-//! that fails its checksum is refused ([`StoreError::CatalogCorrupt`]).
+//! that fails its checksum is refused ([`StoreError::CatalogCorrupt`]). A version-1 catalog
+//! (written before disks could be added or removed: every point has every disk) is verified
+//! over its own layout, migrated and written back as version 2 by [`ReplicaStore::open`].
+//!
+//! ## A changing set of disks
+//!
+//! Each recovery point records which disks it has, and each disk's chain is made of the layers
+//! of the points that have it: `base.qcow2 ← rp-<s>.qcow2 (points with the disk) ← top.qcow2`.
+//! [`ReplicaVm::add_disk`] adds a disk as *pending* (empty base and top); the first log that
+//! carries it ([`ApplyTxn::carries`], or any write to it) makes it a member of the latest state
+//! at its commit, so every point from then on has it and the older points never do (I2: the
+//! point that first has it is one instant across all disks). [`ReplicaVm::remove_disk`] takes a
+//! disk out of the catalog and out of every point and deletes its folder (as Hyper-V, an
+//! excluded disk keeps no placeholder on the replica). [`ReplicaVm::point_disks`] says which
+//! disks a point has; overlays, flattened copies and image paths give exactly those. Pruning
+//! merges each disk's layer into that disk's own neighbours.
 //!
 //! ## Applying logs (I3, I4)
 //!

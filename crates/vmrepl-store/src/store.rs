@@ -299,6 +299,7 @@ impl ReplicaStore {
                 .map(|(id, size, _)| DiskEntry {
                     id: id.to_string(),
                     size_bytes: *size,
+                    pending: false,
                 })
                 .collect(),
             last_applied,
@@ -346,7 +347,7 @@ impl ReplicaStore {
         if !state.is_file() {
             return Err(StoreError::NotFound { path: dir });
         }
-        let cat = Catalog::load(&state)?;
+        let (cat, found_version) = Catalog::load_versioned(&state)?;
         if cat.vm_uuid != vm_uuid {
             return Err(StoreError::CatalogCorrupt {
                 path: state,
@@ -361,6 +362,12 @@ impl ReplicaStore {
             cat,
             locks: Arc::default(),
         };
+        if found_version != CATALOG_VERSION {
+            // Written back at once in the current version (an older vmrepl then refuses it
+            // with a clear message rather than misreading it).
+            vm.save()?;
+            tracing::info!(vm = %vm_uuid, from = found_version, to = CATALOG_VERSION, "replica catalog migrated");
+        }
         vm.repair()?;
         vm.verify_chains()?;
         Ok(vm)
@@ -595,20 +602,146 @@ impl ReplicaVm {
         self.cat.store(&p)
     }
 
-    /// Layer file names of the chain ending at `point`, base first.
-    fn chain_layers(&self, point: PointRef) -> Result<Vec<String>> {
+    /// Layer file names of disk `disk`'s chain ending at `point`, base first: the layers of
+    /// the points that have the disk (a disk added later has none in older points). For
+    /// [`PointRef::Latest`] the chain ends with the top layer (a pending disk's too).
+    fn chain_layers_for(&self, disk: &str, point: PointRef) -> Result<Vec<String>> {
         let mut layers = vec![BASE.to_string()];
         match point {
             PointRef::Latest => {
-                layers.extend(self.cat.points.iter().map(|p| p.layer.clone()));
+                layers.extend(
+                    self.cat
+                        .points
+                        .iter()
+                        .filter(|p| p.has(disk))
+                        .map(|p| p.layer.clone()),
+                );
                 layers.push(TOP.to_string());
             }
             PointRef::Frozen(seq) => {
                 let idx = self.point_index(seq)?;
-                layers.extend(self.cat.points[..=idx].iter().map(|p| p.layer.clone()));
+                layers.extend(
+                    self.cat.points[..=idx]
+                        .iter()
+                        .filter(|p| p.has(disk))
+                        .map(|p| p.layer.clone()),
+                );
             }
         }
         Ok(layers)
+    }
+
+    /// `(disk_id, size_bytes)` of the disks `point` has: for a frozen point those it lists,
+    /// for the latest state every disk that is not pending (see [`ReplicaVm::add_disk`]).
+    /// A failover to the point starts the VM with exactly these disks.
+    pub fn point_disks(&self, point: PointRef) -> Result<Vec<(String, u64)>> {
+        let member: Box<dyn Fn(&DiskEntry) -> bool> = match point {
+            PointRef::Latest => Box::new(|d: &DiskEntry| !d.pending),
+            PointRef::Frozen(seq) => {
+                let p = self.cat.points[self.point_index(seq)?].clone();
+                Box::new(move |d: &DiskEntry| p.has(&d.id))
+            }
+        };
+        Ok(self
+            .cat
+            .disks
+            .iter()
+            .filter(|d| member(d))
+            .map(|d| (d.id.clone(), d.size_bytes))
+            .collect())
+    }
+
+    /// Disks added to the replica whose initial copy no applied log has carried yet.
+    pub fn pending_disks(&self) -> Vec<String> {
+        self.cat
+            .disks
+            .iter()
+            .filter(|d| d.pending)
+            .map(|d| d.id.clone())
+            .collect()
+    }
+
+    /// Adds disk `id` of `size` bytes to the replica (the primary included a disk): an empty
+    /// base and top layer, and a catalog entry that is *pending*: the disk is in no point until
+    /// the log that carries its initial copy commits ([`ApplyTxn::commit`]); from then on
+    /// every new point has it, the older points never do. Idempotent for the same disk and
+    /// size (pending or not).
+    pub fn add_disk(&mut self, id: &str, size: u64) -> Result<()> {
+        validate_disk_id(id)?;
+        if let Some(d) = self.cat.disks.iter().find(|d| d.id == id) {
+            if d.size_bytes == size {
+                return Ok(());
+            }
+            return Err(StoreError::DuplicateDisk { id: id.to_string() });
+        }
+        if size == 0 || !size.is_multiple_of(512) {
+            return Err(StoreError::BadDiskSize {
+                disk: id.to_string(),
+                size,
+            });
+        }
+        let ddir = self.disk_dir(id);
+        if ddir.exists() {
+            // A leftover of an add that did not reach the catalog.
+            make_writable_tree(&ddir);
+            fs::remove_dir_all(&ddir).map_err(|e| StoreError::io("remove", &ddir, e))?;
+        }
+        fsutil::create_private_dir_all(&ddir)?;
+        qemu_img::create_qcow2(Some(&ddir), Path::new(BASE), size, None)?;
+        create_top(&ddir, BASE, size)?;
+        set_readonly(&ddir.join(BASE), true)?;
+        fsutil::sync_dir(&ddir)?;
+        fsutil::sync_dir(&self.dir.join("disks"))?;
+        self.cat.disks.push(DiskEntry {
+            id: id.to_string(),
+            size_bytes: size,
+            pending: true,
+        });
+        self.save()?;
+        tracing::info!(vm = %self.cat.vm_uuid, disk = id, size, "disk added; it joins the points from the log that carries its initial copy");
+        Ok(())
+    }
+
+    /// Removes disk `id` from the replica (the primary excluded it): from the catalog and
+    /// from every recovery point, then its folder. Like Hyper-V, an excluded disk keeps no
+    /// placeholder: a failover to any point afterwards starts the VM without it. Refused while
+    /// a locked point (a test failover) has the disk, and when it is the last disk.
+    pub fn remove_disk(&mut self, id: &str) -> Result<()> {
+        validate_disk_id(id)?;
+        if !self.cat.disks.iter().any(|d| d.id == id) {
+            return Ok(());
+        }
+        if self.cat.disks.len() == 1 {
+            return Err(StoreError::NoDisks);
+        }
+        let locked: Vec<u64> = {
+            let t = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            t.keys().copied().collect()
+        };
+        if let Some(p) = self
+            .cat
+            .points
+            .iter()
+            .find(|p| locked.contains(&p.seq) && p.has(id))
+        {
+            return Err(StoreError::DiskInUse {
+                disk: id.to_string(),
+                seq: p.seq,
+            });
+        }
+        self.cat.disks.retain(|d| d.id != id);
+        for p in &mut self.cat.points {
+            p.disks.retain(|d| d != id);
+        }
+        self.save()?;
+        let ddir = self.disk_dir(id);
+        if ddir.exists() {
+            make_writable_tree(&ddir);
+            fs::remove_dir_all(&ddir).map_err(|e| StoreError::io("remove", &ddir, e))?;
+        }
+        fsutil::sync_dir(&self.dir.join("disks"))?;
+        tracing::info!(vm = %self.cat.vm_uuid, disk = id, "disk removed from the replica and its points");
+        Ok(())
     }
 
     fn point_index(&self, seq: u64) -> Result<usize> {
@@ -656,8 +789,8 @@ impl ReplicaVm {
     /// Opens every disk's full chain read-only through imago with the deny gate, checking each
     /// header's backing name, format and size. Nothing named in a header is opened.
     pub fn verify_chains(&self) -> Result<()> {
-        let layers = self.chain_layers(PointRef::Latest)?;
         for d in &self.cat.disks {
+            let layers = self.chain_layers_for(&d.id, PointRef::Latest)?;
             let acc = chain::open_chain(&self.disk_dir(&d.id), &layers, false, d.size_bytes)?;
             drop(acc);
         }
@@ -772,6 +905,7 @@ impl ReplicaVm {
             whole_before,
             bulk: None,
             direct_files: BTreeMap::new(),
+            carried: Default::default(),
         }))
     }
 
@@ -947,7 +1081,16 @@ impl ReplicaVm {
     /// The idempotent body of a freeze (also used to roll a journaled freeze forward).
     fn finish_freeze(&mut self, seq: u64, unix_ms: i64, consistency: Consistency) -> Result<()> {
         let layer = rp_layer(seq);
-        for d in self.cat.disks.clone() {
+        // A pending disk (no log carried it yet) is not part of this point: its top layer
+        // stays as it is.
+        let members: Vec<DiskEntry> = self
+            .cat
+            .disks
+            .iter()
+            .filter(|d| !d.pending)
+            .cloned()
+            .collect();
+        for d in &members {
             let ddir = self.disk_dir(&d.id);
             let top = ddir.join(TOP);
             let rp = ddir.join(&layer);
@@ -972,6 +1115,7 @@ impl ReplicaVm {
             consistency,
             layer,
             has_nvram,
+            disks: members.into_iter().map(|d| d.id).collect(),
         });
         self.cat.journal = None;
         self.save()
@@ -1027,29 +1171,33 @@ impl ReplicaVm {
             return self.remove_orphans();
         };
         let layer = self.cat.points[idx].layer.clone();
-        let lower = if idx == 0 {
-            BASE.to_string()
-        } else {
-            self.cat.points[idx - 1].layer.clone()
-        };
-        let upper = self
-            .cat
-            .points
-            .get(idx + 1)
-            .map(|p| p.layer.clone())
-            .unwrap_or_else(|| TOP.to_string());
+        let members = self.cat.points[idx].disks.clone();
         for d in self.cat.disks.clone() {
+            if !members.contains(&d.id) {
+                continue; // the point has no layer in this disk
+            }
+            // This disk's own neighbours: the points around `idx` that have it.
+            let below = self.cat.points[..idx].iter().rev().find(|p| p.has(&d.id));
+            let first = below.is_none();
+            let lower = below
+                .map(|p| p.layer.clone())
+                .unwrap_or_else(|| BASE.to_string());
+            let upper = self.cat.points[idx + 1..]
+                .iter()
+                .find(|p| p.has(&d.id))
+                .map(|p| p.layer.clone())
+                .unwrap_or_else(|| TOP.to_string());
             let ddir = self.disk_dir(&d.id);
             let upper_path = ddir.join(&upper);
             if chain::header_backing(&upper_path)?.as_deref() != Some(layer.as_str()) {
                 continue; // this disk is done already
             }
             // Verify the chain up to the upper layer before qemu-img follows its headers.
-            let mut layers = self.chain_layers(PointRef::Latest)?;
+            let mut layers = self.chain_layers_for(&d.id, PointRef::Latest)?;
             if let Some(pos) = layers.iter().position(|l| *l == upper) {
                 layers.truncate(pos + 1);
             }
-            if idx == 0 && chain::header_backing(&ddir.join(&layer))?.is_none() {
+            if first && chain::header_backing(&ddir.join(&layer))?.is_none() {
                 // A merge into the base cut after the layer dropped its backing file
                 // ([`make_base`]): the chain starts at the layer now.
                 layers.remove(0);
@@ -1059,7 +1207,7 @@ impl ReplicaVm {
             if upper_ro {
                 set_readonly(&upper_path, false)?;
             }
-            if idx == 0 && becomes_base(&ddir, &layer)? {
+            if first && becomes_base(&ddir, &layer)? {
                 // The layer holds more than the base: the base's few clusters go up into the
                 // layer, and the layer takes the base's name, instead of copying the layer down.
                 make_base(&ddir, &layer)?;
@@ -1069,7 +1217,7 @@ impl ReplicaVm {
                         "rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", BASE, &upper,
                     ],
                 )?;
-            } else if idx == 0 {
+            } else if first {
                 set_readonly(&ddir.join(BASE), false)?;
                 qemu_img::run(Some(&ddir), ["commit", "-q", "-d", "-f", "qcow2", &layer])?;
                 set_readonly(&ddir.join(BASE), true)?;
@@ -1090,7 +1238,7 @@ impl ReplicaVm {
             fs::File::open(&upper_path)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| StoreError::io("fsync", &upper_path, e))?;
-            if idx == 0 {
+            if first {
                 let b = ddir.join(BASE);
                 fs::File::open(&b)
                     .and_then(|f| f.sync_all())
@@ -1116,7 +1264,27 @@ impl ReplicaVm {
             Some(Journal::Freeze { seq, .. }) => Some(seq),
             _ => None,
         };
+        // Folders of disks the catalog does not name (a removal or an add cut short).
+        let disks_dir = self.dir.join("disks");
+        if let Ok(rd) = fs::read_dir(&disks_dir) {
+            for ent in rd.flatten() {
+                let name = ent.file_name().to_string_lossy().into_owned();
+                if ent.path().is_dir() && !self.cat.disks.iter().any(|d| d.id == name) {
+                    tracing::info!(dir = %ent.path().display(), "removing the folder of a disk the replica no longer has");
+                    make_writable_tree(&ent.path());
+                    fs::remove_dir_all(ent.path())
+                        .map_err(|e| StoreError::io("remove", ent.path(), e))?;
+                }
+            }
+        }
         for d in &self.cat.disks {
+            let known: std::collections::BTreeSet<u64> = self
+                .cat
+                .points
+                .iter()
+                .filter(|p| p.has(&d.id))
+                .map(|p| p.seq)
+                .collect();
             let ddir = self.disk_dir(&d.id);
             let rd = fs::read_dir(&ddir).map_err(|e| StoreError::io("list", &ddir, e))?;
             for ent in rd.flatten() {
@@ -1200,13 +1368,13 @@ impl ReplicaVm {
         if point == PointRef::Latest {
             self.whole_latest()?;
         }
-        let layers = self.chain_layers(point)?;
-        let top = layers.last().cloned().unwrap_or_default();
         let mut out = Vec::new();
-        for d in &self.cat.disks {
-            let ddir = self.disk_dir(&d.id);
-            drop(chain::open_chain(&ddir, &layers, false, d.size_bytes)?);
-            out.push((d.id.clone(), ddir.join(&top)));
+        for (id, size) in self.point_disks(point)? {
+            let layers = self.chain_layers_for(&id, point)?;
+            let top = layers.last().cloned().unwrap_or_default();
+            let ddir = self.disk_dir(&id);
+            drop(chain::open_chain(&ddir, &layers, false, size)?);
+            out.push((id, ddir.join(&top)));
         }
         Ok(out)
     }
@@ -1217,7 +1385,7 @@ impl ReplicaVm {
     pub fn block_digests(&self, disk: &str) -> Result<(u64, Vec<[u8; 32]>)> {
         let size = self.disk_size(disk)?;
         let bs = block_size(size);
-        let layers = self.chain_layers(PointRef::Latest)?;
+        let layers = self.chain_layers_for(disk, PointRef::Latest)?;
         let ddir = self.disk_dir(disk);
         let acc = chain::open_chain(&ddir, &layers, false, size)?;
         let mut buf = vec![0u8; bs as usize];
@@ -1263,7 +1431,7 @@ impl ReplicaVm {
             .checked_add(len)
             .filter(|e| *e <= size)
             .ok_or_else(bad)?;
-        let layers = self.chain_layers(PointRef::Latest)?;
+        let layers = self.chain_layers_for(disk, PointRef::Latest)?;
         let ddir = self.disk_dir(disk);
         let acc = chain::open_chain(&ddir, &layers, false, size)?;
         // Blocks of the map's size on a whole state: what the map knows is not read, what it
@@ -1570,6 +1738,9 @@ pub struct ApplyTxn<'a> {
     /// Per written disk: its top layer opened for direct writes (`None`: the file system
     /// refuses direct I/O, so imago writes it).
     direct_files: BTreeMap<String, Option<Arc<fs::File>>>,
+    /// The disks this log carries (its header lists them): a pending disk among them joins
+    /// the points at the commit.
+    carried: std::collections::BTreeSet<String>,
 }
 
 /// The cluster size of the layers the store creates (`qemu-img create`'s default): a write of
@@ -1594,6 +1765,16 @@ impl ApplyTxn<'_> {
         self.seq
     }
 
+    /// Says that this log carries disk `disk` (its header lists it), even if it writes
+    /// nothing to it: a pending disk (see [`ReplicaVm::add_disk`]) joins the points when this
+    /// log commits, its initial copy being in it.
+    pub fn carries(&mut self, disk: &str) -> Result<()> {
+        validate_disk_id(disk)?;
+        self.vm.disk_size(disk)?;
+        self.carried.insert(disk.to_string());
+        Ok(())
+    }
+
     /// Checks a write's bounds; returns the disk's size.
     fn check(&self, disk: &str, offset: u64, len: u64) -> Result<u64> {
         validate_disk_id(disk)?;
@@ -1612,7 +1793,7 @@ impl ApplyTxn<'_> {
     fn access(&mut self, disk: &str) -> Result<&SyncFormatAccess<File>> {
         if !self.open.contains_key(disk) {
             let size = self.vm.disk_size(disk)?;
-            let layers = self.vm.chain_layers(PointRef::Latest)?;
+            let layers = self.vm.chain_layers_for(disk, PointRef::Latest)?;
             let acc = chain::open_chain_with(
                 &self.vm.disk_dir(disk),
                 &layers,
@@ -1625,6 +1806,7 @@ impl ApplyTxn<'_> {
                 self.vm.save()?;
             }
             self.open.insert(disk.to_string(), acc);
+            self.carried.insert(disk.to_string());
         }
         Ok(&self.open[disk])
     }
@@ -1822,6 +2004,12 @@ impl ApplyTxn<'_> {
         let vm = &mut *self.vm;
         let before = vm.cat.last_applied;
         vm.cat.last_applied = seq;
+        for d in vm.cat.disks.iter_mut() {
+            if d.pending && self.carried.contains(&d.id) {
+                d.pending = false;
+                tracing::info!(vm = %vm.cat.vm_uuid, disk = %d.id, seq, "disk joins the replica's points with this log");
+            }
+        }
         if matches!(vm.cat.journal, Some(Journal::Apply { .. })) {
             vm.cat.journal = None;
         }
@@ -1916,6 +2104,109 @@ mod tests {
         t.write("a", 0, &[3; 512]).unwrap();
         t.commit(3, Consistency::Crash).unwrap();
         vm
+    }
+
+    /// Rewrites `root`'s only replica catalog in the version-1 layout (every point has every
+    /// disk), checksummed as version 1 wrote it.
+    fn write_v1_catalog(vm: &ReplicaVm) {
+        use crate::catalog::v1;
+        let c = &vm.cat;
+        let mut old = v1::Catalog {
+            version: 1,
+            vm_uuid: c.vm_uuid,
+            disks: c
+                .disks
+                .iter()
+                .map(|d| v1::DiskEntry {
+                    id: d.id.clone(),
+                    size_bytes: d.size_bytes,
+                })
+                .collect(),
+            last_applied: c.last_applied,
+            last_applied_unix_ms: c.last_applied_unix_ms,
+            last_applied_consistency: c.last_applied_consistency,
+            points: c
+                .points
+                .iter()
+                .map(|p| v1::PointEntry {
+                    seq: p.seq,
+                    unix_ms: p.unix_ms,
+                    consistency: p.consistency,
+                    layer: p.layer.clone(),
+                    has_nvram: p.has_nvram,
+                })
+                .collect(),
+            journal: c.journal.clone(),
+            resync_since: c.resync_since,
+            checksum: String::new(),
+        };
+        old.checksum = blake3::hash(&serde_json::to_vec(&old).unwrap())
+            .to_hex()
+            .to_string();
+        fsutil::write_atomic(&vm.state_path(), &serde_json::to_vec_pretty(&old).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_version_1_catalog_opens_with_every_disk_in_every_point_and_is_written_back_as_version_2() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("s");
+        let vm = vm_with_data(&root);
+        let uuid = vm.vm_uuid();
+        let before: Vec<_> = [PointRef::Frozen(1), PointRef::Frozen(2), PointRef::Latest]
+            .into_iter()
+            .map(|p| vm.block_digests("a").map(|_| p))
+            .collect::<Result<_>>()
+            .unwrap();
+        let flat = tmp.path().join("before");
+        vm.flatten_point(PointRef::Frozen(1), &flat).unwrap();
+        write_v1_catalog(&vm);
+        let state = vm.state_path();
+        drop(vm);
+        let text = std::fs::read_to_string(&state).unwrap();
+        assert!(text.contains("\"version\": 1") && !text.contains("\"disks\": [\n        \"a\""));
+
+        let vm = ReplicaStore::open(&root, uuid).unwrap();
+        for p in before {
+            let disks: Vec<String> = vm
+                .point_disks(p)
+                .unwrap()
+                .into_iter()
+                .map(|d| d.0)
+                .collect();
+            assert_eq!(disks, ["a", "b"], "{p:?}");
+        }
+        assert!(vm.pending_disks().is_empty());
+        let flat2 = tmp.path().join("after");
+        vm.flatten_point(PointRef::Frozen(1), &flat2).unwrap();
+        for d in ["a", "b"] {
+            assert!(same(
+                &flat.join(format!("{d}.qcow2")),
+                &flat2.join(format!("{d}.qcow2"))
+            ));
+        }
+        drop(vm);
+        // Written back in the current version, checksummed; it opens again as it is.
+        let (cat, found) = Catalog::load_versioned(&state).unwrap();
+        assert_eq!((found, cat.version), (CATALOG_VERSION, 2));
+        assert!(cat.points.iter().all(|p| p.disks == ["a", "b"]));
+        ReplicaStore::open(&root, uuid).unwrap();
+
+        // A version-1 catalog whose checksum does not match is refused, not migrated.
+        let vm = ReplicaStore::open(&root, uuid).unwrap();
+        write_v1_catalog(&vm);
+        drop(vm);
+        let text = std::fs::read_to_string(&state).unwrap();
+        std::fs::write(
+            &state,
+            text.replace("\"last_applied\": 3", "\"last_applied\": 9"),
+        )
+        .unwrap();
+        let e = ReplicaStore::open(&root, uuid).unwrap_err();
+        assert!(matches!(e, StoreError::CatalogCorrupt { .. }), "{e}");
+        // And a version from the future is refused by name.
+        std::fs::write(&state, br#"{"version": 3}"#).unwrap();
+        let e = ReplicaStore::open(&root, uuid).unwrap_err();
+        assert!(e.to_string().contains("versions 1 to 2"), "{e}");
     }
 
     #[test]
@@ -2076,7 +2367,7 @@ mod tests {
         let read_all = |vm: &ReplicaVm| {
             let acc = chain::open_chain(
                 &ddir,
-                &vm.chain_layers(PointRef::Latest).unwrap(),
+                &vm.chain_layers_for("a", PointRef::Latest).unwrap(),
                 false,
                 size,
             )
@@ -2163,7 +2454,7 @@ mod tests {
         let ddir = vm.disk_dir("a");
         let acc = chain::open_chain(
             &ddir,
-            &vm.chain_layers(PointRef::Latest).unwrap(),
+            &vm.chain_layers_for("a", PointRef::Latest).unwrap(),
             false,
             8 << 20,
         )

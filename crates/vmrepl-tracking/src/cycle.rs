@@ -312,10 +312,62 @@ pub async fn begin_cycle<N: AsRef<str>>(
     vars: Option<&str>,
     on_point: Option<PointSignal>,
 ) -> Result<CycleHandle, TrackingError> {
+    begin_cycle_with_new(qmp, rel, disks, &[], seq, staging, vars, on_point).await
+}
+
+/// [`begin_cycle`] where the disks named in `fresh` are new to the replica (a disk included
+/// after replication was enabled): in the same transaction, each of them starts recording
+/// bitmap `seq+1` and is copied whole (pull: exported with its allocation, so only the ranges
+/// holding data are read; push: `sync=full`), while the other disks give their delta. The
+/// cycle is one point in time across all of them (I2). Any bitmap of this relationship left
+/// on a fresh disk (an earlier attempt) is removed first; a fresh disk needs none.
+#[allow(clippy::too_many_arguments)]
+pub async fn begin_cycle_with_new<N: AsRef<str>>(
+    qmp: &QmpClient,
+    rel: RelTag,
+    disks: &[(N, u64)],
+    fresh: &[&str],
+    seq: u64,
+    staging: &Staging,
+    vars: Option<&str>,
+    on_point: Option<PointSignal>,
+) -> Result<CycleHandle, TrackingError> {
     validate(disks, vars)?;
     let name = BitmapName::new(rel, seq).to_string();
     let next = BitmapName::new(rel, seq + 1).to_string();
-    let nodes: Vec<&str> = disks.iter().map(|(n, _)| n.as_ref()).collect();
+    let is_fresh = |n: &str| fresh.contains(&n);
+    let nodes: Vec<&str> = disks
+        .iter()
+        .map(|(n, _)| n.as_ref())
+        .filter(|n| !is_fresh(n))
+        .collect();
+    let fresh_nodes: Vec<&str> = disks
+        .iter()
+        .map(|(n, _)| n.as_ref())
+        .filter(|n| is_fresh(n))
+        .collect();
+    if !fresh_nodes.is_empty() {
+        let left = list_owned(qmp, rel, &fresh_nodes).await?;
+        let rm: Vec<Value> = left
+            .iter()
+            .flat_map(|(node, bs)| {
+                bs.iter().map(move |b| {
+                    act(
+                        "block-dirty-bitmap-remove",
+                        json!({"node": node, "name": BitmapName::new(rel, b.seq).to_string()}),
+                    )
+                })
+            })
+            .collect();
+        transaction(
+            qmp,
+            rm,
+            &format!(
+                "removes leftover bitmaps of relationship {rel} from disks new to the replica"
+            ),
+        )
+        .await?;
+    }
     let owned = list_owned(qmp, rel, &nodes).await?;
     for (node, bs) in &owned {
         match bs.iter().find(|b| b.seq == seq) {
@@ -352,10 +404,12 @@ pub async fn begin_cycle<N: AsRef<str>>(
             "block-dirty-bitmap-add",
             json!({"node": node, "name": next, "persistent": true}),
         ));
-        actions.push(act(
-            "block-dirty-bitmap-disable",
-            json!({"node": node, "name": name}),
-        ));
+        if !is_fresh(node) {
+            actions.push(act(
+                "block-dirty-bitmap-disable",
+                json!({"node": node, "name": name}),
+            ));
+        }
     }
     run_cycle(
         qmp,
@@ -364,7 +418,7 @@ pub async fn begin_cycle<N: AsRef<str>>(
         seq,
         staging,
         vars,
-        CycleKind::Delta,
+        (CycleKind::Delta, fresh),
         actions,
         on_point,
     )
@@ -390,7 +444,7 @@ pub async fn begin_point<N: AsRef<str>>(
         seq,
         staging,
         None,
-        CycleKind::Full,
+        (CycleKind::Full, &[]),
         Vec::new(),
         None,
     )
@@ -428,7 +482,7 @@ pub async fn begin_full<N: AsRef<str>>(
         seq0,
         staging,
         vars,
-        CycleKind::Full,
+        (CycleKind::Full, &[]),
         actions,
         None,
     )
@@ -466,7 +520,8 @@ async fn run_cycle<N: AsRef<str>>(
     seq: u64,
     staging: &Staging,
     vars: Option<&str>,
-    kind: CycleKind,
+    // With the disks copied whole in a delta cycle (new to the replica).
+    (kind, fresh): (CycleKind, &[&str]),
     mut actions: Vec<Value>,
     // Dropped on every early return: whoever waits for the point learns there is none.
     point_signal: Option<PointSignal>,
@@ -518,6 +573,7 @@ async fn run_cycle<N: AsRef<str>>(
         match kind {
             // Copy-before-write only: the job runs until the exports are released.
             _ if pull => data["sync"] = "none".into(),
+            CycleKind::Delta if fresh.contains(&node) => data["sync"] = "full".into(),
             CycleKind::Delta => {
                 data["sync"] = "bitmap".into();
                 data["bitmap"] = BitmapName::new(rel, seq).to_string().into();
@@ -573,7 +629,7 @@ async fn run_cycle<N: AsRef<str>>(
             };
             let bitmap = (kind == CycleKind::Delta).then(|| BitmapName::new(rel, seq).to_string());
             match closed {
-                Ok(()) => export_disks(qmp, rel, bitmap.as_deref(), &mut images).await,
+                Ok(()) => export_disks(qmp, rel, bitmap.as_deref(), fresh, &mut images).await,
                 Err(e) => Err(e),
             }
         }
@@ -617,6 +673,7 @@ async fn export_disks(
     qmp: &QmpClient,
     rel: RelTag,
     bitmap: Option<&str>,
+    fresh: &[&str],
     images: &mut [StagedImage],
 ) -> Result<(), TrackingError> {
     let socket = qmp
@@ -635,6 +692,8 @@ async fn export_disks(
         socket.display()
     )))?;
     for img in images.iter_mut() {
+        // A disk new to the replica is read whole (its allocation), not by bitmap.
+        let bitmap = bitmap.filter(|_| !fresh.contains(&img.node.as_str()));
         let id = rel.export_id(&img.node);
         let mut args = json!({"type": "nbd", "id": id, "node-name": rel.staging_node(&img.node),
                               "name": img.node, "writable": false});

@@ -78,8 +78,8 @@ pub use bitmaps::{
     stop_tracking, OwnedBitmap, ReconcileOutcome,
 };
 pub use cycle::{
-    begin_cycle, begin_full, begin_point, release_exports, stream_into_top, CycleHandle, CycleKind,
-    NbdExport, PointSignal, StagedImage, Staging,
+    begin_cycle, begin_cycle_with_new, begin_full, begin_point, release_exports, stream_into_top,
+    CycleHandle, CycleKind, NbdExport, PointSignal, StagedImage, Staging,
 };
 pub use error::TrackingError;
 pub use extents::{

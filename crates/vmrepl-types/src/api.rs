@@ -120,6 +120,14 @@ pub enum Request {
         #[serde(default)]
         memory_mib: Option<u64>,
     },
+    /// Add a new empty disk to a VM that is off; a replicated VM's new disk is not replicated
+    /// until `replication set --include-disk` names it.
+    VmDiskAdd {
+        name: VmName,
+        size_bytes: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        storage: Option<std::path::PathBuf>,
+    },
     /// Grow a disk of a VM that is off (its replica grows with the next cycle).
     VmDiskResize {
         name: VmName,

@@ -162,6 +162,25 @@ pub struct HostInfo {
     /// Where this host serves its web dashboard (`vmrepl host info` only; not sent to peers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dashboard_url: Option<String>,
+    /// What this release can do beyond its protocol version, by name (see [`FEATURES`]). A
+    /// release before the list knows none of them (the field is missing: empty).
+    #[serde(default)]
+    pub features: Vec<String>,
+}
+
+/// A replica takes a changed set of disks for a replicated VM: a disk included after
+/// replication was enabled (added to its store with its own initial copy) or excluded (removed
+/// from it), through `UpdateDefinition`.
+pub const FEATURE_DISK_SET: &str = "disk-set-changes";
+
+/// Every feature this release has (sent in [`HostInfo::features`]).
+pub const FEATURES: &[&str] = &[FEATURE_DISK_SET];
+
+impl HostInfo {
+    /// Whether the host said it has `feature`.
+    pub fn has_feature(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
+    }
 }
 
 /// Why a host cannot run a VM.
@@ -257,6 +276,24 @@ impl HostInfo {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_host_info_without_features_an_older_release_sends_has_none() {
+        let old = serde_json::json!({
+            "host_name": "old.test", "release": "0.9", "protocol_versions": [1, 1],
+            "qemu_version": "7.2.0", "machine_types": [], "firmware": [],
+            "kvm_usable": false, "kvm_reason": null,
+            "config_versions": [{"major": 1, "minor": 0}, {"major": 1, "minor": 0}],
+            "storage": [],
+        });
+        let h: HostInfo = serde_json::from_value(old).unwrap();
+        assert!(!h.has_feature(FEATURE_DISK_SET));
+        let mut new = h.clone();
+        new.features = FEATURES.iter().map(|f| f.to_string()).collect();
+        let back: HostInfo = serde_json::from_value(serde_json::to_value(&new).unwrap()).unwrap();
+        assert!(back.has_feature(FEATURE_DISK_SET));
+    }
+
     use super::*;
 
     #[test]
@@ -308,6 +345,7 @@ mod tests {
             metrics_url: None,
             now_unix_ms: None,
             dashboard_url: None,
+            features: vec![],
         };
         assert_eq!(
             h.firmware_for(FirmwareVariantId::Ovmf4m, "pc-q35-7.2"),

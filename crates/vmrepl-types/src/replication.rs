@@ -140,6 +140,16 @@ pub struct ReplicationSettings {
     pub compression: bool,
     /// Disk ids not replicated.
     pub exclude_disks: Vec<String>,
+    /// Disks added to the VM after replication was enabled and not included yet (each is in
+    /// `exclude_disks` too): like Hyper-V, a new disk is not replicated until `replication set
+    /// --include-disk` names it; `replication status` warns about each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub new_disks: Vec<String>,
+    /// Disks included after the replica was created whose initial copy the replica has not
+    /// acknowledged yet: the next cycle copies each of them whole, in the same log (and point
+    /// in time) as the other disks' changes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks_awaiting_copy: Vec<String>,
     pub initial: InitialReplication,
     /// When a resynchronization starts once one is required (default: automatically).
     #[serde(default)]
@@ -166,6 +176,8 @@ impl ReplicationSettings {
             app_consistent_hours: None,
             compression: true,
             exclude_disks: vec![],
+            new_disks: vec![],
+            disks_awaiting_copy: vec![],
             initial: InitialReplication::NetworkNow,
             resync: ResyncPolicy::Automatic,
             bandwidth_limit: None,
@@ -274,6 +286,14 @@ pub struct SettingsChange {
     /// The disks not replicated, as a whole new list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exclude_disks: Option<Vec<String>>,
+    /// Disks to replicate from now on (Set-VMReplication -ReplicatedDisks): each gets its own
+    /// initial copy with the next cycle, no other disk is copied again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include_disk: Vec<String>,
+    /// Disks to stop replicating (-ExcludedVhd): later logs leave them out, the replica drops
+    /// its copy, and their change-tracking bitmaps are released.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_disk: Vec<String>,
 }
 
 impl SettingsChange {
@@ -316,6 +336,33 @@ impl SettingsChange {
             v.dedup();
             n.exclude_disks = v;
         }
+        if let Some(both) = self
+            .include_disk
+            .iter()
+            .find(|d| self.exclude_disk.contains(d))
+        {
+            return Err(format!(
+                "disk {both} is both included and excluded; give it once"
+            ));
+        }
+        for d in &self.exclude_disk {
+            if !n.exclude_disks.contains(d) {
+                n.exclude_disks.push(d.clone());
+            }
+            n.new_disks.retain(|x| x != d);
+            n.disks_awaiting_copy.retain(|x| x != d);
+        }
+        for d in &self.include_disk {
+            if n.exclude_disks.contains(d) {
+                n.exclude_disks.retain(|x| x != d);
+                if !n.disks_awaiting_copy.contains(d) {
+                    n.disks_awaiting_copy.push(d.clone());
+                }
+            }
+            n.new_disks.retain(|x| x != d);
+        }
+        n.exclude_disks.sort();
+        n.disks_awaiting_copy.sort();
         n.validate()?;
         let rate =
             |b: Option<u64>| b.map_or("no limit".to_string(), |b| format!("{} KiB/s", b / 1024));
@@ -363,8 +410,34 @@ impl SettingsChange {
             s.replica_server != n.replica_server || s.replica_host_name != n.replica_host_name,
             format!("replica server {}", n.replica_server),
         );
+        let included: Vec<&str> = s
+            .exclude_disks
+            .iter()
+            .filter(|d| !n.exclude_disks.contains(d))
+            .map(String::as_str)
+            .collect();
+        let excluded: Vec<&str> = n
+            .exclude_disks
+            .iter()
+            .filter(|d| !s.exclude_disks.contains(d))
+            .map(String::as_str)
+            .collect();
         note(
-            s.exclude_disks != n.exclude_disks,
+            !included.is_empty() && self.exclude_disks.is_none(),
+            format!(
+                "disk {} replicated from the next cycle (its own initial copy, no other disk copied again)",
+                included.join(", ")
+            ),
+        );
+        note(
+            !excluded.is_empty() && self.exclude_disks.is_none(),
+            format!(
+                "disk {} no longer replicated (the replica drops its copy)",
+                excluded.join(", ")
+            ),
+        );
+        note(
+            s.exclude_disks != n.exclude_disks && self.exclude_disks.is_some(),
             if n.exclude_disks.is_empty() {
                 "every disk replicated".into()
             } else {
@@ -595,12 +668,65 @@ pub struct ReplicationStatus {
     /// A remark on the relationship, e.g. why reverse replication needed a full copy.
     #[serde(default)]
     pub note: Option<String>,
+    /// Warnings that need the admin, each a sentence with the command that settles it (a disk
+    /// added to the VM and not replicated yet).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     pub progress: Option<Progress>,
     pub stats: ReplicationStats,
 }
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn including_a_new_disk_queues_its_own_copy_and_excluding_one_forgets_it() {
+        let mut s = ReplicationSettings::new("b:7443");
+        // `vm disk add` on a replicated VM: excluded, and noted as new.
+        s.exclude_disks = vec!["disk1".into(), "disk2".into()];
+        s.new_disks = vec!["disk2".into()];
+        let inc = SettingsChange {
+            include_disk: vec!["disk2".into()],
+            ..Default::default()
+        };
+        let (n, what) = inc.apply(&s).unwrap();
+        assert_eq!(n.exclude_disks, ["disk1"]);
+        assert!(n.new_disks.is_empty());
+        assert_eq!(n.disks_awaiting_copy, ["disk2"]);
+        assert_eq!(what.len(), 1, "{what:?}");
+        assert!(
+            what[0].contains("disk disk2 replicated from the next cycle"),
+            "{what:?}"
+        );
+        // Including a disk that replicates already changes nothing.
+        let (again, what) = inc.apply(&n).unwrap();
+        assert_eq!(again, n);
+        assert!(what.is_empty(), "{what:?}");
+        // Excluding it before its copy went out forgets the copy.
+        let exc = SettingsChange {
+            exclude_disk: vec!["disk2".into()],
+            ..Default::default()
+        };
+        let (m, what) = exc.apply(&n).unwrap();
+        assert_eq!(m.exclude_disks, ["disk1", "disk2"]);
+        assert!(m.disks_awaiting_copy.is_empty());
+        assert!(
+            what[0].contains("disk disk2 no longer replicated"),
+            "{what:?}"
+        );
+        // Both at once is refused by name.
+        let both = SettingsChange {
+            include_disk: vec!["disk1".into()],
+            exclude_disk: vec!["disk1".into()],
+            ..Default::default()
+        };
+        assert!(both.apply(&s).unwrap_err().contains("disk1 is both"));
+        // Settings stored before these fields read as empty lists.
+        let old = serde_json::to_value(ReplicationSettings::new("b:7443")).unwrap();
+        assert!(old.get("new_disks").is_none());
+        let back: ReplicationSettings = serde_json::from_value(old).unwrap();
+        assert!(back.new_disks.is_empty() && back.disks_awaiting_copy.is_empty());
+    }
 
     #[test]
     fn a_settings_change_keeps_what_it_leaves_out_names_what_it_changes_and_is_validated() {
@@ -739,6 +865,8 @@ mod tests {
             app_consistent_hours: None,
             compression: true,
             exclude_disks: vec![],
+            new_disks: vec![],
+            disks_awaiting_copy: vec![],
             initial: InitialReplication::NetworkNow,
             resync: ResyncPolicy::Automatic,
             bandwidth_limit: None,

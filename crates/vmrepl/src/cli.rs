@@ -371,6 +371,17 @@ pub struct SetArgs {
     /// The replica server's host name as its certificate names it (default: HOST).
     #[arg(long)]
     pub replica_name: Option<String>,
+    /// Replicate this disk from now on (Hyper-V's -ReplicatedDisks); repeatable. It gets its
+    /// own initial copy (only its data, zeros not sent) in the next cycle's log, the same point
+    /// in time as the other disks' changes; no other disk is copied again. A disk added with
+    /// `vm disk add` to a replicated VM is not replicated until it is included here.
+    #[arg(long, value_name = "ID")]
+    pub include_disk: Vec<String>,
+    /// Stop replicating this disk (Hyper-V's -ExcludedVhd); repeatable. Later logs leave it
+    /// out, its change-tracking bitmaps are released, and the replica drops its copy from every
+    /// recovery point (no placeholder, as in Hyper-V).
+    #[arg(long, value_name = "ID")]
+    pub exclude_disk: Vec<String>,
 }
 
 fn on_off(s: &str) -> Result<bool, String> {
@@ -434,6 +445,16 @@ pub struct SettingsArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum DiskCmd {
+    /// Add a new empty qcow2 disk of SIZE (such as 2G) to a VM that is off; it gets the next
+    /// free id (diskN). A running VM is refused: shut it down first. On a replicated VM the new
+    /// disk is not replicated until `replication set VM --include-disk diskN` (as in Hyper-V).
+    Add {
+        name: String,
+        size: String,
+        /// The storage folder for the new disk (default: the first one configured).
+        #[arg(long)]
+        storage: Option<PathBuf>,
+    },
     /// Grow a disk (VM off) to SIZE, such as 20G.
     Resize {
         name: String,
@@ -561,8 +582,9 @@ pub enum VmCmd {
     /// bitmaps (qemu-io, qemu-nbd with the bitmaps loaded); take them as they are, with no
     /// resynchronization. Any other change (a restore, dd, qemu-img convert) needs one.
     TrustDisks { name: String },
-    /// Disks of a VM: `vm disk resize VM DISK SIZE` grows one (the VM off; a replicated VM's
-    /// replica grows its copy with the next cycle).
+    /// Disks of a VM: `vm disk add VM SIZE` adds one, `vm disk resize VM DISK SIZE` grows one
+    /// (the VM off; a replicated VM's replica grows its copy with the next cycle; a new disk is
+    /// replicated once `replication set --include-disk` names it).
     #[command(subcommand)]
     Disk(DiskCmd),
     /// Change a VM's vCPUs and memory (Set-VM), in force from its next start; a replicated
@@ -789,6 +811,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 VmCmd::TrustDisks { name } => Request::VmTrustDisks {
                     name: vm_name(&name)?,
                 },
+                VmCmd::Disk(DiskCmd::Add {
+                    name,
+                    size,
+                    storage,
+                }) => Request::VmDiskAdd {
+                    name: vm_name(&name)?,
+                    size_bytes: parse_size(&size)?,
+                    storage,
+                },
                 VmCmd::Disk(DiskCmd::Resize { name, disk, size }) => Request::VmDiskResize {
                     name: vm_name(&name)?,
                     disk,
@@ -956,6 +987,8 @@ fn replication(dd: &DataDir, json: bool, r: ReplCmd) -> Result<ExitCode> {
                 replica_server: a.replica_server,
                 replica_host_name: a.replica_name,
                 exclude_disks: None,
+                include_disk: a.include_disk,
+                exclude_disk: a.exclude_disk,
             };
             return each(dd, json, &a.names, |name| Request::ReplicationSet {
                 name,

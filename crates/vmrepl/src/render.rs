@@ -347,6 +347,9 @@ fn replication(rs: &[ReplicationStatus]) {
         if let Some(n) = &r.note {
             println!("Note:            {n}");
         }
+        for w in &r.warnings {
+            println!("Warning:         {w}");
+        }
         if let Some(p) = &r.progress {
             let pct = if p.bytes_total > 0 {
                 p.bytes_done as f64 * 100.0 / p.bytes_total as f64

@@ -136,9 +136,12 @@ pub(crate) async fn overlays(
 }
 
 /// The definition of a VM built on overlays: same VM (machine type, firmware, generation
-/// unchanged, I7), its disks and NVRAM replaced by the overlay files.
+/// unchanged, I7), its disks and NVRAM replaced by the overlay files. It has exactly the disks
+/// the point has: a disk added later (or removed since) is not in it.
 pub(crate) fn on_overlay(def: &VmDefinition, ov: &vmrepl_store::Overlay) -> VmDefinition {
     let mut out = def.clone();
+    out.disks
+        .retain(|disk| ov.disks.iter().any(|(id, _)| *id == disk.id));
     for disk in &mut out.disks {
         if let Some((_, p)) = ov.disks.iter().find(|(id, _)| *id == disk.id) {
             disk.path = p.clone();

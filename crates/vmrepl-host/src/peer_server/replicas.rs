@@ -233,28 +233,51 @@ pub(super) async fn update_definition(
             .map(|x| (x.id.clone(), x.size_bytes))
             .collect()
     };
-    // Disks may grow (the replica's copy grows with them); anything else is a new copy.
+    // Disks may grow (the replica's copy grows with them), a disk may be added (included on
+    // the primary: it joins the store pending, and the log that carries its initial copy
+    // makes it part of the points from then on) or removed (excluded: the store drops it from
+    // every point); a disk never shrinks.
     let (now, had) = (disks(&vm), disks(&row.definition));
+    let size_in = |set: &[(String, u64)], id: &str| set.iter().find(|(i, _)| i == id).map(|x| x.1);
     let grown: Vec<(String, u64)> = now
         .iter()
-        .zip(&had)
-        .filter(|((i, n), (j, o))| i == j && n > o)
-        .map(|((i, n), _)| (i.clone(), *n))
+        .filter(|(i, n)| size_in(&had, i).is_some_and(|o| *n > o))
+        .cloned()
         .collect();
-    let same_ids = now.len() == had.len()
-        && now
-            .iter()
-            .zip(&had)
-            .all(|((i, n), (j, o))| i == j && n >= o);
-    if !same_ids {
+    let added: Vec<(String, u64)> = now
+        .iter()
+        .filter(|(i, _)| size_in(&had, i).is_none())
+        .cloned()
+        .collect();
+    let removed: Vec<String> = had
+        .iter()
+        .filter(|(i, _)| size_in(&now, i).is_none())
+        .map(|(i, _)| i.clone())
+        .collect();
+    if let Some((i, n)) = now
+        .iter()
+        .find(|(i, n)| size_in(&had, i).is_some_and(|o| *n < o))
+    {
         return Err(refuse(
             RefusalCode::BadRequest,
             format!(
-                "the disks of VM {} changed ({:?} replicated, {:?} now); a replica takes grown disks, but new, removed or smaller ones only with a new initial copy",
-                vm.name,
-                disks(&row.definition),
-                disks(&vm)
+                "disk {i} of VM {} is smaller than its replica ({n} bytes); a disk never shrinks, so the replica needs a new initial copy (remove and enable replication again)",
+                vm.name
             ),
+        ));
+    }
+    if now.is_empty() {
+        return Err(refuse(
+            RefusalCode::BadRequest,
+            format!("VM {} would have no replicated disk left", vm.name),
+        ));
+    }
+    if let Some((i, _)) = added.iter().find(|(i, _)| {
+        i == crate::peer::proto::NVRAM_DISK_ID || vmrepl_store::validate_disk_id(i).is_err()
+    }) {
+        return Err(refuse(
+            RefusalCode::BadRequest,
+            format!("disk id {i:?} cannot be a replica disk (ids are [a-z0-9_-], never \"nvram\")"),
         ));
     }
     if vm.generation != row.definition.generation || vm.machine_type != row.definition.machine_type
@@ -271,19 +294,31 @@ pub(super) async fn update_definition(
     let dir = replica::vm_dir(&row);
     let lock = daemon.replica_locks.vm(&dir);
     let _g = lock.lock().await;
-    if !grown.is_empty() {
-        // Logs received at the old size are applied first.
+    if !grown.is_empty() || !added.is_empty() || !removed.is_empty() {
+        // Logs received with the old disks are applied first.
         let _ = replica::apply_and_record(daemon, &row).await;
     }
     let def =
         serde_json::to_value(&vm).map_err(|e| refuse(RefusalCode::Internal, e.to_string()))?;
     let (root, uuid) = (row.storage_root.clone(), vm.uuid);
+    let (added2, removed2) = (added.clone(), removed.clone());
     tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let (added, removed) = (added2, removed2);
         let mut store = vmrepl_store::ReplicaStore::open(&root, uuid).map_err(|e| e.to_string())?;
         for (id, size) in &grown {
             store
                 .grow_disk(id, *size)
                 .map_err(|e| format!("cannot grow disk {id}: {e}"))?;
+        }
+        for id in &removed {
+            store
+                .remove_disk(id)
+                .map_err(|e| format!("cannot remove disk {id}: {e}"))?;
+        }
+        for (id, size) in &added {
+            store
+                .add_disk(id, *size)
+                .map_err(|e| format!("cannot add disk {id}: {e}"))?;
         }
         store.set_vm_definition(&def).map_err(|e| e.to_string())
     })
@@ -300,6 +335,18 @@ pub(super) async fn update_definition(
             row.name, vm.vcpus, vm.memory_mib, vm.nics.len()
         ),
     );
+    for (id, _) in &added {
+        let _ = db.event(
+            Some(uuid),
+            &format!("replica of {}: disk {id} added; it joins the recovery points with the log that carries its initial copy", row.name),
+        );
+    }
+    for id in &removed {
+        let _ = db.event(
+            Some(uuid),
+            &format!("replica of {}: disk {id} is no longer replicated; its copy was removed from every recovery point", row.name),
+        );
+    }
     Ok(PeerResponse::Ok)
 }
 

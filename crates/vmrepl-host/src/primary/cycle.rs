@@ -103,11 +103,25 @@ pub(crate) struct Cycle<'a, P = PeerClient, N = Endpoint, G = VmAgent<'a>> {
     pub(crate) resync_range: Option<u64>,
     /// Where a resynchronization in parts records how far it got.
     pub(crate) sweeps: &'a (dyn SweepRecord + Sync),
+    /// Replicated disks new to the replica (included after it was created): a delta cycle
+    /// copies each of them whole, in the same point in time as the other disks' changes, and
+    /// starts their change tracking there.
+    pub(crate) fresh: Vec<String>,
+    /// Set once a log carrying the fresh disks' initial copies was acknowledged.
+    pub(crate) fresh_carried: bool,
 }
 
 impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
     pub(crate) fn nodes(&self) -> Vec<&str> {
         self.disks.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// The disks that already replicate (change tracking running): every disk but the fresh.
+    fn tracked_nodes(&self) -> Vec<&str> {
+        self.nodes()
+            .into_iter()
+            .filter(|n| !self.fresh.iter().any(|f| f == n))
+            .collect()
     }
 
     /// Where log `seq` is kept for a resume.
@@ -280,7 +294,9 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
         // cycle is in flight, so a frozen bitmap is always that of log n+1.
         let staging = self.staging.dir.as_path();
         let bitmap = match nodes
-            .reconcile(tag, &self.nodes(), Some(staging), |_| replica_applied > n)
+            .reconcile(tag, &self.tracked_nodes(), Some(staging), |_| {
+                replica_applied > n
+            })
             .await
         {
             Ok(vmrepl_tracking::ReconcileOutcome::Ready { recording, .. }) => recording,
@@ -305,9 +321,13 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
         }
         let frozen = self.freeze_guest().await;
         let (on_point, point) = tokio::sync::oneshot::channel();
+        if !self.fresh.is_empty() {
+            tracing::info!(target: "vmrepl::replication", vm = %self.vm.uuid, seq = next, disks = ?self.fresh, "this log carries the initial copy of disks new to the replica");
+        }
         let begin = nodes.begin_cycle(
             tag,
             &self.disks,
+            &self.fresh,
             bitmap,
             &self.staging,
             self.vars,
@@ -339,7 +359,9 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
             let _ = std::fs::remove_file(&path);
             return Err(e);
         }
-        self.settle(&path, next, Some(bitmap), sent).await
+        let settled = self.settle(&path, next, Some(bitmap), sent).await;
+        self.fresh_carried = settled.is_ok() && !self.fresh.is_empty();
+        settled
     }
 
     /// The relationship's frozen bitmap, if any (that of a log whose transfer was cut).

@@ -28,9 +28,22 @@ pub enum EnableError {
         "Cannot tell the replica server where to reach this host: {why}. Nothing was changed."
     )]
     NoAdvertisedAddress { why: String },
-    /// `replication set` asked to change which disks replicate.
-    #[error("Changing which disks of {vm} replicate is not done in place yet: run `vmrepl replication remove {vm}` and `vmrepl replication enable {vm} ... --exclude-disk ...` (a new initial copy).")]
-    DisksInPlace { vm: String },
+    /// `replication set` asked to change which disks replicate, and the replica server's
+    /// release cannot take a changed set of disks (it lacks the `disk-set-changes` feature).
+    #[error("Replica server {server} runs an older vmrepl ({release}) that cannot add a disk to or remove one from a replicated VM; upgrade it, or run `vmrepl replication remove {vm}` and enable replication again with the disks you want. Nothing was changed.")]
+    DisksInPlace {
+        vm: String,
+        server: String,
+        release: String,
+    },
+    /// `replication set` asked to change which disks replicate, and the replica server could
+    /// not be asked whether it can.
+    #[error("Cannot change which disks of {vm} replicate now: the replica server {server} must confirm it can take the change, and it cannot be reached ({why}). Try again once it is reachable. Nothing was changed.")]
+    DisksNeedReplica {
+        vm: String,
+        server: String,
+        why: String,
+    },
     /// The VM is replicated already.
     #[error("Replication is already enabled for VM {vm}; `vmrepl replication status {vm}` shows it, `replication remove` removes it.")]
     AlreadyEnabled { vm: String },
@@ -121,6 +134,7 @@ impl ApiAnswer for EnableError {
             | ExportNotAFolder { .. }
             | ExportNotWritable { .. } => ErrorCode::InvalidInput,
             DisksInPlace { .. } => ErrorCode::Unsupported,
+            DisksNeedReplica { .. } => ErrorCode::Peer,
             NoAdvertisedAddress { .. } => ErrorCode::InvalidInput,
             AlreadyEnabled { .. } => ErrorCode::AlreadyExists,
             ReplicaCannotRun { .. } => ErrorCode::Unsupported,

@@ -55,11 +55,11 @@ pub async fn set(
             "Nothing to change for {name}: every setting given has that value already."
         ));
     }
+    // Held while a change of the disk set is made, so that no cycle runs in between.
+    let mut _op = None;
     if next.exclude_disks != rel.settings.exclude_disks {
-        return Err(EnableError::DisksInPlace {
-            vm: name.to_string(),
-        }
-        .into());
+        check_disk_change(d, name, &vm, &rel, &change, &next).await?;
+        _op = Some(d.vmm.op_lock(vm.uuid).await);
     }
     if next.replica_server != rel.settings.replica_server
         || next.replica_host_name != rel.settings.replica_host_name
@@ -69,6 +69,8 @@ pub async fn set(
     d.db()
         .set_relationship_settings(vm.uuid, &next)
         .map_err(HostError::db("saving the relationship's settings"))?;
+    let released = release_excluded(d, &vm, &rel, &next).await;
+    drop(_op);
     let summary = what.join(", ");
     let _ = d.db().event(
         Some(vm.uuid),
@@ -94,10 +96,102 @@ pub async fn set(
             );
         }
     }
+    if let Err(e) = released {
+        note.push_str(&format!(
+            " The change-tracking bitmaps of the excluded disks could not be removed ({e}); they are removed when replication is removed."
+        ));
+    }
     wake(d, vm.uuid);
     Ok(format!(
-        "Replication of {name} changed: {summary}; in force from the next cycle, without a new initial copy.{note}"
+        "Replication of {name} changed: {summary}; in force from the next cycle, without a new initial copy of the other disks.{note}"
     ))
+}
+
+/// Before `replication set` changes which disks replicate: every disk named exists, at least
+/// one stays replicated, and the replica server's release can take a changed set of disks
+/// (its `disk-set-changes` feature); an older one would refuse the new definition (or the
+/// logs), so the change is refused here, with nothing changed.
+async fn check_disk_change(
+    d: &Arc<Host>,
+    name: &VmName,
+    vm: &VmDefinition,
+    rel: &Relationship,
+    change: &SettingsChange,
+    next: &ReplicationSettings,
+) -> Result<(), HostError> {
+    let named = change
+        .include_disk
+        .iter()
+        .chain(&change.exclude_disk)
+        .chain(change.exclude_disks.iter().flatten());
+    for x in named {
+        if vm.disk(x).is_none() {
+            return Err(EnableError::NoSuchDisk {
+                vm: name.to_string(),
+                disk: x.clone(),
+                disks: vm
+                    .disks
+                    .iter()
+                    .map(|d| d.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+            .into());
+        }
+    }
+    if replicated_disks(vm, next).is_empty() {
+        return Err(EnableError::NoDiskLeft {
+            vm: name.to_string(),
+        }
+        .into());
+    }
+    match connect(d, &rel.settings).await {
+        Ok((_, theirs)) if theirs.has_feature(vmrepl_types::caps::FEATURE_DISK_SET) => Ok(()),
+        Ok((_, theirs)) => Err(EnableError::DisksInPlace {
+            vm: name.to_string(),
+            server: theirs.host_name,
+            release: theirs.release,
+        }
+        .into()),
+        Err(why) => Err(EnableError::DisksNeedReplica {
+            vm: name.to_string(),
+            server: rel.replica_name.clone(),
+            why,
+        }
+        .into()),
+    }
+}
+
+/// Releases the change-tracking bitmaps of the disks `next` excludes and `rel` replicated
+/// (a bitmap left behind would record every write of a disk nobody replicates). The caller
+/// holds the VM's operation lock.
+async fn release_excluded(
+    d: &Host,
+    vm: &VmDefinition,
+    rel: &Relationship,
+    next: &ReplicationSettings,
+) -> Result<(), String> {
+    let nodes: Vec<String> = next
+        .exclude_disks
+        .iter()
+        .filter(|x| !rel.settings.exclude_disks.contains(x))
+        .cloned()
+        .collect();
+    if nodes.is_empty() {
+        return Ok(());
+    }
+    let tag = RelTag::from_uuid(&rel.rel_id);
+    let ep = Endpoint::open_anyway(d, vm, &nodes, None).await?;
+    let r = vmrepl_tracking::stop_tracking(ep.qmp(), tag, &nodes, None).await;
+    ep.close().await;
+    let _ = d.db().event(
+        Some(vm.uuid),
+        &format!(
+            "disk {} no longer replicated; its change-tracking bitmaps were released",
+            nodes.join(", ")
+        ),
+    );
+    r.map_err(|e| e.to_string())
 }
 
 /// The runtime of a relationship (its scheduler's, or a fresh one when none runs).
@@ -255,6 +349,31 @@ pub(crate) async fn end_tracking(
     let r = vmrepl_tracking::stop_tracking(ep.qmp(), tag, &nodes, Some(&d.dd.staging())).await;
     ep.close().await;
     r.map_err(|e| e.to_string())
+}
+
+/// A disk was added to VM `vm`: when it is replicated, the new disk is excluded and noted as
+/// new (status warns about it until `replication set --include-disk` or `--exclude-disk`
+/// names it). Returns whether the VM is replicated.
+pub fn new_disk_added(d: &Host, vm: &VmDefinition, id: &str) -> Result<bool, HostError> {
+    let Some(rel) = load(d, vm.uuid)? else {
+        return Ok(false);
+    };
+    let mut s = rel.settings.clone();
+    if !s.exclude_disks.iter().any(|x| x == id) {
+        s.exclude_disks.push(id.to_string());
+        s.exclude_disks.sort();
+    }
+    if !s.new_disks.iter().any(|x| x == id) {
+        s.new_disks.push(id.to_string());
+    }
+    d.db()
+        .set_relationship_settings(vm.uuid, &s)
+        .map_err(HostError::db("saving the relationship's settings"))?;
+    let _ = d.db().event(
+        Some(vm.uuid),
+        &format!("disk {id} added to a replicated VM; it is not replicated until it is included"),
+    );
+    Ok(true)
 }
 
 pub(crate) fn not_enabled(name: &VmName) -> HostError {

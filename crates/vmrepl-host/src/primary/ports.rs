@@ -140,12 +140,16 @@ pub(crate) trait BlockNodes {
         replica_has: impl Fn(u64) -> bool,
     ) -> Result<ReconcileOutcome, TrackingError>;
 
-    /// [`vmrepl_tracking::begin_cycle`]: freezes recording bitmap `seq` and takes the point in
-    /// time of every disk in one transaction; `on_point` is told the instant it is taken.
+    /// [`vmrepl_tracking::begin_cycle_with_new`]: freezes recording bitmap `seq` and takes the
+    /// point in time of every disk in one transaction; the disks in `fresh` (new to the
+    /// replica) start recording and are copied whole in the same instant; `on_point` is told
+    /// the instant it is taken.
+    #[allow(clippy::too_many_arguments)]
     async fn begin_cycle(
         &self,
         tag: RelTag,
         disks: &[(String, u64)],
+        fresh: &[String],
         seq: u64,
         staging: &Staging,
         vars: Option<&str>,
@@ -365,12 +369,24 @@ impl BlockNodes for Endpoint {
         &self,
         tag: RelTag,
         disks: &[(String, u64)],
+        fresh: &[String],
         seq: u64,
         staging: &Staging,
         vars: Option<&str>,
         on_point: Option<PointSignal>,
     ) -> Result<CycleHandle, TrackingError> {
-        vmrepl_tracking::begin_cycle(self.qmp(), tag, disks, seq, staging, vars, on_point).await
+        let fresh: Vec<&str> = fresh.iter().map(String::as_str).collect();
+        vmrepl_tracking::begin_cycle_with_new(
+            self.qmp(),
+            tag,
+            disks,
+            &fresh,
+            seq,
+            staging,
+            vars,
+            on_point,
+        )
+        .await
     }
 
     async fn begin_full(

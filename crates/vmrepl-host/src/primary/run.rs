@@ -185,6 +185,14 @@ pub(crate) async fn run_cycle(
         Err(e) => return Err(fail(e.to_string(), false)),
     };
     let sweeps = DbSweeps { d, vm: vm_uuid };
+    // Disks included after the replica was created, whose initial copy goes with this cycle.
+    let fresh: Vec<String> = rel
+        .settings
+        .disks_awaiting_copy
+        .iter()
+        .filter(|x| nodes.contains(x))
+        .cloned()
+        .collect();
     let resync_range = d.cfg().resync_range_mib.map(|m| m << 20);
     let mut cycle = Cycle {
         rel: &rel,
@@ -201,6 +209,8 @@ pub(crate) async fn run_cycle(
         app_freeze: None,
         resync_range,
         sweeps: &sweeps,
+        fresh: if initial || resync { vec![] } else { fresh },
+        fresh_carried: false,
     };
     let result = if initial {
         // The state machine takes the relationship to "in progress" before anything is
@@ -215,6 +225,7 @@ pub(crate) async fn run_cycle(
         cycle.delta().await.map(Done::acked)
     };
     let app_freeze = cycle.app_freeze.take();
+    let fresh_carried = cycle.fresh_carried.then(|| cycle.fresh.clone());
     drop(cycle);
     endpoint.close().await;
     // The replica refused the log, or this host's tracking cannot be trusted: the relationship
@@ -257,6 +268,16 @@ pub(crate) async fn run_cycle(
                 d,
                 cycle_record(me, seq, recorded, bytes, CycleOutcome::Ok, None),
             );
+            // A full copy (initial or resynchronization) covers every disk; a delta the disks
+            // whose initial copy it carried.
+            let copied = match (&fresh_carried, kind) {
+                (_, CycleKind::Initial | CycleKind::Resync) => {
+                    rel.settings.disks_awaiting_copy.clone()
+                }
+                (Some(f), CycleKind::Delta) => f.clone(),
+                (None, CycleKind::Delta) => vec![],
+            };
+            disks_copied(d, vm_uuid, seq, bytes, &copied, kind == CycleKind::Delta);
             let _ = acknowledged(d, vm_uuid, PrimaryEvent::CycleAcknowledged { kind }, seq);
             Ok(())
         }
@@ -269,6 +290,31 @@ pub(crate) async fn run_cycle(
         record_freeze(d, vm_uuid, start, freeze);
     }
     outcome.map(|()| app_freeze)
+}
+
+/// After log `seq` (`bytes` sent) was acknowledged: the disks in `copied` have their copy on
+/// the replica now; they leave the relationship's list of disks awaiting one. With `own_copy`
+/// the log carried their initial copy beside the other disks' changes, which the journal says.
+fn disks_copied(d: &Host, vm: Uuid, seq: u64, bytes: u64, copied: &[String], own_copy: bool) {
+    if copied.is_empty() {
+        return;
+    }
+    let Ok(Some(rel)) = load(d, vm) else { return };
+    let mut s = rel.settings.clone();
+    s.disks_awaiting_copy.retain(|x| !copied.contains(x));
+    if let Err(e) = d.db().set_relationship_settings(vm, &s) {
+        tracing::warn!(target: "vmrepl::replication", %vm, "cannot record the disks copied: {e}");
+        return;
+    }
+    if own_copy {
+        let _ = d.db().event(
+            Some(vm),
+            &format!(
+                "disk-initial-copy: initial copy of disk {} sent with log {seq} ({bytes} bytes, with the other disks' changes at the same point in time)",
+                copied.join(", ")
+            ),
+        );
+    }
 }
 
 /// After an export: asks the replica whether it imported log 1; once it has, the relationship

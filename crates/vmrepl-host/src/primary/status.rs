@@ -216,9 +216,25 @@ pub fn status_of(d: &Host, rel: &Relationship) -> Result<Option<ReplicationStatu
         },
         last_error: rel.last_error.clone(),
         note: rel.note.clone(),
+        warnings: disk_warnings(&def.name, rel),
         progress,
         stats: st,
     }))
+}
+
+/// A sentence per disk added to the VM after replication was enabled and not included yet,
+/// naming the command that includes it, and per included disk whose initial copy is pending.
+pub(crate) fn disk_warnings(vm: &vmrepl_types::VmName, rel: &Relationship) -> Vec<String> {
+    let s = &rel.settings;
+    let mut out: Vec<String> = s
+        .new_disks
+        .iter()
+        .map(|id| format!("Disk {id} was added to {vm} after replication was enabled and is not replicated: a failover starts {vm} without it. Include it with `vmrepl replication set {vm} --include-disk {id}` (or keep it out with `--exclude-disk {id}`)."))
+        .collect();
+    out.extend(s.disks_awaiting_copy.iter().map(|id| {
+        format!("Disk {id} of {vm} is included; its initial copy goes with the next cycle.")
+    }));
+    out
 }
 
 #[cfg(test)]

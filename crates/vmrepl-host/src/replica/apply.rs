@@ -285,6 +285,11 @@ fn apply_records<R: std::io::Read>(
         vmrepl_store::Begin::Apply(txn) => txn,
     };
     txn.bulk(size.log);
+    // A disk the log lists is in the point it makes, written or not (a disk added to the
+    // replica joins the points with the log that carries its initial copy).
+    for d in h.disks.iter().filter(|d| d.id != NVRAM_DISK_ID) {
+        txn.carries(&d.id)?;
+    }
     let mut nvram: Option<Vec<u8>> = None;
     while let Some(rec) = reader.next_record().map_err(|e| derr(e.to_string()))? {
         let Some(d) = h.disks.get(usize::from(rec.disk_index)) else {

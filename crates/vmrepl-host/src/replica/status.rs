@@ -138,6 +138,7 @@ pub fn statuses(daemon: &Host) -> Vec<ReplicationStatus> {
                 .map(|i| (i.free_bytes, i.total_bytes));
             let (health, health_details) = health(&r, now, storage);
             ReplicationStatus {
+                warnings: vec![],
                 // Its name on this host (unique here), which replica-side commands take.
                 vm: vmrepl_types::VmName::new(&r.name)
                     .unwrap_or_else(|_| r.definition.name.clone()),

@@ -187,6 +187,81 @@ impl Vmm {
         Ok(self.summary(row))
     }
 
+    /// Adds a new, empty qcow2 disk of `size_bytes` to a VM that is off (Add-VMHardDiskDrive
+    /// with New-VHD): the next free id (`diskN`), in the VM's folder of `folder` (default: the
+    /// first storage folder), made as `vm create` makes its disks (qcow2 v3, owner-only; change
+    /// tracking starts when replication includes it). The file is recorded as vmrepl's own,
+    /// so its next open finds no change behind vmrepl's back. Returns the new disk's id.
+    pub async fn add_disk(
+        &self,
+        name: &VmName,
+        size_bytes: u64,
+        folder: Option<&PathBuf>,
+    ) -> Result<(String, PathBuf), VmError> {
+        let (_op, row) = self.stopped(name).await?;
+        let mut def = row.definition.clone();
+        if def.disks.len() >= MAX_DISKS {
+            return Err(VmError::TooManyDisks {
+                count: def.disks.len() + 1,
+                max: MAX_DISKS,
+            });
+        }
+        if size_bytes < 1 << 20 || !size_bytes.is_multiple_of(512) {
+            return Err(VmError::DiskSize { bytes: size_bytes });
+        }
+        let folder = self.storage_folder(folder)?;
+        let next = def
+            .disks
+            .iter()
+            .filter_map(|d| d.id.strip_prefix("disk")?.parse::<usize>().ok())
+            .map(|n| n + 1)
+            .max()
+            .unwrap_or(0);
+        let id = (next..)
+            .map(|n| format!("disk{n}"))
+            .find(|id| def.disk(id).is_none())
+            .unwrap_or_default();
+        let dir = folder.join(def.uuid.to_string());
+        let mut created = Vec::new();
+        vm_folder(&dir, &mut created)?;
+        let path = dir.join(format!("{id}.qcow2"));
+        if path.exists() {
+            return Err(VmError::DiskFileExists { path });
+        }
+        let made = async {
+            vmrepl_qemu::img::QemuImg::default()
+                .create(&path, size_bytes, &Default::default())
+                .await?;
+            created.push(path.clone());
+            owner_only(&path)
+        }
+        .await;
+        if let Err(e) = made {
+            for p in created.iter().rev() {
+                let _ = if p.is_dir() {
+                    std::fs::remove_dir(p)
+                } else {
+                    std::fs::remove_file(p)
+                };
+            }
+            return Err(e);
+        }
+        def.disks.push(DiskDef {
+            id: id.clone(),
+            path: path.clone(),
+            size_bytes,
+        });
+        let db = self.db();
+        db.set_vm_definition(&def)?;
+        // vmrepl's own change: the new file is what the next open expects.
+        crate::fingerprint::after_close(&db, &def);
+        let _ = db.event(
+            Some(def.uuid),
+            &format!("disk {id} added ({size_bytes} bytes, {})", path.display()),
+        );
+        Ok((id, path))
+    }
+
     async fn create_files(
         &self,
         uuid: Uuid,

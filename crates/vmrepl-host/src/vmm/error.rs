@@ -105,6 +105,9 @@ pub enum VmError {
     /// `--initrd` or `--cmdline` without `--kernel`.
     #[error("--initrd and --cmdline need --kernel.")]
     BootOptionsWithoutKernel,
+    /// A new disk's file is in the way.
+    #[error("A file {} is in the way of the new disk; move it away or give another --storage folder.", path.display())]
+    DiskFileExists { path: PathBuf },
     /// A new disk's size is not usable.
     #[error("Disk size {bytes} bytes is not a multiple of 512 of at least 1 MiB.")]
     DiskSize { bytes: u64 },
@@ -243,6 +246,7 @@ impl ApiAnswer for VmError {
             | Vcpus { .. }
             | Memory { .. }
             | TooManyDisks { .. }
+            | DiskFileExists { .. }
             | SecureBootNeedsUefi
             | SecureBootNeedsQ35
             | NoBootFile { .. }

@@ -181,6 +181,8 @@ impl Rig {
             app_freeze: None,
             resync_range: self.resync_range,
             sweeps: &self.sweeps,
+            fresh: vec![],
+            fresh_carried: false,
         }
     }
 

@@ -311,6 +311,7 @@ impl BlockNodes for FakeNodes {
         &self,
         tag: RelTag,
         disks: &[(String, u64)],
+        _fresh: &[String],
         seq: u64,
         staging: &Staging,
         vars: Option<&str>,
