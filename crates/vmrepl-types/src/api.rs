@@ -120,7 +120,7 @@ pub enum Request {
         #[serde(default)]
         memory_mib: Option<u64>,
     },
-    /// Grow a disk of a VM that is off (its replica grows with the next cycle).
+    /// Grow a disk of a VM, off or running (its replica grows with the next cycle).
     VmDiskResize {
         name: VmName,
         disk: String,

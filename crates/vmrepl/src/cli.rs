@@ -434,7 +434,8 @@ pub struct SettingsArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum DiskCmd {
-    /// Grow a disk (VM off) to SIZE, such as 20G.
+    /// Grow a disk to SIZE, such as 20G: VM off, or running (the guest is told at once
+    /// through virtio-blk; it grows its partition and file system itself). Never shrinks.
     Resize {
         name: String,
         /// The disk id (disk0, disk1, ...).
@@ -561,8 +562,8 @@ pub enum VmCmd {
     /// bitmaps (qemu-io, qemu-nbd with the bitmaps loaded); take them as they are, with no
     /// resynchronization. Any other change (a restore, dd, qemu-img convert) needs one.
     TrustDisks { name: String },
-    /// Disks of a VM: `vm disk resize VM DISK SIZE` grows one (the VM off; a replicated VM's
-    /// replica grows its copy with the next cycle).
+    /// Disks of a VM: `vm disk resize VM DISK SIZE` grows one (the VM off or running; a
+    /// replicated VM's replica grows its copy with the next cycle, with no resynchronization).
     #[command(subcommand)]
     Disk(DiskCmd),
     /// Change a VM's vCPUs and memory (Set-VM), in force from its next start; a replicated
