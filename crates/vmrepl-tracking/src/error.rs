@@ -66,6 +66,19 @@ pub enum TrackingError {
     #[error("the staging image {path} cannot be read as a delta: {detail}")]
     BadStaging { path: PathBuf, detail: String },
 
+    #[error("block node {node:?} is {from} bytes; a disk only grows ({to} bytes asked): ask for {from} bytes or more")]
+    Shrink { node: String, from: u64, to: u64 },
+
+    #[error("block node {node:?} cannot grow now: its bitmap {bitmap} is {detail}")]
+    ResizeBlocked {
+        node: String,
+        bitmap: String,
+        detail: &'static str,
+    },
+
+    #[error("block node {node:?} is {now} bytes after block_resize to {asked} bytes; check the QEMU log of the VM and retry")]
+    ResizeMismatch { node: String, asked: u64, now: u64 },
+
     #[error("could not run qemu-storage-daemon for the stopped VM: {0}")]
     StorageDaemon(#[from] StorageDaemonError),
 }

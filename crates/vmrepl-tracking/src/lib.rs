@@ -72,6 +72,7 @@ pub mod fuzzing;
 mod names;
 mod nbd;
 mod offline;
+mod resize;
 
 pub use bitmaps::{
     commit_cycle, list_owned, reconcile, recording_seq, rollback_cycle, start_tracking,
@@ -88,6 +89,7 @@ pub use extents::{
 pub use names::{BitmapName, RelTag};
 pub use nbd::{NbdClient, NbdError, NbdRangeReader};
 pub use offline::OfflineDisks;
+pub use resize::{grow_node, GrownNode, NodeBitmap};
 
 /// The log target every record of this crate uses.
 pub const LOG_TARGET: &str = "vmrepl::tracking";

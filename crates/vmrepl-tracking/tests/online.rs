@@ -5,9 +5,9 @@ use common::*;
 use std::path::Path;
 use vmrepl_qemu::img::QemuImg;
 use vmrepl_tracking::{
-    begin_cycle, begin_full, commit_cycle, list_owned, reconcile, rollback_cycle, start_tracking,
-    Chunk, ChunkData, CycleHandle, Extent, ExtentKind, ExtentReader, ReconcileOutcome, Staging,
-    TrackingError, VARS_NODE,
+    begin_cycle, begin_full, commit_cycle, grow_node, list_owned, reconcile, rollback_cycle,
+    start_tracking, Chunk, ChunkData, CycleHandle, Extent, ExtentKind, ExtentReader,
+    ReconcileOutcome, Staging, TrackingError, VARS_NODE,
 };
 
 const K: u64 = 1024;
@@ -214,6 +214,75 @@ async fn cycles_stage_exactly_the_writes_commit_and_rollback_keep_everything() {
     let e = list_owned(q, rel, &["nope"]).await.unwrap_err();
     assert!(matches!(e, TrackingError::NodeNotFound { .. }), "{e}");
     vm.quit().await;
+}
+
+#[tokio::test]
+async fn a_node_grown_online_keeps_its_bitmaps_and_the_next_cycle_carries_writes_past_the_old_end()
+{
+    let d = images().await;
+    let vm = Vm::start(d.path()).await;
+    let q = vm.qmp();
+    let rel = rel();
+    let st = staging(d.path());
+    start_tracking(q, rel, &NODES, 0).await.unwrap();
+    vm.io(0, "write -P 0xab 1M 64k").await;
+    // A point frozen before the resize: its bitmap is frozen, its staged copy the old size.
+    let h0 = begin_cycle(q, rel, &disks(), 0, &st, None, None)
+        .await
+        .unwrap();
+    assert_eq!(shape(&h0.disks[0].path).await, vec![(M, 64 * K, true)]);
+    vm.io(0, "write -P 0xcd 2M 64k").await;
+
+    let big = 2 * DISK_SIZE;
+    let e = grow_node(q, "disk0", DISK_SIZE / 2).await.unwrap_err();
+    assert!(matches!(e, TrackingError::Shrink { .. }), "{e}");
+    assert!(e.to_string().contains(&DISK_SIZE.to_string()), "{e}");
+    let g = grow_node(q, "disk0", big).await.unwrap();
+    assert_eq!((g.from, g.to), (DISK_SIZE, big));
+    // query-named-block-nodes: both bitmaps are still there, same granularity (64 KiB),
+    // their dirty bits kept; the recording one still records.
+    assert_eq!(g.bitmaps.len(), 2, "{:?}", g.bitmaps);
+    assert!(g.bitmaps.iter().all(|b| b.granularity == 64 * K), "{g:?}");
+    let owned = list_owned(q, rel, &NODES).await.unwrap();
+    assert_eq!(seqs(&owned["disk0"]), vec![(0, false), (1, true)]);
+    assert_eq!(owned["disk0"][0].count, 64 * K, "frozen bitmap kept");
+    assert_eq!(owned["disk0"][1].count, 64 * K, "recording bitmap kept");
+    let again = grow_node(q, "disk0", big).await.unwrap();
+    assert_eq!(
+        (again.from, again.to),
+        (big, big),
+        "growing to the size it has is a no-op"
+    );
+    // The point frozen before the resize is still whole at the old size.
+    commit_cycle(q, rel, &NODES, 0).await.unwrap();
+    h0.remove_files().unwrap();
+
+    // A write past the old end is recorded, and the next point is the new size.
+    vm.io(0, "write -P 0x5a 100M 1M").await;
+    let owned = list_owned(q, rel, &NODES).await.unwrap();
+    assert_eq!(owned["disk0"][0].count, 64 * K + M);
+    let sizes = vec![("disk0", big), ("disk1", DISK_SIZE)];
+    let h1 = begin_cycle(q, rel, &sizes, 1, &st, None, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        shape(&h1.disks[0].path).await,
+        vec![(2 * M, 64 * K, true), (100 * M, M, true)]
+    );
+    let c = check_against_convert(&h1.disks[0].path, d.path()).await;
+    assert!(c
+        .iter()
+        .filter(|c| c.offset >= 100 * M)
+        .all(|c| matches!(&c.data, ChunkData::Data(b) if b.iter().all(|x| *x == 0x5a))));
+    commit_cycle(q, rel, &NODES, 1).await.unwrap();
+    h1.remove_files().unwrap();
+    vm.quit().await;
+    // The image is the new size, with the bitmap persisted.
+    let info = QemuImg::default()
+        .info(&d.path().join("disk0.qcow2"))
+        .await
+        .unwrap();
+    assert_eq!(info.virtual_size, big);
 }
 
 #[tokio::test]

@@ -128,7 +128,7 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         storage: Option<std::path::PathBuf>,
     },
-    /// Grow a disk of a VM that is off (its replica grows with the next cycle).
+    /// Grow a disk of a VM, off or running (its replica grows with the next cycle).
     VmDiskResize {
         name: VmName,
         disk: String,

@@ -455,7 +455,8 @@ pub enum DiskCmd {
         #[arg(long)]
         storage: Option<PathBuf>,
     },
-    /// Grow a disk (VM off) to SIZE, such as 20G.
+    /// Grow a disk to SIZE, such as 20G: VM off, or running (the guest is told at once
+    /// through virtio-blk; it grows its partition and file system itself). Never shrinks.
     Resize {
         name: String,
         /// The disk id (disk0, disk1, ...).
@@ -582,9 +583,10 @@ pub enum VmCmd {
     /// bitmaps (qemu-io, qemu-nbd with the bitmaps loaded); take them as they are, with no
     /// resynchronization. Any other change (a restore, dd, qemu-img convert) needs one.
     TrustDisks { name: String },
-    /// Disks of a VM: `vm disk add VM SIZE` adds one, `vm disk resize VM DISK SIZE` grows one
-    /// (the VM off; a replicated VM's replica grows its copy with the next cycle; a new disk is
-    /// replicated once `replication set --include-disk` names it).
+    /// Disks of a VM: `vm disk add VM SIZE` adds one (the VM off; it is replicated once
+    /// `replication set --include-disk` names it), `vm disk resize VM DISK SIZE` grows one (the
+    /// VM off or running; a replicated VM's replica grows its copy with the next cycle, with no
+    /// resynchronization).
     #[command(subcommand)]
     Disk(DiskCmd),
     /// Change a VM's vCPUs and memory (Set-VM), in force from its next start; a replicated

@@ -378,3 +378,125 @@ fn a_disk_grown_on_a_replicated_vm_grows_on_the_replica_with_the_next_cycle_with
     let d = b.json(&["vm", "show", "db"])["definition"]["disks"][0].clone();
     assert_eq!(d["size_bytes"], 128u64 << 20, "{d}");
 }
+
+/// Runs `script` with the guest's busybox sh through the QEMU guest agent of the running VM
+/// `vm` (`guest-exec`; the script reports on the serial console, which `wait_console` reads).
+fn guest_sh(a: &Host, vm: &str, script: &str) {
+    use std::io::{BufRead, Write};
+    let uuid = a.json(&["vm", "show", vm])["definition"]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sock = a.data().join("run").join(uuid).join("qga.sock");
+    let s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let mut call = |cmd: serde_json::Value, answer: &dyn Fn(&serde_json::Value) -> bool| {
+        writeln!(w, "{cmd}").unwrap();
+        loop {
+            let mut line = String::new();
+            assert!(
+                r.read_line(&mut line).unwrap() > 0,
+                "the guest agent hung up"
+            );
+            // An earlier client's unread answers come first: skipped.
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line.trim()) {
+                assert!(v.get("error").is_none(), "{cmd}: {v}");
+                if answer(&v) {
+                    return;
+                }
+            }
+        }
+    };
+    call(
+        serde_json::json!({"execute": "guest-sync", "arguments": {"id": 4_215_907}}),
+        &|v| v["return"] == 4_215_907,
+    );
+    call(
+        serde_json::json!({"execute": "guest-exec",
+            "arguments": {"path": "/bin/sh", "arg": ["-c", script]}}),
+        &|v| v["return"]["pid"].is_u64(),
+    );
+}
+
+/// The virtual size of a qcow2 image (read without locks).
+fn virtual_size(img: &std::path::Path) -> u64 {
+    let o = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["virtual-size"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn a_running_vms_disk_grows_online_and_the_next_cycle_is_a_plain_delta() {
+    let _s = serial();
+    let (a, b, store) = pair("127.0.0.221", "127.0.0.222", "online");
+    let t = Duration::from_secs(120);
+    // The guest goes on writing its first 256 KiB while the disk grows and cycles run.
+    create_guest_vm(&a, "web", "1", &["64M"], "writeloop:vda:64:300");
+    a.ok(&["vm", "start", "web"]);
+    a.wait_console("web", "VMREPL QGA started", t);
+    a.wait_console("web", "VMREPL WROTE", t);
+    enable_ok(&a, &b, "web", "hostb.test", &["--frequency", "5"]);
+    wait_until("the initial copy", t, || acked(&a, "web") >= 1);
+
+    // Shrinking stays refused, with the sizes and the way out.
+    let e = a.fails(&["vm", "disk", "resize", "web", "disk0", "32M"]);
+    assert!(
+        e.contains("only grow") && e.contains("67108864") && e.contains("33554432"),
+        "{e}"
+    );
+    // Grown while it runs and replicates: the resize takes the VM's operation lock, so it
+    // falls between two cycles.
+    let seq = acked(&a, "web");
+    let out = a.ok(&["vm", "disk", "resize", "web", "disk0", "128M"]);
+    assert!(
+        out.contains("128 MiB") && out.contains("while it runs"),
+        "{out}"
+    );
+    assert_eq!(a.vm_state("web"), "running");
+    // The guest sees the capacity change (in 512-byte sectors) and writes past the old end.
+    guest_sh(
+        &a,
+        "web",
+        "i=0; while [ \"$(cat /sys/block/vda/size)\" -lt 262144 ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done; \
+         echo \"VMREPL SIZE $(cat /sys/block/vda/size)\" > /dev/console; \
+         dd if=/dev/urandom of=/dev/vda bs=1M seek=100 count=1 conv=fsync 2>/dev/null && \
+         echo 'VMREPL TAILWROTE' > /dev/console",
+    );
+    a.wait_console("web", "VMREPL SIZE 262144", t);
+    a.wait_console("web", "VMREPL TAILWROTE", t);
+    wait_until("two cycles after the resize", t, || {
+        acked(&a, "web") >= seq + 2
+    });
+    // The replica took the definition with the next cycle, and its copy is the new size.
+    let d = b.json(&["vm", "show", "web"])["definition"]["disks"][0].clone();
+    assert_eq!(d["size_bytes"], 128u64 << 20, "{d}");
+    let top = replica_image(&store, &a, "web", 0, "top.qcow2");
+    assert_eq!(virtual_size(&top), 128 << 20);
+
+    // Stopped, one more cycle carries the last writes: the replica equals the primary.
+    a.ok(&["vm", "stop", "web"]);
+    let seq = acked(&a, "web");
+    wait_until("a cycle after the stop", t, || acked(&a, "web") > seq);
+    let disk = disk_path(&a, "web", 0);
+    assert_eq!(virtual_size(&disk), 128 << 20);
+    same_content(&disk, &top).unwrap();
+    let s = status(&a, "web");
+    assert_eq!(s["state"], "replicating", "{s}");
+    let events = a.ok(&["events", "--vm", "web"]);
+    assert!(
+        !events.contains("tracking-lost") && !events.to_lowercase().contains("resynchroniz"),
+        "a disk grown online needs no resynchronization: {events}"
+    );
+    assert!(
+        events.contains("disk disk0 grown to 134217728 bytes while the VM ran"),
+        "{events}"
+    );
+}

@@ -144,9 +144,16 @@ pub(crate) async fn run_cycle(
     };
     let mut client = reach().await?;
     tell_policy(rt, &mut client, vm_uuid, &rel.settings).await;
-    if tell_definition(rt, &mut client, &vm, &rel.settings)
-        .await
-        .map_err(|e| fail(e, false))?
+    // The definition goes out before this cycle freezes its point, so a grown disk reaches
+    // the replica before the first log of its new size; but not while a log built before
+    // (its transfer was cut) waits to be resumed: that log says the disk sizes of its own
+    // point, and the replica must apply it before it grows its disks. The scheduler runs the
+    // next cycle right after a resumed one, and that one tells the definition.
+    let waiting = log_path(d, tag, rel.acked_seq + 1).exists();
+    if !waiting
+        && tell_definition(rt, &mut client, &vm, &rel.settings)
+            .await
+            .map_err(|e| fail(e, false))?
     {
         // An older replica closes the connection after a request it does not know.
         client = reach().await?;

@@ -59,6 +59,9 @@ pub enum VmError {
     /// The guest did not power off within the time given.
     #[error("VM {name} did not shut down within {secs} s (the guest may not handle the ACPI power button). Retry with a longer --timeout, or add --force to stop it hard.")]
     ShutdownTimedOut { name: VmName, secs: u64 },
+    /// A disk resize while the VM is neither off nor running (starting, shutting down).
+    #[error("VM {name} is {state}; grow its disk once it runs or is off.")]
+    ResizeWhile { name: VmName, state: VmRunState },
     /// Delete refused: the VM is not stopped.
     #[error("VM {name} is {state}; shut it down or stop it first.")]
     Running { name: VmName, state: VmRunState },
@@ -79,7 +82,7 @@ pub enum VmError {
     },
     /// A disk asked to shrink, or to a size that is not whole sectors.
     #[error(
-        "Disk {disk} is {now} bytes; it can only grow, to a multiple of 512 bytes ({size} asked)."
+        "Disk {disk} is {now} bytes; it can only grow, to a multiple of 512 bytes ({size} asked): ask for more than {now} bytes (shrinking would cut off the guest's data; to make it smaller, copy the data to a new, smaller disk inside the guest)."
     )]
     Shrink { disk: String, size: u64, now: u64 },
     /// vCPU count out of range.
@@ -170,6 +173,25 @@ pub enum VmError {
         #[source]
         source: Box<QmpError>,
     },
+    /// QEMU did not grow a running VM's disk (nothing changed: the VM runs on with the disk
+    /// at its old size).
+    #[error("QEMU did not grow disk {disk} of the running VM {name} to {size} bytes; the disk keeps its size")]
+    GrowOnline {
+        name: VmName,
+        disk: String,
+        size: u64,
+        #[source]
+        source: Box<vmrepl_tracking::TrackingError>,
+    },
+    /// QEMU grew a running VM's disk, but its new size could not be recorded.
+    #[error("Disk {disk} of the running VM {name} was grown to {size} bytes, but its new size could not be recorded; run the same `vmrepl vm disk resize` again (the disk is that size already, only the record is written), or replication cycles fail until it is")]
+    GrownNotRecorded {
+        name: VmName,
+        disk: String,
+        size: u64,
+        #[source]
+        source: Box<DbError>,
+    },
     /// qemu-img failed creating, importing or reading a disk.
     #[error(transparent)]
     Image(#[from] ImgError),
@@ -241,6 +263,7 @@ impl ApiAnswer for VmError {
             | NotRunning { .. }
             | ShutdownTimedOut { .. }
             | Running { .. }
+            | ResizeWhile { .. }
             | NotShutDownForFailover { .. } => ErrorCode::WrongState,
             Name(_)
             | Vcpus { .. }
@@ -260,14 +283,14 @@ impl ApiAnswer for VmError {
             | NotAPcMachineType { .. }
             | NoFirmware { .. }
             | Incompatible(_) => ErrorCode::Unsupported,
-            Start { .. } | StartupStep { .. } | Image(_) => ErrorCode::Qemu,
+            Start { .. } | StartupStep { .. } | GrowOnline { .. } | Image(_) => ErrorCode::Qemu,
             RunFolder { .. }
             | StorageFolder { .. }
             | OwnerOnly { .. }
             | NvramTemplate { .. }
             | DeleteDisk { .. }
             | SerialLog { .. } => ErrorCode::Io,
-            Db(_) => ErrorCode::Internal,
+            Db(_) | GrownNotRecorded { .. } => ErrorCode::Internal,
         }
     }
 }

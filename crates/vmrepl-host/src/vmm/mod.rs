@@ -512,17 +512,21 @@ impl Vmm {
         Ok(format!("VM {name} now has {said}, {when}."))
     }
 
-    /// Grows disk `disk` of a VM that is off to `size` bytes (Resize-VHD). A replicated VM's
-    /// replica grows its copy with the next cycle; its change-tracking bitmaps grow with the
-    /// disk, so no resynchronization follows (vmrepl records the file it resized as its own
-    /// change).
+    /// Grows disk `disk` of a VM to `size` bytes (Resize-VHD), off or running. A replicated
+    /// VM's replica grows its copy with the next cycle; its change-tracking bitmaps grow with
+    /// the disk, so no resynchronization follows. Off: `qemu-img resize`, and vmrepl records
+    /// the file it resized as its own change. Running: QMP `block_resize` on the disk's format
+    /// node ([`vmrepl_tracking::grow_node`]), under the VM's operation lock, so it falls
+    /// between two replication cycles: a point frozen before it is of the old size, one
+    /// frozen after it of the new size, and each log says the size of its own point.
     pub async fn resize_disk(
         &self,
         name: &VmName,
         disk: &str,
         size: u64,
     ) -> Result<String, VmError> {
-        let (_op, row) = self.stopped(name).await?;
+        let _op = self.op_lock(self.row(name)?.definition.uuid).await;
+        let row = self.row(name)?;
         let mut def = row.definition.clone();
         let Some(d) = def.disks.iter_mut().find(|d| d.id == disk) else {
             return Err(VmError::NoSuchDisk {
@@ -546,6 +550,49 @@ impl Vmm {
         }
         if size == d.size_bytes {
             return Ok(format!("Disk {disk} of {name} is {size} bytes already."));
+        }
+        if !row.state.is_stopped() {
+            let live = match row.state {
+                VmRunState::Running | VmRunState::Paused => self.live_process(def.uuid).await,
+                _ => None,
+            };
+            let Some(proc) = live else {
+                return Err(VmError::ResizeWhile {
+                    name: name.clone(),
+                    state: row.state,
+                });
+            };
+            // The disk file stays open in QEMU: the fingerprint vmrepl compares at the next
+            // open is taken when QEMU closes it, at the new size.
+            let grown = vmrepl_tracking::grow_node(proc.qmp(), disk, size)
+                .await
+                .map_err(|source| VmError::GrowOnline {
+                    name: name.clone(),
+                    disk: disk.to_string(),
+                    size,
+                    source: Box::new(source),
+                })?;
+            d.size_bytes = size;
+            let db = self.db();
+            db.set_vm_definition(&def)
+                .map_err(|source| VmError::GrownNotRecorded {
+                    name: name.clone(),
+                    disk: disk.to_string(),
+                    size,
+                    source: Box::new(source),
+                })?;
+            let _ = db.event(
+                Some(def.uuid),
+                &format!(
+                    "disk {disk} grown to {size} bytes while the VM ran (from {} bytes; {} dirty bitmap(s) kept)",
+                    grown.from,
+                    grown.bitmaps.len()
+                ),
+            );
+            return Ok(format!(
+                "Disk {disk} of {name} is now {} MiB, grown while it runs; the guest is told at once (a virtio-blk capacity change: Linux sees it in /sys/block/vdX/size, then grow the partition and file system in the guest), and its replica grows with the next cycle.",
+                size >> 20
+            ));
         }
         // A change made behind vmrepl's back is caught first, as at any open.
         crate::fingerprint::before_open(&self.db(), &row.definition)?;
