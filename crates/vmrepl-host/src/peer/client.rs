@@ -108,7 +108,7 @@ pub struct PeerClient {
 pub struct HostPacer {
     rate: u64,
     window: Option<vmrepl_types::replication::ResyncPolicy>,
-    state: std::sync::Mutex<(Option<tokio::time::Instant>, Pacer)>,
+    state: std::sync::Mutex<Pacer>,
 }
 
 impl HostPacer {
@@ -117,7 +117,7 @@ impl HostPacer {
         HostPacer {
             rate,
             window,
-            state: std::sync::Mutex::new((None, Pacer::new(rate))),
+            state: std::sync::Mutex::new(Pacer::new(rate)),
         }
     }
 
@@ -130,25 +130,17 @@ impl HostPacer {
 
     /// When `n` more bytes may count as sent by this host (now when out of its window).
     fn due_after(&self, n: u64) -> tokio::time::Instant {
-        let now = tokio::time::Instant::now();
         if !self.in_force(crate::db::now_ms()) {
-            return now;
+            return tokio::time::Instant::now();
         }
-        let mut st = crate::locks::unpoisoned(&self.state);
-        let idle =
-            st.0.is_none_or(|last| now.saturating_duration_since(last) > Duration::from_secs(1));
-        if idle {
-            st.1 = Pacer::new(self.rate);
-        }
-        let due = st.1.due_after(n);
-        st.0 = Some(due.max(now));
-        due
+        crate::locks::unpoisoned(&self.state).due_after(n)
     }
 }
 
 /// Paces a transfer to `rate` bytes per second: after each frame the sender waits until the
-/// bytes sent since the transfer began are due at that rate. A new transfer starts afresh, so
-/// the time between cycles earns no burst.
+/// bytes sent are due at that rate. Time when nothing was sent earns no burst: a pacer whose
+/// bytes are all due already starts afresh from now (so neither the time between cycles nor a
+/// pause in a transfer lets more than the rate through afterwards).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Pacer {
     rate: u64,
@@ -170,10 +162,17 @@ impl Pacer {
         self.sent = 0;
     }
 
+    fn due(&self) -> tokio::time::Instant {
+        self.start + std::time::Duration::from_secs_f64(self.sent as f64 / self.rate as f64)
+    }
+
     /// When `n` more bytes may be considered sent.
     pub(crate) fn due_after(&mut self, n: u64) -> tokio::time::Instant {
+        if self.due() < tokio::time::Instant::now() {
+            self.restart();
+        }
         self.sent += n;
-        self.start + std::time::Duration::from_secs_f64(self.sent as f64 / self.rate as f64)
+        self.due()
     }
 }
 
@@ -183,11 +182,23 @@ mod pacer_tests {
     use std::time::Duration;
 
     #[test]
-    fn a_pacer_makes_bytes_due_at_its_rate_from_the_start_of_the_transfer() {
+    fn a_pacer_makes_bytes_due_at_its_rate_and_time_idle_earns_no_burst() {
         let mut p = Pacer::new(1 << 20);
-        let t0 = p.start;
-        assert_eq!(p.due_after(512 << 10) - t0, Duration::from_millis(500));
-        assert_eq!(p.due_after(512 << 10) - t0, Duration::from_secs(1));
+        let first = p.due_after(512 << 10);
+        assert_eq!(p.due_after(512 << 10) - first, Duration::from_millis(500));
+        // Idle until every byte is due (and a little more): the next bytes are due a rate's
+        // worth from now, not at once.
+        let idle_until = p.due() + Duration::from_millis(20);
+        while tokio::time::Instant::now() < idle_until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let before = tokio::time::Instant::now();
+        let due = p.due_after(256 << 10);
+        assert!(
+            due >= before + Duration::from_millis(250),
+            "{:?}",
+            due - before
+        );
         p.restart();
         assert_eq!(p.sent, 0, "a new transfer earns no burst from the old one");
         assert_eq!(Pacer::new(0).rate, 1);
