@@ -171,3 +171,59 @@ fn a_disk_added_and_included_gets_its_own_initial_copy_and_fails_over_with_the_v
     let e = a.fails(&["replication", "set", "dk", "--exclude-disk", "disk0"]);
     assert!(e.contains("no disk"), "{e}");
 }
+
+#[test]
+fn a_vm_with_a_disk_added_and_included_fails_over_planned_and_reverses_without_a_full_copy() {
+    let _s = serial();
+    let (a, b, _store_b) = pair("127.0.0.213", "127.0.0.214", "disks");
+    // A is B's replica server too, for the reverse replication.
+    serve_replicas_for(&a, "hostb.test", &a.data().join("replicas-from-b"));
+    create_small_vm(&a, "rv");
+    write_random(a.data(), &disk_path(&a, "rv", 0), 8, 11);
+    a.ok(&["vm", "trust-disks", "rv"]);
+    enable_ok(&a, &b, "rv", "hostb.test", &["--frequency", "5"]);
+    wait_until("the initial copy", Duration::from_secs(60), || {
+        acked(&a, "rv") >= 1
+    });
+    a.ok(&["vm", "disk", "add", "rv", "16M"]);
+    let disk1 = disk_path(&a, "rv", 1);
+    write_random(a.data(), &disk1, 4, 23);
+    a.ok(&["vm", "trust-disks", "rv"]);
+    a.ok(&["replication", "set", "rv", "--include-disk", "disk1"]);
+    wait_until(
+        "the new disk's initial copy",
+        Duration::from_secs(60),
+        || disk_copy_bytes(&a, "rv").is_some(),
+    );
+
+    // Planned failover (the VM is off): B runs it with both disks, equal to A's.
+    a.ok(&["failover", "prepare", "rv"]);
+    let final_seq = status(&a, "rv")["last_sequence"].as_u64().unwrap();
+    let out = b.ok(&["failover", "start", "rv"]);
+    assert!(out.contains("no data lost"), "{out}");
+    let def_b = b.json(&["vm", "show", "rv"])["definition"]["disks"].clone();
+    assert_eq!(def_b.as_array().map(Vec::len), Some(2), "{def_b}");
+    for i in 0..2 {
+        same_content(&disk_path(&a, "rv", i), &disk_path(&b, "rv", i)).unwrap();
+    }
+
+    // Reverse: A's disks, both of them, are the common base; only changes go back.
+    let out = b.ok(&["replication", "reverse", "rv", "--frequency", "5"]);
+    assert!(out.contains("only the changes"), "{out}");
+    write_random(b.data(), &disk_path(&b, "rv", 1), 1, 31);
+    b.ok(&["vm", "trust-disks", "rv"]);
+    wait_until(
+        "a reverse cycle with the change",
+        Duration::from_secs(60),
+        || status(&b, "rv")["last_sequence"].as_u64().unwrap_or(0) > final_seq + 1,
+    );
+    let s = status(&b, "rv");
+    assert_eq!(s["state"], "replicating", "{s}");
+    let back = s["stats"]["total_bytes"].as_u64().unwrap();
+    assert!(
+        back < 4 << 20,
+        "reverse replication sent {back} bytes: more than the 1 MiB changed, a full copy is 12 MiB"
+    );
+    let events = b.ok(&["events", "--vm", "rv"]);
+    assert!(!events.contains("initial-replication-started"), "{events}");
+}

@@ -17,6 +17,9 @@
 //!   leaves a partial file: `ReplicaState.partial` tells the primary where to resume
 //!   (`Resume`, see `vmrepl_log::scan_valid_prefix` / `LogWriter::resume`); the primary then
 //!   sends `SendLog { resume: Some(..) }` followed by the log bytes from `resume.bytes` on.
+//!   An initial copy (log 1 on 0, kind initial) sent whole to a replica that holds nothing yet
+//!   is applied into the replica's images as it arrives instead, and answered `LogAck` once
+//!   that apply committed; it leaves no partial file, and a cut one is sent again whole.
 //! * **NVRAM**: a generation 2 VM's UEFI variable store travels as a pseudo-disk with id
 //!   [`NVRAM_DISK_ID`] in the log header (its `virtual_size` = the store's size, at most
 //!   [`MAX_NVRAM_BYTES`]). A log that lists it carries the NVRAM *whole*: the replica builds a
