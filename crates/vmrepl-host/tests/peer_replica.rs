@@ -635,18 +635,28 @@ async fn a_cut_transfer_is_resumed_from_what_the_replica_holds() {
     let (mut c, theirs) = client(&env, PRIMARY).await;
     let uuid = Uuid::new_v4();
     assert_eq!(create(&mut c, &theirs, uuid).await, PeerResponse::Ok);
+    // The initial copy first (it is applied as it arrives, and never resumed: see below).
+    let first = write_log(env.tmp.path(), uuid, 1, 0, DISK, &[W::Zero(0, 64 * 1024)]);
+    let r = c
+        .send_log(uuid, (1, 0), None, &first, |_| {})
+        .await
+        .unwrap();
+    assert!(
+        matches!(r, PeerResponse::LogAck { sequence: 1, .. }),
+        "{r:?}"
+    );
     let writes: Vec<W> = (0..16u64)
         .map(|i| W::Data(i * 128 * 1024, pattern(i as u8 + 10, 64 * 1024)))
         .collect();
-    let log = write_log(env.tmp.path(), uuid, 1, 0, DISK, &writes);
+    let log = write_log(env.tmp.path(), uuid, 2, 1, DISK, &writes);
     let bytes = std::fs::read(&log).unwrap();
     let half = bytes.len() / 2;
     let (cut, _) = client(&env, PRIMARY).await;
     cut.send_partial_and_drop(
         &PeerRequest::SendLog {
             vm_uuid: uuid,
-            sequence: 1,
-            base_sequence: 0,
+            sequence: 2,
+            base_sequence: 1,
             resume: None,
         },
         &bytes[..half],
@@ -657,7 +667,7 @@ async fn a_cut_transfer_is_resumed_from_what_the_replica_holds() {
     let mut partial = None;
     for _ in 0..50 {
         let (last, p, _) = state(&mut c, uuid).await;
-        assert_eq!(last, 0);
+        assert_eq!(last, 1);
         if p.is_some() {
             partial = p;
             break;
@@ -665,7 +675,7 @@ async fn a_cut_transfer_is_resumed_from_what_the_replica_holds() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (seq, resume) = partial.expect("a partial log");
-    assert_eq!(seq, 1);
+    assert_eq!(seq, 2);
     assert!(
         resume.bytes > 0 && resume.bytes <= half as u64,
         "{resume:?}"
@@ -675,7 +685,7 @@ async fn a_cut_transfer_is_resumed_from_what_the_replica_holds() {
     let r = c
         .send_log(
             uuid,
-            (1, 0),
+            (2, 1),
             Some(Resume {
                 records: 15,
                 bytes: bytes.len() as u64 - 10,
@@ -687,17 +697,17 @@ async fn a_cut_transfer_is_resumed_from_what_the_replica_holds() {
         .unwrap();
     assert_eq!(refused(&r).0, RefusalCode::BadRequest);
     let r = c
-        .send_log(uuid, (1, 0), Some(resume), &log, |_| {})
+        .send_log(uuid, (2, 1), Some(resume), &log, |_| {})
         .await
         .unwrap();
     assert_eq!(
         r,
         PeerResponse::LogAck {
-            sequence: 1,
+            sequence: 2,
             bytes: bytes.len() as u64
         }
     );
-    assert_eq!(state(&mut c, uuid).await.0, 1);
+    assert_eq!(state(&mut c, uuid).await.0, 2);
     let raw = latest_raw(&env, uuid).await;
     for (i, w) in writes.iter().enumerate() {
         let W::Data(off, d) = w else { unreachable!() };
@@ -706,6 +716,72 @@ async fn a_cut_transfer_is_resumed_from_what_the_replica_holds() {
             "extent {i} differs"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_initial_copy_leaves_nothing_to_resume_and_the_next_whole_one_is_applied_as_it_arrives(
+) {
+    let env = replica(|_, _| {}).await;
+    let (mut c, theirs) = client(&env, PRIMARY).await;
+    let uuid = Uuid::new_v4();
+    assert_eq!(create(&mut c, &theirs, uuid).await, PeerResponse::Ok);
+    let old: Vec<W> = (0..16u64)
+        .map(|i| W::Data(i * 128 * 1024, pattern(i as u8 + 50, 64 * 1024)))
+        .collect();
+    let cut_log = write_log(env.tmp.path(), uuid, 1, 0, DISK, &old);
+    let bytes = std::fs::read(&cut_log).unwrap();
+    let (cut, _) = client(&env, PRIMARY).await;
+    cut.send_partial_and_drop(
+        &PeerRequest::SendLog {
+            vm_uuid: uuid,
+            sequence: 1,
+            base_sequence: 0,
+            resume: None,
+        },
+        &bytes[..bytes.len() / 2],
+    )
+    .await
+    .unwrap();
+    // Applied in place as it arrived: no spool file, so no partial log to resume from, and no
+    // point either. (The replica notices the cut when the connection closes.)
+    let dir = env.store_root.join(uuid.to_string());
+    let spooled = || {
+        std::fs::read_dir(dir.join("logs"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    for _ in 0..20 {
+        let (last, partial, points) = state(&mut c, uuid).await;
+        assert_eq!((last, partial, points.len()), (0, None, 0));
+        assert_eq!(spooled(), 0, "an initial copy is not spooled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A new initial copy (another point in time, other blocks) replaces what the cut one wrote.
+    let new: Vec<W> = (0..8u64)
+        .map(|i| W::Data(i * 256 * 1024, pattern(i as u8 + 90, 64 * 1024)))
+        .collect();
+    let log = write_log(env.tmp.path(), uuid, 1, 0, DISK, &new);
+    let size = std::fs::metadata(&log).unwrap().len();
+    let r = c.send_log(uuid, (1, 0), None, &log, |_| {}).await.unwrap();
+    assert_eq!(
+        r,
+        PeerResponse::LogAck {
+            sequence: 1,
+            bytes: size
+        }
+    );
+    assert_eq!(state(&mut c, uuid).await.0, 1);
+    assert_eq!(spooled(), 0);
+    let raw = latest_raw(&env, uuid).await;
+    for (i, w) in new.iter().enumerate() {
+        let W::Data(off, d) = w else { unreachable!() };
+        assert!(
+            raw[*off as usize..*off as usize + d.len()] == d[..],
+            "extent {i} differs"
+        );
+    }
+    // What only the cut copy wrote (at 128 KiB) is gone.
+    assert!(raw[128 * 1024..192 * 1024].iter().all(|b| *b == 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
