@@ -9,27 +9,6 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-/// Writes `mib` MiB of incompressible data at 1 MiB into `image` with qemu-io.
-fn write_random(dir: &std::path::Path, image: &std::path::Path, mib: usize, seed: u64) {
-    let file = dir.join("random.bin");
-    let mut bytes = vec![0u8; mib << 20];
-    let mut x = seed;
-    for c in bytes.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes());
-    }
-    std::fs::write(&file, &bytes).unwrap();
-    let w = format!("write -q -s {} 1M {mib}M", file.display());
-    let st = std::process::Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", &w])
-        .arg(image)
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
 /// The bytes of the event that says a log carried a disk's own initial copy, if there is one.
 fn disk_copy_bytes(a: &Host, vm: &str) -> Option<u64> {
     let events = a.ok(&["events", "--vm", vm]);
@@ -82,7 +61,7 @@ fn a_disk_added_and_included_gets_its_own_initial_copy_and_fails_over_with_the_v
         w.contains("disk1") && w.contains("--include-disk disk1"),
         "{s}"
     );
-    write_random(a.data(), &disk1, 4, 0x2545_f491_4f6c_dd1d);
+    qemu_io_random(a.data(), &disk1, "1M", 4, 0x2545_f491_4f6c_dd1d);
     a.ok(&["vm", "trust-disks", "dk"]);
     let seq = acked(&a, "dk");
     wait_until(
@@ -159,7 +138,7 @@ fn a_disk_added_and_included_gets_its_own_initial_copy_and_fails_over_with_the_v
     wait_until("a cycle without disk1", Duration::from_secs(30), || {
         acked(&a, "dk") > seq && !store.join(&uuid).join("disks/disk1").exists()
     });
-    write_random(a.data(), &disk1, 1, 7);
+    qemu_io_random(a.data(), &disk1, "1M", 1, 7);
     a.ok(&["vm", "trust-disks", "dk"]);
     let seq = acked(&a, "dk");
     wait_until("another cycle", Duration::from_secs(30), || {
@@ -179,7 +158,7 @@ fn a_vm_with_a_disk_added_and_included_fails_over_planned_and_reverses_without_a
     // A is B's replica server too, for the reverse replication.
     serve_replicas_for(&a, "hostb.test", &a.data().join("replicas-from-b"));
     create_small_vm(&a, "rv");
-    write_random(a.data(), &disk_path(&a, "rv", 0), 8, 11);
+    qemu_io_random(a.data(), &disk_path(&a, "rv", 0), "1M", 8, 11);
     a.ok(&["vm", "trust-disks", "rv"]);
     enable_ok(&a, &b, "rv", "hostb.test", &["--frequency", "5"]);
     wait_until("the initial copy", Duration::from_secs(60), || {
@@ -187,7 +166,7 @@ fn a_vm_with_a_disk_added_and_included_fails_over_planned_and_reverses_without_a
     });
     a.ok(&["vm", "disk", "add", "rv", "16M"]);
     let disk1 = disk_path(&a, "rv", 1);
-    write_random(a.data(), &disk1, 4, 23);
+    qemu_io_random(a.data(), &disk1, "1M", 4, 23);
     a.ok(&["vm", "trust-disks", "rv"]);
     a.ok(&["replication", "set", "rv", "--include-disk", "disk1"]);
     wait_until(
@@ -210,7 +189,7 @@ fn a_vm_with_a_disk_added_and_included_fails_over_planned_and_reverses_without_a
     // Reverse: A's disks, both of them, are the common base; only changes go back.
     let out = b.ok(&["replication", "reverse", "rv", "--frequency", "5"]);
     assert!(out.contains("only the changes"), "{out}");
-    write_random(b.data(), &disk_path(&b, "rv", 1), 1, 31);
+    qemu_io_random(b.data(), &disk_path(&b, "rv", 1), "1M", 1, 31);
     b.ok(&["vm", "trust-disks", "rv"]);
     wait_until(
         "a reverse cycle with the change",

@@ -266,23 +266,7 @@ fn a_delta_cut_mid_transfer_is_resumed_by_the_next_cycle_and_nothing_is_lost() {
 
     // 24 MiB of random data (it does not compress) written while replication is paused.
     a.ok(&["replication", "pause", "db"]);
-    let random = a.data().join("random.bin");
-    let mut bytes = vec![0u8; 24 << 20];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for c in bytes.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes());
-    }
-    std::fs::write(&random, &bytes).unwrap();
-    let w = format!("write -q -s {} 8M 24M", random.display());
-    let st = std::process::Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", &w])
-        .arg(&disk)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    qemu_io_random(a.data(), &disk, "8M", 24, 0x9e37_79b9_7f4a_7c15);
     // qemu-io kept the bitmaps (else the edit would be taken for one made behind vmrepl's back).
     a.ok(&["vm", "trust-disks", "db"]);
 

@@ -10,23 +10,8 @@ use std::time::Duration;
 /// Writes `mib` MiB of incompressible data at 8 MiB into disk 0 of the stopped VM `vm` with
 /// qemu-io, while replication is paused, and tells vmrepl the bitmaps were kept.
 fn write_random(a: &Host, vm: &str, mib: usize) {
-    let file = a.data().join("random.bin");
-    let mut bytes = vec![0u8; mib << 20];
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    for c in bytes.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes());
-    }
-    std::fs::write(&file, &bytes).unwrap();
-    let w = format!("write -q -s {} 8M {mib}M", file.display());
-    let st = std::process::Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", &w])
-        .arg(disk_path(a, vm, 0))
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let disk = disk_path(a, vm, 0);
+    qemu_io_random(a.data(), &disk, "8M", mib, 0x2545_f491_4f6c_dd1d);
     a.ok(&["vm", "trust-disks", vm]);
 }
 

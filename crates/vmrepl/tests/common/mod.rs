@@ -1101,3 +1101,26 @@ pub fn local_vms(h: &Host) -> Vec<serde_json::Value> {
         .cloned()
         .collect()
 }
+
+/// Writes `mib` MiB of incompressible data (an xorshift stream from `seed`) at `at` (a qemu-io
+/// offset such as "8M") into the qcow2 image `image` with qemu-io, which keeps the image's
+/// bitmaps; tell vmrepl with `vm trust-disks` afterwards. The data goes through a file in `dir`.
+pub fn qemu_io_random(dir: &Path, image: &Path, at: &str, mib: usize, seed: u64) {
+    let file = dir.join("random.bin");
+    let mut bytes = vec![0u8; mib << 20];
+    let mut x = seed;
+    for c in bytes.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(&file, &bytes).unwrap();
+    let w = format!("write -q -s {} {at} {mib}M", file.display());
+    let st = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", &w])
+        .arg(image)
+        .status()
+        .unwrap();
+    assert!(st.success(), "qemu-io {w} {}", image.display());
+}
