@@ -56,6 +56,27 @@ pub(crate) fn replicated_disks(vm: &VmDefinition, s: &ReplicationSettings) -> Ve
         .collect()
 }
 
+/// Refuses a disk id among `ids` that `vm` (named `name`) does not have, naming the ones it has.
+pub(crate) fn disks_exist<'a>(
+    vm: &VmDefinition,
+    name: &str,
+    ids: impl IntoIterator<Item = &'a String>,
+) -> Result<(), EnableError> {
+    match ids.into_iter().find(|x| vm.disk(x).is_none()) {
+        None => Ok(()),
+        Some(x) => Err(EnableError::NoSuchDisk {
+            vm: name.to_string(),
+            disk: x.clone(),
+            disks: vm
+                .disks
+                .iter()
+                .map(|d| d.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
+}
+
 /// The VM as its replica keeps it: without the excluded disks.
 pub fn replica_view(vm: &VmDefinition, s: &ReplicationSettings) -> VmDefinition {
     let mut out = vm.clone();
@@ -87,21 +108,7 @@ pub async fn enable(
         }
         .into());
     }
-    for x in &settings.exclude_disks {
-        if vm.disk(x).is_none() {
-            return Err(EnableError::NoSuchDisk {
-                vm: name.to_string(),
-                disk: x.clone(),
-                disks: vm
-                    .disks
-                    .iter()
-                    .map(|d| d.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }
-            .into());
-        }
-    }
+    disks_exist(&vm, name.as_str(), &settings.exclude_disks)?;
     if replicated_disks(&vm, &settings).is_empty() {
         return Err(EnableError::NoDiskLeft {
             vm: name.to_string(),

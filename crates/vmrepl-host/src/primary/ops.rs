@@ -124,21 +124,7 @@ async fn check_disk_change(
         .iter()
         .chain(&change.exclude_disk)
         .chain(change.exclude_disks.iter().flatten());
-    for x in named {
-        if vm.disk(x).is_none() {
-            return Err(EnableError::NoSuchDisk {
-                vm: name.to_string(),
-                disk: x.clone(),
-                disks: vm
-                    .disks
-                    .iter()
-                    .map(|d| d.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }
-            .into());
-        }
-    }
+    crate::primary::disks_exist(vm, name.as_str(), named)?;
     if replicated_disks(vm, next).is_empty() {
         return Err(EnableError::NoDiskLeft {
             vm: name.to_string(),
