@@ -147,13 +147,7 @@ impl Vmm {
         let (disks, nvram) = match result {
             Ok(x) => x,
             Err(e) => {
-                for p in created.iter().rev() {
-                    let _ = if p.is_dir() {
-                        std::fs::remove_dir(p)
-                    } else {
-                        std::fs::remove_file(p)
-                    };
-                }
+                remove_created(&created);
                 return Err(e);
             }
         };
@@ -237,13 +231,7 @@ impl Vmm {
         }
         .await;
         if let Err(e) = made {
-            for p in created.iter().rev() {
-                let _ = if p.is_dir() {
-                    std::fs::remove_dir(p)
-                } else {
-                    std::fs::remove_file(p)
-                };
-            }
+            remove_created(&created);
             return Err(e);
         }
         def.disks.push(DiskDef {
@@ -368,4 +356,15 @@ pub fn own_boot_files(def: &VmDefinition) -> Vec<std::path::PathBuf> {
         .filter(|p| p.parent().is_some_and(|parent| own.contains(&parent)))
         .cloned()
         .collect()
+}
+
+/// Removes what a failed definition step created, newest first (a folder only once empty).
+fn remove_created(created: &[PathBuf]) {
+    for p in created.iter().rev() {
+        let _ = if p.is_dir() {
+            std::fs::remove_dir(p)
+        } else {
+            std::fs::remove_file(p)
+        };
+    }
 }
