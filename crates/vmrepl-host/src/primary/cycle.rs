@@ -101,6 +101,9 @@ pub(crate) struct Cycle<'a, P = PeerClient, N = Endpoint, G = VmAgent<'a>> {
     /// The size of the ranges a resynchronization compares as one part (None: by disk size,
     /// see [`super::resync::Plan`]).
     pub(crate) resync_range: Option<u64>,
+    /// The most differing data a resynchronization keeps in memory per range
+    /// ([`super::resync::KEEP_PER_RANGE`]; past it, the blocks are read again).
+    pub(crate) resync_keep: u64,
     /// Where a resynchronization in parts records how far it got.
     pub(crate) sweeps: &'a (dyn SweepRecord + Sync),
     /// Replicated disks new to the replica (included after it was created): a delta cycle

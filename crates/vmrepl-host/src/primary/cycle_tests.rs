@@ -8,6 +8,7 @@ use crate::primary::acked;
 use crate::primary::classify;
 use crate::primary::export_file;
 use crate::primary::Done;
+use std::sync::atomic::Ordering;
 use vmrepl_log::{Compression, LogKind};
 use vmrepl_tracking::TrackingError;
 use vmrepl_types::replication::{InitialReplication, ReplicationState};
@@ -830,14 +831,14 @@ async fn writes_made_during_the_compare_reach_the_replica_with_the_final_delta()
     write(&rig, 1, &[1, 20, 40]);
     rig.replica.state().disks = rig.nodes.state().disks.clone();
     write(&rig, 2, &[20]);
-    // The link goes down after two of the four parts.
-    rig.replica.state().digests_lost_from = Some(3);
+    // The link goes down once two of the four parts are in.
+    rig.replica.state().link_lost_at = Some(7);
     let e = rig.resync().await.unwrap_err();
     assert_eq!(class(&e).0, "network");
     assert_eq!(rig.replica.state().last_applied, 7, "parts 6 and 7 are in");
     // The guest writes in a range already compared, and in one not yet compared.
     write(&rig, 3, &[2, 50]);
-    rig.replica.state().digests_lost_from = None;
+    rig.replica.state().link_lost_at = None;
     assert_eq!(rig.resync().await.unwrap().0, 10);
     assert!(rig.replica_equals_primary());
     assert_eq!(
@@ -852,7 +853,7 @@ async fn a_cut_resync_continues_from_the_part_after_the_last_acknowledged_one() 
     let mut rig = Rig::replicating(&[DISK], 5, 7);
     rig.resync_range = Some(MIB); // four parts of 1 MiB
     write(&rig, 1, &[3, 17, 33, 49]); // one block in each MiB
-    rig.replica.state().digests_lost_from = Some(3);
+    rig.replica.state().link_lost_at = Some(7);
     let e = rig.resync().await.unwrap_err();
     assert_eq!(class(&e).0, "network");
     assert_eq!(rig.replica.state().last_applied, 7);
@@ -864,7 +865,7 @@ async fn a_cut_resync_continues_from_the_part_after_the_last_acknowledged_one() 
     assert_eq!((p.bytes_done, p.bytes_total), (2 * MIB, 4 * MIB));
     assert_eq!(p.blocks_differing, Some(2));
     // Tracking held: the next attempt takes a new point and goes on with part 3.
-    rig.replica.state().digests_lost_from = None;
+    rig.replica.state().link_lost_at = None;
     rig.replica.state().requests.clear();
     let ops_before = rig.nodes.ops().len();
     assert_eq!(rig.resync().await.unwrap().0, 10);
@@ -901,17 +902,46 @@ async fn a_cut_resync_continues_from_the_part_after_the_last_acknowledged_one() 
 }
 
 #[tokio::test]
+async fn a_resync_sends_the_blocks_its_compare_read_without_reading_the_disk_again() {
+    let mut rig = Rig::replicating(&[DISK], 5, 7);
+    rig.resync_range = Some(MIB);
+    write(&rig, 1, &[3, 17, 18, 33, 49]);
+    assert_eq!(
+        rig.resync().await.unwrap().0,
+        10,
+        "parts 6..9, then the delta"
+    );
+    assert!(rig.replica_equals_primary());
+    assert_eq!(data_on_disk0(&rig, 7), clusters(&[17, 18]));
+    let read_again = rig.nodes.state().blocks_read.load(Ordering::Relaxed);
+    assert_eq!(read_again, 0, "every differing block came from the compare");
+}
+
+#[tokio::test]
+async fn a_range_whose_differing_data_passes_the_cap_is_read_again_and_arrives_whole() {
+    let mut rig = Rig::replicating(&[DISK], 5, 7);
+    rig.resync_range = Some(MIB);
+    rig.resync_keep = CLUSTER; // one differing block per range is kept, not two
+    write(&rig, 1, &[3, 17, 18, 33, 49]);
+    assert_eq!(rig.resync().await.unwrap().0, 10);
+    assert!(rig.replica_equals_primary());
+    assert_eq!(data_on_disk0(&rig, 7), vec![(17 * CLUSTER, 2 * CLUSTER)]);
+    let read_again = rig.nodes.state().blocks_read.load(Ordering::Relaxed);
+    assert_eq!(read_again, 2 * CLUSTER, "only the second range's blocks");
+}
+
+#[tokio::test]
 async fn a_resync_whose_tracking_was_lost_starts_again_from_the_first_range() {
     let mut rig = Rig::replicating(&[DISK], 5, 7);
     rig.resync_range = Some(MIB);
     write(&rig, 1, &[3, 17, 33, 49]);
-    rig.replica.state().digests_lost_from = Some(3);
+    rig.replica.state().link_lost_at = Some(7);
     rig.resync().await.unwrap_err();
     // QEMU was killed: the bitmap the sweep started is not saved cleanly.
     for b in rig.nodes.state().bitmaps.values_mut() {
         b.inconsistent = true;
     }
-    rig.replica.state().digests_lost_from = None;
+    rig.replica.state().link_lost_at = None;
     rig.replica.state().requests.clear();
     assert_eq!(
         rig.resync().await.unwrap().0,

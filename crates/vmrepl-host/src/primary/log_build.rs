@@ -388,6 +388,10 @@ pub(crate) fn write_differing_pulled<W: std::io::Write>(
 /// Digests a range of a disk block by block from the pieces read of it, in order and of any
 /// size or alignment (an NBD reply may split a read at a hole); the blocks no piece touches
 /// read as zeros. What the primary compares with the replica's `RangeDigests`.
+///
+/// Made [`comparing`](BlockHasher::comparing) with the replica's digests, it also keeps the
+/// blocks that differ as they go by, up to a cap: a resynchronization then sends them without
+/// reading the disk a second time.
 pub(crate) struct BlockHasher {
     offset: u64,
     len: u64,
@@ -396,6 +400,31 @@ pub(crate) struct BlockHasher {
     /// The block being filled, and its bytes.
     cur: Option<usize>,
     buf: Vec<u8>,
+    /// The first block not digested yet: pieces come in order.
+    next: usize,
+    compare: Option<Compare>,
+}
+
+/// The replica's digests of the range, and the differing blocks kept so far.
+struct Compare {
+    theirs: Vec<[u8; 32]>,
+    /// The differing blocks in order (data, or the zeros of a block no piece touched); None
+    /// once their data passed `cap` bytes.
+    kept: Option<Vec<vmrepl_tracking::Chunk>>,
+    kept_bytes: u64,
+    cap: u64,
+}
+
+/// A range compared with the replica's digests ([`BlockHasher::finish_compare`]).
+#[derive(Debug)]
+pub(crate) struct Compared {
+    /// The differing blocks as (offset, length) ranges, adjacent ones merged.
+    pub(crate) blocks: Vec<(u64, u64)>,
+    /// How many blocks differ.
+    pub(crate) count: u64,
+    /// Every differing block with its contents, in order, when their data fit under the cap
+    /// (else they are read again).
+    pub(crate) kept: Option<Vec<vmrepl_tracking::Chunk>>,
 }
 
 impl BlockHasher {
@@ -416,18 +445,83 @@ impl BlockHasher {
             out,
             cur: None,
             buf: vec![0u8; bs as usize],
+            next: 0,
+            compare: None,
         }
+    }
+
+    /// Like [`new`](BlockHasher::new), comparing each block with the replica's digest
+    /// `theirs` and keeping up to `cap` bytes of differing data; None when `theirs` does not
+    /// hold one digest per block.
+    pub(crate) fn comparing(
+        offset: u64,
+        len: u64,
+        bs: u64,
+        theirs: Vec<[u8; 32]>,
+        cap: u64,
+    ) -> Option<BlockHasher> {
+        let mut h = BlockHasher::new(offset, len, bs);
+        (theirs.len() == h.out.len()).then(|| {
+            h.compare = Some(Compare {
+                theirs,
+                kept: Some(Vec::new()),
+                kept_bytes: 0,
+                cap,
+            });
+            h
+        })
+    }
+
+    /// The range digested: (offset, length, block size).
+    pub(crate) fn range(&self) -> (u64, u64, u64) {
+        (self.offset, self.len, self.bs)
     }
 
     fn block_len(&self, k: usize) -> usize {
         self.bs.min(self.len - k as u64 * self.bs) as usize
     }
 
+    /// Digests the block being filled, after accounting for the blocks no piece touched
+    /// before it.
     fn flush(&mut self) {
         if let Some(k) = self.cur.take() {
+            self.untouched_until(k);
             let n = self.block_len(k);
             self.out[k] = *blake3::hash(&self.buf[..n]).as_bytes();
+            let at = self.offset + k as u64 * self.bs;
+            if let Some(c) = &mut self.compare {
+                if c.theirs[k] != self.out[k] {
+                    c.kept_bytes += n as u64;
+                    if c.kept_bytes > c.cap {
+                        c.kept = None;
+                    }
+                    if let Some(kept) = &mut c.kept {
+                        kept.push(vmrepl_tracking::Chunk {
+                            offset: at,
+                            data: ChunkData::Data(self.buf[..n].to_vec()),
+                        });
+                    }
+                }
+            }
+            self.next = k + 1;
         }
+    }
+
+    /// Blocks `next..k` were not touched: zeros, which cost nothing to keep.
+    fn untouched_until(&mut self, k: usize) {
+        if let Some(c) = &mut self.compare {
+            for j in self.next..k {
+                if c.theirs[j] != self.out[j] {
+                    if let Some(kept) = &mut c.kept {
+                        kept.push(vmrepl_tracking::Chunk {
+                            offset: self.offset + j as u64 * self.bs,
+                            data: ChunkData::Zero(self.bs.min(self.len - j as u64 * self.bs)),
+                        });
+                    }
+                }
+            }
+        }
+        self.next = self.next.max(k);
     }
 
     /// `n` bytes at disk offset `at`: `data`, or zeros when None.
@@ -443,6 +537,12 @@ impl BlockHasher {
         while p < at + n {
             let k = ((p - self.offset) / self.bs) as usize;
             if self.cur != Some(k) {
+                if k < self.next || self.cur.is_some_and(|c| k < c) {
+                    return Err(format!(
+                        "read {n} bytes at {at} after the block at {} was digested: pieces must come in order",
+                        self.offset + k as u64 * self.bs
+                    ));
+                }
                 self.flush();
                 self.cur = Some(k);
                 let bl = self.block_len(k);
@@ -470,9 +570,19 @@ impl BlockHasher {
         }
     }
 
-    pub(crate) fn finish(mut self) -> Vec<[u8; 32]> {
+    /// The comparison with the replica's digests (a hasher made with
+    /// [`comparing`](BlockHasher::comparing)), once every piece was put.
+    pub(crate) fn finish_compare(mut self) -> Option<Compared> {
         self.flush();
-        self.out
+        self.untouched_until(self.out.len());
+        let c = self.compare.take()?;
+        let (blocks, count) =
+            differing_blocks(self.offset, self.len, self.bs, &self.out, &c.theirs)?;
+        Some(Compared {
+            blocks,
+            count,
+            kept: c.kept,
+        })
     }
 }
 
@@ -546,17 +656,24 @@ pub(crate) fn write_chunks<W: std::io::Write>(
     Ok(())
 }
 
+/// What one part of a resynchronization carries: the differing blocks with the data the
+/// compare kept of them, or their ranges, read again from the point in time.
+pub(crate) enum PartBlocks {
+    Kept(Vec<vmrepl_tracking::Chunk>),
+    Read(Vec<(u64, u64)>),
+}
+
 /// Encodes one part of a resynchronization in parts: log `seq` on `base` (kind
-/// [`LogKind::ResyncPart`]) with the `blocks` of disk number `disk` read from `image` as of
-/// the point `h`, streamed to the sender on `out` (a part is never kept: a cut one is
-/// compared again). Gives the image back with the log's size.
+/// [`LogKind::ResyncPart`]) with the `blocks` of disk number `disk` as of the point `h`
+/// (read from `image` unless kept), streamed to the sender on `out` (a part is never kept: a
+/// cut one is compared again). Gives the image back with the log's size.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn build_part(
     (vm, rel): (&VmDefinition, &Relationship),
     h: &vmrepl_tracking::CycleHandle,
     mut image: Box<dyn crate::primary::PointImage>,
     disk: u16,
-    blocks: Vec<(u64, u64)>,
+    blocks: PartBlocks,
     (seq, base): (u64, u64),
     out: tokio::sync::mpsc::Sender<Vec<u8>>,
     growth: tokio::sync::watch::Sender<LogGrowth>,
@@ -595,7 +712,10 @@ pub(crate) async fn build_part(
             };
             let mut w = LogWriter::new(std::io::BufWriter::with_capacity(1 << 20, f), header)
                 .map_err(|e| e.to_string())?;
-            image.write_blocks(&mut w, disk, &blocks)?;
+            match blocks {
+                PartBlocks::Kept(chunks) => write_chunks(&mut w, disk, chunks.into_iter().map(Ok))?,
+                PartBlocks::Read(blocks) => image.write_blocks(&mut w, disk, &blocks)?,
+            }
             let (summary, bw) = w.finish_into_inner().map_err(|e| e.to_string())?;
             bw.into_inner().map_err(|e| e.to_string())?;
             Ok(summary.encoded_bytes)
@@ -728,6 +848,81 @@ mod tests {
                 (224 * K, 32 * 1024, true),
             ]
         );
+    }
+
+    fn digest(b: &[u8]) -> [u8; 32] {
+        *blake3::hash(b).as_bytes()
+    }
+
+    #[test]
+    fn a_comparing_hasher_keeps_the_differing_blocks_in_order_holes_as_zeros() {
+        const BS: u64 = 16;
+        // Six blocks from offset 32. The replica holds: block 0 equal, 1 other, 2 other,
+        // 3 zeros (equal to a hole), 4 other data (a hole here), 5 equal.
+        let ours: Vec<Vec<u8>> = (0..6u8).map(|b| vec![b + 1; BS as usize]).collect();
+        let zero = vec![0u8; BS as usize];
+        let theirs = vec![
+            digest(&ours[0]),
+            digest(b"x"),
+            digest(b"y"),
+            digest(&zero),
+            digest(b"z"),
+            digest(&ours[5]),
+        ];
+        let mut h = BlockHasher::comparing(32, 6 * BS, BS, theirs, 1024).unwrap();
+        // Pieces of any size: blocks 0-1 whole, block 2 in two pieces, 5 whole (3, 4 holes).
+        let mut d = ours[0].clone();
+        d.extend_from_slice(&ours[1]);
+        h.put(32, Some(&d), 2 * BS).unwrap();
+        h.put(64, Some(&ours[2][..5]), 5).unwrap();
+        h.put(69, Some(&ours[2][5..]), BS - 5).unwrap();
+        h.put(112, Some(&ours[5]), BS).unwrap();
+        let c = h.finish_compare().unwrap();
+        assert_eq!(c.count, 3);
+        assert_eq!(c.blocks, vec![(48, 2 * BS), (96, BS)]);
+        let kept: Vec<(u64, Option<Vec<u8>>, u64)> = c
+            .kept
+            .expect("under the cap")
+            .into_iter()
+            .map(|k| {
+                let n = k.len();
+                match k.data {
+                    ChunkData::Data(b) => (k.offset, Some(b), n),
+                    ChunkData::Zero(_) => (k.offset, None, n),
+                }
+            })
+            .collect();
+        assert_eq!(
+            kept,
+            vec![
+                (48, Some(ours[1].clone()), BS),
+                (64, Some(ours[2].clone()), BS),
+                (96, None, BS)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_comparing_hasher_past_its_cap_keeps_nothing_but_still_lists_every_differing_block() {
+        const BS: u64 = 16;
+        let theirs = vec![digest(b"other"); 4];
+        let mut h = BlockHasher::comparing(0, 4 * BS, BS, theirs, 2 * BS).unwrap();
+        h.put(0, Some(&[7u8; 64]), 4 * BS).unwrap();
+        let c = h.finish_compare().unwrap();
+        assert_eq!((c.count, c.blocks), (4, vec![(0, 4 * BS)]));
+        assert!(c.kept.is_none(), "4 blocks of data do not fit in 2");
+        // The replica's digests must be one per block.
+        assert!(BlockHasher::comparing(0, 4 * BS, BS, vec![[0; 32]; 3], 0).is_none());
+    }
+
+    #[test]
+    fn a_hasher_refuses_pieces_that_go_back_to_a_block_already_digested() {
+        let mut h = BlockHasher::comparing(0, 64, 16, vec![[0; 32]; 4], 64).unwrap();
+        h.put(0, Some(&[1u8; 40]), 40).unwrap();
+        let e = h.put(8, Some(&[2u8; 4]), 4).unwrap_err();
+        assert!(e.contains("must come in order"), "{e}");
+        // The block being filled may still get more pieces.
+        h.put(40, Some(&[3u8; 4]), 4).unwrap();
     }
 
     #[test]

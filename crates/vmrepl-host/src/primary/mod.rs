@@ -48,6 +48,7 @@ pub(crate) use log_build::*;
 pub use ops::*;
 pub(crate) use ports::*;
 pub use relationships::*;
+pub(crate) use resync::KEEP_PER_RANGE;
 pub(crate) use run::*;
 pub use scheduler::*;
 pub use status::*;

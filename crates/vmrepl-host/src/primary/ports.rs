@@ -237,10 +237,10 @@ pub(crate) trait PointImage: Send {
         zero_gaps: bool,
     ) -> Result<(), String>;
 
-    /// The BLAKE3 digests of `[offset, offset + len)` per `bs` bytes as of the point in time
-    /// (a resynchronization in parts compares them with the replica's), reading only the
+    /// Feeds the range of `h` as of the point in time to `h`, in order (a resynchronization in
+    /// parts digests it per block and compares with the replica's), reading only the
     /// stretches that hold data.
-    fn range_digests(&mut self, offset: u64, len: u64, bs: u64) -> Result<Vec<[u8; 32]>, String>;
+    fn digest_range(&mut self, h: &mut BlockHasher) -> Result<(), String>;
 
     /// Writes the byte ranges `blocks` (in order) of the point in time into the log as disk
     /// `disk`, all-zero stretches as zero records.
@@ -500,7 +500,8 @@ impl Pulled {
 }
 
 impl PointImage for Pulled {
-    fn range_digests(&mut self, offset: u64, len: u64, bs: u64) -> Result<Vec<[u8; 32]>, String> {
+    fn digest_range(&mut self, h: &mut BlockHasher) -> Result<(), String> {
+        let (offset, len, bs) = h.range();
         let mut c = self.connect(!self.x.delta())?;
         let data = match &self.data {
             Some(d) => d.clone(),
@@ -512,7 +513,6 @@ impl PointImage for Pulled {
             }
         };
         let reads = reads_for(&data, offset, len, bs);
-        let mut h = BlockHasher::new(offset, len, bs);
         let mut reader = vmrepl_tracking::NbdRangeReader::new(
             c,
             &reads,
@@ -523,7 +523,7 @@ impl PointImage for Pulled {
             h.put_chunk(&chunk.map_err(|e| e.to_string())?)?;
         }
         reader.finish();
-        Ok(h.finish())
+        Ok(())
     }
 
     fn write_blocks(
@@ -581,7 +581,8 @@ struct Staged {
 }
 
 impl PointImage for Staged {
-    fn range_digests(&mut self, offset: u64, len: u64, bs: u64) -> Result<Vec<[u8; 32]>, String> {
+    fn digest_range(&mut self, h: &mut BlockHasher) -> Result<(), String> {
+        let (offset, len, bs) = h.range();
         let f =
             std::fs::File::open(&self.path).map_err(|e| format!("{}: {e}", self.path.display()))?;
         let data: Vec<(u64, u64)> = self
@@ -591,11 +592,10 @@ impl PointImage for Staged {
             .map(|e| (e.offset, e.len))
             .collect();
         let reads = reads_for(&data, offset, len, bs);
-        let mut h = BlockHasher::new(offset, len, bs);
         for chunk in staged_chunks((&f, &self.path), &self.ex, &reads) {
             h.put_chunk(&chunk?)?;
         }
-        Ok(h.finish())
+        Ok(())
     }
 
     fn write_blocks(

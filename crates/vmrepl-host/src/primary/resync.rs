@@ -6,13 +6,15 @@
 //! 1. *Start.* Change tracking restarts: one transaction starts a recording bitmap and takes a
 //!    point in time `P` of every disk ([`BlockNodes::begin_full`]). The disks are cut into
 //!    ranges ([`Plan`]); the sweep is recorded in the relationship's row ([`ResyncSweep`]).
-//! 2. *Each range `i`* (in disk order): the replica digests the range of its latest state in
-//!    64 KiB blocks while the primary digests the same range of `P`: both sides read it once,
-//!    at the same time, and the primary reads only what holds data. The blocks whose digests
-//!    differ are read again and sent as log `base + 1 + i` of kind `ResyncPart`, which the
-//!    replica acknowledges once durable (and applies as a part: its latest state is not a
-//!    point until the end, and the newest whole state before the first part stays as a
-//!    recovery point).
+//! 2. *Each range `i`* (in disk order): the primary reads the range of `P` once, only what
+//!    holds data, digests it in 64 KiB blocks and compares each block with the replica's
+//!    digest of its latest state as it goes by, keeping the differing blocks' data (up to
+//!    [`KEEP_PER_RANGE`]; past it they are read again). The differing blocks go out as log
+//!    `base + 1 + i` of kind `ResyncPart`, which the replica acknowledges once durable (and
+//!    applies as a part: its latest state is not a point until the end, and the newest whole
+//!    state before the first part stays as a recovery point). The replica's digests come
+//!    from its digest map and are asked for a few ranges ahead; the reading runs on its own
+//!    thread, so the disk is read without pauses while parts are sent.
 //! 3. *End.* An ordinary delta from the bitmap started at `P` (every block written since,
 //!    at a new instant `P'`) makes the replica equal to the primary at `P'`: a whole point
 //!    again. The relationship replicates.
@@ -36,12 +38,14 @@ use crate::peer::proto::{DigestRange, PeerResponse, RefusalCode};
 use crate::primary::build_part;
 use crate::primary::classify;
 use crate::primary::decode_digests;
-use crate::primary::differing_blocks;
+use crate::primary::BlockHasher;
 use crate::primary::BlockNodes;
+use crate::primary::Compared;
 use crate::primary::Cycle;
 use crate::primary::CycleError;
 use crate::primary::Digests;
 use crate::primary::GuestAgent;
+use crate::primary::PartBlocks;
 use crate::primary::PointImage;
 use crate::primary::ReplicaPeer;
 use vmrepl_log::LogKind;
@@ -133,6 +137,55 @@ enum SweepError {
 impl From<CycleError> for SweepError {
     fn from(e: CycleError) -> Self {
         SweepError::Cycle(e)
+    }
+}
+
+/// How many ranges past the one being sent the replica's digests are asked for.
+const DIGESTS_AHEAD: usize = 2;
+/// The most data of differing blocks a range's compare keeps for its part (more is read
+/// again from the point): 1 % of a 256 MiB range is 2.6 MiB. Three ranges at most are in
+/// hand at once (one sent, one done, one being read).
+pub(crate) const KEEP_PER_RANGE: u64 = 8 << 20;
+
+/// One range compared by the digester, and how long reading and digesting it took.
+struct RangeCompared {
+    compared: Compared,
+    took: std::time::Duration,
+}
+
+/// The digester of a sweep (on a blocking thread): for each range in turn, takes the
+/// replica's digests from `theirs`, reads the range from its disk's image and compares it
+/// block by block, keeping up to `keep` bytes of differing data; stops at the first error or once either channel closes.
+fn compare_ranges(
+    mut images: Vec<Option<Box<dyn PointImage>>>,
+    ranges: Vec<Range>,
+    keep: u64,
+    mut theirs: tokio::sync::mpsc::Receiver<Vec<[u8; 32]>>,
+    done: tokio::sync::mpsc::Sender<Result<RangeCompared, String>>,
+) {
+    for r in ranges {
+        let Some(t) = theirs.blocking_recv() else {
+            return;
+        };
+        let t0 = std::time::Instant::now();
+        let res = (|| {
+            let image = images[r.disk]
+                .as_mut()
+                .ok_or_else(|| "the image of the disk was lost".to_string())?;
+            let mut h = BlockHasher::comparing(r.offset, r.len, RESYNC_BLOCK, t, keep)
+                .ok_or_else(|| "the replica's digests do not fit the range".to_string())?;
+            image.digest_range(&mut h)?;
+            h.finish_compare()
+                .ok_or_else(|| "the replica's digests do not fit the range".to_string())
+        })();
+        let failed = res.is_err();
+        let res = res.map(|compared| RangeCompared {
+            compared,
+            took: t0.elapsed(),
+        });
+        if done.blocking_send(res).is_err() || failed {
+            return;
+        }
     }
 }
 
@@ -246,9 +299,11 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
     }
 
     /// Compares and sends parts `next..` of the plan from the point `h`; returns the bytes
-    /// sent. The primary digests range `i + 1` while part `i` is sent and the replica is asked
-    /// for its digests of range `i + 1` (one image of the point for digesting, another for
-    /// reading the differing blocks), so its disk is read without pauses.
+    /// sent. A digester thread reads the ranges in order, without pauses, and compares each
+    /// block with the replica's digest as it goes by, keeping the differing blocks' data; the
+    /// replica's digests are asked for up to [`DIGESTS_AHEAD`] ranges ahead of the part being
+    /// sent, between parts on the one connection. So the primary's disk is read once, and
+    /// the parts go out while the next ranges are read.
     async fn sweep(
         &mut self,
         plan: &Plan,
@@ -265,64 +320,73 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
                     .map(|v| v.into_iter().map(Some).collect::<Vec<_>>())
             }
         };
-        let mut digesting = open().await?;
+        let digesting = open().await?;
         let mut sending = open().await?;
+        let todo = plan.ranges[next as usize..].to_vec();
+        let keep = self.resync_keep;
+        let (theirs_tx, theirs_rx) = tokio::sync::mpsc::channel(DIGESTS_AHEAD + 1);
+        let (done_tx, done_rx) = tokio::sync::mpsc::channel(1);
+        let digester = tokio::task::spawn_blocking(move || {
+            compare_ranges(digesting, todo, keep, theirs_rx, done_tx)
+        });
+        let r = self
+            .send_parts(plan, base, next, h, &mut sending, theirs_tx, done_rx)
+            .await;
+        // The digester stops once its channels close (it holds connections to the point,
+        // which the caller releases next).
+        let _ = digester.await;
+        r
+    }
+
+    /// The coordinating half of [`sweep`](Self::sweep): asks for the replica's digests ahead,
+    /// takes each range's comparison from the digester, and sends its part.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_parts(
+        &mut self,
+        plan: &Plan,
+        base: u64,
+        next: u64,
+        h: &CycleHandle,
+        sending: &mut [Option<Box<dyn PointImage>>],
+        theirs_tx: tokio::sync::mpsc::Sender<Vec<[u8; 32]>>,
+        mut done_rx: tokio::sync::mpsc::Receiver<Result<RangeCompared, String>>,
+    ) -> Result<u64, SweepError> {
         let total: u64 = self.disks.iter().map(|(_, s)| *s).sum();
         let mut compared: u64 = plan.ranges[..next as usize].iter().map(|r| r.len).sum();
         let (mut sent, mut differing) = (0u64, 0u64);
         let t0 = std::time::Instant::now();
         let from = compared;
-        let mut ours_next = match plan.ranges.get(next as usize) {
-            Some(r) => Some(self.digest_ours(&mut digesting, r)?),
-            None => None,
-        };
+        let n = plan.ranges.len();
+        let mut asked = next as usize;
         for (i, r) in plan.ranges.iter().enumerate().skip(next as usize) {
             let (id, _) = self.disks[r.disk].clone();
-            let (offset, len) = (r.offset, r.len);
-            let ours = ours_next.take().ok_or_else(|| {
+            let offset = r.offset;
+            // The replica's digests of this range and the next few, before this part goes
+            // out: the digester never waits for them.
+            let t_digest = std::time::Instant::now();
+            while asked < n && asked <= i + DIGESTS_AHEAD {
+                let theirs = self
+                    .replica_digests(&plan.ranges[asked], asked == 0)
+                    .await?;
+                if theirs_tx.send(theirs).await.is_err() {
+                    break; // the digester stopped: why comes next
+                }
+                asked += 1;
+            }
+            let theirs_t = t_digest.elapsed();
+            let done = done_rx.recv().await.ok_or_else(|| {
                 CycleError::Other(format!(
-                    "the digests of disk {id} at {offset} were not started"
+                    "the compare of disk {id} at {offset} stopped unexpectedly"
                 ))
             })?;
-            let range = DigestRange {
-                disk: id.clone(),
-                offset,
-                len,
-                block_size: RESYNC_BLOCK,
-            };
-            let t_digest = std::time::Instant::now();
-            let theirs = self.client.range_digests(self.vm.uuid, range).await;
-            let theirs_t = t_digest.elapsed();
-            let (image, ours, ours_t) = ours.await.map_err(|e| CycleError::Other(e.to_string()))?;
-            digesting[r.disk] = Some(image);
-            let ours = ours.map_err(|e| {
-                CycleError::Other(format!("cannot read disk {id} at {offset}: {e}"))
+            let done = done.map_err(|e| {
+                CycleError::Other(format!("cannot compare disk {id} at {offset}: {e}"))
             })?;
-            // The next range is digested while this part goes out.
-            if let Some(r2) = plan.ranges.get(i + 1) {
-                ours_next = Some(self.digest_ours(&mut digesting, r2)?);
-            }
-            let theirs = match theirs {
-                Ok(PeerResponse::RangeDigests { digests }) => digests.decode(),
-                Err(PeerError::Refused {
-                    code: RefusalCode::BadRequest,
-                    ..
-                }) if i as u64 == next && next == 0 => return Err(SweepError::OldReplica),
-                Err(e) => return Err(classify(e).into()),
-                Ok(other) => {
-                    return Err(CycleError::Other(format!(
-                        "unexpected answer to the digests of disk {id} at {offset}: {other:?}"
-                    ))
-                    .into())
-                }
+            let (count, ours_t) = (done.compared.count, done.took);
+            let blocks = match done.compared.kept {
+                Some(kept) => PartBlocks::Kept(kept),
+                None => PartBlocks::Read(done.compared.blocks),
             };
-            let (blocks, count) = theirs
-                .and_then(|t| differing_blocks(offset, len, RESYNC_BLOCK, &ours, &t))
-                .ok_or_else(|| {
-                    CycleError::Other(format!(
-                        "the replica's digests of disk {id} at {offset} do not fit the range"
-                    ))
-                })?;
             // The part: the differing blocks, as log base + 1 + i.
             let seq = base + 1 + i as u64;
             let image = sending[r.disk]
@@ -333,7 +397,7 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
             let send_t = t_send.elapsed();
             sending[r.disk] = image;
             sent += bytes?;
-            compared += len;
+            compared += r.len;
             differing += count;
             let secs = t0.elapsed().as_secs_f64().max(0.001);
             *crate::locks::unpoisoned(self.progress) = Some(Progress {
@@ -354,31 +418,39 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
         Ok(sent)
     }
 
-    /// Starts digesting range `r` of the point on a blocking thread, with the image of its
-    /// disk taken from `images` (the task gives it back with the digests and the time taken).
-    #[allow(clippy::type_complexity)]
-    fn digest_ours(
-        &self,
-        images: &mut [Option<Box<dyn PointImage>>],
+    /// The replica's digests of range `r` of its latest state. `first`: the sweep's very
+    /// first ask, whose refusal as a bad request means an older replica.
+    async fn replica_digests(
+        &mut self,
         r: &Range,
-    ) -> Result<
-        tokio::task::JoinHandle<(
-            Box<dyn PointImage>,
-            Result<Vec<[u8; 32]>, String>,
-            std::time::Duration,
-        )>,
-        CycleError,
-    > {
-        let (id, _) = &self.disks[r.disk];
-        let mut image = images[r.disk]
-            .take()
-            .ok_or_else(|| CycleError::Other(format!("the image of disk {id} was lost")))?;
-        let (offset, len) = (r.offset, r.len);
-        Ok(tokio::task::spawn_blocking(move || {
-            let t = std::time::Instant::now();
-            let d = image.range_digests(offset, len, RESYNC_BLOCK);
-            (image, d, t.elapsed())
-        }))
+        first: bool,
+    ) -> Result<Vec<[u8; 32]>, SweepError> {
+        let id = self.disks[r.disk].0.clone();
+        let range = DigestRange {
+            disk: id.clone(),
+            offset: r.offset,
+            len: r.len,
+            block_size: RESYNC_BLOCK,
+        };
+        match self.client.range_digests(self.vm.uuid, range).await {
+            Ok(PeerResponse::RangeDigests { digests }) => digests.decode().ok_or_else(|| {
+                CycleError::Other(format!(
+                    "the replica's digests of disk {id} at {} do not fit the range",
+                    r.offset
+                ))
+                .into()
+            }),
+            Err(PeerError::Refused {
+                code: RefusalCode::BadRequest,
+                ..
+            }) if first => Err(SweepError::OldReplica),
+            Err(e) => Err(classify(e).into()),
+            Ok(other) => Err(CycleError::Other(format!(
+                "unexpected answer to the digests of disk {id} at {}: {other:?}",
+                r.offset
+            ))
+            .into()),
+        }
     }
 
     /// Encodes part `seq` (the `blocks` of disk number `disk`) while it is sent; returns the
@@ -388,7 +460,7 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
         h: &CycleHandle,
         image: Box<dyn PointImage>,
         disk: usize,
-        blocks: Vec<(u64, u64)>,
+        blocks: PartBlocks,
         seq: u64,
     ) -> (Option<Box<dyn PointImage>>, Result<u64, CycleError>) {
         let (tx, rx) = tokio::sync::watch::channel(LogGrowth::default());
@@ -407,14 +479,13 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
             .client
             .send_log_stream(self.vm.uuid, (seq, seq - 1), chunks, rx, |_| {});
         let ((image, built), sent) = tokio::join!(build, send);
-        let sent = match (&built, sent) {
+        // A lost link also stops the encoder: the link's error is the one that says why.
+        let r = match (built, sent) {
             (_, Err(e)) => Err(classify(e)),
-            (Err(_), Ok(_)) => Err(CycleError::Other(format!(
-                "part {seq} of the resynchronization could not be built"
-            ))),
-            (Ok(total), Ok(r)) => crate::primary::acked(r, seq, *total),
+            (Err(e), Ok(_)) => Err(e),
+            (Ok(total), Ok(r)) => crate::primary::acked(r, seq, total),
         };
-        (image, built.and(sent))
+        (image, r)
     }
 
     /// Lets the endpoint drop a point in time read for the sweep, and its staging files.

@@ -215,6 +215,7 @@ pub(crate) async fn run_cycle(
         consistency,
         app_freeze: None,
         resync_range,
+        resync_keep: crate::primary::KEEP_PER_RANGE,
         sweeps: &sweeps,
         fresh: if initial || resync { vec![] } else { fresh },
         fresh_carried: false,

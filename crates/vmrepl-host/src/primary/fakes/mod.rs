@@ -108,6 +108,8 @@ pub(crate) struct Rig {
     pub(crate) sweeps: FakeSweeps,
     /// The size of a resynchronization's ranges (None: by disk size).
     pub(crate) resync_range: Option<u64>,
+    /// The differing data a resynchronization keeps per range.
+    pub(crate) resync_keep: u64,
 }
 
 /// The relationship row's record of a resynchronization in parts, in memory.
@@ -152,6 +154,7 @@ impl Rig {
             consistency: vmrepl_log::Consistency::Crash,
             sweeps: FakeSweeps::default(),
             resync_range: None,
+            resync_keep: crate::primary::KEEP_PER_RANGE,
         }
     }
 
@@ -180,6 +183,7 @@ impl Rig {
             consistency: self.consistency,
             app_freeze: None,
             resync_range: self.resync_range,
+            resync_keep: self.resync_keep,
             sweeps: &self.sweeps,
             fresh: vec![],
             fresh_carried: false,

@@ -76,6 +76,9 @@ pub(crate) struct NodesState {
     builds: usize,
     /// `release_exports` fails (the engine only warns).
     pub(crate) fail_release: bool,
+    /// Bytes read from a point by `write_blocks` (what a resynchronization's part reads
+    /// again because its compare did not keep it).
+    pub(crate) blocks_read: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The primary's block nodes, in memory.
@@ -140,6 +143,7 @@ impl FakeNodes {
                 fail_build_from: None,
                 builds: 0,
                 fail_release: false,
+                blocks_read: Arc::default(),
             })),
             journal: journal.clone(),
         }
@@ -517,6 +521,7 @@ impl PointReader for FakeNodes {
                 h.seq
             )));
         };
+        let blocks_read = s.blocks_read.clone();
         Ok(p.images
             .iter()
             .map(|(data, ranges)| {
@@ -524,6 +529,7 @@ impl PointReader for FakeNodes {
                     data: data.clone(),
                     ranges: ranges.clone(),
                     fail,
+                    blocks_read: blocks_read.clone(),
                 }) as Box<dyn PointImage>
             })
             .collect())
@@ -536,6 +542,7 @@ struct FakeImage {
     ranges: Vec<(u64, u64)>,
     /// Reading it fails (an NBD read error, say).
     fail: bool,
+    blocks_read: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FakeImage {
@@ -548,15 +555,14 @@ impl FakeImage {
 }
 
 impl PointImage for FakeImage {
-    fn range_digests(&mut self, offset: u64, len: u64, bs: u64) -> Result<Vec<[u8; 32]>, String> {
+    fn digest_range(&mut self, h: &mut BlockHasher) -> Result<(), String> {
         self.check()?;
-        let mut h = BlockHasher::new(offset, len, bs);
+        let (offset, len, _) = h.range();
         h.put(
             offset,
             Some(&self.data[offset as usize..(offset + len) as usize]),
             len,
-        )?;
-        Ok(h.finish())
+        )
     }
 
     fn write_blocks(
@@ -567,6 +573,9 @@ impl PointImage for FakeImage {
     ) -> Result<(), String> {
         self.check()?;
         let data = &self.data;
+        let n: u64 = blocks.iter().map(|b| b.1).sum();
+        self.blocks_read
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         let chunks = blocks.iter().map(|&(o, l)| {
             Ok(Chunk {
                 offset: o,

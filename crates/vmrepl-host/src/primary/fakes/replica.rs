@@ -27,9 +27,9 @@ pub(crate) struct ReplicaSide {
     pub(crate) gives_digests: bool,
     /// Answers `RangeDigests` (else refuses it as a replica of an older release does).
     pub(crate) gives_range_digests: bool,
-    /// `RangeDigests` requests (numbered from 1) from this one on find the link cut.
-    pub(crate) digests_lost_from: Option<usize>,
-    range_digests_asked: usize,
+    /// Once the replica applied this log, every `RangeDigests` and `SendLog` finds the link
+    /// cut (until cleared).
+    pub(crate) link_lost_at: Option<u64>,
     /// The boot files it holds.
     pub(crate) boot: Vec<(BootFile, String)>,
     /// Every request, in order.
@@ -50,6 +50,12 @@ pub(crate) struct ReplicaSide {
     pub(crate) state_answer: Option<PeerResponse>,
     /// The boot files cannot be sent.
     pub(crate) boot_files_fail: Option<String>,
+}
+
+impl ReplicaSide {
+    fn link_lost(&self) -> bool {
+        self.link_lost_at.is_some_and(|l| self.last_applied >= l)
+    }
 }
 
 /// The replica server, scripted. Clones share one replica.
@@ -86,8 +92,7 @@ impl FakeReplica {
                 disks: BTreeMap::new(),
                 gives_digests: true,
                 gives_range_digests: true,
-                digests_lost_from: None,
-                range_digests_asked: 0,
+                link_lost_at: None,
                 boot: Vec::new(),
                 requests: Vec::new(),
                 expected_import: None,
@@ -315,11 +320,7 @@ impl ReplicaPeer for FakeReplica {
         let mut s = self.state();
         s.requests
             .push(format!("range-digests {} {}+{}", r.disk, r.offset, r.len));
-        s.range_digests_asked += 1;
-        if s.unreachable
-            || s.digests_lost_from
-                .is_some_and(|n| s.range_digests_asked >= n)
-        {
+        if s.unreachable || s.link_lost() {
             return Err(lost());
         }
         if !s.gives_range_digests {
@@ -378,6 +379,9 @@ impl ReplicaPeer for FakeReplica {
         let cut_after = {
             let mut s = self.state();
             s.requests.push(format!("send-log {seq} on {base}"));
+            if s.link_lost() {
+                return Err(lost());
+            }
             s.cut_after.take()
         };
         let mut got = Vec::new();
