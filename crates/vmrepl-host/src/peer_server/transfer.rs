@@ -268,7 +268,8 @@ pub(super) async fn send_log(
     // The initial copy of a replica that holds nothing yet is applied in place as it arrives.
     let how = receive_mode(framed, &row, (seq, base, last), resume).await?;
     let (received, verified, streamed) = match how {
-        Mode::InPlace { ahead } => match receive_in_place(framed, &row, seq, ahead).await? {
+        Mode::InPlace { ahead, vm } => match receive_in_place(framed, &row, seq, ahead, *vm).await?
+        {
             Ok((n, h, a)) => (n, Some(Ok(h)), Some(a)),
             Err(r) => return Ok(Some(r.into())),
         },
@@ -420,8 +421,12 @@ pub(super) fn start_verifier(
 pub(super) enum Mode {
     /// Into its spool file, verified on the way, applied once acknowledged.
     Spool { ahead: Ahead },
-    /// An initial copy applied in place as it arrives ([`replica::apply_initial_in_place`]).
-    InPlace { ahead: Ahead },
+    /// An initial copy applied in place as it arrives ([`replica::apply_initial_in_place`]),
+    /// into the replica as opened to decide so.
+    InPlace {
+        ahead: Ahead,
+        vm: Box<vmrepl_store::ReplicaVm>,
+    },
 }
 
 /// Data frames read ahead of the receive loop (to see the log's header), in order.
@@ -437,16 +442,19 @@ async fn receive_mode(
     (seq, base, last): (u64, u64, u64),
     resume: Option<Resume>,
 ) -> Result<Mode, FrameError> {
-    let candidate = resume.is_none() && (seq, base, last) == (1, 0, 0) && {
+    let candidate = if resume.is_none() && (seq, base, last) == (1, 0, 0) {
         let (root, uuid) = (row.storage_root.clone(), row.vm_uuid);
-        tokio::task::spawn_blocking(move || replica::applies_in_place(&root, uuid))
+        tokio::task::spawn_blocking(move || replica::open_for_in_place(&root, uuid))
             .await
-            .unwrap_or(false)
+            .ok()
+            .flatten()
+    } else {
+        None
     };
     let mut ahead = Ahead::new();
-    if !candidate {
+    let Some(vm) = candidate else {
         return Ok(Mode::Spool { ahead });
-    }
+    };
     let mut head = Vec::new();
     let header = loop {
         let data = next_data(framed, &mut ahead).await?;
@@ -473,7 +481,10 @@ async fn receive_mode(
         // Nothing of an earlier, cut transfer of this log is resumed: drop its partial file.
         let dir = replica::vm_dir(row);
         let _ = tokio::fs::remove_file(vmrepl_store::spool::partial_path(&dir, seq)).await;
-        return Ok(Mode::InPlace { ahead });
+        return Ok(Mode::InPlace {
+            ahead,
+            vm: Box::new(vm),
+        });
     }
     Ok(Mode::Spool { ahead })
 }
@@ -554,15 +565,16 @@ async fn receive_in_place(
     row: &ReplicaRow,
     seq: u64,
     mut ahead: Ahead,
+    vm: vmrepl_store::ReplicaVm,
 ) -> Result<Result<(u64, vmrepl_log::LogHeader, replica::Applied), Refusal>, FrameError> {
     let dir = replica::vm_dir(row);
     let mut room = Room::new(row, &dir, &dir);
     let mut size = 0u64;
     let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
     let applier = {
-        let (root, uuid) = (row.storage_root.clone(), row.vm_uuid);
+        let root = row.storage_root.clone();
         tokio::task::spawn_blocking(move || {
-            replica::apply_initial_in_place(&root, uuid, Incoming::new(rx))
+            replica::apply_initial_in_place(&root, vm, Incoming::new(rx))
         })
     };
     let mut tx = Some(tx);

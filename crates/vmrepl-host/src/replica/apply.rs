@@ -171,11 +171,12 @@ pub enum InPlace {
     Store(ApplyError),
 }
 
-/// Whether the replica under `root` awaits its initial copy with nothing received before it,
-/// so that one arriving is applied in place as it arrives ([`apply_initial_in_place`]).
-pub fn applies_in_place(root: &Path, vm_uuid: Uuid) -> bool {
+/// The replica under `root`, opened, when it awaits its initial copy with nothing received
+/// before it: one arriving is then applied in place as it arrives ([`apply_initial_in_place`]).
+pub fn open_for_in_place(root: &Path, vm_uuid: Uuid) -> Option<ReplicaVm> {
     ReplicaStore::open(root, vm_uuid)
-        .is_ok_and(|vm| vm.awaits_initial_copy() && vm.pending_logs().is_ok_and(|l| l.is_empty()))
+        .ok()
+        .filter(|vm| vm.awaits_initial_copy() && vm.pending_logs().is_ok_and(|l| l.is_empty()))
 }
 
 /// Applies an initial copy straight into the replica's images while it arrives (`input`), so
@@ -189,11 +190,14 @@ pub fn applies_in_place(root: &Path, vm_uuid: Uuid) -> bool {
 ///   the next initial copy clears it first ([`ReplicaVm::restart_initial_copy`]): an initial
 ///   copy is never resumed, the primary sends a new one from a new point in time.
 /// * Only an initial copy (log 1 on 0, of this VM) is applied this way; anything else is bad.
-pub fn apply_initial_in_place<R: std::io::Read>(root: &Path, vm_uuid: Uuid, input: R) -> InPlace {
-    let mut vm = match ReplicaStore::open(root, vm_uuid) {
-        Ok(vm) => vm,
-        Err(e) => return InPlace::Store(e.into()),
-    };
+///
+/// `vm` is the replica as [`open_for_in_place`] opened it under `root`.
+pub fn apply_initial_in_place<R: std::io::Read>(
+    root: &Path,
+    mut vm: ReplicaVm,
+    input: R,
+) -> InPlace {
+    let vm_uuid = vm.vm_uuid();
     let mut reader = match vmrepl_log::LogReader::new(input) {
         Ok(r) => r,
         Err(e) => return InPlace::Bad(e.to_string()),
