@@ -50,11 +50,27 @@ fn replicating_pair(
     std::path::PathBuf,
     FaultProxy,
 ) {
+    replicating_pair_in_ranges(a_ip, b_ip, link_ip, 4)
+}
+
+/// [`replicating_pair`] with ranges of `range_mib` MiB.
+fn replicating_pair_in_ranges(
+    a_ip: &str,
+    b_ip: &str,
+    link_ip: &str,
+    range_mib: u64,
+) -> (
+    Host,
+    Host,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    FaultProxy,
+) {
     let (mut a, b, store) = pair(a_ip, b_ip, "lab");
     a.stop_daemon();
     let cfg = a.data().join("config.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, format!("resync_range_mib = 4\n{text}")).unwrap();
+    std::fs::write(&cfg, format!("resync_range_mib = {range_mib}\n{text}")).unwrap();
     a.start();
     a.ok(&["vm", "create", "db", "--generation", "1", "--disk", "64M"]);
     let disk = disk_path(&a, "db", 0);
@@ -231,6 +247,52 @@ fn a_resynchronization_cut_by_a_restart_of_both_hosts_continues_where_it_stopped
     assert!(
         sent > 0 && sent <= 17 * MIB,
         "each differing block sent once: {sent} bytes"
+    );
+    let top = replica_image(&store, &a, "db", 0, "top.qcow2");
+    same_content(&disk, &top).unwrap();
+    assert_eq!(status(&a, "db")["health"], "normal");
+}
+
+#[test]
+fn a_range_with_more_differing_data_than_the_compare_keeps_is_read_again_and_the_replica_ends_equal(
+) {
+    // Two ranges of 32 MiB: the first differs by 16 MiB, more than the 8 MiB a range's
+    // compare keeps in memory, so its part reads those blocks again; the second differs by
+    // 1 MiB, sent from what the compare read.
+    let _s = serial();
+    let (a, b, store, disk, _link) =
+        replicating_pair_in_ranges("127.0.0.231", "127.0.0.232", "127.0.0.233", 32);
+    a.ok(&["replication", "pause", "db"]);
+    qemu_io_write(&a, &disk, 2 * MIB, &random(16 << 20, 5));
+    qemu_io_write(&a, &disk, 40 * MIB, &random(1 << 20, 6));
+    let before = replica_seq(&b);
+    let sent_before = status(&a, "db")["stats"]["total_bytes"].as_u64().unwrap();
+    a.ok(&["replication", "resume", "db", "--resynchronize"]);
+    wait_until("replicating again", Duration::from_secs(180), || {
+        status(&a, "db")["state"] == "replicating" && replica_seq(&b) >= before + 3
+    });
+    assert_eq!(replica_seq(&b), before + 3, "two parts and the final delta");
+    let log = std::fs::read_to_string(a.data().join("daemon.log")).unwrap();
+    let parts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("resynchronization part acknowledged"))
+        .collect();
+    assert_eq!(parts.len(), 2, "{}", a.log_tail());
+    assert!(
+        parts[0].contains("differing=256 read_again=true"),
+        "the first range is read again: {}",
+        parts[0]
+    );
+    assert!(
+        parts[1].contains("differing=16 read_again=false"),
+        "the second range is sent from the compare: {}",
+        parts[1]
+    );
+    // Each differing block went once, whichever way it was read.
+    let sent = status(&a, "db")["stats"]["total_bytes"].as_u64().unwrap() - sent_before;
+    assert!(
+        (17 * MIB..=17 * MIB + MIB / 2).contains(&sent),
+        "17 MiB differ: {sent} bytes sent"
     );
     let top = replica_image(&store, &a, "db", 0, "top.qcow2");
     same_content(&disk, &top).unwrap();

@@ -383,6 +383,7 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
                 CycleError::Other(format!("cannot compare disk {id} at {offset}: {e}"))
             })?;
             let (count, ours_t) = (done.compared.count, done.took);
+            let read_again = done.compared.kept.is_none() && count > 0;
             let blocks = match done.compared.kept {
                 Some(kept) => PartBlocks::Kept(kept),
                 None => PartBlocks::Read(done.compared.blocks),
@@ -411,7 +412,7 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
                 rate_bytes_per_sec: (compared - from) as f64 / secs,
                 blocks_differing: Some(differing),
             });
-            tracing::info!(target: "vmrepl::replication", vm = %self.vm.uuid, part = i + 1, parts = plan.parts(), disk = %id, offset, differing = count,
+            tracing::info!(target: "vmrepl::replication", vm = %self.vm.uuid, part = i + 1, parts = plan.parts(), disk = %id, offset, differing = count, read_again,
                 digest_ms = ours_t.as_millis() as u64, replica_digest_ms = theirs_t.as_millis() as u64, send_ms = send_t.as_millis() as u64,
                 "resynchronization part acknowledged");
         }
