@@ -387,27 +387,26 @@ pub(crate) fn write_differing_pulled<W: std::io::Write>(
 
 /// Digests a range of a disk block by block from the pieces read of it, in order and of any
 /// size or alignment (an NBD reply may split a read at a hole); the blocks no piece touches
-/// read as zeros. What the primary compares with the replica's `RangeDigests`.
-///
-/// Made [`comparing`](BlockHasher::comparing) with the replica's digests, it also keeps the
-/// blocks that differ as they go by, up to a cap: a resynchronization then sends them without
-/// reading the disk a second time.
+/// read as zeros. Each digest is compared at once with the replica's (`RangeDigests`), and
+/// the blocks that differ are kept as they go by, up to a cap: a resynchronization then sends
+/// them without reading the disk a second time.
 pub(crate) struct BlockHasher {
     offset: u64,
     len: u64,
     bs: u64,
-    out: Vec<[u8; 32]>,
+    /// The replica's digests, one per block.
+    theirs: Vec<[u8; 32]>,
+    /// The digests of a whole block of zeros and of the range's last block of zeros.
+    zero: [u8; 32],
+    zero_last: [u8; 32],
     /// The block being filled, and its bytes.
     cur: Option<usize>,
     buf: Vec<u8>,
     /// The first block not digested yet: pieces come in order.
     next: usize,
-    compare: Option<Compare>,
-}
-
-/// The replica's digests of the range, and the differing blocks kept so far.
-struct Compare {
-    theirs: Vec<[u8; 32]>,
+    /// The differing blocks so far, adjacent ones merged, and how many.
+    blocks: Vec<(u64, u64)>,
+    count: u64,
     /// The differing blocks in order (data, or the zeros of a block no piece touched); None
     /// once their data passed `cap` bytes.
     kept: Option<Vec<vmrepl_tracking::Chunk>>,
@@ -415,7 +414,7 @@ struct Compare {
     cap: u64,
 }
 
-/// A range compared with the replica's digests ([`BlockHasher::finish_compare`]).
+/// A range compared with the replica's digests ([`BlockHasher::finish`]).
 #[derive(Debug)]
 pub(crate) struct Compared {
     /// The differing blocks as (offset, length) ranges, adjacent ones merged.
@@ -428,47 +427,39 @@ pub(crate) struct Compared {
 }
 
 impl BlockHasher {
-    /// For `[offset, offset + len)` in blocks of `bs` bytes (the last may be short).
-    pub(crate) fn new(offset: u64, len: u64, bs: u64) -> BlockHasher {
-        let full = *blake3::hash(&vec![0u8; bs as usize]).as_bytes();
-        let n = len.div_ceil(bs);
-        let out = (0..n)
-            .map(|k| match bs.min(len - k * bs) {
-                b if b == bs => full,
-                b => *blake3::hash(&vec![0u8; b as usize]).as_bytes(),
-            })
-            .collect();
-        BlockHasher {
-            offset,
-            len,
-            bs,
-            out,
-            cur: None,
-            buf: vec![0u8; bs as usize],
-            next: 0,
-            compare: None,
-        }
-    }
-
-    /// Like [`new`](BlockHasher::new), comparing each block with the replica's digest
-    /// `theirs` and keeping up to `cap` bytes of differing data; None when `theirs` does not
-    /// hold one digest per block.
-    pub(crate) fn comparing(
+    /// For `[offset, offset + len)` in blocks of `bs` bytes (the last may be short), compared
+    /// with the replica's digests `theirs`, keeping up to `cap` bytes of differing data; None
+    /// when `theirs` does not hold one digest per block.
+    pub(crate) fn new(
         offset: u64,
         len: u64,
         bs: u64,
         theirs: Vec<[u8; 32]>,
         cap: u64,
     ) -> Option<BlockHasher> {
-        let mut h = BlockHasher::new(offset, len, bs);
-        (theirs.len() == h.out.len()).then(|| {
-            h.compare = Some(Compare {
-                theirs,
-                kept: Some(Vec::new()),
-                kept_bytes: 0,
-                cap,
-            });
-            h
+        if theirs.len() as u64 != len.div_ceil(bs) {
+            return None;
+        }
+        let zero = *blake3::hash(&vec![0u8; bs as usize]).as_bytes();
+        let zero_last = match len % bs {
+            0 => zero,
+            short => *blake3::hash(&vec![0u8; short as usize]).as_bytes(),
+        };
+        Some(BlockHasher {
+            offset,
+            len,
+            bs,
+            theirs,
+            zero,
+            zero_last,
+            cur: None,
+            buf: vec![0u8; bs as usize],
+            next: 0,
+            blocks: Vec::new(),
+            count: 0,
+            kept: Some(Vec::new()),
+            kept_bytes: 0,
+            cap,
         })
     }
 
@@ -481,27 +472,46 @@ impl BlockHasher {
         self.bs.min(self.len - k as u64 * self.bs) as usize
     }
 
+    /// Whether block `k` of digest `ours` differs from the replica's; a differing block is
+    /// counted and listed.
+    fn differs(&mut self, k: usize, ours: &[u8; 32]) -> bool {
+        if self.theirs[k] == *ours {
+            return false;
+        }
+        self.count += 1;
+        let (at, n) = (self.offset + k as u64 * self.bs, self.block_len(k) as u64);
+        match self.blocks.last_mut() {
+            Some(last) if last.0 + last.1 == at => last.1 += n,
+            _ => self.blocks.push((at, n)),
+        }
+        true
+    }
+
+    /// Keeps `chunk` of a differing block, while the data kept stays under the cap.
+    fn keep(&mut self, chunk: vmrepl_tracking::Chunk) {
+        if let ChunkData::Data(d) = &chunk.data {
+            self.kept_bytes += d.len() as u64;
+            if self.kept_bytes > self.cap {
+                self.kept = None;
+            }
+        }
+        if let Some(kept) = &mut self.kept {
+            kept.push(chunk);
+        }
+    }
+
     /// Digests the block being filled, after accounting for the blocks no piece touched
     /// before it.
     fn flush(&mut self) {
         if let Some(k) = self.cur.take() {
             self.untouched_until(k);
             let n = self.block_len(k);
-            self.out[k] = *blake3::hash(&self.buf[..n]).as_bytes();
-            let at = self.offset + k as u64 * self.bs;
-            if let Some(c) = &mut self.compare {
-                if c.theirs[k] != self.out[k] {
-                    c.kept_bytes += n as u64;
-                    if c.kept_bytes > c.cap {
-                        c.kept = None;
-                    }
-                    if let Some(kept) = &mut c.kept {
-                        kept.push(vmrepl_tracking::Chunk {
-                            offset: at,
-                            data: ChunkData::Data(self.buf[..n].to_vec()),
-                        });
-                    }
-                }
+            let ours = *blake3::hash(&self.buf[..n]).as_bytes();
+            if self.differs(k, &ours) {
+                self.keep(vmrepl_tracking::Chunk {
+                    offset: self.offset + k as u64 * self.bs,
+                    data: ChunkData::Data(self.buf[..n].to_vec()),
+                });
             }
             self.next = k + 1;
         }
@@ -509,16 +519,14 @@ impl BlockHasher {
 
     /// Blocks `next..k` were not touched: zeros, which cost nothing to keep.
     fn untouched_until(&mut self, k: usize) {
-        if let Some(c) = &mut self.compare {
-            for j in self.next..k {
-                if c.theirs[j] != self.out[j] {
-                    if let Some(kept) = &mut c.kept {
-                        kept.push(vmrepl_tracking::Chunk {
-                            offset: self.offset + j as u64 * self.bs,
-                            data: ChunkData::Zero(self.bs.min(self.len - j as u64 * self.bs)),
-                        });
-                    }
-                }
+        let last = self.theirs.len().saturating_sub(1);
+        for j in self.next..k {
+            let zero = if j == last { self.zero_last } else { self.zero };
+            if self.differs(j, &zero) {
+                self.keep(vmrepl_tracking::Chunk {
+                    offset: self.offset + j as u64 * self.bs,
+                    data: ChunkData::Zero(self.block_len(j) as u64),
+                });
             }
         }
         self.next = self.next.max(k);
@@ -570,19 +578,15 @@ impl BlockHasher {
         }
     }
 
-    /// The comparison with the replica's digests (a hasher made with
-    /// [`comparing`](BlockHasher::comparing)), once every piece was put.
-    pub(crate) fn finish_compare(mut self) -> Option<Compared> {
+    /// The comparison with the replica's digests, once every piece was put.
+    pub(crate) fn finish(mut self) -> Compared {
         self.flush();
-        self.untouched_until(self.out.len());
-        let c = self.compare.take()?;
-        let (blocks, count) =
-            differing_blocks(self.offset, self.len, self.bs, &self.out, &c.theirs)?;
-        Some(Compared {
-            blocks,
-            count,
-            kept: c.kept,
-        })
+        self.untouched_until(self.theirs.len());
+        Compared {
+            blocks: self.blocks,
+            count: self.count,
+            kept: self.kept,
+        }
     }
 }
 
@@ -604,35 +608,6 @@ pub(crate) fn reads_for(data: &[(u64, u64)], offset: u64, len: u64, bs: u64) -> 
         }
     }
     out
-}
-
-/// The blocks of `[offset, offset + len)` whose digests differ, as (offset, length) ranges,
-/// adjacent ones merged; None when the two lists do not have one digest per block.
-pub(crate) fn differing_blocks(
-    offset: u64,
-    len: u64,
-    bs: u64,
-    ours: &[[u8; 32]],
-    theirs: &[[u8; 32]],
-) -> Option<(Vec<(u64, u64)>, u64)> {
-    if ours.len() != theirs.len() || ours.len() as u64 != len.div_ceil(bs) {
-        return None;
-    }
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    let mut count = 0;
-    for (k, (a, b)) in ours.iter().zip(theirs).enumerate() {
-        if a == b {
-            continue;
-        }
-        count += 1;
-        let at = offset + k as u64 * bs;
-        let n = bs.min(offset + len - at);
-        match out.last_mut() {
-            Some(last) if last.0 + last.1 == at => last.1 += n,
-            _ => out.push((at, n)),
-        }
-    }
-    Some((out, count))
 }
 
 /// Writes the chunks read of some blocks into the log as disk `disk`: all-zero data as zero
@@ -869,7 +844,7 @@ mod tests {
             digest(b"z"),
             digest(&ours[5]),
         ];
-        let mut h = BlockHasher::comparing(32, 6 * BS, BS, theirs, 1024).unwrap();
+        let mut h = BlockHasher::new(32, 6 * BS, BS, theirs, 1024).unwrap();
         // Pieces of any size: blocks 0-1 whole, block 2 in two pieces, 5 whole (3, 4 holes).
         let mut d = ours[0].clone();
         d.extend_from_slice(&ours[1]);
@@ -877,7 +852,7 @@ mod tests {
         h.put(64, Some(&ours[2][..5]), 5).unwrap();
         h.put(69, Some(&ours[2][5..]), BS - 5).unwrap();
         h.put(112, Some(&ours[5]), BS).unwrap();
-        let c = h.finish_compare().unwrap();
+        let c = h.finish();
         assert_eq!(c.count, 3);
         assert_eq!(c.blocks, vec![(48, 2 * BS), (96, BS)]);
         let kept: Vec<(u64, Option<Vec<u8>>, u64)> = c
@@ -906,18 +881,18 @@ mod tests {
     fn a_comparing_hasher_past_its_cap_keeps_nothing_but_still_lists_every_differing_block() {
         const BS: u64 = 16;
         let theirs = vec![digest(b"other"); 4];
-        let mut h = BlockHasher::comparing(0, 4 * BS, BS, theirs, 2 * BS).unwrap();
+        let mut h = BlockHasher::new(0, 4 * BS, BS, theirs, 2 * BS).unwrap();
         h.put(0, Some(&[7u8; 64]), 4 * BS).unwrap();
-        let c = h.finish_compare().unwrap();
+        let c = h.finish();
         assert_eq!((c.count, c.blocks), (4, vec![(0, 4 * BS)]));
         assert!(c.kept.is_none(), "4 blocks of data do not fit in 2");
         // The replica's digests must be one per block.
-        assert!(BlockHasher::comparing(0, 4 * BS, BS, vec![[0; 32]; 3], 0).is_none());
+        assert!(BlockHasher::new(0, 4 * BS, BS, vec![[0; 32]; 3], 0).is_none());
     }
 
     #[test]
     fn a_hasher_refuses_pieces_that_go_back_to_a_block_already_digested() {
-        let mut h = BlockHasher::comparing(0, 64, 16, vec![[0; 32]; 4], 64).unwrap();
+        let mut h = BlockHasher::new(0, 64, 16, vec![[0; 32]; 4], 64).unwrap();
         h.put(0, Some(&[1u8; 40]), 40).unwrap();
         let e = h.put(8, Some(&[2u8; 4]), 4).unwrap_err();
         assert!(e.contains("must come in order"), "{e}");

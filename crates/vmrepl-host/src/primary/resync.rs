@@ -172,11 +172,10 @@ fn compare_ranges(
             let image = images[r.disk]
                 .as_mut()
                 .ok_or_else(|| "the image of the disk was lost".to_string())?;
-            let mut h = BlockHasher::comparing(r.offset, r.len, RESYNC_BLOCK, t, keep)
+            let mut h = BlockHasher::new(r.offset, r.len, RESYNC_BLOCK, t, keep)
                 .ok_or_else(|| "the replica's digests do not fit the range".to_string())?;
             image.digest_range(&mut h)?;
-            h.finish_compare()
-                .ok_or_else(|| "the replica's digests do not fit the range".to_string())
+            Ok(h.finish())
         })();
         let failed = res.is_err();
         let res = res.map(|compared| RangeCompared {
@@ -383,7 +382,7 @@ impl<'a, P: ReplicaPeer, N: BlockNodes, G: GuestAgent> Cycle<'a, P, N, G> {
                 CycleError::Other(format!("cannot compare disk {id} at {offset}: {e}"))
             })?;
             let (count, ours_t) = (done.compared.count, done.took);
-            let read_again = done.compared.kept.is_none() && count > 0;
+            let read_again = done.compared.kept.is_none();
             let blocks = match done.compared.kept {
                 Some(kept) => PartBlocks::Kept(kept),
                 None => PartBlocks::Read(done.compared.blocks),
