@@ -36,25 +36,10 @@ fn qemu_io_write(h: &Host, disk: &std::path::Path, offset: u64, data: &[u8]) {
     std::fs::remove_file(file).unwrap();
 }
 
-/// A pair whose primary resynchronizes in ranges of 4 MiB (`resync_range_mib`), with a VM
-/// `db` (64 MiB disk, off) replicating every 5 s to the replica through a link on `link_ip`
-/// that the test can throttle and cut.
+/// A pair whose primary resynchronizes in ranges of `range_mib` MiB (`resync_range_mib`),
+/// with a VM `db` (64 MiB disk, off) replicating every 5 s to the replica through a link on
+/// `link_ip` that the test can throttle and cut.
 fn replicating_pair(
-    a_ip: &str,
-    b_ip: &str,
-    link_ip: &str,
-) -> (
-    Host,
-    Host,
-    std::path::PathBuf,
-    std::path::PathBuf,
-    FaultProxy,
-) {
-    replicating_pair_in_ranges(a_ip, b_ip, link_ip, 4)
-}
-
-/// [`replicating_pair`] with ranges of `range_mib` MiB.
-fn replicating_pair_in_ranges(
     a_ip: &str,
     b_ip: &str,
     link_ip: &str,
@@ -109,7 +94,7 @@ fn continued(a: &Host) -> usize {
 #[test]
 fn a_resynchronization_cut_by_a_lost_link_continues_from_the_last_acknowledged_range() {
     let _s = serial();
-    let (a, b, store, disk, link) = replicating_pair("127.0.0.71", "127.0.0.72", "127.0.0.73");
+    let (a, b, store, disk, link) = replicating_pair("127.0.0.71", "127.0.0.72", "127.0.0.73", 4);
     // 24 MiB of new data in ranges 2 to 7 of 16, then a resynchronization by compare over a
     // link of 4 MiB/s: about six seconds of parts.
     a.ok(&["replication", "pause", "db"]);
@@ -167,7 +152,8 @@ fn a_resynchronization_cut_by_a_lost_link_continues_from_the_last_acknowledged_r
 #[test]
 fn a_resynchronization_cut_by_a_crash_of_the_primary_daemon_continues_after_it_restarts() {
     let _s = serial();
-    let (mut a, b, store, disk, link) = replicating_pair("127.0.0.74", "127.0.0.75", "127.0.0.76");
+    let (mut a, b, store, disk, link) =
+        replicating_pair("127.0.0.74", "127.0.0.75", "127.0.0.76", 4);
     a.ok(&["replication", "pause", "db"]);
     qemu_io_write(&a, &disk, 4 * MIB, &random(16 << 20, 2));
     qemu_io_write(&a, &disk, 40 * MIB, &random(8 << 20, 3));
@@ -212,7 +198,7 @@ fn a_resynchronization_cut_by_a_restart_of_both_hosts_continues_where_it_stopped
     // started again.
     let _s = serial();
     let (mut a, mut b, store, disk, link) =
-        replicating_pair("127.0.0.167", "127.0.0.168", "127.0.0.169");
+        replicating_pair("127.0.0.167", "127.0.0.168", "127.0.0.169", 4);
     a.ok(&["replication", "pause", "db"]);
     qemu_io_write(&a, &disk, 8 * MIB, &random(16 << 20, 4));
     let before = replica_seq(&b);
@@ -261,7 +247,7 @@ fn a_range_with_more_differing_data_than_the_compare_keeps_is_read_again_and_the
     // 1 MiB, sent from what the compare read.
     let _s = serial();
     let (a, b, store, disk, _link) =
-        replicating_pair_in_ranges("127.0.0.231", "127.0.0.232", "127.0.0.233", 32);
+        replicating_pair("127.0.0.231", "127.0.0.232", "127.0.0.233", 32);
     a.ok(&["replication", "pause", "db"]);
     qemu_io_write(&a, &disk, 2 * MIB, &random(16 << 20, 5));
     qemu_io_write(&a, &disk, 40 * MIB, &random(1 << 20, 6));
