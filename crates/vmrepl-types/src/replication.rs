@@ -410,18 +410,15 @@ impl SettingsChange {
             s.replica_server != n.replica_server || s.replica_host_name != n.replica_host_name,
             format!("replica server {}", n.replica_server),
         );
-        let included: Vec<&str> = s
-            .exclude_disks
-            .iter()
-            .filter(|d| !n.exclude_disks.contains(d))
-            .map(String::as_str)
-            .collect();
-        let excluded: Vec<&str> = n
-            .exclude_disks
-            .iter()
-            .filter(|d| !s.exclude_disks.contains(d))
-            .map(String::as_str)
-            .collect();
+        // The disks in `a` and not in `b`.
+        fn minus<'x>(a: &'x [String], b: &[String]) -> Vec<&'x str> {
+            a.iter()
+                .filter(|d| !b.contains(d))
+                .map(String::as_str)
+                .collect()
+        }
+        let included = minus(&s.exclude_disks, &n.exclude_disks);
+        let excluded = minus(&n.exclude_disks, &s.exclude_disks);
         note(
             !included.is_empty() && self.exclude_disks.is_none(),
             format!(
